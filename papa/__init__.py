@@ -1,0 +1,1 @@
+"""PopulAtion Parameter Averaging."""

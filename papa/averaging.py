@@ -1,0 +1,147 @@
+"""Averaging a population in place: PAPA's push, PAPA-all, PAPA-2 and the weightings of Table 14.
+
+Every averaging is a row-stochastic p x p mixing matrix M applied along the member axis,
+theta_i <- sum_j M[i, j] theta_j. ``mixing_matrix`` builds M for each scheme; ``mix_`` applies any M.
+The common cases have cheaper in-place forms (a mean written back, a lerp toward the mean).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+
+from papa.population import Population
+
+SCHEMES = ("all", "pair-half", "pair-75", "many-half", "many-75", "dirichlet")
+"""Averaging schemes: PAPA-all, PAPA-2 (pair-half) and the ablation weightings of Table 14."""
+
+
+def _check_weights(weights, p: int, device) -> Tensor:
+    w = torch.as_tensor(weights, dtype=torch.float64, device=device).flatten()
+    if w.numel() != p:
+        raise ValueError(f"expected {p} weights, got {w.numel()}")
+    if (w < 0).any() or not torch.isclose(w.sum(), torch.ones((), dtype=w.dtype, device=device)):
+        raise ValueError(f"weights must be non-negative and sum to 1, got {w.tolist()}")
+    return w
+
+
+@torch.no_grad()
+def mix_(pop: Population, matrix: Tensor) -> Population:
+    """Replace member i by sum_j matrix[i, j] * member j, for every parameter and buffer.
+
+    Integer buffers are mixed in float64 and rounded so that they stay integers."""
+    p = pop.size
+    m = torch.as_tensor(matrix, dtype=torch.float64, device=pop.device)
+    if m.shape != (p, p):
+        raise ValueError(f"mixing matrix must be {p}x{p}, got {tuple(m.shape)}")
+    for _, t in pop.tensors():
+        if t.is_floating_point():
+            t.copy_(torch.tensordot(m.to(t.dtype), t, dims=1))
+        else:
+            t.copy_(torch.tensordot(m, t.double(), dims=1).round().to(t.dtype))
+    return pop
+
+
+@torch.no_grad()
+def average_all_(pop: Population, weights=None) -> Population:
+    """PAPA-all: every member becomes the (weighted) population average."""
+    if weights is None:
+        for _, t in pop.tensors():
+            if t.is_floating_point():
+                t.copy_(t.mean(0, keepdim=True).expand_as(t))
+            else:
+                t.copy_(t.double().mean(0, keepdim=True).round().to(t.dtype).expand_as(t))
+        return pop
+    w = _check_weights(weights, pop.size, pop.device)
+    return mix_(pop, w.expand(pop.size, -1))
+
+
+@torch.no_grad()
+def push_toward_average_(pop: Population, alpha: float) -> Population:
+    """PAPA: theta_j <- alpha * theta_j + (1 - alpha) * mean(theta), for every member j.
+
+    alpha = 1 leaves the population unchanged, alpha = 0 is PAPA-all."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 1.0:
+        return pop
+    for _, t in pop.tensors():
+        if t.is_floating_point():
+            t.lerp_(t.mean(0, keepdim=True).expand_as(t), 1.0 - alpha)
+        else:
+            mean = t.double().mean(0, keepdim=True)
+            t.copy_((alpha * t.double() + (1.0 - alpha) * mean).round().to(t.dtype))
+    return pop
+
+
+def draw_pairs(p: int, generator: torch.Generator) -> Tensor:
+    """PAPA-2's partners: a (p, 2) tensor, row i the two distinct members averaged into member i.
+
+    Rows are drawn without replacement from all p(p-1)/2 unordered pairs (uniformly, so every pair is
+    reachable); only when there are fewer pairs than members (p = 2) do pairs repeat."""
+    if p < 2:
+        raise ValueError("pair averaging needs at least 2 members")
+    pairs = torch.tensor(list(itertools.combinations(range(p), 2)), dtype=torch.long)
+    picks = []
+    while len(picks) < p:
+        order = torch.randperm(len(pairs), generator=generator)
+        picks.extend(order[: p - len(picks)].tolist())
+    return pairs[picks]
+
+
+def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None) -> Tensor:
+    """The p x p row-stochastic matrix of an averaging scheme (float64).
+
+    - ``all``: every row uniform (PAPA-all).
+    - ``pair-half`` / ``pair-75``: row i weights a random pair (distinct pairs, see draw_pairs)
+      1/2 + 1/2, or 3/4 + 1/4 with the heavier member chosen at random (PAPA-2 is pair-half).
+    - ``many-half`` / ``many-75``: one random member gets 1/2 (3/4), the other p-1 share the rest.
+    - ``dirichlet``: each row drawn from a flat Dirichlet distribution.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown averaging scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    if scheme == "all":
+        return torch.full((p, p), 1.0 / p, dtype=torch.float64)
+    if generator is None:
+        raise ValueError(f"scheme {scheme!r} is random and needs a generator")
+    m = torch.zeros(p, p, dtype=torch.float64)
+    rows = torch.arange(p)
+    if scheme in ("pair-half", "pair-75"):
+        pairs = draw_pairs(p, generator)
+        if scheme == "pair-75":
+            flip = torch.rand(p, generator=generator) < 0.5
+            pairs = torch.where(flip[:, None], pairs.flip(1), pairs)
+        heavy = 0.5 if scheme == "pair-half" else 0.75
+        m[rows, pairs[:, 0]] += heavy
+        m[rows, pairs[:, 1]] += 1.0 - heavy
+    elif scheme in ("many-half", "many-75"):
+        if p < 2:
+            raise ValueError(f"scheme {scheme!r} needs at least 2 members")
+        heavy = 0.5 if scheme == "many-half" else 0.75
+        m[:] = (1.0 - heavy) / (p - 1)
+        m[rows, torch.randint(p, (p,), generator=generator)] = heavy
+    else:  # dirichlet: normalized exponentials are a flat Dirichlet draw
+        e = -torch.log(torch.rand(p, p, generator=generator, dtype=torch.float64).clamp_min(1e-300))
+        m = e / e.sum(1, keepdim=True)
+    return m
+
+
+def pair_average_(pop: Population, generator: torch.Generator) -> Tensor:
+    """PAPA-2: member i becomes the average of a random pair of distinct members.
+
+    Returns the mixing matrix used (row i: the weights that made member i)."""
+    m = mixing_matrix("pair-half", pop.size, generator)
+    mix_(pop, m)
+    return m
+
+
+def weighted_average_(pop: Population, scheme: str, generator: torch.Generator | None = None) -> Tensor:
+    """Average with any scheme of ``SCHEMES``; returns the mixing matrix used."""
+    m = mixing_matrix(scheme, pop.size, generator)
+    if scheme == "all":
+        average_all_(pop)
+    else:
+        mix_(pop, m)
+    return m

@@ -1,0 +1,163 @@
+"""A population: p members of one architecture, every parameter and buffer stacked on a member axis."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from papa.rng import derive_seed, seeded
+
+
+def _set_tensor(module: nn.Module, name: str, value: Tensor, is_param: bool) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if is_param:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=value.is_floating_point())
+    else:
+        owner._buffers[leaf] = value
+
+
+class Population:
+    """p members of one architecture stored as one set of stacked tensors.
+
+    ``params[name]`` and ``buffers[name]`` have shape ``(p, *shape)``: averaging a population is then a
+    reduction over axis 0, and one optimizer over the stacked parameters trains every member at once.
+    ``template`` is a module of the same architecture that gives structure to functional calls; its own
+    tensors are never read.
+    """
+
+    def __init__(self, template: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor]):
+        sizes = {t.shape[0] for t in [*params.values(), *buffers.values()]}
+        if len(sizes) != 1:
+            raise ValueError(f"stacked tensors disagree on the population size: {sorted(sizes)}")
+        self.template = template
+        self.params = params
+        self.buffers = buffers
+
+    # construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_modules(cls, modules: Iterable[nn.Module]) -> Population:
+        """Stack the parameters and buffers of modules sharing one architecture (copies them)."""
+        modules = list(modules)
+        if not modules:
+            raise ValueError("a population needs at least one member")
+        first = modules[0]
+        pnames = [n for n, _ in first.named_parameters()]
+        bnames = [n for n, _ in first.named_buffers()]
+        for k, m in enumerate(modules[1:], start=1):
+            if [n for n, _ in m.named_parameters()] != pnames or [n for n, _ in m.named_buffers()] != bnames:
+                raise ValueError(f"member {k} does not have the architecture of member 0")
+        with torch.no_grad():
+            params = {n: torch.stack([m.get_parameter(n).detach() for m in modules]) for n in pnames}
+            buffers = {n: torch.stack([m.get_buffer(n).detach() for m in modules]) for n in bnames}
+        return cls(copy.deepcopy(first), params, buffers)
+
+    @classmethod
+    def from_factory(
+        cls, factory: Callable[[], nn.Module], size: int, seed: int = 0, same_init: bool = False
+    ) -> Population:
+        """Build ``size`` members with ``factory()``; member j is initialized from its own seed
+        (derived from ``seed`` and j), or every member from member 0's seed when ``same_init``."""
+        if size < 1:
+            raise ValueError(f"population size must be at least 1, got {size}")
+        modules = []
+        for j in range(size):
+            with seeded(derive_seed("init", seed, 0 if same_init else j)):
+                modules.append(factory())
+        return cls.from_modules(modules)
+
+    # inspection -----------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return next(iter({**self.params, **self.buffers}.values())).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter({**self.params, **self.buffers}.values())).device
+
+    def tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Every stacked parameter and buffer, parameters first."""
+        yield from self.params.items()
+        yield from self.buffers.items()
+
+    def member_tensors(self, j: int) -> dict[str, Tensor]:
+        """Member j's parameters and buffers as views into the stacked storage (writes go through)."""
+        return {n: t[j] for n, t in self.tensors()}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The stacked tensors under their module names (what checkpoints store)."""
+        return dict(self.tensors())
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy stacked tensors in place; names, shapes and dtypes must match exactly."""
+        own = self.state_dict()
+        missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+        if missing or unexpected:
+            raise ValueError(
+                f"population state does not match the architecture: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}"
+            )
+        for name, t in own.items():
+            if state[name].shape != t.shape:
+                raise ValueError(f"{name}: expected shape {tuple(t.shape)}, found {tuple(state[name].shape)}")
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(state[name])
+
+    # members as modules ---------------------------------------------------------------------------
+    def module_from_state(self, state: dict[str, Tensor]) -> nn.Module:
+        """A standalone module of the population's architecture holding copies of ``state``."""
+        module = copy.deepcopy(self.template)
+        for name, t in state.items():
+            _set_tensor(module, name, t.detach().clone(), name in self.params)
+        return module
+
+    def member(self, j: int) -> nn.Module:
+        """A standalone copy of member j."""
+        if not -self.size <= j < self.size:
+            raise IndexError(f"member {j} out of range for a population of {self.size}")
+        return self.module_from_state(self.member_tensors(j))
+
+    def to_modules(self) -> list[nn.Module]:
+        return [self.member(j) for j in range(self.size)]
+
+    def combine(self, weights: Tensor) -> dict[str, Tensor]:
+        """The weighted sum of members, sum_j weights[j] * theta_j, for every tensor.
+
+        Integer buffers (BatchNorm's num_batches_tracked) are combined in float64 and rounded, so they
+        stay integers."""
+        w = torch.as_tensor(weights, dtype=torch.float64, device=self.device)
+        out = {}
+        with torch.no_grad():
+            for name, t in self.tensors():
+                if t.is_floating_point():
+                    out[name] = torch.tensordot(w.to(t.dtype), t, dims=1)
+                else:
+                    out[name] = torch.tensordot(w, t.double(), dims=1).round().to(t.dtype)
+        return out
+
+    # functional forward ---------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Population:
+        self.template.train(mode)
+        return self
+
+    def eval(self) -> Population:
+        return self.train(False)
+
+    def to(self, device: str | torch.device) -> Population:
+        self.template.to(device)
+        self.params = {n: t.to(device) for n, t in self.params.items()}
+        self.buffers = {n: t.to(device) for n, t in self.buffers.items()}
+        return self
+
+    def forward(self, j: int, *args, **kwargs):
+        """Member j's forward pass, reading (and, for BatchNorm in train mode, updating) its slice."""
+        return functional_call(self.template, self.member_tensors(j), args, kwargs)
+
+    def __repr__(self) -> str:
+        n = sum(t[0].numel() for t in self.params.values())
+        return f"Population(size={self.size}, {type(self.template).__name__}, {n} parameters per member)"

@@ -1,0 +1,52 @@
+"""Model soups (Wortsman et al., 2022) and the logit ensemble: a population in, plain modules out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from papa.population import Population
+
+
+def average_soup(pop: Population, weights=None) -> nn.Module:
+    """One module whose tensors are the (weighted, default uniform) average of the members'."""
+    w = torch.full((pop.size,), 1.0 / pop.size, dtype=torch.float64) if weights is None else weights
+    return pop.module_from_state(pop.combine(w))
+
+
+def subset_weights(p: int, members: list[int]) -> Tensor:
+    """Uniform weights over ``members``, zero elsewhere."""
+    w = torch.zeros(p, dtype=torch.float64)
+    w[members] = 1.0 / len(members)
+    return w
+
+
+def greedy_soup(pop: Population, score: Callable[[nn.Module], float]) -> tuple[nn.Module, list[int]]:
+    """Greedy soup, Algorithm 3: members sorted by ``score`` (higher is better), best first; each is
+    added to the uniform soup when the soup's score does not decrease (``>=``, as in the paper; the
+    official code requires a strict improvement). Ties in the ordering keep member order.
+
+    Returns the soup and the indices of the members it averages, in the order they were added."""
+    scores = [float(score(pop.member(j))) for j in range(pop.size)]
+    order = sorted(range(pop.size), key=lambda j: -scores[j])
+    included, best = [order[0]], scores[order[0]]
+    for j in order[1:]:
+        candidate = average_soup(pop, subset_weights(pop.size, [*included, j]))
+        s = float(score(candidate))
+        if s >= best:
+            included.append(j)
+            best = s
+    return average_soup(pop, subset_weights(pop.size, included)), included
+
+
+@torch.no_grad()
+def ensemble_logits(pop: Population, x: Tensor) -> Tensor:
+    """The logit-average ensemble: mean over members of each member's logits (eval mode)."""
+    was_training = pop.template.training
+    pop.eval()
+    try:
+        return torch.stack([pop.forward(j, x) for j in range(pop.size)]).mean(0)
+    finally:
+        pop.train(was_training)
