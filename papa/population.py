@@ -113,7 +113,8 @@ class Population:
         """A standalone module of the population's architecture holding copies of ``state``."""
         module = copy.deepcopy(self.template)
         for name, t in state.items():
-            _set_tensor(module, name, t.detach().clone(), name in self.params)
+            # anything that is not a known buffer is a parameter: REPAIR may add biases to soups
+            _set_tensor(module, name, t.detach().clone(), name not in self.buffers)
         return module
 
     def member(self, j: int) -> nn.Module:

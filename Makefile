@@ -1,0 +1,36 @@
+# Two commands for a newcomer: `make reproduce` and `make test`. Both install the locked environment
+# (.venv, from uv.lock, with the machine's python3) when it is missing or out of date.
+PYTHON ?= python3
+UV_VERSION ?= 0.13.9
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+VENV := .venv
+CORES ?= all
+PYTEST_ARGS ?=
+
+.PHONY: install reproduce report test lint bench clean
+
+install: $(VENV)/.installed
+
+.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet "uv==$(UV_VERSION)"
+
+$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --python $(PYTHON) --no-python-downloads
+	@touch $@
+
+reproduce: install
+	mkdir -p reports
+	$(VENV)/bin/snakemake --cores $(CORES)
+	$(VENV)/bin/snakemake --cores 1 --report reports/report.html
+
+test: install
+	$(VENV)/bin/ruff check papa tests benchmarks
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check papa tests benchmarks
+	$(VENV)/bin/snakemake --lint
+
+clean:
+	rm -rf results logs .snakemake

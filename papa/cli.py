@@ -1,0 +1,111 @@
+"""The ``papa`` command: one small subcommand per pipeline stage, each a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from papa.errors import PapaError
+
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, type=Path, help="config file (YAML)")
+    p.add_argument("--experiment", help="experiment name in the config (optional when it defines one)")
+
+
+def _prepare(a):
+    from papa import runs
+
+    split = runs.prepare(runs.load_experiment(a.config, a.experiment), a.out)
+    print(f"{a.out}: {len(split['train'])} training, {len(split['val'])} validation images")
+
+
+def _train(a):
+    from papa import runs
+
+    exp = runs.load_experiment(a.config, a.experiment)
+    trainer = runs.train(exp, a.variant, a.seed, a.split, a.out, progress=a.progress)
+    last = [r for r in trainer.history.rows if r["epoch"] == trainer.epoch and r["phase"] == "end"]
+    mean = sum(r["val_accuracy"] for r in last) / max(len(last), 1)
+    print(f"{a.out}: trained {trainer.pop.size} members for {trainer.epoch} epochs; mean val accuracy {mean:.2f}%")
+
+
+def _soups(a):
+    from papa import runs
+
+    info = runs.soups(runs.load_experiment(a.config, a.experiment), a.split, a.run)
+    print(f"{a.run}/soups.safetensors: greedy soup of members {info['greedy_soup_members']}")
+
+
+def _evaluate(a):
+    from papa import runs
+
+    m = runs.evaluate(runs.load_experiment(a.config, a.experiment), a.split, a.run)
+    print(
+        f"{a.run}/metrics.json: members {m['mean']:.2f}% [{m['min']:.2f}, {m['max']:.2f}], ensemble "
+        f"{m['ensemble']:.2f}%, avg soup {m['avg_soup']:.2f}%, greedy soup {m['greedy_soup']:.2f}%"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="papa", description="PopulAtion Parameter Averaging: train, average and evaluate populations."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="load the dataset and save the 2%% validation split",
+                       description="Check the dataset and hold out the validation split (index file).")
+    _experiment_args(p)
+    p.add_argument("--out", required=True, type=Path, help="split index file to write (JSON)")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train one population (one variant, one seed)",
+                       description="Train a population with baseline, papa, papa-all or papa-2 (Algorithm 1).")
+    _experiment_args(p)
+    p.add_argument("--variant", required=True, help="baseline, papa, papa-all or papa-2")
+    p.add_argument("--seed", required=True, type=int)
+    p.add_argument("--split", required=True, type=Path, help="validation split from `papa prepare`")
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: only on a terminal)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("soups", help="build average and greedy soups, with and without REPAIR",
+                       description="Average soup, greedy soup (on the validation split), each repaired or not.")
+    _experiment_args(p)
+    p.add_argument("--split", required=True, type=Path)
+    p.add_argument("--run", required=True, type=Path, help="run directory holding population.safetensors")
+    p.set_defaults(func=_soups)
+
+    p = sub.add_parser("evaluate", help="test accuracy of members, ensemble and soups -> metrics.json",
+                       description="Write metrics.json for one trained population and its soups.")
+    _experiment_args(p)
+    p.add_argument("--split", required=True, type=Path)
+    p.add_argument("--run", required=True, type=Path)
+    p.set_defaults(func=_evaluate)
+
+    try:
+        from papa.report.cli import add_commands
+    except ImportError:
+        pass
+    else:
+        add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PapaError as e:
+        print(f"papa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"papa {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Config files: YAML validated against JSON schemas (papa/schemas/), with defaults filled in.
+
+A config file (config/*.yaml) holds experiments; each experiment is ``defaults`` deep-merged with its
+own overrides and must satisfy experiment.schema.yaml. Every problem becomes one PapaError line that
+names the file and the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from papa.errors import PapaError
+
+VARIANTS = ("baseline", "papa", "papa-all", "papa-2")
+
+
+@cache
+def schema(name: str) -> dict:
+    """A schema shipped with the package: 'config' or 'experiment'."""
+    text = resources.files("papa.schemas").joinpath(f"{name}.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _with_defaults(cls):
+    """A validator class that also writes each property's ``default`` into the instance."""
+    check_properties = cls.VALIDATORS["properties"]
+
+    def properties(validator, props, instance, sch):
+        if isinstance(instance, dict):
+            for key, sub in props.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from check_properties(validator, props, instance, sch)
+
+    return jsonschema.validators.extend(cls, {"properties": properties})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return f"unknown key {', '.join(map(repr, extra))} (expected one of: {', '.join(allowed)})"
+    if error.validator == "enum":
+        return f"{error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+    if error.validator == "oneOf" and error.context:
+        return min(error.context, key=lambda e: len(list(e.absolute_path))).message
+    return error.message
+
+
+def validate(instance: Any, name: str, where: str) -> Any:
+    """Validate ``instance`` in place against schema ``name``, filling defaults; PapaError on failure."""
+    errors = sorted(_Validator(schema(name)).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        raise PapaError(f"{where}: {_key_path(e)}: {_message(e)}")
+    return instance
+
+
+def load_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PapaError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise PapaError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PapaError(f"{path}: malformed YAML{at}: {problem}") from None
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` laid over ``base``: nested dicts merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(path: str | Path) -> dict:
+    """Read and validate a config file, and every experiment in it."""
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise PapaError(f"{path}: expected a mapping at the top level, found {type(raw).__name__}")
+    config = validate(raw, "config", str(path))
+    for name in config["experiments"]:
+        experiment(config, name, path)
+    return config
+
+
+def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
+    """Experiment ``name`` of a loaded config: defaults merged with its overrides, validated, with
+    ``data.root`` resolved against ``data_root``."""
+    if name not in config["experiments"]:
+        known = ", ".join(sorted(config["experiments"]))
+        raise PapaError(f"{path}: unknown experiment {name!r} (defined: {known})")
+    exp = deep_merge(config.get("defaults") or {}, config["experiments"][name] or {})
+    exp = validate(exp, "experiment", f"{path}: experiment {name!r}")
+    lo, hi = exp["averaging"]["window"]
+    if lo >= hi:
+        raise PapaError(f"{path}: experiment {name!r}: averaging.window: start {lo} must be before end {hi}")
+    data = exp["data"]
+    root = Path(data["root"] or data["dataset"])
+    data["root"] = str(root if root.is_absolute() else Path(config["data_root"]) / root)
+    exp["name"] = name
+    return exp
+
+
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise PapaError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    return variant

@@ -1,0 +1,161 @@
+"""The stages of one run, each reading and writing the files documented in docs/interfaces.md:
+prepare (validation split), train (population + history), soups, evaluate (metrics.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from papa import config as cfg
+from papa.checkpoint import load_tensors, save_tensors
+from papa.data import load_dataset, load_split, make_split, save_split
+from papa.errors import PapaError
+from papa.evaluate import labels_of, member_logits, predict, scores
+from papa.io import write_json, write_text
+from papa.population import Population
+from papa.repair import repair
+from papa.soups import average_soup, greedy_soup, subset_weights
+from papa.train import Trainer, build_population, resolve_device
+
+SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
+
+
+def load_experiment(config_path: str | Path, name: str | None) -> dict:
+    config = cfg.load_config(config_path)
+    if name is None:
+        if len(config["experiments"]) != 1:
+            raise PapaError(f"{config_path}: several experiments defined; choose one with --experiment")
+        name = next(iter(config["experiments"]))
+    return cfg.experiment(config, name, config_path)
+
+
+def load_data(exp: dict):
+    d = exp["data"]
+    options = {"image_size": d["image_size"]} if d["image_size"] else {}
+    return load_dataset(d["dataset"], d["root"], **options)
+
+
+def prepare(exp: dict, out: str | Path) -> dict:
+    """Hold out the validation split (paper: 2% of the training set) and save it as an index file."""
+    splits = load_data(exp)
+    d = exp["data"]
+    split = make_split(len(splits.train), d["val_fraction"], d["split_seed"])
+    save_split(out, split, {"dataset": d["dataset"], "n": len(splits.train), "fraction": d["val_fraction"],
+                            "seed": d["split_seed"]})
+    return split
+
+
+def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: bool | None = None) -> Trainer:
+    """Train one population and write population.safetensors (+ .json), history.csv under ``out_dir``."""
+    cfg.check_variant(variant)
+    splits = load_data(exp)
+    split = load_split(split_path, expect_n=len(splits.train))
+    trainer = Trainer(exp, variant, seed, splits, split, progress=progress)
+    trainer.fit()
+    out = Path(out_dir)
+    write_text(out / "history.csv", pd.DataFrame(trainer.history.rows).to_csv(index=False))
+    meta = {
+        "experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.epoch,
+        "steps": trainer.step, "population": trainer.pop.size, "model": exp["model"]["name"],
+        "policies": [dataclasses.asdict(p) for p in trainer.policies], "config": exp,
+    }
+    save_tensors(out / "population.safetensors", trainer.pop.state_dict(), meta)
+    return trainer
+
+
+def load_population(exp: dict, splits, path: str | Path, device="cpu") -> tuple[Population, dict]:
+    """A trained population, checked against the experiment's architecture and population size."""
+    tensors, meta = load_tensors(path)
+    if meta.get("model") != exp["model"]["name"] or meta.get("population") != exp["population"]["size"]:
+        raise PapaError(
+            f"{path}: checkpoint holds {meta.get('population')} x {meta.get('model')}, but experiment "
+            f"{exp['name']!r} expects {exp['population']['size']} x {exp['model']['name']}"
+        )
+    with torch.random.fork_rng():
+        pop = build_population(exp, splits, seed=0)
+    try:
+        pop.load_state_dict(tensors)
+    except ValueError as e:
+        raise PapaError(f"{path}: {e}") from None
+    for t in pop.params.values():
+        t.requires_grad_(False)
+    return pop.to(device), meta
+
+
+def soups(exp: dict, split_path, run_dir) -> dict:
+    """Average and greedy soups (greedy on the validation split), each with and without REPAIR."""
+    run = Path(run_dir)
+    device = resolve_device(exp["train"]["device"])
+    splits = load_data(exp)
+    split = load_split(split_path, expect_n=len(splits.train))
+    pop, _ = load_population(exp, splits, run / "population.safetensors", device)
+    bs = exp["train"]["eval_batch_size"]
+    val_labels = labels_of(splits.train, split["val"])
+
+    def val_accuracy(module) -> float:
+        return scores(predict(module.to(device).eval(), splits.train, split["val"], bs, device), val_labels)[0]
+
+    from papa.data import MemberStream, Policy
+
+    base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
+    stream = MemberStream(splits.train, split["train"], exp["train"]["batch_size"], [base] * pop.size, 0, device)
+    iters, seed = exp["soups"]["repair_iters"], exp["soups"]["repair_seed"]
+
+    # soups are repaired on training data with the base transform only: the members' own regularization
+    # (mixup, erasing...) would shift their moments away from those of clean inputs
+    def batches(member, gen):
+        return stream.member_batches(None, gen, iters)
+
+    avg = average_soup(pop)
+    greedy, members = greedy_soup(pop, val_accuracy)
+    made = {
+        "avg_soup": avg,
+        "greedy_soup": greedy,
+        "avg_soup_repair": repair(avg, pop, batches, iters=iters, seed=seed),
+        "greedy_soup_repair": repair(greedy, pop, batches, iters=iters, seed=seed,
+                                     weights=subset_weights(pop.size, members)),
+    }
+    tensors = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
+    info = {"greedy_soup_members": members, "val_accuracy": {k: val_accuracy(m) for k, m in made.items()}}
+    save_tensors(run / "soups.safetensors", tensors, {**info, "experiment": exp["name"]})
+    return info
+
+
+def evaluate(exp: dict, split_path, run_dir) -> dict:
+    """Test accuracies of members, their logit ensemble and the four soups → metrics.json."""
+    run = Path(run_dir)
+    device = resolve_device(exp["train"]["device"])
+    splits = load_data(exp)
+    split = load_split(split_path, expect_n=len(splits.train))
+    pop, meta = load_population(exp, splits, run / "population.safetensors", device)
+    tensors, soup_meta = load_tensors(run / "soups.safetensors")
+    bs, labels = exp["train"]["eval_batch_size"], labels_of(splits.test)
+    logits = member_logits(pop, splits.test, None, bs, device)
+    members = [scores(z, labels)[0] for z in logits]
+    val_labels = labels_of(splits.train, split["val"])
+    val = [scores(z, val_labels)[0] for z in member_logits(pop, splits.train, split["val"], bs, device)]
+    acc = torch.tensor(members, dtype=torch.float64)
+    metrics = {
+        "experiment": exp["name"], "variant": meta["variant"], "seed": meta["seed"], "population": pop.size,
+        "members": members, "mean": acc.mean().item(), "min": acc.min().item(), "max": acc.max().item(),
+        "std": acc.std(unbiased=False).item(), "ensemble": scores(torch.stack(logits).mean(0), labels)[0],
+    }
+    for name in SOUPS:
+        prefix = f"{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state:
+            raise PapaError(f"{run / 'soups.safetensors'}: no tensors for {name}")
+        module = pop.module_from_state(state).to(device).eval()
+        metrics[name] = scores(predict(module, splits.test, None, bs, device), labels)[0]
+    metrics["greedy_soup_size"] = len(soup_meta["greedy_soup_members"])
+    metrics["greedy_soup_members"] = soup_meta["greedy_soup_members"]
+    metrics["val_members"] = val
+    order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
+             "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
+             "greedy_soup_members", "val_members"]
+    metrics = {k: metrics[k] for k in order}
+    write_json(run / "metrics.json", metrics)
+    return metrics

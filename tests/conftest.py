@@ -1,0 +1,23 @@
+import pytest
+import torch
+from torch import nn
+
+from papa.population import Population
+
+
+def small_cnn(bias: bool = True, bn: bool = True, classes: int = 3) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(1, 4, 3, padding=1, bias=bias)]
+    if bn:
+        layers.append(nn.BatchNorm2d(4))
+    layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, classes)]
+    return nn.Sequential(*layers)
+
+
+@pytest.fixture
+def pop4() -> Population:
+    """Four differently initialized small CNNs with BatchNorm, with distinct running statistics."""
+    pop = Population.from_factory(small_cnn, 4, seed=3)
+    for j in range(4):
+        pop.buffers["1.running_mean"][j].uniform_(-1, 1, generator=torch.Generator().manual_seed(j))
+        pop.buffers["1.num_batches_tracked"][j] = 10 * j + 1
+    return pop

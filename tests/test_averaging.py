@@ -1,0 +1,126 @@
+import itertools
+
+import pytest
+import torch
+
+from papa.averaging import (
+    SCHEMES,
+    average_all_,
+    draw_pairs,
+    mix_,
+    mixing_matrix,
+    pair_average_,
+    push_toward_average_,
+    weighted_average_,
+)
+
+
+def snapshot(pop):
+    return {n: t.detach().clone() for n, t in pop.tensors()}
+
+
+def test_average_all_is_the_mean_of_every_tensor(pop4):
+    before = snapshot(pop4)
+    average_all_(pop4)
+    for name, t in pop4.tensors():
+        if t.is_floating_point():
+            expected = before[name].mean(0)
+            for j in range(4):
+                assert torch.allclose(t[j], expected, atol=1e-7), name
+    # BatchNorm running statistics are averaged; the integer counter stays an integer
+    assert torch.allclose(pop4.buffers["1.running_mean"][2], before["1.running_mean"].mean(0))
+    assert pop4.buffers["1.num_batches_tracked"].dtype == torch.long
+    assert pop4.buffers["1.num_batches_tracked"].tolist() == [16] * 4
+
+
+def test_weighted_average_all(pop4):
+    before = snapshot(pop4)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    average_all_(pop4, w)
+    for name, t in pop4.params.items():
+        expected = sum(w[j] * before[name][j] for j in range(4))
+        assert torch.allclose(t[3], expected, atol=1e-6)
+    with pytest.raises(ValueError):
+        average_all_(pop4, [0.5, 0.5, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.99, 1.0])
+def test_push_toward_average(pop4, alpha):
+    before = snapshot(pop4)
+    push_toward_average_(pop4, alpha)
+    for name, t in pop4.params.items():
+        mean = before[name].mean(0)
+        for j in range(4):
+            assert torch.allclose(t[j], alpha * before[name][j] + (1 - alpha) * mean, atol=1e-6)
+    # the population mean is invariant under the push
+    for name, t in pop4.params.items():
+        assert torch.allclose(t.mean(0), before[name].mean(0), atol=1e-6)
+    with pytest.raises(ValueError):
+        push_toward_average_(pop4, 1.5)
+
+
+def test_pair_average_averages_each_member_from_a_pair(pop4):
+    before = snapshot(pop4)
+    m = pair_average_(pop4, torch.Generator().manual_seed(0))
+    assert m.shape == (4, 4)
+    for i in range(4):
+        partners = m[i].nonzero().flatten().tolist()
+        assert len(partners) == 2 and m[i, partners].tolist() == [0.5, 0.5]
+        a, b = partners
+        for name, t in pop4.params.items():
+            assert torch.allclose(t[i], (before[name][a] + before[name][b]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [3, 4, 5, 10])
+def test_pairs_distinct_within_a_draw_and_every_pair_reachable(p):
+    g = torch.Generator().manual_seed(1)
+    seen = set()
+    for _ in range(300):
+        pairs = draw_pairs(p, g)
+        rows = {tuple(sorted(r)) for r in pairs.tolist()}
+        assert len(rows) == p, "pairs are drawn without replacement"
+        assert all(a != b for a, b in rows)
+        seen |= rows
+    assert seen == set(itertools.combinations(range(p), 2))
+
+
+def test_two_members_both_become_their_average():
+    pairs = draw_pairs(2, torch.Generator().manual_seed(0))
+    assert pairs.tolist() == [[0, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_mixing_matrices_are_row_stochastic_and_seeded(scheme):
+    m1 = mixing_matrix(scheme, 5, torch.Generator().manual_seed(7))
+    m2 = mixing_matrix(scheme, 5, torch.Generator().manual_seed(7))
+    assert torch.equal(m1, m2)
+    assert torch.allclose(m1.sum(1), torch.ones(5, dtype=torch.float64))
+    assert (m1 >= 0).all()
+
+
+def test_scheme_weights_match_table_14():
+    g = torch.Generator().manual_seed(3)
+    p = 5
+    m = mixing_matrix("pair-75", p, g)
+    for row in m:
+        assert sorted(row[row > 0].tolist()) == [0.25, 0.75]
+    m = mixing_matrix("many-half", p, g)
+    for row in m:
+        assert sorted(row.tolist()) == pytest.approx([0.125] * 4 + [0.5])
+    m = mixing_matrix("many-75", p, g)
+    for row in m:
+        assert sorted(row.tolist()) == pytest.approx([0.0625] * 4 + [0.75])
+    m = mixing_matrix("dirichlet", p, g)
+    assert (m > 0).all() and m.std() > 0
+
+
+def test_mix_applies_any_matrix_and_rounds_integers(pop4):
+    before = snapshot(pop4)
+    m = mixing_matrix("dirichlet", 4, torch.Generator().manual_seed(0))
+    mix_(pop4, m)
+    for name, t in pop4.params.items():
+        expected = torch.tensordot(m.float(), before[name], dims=1)
+        assert torch.allclose(t, expected, atol=1e-6)
+    assert pop4.buffers["1.num_batches_tracked"].dtype == torch.long
+    weighted_average_(pop4, "all")
+    assert torch.allclose(pop4.params["0.weight"][0], pop4.params["0.weight"][3])
