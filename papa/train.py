@@ -11,12 +11,11 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call
 
 from papa import averaging
 from papa.data import MemberStream, Policy, draw_policies
+from papa.engines import ENGINES, choose_engine
 from papa.errors import PapaError
 from papa.evaluate import labels_of, member_logits, scores
 from papa.models import create_model
@@ -76,40 +75,12 @@ def lr_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
         return s["gamma"] ** passed
     if s["name"] == "linear":
         return 1.0 + (floor - 1.0) * min(step / total, 1.0)
-    period = s["restart_every"] * steps_per_epoch if s["restart_every"] else total
-    t = (step % period) / period
+    if s["restart_every"]:
+        period = s["restart_every"] * steps_per_epoch
+        t = (step % period) / period
+    else:
+        t = min(step / total, 1.0)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-# one training step -----------------------------------------------------------------------------
-def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
-
-
-def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast) -> Tensor:
-    """One member at a time (the reference engine): gradients are taken w.r.t. each member's slice and
-    written into the stacked .grad, so no member pays for the others' parameters."""
-    losses = []
-    for j in range(pop.size):
-        params = {n: t[j].detach().requires_grad_(t.requires_grad) for n, t in pop.params.items()}
-        with autocast():
-            out = functional_call(pop.template, {**params, **{n: b[j] for n, b in pop.buffers.items()}}, (x[j],))
-        loss = soft_cross_entropy(out, targets[j])
-        trainable = [(n, p) for n, p in params.items() if p.requires_grad]
-        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
-        for (n, _), g in zip(trainable, grads, strict=True):
-            stacked = pop.params[n]
-            if stacked.grad is None:
-                stacked.grad = torch.zeros_like(stacked)
-            if g is None:
-                stacked.grad[j].zero_()
-            else:
-                stacked.grad[j].copy_(g)
-        losses.append(loss.detach())
-    return torch.stack(losses)
-
-
-ENGINES = {"loop": loop_step}
 
 
 # history ---------------------------------------------------------------------------------------
@@ -171,7 +142,8 @@ class Trainer:
         self.optimizer = build_optimizer(exp, self.pop)
         spe = self.stream.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(exp, s, spe))
-        self.engine = ENGINES[exp["train"]["engine"] if exp["train"]["engine"] != "auto" else "loop"]
+        self.engine_name = choose_engine(exp["train"]["engine"], self.device)
+        self.engine = ENGINES[self.engine_name]
         bf16 = exp["train"]["precision"] == "bf16" and self.device.type == "cuda"
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.history = History()

@@ -1,0 +1,281 @@
+"""Per-member data augmentation and regularization, applied to whole batches on the images' device.
+
+Every random decision is made per sample (crop offset, flip, hole, erased box), except mixup/cutmix, which
+draw one lambda per batch as timm's Mixup does. torchvision's transforms applied to a batch tensor draw ONE
+decision for the whole batch (every image flipped or none), which is not augmentation; hence this module.
+
+All random numbers come from a CPU ``torch.Generator`` as small tensors and are then moved to the images'
+device, so a run draws the same numbers on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from papa.errors import PapaError
+
+# torchvision RandomErasing's defaults
+ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10
+
+
+@dataclass
+class Policy:
+    """One member's augmentations and regularizations (0 / False / '' = off).
+
+    mixup, cutmix: Beta(a, a) parameters (the paper's alpha for Mixup, lambda for CutMix); when both are on,
+    each batch uses one of them with probability 1/2. label_smoothing: epsilon. random_erasing: probability
+    per sample. crop_padding: random crop after zero padding (CIFAR: 4). flip: random horizontal flip.
+    cutout: side of one square hole per sample (DeVries & Taylor). autoaugment: torchvision AutoAugment
+    policy name ('cifar10', 'imagenet', 'svhn'; True means 'cifar10'), applied per sample on the CPU.
+    """
+
+    mixup: float = 0.0
+    label_smoothing: float = 0.0
+    cutmix: float = 0.0
+    random_erasing: float = 0.0
+    crop_padding: int = 0
+    flip: bool = False
+    cutout: int = 0
+    autoaugment: str = ""
+
+    def __post_init__(self):
+        for name in ("mixup", "cutmix", "label_smoothing", "random_erasing"):
+            setattr(self, name, float(getattr(self, name)))
+        if self.mixup < 0 or self.cutmix < 0:
+            raise PapaError(f"mixup and cutmix must be >= 0, found {self.mixup} and {self.cutmix}")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.random_erasing <= 1:
+            raise PapaError(f"label_smoothing must be in [0, 1) and random_erasing in [0, 1], found "
+                            f"{self.label_smoothing} and {self.random_erasing}")
+        if int(self.crop_padding) != self.crop_padding or self.crop_padding < 0 or self.cutout < 0:
+            raise PapaError(f"crop_padding and cutout must be integers >= 0, found {self.crop_padding} and "
+                            f"{self.cutout}")
+        self.crop_padding, self.cutout, self.flip = int(self.crop_padding), int(self.cutout), bool(self.flip)
+        if isinstance(self.autoaugment, bool) or self.autoaugment is None:  # a config's on/off switch
+            self.autoaugment = "cifar10" if self.autoaugment else ""
+        if self.autoaugment:
+            autoaugment_policy(self.autoaugment)
+
+    def base(self) -> Policy:
+        """The plain transform every member shares (crop, flip) without any regularization."""
+        return Policy(crop_padding=self.crop_padding, flip=self.flip)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(Policy))
+
+# Section 4.1's grids; A.11/A.12 draw from continuous ranges instead, written {"uniform": [lo, hi]}
+CIFAR_GRID = {"mixup": [0, 0.5, 1.0], "label_smoothing": [0, 0.05, 0.1], "cutmix": [0, 0.5, 1.0],
+              "random_erasing": [0, 0.15, 0.35]}
+IMAGENET_GRID = {"mixup": [0, 0.2], "label_smoothing": [0, 0.1], "cutmix": [0, 1.0],
+                 "random_erasing": [0, 0.35]}
+
+
+def _draw(key: str, spec, generator: torch.Generator):
+    if isinstance(spec, dict):
+        bounds = spec.get("uniform")
+        if set(spec) != {"uniform"} or not isinstance(bounds, list | tuple) or len(bounds) != 2:
+            raise PapaError(f"augmentation grid {key!r}: expected a list of values or "
+                            "{'uniform': [lo, hi]}")
+        lo, hi = float(bounds[0]), float(bounds[1])
+        return lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
+    if not isinstance(spec, list | tuple) or not spec:
+        raise PapaError(f"augmentation grid {key!r}: expected a non-empty list of values, found {spec!r}")
+    return spec[int(torch.randint(len(spec), (), generator=generator))]
+
+
+def draw_policies(grid: dict, p: int, generator: torch.Generator, base: dict | None = None) -> list[Policy]:
+    """Each member's policy: ``base`` (fixed settings, e.g. crop and flip) plus one random draw per grid key.
+
+    Grid values are lists (drawn uniformly) or {"uniform": [lo, hi]}. Keys are drawn in sorted order, member
+    after member, so the result depends only on the grid, p and the generator's seed."""
+    for key in [*grid, *(base or {})]:
+        if key not in POLICY_FIELDS:
+            raise PapaError(f"unknown augmentation {key!r}; expected one of {', '.join(POLICY_FIELDS)}")
+    policies = []
+    for _ in range(p):
+        values = dict(base or {})
+        values.update({key: _draw(key, grid[key], generator) for key in sorted(grid)})
+        policies.append(Policy(**values))
+    return policies
+
+
+def autoaugment_policy(name: str):
+    from torchvision.transforms import AutoAugmentPolicy
+
+    policies = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET,
+                "svhn": AutoAugmentPolicy.SVHN}
+    if name not in policies:
+        raise PapaError(f"unknown AutoAugment policy {name!r}; expected one of {', '.join(policies)}")
+    return policies[name]
+
+
+# random numbers ---------------------------------------------------------------------------------------------
+def _rand(generator: torch.Generator, *shape: int, device) -> Tensor:
+    return torch.rand(shape, generator=generator).to(device)
+
+
+def _seed(generator: torch.Generator) -> int:
+    return int(torch.randint(2**62, (), generator=generator))
+
+
+def _beta(alpha: float, generator: torch.Generator) -> float:
+    # torch's Beta cannot take a generator; a numpy stream seeded from ours keeps every draw reproducible
+    return float(np.random.default_rng(_seed(generator)).beta(alpha, alpha))
+
+
+# per-sample geometric transforms on uint8 ---------------------------------------------------------------
+def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Zero-pad by ``padding`` and crop back to the original size at a random offset per sample."""
+    b, _, h, w = images.shape
+    dev = images.device
+    offsets = torch.randint(2 * padding + 1, (2, b), generator=generator).to(dev)
+    padded = F.pad(images, (padding,) * 4).permute(0, 2, 3, 1)  # (B, H', W', C) so indexing keeps C last
+    rows = (offsets[0, :, None] + torch.arange(h, device=dev))[:, :, None]
+    cols = (offsets[1, :, None] + torch.arange(w, device=dev))[:, None, :]
+    return padded[torch.arange(b, device=dev)[:, None, None], rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Flip each sample horizontally with probability 1/2."""
+    flip = _rand(generator, images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def autoaugment(images: Tensor, policy: str, generator: torch.Generator) -> Tensor:
+    """torchvision's AutoAugment, one call per sample on the CPU (it draws from the global RNG, so that is
+    seeded from our generator inside a forked RNG state)."""
+    from torchvision.transforms import v2
+
+    augment = v2.AutoAugment(autoaugment_policy(policy))
+    seed = _seed(generator)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = torch.stack([augment(image) for image in images.cpu()])
+    return out.to(images.device)
+
+
+def geometric(policy: Policy, images: Tensor, generator: torch.Generator) -> Tensor:
+    """The per-sample uint8 transforms of a policy: crop, flip, AutoAugment."""
+    if policy.crop_padding:
+        images = random_crop(images, policy.crop_padding, generator)
+    if policy.flip:
+        images = random_flip(images, generator)
+    if policy.autoaugment:
+        images = autoaugment(images, policy.autoaugment, generator)
+    return images
+
+
+# normalized float transforms ------------------------------------------------------------------------------
+@lru_cache(maxsize=32)
+def _affine(mean: tuple, std: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
+    std_t = torch.tensor(std, dtype=torch.float32)
+    scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
+    shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1)
+    return scale.to(device), shift.to(device)
+
+
+def eval_transform(images: Tensor, mean, std) -> Tensor:
+    """uint8 (B, C, H, W) -> float32 normalized with per-channel mean/std (in [0, 1] pixel units)."""
+    scale, shift = _affine(tuple(mean), tuple(std), images.device)
+    return images.float() * scale + shift
+
+
+def _box_mask(top: Tensor, left: Tensor, bottom: Tensor, right: Tensor, h: int, w: int) -> Tensor:
+    """(B, 1, H, W) mask of the boxes [top, bottom) x [left, right) (one per sample)."""
+    r = torch.arange(h, device=top.device)[None, :, None]
+    c = torch.arange(w, device=top.device)[None, None, :]
+    inside = (r >= top[:, None, None]) & (r < bottom[:, None, None]) & (c >= left[:, None, None])
+    return (inside & (c < right[:, None, None]))[:, None]
+
+
+def cutout(x: Tensor, length: int, generator: torch.Generator) -> Tensor:
+    """One length x length hole per sample centred anywhere (clipped at the border), filled with 0, the
+    dataset mean after normalization (DeVries & Taylor)."""
+    b, _, h, w = x.shape
+    centre = torch.stack([torch.randint(size, (b,), generator=generator) for size in (h, w)]).to(x.device)
+    top, left = (centre[0] - length // 2).clamp(0, h), (centre[1] - length // 2).clamp(0, w)
+    bottom, right = (centre[0] + length // 2).clamp(0, h), (centre[1] + length // 2).clamp(0, w)
+    return x.masked_fill(_box_mask(top, left, bottom, right, h, w), 0.0)
+
+
+def random_erasing(x: Tensor, probability: float, generator: torch.Generator) -> Tensor:
+    """torchvision's RandomErasing (scale 0.02-0.33, ratio 0.3-3.3, value 0 after normalization, up to 10
+    attempts to fit the box) with an independent decision and box per sample."""
+    b, _, h, w = x.shape
+    dev = x.device
+    erase = _rand(generator, b, device=dev) < probability
+    lo, hi = ERASE_SCALE
+    area = h * w * (lo + (hi - lo) * _rand(generator, b, ERASE_ATTEMPTS, device=dev))
+    log_lo, log_hi = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * _rand(generator, b, ERASE_ATTEMPTS, device=dev))
+    eh, ew = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
+    fits = (eh < h) & (ew < w)
+    attempt = fits.int().argmax(1)[:, None]  # first attempt that fits, as torchvision's loop takes
+    erase &= fits.any(1)
+    eh, ew = eh.gather(1, attempt).squeeze(1), ew.gather(1, attempt).squeeze(1)
+    top = (_rand(generator, b, device=dev) * (h - eh + 1)).floor().long()
+    left = (_rand(generator, b, device=dev) * (w - ew + 1)).floor().long()
+    mask = _box_mask(top, left, top + eh, left + ew, h, w) & erase[:, None, None, None]
+    return x.masked_fill(mask, 0.0)
+
+
+def _cutmix_box(lam: float, h: int, w: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+    # a box of area ~(1 - lam) centred anywhere and clipped, as in Yun et al. and timm
+    ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(h * ratio), int(w * ratio)
+    cy, cx = int(torch.randint(h, (), generator=generator)), int(torch.randint(w, (), generator=generator))
+    top, bottom = min(max(cy - cut_h // 2, 0), h), min(max(cy + cut_h // 2, 0), h)
+    left, right = min(max(cx - cut_w // 2, 0), w), min(max(cx + cut_w // 2, 0), w)
+    return top, bottom, left, right
+
+
+def mix(policy: Policy, x: Tensor, labels: Tensor, num_classes: int, generator: torch.Generator):
+    """Mixup or CutMix with a random partner per sample, then label smoothing -> (x, soft targets (B, K))."""
+    targets = F.one_hot(labels, num_classes).float()
+    if policy.mixup > 0 or policy.cutmix > 0:
+        if policy.mixup > 0 and policy.cutmix > 0:  # one of the two per batch, as timm's switch_prob=0.5
+            use_cutmix = torch.rand((), generator=generator).item() < 0.5
+        else:
+            use_cutmix = policy.cutmix > 0
+        lam = _beta(policy.cutmix if use_cutmix else policy.mixup, generator)
+        partner = torch.randperm(len(x), generator=generator).to(x.device)
+        if use_cutmix:
+            top, bottom, left, right = _cutmix_box(lam, x.shape[2], x.shape[3], generator)
+            x = x.clone()
+            x[:, :, top:bottom, left:right] = x[partner, :, top:bottom, left:right]
+            lam = 1.0 - (bottom - top) * (right - left) / (x.shape[2] * x.shape[3])  # the box actually cut
+        else:
+            x = lam * x + (1.0 - lam) * x[partner]
+        targets = lam * targets + (1.0 - lam) * targets[partner]
+    if policy.label_smoothing > 0:
+        targets = targets * (1.0 - policy.label_smoothing) + policy.label_smoothing / num_classes
+    return x, targets
+
+
+def regularize(policy: Policy, images: Tensor, labels: Tensor, num_classes: int, mean, std,
+               generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Everything after the geometric transforms: normalize, cutout, erasing, mixup/cutmix, smoothing."""
+    x = eval_transform(images, mean, std)
+    if policy.cutout:
+        x = cutout(x, policy.cutout, generator)
+    if policy.random_erasing:
+        x = random_erasing(x, policy.random_erasing, generator)
+    return mix(policy, x, labels, num_classes, generator)
+
+
+@torch.no_grad()
+def apply(policy: Policy, images: Tensor, labels: Tensor, num_classes: int, mean, std,
+          generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A member's training batch: uint8 (B, C, H, W) and labels (B,) -> normalized float32 (B, C, H, W)
+    and soft targets (B, K) whose rows sum to 1."""
+    return regularize(policy, geometric(policy, images, generator), labels, num_classes, mean, std, generator)

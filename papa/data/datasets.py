@@ -1,0 +1,385 @@
+"""Datasets by name: ``load_dataset(name, root, **options)`` returns the train and test sets.
+
+Small datasets (digits, CIFAR) are held in memory as uint8 tensors (``ArrayDataset``), so they can live on
+the accelerator and be augmented there. ImageNet is an ImageFolder tree read from disk (``FolderDataset``).
+Nothing here downloads: a missing dataset is a ``PapaError`` naming the path that was expected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import inspect
+import io
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from papa.errors import PapaError
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ArrayDataset:
+    """Images held in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,).
+
+    ``mean``/``std`` are per-channel normalization constants in [0, 1] pixel units."""
+
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"{self.name}: {len(self.images)} images but labels of shape "
+                             f"{tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class FolderDataset:
+    """An ImageFolder tree read from disk; ``folder`` has no transform (streams attach their own)."""
+
+    folder: object  # torchvision.datasets.ImageFolder, imported lazily
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+    image_size: int
+    labels: Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.labels = torch.tensor(self.folder.targets, dtype=torch.int64)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.folder.classes)
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+
+@dataclass
+class Splits:
+    """A dataset's train and test sets and what a model needs to know about them.
+
+    ``kind`` is 'array' (in memory, ArrayDataset) or 'folder' (on disk, FolderDataset)."""
+
+    name: str
+    train: ArrayDataset | FolderDataset
+    test: ArrayDataset | FolderDataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+    kind: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+DATASETS: dict[str, Callable[..., Splits]] = {}
+"""Dataset loaders by name; each takes ``root`` (a path or None for its default) and keyword options."""
+
+
+def register(name: str):
+    def add(loader: Callable[..., Splits]) -> Callable[..., Splits]:
+        DATASETS[name] = loader
+        return loader
+
+    return add
+
+
+def load_dataset(name: str, root: str | Path | None = None, **options) -> Splits:
+    """Load a registered dataset; unknown names and options are PapaErrors listing what is accepted."""
+    if name not in DATASETS:
+        raise PapaError(f"unknown dataset {name!r}; expected one of {', '.join(sorted(DATASETS))}")
+    loader = DATASETS[name]
+    accepted = [p for p in inspect.signature(loader).parameters if p != "root"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise PapaError(f"dataset {name!r} has no option {unknown[0]!r}; "
+                        f"options: {', '.join(accepted) or 'none'}")
+    return loader(root, **options)
+
+
+def _array_splits(name: str, train: ArrayDataset, test: ArrayDataset) -> Splits:
+    _, c, h, _ = train.images.shape
+    return Splits(name, train, test, train.num_classes, c, h, "array", train.mean, train.std)
+
+
+# digits ---------------------------------------------------------------------------------------------------
+DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED = 0.2, 0
+
+
+def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Sorted (train, test) indices holding out round(fraction * n_c) items of every class c."""
+    g = torch.Generator().manual_seed(seed)
+    test = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        k = round(fraction * len(members))
+        test.append(members[torch.randperm(len(members), generator=g)[:k]])
+    test = torch.cat(test).sort().values
+    is_test = torch.zeros(len(labels), dtype=torch.bool)
+    is_test[test] = True
+    return torch.nonzero(~is_test).flatten(), test
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) valued 0-16, labels) from the CSV scikit-learn ships.
+
+    The file is read directly because importing sklearn.datasets (which pulls in scipy) costs seconds in
+    every pipeline step; sklearn's own loader is the fallback should the file ever move."""
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if csv is not None and csv.is_file():
+        with gzip.open(csv, "rt") as f:
+            table = np.loadtxt(f, delimiter=",")
+        if table.shape == (1797, 65):
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as sk_digits
+
+    raw = sk_digits()
+    return raw.images, raw.target.astype(np.int64)
+
+
+@register("digits")
+def load_digits(root=None) -> Splits:
+    """scikit-learn's bundled 8x8 digits (1797 images, 1 channel, 10 classes); values 0-16 scaled to 0-255.
+
+    The test set is FIXED: 20% of every class drawn with seed 0 (``stratified_holdout``), whatever the run
+    seed, so every run is scored on the same 359 images. mean/std are measured on the train part."""
+    values, targets = _digits_arrays()
+    images = torch.from_numpy(np.rint(values * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(targets)
+    train_idx, test_idx = stratified_holdout(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
+    pixels = images[train_idx].double() / 255.0
+    mean, std = (pixels.mean().item(),), (pixels.std().item(),)
+    classes = tuple(str(d) for d in range(10))
+    train = ArrayDataset(images[train_idx], labels[train_idx], 10, mean, std, "digits", classes)
+    test = ArrayDataset(images[test_idx], labels[test_idx], 10, mean, std, "digits", classes)
+    return _array_splits("digits", train, test)
+
+
+# CIFAR ----------------------------------------------------------------------------------------------------
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(text, 'latin1'); nothing else is needed
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    core = np._core if hasattr(np, "_core") else np.core
+    reconstruct = core.multiarray._reconstruct
+    frombuffer = core.numeric._frombuffer
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+        # protocol-5 pickles (Python 3's default) rebuild arrays from a buffer instead
+        ("numpy.core.numeric", "_frombuffer"): frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): frombuffer,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global that CIFAR archives never contain."""
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: nothing we load runs pickled code."""
+
+    allowed = _numpy_globals()
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise ForbiddenGlobal(f"{module}.{name}") from None
+
+
+def safe_unpickle(path: Path) -> object:
+    """Read a CIFAR python archive (Python 2 pickles, hence latin1) without running pickled code."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PapaError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except ForbiddenGlobal as e:
+        raise PapaError(f"refusing to load {path}: it references {e}, which a CIFAR archive never needs") \
+            from None
+    except Exception as e:  # a truncated or corrupt pickle raises many types; all mean a bad file
+        raise PapaError(f"corrupt archive {path}: {type(e).__name__}: {e}") from None
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _str_keys(obj: object, path: Path) -> dict:
+    if not isinstance(obj, dict):
+        raise PapaError(f"corrupt archive {path}: expected a dict, found {type(obj).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = _str_keys(safe_unpickle(path), path)
+    if "data" not in batch or label_key not in batch:
+        raise PapaError(f"corrupt archive {path}: expected keys 'data' and {label_key!r}, "
+                        f"found {sorted(batch)}")
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise PapaError(f"corrupt archive {path}: expected uint8 data of shape (N, 3072), found {found}")
+    try:
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise PapaError(f"corrupt archive {path}: {label_key!r} is not a list of integers") from None
+    if labels.shape != (len(data),):
+        raise PapaError(f"corrupt archive {path}: {len(data)} images but {labels.size} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise PapaError(f"corrupt archive {path}: labels outside 0..{num_classes - 1}")
+    return data, labels
+
+
+@dataclass(frozen=True)
+class _CifarFormat:
+    title: str
+    tv_class: str  # the torchvision class that holds the file list and checksums
+    label_key: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+CIFAR_FORMATS = {
+    "cifar10": _CifarFormat("CIFAR-10", "CIFAR10", "labels", 10, CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": _CifarFormat("CIFAR-100", "CIFAR100", "fine_labels", 100, CIFAR100_MEAN, CIFAR100_STD),
+}
+
+
+def _load_cifar(name: str, root, verify_md5: bool) -> Splits:
+    import torchvision.datasets
+
+    fmt = CIFAR_FORMATS[name]
+    layout = getattr(torchvision.datasets, fmt.tv_class)
+    base = Path(root if root is not None else Path("data") / name) / layout.base_folder
+    if not base.is_dir():
+        raise PapaError(f"{fmt.title} not found: expected {base} (python version archive, extracted)")
+    files = [*layout.train_list, *layout.test_list, [layout.meta["filename"], layout.meta["md5"]]]
+    for filename, md5 in files:
+        path = base / filename
+        if not path.is_file():
+            raise PapaError(f"{fmt.title} incomplete: expected file {path}")
+        if verify_md5 and _md5(path) != md5:
+            raise PapaError(f"{fmt.title} checksum mismatch: {path} (expected md5 {md5})")
+    meta_path = base / layout.meta["filename"]
+    classes = _str_keys(safe_unpickle(meta_path), meta_path).get(layout.meta["key"])
+    if not isinstance(classes, list) or len(classes) != fmt.num_classes:
+        raise PapaError(f"corrupt archive {meta_path}: expected {fmt.num_classes} names under "
+                        f"{layout.meta['key']!r}")
+
+    def part(file_list) -> ArrayDataset:
+        batches = [_read_batch(base / f, fmt.label_key, fmt.num_classes) for f, _ in file_list]
+        images = torch.from_numpy(np.concatenate([d for d, _ in batches]).reshape(-1, 3, 32, 32))
+        labels = torch.from_numpy(np.concatenate([lab for _, lab in batches]).astype(np.int64))
+        names = tuple(map(str, classes))
+        return ArrayDataset(images, labels, fmt.num_classes, fmt.mean, fmt.std, name, names)
+
+    return _array_splits(name, part(layout.train_list), part(layout.test_list))
+
+
+@register("cifar10")
+def load_cifar10(root=None, verify_md5: bool = False) -> Splits:
+    """CIFAR-10 from ``<root>/cifar-10-batches-py`` (default root ``data/cifar10``).
+
+    ``verify_md5`` checks every file against torchvision's published checksums; it is off by default
+    because tests (and anyone subsetting the data) use archives that are valid but not the originals."""
+    return _load_cifar("cifar10", root, verify_md5)
+
+
+@register("cifar100")
+def load_cifar100(root=None, verify_md5: bool = False) -> Splits:
+    """CIFAR-100 (fine labels) from ``<root>/cifar-100-python`` (default root ``data/cifar100``);
+    ``verify_md5`` as for CIFAR-10."""
+    return _load_cifar("cifar100", root, verify_md5)
+
+
+# ImageNet -------------------------------------------------------------------------------------------------
+def _image_folder(path: Path, title: str):
+    from torchvision.datasets import ImageFolder
+
+    if not path.is_dir():
+        raise PapaError(f"{title} not found: expected an image folder tree at {path} (<class>/<image>)")
+    try:
+        return ImageFolder(str(path))
+    except FileNotFoundError as e:  # no class folder, or a class folder without images
+        raise PapaError(f"{title}: no images found under {path} ({str(e).splitlines()[0]})") from None
+
+
+@register("imagenet")
+def load_imagenet(root=None, image_size: int = 224) -> Splits:
+    """ImageNet as ImageFolder trees ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (default root
+    ``data/imagenet``). ``image_size`` is the side of the crops a stream yields (224; tests use less)."""
+    base = Path(root if root is not None else Path("data") / "imagenet")
+    train = _image_folder(base / "train", "ImageNet train")
+    val = _image_folder(base / "val", "ImageNet val")
+    if train.classes != val.classes:
+        differing = sorted(set(train.classes) ^ set(val.classes))[:3]
+        raise PapaError(f"ImageNet: {base / 'train'} and {base / 'val'} have different class folders "
+                        f"(e.g. {', '.join(differing)})")
+    k = len(train.classes)
+    train, val = (FolderDataset(f, k, IMAGENET_MEAN, IMAGENET_STD, "imagenet", image_size)
+                  for f in (train, val))
+    return Splits("imagenet", train, val, k, 3, image_size, "folder", IMAGENET_MEAN, IMAGENET_STD)
+
+
+def folder_train_transform(image_size: int, flip: bool = True, autoaugment: str = ""):
+    """Per-image training transform on PIL images -> uint8 (C, H, W): RandomResizedCrop, flip, AutoAugment."""
+    from torchvision.transforms import v2
+
+    steps = [v2.RandomResizedCrop(image_size, antialias=True)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(v2.PILToTensor())
+    if autoaugment:
+        from papa.data.augment import autoaugment_policy
+
+        steps.append(v2.AutoAugment(autoaugment_policy(autoaugment)))
+    return v2.Compose(steps)
+
+
+def folder_eval_transform(image_size: int):
+    """Resize to 256/224 of the crop, center crop -> uint8 (C, H, W); normalization happens on the device."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.Resize(round(image_size * 256 / 224), antialias=True),
+        v2.CenterCrop(image_size),
+        v2.PILToTensor(),
+    ])

@@ -1,0 +1,229 @@
+"""Training batches for a whole population: step s yields every member's batch stacked on a member axis.
+
+Member j sees the training indices in its own order (``rng.generator(seed, "order", j, epoch)``) and draws
+its augmentations from its own stream (``rng.generator(seed, "augment", j, epoch)``), so a member's data
+does not depend on the population size or on the other members' policies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from papa import rng
+from papa.data.augment import Policy, apply, eval_transform, regularize
+from papa.data.datasets import (
+    ArrayDataset,
+    FolderDataset,
+    Splits,
+    folder_eval_transform,
+    folder_train_transform,
+)
+from papa.errors import PapaError
+
+
+def _check(n_data: int, indices, batch_size: int, policies: Sequence[Policy]) -> Tensor:
+    idx = torch.as_tensor(list(indices), dtype=torch.int64)
+    if not policies:
+        raise PapaError("a stream needs at least one member policy")
+    if len(idx) and (idx.min() < 0 or idx.max() >= n_data):
+        raise PapaError(f"training indices outside 0..{n_data - 1}")
+    if batch_size < 1 or len(idx) < batch_size:
+        raise PapaError(f"batch size {batch_size} does not fit {len(idx)} training items")
+    return idx
+
+
+def _orders(indices: Tensor, generator: torch.Generator, count: int) -> Tensor:
+    """``count`` items of ``indices``: back-to-back random permutations, all drawn before anything else."""
+    reps = math.ceil(count / len(indices))
+    perms = [indices[torch.randperm(len(indices), generator=generator)] for _ in range(reps)]
+    return torch.cat(perms)[:count]
+
+
+class MemberStream:
+    """Batches of an in-memory dataset kept on ``device`` as uint8 and augmented there.
+
+    ``indices`` are the training items (the validation split left out). Every epoch has
+    ``steps_per_epoch = len(indices) // batch_size`` steps: the incomplete last batch is dropped so all
+    members' batches share one shape."""
+
+    def __init__(self, train: ArrayDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
+                 device: str | torch.device = "cpu", base: Policy | None = None):
+        self.indices = _check(len(train), indices, batch_size, policies)
+        self.device = torch.device(device)
+        self.images = train.images.to(self.device)  # moved once; indexing happens on the device
+        self.labels = train.labels.to(self.device)
+        self.num_classes, self.mean, self.std = train.num_classes, train.mean, train.std
+        self.batch_size, self.policies, self.seed = batch_size, list(policies), seed
+        self.base = base if base is not None else self.policies[0].base()
+
+    @property
+    def size(self) -> int:
+        return len(self.policies)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.indices) // self.batch_size
+
+    def _batch(self, policy: Policy, idx: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        images, labels = self.images[idx], self.labels[idx]
+        return apply(policy, images, labels, self.num_classes, self.mean, self.std, generator)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``steps_per_epoch`` pairs (x (p, B, C, H, W) float32, targets (p, B, K) float32)."""
+        n, b = len(self.indices), self.batch_size
+        orders = [_orders(self.indices, rng.generator(self.seed, "order", j, epoch), n).to(self.device)
+                  for j in range(self.size)]
+        augment = [rng.generator(self.seed, "augment", j, epoch) for j in range(self.size)]
+        for s in range(self.steps_per_epoch):
+            pairs = [self._batch(policy, orders[j][s * b:(s + 1) * b], augment[j])
+                     for j, policy in enumerate(self.policies)]
+            yield torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
+
+    def member_batches(self, j: int | None, generator: torch.Generator, n: int,
+                       batch_size: int | None = None) -> Iterator[Tensor]:
+        """``n`` input batches for member j's policy (j=None: the base transform, no regularization).
+
+        The data order is drawn from ``generator`` before any augmentation, so members given generators with
+        the same seed (REPAIR's 666) see the same images, differently augmented."""
+        b = batch_size or self.batch_size
+        order = _orders(self.indices, generator, n * b).to(self.device)
+        augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
+        policy = self.base if j is None else self.policies[j]
+        for i in range(n):
+            yield self._batch(policy, order[i * b:(i + 1) * b], augment)[0]
+
+
+class _SeededImages(torch.utils.data.Dataset):
+    """Items are (index, seed): the image's random transform runs under its own seed, so a sample's crop
+    does not depend on which worker loads it or on the number of workers."""
+
+    def __init__(self, dataset: FolderDataset, transform):
+        self.folder, self.transform = dataset.folder, transform
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int]:
+        index, seed = item
+        path, label = self.folder.samples[index]
+        image = self.folder.loader(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), label
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """The (index, seed) items of the current epoch; refilled in place so persistent workers survive."""
+
+    def __init__(self):
+        self.items: list[tuple[int, int]] = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class FolderStream:
+    """The MemberStream interface over an ImageFolder: one DataLoader per member decodes and crops on the
+    CPU (``num_workers`` each), the rest of the member's policy runs on ``device``.
+
+    Per-image transforms: RandomResizedCrop(image_size), flip if the policy flips, AutoAugment if set;
+    ``crop_padding`` does not apply here."""
+
+    def __init__(self, train: FolderDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
+                 device: str | torch.device = "cpu", base: Policy | None = None, num_workers: int = 0):
+        self.indices = _check(len(train), indices, batch_size, policies)
+        self.device = torch.device(device)
+        self.train, self.num_workers = train, num_workers
+        self.num_classes, self.mean, self.std = train.num_classes, train.mean, train.std
+        self.batch_size, self.policies, self.seed = batch_size, list(policies), seed
+        self.base = base if base is not None else self.policies[0].base()
+        self.samplers = [_EpochSampler() for _ in self.policies]
+        self.loaders = [self._loader(policy, sampler, persistent=num_workers > 0)
+                        for policy, sampler in zip(self.policies, self.samplers, strict=True)]
+
+    size = MemberStream.size
+    steps_per_epoch = MemberStream.steps_per_epoch
+
+    def _loader(self, policy: Policy, sampler, persistent: bool, batch_size: int | None = None):
+        transform = folder_train_transform(self.train.image_size, policy.flip, policy.autoaugment)
+        return torch.utils.data.DataLoader(
+            _SeededImages(self.train, transform), batch_size=batch_size or self.batch_size, sampler=sampler,
+            drop_last=True, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=persistent)
+
+    def _items(self, order: Tensor, generator: torch.Generator) -> list[tuple[int, int]]:
+        seeds = torch.randint(2**62, (len(order),), generator=generator)
+        return list(zip(order.tolist(), seeds.tolist(), strict=True))
+
+    def _regularize(self, policy: Policy | int, images: Tensor, labels: Tensor, generator: torch.Generator):
+        # pinned host batches copy asynchronously; the rest of the policy then runs on the device
+        policy = self.policies[policy] if isinstance(policy, int) else policy
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        return regularize(policy, images, labels, self.num_classes, self.mean, self.std, generator)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``steps_per_epoch`` pairs (x (p, B, C, H, W) float32, targets (p, B, K) float32)."""
+        n = len(self.indices)
+        augment = []
+        for j, sampler in enumerate(self.samplers):
+            order = _orders(self.indices, rng.generator(self.seed, "order", j, epoch), n)
+            augment.append(rng.generator(self.seed, "augment", j, epoch))
+            sampler.items = self._items(order, augment[j])
+        for batches in zip(*self.loaders, strict=True):
+            pairs = [self._regularize(j, *batch, augment[j]) for j, batch in enumerate(batches)]
+            yield torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
+
+    def member_batches(self, j: int | None, generator: torch.Generator, n: int,
+                       batch_size: int | None = None) -> Iterator[Tensor]:
+        """As MemberStream.member_batches."""
+        b = batch_size or self.batch_size
+        order = _orders(self.indices, generator, n * b)
+        augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
+        policy = self.base if j is None else self.policies[j]
+        sampler = _EpochSampler()
+        sampler.items = self._items(order, augment)
+        for images, labels in self._loader(policy, sampler, persistent=False, batch_size=b):
+            yield self._regularize(policy, images, labels, augment)[0]
+
+
+STREAMS = {"array": MemberStream, "folder": FolderStream}
+
+
+def make_stream(splits: Splits, indices, batch_size: int, policies: Sequence[Policy], seed: int,
+                device: str | torch.device = "cpu", **options) -> MemberStream | FolderStream:
+    """The stream for ``splits.kind`` over ``splits.train``.
+
+    Options: ``base`` (the policy of member_batches(None, ...)), ``num_workers`` (folders only)."""
+    return STREAMS[splits.kind](splits.train, indices, batch_size, policies, seed, device, **options)
+
+
+def _folder_eval(dataset: FolderDataset, idx: Tensor, batch_size: int, device: torch.device,
+                 num_workers: int):
+    # items are (index, 0): the eval transform draws nothing, the seed only satisfies _SeededImages
+    loader = torch.utils.data.DataLoader(
+        _SeededImages(dataset, folder_eval_transform(dataset.image_size)), batch_size=batch_size,
+        sampler=[(i, 0) for i in idx.tolist()], num_workers=num_workers, pin_memory=device.type == "cuda")
+    for images, labels in loader:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def eval_batches(dataset: ArrayDataset | FolderDataset, indices=None, batch_size: int = 500,
+                 device: str | torch.device = "cpu", num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x normalized float32, labels) over ``indices`` (default: all) in order, with no augmentation: the
+    batches for validation and test accuracy. The last batch may be smaller."""
+    device = torch.device(device)
+    idx = torch.arange(len(dataset)) if indices is None else torch.as_tensor(list(indices), dtype=torch.int64)
+    if isinstance(dataset, FolderDataset):
+        chunks = _folder_eval(dataset, idx, batch_size, device, num_workers)
+    else:
+        chunks = ((dataset.images[c].to(device), dataset.labels[c].to(device)) for c in idx.split(batch_size))
+    for images, labels in chunks:
+        yield eval_transform(images, dataset.mean, dataset.std), labels

@@ -1,0 +1,63 @@
+"""Model factory: ``create_model(name, num_classes)`` looks the name up in one registry.
+
+Names starting with ``timm/`` build any timm architecture (randomly initialized); the others are the
+architectures of the paper, registered by the modules imported below.
+"""
+
+import inspect
+from pathlib import Path
+
+from torch import nn
+
+from papa.errors import PapaError
+from papa.models import cnn, linear, resnet_cifar, torchvision_models, vgg  # noqa: F401  (they register)
+from papa.models.pretrained import load_pretrained
+from papa.models.registry import MODELS, register
+
+__all__ = ["available_models", "create_model", "register"]
+
+TIMM_PREFIX = "timm/"
+
+
+def available_models() -> list[str]:
+    """Registered model names, sorted (any ``timm/<name>`` is accepted too)."""
+    return sorted(MODELS)
+
+
+def _timm_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+    # imported here: timm (with torchvision) adds seconds to every CLI start that never uses it
+    import timm
+
+    # checked up front: timm's own error is a RuntimeError that would look like a crash
+    if not timm.is_model(name):
+        raise PapaError(f"unknown timm model {name!r} (see timm.list_models())")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+
+
+def create_model(
+    name: str, num_classes: int, in_channels: int = 3, pretrained: str | Path | None = None, **kwargs
+) -> nn.Module:
+    """Build model ``name`` giving logits of shape (N, num_classes) for ``in_channels``-channel images.
+
+    ``kwargs`` go to the architecture (e.g. ``width`` for ``digits_cnn``); ``pretrained`` is an optional
+    local safetensors file to warm-start from (see ``load_pretrained``). Bad names or arguments raise
+    ``PapaError``.
+    """
+    if name.startswith(TIMM_PREFIX):
+        factory = _timm_model
+        args = (name.removeprefix(TIMM_PREFIX), num_classes, in_channels)
+    elif name in MODELS:
+        factory = MODELS[name]
+        args = (num_classes, in_channels)
+        # a misspelled option in a config should be reported, not surface as a TypeError traceback
+        try:
+            inspect.signature(factory).bind(*args, **kwargs)
+        except TypeError as err:
+            raise PapaError(f"model {name!r}: {err}") from err
+    else:
+        known = ", ".join(available_models())
+        raise PapaError(f"unknown model {name!r}; available: {known}, or timm/<name> for any timm model")
+    model = factory(*args, **kwargs)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model

@@ -1,0 +1,69 @@
+"""ResNets for 32x32 CIFAR images: a 3x3 stem without max-pool, then stages of BasicBlocks."""
+
+from torch import Tensor, nn
+
+from papa.models.registry import register
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN pairs and a residual. When the shape changes, the shortcut is a 1x1 conv + BN
+    projection (He et al.'s option B), for ResNet-20 too, whose paper used zero-padded identity (option A):
+    a projection keeps every tensor a plain conv/BN weight that averaging and alignment handle alike."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """Stem conv3x3 + BN + ReLU, stages ``layer1..layerN`` (the first at stride 1, the others halving the
+    resolution), global average pool, linear ``fc``; names follow torchvision's ResNet."""
+
+    def __init__(self, blocks: list[int], widths: list[int], num_classes: int, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU()
+        in_planes = widths[0]
+        for i, (count, planes) in enumerate(zip(blocks, widths, strict=True), start=1):
+            first = BasicBlock(in_planes, planes, stride=1 if i == 1 else 2)
+            rest = [BasicBlock(planes, planes) for _ in range(count - 1)]
+            self.add_module(f"layer{i}", nn.Sequential(first, *rest))
+            in_planes = planes
+        self.num_stages = len(blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        for i in range(1, self.num_stages + 1):
+            x = self.get_submodule(f"layer{i}")(x)
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+@register("resnet18_cifar")
+def resnet18_cifar(num_classes: int, in_channels: int = 3) -> CifarResNet:
+    """ResNet-18 for CIFAR: about 11.2M parameters, 0.56G multiply-adds per 32x32 image."""
+    return CifarResNet([2, 2, 2, 2], [64, 128, 256, 512], num_classes, in_channels)
+
+
+@register("resnet20")
+def resnet20(num_classes: int, in_channels: int = 3) -> CifarResNet:
+    """ResNet-20 of He et al. (2016) for CIFAR: 3 stages x 3 blocks, widths 16/32/64, with projection
+    shortcuts (see ``BasicBlock``)."""
+    return CifarResNet([3, 3, 3], [16, 32, 64], num_classes, in_channels)

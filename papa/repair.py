@@ -1,0 +1,416 @@
+"""REPAIR for p networks (Appendix A.3, Algorithms 4 and 5): give an averaged network the feature moments
+of the networks it averages.
+
+Averaging collapses the variance of features. REPAIR measures, for every convolution and linear layer, the
+per-channel mean and std of its output (the pre-activation) in each member, and rescales the averaged
+network's layer so that E[X] = sum_i w_i E[X_i] and std(X) = sum_i w_i std(X_i). Channels are dim 1 of a
+convolution's output and the last dim of a linear layer's. Every network sees the same batches (one seed),
+up to its own augmentation.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from papa.population import Population
+from papa.rng import derive_seed, seeded
+
+Batches = Iterable[Tensor] | Callable[[int | None, torch.Generator], Iterable[Tensor]]
+"""Repair data: the same input tensors for every network, or ``batches(member, generator)`` yielding
+member ``member``'s augmented inputs (None: the repaired network, no member-specific augmentation). The
+callable gets a fresh CPU generator seeded with the repair seed on every call; a batch may also be a tuple
+whose first element is the input."""
+
+Moments = dict[str, tuple[Tensor, Tensor]]
+"""Layer name -> (mean, std) per output channel, float64."""
+
+
+# data ---------------------------------------------------------------------------------------------
+def _device(module: nn.Module) -> torch.device:
+    t = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if t is None else t.device
+
+
+def _input(batch, device: torch.device) -> Tensor:
+    if isinstance(batch, tuple | list):
+        batch = batch[0]
+    return batch.to(device)
+
+
+def _freeze(batches: Batches, iters: int) -> Batches:
+    """Keep the first ``iters`` fixed batches, so a one-shot iterator or a shuffling loader gives every
+    network the same data."""
+    return batches if callable(batches) else list(itertools.islice(batches, iters))
+
+
+def _data(batches: Batches, member: int | None, iters: int, seed: int, device: torch.device) -> list[Tensor]:
+    if iters < 1:
+        raise ValueError(f"REPAIR needs at least one batch, got iters={iters}")
+    source = batches(member, torch.Generator().manual_seed(seed)) if callable(batches) else batches
+    xs = [_input(b, device) for b in itertools.islice(source, iters)]
+    if not xs:
+        raise ValueError("REPAIR got no batches")
+    return xs
+
+
+def _check_weights(weights, p: int) -> Tensor:
+    w = torch.full((p,), 1.0 / p, dtype=torch.float64) if weights is None else weights
+    w = torch.as_tensor(w, dtype=torch.float64).flatten().cpu()
+    if w.numel() != p:
+        raise ValueError(f"expected {p} REPAIR weights, got {w.numel()}")
+    if (w < 0).any() or abs(float(w.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"REPAIR weights must be non-negative and sum to 1, got {w.tolist()}")
+    return w
+
+
+# layers and passes --------------------------------------------------------------------------------
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear | _ConvNd)
+
+
+def _channel_dim(layer: nn.Module, y: Tensor) -> int:
+    if isinstance(layer, nn.Linear):
+        return y.dim() - 1
+    return 1 if y.dim() == len(layer.kernel_size) + 2 else 0  # 0: an unbatched convolution
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    calls: int = 0  # times it fires in one forward pass (shared layers fire more than once)
+    feeds_bn: bool = True  # each of its outputs went straight into a BatchNorm
+    is_output: bool = False  # its output is the model's output (the classifier's logits)
+
+
+class _Stop(BaseException):
+    """Ends a forward pass early: nothing after the layer being repaired can change its output.
+    A BaseException, so that a model's own ``except Exception`` does not swallow it."""
+
+
+def _forward(model: nn.Module, x: Tensor, stop: _Layer | None = None) -> None:
+    """model(x), cut short once ``stop`` has fired as often as in a full pass."""
+    if stop is None:
+        model(x)
+        return
+    count = 0
+
+    def hook(*_):
+        nonlocal count
+        count += 1
+        if count == stop.calls:
+            raise _Stop
+
+    handle = stop.module.register_forward_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def _find_layers(model: nn.Module, x: Tensor) -> list[_Layer]:
+    """The convolution and linear layers that fire on ``x`` (eval mode), in the order they first fire.
+
+    A layer feeds a BatchNorm when the next module to start after it is a BatchNorm whose input is that
+    layer's output tensor itself, every time it fires."""
+    found: dict[str, _Layer] = {}
+    pending: list[tuple[_Layer, Tensor]] = []
+
+    def after(name: str, module: nn.Module):
+        def hook(_, __, output):
+            layer = found.setdefault(name, _Layer(name, module))
+            layer.calls += 1
+            pending[:] = [(layer, output)]
+
+        return hook
+
+    def before(module: nn.Module, inputs):
+        if pending:
+            layer, out = pending.pop()
+            layer.feeds_bn &= isinstance(module, _BatchNorm) and bool(inputs) and inputs[0] is out
+
+    handles = [m.register_forward_pre_hook(before) for m in model.modules()]
+    handles += [m.register_forward_hook(after(n, m)) for n, m in model.named_modules() if _is_layer(m)]
+    was_training = model.training
+    model.eval()
+    try:
+        y = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for layer, out in pending:  # the last layer's output went nowhere near a BatchNorm
+        layer.feeds_bn = False
+        layer.is_output = out is y
+    for layer in found.values():
+        if not isinstance(layer.module.weight, nn.Parameter):
+            raise ValueError(f"REPAIR cannot rescale {layer.name}: its weight is computed (parametrized)")
+    return list(found.values())
+
+
+def _preactivations(model: nn.Module, x: Tensor) -> list[_Layer]:
+    """The layers REPAIR rescales: every conv/linear except the one producing the model's output. Logits
+    are not pre-activations (A.2), and matching their std to the members' would inflate the averaged
+    classifier's confidence; the official REPAIR leaves the classifier alone too."""
+    return [layer for layer in _find_layers(model, x) if not layer.is_output]
+
+
+class _Welford:
+    """Per-channel count, mean and sum of squared deviations, merged across chunks (Chan et al.) in
+    float64 so that thousands of float32 values per channel lose no precision."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, y: Tensor, dim: int) -> None:
+        if y.dim() == 1 and dim == 0:  # one sample of a linear layer: nothing to reduce over
+            y, dim = y.unsqueeze(0), 1
+        dims = [d for d in range(y.dim()) if d != dim]
+        n = y.numel() // y.shape[dim]
+        mean = y.sum(dims, dtype=torch.float64) / n
+        shape = [-1 if d == dim else 1 for d in range(y.dim())]
+        # Centre in y's dtype, so the temporary is no bigger than y, then correct for the rounded centre.
+        centre = mean.to(y.dtype)
+        m2 = ((y - centre.view(shape)) ** 2).sum(dims, dtype=torch.float64)
+        m2 -= n * (mean - centre.double()) ** 2
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.n * n / total)
+        self.n = total
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        return self.mean, (self.m2 / self.n).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def _measure(model: nn.Module, xs: list[Tensor], names=None, stop: _Layer | None = None) -> Moments:
+    """Eval-mode output moments of the layers ``names`` (default: all that fire), pooled over ``xs``."""
+    stats: dict[str, _Welford] = {}
+
+    def hook_for(name: str):
+        def hook(module, _, output):
+            stats.setdefault(name, _Welford()).add(output, _channel_dim(module, output))
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(hook_for(n))
+        for n, m in model.named_modules()
+        if _is_layer(m) and (names is None or n in names)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        for x in xs:
+            _forward(model, x, stop)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: s.result() for n, s in stats.items()}
+
+
+# BatchNorm reset (Algorithm 5) ---------------------------------------------------------------------
+def _tracking_bns(module: nn.Module) -> list[_BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def _reset_bn(module: nn.Module, xs: Iterable[Tensor], seed: int | None, stop: _Layer | None = None) -> int:
+    bns = _tracking_bns(module)
+    if not bns:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    was_training = module.training
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches
+    module.train()
+    seen = 0
+    try:
+        for b, x in enumerate(xs):
+            if seed is None:
+                _forward(module, x, stop)
+            else:
+                # Train-mode randomness (dropout) seeded per batch: a pass cut short at one layer then
+                # sees the same masks as a full pass, and the statistics before that layer agree.
+                with seeded(derive_seed("repair-batchnorm", seed, b)):
+                    _forward(module, x, stop)
+            seen += 1
+    finally:
+        for bn, momentum in zip(bns, momenta, strict=True):
+            bn.momentum = momentum
+        module.train(was_training)
+    return seen
+
+
+def reset_batchnorm(module: nn.Module, batches_iter: Iterable, seed: int | None = None) -> nn.Module:
+    """Algorithm 5: recompute every BatchNorm's running statistics from scratch, as the plain average over
+    ``batches_iter`` of train-mode batch statistics (no grad). Momenta and the training flag are restored.
+
+    With ``seed``, each batch's train-mode randomness (dropout) is drawn from its own seed, the global RNG
+    state being restored afterwards."""
+    it = iter(batches_iter)
+    first = next(it, None)
+    if first is None:  # checked before the reset, which would otherwise leave mean 0 and variance 1
+        raise ValueError("reset_batchnorm got no batches")
+    device = _device(module)
+    _reset_bn(module, (_input(b, device) for b in itertools.chain([first], it)), seed)
+    return module
+
+
+# REPAIR (Algorithm 4) ------------------------------------------------------------------------------
+def member_moments(pop: Population, batches: Batches, iters: int = 5, seed: int = 666) -> list[Moments]:
+    """Each member's per-channel output moments of every convolution and linear layer, in eval mode on
+    its own first ``iters`` batches, after rebuilding a copy's BatchNorm statistics on those batches."""
+    batches = _freeze(batches, iters)
+    out = []
+    for j in range(pop.size):
+        member = pop.member(j)
+        xs = _data(batches, j, iters, seed, _device(member))
+        _reset_bn(member, xs, seed)
+        out.append(_measure(member, xs))
+    return out
+
+
+def _targets(moments: list[Moments], weights: Tensor) -> Moments:
+    """The weighted average of the members' means and, separately, of their stds."""
+    if len(moments) != weights.numel():
+        raise ValueError(f"got moments for {len(moments)} members, expected {weights.numel()}")
+    names = moments[0].keys()
+    if any(m.keys() != names for m in moments):
+        raise ValueError("members' moments cover different layers")
+    out = {}
+    for name in names:
+        means, stds = zip(*(m[name] for m in moments), strict=True)
+        w = weights.to(means[0].device)
+        out[name] = (torch.tensordot(w, torch.stack(means), 1), torch.tensordot(w, torch.stack(stds), 1))
+    return out
+
+
+@torch.no_grad()
+def _fuse(layer: _Layer, mean: Tensor, std: Tensor, target: tuple[Tensor, Tensor], shift: bool) -> None:
+    """Rescale the layer's output channels: y <- s (y - mean) + target mean, s = target std / std."""
+    m = layer.module
+    target_mean, target_std = (t.to(mean.device) for t in target)
+    # A channel with (numerically) no spread is a dead unit: scaling it up would only amplify rounding.
+    dead = std <= 1e-6 * torch.sqrt(mean**2 + std**2)
+    scale = torch.where(dead, torch.ones_like(std), target_std / std)
+    w = m.weight
+    if isinstance(m, _ConvNd) and m.transposed:  # weight (in, out / groups, ...), grouped along dim 0
+        g, in_per_group = m.groups, w.shape[0] // m.groups
+        factor = scale.view(g, 1, -1).expand(g, in_per_group, -1).reshape(w.shape[0], w.shape[1])
+    else:  # weight (out, ...) for Linear and Conv, whatever the groups, dilation or stride
+        factor = scale
+    w.mul_(factor.view(*factor.shape, *[1] * (w.dim() - factor.dim())).to(w.dtype))
+    if not shift:
+        return
+    bias = torch.zeros_like(mean) if m.bias is None else m.bias.double()
+    new_bias = scale * (bias - mean) + target_mean
+    if m.bias is None:  # never drop the shift of a bias-free layer: give it a bias
+        m.bias = nn.Parameter(new_bias.to(w.dtype), requires_grad=w.requires_grad)
+    else:
+        m.bias.copy_(new_bias)
+
+
+def _repair_(model: nn.Module, xs: list[Tensor], targets: Moments, seed: int, layers: list[_Layer],
+             create_bias: bool) -> None:
+    """Repair ``model`` in place, layer by layer in forward order.
+
+    Each layer is measured after the layers before it are fused (and the BatchNorm statistics rebuilt on
+    them), so the eval-mode moments match the targets exactly. Algorithm 4's single pass through temporary
+    BatchNorms instead takes statistics in train mode from a network whose earlier layers are not yet
+    repaired, which leaves residual error. Passes stop once the layer has fired, so the cost is about half
+    of (layers x iters) forward passes, twice that when the model has BatchNorms."""
+    missing = [layer.name for layer in layers if layer.name not in targets]
+    if missing:
+        raise ValueError(f"no member moments for layers {missing[:3]}")
+    has_bn = bool(_tracking_bns(model))
+    for layer in layers:
+        if has_bn:
+            _reset_bn(model, xs, seed, stop=layer)
+        mean, std = _measure(model, xs, {layer.name}, stop=layer)[layer.name]
+        shift = create_bias or layer.module.bias is not None
+        _fuse(layer, mean, std, targets[layer.name], shift)
+    if has_bn:
+        _reset_bn(model, xs, seed)
+
+
+def repair(
+    model: nn.Module,
+    pop: Population,
+    batches: Batches,
+    iters: int = 5,
+    seed: int = 666,
+    weights=None,
+    target: int | None = None,
+    moments: list[Moments] | None = None,
+) -> nn.Module:
+    """A repaired copy of ``model`` (usually a soup of ``pop``): every convolution and linear layer gets
+    the ``weights``-weighted average (default uniform) of the members' per-channel output mean and std.
+
+    Measured in eval mode on the first ``iters`` batches (``batches(target, ...)`` when callable). A
+    bias-free layer gets a bias, the only state added. ``moments``: precomputed ``member_moments(pop, ...)``.
+    """
+    w = _check_weights(weights, pop.size)
+    batches = _freeze(batches, iters)
+    if moments is None:
+        moments = member_moments(pop, batches, iters, seed)
+    targets = _targets(moments, w)
+    out = copy.deepcopy(model)
+    xs = _data(batches, target, iters, seed, _device(out))
+    _repair_(out, xs, targets, seed, _preactivations(out, xs[0]), create_bias=True)
+    return out
+
+
+def repair_population_(
+    pop: Population, matrix, batches: Batches, moments: list[Moments], iters: int = 5, seed: int = 666
+) -> Population:
+    """Repair, in place, a population just mixed by theta_i <- sum_j matrix[i, j] theta_j: member i gets
+    the moments of the pre-mix members (``moments``, from ``member_moments`` before mixing) weighted by
+    row i, measured on ``batches(i, ...)``.
+
+    Members keep their architecture, so no bias can be added. A bias-free layer whose output goes straight
+    into a BatchNorm is only rescaled: that BatchNorm's rebuilt running mean absorbs any per-channel shift
+    exactly, so everything from the BatchNorm on matches ``repair``. Any other bias-free layer is an error.
+    """
+    p = pop.size
+    m = torch.as_tensor(matrix, dtype=torch.float64).cpu()
+    if m.shape != (p, p):
+        raise ValueError(f"mixing matrix must be {p}x{p}, got {tuple(m.shape)}")
+    rows = [_check_weights(m[i], p) for i in range(p)]
+    if len(moments) != p:
+        raise ValueError(f"got moments for {len(moments)} members, expected {p}")
+    batches = _freeze(batches, iters)
+    for i in range(p):
+        member = pop.member(i)
+        xs = _data(batches, i, iters, seed, _device(member))
+        layers = _preactivations(member, xs[0])
+        # Same architecture for every member: this fails on member 0, before anything is written.
+        unfixable = [layer.name for layer in layers if layer.module.bias is None and not layer.feeds_bn]
+        if unfixable:
+            raise ValueError(
+                f"cannot repair a population in place: layers {unfixable[:3]} have no bias and do not feed a "
+                "BatchNorm (repair a soup with repair(), which adds the biases)"
+            )
+        _repair_(member, xs, _targets(moments, rows[i]), seed, layers, create_bias=False)
+        state = {**dict(member.named_parameters()), **dict(member.named_buffers())}
+        with torch.no_grad():
+            for name, t in pop.tensors():
+                t[i].copy_(state[name])
+    return pop

@@ -1,0 +1,1 @@
+"""Reports: aggregate per-run metrics into a tidy frame, render tables (Markdown/CSV) and figures (PNG)."""

@@ -1,0 +1,99 @@
+"""Collect every run's metrics.json into one tidy frame: one row per experiment x variant x seed x metric.
+
+Runs live at ``<results>/<experiment>/<variant>/seed<S>/`` (see docs/interfaces.md). Every numeric scalar
+of a metrics.json becomes a row (``mean``, ``min``, ``max``, ``std``, ``ensemble``, ``avg_soup``,
+``greedy_soup``, ``greedy_soup_size``, ``avg_soup_repair``, ``greedy_soup_repair``, ``population``, ...);
+lists and identifiers stay in the JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from papa.errors import PapaError
+
+COLUMNS = ["experiment", "variant", "seed", "metric", "value"]
+
+
+def run_dir(results: str | Path, experiment: str, variant: str, seed: int) -> Path:
+    """The directory of one population run."""
+    return Path(results) / experiment / variant / f"seed{seed}"
+
+
+def _identity(path: Path, data: dict) -> tuple[str, str, int]:
+    """(experiment, variant, seed) from the JSON keys, else from the run directory's path."""
+    parts = path.parent.parts
+    try:
+        from_path = (parts[-3], parts[-2], int(parts[-1].removeprefix("seed")))
+    except (IndexError, ValueError):
+        from_path = (None, None, None)
+    ident = tuple(data.get(k, default) for k, default in zip(("experiment", "variant", "seed"), from_path))
+    if None in ident:
+        raise PapaError(f"{path}: cannot tell experiment/variant/seed (not in the file nor its path)")
+    return ident[0], ident[1], int(ident[2])
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame:
+    """The tidy rows of one metrics.json."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PapaError(f"{path}: metrics file not found") from None
+    except json.JSONDecodeError as e:
+        raise PapaError(f"{path}: malformed JSON ({e})") from None
+    experiment, variant, seed = _identity(path, data)
+    rows = [
+        (experiment, variant, seed, key, float(value))
+        for key, value in data.items()
+        if key not in ("seed",) and isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def aggregate(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """The tidy frame of many metrics.json files, sorted."""
+    frames = [read_metrics(p) for p in paths]
+    if not frames:
+        return pd.DataFrame(columns=COLUMNS)
+    frame = pd.concat(frames, ignore_index=True)
+    dup = frame.duplicated(["experiment", "variant", "seed", "metric"])
+    if dup.any():
+        e, v, s, _, _ = frame[dup].iloc[0]
+        raise PapaError(f"two metrics files for experiment {e!r}, variant {v!r}, seed {s}")
+    return frame.sort_values(COLUMNS[:4], ignore_index=True)
+
+
+def find_metrics(results: str | Path) -> list[Path]:
+    """Every ``<results>/*/*/seed*/metrics.json``."""
+    return sorted(Path(results).glob("*/*/seed*/metrics.json"))
+
+
+def write(frame: pd.DataFrame, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    return out
+
+
+def load(path: str | Path) -> pd.DataFrame:
+    """Read an aggregated CSV back (seed as int, value as float)."""
+    try:
+        frame = pd.read_csv(path, dtype={"experiment": str, "variant": str, "metric": str})
+    except FileNotFoundError:
+        raise PapaError(f"{path}: aggregated metrics not found (run `papa aggregate` first)") from None
+    missing = set(COLUMNS) - set(frame.columns)
+    if missing:
+        raise PapaError(f"{path}: not an aggregated metrics file (missing columns {sorted(missing)})")
+    frame["seed"] = frame["seed"].astype(int)
+    frame["value"] = frame["value"].astype(float)
+    return frame
+
+
+def is_number(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))

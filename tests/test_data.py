@@ -1,0 +1,379 @@
+"""The data package: datasets in their real on-disk formats, the validation split, augmentation, streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from papa.data import (
+    DATASETS,
+    MemberStream,
+    Policy,
+    draw_policies,
+    load_dataset,
+    load_split,
+    make_split,
+    save_split,
+)
+from papa.data.augment import CIFAR_GRID, apply, eval_transform
+from papa.data.datasets import ArrayDataset
+from papa.data.stream import FolderStream, eval_batches, make_stream
+from papa.errors import PapaError
+
+CIFAR = {  # name: (folder, train files, test files, meta file, meta key, label key, classes)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "label_names", "labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels", 100),
+}
+
+
+def write_cifar(root, name: str, per_file: int = 20) -> np.ndarray:
+    """A small archive in the python-version layout, pickled (protocol 2) as the originals are.
+    Returns the first training image (3, 32, 32) written."""
+    folder, train, test, meta, meta_key, label_key, k = CIFAR[name]
+    base = root / folder
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    first = None
+    for i, filename in enumerate(train + test):
+        data = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        labels = [(i * per_file + n) % k for n in range(per_file)]
+        batch = {"batch_label": f"batch {i}", label_key: labels, "data": data,
+                 "filenames": [f"img_{n}.png" for n in range(per_file)]}
+        if name == "cifar100":
+            batch["coarse_labels"] = [lab // 5 for lab in labels]
+        (base / filename).write_bytes(pickle.dumps(batch, protocol=2))
+        first = data[0].reshape(3, 32, 32) if first is None else first
+    (base / meta).write_bytes(pickle.dumps({meta_key: [f"class{c}" for c in range(k)]}, protocol=2))
+    return first
+
+
+def tiny_dataset(n: int = 200, k: int = 10, shape=(1, 2, 2)) -> ArrayDataset:
+    """Image i is filled with the value i, so a batch tells which items it holds (mean 0, std 1/255)."""
+    images = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, *shape).contiguous()
+    return ArrayDataset(images, torch.arange(n) % k, k, (0.0,) * shape[0], (1.0,) * shape[0], "tiny")
+
+
+def same_batches(a, b) -> bool:
+    pairs = [(x, y) for pa, pb in zip(a, b, strict=True) for x, y in zip(pa, pb, strict=True)]
+    return all(torch.equal(x, y) for x, y in pairs)
+
+
+def items(x: torch.Tensor) -> torch.Tensor:
+    """The item indices of un-augmented tiny_dataset batches (..., C, H, W) -> (...)."""
+    return x.flatten(-3)[..., 0].mul(255).round().long()
+
+
+# datasets ---------------------------------------------------------------------------------------------------
+def test_registry_and_unknown_names():
+    assert {"digits", "cifar10", "cifar100", "imagenet"} <= set(DATASETS)
+    with pytest.raises(PapaError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist")
+    with pytest.raises(PapaError, match="no option 'flavour'"):
+        load_dataset("digits", flavour=1)
+
+
+def test_digits_fixed_stratified_test_split():
+    splits = load_dataset("digits")
+    again = load_dataset("digits")
+    train, test = splits.train, splits.test
+    assert (splits.kind, splits.in_channels, splits.image_size, splits.num_classes) == ("array", 1, 8, 10)
+    assert len(train) + len(test) == 1797 and len(test) == 359
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (1, 8, 8)
+    assert int(train.images.max()) == 255 and int(train.images.min()) == 0
+    counts = torch.bincount(torch.cat([train.labels, test.labels]), minlength=10)
+    assert torch.equal(torch.bincount(test.labels, minlength=10), (counts * 0.2).round().long())
+    assert torch.equal(test.images, again.test.images) and torch.equal(test.labels, again.test.labels)
+    assert 0 < splits.mean[0] < 1 and 0 < splits.std[0] < 1
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_archives_load(tmp_path, name):
+    first = write_cifar(tmp_path, name)
+    splits = load_dataset(name, tmp_path)
+    k, n_train = CIFAR[name][6], 20 * len(CIFAR[name][1])
+    assert (splits.kind, splits.num_classes, splits.in_channels, splits.image_size) == ("array", k, 3, 32)
+    assert splits.train.images.shape == (n_train, 3, 32, 32) and splits.test.images.shape == (20, 3, 32, 32)
+    assert splits.train.labels.dtype == torch.int64
+    assert splits.train.labels.tolist() == [i % k for i in range(n_train)]
+    assert np.array_equal(splits.train.images[0].numpy(), first)
+    assert splits.train.classes[:2] == ("class0", "class1")
+    with pytest.raises(PapaError, match="checksum mismatch"):  # generated files are not the originals
+        load_dataset(name, tmp_path, verify_md5=True)
+
+
+def test_cifar_missing_directory_names_the_path(tmp_path):
+    with pytest.raises(PapaError, match="CIFAR-10 not found") as err:
+        load_dataset("cifar10", tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in str(err.value)
+    write_cifar(tmp_path, "cifar10")
+    os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_3")
+    with pytest.raises(PapaError, match="data_batch_3"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_cifar_truncated_archive(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(PapaError, match="corrupt archive .*data_batch_2") as err:
+        load_dataset("cifar10", tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_cifar_wrong_shapes_and_lengths(tmp_path):
+    write_cifar(tmp_path, "cifar100")
+    base = tmp_path / "cifar-100-python"
+    good = pickle.loads((base / "test").read_bytes(), encoding="latin1")
+    (base / "test").write_bytes(pickle.dumps({**good, "data": good["data"][:, :100]}, protocol=2))
+    with pytest.raises(PapaError, match=r"corrupt archive .*test: expected uint8 data of shape \(N, 3072\)"):
+        load_dataset("cifar100", tmp_path)
+    (base / "test").write_bytes(pickle.dumps({**good, "fine_labels": good["fine_labels"][:-1]}, protocol=2))
+    with pytest.raises(PapaError, match="20 images but 19 labels"):
+        load_dataset("cifar100", tmp_path)
+
+
+class _Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.target}",)
+
+
+def test_malicious_pickle_is_refused_not_run(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    witness = tmp_path / "pwned"
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(
+        pickle.dumps({"data": _Exploit(witness), "labels": []}, protocol=2))
+    with pytest.raises(PapaError, match=r"refusing to load .*data_batch_1: it references (posix|os)\.system"):
+        load_dataset("cifar10", tmp_path)
+    assert not witness.exists()
+
+
+def _write_images(folder, n: int, size: int = 12):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(len(str(folder)))
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_image_folder_loads_and_streams(tmp_path):
+    for part, n in (("train", 4), ("val", 2)):
+        for cls in ("cat", "dog"):
+            _write_images(tmp_path / part / cls, n)
+    splits = load_dataset("imagenet", tmp_path, image_size=8)
+    assert (splits.kind, splits.num_classes, splits.in_channels, splits.image_size) == ("folder", 2, 3, 8)
+    assert len(splits.train) == 8 and len(splits.test) == 4
+    assert splits.train.labels.tolist() == [0] * 4 + [1] * 4
+    policies = [Policy(flip=True, mixup=1.0), Policy(random_erasing=0.5, label_smoothing=0.1)]
+    stream = make_stream(splits, range(7), 3, policies, seed=1)
+    assert isinstance(stream, FolderStream) and stream.steps_per_epoch == 2
+    batches = list(stream.epoch(0))
+    again = list(stream.epoch(0))
+    assert len(batches) == 2 and batches[0][0].shape == (2, 3, 3, 8, 8) and batches[0][1].shape == (2, 3, 2)
+    assert same_batches(batches, again)
+    assert next(stream.member_batches(None, torch.Generator().manual_seed(666), 1)).shape == (3, 3, 8, 8)
+    x, labels = zip(*eval_batches(splits.test, batch_size=3), strict=True)
+    assert [t.shape for t in x] == [(3, 3, 8, 8), (1, 3, 8, 8)] and torch.cat(labels).tolist() == [0, 0, 1, 1]
+
+
+def test_image_folder_without_images(tmp_path):
+    _write_images(tmp_path / "train" / "cat", 2)
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    with pytest.raises(PapaError, match="no images found under .*val"):
+        load_dataset("imagenet", tmp_path)
+    with pytest.raises(PapaError, match="ImageNet train not found.*elsewhere"):
+        load_dataset("imagenet", tmp_path / "elsewhere")
+
+
+# validation split -----------------------------------------------------------------------------------------
+def test_split_fraction_disjoint_deterministic(tmp_path):
+    split = make_split(1000, 0.02, seed=3)
+    assert len(split["val"]) == 20 and len(split["train"]) == 980
+    assert sorted(split["train"] + split["val"]) == list(range(1000))
+    assert split["train"] == sorted(split["train"]) and split["val"] == sorted(split["val"])
+    assert make_split(1000, 0.02, seed=3) == split and make_split(1000, 0.02, seed=4)["val"] != split["val"]
+    assert len(make_split(10)["val"]) == 1
+    path = tmp_path / "splits" / "digits.json"
+    save_split(path, split, {"dataset": "digits"})
+    loaded = load_split(path, expect_n=1000)
+    assert loaded["train"] == split["train"] and loaded["val"] == split["val"]
+    assert loaded["meta"] == {"dataset": "digits", "n": 1000, "fraction": 0.02, "seed": 3}
+    assert [p.name for p in path.parent.iterdir()] == ["digits.json"]  # no temp file left behind
+
+
+def test_split_file_problems(tmp_path):
+    path = tmp_path / "split.json"
+    with pytest.raises(PapaError, match="split file not found"):
+        load_split(path)
+    path.write_text('{"train": [0, 1')
+    with pytest.raises(PapaError, match="bad split file"):
+        load_split(path)
+    path.write_text(json.dumps({"train": [0, 1], "val": [1]}))
+    with pytest.raises(PapaError, match="share indices"):
+        load_split(path)
+    path.write_text(json.dumps({"train": [0, 1], "val": [7]}))
+    with pytest.raises(PapaError, match="outside"):
+        load_split(path, expect_n=5)
+    save_split(path, make_split(50), {"dataset": "x"})
+    with pytest.raises(PapaError, match="made for 50 training items, the dataset has 60"):
+        load_split(path, expect_n=60)
+
+
+# augmentation ---------------------------------------------------------------------------------------------
+def _apply(policy, images, labels, k=10, seed=0):
+    return apply(policy, images, labels, k, (0.5,) * images.shape[1], (0.25,) * images.shape[1],
+                 torch.Generator().manual_seed(seed))
+
+
+def test_flip_and_crop_are_per_sample():
+    images = torch.zeros(64, 1, 4, 4, dtype=torch.uint8)
+    images[..., :2] = 255  # bright left half
+    x, _ = _apply(Policy(flip=True), images, torch.zeros(64, dtype=torch.long))
+    flipped = x[:, 0, 0, 0] < x[:, 0, 0, 3]
+    assert 0 < int(flipped.sum()) < 64
+    white = torch.full((64, 1, 4, 4), 255, dtype=torch.uint8)
+    y, _ = _apply(Policy(crop_padding=2), white, torch.zeros(64).long())
+    black = (y == -2.0).flatten(1).sum(1)  # zero padding normalizes to (0 - 0.5) / 0.25
+    assert len(torch.unique(black)) > 1 and black.max() <= 16
+
+
+def test_targets_and_label_smoothing():
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (32,))
+    policy = Policy(mixup=1.0, cutmix=1.0, label_smoothing=0.1, random_erasing=0.35, crop_padding=1,
+                    flip=True)
+    x, t = _apply(policy, images, labels)
+    assert x.dtype == torch.float32 and x.shape == images.shape and t.shape == (32, 10)
+    assert torch.allclose(t.sum(1), torch.ones(32))
+    _, t = _apply(Policy(label_smoothing=0.1), images, labels)
+    assert torch.allclose(t[torch.arange(32), labels], torch.tensor(0.91))  # 1 - 0.1 + 0.1 / 10
+    assert torch.isclose(t.min(), torch.tensor(0.01))
+    _, plain = _apply(Policy(), images, labels)
+    assert torch.equal(plain, torch.nn.functional.one_hot(labels, 10).float())
+
+
+def _distinct_constant_images(b: int = 16):
+    values = torch.arange(b, dtype=torch.uint8) * 15 + 10
+    return values[:, None, None, None].expand(b, 1, 8, 8).contiguous(), torch.arange(b), values
+
+
+def test_mixup_targets_are_lambda_combinations():
+    images, labels, values = _distinct_constant_images()  # label b is image b, so targets say what was mixed
+    for seed in range(3):
+        x, t = _apply(Policy(mixup=0.5), images, labels, k=16, seed=seed)
+        assert torch.allclose(x[:, 0, 0, 0], (t @ values.float() / 255 - 0.5) / 0.25, atol=1e-4)
+        assert torch.allclose(x.flatten(1).std(1), torch.zeros(16), atol=1e-5)  # whole images blended
+        assert ((t > 0).sum(1) <= 2).all()
+        paired = (t > 0).sum(1) == 2  # rows whose partner is another image: one lambda for the batch
+        own = t[torch.arange(16), labels][paired]
+        assert paired.any() and torch.allclose(own, own[0].expand_as(own))
+
+
+def test_cutmix_lambda_is_the_area_actually_kept():
+    images, labels, values = _distinct_constant_images()
+    for seed in range(5):
+        x, t = _apply(Policy(cutmix=1.0), images, labels, k=16, seed=seed)
+        own_value = eval_transform(images, (0.5,), (0.25,))[:, 0, :1, :1]  # exactly as apply normalizes
+        own_pixels = (x[:, 0] == own_value).flatten(1).float().mean(1)
+        assert torch.allclose(t[torch.arange(16), labels], own_pixels, atol=1e-6)
+        assert torch.allclose(t.sum(1), torch.ones(16))
+
+
+def test_random_erasing_probability():
+    images = torch.full((4000, 1, 16, 16), 200, dtype=torch.uint8)
+    x, _ = _apply(Policy(random_erasing=0.35), images, torch.zeros(4000).long())
+    erased = (x == 0).flatten(1).any(1).float().mean().item()
+    assert abs(erased - 0.35) < 0.04
+    x, _ = _apply(Policy(cutout=4), images[:100], torch.zeros(100).long())
+    holes = (x == 0).flatten(1).sum(1)
+    assert holes.max() == 16 and holes.min() >= 4 and len(torch.unique(holes)) > 1  # clipped at the borders
+
+
+def test_autoaugment_per_sample_and_reproducible():
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    a, _ = _apply(Policy(autoaugment="cifar10"), images, torch.zeros(8).long(), seed=2)
+    b, _ = _apply(Policy(autoaugment="cifar10"), images, torch.zeros(8).long(), seed=2)
+    assert torch.equal(a, b) and a.shape == images.shape
+    assert Policy(autoaugment=True).autoaugment == "cifar10" and Policy(autoaugment=False).autoaugment == ""
+    with pytest.raises(PapaError, match="unknown AutoAugment policy"):
+        Policy(autoaugment="mnist")
+
+
+def test_eval_transform_normalizes():
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2)
+    assert torch.allclose(eval_transform(images, (0.5,), (0.25,)), torch.tensor([-2.0, 2.0]).view(1, 1, 1, 2))
+
+
+def test_policies_draw_from_the_grid():
+    draw = lambda seed: draw_policies(CIFAR_GRID, 10, torch.Generator().manual_seed(seed),  # noqa: E731
+                                      {"crop_padding": 4, "flip": True})
+    policies = draw(0)
+    assert policies == draw(0) and policies != draw(1)
+    assert len({tuple(p.as_dict().values()) for p in policies}) > 1
+    for p in policies:
+        assert p.mixup in CIFAR_GRID["mixup"] and p.cutmix in CIFAR_GRID["cutmix"]
+        assert p.label_smoothing in CIFAR_GRID["label_smoothing"]
+        assert p.random_erasing in CIFAR_GRID["random_erasing"]
+        assert p.crop_padding == 4 and p.flip
+    ranged = draw_policies({"mixup": {"uniform": [0, 1]}, "label_smoothing": {"uniform": [0, 0.1]}}, 5,
+                           torch.Generator().manual_seed(0), {})
+    assert all(0 <= p.mixup <= 1 and 0 <= p.label_smoothing <= 0.1 for p in ranged)
+    assert len({p.mixup for p in ranged}) == 5
+    with pytest.raises(PapaError, match="unknown augmentation 'blur'"):
+        draw_policies({"blur": [0, 1]}, 2, torch.Generator(), {})
+
+
+# streams --------------------------------------------------------------------------------------------------
+def test_stream_orders_shapes_and_reproducibility():
+    data = tiny_dataset()
+    train_idx = list(range(10, 200))  # 0..9 held out
+    stream = MemberStream(data, train_idx, 16, [Policy()] * 3, seed=7)
+    assert stream.steps_per_epoch == 11
+    batches = list(stream.epoch(0))
+    assert len(batches) == 11
+    assert batches[0][0].shape == (3, 16, 1, 2, 2) and batches[0][1].shape == (3, 16, 10)
+    seen = torch.cat([items(x) for x, _ in batches], dim=1)  # (p, 176)
+    for j in range(3):
+        assert len(set(seen[j].tolist())) == 176 and min(seen[j].tolist()) >= 10
+        assert torch.equal(batches[0][1][j].argmax(1), seen[j, :16] % 10)
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    again = list(MemberStream(data, train_idx, 16, [Policy()] * 3, seed=7).epoch(0))
+    assert same_batches(batches, again)
+    assert not torch.equal(items(next(stream.epoch(1))[0]), items(batches[0][0]))
+    # a member's batches do not depend on how many members there are
+    two = next(MemberStream(data, train_idx, 16, [Policy()] * 2, seed=7).epoch(0))
+    assert torch.equal(two[0], batches[0][0][:2])
+    with pytest.raises(PapaError, match="batch size 500"):
+        MemberStream(data, train_idx, 500, [Policy()], seed=7)
+
+
+def test_stream_augments_each_member_with_its_policy():
+    data = ArrayDataset(torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8), torch.arange(64) % 4, 4,
+                        (0.5,) * 3, (0.25,) * 3, "noise")
+    policies = [Policy(), Policy(label_smoothing=0.2), Policy(mixup=1.0, crop_padding=2, flip=True)]
+    x, t = next(MemberStream(data, range(64), 8, policies, seed=0).epoch(0))
+    assert t[0].max() == 1 and torch.isclose(t[1].max(), torch.tensor(0.85))
+    assert torch.allclose(t.sum(2), torch.ones(3, 8))
+
+
+def test_member_batches_share_data_across_members():
+    data = tiny_dataset()
+    policies = [Policy(), Policy(), Policy(mixup=1.0)]
+    stream = MemberStream(data, range(200), 32, policies, seed=0)
+    gen = lambda: torch.Generator().manual_seed(666)  # noqa: E731
+    first = [items(x) for x in stream.member_batches(0, gen(), 3)]
+    assert len(first) == 3 and first[0].shape == (32,)
+    for j in (1, None):
+        same = [items(b) for b in stream.member_batches(j, gen(), 3)]
+        assert all(torch.equal(a, b) for a, b in zip(first, same, strict=True))
+    mixed = next(stream.member_batches(2, gen(), 1))
+    assert not torch.equal(items(mixed), first[0])
+    assert len(list(stream.member_batches(None, gen(), 10))) == 10  # more than one epoch of data
