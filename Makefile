@@ -6,6 +6,8 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 VENV := .venv
 CORES ?= all
 PYTEST_ARGS ?=
+# rules call `papa`; the locked environment must come first on PATH
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install reproduce report test lint bench clean
 
@@ -16,7 +18,7 @@ install: $(VENV)/.installed
 	.tools/bin/pip install --quiet "uv==$(UV_VERSION)"
 
 $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --python $(PYTHON) --no-python-downloads
+	$(UV) sync --frozen --python $(PYTHON) --no-python-downloads --compile-bytecode
 	@touch $@
 
 reproduce: install

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -15,20 +16,16 @@ from papa.io import write_atomic, write_json
 
 
 def versions() -> dict[str, str]:
-    import safetensors
-    import timm
-    import torchvision
-
-    from papa import __version__
-
-    return {
-        "papa": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-    }
+    """Versions of the libraries that shape a result (read from package metadata: importing timm and
+    torchvision just for their version strings would cost seconds per run)."""
+    names = ("papa", "torch", "torchvision", "timm", "safetensors", "numpy")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "unknown"
+    return {**found, "python": platform.python_version()}
 
 
 def sidecar_path(path: str | Path) -> Path:

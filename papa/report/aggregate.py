@@ -9,7 +9,6 @@ lists and identifiers stay in the JSON files.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,14 +24,19 @@ def run_dir(results: str | Path, experiment: str, variant: str, seed: int) -> Pa
     return Path(results) / experiment / variant / f"seed{seed}"
 
 
+def run_of(path: str | Path) -> tuple[str, str, int] | None:
+    """(experiment, variant, seed) of a file in a run directory, from its path; None if not one."""
+    parts = Path(path).parent.parts
+    if len(parts) < 3 or not parts[-1].startswith("seed") or not parts[-1][4:].isdigit():
+        return None
+    return parts[-3], parts[-2], int(parts[-1][4:])
+
+
 def _identity(path: Path, data: dict) -> tuple[str, str, int]:
     """(experiment, variant, seed) from the JSON keys, else from the run directory's path."""
-    parts = path.parent.parts
-    try:
-        from_path = (parts[-3], parts[-2], int(parts[-1].removeprefix("seed")))
-    except (IndexError, ValueError):
-        from_path = (None, None, None)
-    ident = tuple(data.get(k, default) for k, default in zip(("experiment", "variant", "seed"), from_path))
+    from_path = run_of(path) or (None, None, None)
+    keys = ("experiment", "variant", "seed")
+    ident = tuple(data.get(k, default) for k, default in zip(keys, from_path, strict=True))
     if None in ident:
         raise PapaError(f"{path}: cannot tell experiment/variant/seed (not in the file nor its path)")
     return ident[0], ident[1], int(ident[2])
@@ -93,7 +97,3 @@ def load(path: str | Path) -> pd.DataFrame:
     frame["seed"] = frame["seed"].astype(int)
     frame["value"] = frame["value"].astype(float)
     return frame
-
-
-def is_number(x) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x))

@@ -1,0 +1,122 @@
+"""The report subcommands of ``papa``: aggregate, render, plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _load(config_path: Path) -> dict:
+    from papa.config import load_config
+    from papa.report import plan
+
+    config = load_config(config_path)
+    plan.check(config, str(config_path))
+    return config
+
+
+def _entry(config: dict, kind: str, name: str, config_path: Path) -> dict:
+    from papa.errors import PapaError
+
+    for entry in config[kind]:
+        if entry["name"] == name:
+            return entry
+    known = ", ".join(e["name"] for e in config[kind]) or "none"
+    raise PapaError(f"{config_path}: no {kind[:-1]} named {name!r} (defined: {known})")
+
+
+def _aggregate(a) -> None:
+    from papa.errors import PapaError
+    from papa.report import aggregate
+
+    paths = list(a.metrics)
+    if a.results:
+        paths += aggregate.find_metrics(a.results)
+    if not paths:
+        raise PapaError("no metrics files given (pass files, or --results DIR to collect them)")
+    frame = aggregate.aggregate(paths)
+    aggregate.write(frame, a.out)
+    runs = frame.groupby(["experiment", "variant", "seed"]).ngroups
+    print(f"{a.out}: {len(frame)} rows from {runs} runs")
+
+
+def _render(a) -> None:
+    from papa.report import aggregate, tables
+
+    config = _load(a.config)
+    table = _entry(config, "tables", a.table, a.config)
+    md = a.md or Path("reports") / f"{a.table}.md"
+    csv = a.csv or md.with_suffix(".csv")
+    tables.render(table, aggregate.load(a.metrics), config["variants"], config["seeds"], md, csv)
+    print(f"{md}, {csv}: table {a.table!r} ({table['layout']}, {len(table['rows'])} rows)")
+
+
+def _histories(figure: dict, config: dict, files: list[Path]) -> dict[tuple[str, int], Path]:
+    """(variant, seed) -> history.csv of a curves figure: the given files, else the config's results."""
+    from papa.report import aggregate
+
+    if files:
+        runs = {p: aggregate.run_of(p) for p in files}
+        return {(r[1], r[2]): p for p, r in runs.items() if r and r[0] == figure["experiment"]}
+    shown = figure.get("variants") or config["variants"]
+    return {
+        (v, s): aggregate.run_dir(config["results"], figure["experiment"], v, s) / "history.csv"
+        for v in shown
+        for s in config["seeds"]
+    }
+
+
+def _plot(a) -> None:
+    from papa.errors import PapaError
+    from papa.report import aggregate, figures
+
+    config = _load(a.config)
+    figure = _entry(config, "figures", a.figure, a.config)
+    out = a.out or Path("reports") / f"{a.figure}.png"
+    if figure["kind"] == "curves":
+        histories = _histories(figure, config, a.histories)
+        if not histories:
+            raise PapaError(f"figure {a.figure!r}: none of the history files is of {figure['experiment']!r}")
+        figures.curves(figure, histories, out)
+    else:
+        if a.metrics is None:
+            raise PapaError(f"figure {a.figure!r} ({figure['kind']}) needs --metrics")
+        figures.compare(figure, aggregate.load(a.metrics), config["seeds"], config["variants"], out)
+    print(f"{out}: figure {a.figure!r} ({figure['kind']})")
+
+
+def add_commands(subparsers) -> None:
+    """Register ``aggregate``, ``render`` and ``plot`` on the ``papa`` subparsers."""
+    p = subparsers.add_parser(
+        "aggregate",
+        help="collect metrics.json files into one tidy CSV",
+        description="One row per experiment x variant x seed x metric (docs/interfaces.md).",
+    )
+    p.add_argument("metrics", nargs="*", type=Path, help="metrics.json files")
+    p.add_argument("--results", type=Path, help="also collect every <results>/*/*/seed*/metrics.json")
+    p.add_argument("--out", required=True, type=Path, help="CSV to write")
+    p.set_defaults(func=_aggregate)
+
+    p = subparsers.add_parser(
+        "render",
+        help="render one table of the config to Markdown and CSV",
+        description="Render a `tables` entry of the config from the aggregated metrics.",
+    )
+    p.add_argument("--config", required=True, type=Path, help="config file (YAML)")
+    p.add_argument("--table", required=True, help="table name in the config")
+    p.add_argument("--metrics", required=True, type=Path, help="aggregated CSV from `papa aggregate`")
+    p.add_argument("--md", type=Path, help="Markdown to write (default reports/<table>.md)")
+    p.add_argument("--csv", type=Path, help="CSV to write (default: beside the Markdown)")
+    p.set_defaults(func=_render)
+
+    p = subparsers.add_parser(
+        "plot",
+        help="draw one figure of the config to PNG",
+        description="Draw a `figures` entry of the config: `curves` reads the runs' history.csv files "
+        "(given, or found under the config's results directory), `variants` the aggregated metrics.",
+    )
+    p.add_argument("--config", required=True, type=Path, help="config file (YAML)")
+    p.add_argument("--figure", required=True, help="figure name in the config")
+    p.add_argument("--metrics", type=Path, help="aggregated CSV from `papa aggregate` (variants figures)")
+    p.add_argument("--histories", nargs="*", default=[], type=Path, help="history.csv files (curves figures)")
+    p.add_argument("--out", type=Path, help="PNG to write (default reports/<figure>.png)")
+    p.set_defaults(func=_plot)

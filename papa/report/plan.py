@@ -1,0 +1,81 @@
+"""What a config renders and which runs that needs: the workflow's targets, checked up front.
+
+Only runs that some table or figure shows are trained: each (experiment, variant) pair a table row or
+figure uses, for every seed of the config. A config with no tables and no figures trains every
+experiment x variant x seed.
+"""
+
+from __future__ import annotations
+
+from papa.errors import PapaError
+from papa.report import paper
+from papa.report.tables import cell_variant, columns
+
+
+def table_runs(table: dict, variants: list[str]) -> set[tuple[str, str]]:
+    """(experiment, variant) pairs whose metrics fill a table."""
+    return {
+        (row["experiment"], v)
+        for row in table["rows"]
+        for variant, _ in columns(table, variants).values()
+        if (v := cell_variant(row, variant)) is not None
+    }
+
+
+def figure_runs(figure: dict, variants: list[str]) -> set[tuple[str, str]]:
+    """(experiment, variant) pairs a figure plots."""
+    shown = figure.get("variants") or variants
+    experiments = figure.get("experiments") or [figure["experiment"]]
+    return {(e, v) for e in experiments for v in shown}
+
+
+def runs(config: dict) -> list[tuple[str, str]]:
+    """Every (experiment, variant) pair to train, sorted."""
+    variants = config["variants"]
+    pairs = set()
+    for table in config["tables"]:
+        pairs |= table_runs(table, variants)
+    for figure in config["figures"]:
+        pairs |= figure_runs(figure, variants)
+    if not config["tables"] and not config["figures"]:
+        pairs = {(e, v) for e in config["experiments"] for v in variants}
+    return sorted(pairs)
+
+
+def check(config: dict, where: str = "config") -> None:
+    """Cross-entry rules a schema cannot say; PapaError naming the offending key."""
+    experiments, variants = config["experiments"], config["variants"]
+    names = {}
+    for kind in ("tables", "figures"):
+        for i, entry in enumerate(config[kind]):
+            key = f"{kind}.{i}"
+            name = entry["name"]
+            if name in names:
+                raise PapaError(f"{where}: {key}.name: {name!r} already names {names[name]}")
+            names[name] = key
+            for v in entry.get("variants") or []:
+                if v not in variants:
+                    raise PapaError(f"{where}: {key}.variants: {v!r} is not in the config's variants")
+    for i, table in enumerate(config["tables"]):
+        labels = set()
+        for j, row in enumerate(table["rows"]):
+            key = f"tables.{i}.rows.{j}"
+            if row["label"] in labels:
+                raise PapaError(f"{where}: {key}.label: {row['label']!r} repeats in table {table['name']!r}")
+            labels.add(row["label"])
+            _known(row["experiment"], experiments, f"{where}: {key}.experiment")
+            if table["layout"] == "range" and "variant" not in row:
+                raise PapaError(f"{where}: {key}.variant: required by the range layout")
+            if row.get("variant", variants[0]) not in variants:
+                raise PapaError(f"{where}: {key}.variant: {row['variant']!r} is not in the config's variants")
+        if table.get("paper") and table["paper"] not in paper.available():
+            known = ", ".join(paper.available()) or "none"
+            raise PapaError(f"{where}: tables.{i}.paper: no papa/report/paper/{table['paper']}.csv ({known})")
+    for i, figure in enumerate(config["figures"]):
+        for e in figure.get("experiments") or [figure.get("experiment")]:
+            _known(e, experiments, f"{where}: figures.{i}.experiment")
+
+
+def _known(name: str, experiments: dict, where: str) -> None:
+    if name not in experiments:
+        raise PapaError(f"{where}: unknown experiment {name!r} (defined: {', '.join(sorted(experiments))})")

@@ -1,0 +1,366 @@
+"""Reports from fake metrics.json / history.csv files: aggregation, cell formatting, paper values,
+figures, the plan of runs, and the report subcommands."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from papa import config as cfg
+from papa.errors import PapaError
+from papa.report import aggregate, figures, paper, plan, tables
+
+VARIANTS = ["baseline", "papa", "papa-all", "papa-2"]
+SEEDS = [1, 2, 3]
+
+
+def fake_metrics(path, experiment, variant, seed, **override):
+    members = [90.0 + seed, 91.0 + seed, 92.0 + seed, 93.0 + seed]
+    data = {
+        "experiment": experiment,
+        "variant": variant,
+        "seed": seed,
+        "population": 4,
+        "members": members,
+        "mean": float(np.mean(members)),
+        "min": min(members),
+        "max": max(members),
+        "std": float(np.std(members)),
+        "ensemble": 94.0 + seed,
+        "avg_soup": 80.0 + seed,
+        "greedy_soup": 93.0,
+        "greedy_soup_size": 1,
+        "avg_soup_repair": 85.0 + seed,
+        "greedy_soup_repair": 93.5,
+        "greedy_soup_members": [0],
+        "val_members": members,
+    } | override
+    file = aggregate.run_dir(path, experiment, variant, seed) / "metrics.json"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(data))
+    return file
+
+
+@pytest.fixture
+def frame(tmp_path):
+    for v in VARIANTS:
+        for s in SEEDS:
+            extra = {"avg_soup": 96.0 + s / 10, "greedy_soup_size": s} if v == "papa" else {}
+            fake_metrics(tmp_path / "results", "exp", v, s, **extra)
+    return aggregate.aggregate(aggregate.find_metrics(tmp_path / "results"))
+
+
+def table(layout, **kw):
+    rows = kw.pop("rows", [{"label": "CNN", "experiment": "exp"}])
+    return {"name": "t", "layout": layout, "caption": "A caption.", "rows": rows} | kw
+
+
+def cell(grid, column, row="CNN"):
+    return grid[(grid["row"] == row) & (grid["column"] == column)].iloc[0]
+
+
+def test_aggregate_is_tidy_and_round_trips(frame, tmp_path):
+    numeric = {
+        "population",
+        "mean",
+        "min",
+        "max",
+        "std",
+        "ensemble",
+        "avg_soup",
+        "greedy_soup",
+        "greedy_soup_size",
+        "avg_soup_repair",
+        "greedy_soup_repair",
+    }
+    assert list(frame.columns) == aggregate.COLUMNS
+    assert len(frame) == len(VARIANTS) * len(SEEDS) * len(numeric)
+    assert set(frame.metric) == numeric
+    assert not frame.duplicated(["experiment", "variant", "seed", "metric"]).any()
+    back = aggregate.load(aggregate.write(frame, tmp_path / "m.csv"))
+    pd.testing.assert_frame_equal(back, frame)
+
+
+def test_aggregate_rejects_duplicates_and_unknown_runs(tmp_path):
+    a = fake_metrics(tmp_path / "a", "exp", "papa", 1)
+    b = fake_metrics(tmp_path / "b", "exp", "papa", 1)
+    with pytest.raises(PapaError, match="two metrics files.*'papa', seed 1"):
+        aggregate.aggregate([a, b])
+    loose = tmp_path / "loose.json"
+    loose.write_text(json.dumps({"mean": 1.0}))
+    with pytest.raises(PapaError, match="cannot tell experiment"):
+        aggregate.read_metrics(loose)
+
+
+def test_main_cells_are_mean_and_sample_std(frame):
+    grid = tables.cells(table("main"), frame, VARIANTS, SEEDS)
+    assert list(grid["column"]) == list(tables.MAIN)
+    # ensemble 95, 96, 97 over seeds: mean 96, sample std 1
+    assert cell(grid, "Baseline Ensemble")["text"] == "96.00 (1.00)"
+    assert cell(grid, "Baseline GreedySoup")["text"] == "93.00 (0.00)"
+    assert cell(grid, "PAPA AvgSoup")["text"] == "96.20 (0.10)"
+    assert cell(grid, "PAPA-2 AvgSoup")["text"] == "82.00 (1.00)"
+    one = tables.cells(table("main", decimals=1), frame, VARIANTS, [2])
+    assert cell(one, "Baseline Ensemble")["text"] == "96.0"
+    assert cell(one, "PAPA AvgSoup")["mean"] == pytest.approx(96.2)
+
+
+def test_best_ensemble_and_soup_are_bold(frame, tmp_path):
+    t = table("main")
+    tables.render(t, frame, VARIANTS, SEEDS, tmp_path / "t.md", tmp_path / "t.csv")
+    md = (tmp_path / "t.md").read_text()
+    assert "| **96.20 (0.10)** |" in md  # PAPA AvgSoup beats every other soup
+    assert md.count("**96.00 (1.00)**") == 4  # four equal ensembles: all best
+    assert md.startswith("**t**: A caption.")
+    assert "mean (standard deviation) over seeds 1, 2, 3" in md
+    machine = pd.read_csv(tmp_path / "t.csv")
+    assert list(machine.columns) == tables.CSV_COLUMNS
+    assert machine.loc[machine.column == "PAPA AvgSoup", "best"].item()
+
+
+def test_detailed_layout_with_repair_and_variant_subset(frame):
+    t = table("detailed", repair=["baseline"], variants=["baseline", "papa"])
+    grid = tables.cells(t, frame, VARIANTS, SEEDS)
+    assert list(grid["column"]) == [
+        "Baseline Ens",
+        "Baseline Avg",
+        "Baseline Greed",
+        "PAPA Ens",
+        "PAPA Avg",
+        "PAPA Greed",
+    ]
+    assert cell(grid, "Baseline Avg")["metric"] == "avg_soup_repair"
+    assert cell(grid, "Baseline Avg")["text"] == "87.00 (1.00)"
+    assert cell(grid, "PAPA Avg")["metric"] == "avg_soup"
+    # config variants also limit the columns
+    assert set(tables.cells(table("detailed"), frame, ["papa"], SEEDS)["variant"]) == {"papa"}
+
+
+def test_range_and_greedy_sizes_and_mean_soup(frame):
+    rows = [
+        {"label": "Baseline", "experiment": "exp", "variant": "baseline"},
+        {"label": "PAPA", "experiment": "exp", "variant": "papa"},
+    ]
+    grid = tables.cells(table("range", rows=rows), frame, VARIANTS, SEEDS)
+    # member accuracies 91..94, 92..95, 93..96: mean of means 93.5, extremes over all seeds
+    assert cell(grid, "mean [min, max]", "Baseline")["text"] == "93.50 [91.00, 96.00]"
+    assert cell(grid, "p", "PAPA")["text"] == "4"
+    assert cell(grid, "GreedySoup", "Baseline")["text"] == "93.00 (0.00)"
+    sizes = tables.cells(table("greedy_sizes"), frame, VARIANTS, SEEDS)
+    assert cell(sizes, "Baseline GreedySoup")["text"] == "1 (out of 4)"
+    assert cell(sizes, "PAPA GreedySoup")["text"] == "2 (out of 4)"
+    assert cell(tables.cells(table("greedy_sizes"), frame, VARIANTS, [1, 2]), "PAPA GreedySoup")["text"] == (
+        "1.5 (out of 4)"
+    )
+    soup = tables.cells(table("mean_soup", variants=["baseline", "papa-all"]), frame, VARIANTS, [1])
+    assert list(soup["column"]) == ["Baseline Mean", "Baseline AvgSoup", "PAPA-all Mean", "PAPA-all AvgSoup"]
+    assert cell(soup, "Baseline Mean")["text"] == "92.50"
+
+
+def test_missing_results_and_row_variants(frame):
+    rows = [
+        {"label": "CNN", "experiment": "exp"},
+        {"label": "Other", "experiment": "nowhere", "variant": "papa"},
+    ]
+    grid = tables.cells(table("main", rows=rows), frame, VARIANTS, SEEDS)
+    assert cell(grid, "PAPA Ensemble", "Other")["text"] == tables.MISSING
+    assert cell(grid, "Baseline Ensemble", "Other")["text"] == ""  # another variant's column
+
+
+def test_paper_values_show_in_a_row_under_ours(frame, tmp_path, monkeypatch):
+    text = "row,column,value\nCNN,Baseline Ensemble,95.2 (0.1)\nCNN,PAPA AvgSoup,94.8\n"
+    monkeypatch.setattr(paper, "values", lambda _: paper.parse(text, "test.csv"))
+    rows = [{"label": "CNN", "experiment": "exp", "group": "Digits"}]
+    t = table("main", paper="table1", rows=rows)
+    tables.render(t, frame, VARIANTS, SEEDS, tmp_path / "t.md", tmp_path / "t.csv")
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    body = [line for line in lines if line.startswith("| ")][1:]
+    assert body[0].startswith("| **Digits**")
+    assert body[1].startswith("| CNN ") and "96.00 (1.00)" in body[1]
+    assert body[2].startswith("| CNN (paper)")
+    cells = [c.strip() for c in body[2].strip("|").split("|")]
+    assert cells[1] == "95.2 (0.1)" and cells[4] == "94.8" and cells[2] == ""
+    assert "values reported in the paper (table1)" in lines[-1]
+    machine = pd.read_csv(tmp_path / "t.csv")
+    assert str(machine.loc[machine.column == "PAPA AvgSoup", "paper"].item()) == "94.8"
+
+
+def test_paper_file_format_is_checked():
+    with pytest.raises(PapaError, match="header must be row,column,value"):
+        paper.parse("a,b,c\n", "x.csv")
+    with pytest.raises(PapaError, match="line 3: duplicate cell"):
+        paper.parse("row,column,value\nA,B,1\nA,B,2\n", "x.csv")
+    with pytest.raises(PapaError, match="no paper values for 'nope'"):
+        paper.values("nope")
+    for table_id in paper.available():  # every shipped file parses
+        assert paper.values(table_id)
+
+
+def history(path, jumps: bool):
+    rows = []
+    for epoch in (1, 2, 3):
+        for member in (0, 1):
+            acc = 50.0 + 10 * epoch + member
+            rows.append((epoch, member, "end", acc))
+            if jumps and epoch < 3:
+                rows += [(epoch, member, "before_avg", acc), (epoch, member, "after_avg", acc + 5)]
+    frame = pd.DataFrame(rows, columns=["epoch", "member", "phase", "test_accuracy"])
+    frame.assign(lr=0.1, val_accuracy=frame.test_accuracy, val_loss=1.0).to_csv(path, index=False)
+    return path
+
+
+def test_trajectory_jumps_at_each_averaging(tmp_path):
+    t = figures.trajectory(pd.read_csv(history(tmp_path / "h.csv", jumps=True)))
+    assert list(zip(t.epoch, t.phase, strict=True)) == [
+        (1, "before_avg"),
+        (1, "after_avg"),
+        (2, "before_avg"),
+        (2, "after_avg"),
+        (3, "end"),
+    ]
+    assert list(t.value) == [60.5, 65.5, 70.5, 75.5, 80.5]
+
+
+def test_figures_are_written(frame, tmp_path):
+    histories = {}
+    for v in ("baseline", "papa-all"):
+        for s in (1, 2):
+            path = aggregate.run_dir(tmp_path, "exp", v, s)
+            path.mkdir(parents=True)
+            histories[v, s] = history(path / "history.csv", jumps=v == "papa-all")
+    figures.curves({"name": "c", "kind": "curves", "experiment": "exp"}, histories, tmp_path / "c.png")
+    spec = {"name": "v", "kind": "variants", "experiments": ["exp"]}
+    figures.compare(spec, frame, SEEDS, VARIANTS, tmp_path / "v.png")
+    for name in ("c.png", "v.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(PapaError, match="no 'mean' results for experiment 'other'"):
+        figures.compare(spec | {"experiments": ["other"]}, frame, SEEDS, VARIANTS, tmp_path / "x.png")
+
+
+def config_with(**kw):
+    raw = {"experiments": {"a": {}, "b": {}}, "variants": ["baseline", "papa-all"], "seeds": [1, 2]} | kw
+    return cfg.validate(raw, "config", "test.yaml")
+
+
+def test_plan_trains_only_what_is_shown():
+    assert plan.runs(config_with()) == [
+        ("a", "baseline"),
+        ("a", "papa-all"),
+        ("b", "baseline"),
+        ("b", "papa-all"),
+    ]
+    shown = config_with(
+        tables=[
+            {
+                "name": "t",
+                "layout": "range",
+                "rows": [{"label": "x", "experiment": "b", "variant": "papa-all"}],
+            }
+        ],
+        figures=[{"name": "f", "kind": "curves", "experiment": "a", "variants": ["baseline"]}],
+    )
+    assert plan.runs(shown) == [("a", "baseline"), ("b", "papa-all")]
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (
+            {"tables": [{"name": "t", "layout": "main", "rows": [{"label": "x", "experiment": "c"}]}]},
+            "tables.0.rows.0.experiment: unknown experiment 'c'",
+        ),
+        (
+            {"tables": [{"name": "t", "layout": "main", "rows": [{"label": "x", "experiment": "a"}] * 2}]},
+            "tables.0.rows.1.label: 'x' repeats",
+        ),
+        (
+            {"tables": [{"name": "t", "layout": "range", "rows": [{"label": "x", "experiment": "a"}]}]},
+            "tables.0.rows.0.variant: required by the range layout",
+        ),
+        (
+            {
+                "tables": [
+                    {
+                        "name": "t",
+                        "layout": "main",
+                        "paper": "nope",
+                        "rows": [{"label": "x", "experiment": "a"}],
+                    }
+                ]
+            },
+            "tables.0.paper: no papa/report/paper/nope.csv",
+        ),
+        (
+            {"figures": [{"name": "f", "kind": "variants", "experiments": ["a"], "variants": ["papa"]}]},
+            "figures.0.variants: 'papa' is not in the config's variants",
+        ),
+        (
+            {"figures": [{"name": "f", "kind": "curves", "experiment": "a"}] * 2},
+            "figures.1.name: 'f' already names",
+        ),
+    ],
+)
+def test_plan_check_names_the_key(entries, message):
+    with pytest.raises(PapaError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        plan.check(config_with(**entries), "test.yaml")
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (
+            {"tables": [{"name": "t", "layout": "wide", "rows": [{"label": "x", "experiment": "a"}]}]},
+            "tables.0.layout: 'wide' is not one of",
+        ),
+        (
+            {"tables": [{"name": "t", "layout": "main", "rows": [{"label": "x", "experimnt": "a"}]}]},
+            "tables.0.rows.0",
+        ),
+        ({"figures": [{"name": "f", "kind": "curves"}]}, "figures.0: 'experiment' is a required property"),
+        ({"resources": {"train": {"gpus": 1}}}, "resources.train: unknown key 'gpus'"),
+    ],
+)
+def test_schema_names_the_key(entries, message):
+    with pytest.raises(PapaError, match=message.replace(".", r"\.")):
+        config_with(**entries)
+
+
+def test_report_subcommands(frame, tmp_path, monkeypatch):
+    cli = pytest.importorskip("papa.cli")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(
+        "variants: [baseline, papa, papa-all, papa-2]\nseeds: [1, 2, 3]\nexperiments: {exp: {}}\n"
+        "tables: [{name: t1, layout: main, rows: [{label: CNN, experiment: exp}]}]\n"
+        "figures: [{name: f1, kind: variants, experiments: [exp]}]\n"
+    )
+    assert cli.main(["aggregate", "--results", "results", "--out", "m.csv"]) == 0
+    assert len(pd.read_csv("m.csv")) == len(frame)
+    assert cli.main(["render", "--config", "c.yaml", "--table", "t1", "--metrics", "m.csv"]) == 0
+    assert "96.00 (1.00)" in (tmp_path / "reports/t1.md").read_text()
+    assert (tmp_path / "reports/t1.csv").exists()
+    assert cli.main(["plot", "--config", "c.yaml", "--figure", "f1", "--metrics", "m.csv"]) == 0
+    assert (tmp_path / "reports/f1.png").exists()
+    assert cli.main(["render", "--config", "c.yaml", "--table", "nope", "--metrics", "m.csv"]) == 2
+    for command in ("aggregate", "render", "plot"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([command, "--help"])
+        assert exit_.value.code == 0
+
+
+def test_shipped_configs_and_paper_values_agree():
+    """Every config renders what it names, and every shipped paper value lands in some table's cell."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "config"
+    cells_of = {table_id: set() for table_id in paper.available()}
+    for path in sorted(root.glob("**/*.yaml")):
+        config = cfg.load_config(path)
+        plan.check(config, str(path))
+        for t in config["tables"]:
+            if t["paper"]:
+                headers = tables.columns(t, config["variants"])
+                cells_of[t["paper"]] |= {(row["label"], h) for row in t["rows"] for h in headers}
+    for table_id, cells in cells_of.items():
+        stray = set(paper.values(table_id)) - cells
+        assert not stray, f"papa/report/paper/{table_id}.csv: cells no table shows: {sorted(stray)[:5]}"
