@@ -23,9 +23,14 @@ def _prepare(a):
 
 def _train(a):
     from papa import runs
+    from papa.train import Stopped
 
     exp = runs.load_experiment(a.config, a.experiment)
-    trainer = runs.train(exp, a.variant, a.seed, a.split, a.out, progress=a.progress)
+    try:
+        trainer = runs.train(exp, a.variant, a.seed, a.split, a.out, progress=a.progress)
+    except Stopped as e:
+        print(f"papa train: {e}; checkpoint saved in {a.out}, run the same command to resume", file=sys.stderr)
+        raise SystemExit(3) from None
     last = [r for r in trainer.history.rows if r["epoch"] == trainer.epoch and r["phase"] == "end"]
     mean = sum(r["val_accuracy"] for r in last) / max(len(last), 1)
     print(f"{a.out}: trained {trainer.pop.size} members for {trainer.epoch} epochs; mean val accuracy {mean:.2f}%")
@@ -46,6 +51,18 @@ def _evaluate(a):
         f"{a.run}/metrics.json: members {m['mean']:.2f}% [{m['min']:.2f}, {m['max']:.2f}], ensemble "
         f"{m['ensemble']:.2f}%, avg soup {m['avg_soup']:.2f}%, greedy soup {m['greedy_soup']:.2f}%"
     )
+
+
+def _bench(a):
+    import json
+
+    from papa import bench
+
+    print(json.dumps(bench.run(
+        model=a.model, population=a.population, batch_size=a.batch_size, steps=a.steps, engine=a.engine,
+        device=a.device, compile=a.compile, channels_last=a.channels_last, precision=a.precision,
+        warmup=a.warmup, threads=a.threads,
+    )))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, type=Path)
     p.add_argument("--run", required=True, type=Path)
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("bench", help="time training steps of one engine on synthetic data (one JSON line)",
+                       description="Member-images per second, step and PAPA-push time of a population.")
+    p.add_argument("--model", default="digits_cnn")
+    p.add_argument("--population", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16, help="images per member per step")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--engine", choices=["loop", "stacked", "auto"], default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step")
+    p.add_argument("--channels-last", action="store_true", help="channels-last inputs (conv models)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=_bench)
 
     try:
         from papa.report.cli import add_commands

@@ -1,11 +1,15 @@
 """Training engines: how one optimizer step's forward and backward passes run over the members.
 
-Both fill the stacked ``.grad`` of every population parameter and return the per-member losses:
+Both overwrite the stacked ``.grad`` of every trainable population parameter and return the per-member
+losses, shape (p,):
 - ``loop``: one member at a time through ``functional_call`` (the reference, and what the official code
   does); launch-bound for small batches on a GPU.
 - ``stacked``: all members in one ``torch.func.vmap`` call, which turns each layer into one batched
   (grouped) kernel. BatchNorm updates each member's stacked running statistics; dropout draws
   different masks per member (``randomness="different"``).
+
+``build_engine`` adds the opt-in speed-ups: ``torch.compile`` of the step (compiled on the first call,
+then reused for every member, step and epoch) and channels-last inputs for convolutional models.
 """
 
 from __future__ import annotations
@@ -19,52 +23,111 @@ from torch.func import functional_call, vmap
 
 from papa.population import Population
 
+LossFn = Callable[[dict, dict, Tensor, Tensor], Tensor]
+
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy against soft targets (mixup, CutMix and label smoothing all produce them)."""
     return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
-def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast) -> Tensor:
+def member_loss_fn(template: torch.nn.Module) -> LossFn:
+    """``loss(params, buffers, x, targets)`` of one member, run through ``template``'s structure."""
+
+    def member_loss(params: dict, buffers: dict, x: Tensor, targets: Tensor) -> Tensor:
+        return soft_cross_entropy(functional_call(template, {**params, **buffers}, (x,)), targets)
+
+    return member_loss
+
+
+def stacked_channels_last(x: Tensor) -> Tensor:
+    """A (p, B, C, H, W) batch laid out in memory as (B, H, W, p, C).
+
+    vmap runs a convolution over stacked members as one grouped convolution on the (B, p*C, H, W) view
+    of its input; with this layout that view is already channels-last, so no copy is made."""
+    return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
+
+
+def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn: LossFn | None = None,
+              channels_last: bool = False) -> Tensor:
     """One member at a time. Gradients are taken w.r.t. a detached view of each member's slice and
     copied into the stacked .grad, so a member's backward never touches the other members' tensors."""
+    loss_fn = loss_fn or member_loss_fn(pop.template)
+    trainable = [n for n, t in pop.params.items() if t.requires_grad]
+    for n in trainable:
+        t = pop.params[n]
+        if t.grad is None:
+            t.grad = torch.empty_like(t)  # every member's slice is written below
     losses = []
     for j in range(pop.size):
         params = {n: t[j].detach().requires_grad_(t.requires_grad) for n, t in pop.params.items()}
+        buffers = {n: b[j] for n, b in pop.buffers.items()}
+        xj = x[j].contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 5 else x[j]
         with autocast():
-            out = functional_call(pop.template, {**params, **{n: b[j] for n, b in pop.buffers.items()}}, (x[j],))
-        loss = soft_cross_entropy(out, targets[j])
-        trainable = [(n, p) for n, p in params.items() if p.requires_grad]
-        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
-        for (n, _), g in zip(trainable, grads, strict=True):
-            stacked = pop.params[n]
-            if stacked.grad is None:
-                stacked.grad = torch.zeros_like(stacked)
+            loss = loss_fn(params, buffers, xj, targets[j])
+        grads = torch.autograd.grad(loss, [params[n] for n in trainable], allow_unused=True)
+        for n, g in zip(trainable, grads, strict=True):
             if g is None:
-                stacked.grad[j].zero_()
+                pop.params[n].grad[j].zero_()
             else:
-                stacked.grad[j].copy_(g)
+                pop.params[n].grad[j].copy_(g)
         losses.append(loss.detach())
     return torch.stack(losses)
 
 
-def stacked_step(pop: Population, x: Tensor, targets: Tensor, autocast) -> Tensor:
+def stacked_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn: LossFn | None = None,
+                 channels_last: bool = False) -> Tensor:
     """All members at once: vmap over the member axis of parameters, buffers and data."""
-
-    def member_loss(params, buffers, xj, tj):
-        out = functional_call(pop.template, {**params, **buffers}, (xj,))
-        return soft_cross_entropy(out, tj)
-
+    loss_fn = loss_fn or vmap(member_loss_fn(pop.template), randomness="different")
+    if channels_last and x.dim() == 5:
+        x = stacked_channels_last(x)
     with autocast():
-        losses = vmap(member_loss, randomness="different")(pop.params, pop.buffers, x, targets)
+        losses = loss_fn(pop.params, pop.buffers, x, targets)
+    # dropping the old gradients lets backward hand over its fresh ones instead of adding into zeros
     for t in pop.params.values():
-        if t.grad is not None:
-            t.grad.zero_()
+        t.grad = None
     losses.sum().backward()
     return losses.detach()
 
 
 ENGINES: dict[str, Callable] = {"loop": loop_step, "stacked": stacked_step}
+
+
+class Engine:
+    """A configured engine: ``engine(pop, x, targets, autocast) -> losses``, like the plain step functions.
+
+    With ``compile``, the member loss (vmapped for ``stacked``) goes through ``torch.compile`` on the first
+    call; later calls, for any member, step or epoch, reuse the compiled graph as long as the population's
+    template (and so the architecture and shapes) stays the same."""
+
+    def __init__(self, name: str, compile: bool = False, channels_last: bool = False):
+        if name not in ENGINES:
+            raise ValueError(f"unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
+        self.name, self.compile, self.channels_last = name, compile, channels_last
+        self._template: torch.nn.Module | None = None
+        self._loss_fn: LossFn | None = None
+
+    def loss_fn(self, template: torch.nn.Module) -> LossFn:
+        if template is not self._template:
+            fn = member_loss_fn(template)
+            if self.name == "stacked":
+                fn = vmap(fn, randomness="different")
+            if self.compile:
+                fn = torch.compile(fn)
+            self._template, self._loss_fn = template, fn
+        return self._loss_fn
+
+    def __call__(self, pop: Population, x: Tensor, targets: Tensor, autocast) -> Tensor:
+        return ENGINES[self.name](pop, x, targets, autocast, loss_fn=self.loss_fn(pop.template),
+                                  channels_last=self.channels_last)
+
+    def __repr__(self) -> str:
+        return f"Engine({self.name!r}, compile={self.compile}, channels_last={self.channels_last})"
+
+
+def build_engine(name: str, compile: bool = False, channels_last: bool = False) -> Engine:
+    """The engine ``name`` (``loop`` or ``stacked``; resolve ``auto`` with ``choose_engine`` first)."""
+    return Engine(name, compile=compile, channels_last=channels_last)
 
 
 def choose_engine(name: str, device: torch.device) -> str:

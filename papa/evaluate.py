@@ -8,18 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from papa.data.augment import eval_transform
+from papa.data import eval_batches
 
 
 @torch.no_grad()
 def predict(fn: Callable[[Tensor], Tensor], data, indices=None, batch_size: int = 500, device="cpu") -> Tensor:
-    """Logits of ``fn`` on ``data`` (an ArrayDataset, optionally restricted to ``indices``), on CPU."""
-    images = data.images if indices is None else data.images[torch.as_tensor(indices)]
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = eval_transform(images[start : start + batch_size].to(device), data.mean, data.std)
-        out.append(fn(x).float().cpu())
-    return torch.cat(out)
+    """Logits of ``fn`` (a module in eval mode, or any callable) on ``data`` (optionally restricted to
+    ``indices``), gathered on the CPU."""
+    return torch.cat([fn(x).float().cpu() for x, _ in eval_batches(data, indices, batch_size, device)])
+
+
+def labels_of(data, indices=None) -> Tensor:
+    labels = torch.as_tensor(data.labels)
+    return labels if indices is None else labels[torch.as_tensor(list(indices), dtype=torch.int64)]
 
 
 def scores(logits: Tensor, labels: Tensor) -> tuple[float, float]:
@@ -28,22 +29,16 @@ def scores(logits: Tensor, labels: Tensor) -> tuple[float, float]:
     return acc, F.cross_entropy(logits, labels).item()
 
 
-def module_fn(module, device) -> Callable[[Tensor], Tensor]:
-    module = module.to(device).eval()
-    return module
-
-
 def member_logits(pop, data, indices=None, batch_size: int = 500, device="cpu") -> list[Tensor]:
-    """Each member's logits (eval mode) on ``data``."""
+    """Each member's logits (eval mode) on ``data``; one pass over the data serves every member."""
     was_training = pop.template.training
     pop.eval()
     try:
-        return [
-            predict(lambda x, j=j: pop.forward(j, x), data, indices, batch_size, device) for j in range(pop.size)
-        ]
+        with torch.no_grad():
+            out = [[] for _ in range(pop.size)]
+            for x, _ in eval_batches(data, indices, batch_size, device):
+                for j in range(pop.size):
+                    out[j].append(pop.forward(j, x).float().cpu())
+        return [torch.cat(chunks) for chunks in out]
     finally:
         pop.train(was_training)
-
-
-def labels_of(data, indices=None) -> Tensor:
-    return data.labels if indices is None else data.labels[torch.as_tensor(indices)]

@@ -4,13 +4,14 @@ prepare (validation split), train (population + history), soups, evaluate (metri
 from __future__ import annotations
 
 import dataclasses
+import signal
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from papa import config as cfg
-from papa.checkpoint import load_tensors, save_tensors
+from papa.checkpoint import load_tensors, save_tensors, sidecar_path
 from papa.data import load_dataset, load_split, make_split, save_split
 from papa.errors import PapaError
 from papa.evaluate import labels_of, member_logits, predict, scores
@@ -48,21 +49,46 @@ def prepare(exp: dict, out: str | Path) -> dict:
     return split
 
 
+CHECKPOINT = "checkpoint.safetensors"
+
+
 def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: bool | None = None) -> Trainer:
-    """Train one population and write population.safetensors (+ .json), history.csv under ``out_dir``."""
+    """Train one population and write population.safetensors (+ .json) and history.csv under ``out_dir``.
+
+    A checkpoint (``checkpoint.safetensors`` + .json) is written atomically after every epoch and when
+    SIGTERM or SIGUSR1 arrives (what SLURM sends before a kill or requeue); running the same command
+    again resumes from it. It is removed once the final outputs exist."""
     cfg.check_variant(variant)
     splits = load_data(exp)
     split = load_split(split_path, expect_n=len(splits.train))
     trainer = Trainer(exp, variant, seed, splits, split, progress=progress)
-    trainer.fit()
     out = Path(out_dir)
+    ckpt = out / CHECKPOINT
+    if ckpt.exists():
+        trainer.load_state(*load_tensors(ckpt), where=str(ckpt))
+
+    def save_checkpoint(t: Trainer) -> None:
+        save_tensors(ckpt, *t.state())
+
+    def request_stop(signum, _frame) -> None:
+        trainer.stop_signal = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        trainer.fit(checkpoint=save_checkpoint)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     write_text(out / "history.csv", pd.DataFrame(trainer.history.rows).to_csv(index=False))
     meta = {
         "experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.epoch,
         "steps": trainer.step, "population": trainer.pop.size, "model": exp["model"]["name"],
+        "engine": trainer.engine_name, "device": str(trainer.device),
         "policies": [dataclasses.asdict(p) for p in trainer.policies], "config": exp,
     }
     save_tensors(out / "population.safetensors", trainer.pop.state_dict(), meta)
+    ckpt.unlink(missing_ok=True)
+    sidecar_path(ckpt).unlink(missing_ok=True)
     return trainer
 
 

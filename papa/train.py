@@ -1,7 +1,8 @@
 """Algorithm 1: train a population with the baseline, PAPA, PAPA-all or PAPA-2.
 
 Every random draw comes from a generator derived from (run seed, purpose, member, epoch), so a run is
-reproducible and can resume at any epoch boundary from the population and optimizer state alone.
+reproducible and resumes from a checkpoint (population, optimizer, counters, history, and the global RNG
+state when stopped mid-epoch) to exactly the numbers of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import torch
 from torch import Tensor
 
 from papa import averaging
-from papa.data import MemberStream, Policy, draw_policies
+from papa.data import Policy, draw_policies, make_stream
 from papa.engines import ENGINES, choose_engine
 from papa.errors import PapaError
-from papa.evaluate import labels_of, member_logits, scores
+from papa.evaluate import labels_of, member_logits, predict, scores
 from papa.models import create_model
 from papa.population import Population
 from papa.repair import member_moments, repair_population_
@@ -123,6 +124,10 @@ def in_window(exp: dict, done: int, total: int) -> bool:
     return lo * total < done <= hi * total
 
 
+class Stopped(Exception):
+    """Training stopped on a signal after saving a checkpoint (the caller exits; a rerun resumes)."""
+
+
 class Trainer:
     """Trains one population of one variant for one seed (Algorithm 1)."""
 
@@ -132,13 +137,14 @@ class Trainer:
         self.splits, self.split = splits, split
         self.pop = build_population(exp, splits, seed).to(self.device)
         self.policies = member_policies(exp, seed)
-        self.stream = MemberStream(
-            splits.train, split["train"], exp["train"]["batch_size"], self.policies, seed, self.device
-        )
-        if self.stream.steps_per_epoch < 1:
+        per_batch = exp["augment"]["grid"] if exp["augment"]["per_batch"] and exp["augment"]["enabled"] else None
+        options = {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
+        if len(split["train"]) < exp["train"]["batch_size"]:
             raise PapaError(
                 f"train.batch_size {exp['train']['batch_size']} exceeds the {len(split['train'])} training images"
             )
+        self.stream = make_stream(splits, split["train"], exp["train"]["batch_size"], self.policies, seed,
+                                  self.device, per_batch=per_batch, **options)
         self.optimizer = build_optimizer(exp, self.pop)
         spe = self.stream.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(exp, s, spe))
@@ -149,7 +155,10 @@ class Trainer:
         self.history = History()
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
+        self.batch = 0  # batches of the current epoch completed (non-zero only in a mid-epoch checkpoint)
         self.generation = 0  # averaging events so far (for mutations' 0.01/g)
+        self.rng_state: Tensor | None = None  # global RNG state at a mid-epoch stop
+        self.stop_signal: str | None = None  # set by a signal handler; honoured at the next step
         self.progress = sys.stderr.isatty() if progress is None else progress
 
     # pieces ----------------------------------------------------------------------------------
@@ -166,11 +175,25 @@ class Trainer:
         """Per-member repair data (Algorithm 5): member j's own augmentation, a generator seeded 666."""
         return lambda member, gen: self.stream.member_batches(member, gen, iters)
 
+    def mutate(self, gen: torch.Generator) -> None:
+        """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (the ablations of Tables 15-17)."""
+        std = self.exp["averaging"]["genetic"]["mutation_std"]
+        if std <= 0:
+            return
+        with torch.no_grad():
+            for t in self.pop.params.values():
+                noise = torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+                t.add_(noise, alpha=std / self.generation)
+
     def push(self) -> None:
+        """PAPA: theta_j <- a' theta_j + (1 - a') mean, with 1 - a' = (1 - alpha) lr_t / lr_0."""
         cfg = self.exp["averaging"]["papa"]
         lr0 = self.exp["train"]["optimizer"]["lr"]
         one_minus = (1.0 - cfg["alpha"]) * (self.lr / lr0 if cfg["scale_with_lr"] else 1.0)
         averaging.push_toward_average_(self.pop, 1.0 - min(one_minus, 1.0))
+        self.generation += 1
+        if self.exp["averaging"]["genetic"]["mutation_std"] > 0:
+            self.mutate(generator(self.seed, "mutate", self.step))
 
     def average(self) -> None:
         """PAPA-all / PAPA-2 averaging at an epoch boundary, with optional REPAIR (and GA ablations)."""
@@ -181,21 +204,20 @@ class Trainer:
         if cfg["repair"]:
             moments = member_moments(self.pop, self.repair_batches(cfg["repair_iters"]), cfg["repair_iters"])
         matrix = self.mixing_matrix(cfg["scheme"], gen)
-        averaging.mix_(self.pop, matrix)
+        if cfg["scheme"] == "all" and matrix is None:
+            averaging.average_all_(self.pop)
+            matrix = averaging.mixing_matrix("all", self.pop.size)
+        else:
+            averaging.mix_(self.pop, matrix)
         if cfg["repair"]:
             repair_population_(self.pop, matrix, self.repair_batches(cfg["repair_iters"]), moments,
                                cfg["repair_iters"])
-        std = self.exp["averaging"]["genetic"]["mutation_std"]
-        if std > 0:
-            with torch.no_grad():
-                for t in self.pop.params.values():
-                    noise = torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
-                    t.add_(noise, alpha=std / self.generation)
+        self.mutate(gen)
 
-    def mixing_matrix(self, scheme: str, gen: torch.Generator) -> Tensor:
+    def mixing_matrix(self, scheme: str, gen: torch.Generator) -> Tensor | None:
         genetic = self.exp["averaging"]["genetic"]
         if not (genetic["tournament"] or genetic["elitism"]):
-            return averaging.mixing_matrix(scheme, self.pop.size, gen)
+            return None if scheme == "all" else averaging.mixing_matrix(scheme, self.pop.size, gen)
         from papa.genetic import selection_matrix
 
         fitness = [va for va, _ in member_scores(self.pop, self.splits.train, self.split["val"], self.exp,
@@ -204,35 +226,45 @@ class Trainer:
 
     def child_fitness(self, state: dict[str, Tensor]) -> float:
         module = self.pop.module_from_state(state).to(self.device).eval()
-        from papa.evaluate import predict
-
         logits = predict(module, self.splits.train, self.split["val"], self.exp["train"]["eval_batch_size"],
                          self.device)
         return scores(logits, labels_of(self.splits.train, self.split["val"]))[0]
 
     # the loop --------------------------------------------------------------------------------
-    def run_epoch(self, bar=None) -> None:
+    def run_epoch(self, bar=None, checkpoint=None) -> None:
+        """One epoch (or the rest of one, after a mid-epoch checkpoint), then evaluation and averaging."""
         exp, e = self.exp, self.epoch
         total_steps = exp["train"]["epochs"] * self.stream.steps_per_epoch
         torch.manual_seed(derive_seed(self.seed, "global", e))  # dropout and other module-internal draws
         self.pop.train()
-        for x, targets in self.stream.epoch(e):
+        for i, (x, targets) in enumerate(self.stream.epoch(e)):
+            if i < self.batch:  # resuming mid-epoch: replay the data stream up to where it stopped
+                continue
+            if i == self.batch and self.rng_state is not None:
+                torch.set_rng_state(self.rng_state)
+                self.rng_state = None
             self.optimizer.zero_grad(set_to_none=False)
             losses = self.engine(self.pop, x, targets, self.autocast)
             if exp["train"]["check_finite"] and not torch.isfinite(losses).all():
                 j = int((~torch.isfinite(losses)).nonzero()[0])
-                raise PapaError(
-                    f"non-finite loss ({losses[j].item()}) for member {j} at epoch {e + 1}, step {self.step + 1}"
-                )
+                raise PapaError(f"non-finite loss ({losses[j].item()}) for member {j} at epoch {e + 1}, "
+                                f"step {self.step + 1}; the last good checkpoint is kept")
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
+            self.batch = i + 1
             if self.variant == "papa" and self.step % exp["averaging"]["papa"]["every"] == 0 and in_window(
                 exp, self.step, total_steps
             ):
                 self.push()
             if bar is not None:
                 bar.set_postfix(loss=f"{losses.mean().item():.3f}", lr=f"{self.lr:.2e}", refresh=False)
+            if self.stop_signal is not None and self.batch < self.stream.steps_per_epoch:
+                self.rng_state = torch.get_rng_state()
+                if checkpoint is not None:
+                    checkpoint(self)
+                raise Stopped(f"stopped by {self.stop_signal} at epoch {e + 1}, batch {self.batch}")
+        self.batch = 0
         self.epoch += 1
         val, test = self.evaluate()
         self.history.record(self.epoch, "end", self.lr, val, test)
@@ -248,15 +280,64 @@ class Trainer:
         every = self.exp["averaging"][self.variant]["every"]
         return self.epoch % every == 0 and self.epoch < epochs and in_window(self.exp, self.epoch, epochs)
 
-    def fit(self, on_epoch=None) -> Population:
+    def fit(self, checkpoint=None) -> Population:
+        """Train to the last epoch; ``checkpoint(trainer)`` is called after every epoch and on a stop."""
         from tqdm.auto import tqdm
 
         epochs = self.exp["train"]["epochs"]
         with tqdm(total=epochs, initial=self.epoch, disable=not self.progress, unit="epoch",
                   desc=f"{self.exp['name']}/{self.variant}/seed{self.seed} p={self.pop.size}") as bar:
             while self.epoch < epochs:
-                self.run_epoch(bar)
+                self.run_epoch(bar, checkpoint)
                 bar.update(1)
-                if on_epoch is not None:
-                    on_epoch(self)
+                if checkpoint is not None:
+                    checkpoint(self)
+                if self.stop_signal is not None and self.epoch < epochs:
+                    raise Stopped(f"stopped by {self.stop_signal} after epoch {self.epoch}")
         return self.pop
+
+    # checkpoints -----------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything a resumed run needs, as tensors (safetensors) and JSON-able metadata."""
+        tensors = {f"pop.{k}": v for k, v in self.pop.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        opt_meta = {}
+        for idx, st in opt["state"].items():
+            for key, value in st.items():
+                if torch.is_tensor(value):
+                    tensors[f"opt.{idx}.{key}"] = value
+                else:
+                    opt_meta[f"{idx}.{key}"] = value
+        if self.rng_state is not None:
+            tensors["rng.global"] = self.rng_state
+        meta = {
+            "experiment": self.exp, "variant": self.variant, "seed": self.seed,
+            "epoch": self.epoch, "step": self.step, "batch": self.batch, "generation": self.generation,
+            "scheduler": self.scheduler.state_dict(), "param_groups": opt["param_groups"],
+            "optimizer_scalars": opt_meta, "history": self.history.rows,
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict, where: str = "checkpoint") -> None:
+        """Resume from ``state()``; a checkpoint of another config, variant or seed is refused."""
+        for key in ("experiment", "variant", "seed"):
+            if meta.get(key) != getattr(self, "exp" if key == "experiment" else key):
+                raise PapaError(f"{where}: written by a run with a different {key}; delete it to start over")
+        try:
+            self.pop.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("pop.")})
+        except ValueError as e:
+            raise PapaError(f"{where}: {e}") from None
+        state: dict[int, dict] = {}
+        for name, value in tensors.items():
+            if name.startswith("opt."):
+                _, idx, key = name.split(".", 2)
+                state.setdefault(int(idx), {})[key] = value
+        for name, value in meta["optimizer_scalars"].items():
+            idx, key = name.split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.epoch, self.step, self.batch = meta["epoch"], meta["step"], meta["batch"]
+        self.generation = meta["generation"]
+        self.history.rows = list(meta["history"])
+        self.rng_state = tensors.get("rng.global")

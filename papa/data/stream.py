@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from papa import rng
-from papa.data.augment import Policy, apply, eval_transform, regularize
+from papa.data.augment import Policy, apply, draw_policies, eval_transform, regularize
 from papa.data.datasets import (
     ArrayDataset,
     FolderDataset,
@@ -36,6 +36,15 @@ def _check(n_data: int, indices, batch_size: int, policies: Sequence[Policy]) ->
     return idx
 
 
+def _policy(stream, j: int, generator: torch.Generator) -> Policy:
+    """Member j's policy for the next batch: fixed, or with ``per_batch`` (a grid) a fresh draw from the
+    member's own augmentation stream, so one network sees every regularization (the paper's Table 2)."""
+    if stream.per_batch is None:
+        return stream.policies[j]
+    base = stream.policies[j].base()
+    return draw_policies(stream.per_batch, 1, generator, {"crop_padding": base.crop_padding, "flip": base.flip})[0]
+
+
 def _orders(indices: Tensor, generator: torch.Generator, count: int) -> Tensor:
     """``count`` items of ``indices``: back-to-back random permutations, all drawn before anything else."""
     reps = math.ceil(count / len(indices))
@@ -51,8 +60,9 @@ class MemberStream:
     members' batches share one shape."""
 
     def __init__(self, train: ArrayDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
-                 device: str | torch.device = "cpu", base: Policy | None = None):
+                 device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None):
         self.indices = _check(len(train), indices, batch_size, policies)
+        self.per_batch = per_batch
         self.device = torch.device(device)
         self.images = train.images.to(self.device)  # moved once; indexing happens on the device
         self.labels = train.labels.to(self.device)
@@ -79,8 +89,8 @@ class MemberStream:
                   for j in range(self.size)]
         augment = [rng.generator(self.seed, "augment", j, epoch) for j in range(self.size)]
         for s in range(self.steps_per_epoch):
-            pairs = [self._batch(policy, orders[j][s * b:(s + 1) * b], augment[j])
-                     for j, policy in enumerate(self.policies)]
+            pairs = [self._batch(_policy(self, j, augment[j]), orders[j][s * b:(s + 1) * b], augment[j])
+                     for j in range(self.size)]
             yield torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
 
     def member_batches(self, j: int | None, generator: torch.Generator, n: int,
@@ -137,8 +147,10 @@ class FolderStream:
     ``crop_padding`` does not apply here."""
 
     def __init__(self, train: FolderDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
-                 device: str | torch.device = "cpu", base: Policy | None = None, num_workers: int = 0):
+                 device: str | torch.device = "cpu", base: Policy | None = None, num_workers: int = 0,
+                 per_batch: dict | None = None):
         self.indices = _check(len(train), indices, batch_size, policies)
+        self.per_batch = per_batch
         self.device = torch.device(device)
         self.train, self.num_workers = train, num_workers
         self.num_classes, self.mean, self.std = train.num_classes, train.mean, train.std
@@ -177,7 +189,8 @@ class FolderStream:
             augment.append(rng.generator(self.seed, "augment", j, epoch))
             sampler.items = self._items(order, augment[j])
         for batches in zip(*self.loaders, strict=True):
-            pairs = [self._regularize(j, *batch, augment[j]) for j, batch in enumerate(batches)]
+            pairs = [self._regularize(_policy(self, j, augment[j]), *batch, augment[j])
+                     for j, batch in enumerate(batches)]
             yield torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
 
     def member_batches(self, j: int | None, generator: torch.Generator, n: int,

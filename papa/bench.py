@@ -1,0 +1,131 @@
+"""Training-step throughput of a population: ``papa bench`` measures one engine on synthetic data.
+
+A step is what the trainer does per batch: forward and backward of every member (the engine) and one
+SGD step over the stacked parameters. Data are random images of the model's input shape with soft
+targets, made once on the device, so the numbers measure the model and engine, not data loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from papa import averaging
+from papa.engines import build_engine, choose_engine
+from papa.models import create_model
+from papa.population import Population
+
+INPUT_SHAPES = {"digits_cnn": (1, 8, 8), "linear": (1, 8, 8)}
+"""(channels, height, width) of models not made for 3x32x32 CIFAR images (the default)."""
+
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+"""Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, matched as substrings
+of the CUDA device name in this order (an unqualified "H100" is the SXM part)."""
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (the processor string elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bf16_peak_tflops(name: str) -> float | None:
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def gflop_per_image(model: torch.nn.Module, shape: tuple[int, ...], num_classes: int) -> float:
+    """Forward + backward GFLOP of one image, counted by torch's FLOP counter on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = copy.deepcopy(model).to("meta").train()
+    x = torch.empty(2, *shape, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        m(x).sum().backward()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Mean seconds per call of ``fn`` over ``repeats`` calls, after one untimed call."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, steps: int = 20,
+        engine: str = "auto", device: str = "auto", compile: bool = False, channels_last: bool = False,
+        precision: str = "fp32", warmup: int = 3, threads: int | None = None, num_classes: int = 10,
+        seed: int = 0) -> dict:
+    """Time ``steps`` training steps (after ``warmup`` untimed ones) and one PAPA push; returns a flat
+    dict of the settings and measurements (see ``papa bench --help``)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    shape = INPUT_SHAPES.get(model, (3, 32, 32))
+    torch.manual_seed(seed)
+
+    def factory():
+        return create_model(model, num_classes=num_classes, in_channels=shape[0])
+
+    pop = Population.from_factory(factory, population, seed=seed).to(dev).train()
+    for t in pop.params.values():
+        t.requires_grad_(t.is_floating_point())
+    params = list(pop.params.values())
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    name = choose_engine(engine, dev)
+    step_fn = build_engine(name, compile=compile, channels_last=channels_last)
+    bf16 = precision == "bf16"
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    x = torch.randn(population, batch_size, *shape, device=dev)
+    targets = torch.softmax(torch.randn(population, batch_size, num_classes, device=dev), -1)
+
+    def step():
+        step_fn(pop, x, targets, autocast)
+        optimizer.step()
+
+    start = time.perf_counter()
+    for _ in range(max(warmup, 1) - 1):  # _timed makes the last warm-up call itself
+        step()
+    _sync(dev)
+    step_s = _timed(step, dev, steps)
+    warmup_s = time.perf_counter() - start - step_s * steps
+    push_s = _timed(lambda: averaging.push_toward_average_(pop, 0.99), dev, 5)
+    flop = gflop_per_image(pop.template, shape, num_classes)
+    images_per_second = population * batch_size / step_s
+    name_dev = device_name(dev)
+    peak = bf16_peak_tflops(name_dev) if dev.type == "cuda" else None
+    tflops = flop * images_per_second / 1e3
+    return {
+        "model": model, "engine": name, "engine_requested": engine, "population": population,
+        "batch_size": batch_size, "steps": steps, "warmup": warmup, "device": dev.type,
+        "device_name": name_dev, "precision": precision, "compile": compile, "channels_last": channels_last,
+        "threads": torch.get_num_threads(), "images_per_second": round(images_per_second, 1),
+        "step_ms": round(step_s * 1e3, 3), "averaging_ms": round(push_s * 1e3, 3),
+        "averaging_fraction_every10": round(push_s / (10 * step_s), 5), "warmup_s": round(warmup_s, 2),
+        "gflop_per_image": round(flop, 4), "tflops": round(tflops, 4), "bf16_peak_tflops": peak,
+        "peak_fraction": round(tflops / peak, 4) if peak else None, "torch": torch.__version__,
+    }
