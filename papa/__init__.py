@@ -14,6 +14,7 @@ from papa.averaging import (  # noqa: E402
     weighted_average_,
 )
 from papa.population import Population  # noqa: E402
+from papa.repair import member_moments, repair, reset_batchnorm  # noqa: E402
 from papa.soups import average_soup, ensemble_logits, greedy_soup  # noqa: E402
 
 __all__ = [
@@ -24,9 +25,12 @@ __all__ = [
     "draw_pairs",
     "ensemble_logits",
     "greedy_soup",
+    "member_moments",
     "mix_",
     "mixing_matrix",
     "pair_average_",
     "push_toward_average_",
+    "repair",
+    "reset_batchnorm",
     "weighted_average_",
 ]

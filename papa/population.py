@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from papa.rng import derive_seed, seeded
 
@@ -158,6 +158,25 @@ class Population:
     def forward(self, j: int, *args, **kwargs):
         """Member j's forward pass, reading (and, for BatchNorm in train mode, updating) its slice."""
         return functional_call(self.template, self.member_tensors(j), args, kwargs)
+
+    def forward_all(self, x: Tensor) -> Tensor:
+        """Every member on its own input at once: ``x[j]`` goes through member j (one vmapped call, so
+        each layer runs as one batched kernel). Dropout draws different masks per member."""
+
+        def member(params, buffers, xj):
+            return functional_call(self.template, {**params, **buffers}, (xj,))
+
+        return vmap(member, randomness="different")(self.params, self.buffers, x)
+
+    def parameters(self) -> list[Tensor]:
+        """The stacked parameters, for one optimizer over all members (SGD and AdamW are elementwise,
+        so this is exactly p independent optimizers)."""
+        return list(self.params.values())
+
+    def requires_grad_(self, requires_grad: bool = True) -> Population:
+        for t in self.params.values():
+            t.requires_grad_(requires_grad and t.is_floating_point())
+        return self
 
     def __repr__(self) -> str:
         n = sum(t[0].numel() for t in self.params.values())

@@ -62,3 +62,17 @@ def test_combine_keeps_integer_buffers_integer(pop4):
     assert out["1.num_batches_tracked"].dtype == torch.long
     assert out["1.num_batches_tracked"].item() == round((1 + 11 + 21 + 31) / 4)
     assert isinstance(pop4.module_from_state(out), nn.Sequential)
+
+
+def test_forward_all_matches_each_member_and_trains_all_at_once():
+    pop = Population.from_factory(small_cnn, 3, seed=0).requires_grad_()
+    x = torch.randn(3, 5, 1, 8, 8)
+    pop.eval()
+    out = pop.forward_all(x)
+    for j in range(3):
+        assert torch.allclose(out[j], pop.forward(j, x[j]), atol=1e-6)
+    pop.train()
+    loss = pop.forward_all(x).pow(2).mean()
+    loss.backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in pop.parameters())
+    assert pop.buffers["1.num_batches_tracked"].tolist() == [1, 1, 1]
