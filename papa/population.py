@@ -58,14 +58,18 @@ class Population:
 
     @classmethod
     def from_factory(
-        cls, factory: Callable[[], nn.Module], size: int, seed: int = 0, same_init: bool = False
+        cls, factory: Callable[[], nn.Module], size: int, seed: int = 0, same_init: bool = False,
+        members: Iterable[int] | None = None,
     ) -> Population:
         """Build ``size`` members with ``factory()``; member j is initialized from its own seed
-        (derived from ``seed`` and j), or every member from member 0's seed when ``same_init``."""
+        (derived from ``seed`` and j), or every member from member 0's seed when ``same_init``.
+
+        ``members``: build only these members of the population (one rank's share), each from its own
+        seed, so that a population split over processes starts exactly as the whole one."""
         if size < 1:
             raise ValueError(f"population size must be at least 1, got {size}")
         modules = []
-        for j in range(size):
+        for j in range(size) if members is None else members:
             with seeded(derive_seed("init", seed, 0 if same_init else j)):
                 modules.append(factory())
         return cls.from_modules(modules)

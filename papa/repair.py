@@ -379,27 +379,31 @@ def repair(
 
 
 def repair_population_(
-    pop: Population, matrix, batches: Batches, moments: list[Moments], iters: int = 5, seed: int = 666
+    pop: Population, matrix, batches: Batches, moments: list[Moments], iters: int = 5, seed: int = 666,
+    members: list[int] | None = None,
 ) -> Population:
     """Repair, in place, a population just mixed by theta_i <- sum_j matrix[i, j] theta_j: member i gets
     the moments of the pre-mix members (``moments``, from ``member_moments`` before mixing) weighted by
     row i, measured on ``batches(i, ...)``.
 
+    When ``pop`` holds only some members of a larger population (one rank's share), ``matrix`` has one
+    row per held member over all ``len(moments)`` members and ``members`` gives each held member's index
+    in the whole population (what ``batches`` is called with).
+
     Members keep their architecture, so no bias can be added. A bias-free layer whose output goes straight
     into a BatchNorm is only rescaled: that BatchNorm's rebuilt running mean absorbs any per-channel shift
     exactly, so everything from the BatchNorm on matches ``repair``. Any other bias-free layer is an error.
     """
-    p = pop.size
+    p, total = pop.size, len(moments)
+    members = list(range(p)) if members is None else list(members)
     m = torch.as_tensor(matrix, dtype=torch.float64).cpu()
-    if m.shape != (p, p):
-        raise ValueError(f"mixing matrix must be {p}x{p}, got {tuple(m.shape)}")
-    rows = [_check_weights(m[i], p) for i in range(p)]
-    if len(moments) != p:
-        raise ValueError(f"got moments for {len(moments)} members, expected {p}")
+    if m.shape != (p, total) or len(members) != p:
+        raise ValueError(f"mixing matrix must be {p}x{total} (held members x all members), got {tuple(m.shape)}")
+    rows = [_check_weights(m[i], total) for i in range(p)]
     batches = _freeze(batches, iters)
     for i in range(p):
         member = pop.member(i)
-        xs = _data(batches, i, iters, seed, _device(member))
+        xs = _data(batches, members[i], iters, seed, _device(member))
         layers = _preactivations(member, xs[0])
         # Same architecture for every member: this fails on member 0, before anything is written.
         unfixable = [layer.name for layer in layers if layer.module.bias is None and not layer.feeds_bn]

@@ -22,6 +22,7 @@ from papa.evaluate import labels_of, member_logits, predict, scores
 from papa.models import create_model
 from papa.population import Population
 from papa.repair import member_moments, repair_population_
+from papa.distributed import Local
 from papa.rng import derive_seed, generator
 
 
@@ -34,7 +35,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 # population, optimizer, schedule -------------------------------------------------------------------
-def build_population(exp: dict, splits, seed: int) -> Population:
+def build_population(exp: dict, splits, seed: int, members: list[int] | None = None) -> Population:
     m = exp["model"]
 
     def factory():
@@ -44,7 +45,7 @@ def build_population(exp: dict, splits, seed: int) -> Population:
         )
 
     p = exp["population"]
-    pop = Population.from_factory(factory, p["size"], seed=seed, same_init=p["same_init"])
+    pop = Population.from_factory(factory, p["size"], seed=seed, same_init=p["same_init"], members=members)
     for t in pop.params.values():
         t.requires_grad_(t.is_floating_point())
     return pop
@@ -131,12 +132,15 @@ class Stopped(Exception):
 class Trainer:
     """Trains one population of one variant for one seed (Algorithm 1)."""
 
-    def __init__(self, exp: dict, variant: str, seed: int, splits, split: dict, progress: bool | None = None):
+    def __init__(self, exp: dict, variant: str, seed: int, splits, split: dict, progress: bool | None = None,
+                 comm=None):
         self.exp, self.variant, self.seed = exp, variant, seed
-        self.device = resolve_device(exp["train"]["device"])
+        self.comm = comm if comm is not None else Local(exp["population"]["size"])
+        self.device = resolve_device(exp["train"]["device"]) if comm is None else comm.device(exp)
         self.splits, self.split = splits, split
-        self.pop = build_population(exp, splits, seed).to(self.device)
-        self.policies = member_policies(exp, seed)
+        self.pop = build_population(exp, splits, seed, self.comm.members).to(self.device)
+        self.all_policies = member_policies(exp, seed)
+        self.policies = [self.all_policies[j] for j in self.comm.members]
         per_batch = exp["augment"]["grid"] if exp["augment"]["per_batch"] and exp["augment"]["enabled"] else None
         options = {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
         if len(split["train"]) < exp["train"]["batch_size"]:
@@ -144,7 +148,7 @@ class Trainer:
                 f"train.batch_size {exp['train']['batch_size']} exceeds the {len(split['train'])} training images"
             )
         self.stream = make_stream(splits, split["train"], exp["train"]["batch_size"], self.policies, seed,
-                                  self.device, per_batch=per_batch, **options)
+                                  self.device, per_batch=per_batch, member_ids=self.comm.members, **options)
         self.optimizer = build_optimizer(exp, self.pop)
         spe = self.stream.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(exp, s, spe))
@@ -159,7 +163,7 @@ class Trainer:
         self.generation = 0  # averaging events so far (for mutations' 0.01/g)
         self.rng_state: Tensor | None = None  # global RNG state at a mid-epoch stop
         self.stop_signal: str | None = None  # set by a signal handler; honoured at the next step
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.comm.is_main
 
     # pieces ----------------------------------------------------------------------------------
     @property
@@ -167,30 +171,38 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def evaluate(self):
+        """Every member's validation and test (accuracy, loss); each process scores the members it holds."""
         val = member_scores(self.pop, self.splits.train, self.split["val"], self.exp, self.device)
         test = member_scores(self.pop, self.splits.test, None, self.exp, self.device)
-        return val, test
+        return self.comm.gather_scores(val), self.comm.gather_scores(test)
 
     def repair_batches(self, iters: int):
         """Per-member repair data (Algorithm 5): member j's own augmentation, a generator seeded 666."""
         return lambda member, gen: self.stream.member_batches(member, gen, iters)
+
+    def member_repair_batches(self, iters: int):
+        """As repair_batches, addressed by position in the held population (member_moments' indexing)."""
+        return lambda i, gen: self.stream.member_batches(self.comm.members[i], gen, iters)
 
     def mutate(self, gen: torch.Generator) -> None:
         """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (the ablations of Tables 15-17)."""
         std = self.exp["averaging"]["genetic"]["mutation_std"]
         if std <= 0:
             return
+        seed = int(torch.randint(2**62, (), generator=gen))
         with torch.no_grad():
-            for t in self.pop.params.values():
-                noise = torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
-                t.add_(noise, alpha=std / self.generation)
+            for i, j in enumerate(self.comm.members):  # one stream per member, wherever it is held
+                member_gen = generator(seed, "member", j)
+                for t in self.pop.params.values():
+                    noise = torch.randn(t.shape[1:], generator=member_gen, dtype=t.dtype).to(t.device)
+                    t[i].add_(noise, alpha=std / self.generation)
 
     def push(self) -> None:
         """PAPA: theta_j <- a' theta_j + (1 - a') mean, with 1 - a' = (1 - alpha) lr_t / lr_0."""
         cfg = self.exp["averaging"]["papa"]
         lr0 = self.exp["train"]["optimizer"]["lr"]
         one_minus = (1.0 - cfg["alpha"]) * (self.lr / lr0 if cfg["scale_with_lr"] else 1.0)
-        averaging.push_toward_average_(self.pop, 1.0 - min(one_minus, 1.0))
+        self.comm.push_(self.pop, 1.0 - min(one_minus, 1.0))
         self.generation += 1
         if self.exp["averaging"]["genetic"]["mutation_std"] > 0:
             self.mutate(generator(self.seed, "mutate", self.step))
@@ -202,16 +214,17 @@ class Trainer:
         gen = generator(self.seed, "average", self.epoch)
         moments = None
         if cfg["repair"]:
-            moments = member_moments(self.pop, self.repair_batches(cfg["repair_iters"]), cfg["repair_iters"])
+            local = member_moments(self.pop, self.member_repair_batches(cfg["repair_iters"]), cfg["repair_iters"])
+            moments = self.comm.all_moments(local)
         matrix = self.mixing_matrix(cfg["scheme"], gen)
         if cfg["scheme"] == "all" and matrix is None:
-            averaging.average_all_(self.pop)
-            matrix = averaging.mixing_matrix("all", self.pop.size)
+            self.comm.average_all_(self.pop)
+            matrix = averaging.mixing_matrix("all", self.comm.p)
         else:
-            averaging.mix_(self.pop, matrix)
+            self.comm.mix_(self.pop, matrix)
         if cfg["repair"]:
-            repair_population_(self.pop, matrix, self.repair_batches(cfg["repair_iters"]), moments,
-                               cfg["repair_iters"])
+            repair_population_(self.pop, matrix[self.comm.members], self.repair_batches(cfg["repair_iters"]),
+                               moments, cfg["repair_iters"], members=self.comm.members)
         self.mutate(gen)
 
     def mixing_matrix(self, scheme: str, gen: torch.Generator) -> Tensor | None:
@@ -220,6 +233,8 @@ class Trainer:
             return None if scheme == "all" else averaging.mixing_matrix(scheme, self.pop.size, gen)
         from papa.genetic import selection_matrix
 
+        if self.comm.world_size > 1:
+            raise PapaError("the genetic-algorithm ablations (averaging.genetic) run in a single process only")
         fitness = [va for va, _ in member_scores(self.pop, self.splits.train, self.split["val"], self.exp,
                                                   self.device)]
         return selection_matrix(self.pop, fitness, scheme, genetic, gen, self.child_fitness)

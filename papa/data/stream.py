@@ -45,6 +45,15 @@ def _policy(stream, j: int, generator: torch.Generator) -> Policy:
     return draw_policies(stream.per_batch, 1, generator, {"crop_padding": base.crop_padding, "flip": base.flip})[0]
 
 
+def _ids(member_ids, policies) -> list[int]:
+    """Each held member's index in the whole population: it names the member's random streams, so a rank
+    holding members 3 and 4 draws exactly what a single process holding all members draws for them."""
+    ids = list(range(len(policies))) if member_ids is None else [int(j) for j in member_ids]
+    if len(ids) != len(policies):
+        raise PapaError(f"{len(ids)} member ids for {len(policies)} policies")
+    return ids
+
+
 def _orders(indices: Tensor, generator: torch.Generator, count: int) -> Tensor:
     """``count`` items of ``indices``: back-to-back random permutations, all drawn before anything else."""
     reps = math.ceil(count / len(indices))
@@ -60,9 +69,11 @@ class MemberStream:
     members' batches share one shape."""
 
     def __init__(self, train: ArrayDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
-                 device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None):
+                 device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None,
+                 member_ids: Sequence[int] | None = None):
         self.indices = _check(len(train), indices, batch_size, policies)
         self.per_batch = per_batch
+        self.ids = _ids(member_ids, policies)
         self.device = torch.device(device)
         self.images = train.images.to(self.device)  # moved once; indexing happens on the device
         self.labels = train.labels.to(self.device)
@@ -86,8 +97,8 @@ class MemberStream:
         """Yield ``steps_per_epoch`` pairs (x (p, B, C, H, W) float32, targets (p, B, K) float32)."""
         n, b = len(self.indices), self.batch_size
         orders = [_orders(self.indices, rng.generator(self.seed, "order", j, epoch), n).to(self.device)
-                  for j in range(self.size)]
-        augment = [rng.generator(self.seed, "augment", j, epoch) for j in range(self.size)]
+                  for j in self.ids]
+        augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
         for s in range(self.steps_per_epoch):
             pairs = [self._batch(_policy(self, j, augment[j]), orders[j][s * b:(s + 1) * b], augment[j])
                      for j in range(self.size)]
@@ -102,7 +113,7 @@ class MemberStream:
         b = batch_size or self.batch_size
         order = _orders(self.indices, generator, n * b).to(self.device)
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
-        policy = self.base if j is None else self.policies[j]
+        policy = self.base if j is None else self.policies[self.ids.index(j)]
         for i in range(n):
             yield self._batch(policy, order[i * b:(i + 1) * b], augment)[0]
 
@@ -148,9 +159,10 @@ class FolderStream:
 
     def __init__(self, train: FolderDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, num_workers: int = 0,
-                 per_batch: dict | None = None):
+                 per_batch: dict | None = None, member_ids: Sequence[int] | None = None):
         self.indices = _check(len(train), indices, batch_size, policies)
         self.per_batch = per_batch
+        self.ids = _ids(member_ids, policies)
         self.device = torch.device(device)
         self.train, self.num_workers = train, num_workers
         self.num_classes, self.mean, self.std = train.num_classes, train.mean, train.std
@@ -185,8 +197,8 @@ class FolderStream:
         n = len(self.indices)
         augment = []
         for j, sampler in enumerate(self.samplers):
-            order = _orders(self.indices, rng.generator(self.seed, "order", j, epoch), n)
-            augment.append(rng.generator(self.seed, "augment", j, epoch))
+            order = _orders(self.indices, rng.generator(self.seed, "order", self.ids[j], epoch), n)
+            augment.append(rng.generator(self.seed, "augment", self.ids[j], epoch))
             sampler.items = self._items(order, augment[j])
         for batches in zip(*self.loaders, strict=True):
             pairs = [self._regularize(_policy(self, j, augment[j]), *batch, augment[j])
@@ -199,7 +211,7 @@ class FolderStream:
         b = batch_size or self.batch_size
         order = _orders(self.indices, generator, n * b)
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
-        policy = self.base if j is None else self.policies[j]
+        policy = self.base if j is None else self.policies[self.ids.index(j)]
         sampler = _EpochSampler()
         sampler.items = self._items(order, augment)
         for images, labels in self._loader(policy, sampler, persistent=False, batch_size=b):
