@@ -16,13 +16,13 @@ from torch import Tensor
 
 from papa import averaging
 from papa.data import Policy, draw_policies, make_stream
+from papa.distributed import Local
 from papa.engines import ENGINES, choose_engine
 from papa.errors import PapaError
 from papa.evaluate import labels_of, member_logits, predict, scores
 from papa.models import create_model
 from papa.population import Population
 from papa.repair import member_moments, repair_population_
-from papa.distributed import Local
 from papa.rng import derive_seed, generator
 
 
