@@ -27,20 +27,43 @@ def _check_weights(weights, p: int, device) -> Tensor:
     return w
 
 
+def _pairs(m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """(first, second, w_first, w_second) when every row of ``m`` mixes at most two members, else None."""
+    if (m > 0).sum(1).max() > 2:
+        return None
+    top = m.topk(2, dim=1)
+    return top.indices[:, 0], top.indices[:, 1], top.values[:, 0], top.values[:, 1]
+
+
 @torch.no_grad()
 def mix_(pop: Population, matrix: Tensor) -> Population:
     """Replace member i by sum_j matrix[i, j] * member j, for every parameter and buffer.
 
-    Integer buffers are mixed in float64 and rounded so that they stay integers."""
+    Pair matrices (PAPA-2 and pair-75) gather the two partners with index_select into one scratch buffer
+    reused for every tensor, instead of a p x p contraction per tensor. Integer buffers are mixed in
+    float64 and rounded so that they stay integers."""
     p = pop.size
     m = torch.as_tensor(matrix, dtype=torch.float64, device=pop.device)
     if m.shape != (p, p):
         raise ValueError(f"mixing matrix must be {p}x{p}, got {tuple(m.shape)}")
+    pairs = _pairs(m)
+    scratch: dict[torch.dtype, Tensor] = {}
     for _, t in pop.tensors():
-        if t.is_floating_point():
+        if not t.is_floating_point():
+            t.copy_(torch.tensordot(m, t.double(), dims=1).round().to(t.dtype))
+        elif pairs is None:
             t.copy_(torch.tensordot(m.to(t.dtype), t, dims=1))
         else:
-            t.copy_(torch.tensordot(m, t.double(), dims=1).round().to(t.dtype))
+            first, second, wa, wb = pairs
+            flat = t.view(p, -1)
+            if scratch.get(t.dtype) is None or scratch[t.dtype].numel() < flat.numel():
+                scratch[t.dtype] = torch.empty(max(x.numel() for _, x in pop.tensors()), dtype=t.dtype,
+                                               device=t.device)
+            a = scratch[t.dtype][: flat.numel()].view_as(flat)
+            torch.index_select(flat, 0, first, out=a)
+            a.mul_(wa.to(t.dtype)[:, None])
+            a.add_(flat.index_select(0, second).mul_(wb.to(t.dtype)[:, None]))
+            flat.copy_(a)
     return pop
 
 

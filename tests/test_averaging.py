@@ -124,3 +124,13 @@ def test_mix_applies_any_matrix_and_rounds_integers(pop4):
     assert pop4.buffers["1.num_batches_tracked"].dtype == torch.long
     weighted_average_(pop4, "all")
     assert torch.allclose(pop4.params["0.weight"][0], pop4.params["0.weight"][3])
+
+
+@pytest.mark.parametrize("scheme", ["pair-half", "pair-75"])
+def test_pair_fast_path_equals_the_contraction(pop4, scheme):
+    before = snapshot(pop4)
+    m = mixing_matrix(scheme, 4, torch.Generator().manual_seed(5))
+    mix_(pop4, m)
+    for name, t in pop4.params.items():
+        assert torch.allclose(t, torch.tensordot(m.float(), before[name], dims=1), atol=1e-6)
+    assert torch.allclose(pop4.buffers["1.running_mean"], torch.tensordot(m.float(), before["1.running_mean"], dims=1))
