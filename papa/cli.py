@@ -31,9 +31,11 @@ def _train(a):
     except Stopped as e:
         print(f"papa train: {e}; checkpoint saved in {a.out}, run the same command to resume", file=sys.stderr)
         raise SystemExit(3) from None
+    if not trainer.comm.is_main:  # under torchrun, one summary for the job
+        return
     last = [r for r in trainer.history.rows if r["epoch"] == trainer.epoch and r["phase"] == "end"]
     mean = sum(r["val_accuracy"] for r in last) / max(len(last), 1)
-    print(f"{a.out}: trained {trainer.pop.size} members for {trainer.epoch} epochs; mean val accuracy {mean:.2f}%")
+    print(f"{a.out}: trained {trainer.comm.p} members for {trainer.epoch} epochs; mean val accuracy {mean:.2f}%")
 
 
 def _soups(a):
@@ -61,7 +63,7 @@ def _bench(a):
     print(json.dumps(bench.run(
         model=a.model, population=a.population, batch_size=a.batch_size, steps=a.steps, engine=a.engine,
         device=a.device, compile=a.compile, channels_last=a.channels_last, precision=a.precision,
-        warmup=a.warmup, threads=a.threads,
+        warmup=a.warmup, repeats=a.repeats, threads=a.threads,
     )))
 
 
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per member per step")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after the warm-up)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--repeats", type=int, default=1, help="timed blocks of --steps; the fastest is reported")
     p.add_argument("--engine", choices=["loop", "stacked", "auto"], default="auto")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the step")

@@ -58,18 +58,26 @@ class Local:
         """The whole stacked population on the main rank (None elsewhere)."""
         return pop.state_dict()
 
+    def anyone(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (a stop requested by a signal, for one)."""
+        return flag
+
     def barrier(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
 
-def from_env(p: int):
-    """``Distributed`` when launched by torchrun (WORLD_SIZE > 1), else ``Local``."""
+
+def from_env(p: int, device: str = "auto"):
+    """``Distributed`` when launched by torchrun (WORLD_SIZE > 1), else ``Local``. ``device`` is the
+    config's train.device: CUDA means NCCL and one GPU per process, the CPU means gloo."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from papa.distributed_ops import Distributed
 
-        return Distributed.from_env(p)
+        return Distributed.from_env(p, device)
     return Local(p)
 
 

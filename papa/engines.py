@@ -48,12 +48,29 @@ def stacked_channels_last(x: Tensor) -> Tensor:
     return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
 
 
+def stacked_weight_channels_last(w: Tensor) -> Tensor:
+    """A (p, O, C, kh, kw) conv weight laid out as (p, O, kh, kw, C): its grouped (p*O, C, kh, kw) view
+    is channels-last. A convolution only stays channels-last when its weight is too, and then BatchNorm
+    and max-pooling after it also take their channels-last kernels (several times faster on CPU)."""
+    return w.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def _conv_weights_channels_last(params: dict[str, Tensor], dim: int) -> dict[str, Tensor]:
+    """Copies of the ``dim``-dimensional (conv) weights in channels-last layout; gradients flow through."""
+    if dim == 4:
+        return {n: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+                for n, t in params.items()}
+    return {n: stacked_weight_channels_last(t) if t.dim() == 5 else t for n, t in params.items()}
+
+
 def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn: LossFn | None = None,
               channels_last: bool = False) -> Tensor:
     """One member at a time. Gradients are taken w.r.t. a detached view of each member's slice and
-    copied into the stacked .grad, so a member's backward never touches the other members' tensors."""
+    copied into the stacked .grad, so a member's backward never touches the other members' tensors.
+    A parameter no member's loss uses gets ``.grad = None`` (the optimizer skips it), as in ``stacked``."""
     loss_fn = loss_fn or member_loss_fn(pop.template)
     trainable = [n for n, t in pop.params.items() if t.requires_grad]
+    used = dict.fromkeys(trainable, False)
     for n in trainable:
         t = pop.params[n]
         if t.grad is None:
@@ -62,16 +79,23 @@ def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn:
     for j in range(pop.size):
         params = {n: t[j].detach().requires_grad_(t.requires_grad) for n, t in pop.params.items()}
         buffers = {n: b[j] for n, b in pop.buffers.items()}
-        xj = x[j].contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 5 else x[j]
+        xj, used_params = x[j], params
+        if channels_last and x.dim() == 5:
+            xj = xj.contiguous(memory_format=torch.channels_last)
+            used_params = _conv_weights_channels_last(params, 4)
         with autocast():
-            loss = loss_fn(params, buffers, xj, targets[j])
+            loss = loss_fn(used_params, buffers, xj, targets[j])
         grads = torch.autograd.grad(loss, [params[n] for n in trainable], allow_unused=True)
         for n, g in zip(trainable, grads, strict=True):
             if g is None:
                 pop.params[n].grad[j].zero_()
             else:
                 pop.params[n].grad[j].copy_(g)
+                used[n] = True
         losses.append(loss.detach())
+    for n, u in used.items():
+        if not u:
+            pop.params[n].grad = None
     return torch.stack(losses)
 
 
@@ -79,10 +103,11 @@ def stacked_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_
                  channels_last: bool = False) -> Tensor:
     """All members at once: vmap over the member axis of parameters, buffers and data."""
     loss_fn = loss_fn or vmap(member_loss_fn(pop.template), randomness="different")
+    params = pop.params
     if channels_last and x.dim() == 5:
-        x = stacked_channels_last(x)
+        x, params = stacked_channels_last(x), _conv_weights_channels_last(params, 5)
     with autocast():
-        losses = loss_fn(pop.params, pop.buffers, x, targets)
+        losses = loss_fn(params, pop.buffers, x, targets)
     # dropping the old gradients lets backward hand over its fresh ones instead of adding into zeros
     for t in pop.params.values():
         t.grad = None
@@ -130,10 +155,15 @@ def build_engine(name: str, compile: bool = False, channels_last: bool = False) 
     return Engine(name, compile=compile, channels_last=channels_last)
 
 
-def choose_engine(name: str, device: torch.device) -> str:
-    """``auto``: the stacked engine on GPUs (where the loop is launch-bound) and on CPU too, where
-    batching the members' small convolutions also wins (see benchmarks/README); ``loop`` remains
-    the reference implementation."""
+def choose_engine(name: str, device: torch.device | str, population: int | None = None) -> str:
+    """Resolve ``auto`` (other names pass through).
+
+    ``stacked`` on CUDA, where the loop's ~170 small kernel launches per member and step make it
+    launch-bound; ``loop`` on CPU, where both engines run the same compute-bound kernels and the loop
+    was as fast or faster in every measured case (benchmarks/README.md), and for a single member, which
+    leaves vmap nothing to batch."""
     if name != "auto":
         return name
-    return "stacked"
+    if population == 1:
+        return "loop"
+    return "stacked" if torch.device(device).type == "cuda" else "loop"

@@ -4,6 +4,7 @@ prepare (validation split), train (population + history), soups, evaluate (metri
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import torch
 from papa import config as cfg
 from papa.checkpoint import load_tensors, save_tensors, sidecar_path
 from papa.data import load_dataset, load_split, make_split, save_split
+from papa.distributed import from_env
 from papa.errors import PapaError
 from papa.evaluate import labels_of, member_logits, predict, scores
 from papa.io import write_json, write_text
+from papa.models import available_models
 from papa.population import Population
 from papa.repair import repair
 from papa.soups import average_soup, greedy_soup, subset_weights
@@ -30,7 +33,12 @@ def load_experiment(config_path: str | Path, name: str | None) -> dict:
         if len(config["experiments"]) != 1:
             raise PapaError(f"{config_path}: several experiments defined; choose one with --experiment")
         name = next(iter(config["experiments"]))
-    return cfg.experiment(config, name, config_path)
+    exp = cfg.experiment(config, name, config_path)
+    model = exp["model"]["name"]
+    if not model.startswith("timm/") and model not in available_models():
+        raise PapaError(f"{config_path}: experiment {name!r}: model.name: unknown model {model!r} (expected one "
+                        f"of: {', '.join(available_models())}, or timm/<name>)")
+    return exp
 
 
 def load_data(exp: dict):
@@ -57,13 +65,47 @@ def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: boo
 
     A checkpoint (``checkpoint.safetensors`` + .json) is written atomically after every epoch and when
     SIGTERM or SIGUSR1 arrives (what SLURM sends before a kill or requeue); running the same command
-    again resumes from it. It is removed once the final outputs exist."""
+    again resumes from it. It is removed once the final outputs exist.
+
+    Under torchrun the members are spread over the processes (papa.distributed): each process writes its
+    own ``checkpoint.rank<r>.safetensors`` (a resume needs the same number of processes), and rank 0
+    gathers the population and writes the outputs."""
     cfg.check_variant(variant)
     splits = load_data(exp)
     split = load_split(split_path, expect_n=len(splits.train))
-    trainer = Trainer(exp, variant, seed, splits, split, progress=progress)
-    out = Path(out_dir)
-    ckpt = out / CHECKPOINT
+    comm = from_env(exp["population"]["size"], exp["train"]["device"])
+    try:
+        return _train(exp, variant, seed, splits, split, Path(out_dir), progress, comm)
+    finally:
+        comm.close()
+
+
+def _checkpoint(out: Path, comm) -> Path:
+    """This process's checkpoint path, after checking that any checkpoints found there were written by a
+    run of the same number of processes, all at the same point."""
+    names = [CHECKPOINT] if comm.world_size == 1 else [f"checkpoint.rank{r}.safetensors"
+                                                         for r in range(comm.world_size)]
+    found = {f.name for f in out.glob("checkpoint*.safetensors")}
+    if found and found != set(names):
+        raise PapaError(f"{out}: checkpoints {sorted(found)} were not written by a run of {comm.world_size} "
+                        "process(es); resume with as many processes as wrote them, or delete them to start over")
+    if len(found) > 1:
+        points = set()
+        for name in names:
+            try:
+                meta = json.loads(sidecar_path(out / name).read_text())
+                points.add((meta["epoch"], meta["step"], meta["batch"]))
+            except (OSError, ValueError, KeyError):
+                raise PapaError(f"{out / name}: incomplete checkpoint; delete the checkpoints to start over") from None
+        if len(points) > 1:
+            raise PapaError(f"{out}: the processes' checkpoints stopped at different points; delete them to start "
+                            "over")
+    return out / names[comm.rank]
+
+
+def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, progress, comm) -> Trainer:
+    trainer = Trainer(exp, variant, seed, splits, split, progress=progress, comm=comm)
+    ckpt = _checkpoint(out, comm)
     if ckpt.exists():
         trainer.load_state(*load_tensors(ckpt), where=str(ckpt))
 
@@ -79,14 +121,17 @@ def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: boo
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    write_text(out / "history.csv", pd.DataFrame(trainer.history.rows).to_csv(index=False))
-    meta = {
-        "experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.epoch,
-        "steps": trainer.step, "population": trainer.pop.size, "model": exp["model"]["name"],
-        "engine": trainer.engine_name, "device": str(trainer.device),
-        "policies": [dataclasses.asdict(p) for p in trainer.policies], "config": exp,
-    }
-    save_tensors(out / "population.safetensors", trainer.pop.state_dict(), meta)
+    state = comm.gather_state(trainer.pop)
+    if comm.is_main:  # history rows are the same on every process (scores are gathered)
+        write_text(out / "history.csv", pd.DataFrame(trainer.history.rows).to_csv(index=False))
+        meta = {
+            "experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.epoch,
+            "steps": trainer.step, "population": comm.p, "model": exp["model"]["name"],
+            "engine": trainer.engine_name, "device": str(trainer.device), "processes": comm.world_size,
+            "policies": [dataclasses.asdict(p) for p in trainer.all_policies], "config": exp,
+        }
+        save_tensors(out / "population.safetensors", state, meta)
+    comm.barrier()  # the outputs exist before any checkpoint goes
     ckpt.unlink(missing_ok=True)
     sidecar_path(ckpt).unlink(missing_ok=True)
     return trainer

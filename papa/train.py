@@ -51,6 +51,18 @@ def build_population(exp: dict, splits, seed: int, members: list[int] | None = N
     return pop
 
 
+def head_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the classifier head's parameters: timm's ``get_classifier()``, else the last Linear."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, torch.nn.Module) or not list(head.parameters()):
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        if not linears:
+            raise PapaError(f"{type(model).__name__} has no Linear classifier head to keep training while frozen")
+        head = linears[-1]
+    prefix = next(n for n, m in model.named_modules() if m is head)
+    return [f"{prefix}.{n}" if prefix else n for n, _ in head.named_parameters()]
+
+
 def build_optimizer(exp: dict, pop: Population) -> torch.optim.Optimizer:
     """One optimizer over the stacked parameters: SGD and AdamW are elementwise, so this is exactly p
     independent optimizers (and keeps each member's momentum across averaging)."""
@@ -125,6 +137,18 @@ def in_window(exp: dict, done: int, total: int) -> bool:
     return lo * total < done <= hi * total
 
 
+def first_difference(theirs, ours, key: str = "") -> tuple[str, object, object] | None:
+    """The first key path (``experiment.population.size``) at which two nested dicts differ, with both
+    values; ``None`` where they are equal."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        for k in [*ours, *(k for k in theirs if k not in ours)]:
+            found = first_difference(theirs.get(k), ours.get(k), f"{key}.{k}" if key else str(k))
+            if found is not None:
+                return found
+        return None
+    return None if theirs == ours else (key, theirs, ours)
+
+
 class Stopped(Exception):
     """Training stopped on a signal after saving a checkpoint (the caller exits; a rerun resumes)."""
 
@@ -162,6 +186,7 @@ class Trainer:
         self.batch = 0  # batches of the current epoch completed (non-zero only in a mid-epoch checkpoint)
         self.generation = 0  # averaging events so far (for mutations' 0.01/g)
         self.rng_state: Tensor | None = None  # global RNG state at a mid-epoch stop
+        self.cuda_rng_state: Tensor | None = None  # and the CUDA device's, when training there
         self.stop_signal: str | None = None  # set by a signal handler; honoured at the next step
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.comm.is_main
 
@@ -230,7 +255,7 @@ class Trainer:
     def mixing_matrix(self, scheme: str, gen: torch.Generator) -> Tensor | None:
         genetic = self.exp["averaging"]["genetic"]
         if not (genetic["tournament"] or genetic["elitism"]):
-            return None if scheme == "all" else averaging.mixing_matrix(scheme, self.pop.size, gen)
+            return None if scheme == "all" else averaging.mixing_matrix(scheme, self.comm.p, gen)
         from papa.genetic import selection_matrix
 
         if self.comm.world_size > 1:
@@ -245,20 +270,30 @@ class Trainer:
                          self.device)
         return scores(logits, labels_of(self.splits.train, self.split["val"]))[0]
 
+    def freeze_body(self, frozen: bool) -> None:
+        """Fine-tuning (§4.2, after Kumar et al.): only the classifier head trains while ``frozen``."""
+        head = set(head_parameters(self.pop.template))
+        for name, t in self.pop.params.items():
+            t.requires_grad_(t.is_floating_point() and (name in head or not frozen))
+
     # the loop --------------------------------------------------------------------------------
     def run_epoch(self, bar=None, checkpoint=None) -> None:
         """One epoch (or the rest of one, after a mid-epoch checkpoint), then evaluation and averaging."""
         exp, e = self.exp, self.epoch
         total_steps = exp["train"]["epochs"] * self.stream.steps_per_epoch
         torch.manual_seed(derive_seed(self.seed, "global", e))  # dropout and other module-internal draws
+        self.freeze_body(e < exp["train"]["freeze_epochs"])
         self.pop.train()
         for i, (x, targets) in enumerate(self.stream.epoch(e)):
             if i < self.batch:  # resuming mid-epoch: replay the data stream up to where it stopped
                 continue
             if i == self.batch and self.rng_state is not None:
                 torch.set_rng_state(self.rng_state)
-                self.rng_state = None
-            self.optimizer.zero_grad(set_to_none=False)
+                if self.cuda_rng_state is not None and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(self.cuda_rng_state, self.device)
+                self.rng_state = self.cuda_rng_state = None
+            # None (not zero) gradients: a frozen parameter must get no weight decay or momentum step either
+            self.optimizer.zero_grad(set_to_none=True)
             losses = self.engine(self.pop, x, targets, self.autocast)
             if exp["train"]["check_finite"] and not torch.isfinite(losses).all():
                 j = int((~torch.isfinite(losses)).nonzero()[0])
@@ -274,8 +309,10 @@ class Trainer:
                 self.push()
             if bar is not None:
                 bar.set_postfix(loss=f"{losses.mean().item():.3f}", lr=f"{self.lr:.2e}", refresh=False)
-            if self.stop_signal is not None and self.batch < self.stream.steps_per_epoch:
+            if self.batch < self.stream.steps_per_epoch and self.stop_requested():
                 self.rng_state = torch.get_rng_state()
+                if self.device.type == "cuda":
+                    self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
                 if checkpoint is not None:
                     checkpoint(self)
                 raise Stopped(f"stopped by {self.stop_signal} at epoch {e + 1}, batch {self.batch}")
@@ -287,6 +324,14 @@ class Trainer:
             self.history.record(self.epoch, "before_avg", self.lr, val, test)
             self.average()
             self.history.record(self.epoch, "after_avg", self.lr, *self.evaluate())
+
+    def stop_requested(self) -> bool:
+        """Whether a stop signal arrived, here or (under torchrun) at any other process: all processes
+        then stop after the same step, so their checkpoints agree."""
+        if self.comm.anyone(self.stop_signal is not None):
+            self.stop_signal = self.stop_signal or "a signal to another process"
+            return True
+        return False
 
     def averaging_due(self) -> bool:
         if self.variant not in ("papa-all", "papa-2"):
@@ -307,7 +352,7 @@ class Trainer:
                 bar.update(1)
                 if checkpoint is not None:
                     checkpoint(self)
-                if self.stop_signal is not None and self.epoch < epochs:
+                if self.epoch < epochs and self.stop_requested():
                     raise Stopped(f"stopped by {self.stop_signal} after epoch {self.epoch}")
         return self.pop
 
@@ -325,6 +370,8 @@ class Trainer:
                     opt_meta[f"{idx}.{key}"] = value
         if self.rng_state is not None:
             tensors["rng.global"] = self.rng_state
+        if self.cuda_rng_state is not None:
+            tensors["rng.cuda"] = self.cuda_rng_state
         meta = {
             "experiment": self.exp, "variant": self.variant, "seed": self.seed,
             "epoch": self.epoch, "step": self.step, "batch": self.batch, "generation": self.generation,
@@ -335,9 +382,12 @@ class Trainer:
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict, where: str = "checkpoint") -> None:
         """Resume from ``state()``; a checkpoint of another config, variant or seed is refused."""
-        for key in ("experiment", "variant", "seed"):
-            if meta.get(key) != getattr(self, "exp" if key == "experiment" else key):
-                raise PapaError(f"{where}: written by a run with a different {key}; delete it to start over")
+        run = {"variant": self.variant, "seed": self.seed, "experiment": self.exp}
+        found = first_difference({key: meta.get(key) for key in run}, run)
+        if found is not None:
+            key, theirs, ours = found
+            raise PapaError(f"{where}: written by another run: {key}: the checkpoint has {theirs!r}, this run has "
+                            f"{ours!r}; delete it to start over")
         try:
             self.pop.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("pop.")})
         except ValueError as e:
@@ -356,3 +406,4 @@ class Trainer:
         self.generation = meta["generation"]
         self.history.rows = list(meta["history"])
         self.rng_state = tensors.get("rng.global")
+        self.cuda_rng_state = tensors.get("rng.cuda")

@@ -204,7 +204,8 @@ def test_repair_adds_only_the_missing_biases_and_leaves_its_input_alone():
     assert isinstance(repaired[4].bias, nn.Parameter)
 
     pop, soup = make_pop(bias_free_net), average_soup(make_pop(bias_free_net))
-    assert set(repair(soup, pop, xs).state_dict()) == set(soup.state_dict()) | {"0.bias", "2.bias"}  # not the output layer "6"
+    # not the output layer "6"
+    assert set(repair(soup, pop, xs).state_dict()) == set(soup.state_dict()) | {"0.bias", "2.bias"}
 
 
 def test_repair_of_bias_free_layer_before_batchnorm_keeps_the_shift():

@@ -194,3 +194,19 @@ def test_every_subcommand_has_help():
 
 def test_deep_merge_is_used_for_experiment_overrides():
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+
+
+def test_fine_tuning_freezes_the_body_then_unfreezes_it(tmp_path):
+    """Only the head trains during train.freeze_epochs; afterwards every layer does (the official code's
+    unfreeze compares an integer epoch with 0.04 and never fires)."""
+    exp = tiny_experiment(train={"epochs": 2, "freeze_epochs": 1, "optimizer": {"name": "adamw", "lr": 1e-3}},
+                          population={"size": 2})
+    splits, split, _ = prepared(tmp_path, exp)
+    trainer = Trainer(exp, "baseline", 1, splits, split, progress=False)
+    start = {n: t.detach().clone() for n, t in trainer.pop.params.items()}
+    trainer.run_epoch()
+    assert torch.equal(trainer.pop.params["conv1.weight"], start["conv1.weight"])
+    assert torch.equal(trainer.pop.params["bn1.weight"], start["bn1.weight"])
+    assert not torch.equal(trainer.pop.params["linear.weight"], start["linear.weight"])
+    trainer.run_epoch()
+    assert not torch.equal(trainer.pop.params["conv1.weight"], start["conv1.weight"])

@@ -14,6 +14,8 @@ rule train:
     benchmark:
         f"{BENCH}/train/{{experiment}}/{{variant}}/seed{{seed}}.tsv"
     threads: res("train", "threads")
+    # a failed or preempted attempt leaves its last checkpoint in the run directory: the retry resumes there
+    retries: 2
     resources:
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),

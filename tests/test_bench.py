@@ -1,0 +1,45 @@
+import json
+
+import pytest
+import torch
+
+from papa import bench
+from papa.cli import main
+
+REQUIRED = {"engine", "population", "batch_size", "device", "images_per_second", "step_ms", "averaging_ms"}
+
+
+@pytest.mark.parametrize("engine", ["loop", "stacked", "auto"])
+def test_papa_bench_prints_one_json_line(engine, capsys):
+    threads = torch.get_num_threads()
+    argv = ["bench", "--model", "digits_cnn", "--population", "2", "--batch-size", "4", "--steps", "2",
+            "--warmup", "1", "--engine", engine, "--device", "cpu", "--threads", "1"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result.keys() >= REQUIRED
+    assert result["engine"] in ("loop", "stacked") and result["engine_requested"] == engine
+    assert (result["population"], result["batch_size"], result["device"]) == (2, 4, "cpu")
+    assert result["images_per_second"] > 0 and result["step_ms"] > 0 and result["averaging_ms"] > 0
+    assert result["images_per_second"] == pytest.approx(2 * 4 / (result["step_ms"] / 1e3), rel=1e-3)
+    assert result["averaging_fraction_every10"] == pytest.approx(
+        result["averaging_ms"] / (10 * result["step_ms"]), rel=1e-2, abs=1e-5)
+    assert result["gflop_per_image"] == pytest.approx(0.0072, rel=0.01)
+    assert result["peak_fraction"] is None  # no bf16 peak for a CPU
+    assert torch.get_num_threads() == threads  # --threads does not leak out of the benchmark
+
+
+def test_flop_count_of_resnet18_matches_the_known_cost():
+    from papa.models import create_model
+
+    flop = bench.gflop_per_image(create_model("resnet18_cifar", 10), (3, 32, 32), 10)
+    assert flop == pytest.approx(3.33, abs=0.01)  # the known forward + backward cost
+
+
+def test_bf16_peaks_by_device_name():
+    assert bench.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.bf16_peak_tflops("NVIDIA H200") == 989.0
+    assert bench.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.bf16_peak_tflops("AMD EPYC") is None

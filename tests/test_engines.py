@@ -1,0 +1,275 @@
+"""The loop and stacked engines train a population identically.
+
+Dropout: both engines draw masks from the global generator. vmap(randomness="different") draws one
+(p, ...) mask per dropout layer per step, the loop one (...) mask per member, member after member. On
+CPU a (p, ...) Bernoulli draw consumes the generator exactly like p consecutive (...) draws (checked in
+``test_cpu_dropout_draws_are_sequential``), so with ONE dropout layer the two engines draw the same
+masks and must agree to float tolerance with dropout active. (With several dropout layers the draw
+order differs, so engines agree in distribution only; that case is covered by the per-member
+independence test.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import vmap
+
+from papa import averaging
+from papa.engines import ENGINES, build_engine, choose_engine, soft_cross_entropy, stacked_channels_last
+from papa.population import Population
+
+P, B, CLASSES = 4, 8, 3
+
+
+def bn_dropout_cnn() -> nn.Module:
+    # no conv bias before BatchNorm: its gradient is zero up to rounding, which AdamW would amplify to
+    # full-size steps in different directions for the two engines
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, CLASSES),
+    )
+
+
+def make_pop(same_init: bool = False) -> Population:
+    pop = Population.from_factory(bn_dropout_cnn, P, seed=5, same_init=same_init).train()
+    for t in pop.params.values():
+        t.requires_grad_(True)
+    return pop
+
+
+def batches(steps: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(P, B, 1, 4, 4, generator=g)
+        out.append((x, torch.softmax(torch.randn(P, B, CLASSES, generator=g), -1)))
+    return out
+
+
+def make_optimizer(kind: str, pop: Population) -> torch.optim.Optimizer:
+    params = list(pop.params.values())
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.1)
+    if kind == "sgd-momentum":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2)
+
+
+def average(variant: str, pop: Population, step: int) -> None:
+    if variant == "papa":
+        averaging.push_toward_average_(pop, 0.7)
+    elif variant == "papa-all" and step % 2 == 1:
+        averaging.average_all_(pop)
+    elif variant == "papa-2" and step % 2 == 1:
+        averaging.pair_average_(pop, torch.Generator().manual_seed(step))
+
+
+def train(engine, variant: str = "baseline", optimizer: str = "sgd-momentum", steps: int = 4,
+          dropout: bool = True, autocast=contextlib.nullcontext) -> tuple[Population, list]:
+    pop = make_pop()
+    if not dropout:
+        pop.template[3].eval()  # dropout off, BatchNorm still in train mode
+    opt = make_optimizer(optimizer, pop)
+    torch.manual_seed(123)  # dropout masks
+    losses = []
+    for s, (x, t) in enumerate(batches(steps)):
+        opt.zero_grad(set_to_none=False)
+        losses.append(engine(pop, x, t, autocast))
+        opt.step()
+        average(variant, pop, s)
+    return pop, losses
+
+
+def assert_same(a: Population, b: Population, atol: float = 1e-5) -> None:
+    for name, t in a.tensors():
+        u = b.state_dict()[name]
+        if t.is_floating_point():
+            torch.testing.assert_close(t.detach(), u.detach(), atol=atol, rtol=1e-4, msg=name)
+        else:
+            assert torch.equal(t, u), name
+
+
+# engines agree ------------------------------------------------------------------------------------
+def test_cpu_dropout_draws_are_sequential():
+    """The premise of the exact dropout comparison: one (p, ...) draw == p consecutive draws."""
+    x = torch.ones(P, 50)
+    torch.manual_seed(0)
+    together = vmap(lambda v: F.dropout(v, 0.5, True), randomness="different")(x)
+    torch.manual_seed(0)
+    one_by_one = torch.stack([F.dropout(x[j], 0.5, True) for j in range(P)])
+    assert torch.equal(together, one_by_one)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "papa", "papa-all", "papa-2"])
+def test_engines_give_the_same_population(variant):
+    """BatchNorm in train mode and dropout active; averaging of each variant between steps."""
+    loop, loop_losses = train(ENGINES["loop"], variant)
+    stacked, stacked_losses = train(ENGINES["stacked"], variant)
+    assert_same(loop, stacked)
+    torch.testing.assert_close(torch.stack(loop_losses), torch.stack(stacked_losses), atol=1e-5, rtol=1e-4)
+    # BatchNorm statistics moved, and (unless just averaged) differ per member: the comparison is not vacuous
+    var = stacked.buffers["1.running_var"]
+    assert not torch.allclose(var, torch.ones_like(var))
+    assert torch.allclose(var[0], var[1]) == (variant == "papa-all")
+    assert stacked.buffers["1.num_batches_tracked"].tolist() == [4] * P
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd-momentum", "adamw"])
+def test_engines_agree_for_each_optimizer(optimizer):
+    loop, _ = train(ENGINES["loop"], "papa", optimizer)
+    stacked, _ = train(ENGINES["stacked"], "papa", optimizer)
+    assert_same(loop, stacked)
+
+
+def test_loop_engine_matches_independent_modules():
+    """The reference: member j trained by the loop engine (one stacked optimizer) equals a plain module
+    trained alone with its own optimizer. Dropout is off so the two runs' masks cannot differ."""
+    pop, _ = train(ENGINES["loop"], "baseline", "sgd-momentum", dropout=False)
+    for j in range(P):
+        module = make_pop().member(j).train()
+        module[3].eval()
+        opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        for x, t in batches(4):
+            opt.zero_grad()
+            soft_cross_entropy(module(x[j]), t[j]).backward()
+            opt.step()
+        for name, value in module.state_dict().items():
+            torch.testing.assert_close(pop.state_dict()[name][j], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("engine", ["loop", "stacked"])
+def test_dropout_masks_are_independent_per_member(engine):
+    """Identical members on identical data: with dropout only the masks tell them apart, so their
+    losses differ; with dropout off they are identical. A reseeded run repeats itself exactly."""
+    x, t = batches(1)[0]
+    x, t = x[:1].expand_as(x).contiguous(), t[:1].expand_as(t).contiguous()
+
+    def losses(dropout: bool, seed: int = 0):
+        pop = make_pop(same_init=True)
+        if not dropout:
+            pop.template[3].eval()
+        torch.manual_seed(seed)
+        out = ENGINES[engine](pop, x, t, contextlib.nullcontext)
+        return out, pop.params["6.weight"].grad.clone()
+
+    on, grad_on = losses(True)
+    off, grad_off = losses(False)
+    assert torch.allclose(off, off[0].expand_as(off))
+    assert torch.allclose(grad_off, grad_off[0].expand_as(grad_off))
+    assert len(set(on.tolist())) == P
+    assert not torch.allclose(grad_on[0], grad_on[1])
+    again, grad_again = losses(True)
+    assert torch.equal(on, again) and torch.equal(grad_on, grad_again)
+
+
+def test_unused_parameters_get_no_gradient():
+    """As in plain PyTorch, a parameter the loss does not use ends with .grad None (the optimizer skips
+    it), whatever stale gradient it held."""
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, CLASSES), nn.Linear(4, CLASSES)
+
+        def forward(self, x):
+            return self.used(x.flatten(1))
+
+    results = {}
+    x, tg = torch.randn(2, 3, 1, 2, 2), torch.softmax(torch.randn(2, 3, CLASSES), -1)
+    for name in ENGINES:
+        pop = Population.from_factory(Partial, 2, seed=0)
+        for t in pop.params.values():
+            t.requires_grad_(True)
+            t.grad = torch.full_like(t, 7.0)
+        ENGINES[name](pop, x, tg, contextlib.nullcontext)
+        assert pop.params["unused.weight"].grad is None, name
+        results[name] = pop.params["used.weight"].grad
+    torch.testing.assert_close(results["loop"], results["stacked"])
+
+
+# options ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["loop", "stacked"])
+def test_channels_last_gives_the_same_population(name):
+    plain, _ = train(build_engine(name), "papa")
+    cl, _ = train(build_engine(name, channels_last=True), "papa")
+    assert_same(plain, cl)
+
+
+def test_stacked_channels_last_layout():
+    x = torch.randn(P, B, 3, 5, 5)
+    y = stacked_channels_last(x)
+    assert torch.equal(x, y)
+    # the grouped convolution's (B, p*C, H, W) view is channels-last without a copy
+    view = y.movedim(0, 1).reshape(B, P * 3, 5, 5)
+    assert view.data_ptr() == y.data_ptr() and view.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_autocast_on_cpu():
+    """Smoke test of the mixed-precision path: finite fp32 gradients, both engines close."""
+
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    loop, loop_losses = train(ENGINES["loop"], "papa", steps=2, autocast=bf16)
+    stacked, stacked_losses = train(ENGINES["stacked"], "papa", steps=2, autocast=bf16)
+    for pop in (loop, stacked):
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in pop.params.values())
+    torch.testing.assert_close(torch.stack(loop_losses), torch.stack(stacked_losses), atol=3e-2, rtol=3e-2)
+    assert_same(loop, stacked, atol=3e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("name", ["loop", "stacked"])
+def test_compiled_engine_matches_eager_and_compiles_once(name):
+    """torch.compile of the step on CPU (15-40 s here): same population as eager, and one compilation
+    serves every member, step and averaging in between (no recompilation)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, _ = train(build_engine(name, compile=True), "papa", dropout=False)
+    eager, _ = train(build_engine(name), "papa", dropout=False)
+    assert_same(compiled, eager)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_engine_reuses_its_compiled_function_per_template():
+    engine = build_engine("stacked", compile=False)
+    a, b = make_pop(), make_pop()
+    assert engine.loss_fn(a.template) is engine.loss_fn(a.template)
+    assert engine.loss_fn(b.template) is not None and engine._template is b.template
+    with pytest.raises(ValueError, match="unknown engine"):
+        build_engine("threads")
+
+
+def test_choose_engine():
+    assert choose_engine("loop", torch.device("cuda")) == "loop"
+    assert choose_engine("stacked", torch.device("cpu")) == "stacked"
+    assert choose_engine("auto", torch.device("cuda")) == "stacked"
+    assert choose_engine("auto", "cuda:0", population=10) == "stacked"
+    assert choose_engine("auto", "cuda", population=1) == "loop"
+    assert choose_engine("auto", torch.device("cpu"), population=4) == "loop"
+
+
+def test_engine_autocast_is_applied():
+    seen = []
+
+    @contextlib.contextmanager
+    def autocast():
+        seen.append(True)
+        yield
+
+    pop = make_pop()
+    x, t = batches(1)[0]
+    for name in ENGINES:
+        seen.clear()
+        ENGINES[name](copy.deepcopy(pop), x, t, autocast)
+        assert seen

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from papa.alignment import align, align_population, permute, random_permutations
+from papa.errors import PapaError
+from papa.models import create_model
+from papa.population import Population
+from papa.repair import repair
+from papa.similarity import (
+    BETWEEN_NETWORKS,
+    NETWORK_AND_SOUP,
+    cosine_similarity,
+    population_similarity,
+    stage_features,
+)
+from papa.soups import average_soup
+from tests.test_alignment import narrow, net
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def data(n: int = 2, size: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 16, 16, generator=g) for _ in range(n)]
+
+
+def shuffled(model, seed: int = 7):
+    return permute(model, random_permutations(model, torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize(("name", "shapes"), [
+    ("resnet20", [(16, 16, 16), (32, 8, 8), (64, 4, 4)]),
+    ("resnet18_cifar", [(8, 16, 16), (16, 8, 8), (32, 4, 4), (64, 2, 2)]),  # the narrow ResNet-18
+])
+def test_stage_features_are_the_stage_outputs(name, shapes):
+    xs = data()
+    model = net(name, 1, xs)
+    feats = stage_features(model, xs)
+    assert [tuple(f.shape) for f in feats] == [(16, *s) for s in shapes]
+    with torch.no_grad():
+        y = model.relu(model.bn1(model.conv1(xs[0])))
+        for k, f in enumerate(feats, start=1):
+            y = model.get_submodule(f"layer{k}")(y)
+            torch.testing.assert_close(f[:8], y)
+
+
+def test_similarity_of_identical_shuffled_and_independent_networks():
+    xs = data()
+    a, b = net("resnet18_cifar", 1, xs), net("resnet18_cifar", 2, xs)
+    assert cosine_similarity(a, a, xs) == pytest.approx([100.0] * 4, abs=1e-9)
+    copy = shuffled(a)
+    assert all(s < 90 for s in cosine_similarity(a, copy, xs))  # unit i of one is not unit i of the other
+    assert cosine_similarity(a, align(copy, a, xs), xs) == pytest.approx([100.0] * 4, abs=1e-6)
+    independent = cosine_similarity(a, b, xs)
+    aligned = cosine_similarity(a, align(b, a, xs), xs)
+    assert all(0 < s < 90 for s in independent + aligned)
+    # matching raises the similarity of independent networks at every stage (here by 2 to 20 points)
+    assert all(s > t for s, t in zip(aligned, independent, strict=True))
+
+
+def test_population_of_shuffled_copies_shares_every_feature():
+    xs = data()
+    a = net("resnet20", 1, xs)
+    pop = Population.from_modules([a, shuffled(a), shuffled(a, seed=8)])
+    sims = population_similarity(pop, xs, repair_iters=2)
+    assert set(sims) == {BETWEEN_NETWORKS, NETWORK_AND_SOUP}
+    # aligned, the members are one network; the soup is that network, REPAIRed on the data its statistics
+    # came from, so the same up to rounding
+    assert sims[BETWEEN_NETWORKS] == pytest.approx([100.0] * 3, abs=1e-6)
+    assert sims[NETWORK_AND_SOUP] == pytest.approx([100.0] * 3, abs=1e-3)
+    unaligned = population_similarity(pop, xs, align=False, repair=False)
+    assert all(s < 90 for s in unaligned[BETWEEN_NETWORKS])
+
+
+def test_population_of_independent_networks_is_less_similar_and_alignment_helps():
+    xs = data()
+    pop = Population.from_modules([net("resnet20", seed, xs) for seed in (1, 2, 3)])
+    sims = population_similarity(pop, xs, repair_iters=2)
+    plain = population_similarity(pop, xs, align=False, repair=False)
+    for row in (BETWEEN_NETWORKS, NETWORK_AND_SOUP):
+        assert all(0 < s < 90 for s in sims[row])
+    assert all(s > t for s, t in zip(sims[BETWEEN_NETWORKS], plain[BETWEEN_NETWORKS], strict=True))
+    # by hand: the mean over the 3 pairs of aligned members, and over members against the REPAIRed soup
+    aligned = align_population(pop, xs)
+    members = aligned.to_modules()
+    pairs = [cosine_similarity(members[i], members[j], xs) for i, j in [(0, 1), (0, 2), (1, 2)]]
+    assert sims[BETWEEN_NETWORKS] == pytest.approx(torch.tensor(pairs).mean(0).tolist(), abs=1e-6)
+    soup = repair(average_soup(aligned), aligned, xs, iters=2)
+    to_soup = [cosine_similarity(m, soup, xs) for m in members]
+    assert sims[NETWORK_AND_SOUP] == pytest.approx(torch.tensor(to_soup).mean(0).tolist(), abs=1e-6)
+
+
+def test_similarity_refuses_other_architectures_and_small_populations():
+    vgg = narrow("vgg11_bn")
+    with pytest.raises(PapaError, match="feature similarity supports resnet18_cifar and resnet20"):
+        cosine_similarity(vgg, vgg, data(1, 2))
+    with pytest.raises(ValueError, match="at least 2"):
+        population_similarity(Population.from_modules([create_model("resnet20", 10)]), data(1, 2))
