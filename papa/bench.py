@@ -20,7 +20,7 @@ from papa.engines import build_engine, choose_engine
 from papa.models import create_model
 from papa.population import Population
 
-INPUT_SHAPES = {"digits_cnn": (1, 8, 8), "linear": (1, 8, 8)}
+INPUT_SHAPES = {"digits_cnn": (1, 8, 8), "logreg": (1, 8, 8), "resnet50": (3, 224, 224)}
 """(channels, height, width) of models not made for 3x32x32 CIFAR images (the default)."""
 
 BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -45,7 +45,7 @@ def bf16_peak_tflops(name: str) -> float | None:
     return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
-def gflop_per_image(model: torch.nn.Module, shape: tuple[int, ...], num_classes: int) -> float:
+def gflop_per_image(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
     """Forward + backward GFLOP of one image, counted by torch's FLOP counter on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -125,7 +125,7 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
     blocks = sorted(_timed(step, dev, steps) for _ in range(repeats))
     step_s = blocks[0]
     push_s = min(_timed(lambda: averaging.push_toward_average_(pop, 0.99), dev, 5) for _ in range(repeats))
-    flop = gflop_per_image(pop.template, shape, num_classes)
+    flop = gflop_per_image(pop.template, shape)
     images_per_second = population * batch_size / step_s
     name_dev = device_name(dev)
     peak = bf16_peak_tflops(name_dev) if dev.type == "cuda" else None

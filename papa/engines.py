@@ -9,7 +9,8 @@ losses, shape (p,):
   different masks per member (``randomness="different"``).
 
 ``build_engine`` adds the opt-in speed-ups: ``torch.compile`` of the step (compiled on the first call,
-then reused for every member, step and epoch) and channels-last inputs for convolutional models.
+then reused for every member, step and epoch) and channels-last inputs and conv weights for
+convolutional models. ``choose_engine`` resolves ``engine: auto``.
 """
 
 from __future__ import annotations

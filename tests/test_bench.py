@@ -33,7 +33,7 @@ def test_papa_bench_prints_one_json_line(engine, capsys):
 def test_flop_count_of_resnet18_matches_the_known_cost():
     from papa.models import create_model
 
-    flop = bench.gflop_per_image(create_model("resnet18_cifar", 10), (3, 32, 32), 10)
+    flop = bench.gflop_per_image(create_model("resnet18_cifar", 10), (3, 32, 32))
     assert flop == pytest.approx(3.33, abs=0.01)  # the known forward + backward cost
 
 
