@@ -156,23 +156,30 @@ def load_population(exp: dict, splits, path: str | Path, device="cpu") -> tuple[
     return pop.to(device), meta
 
 
-def soups(exp: dict, split_path, run_dir) -> dict:
-    """Average and greedy soups (greedy on the validation split), each with and without REPAIR."""
+def open_run(exp: dict, split_path, run_dir):
+    """(run dir, device, splits, split, population, sidecar) of a trained run, each checked."""
     run = Path(run_dir)
     device = resolve_device(exp["train"]["device"])
     splits = load_data(exp)
     split = load_split(split_path, expect_n=len(splits.train))
-    pop, _ = load_population(exp, splits, run / "population.safetensors", device)
+    pop, meta = load_population(exp, splits, run / "population.safetensors", device)
+    return run, device, splits, split, pop, meta
+
+
+def soups(exp: dict, split_path, run_dir) -> dict:
+    """Average and greedy soups (greedy on the validation split), each with and without REPAIR."""
+    run, device, splits, split, pop, _ = open_run(exp, split_path, run_dir)
     bs = exp["train"]["eval_batch_size"]
     val_labels = labels_of(splits.train, split["val"])
 
     def val_accuracy(module) -> float:
         return scores(predict(module.to(device).eval(), splits.train, split["val"], bs, device), val_labels)[0]
 
-    from papa.data import MemberStream, Policy
+    from papa.data import Policy, make_stream
 
     base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
-    stream = MemberStream(splits.train, split["train"], exp["train"]["batch_size"], [base] * pop.size, 0, device)
+    options = {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
+    stream = make_stream(splits, split["train"], exp["train"]["batch_size"], [base] * pop.size, 0, device, **options)
     iters, seed = exp["soups"]["repair_iters"], exp["soups"]["repair_seed"]
 
     # soups are repaired on training data with the base transform only: the members' own regularization
@@ -197,11 +204,7 @@ def soups(exp: dict, split_path, run_dir) -> dict:
 
 def evaluate(exp: dict, split_path, run_dir) -> dict:
     """Test accuracies of members, their logit ensemble and the four soups → metrics.json."""
-    run = Path(run_dir)
-    device = resolve_device(exp["train"]["device"])
-    splits = load_data(exp)
-    split = load_split(split_path, expect_n=len(splits.train))
-    pop, meta = load_population(exp, splits, run / "population.safetensors", device)
+    run, device, splits, split, pop, meta = open_run(exp, split_path, run_dir)
     tensors, soup_meta = load_tensors(run / "soups.safetensors")
     bs, labels = exp["train"]["eval_batch_size"], labels_of(splits.test)
     logits = member_logits(pop, splits.test, None, bs, device)

@@ -21,3 +21,12 @@ def pop4() -> Population:
         pop.buffers["1.running_mean"][j].uniform_(-1, 1, generator=torch.Generator().manual_seed(j))
         pop.buffers["1.num_batches_tracked"][j] = 10 * j + 1
     return pop
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small convolutions gain nothing from threads, and lose a lot when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

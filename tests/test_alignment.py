@@ -26,14 +26,7 @@ from papa.population import Population
 from papa.repair import repair, reset_batchnorm
 from papa.soups import average_soup, greedy_soup
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions gain nothing from threads, and lose a lot when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # networks -----------------------------------------------------------------------------------------

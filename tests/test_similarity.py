@@ -16,13 +16,7 @@ from papa.similarity import (
 from papa.soups import average_soup
 from tests.test_alignment import narrow, net
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n: int = 2, size: int = 8, seed: int = 0) -> list[torch.Tensor]:
