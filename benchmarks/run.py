@@ -25,8 +25,13 @@ POPULATIONS = [1, 2, 4, 10]
 
 
 def engine_variants(device: str) -> list[str]:
-    """``engine[+compile][+cl]`` names to sweep; compilation only where it is expected to pay."""
-    return ["loop", "stacked", "stacked+compile"] if device == "cuda" else ["loop", "stacked"]
+    """``engine[+cl][+bf16][+compile]`` names to sweep (cl: channels-last; bf16: autocast whatever
+    --precision says); compilation only where it is expected to pay. On CPU the options are swept for the
+    loop and stacked engines, since which of them helps depends on the CPU (AVX512-BF16, oneDNN kernels)."""
+    if device == "cuda":
+        return ["loop", "stacked", "stacked+compile"]
+    return ["loop", "stacked", "loop+cl", "stacked+cl", "loop+cl+compile", "stacked+cl+compile",
+            "loop+cl+bf16", "loop+cl+bf16+compile", "stacked+cl+bf16+compile"]
 
 
 def settings(model: str, device: str, quick: bool) -> dict:
@@ -47,7 +52,7 @@ def bench(model: str, p: int, engine: str, cfg: dict, args) -> dict:
     cmd = [sys.executable, "-m", "papa.cli", "bench", "--model", model, "--population", str(p),
            "--batch-size", str(cfg["batch_size"]), "--steps", str(cfg["steps"]),
            "--warmup", str(cfg["warmup"]), "--repeats", str(args.repeats), "--engine", name,
-           "--device", args.device, "--precision", args.precision]
+           "--device", args.device, "--precision", "bf16" if "bf16" in flags else args.precision]
     cmd += ["--compile"] * ("compile" in flags) + ["--channels-last"] * ("cl" in flags or args.channels_last)
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -68,19 +73,20 @@ def fmt(value, digits: int = 1) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["model", "p", "batch", "engine", "images/s", "step ms", "× loop", "push ms", "push at every=10",
-            "TFLOP/s", "% bf16 peak"]
+    cols = ["model", "p", "batch", "engine", "images/s", "step ms", "× loop", "CPU ms", "× loop (CPU)",
+            "push ms", "push at every=10", "TFLOP/s", "% bf16 peak"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    loop = {(r["model"], r["population"]): r.get("images_per_second") for r in rows if r["label"] == "loop"}
+    loop = {(r["model"], r["population"]): r for r in rows if r["label"] == "loop" and "error" not in r}
     for r in rows:
         if "error" in r:
-            cells = [r["model"], r["population"], "", r["label"], f"error: {r['error']}"] + [""] * 6
+            cells = [r["model"], r["population"], "", r["label"], f"error: {r['error']}"] + [""] * 8
         else:
-            base = loop.get((r["model"], r["population"]))
-            peak = r["peak_fraction"]
+            base = loop.get((r["model"], r["population"]), {})
+            peak, cpu, base_cpu = r["peak_fraction"], r.get("cpu_ms"), base.get("cpu_ms")
             cells = [
                 r["model"], r["population"], r["batch_size"], r["label"], fmt(r["images_per_second"], 0),
-                fmt(r["step_ms"], 2), fmt(base and r["images_per_second"] / base, 2),
+                fmt(r["step_ms"], 2), fmt(base and r["images_per_second"] / base["images_per_second"], 2),
+                fmt(cpu, 2), fmt(cpu and base_cpu and base_cpu / cpu, 2),
                 fmt(r["averaging_ms"], 2), f"{fmt(100 * r['averaging_fraction_every10'], 2)}%",
                 fmt(r["tflops"], 2), fmt(peak and 100 * peak, 1),
             ]

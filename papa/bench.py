@@ -61,14 +61,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device, calls: int) -> float:
-    """Mean seconds per call of ``fn`` over ``calls`` calls."""
+def _timed(fn, device: torch.device, calls: int) -> tuple[float, float]:
+    """Mean wall and process-CPU seconds per call of ``fn`` over ``calls`` calls."""
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
         fn()
     _sync(device)
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - start) / calls, (time.process_time() - cpu) / calls
 
 
 def run(*args, threads: int | None = None, **kwargs) -> dict:
@@ -76,7 +76,9 @@ def run(*args, threads: int | None = None, **kwargs) -> dict:
     with ``threads`` CPU threads (restored afterwards).
 
     Returns a flat dict of the settings and measurements; ``step_ms`` is the fastest block's mean step,
-    the usual estimate on a shared machine where other work only ever slows a block down."""
+    the usual estimate on a shared machine where other work only ever slows a block down. ``cpu_ms`` is
+    the process CPU time per step (all threads): with one thread it hardly moves when other processes
+    compete for the cores, so it is the steadier figure for comparing engines on a busy machine."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -104,6 +106,10 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
     params = list(pop.params.values())
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
     name = choose_engine(engine, dev, population)
+    if compile:
+        # compiled graphs are cached per code object, which every Engine shares: start clean, so that a
+        # sweep in one process never hits the recompile limit and silently falls back to eager
+        torch._dynamo.reset()
     step_fn = build_engine(name, compile=compile, channels_last=channels_last)
     bf16 = precision == "bf16"
 
@@ -122,9 +128,10 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
         step()
     _sync(dev)
     warmup_s = time.perf_counter() - start
-    blocks = sorted(_timed(step, dev, steps) for _ in range(repeats))
-    step_s = blocks[0]
-    push_s = min(_timed(lambda: averaging.push_toward_average_(pop, 0.99), dev, 5) for _ in range(repeats))
+    timings = [_timed(step, dev, steps) for _ in range(repeats)]
+    blocks = sorted(wall for wall, _ in timings)
+    step_s, cpu_s = blocks[0], min(cpu for _, cpu in timings)
+    push_s = min(_timed(lambda: averaging.push_toward_average_(pop, 0.99), dev, 5)[0] for _ in range(repeats))
     flop = gflop_per_image(pop.template, shape)
     images_per_second = population * batch_size / step_s
     name_dev = device_name(dev)
@@ -136,6 +143,7 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
         "device_name": name_dev, "precision": precision, "compile": compile, "channels_last": channels_last,
         "threads": torch.get_num_threads(), "images_per_second": round(images_per_second, 1),
         "step_ms": round(step_s * 1e3, 3), "step_ms_median": round(blocks[len(blocks) // 2] * 1e3, 3),
+        "cpu_ms": round(cpu_s * 1e3, 3),
         "averaging_ms": round(push_s * 1e3, 3),
         "averaging_fraction_every10": round(push_s / (10 * step_s), 5),
         "warmup_s": round(warmup_s, 2), "gflop_per_image": round(flop, 4), "tflops": round(tflops, 4),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
@@ -166,24 +167,32 @@ def _preactivations(model: nn.Module, x: Tensor) -> list[_Layer]:
     return [layer for layer in _find_layers(model, x) if not layer.is_output]
 
 
+def _chunk_moments(y: Tensor, dim: int) -> tuple[int, Tensor, Tensor]:
+    """(count, mean, sum of squared deviations) per channel ``dim`` of one output, in float64."""
+    if y.dim() == 1 and dim == 0:  # one sample of a linear layer: nothing to reduce over
+        y, dim = y.unsqueeze(0), 1
+    dims = [d for d in range(y.dim()) if d != dim]
+    n = y.numel() // y.shape[dim]
+    mean = y.sum(dims, dtype=torch.float64) / n
+    shape = [-1 if d == dim else 1 for d in range(y.dim())]
+    # Centre in y's dtype, so the temporary is no bigger than y, then correct for the rounded centre.
+    centre = mean.to(y.dtype)
+    m2 = ((y - centre.view(shape)) ** 2).sum(dims, dtype=torch.float64)
+    return n, mean, m2 - n * (mean - centre.double()) ** 2
+
+
 class _Welford:
     """Per-channel count, mean and sum of squared deviations, merged across chunks (Chan et al.) in
-    float64 so that thousands of float32 values per channel lose no precision."""
+    float64 so that thousands of float32 values per channel lose no precision. Elementwise, so the
+    statistics may carry a leading member axis."""
 
     def __init__(self):
         self.n, self.mean, self.m2 = 0, None, None
 
     def add(self, y: Tensor, dim: int) -> None:
-        if y.dim() == 1 and dim == 0:  # one sample of a linear layer: nothing to reduce over
-            y, dim = y.unsqueeze(0), 1
-        dims = [d for d in range(y.dim()) if d != dim]
-        n = y.numel() // y.shape[dim]
-        mean = y.sum(dims, dtype=torch.float64) / n
-        shape = [-1 if d == dim else 1 for d in range(y.dim())]
-        # Centre in y's dtype, so the temporary is no bigger than y, then correct for the rounded centre.
-        centre = mean.to(y.dtype)
-        m2 = ((y - centre.view(shape)) ** 2).sum(dims, dtype=torch.float64)
-        m2 -= n * (mean - centre.double()) ** 2
+        self.merge(*_chunk_moments(y, dim))
+
+    def merge(self, n: int, mean: Tensor, m2: Tensor) -> None:
         if self.n == 0:
             self.n, self.mean, self.m2 = n, mean, m2
             return
@@ -274,11 +283,107 @@ def reset_batchnorm(module: nn.Module, batches_iter: Iterable, seed: int | None 
     return module
 
 
+# stacked passes: every member in one vmapped forward -------------------------------------------------
+def _stacked_data(batches: Batches, members: list[int], iters: int, seed: int, device) -> list[Tensor]:
+    """Each member's repair batches stacked along a leading member axis, one (p, B, ...) tensor per batch."""
+    per_member = [_data(batches, j, iters, seed, device) for j in members]
+    if len({len(xs) for xs in per_member}) > 1 or any(
+        len({x.shape for x in same}) > 1 for same in zip(*per_member, strict=False)
+    ):
+        raise ValueError("stacked REPAIR needs every member's batches to have the same count and shapes")
+    return [torch.stack(same) for same in zip(*per_member, strict=True)]
+
+
+def _stacked_forward(pop: Population):
+    """``forward(params, buffers, x)`` of every member at once (vmap), randomness per member."""
+    template = pop.template
+    return vmap(lambda p, b, x: functional_call(template, {**p, **b}, (x,)), randomness="different")
+
+
+@torch.no_grad()
+def _stacked_reset_bn(pop: Population, buffers: dict[str, Tensor], xs: list[Tensor], seed: int) -> None:
+    """``_reset_bn`` for every member at once, writing into the stacked ``buffers``."""
+    bns = [(n, m) for n, m in pop.template.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    for name, _ in bns:
+        buffers[f"{name}.running_mean"].zero_()
+        buffers[f"{name}.running_var"].fill_(1.0)
+        if f"{name}.num_batches_tracked" in buffers:
+            buffers[f"{name}.num_batches_tracked"].zero_()
+    momenta, was_training = [m.momentum for _, m in bns], pop.template.training
+    forward = _stacked_forward(pop)
+    pop.template.train()
+    try:
+        for b, x in enumerate(xs):
+            # momentum 1/(b+1) is the cumulative average that momentum=None gives, without the float() of
+            # the batch counter that vmap cannot take
+            for _, m in bns:
+                m.momentum = 1.0 / (b + 1)
+            with seeded(derive_seed("repair-batchnorm", seed, b)):
+                forward(pop.params, buffers, x)
+    finally:
+        for (_, m), momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+        pop.template.train(was_training)
+
+
+@torch.no_grad()
+def _stacked_measure(pop: Population, buffers: dict[str, Tensor], xs: list[Tensor], names=None):
+    """``_measure`` for every member at once: layer name -> (mean, std), each (p, channels)."""
+    template = pop.template
+    layers = [(n, m) for n, m in template.named_modules() if _is_layer(m) and (names is None or n in names)]
+    fired: list[tuple[str, int]] = []
+
+    def moments(params, bufs, x):
+        # the hooks see one member's output (vmap); their statistics leave vmap as the function's outputs
+        fired.clear()
+        out = []
+
+        def hook_for(name: str):
+            def hook(module, _, y):
+                n, mean, m2 = _chunk_moments(y, _channel_dim(module, y))
+                fired.append((name, n))
+                out.append((mean, m2))
+
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
+        try:
+            functional_call(template, {**params, **bufs}, (x,))
+        finally:
+            for h in handles:
+                h.remove()
+        return out
+
+    stats: dict[str, _Welford] = {}
+    was_training = template.training
+    template.eval()
+    try:
+        for x in xs:
+            out = vmap(moments)(pop.params, buffers, x)
+            for (name, n), (mean, m2) in zip(fired, out, strict=True):
+                stats.setdefault(name, _Welford()).merge(n, mean, m2)
+    finally:
+        template.train(was_training)
+    return {n: s.result() for n, s in stats.items()}
+
+
 # REPAIR (Algorithm 4) ------------------------------------------------------------------------------
-def member_moments(pop: Population, batches: Batches, iters: int = 5, seed: int = 666) -> list[Moments]:
+def member_moments(pop: Population, batches: Batches, iters: int = 5, seed: int = 666,
+                   stacked: bool = False) -> list[Moments]:
     """Each member's per-channel output moments of every convolution and linear layer, in eval mode on
-    its own first ``iters`` batches, after rebuilding a copy's BatchNorm statistics on those batches."""
+    its own first ``iters`` batches, after rebuilding a copy's BatchNorm statistics on those batches.
+
+    ``stacked``: all members in one vmapped pass per batch (the stacked engine's forward) instead of one
+    member copy at a time; the same statistics up to float rounding (dropout masks differ)."""
     batches = _freeze(batches, iters)
+    if stacked:
+        xs = _stacked_data(batches, list(range(pop.size)), iters, seed, pop.device)
+        buffers = {n: b.clone() for n, b in pop.buffers.items()}
+        _stacked_reset_bn(pop, buffers, xs, seed)
+        stats = _stacked_measure(pop, buffers, xs)
+        return [{n: (mean[j], std[j]) for n, (mean, std) in stats.items()} for j in range(pop.size)]
     out = []
     for j in range(pop.size):
         member = pop.member(j)
@@ -304,14 +409,14 @@ def _targets(moments: list[Moments], weights: Tensor) -> Moments:
 
 
 @torch.no_grad()
-def _fuse(layer: _Layer, mean: Tensor, std: Tensor, target: tuple[Tensor, Tensor], shift: bool) -> None:
-    """Rescale the layer's output channels: y <- s (y - mean) + target mean, s = target std / std."""
-    m = layer.module
+def _rescale(m: nn.Module, w: Tensor, bias: Tensor | None, mean: Tensor, std: Tensor,
+             target: tuple[Tensor, Tensor], shift: bool) -> Tensor | None:
+    """Rescale layer ``m``'s output channels in its weight ``w`` (in place): y <- s (y - mean) + target
+    mean, s = target std / std. Returns the new bias (float64) when ``shift``, else None."""
     target_mean, target_std = (t.to(mean.device) for t in target)
     # A channel with (numerically) no spread is a dead unit: scaling it up would only amplify rounding.
     dead = std <= 1e-6 * torch.sqrt(mean**2 + std**2)
     scale = torch.where(dead, torch.ones_like(std), target_std / std)
-    w = m.weight
     if isinstance(m, _ConvNd) and m.transposed:  # weight (in, out / groups, ...), grouped along dim 0
         g, in_per_group = m.groups, w.shape[0] // m.groups
         factor = scale.view(g, 1, -1).expand(g, in_per_group, -1).reshape(w.shape[0], w.shape[1])
@@ -319,11 +424,20 @@ def _fuse(layer: _Layer, mean: Tensor, std: Tensor, target: tuple[Tensor, Tensor
         factor = scale
     w.mul_(factor.view(*factor.shape, *[1] * (w.dim() - factor.dim())).to(w.dtype))
     if not shift:
+        return None
+    old = torch.zeros_like(mean) if bias is None else bias.double()
+    return scale * (old - mean) + target_mean
+
+
+@torch.no_grad()
+def _fuse(layer: _Layer, mean: Tensor, std: Tensor, target: tuple[Tensor, Tensor], shift: bool) -> None:
+    """_rescale a module's layer; a bias-free layer that needs a shift gets a bias."""
+    m = layer.module
+    new_bias = _rescale(m, m.weight, m.bias, mean, std, target, shift)
+    if new_bias is None:
         return
-    bias = torch.zeros_like(mean) if m.bias is None else m.bias.double()
-    new_bias = scale * (bias - mean) + target_mean
     if m.bias is None:  # never drop the shift of a bias-free layer: give it a bias
-        m.bias = nn.Parameter(new_bias.to(w.dtype), requires_grad=w.requires_grad)
+        m.bias = nn.Parameter(new_bias.to(m.weight.dtype), requires_grad=m.weight.requires_grad)
     else:
         m.bias.copy_(new_bias)
 
@@ -380,7 +494,7 @@ def repair(
 
 def repair_population_(
     pop: Population, matrix, batches: Batches, moments: list[Moments], iters: int = 5, seed: int = 666,
-    members: list[int] | None = None,
+    members: list[int] | None = None, stacked: bool = False,
 ) -> Population:
     """Repair, in place, a population just mixed by theta_i <- sum_j matrix[i, j] theta_j: member i gets
     the moments of the pre-mix members (``moments``, from ``member_moments`` before mixing) weighted by
@@ -393,6 +507,9 @@ def repair_population_(
     Members keep their architecture, so no bias can be added. A bias-free layer whose output goes straight
     into a BatchNorm is only rescaled: that BatchNorm's rebuilt running mean absorbs any per-channel shift
     exactly, so everything from the BatchNorm on matches ``repair``. Any other bias-free layer is an error.
+
+    ``stacked``: every member at once through vmapped full forward passes, instead of one member copy at
+    a time with passes cut short at the layer being repaired; the same result up to float rounding.
     """
     p, total = pop.size, len(moments)
     members = list(range(p)) if members is None else list(members)
@@ -401,20 +518,46 @@ def repair_population_(
         raise ValueError(f"mixing matrix must be {p}x{total} (held members x all members), got {tuple(m.shape)}")
     rows = [_check_weights(m[i], total) for i in range(p)]
     batches = _freeze(batches, iters)
+    stacked_xs = _stacked_data(batches, members, iters, seed, pop.device) if stacked else None
+
+    def data(i: int) -> list[Tensor]:
+        return [x[i] for x in stacked_xs] if stacked else _data(batches, members[i], iters, seed, pop.device)
+
+    # Same architecture for every member: checked on member 0, before anything is written.
+    layers = _preactivations(pop.member(0), data(0)[0])
+    unfixable = [layer.name for layer in layers if layer.module.bias is None and not layer.feeds_bn]
+    if unfixable:
+        raise ValueError(
+            f"cannot repair a population in place: layers {unfixable[:3]} have no bias and do not feed a "
+            "BatchNorm (repair a soup with repair(), which adds the biases)"
+        )
+    if stacked:
+        _stacked_repair_(pop, stacked_xs, [_targets(moments, r) for r in rows], seed, layers)
+        return pop
     for i in range(p):
-        member = pop.member(i)
-        xs = _data(batches, members[i], iters, seed, _device(member))
-        layers = _preactivations(member, xs[0])
-        # Same architecture for every member: this fails on member 0, before anything is written.
-        unfixable = [layer.name for layer in layers if layer.module.bias is None and not layer.feeds_bn]
-        if unfixable:
-            raise ValueError(
-                f"cannot repair a population in place: layers {unfixable[:3]} have no bias and do not feed a "
-                "BatchNorm (repair a soup with repair(), which adds the biases)"
-            )
-        _repair_(member, xs, _targets(moments, rows[i]), seed, layers, create_bias=False)
+        member, xs = pop.member(i), data(i)
+        _repair_(member, xs, _targets(moments, rows[i]), seed, _preactivations(member, xs[0]), create_bias=False)
         state = {**dict(member.named_parameters()), **dict(member.named_buffers())}
         with torch.no_grad():
             for name, t in pop.tensors():
                 t[i].copy_(state[name])
     return pop
+
+
+@torch.no_grad()
+def _stacked_repair_(pop: Population, xs: list[Tensor], targets: list[Moments], seed: int,
+                     layers: list[_Layer]) -> None:
+    """``_repair_`` of every member at once, on the stacked tensors, layer by layer in forward order."""
+    has_bn = bool(_tracking_bns(pop.template))
+    for layer in layers:
+        if has_bn:
+            _stacked_reset_bn(pop, pop.buffers, xs, seed)
+        mean, std = _stacked_measure(pop, pop.buffers, xs, {layer.name})[layer.name]
+        weight, bias = pop.params[f"{layer.name}.weight"], pop.params.get(f"{layer.name}.bias")
+        for i, target in enumerate(targets):
+            new_bias = _rescale(layer.module, weight[i], None if bias is None else bias[i], mean[i], std[i],
+                                target[layer.name], shift=bias is not None)
+            if new_bias is not None:
+                bias[i].copy_(new_bias)
+    if has_bn:
+        _stacked_reset_bn(pop, pop.buffers, xs, seed)

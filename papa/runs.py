@@ -15,12 +15,13 @@ from papa import config as cfg
 from papa.checkpoint import load_tensors, save_tensors, sidecar_path
 from papa.data import load_dataset, load_split, make_split, save_split
 from papa.distributed import from_env
+from papa.engines import choose_engine
 from papa.errors import PapaError
 from papa.evaluate import labels_of, member_logits, predict, scores
 from papa.io import write_json, write_text
 from papa.models import available_models
 from papa.population import Population
-from papa.repair import repair
+from papa.repair import member_moments, repair
 from papa.soups import average_soup, greedy_soup, subset_weights
 from papa.train import Trainer, build_population, resolve_device
 
@@ -189,12 +190,15 @@ def soups(exp: dict, split_path, run_dir) -> dict:
 
     avg = average_soup(pop)
     greedy, members = greedy_soup(pop, val_accuracy)
+    # the members' moments once for both soups, through the stacked forward when the run trained with it
+    stacked = choose_engine(exp["train"]["engine"], device, pop.size) == "stacked"
+    moments = member_moments(pop, batches, iters, seed, stacked=stacked)
     made = {
         "avg_soup": avg,
         "greedy_soup": greedy,
-        "avg_soup_repair": repair(avg, pop, batches, iters=iters, seed=seed),
+        "avg_soup_repair": repair(avg, pop, batches, iters=iters, seed=seed, moments=moments),
         "greedy_soup_repair": repair(greedy, pop, batches, iters=iters, seed=seed,
-                                     weights=subset_weights(pop.size, members)),
+                                     weights=subset_weights(pop.size, members), moments=moments),
     }
     tensors = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
     info = {"greedy_soup_members": members, "val_accuracy": {k: val_accuracy(m) for k, m in made.items()}}

@@ -17,7 +17,7 @@ from torch import Tensor
 from papa import averaging
 from papa.data import Policy, draw_policies, make_stream
 from papa.distributed import Local
-from papa.engines import ENGINES, choose_engine
+from papa.engines import build_engine, choose_engine
 from papa.errors import PapaError
 from papa.evaluate import labels_of, member_logits, predict, scores
 from papa.models import create_model
@@ -176,9 +176,11 @@ class Trainer:
         self.optimizer = build_optimizer(exp, self.pop)
         spe = self.stream.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(exp, s, spe))
-        self.engine_name = choose_engine(exp["train"]["engine"], self.device)
-        self.engine = ENGINES[self.engine_name]
-        bf16 = exp["train"]["precision"] == "bf16" and self.device.type == "cuda"
+        self.engine_name = choose_engine(exp["train"]["engine"], self.device, self.pop.size)
+        self.engine = build_engine(self.engine_name, compile=exp["train"]["compile"],
+                                   channels_last=exp["train"]["channels_last"])
+        self.stacked_repair = self.engine_name == "stacked"  # REPAIR passes go through the same vmap
+        bf16 = exp["train"]["precision"] == "bf16"
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.history = History()
         self.epoch = 0  # epochs completed
@@ -239,7 +241,8 @@ class Trainer:
         gen = generator(self.seed, "average", self.epoch)
         moments = None
         if cfg["repair"]:
-            local = member_moments(self.pop, self.member_repair_batches(cfg["repair_iters"]), cfg["repair_iters"])
+            local = member_moments(self.pop, self.member_repair_batches(cfg["repair_iters"]), cfg["repair_iters"],
+                                   stacked=self.stacked_repair)
             moments = self.comm.all_moments(local)
         matrix = self.mixing_matrix(cfg["scheme"], gen)
         if cfg["scheme"] == "all" and matrix is None:
@@ -249,7 +252,7 @@ class Trainer:
             self.comm.mix_(self.pop, matrix)
         if cfg["repair"]:
             repair_population_(self.pop, matrix[self.comm.members], self.repair_batches(cfg["repair_iters"]),
-                               moments, cfg["repair_iters"], members=self.comm.members)
+                               moments, cfg["repair_iters"], members=self.comm.members, stacked=self.stacked_repair)
         self.mutate(gen)
 
     def mixing_matrix(self, scheme: str, gen: torch.Generator) -> Tensor | None:

@@ -22,6 +22,7 @@ def test_papa_bench_prints_one_json_line(engine, capsys):
     assert result["engine"] in ("loop", "stacked") and result["engine_requested"] == engine
     assert (result["population"], result["batch_size"], result["device"]) == (2, 4, "cpu")
     assert result["images_per_second"] > 0 and result["step_ms"] > 0 and result["averaging_ms"] > 0
+    assert result["cpu_ms"] > 0
     assert result["images_per_second"] == pytest.approx(2 * 4 / (result["step_ms"] / 1e3), rel=1e-3)
     assert result["averaging_fraction_every10"] == pytest.approx(
         result["averaging_ms"] / (10 * result["step_ms"]), rel=1e-2, abs=1e-5)
@@ -43,3 +44,22 @@ def test_bf16_peaks_by_device_name():
     assert bench.bf16_peak_tflops("NVIDIA H200") == 989.0
     assert bench.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert bench.bf16_peak_tflops("AMD EPYC") is None
+
+
+@pytest.mark.slow
+def test_benchmark_runner_sweeps_engine_options_into_a_table(tmp_path):
+    """benchmarks/run.py: each engine label becomes a `papa bench` run (+bf16 sets the precision), and the
+    table compares wall and CPU time with the plain loop at the same p."""
+    from benchmarks import run as runner
+
+    out = tmp_path / "results.md"
+    assert runner.main(["--device", "cpu", "--models", "digits_cnn", "--populations", "2", "--threads", "1",
+                        "--repeats", "1", "--engines", "loop", "loop+cl+bf16", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(r["label"], r["precision"], r["channels_last"]) for r in rows] == [
+        ("loop", "fp32", False), ("loop+cl+bf16", "bf16", True)]
+    lines = out.read_text().splitlines()
+    loop_row = next(line for line in lines if "| loop |" in line)
+    cells = [c.strip() for c in loop_row.strip("|").split("|")]
+    assert cells[6] == "1.00" and cells[8] == "1.00"  # × loop, wall and CPU
+    assert "CPU ms" in out.read_text()

@@ -340,3 +340,66 @@ def test_the_classifier_producing_the_output_is_not_rescaled():
     last = [n for n, m in soup.named_modules() if isinstance(m, nn.Linear)][-1]
     assert torch.equal(repaired.get_submodule(last).weight, soup.get_submodule(last).weight)
     assert torch.equal(repaired.get_submodule(last).bias, soup.get_submodule(last).bias)
+
+
+# the stacked (vmapped) passes -----------------------------------------------------------------------
+def bn_net_no_dropout():  # (b) without dropout, whose masks the stacked pass draws differently
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), _random_affine(nn.BatchNorm2d(8)), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), _random_affine(nn.BatchNorm2d(8)), nn.ReLU(), *_head(8),
+    )
+
+
+STACKABLE = {"biased": biased_net, "bn": bn_net_no_dropout, "grouped": grouped_net, "mixed": MixedNet}
+
+
+@pytest.mark.parametrize("kind", STACKABLE)
+def test_stacked_member_moments_equal_the_per_member_ones(kind):
+    pop = make_pop(STACKABLE[kind])
+    batches = augmenting_batches([])
+    before = {k: v.clone() for k, v in pop.state_dict().items()}
+    loop = member_moments(pop, batches)
+    stacked = member_moments(pop, batches, stacked=True)
+    for j in range(P):
+        assert stacked[j].keys() == loop[j].keys()
+        assert_moments_match(stacked[j], loop[j], rtol=1e-4)
+    assert all(torch.equal(pop.state_dict()[k], v) for k, v in before.items())  # measured on copies
+
+
+@pytest.mark.parametrize("kind", ["biased", "mixed_biased", "bn"])
+def test_stacked_repair_population_equals_the_per_member_repair(kind):
+    factory = {"biased": biased_net, "bn": bn_net_no_dropout, "mixed_biased": MixedNetWithBiases}[kind]
+    matrix = mixing_matrix("dirichlet", P, torch.Generator().manual_seed(1))
+    batches = augmenting_batches([])
+    pre, loop = mixed_population(factory, matrix)
+    _, stacked = mixed_population(factory, matrix)
+    moments = member_moments(pre, batches, stacked=True)
+    repair_population_(loop, matrix, batches, moments)
+    assert repair_population_(stacked, matrix, batches, moments, stacked=True) is stacked
+    for name, t in loop.state_dict().items():
+        if t.is_floating_point():
+            torch.testing.assert_close(stacked.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(stacked.state_dict()[name], t), name
+
+
+def test_stacked_repair_runs_dropout_models_deterministically():
+    matrix = mixing_matrix("pair-half", P, torch.Generator().manual_seed(2))
+    batches = augmenting_batches([])
+    results = []
+    for _ in range(2):
+        pre, pop = mixed_population(bn_net, matrix)
+        moments = member_moments(pre, batches, stacked=True)
+        results.append(repair_population_(pop, matrix, batches, moments, stacked=True).state_dict())
+    for name, t in results[0].items():
+        assert torch.equal(results[1][name], t), name
+
+
+def test_stacked_repair_needs_equal_batches():
+    pop = make_pop(biased_net)
+
+    def ragged(member, generator):
+        yield torch.randn(4 + (member or 0), 3, 8, 8, generator=generator)
+
+    with pytest.raises(ValueError, match="same count and shapes"):
+        member_moments(pop, ragged, iters=1, stacked=True)

@@ -210,3 +210,55 @@ def test_fine_tuning_freezes_the_body_then_unfreezes_it(tmp_path):
     assert not torch.equal(trainer.pop.params["linear.weight"], start["linear.weight"])
     trainer.run_epoch()
     assert not torch.equal(trainer.pop.params["conv1.weight"], start["conv1.weight"])
+
+
+# speed options ---------------------------------------------------------------------------------------
+def _one_epoch(tmp_path, **train):
+    exp = tiny_experiment(train={"epochs": 1, **train}, population={"size": 2})
+    splits, split, _ = prepared(tmp_path, exp)
+    trainer = Trainer(exp, "papa", 1, splits, split, progress=False)
+    trainer.run_epoch()
+    return trainer
+
+
+def test_channels_last_option_reaches_the_engine_and_changes_no_result(tmp_path):
+    plain = _one_epoch(tmp_path)
+    fast = _one_epoch(tmp_path, channels_last=True)
+    assert fast.engine.channels_last and not plain.engine.channels_last
+    for name, t in plain.pop.params.items():
+        torch.testing.assert_close(fast.pop.params[name], t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bf16_trains_under_cpu_autocast(tmp_path):
+    """train.precision bf16 is honoured on CPU too (AVX512-BF16 CPUs run it faster): the run differs
+    from fp32 by bf16 rounding only."""
+    fp32 = _one_epoch(tmp_path)
+    bf16 = _one_epoch(tmp_path, precision="bf16")
+    with bf16.autocast():
+        assert torch.is_autocast_enabled("cpu")
+    w32, w16 = fp32.pop.params["linear.weight"], bf16.pop.params["linear.weight"]
+    assert torch.isfinite(w16).all() and not torch.equal(w16, w32)
+    assert (w16 - w32).norm() < 0.1 * w32.norm()
+
+
+def test_compile_option_builds_a_compiling_engine(tmp_path):
+    exp = tiny_experiment(train={"compile": True, "engine": "auto"})
+    splits, split, _ = prepared(tmp_path, exp)
+    trainer = Trainer(exp, "baseline", 1, splits, split, progress=False)
+    assert trainer.engine.compile and trainer.engine.name == "loop"  # auto: the loop on CPU
+
+
+def test_stacked_engine_repairs_through_the_stacked_forward_with_the_loops_result(tmp_path):
+    """PAPA-all with REPAIR: the stacked engine measures and repairs all members in vmapped passes; the
+    population after the averaging epoch matches the loop engine's up to float rounding."""
+    pops = {}
+    for engine in ("loop", "stacked"):
+        exp = tiny_experiment(train={"epochs": 2, "engine": engine})
+        splits, split, _ = prepared(tmp_path, exp)
+        trainer = Trainer(exp, "papa-all", 1, splits, split, progress=False)
+        assert trainer.stacked_repair == (engine == "stacked")
+        trainer.run_epoch()
+        trainer.average()
+        pops[engine] = trainer.pop
+    for name, t in pops["loop"].tensors():
+        torch.testing.assert_close(pops["stacked"].state_dict()[name], t, rtol=1e-3, atol=1e-4, msg=name)
