@@ -245,7 +245,7 @@ def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
                                                                                        "test accuracy (%)")
     spread = "mean (standard deviation)" if table["layout"] != "greedy_sizes" else "mean"
     seeds_text = f"{spread} over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    notes = [f"{what.capitalize()}; {seeds_text}"]
+    notes = [f"{what[0].upper()}{what[1:]}; {seeds_text}"]
     if table["layout"] == "range":
         notes.append("[min, max] over the members of all seeds")
     if table["layout"] in HIGHLIGHT:
