@@ -4,6 +4,7 @@ math, one tiny train + soups + evaluate, Tables 10-11 rendering, and one-line er
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -321,3 +322,26 @@ def test_bad_vaihingen_data_is_a_one_line_error(tmp_path, damage):
 def test_unknown_dataset_option_is_named(tiles):
     with pytest.raises(PapaError, match="has no option 'tile_size'"):
         load_dataset("vaihingen", tiles, tile_size=3)
+
+
+def test_stacked_engine_matches_the_loop_on_unet_patches():
+    """vmap over members (grouped convolutions, transposed convolutions, padding, BatchNorm) gives the
+    loop's per-pixel losses and gradients."""
+    from papa.engines import loop_step, stacked_step
+    from papa.population import Population
+
+    def factory():
+        return create_model("unet", num_classes=6, width=4, depth=2)
+
+    x, t = next(make_stream_for(coded_tiles(), [Policy(flip=True), Policy(mixup=0.4)], seed=2).epoch(0))
+    grads, losses = [], []
+    for step in (loop_step, stacked_step):
+        pop = Population.from_factory(factory, 2, seed=0)
+        pop.train()
+        for p in pop.params.values():
+            p.requires_grad_(True)
+        losses.append(step(pop, x / 40, t, contextlib.nullcontext))
+        grads.append({n: p.grad.clone() for n, p in pop.params.items()})
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-4), n
