@@ -21,7 +21,8 @@ from papa.data.vaihingen import TileDataset
 def confusion(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """(K, K) int64 counts: row = true class, column = predicted class."""
     index = labels.flatten().long() * num_classes + pred.flatten().long()
-    return torch.bincount(index.cpu(), minlength=num_classes**2).view(num_classes, num_classes)
+    # counted where the pixels are: only K*K counts cross to the CPU, not millions of indices per tile
+    return torch.bincount(index, minlength=num_classes**2).cpu().view(num_classes, num_classes)
 
 
 def pixel_accuracy(conf: Tensor) -> float:
