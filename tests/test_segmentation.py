@@ -61,6 +61,23 @@ def test_tiles_and_labels_load_in_the_split_order(tiles):
     assert splits.std == pytest.approx(pixels.std(1).tolist())
 
 
+def test_palette_labels_and_other_image_modes(tmp_path):
+    root = write_tiles(tmp_path / "v", tiles=(1, 5, 2), h=40, w=40)
+    label = root / "gts_for_participants" / tile_name(1)
+    Image.open(label).convert("P", palette=Image.Palette.ADAPTIVE, colors=8).save(label)
+    options = {"train_tiles": [1], "val_tiles": [5], "test_tiles": [2], "patch_size": 16}
+    splits = load_dataset("vaihingen", root, **options)
+    assert torch.equal(splits.train.labels[0], torch.from_numpy(tile_classes(1, 40, 40)))
+    Image.open(root / "top" / tile_name(5)).convert("L").save(root / "top" / tile_name(5))
+    with pytest.raises(PapaError, match="expected a 3-channel 8-bit image, found mode L"):
+        load_dataset("vaihingen", root, **options)
+    with pytest.raises(PapaError, match="smaller than the 64x64 patches"):
+        load_dataset("vaihingen", write_tiles(tmp_path / "w", tiles=(1, 5, 2), h=40, w=40),
+                     **(options | {"patch_size": 64}))
+    with pytest.raises(PapaError, match=r"tiles \[1\] are in more than one"):
+        load_dataset("vaihingen", root, **(options | {"test_tiles": [1]}))
+
+
 def test_label_colours_decode_to_the_six_classes():
     rgb = np.array([[c for c in CLASSES.values()]], dtype=np.uint8)  # (1, 6, 3)
     assert decode_labels(rgb).tolist() == [[0, 1, 2, 3, 4, 5]]

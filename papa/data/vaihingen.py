@@ -73,11 +73,14 @@ def tile_name(tile: int) -> str:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """A 3-channel 8-bit image as uint8 (H, W, 3); unreadable files are PapaErrors."""
+    """A 3-channel 8-bit image as uint8 (H, W, 3) (a palette image is expanded to its colours, which is
+    lossless); unreadable files are PapaErrors."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
+            if image.mode == "P":
+                image = image.convert("RGB")
             if image.mode != "RGB":
                 raise PapaError(f"{path}: expected a 3-channel 8-bit image, found mode {image.mode}")
             return np.asarray(image, dtype=np.uint8).copy()
