@@ -46,6 +46,7 @@ def member_logits(pop, data, indices=None, batch_size: int = 500, device="cpu") 
 
 
 def member_fns(pop) -> list[Callable[[Tensor], Tensor]]:
+    """Member j's forward pass as a callable, for every j (the population's train/eval mode applies)."""
     return [lambda x, j=j: pop.forward(j, x) for j in range(pop.size)]
 
 

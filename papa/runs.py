@@ -16,11 +16,12 @@ from papa.checkpoint import load_tensors, save_tensors, sidecar_path
 from papa.data import load_dataset, load_split, make_split, save_split
 from papa.distributed import from_env
 from papa.errors import PapaError
-from papa.evaluate import accuracy, labels_of, member_logits, population_scores, predict, scores
+from papa.evaluate import accuracy, labels_of, member_fns, member_logits, population_scores, predict, scores
 from papa.io import write_json, write_text
 from papa.models import available_models
 from papa.population import Population
 from papa.repair import repair
+from papa.segmentation import f1_dict, pixel_accuracy, tile_confusions
 from papa.soups import average_soup, greedy_soup, subset_weights
 from papa.train import Trainer, build_population, resolve_device
 
@@ -230,9 +231,6 @@ def _segmentation_scores(pop, soups: dict, test, device) -> dict:
     """Pixel accuracies as the classification keys, plus per-class F1 (A.8): ``f1_members`` (one
     {class: F1, 'average': mean F1} per member) and scalar keys ``<model>_f1_<class>`` and
     ``<model>_f1_average`` for model = mean (over members), ensemble and each soup."""
-    from papa.evaluate import member_fns
-    from papa.segmentation import f1_dict, pixel_accuracy, tile_confusions
-
     was_training = pop.template.training
     pop.eval()
     try:
