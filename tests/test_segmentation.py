@@ -363,3 +363,21 @@ def test_stacked_engine_matches_the_loop_on_unet_patches():
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-4), n
+
+
+def test_vaihingen_training_resumes_to_the_same_population(tiles, tmp_path, one_thread):
+    from papa.train import Trainer
+
+    exp = experiment(tiles, population={"size": 2}, averaging={"papa-2": {"every": 1}})
+    runs.prepare(exp, tmp_path / "split.json")
+    splits, split = runs.load_data(exp), load_split(tmp_path / "split.json")
+    whole = Trainer(exp, "papa-2", 3, splits, split, progress=False)
+    whole.fit()
+    first = Trainer(exp, "papa-2", 3, splits, split, progress=False)
+    first.run_epoch()
+    resumed = Trainer(exp, "papa-2", 3, splits, split, progress=False)
+    resumed.load_state(*first.state())
+    resumed.fit()
+    for name, t in whole.pop.state_dict().items():
+        assert torch.equal(t, resumed.pop.state_dict()[name]), name
+    assert whole.history.rows == resumed.history.rows
