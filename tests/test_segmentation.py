@@ -74,6 +74,12 @@ def test_palette_labels_and_other_image_modes(tmp_path):
     with pytest.raises(PapaError, match="smaller than the 64x64 patches"):
         load_dataset("vaihingen", write_tiles(tmp_path / "w", tiles=(1, 5, 2), h=40, w=40),
                      **(options | {"patch_size": 64}))
+    write_tiles(root, tiles=(5,), h=40, w=40)  # back to RGB
+    (root / "gts_complete").rename(root / "test_labels")
+    with pytest.raises(PapaError, match=r"no label for tile 2: .* \(or in gts_complete/\)"):
+        load_dataset("vaihingen", root, **options)
+    relabelled = load_dataset("vaihingen", root, **options, label_dirs=["gts_for_participants", "test_labels"])
+    assert torch.equal(relabelled.test.labels[0], torch.from_numpy(tile_classes(2, 40, 40)))
     with pytest.raises(PapaError, match=r"tiles \[1\] are in more than one"):
         load_dataset("vaihingen", root, **(options | {"test_tiles": [1]}))
 

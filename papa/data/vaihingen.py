@@ -6,7 +6,7 @@ Layout under ``root`` (default ``data/vaihingen``), as the ISPRS release unpacks
 - ``gts_for_participants/top_mosaic_09cm_area{N}.tif``: labels of the 16 labelled tiles;
 - ``gts_complete/top_mosaic_09cm_area{N}.tif``: labels of the 17 test tiles, from the full reference
   release (``ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE``; a tile's label is looked up in
-  ``gts_for_participants`` first, then here). Non-eroded labels are used.
+  ``gts_for_participants`` first, then here; option ``label_dirs``). Non-eroded labels are used.
 
 The split (paper: 11 training, 5 validation, 17 test tiles, after Fatras et al., 2021, who list no tile
 ids) is the standard ISPRS one: the 16 labelled tiles are the training + validation tiles, the 17 others
@@ -104,22 +104,22 @@ def decode_labels(rgb: np.ndarray, where: str | Path = "labels") -> Tensor:
     return torch.from_numpy(values[pos])
 
 
-def _label_path(base: Path, tile: int) -> Path:
-    for folder in LABEL_DIRS:
+def _label_path(base: Path, tile: int, label_dirs: tuple[str, ...]) -> Path:
+    for folder in label_dirs:
         path = base / folder / tile_name(tile)
         if path.is_file():
             return path
-    raise PapaError(f"Vaihingen: no label for tile {tile}: expected {base / LABEL_DIRS[0] / tile_name(tile)} "
-                    f"(or in {LABEL_DIRS[1]}/ for test tiles)")
+    others = f" (or in {', '.join(f'{d}/' for d in label_dirs[1:])})" if len(label_dirs) > 1 else ""
+    raise PapaError(f"Vaihingen: no label for tile {tile}: expected {base / label_dirs[0] / tile_name(tile)}{others}")
 
 
-def read_tile(base: Path, tile: int) -> tuple[Tensor, Tensor]:
-    """(image uint8 (3, H, W), labels int64 (H, W)) of one tile; missing files and size mismatches are
-    PapaErrors."""
+def read_tile(base: Path, tile: int, label_dirs: tuple[str, ...] = LABEL_DIRS) -> tuple[Tensor, Tensor]:
+    """(image uint8 (3, H, W), labels int64 (H, W)) of one tile, its label from the first of ``label_dirs``
+    that has it; missing files and size mismatches are PapaErrors."""
     image_path = base / IMAGE_DIR / tile_name(tile)
     if not image_path.is_file():
         raise PapaError(f"Vaihingen: tile {tile} not found: expected {image_path}")
-    label_path = _label_path(base, tile)
+    label_path = _label_path(base, tile, label_dirs)
     image, rgb = read_rgb(image_path), read_rgb(label_path)
     if image.shape != rgb.shape:
         raise PapaError(f"Vaihingen tile {tile}: image {image.shape[1]}x{image.shape[0]} but label "
@@ -148,11 +148,12 @@ def _tile_ids(name: str, tiles) -> tuple[int, ...]:
 
 @register("vaihingen")
 def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test_tiles=TEST_TILES,
-                   patch_size: int = PATCH_SIZE, epoch_size: int = EPOCH_SIZE) -> Splits:
+                   patch_size: int = PATCH_SIZE, epoch_size: int = EPOCH_SIZE, label_dirs=LABEL_DIRS) -> Splits:
     """Vaihingen tiles (see the module docstring): train = training + validation tiles, test = test tiles.
 
     ``patch_size`` and ``epoch_size`` (patches per epoch and member) set the training stream (paper: 256,
-    10000). mean/std are measured on the training tiles."""
+    10000); ``label_dirs`` are the folders searched for labels, in order. mean/std are measured on the
+    training tiles."""
     ids = {name: _tile_ids(name, t) for name, t in
            (("train_tiles", train_tiles), ("val_tiles", val_tiles), ("test_tiles", test_tiles))}
     shared = set(ids["train_tiles"]) & set(ids["val_tiles"]) | set(ids["test_tiles"]) & {
@@ -162,12 +163,15 @@ def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test
     if type(patch_size) is not int or patch_size < 8 or type(epoch_size) is not int or epoch_size < 1:
         raise PapaError(f"Vaihingen: patch_size must be an integer >= 8 and epoch_size >= 1, found {patch_size} "
                         f"and {epoch_size}")
+    if isinstance(label_dirs, str) or not label_dirs or not all(isinstance(d, str) and d for d in label_dirs):
+        raise PapaError(f"Vaihingen option label_dirs: expected a non-empty list of folder names, found {label_dirs!r}")
+    label_dirs = tuple(label_dirs)
     base = Path(root if root is not None else Path("data") / "vaihingen")
     if not (base / IMAGE_DIR).is_dir():
         raise PapaError(f"Vaihingen not found: expected the tile folder {base / IMAGE_DIR}")
     labelled = ids["train_tiles"] + ids["val_tiles"]
-    train = [read_tile(base, t) for t in labelled]
-    test = [read_tile(base, t) for t in ids["test_tiles"]]
+    train = [read_tile(base, t, label_dirs) for t in labelled]
+    test = [read_tile(base, t, label_dirs) for t in ids["test_tiles"]]
     small = [t for t, (x, _) in zip(labelled, train, strict=True) if min(x.shape[1:]) < patch_size]
     if small:
         raise PapaError(f"Vaihingen: tile {small[0]} is smaller than the {patch_size}x{patch_size} patches")
