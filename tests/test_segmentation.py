@@ -343,9 +343,11 @@ def test_bad_vaihingen_data_is_a_one_line_error(tmp_path, damage):
     assert not (tmp_path / "split.json").exists()
 
 
-def test_unknown_dataset_option_is_named(tiles):
+def test_unknown_or_malformed_dataset_options_are_named(tiles):
     with pytest.raises(PapaError, match="has no option 'tile_size'"):
         load_dataset("vaihingen", tiles, tile_size=3)
+    with pytest.raises(PapaError, match="option test_tiles: expected a non-empty list of distinct tile numbers"):
+        load_dataset("vaihingen", tiles, **(OPTIONS | {"test_tiles": 2}))
 
 
 def test_stacked_engine_matches_the_loop_on_unet_patches():

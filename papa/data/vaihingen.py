@@ -140,7 +140,7 @@ def channel_stats(images: list[Tensor]) -> tuple[tuple[float, ...], tuple[float,
 
 
 def _tile_ids(name: str, tiles) -> tuple[int, ...]:
-    ids = tuple(tiles)
+    ids = tuple(tiles) if isinstance(tiles, list | tuple) else ()
     if not ids or not all(type(t) is int and t > 0 for t in ids) or len(set(ids)) != len(ids):
         raise PapaError(f"Vaihingen option {name}: expected a non-empty list of distinct tile numbers, found {tiles!r}")
     return ids
@@ -172,7 +172,7 @@ def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test
     labelled = ids["train_tiles"] + ids["val_tiles"]
     train = [read_tile(base, t, label_dirs) for t in labelled]
     test = [read_tile(base, t, label_dirs) for t in ids["test_tiles"]]
-    small = [t for t, (x, _) in zip(labelled, train, strict=True) if min(x.shape[1:]) < patch_size]
+    small = [t for t, (x, _) in zip(ids["train_tiles"], train, strict=False) if min(x.shape[1:]) < patch_size]
     if small:
         raise PapaError(f"Vaihingen: tile {small[0]} is smaller than the {patch_size}x{patch_size} patches")
     mean, std = channel_stats([x for x, _ in train[:len(ids["train_tiles"])]])
