@@ -28,8 +28,9 @@ LossFn = Callable[[dict, dict, Tensor, Tensor], Tensor]
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy against soft targets (mixup, CutMix and label smoothing all produce them)."""
-    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    """Cross-entropy against soft targets (mixup, CutMix and label smoothing all produce them): classes on
+    dim 1, so (B, K) logits, or (B, K, H, W) per-pixel logits averaged over pixels too."""
+    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
 def member_loss_fn(template: torch.nn.Module) -> LossFn:

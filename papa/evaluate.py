@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from papa.data import eval_batches
+from papa.data import TileDataset, eval_batches
+from papa.segmentation import pixel_accuracy, tile_confusions
 
 
 @torch.no_grad()
@@ -42,3 +43,30 @@ def member_logits(pop, data, indices=None, batch_size: int = 500, device="cpu") 
         return [torch.cat(chunks) for chunks in out]
     finally:
         pop.train(was_training)
+
+
+def member_fns(pop) -> list[Callable[[Tensor], Tensor]]:
+    """Member j's forward pass as a callable, for every j (the population's train/eval mode applies)."""
+    return [lambda x, j=j: pop.forward(j, x) for j in range(pop.size)]
+
+
+def population_scores(pop, data, indices=None, batch_size: int = 500, device="cpu") -> list[tuple[float, float]]:
+    """Each member's (accuracy in percent, mean cross-entropy) on ``data``: per image, or per pixel of whole
+    tiles for a segmentation dataset (papa.segmentation)."""
+    if not isinstance(data, TileDataset):
+        labels = labels_of(data, indices)
+        return [scores(z, labels) for z in member_logits(pop, data, indices, batch_size, device)]
+    was_training = pop.template.training
+    pop.eval()
+    try:
+        confs, losses = tile_confusions(member_fns(pop), data, indices, device)
+    finally:
+        pop.train(was_training)
+    return [(pixel_accuracy(c), loss) for c, loss in zip(confs, losses, strict=True)]
+
+
+def accuracy(module, data, indices=None, batch_size: int = 500, device="cpu") -> float:
+    """Accuracy in percent of ``module`` (in eval mode) on ``data``: per image, or per pixel of whole tiles."""
+    if isinstance(data, TileDataset):
+        return pixel_accuracy(tile_confusions([module], data, indices, device)[0][0])
+    return scores(predict(module, data, indices, batch_size, device), labels_of(data, indices))[0]

@@ -17,11 +17,12 @@ from papa.data import load_dataset, load_split, make_split, save_split
 from papa.distributed import from_env
 from papa.engines import choose_engine
 from papa.errors import PapaError
-from papa.evaluate import labels_of, member_logits, predict, scores
+from papa.evaluate import accuracy, labels_of, member_fns, member_logits, population_scores, predict, scores
 from papa.io import write_json, write_text
 from papa.models import available_models
 from papa.population import Population
 from papa.repair import member_moments, repair
+from papa.segmentation import f1_dict, pixel_accuracy, tile_confusions
 from papa.soups import average_soup, greedy_soup, subset_weights
 from papa.train import Trainer, build_population, resolve_device
 
@@ -45,16 +46,22 @@ def load_experiment(config_path: str | Path, name: str | None) -> dict:
 def load_data(exp: dict):
     d = exp["data"]
     options = {"image_size": d["image_size"]} if d["image_size"] else {}
-    return load_dataset(d["dataset"], d["root"], **options)
+    return load_dataset(d["dataset"], d["root"], **options, **d["options"])
 
 
 def prepare(exp: dict, out: str | Path) -> dict:
-    """Hold out the validation split (paper: 2% of the training set) and save it as an index file."""
+    """Hold out the validation split (paper: 2% of the training set, or the dataset's own validation set,
+    e.g. Vaihingen's 5 tiles) and save it as an index file."""
     splits = load_data(exp)
     d = exp["data"]
-    split = make_split(len(splits.train), d["val_fraction"], d["split_seed"])
-    save_split(out, split, {"dataset": d["dataset"], "n": len(splits.train), "fraction": d["val_fraction"],
-                            "seed": d["split_seed"]})
+    if splits.fixed_split is not None:
+        split = dict(splits.fixed_split)
+        meta = {"dataset": d["dataset"], "n": len(splits.train), "fixed": True}
+    else:
+        split = make_split(len(splits.train), d["val_fraction"], d["split_seed"])
+        meta = {"dataset": d["dataset"], "n": len(splits.train), "fraction": d["val_fraction"],
+                "seed": d["split_seed"]}
+    save_split(out, split, meta)
     return split
 
 
@@ -171,10 +178,9 @@ def soups(exp: dict, split_path, run_dir) -> dict:
     """Average and greedy soups (greedy on the validation split), each with and without REPAIR."""
     run, device, splits, split, pop, _ = open_run(exp, split_path, run_dir)
     bs = exp["train"]["eval_batch_size"]
-    val_labels = labels_of(splits.train, split["val"])
 
     def val_accuracy(module) -> float:
-        return scores(predict(module.to(device).eval(), splits.train, split["val"], bs, device), val_labels)[0]
+        return accuracy(module.to(device).eval(), splits.train, split["val"], bs, device)
 
     from papa.data import Policy, make_stream
 
@@ -206,34 +212,70 @@ def soups(exp: dict, split_path, run_dir) -> dict:
     return info
 
 
-def evaluate(exp: dict, split_path, run_dir) -> dict:
-    """Test accuracies of members, their logit ensemble and the four soups → metrics.json."""
-    run, device, splits, split, pop, meta = open_run(exp, split_path, run_dir)
-    tensors, soup_meta = load_tensors(run / "soups.safetensors")
-    bs, labels = exp["train"]["eval_batch_size"], labels_of(splits.test)
-    logits = member_logits(pop, splits.test, None, bs, device)
-    members = [scores(z, labels)[0] for z in logits]
-    val_labels = labels_of(splits.train, split["val"])
-    val = [scores(z, val_labels)[0] for z in member_logits(pop, splits.train, split["val"], bs, device)]
-    acc = torch.tensor(members, dtype=torch.float64)
-    metrics = {
-        "experiment": exp["name"], "variant": meta["variant"], "seed": meta["seed"], "population": pop.size,
-        "members": members, "mean": acc.mean().item(), "min": acc.min().item(), "max": acc.max().item(),
-        "std": acc.std(unbiased=False).item(), "ensemble": scores(torch.stack(logits).mean(0), labels)[0],
-    }
+def _soup_modules(pop, tensors: dict, where: Path, device) -> dict:
+    modules = {}
     for name in SOUPS:
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not state:
-            raise PapaError(f"{run / 'soups.safetensors'}: no tensors for {name}")
-        module = pop.module_from_state(state).to(device).eval()
-        metrics[name] = scores(predict(module, splits.test, None, bs, device), labels)[0]
+            raise PapaError(f"{where}: no tensors for {name}")
+        modules[name] = pop.module_from_state(state).to(device).eval()
+    return modules
+
+
+def _classification_scores(pop, soups: dict, test, bs: int, device) -> dict:
+    labels = labels_of(test)
+    logits = member_logits(pop, test, None, bs, device)
+    return {"members": [scores(z, labels)[0] for z in logits],
+            "ensemble": scores(torch.stack(logits).mean(0), labels)[0],
+            **{name: scores(predict(m, test, None, bs, device), labels)[0] for name, m in soups.items()}}
+
+
+def _segmentation_scores(pop, soups: dict, test, device) -> dict:
+    """Pixel accuracies as the classification keys, plus per-class F1 (A.8): ``f1_members`` (one
+    {class: F1, 'average': mean F1} per member) and scalar keys ``<model>_f1_<class>`` and
+    ``<model>_f1_average`` for model = mean (over members), ensemble and each soup."""
+    was_training = pop.template.training
+    pop.eval()
+    try:
+        confs, _ = tile_confusions(member_fns(pop), test, None, device, ensemble=True)
+    finally:
+        pop.train(was_training)
+    soup_confs = dict(zip(soups, tile_confusions(list(soups.values()), test, None, device)[0], strict=True))
+    member_f1 = [f1_dict(c, test.classes) for c in confs[:-1]]
+    f1 = {"mean": {k: sum(m[k] for m in member_f1) / len(member_f1) for k in member_f1[0]},
+          "ensemble": f1_dict(confs[-1], test.classes),
+          **{name: f1_dict(c, test.classes) for name, c in soup_confs.items()}}
+    return {"members": [pixel_accuracy(c) for c in confs[:-1]], "ensemble": pixel_accuracy(confs[-1]),
+            **{name: pixel_accuracy(c) for name, c in soup_confs.items()},
+            "classes": list(test.classes), "f1_members": member_f1,
+            **{f"{model}_f1_{k}": v for model, values in f1.items() for k, v in values.items()}}
+
+
+def evaluate(exp: dict, split_path, run_dir) -> dict:
+    """Test accuracies of members, their logit ensemble and the four soups → metrics.json (per-class F1
+    too for a segmentation dataset)."""
+    run, device, splits, split, pop, meta = open_run(exp, split_path, run_dir)
+    tensors, soup_meta = load_tensors(run / "soups.safetensors")
+    soups = _soup_modules(pop, tensors, run / "soups.safetensors", device)
+    bs = exp["train"]["eval_batch_size"]
+    if splits.kind == "segmentation":
+        test = _segmentation_scores(pop, soups, splits.test, device)
+    else:
+        test = _classification_scores(pop, soups, splits.test, bs, device)
+    val = [a for a, _ in population_scores(pop, splits.train, split["val"], bs, device)]
+    acc = torch.tensor(test["members"], dtype=torch.float64)
+    metrics = {
+        "experiment": exp["name"], "variant": meta["variant"], "seed": meta["seed"], "population": pop.size,
+        "mean": acc.mean().item(), "min": acc.min().item(), "max": acc.max().item(),
+        "std": acc.std(unbiased=False).item(), **test,
+    }
     metrics["greedy_soup_size"] = len(soup_meta["greedy_soup_members"])
     metrics["greedy_soup_members"] = soup_meta["greedy_soup_members"]
     metrics["val_members"] = val
     order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
              "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
              "greedy_soup_members", "val_members"]
-    metrics = {k: metrics[k] for k in order}
+    metrics = {k: metrics[k] for k in order} | {k: v for k, v in metrics.items() if k not in order}
     write_json(run / "metrics.json", metrics)
     return metrics

@@ -19,7 +19,7 @@ from papa.data import Policy, draw_policies, make_stream
 from papa.distributed import Local
 from papa.engines import build_engine, choose_engine
 from papa.errors import PapaError
-from papa.evaluate import labels_of, member_logits, predict, scores
+from papa.evaluate import accuracy, population_scores
 from papa.models import create_model
 from papa.population import Population
 from papa.repair import member_moments, repair_population_
@@ -111,9 +111,7 @@ class History:
 
 
 def member_scores(pop, data, indices, exp, device) -> list[tuple[float, float]]:
-    labels = labels_of(data, indices)
-    logits = member_logits(pop, data, indices, exp["train"]["eval_batch_size"], device)
-    return [scores(z, labels) for z in logits]
+    return population_scores(pop, data, indices, exp["train"]["eval_batch_size"], device)
 
 
 # the run ---------------------------------------------------------------------------------------
@@ -167,7 +165,7 @@ class Trainer:
         self.policies = [self.all_policies[j] for j in self.comm.members]
         per_batch = exp["augment"]["grid"] if exp["augment"]["per_batch"] and exp["augment"]["enabled"] else None
         options = {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
-        if len(split["train"]) < exp["train"]["batch_size"]:
+        if splits.kind != "segmentation" and len(split["train"]) < exp["train"]["batch_size"]:
             raise PapaError(
                 f"train.batch_size {exp['train']['batch_size']} exceeds the {len(split['train'])} training images"
             )
@@ -269,9 +267,8 @@ class Trainer:
 
     def child_fitness(self, state: dict[str, Tensor]) -> float:
         module = self.pop.module_from_state(state).to(self.device).eval()
-        logits = predict(module, self.splits.train, self.split["val"], self.exp["train"]["eval_batch_size"],
-                         self.device)
-        return scores(logits, labels_of(self.splits.train, self.split["val"]))[0]
+        return accuracy(module, self.splits.train, self.split["val"], self.exp["train"]["eval_batch_size"],
+                        self.device)
 
     def freeze_body(self, frozen: bool) -> None:
         """Fine-tuning (§4.2, after Kumar et al.): only the classifier head trains while ``frozen``."""

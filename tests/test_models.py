@@ -16,7 +16,9 @@ INPUTS = {
     "resnet18_cifar": (3, 32),
     "resnet20": (3, 32),
     "resnet50": (3, 64),
+    "unet": (3, 32),
 }
+DENSE = {"unet"}  # per-pixel logits (N, K, H, W)
 
 
 def test_every_registered_model_has_an_input_spec():
@@ -28,7 +30,7 @@ def test_model_gives_logits(name):
     in_channels, size = INPUTS[name]
     model = create_model(name, num_classes=7, in_channels=in_channels)
     logits = model(torch.randn(2, in_channels, size, size))
-    assert logits.shape == (2, 7)
+    assert logits.shape == ((2, 7, size, size) if name in DENSE else (2, 7))
     assert torch.isfinite(logits).all()
 
 

@@ -35,6 +35,8 @@ PAPER_IDS = [
     "table17",
     "table18",
     "a10",
+    "table10",
+    "table11",
 ]
 DRY_RUN_ONLY = {"table1_finetune", "table13"}
 # a cell as printed: "97.4", "95.2 (0.1)", "80.21 [80.05, 80.46]" or "1 (out of 10)"
@@ -69,6 +71,7 @@ def test_there_are_paper_configs():
         "tables14-17",
         "table18",
         "a10",
+        "tables10-11",
     } <= names
 
 
@@ -105,12 +108,12 @@ def test_table_rows_reference_trained_experiments(path):
         labels = [row["label"] for row in table["rows"]]
         assert len(labels) == len(set(labels)), f"{table['name']}: duplicate row labels"
         for row in table["rows"]:
-            assert set(row) <= {"label", "experiment", "variant", "group"}
+            assert set(row) <= {"label", "experiment", "variant", "group", "model"}
             assert row["experiment"] in config["experiments"], f"{table['name']}: {row}"
             if "variant" in row:
                 assert row["variant"] in config["variants"], f"{table['name']}: {row}"
-            if table["layout"] == "range":
-                assert "variant" in row, f"{table['name']}: range rows name their variant"
+            if table["layout"] in ("range", "segmentation"):
+                assert "variant" in row, f"{table['name']}: {table['layout']} rows name their variant"
             # every row shows at least one cell of a variant the config trains
             shown = [
                 cell

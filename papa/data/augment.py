@@ -239,9 +239,18 @@ def _cutmix_box(lam: float, h: int, w: int, generator: torch.Generator) -> tuple
     return top, bottom, left, right
 
 
-def mix(policy: Policy, x: Tensor, labels: Tensor, num_classes: int, generator: torch.Generator):
-    """Mixup or CutMix with a random partner per sample, then label smoothing -> (x, soft targets (B, K))."""
+def one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    """Labels (B,) -> (B, K), or per-pixel labels (B, H, W) -> (B, K, H, W), float32."""
     targets = F.one_hot(labels, num_classes).float()
+    return targets if labels.dim() == 1 else targets.movedim(-1, 1).contiguous()
+
+
+def mix(policy: Policy, x: Tensor, labels: Tensor, num_classes: int, generator: torch.Generator):
+    """Mixup or CutMix with a random partner per sample, then label smoothing -> (x, soft targets (B, K)),
+    or (B, K, H, W) for per-pixel labels (B, H, W): then CutMix pastes the partner's labels with its box
+    instead of mixing whole-image targets by the box's area."""
+    targets = one_hot(labels, num_classes)
+    dense = labels.dim() == 3
     if policy.mixup > 0 or policy.cutmix > 0:
         if policy.mixup > 0 and policy.cutmix > 0:  # one of the two per batch, as timm's switch_prob=0.5
             use_cutmix = torch.rand((), generator=generator).item() < 0.5
@@ -253,10 +262,15 @@ def mix(policy: Policy, x: Tensor, labels: Tensor, num_classes: int, generator: 
             top, bottom, left, right = _cutmix_box(lam, x.shape[2], x.shape[3], generator)
             x = x.clone()
             x[:, :, top:bottom, left:right] = x[partner, :, top:bottom, left:right]
-            lam = 1.0 - (bottom - top) * (right - left) / (x.shape[2] * x.shape[3])  # the box actually cut
+            if dense:
+                targets = targets.clone()
+                targets[:, :, top:bottom, left:right] = targets[partner, :, top:bottom, left:right]
+            else:
+                lam = 1.0 - (bottom - top) * (right - left) / (x.shape[2] * x.shape[3])  # the box actually cut
+                targets = lam * targets + (1.0 - lam) * targets[partner]
         else:
             x = lam * x + (1.0 - lam) * x[partner]
-        targets = lam * targets + (1.0 - lam) * targets[partner]
+            targets = lam * targets + (1.0 - lam) * targets[partner]
     if policy.label_smoothing > 0:
         targets = targets * (1.0 - policy.label_smoothing) + policy.label_smoothing / num_classes
     return x, targets
@@ -277,5 +291,6 @@ def regularize(policy: Policy, images: Tensor, labels: Tensor, num_classes: int,
 def apply(policy: Policy, images: Tensor, labels: Tensor, num_classes: int, mean, std,
           generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """A member's training batch: uint8 (B, C, H, W) and labels (B,) -> normalized float32 (B, C, H, W)
-    and soft targets (B, K) whose rows sum to 1."""
+    and soft targets (B, K) whose rows sum to 1. (Segmentation patches are flipped with their labels by
+    their stream, which then calls ``regularize``.)"""
     return regularize(policy, geometric(policy, images, generator), labels, num_classes, mean, std, generator)

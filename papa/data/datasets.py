@@ -81,7 +81,9 @@ class FolderDataset:
 class Splits:
     """A dataset's train and test sets and what a model needs to know about them.
 
-    ``kind`` is 'array' (in memory, ArrayDataset) or 'folder' (on disk, FolderDataset)."""
+    ``kind`` is 'array' (in memory, ArrayDataset), 'folder' (on disk, FolderDataset) or 'segmentation'
+    (whole tiles, papa.data.vaihingen.TileDataset). ``fixed_split``: the dataset's own validation split
+    ({'train', 'val'} indices into ``train``), which ``papa prepare`` writes instead of a random one."""
 
     name: str
     train: ArrayDataset | FolderDataset
@@ -92,6 +94,7 @@ class Splits:
     kind: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    fixed_split: dict | None = None
 
 
 DATASETS: dict[str, Callable[..., Splits]] = {}

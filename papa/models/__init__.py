@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from papa.errors import PapaError
-from papa.models import cnn, linear, resnet_cifar, torchvision_models, vgg  # noqa: F401  (they register)
+from papa.models import cnn, linear, resnet_cifar, torchvision_models, unet, vgg  # noqa: F401  (they register)
 from papa.models.pretrained import load_pretrained
 from papa.models.registry import MODELS, register
 

@@ -64,8 +64,12 @@ def check(config: dict, where: str = "config") -> None:
                 raise PapaError(f"{where}: {key}.label: {row['label']!r} repeats in table {table['name']!r}")
             labels.add(row["label"])
             _known(row["experiment"], experiments, f"{where}: {key}.experiment")
-            if table["layout"] == "range" and "variant" not in row:
-                raise PapaError(f"{where}: {key}.variant: required by the range layout")
+            if table["layout"] in ("range", "segmentation") and "variant" not in row:
+                raise PapaError(f"{where}: {key}.variant: required by the {table['layout']} layout")
+            if (table["layout"] == "segmentation") != ("model" in row):
+                raise PapaError(f"{where}: {key}.model: " + ("required by the segmentation layout"
+                                                             if "model" not in row else
+                                                             "only the segmentation layout takes it"))
             if row.get("variant", variants[0]) not in variants:
                 raise PapaError(f"{where}: {key}.variant: {row['variant']!r} is not in the config's variants")
         if table.get("paper") and table["paper"] not in paper.available():

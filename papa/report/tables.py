@@ -12,6 +12,11 @@ group?}); the layout fixes the columns. Column headers (also the ``column`` key 
   name its ``variant``.
 - ``greedy_sizes`` (Table 18): ``<V> GreedySoup`` for every variant V, cells ``k (out of p)``.
 - ``mean_soup`` (A.10, Table 2): ``<V> Mean`` (population mean) and ``<V> AvgSoup`` for every variant V.
+- ``segmentation`` (Tables 10, 11): ``Accuracy`` (pixel accuracy), the F1-scores ``Roads``, ``Buildings``,
+  ``Vegetation``, ``Trees``, ``Cars``, ``Clutter`` (the ISPRS classes impervious surfaces, building, low
+  vegetation, tree, car, clutter) and ``Average F1``; each row names its ``variant`` and its ``model``:
+  ``mean`` (the population mean: members' accuracies and per-class F1 averaged), ``ensemble``,
+  ``avg_soup`` or ``greedy_soup``.
 
 Columns of variants outside the table's ``variants`` (default: the config's) are left out; a row's own
 ``variant`` fills only that variant's columns. The table's ``repair`` variants show the REPAIRed soups.
@@ -64,12 +69,20 @@ MEAN_SOUP = {
     for v in VARIANT_NAMES
     for name, metric in (("Mean", "mean"), ("AvgSoup", "avg_soup"))
 }
+SEGMENTATION = {
+    "Accuracy": (None, "accuracy"),
+    **{header: (None, f"f1_{name}") for header, name in (
+        ("Roads", "impervious_surfaces"), ("Buildings", "building"), ("Vegetation", "low_vegetation"),
+        ("Trees", "tree"), ("Cars", "car"), ("Clutter", "clutter"), ("Average F1", "average"))},
+}
+SEGMENTATION_MODELS = ("mean", "ensemble", "avg_soup", "greedy_soup")
 LAYOUTS = {
     "main": MAIN,
     "detailed": DETAILED,
     "range": RANGE,
     "greedy_sizes": GREEDY_SIZES,
     "mean_soup": MEAN_SOUP,
+    "segmentation": SEGMENTATION,
 }
 LABEL = "Model"
 """Header of the first (row label) column."""
@@ -106,6 +119,17 @@ def cell_variant(row: dict, variant: str | None) -> str | None:
     if variant is None:
         return own
     return variant if own is None or own == variant else None
+
+
+def row_metric(table: dict, row: dict, variant: str, metric: str) -> str:
+    """The metrics.json key of a cell: the column's metric, or for ``segmentation`` the row's model's
+    (``<model>`` for accuracy, ``<model>_f1_<class>``), REPAIRed where the table says so."""
+    if table["layout"] != "segmentation":
+        return metric
+    model = row["model"]
+    if model in SOUPS and variant in table.get("repair", []):
+        model = f"{model}_repair"
+    return model if metric == "accuracy" else f"{model}_{metric}"
 
 
 def _fmt(x: float, decimals: int) -> str:
@@ -188,7 +212,7 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
             if v is None:
                 cell = {"metric": metric, **_stats(np.array([])), "text": ""}
             else:
-                cell = _cell(frame, row["experiment"], v, metric, table)
+                cell = _cell(frame, row["experiment"], v, row_metric(table, row, v, metric), table)
             row_cells.append(base | cell | {"paper": reported.get((row["label"], header)), "best": False})
         if table["layout"] in HIGHLIGHT:
             _best(row_cells)
@@ -216,10 +240,12 @@ def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
         colalign=("left",) + ("right",) * len(headers),
     )
     title = f"**{table['name']}**" + (f": {table['caption']}" if table.get("caption") else "")
-    what = "greedy-soup size k of p members" if table["layout"] == "greedy_sizes" else "test accuracy (%)"
+    what = {"greedy_sizes": "greedy-soup size k of p members",
+            "segmentation": "test pixel accuracy and F1-scores (%) on whole tiles"}.get(table["layout"],
+                                                                                       "test accuracy (%)")
     spread = "mean (standard deviation)" if table["layout"] != "greedy_sizes" else "mean"
     seeds_text = f"{spread} over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    notes = [f"{what.capitalize()}; {seeds_text}"]
+    notes = [f"{what[0].upper()}{what[1:]}; {seeds_text}"]
     if table["layout"] == "range":
         notes.append("[min, max] over the members of all seeds")
     if table["layout"] in HIGHLIGHT:

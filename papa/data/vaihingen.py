@@ -1,0 +1,188 @@
+"""ISPRS Vaihingen 2D semantic labeling (paper A.1.3): whole IRRG tiles and their colour-coded labels.
+
+Layout under ``root`` (default ``data/vaihingen``), as the ISPRS release unpacks:
+
+- ``top/top_mosaic_09cm_area{N}.tif``: the IRRG orthophoto tiles (3 channels, 8 bit);
+- ``gts_for_participants/top_mosaic_09cm_area{N}.tif``: labels of the 16 labelled tiles;
+- ``gts_complete/top_mosaic_09cm_area{N}.tif``: labels of the 17 test tiles, from the full reference
+  release (``ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE``; a tile's label is looked up in
+  ``gts_for_participants`` first, then here; option ``label_dirs``). Non-eroded labels are used.
+
+The split (paper: 11 training, 5 validation, 17 test tiles, after Fatras et al., 2021, who list no tile
+ids) is the standard ISPRS one: the 16 labelled tiles are the training + validation tiles, the 17 others
+the test tiles. The 5 validation tiles are DeepNetsForEO's (Audebert et al., 2017) four held-out tiles
+(5, 15, 21, 30) plus tile 37. Every id list is a dataset option, so another split is one config line.
+
+The train set holds the training tiles followed by the validation tiles; ``Splits.fixed_split`` says which
+is which, so ``papa prepare`` writes that split instead of holding out a random 2%.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from papa.data.datasets import Splits, register
+from papa.errors import PapaError
+
+TRAIN_TILES = (1, 3, 7, 11, 13, 17, 23, 26, 28, 32, 34)
+VAL_TILES = (5, 15, 21, 30, 37)
+TEST_TILES = (2, 4, 6, 8, 10, 12, 14, 16, 20, 22, 24, 27, 29, 31, 33, 35, 38)
+
+# class name -> label colour (R, G, B), in class-index order
+CLASSES = {
+    "impervious_surfaces": (255, 255, 255),
+    "building": (0, 0, 255),
+    "low_vegetation": (0, 255, 255),
+    "tree": (0, 255, 0),
+    "car": (255, 255, 0),
+    "clutter": (255, 0, 0),
+}
+IMAGE_DIR, LABEL_DIRS = "top", ("gts_for_participants", "gts_complete")
+PATCH_SIZE, EPOCH_SIZE = 256, 10000
+
+
+@dataclass
+class TileDataset:
+    """Whole tiles: ``images`` uint8 (3, H, W) and ``labels`` int64 (H, W), one of each per tile.
+
+    A stream draws ``epoch_size`` random ``patch_size`` x ``patch_size`` patches per epoch and member;
+    evaluation runs on the whole tiles."""
+
+    images: list[Tensor]
+    labels: list[Tensor]
+    tiles: tuple[int, ...]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+    classes: tuple[str, ...]
+    patch_size: int = PATCH_SIZE
+    epoch_size: int = EPOCH_SIZE
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def tile_name(tile: int) -> str:
+    return f"top_mosaic_09cm_area{tile}.tif"
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """A 3-channel 8-bit image as uint8 (H, W, 3) (a palette image is expanded to its colours, which is
+    lossless); unreadable files are PapaErrors."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.mode == "P":
+                image = image.convert("RGB")
+            if image.mode != "RGB":
+                raise PapaError(f"{path}: expected a 3-channel 8-bit image, found mode {image.mode}")
+            return np.asarray(image, dtype=np.uint8).copy()
+    except (OSError, UnidentifiedImageError) as e:
+        raise PapaError(f"cannot read {path}: {e}") from None
+
+
+def decode_labels(rgb: np.ndarray, where: str | Path = "labels") -> Tensor:
+    """Colour-coded labels uint8 (H, W, 3) -> class indices int64 (H, W); an unknown colour is an error
+    naming it and its first pixel."""
+    code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    lookup = {(r << 16) | (g << 8) | b: k for k, (r, g, b) in enumerate(CLASSES.values())}
+    keys = np.array(sorted(lookup))
+    pos = np.searchsorted(keys, code).clip(0, len(keys) - 1)
+    known = keys[pos] == code
+    if not known.all():
+        y, x = np.argwhere(~known)[0]
+        raise PapaError(f"{where}: unknown label colour {tuple(int(c) for c in rgb[y, x])} at pixel (x={x}, y={y}); "
+                        f"expected one of {', '.join(f'{n} {c}' for n, c in CLASSES.items())}")
+    values = np.array([lookup[k] for k in keys])
+    return torch.from_numpy(values[pos])
+
+
+def _label_path(base: Path, tile: int, label_dirs: tuple[str, ...]) -> Path:
+    for folder in label_dirs:
+        path = base / folder / tile_name(tile)
+        if path.is_file():
+            return path
+    others = f" (or in {', '.join(f'{d}/' for d in label_dirs[1:])})" if len(label_dirs) > 1 else ""
+    raise PapaError(f"Vaihingen: no label for tile {tile}: expected {base / label_dirs[0] / tile_name(tile)}{others}")
+
+
+def read_tile(base: Path, tile: int, label_dirs: tuple[str, ...] = LABEL_DIRS) -> tuple[Tensor, Tensor]:
+    """(image uint8 (3, H, W), labels int64 (H, W)) of one tile, its label from the first of ``label_dirs``
+    that has it; missing files and size mismatches are PapaErrors."""
+    image_path = base / IMAGE_DIR / tile_name(tile)
+    if not image_path.is_file():
+        raise PapaError(f"Vaihingen: tile {tile} not found: expected {image_path}")
+    label_path = _label_path(base, tile, label_dirs)
+    image, rgb = read_rgb(image_path), read_rgb(label_path)
+    if image.shape != rgb.shape:
+        raise PapaError(f"Vaihingen tile {tile}: image {image.shape[1]}x{image.shape[0]} but label "
+                        f"{rgb.shape[1]}x{rgb.shape[0]} ({label_path})")
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous(), decode_labels(rgb, label_path)
+
+
+def channel_stats(images: list[Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (in [0, 1] pixel units) over all pixels of uint8 (C, H, W) images, summed
+    tile by tile in float64 (the tiles together would need gigabytes as doubles)."""
+    n, total, squares = 0, 0.0, 0.0
+    for x in images:
+        v = x.flatten(1).double() / 255.0
+        n, total, squares = n + v.shape[1], total + v.sum(1), squares + (v * v).sum(1)
+    mean = total / n
+    std = ((squares - n * mean * mean) / max(n - 1, 1)).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _tile_ids(name: str, tiles) -> tuple[int, ...]:
+    ids = tuple(tiles) if isinstance(tiles, list | tuple) else ()
+    if not ids or not all(type(t) is int and t > 0 for t in ids) or len(set(ids)) != len(ids):
+        raise PapaError(f"Vaihingen option {name}: expected a non-empty list of distinct tile numbers, found {tiles!r}")
+    return ids
+
+
+@register("vaihingen")
+def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test_tiles=TEST_TILES,
+                   patch_size: int = PATCH_SIZE, epoch_size: int = EPOCH_SIZE, label_dirs=LABEL_DIRS) -> Splits:
+    """Vaihingen tiles (see the module docstring): train = training + validation tiles, test = test tiles.
+
+    ``patch_size`` and ``epoch_size`` (patches per epoch and member) set the training stream (paper: 256,
+    10000); ``label_dirs`` are the folders searched for labels, in order. mean/std are measured on the
+    training tiles."""
+    ids = {name: _tile_ids(name, t) for name, t in
+           (("train_tiles", train_tiles), ("val_tiles", val_tiles), ("test_tiles", test_tiles))}
+    shared = set(ids["train_tiles"]) & set(ids["val_tiles"]) | set(ids["test_tiles"]) & {
+        *ids["train_tiles"], *ids["val_tiles"]}
+    if shared:
+        raise PapaError(f"Vaihingen: tiles {sorted(shared)} are in more than one of train/val/test")
+    if type(patch_size) is not int or patch_size < 8 or type(epoch_size) is not int or epoch_size < 1:
+        raise PapaError(f"Vaihingen: patch_size must be an integer >= 8 and epoch_size >= 1, found {patch_size} "
+                        f"and {epoch_size}")
+    if isinstance(label_dirs, str) or not label_dirs or not all(isinstance(d, str) and d for d in label_dirs):
+        raise PapaError(f"Vaihingen option label_dirs: expected a non-empty list of folder names, found {label_dirs!r}")
+    label_dirs = tuple(label_dirs)
+    base = Path(root if root is not None else Path("data") / "vaihingen")
+    if not (base / IMAGE_DIR).is_dir():
+        raise PapaError(f"Vaihingen not found: expected the tile folder {base / IMAGE_DIR}")
+    labelled = ids["train_tiles"] + ids["val_tiles"]
+    train = [read_tile(base, t, label_dirs) for t in labelled]
+    test = [read_tile(base, t, label_dirs) for t in ids["test_tiles"]]
+    small = [t for t, (x, _) in zip(ids["train_tiles"], train, strict=False) if min(x.shape[1:]) < patch_size]
+    if small:
+        raise PapaError(f"Vaihingen: tile {small[0]} is smaller than the {patch_size}x{patch_size} patches")
+    mean, std = channel_stats([x for x, _ in train[:len(ids["train_tiles"])]])
+    classes = tuple(CLASSES)
+
+    def dataset(pairs, tiles) -> TileDataset:
+        return TileDataset([x for x, _ in pairs], [y for _, y in pairs], tiles, len(classes), mean, std,
+                           "vaihingen", classes, patch_size, epoch_size)
+
+    n_train = len(ids["train_tiles"])
+    fixed = {"train": list(range(n_train)), "val": list(range(n_train, len(labelled)))}
+    return Splits("vaihingen", dataset(train, labelled), dataset(test, ids["test_tiles"]), len(classes), 3,
+                  patch_size, "segmentation", mean, std, fixed_split=fixed)
