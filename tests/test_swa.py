@@ -192,3 +192,47 @@ def test_resume_mid_swa_epoch_is_bit_identical(data, tmp_path, variant, one_thre
     for name, t in whole.pop.state_dict().items():
         assert torch.equal(resumed.pop.state_dict()[name], t), name
     assert resumed.history.rows == whole.history.rows
+
+
+def test_table13_renders_in_the_papers_layout(tmp_path):
+    """Table 13 from fake metrics of every run it needs: one row per SWA schedule, the three column groups
+    (baseline with SWA, PAPA-all before SWA, PAPA-all before and during SWA) of population mean and soups,
+    each row followed by the paper's numbers."""
+    import pandas as pd
+
+    from papa import config as cfg
+    from papa.report import aggregate, plan, tables
+    from tests.helpers import REPO
+    from tests.test_report import fake_metrics
+
+    config = cfg.load_config(REPO / "config/paper/table13.yaml")
+    plan.check(config)
+    assert config.get("dry_run_only") is None
+    assert cfg.experiment(config, "swa-cifar100-resnet18-cosine-lr0.01-avg-before-swa")["train"]["swa"] == {
+        "start": 0.5, "lr": 0.01, "anneal": "cos", "anneal_epochs": 10, "bn_batches": None, "mix_averages": True}
+    runs = plan.runs(config)
+    assert len(runs) == 12
+    for k, (experiment, variant) in enumerate(runs):
+        fake_metrics(tmp_path / "results", experiment, variant, 1, mean=70.0 + k, avg_soup_repair=10.0 + k)
+    frame = aggregate.aggregate(aggregate.find_metrics(tmp_path / "results"))
+    (table,) = config["tables"]
+    tables.render(table, frame, config["variants"], config["seeds"], tmp_path / "t.md", tmp_path / "t.csv")
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    groups = ["Baseline (SWA)", "PAPA-all before SWA", "PAPA-all before and during SWA"]
+    assert header == ["Model"] + [f"{g} {c}" for g in groups for c in ("Mean", "Avg", "Greed")]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:] if line.startswith("|")]
+    assert [r[0] for r in body] == [x for label in ("Linear 0.05", "Cosine 0.05", "Linear 0.01", "Cosine 0.01")
+                                    for x in (label, f"{label} (paper)")]
+    index = {run: k for k, run in enumerate(runs)}
+    cosine_001 = body[6]
+    expected = [("swa-cifar100-resnet18-cosine-lr0.01", "baseline"),
+                ("swa-cifar100-resnet18-cosine-lr0.01-avg-before-swa", "papa-all"),
+                ("swa-cifar100-resnet18-cosine-lr0.01", "papa-all")]
+    for g, run in enumerate(expected):
+        assert cosine_001[1 + 3 * g] == f"{70.0 + index[run]:.2f}"  # the population mean, no range
+    assert cosine_001[2] == f"{10.0 + index[expected[0]]:.2f}"  # the baseline's soups with REPAIR
+    assert cosine_001[5] == "81.00"  # PAPA-all: the plain average soup (fake avg_soup 80 + seed)
+    assert body[7][1:] == ["80.77", "12.22", "76.72", "81.62", "81.87", "77.73", "81.80", "81.30", "79.98"]
+    grid = pd.read_csv(tmp_path / "t.csv")
+    assert len(grid) == 36 and set(grid["experiment"]) == {e for e, _ in runs}
