@@ -4,6 +4,8 @@ mixing of the averages, bit-identical resume."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.optim.swa_utils import SWALR
@@ -16,7 +18,7 @@ from papa.repair import reset_batchnorm
 from papa.rng import generator
 from papa.train import Stopped, Trainer, lr_factor
 from tests.conftest import small_cnn
-from tests.helpers import tiny_experiment
+from tests.helpers import papa, tiny_experiment, write_config
 from tests.test_train import prepared
 
 # 4 epochs of 22 steps; SWA over the last two (start 0.5), reaching its rate after one epoch
@@ -97,12 +99,27 @@ def test_swa_learning_rate_follows_swalr_to_the_swa_rate(anneal, anneal_epochs, 
     assert lr0 * lr_factor(exp, epochs * spe - 1, spe) == pytest.approx(swa_lr)
 
 
-def test_swa_start_must_leave_epochs_before_and_during(data):
+@pytest.mark.parametrize("start, needle", [
+    (4, "SWA would start after 4 of 4 epochs"),
+    (0.1, "SWA would start after 0 of 4 epochs"),
+    (1.5, "1.5 is neither a fraction below 1 nor a whole number of epochs"),
+    (0, "train.swa.start: 0 is less than or equal to the minimum of 0"),
+])
+def test_bad_swa_start_is_a_one_line_config_error(start, needle):
     from papa.errors import PapaError
 
-    with pytest.raises(PapaError, match="train.swa.start"):
-        Trainer(tiny_experiment(train={"epochs": 4, "swa": {"start": 4, "lr": 0.01}}), "baseline", 1, *data,
-                progress=False)
+    with pytest.raises(PapaError, match=re.escape(needle)):
+        tiny_experiment(train={"epochs": 4, "swa": {"start": start, "lr": 0.01}})
+
+
+def test_bad_swa_config_stops_the_cli_before_training(tmp_path):
+    config = write_config(tmp_path / "config.yaml", {"train": {"swa": {"start": 0.5, "lr": 0.01, "anneal": "cosine"}}})
+    result = papa("train", "--config", str(config), "--variant", "baseline", "--seed", "1", "--split",
+                  str(tmp_path / "split.json"), "--out", str(tmp_path / "run"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"papa train: error: {config}: experiment 'tiny': train.swa.anneal: 'cosine' is not one of linear, cos"]
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("stacked", [False, True])
