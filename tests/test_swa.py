@@ -139,8 +139,9 @@ def test_batchnorm_recomputation_is_update_bn_for_every_member(stacked, one_thre
     assert pop.template[1].momentum == 0.1 and pop.template.training
 
 
-def test_members_end_with_their_averages_and_recomputed_batchnorm(data, one_thread):
-    exp = tiny_experiment(**SWA)
+@pytest.mark.parametrize("engine", ["loop", "stacked"])
+def test_members_end_with_their_averages_and_recomputed_batchnorm(data, engine, one_thread):
+    exp = tiny_experiment(**deep_merge(SWA, {"train": {"engine": engine}}))
     trainer = Trainer(exp, "baseline", 1, *data, progress=False)
     stale = {}
     finish = trainer.finish_swa
