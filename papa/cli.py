@@ -33,7 +33,8 @@ def _train(a):
         raise SystemExit(3) from None
     if not trainer.comm.is_main:  # under torchrun, one summary for the job
         return
-    last = [r for r in trainer.history.rows if r["epoch"] == trainer.epoch and r["phase"] == "end"]
+    phase = "swa" if trainer.swa is not None else "end"  # the members as saved: their SWA averages
+    last = [r for r in trainer.history.rows if r["epoch"] == trainer.epoch and r["phase"] == phase]
     mean = sum(r["val_accuracy"] for r in last) / max(len(last), 1)
     print(f"{a.out}: trained {trainer.comm.p} members for {trainer.epoch} epochs; mean val accuracy {mean:.2f}%")
 

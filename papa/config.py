@@ -120,6 +120,16 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
     lo, hi = exp["averaging"]["window"]
     if lo >= hi:
         raise PapaError(f"{path}: experiment {name!r}: averaging.window: start {lo} must be before end {hi}")
+    swa = exp["train"]["swa"]
+    if swa is not None:
+        start, epochs = swa["start"], exp["train"]["epochs"]
+        if start >= 1 and start != int(start):
+            raise PapaError(f"{path}: experiment {name!r}: train.swa.start: {start} is neither a fraction below 1 "
+                            "nor a whole number of epochs")
+        first = round(start * epochs) if start < 1 else int(start)  # papa.swa.start_epoch, without torch
+        if not 0 < first < epochs:
+            raise PapaError(f"{path}: experiment {name!r}: train.swa.start: SWA would start after {first} of "
+                            f"{epochs} epochs; it needs at least one epoch before it and one during it")
     data = exp["data"]
     root = Path(data["root"] or data["dataset"])
     data["root"] = str(root if root.is_absolute() else Path(config["data_root"]) / root)

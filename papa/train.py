@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from papa import averaging
+from papa import averaging, swa
 from papa.data import Policy, draw_policies, make_stream
 from papa.distributed import Local
 from papa.engines import build_engine, choose_engine
@@ -77,7 +77,20 @@ def build_optimizer(exp: dict, pop: Population) -> torch.optim.Optimizer:
 
 
 def lr_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based), updated every step (Algorithm 1)."""
+    """Learning-rate multiplier at optimizer step ``step`` (0-based), updated every step (Algorithm 1).
+
+    With ``train.swa`` the regular schedule (still defined over ``train.epochs``) stops at the SWA start;
+    from there SWALR's annealing, once per epoch, takes the rate to the SWA rate."""
+    start = swa.start_epoch(exp)
+    if start is not None and step >= start * steps_per_epoch:
+        cfg, lr0 = exp["train"]["swa"], exp["train"]["optimizer"]["lr"]
+        alpha = swa.anneal_alpha(cfg, step // steps_per_epoch - start)
+        return (1.0 - alpha) * schedule_factor(exp, start * steps_per_epoch, steps_per_epoch) + alpha * cfg["lr"] / lr0
+    return schedule_factor(exp, step, steps_per_epoch)
+
+
+def schedule_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
+    """The regular schedule's learning-rate multiplier at optimizer step ``step``."""
     s = exp["train"]["schedule"]
     epochs, lr0 = exp["train"]["epochs"], exp["train"]["optimizer"]["lr"]
     total = epochs * steps_per_epoch
@@ -172,6 +185,11 @@ class Trainer:
         self.stream = make_stream(splits, split["train"], exp["train"]["batch_size"], self.policies, seed,
                                   self.device, per_batch=per_batch, member_ids=self.comm.members, **options)
         self.optimizer = build_optimizer(exp, self.pop)
+        self.swa_start = swa.start_epoch(exp)
+        if self.swa_start is not None and not 0 < self.swa_start < exp["train"]["epochs"]:
+            raise PapaError(f"train.swa.start: SWA would start after {self.swa_start} of "
+                            f"{exp['train']['epochs']} epochs; it needs at least one epoch before and one during")
+        self.swa = swa.SWA(self.pop) if self.swa_start is not None else None
         spe = self.stream.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(exp, s, spe))
         self.engine_name = choose_engine(exp["train"]["engine"], self.device, self.pop.size)
@@ -243,7 +261,8 @@ class Trainer:
                                    stacked=self.stacked_repair)
             moments = self.comm.all_moments(local)
         matrix = self.mixing_matrix(cfg["scheme"], gen)
-        if cfg["scheme"] == "all" and matrix is None:
+        uniform = cfg["scheme"] == "all" and matrix is None
+        if uniform:
             self.comm.average_all_(self.pop)
             matrix = averaging.mixing_matrix("all", self.comm.p)
         else:
@@ -251,6 +270,14 @@ class Trainer:
         if cfg["repair"]:
             repair_population_(self.pop, matrix[self.comm.members], self.repair_batches(cfg["repair_iters"]),
                                moments, cfg["repair_iters"], members=self.comm.members, stacked=self.stacked_repair)
+        if self.swa is not None and self.swa.count and self.exp["train"]["swa"]["mix_averages"]:
+            # The members were replaced by mixtures of members: their SWA averages follow (the mixing is linear,
+            # so each stays the running mean of its mixed lineage's iterates; REPAIR is not applied to them,
+            # the final BatchNorm recomputation does that work).
+            if uniform:
+                self.comm.average_all_(self.swa.average)
+            else:
+                self.comm.mix_(self.swa.average, matrix)
         self.mutate(gen)
 
     def mixing_matrix(self, scheme: str, gen: torch.Generator) -> Tensor | None:
@@ -320,10 +347,25 @@ class Trainer:
         self.epoch += 1
         val, test = self.evaluate()
         self.history.record(self.epoch, "end", self.lr, val, test)
+        if self.swa is not None and e >= self.swa_start:
+            self.swa.update(self.pop)  # the iterate SGD reached, before any averaging mixes it
         if self.averaging_due():
             self.history.record(self.epoch, "before_avg", self.lr, val, test)
             self.average()
             self.history.record(self.epoch, "after_avg", self.lr, *self.evaluate())
+        if self.swa is not None and self.epoch == exp["train"]["epochs"]:
+            self.finish_swa()
+            self.history.record(self.epoch, "swa", self.lr, *self.evaluate())
+
+    def finish_swa(self) -> None:
+        """The members become their SWA averages; BatchNorm statistics are then recomputed on training data
+        (update_bn): ``bn_batches`` batches (default one epoch) of each member's own training stream, the
+        same images for all members (one seed), all members at once with the stacked engine."""
+        n = self.exp["train"]["swa"]["bn_batches"] or self.stream.steps_per_epoch
+        self.swa.swap_into(self.pop)
+        streams = [self.stream.member_batches(j, generator(self.seed, "swa-batchnorm"), n) for j in self.comm.members]
+        batches = (torch.stack([x.to(self.device) for x in xs]) for xs in zip(*streams, strict=True))
+        swa.recompute_batchnorm_(self.pop, batches, stacked=self.stacked_repair)
 
     def stop_requested(self) -> bool:
         """Whether a stop signal arrived, here or (under torchrun) at any other process: all processes
@@ -372,11 +414,15 @@ class Trainer:
             tensors["rng.global"] = self.rng_state
         if self.cuda_rng_state is not None:
             tensors["rng.cuda"] = self.cuda_rng_state
+        swa_count = None
+        if self.swa is not None:
+            swa_tensors, swa_count = self.swa.state()
+            tensors |= swa_tensors
         meta = {
             "experiment": self.exp, "variant": self.variant, "seed": self.seed,
             "epoch": self.epoch, "step": self.step, "batch": self.batch, "generation": self.generation,
             "scheduler": self.scheduler.state_dict(), "param_groups": opt["param_groups"],
-            "optimizer_scalars": opt_meta, "history": self.history.rows,
+            "optimizer_scalars": opt_meta, "history": self.history.rows, "swa_count": swa_count,
         }
         return tensors, meta
 
@@ -406,4 +452,9 @@ class Trainer:
         self.generation = meta["generation"]
         self.history.rows = list(meta["history"])
         self.rng_state = tensors.get("rng.global")
+        if self.swa is not None:
+            try:
+                self.swa.load_state({k: v for k, v in tensors.items() if k.startswith("swa.")}, meta["swa_count"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise PapaError(f"{where}: {e}") from None
         self.cuda_rng_state = tensors.get("rng.cuda")

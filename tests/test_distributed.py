@@ -223,3 +223,19 @@ def test_torchrun_stops_on_sigterm_and_resumes_with_the_same_number_of_processes
     finished(torchrun("train", *common, "--out", str(run), cwd=tmp_path))
     papa("train", *common, "--out", str(tmp_path / "single"), check=True)
     assert_same_population(run, tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_torchrun_swa_with_papa_all_matches_the_single_process_run(tmp_path):
+    """SWA from epoch 1 of 3 with PAPA-all at epochs 1 and 2: the averaging at epoch 2 mixes the SWA averages
+    held on the two ranks, and the final BatchNorm recomputation runs on each rank's own members."""
+    swa = {"start": 1, "lr": 0.02, "anneal_epochs": 1, "bn_batches": 2}
+    config = write_config(tmp_path / "config.yaml", {"train": {"epochs": 3, "swa": swa}})
+    split = tmp_path / "split.json"
+    papa("prepare", "--config", str(config), "--out", str(split), check=True)
+    single, multi = tmp_path / "single", tmp_path / "torchrun"
+    common = ["--config", str(config), "--variant", "papa-all", "--seed", "1", "--split", str(split)]
+    papa("train", *common, "--out", str(single), check=True)
+    finished(torchrun("train", *common, "--out", str(multi), cwd=tmp_path))
+    assert_same_population(multi, single)
+    assert "swa" in (single / "history.csv").read_text()

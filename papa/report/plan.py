@@ -17,7 +17,7 @@ def table_runs(table: dict, variants: list[str]) -> set[tuple[str, str]]:
     return {
         (row["experiment"], v)
         for row in table["rows"]
-        for variant, _ in columns(table, variants).values()
+        for variant, _ in columns(table, variants, row).values()
         if (v := cell_variant(row, variant)) is not None
     }
 
@@ -60,11 +60,18 @@ def check(config: dict, where: str = "config") -> None:
         labels = set()
         for j, row in enumerate(table["rows"]):
             key = f"tables.{i}.rows.{j}"
-            if row["label"] in labels:
-                raise PapaError(f"{where}: {key}.label: {row['label']!r} repeats in table {table['name']!r}")
-            labels.add(row["label"])
+            wide = table["layout"] == "side_by_side"
+            if wide and "columns" not in row:
+                raise PapaError(f"{where}: {key}.columns: required by the side_by_side layout")
+            if not wide and "columns" in row:
+                raise PapaError(f"{where}: {key}.columns: only the side_by_side layout has column groups")
+            cell = (row["label"], row.get("columns"))
+            if cell in labels:
+                what = f"{row['label']!r} with columns {row['columns']!r}" if wide else repr(row["label"])
+                raise PapaError(f"{where}: {key}.label: {what} repeats in table {table['name']!r}")
+            labels.add(cell)
             _known(row["experiment"], experiments, f"{where}: {key}.experiment")
-            if table["layout"] in ("range", "segmentation") and "variant" not in row:
+            if table["layout"] in ("range", "segmentation", "side_by_side") and "variant" not in row:
                 raise PapaError(f"{where}: {key}.variant: required by the {table['layout']} layout")
             if (table["layout"] == "segmentation") != ("model" in row):
                 raise PapaError(f"{where}: {key}.model: " + ("required by the segmentation layout"

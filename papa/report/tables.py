@@ -17,6 +17,9 @@ group?}); the layout fixes the columns. Column headers (also the ``column`` key 
   vegetation, tree, car, clutter) and ``Average F1``; each row names its ``variant`` and its ``model``:
   ``mean`` (the population mean: members' accuracies and per-class F1 averaged), ``ensemble``,
   ``avg_soup`` or ``greedy_soup``.
+- ``side_by_side`` (Table 13): ``<C> Mean``, ``<C> Avg``, ``<C> Greed`` for every column group C, the rows'
+  ``columns`` values in order of appearance. Each config row (experiment, variant) fills its ``columns``
+  group of the displayed row named by its ``label``: config rows sharing a label make one table row.
 
 Columns of variants outside the table's ``variants`` (default: the config's) are left out; a row's own
 ``variant`` fills only that variant's columns. The table's ``repair`` variants show the REPAIRed soups.
@@ -76,6 +79,7 @@ SEGMENTATION = {
         ("Trees", "tree"), ("Cars", "car"), ("Clutter", "clutter"), ("Average F1", "average"))},
 }
 SEGMENTATION_MODELS = ("mean", "ensemble", "avg_soup", "greedy_soup")
+SIDE_BY_SIDE = {"Mean": (None, "mean"), "Avg": (None, "avg_soup"), "Greed": (None, "greedy_soup")}
 LAYOUTS = {
     "main": MAIN,
     "detailed": DETAILED,
@@ -83,6 +87,7 @@ LAYOUTS = {
     "greedy_sizes": GREEDY_SIZES,
     "mean_soup": MEAN_SOUP,
     "segmentation": SEGMENTATION,
+    "side_by_side": SIDE_BY_SIDE,
 }
 LABEL = "Model"
 """Header of the first (row label) column."""
@@ -107,8 +112,12 @@ CSV_COLUMNS = [
 ]
 
 
-def columns(table: dict, variants: list[str]) -> dict[str, tuple[str | None, str]]:
-    """The layout's columns kept for this table: {header: (variant or None, metric)}."""
+def columns(table: dict, variants: list[str], row: dict | None = None) -> dict[str, tuple[str | None, str]]:
+    """The layout's columns kept for this table: {header: (variant or None, metric)}; in ``side_by_side``
+    those of ``row``'s column group (every group's without a row)."""
+    if table["layout"] == "side_by_side":
+        groups = [row["columns"]] if row is not None else list(dict.fromkeys(r["columns"] for r in table["rows"]))
+        return {f"{g} {h}": vm for g in groups for h, vm in SIDE_BY_SIDE.items()}
     keep = table.get("variants") or variants
     return {h: (v, m) for h, (v, m) in LAYOUTS[table["layout"]].items() if v is None or v in keep}
 
@@ -200,7 +209,7 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
     records = []
     for row in table["rows"]:
         row_cells = []
-        for header, (variant, metric) in columns(table, variants).items():
+        for header, (variant, metric) in columns(table, variants, row).items():
             v = cell_variant(row, variant)
             base = {
                 "row": row["label"],
@@ -217,15 +226,24 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
         if table["layout"] in HIGHLIGHT:
             _best(row_cells)
         records += row_cells
-    return pd.DataFrame(records, columns=CSV_COLUMNS)
+    grid = pd.DataFrame(records, columns=CSV_COLUMNS)
+    if table["layout"] == "side_by_side":  # one displayed row per label, its groups in the table's order
+        labels = {x: i for i, x in enumerate(dict.fromkeys(r["label"] for r in table["rows"]))}
+        order = {h: i for i, h in enumerate(columns(table, variants))}
+        keys = {"_row": grid["row"].map(labels), "_column": grid["column"].map(order)}
+        grid = grid.assign(**keys).sort_values(list(keys), kind="stable").drop(columns=list(keys))
+        grid = grid.reset_index(drop=True)
+    return grid
 
 
 def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
     """The Markdown table (with its caption and notes) of a ``cells`` frame."""
-    headers = list(dict.fromkeys(grid["column"]))
+    wide = table["layout"] == "side_by_side"
+    headers = list(columns(table, []) if wide else dict.fromkeys(grid["column"]))
     body, group = [], None
     for label, row in grid.groupby("row", sort=False):
-        row = row.set_index("column").loc[headers]
+        # side_by_side: a label may lack a column group, whose cells stay empty
+        row = row.set_index("column").reindex(headers).fillna({"text": "", "best": False})
         if isinstance(row["group"].iloc[0], str) and row["group"].iloc[0] != group:
             group = row["group"].iloc[0]
             body.append([f"**{group}**"] + [""] * len(headers))

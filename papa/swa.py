@@ -1,0 +1,120 @@
+"""Stochastic weight averaging for a population (Izmailov et al., 2018; paper A.11).
+
+Each member keeps the equal-weight running mean of its end-of-epoch iterates during the SWA phase, as one
+stacked tensor per parameter (torch.optim.swa_utils' multi-tensor SWA update over the member axis). At the
+end the members are replaced by their averages and their BatchNorm statistics recomputed on training data
+(update_bn's cumulative average), for all members at once.
+
+The learning rate follows SWALR: from the regular schedule's rate at the SWA start it is annealed (linearly
+or with a half cosine, once per epoch) to the SWA rate over ``anneal_epochs`` epochs, then held there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import get_swa_multi_avg_fn
+
+from papa.population import Population
+
+
+def start_epoch(exp: dict) -> int | None:
+    """The first SWA epoch (0-based; epochs before it run the regular schedule), or None without SWA."""
+    swa = exp["train"]["swa"]
+    if swa is None:
+        return None
+    start = swa["start"]
+    return round(start * exp["train"]["epochs"]) if start < 1 else int(start)
+
+
+def anneal_alpha(swa: dict, epochs_in: int) -> float:
+    """SWALR's weight of the SWA rate in the ``epochs_in``-th SWA epoch (0-based): 0 at the start, 1 after
+    ``anneal_epochs`` epochs (at once for 0)."""
+    if swa["anneal_epochs"] == 0:
+        return 1.0
+    t = min(epochs_in / swa["anneal_epochs"], 1.0)
+    return t if swa["anneal"] == "linear" else (1.0 - math.cos(math.pi * t)) / 2.0
+
+
+class SWA:
+    """Every member's running average of its parameters (buffers are recomputed, not averaged, as in
+    ``AveragedModel(use_buffers=False)`` followed by ``update_bn``).
+
+    ``average`` is a Population holding the averages as its parameters (no buffers), so the communicator's
+    averaging and mixing apply to it as to the members."""
+
+    def __init__(self, pop: Population):
+        with torch.no_grad():
+            params = {n: t.detach().clone() for n, t in pop.params.items()}
+        self.average = Population(pop.template, params, {})
+        self.count = 0  # iterates averaged so far
+        self._update = get_swa_multi_avg_fn()
+
+    @torch.no_grad()
+    def update(self, pop: Population) -> None:
+        """Add the members' current parameters to their running means (the first update copies them)."""
+        names = [n for n, t in pop.params.items() if t.is_floating_point()]
+        self._update([self.average.params[n] for n in names], [pop.params[n].detach() for n in names],
+                     self.count)
+        self.count += 1
+
+    @torch.no_grad()
+    def swap_into(self, pop: Population) -> None:
+        """Replace the members' parameters by their averages (buffers untouched: recompute BN after)."""
+        for name, t in pop.params.items():
+            t.copy_(self.average.params[name])
+
+    def state(self) -> tuple[dict[str, Tensor], int]:
+        return {f"swa.{n}": t for n, t in self.average.params.items()}, self.count
+
+    def load_state(self, tensors: dict[str, Tensor], count: int) -> None:
+        own = {f"swa.{n}": t for n, t in self.average.params.items()}
+        missing = own.keys() - tensors.keys()
+        if missing:
+            raise ValueError(f"SWA averages missing for {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for key, t in own.items():
+                if tensors[key].shape != t.shape:
+                    raise ValueError(f"{key}: expected shape {tuple(t.shape)}, found {tuple(tensors[key].shape)}")
+                t.copy_(tensors[key])
+        self.count = count
+
+
+@torch.no_grad()
+def recompute_batchnorm_(pop: Population, batches: Iterable[Tensor], stacked: bool = True) -> int:
+    """update_bn for every member at once: reset each tracking BatchNorm's statistics and set them to the
+    plain average of train-mode batch statistics over ``batches`` (each a (p, B, ...) tensor, slice j for
+    member j). Returns the number of batches; the population's mode and the momenta are restored.
+
+    The cumulative average is BatchNorm's momentum 1/(b+1) at batch b, not ``momentum=None``: the latter
+    reads ``num_batches_tracked`` as a Python number, which vmap's stacked forward cannot do."""
+    bns = [m for m in pop.template.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    for prefix in (n for n, m in pop.template.named_modules() if m in bns):
+        key = (prefix + ".") if prefix else ""
+        pop.buffers[f"{key}running_mean"].zero_()
+        pop.buffers[f"{key}running_var"].fill_(1.0)
+        pop.buffers[f"{key}num_batches_tracked"].zero_()
+    momenta, was_training = [bn.momentum for bn in bns], pop.template.training
+    pop.train()
+    seen = 0
+    try:
+        for b, x in enumerate(batches):
+            for bn in bns:
+                bn.momentum = 1.0 / (b + 1)
+            if stacked:
+                pop.forward_all(x)
+            else:
+                for j in range(pop.size):
+                    pop.forward(j, x[j])
+            seen += 1
+    finally:
+        for bn, momentum in zip(bns, momenta, strict=True):
+            bn.momentum = momentum
+        pop.train(was_training)
+    return seen
