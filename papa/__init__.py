@@ -3,6 +3,15 @@ averaged into one model with model soups and REPAIR."""
 
 __version__ = "0.1.0"
 
+from papa.alignment import (  # noqa: E402
+    align,
+    align_members_,
+    align_population,
+    aligned_average_soup,
+    aligned_greedy_soup,
+    greedy_alignment,
+    sequential_alignment,
+)
 from papa.averaging import (  # noqa: E402
     SCHEMES,
     average_all_,
@@ -15,22 +24,32 @@ from papa.averaging import (  # noqa: E402
 )
 from papa.population import Population  # noqa: E402
 from papa.repair import member_moments, repair, reset_batchnorm  # noqa: E402
+from papa.similarity import cosine_similarity, population_similarity  # noqa: E402
 from papa.soups import average_soup, ensemble_logits, greedy_soup  # noqa: E402
 
 __all__ = [
     "SCHEMES",
     "Population",
+    "align",
+    "align_members_",
+    "align_population",
+    "aligned_average_soup",
+    "aligned_greedy_soup",
     "average_all_",
     "average_soup",
+    "cosine_similarity",
     "draw_pairs",
     "ensemble_logits",
+    "greedy_alignment",
     "greedy_soup",
     "member_moments",
     "mix_",
     "mixing_matrix",
     "pair_average_",
+    "population_similarity",
     "push_toward_average_",
     "repair",
     "reset_batchnorm",
+    "sequential_alignment",
     "weighted_average_",
 ]

@@ -13,7 +13,8 @@ registered ``vgg11_bn``, ``vgg16_bn``, ``resnet18_cifar`` and ``resnet20`` (any 
 classes), see ``permutation_spec``.
 
 For populations, Appendix A.4: ``align_population`` aligns every member to one member (PAPA-all's
-ablation); ``aligned_greedy_soup`` aligns each member to the current greedy soup before trying it, and
+ablation; ``align_members_`` does it in place, optimizer state included, during training);
+``aligned_greedy_soup`` aligns each member to the current greedy soup before trying it, and
 ``aligned_average_soup`` each member to the running average of those before it.
 """
 
@@ -383,6 +384,41 @@ def align_population(pop: Population, batches: Batches, reference: int = 0, seed
         for j, p in zip(others, perms, strict=True):
             modules[j] = permute(modules[j], p)
     return Population.from_modules(modules)
+
+
+@torch.no_grad()
+def permute_stacked_(stacked: dict[str, Tensor], spec: list[PermGroup], perms: dict[int, dict[str, Tensor]]) -> None:
+    """Permute, in place, member j's slice of every stacked tensor (name -> (p, ...), names as in a member's
+    state_dict) by ``perms[j]``. Names missing from ``stacked`` are skipped (optimizer state has no buffers)."""
+    for j, member_perms in perms.items():
+        for g in spec:
+            for name, axis in g.axes:
+                t = stacked.get(name)
+                if t is not None:
+                    t[j].copy_(t[j].index_select(axis, member_perms[g.name].to(t.device)))
+
+
+def align_members_(
+    pop: Population, batches: Batches, reference: int = 0, seed: int = 666,
+    companions: Sequence[dict[str, Tensor]] = (),
+) -> dict[int, dict[str, Tensor]]:
+    """``align_population`` in place: every member's units permuted to match member ``reference``'s (PAPA-all's
+    alignment, Appendix A.4). ``companions`` are further stacked tensors indexed like the members' parameters
+    (an optimizer's momentum), permuted alike so that training goes on as if nothing happened. Returns the
+    permutations applied, by member."""
+    if not -pop.size <= reference < pop.size:
+        raise IndexError(f"reference member {reference} out of range for a population of {pop.size}")
+    reference %= pop.size
+    spec = permutation_spec(pop.template)
+    others = [j for j in range(pop.size) if j != reference]
+    if not others:
+        return {}
+    modules = pop.to_modules()
+    perms = dict(zip(others, match_many(modules[reference], [modules[j] for j in others], batches, seed),
+                     strict=True))
+    for stacked in (pop.state_dict(), *companions):
+        permute_stacked_(stacked, spec, perms)
+    return perms
 
 
 def _mean(modules: list[nn.Module]) -> nn.Module:

@@ -56,6 +56,14 @@ def _evaluate(a):
     )
 
 
+def _similarity(a):
+    from papa import runs
+
+    s = runs.similarity(runs.load_experiment(a.config, a.experiment), a.split, a.run)
+    cells = ", ".join(f"{k} {s['between_networks'][k]:.2f}% / {s['network_and_avg_soup'][k]:.2f}%" for k in s["stages"])
+    print(f"{a.run}/similarity.json: between members / member and avg soup: {cells}")
+
+
 def _bench(a):
     import json
 
@@ -104,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, type=Path)
     p.add_argument("--run", required=True, type=Path)
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("similarity", help="feature similarity of members and soup per ResNet stage -> similarity.json",
+                       description="Table 5 (Appendix A.5): align the members to member 0 (feature matching on "
+                       "the training split), REPAIR the average soup, then per ResNet stage the mean cosine "
+                       "similarity (%%) of the test-set stage outputs between two members and between a member "
+                       "and the soup. Settings: the experiment's `similarity` entry.")
+    _experiment_args(p)
+    p.add_argument("--split", required=True, type=Path, help="validation split from `papa prepare`")
+    p.add_argument("--run", required=True, type=Path, help="run directory holding population.safetensors")
+    p.set_defaults(func=_similarity)
 
     p = sub.add_parser("bench", help="time training steps of one engine on synthetic data (one JSON line)",
                        description="Member-images per second, step and PAPA-push time of a population.")

@@ -24,7 +24,7 @@ from papa.population import Population
 from papa.repair import member_moments, repair
 from papa.segmentation import f1_dict, pixel_accuracy, tile_confusions
 from papa.soups import average_soup, greedy_soup, subset_weights
-from papa.train import Trainer, build_population, resolve_device
+from papa.train import Trainer, align_data, build_population, resolve_device
 
 SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
 
@@ -174,9 +174,20 @@ def open_run(exp: dict, split_path, run_dir):
     return run, device, splits, split, pop, meta
 
 
+def soups_aligned(exp: dict, variant: str) -> bool:
+    """Whether ``soups.align`` applies to ``variant``'s soups."""
+    align = exp["soups"]["align"]
+    return align if isinstance(align, bool) else variant in align
+
+
 def soups(exp: dict, split_path, run_dir) -> dict:
-    """Average and greedy soups (greedy on the validation split), each with and without REPAIR."""
-    run, device, splits, split, pop, _ = open_run(exp, split_path, run_dir)
+    """Average and greedy soups (greedy on the validation split), each with and without REPAIR.
+
+    With ``soups.align`` (for this run's variant), the members are permutation-aligned first (Appendix
+    A.4): sorted by validation accuracy, each is aligned to the soup built so far (the running average for
+    the average soup, the current greedy soup for the greedy soup) before it is added, and REPAIR takes its
+    targets from the aligned members. The soups keep their names; soups.json says ``aligned``."""
+    run, device, splits, split, pop, meta = open_run(exp, split_path, run_dir)
     bs = exp["train"]["eval_batch_size"]
 
     def val_accuracy(module) -> float:
@@ -194,22 +205,76 @@ def soups(exp: dict, split_path, run_dir) -> dict:
     def batches(member, gen):
         return stream.member_batches(None, gen, iters)
 
-    avg = average_soup(pop)
-    greedy, members = greedy_soup(pop, val_accuracy)
-    # the members' moments once for both soups, through the stacked forward when the run trained with it
+    aligned = soups_aligned(exp, meta["variant"])
+    if aligned:
+        from papa.alignment import greedy_alignment, permutation_spec, sequential_alignment
+
+        permutation_spec(pop.template)  # a one-line error on architectures alignment does not support
+        data = align_data(exp, splits, split, exp["soups"]["align_images"], device)
+        member_val = [val_accuracy(pop.member(j)) for j in range(pop.size)]
+        order = sorted(range(pop.size), key=lambda j: -member_val[j])
+        avg_pop = sequential_alignment(pop, data, order)
+        avg = average_soup(avg_pop)
+        greedy_pop, members, greedy = greedy_alignment(pop, val_accuracy, data)
+    else:
+        avg_pop = greedy_pop = pop
+        avg = average_soup(pop)
+        greedy, members = greedy_soup(pop, val_accuracy)
+    # each population's member moments once, through the stacked forward when the run trained with it
     stacked = choose_engine(exp["train"]["engine"], device, pop.size) == "stacked"
-    moments = member_moments(pop, batches, iters, seed, stacked=stacked)
+    avg_moments = member_moments(avg_pop, batches, iters, seed, stacked=stacked)
+    greedy_moments = (avg_moments if greedy_pop is avg_pop else
+                      member_moments(greedy_pop, batches, iters, seed, stacked=stacked))
     made = {
         "avg_soup": avg,
         "greedy_soup": greedy,
-        "avg_soup_repair": repair(avg, pop, batches, iters=iters, seed=seed, moments=moments),
-        "greedy_soup_repair": repair(greedy, pop, batches, iters=iters, seed=seed,
-                                     weights=subset_weights(pop.size, members), moments=moments),
+        "avg_soup_repair": repair(avg, avg_pop, batches, iters=iters, seed=seed, moments=avg_moments),
+        "greedy_soup_repair": repair(greedy, greedy_pop, batches, iters=iters, seed=seed,
+                                     weights=subset_weights(pop.size, members), moments=greedy_moments),
     }
     tensors = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
-    info = {"greedy_soup_members": members, "val_accuracy": {k: val_accuracy(m) for k, m in made.items()}}
+    info = {"greedy_soup_members": members, "aligned": aligned,
+            "val_accuracy": {k: val_accuracy(m) for k, m in made.items()}}
     save_tensors(run / "soups.safetensors", tensors, {**info, "experiment": exp["name"]})
     return info
+
+
+def similarity(exp: dict, split_path, run_dir) -> dict:
+    """Table 5 (Appendix A.5) for one run -> similarity.json: per ResNet stage, the mean cosine similarity (%)
+    of the stage outputs on the test set between two members (``between_networks``) and between a member and
+    the average soup (``network_and_avg_soup``), after aligning the members to member 0 by feature matching
+    on the training split and REPAIRing the soup (``similarity`` settings of the experiment)."""
+    from papa.data import eval_batches
+    from papa.similarity import BETWEEN_NETWORKS, NETWORK_AND_SOUP, population_similarity, stages
+
+    run, device, splits, split, pop, meta = open_run(exp, split_path, run_dir)
+    s = exp["similarity"]
+    names = stages(pop.template)
+    if pop.size < 2:
+        raise PapaError(f"{run}: feature similarity needs a population of at least 2 members, found {pop.size}")
+    if s["align"]:
+        from papa.alignment import permutation_spec
+
+        permutation_spec(pop.template)
+    n_test = len(splits.test) if s["test_images"] is None else min(s["test_images"], len(splits.test))
+    options = {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
+    bs = exp["train"]["eval_batch_size"]
+
+    def test(_member, _gen):
+        return eval_batches(splits.test, range(n_test), bs, device, **options)
+
+    sims = population_similarity(
+        pop, align_data(exp, splits, split, s["align_images"], device), align=s["align"], repair=s["repair"],
+        repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
+    )
+    out = {
+        "experiment": exp["name"], "variant": meta["variant"], "seed": meta["seed"], "stages": names,
+        "between_networks": dict(zip(names, sims[BETWEEN_NETWORKS], strict=True)),
+        "network_and_avg_soup": dict(zip(names, sims[NETWORK_AND_SOUP], strict=True)),
+        "aligned": s["align"], "repaired": s["repair"], "repair_iters": s["repair_iters"], "test_images": n_test,
+    }
+    write_json(run / "similarity.json", out)
+    return out
 
 
 def _soup_modules(pop, tensors: dict, where: Path, device) -> dict:
@@ -272,10 +337,11 @@ def evaluate(exp: dict, split_path, run_dir) -> dict:
     }
     metrics["greedy_soup_size"] = len(soup_meta["greedy_soup_members"])
     metrics["greedy_soup_members"] = soup_meta["greedy_soup_members"]
+    metrics["soups_aligned"] = bool(soup_meta.get("aligned", False))
     metrics["val_members"] = val
     order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
              "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
-             "greedy_soup_members", "val_members"]
+             "greedy_soup_members", "soups_aligned", "val_members"]
     metrics = {k: metrics[k] for k in order} | {k: v for k, v in metrics.items() if k not in order}
     write_json(run / "metrics.json", metrics)
     return metrics

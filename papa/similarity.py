@@ -94,12 +94,13 @@ def cosine_similarity(model_a: nn.Module, model_b: nn.Module, batches: Batches, 
 
 def population_similarity(
     pop: Population, batches: Batches, align: bool = True, repair: bool = True, repair_iters: int = 5,
-    seed: int = 666,
+    seed: int = 666, measure_batches: Batches | None = None,
 ) -> dict[str, list[float]]:
     """Table 5's rows for one population: per stage, the mean cosine similarity (percent) over pairs of
     members (``"between two networks"``) and between each member and the average soup (``"between one network
     and AvgSoup"``). With ``align``, members are first aligned to member 0 by feature matching on ``batches``;
-    with ``repair``, the soup is REPAIRed (``repair_iters`` batches) against the (aligned) members."""
+    with ``repair``, the soup is REPAIRed (``repair_iters`` batches) against the (aligned) members. The
+    similarity is measured on ``measure_batches`` (default: ``batches``), e.g. test data."""
     if pop.size < 2:
         raise ValueError("feature similarity needs a population of at least 2 members")
     batches = reusable(batches)
@@ -111,7 +112,8 @@ def population_similarity(
     members = pop.to_modules()
     member_pairs = list(itertools.combinations(range(pop.size), 2))
     soup_pairs = [(j, pop.size) for j in range(pop.size)]
-    sims = torch.tensor(pairwise_similarity([*members, soup], member_pairs + soup_pairs, batches, seed))
+    measure = batches if measure_batches is None else measure_batches
+    sims = torch.tensor(pairwise_similarity([*members, soup], member_pairs + soup_pairs, measure, seed))
     return {
         BETWEEN_NETWORKS: sims[: len(member_pairs)].mean(0).tolist(),
         NETWORK_AND_SOUP: sims[len(member_pairs):].mean(0).tolist(),

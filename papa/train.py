@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from papa import averaging, swa
-from papa.data import Policy, draw_policies, make_stream
+from papa.data import Policy, draw_policies, eval_batches, make_stream
 from papa.distributed import Local
 from papa.engines import build_engine, choose_engine
 from papa.errors import PapaError
@@ -108,6 +108,15 @@ def schedule_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
     else:
         t = min(step / total, 1.0)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def align_data(exp: dict, splits, split: dict, images: int | None, device):
+    """Feature-matching data (Appendix A.4): the first ``images`` training-split images (all when None),
+    unaugmented, in a fixed order; a callable as REPAIR and papa.alignment take."""
+    idx = list(split["train"])[:images]
+    options = {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
+    bs = exp["train"]["eval_batch_size"]
+    return lambda _member, _gen: eval_batches(splits.train, idx, bs, device, **options)
 
 
 # history ---------------------------------------------------------------------------------------
@@ -207,6 +216,13 @@ class Trainer:
         self.cuda_rng_state: Tensor | None = None  # and the CUDA device's, when training there
         self.stop_signal: str | None = None  # set by a signal handler; honoured at the next step
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.comm.is_main
+        self.aligns = variant != "baseline" and exp["averaging"][variant]["align"]
+        if self.aligns:
+            from papa.alignment import permutation_spec
+
+            if self.comm.world_size > 1:
+                raise PapaError(f"averaging.{variant}.align runs in a single process only")
+            permutation_spec(self.pop.template)  # fails now, not at the first averaging, on other models
 
     # pieces ----------------------------------------------------------------------------------
     @property
@@ -227,6 +243,20 @@ class Trainer:
         """As repair_batches, addressed by position in the held population (member_moments' indexing)."""
         return lambda i, gen: self.stream.member_batches(self.comm.members[i], gen, iters)
 
+    def align(self) -> None:
+        """Permute every member's units to match member 0's (Appendix A.4), with the optimizer state that
+        follows them (momentum, Adam moments), so each member computes and trains on exactly as before."""
+        from papa.alignment import align_members_
+
+        companions = []
+        for key in sorted({k for st in self.optimizer.state.values() for k in st}):
+            stacked = {name: self.optimizer.state[t][key] for name, t in self.pop.params.items()
+                       if torch.is_tensor(self.optimizer.state.get(t, {}).get(key))
+                       and self.optimizer.state[t][key].shape == t.shape}
+            companions.append(stacked)
+        data = align_data(self.exp, self.splits, self.split, self.exp["averaging"]["align_images"], self.device)
+        align_members_(self.pop, data, reference=0, companions=companions)
+
     def mutate(self, gen: torch.Generator) -> None:
         """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (the ablations of Tables 15-17)."""
         std = self.exp["averaging"]["genetic"]["mutation_std"]
@@ -245,6 +275,8 @@ class Trainer:
         cfg = self.exp["averaging"]["papa"]
         lr0 = self.exp["train"]["optimizer"]["lr"]
         one_minus = (1.0 - cfg["alpha"]) * (self.lr / lr0 if cfg["scale_with_lr"] else 1.0)
+        if self.aligns:
+            self.align()
         self.comm.push_(self.pop, 1.0 - min(one_minus, 1.0))
         self.generation += 1
         if self.exp["averaging"]["genetic"]["mutation_std"] > 0:
@@ -255,6 +287,8 @@ class Trainer:
         cfg = self.exp["averaging"][self.variant]
         self.generation += 1
         gen = generator(self.seed, "average", self.epoch)
+        if self.aligns:  # before REPAIR's moments: they are measured on the aligned members
+            self.align()
         moments = None
         if cfg["repair"]:
             local = member_moments(self.pop, self.member_repair_batches(cfg["repair_iters"]), cfg["repair_iters"],

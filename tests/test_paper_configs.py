@@ -23,6 +23,7 @@ PAPER_IDS = [
     "table1",
     "table2",
     "table3",
+    "table5",
     "table6",
     "table7",
     "table8",
@@ -65,6 +66,7 @@ def test_there_are_paper_configs():
         "table1_finetune",
         "table2",
         "table3",
+        "table5",
         "tables6-9",
         "table12",
         "table13",
@@ -298,8 +300,8 @@ def test_runs_to_train():
     assert counts["table1"] == 16 and counts["table1_imagenet"] == 4 and counts["table1_finetune"] == 12
     assert counts["table2"] == 4 + 4 * 4  # four long baselines, four p = 10 experiments x 4 variants
     assert counts["table3"] == 10 and counts["tables6-9"] == 96 and counts["table12"] == 12
-    assert counts["table13"] == 12 and counts["tables14-17"] == 64 and counts["table18"] == 5
-    assert counts["a10"] == 2
+    assert counts["table13"] == 12 and counts["tables14-17"] == 67 and counts["table18"] == 5
+    assert counts["a10"] == 2 and counts["table5"] == 4
 
 
 def test_a10_is_small():

@@ -3,7 +3,8 @@
 Runs live at ``<results>/<experiment>/<variant>/seed<S>/`` (see docs/interfaces.md). Every numeric scalar
 of a metrics.json becomes a row (``mean``, ``min``, ``max``, ``std``, ``ensemble``, ``avg_soup``,
 ``greedy_soup``, ``greedy_soup_size``, ``avg_soup_repair``, ``greedy_soup_repair``, ``population``, ...);
-lists and identifiers stay in the JSON files.
+lists and identifiers stay in the JSON files. A nested mapping of numbers becomes dotted metrics: the
+``between_networks`` of a similarity.json gives ``between_networks.layer1``, ...
 """
 
 from __future__ import annotations
@@ -52,9 +53,15 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     except json.JSONDecodeError as e:
         raise PapaError(f"{path}: malformed JSON ({e})") from None
     experiment, variant, seed = _identity(path, data)
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= {f"{key}.{k}": v for k, v in value.items()}
+        else:
+            flat[key] = value
     rows = [
         (experiment, variant, seed, key, float(value))
-        for key, value in data.items()
+        for key, value in flat.items()
         if key not in ("seed",) and isinstance(value, int | float) and not isinstance(value, bool)
     ]
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -74,8 +81,8 @@ def aggregate(paths: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def find_metrics(results: str | Path) -> list[Path]:
-    """Every ``<results>/*/*/seed*/metrics.json``."""
-    return sorted(Path(results).glob("*/*/seed*/metrics.json"))
+    """Every ``<results>/*/*/seed*/metrics.json`` and ``similarity.json``."""
+    return sorted(p for name in ("metrics.json", "similarity.json") for p in Path(results).glob(f"*/*/seed*/{name}"))
 
 
 def write(frame: pd.DataFrame, out: str | Path) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from papa.errors import PapaError
 from papa.report import paper
-from papa.report.tables import cell_variant, columns
+from papa.report.tables import OWN_VARIANT, cell_variant, columns
 
 
 def table_runs(table: dict, variants: list[str]) -> set[tuple[str, str]]:
@@ -27,6 +27,15 @@ def figure_runs(figure: dict, variants: list[str]) -> set[tuple[str, str]]:
     shown = figure.get("variants") or variants
     experiments = figure.get("experiments") or [figure["experiment"]]
     return {(e, v) for e in experiments for v in shown}
+
+
+def similarity_runs(config: dict) -> list[tuple[str, str]]:
+    """(experiment, variant) pairs whose similarity.json a ``similarity`` table shows, sorted."""
+    pairs = set()
+    for table in config["tables"]:
+        if table["layout"] == "similarity":
+            pairs |= table_runs(table, config["variants"])
+    return sorted(pairs)
 
 
 def runs(config: dict) -> list[tuple[str, str]]:
@@ -71,7 +80,7 @@ def check(config: dict, where: str = "config") -> None:
                 raise PapaError(f"{where}: {key}.label: {what} repeats in table {table['name']!r}")
             labels.add(cell)
             _known(row["experiment"], experiments, f"{where}: {key}.experiment")
-            if table["layout"] in ("range", "segmentation", "side_by_side") and "variant" not in row:
+            if table["layout"] in OWN_VARIANT and "variant" not in row:
                 raise PapaError(f"{where}: {key}.variant: required by the {table['layout']} layout")
             if (table["layout"] == "segmentation") != ("model" in row):
                 raise PapaError(f"{where}: {key}.model: " + ("required by the segmentation layout"

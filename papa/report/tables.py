@@ -20,6 +20,10 @@ group?}); the layout fixes the columns. Column headers (also the ``column`` key 
 - ``side_by_side`` (Table 13): ``<C> Mean``, ``<C> Avg``, ``<C> Greed`` for every column group C, the rows'
   ``columns`` values in order of appearance. Each config row (experiment, variant) fills its ``columns``
   group of the displayed row named by its ``label``: config rows sharing a label make one table row.
+- ``similarity`` (Table 5): ``<M> Layer <k>`` for M in ``Between two networks``, ``Between one network and
+  AvgSoup`` and k = 1..4, from the runs' similarity.json (``papa similarity``); each row names its
+  ``variant``. The Markdown shows the paper's layout: the row label as a heading, then one line per M with
+  columns ``Layer 1`` .. ``Layer 4``.
 
 Columns of variants outside the table's ``variants`` (default: the config's) are left out; a row's own
 ``variant`` fills only that variant's columns. The table's ``repair`` variants show the REPAIRed soups.
@@ -80,6 +84,14 @@ SEGMENTATION = {
 }
 SEGMENTATION_MODELS = ("mean", "ensemble", "avg_soup", "greedy_soup")
 SIDE_BY_SIDE = {"Mean": (None, "mean"), "Avg": (None, "avg_soup"), "Greed": (None, "greedy_soup")}
+SIMILARITY_MEASURES = {"Between two networks": "between_networks",
+                       "Between one network and AvgSoup": "network_and_avg_soup"}
+SIMILARITY_STAGES = 4
+SIMILARITY = {
+    f"{title} Layer {k}": (None, f"{key}.layer{k}")
+    for title, key in SIMILARITY_MEASURES.items()
+    for k in range(1, SIMILARITY_STAGES + 1)
+}
 LAYOUTS = {
     "main": MAIN,
     "detailed": DETAILED,
@@ -88,7 +100,10 @@ LAYOUTS = {
     "mean_soup": MEAN_SOUP,
     "segmentation": SEGMENTATION,
     "side_by_side": SIDE_BY_SIDE,
+    "similarity": SIMILARITY,
 }
+OWN_VARIANT = {"range", "similarity", "segmentation", "side_by_side"}
+"""Layouts whose rows must name their variant."""
 LABEL = "Model"
 """Header of the first (row label) column."""
 MISSING = "—"
@@ -236,8 +251,25 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
     return grid
 
 
+def _similarity_body(grid: pd.DataFrame) -> tuple[list[list[str]], list[str]]:
+    """Table 5's layout: per row a heading, then one line per measure (and its paper line) over the layers."""
+    layers = [f"Layer {k}" for k in range(1, SIMILARITY_STAGES + 1)]
+    body = []
+    for label, row in grid.groupby("row", sort=False):
+        row = row.set_index("column")
+        body.append([f"**{label}**"] + [""] * len(layers))
+        for title in SIMILARITY_MEASURES:
+            cells = row.loc[[f"{title} {layer}" for layer in layers]]
+            body.append([title, *cells["text"]])
+            if cells["paper"].map(lambda v: isinstance(v, str)).any():
+                body.append([f"{title} (paper)"] + [v if isinstance(v, str) else "" for v in cells["paper"]])
+    return body, layers
+
+
 def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
     """The Markdown table (with its caption and notes) of a ``cells`` frame."""
+    if table["layout"] == "similarity":
+        return _markdown_similarity(table, grid, seeds)
     wide = table["layout"] == "side_by_side"
     headers = list(columns(table, []) if wide else dict.fromkeys(grid["column"]))
     body, group = [], None
@@ -271,6 +303,21 @@ def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
     repaired = [v for v in table.get("repair", []) if v in set(grid["variant"].dropna())]
     if repaired and table["layout"] != "greedy_sizes":
         notes.append(f"soups with REPAIR for {', '.join(VARIANT_NAMES[v] for v in repaired)}")
+    if table.get("paper"):
+        notes.append(f"rows '(paper)': values reported in the paper ({table['paper']})")
+    return f"{title}\n\n{text}\n\n{'; '.join(notes)}.\n"
+
+
+def _markdown_similarity(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
+    body, layers = _similarity_body(grid)
+    text = tabulate(body, headers=["Layer", *layers], tablefmt="pipe", disable_numparse=True,
+                    colalign=("left",) + ("right",) * len(layers))
+    title = f"**{table['name']}**" + (f": {table['caption']}" if table.get("caption") else "")
+    seeds_text = f"mean (standard deviation) over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else (
+        f"seed {seeds[0]}")
+    notes = [f"Cosine similarity (%) of the ResNet stage outputs on the test set; {seeds_text}",
+             "members permutation-aligned to member 0 (feature matching) and the average soup REPAIRed first",
+             "averaged over all pairs of members and over the members"]
     if table.get("paper"):
         notes.append(f"rows '(paper)': values reported in the paper ({table['paper']})")
     return f"{title}\n\n{text}\n\n{'; '.join(notes)}.\n"

@@ -56,8 +56,10 @@ wildcard_constraints:
 
 
 def all_metrics():
-    """metrics.json of every run to train."""
-    return [f"{RESULTS}/{e}/{v}/seed{s}/metrics.json" for e, v in RUNS for s in SEEDS]
+    """metrics.json of every run to train, and similarity.json of those a similarity table shows."""
+    metrics = [f"{RESULTS}/{e}/{v}/seed{s}/metrics.json" for e, v in RUNS for s in SEEDS]
+    return metrics + [f"{RESULTS}/{e}/{v}/seed{s}/similarity.json" for e, v in plan.similarity_runs(config)
+                      for s in SEEDS]
 
 
 def histories(wildcards):
@@ -75,6 +77,7 @@ RESOURCES = {
     "train": {"threads": 4, "mem_mb": 4000, "runtime": 60, "gpu": 0},
     "soups": {"threads": 2, "mem_mb": 4000, "runtime": 30, "gpu": 0},
     "evaluate": {"threads": 2, "mem_mb": 4000, "runtime": 30, "gpu": 0},
+    "similarity": {"threads": 2, "mem_mb": 4000, "runtime": 30, "gpu": 0},
 }
 
 
@@ -90,12 +93,13 @@ def res(step, key):
 
 def settings(step):
     """The experiment's own config entries a step's output depends on, as a param: Snakemake reruns the
-    step (and what follows) when they change. prepare: data; train: all but soups; soups: soups."""
+    step (and what follows) when they change. prepare: data; train: all but soups and similarity; soups:
+    soups; similarity: similarity."""
 
     def get(wildcards):
         own = deep_merge(config["defaults"], config["experiments"][wildcards.experiment] or {})
-        if step in ("prepare", "soups"):
-            return own.get({"prepare": "data", "soups": "soups"}[step], {})
-        return {k: v for k, v in own.items() if k not in ("description", "soups")}
+        if step in ("prepare", "soups", "similarity"):
+            return own.get({"prepare": "data", "soups": "soups", "similarity": "similarity"}[step], {})
+        return {k: v for k, v in own.items() if k not in ("description", "soups", "similarity")}
 
     return get
