@@ -19,6 +19,7 @@ from papa.errors import PapaError
 from papa.evaluate import labels_of, member_logits, predict, scores
 from papa.io import write_json, write_text
 from papa.models import available_models
+from papa.models.pretrained import pretrained_normalization
 from papa.population import Population
 from papa.repair import repair
 from papa.soups import average_soup, greedy_soup, subset_weights
@@ -42,9 +43,16 @@ def load_experiment(config_path: str | Path, name: str | None) -> dict:
 
 
 def load_data(exp: dict):
-    d = exp["data"]
+    """The experiment's dataset, resized to ``data.image_size`` and, for a pretrained timm model, normalized
+    with the mean/std the model was pretrained with (its timm pretrained_cfg)."""
+    d, m = exp["data"], exp["model"]
     options = {"image_size": d["image_size"]} if d["image_size"] else {}
-    return load_dataset(d["dataset"], d["root"], **options)
+    splits = load_dataset(d["dataset"], d["root"], **options)
+    stats = pretrained_normalization(m["name"], m["pretrained"])
+    if stats is not None and len(stats[0]) == splits.in_channels:
+        for part in (splits, splits.train, splits.test):
+            part.mean, part.std = stats
+    return splits
 
 
 def prepare(exp: dict, out: str | Path) -> dict:
