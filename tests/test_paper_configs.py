@@ -36,7 +36,7 @@ PAPER_IDS = [
     "table18",
     "a10",
 ]
-DRY_RUN_ONLY = {"table1_finetune", "table13"}
+DRY_RUN_ONLY = {"table13"}
 # a cell as printed: "97.4", "95.2 (0.1)", "80.21 [80.05, 80.46]" or "1 (out of 10)"
 PRINTED = re.compile(r"\d+(\.\d+)?( \(\d+(\.\d+)?\)| \[\d+\.\d+, \d+\.\d+\]| \(out of \d+\))?")
 
@@ -254,6 +254,10 @@ def test_finetune_recipe():
     assert exp["model"]["name"].startswith("timm/") and exp["model"]["pretrained"]
     assert exp["train"]["optimizer"]["name"] == "adamw" and exp["train"]["schedule"]["lr_min"] == 1e-6
     assert exp["averaging"]["papa"]["alpha"] == 0.9995 and exp["averaging"]["papa-all"]["every"] == 20
+    # 4% of training on the new head only (section 4.2): 2 of the 50 epochs
+    assert exp["train"]["freeze_epochs"] == 2 and exp["train"]["epochs"] == 50
+    assert exp["train"]["schedule"]["name"] == "cosine" and exp["train"]["optimizer"]["lr"] == 1e-4
+    assert exp["data"]["image_size"] == 224
 
 
 def test_esgd_milestones_are_epochs_81_and_122():
@@ -275,6 +279,8 @@ def test_dart_members_and_schedule():
     assert exp["population"]["size"] == len(exp["augment"]["members"]) == 3
     assert exp["train"]["epochs"] == 600 and exp["train"]["optimizer"]["weight_decay"] == 5e-4
     assert exp["averaging"]["window"] == [0.5, 1.0] and exp["averaging"]["papa-all"]["repair"] is False
+    assert exp["averaging"]["papa-all"]["every"] == 50
+    assert _exp("table3", "dart-cifar10-resnet18-dart")["averaging"]["papa-all"]["every"] == 40
 
 
 def test_member_policies_are_valid():
@@ -285,7 +291,7 @@ def test_member_policies_are_valid():
         exp = _exp("table3", name)
         base = {"crop_padding": exp["augment"]["crop_padding"], "flip": exp["augment"]["flip"]}
         policies = [Policy(**{**base, **m}) for m in exp["augment"]["members"]]
-        assert [p.autoaugment for p in policies] == ["cifar10", "", ""]
+        assert [p.randaugment for p in policies] == ["rand-m4-n1-mstd1.0-p1.0", "", ""]
         assert [p.cutmix for p in policies] == [0.0, 0.5, 0.0] and [p.cutout for p in policies] == [0, 0, 8]
 
 
