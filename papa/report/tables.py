@@ -12,6 +12,8 @@ group?}); the layout fixes the columns. Column headers (also the ``column`` key 
   name its ``variant``.
 - ``greedy_sizes`` (Table 18): ``<V> GreedySoup`` for every variant V, cells ``k (out of p)``.
 - ``mean_soup`` (A.10, Table 2): ``<V> Mean`` (population mean) and ``<V> AvgSoup`` for every variant V.
+- ``datasets`` (Table 3): one row per method, one column per dataset: a row names its ``variant`` and
+  ``experiments: {<column header>: <experiment>}`` (instead of ``experiment``); cells are average soups.
 
 Columns of variants outside the table's ``variants`` (default: the config's) are left out; a row's own
 ``variant`` fills only that variant's columns. The table's ``repair`` variants show the REPAIRed soups.
@@ -64,12 +66,14 @@ MEAN_SOUP = {
     for v in VARIANT_NAMES
     for name, metric in (("Mean", "mean"), ("AvgSoup", "avg_soup"))
 }
+DATASETS = "datasets"
 LAYOUTS = {
     "main": MAIN,
     "detailed": DETAILED,
     "range": RANGE,
     "greedy_sizes": GREEDY_SIZES,
     "mean_soup": MEAN_SOUP,
+    DATASETS: {},  # the columns are the rows' ``experiments`` keys
 }
 LABEL = "Model"
 """Header of the first (row label) column."""
@@ -96,8 +100,21 @@ CSV_COLUMNS = [
 
 def columns(table: dict, variants: list[str]) -> dict[str, tuple[str | None, str]]:
     """The layout's columns kept for this table: {header: (variant or None, metric)}."""
+    if table["layout"] == DATASETS:
+        headers = dict.fromkeys(h for row in table["rows"] for h in row.get("experiments", {}))
+        return {h: (None, "avg_soup") for h in headers}
     keep = table.get("variants") or variants
     return {h: (v, m) for h, (v, m) in LAYOUTS[table["layout"]].items() if v is None or v in keep}
+
+
+def row_experiments(row: dict) -> list[str]:
+    """Every experiment a row shows."""
+    return list(row["experiments"].values()) if "experiments" in row else [row["experiment"]]
+
+
+def cell_experiment(row: dict, header: str) -> str | None:
+    """The experiment of a row's cell in column ``header`` (``datasets`` rows: None where it has none)."""
+    return row["experiments"].get(header) if "experiments" in row else row["experiment"]
 
 
 def cell_variant(row: dict, variant: str | None) -> str | None:
@@ -177,18 +194,19 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
     for row in table["rows"]:
         row_cells = []
         for header, (variant, metric) in columns(table, variants).items():
-            v = cell_variant(row, variant)
+            experiment = cell_experiment(row, header)
+            v = cell_variant(row, variant) if experiment is not None else None
             base = {
                 "row": row["label"],
                 "group": row.get("group"),
                 "column": header,
-                "experiment": row["experiment"],
+                "experiment": experiment,
                 "variant": v,
             }
             if v is None:
                 cell = {"metric": metric, **_stats(np.array([])), "text": ""}
             else:
-                cell = _cell(frame, row["experiment"], v, metric, table)
+                cell = _cell(frame, experiment, v, metric, table)
             row_cells.append(base | cell | {"paper": reported.get((row["label"], header)), "best": False})
         if table["layout"] in HIGHLIGHT:
             _best(row_cells)
