@@ -85,3 +85,19 @@ def test_randaugment_policy_validation_and_order():
 def test_grayscale_images_work_too():
     x = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
     assert randaugment(x, CONFIG, gen(), mean=(0.5,)).shape == (4, 1, 16, 16)
+
+
+def test_randaugment_on_image_folders_is_reproducible(tmp_path):
+    """The ImageFolder path applies timm's RandAugment per image under the image's own seed."""
+    from papa.data import load_dataset, make_stream
+    from tests.test_data import _write_images
+
+    for part in ("train", "val"):
+        for cls in ("cat", "dog"):
+            _write_images(tmp_path / part / cls, 3)
+    splits = load_dataset("imagenet", tmp_path, image_size=8)
+    policy = Policy(randaugment=CONFIG)
+    stream = make_stream(splits, range(6), 3, [policy, Policy()], seed=1)
+    first, again = list(stream.epoch(0)), list(stream.epoch(0))
+    assert first[0][0].shape == (2, 3, 3, 8, 8)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
