@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from papa import config as cfg
@@ -213,3 +214,30 @@ def test_head_only_epochs_keep_the_pretrained_body(tmp_path, one_thread):
             continue
         assert torch.equal(trainer.pop.params[name][0], value), name
     assert not torch.equal(trainer.pop.params["fc.weight"], head_before)
+
+
+@pytest.mark.slow
+def test_cli_reports_absent_cached_weights_in_one_line(tmp_path, monkeypatch):
+    """`papa train` with `pretrained: timm` and an empty hub cache: one line naming what was looked for, a
+    non-zero exit and no output written. An option the timm architecture does not take is one line too."""
+    from tests.helpers import papa, write_config
+
+    config = write_config(tmp_path / "c.yaml", {
+        "data": {"image_size": 16},
+        "model": {"name": f"timm/{TINY_TIMM}", "pretrained": TIMM_CACHE},
+        "population": {"size": 2},
+    })
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    papa("prepare", "--config", str(config), "--out", str(tmp_path / "split.json"), check=True)
+    train = ("train", "--config", str(config), "--variant", "baseline", "--seed", "1", "--split",
+             str(tmp_path / "split.json"), "--out", str(tmp_path / "run"))
+    bad = papa(*train)  # TINY's model.kwargs (digits_cnn's width) are still there
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "width" in bad.stderr, bad.stderr
+    raw = yaml.safe_load(config.read_text())
+    raw["experiments"]["tiny"]["model"]["kwargs"] = {}
+    config.write_text(yaml.safe_dump(raw))
+    result = papa(*train)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and HUB_REPO in lines[0] and "model.safetensors" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())

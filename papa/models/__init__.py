@@ -31,7 +31,10 @@ def _timm_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> 
     # checked up front: timm's own error is a RuntimeError that would look like a crash
     if not timm.is_model(name):
         raise PapaError(f"unknown timm model {name!r} (see timm.list_models())")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    except TypeError as err:  # a model.kwargs option the architecture does not take
+        raise PapaError(f"timm model {name!r}: {err}") from None
 
 
 def create_model(
