@@ -20,6 +20,7 @@ from papa.errors import PapaError
 from papa.evaluate import accuracy, labels_of, member_fns, member_logits, population_scores, predict, scores
 from papa.io import write_json, write_text
 from papa.models import available_models
+from papa.models.pretrained import pretrained_normalization
 from papa.population import Population
 from papa.repair import member_moments, repair
 from papa.segmentation import f1_dict, pixel_accuracy, tile_confusions
@@ -44,9 +45,16 @@ def load_experiment(config_path: str | Path, name: str | None) -> dict:
 
 
 def load_data(exp: dict):
-    d = exp["data"]
+    """The experiment's dataset, resized to ``data.image_size`` and, for a pretrained timm model, normalized
+    with the mean/std the model was pretrained with (its timm pretrained_cfg)."""
+    d, m = exp["data"], exp["model"]
     options = {"image_size": d["image_size"]} if d["image_size"] else {}
-    return load_dataset(d["dataset"], d["root"], **options, **d["options"])
+    splits = load_dataset(d["dataset"], d["root"], **options, **d["options"])
+    stats = pretrained_normalization(m["name"], m["pretrained"])
+    if stats is not None and len(stats[0]) == splits.in_channels:
+        for part in (splits, splits.train, splits.test):
+            part.mean, part.std = stats
+    return splits
 
 
 def prepare(exp: dict, out: str | Path) -> dict:

@@ -21,6 +21,7 @@ from papa.engines import build_engine, choose_engine
 from papa.errors import PapaError
 from papa.evaluate import accuracy, population_scores
 from papa.models import create_model
+from papa.models.pretrained import head_keys
 from papa.population import Population
 from papa.repair import member_moments, repair_population_
 from papa.rng import derive_seed, generator
@@ -53,14 +54,7 @@ def build_population(exp: dict, splits, seed: int, members: list[int] | None = N
 
 def head_parameters(model: torch.nn.Module) -> list[str]:
     """Names of the classifier head's parameters: timm's ``get_classifier()``, else the last Linear."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(head, torch.nn.Module) or not list(head.parameters()):
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        if not linears:
-            raise PapaError(f"{type(model).__name__} has no Linear classifier head to keep training while frozen")
-        head = linears[-1]
-    prefix = next(n for n, m in model.named_modules() if m is head)
-    return [f"{prefix}.{n}" if prefix else n for n, _ in head.named_parameters()]
+    return head_keys(model, "params")
 
 
 def build_optimizer(exp: dict, pop: Population) -> torch.optim.Optimizer:

@@ -10,6 +10,7 @@ import pytest
 from papa import config as cfg
 from papa.errors import PapaError
 from papa.report import aggregate, figures, paper, plan, tables
+from tests.helpers import REPO as REPO_ROOT
 
 VARIANTS = ["baseline", "papa", "papa-all", "papa-2"]
 SEEDS = [1, 2, 3]
@@ -364,3 +365,47 @@ def test_shipped_configs_and_paper_values_agree():
     for table_id, cells in cells_of.items():
         stray = set(paper.values(table_id)) - cells
         assert not stray, f"papa/report/paper/{table_id}.csv: cells no table shows: {sorted(stray)[:5]}"
+
+
+def test_datasets_layout_is_the_papers_table_3(tmp_path):
+    """One row per method, one column per dataset (each column its own experiment), average soups, with the
+    shipped Table 3 config and paper values."""
+    config = cfg.load_config(REPO_ROOT / "config" / "paper" / "table3.yaml")
+    for e, v in plan.runs(config):
+        for s in SEEDS:
+            soup = (97.0 if "cifar10-" in e else 82.0) + s / 10 + (0.5 if v == "papa" else 0.0)
+            fake_metrics(tmp_path / "results", e, v, s, avg_soup=soup)
+    frame = aggregate.aggregate(aggregate.find_metrics(tmp_path / "results"))
+    t = config["tables"][0]
+    assert t["layout"] == "datasets"
+    grid = tables.cells(t, frame, config["variants"], SEEDS)
+    assert list(dict.fromkeys(grid["column"])) == ["CIFAR-10", "CIFAR-100"]
+    dart = "DART: PAPA-all no-repair, starts at 300 epochs, average every 40/50 epochs"
+    assert cell(grid, "CIFAR-100", dart)["experiment"] == "dart-cifar100-resnet18-dart"
+    assert cell(grid, "CIFAR-10", "PAPA-all")["text"] == "97.20 (0.10)"
+    assert cell(grid, "CIFAR-100", "PAPA")["text"] == "82.70 (0.10)"
+    assert cell(grid, "CIFAR-100", "PAPA")["variant"] == "papa"
+    tables.render(t, frame, config["variants"], SEEDS, tmp_path / "t3.md", tmp_path / "t3.csv")
+    lines = (tmp_path / "t3.md").read_text().splitlines()
+    assert [c.strip() for c in lines[2].strip("|").split("|")] == ["Model", "CIFAR-10", "CIFAR-100"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")][1:]
+    assert [r[0] for r in rows[:4]] == ["PAPA-all", "PAPA-all (paper)", "PAPA-all no-repair",
+                                         "PAPA-all no-repair (paper)"]
+    assert rows[1][1:] == ["97.10 (0.15)", "82.59 (0.24)"]
+
+
+def test_datasets_layout_rows_are_checked():
+    base = {"variants": ["papa"], "experiments": {"a": {}}}
+    row = {"label": "PAPA", "variant": "papa", "experiment": "a"}
+    entry = {"name": "t", "layout": "datasets", "rows": [row]}
+    config = cfg.validate(base | {"tables": [entry]}, "config", "c")
+    with pytest.raises(PapaError, match=r"tables.0.rows.0: the datasets layout takes experiments"):
+        plan.check(config, "c")
+    row.pop("experiment")
+    row["experiments"] = {"CIFAR-10": "b"}
+    with pytest.raises(PapaError, match=r"tables.0.rows.0.experiments: unknown experiment 'b'"):
+        plan.check(config, "c")
+    row["experiments"] = {"CIFAR-10": "a"}
+    row.pop("variant")
+    with pytest.raises(PapaError, match="variant: required by the datasets layout"):
+        plan.check(config, "c")

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,6 +25,8 @@ from torch import Tensor
 
 from papa.errors import PapaError
 
+# timm RandAugment config strings: magnitude, layers, probability, magnitude std/max, increasing, weights
+RANDAUGMENT = re.compile(r"rand(-(mstd|mmax|inc|m|n|p|w)\d+(\.\d+)?)*")
 # torchvision RandomErasing's defaults
 ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10
 
@@ -35,6 +40,8 @@ class Policy:
     per sample. crop_padding: random crop after zero padding (CIFAR: 4). flip: random horizontal flip.
     cutout: side of one square hole per sample (DeVries & Taylor). autoaugment: torchvision AutoAugment
     policy name ('cifar10', 'imagenet', 'svhn'; True means 'cifar10'), applied per sample on the CPU.
+    randaugment: a timm RandAugment config string (Wightman et al.), e.g. 'rand-m4-n1-mstd1.0-p1.0' (one
+    operation per image, magnitude 4 of 10 with std 1, always applied), per sample on the CPU.
     """
 
     mixup: float = 0.0
@@ -45,6 +52,7 @@ class Policy:
     flip: bool = False
     cutout: int = 0
     autoaugment: str = ""
+    randaugment: str = ""
 
     def __post_init__(self):
         for name in ("mixup", "cutmix", "label_smoothing", "random_erasing"):
@@ -62,6 +70,9 @@ class Policy:
             self.autoaugment = "cifar10" if self.autoaugment else ""
         if self.autoaugment:
             autoaugment_policy(self.autoaugment)
+        self.randaugment = self.randaugment or ""
+        if self.randaugment:
+            randaugment_transform(self.randaugment, 32, (0.5, 0.5, 0.5))
 
     def base(self) -> Policy:
         """The plain transform every member shares (crop, flip) without any regularization."""
@@ -119,6 +130,39 @@ def autoaugment_policy(name: str):
     return policies[name]
 
 
+def randaugment_transform(config: str, image_size: int, mean):
+    """timm's RandAugment for config string ``config`` on PIL images, with timm's hyperparameters for
+    ``image_size`` (translations up to 45% of the side) and fill colour ``mean``."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    # timm skips parts it cannot parse, so a typo would silently mean the defaults
+    if not isinstance(config, str) or not RANDAUGMENT.fullmatch(config):
+        raise PapaError(f"randaugment: expected a timm config string such as 'rand-m4-n1-mstd1.0-p1.0' "
+                        f"(parts m, n, p, mstd, mmax, inc, w with numbers), found {config!r}")
+    fill = tuple(min(255, round(255 * m)) for m in mean)
+    try:
+        return rand_augment_transform(config, {"translate_const": int(image_size * 0.45), "img_mean": fill})
+    except Exception as err:  # timm asserts and raises assorted errors on a malformed string
+        raise PapaError(f"randaugment: invalid timm config string {config!r} ({type(err).__name__}: {err})") \
+            from None
+
+
+@contextmanager
+def seeded_globals(seed: int):
+    """Run library code that draws from the global RNGs (torch, ``random``, numpy) under ``seed``, then put
+    the callers' RNG states back: the draws then come from our generator and disturb nothing else."""
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
 # random numbers ---------------------------------------------------------------------------------------------
 def _rand(generator: torch.Generator, *shape: int, device) -> Tensor:
     return torch.rand(shape, generator=generator).to(device)
@@ -157,21 +201,37 @@ def autoaugment(images: Tensor, policy: str, generator: torch.Generator) -> Tens
     from torchvision.transforms import v2
 
     augment = v2.AutoAugment(autoaugment_policy(policy))
-    seed = _seed(generator)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_globals(_seed(generator)):
         out = torch.stack([augment(image) for image in images.cpu()])
     return out.to(images.device)
 
 
-def geometric(policy: Policy, images: Tensor, generator: torch.Generator) -> Tensor:
-    """The per-sample uint8 transforms of a policy: crop, flip, AutoAugment."""
+def randaugment(images: Tensor, config: str, generator: torch.Generator, mean=(0.5, 0.5, 0.5)) -> Tensor:
+    """timm's RandAugment (``config``, see Policy) on uint8 (B, C, H, W), one call per sample on the CPU,
+    so every sample gets its own operations and magnitudes. timm draws from Python's ``random`` and numpy's
+    global RNG, seeded here from our generator (``seeded_globals``)."""
+    from PIL import Image
+
+    augment = randaugment_transform(config, images.shape[-1], mean)
+    channels_last = images.cpu().permute(0, 2, 3, 1).numpy()
+    gray = images.shape[1] == 1
+    with seeded_globals(_seed(generator)):
+        out = [np.asarray(augment(Image.fromarray(a[..., 0] if gray else a))) for a in channels_last]
+    out = torch.from_numpy(np.stack(out))
+    return (out[:, None] if gray else out.permute(0, 3, 1, 2)).contiguous().to(images.device)
+
+
+def geometric(policy: Policy, images: Tensor, generator: torch.Generator, mean=(0.5, 0.5, 0.5)) -> Tensor:
+    """The per-sample uint8 transforms of a policy: crop, flip, AutoAugment, RandAugment (filling with
+    ``mean``)."""
     if policy.crop_padding:
         images = random_crop(images, policy.crop_padding, generator)
     if policy.flip:
         images = random_flip(images, generator)
     if policy.autoaugment:
         images = autoaugment(images, policy.autoaugment, generator)
+    if policy.randaugment:
+        images = randaugment(images, policy.randaugment, generator, mean)
     return images
 
 
@@ -184,10 +244,15 @@ def _affine(mean: tuple, std: tuple, device: torch.device) -> tuple[Tensor, Tens
     return scale.to(device), shift.to(device)
 
 
-def eval_transform(images: Tensor, mean, std) -> Tensor:
-    """uint8 (B, C, H, W) -> float32 normalized with per-channel mean/std (in [0, 1] pixel units)."""
+def eval_transform(images: Tensor, mean, std, size: int | None = None) -> Tensor:
+    """uint8 (B, C, H, W) -> float32 normalized with per-channel mean/std (in [0, 1] pixel units), resized to
+    ``size`` x ``size`` when given (bilinear, antialiased when shrinking, as timm's eval resize)."""
     scale, shift = _affine(tuple(mean), tuple(std), images.device)
-    return images.float() * scale + shift
+    x = images.float() * scale + shift
+    # bilinear weights sum to 1, so resizing after the per-channel affine map equals resizing before it
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
 
 
 def _box_mask(top: Tensor, left: Tensor, bottom: Tensor, right: Tensor, h: int, w: int) -> Tensor:
@@ -277,9 +342,10 @@ def mix(policy: Policy, x: Tensor, labels: Tensor, num_classes: int, generator: 
 
 
 def regularize(policy: Policy, images: Tensor, labels: Tensor, num_classes: int, mean, std,
-               generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Everything after the geometric transforms: normalize, cutout, erasing, mixup/cutmix, smoothing."""
-    x = eval_transform(images, mean, std)
+               generator: torch.Generator, size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Everything after the geometric transforms: normalize and resize to ``size`` (the model's input),
+    then cutout, erasing, mixup/cutmix (at the model's resolution), smoothing."""
+    x = eval_transform(images, mean, std, size)
     if policy.cutout:
         x = cutout(x, policy.cutout, generator)
     if policy.random_erasing:
@@ -289,8 +355,10 @@ def regularize(policy: Policy, images: Tensor, labels: Tensor, num_classes: int,
 
 @torch.no_grad()
 def apply(policy: Policy, images: Tensor, labels: Tensor, num_classes: int, mean, std,
-          generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """A member's training batch: uint8 (B, C, H, W) and labels (B,) -> normalized float32 (B, C, H, W)
-    and soft targets (B, K) whose rows sum to 1. (Segmentation patches are flipped with their labels by
+          generator: torch.Generator, size: int | None = None) -> tuple[Tensor, Tensor]:
+    """A member's training batch: uint8 (B, C, H, W) and labels (B,) -> normalized float32 (B, C, S, S)
+    (S = ``size``, default H = W) and soft targets (B, K) whose rows sum to 1. The uint8 transforms run at
+    the stored resolution, the rest at the model's. (Segmentation patches are flipped with their labels by
     their stream, which then calls ``regularize``.)"""
-    return regularize(policy, geometric(policy, images, generator), labels, num_classes, mean, std, generator)
+    images = geometric(policy, images, generator, mean)
+    return regularize(policy, images, labels, num_classes, mean, std, generator, size)

@@ -32,7 +32,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class ArrayDataset:
     """Images held in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,).
 
-    ``mean``/``std`` are per-channel normalization constants in [0, 1] pixel units."""
+    ``mean``/``std`` are per-channel normalization constants in [0, 1] pixel units. ``image_size``: the side
+    the streams resize batches to on the device (e.g. a pretrained model's input size); None keeps H x W."""
 
     images: Tensor
     labels: Tensor
@@ -41,6 +42,7 @@ class ArrayDataset:
     std: tuple[float, ...]
     name: str
     classes: tuple[str, ...] = ()
+    image_size: int | None = None
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -122,9 +124,13 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Splits
     return loader(root, **options)
 
 
-def _array_splits(name: str, train: ArrayDataset, test: ArrayDataset) -> Splits:
+def _array_splits(name: str, train: ArrayDataset, test: ArrayDataset, image_size: int | None = None) -> Splits:
+    """Splits of in-memory sets; ``image_size`` (None: the stored size) is the side the model sees."""
     _, c, h, _ = train.images.shape
-    return Splits(name, train, test, train.num_classes, c, h, "array", train.mean, train.std)
+    if image_size is not None and (int(image_size) != image_size or image_size < 1):
+        raise PapaError(f"{name}: image_size must be a positive integer, found {image_size!r}")
+    train.image_size = test.image_size = image_size
+    return Splits(name, train, test, train.num_classes, c, image_size or h, "array", train.mean, train.std)
 
 
 # digits ---------------------------------------------------------------------------------------------------
@@ -164,8 +170,9 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 @register("digits")
-def load_digits(root=None) -> Splits:
+def load_digits(root=None, image_size: int | None = None) -> Splits:
     """scikit-learn's bundled 8x8 digits (1797 images, 1 channel, 10 classes); values 0-16 scaled to 0-255.
+    ``image_size`` resizes batches on the device (None: 8).
 
     The test set is FIXED: 20% of every class drawn with seed 0 (``stratified_holdout``), whatever the run
     seed, so every run is scored on the same 359 images. mean/std are measured on the train part."""
@@ -178,7 +185,7 @@ def load_digits(root=None) -> Splits:
     classes = tuple(str(d) for d in range(10))
     train = ArrayDataset(images[train_idx], labels[train_idx], 10, mean, std, "digits", classes)
     test = ArrayDataset(images[test_idx], labels[test_idx], 10, mean, std, "digits", classes)
-    return _array_splits("digits", train, test)
+    return _array_splits("digits", train, test, image_size)
 
 
 # CIFAR ----------------------------------------------------------------------------------------------------
@@ -286,7 +293,7 @@ CIFAR_FORMATS = {
 }
 
 
-def _load_cifar(name: str, root, verify_md5: bool) -> Splits:
+def _load_cifar(name: str, root, verify_md5: bool, image_size: int | None) -> Splits:
     import torchvision.datasets
 
     fmt = CIFAR_FORMATS[name]
@@ -314,23 +321,25 @@ def _load_cifar(name: str, root, verify_md5: bool) -> Splits:
         names = tuple(map(str, classes))
         return ArrayDataset(images, labels, fmt.num_classes, fmt.mean, fmt.std, name, names)
 
-    return _array_splits(name, part(layout.train_list), part(layout.test_list))
+    return _array_splits(name, part(layout.train_list), part(layout.test_list), image_size)
 
 
 @register("cifar10")
-def load_cifar10(root=None, verify_md5: bool = False) -> Splits:
+def load_cifar10(root=None, verify_md5: bool = False, image_size: int | None = None) -> Splits:
     """CIFAR-10 from ``<root>/cifar-10-batches-py`` (default root ``data/cifar10``).
 
     ``verify_md5`` checks every file against torchvision's published checksums; it is off by default
-    because tests (and anyone subsetting the data) use archives that are valid but not the originals."""
-    return _load_cifar("cifar10", root, verify_md5)
+    because tests (and anyone subsetting the data) use archives that are valid but not the originals.
+    ``image_size`` (None: 32) is the side batches are resized to on the device, e.g. for a pretrained
+    model's input size; images stay stored at 32 x 32."""
+    return _load_cifar("cifar10", root, verify_md5, image_size)
 
 
 @register("cifar100")
-def load_cifar100(root=None, verify_md5: bool = False) -> Splits:
+def load_cifar100(root=None, verify_md5: bool = False, image_size: int | None = None) -> Splits:
     """CIFAR-100 (fine labels) from ``<root>/cifar-100-python`` (default root ``data/cifar100``);
-    ``verify_md5`` as for CIFAR-10."""
-    return _load_cifar("cifar100", root, verify_md5)
+    ``verify_md5`` and ``image_size`` as for CIFAR-10."""
+    return _load_cifar("cifar100", root, verify_md5, image_size)
 
 
 # ImageNet -------------------------------------------------------------------------------------------------
@@ -362,13 +371,19 @@ def load_imagenet(root=None, image_size: int = 224) -> Splits:
     return Splits("imagenet", train, val, k, 3, image_size, "folder", IMAGENET_MEAN, IMAGENET_STD)
 
 
-def folder_train_transform(image_size: int, flip: bool = True, autoaugment: str = ""):
-    """Per-image training transform on PIL images -> uint8 (C, H, W): RandomResizedCrop, flip, AutoAugment."""
+def folder_train_transform(image_size: int, flip: bool = True, autoaugment: str = "", randaugment: str = "",
+                           mean=IMAGENET_MEAN):
+    """Per-image training transform on PIL images -> uint8 (C, H, W): RandomResizedCrop, flip, RandAugment
+    (timm config string, filling with ``mean``), AutoAugment."""
     from torchvision.transforms import v2
 
     steps = [v2.RandomResizedCrop(image_size, antialias=True)]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
+    if randaugment:
+        from papa.data.augment import randaugment_transform
+
+        steps.append(randaugment_transform(randaugment, image_size, mean))
     steps.append(v2.PILToTensor())
     if autoaugment:
         from papa.data.augment import autoaugment_policy

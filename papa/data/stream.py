@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from papa import rng
-from papa.data.augment import Policy, apply, draw_policies, eval_transform, regularize
+from papa.data.augment import Policy, apply, draw_policies, eval_transform, regularize, seeded_globals
 from papa.data.datasets import (
     ArrayDataset,
     FolderDataset,
@@ -78,6 +78,7 @@ class MemberStream:
         self.images = train.images.to(self.device)  # moved once; indexing happens on the device
         self.labels = train.labels.to(self.device)
         self.num_classes, self.mean, self.std = train.num_classes, train.mean, train.std
+        self.image_size = train.image_size
         self.batch_size, self.policies, self.seed = batch_size, list(policies), seed
         self.base = base if base is not None else self.policies[0].base()
 
@@ -91,7 +92,7 @@ class MemberStream:
 
     def _batch(self, policy: Policy, idx: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         images, labels = self.images[idx], self.labels[idx]
-        return apply(policy, images, labels, self.num_classes, self.mean, self.std, generator)
+        return apply(policy, images, labels, self.num_classes, self.mean, self.std, generator, self.image_size)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``steps_per_epoch`` pairs (x (p, B, C, H, W) float32, targets (p, B, K) float32)."""
@@ -132,8 +133,7 @@ class _SeededImages(torch.utils.data.Dataset):
         index, seed = item
         path, label = self.folder.samples[index]
         image = self.folder.loader(path)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_globals(seed):  # torchvision draws from torch's RNG, timm's RandAugment from random/numpy
             return self.transform(image), label
 
 
@@ -154,7 +154,8 @@ class FolderStream:
     """The MemberStream interface over an ImageFolder: one DataLoader per member decodes and crops on the
     CPU (``num_workers`` each), the rest of the member's policy runs on ``device``.
 
-    Per-image transforms: RandomResizedCrop(image_size), flip if the policy flips, AutoAugment if set;
+    Per-image transforms: RandomResizedCrop(image_size), flip if the policy flips, RandAugment and
+    AutoAugment if set;
     ``crop_padding`` does not apply here."""
 
     def __init__(self, train: FolderDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
@@ -176,7 +177,8 @@ class FolderStream:
     steps_per_epoch = MemberStream.steps_per_epoch
 
     def _loader(self, policy: Policy, sampler, persistent: bool, batch_size: int | None = None):
-        transform = folder_train_transform(self.train.image_size, policy.flip, policy.autoaugment)
+        transform = folder_train_transform(self.train.image_size, policy.flip, policy.autoaugment,
+                                           policy.randaugment, self.mean)
         return torch.utils.data.DataLoader(
             _SeededImages(self.train, transform), batch_size=batch_size or self.batch_size, sampler=sampler,
             drop_last=True, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
@@ -251,4 +253,4 @@ def eval_batches(dataset: ArrayDataset | FolderDataset, indices=None, batch_size
     else:
         chunks = ((dataset.images[c].to(device), dataset.labels[c].to(device)) for c in idx.split(batch_size))
     for images, labels in chunks:
-        yield eval_transform(images, dataset.mean, dataset.std), labels
+        yield eval_transform(images, dataset.mean, dataset.std, dataset.image_size), labels

@@ -31,7 +31,10 @@ def _timm_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> 
     # checked up front: timm's own error is a RuntimeError that would look like a crash
     if not timm.is_model(name):
         raise PapaError(f"unknown timm model {name!r} (see timm.list_models())")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    except TypeError as err:  # a model.kwargs option the architecture does not take
+        raise PapaError(f"timm model {name!r}: {err}") from None
 
 
 def create_model(
@@ -40,8 +43,8 @@ def create_model(
     """Build model ``name`` giving logits of shape (N, num_classes) for ``in_channels``-channel images.
 
     ``kwargs`` go to the architecture (e.g. ``width`` for ``digits_cnn``); ``pretrained`` is an optional
-    local safetensors file to warm-start from (see ``load_pretrained``). Bad names or arguments raise
-    ``PapaError``.
+    local safetensors file to warm-start from, or ``timm`` for a timm model's weights in the local Hugging
+    Face hub cache (see ``load_pretrained``). Bad names, arguments or weights raise ``PapaError``.
     """
     if name.startswith(TIMM_PREFIX):
         factory = _timm_model
@@ -59,5 +62,6 @@ def create_model(
         raise PapaError(f"unknown model {name!r}; available: {known}, or timm/<name> for any timm model")
     model = factory(*args, **kwargs)
     if pretrained is not None:
-        load_pretrained(model, pretrained)
+        timm_name = name.removeprefix(TIMM_PREFIX) if name.startswith(TIMM_PREFIX) else None
+        load_pretrained(model, pretrained, timm_name)
     return model

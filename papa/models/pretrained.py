@@ -1,5 +1,13 @@
-"""Warm-starting a model from a local safetensors file (nothing is ever downloaded)."""
+"""Warm-starting a model from pretrained weights; nothing is ever downloaded.
 
+``pretrained`` is either a local safetensors file, or ``timm`` for a ``timm/<name>`` model: the
+``model.safetensors`` of the model's Hugging Face hub repository (its timm ``pretrained_cfg``) found in the
+local hub cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), the cache that
+``timm.create_model(name, pretrained=True)`` fills on a connected machine. Pickled ``.bin``/``.pth``
+weights are never loaded.
+"""
+
+import os
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -8,24 +16,106 @@ from torch import nn
 
 from papa.errors import PapaError
 
+TIMM_CACHE = "timm"
+"""The ``model.pretrained`` value that loads a timm model's weights from the local Hugging Face hub cache."""
+HUB_FILE = "model.safetensors"
 
-def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
-    """Copy the tensors of ``path`` into ``model`` in place and return it.
 
-    Tensors whose shape differs from the model's (the classifier head when ``num_classes`` changes) are
-    skipped, so those layers keep their fresh initialization; names absent from either side are ignored.
+def head_module(model: nn.Module) -> nn.Module:
+    """The classifier head: timm's ``get_classifier()``, else the last Linear."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module) or not list(head.parameters()):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise PapaError(f"{type(model).__name__} has no Linear classifier head")
+        head = linears[-1]
+    return head
+
+
+def head_keys(model: nn.Module, kind: str = "state") -> list[str]:
+    """Names of the head's state_dict entries (``kind='state'``) or of its parameters (``'params'``)."""
+    head = head_module(model)
+    prefix = next(n for n, m in model.named_modules() if m is head)
+    names = head.state_dict().keys() if kind == "state" else (n for n, _ in head.named_parameters())
+    return [f"{prefix}.{n}" if prefix else n for n in names]
+
+
+def _hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home) / "hub"
+
+
+def timm_pretrained_cfg(name: str):
+    """timm's pretrained config of ``name`` (``arch`` or ``arch.tag``), or None when it has none."""
+    from timm.models import get_pretrained_cfg
+
+    return get_pretrained_cfg(name)
+
+
+def cached_timm_weights(name: str) -> Path:
+    """The cached ``model.safetensors`` of timm model ``name``; PapaError naming what was looked for."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not repo:
+        raise PapaError(f"model.pretrained: timm: timm/{name} has no Hugging Face hub weights; export weights to a "
+                        "safetensors file and set model.pretrained to its path")
+    cache = _hub_cache()
+    found = try_to_load_from_cache(repo, HUB_FILE, cache_dir=cache)
+    if not isinstance(found, str) or not Path(found).is_file():
+        raise PapaError(f"pretrained weights of timm/{name} not found: looked for {HUB_FILE} of {repo} in the hub "
+                        f"cache {cache}; fetch it on a connected machine (huggingface-cli download {repo} {HUB_FILE})"
+                        " and copy the cache, or set model.pretrained to a local safetensors file")
+    return Path(found)
+
+
+def load_pretrained(model: nn.Module, source: str | Path, timm_name: str | None = None) -> nn.Module:
+    """Copy pretrained weights into ``model`` in place and return it.
+
+    ``source`` is a safetensors file, or ``timm`` (``TIMM_CACHE``) with ``timm_name``, the timm model name.
+    Every tensor outside the classifier head must be in the file with the model's shape and the file must hold
+    nothing else, or a PapaError lists what does not fit. The head is loaded only when the file holds it with
+    the same shapes; otherwise (a new ``num_classes``) it keeps its fresh initialization.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PapaError(f"pretrained weight file not found: {path}")
+    if str(source) == TIMM_CACHE:
+        if timm_name is None:
+            raise PapaError("model.pretrained: timm applies to timm/<name> models only")
+        path = cached_timm_weights(timm_name)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise PapaError(f"pretrained weight file not found: {path} (a safetensors file, or 'timm' for the "
+                            "local Hugging Face hub cache)")
     try:
         weights = load_file(path)
     except (OSError, SafetensorError) as err:
         raise PapaError(f"cannot read pretrained weights {path}: {err}") from err
     own = model.state_dict()
-    usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    # a file with nothing in common is almost surely the wrong file, not a fine-tuning setup
-    if not usable:
-        raise PapaError(f"pretrained weights {path} share no tensor (name and shape) with the model")
-    model.load_state_dict(usable, strict=False)
+    head = set(head_keys(model))
+    body = [k for k in own if k not in head]
+    missing = [k for k in body if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in body
+              if k in weights and weights[k].shape != own[k].shape]
+    problems = [f"{len(found)} {what} (e.g. {found[0]})" for what, found in
+                (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if found]
+    if problems:
+        raise PapaError(f"pretrained weights {path} do not fit {type(model).__name__} outside its classifier head: "
+                        f"{'; '.join(problems)}")
+    keep = [k for k in own if k in head and k in weights and weights[k].shape == own[k].shape]
+    load_head = len(keep) == len(head)
+    model.load_state_dict({k: weights[k] for k in body + (keep if load_head else [])}, strict=False)
     return model
+
+
+def pretrained_normalization(name: str, pretrained) -> tuple[tuple, tuple] | None:
+    """(mean, std) a pretrained ``timm/<name>`` model expects its inputs normalized with, else None."""
+    if pretrained is None or not name.startswith("timm/"):
+        return None
+    cfg = timm_pretrained_cfg(name.removeprefix("timm/"))
+    if cfg is None or cfg.mean is None or cfg.std is None:
+        return None
+    return tuple(cfg.mean), tuple(cfg.std)

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from papa.errors import PapaError
 from papa.report import paper
-from papa.report.tables import OWN_VARIANT, cell_variant, columns
+from papa.report.tables import DATASETS, OWN_VARIANT, cell_experiment, cell_variant, columns, row_experiments
 
 
 def table_runs(table: dict, variants: list[str]) -> set[tuple[str, str]]:
     """(experiment, variant) pairs whose metrics fill a table."""
     return {
-        (row["experiment"], v)
+        (e, v)
         for row in table["rows"]
-        for variant, _ in columns(table, variants, row).values()
-        if (v := cell_variant(row, variant)) is not None
+        for header, (variant, _) in columns(table, variants, row).items()
+        if (v := cell_variant(row, variant)) is not None and (e := cell_experiment(row, header)) is not None
     }
 
 
@@ -79,7 +79,12 @@ def check(config: dict, where: str = "config") -> None:
                 what = f"{row['label']!r} with columns {row['columns']!r}" if wide else repr(row["label"])
                 raise PapaError(f"{where}: {key}.label: {what} repeats in table {table['name']!r}")
             labels.add(cell)
-            _known(row["experiment"], experiments, f"{where}: {key}.experiment")
+            by_column = table["layout"] == DATASETS
+            if by_column != ("experiments" in row) or "experiment" in row and "experiments" in row:
+                wanted = "experiments (a {column: experiment} mapping)" if by_column else "experiment"
+                raise PapaError(f"{where}: {key}: the {table['layout']} layout takes {wanted}")
+            for e in row_experiments(row):
+                _known(e, experiments, f"{where}: {key}.experiment{'s' if by_column else ''}")
             if table["layout"] in OWN_VARIANT and "variant" not in row:
                 raise PapaError(f"{where}: {key}.variant: required by the {table['layout']} layout")
             if (table["layout"] == "segmentation") != ("model" in row):

@@ -24,6 +24,8 @@ group?}); the layout fixes the columns. Column headers (also the ``column`` key 
   AvgSoup`` and k = 1..4, from the runs' similarity.json (``papa similarity``); each row names its
   ``variant``. The Markdown shows the paper's layout: the row label as a heading, then one line per M with
   columns ``Layer 1`` .. ``Layer 4``.
+- ``datasets`` (Table 3): one row per method, one column per dataset: a row names its ``variant`` and
+  ``experiments: {<column header>: <experiment>}`` (instead of ``experiment``); cells are average soups.
 
 Columns of variants outside the table's ``variants`` (default: the config's) are left out; a row's own
 ``variant`` fills only that variant's columns. The table's ``repair`` variants show the REPAIRed soups.
@@ -92,6 +94,7 @@ SIMILARITY = {
     for title, key in SIMILARITY_MEASURES.items()
     for k in range(1, SIMILARITY_STAGES + 1)
 }
+DATASETS = "datasets"
 LAYOUTS = {
     "main": MAIN,
     "detailed": DETAILED,
@@ -101,8 +104,9 @@ LAYOUTS = {
     "segmentation": SEGMENTATION,
     "side_by_side": SIDE_BY_SIDE,
     "similarity": SIMILARITY,
+    DATASETS: {},  # the columns are the rows' ``experiments`` keys
 }
-OWN_VARIANT = {"range", "similarity", "segmentation", "side_by_side"}
+OWN_VARIANT = {"range", "similarity", "segmentation", "side_by_side", DATASETS}
 """Layouts whose rows must name their variant."""
 LABEL = "Model"
 """Header of the first (row label) column."""
@@ -133,8 +137,21 @@ def columns(table: dict, variants: list[str], row: dict | None = None) -> dict[s
     if table["layout"] == "side_by_side":
         groups = [row["columns"]] if row is not None else list(dict.fromkeys(r["columns"] for r in table["rows"]))
         return {f"{g} {h}": vm for g in groups for h, vm in SIDE_BY_SIDE.items()}
+    if table["layout"] == DATASETS:
+        headers = dict.fromkeys(h for r in table["rows"] for h in r.get("experiments", {}))
+        return {h: (None, "avg_soup") for h in headers}
     keep = table.get("variants") or variants
     return {h: (v, m) for h, (v, m) in LAYOUTS[table["layout"]].items() if v is None or v in keep}
+
+
+def row_experiments(row: dict) -> list[str]:
+    """Every experiment a row shows."""
+    return list(row["experiments"].values()) if "experiments" in row else [row["experiment"]]
+
+
+def cell_experiment(row: dict, header: str) -> str | None:
+    """The experiment of a row's cell in column ``header`` (``datasets`` rows: None where it has none)."""
+    return row["experiments"].get(header) if "experiments" in row else row["experiment"]
 
 
 def cell_variant(row: dict, variant: str | None) -> str | None:
@@ -225,18 +242,19 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
     for row in table["rows"]:
         row_cells = []
         for header, (variant, metric) in columns(table, variants, row).items():
-            v = cell_variant(row, variant)
+            experiment = cell_experiment(row, header)
+            v = cell_variant(row, variant) if experiment is not None else None
             base = {
                 "row": row["label"],
                 "group": row.get("group"),
                 "column": header,
-                "experiment": row["experiment"],
+                "experiment": experiment,
                 "variant": v,
             }
             if v is None:
                 cell = {"metric": metric, **_stats(np.array([])), "text": ""}
             else:
-                cell = _cell(frame, row["experiment"], v, row_metric(table, row, v, metric), table)
+                cell = _cell(frame, experiment, v, row_metric(table, row, v, metric), table)
             row_cells.append(base | cell | {"paper": reported.get((row["label"], header)), "best": False})
         if table["layout"] in HIGHLIGHT:
             _best(row_cells)
