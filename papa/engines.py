@@ -161,9 +161,9 @@ def choose_engine(name: str, device: torch.device | str, population: int | None 
     """Resolve ``auto`` (other names pass through).
 
     ``stacked`` on CUDA, where the loop's ~170 small kernel launches per member and step make it
-    launch-bound; ``loop`` on CPU, where both engines run the same compute-bound kernels and the loop
-    was as fast or faster in every measured case (benchmarks/README.md), and for a single member, which
-    leaves vmap nothing to batch."""
+    launch-bound; ``loop`` on CPU, where both engines run the same compute-bound kernels and, at one
+    thread (the pipeline's setting), the loop was as fast or within noise in every measured case
+    (benchmarks/README.md); and ``loop`` for a single member, which leaves vmap nothing to batch."""
     if name != "auto":
         return name
     if population == 1:
