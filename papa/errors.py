@@ -1,5 +1,20 @@
 """The one exception type users see: a problem with their input, reported as one line."""
 
+MAX_CHARS = 1000
+
+
+def one_line(text: str, limit: int = MAX_CHARS) -> str:
+    """``text`` as one printable line: every run of whitespace (newlines included) becomes one space, other
+    control characters are escaped, and an overlong text is cut with an ellipsis. Messages quote what they
+    failed to parse, which for a corrupt file can be arbitrary bytes."""
+    flat = " ".join(text.split())
+    flat = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in flat)
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
 
 class PapaError(Exception):
-    """Bad input (config, data, checkpoint): the CLI prints the message alone and exits non-zero."""
+    """Bad input (config, data, checkpoint): the CLI prints the message alone, on one line, and exits
+    non-zero."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from papa import runs
 from papa.checkpoint import save_tensors
 from papa.config import deep_merge
 from papa.data import load_split
+from papa.errors import PapaError, one_line
 from papa.train import Trainer
 from tests.helpers import TINY, papa, tiny_experiment
 from tests.test_data import write_cifar
@@ -253,7 +255,10 @@ def _(w, t):
 @case("corrupt-cifar", "corrupt data", "corrupt archive", "test_batch")
 def _(w, t):
     config = cifar(w)
-    (w.root / "data/cifar-10-batches-py/test_batch").write_bytes(os.urandom(3000))
+    # a pickle FLOAT opcode whose "number" holds line breaks and control characters, which the unpickler's
+    # error message quotes, then random bytes (fixed: a failure must reproduce)
+    junk = b"F\x03\x1c\x85\r\x0b\x0cnot a float\n" + random.Random(0).randbytes(3000)
+    (w.root / "data/cifar-10-batches-py/test_batch").write_bytes(junk)
     return w.prepare(config)
 
 
@@ -330,7 +335,7 @@ def _(w, t):
       "corrupt or truncated checkpoint", keep={"checkpoint.safetensors", "checkpoint.json"})
 def _(w, t):
     ckpt = w.checkpoint(t)
-    ckpt.write_bytes(os.urandom(ckpt.stat().st_size))
+    ckpt.write_bytes(random.Random(1).randbytes(ckpt.stat().st_size))
     return w.train(w.config({"train": {"epochs": 2}}))
 
 
@@ -444,6 +449,16 @@ def outcomes(trained, tmp_path_factory) -> dict[str, Outcome]:
     with ThreadPoolExecutor(max(2, len(os.sched_getaffinity(0)))) as pool:
         results = dict(zip(ready, pool.map(lambda item: papa(*item[1]), ready.values()), strict=True))
     return {name: Outcome(w, args, results[name], before, files(w.root)) for name, (w, args, before) in ready.items()}
+
+
+def test_error_messages_are_one_printable_line():
+    """Messages quote what failed to parse, which can be any bytes: they still print as one line."""
+    quoted = "could not convert 'a\nb\r\x85c\u2028d\x00e\x1b[31m'"
+    text = str(PapaError(f"corrupt archive x: {quoted}"))
+    assert text.splitlines() == [text] and text.isprintable()
+    assert text == "corrupt archive x: could not convert 'a b c d\\x00e\\x1b[31m'"
+    long = one_line("x" * 5000)
+    assert len(long) == 1000 and long.endswith("…")
 
 
 @pytest.mark.slow
