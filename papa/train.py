@@ -26,6 +26,9 @@ from papa.population import Population
 from papa.repair import member_moments, repair_population_
 from papa.rng import derive_seed, generator
 
+# steps between two host reads of the training losses (see Trainer.read_losses)
+LOSS_READ_EVERY = 50
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -339,6 +342,7 @@ class Trainer:
         torch.manual_seed(derive_seed(self.seed, "global", e))  # dropout and other module-internal draws
         self.freeze_body(e < exp["train"]["freeze_epochs"])
         self.pop.train()
+        pending: list[Tensor] = []  # the losses of the steps since the host last read them
         for i, (x, targets) in enumerate(self.stream.epoch(e)):
             if i < self.batch:  # resuming mid-epoch: replay the data stream up to where it stopped
                 continue
@@ -349,28 +353,26 @@ class Trainer:
                 self.rng_state = self.cuda_rng_state = None
             # None (not zero) gradients: a frozen parameter must get no weight decay or momentum step either
             self.optimizer.zero_grad(set_to_none=True)
-            losses = self.engine(self.pop, x, targets, self.autocast)
-            if exp["train"]["check_finite"] and not torch.isfinite(losses).all():
-                j = int((~torch.isfinite(losses)).nonzero()[0])
-                raise PapaError(f"non-finite loss ({losses[j].item()}) for member {j} at epoch {e + 1}, "
-                                f"step {self.step + 1}; the last good checkpoint is kept")
+            pending.append(self.engine(self.pop, x, targets, self.autocast).detach())
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
             self.batch = i + 1
+            if len(pending) == LOSS_READ_EVERY:
+                self.read_losses(pending, bar)
             if self.variant == "papa" and self.step % exp["averaging"]["papa"]["every"] == 0 and in_window(
                 exp, self.step, total_steps
             ):
                 self.push()
-            if bar is not None:
-                bar.set_postfix(loss=f"{losses.mean().item():.3f}", lr=f"{self.lr:.2e}", refresh=False)
             if self.batch < self.stream.steps_per_epoch and self.stop_requested():
+                self.read_losses(pending, bar)  # never checkpoint a diverged population
                 self.rng_state = torch.get_rng_state()
                 if self.device.type == "cuda":
                     self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
                 if checkpoint is not None:
                     checkpoint(self)
                 raise Stopped(f"stopped by {self.stop_signal} at epoch {e + 1}, batch {self.batch}")
+        self.read_losses(pending, bar)
         self.batch = 0
         self.epoch += 1
         val, test = self.evaluate()
@@ -384,6 +386,24 @@ class Trainer:
         if self.swa is not None and self.epoch == exp["train"]["epochs"]:
             self.finish_swa()
             self.history.record(self.epoch, "swa", self.lr, *self.evaluate())
+
+    def read_losses(self, pending: list[Tensor], bar=None) -> None:
+        """Read the losses of the last ``len(pending)`` steps (up to ``self.step``) on the host, raise on a
+        non-finite one (train.check_finite) naming its member and step, and show the latest on the progress
+        bar. Reading waits for the device to finish those steps, which is why it happens only every
+        LOSS_READ_EVERY steps: a read per step would stop the host from queueing work ahead of a GPU."""
+        if not pending:
+            return
+        host = torch.stack(pending).float().cpu()  # (steps, members)
+        first = self.step - len(pending) + 1  # pending[k] is step first + k (1-based)
+        pending.clear()
+        bad = ~torch.isfinite(host)
+        if self.exp["train"]["check_finite"] and bad.any():
+            k, j = bad.nonzero()[0].tolist()
+            raise PapaError(f"non-finite loss ({host[k, j].item()}) for member {j} at epoch {self.epoch + 1}, "
+                            f"step {first + k}; the last good checkpoint is kept")
+        if bar is not None:
+            bar.set_postfix(loss=f"{host[-1].mean().item():.3f}", lr=f"{self.lr:.2e}", refresh=False)
 
     def finish_swa(self) -> None:
         """The members become their SWA averages; BatchNorm statistics are then recomputed on training data

@@ -128,3 +128,25 @@ def test_bench_runs_on_the_device(device):
     assert out["images_per_second"] > 0 and out["averaging_ms"] > 0
     if device == "cuda":
         assert "peak_fraction" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_training_steps_never_make_the_host_wait_for_the_gpu(tmp_path):
+    """Drawing a batch (per-member crop, flip, erasing, mixup on the device, randomness from host
+    generators), the stacked step and the optimizer step queue GPU work without one synchronization, so
+    the host runs ahead of the GPU; only Trainer.read_losses waits, every LOSS_READ_EVERY steps."""
+    trainer = _trainer(tmp_path, "cuda", variant="papa", engine="stacked", precision="bf16", channels_last=True)
+    batches = trainer.stream.epoch(0)
+    next(batches)  # the first draw may initialize CUDA state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            x, targets = next(batches)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.engine(trainer.pop, x, targets, trainer.autocast)
+            trainer.optimizer.step()
+            trainer.push()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -262,3 +262,43 @@ def test_stacked_engine_repairs_through_the_stacked_forward_with_the_loops_resul
         pops[engine] = trainer.pop
     for name, t in pops["loop"].tensors():
         torch.testing.assert_close(pops["stacked"].state_dict()[name], t, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# host reads of the losses ------------------------------------------------------------------------------
+def test_losses_are_read_in_chunks_and_a_delayed_read_names_the_step_that_diverged(tmp_path, monkeypatch):
+    """The host reads the losses every LOSS_READ_EVERY steps and at the end of the epoch (a read per step
+    would make it wait for the GPU at every step). The divergence check still names the first step and
+    member whose loss was not finite, even when it is read several steps later."""
+    from papa import train as train_module
+    from papa.errors import PapaError
+
+    monkeypatch.setattr(train_module, "LOSS_READ_EVERY", 4)
+    exp = tiny_experiment(train={"epochs": 2, "batch_size": 128})
+    splits, split, _ = prepared(tmp_path, exp)
+    trainer = Trainer(exp, "baseline", 1, splits, split, progress=False)
+    steps = trainer.stream.steps_per_epoch
+    assert steps > 6
+    reads = []
+    read = Trainer.read_losses
+
+    def counting(self, pending, bar=None):
+        reads.append(len(pending))
+        read(self, pending, bar)
+
+    monkeypatch.setattr(Trainer, "read_losses", counting)
+    trainer.run_epoch()
+    assert [n for n in reads if n] == [4] * (steps // 4) + ([steps % 4] if steps % 4 else [])
+
+    engine = trainer.engine
+
+    def diverging(pop, x, targets, autocast):
+        losses = engine(pop, x, targets, autocast)
+        if trainer.step == steps + 5:  # the 6th step of epoch 2 is global step steps + 6
+            losses = losses.clone()
+            losses[1] = float("nan")
+        return losses
+
+    trainer.engine = diverging
+    with pytest.raises(PapaError, match=rf"non-finite loss \(nan\) for member 1 at epoch 2, step {steps + 6};"):
+        trainer.run_epoch()
+    assert trainer.step == steps + 8  # noticed at the read after the second chunk of 4 steps

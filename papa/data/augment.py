@@ -164,8 +164,19 @@ def seeded_globals(seed: int):
 
 
 # random numbers ---------------------------------------------------------------------------------------------
+def to_device(t: Tensor, device) -> Tensor:
+    """A tensor drawn on the host, on ``device``. Randomness is drawn on the host so that a seed gives the
+    same numbers on every device; a plain copy to a GPU would then make the host wait for all queued GPU
+    work at every draw, so it goes through pinned memory without blocking (torch's pinned-memory cache keeps
+    the buffer alive until the copy is done)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _rand(generator: torch.Generator, *shape: int, device) -> Tensor:
-    return torch.rand(shape, generator=generator).to(device)
+    return to_device(torch.rand(shape, generator=generator), device)
 
 
 def _seed(generator: torch.Generator) -> int:
@@ -182,7 +193,7 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
     """Zero-pad by ``padding`` and crop back to the original size at a random offset per sample."""
     b, _, h, w = images.shape
     dev = images.device
-    offsets = torch.randint(2 * padding + 1, (2, b), generator=generator).to(dev)
+    offsets = to_device(torch.randint(2 * padding + 1, (2, b), generator=generator), dev)
     padded = F.pad(images, (padding,) * 4).permute(0, 2, 3, 1)  # (B, H', W', C) so indexing keeps C last
     rows = (offsets[0, :, None] + torch.arange(h, device=dev))[:, :, None]
     cols = (offsets[1, :, None] + torch.arange(w, device=dev))[:, None, :]
@@ -267,7 +278,7 @@ def cutout(x: Tensor, length: int, generator: torch.Generator) -> Tensor:
     """One length x length hole per sample centred anywhere (clipped at the border), filled with 0, the
     dataset mean after normalization (DeVries & Taylor)."""
     b, _, h, w = x.shape
-    centre = torch.stack([torch.randint(size, (b,), generator=generator) for size in (h, w)]).to(x.device)
+    centre = to_device(torch.stack([torch.randint(size, (b,), generator=generator) for size in (h, w)]), x.device)
     top, left = (centre[0] - length // 2).clamp(0, h), (centre[1] - length // 2).clamp(0, w)
     bottom, right = (centre[0] + length // 2).clamp(0, h), (centre[1] + length // 2).clamp(0, w)
     return x.masked_fill(_box_mask(top, left, bottom, right, h, w), 0.0)
@@ -322,7 +333,7 @@ def mix(policy: Policy, x: Tensor, labels: Tensor, num_classes: int, generator: 
         else:
             use_cutmix = policy.cutmix > 0
         lam = _beta(policy.cutmix if use_cutmix else policy.mixup, generator)
-        partner = torch.randperm(len(x), generator=generator).to(x.device)
+        partner = to_device(torch.randperm(len(x), generator=generator), x.device)
         if use_cutmix:
             top, bottom, left, right = _cutmix_box(lam, x.shape[2], x.shape[3], generator)
             x = x.clone()

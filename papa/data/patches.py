@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from papa import rng
-from papa.data.augment import Policy, regularize
+from papa.data.augment import Policy, regularize, to_device
 from papa.data.stream import STREAMS, _ids, _policy
 from papa.data.vaihingen import TileDataset
 from papa.errors import PapaError
@@ -80,7 +80,7 @@ class PatchStream:
     def _batch(self, policy: Policy, positions, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         images, labels = self._cut(positions)
         if policy.flip:
-            flips = (torch.rand(2, len(positions), generator=generator) < 0.5).to(self.device)
+            flips = to_device(torch.rand(2, len(positions), generator=generator) < 0.5, self.device)
             for dim, flip in zip((-2, -1), flips, strict=True):  # vertical flip, then horizontal mirror
                 images = torch.where(flip[:, None, None, None], images.flip(dim), images)
                 labels = torch.where(flip[:, None, None], labels.flip(dim), labels)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from papa import rng
-from papa.data.augment import Policy, apply, draw_policies, eval_transform, regularize, seeded_globals
+from papa.data.augment import Policy, apply, draw_policies, eval_transform, regularize, seeded_globals, to_device
 from papa.data.datasets import (
     ArrayDataset,
     FolderDataset,
@@ -97,7 +97,7 @@ class MemberStream:
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``steps_per_epoch`` pairs (x (p, B, C, H, W) float32, targets (p, B, K) float32)."""
         n, b = len(self.indices), self.batch_size
-        orders = [_orders(self.indices, rng.generator(self.seed, "order", j, epoch), n).to(self.device)
+        orders = [to_device(_orders(self.indices, rng.generator(self.seed, "order", j, epoch), n), self.device)
                   for j in self.ids]
         augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
         for s in range(self.steps_per_epoch):
@@ -112,7 +112,7 @@ class MemberStream:
         The data order is drawn from ``generator`` before any augmentation, so members given generators with
         the same seed (REPAIR's 666) see the same images, differently augmented."""
         b = batch_size or self.batch_size
-        order = _orders(self.indices, generator, n * b).to(self.device)
+        order = to_device(_orders(self.indices, generator, n * b), self.device)
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
         policy = self.base if j is None else self.policies[self.ids.index(j)]
         for i in range(n):
