@@ -198,7 +198,7 @@ def test_paper_file_format_is_checked():
         assert paper.values(table_id)
 
 
-def history(path, jumps: bool):
+def history(path, jumps: bool, swa: bool = False):
     rows = []
     for epoch in (1, 2, 3):
         for member in (0, 1):
@@ -206,6 +206,8 @@ def history(path, jumps: bool):
             rows.append((epoch, member, "end", acc))
             if jumps and epoch < 3:
                 rows += [(epoch, member, "before_avg", acc), (epoch, member, "after_avg", acc + 5)]
+            if swa and epoch == 3:
+                rows.append((epoch, member, "swa", acc + 2))
     frame = pd.DataFrame(rows, columns=["epoch", "member", "phase", "test_accuracy"])
     frame.assign(lr=0.1, val_accuracy=frame.test_accuracy, val_loss=1.0).to_csv(path, index=False)
     return path
@@ -221,6 +223,17 @@ def test_trajectory_jumps_at_each_averaging(tmp_path):
         (3, "end"),
     ]
     assert list(t.value) == [60.5, 65.5, 70.5, 75.5, 80.5]
+
+
+def test_trajectory_ends_with_the_swa_averages(tmp_path):
+    """A run with train.swa records its members once more after they became their SWA averages: the curve
+    ends with that point, after the last epoch's own."""
+    t = figures.trajectory(pd.read_csv(history(tmp_path / "h.csv", jumps=True, swa=True)))
+    assert list(zip(t.epoch, t.phase, strict=True))[-2:] == [(3, "end"), (3, "swa")]
+    assert list(t.value)[-2:] == [80.5, 82.5]
+    figures.curves({"name": "c", "kind": "curves", "experiment": "exp"}, {("papa-all", 1): tmp_path / "h.csv"},
+                   tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_figures_are_written(frame, tmp_path):

@@ -31,12 +31,13 @@ def read_history(path: str | Path) -> pd.DataFrame:
 
 def trajectory(history: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
     """Population mean of ``metric`` along training: one point per epoch, or two (``before_avg`` then
-    ``after_avg``) at epochs that end with an averaging. Columns: epoch, phase, value."""
+    ``after_avg``) at epochs that end with an averaging, and a last ``swa`` point where the members became
+    their SWA averages (train.swa). Columns: epoch, phase, value."""
     mean = history.groupby(["epoch", "phase"], sort=True)[metric].mean()
     points = []
     for epoch, phases in mean.groupby(level="epoch"):
         phases = phases.droplevel("epoch")
-        order = ("before_avg", "after_avg") if "after_avg" in phases else ("end",)
+        order = ("before_avg", "after_avg", "swa") if "after_avg" in phases else ("end", "swa")
         points += [(epoch, phase, phases[phase]) for phase in order if phase in phases]
     return pd.DataFrame(points, columns=["epoch", "phase", "value"])
 
@@ -65,9 +66,12 @@ def curves(figure: dict, histories: dict[tuple[str, int], Path], out: str | Path
         ax.fill_between(t["epoch"], low, high, color=line.get_color(), alpha=0.15, lw=0)
         after = t[t["phase"] == "after_avg"]
         ax.plot(after["epoch"], after["value"], "o", ms=3.5, color=line.get_color())
+        swa = t[t["phase"] == "swa"]
+        ax.plot(swa["epoch"], swa["value"], "s", ms=5, color=line.get_color())
     name = "test" if metric == "test_accuracy" else "validation"
     ax.set_ylabel(f"mean {name} accuracy (%)")
-    ax.set_title(f"{experiment}: population mean accuracy (dots: right after averaging)")
+    swa_note = "; squares: the SWA averages" if any((t["phase"] == "swa").any() for t in lines.values()) else ""
+    ax.set_title(f"{experiment}: population mean accuracy (dots: right after averaging{swa_note})")
     ax.legend()
     ax.grid(alpha=0.3)
     if jumps:
