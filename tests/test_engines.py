@@ -273,3 +273,29 @@ def test_engine_autocast_is_applied():
         seen.clear()
         ENGINES[name](copy.deepcopy(pop), x, t, autocast)
         assert seen
+
+
+@pytest.mark.parametrize("name, size", [("timm/convit_tiny", 224), ("timm/eva02_tiny_patch14_224", 224),
+                                        ("timm/test_resnet", 32)])
+def test_engines_agree_on_the_fine_tuning_architectures(name, size, one_thread):
+    """engine: auto trains the fine-tuning configs' timm models (gated-attention ViT, EVA-02 with rotary
+    embeddings and fused attention, ResNet) with the stacked engine on CUDA: vmap must give the loop's
+    losses and gradients for them too."""
+    from papa.models import create_model
+
+    grads = {}
+    for engine in ("loop", "stacked"):
+        pop = Population.from_factory(lambda: create_model(name, num_classes=CLASSES), 2, seed=0).train()
+        for t in pop.params.values():
+            t.requires_grad_(t.is_floating_point())
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 2, 3, size, size, generator=g)
+        targets = torch.softmax(torch.randn(2, 2, CLASSES, generator=g), -1)
+        torch.manual_seed(0)
+        losses = ENGINES[engine](pop, x, targets, contextlib.nullcontext)
+        grads[engine] = (losses, {n: t.grad for n, t in pop.params.items() if t.grad is not None})
+    (loop_losses, loop_grads), (stacked_losses, stacked_grads) = grads["loop"], grads["stacked"]
+    torch.testing.assert_close(stacked_losses, loop_losses, atol=1e-5, rtol=1e-4)
+    assert stacked_grads.keys() == loop_grads.keys() and loop_grads
+    for n, g in loop_grads.items():
+        torch.testing.assert_close(stacked_grads[n], g, atol=1e-4, rtol=1e-3, msg=n)
