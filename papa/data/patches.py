@@ -9,14 +9,13 @@ label smoothing) is ``regularize``, which gives per-pixel soft targets (B, K, H,
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from papa import rng
 from papa.data.augment import Policy, regularize, to_device
-from papa.data.stream import STREAMS, _ids, _policy
+from papa.data.stream import STREAMS, MemberStream, _set_members
 from papa.data.vaihingen import TileDataset
 from papa.errors import PapaError
 
@@ -34,9 +33,11 @@ def draw_patches(sizes: Sequence[tuple[int, int]], tiles: Tensor, patch: int, co
     return out
 
 
-class PatchStream:
+class PatchStream(MemberStream):
     """The MemberStream interface over a TileDataset: tiles kept on ``device`` as uint8, patches cut and
-    augmented there. ``indices`` are the training tiles; ``steps_per_epoch = epoch_size // batch_size``."""
+    augmented there. ``indices`` are the training tiles; ``steps_per_epoch = epoch_size // batch_size``.
+    ``epoch`` yields pairs (x (p, B, C, S, S) float32, targets (p, B, K, S, S) float32), and
+    ``member_batches`` gives every member the same patches for generators with the same seed."""
 
     def __init__(self, train: TileDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None,
@@ -52,24 +53,22 @@ class PatchStream:
             if p.crop_padding or p.autoaugment:
                 raise PapaError("segmentation patches take no crop_padding or autoaugment (they would move the "
                                 "image away from its labels)")
-        self.per_batch = per_batch
-        self.ids = _ids(member_ids, policies)
-        self.device = torch.device(device)
+        _set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
         self.images = [x.to(self.device) for x in train.images]
         self.labels = [y.to(self.device) for y in train.labels]
         self.sizes = [tuple(y.shape) for y in train.labels]
         self.patch, self.epoch_size = train.patch_size, train.epoch_size
-        self.num_classes, self.mean, self.std = train.num_classes, train.mean, train.std
-        self.batch_size, self.policies, self.seed = batch_size, list(policies), seed
-        self.base = base if base is not None else self.policies[0].base()
-
-    @property
-    def size(self) -> int:
-        return len(self.policies)
 
     @property
     def steps_per_epoch(self) -> int:
         return self.epoch_size // self.batch_size
+
+    def _draw(self, generator: torch.Generator, count: int) -> list[tuple[int, int, int]]:
+        return draw_patches(self.sizes, self.indices, self.patch, count, generator)
+
+    @property
+    def _epoch_draw(self) -> int:
+        return self.steps_per_epoch * self.batch_size
 
     def _cut(self, positions) -> tuple[Tensor, Tensor]:
         s = self.patch
@@ -85,28 +84,6 @@ class PatchStream:
                 images = torch.where(flip[:, None, None, None], images.flip(dim), images)
                 labels = torch.where(flip[:, None, None], labels.flip(dim), labels)
         return regularize(policy, images, labels, self.num_classes, self.mean, self.std, generator)
-
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``steps_per_epoch`` pairs (x (p, B, C, S, S) float32, targets (p, B, K, S, S) float32)."""
-        b, n = self.batch_size, self.steps_per_epoch * self.batch_size
-        orders = [draw_patches(self.sizes, self.indices, self.patch, n, rng.generator(self.seed, "order", j, epoch))
-                  for j in self.ids]
-        augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
-        for s in range(self.steps_per_epoch):
-            pairs = [self._batch(_policy(self, j, augment[j]), orders[j][s * b:(s + 1) * b], augment[j])
-                     for j in range(self.size)]
-            yield torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
-
-    def member_batches(self, j: int | None, generator: torch.Generator, n: int,
-                       batch_size: int | None = None) -> Iterator[Tensor]:
-        """As MemberStream.member_batches: the patch positions come from ``generator`` before any
-        augmentation, so generators with the same seed give every member the same patches."""
-        b = batch_size or self.batch_size
-        positions = draw_patches(self.sizes, self.indices, self.patch, n * b, generator)
-        augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
-        policy = self.base if j is None else self.policies[self.ids.index(j)]
-        for i in range(n):
-            yield self._batch(policy, positions[i * b:(i + 1) * b], augment)[0]
 
 
 STREAMS["segmentation"] = PatchStream

@@ -54,6 +54,17 @@ def _ids(member_ids, policies) -> list[int]:
     return ids
 
 
+def _set_members(stream, train, batch_size: int, policies: Sequence[Policy], seed: int, device, base: Policy | None,
+                 per_batch: dict | None, member_ids: Sequence[int] | None) -> None:
+    """The attributes every stream shares: members, their policies and random streams, batch and device."""
+    stream.per_batch = per_batch
+    stream.ids = _ids(member_ids, policies)
+    stream.device = torch.device(device)
+    stream.num_classes, stream.mean, stream.std = train.num_classes, train.mean, train.std
+    stream.batch_size, stream.policies, stream.seed = batch_size, list(policies), seed
+    stream.base = base if base is not None else stream.policies[0].base()
+
+
 def _orders(indices: Tensor, generator: torch.Generator, count: int) -> Tensor:
     """``count`` items of ``indices``: back-to-back random permutations, all drawn before anything else."""
     reps = math.ceil(count / len(indices))
@@ -72,15 +83,10 @@ class MemberStream:
                  device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None,
                  member_ids: Sequence[int] | None = None):
         self.indices = _check(len(train), indices, batch_size, policies)
-        self.per_batch = per_batch
-        self.ids = _ids(member_ids, policies)
-        self.device = torch.device(device)
+        _set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
         self.images = train.images.to(self.device)  # moved once; indexing happens on the device
         self.labels = train.labels.to(self.device)
-        self.num_classes, self.mean, self.std = train.num_classes, train.mean, train.std
         self.image_size = train.image_size
-        self.batch_size, self.policies, self.seed = batch_size, list(policies), seed
-        self.base = base if base is not None else self.policies[0].base()
 
     @property
     def size(self) -> int:
@@ -94,11 +100,19 @@ class MemberStream:
         images, labels = self.images[idx], self.labels[idx]
         return apply(policy, images, labels, self.num_classes, self.mean, self.std, generator, self.image_size)
 
+    def _draw(self, generator: torch.Generator, count: int) -> Tensor:
+        """``count`` training items in random order: what ``_batch`` takes, in slices of a batch."""
+        return to_device(_orders(self.indices, generator, count), self.device)
+
+    @property
+    def _epoch_draw(self) -> int:
+        """Items drawn per member and epoch: one whole permutation (its incomplete last batch is dropped)."""
+        return len(self.indices)
+
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``steps_per_epoch`` pairs (x (p, B, C, H, W) float32, targets (p, B, K) float32)."""
-        n, b = len(self.indices), self.batch_size
-        orders = [to_device(_orders(self.indices, rng.generator(self.seed, "order", j, epoch), n), self.device)
-                  for j in self.ids]
+        n, b = self._epoch_draw, self.batch_size
+        orders = [self._draw(rng.generator(self.seed, "order", j, epoch), n) for j in self.ids]
         augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
         for s in range(self.steps_per_epoch):
             pairs = [self._batch(_policy(self, j, augment[j]), orders[j][s * b:(s + 1) * b], augment[j])
@@ -112,7 +126,7 @@ class MemberStream:
         The data order is drawn from ``generator`` before any augmentation, so members given generators with
         the same seed (REPAIR's 666) see the same images, differently augmented."""
         b = batch_size or self.batch_size
-        order = to_device(_orders(self.indices, generator, n * b), self.device)
+        order = self._draw(generator, n * b)
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
         policy = self.base if j is None else self.policies[self.ids.index(j)]
         for i in range(n):
@@ -162,13 +176,8 @@ class FolderStream:
                  device: str | torch.device = "cpu", base: Policy | None = None, num_workers: int = 0,
                  per_batch: dict | None = None, member_ids: Sequence[int] | None = None):
         self.indices = _check(len(train), indices, batch_size, policies)
-        self.per_batch = per_batch
-        self.ids = _ids(member_ids, policies)
-        self.device = torch.device(device)
+        _set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
         self.train, self.num_workers = train, num_workers
-        self.num_classes, self.mean, self.std = train.num_classes, train.mean, train.std
-        self.batch_size, self.policies, self.seed = batch_size, list(policies), seed
-        self.base = base if base is not None else self.policies[0].base()
         self.samplers = [_EpochSampler() for _ in self.policies]
         self.loaders = [self._loader(policy, sampler, persistent=num_workers > 0)
                         for policy, sampler in zip(self.policies, self.samplers, strict=True)]
