@@ -10,6 +10,7 @@ up to its own augmentation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Callable, Iterable
@@ -301,31 +302,48 @@ def _stacked_forward(pop: Population):
 
 
 @torch.no_grad()
-def _stacked_reset_bn(pop: Population, buffers: dict[str, Tensor], xs: list[Tensor], seed: int) -> None:
-    """``_reset_bn`` for every member at once, writing into the stacked ``buffers``."""
+def reset_population_batchnorm_(pop: Population, batches: Iterable[Tensor], buffers: dict[str, Tensor] | None = None,
+                                seed: int | None = None, stacked: bool = True) -> int:
+    """Algorithm 5 (and SWA's update_bn) for every member: reset each tracking BatchNorm's statistics and set
+    them to the plain average of train-mode batch statistics over ``batches`` (each (p, B, ...), slice j for
+    member j), written into the stacked ``buffers`` (default: the population's own). All members in one
+    vmapped pass per batch, or member by member without ``stacked``. With ``seed``, each batch's train-mode
+    randomness (dropout) comes from its own seed, as in ``_reset_bn``. Returns the number of batches; the
+    momenta and the training flag are restored.
+
+    The cumulative average is BatchNorm's momentum 1/(b+1) at batch b, not ``momentum=None``: the latter
+    reads ``num_batches_tracked`` as a Python number, which the vmapped forward cannot do."""
+    buffers = pop.buffers if buffers is None else buffers
     bns = [(n, m) for n, m in pop.template.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
-        return
+        return 0
     for name, _ in bns:
-        buffers[f"{name}.running_mean"].zero_()
-        buffers[f"{name}.running_var"].fill_(1.0)
-        if f"{name}.num_batches_tracked" in buffers:
-            buffers[f"{name}.num_batches_tracked"].zero_()
+        key = f"{name}." if name else ""
+        buffers[f"{key}running_mean"].zero_()
+        buffers[f"{key}running_var"].fill_(1.0)
+        if f"{key}num_batches_tracked" in buffers:
+            buffers[f"{key}num_batches_tracked"].zero_()
     momenta, was_training = [m.momentum for _, m in bns], pop.template.training
     forward = _stacked_forward(pop)
     pop.template.train()
+    seen = 0
     try:
-        for b, x in enumerate(xs):
-            # momentum 1/(b+1) is the cumulative average that momentum=None gives, without the float() of
-            # the batch counter that vmap cannot take
+        for b, x in enumerate(batches):
             for _, m in bns:
                 m.momentum = 1.0 / (b + 1)
-            with seeded(derive_seed("repair-batchnorm", seed, b)):
-                forward(pop.params, buffers, x)
+            with contextlib.nullcontext() if seed is None else seeded(derive_seed("repair-batchnorm", seed, b)):
+                if stacked:
+                    forward(pop.params, buffers, x)
+                else:
+                    for j in range(pop.size):
+                        member = {n: t[j] for n, t in itertools.chain(pop.params.items(), buffers.items())}
+                        functional_call(pop.template, member, (x[j],))
+            seen += 1
     finally:
         for (_, m), momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum
         pop.template.train(was_training)
+    return seen
 
 
 @torch.no_grad()
@@ -381,7 +399,7 @@ def member_moments(pop: Population, batches: Batches, iters: int = 5, seed: int 
     if stacked:
         xs = _stacked_data(batches, list(range(pop.size)), iters, seed, pop.device)
         buffers = {n: b.clone() for n, b in pop.buffers.items()}
-        _stacked_reset_bn(pop, buffers, xs, seed)
+        reset_population_batchnorm_(pop, xs, buffers, seed)
         stats = _stacked_measure(pop, buffers, xs)
         return [{n: (mean[j], std[j]) for n, (mean, std) in stats.items()} for j in range(pop.size)]
     out = []
@@ -551,7 +569,7 @@ def _stacked_repair_(pop: Population, xs: list[Tensor], targets: list[Moments], 
     has_bn = bool(_tracking_bns(pop.template))
     for layer in layers:
         if has_bn:
-            _stacked_reset_bn(pop, pop.buffers, xs, seed)
+            reset_population_batchnorm_(pop, xs, seed=seed)
         mean, std = _stacked_measure(pop, pop.buffers, xs, {layer.name})[layer.name]
         weight, bias = pop.params[f"{layer.name}.weight"], pop.params.get(f"{layer.name}.bias")
         for i, target in enumerate(targets):
@@ -560,4 +578,4 @@ def _stacked_repair_(pop: Population, xs: list[Tensor], targets: list[Moments], 
             if new_bias is not None:
                 bias[i].copy_(new_bias)
     if has_bn:
-        _stacked_reset_bn(pop, pop.buffers, xs, seed)
+        reset_population_batchnorm_(pop, xs, seed=seed)

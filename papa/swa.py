@@ -16,10 +16,10 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import get_swa_multi_avg_fn
 
 from papa.population import Population
+from papa.repair import reset_population_batchnorm_
 
 
 def start_epoch(exp: dict) -> int | None:
@@ -84,37 +84,8 @@ class SWA:
         self.count = count
 
 
-@torch.no_grad()
 def recompute_batchnorm_(pop: Population, batches: Iterable[Tensor], stacked: bool = True) -> int:
-    """update_bn for every member at once: reset each tracking BatchNorm's statistics and set them to the
-    plain average of train-mode batch statistics over ``batches`` (each a (p, B, ...) tensor, slice j for
-    member j). Returns the number of batches; the population's mode and the momenta are restored.
-
-    The cumulative average is BatchNorm's momentum 1/(b+1) at batch b, not ``momentum=None``: the latter
-    reads ``num_batches_tracked`` as a Python number, which vmap's stacked forward cannot do."""
-    bns = [m for m in pop.template.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    if not bns:
-        return 0
-    for prefix in (n for n, m in pop.template.named_modules() if m in bns):
-        key = (prefix + ".") if prefix else ""
-        pop.buffers[f"{key}running_mean"].zero_()
-        pop.buffers[f"{key}running_var"].fill_(1.0)
-        pop.buffers[f"{key}num_batches_tracked"].zero_()
-    momenta, was_training = [bn.momentum for bn in bns], pop.template.training
-    pop.train()
-    seen = 0
-    try:
-        for b, x in enumerate(batches):
-            for bn in bns:
-                bn.momentum = 1.0 / (b + 1)
-            if stacked:
-                pop.forward_all(x)
-            else:
-                for j in range(pop.size):
-                    pop.forward(j, x[j])
-            seen += 1
-    finally:
-        for bn, momentum in zip(bns, momenta, strict=True):
-            bn.momentum = momentum
-        pop.train(was_training)
-    return seen
+    """update_bn for every member (all at once with ``stacked``): each tracking BatchNorm's statistics become
+    the plain average of train-mode batch statistics over ``batches`` (each a (p, B, ...) tensor, slice j for
+    member j). Returns the number of batches; the population's mode and the momenta are restored."""
+    return reset_population_batchnorm_(pop, batches, stacked=stacked)
