@@ -374,16 +374,9 @@ def align(model: nn.Module, reference: nn.Module, batches: Batches, seed: int = 
 def align_population(pop: Population, batches: Batches, reference: int = 0, seed: int = 666) -> Population:
     """A new population with every member aligned to member ``reference`` (which is kept as is); the data
     is passed over once, running the reference and every other member on each batch."""
-    if not -pop.size <= reference < pop.size:
-        raise IndexError(f"reference member {reference} out of range for a population of {pop.size}")
-    reference %= pop.size
-    modules = pop.to_modules()
-    others = [j for j in range(pop.size) if j != reference]
-    if others:
-        perms = match_many(modules[reference], [modules[j] for j in others], batches, seed)
-        for j, p in zip(others, perms, strict=True):
-            modules[j] = permute(modules[j], p)
-    return Population.from_modules(modules)
+    out = Population.from_modules(pop.to_modules())
+    align_members_(out, batches, reference, seed)
+    return out
 
 
 @torch.no_grad()
@@ -449,7 +442,8 @@ def aligned_average_soup(
 
 
 def greedy_alignment(
-    pop: Population, score: Callable[[nn.Module], float], batches: Batches, seed: int = 666
+    pop: Population, score: Callable[[nn.Module], float], batches: Batches, seed: int = 666,
+    scores: Sequence[float] | None = None,
 ) -> tuple[Population, list[int], nn.Module]:
     """Appendix A.4's aligned greedy soup. Members are sorted by ``score`` (higher is better, ties in member
     order); the best is the soup; every next one is aligned to the current soup, then added when the soup's
@@ -457,9 +451,11 @@ def greedy_alignment(
 
     Returns the population of aligned members (each as aligned when it was tried, the best unchanged), the
     indices of the soup's members in the order they were added, and the soup (the uniform average of those
-    aligned members): REPAIR the soup against the aligned population, not the original one."""
+    aligned members): REPAIR the soup against the aligned population, not the original one. ``scores``:
+    the members' scores when the caller already has them (saves evaluating each member again)."""
     batches = reusable(batches)
-    scores = [float(score(pop.member(j))) for j in range(pop.size)]
+    if scores is None:
+        scores = [float(score(pop.member(j))) for j in range(pop.size)]
     order = sorted(range(pop.size), key=lambda j: -scores[j])
     aligned: dict[int, nn.Module] = {order[0]: pop.member(order[0])}
     included, best = [order[0]], scores[order[0]]

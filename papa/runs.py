@@ -223,7 +223,7 @@ def soups(exp: dict, split_path, run_dir) -> dict:
         order = sorted(range(pop.size), key=lambda j: -member_val[j])
         avg_pop = sequential_alignment(pop, data, order)
         avg = average_soup(avg_pop)
-        greedy_pop, members, greedy = greedy_alignment(pop, val_accuracy, data)
+        greedy_pop, members, greedy = greedy_alignment(pop, val_accuracy, data, scores=member_val)
     else:
         avg_pop = greedy_pop = pop
         avg = average_soup(pop)
