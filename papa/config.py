@@ -109,6 +109,15 @@ def load_config(path: str | Path) -> dict:
     return config
 
 
+def swa_start_epoch(exp: dict) -> int | None:
+    """The first SWA epoch (0-based; epochs before it run the regular schedule), or None without SWA."""
+    swa = exp["train"]["swa"]
+    if swa is None:
+        return None
+    start = swa["start"]
+    return round(start * exp["train"]["epochs"]) if start < 1 else int(start)
+
+
 def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
     """Experiment ``name`` of a loaded config: defaults merged with its overrides, validated, with
     ``data.root`` resolved against ``data_root``."""
@@ -126,7 +135,7 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
         if start >= 1 and start != int(start):
             raise PapaError(f"{path}: experiment {name!r}: train.swa.start: {start} is neither a fraction below 1 "
                             "nor a whole number of epochs")
-        first = round(start * epochs) if start < 1 else int(start)  # papa.swa.start_epoch, without torch
+        first = swa_start_epoch(exp)
         if not 0 < first < epochs:
             raise PapaError(f"{path}: experiment {name!r}: train.swa.start: SWA would start after {first} of "
                             f"{epochs} epochs; it needs at least one epoch before it and one during it")

@@ -18,17 +18,11 @@ import torch
 from torch import Tensor
 from torch.optim.swa_utils import get_swa_multi_avg_fn
 
+from papa.config import swa_start_epoch
 from papa.population import Population
 from papa.repair import reset_population_batchnorm_
 
-
-def start_epoch(exp: dict) -> int | None:
-    """The first SWA epoch (0-based; epochs before it run the regular schedule), or None without SWA."""
-    swa = exp["train"]["swa"]
-    if swa is None:
-        return None
-    start = swa["start"]
-    return round(start * exp["train"]["epochs"]) if start < 1 else int(start)
+start_epoch = swa_start_epoch  # defined in papa.config, beside the check that SWA leaves epochs before and during it
 
 
 def anneal_alpha(swa: dict, epochs_in: int) -> float:

@@ -191,10 +191,7 @@ class Trainer:
         self.stream = make_stream(splits, split["train"], exp["train"]["batch_size"], self.policies, seed,
                                   self.device, per_batch=per_batch, member_ids=self.comm.members, **options)
         self.optimizer = build_optimizer(exp, self.pop)
-        self.swa_start = swa.start_epoch(exp)
-        if self.swa_start is not None and not 0 < self.swa_start < exp["train"]["epochs"]:
-            raise PapaError(f"train.swa.start: SWA would start after {self.swa_start} of "
-                            f"{exp['train']['epochs']} epochs; it needs at least one epoch before and one during")
+        self.swa_start = swa.start_epoch(exp)  # papa.config checked that it leaves epochs before and during SWA
         self.swa = swa.SWA(self.pop) if self.swa_start is not None else None
         spe = self.stream.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(exp, s, spe))
