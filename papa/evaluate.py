@@ -45,9 +45,16 @@ def member_logits(pop, data, indices=None, batch_size: int = 500, device="cpu") 
         pop.train(was_training)
 
 
-def member_fns(pop) -> list[Callable[[Tensor], Tensor]]:
-    """Member j's forward pass as a callable, for every j (the population's train/eval mode applies)."""
-    return [lambda x, j=j: pop.forward(j, x) for j in range(pop.size)]
+def member_confusions(pop, data: TileDataset, indices=None, device="cpu", ensemble: bool = False):
+    """``tile_confusions`` of every member (in eval mode; the population's mode is restored), plus their
+    logit ensemble last with ``ensemble``."""
+    was_training = pop.template.training
+    pop.eval()
+    try:
+        return tile_confusions([lambda x, j=j: pop.forward(j, x) for j in range(pop.size)], data, indices, device,
+                               ensemble=ensemble)
+    finally:
+        pop.train(was_training)
 
 
 def population_scores(pop, data, indices=None, batch_size: int = 500, device="cpu") -> list[tuple[float, float]]:
@@ -56,12 +63,7 @@ def population_scores(pop, data, indices=None, batch_size: int = 500, device="cp
     if not isinstance(data, TileDataset):
         labels = labels_of(data, indices)
         return [scores(z, labels) for z in member_logits(pop, data, indices, batch_size, device)]
-    was_training = pop.template.training
-    pop.eval()
-    try:
-        confs, losses = tile_confusions(member_fns(pop), data, indices, device)
-    finally:
-        pop.train(was_training)
+    confs, losses = member_confusions(pop, data, indices, device)
     return [(pixel_accuracy(c), loss) for c, loss in zip(confs, losses, strict=True)]
 
 

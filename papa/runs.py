@@ -17,7 +17,7 @@ from papa.data import load_dataset, load_split, make_split, save_split
 from papa.distributed import from_env
 from papa.engines import choose_engine
 from papa.errors import PapaError
-from papa.evaluate import accuracy, labels_of, member_fns, member_logits, population_scores, predict, scores
+from papa.evaluate import accuracy, labels_of, member_confusions, member_logits, population_scores, predict, scores
 from papa.io import write_json, write_text
 from papa.models import available_models
 from papa.models.pretrained import pretrained_normalization
@@ -25,7 +25,7 @@ from papa.population import Population
 from papa.repair import member_moments, repair
 from papa.segmentation import f1_dict, pixel_accuracy, tile_confusions
 from papa.soups import average_soup, greedy_soup, subset_weights
-from papa.train import Trainer, align_data, build_population, resolve_device
+from papa.train import Trainer, align_data, build_population, fixed_batches, loader_options, resolve_device
 
 SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
 
@@ -204,8 +204,8 @@ def soups(exp: dict, split_path, run_dir) -> dict:
     from papa.data import Policy, make_stream
 
     base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
-    options = {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
-    stream = make_stream(splits, split["train"], exp["train"]["batch_size"], [base] * pop.size, 0, device, **options)
+    stream = make_stream(splits, split["train"], exp["train"]["batch_size"], [base] * pop.size, 0, device,
+                         **loader_options(exp, splits))
     iters, seed = exp["soups"]["repair_iters"], exp["soups"]["repair_seed"]
 
     # soups are repaired on training data with the base transform only: the members' own regularization
@@ -252,7 +252,6 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     of the stage outputs on the test set between two members (``between_networks``) and between a member and
     the average soup (``network_and_avg_soup``), after aligning the members to member 0 by feature matching
     on the training split and REPAIRing the soup (``similarity`` settings of the experiment)."""
-    from papa.data import eval_batches
     from papa.similarity import BETWEEN_NETWORKS, NETWORK_AND_SOUP, population_similarity, stages
 
     run, device, splits, split, pop, meta = open_run(exp, split_path, run_dir)
@@ -265,12 +264,7 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
 
         permutation_spec(pop.template)
     n_test = len(splits.test) if s["test_images"] is None else min(s["test_images"], len(splits.test))
-    options = {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
-    bs = exp["train"]["eval_batch_size"]
-
-    def test(_member, _gen):
-        return eval_batches(splits.test, range(n_test), bs, device, **options)
-
+    test = fixed_batches(exp, splits, splits.test, range(n_test), device)
     sims = population_similarity(
         pop, align_data(exp, splits, split, s["align_images"], device), align=s["align"], repair=s["repair"],
         repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
@@ -308,12 +302,7 @@ def _segmentation_scores(pop, soups: dict, test, device) -> dict:
     """Pixel accuracies as the classification keys, plus per-class F1 (A.8): ``f1_members`` (one
     {class: F1, 'average': mean F1} per member) and scalar keys ``<model>_f1_<class>`` and
     ``<model>_f1_average`` for model = mean (over members), ensemble and each soup."""
-    was_training = pop.template.training
-    pop.eval()
-    try:
-        confs, _ = tile_confusions(member_fns(pop), test, None, device, ensemble=True)
-    finally:
-        pop.train(was_training)
+    confs, _ = member_confusions(pop, test, None, device, ensemble=True)
     soup_confs = dict(zip(soups, tile_confusions(list(soups.values()), test, None, device)[0], strict=True))
     member_f1 = [f1_dict(c, test.classes) for c in confs[:-1]]
     f1 = {"mean": {k: sum(m[k] for m in member_f1) / len(member_f1) for k in member_f1[0]},

@@ -107,13 +107,21 @@ def schedule_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def loader_options(exp: dict, splits) -> dict:
+    """Stream and batch options of the dataset's kind: DataLoader workers for ImageFolder data."""
+    return {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
+
+
+def fixed_batches(exp: dict, splits, dataset, indices, device):
+    """Unaugmented batches of ``dataset``'s ``indices`` in a fixed order: a callable as REPAIR and
+    papa.alignment take."""
+    bs, options = exp["train"]["eval_batch_size"], loader_options(exp, splits)
+    return lambda _member, _gen: eval_batches(dataset, indices, bs, device, **options)
+
+
 def align_data(exp: dict, splits, split: dict, images: int | None, device):
-    """Feature-matching data (Appendix A.4): the first ``images`` training-split images (all when None),
-    unaugmented, in a fixed order; a callable as REPAIR and papa.alignment take."""
-    idx = list(split["train"])[:images]
-    options = {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
-    bs = exp["train"]["eval_batch_size"]
-    return lambda _member, _gen: eval_batches(splits.train, idx, bs, device, **options)
+    """Feature-matching data (Appendix A.4): the first ``images`` training-split images (all when None)."""
+    return fixed_batches(exp, splits, splits.train, list(split["train"])[:images], device)
 
 
 # history ---------------------------------------------------------------------------------------
@@ -183,7 +191,7 @@ class Trainer:
         self.all_policies = member_policies(exp, seed)
         self.policies = [self.all_policies[j] for j in self.comm.members]
         per_batch = exp["augment"]["grid"] if exp["augment"]["per_batch"] and exp["augment"]["enabled"] else None
-        options = {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
+        options = loader_options(exp, splits)
         if splits.kind != "segmentation" and len(split["train"]) < exp["train"]["batch_size"]:
             raise PapaError(
                 f"train.batch_size {exp['train']['batch_size']} exceeds the {len(split['train'])} training images"
