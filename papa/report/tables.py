@@ -307,13 +307,11 @@ def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
         disable_numparse=True,
         colalign=("left",) + ("right",) * len(headers),
     )
-    title = f"**{table['name']}**" + (f": {table['caption']}" if table.get("caption") else "")
     what = {"greedy_sizes": "greedy-soup size k of p members",
             "segmentation": "test pixel accuracy and F1-scores (%) on whole tiles"}.get(table["layout"],
                                                                                        "test accuracy (%)")
     spread = "mean (standard deviation)" if table["layout"] != "greedy_sizes" else "mean"
-    seeds_text = f"{spread} over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    notes = [f"{what[0].upper()}{what[1:]}; {seeds_text}"]
+    notes = [f"{what[0].upper()}{what[1:]}; {_seeds_text(seeds, spread)}"]
     if table["layout"] == "range":
         notes.append("[min, max] over the members of all seeds")
     if table["layout"] in HIGHLIGHT:
@@ -321,8 +319,18 @@ def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
     repaired = [v for v in table.get("repair", []) if v in set(grid["variant"].dropna())]
     if repaired and table["layout"] != "greedy_sizes":
         notes.append(f"soups with REPAIR for {', '.join(VARIANT_NAMES[v] for v in repaired)}")
+    return _with_notes(table, text, notes)
+
+
+def _seeds_text(seeds: list[int], spread: str = "mean (standard deviation)") -> str:
+    return f"{spread} over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+
+
+def _with_notes(table: dict, text: str, notes: list[str]) -> str:
+    """The Markdown of a table: its name and caption, the table, then the notes (and the paper's rows)."""
+    title = f"**{table['name']}**" + (f": {table['caption']}" if table.get("caption") else "")
     if table.get("paper"):
-        notes.append(f"rows '(paper)': values reported in the paper ({table['paper']})")
+        notes = [*notes, f"rows '(paper)': values reported in the paper ({table['paper']})"]
     return f"{title}\n\n{text}\n\n{'; '.join(notes)}.\n"
 
 
@@ -330,15 +338,10 @@ def _markdown_similarity(table: dict, grid: pd.DataFrame, seeds: list[int]) -> s
     body, layers = _similarity_body(grid)
     text = tabulate(body, headers=["Layer", *layers], tablefmt="pipe", disable_numparse=True,
                     colalign=("left",) + ("right",) * len(layers))
-    title = f"**{table['name']}**" + (f": {table['caption']}" if table.get("caption") else "")
-    seeds_text = f"mean (standard deviation) over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else (
-        f"seed {seeds[0]}")
-    notes = [f"Cosine similarity (%) of the ResNet stage outputs on the test set; {seeds_text}",
+    notes = [f"Cosine similarity (%) of the ResNet stage outputs on the test set; {_seeds_text(seeds)}",
              "members permutation-aligned to member 0 (feature matching) and the average soup REPAIRed first",
              "averaged over all pairs of members and over the members"]
-    if table.get("paper"):
-        notes.append(f"rows '(paper)': values reported in the paper ({table['paper']})")
-    return f"{title}\n\n{text}\n\n{'; '.join(notes)}.\n"
+    return _with_notes(table, text, notes)
 
 
 def render(
