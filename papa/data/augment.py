@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from papa.errors import PapaError
+from papa.rng import seeded_globals
 
 # timm RandAugment config strings: magnitude, layers, probability, magnitude std/max, increasing, weights
 RANDAUGMENT = re.compile(r"rand(-(mstd|mmax|inc|m|n|p|w)\d+(\.\d+)?)*")
@@ -145,22 +144,6 @@ def randaugment_transform(config: str, image_size: int, mean):
     except Exception as err:  # timm asserts and raises assorted errors on a malformed string
         raise PapaError(f"randaugment: invalid timm config string {config!r} ({type(err).__name__}: {err})") \
             from None
-
-
-@contextmanager
-def seeded_globals(seed: int):
-    """Run library code that draws from the global RNGs (torch, ``random``, numpy) under ``seed``, then put
-    the callers' RNG states back: the draws then come from our generator and disturb nothing else."""
-    py, npy = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
 
 
 # random numbers ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from papa import rng
-from papa.data.augment import Policy, apply, draw_policies, eval_transform, regularize, seeded_globals, to_device
+from papa.data.augment import Policy, apply, draw_policies, eval_transform, regularize, to_device
 from papa.data.datasets import (
     ArrayDataset,
     FolderDataset,
@@ -23,6 +23,7 @@ from papa.data.datasets import (
     folder_train_transform,
 )
 from papa.errors import PapaError
+from papa.rng import seeded_globals
 
 
 def _check(n_data: int, indices, batch_size: int, policies: Sequence[Policy]) -> Tensor:
