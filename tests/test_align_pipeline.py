@@ -136,8 +136,11 @@ def test_papa_all_aligns_members_and_their_momentum_before_averaging(tmp_path):
     # the momentum was permuted with the weights: one more epoch trains the same functions as without alignment
     for t in (aligned, plain):
         t.run_epoch()
-    # (up to float rounding, which a permuted channel order changes and an epoch of SGD amplifies)
-    torch.testing.assert_close(member_outputs(aligned), member_outputs(plain), rtol=1e-2, atol=2e-2)
+    # Up to float rounding, which a permuted channel order changes and an epoch of SGD amplifies, and which
+    # depends on the CPU's kernels (AVX-512 or AVX2): measured mean |difference| of the logits 0.006 on an
+    # AVX2 EPYC, against 0.18 when the momentum is not permuted with the weights (logits up to ~8).
+    diff = (member_outputs(aligned) - member_outputs(plain)).abs()
+    assert diff.mean() < 0.03 and diff.max() < 0.5, (diff.mean().item(), diff.max().item())
 
     # averaging with align: every member becomes the average of the members aligned to member 0
     data = align_data(aligned.exp, aligned.splits, aligned.split, 64, "cpu")
