@@ -108,7 +108,7 @@ def measured(fn, *args, **kwargs) -> dict:
     cost the others on a machine held for minutes."""
     try:
         return fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - recorded, and the run goes on
+    except Exception as e:  # recorded, and the run goes on
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
 
