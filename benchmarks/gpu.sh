@@ -42,6 +42,10 @@ SUFFIX=""
 #   listed as skipped when it runs out.
 
 ARGS="$*"
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    sed -n '2,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    exit 0
+fi
 if [ "${1:-}" = "--quick" ]; then
     shift
     # ResNet-18 and VGG-16 on a 2-core CPU: a step of p=2 at batch 2 takes about a second in fp32 (bf16 is
@@ -53,7 +57,7 @@ if [ "${1:-}" = "--quick" ]; then
     REPAIR_ITERS=1 DEVICE=cpu PYTEST_LIMIT_S=600 BUDGET_S=3000 LIMIT_S=3600 SUFFIX=-quick
 fi
 if [ $# -ne 1 ] || [ "${1#-}" != "$1" ]; then
-    echo "usage: benchmarks/gpu.sh [--quick] OUT" >&2
+    echo "benchmarks/gpu.sh: error: expected [--quick] OUT (--help says more)" >&2
     exit 2
 fi
 START=$(date +%s)
@@ -72,16 +76,21 @@ finish() {  # exit with $1 once tee has written the whole log
 }
 
 echo "== benchmarks/gpu.sh $ARGS ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(uname -n), $(getconf _NPROCESSORS_ONLN) CPUs)"
-"$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
-'| CUDA', torch.version.cuda, '| GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu \
         --format=csv
 fi
-if [ "$DEVICE" = cuda ] && ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-    echo "benchmarks/gpu.sh: error: torch sees no CUDA device here (--quick runs the same steps on the CPU)"
-    finish 2
-fi
+# one start of torch: what runs here, and whether the device the sizes are meant for is present
+"$PYTHON" -c "import sys, torch; cuda = torch.cuda.is_available(); print('python', sys.version.split()[0], \
+'| torch', torch.__version__, '| CUDA', torch.version.cuda, '| GPU', torch.cuda.get_device_name() if cuda else None); \
+sys.exit(0 if cuda or '$DEVICE' == 'cpu' else 3)"
+case $? in
+    0) ;;
+    3) echo "benchmarks/gpu.sh: error: torch sees no CUDA device here (--quick runs the same steps on the CPU)"
+       finish 2 ;;
+    *) echo "benchmarks/gpu.sh: error: $PYTHON cannot start torch"
+       finish 2 ;;
+esac
 
 echo "== 1. pytest -m gpu (limit ${PYTEST_LIMIT_S} s)"
 timeout -k 10 "$PYTEST_LIMIT_S" "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q \

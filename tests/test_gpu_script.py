@@ -315,3 +315,16 @@ def test_gpu_script_documents_its_sizes_and_quick_mode():
         assert re.search(rf"^{size}", text, re.M), size
     budget = int(re.search(r"^LIMIT_S=(\d+)", text, re.M).group(1))
     assert budget <= 480  # the 8 minutes
+
+
+def test_gpu_script_refuses_bad_arguments_and_a_machine_without_cuda(tmp_path):
+    script = str(REPO / "benchmarks" / "gpu.sh")
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    for argv in ([], ["--quick"], ["a", "b"], ["--bogus"]):
+        bad = subprocess.run(["bash", script, *argv], capture_output=True, text=True, env=env)
+        assert bad.returncode == 2 and bad.stderr.strip().startswith("benchmarks/gpu.sh: error: "), argv
+    usage = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "benchmarks/gpu.sh --quick OUT" in usage and "profile-<device>.txt" in usage
+    no_gpu = subprocess.run(["bash", script, str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert no_gpu.returncode == 2 and "error: torch sees no CUDA device" in no_gpu.stdout
+    assert "torch sees no CUDA device" in (tmp_path / "out" / "gpu.log").read_text()
