@@ -236,11 +236,12 @@ def test_results_markdown_lists_targets_trainer_and_sweep(tmp_path):
 def test_the_headline_is_the_paper_config_with_the_measured_settings_laid_over():
     from benchmarks import headline
 
-    exp = headline.experiment(headline.settings("stacked", True, "cpu", 10, 64, repair_iters=2))
+    # gpu.sh's GPU setting, checked by jsonschema here (the GPU machine has none to check it)
+    exp = headline.experiment(headline.settings("stacked", True, "cuda", 10, 64, repair_iters=2))
     assert exp["name"] == "cifar10-resnet18-p10-aug" and exp["model"]["name"] == "resnet18_cifar"
     assert (exp["train"]["epochs"], exp["averaging"]["papa"]["every"], exp["population"]["size"]) == (300, 10, 10)
-    assert exp["train"] | {"engine": "stacked", "compile": True, "precision": "bf16", "channels_last": True} \
-        == exp["train"]
+    assert exp["train"] | {"engine": "stacked", "compile": True, "precision": "bf16", "channels_last": True,
+                           "device": "cuda", "batch_size": 64} == exp["train"]
     assert exp["averaging"]["papa-all"]["repair_iters"] == 2 and exp["augment"]["grid"]["cutmix"] == [0.0, 0.5, 1.0]
     splits, split = headline.cifar_shaped_data(exp, 100, 10)
     assert splits.train.images.shape == (100, 3, 32, 32) and len(splits.test) == 10
