@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +48,11 @@ def settings(model: str, device: str, quick: bool) -> dict:
     return {"batch_size": 16, "steps": steps, "warmup": 5, "populations": POPULATIONS}
 
 
-def bench(model: str, p: int, engine: str, cfg: dict, args) -> dict:
+def bench(model: str, p: int, engine: str, cfg: dict, args, profile: Path | None = None,
+          timeout: float | None = None) -> dict:
+    """One ``papa bench`` process for ``engine`` (``name[+cl][+bf16][+compile]``); its JSON line, with the
+    process's wall time (``wall_s``: start-up and compilation included), or an ``error`` row. ``profile``:
+    the file for the kernel table of one profiled step; ``timeout``: seconds before the run is stopped."""
     name, *flags = engine.split("+")
     cmd = [sys.executable, "-m", "papa.cli", "bench", "--model", model, "--population", str(p),
            "--batch-size", str(cfg["batch_size"]), "--steps", str(cfg["steps"]),
@@ -56,12 +61,25 @@ def bench(model: str, p: int, engine: str, cfg: dict, args) -> dict:
     cmd += ["--compile"] * ("compile" in flags) + ["--channels-last"] * ("cl" in flags or args.channels_last)
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"model": model, "population": p, "engine": name, "error": tail[:200]}
-    return json.loads(lines[-1])
+    if profile is not None:
+        cmd += ["--profile", str(profile)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        error = None if proc.returncode == 0 and lines else \
+            (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    except subprocess.TimeoutExpired:
+        error = f"stopped after {timeout:.0f} s (time budget)"
+    wall = round(time.perf_counter() - start, 1)
+    if error is not None:
+        return {"model": model, "population": p, "engine": name, "error": error, "wall_s": wall}
+    return {**json.loads(lines[-1]), "wall_s": wall}
+
+
+def results_name(kind: str, device_name: str, threads: int | None = None) -> str:
+    """``cpu-amd-epyc``, ``cuda-nvidia-h200``: the device part of ``results-<name>.md``."""
+    return slug(f"{kind} {device_name}") + (f"-{threads}thread" if threads else "")
 
 
 def slug(text: str) -> str:
@@ -133,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     first = ok[0]
     device_name = first["device_name"]
-    name = slug(f"{kind} {device_name}" if kind == "cpu" else device_name)
-    if args.threads:
-        name += f"-{args.threads}thread"
-    out = args.out or HERE / f"results-{name}.md"
+    out = args.out or HERE / f"results-{results_name(kind, device_name, args.threads)}.md"
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [
         f"# Engine benchmark: {device_name}",

@@ -23,9 +23,13 @@ from papa.population import Population
 INPUT_SHAPES = {"digits_cnn": (1, 8, 8), "logreg": (1, 8, 8), "resnet50": (3, 224, 224)}
 """(channels, height, width) of models not made for 3x32x32 CIFAR images (the default)."""
 
-BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
-"""Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, matched as substrings
-of the CUDA device name in this order (an unqualified "H100" is the SXM part)."""
+BF16_PEAK_TFLOPS = {
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0,
+    "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
+}
+"""Dense bf16 tensor-core peaks (TFLOP/s per GPU, no sparsity) from NVIDIA's data sheets, matched as
+substrings of the CUDA device name in this order (an unqualified "H100" or "H200" is the SXM part, "GH200"
+matches "H200"). Any other device's peak is unknown (None): no fraction is reported rather than a guess."""
 
 
 def device_name(device: torch.device) -> str:
@@ -61,6 +65,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+"""Host-side calls that launch one GPU kernel each, as the profiler names them."""
+
+
+def profile_step(step, device: torch.device, rows: int = 30) -> tuple[str, dict]:
+    """One call of ``step`` under torch's profiler: the kernel table (operators and, on a GPU, its kernels,
+    the most device time first, CPU time on a CPU) and a summary of kernel launches and device-busy time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    wall_ms = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    summary = {
+        "profile_wall_ms": round(wall_ms, 3),
+        "profile_launches": sum(e.count for e in events if e.key in LAUNCH_CALLS),
+        # the device's own events (kernels, copies, memsets), as the profiler's table totals them
+        "profile_device_ms": round(sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU
+                                       and not getattr(e, "is_user_annotation", False)) / 1e3, 3),
+    }
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return events.table(sort_by=sort, row_limit=rows), summary
+
+
 def _timed(fn, device: torch.device, calls: int) -> tuple[float, float]:
     """Mean wall and process-CPU seconds per call of ``fn`` over ``calls`` calls."""
     _sync(device)
@@ -73,7 +106,8 @@ def _timed(fn, device: torch.device, calls: int) -> tuple[float, float]:
 
 def run(*args, threads: int | None = None, **kwargs) -> dict:
     """Time ``repeats`` blocks of ``steps`` training steps (after ``warmup`` untimed ones) and a PAPA push,
-    with ``threads`` CPU threads (restored afterwards).
+    with ``threads`` CPU threads (restored afterwards); with ``profile`` (a file), one more step runs under
+    torch's profiler and its kernel table is written there.
 
     Returns a flat dict of the settings and measurements; ``step_ms`` is the fastest block's mean step,
     the usual estimate on a shared machine where other work only ever slows a block down. ``cpu_ms`` is
@@ -91,7 +125,7 @@ def run(*args, threads: int | None = None, **kwargs) -> dict:
 def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, steps: int = 20,
          engine: str = "auto", device: str = "auto", compile: bool = False, channels_last: bool = False,
          precision: str = "fp32", warmup: int = 3, repeats: int = 1, num_classes: int = 10,
-         seed: int = 0) -> dict:
+         seed: int = 0, profile: str | Path | None = None) -> dict:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     shape = INPUT_SHAPES.get(model, (3, 32, 32))
@@ -133,6 +167,13 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
     step_s, cpu_s = blocks[0], min(cpu for _, cpu in timings)
     push_s = min(_timed(lambda: averaging.push_toward_average_(pop, 0.99), dev, 5)[0] for _ in range(repeats))
     flop = gflop_per_image(pop.template, shape)
+    profiled = {}
+    if profile is not None:
+        table, profiled = profile_step(step, dev)
+        head = (f"{model} p={population} batch={batch_size} {name} {precision} compile={compile} "
+                f"channels_last={channels_last} on {device_name(dev)}: one step {profiled['profile_wall_ms']:.2f} ms, "
+                f"{profiled['profile_launches']} kernel launches, device busy {profiled['profile_device_ms']:.2f} ms")
+        Path(profile).write_text(f"{head}\n{table}\n")
     images_per_second = population * batch_size / step_s
     name_dev = device_name(dev)
     peak = bf16_peak_tflops(name_dev) if dev.type == "cuda" else None
@@ -148,5 +189,5 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
         "averaging_fraction_every10": round(push_s / (10 * step_s), 5),
         "warmup_s": round(warmup_s, 2), "gflop_per_image": round(flop, 4), "tflops": round(tflops, 4),
         "bf16_peak_tflops": peak, "peak_fraction": round(tflops / peak, 4) if peak else None,
-        "torch": torch.__version__,
+        "torch": torch.__version__, **profiled,
     }

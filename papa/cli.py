@@ -72,7 +72,7 @@ def _bench(a):
     print(json.dumps(bench.run(
         model=a.model, population=a.population, batch_size=a.batch_size, steps=a.steps, engine=a.engine,
         device=a.device, compile=a.compile, channels_last=a.channels_last, precision=a.precision,
-        warmup=a.warmup, repeats=a.repeats, threads=a.threads,
+        warmup=a.warmup, repeats=a.repeats, threads=a.threads, profile=a.profile,
     )))
 
 
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="channels-last inputs (conv models)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--profile", type=Path, metavar="FILE",
+                   help="also profile one step and write torch's kernel table to FILE")
     p.set_defaults(func=_bench)
 
     try:

@@ -8,15 +8,18 @@ names the file and the offending key.
 from __future__ import annotations
 
 import copy
+import sys
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import yaml
 
 from papa.errors import PapaError
+
+if TYPE_CHECKING:
+    import jsonschema
 
 VARIANTS = ("baseline", "papa", "papa-all", "papa-2")
 
@@ -28,21 +31,51 @@ def schema(name: str) -> dict:
     return yaml.safe_load(text)
 
 
-def _with_defaults(cls):
-    """A validator class that also writes each property's ``default`` into the instance."""
-    check_properties = cls.VALIDATORS["properties"]
-
-    def properties(validator, props, instance, sch):
-        if isinstance(instance, dict):
-            for key, sub in props.items():
-                if "default" in sub and key not in instance:
-                    instance[key] = copy.deepcopy(sub["default"])
-        yield from check_properties(validator, props, instance, sch)
-
-    return jsonschema.validators.extend(cls, {"properties": properties})
+def _resolve(sch: dict, root: dict) -> dict:
+    """``sch`` with its local ``$ref`` (``#/a/b``) followed: the schemas use no other kind."""
+    while "$ref" in sch:
+        target = root
+        for part in sch["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        sch = target
+    return sch
 
 
-_Validator = _with_defaults(jsonschema.Draft202012Validator)
+def fill_defaults(instance: Any, sch: dict, root: dict | None = None) -> Any:
+    """Write every missing property's ``default`` into ``instance``, in place and recursively (into the
+    defaults just written too), following ``properties``, ``additionalProperties``, ``items`` and local
+    ``$ref``s: where the schemas keep their defaults (tests/test_config.py checks that no default lies
+    elsewhere). Nothing is checked here; ``validate`` does both."""
+    root = sch if root is None else root
+    sch = _resolve(sch, root)
+    if isinstance(instance, dict):
+        props = sch.get("properties", {})
+        for key, sub in props.items():
+            if "default" in sub and key not in instance:
+                instance[key] = copy.deepcopy(sub["default"])
+            if key in instance:
+                fill_defaults(instance[key], sub, root)
+        extra = sch.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in instance.keys() - props.keys():
+                fill_defaults(instance[key], extra, root)
+    elif isinstance(instance, list) and isinstance(sch.get("items"), dict):
+        for item in instance:
+            fill_defaults(item, sch["items"], root)
+    return instance
+
+
+@cache
+def _validator_class():
+    """jsonschema's validator, or None where jsonschema is not installed (the GPU benchmark machine's image,
+    benchmarks/gpu.sh): configs then get their defaults but no checks, and a warning says so once."""
+    try:
+        import jsonschema
+    except ModuleNotFoundError:
+        print("papa: warning: jsonschema is not installed: configs get their defaults but are not checked",
+              file=sys.stderr)
+        return None
+    return jsonschema.Draft202012Validator
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
@@ -62,8 +95,13 @@ def _message(error: jsonschema.ValidationError) -> str:
 
 
 def validate(instance: Any, name: str, where: str) -> Any:
-    """Validate ``instance`` in place against schema ``name``, filling defaults; PapaError on failure."""
-    errors = sorted(_Validator(schema(name)).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    """Fill defaults into ``instance`` in place and validate it against schema ``name``; PapaError on failure."""
+    sch = schema(name)
+    fill_defaults(instance, sch)
+    validator = _validator_class()
+    if validator is None:
+        return instance
+    errors = sorted(validator(sch).iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
         raise PapaError(f"{where}: {_key_path(e)}: {_message(e)}")

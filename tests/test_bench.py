@@ -63,3 +63,22 @@ def test_benchmark_runner_sweeps_engine_options_into_a_table(tmp_path):
     cells = [c.strip() for c in loop_row.strip("|").split("|")]
     assert cells[6] == "1.00" and cells[8] == "1.00"  # × loop, wall and CPU
     assert "CPU ms" in out.read_text()
+
+
+def test_papa_bench_profile_writes_the_kernel_table_of_one_step(tmp_path, capsys):
+    table = tmp_path / "kernels.txt"
+    argv = ["bench", "--model", "digits_cnn", "--population", "2", "--batch-size", "4", "--steps", "1",
+            "--warmup", "1", "--engine", "stacked", "--device", "cpu", "--threads", "1", "--profile", str(table)]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["profile_wall_ms"] > 0 and result["profile_launches"] == 0  # a CPU launches no kernels
+    text = table.read_text()
+    assert text.startswith("digits_cnn p=2 batch=4 stacked fp32") and "one step" in text
+    assert "aten::" in text and "Self CPU" in text  # torch's operator table, the costliest first
+
+
+def test_result_files_are_named_for_the_device_kind_and_name():
+    from benchmarks.run import results_name
+
+    assert results_name("cuda", "NVIDIA H200") == "cuda-nvidia-h200"
+    assert results_name("cpu", "AMD EPYC", threads=1) == "cpu-amd-epyc-1thread"
