@@ -2,6 +2,7 @@
 figures, the plan of runs, and the report subcommands."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -111,13 +112,116 @@ def test_best_ensemble_and_soup_are_bold(frame, tmp_path):
     t = table("main")
     tables.render(t, frame, VARIANTS, SEEDS, tmp_path / "t.md", tmp_path / "t.csv")
     md = (tmp_path / "t.md").read_text()
-    assert "| **96.20 (0.10)** |" in md  # PAPA AvgSoup beats every other soup
+    assert " **96.20 (0.10)** |" in md  # PAPA AvgSoup beats every other soup
     assert md.count("**96.00 (1.00)**") == 4  # four equal ensembles: all best
     assert md.startswith("**t**: A caption.")
     assert "mean (standard deviation) over seeds 1, 2, 3" in md
     machine = pd.read_csv(tmp_path / "t.csv")
     assert list(machine.columns) == tables.CSV_COLUMNS
     assert machine.loc[machine.column == "PAPA AvgSoup", "best"].item()
+
+
+def md_headers(md: str) -> list[str]:
+    """The header cells of a rendered Markdown table."""
+    line = next(line for line in md.splitlines() if line.startswith("| "))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+SPELLED_OUT = {  # (group, measure): the Markdown header reads "group measure", the HTML groups the measures
+    "main": [("Baseline", "Ensemble"), ("Baseline", "Greedy soup"), ("PAPA", "Ensemble"), ("PAPA", "Average soup")],
+    "detailed": [("Baseline", "Ensemble"), ("Baseline", "Average soup"), ("PAPA-2", "Greedy soup")],
+    "range": [("", "Population size p"), ("", "Members: mean [min, max]"), ("", "Average soup"),
+              ("", "Greedy soup")],
+    "greedy_sizes": [("Baseline", "Greedy soup size"), ("PAPA-2", "Greedy soup size")],
+    "mean_soup": [("Baseline", "Population mean"), ("Baseline", "Average soup"), ("PAPA-all", "Population mean")],
+    "side_by_side": [("SWA", "Population mean"), ("SWA", "Average soup"), ("SWA", "Greedy soup")],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SPELLED_OUT))
+def test_headers_are_spelled_out_in_every_layout(frame, tmp_path, layout):
+    """Markdown and HTML headers read "Average soup", "Greedy soup", ... ; the CSV keeps the paper's keys."""
+    row = {"label": "CNN", "experiment": "exp"}
+    row |= {"variant": "papa"} if layout in tables.OWN_VARIANT else {}
+    row |= {"columns": "SWA"} if layout == "side_by_side" else {}
+    t = table(layout, rows=[row])
+    tables.render(t, frame, VARIANTS, SEEDS, tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "t.html")
+    headers = md_headers((tmp_path / "t.md").read_text())
+    html = (tmp_path / "t.html").read_text()
+    for group, measure in SPELLED_OUT[layout]:
+        assert f"{group} {measure}".strip() in headers
+        assert f">{measure}</th>" in html
+        assert not group or re.search(rf'<th scope="colgroup" colspan="\d">{re.escape(group)}</th>', html)
+    abbreviations = {"Ens", "Avg", "Greed", "AvgSoup", "GreedySoup", "Mean"}
+    assert not {word for h in headers for word in h.split()} & abbreviations
+    assert not {"p", "mean [min, max]"} & set(headers)
+    keys = set(pd.read_csv(tmp_path / "t.csv")["column"])
+    assert keys == set(tables.columns(t, VARIANTS, row))  # the paper CSVs' keys, unchanged
+
+
+def test_similarity_measures_are_spelled_out(tmp_path):
+    frame = pd.DataFrame(
+        [("exp", "papa", 1, f"{m}.layer{k}", 90.0 + k) for m in ("between_networks", "network_and_avg_soup")
+         for k in range(1, 5)], columns=aggregate.COLUMNS)
+    t = table("similarity", rows=[{"label": "PAPA", "experiment": "exp", "variant": "papa"}])
+    tables.render(t, frame, VARIANTS, [1], tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "t.html")
+    for path in ("t.md", "t.html"):
+        text = (tmp_path / path).read_text()
+        assert "Between one network and the average soup" in text and "AvgSoup" not in text
+
+
+@pytest.mark.parametrize(("accuracy", "classes", "chance"), [
+    (9.75, 10, True), (11.98, 10, True), (15.5, 10, False), (41.2, 10, False), (98.0, 10, False),
+    (1.0, 100, True), (1.9, 100, True), (2.5, 100, False), (0.1, 1000, True), (52.0, 2, True), (60.0, 2, False),
+    (10.0, float("nan"), False),
+])
+def test_chance_level(accuracy, classes, chance):
+    assert tables.at_chance(accuracy, classes) is chance
+
+
+def test_a_soup_at_chance_level_is_marked(tmp_path):
+    """The baseline's average soup of a 10-class problem at 9.75% gets the mark and a footnote; a cell of a
+    run that does not say its number of classes is left alone."""
+    for s in SEEDS:
+        fake_metrics(tmp_path / "results", "exp", "baseline", s, avg_soup=9.5 + s / 10, num_classes=10)
+        fake_metrics(tmp_path / "results", "exp", "papa", s, avg_soup=96.0, num_classes=10)
+        fake_metrics(tmp_path / "results", "old", "baseline", s, avg_soup=10.0)  # no num_classes
+    frame = aggregate.aggregate(aggregate.find_metrics(tmp_path / "results"))
+    rows = [{"label": "Baseline", "experiment": "exp", "variant": "baseline"},
+            {"label": "PAPA", "experiment": "exp", "variant": "papa"},
+            {"label": "Old", "experiment": "old", "variant": "baseline"}]
+    t = table("range", rows=rows)
+    tables.render(t, frame, VARIANTS, SEEDS, tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "t.html")
+    md = (tmp_path / "t.md").read_text()
+    assert "| 9.70 (0.10)† |" in md.replace("  ", "").replace("| ", "|").replace("|", "| ")  # noqa: E501
+    assert md.count(tables.CHANCE_MARK) == 2  # the cell and its footnote
+    assert md.splitlines()[-1] == "† at chance level (1/classes: 10% for 10 classes)"
+    machine = pd.read_csv(tmp_path / "t.csv")
+    marked = machine[machine.chance]
+    assert list(zip(marked.row, marked.column, strict=True)) == [("Baseline", "AvgSoup")]
+    assert marked["classes"].item() == 10
+    html = (tmp_path / "t.html").read_text()
+    assert '<td class="chance" title="at chance level">9.70 (0.10)†</td>' in html
+    assert "at chance level (1/classes: 10% for 10 classes)" in html
+
+
+def test_html_page_shows_the_table_with_the_papers_rows(frame, tmp_path, monkeypatch):
+    """The HTML page holds the whole table: grouped headers, our row, the paper's row under it, the notes."""
+    text = "row,column,value\nCNN,Baseline Ensemble,95.2 (0.1)\nCNN,PAPA AvgSoup,94.8\n"
+    monkeypatch.setattr(paper, "values", lambda _: paper.parse(text, "test.csv"))
+    t = table("main", paper="table1", rows=[{"label": "CNN", "experiment": "exp", "group": "Digits <8x8>"}])
+    tables.render(t, frame, VARIANTS, SEEDS, tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "t.html")
+    html = (tmp_path / "t.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert '<p class="title"><strong>t</strong>: A caption.</p>' in html
+    assert '<th scope="colgroup" colspan="2">Baseline</th>' in html
+    assert '<th scope="colgroup" colspan="2">PAPA-all</th>' in html
+    assert '<tr class="heading"><th scope="rowgroup" colspan="9">Digits &lt;8x8&gt;</th></tr>' in html
+    ours = html.index('<tr class="ours"><th scope="row">CNN</th><td><strong>96.00 (1.00)</strong></td>')
+    theirs = html.index('<tr class="paper"><th scope="row">CNN (paper)</th><td>95.2 (0.1)</td><td></td><td></td>'
+                        "<td>94.8</td>")
+    assert ours < theirs
+    assert "values reported in the paper (table1)" in html
 
 
 def test_detailed_layout_with_repair_and_variant_subset(frame):
