@@ -356,6 +356,72 @@ def test_figures_are_written(frame, tmp_path):
         figures.compare(spec | {"experiments": ["other"]}, frame, SEEDS, VARIANTS, tmp_path / "x.png")
 
 
+@pytest.mark.parametrize(("values", "kept"), [
+    ([98.9, 98.5, 97.8, 98.2, 9.75, 98.1], (97.8, 98.9)),  # a soup at chance: the axis shows 97.8-98.9
+    ([98.0, 97.5, 96.0, 64.9, 30.2, 11.0, 95.0, 97.0, 96.5, 97.7, 91.0, 93.0], (91.0, 98.0)),
+    (list(np.linspace(30.0, 95.0, 50)), None),  # a smooth learning curve: everything
+    ([90.0, 80.0, 70.0, 60.0], None),  # evenly spread: everything
+    ([98.0, 97.0, 10.0, 9.0], None),  # half the values are far below: they are the point, keep them
+    ([97.0], None),
+])
+def test_focus_leaves_out_the_few_values_far_below(values, kept):
+    assert figures.focus(values) == kept
+
+
+def test_variants_figure_zooms_to_where_the_values_differ(tmp_path):
+    for v in VARIANTS:
+        for s in SEEDS:
+            fake_metrics(tmp_path / "r", "exp", v, s, mean=97.5 + s / 10, ensemble=98.5 + s / 10,
+                         avg_soup=9.75 if v == "baseline" else 98.0 + s / 10, greedy_soup=98.2 + s / 10)
+    frame = aggregate.aggregate(aggregate.find_metrics(tmp_path / "r"))
+    fig = figures.compare_figure({"name": "v", "kind": "variants", "experiments": ["exp"]}, frame, SEEDS, VARIANTS)
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert 96.0 < low < 97.6 and 98.8 < high < 100.0  # the 97.5-98.8 values span the axis
+    assert [t.get_text() for t in ax.texts] == ["9.8"]  # the baseline's average soup, marked below it
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Population mean", "Ensemble", "Average soup",
+                                                                  "Greedy soup"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Baseline", "PAPA", "PAPA-all", "PAPA-2"]
+
+
+def one_epoch_history(path, accuracy):
+    rows = [(1, member, "end", accuracy + member) for member in (0, 1)]
+    pd.DataFrame(rows, columns=["epoch", "member", "phase", "test_accuracy"]).to_csv(path, index=False)
+    return path
+
+
+def test_curves_legend_is_in_the_tables_order_and_one_epoch_shows_points(tmp_path):
+    """Histories given in any order: the legend reads Baseline, PAPA, PAPA-all, PAPA-2. A one-epoch run has no
+    curve: each variant shows one marker, and the title says why."""
+    order = ["papa-2", "baseline", "papa-all", "papa"]
+    histories = {(v, 1): one_epoch_history(tmp_path / f"{v}.csv", 90.0 + k) for k, v in enumerate(order)}
+    fig = figures.curves_figure({"name": "c", "kind": "curves", "experiment": "exp"}, histories)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Baseline", "PAPA", "PAPA-all", "PAPA-2"]
+    ax = fig.axes[0]
+    markers = [line for line in ax.lines if line.get_marker() == "o" and len(line.get_xdata()) == 1]
+    assert sorted(float(line.get_ydata()[0]) for line in markers) == [90.5, 91.5, 92.5, 93.5]
+    assert all(0.5 < float(line.get_xdata()[0]) < 1.5 for line in markers)
+    assert "one epoch: one point per variant" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1"]
+
+
+def test_curves_mark_the_dips_below_the_axis(tmp_path):
+    """PAPA-all's first averaging drops the members to chance: the axis keeps the curves' range and marks
+    the dip on its edge."""
+    rows = []
+    for epoch in range(1, 7):
+        acc = 99.0 - 6.0 / epoch
+        rows += [(epoch, 0, "before_avg", acc), (epoch, 0, "after_avg", 11.0 if epoch == 1 else acc + 0.5)]
+        rows += [(epoch, 0, "end", acc + 0.5)]
+    path = tmp_path / "h.csv"
+    pd.DataFrame(rows, columns=["epoch", "member", "phase", "test_accuracy"]).to_csv(path, index=False)
+    fig = figures.curves_figure({"name": "c", "kind": "curves", "experiment": "exp"}, {("papa-all", 1): path})
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] > 90.0
+    assert [t.get_text() for t in ax.texts] == ["11.0"]
+    assert figures.ZOOM_NOTE in ax.get_title()
+
+
 def config_with(**kw):
     raw = {"experiments": {"a": {}, "b": {}}, "variants": ["baseline", "papa-all"], "seeds": [1, 2]} | kw
     return cfg.validate(raw, "config", "test.yaml")
