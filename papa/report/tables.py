@@ -352,7 +352,7 @@ def _paper_line(label: str, values: pd.Series) -> list[Line]:
     return [Line("paper", f"{label} (paper)", [(v if isinstance(v, str) else "", False, False) for v in values])]
 
 
-def _lines(table: dict, grid: pd.DataFrame, keys: list[str]) -> list[Line]:
+def _lines(grid: pd.DataFrame, keys: list[str]) -> list[Line]:
     """Rows of the grid (columns ``keys``), each followed by the paper's; a heading where the group changes."""
     lines, group = [], None
     for label, row in grid.groupby("row", sort=False):
@@ -402,7 +402,7 @@ def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
     if repaired and table["layout"] != "greedy_sizes":
         notes.append(f"soups with REPAIR for {', '.join(VARIANT_NAMES[v] for v in repaired)}")
     headers = [header(table, key) for key in keys]
-    return _display(table, grid, LABEL, headers, _lines(table, grid, keys), notes)
+    return _display(table, grid, LABEL, headers, _lines(grid, keys), notes)
 
 
 def _display(table, grid, label_header, headers, lines, notes) -> Display:
@@ -411,7 +411,7 @@ def _display(table, grid, label_header, headers, lines, notes) -> Display:
     footnotes = []
     marked = grid[grid["chance"]]
     if len(marked):
-        chance = ", ".join(f"{100 / k:.{2 if k > 10 else 0}f}% for {k:g} classes"
+        chance = ", ".join(f"{100 / k:.3g}% for {k:g} classes"
                            for k in sorted(marked["classes"].unique()))
         footnotes.append(f"{CHANCE_MARK} at chance level (1/classes: {chance})")
     return Display(table["name"], table.get("caption") or "", label_header, headers, lines, notes, footnotes)
