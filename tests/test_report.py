@@ -378,7 +378,7 @@ def test_variants_figure_zooms_to_where_the_values_differ(tmp_path):
     ax = fig.axes[0]
     low, high = ax.get_ylim()
     assert 96.0 < low < 97.6 and 98.8 < high < 100.0  # the 97.5-98.8 values span the axis
-    assert [t.get_text() for t in ax.texts] == ["9.8"]  # the baseline's average soup, marked below it
+    assert [t.get_text() for t in ax.texts] == ["9.75"]  # the baseline's average soup, marked below it
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Population mean", "Ensemble", "Average soup",
                                                                   "Greedy soup"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["Baseline", "PAPA", "PAPA-all", "PAPA-2"]
@@ -418,7 +418,7 @@ def test_curves_mark_the_dips_below_the_axis(tmp_path):
     fig = figures.curves_figure({"name": "c", "kind": "curves", "experiment": "exp"}, {("papa-all", 1): path})
     ax = fig.axes[0]
     assert ax.get_ylim()[0] > 90.0
-    assert [t.get_text() for t in ax.texts] == ["11.0"]
+    assert [t.get_text() for t in ax.texts] == ["11.00"]
     assert figures.ZOOM_NOTE in ax.get_title()
 
 

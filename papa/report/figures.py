@@ -156,7 +156,7 @@ def _focus(ax, values, points) -> bool:
     for _, group in groupby(below, key=lambda p: p[0]):
         for k, (x, y, color) in enumerate(group):
             ax.plot([x], [0.0], "v", ms=7, color=color, transform=edge, clip_on=False)
-            ax.annotate(f"{y:.1f}", (x, 0.0), xycoords=edge, xytext=(6, 2 + 11 * k), textcoords="offset points",
+            ax.annotate(f"{y:.2f}", (x, 0.0), xycoords=edge, xytext=(6, 2 + 11 * k), textcoords="offset points",
                         color=color, fontsize="small")
     return True
 
