@@ -5,7 +5,9 @@ The names below are imported on first use (``papa.Population`` imports torch the
 commands that only read and render results start without loading torch.
 """
 
+import sys
 from importlib import import_module
+from types import ModuleType
 
 __version__ = "0.1.0"
 
@@ -50,3 +52,16 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
+
+
+class _Package(ModuleType):
+    """Importing a submodule named like an export (``papa.repair``, the module of ``papa.repair()``) would
+    bind the module to that name on the package; the export keeps it, as with an eager import."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _MODULE_OF and isinstance(value, ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -59,8 +59,19 @@ def test_library_names_load_on_first_use():
     )
     out = run("-c", code, check=True)
     assert out.stdout.split() == ["True", "papa.population", "True", "True"]
+    # importing the submodule papa.repair (as the library itself does) leaves papa.repair the function
+    out = run("-c", "import papa.repair, papa; print(papa.repair.__module__, callable(papa.repair))", check=True)
+    assert out.stdout.split() == ["papa.repair", "True"]
     out = run("-c", "import papa; papa.nope")
     assert "module 'papa' has no attribute 'nope'" in out.stderr
+
+
+def test_every_exported_name_resolves():
+    import papa
+
+    for name in papa.__all__:
+        value = getattr(papa, name)
+        assert getattr(value, "__name__", name) == name and name in vars(papa)  # cached after the first use
 
 
 def test_report_commands_do_not_import_torch(tmp_path):
