@@ -1,55 +1,67 @@
 """PopulAtion Parameter Averaging (PAPA): populations trained with PAPA, PAPA-all and PAPA-2,
-averaged into one model with model soups and REPAIR."""
+averaged into one model with model soups and REPAIR.
+
+The names below are imported on first use (``papa.Population`` imports torch then), so that the ``papa``
+commands that only read and render results start without loading torch.
+"""
+
+import sys
+from importlib import import_module
+from types import ModuleType
 
 __version__ = "0.1.0"
 
-from papa.alignment import (  # noqa: E402
-    align,
-    align_members_,
-    align_population,
-    aligned_average_soup,
-    aligned_greedy_soup,
-    greedy_alignment,
-    sequential_alignment,
-)
-from papa.averaging import (  # noqa: E402
-    SCHEMES,
-    average_all_,
-    draw_pairs,
-    mix_,
-    mixing_matrix,
-    pair_average_,
-    push_toward_average_,
-    weighted_average_,
-)
-from papa.population import Population  # noqa: E402
-from papa.repair import member_moments, repair, reset_batchnorm  # noqa: E402
-from papa.similarity import cosine_similarity, population_similarity  # noqa: E402
-from papa.soups import average_soup, ensemble_logits, greedy_soup  # noqa: E402
+_EXPORTS = {
+    "papa.alignment": [
+        "align",
+        "align_members_",
+        "align_population",
+        "aligned_average_soup",
+        "aligned_greedy_soup",
+        "greedy_alignment",
+        "sequential_alignment",
+    ],
+    "papa.averaging": [
+        "SCHEMES",
+        "average_all_",
+        "draw_pairs",
+        "mix_",
+        "mixing_matrix",
+        "pair_average_",
+        "push_toward_average_",
+        "weighted_average_",
+    ],
+    "papa.population": ["Population"],
+    "papa.repair": ["member_moments", "repair", "reset_batchnorm"],
+    "papa.similarity": ["cosine_similarity", "population_similarity"],
+    "papa.soups": ["average_soup", "ensemble_logits", "greedy_soup"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = [
-    "SCHEMES",
-    "Population",
-    "align",
-    "align_members_",
-    "align_population",
-    "aligned_average_soup",
-    "aligned_greedy_soup",
-    "average_all_",
-    "average_soup",
-    "cosine_similarity",
-    "draw_pairs",
-    "ensemble_logits",
-    "greedy_alignment",
-    "greedy_soup",
-    "member_moments",
-    "mix_",
-    "mixing_matrix",
-    "pair_average_",
-    "population_similarity",
-    "push_toward_average_",
-    "repair",
-    "reset_batchnorm",
-    "sequential_alignment",
-    "weighted_average_",
-]
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'papa' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(ModuleType):
+    """Importing a submodule named like an export (``papa.repair``, the module of ``papa.repair()``) would
+    bind the module to that name on the package; the export keeps it, as with an eager import."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _MODULE_OF and isinstance(value, ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -7,11 +7,26 @@ import sys
 from pathlib import Path
 
 from papa.errors import PapaError
+from papa.report.cli import add_commands
 
 
 def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="config file (YAML)")
     p.add_argument("--experiment", help="experiment name in the config (optional when it defines one)")
+
+
+def _split_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", required=True, type=Path, help="validation split file written by `papa prepare`")
+
+
+def _run_arg(p: argparse.ArgumentParser, holds: str) -> None:
+    p.add_argument("--run", required=True, type=Path, help=f"run directory holding {holds}")
+
+
+def _require(run: Path, name: str, step: str) -> None:
+    """Stop in one line when an earlier stage's output is missing, naming the stage to run first."""
+    if not (run / name).is_file():
+        raise PapaError(f"{run / name}: not found; run `{step}` on this run first")
 
 
 def _prepare(a):
@@ -42,6 +57,7 @@ def _train(a):
 def _soups(a):
     from papa import runs
 
+    _require(a.run, "population.safetensors", "papa train")
     info = runs.soups(runs.load_experiment(a.config, a.experiment), a.split, a.run)
     print(f"{a.run}/soups.safetensors: greedy soup of members {info['greedy_soup_members']}")
 
@@ -49,6 +65,8 @@ def _soups(a):
 def _evaluate(a):
     from papa import runs
 
+    _require(a.run, "population.safetensors", "papa train")
+    _require(a.run, "soups.safetensors", "papa soups")
     m = runs.evaluate(runs.load_experiment(a.config, a.experiment), a.split, a.run)
     print(
         f"{a.run}/metrics.json: members {m['mean']:.2f}% [{m['min']:.2f}, {m['max']:.2f}], ensemble "
@@ -59,6 +77,7 @@ def _evaluate(a):
 def _similarity(a):
     from papa import runs
 
+    _require(a.run, "population.safetensors", "papa train")
     s = runs.similarity(runs.load_experiment(a.config, a.experiment), a.split, a.run)
     cells = ", ".join(f"{k} {s['between_networks'][k]:.2f}% / {s['network_and_avg_soup'][k]:.2f}%" for k in s["stages"])
     print(f"{a.run}/similarity.json: between members / member and avg soup: {cells}")
@@ -80,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="papa", description="PopulAtion Parameter Averaging: train, average and evaluate populations."
     )
+    parser.add_argument("--version", action=_Version, help="print the installed version of papa and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="load the dataset and save the 2%% validation split",
@@ -92,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a population with baseline, papa, papa-all or papa-2 (Algorithm 1).")
     _experiment_args(p)
     p.add_argument("--variant", required=True, help="baseline, papa, papa-all or papa-2")
-    p.add_argument("--seed", required=True, type=int)
-    p.add_argument("--split", required=True, type=Path, help="validation split from `papa prepare`")
+    p.add_argument("--seed", required=True, type=int,
+                   help="run seed: every random draw of the run (inits, data orders, augmentations) derives from it")
+    _split_arg(p)
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: only on a terminal)")
@@ -102,15 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("soups", help="build average and greedy soups, with and without REPAIR",
                        description="Average soup, greedy soup (on the validation split), each repaired or not.")
     _experiment_args(p)
-    p.add_argument("--split", required=True, type=Path)
-    p.add_argument("--run", required=True, type=Path, help="run directory holding population.safetensors")
+    _split_arg(p)
+    _run_arg(p, "population.safetensors (from `papa train`)")
     p.set_defaults(func=_soups)
 
     p = sub.add_parser("evaluate", help="test accuracy of members, ensemble and soups -> metrics.json",
                        description="Write metrics.json for one trained population and its soups.")
     _experiment_args(p)
-    p.add_argument("--split", required=True, type=Path)
-    p.add_argument("--run", required=True, type=Path)
+    _split_arg(p)
+    _run_arg(p, "population.safetensors and soups.safetensors (from `papa train` and `papa soups`)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("similarity", help="feature similarity of members and soup per ResNet stage -> similarity.json",
@@ -119,19 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "similarity (%%) of the test-set stage outputs between two members and between a member "
                        "and the soup. Settings: the experiment's `similarity` entry.")
     _experiment_args(p)
-    p.add_argument("--split", required=True, type=Path, help="validation split from `papa prepare`")
-    p.add_argument("--run", required=True, type=Path, help="run directory holding population.safetensors")
+    _split_arg(p)
+    _run_arg(p, "population.safetensors (from `papa train`)")
     p.set_defaults(func=_similarity)
 
     p = sub.add_parser("bench", help="time training steps of one engine on synthetic data (one JSON line)",
                        description="Member-images per second, step and PAPA-push time of a population.")
-    p.add_argument("--model", default="digits_cnn")
-    p.add_argument("--population", type=int, default=4)
+    p.add_argument("--model", default="digits_cnn", help="model name in the registry (default: digits_cnn)")
+    p.add_argument("--population", type=int, default=4, help="members p (default: 4)")
     p.add_argument("--batch-size", type=int, default=16, help="images per member per step")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after the warm-up)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--repeats", type=int, default=1, help="timed blocks of --steps; the fastest is reported")
-    p.add_argument("--engine", choices=["loop", "stacked", "auto"], default="auto")
+    p.add_argument("--engine", choices=["loop", "stacked", "auto"], default="auto",
+                   help="loop: one member at a time; stacked: all members in one vmapped call; "
+                   "auto: stacked on CUDA, loop on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the step")
     p.add_argument("--channels-last", action="store_true", help="channels-last inputs (conv models)")
@@ -141,13 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also profile one step and write torch's kernel table to FILE")
     p.set_defaults(func=_bench)
 
-    try:
-        from papa.report.cli import add_commands
-    except ImportError:
-        pass
-    else:
-        add_commands(sub)
+    add_commands(sub)
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed package's version (importlib.metadata, read only when asked)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import version
+
+        print(f"{parser.prog} {version('papa')}")
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -336,6 +336,7 @@ def evaluate(exp: dict, split_path, run_dir) -> dict:
     metrics["greedy_soup_members"] = soup_meta["greedy_soup_members"]
     metrics["soups_aligned"] = bool(soup_meta.get("aligned", False))
     metrics["val_members"] = val
+    metrics["num_classes"] = splits.num_classes  # the tables mark soups at chance level (100 / num_classes %)
     order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
              "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
              "greedy_soup_members", "soups_aligned", "val_members"]

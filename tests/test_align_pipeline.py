@@ -234,7 +234,7 @@ def test_table5_renders_the_papers_layout_from_similarity_files(tmp_path):
     cells = [c.strip() for c in lines[papa2 + 1].split("|")[1:6]]
     assert cells == ["Between two networks", "30.00", "31.00", "32.00", "33.00"]
     assert "Between two networks (paper)" in lines[papa2 + 2] and "99.41" in lines[papa2 + 2]
-    assert "Between one network and AvgSoup" in lines[papa2 + 3] and "53.75" in lines[papa2 + 3]
+    assert "Between one network and the average soup" in lines[papa2 + 3] and "53.75" in lines[papa2 + 3]
     assert "48.07" in text and "Cosine similarity (%)" in text
     grid = __import__("pandas").read_csv(csv)
     assert len(grid) == 4 * 8 and set(grid.metric) == {f"{m}.layer{i}" for m in ("between_networks",

@@ -383,6 +383,8 @@ def _(w, t):
 @case("population-other-size", "checkpoint of another run", "run/population.safetensors",
       "holds 3 x digits_cnn", "expects 4 x digits_cnn")
 def _(w, t):
+    for name in ("soups.safetensors", "soups.json"):
+        shutil.copy(t / name, w.run / name)
     return w.evaluate(w.config({"population": {"size": 4}}))
 
 
@@ -392,11 +394,17 @@ def _(w, t):
     return w.soups(w.config({"model": {"name": "logreg", "kwargs": {}}}))
 
 
-@case("missing-population", "missing file", "run/population.safetensors", "checkpoint not found")
+@case("missing-population", "missing file", "run/population.safetensors",
+      "not found; run `papa train` on this run first")
 def _(w, t):
     for path in w.run.iterdir():
         path.unlink()
     return w.soups(w.config())
+
+
+@case("soups-before-evaluate", "missing file", "run/soups.safetensors", "not found; run `papa soups` on this run first")
+def _(w, t):
+    return w.evaluate(w.config())
 
 
 @case("corrupt-soups", "corrupt checkpoint", "run/soups.safetensors", "corrupt or truncated checkpoint")
@@ -492,4 +500,4 @@ def test_every_kind_of_bad_input_is_tried():
     out_of_range = {k for k, c in CASES.items() if c.kind == "out of range"}
     assert {"population-below-1", "alpha-zero", "alpha-above-one", "every-zero", "negative-epochs",
             "window-outside-0-1"} <= out_of_range
-    assert len(CASES) == 42
+    assert len(CASES) == 43

@@ -2,6 +2,7 @@
 figures, the plan of runs, and the report subcommands."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -111,13 +112,116 @@ def test_best_ensemble_and_soup_are_bold(frame, tmp_path):
     t = table("main")
     tables.render(t, frame, VARIANTS, SEEDS, tmp_path / "t.md", tmp_path / "t.csv")
     md = (tmp_path / "t.md").read_text()
-    assert "| **96.20 (0.10)** |" in md  # PAPA AvgSoup beats every other soup
+    assert " **96.20 (0.10)** |" in md  # PAPA AvgSoup beats every other soup
     assert md.count("**96.00 (1.00)**") == 4  # four equal ensembles: all best
     assert md.startswith("**t**: A caption.")
     assert "mean (standard deviation) over seeds 1, 2, 3" in md
     machine = pd.read_csv(tmp_path / "t.csv")
     assert list(machine.columns) == tables.CSV_COLUMNS
     assert machine.loc[machine.column == "PAPA AvgSoup", "best"].item()
+
+
+def md_headers(md: str) -> list[str]:
+    """The header cells of a rendered Markdown table."""
+    line = next(line for line in md.splitlines() if line.startswith("| "))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+SPELLED_OUT = {  # (group, measure): the Markdown header reads "group measure", the HTML groups the measures
+    "main": [("Baseline", "Ensemble"), ("Baseline", "Greedy soup"), ("PAPA", "Ensemble"), ("PAPA", "Average soup")],
+    "detailed": [("Baseline", "Ensemble"), ("Baseline", "Average soup"), ("PAPA-2", "Greedy soup")],
+    "range": [("", "Population size p"), ("", "Members: mean [min, max]"), ("", "Average soup"),
+              ("", "Greedy soup")],
+    "greedy_sizes": [("Baseline", "Greedy soup size"), ("PAPA-2", "Greedy soup size")],
+    "mean_soup": [("Baseline", "Population mean"), ("Baseline", "Average soup"), ("PAPA-all", "Population mean")],
+    "side_by_side": [("SWA", "Population mean"), ("SWA", "Average soup"), ("SWA", "Greedy soup")],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SPELLED_OUT))
+def test_headers_are_spelled_out_in_every_layout(frame, tmp_path, layout):
+    """Markdown and HTML headers read "Average soup", "Greedy soup", ... ; the CSV keeps the paper's keys."""
+    row = {"label": "CNN", "experiment": "exp"}
+    row |= {"variant": "papa"} if layout in tables.OWN_VARIANT else {}
+    row |= {"columns": "SWA"} if layout == "side_by_side" else {}
+    t = table(layout, rows=[row])
+    tables.render(t, frame, VARIANTS, SEEDS, tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "t.html")
+    headers = md_headers((tmp_path / "t.md").read_text())
+    html = (tmp_path / "t.html").read_text()
+    for group, measure in SPELLED_OUT[layout]:
+        assert f"{group} {measure}".strip() in headers
+        assert f">{measure}</th>" in html
+        assert not group or re.search(rf'<th scope="colgroup" colspan="\d">{re.escape(group)}</th>', html)
+    abbreviations = {"Ens", "Avg", "Greed", "AvgSoup", "GreedySoup", "Mean"}
+    assert not {word for h in headers for word in h.split()} & abbreviations
+    assert not {"p", "mean [min, max]"} & set(headers)
+    keys = set(pd.read_csv(tmp_path / "t.csv")["column"])
+    assert keys == set(tables.columns(t, VARIANTS, row))  # the paper CSVs' keys, unchanged
+
+
+def test_similarity_measures_are_spelled_out(tmp_path):
+    frame = pd.DataFrame(
+        [("exp", "papa", 1, f"{m}.layer{k}", 90.0 + k) for m in ("between_networks", "network_and_avg_soup")
+         for k in range(1, 5)], columns=aggregate.COLUMNS)
+    t = table("similarity", rows=[{"label": "PAPA", "experiment": "exp", "variant": "papa"}])
+    tables.render(t, frame, VARIANTS, [1], tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "t.html")
+    for path in ("t.md", "t.html"):
+        text = (tmp_path / path).read_text()
+        assert "Between one network and the average soup" in text and "AvgSoup" not in text
+
+
+@pytest.mark.parametrize(("accuracy", "classes", "chance"), [
+    (9.75, 10, True), (11.98, 10, True), (15.5, 10, False), (41.2, 10, False), (98.0, 10, False),
+    (1.0, 100, True), (1.9, 100, True), (2.5, 100, False), (0.1, 1000, True), (52.0, 2, True), (60.0, 2, False),
+    (10.0, float("nan"), False),
+])
+def test_chance_level(accuracy, classes, chance):
+    assert tables.at_chance(accuracy, classes) is chance
+
+
+def test_a_soup_at_chance_level_is_marked(tmp_path):
+    """The baseline's average soup of a 10-class problem at 9.75% gets the mark and a footnote; a cell of a
+    run that does not say its number of classes is left alone."""
+    for s in SEEDS:
+        fake_metrics(tmp_path / "results", "exp", "baseline", s, avg_soup=9.5 + s / 10, num_classes=10)
+        fake_metrics(tmp_path / "results", "exp", "papa", s, avg_soup=96.0, num_classes=10)
+        fake_metrics(tmp_path / "results", "old", "baseline", s, avg_soup=10.0)  # no num_classes
+    frame = aggregate.aggregate(aggregate.find_metrics(tmp_path / "results"))
+    rows = [{"label": "Baseline", "experiment": "exp", "variant": "baseline"},
+            {"label": "PAPA", "experiment": "exp", "variant": "papa"},
+            {"label": "Old", "experiment": "old", "variant": "baseline"}]
+    t = table("range", rows=rows)
+    tables.render(t, frame, VARIANTS, SEEDS, tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "t.html")
+    md = (tmp_path / "t.md").read_text()
+    assert "| 9.70 (0.10)† |" in md.replace("  ", "").replace("| ", "|").replace("|", "| ")  # noqa: E501
+    assert md.count(tables.CHANCE_MARK) == 2  # the cell and its footnote
+    assert md.splitlines()[-1] == "† at chance level (1/classes: 10% for 10 classes)"
+    machine = pd.read_csv(tmp_path / "t.csv")
+    marked = machine[machine.chance]
+    assert list(zip(marked.row, marked.column, strict=True)) == [("Baseline", "AvgSoup")]
+    assert marked["classes"].item() == 10
+    html = (tmp_path / "t.html").read_text()
+    assert '<td class="chance" title="at chance level">9.70 (0.10)†</td>' in html
+    assert "at chance level (1/classes: 10% for 10 classes)" in html
+
+
+def test_html_page_shows_the_table_with_the_papers_rows(frame, tmp_path, monkeypatch):
+    """The HTML page holds the whole table: grouped headers, our row, the paper's row under it, the notes."""
+    text = "row,column,value\nCNN,Baseline Ensemble,95.2 (0.1)\nCNN,PAPA AvgSoup,94.8\n"
+    monkeypatch.setattr(paper, "values", lambda _: paper.parse(text, "test.csv"))
+    t = table("main", paper="table1", rows=[{"label": "CNN", "experiment": "exp", "group": "Digits <8x8>"}])
+    tables.render(t, frame, VARIANTS, SEEDS, tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "t.html")
+    html = (tmp_path / "t.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert '<p class="title"><strong>t</strong>: A caption.</p>' in html
+    assert '<th scope="colgroup" colspan="2">Baseline</th>' in html
+    assert '<th scope="colgroup" colspan="2">PAPA-all</th>' in html
+    assert '<tr class="heading"><th scope="rowgroup" colspan="9">Digits &lt;8x8&gt;</th></tr>' in html
+    ours = html.index('<tr class="ours"><th scope="row">CNN</th><td><strong>96.00 (1.00)</strong></td>')
+    theirs = html.index('<tr class="paper"><th scope="row">CNN (paper)</th><td>95.2 (0.1)</td><td></td><td></td>'
+                        "<td>94.8</td>")
+    assert ours < theirs
+    assert "values reported in the paper (table1)" in html
 
 
 def test_detailed_layout_with_repair_and_variant_subset(frame):
@@ -250,6 +354,72 @@ def test_figures_are_written(frame, tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(PapaError, match="no 'mean' results for experiment 'other'"):
         figures.compare(spec | {"experiments": ["other"]}, frame, SEEDS, VARIANTS, tmp_path / "x.png")
+
+
+@pytest.mark.parametrize(("values", "kept"), [
+    ([98.9, 98.5, 97.8, 98.2, 9.75, 98.1], (97.8, 98.9)),  # a soup at chance: the axis shows 97.8-98.9
+    ([98.0, 97.5, 96.0, 64.9, 30.2, 11.0, 95.0, 97.0, 96.5, 97.7, 91.0, 93.0], (91.0, 98.0)),
+    (list(np.linspace(30.0, 95.0, 50)), None),  # a smooth learning curve: everything
+    ([90.0, 80.0, 70.0, 60.0], None),  # evenly spread: everything
+    ([98.0, 97.0, 10.0, 9.0], None),  # half the values are far below: they are the point, keep them
+    ([97.0], None),
+])
+def test_focus_leaves_out_the_few_values_far_below(values, kept):
+    assert figures.focus(values) == kept
+
+
+def test_variants_figure_zooms_to_where_the_values_differ(tmp_path):
+    for v in VARIANTS:
+        for s in SEEDS:
+            fake_metrics(tmp_path / "r", "exp", v, s, mean=97.5 + s / 10, ensemble=98.5 + s / 10,
+                         avg_soup=9.75 if v == "baseline" else 98.0 + s / 10, greedy_soup=98.2 + s / 10)
+    frame = aggregate.aggregate(aggregate.find_metrics(tmp_path / "r"))
+    fig = figures.compare_figure({"name": "v", "kind": "variants", "experiments": ["exp"]}, frame, SEEDS, VARIANTS)
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert 96.0 < low < 97.6 and 98.8 < high < 100.0  # the 97.5-98.8 values span the axis
+    assert [t.get_text() for t in ax.texts] == ["9.75"]  # the baseline's average soup, marked below it
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Population mean", "Ensemble", "Average soup",
+                                                                  "Greedy soup"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Baseline", "PAPA", "PAPA-all", "PAPA-2"]
+
+
+def one_epoch_history(path, accuracy):
+    rows = [(1, member, "end", accuracy + member) for member in (0, 1)]
+    pd.DataFrame(rows, columns=["epoch", "member", "phase", "test_accuracy"]).to_csv(path, index=False)
+    return path
+
+
+def test_curves_legend_is_in_the_tables_order_and_one_epoch_shows_points(tmp_path):
+    """Histories given in any order: the legend reads Baseline, PAPA, PAPA-all, PAPA-2. A one-epoch run has no
+    curve: each variant shows one marker, and the title says why."""
+    order = ["papa-2", "baseline", "papa-all", "papa"]
+    histories = {(v, 1): one_epoch_history(tmp_path / f"{v}.csv", 90.0 + k) for k, v in enumerate(order)}
+    fig = figures.curves_figure({"name": "c", "kind": "curves", "experiment": "exp"}, histories)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Baseline", "PAPA", "PAPA-all", "PAPA-2"]
+    ax = fig.axes[0]
+    markers = [line for line in ax.lines if line.get_marker() == "o" and len(line.get_xdata()) == 1]
+    assert sorted(float(line.get_ydata()[0]) for line in markers) == [90.5, 91.5, 92.5, 93.5]
+    assert all(0.5 < float(line.get_xdata()[0]) < 1.5 for line in markers)
+    assert "one epoch: one point per variant" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1"]
+
+
+def test_curves_mark_the_dips_below_the_axis(tmp_path):
+    """PAPA-all's first averaging drops the members to chance: the axis keeps the curves' range and marks
+    the dip on its edge."""
+    rows = []
+    for epoch in range(1, 7):
+        acc = 99.0 - 6.0 / epoch
+        rows += [(epoch, 0, "before_avg", acc), (epoch, 0, "after_avg", 11.0 if epoch == 1 else acc + 0.5)]
+        rows += [(epoch, 0, "end", acc + 0.5)]
+    path = tmp_path / "h.csv"
+    pd.DataFrame(rows, columns=["epoch", "member", "phase", "test_accuracy"]).to_csv(path, index=False)
+    fig = figures.curves_figure({"name": "c", "kind": "curves", "experiment": "exp"}, {("papa-all", 1): path})
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] > 90.0
+    assert [t.get_text() for t in ax.texts] == ["11.00"]
+    assert figures.ZOOM_NOTE in ax.get_title()
 
 
 def config_with(**kw):

@@ -238,7 +238,8 @@ def test_table13_renders_in_the_papers_layout(tmp_path):
     lines = (tmp_path / "t.md").read_text().splitlines()
     header = [c.strip() for c in lines[2].strip("|").split("|")]
     groups = ["Baseline (SWA)", "PAPA-all before SWA", "PAPA-all before and during SWA"]
-    assert header == ["Model"] + [f"{g} {c}" for g in groups for c in ("Mean", "Avg", "Greed")]
+    measures = ("Population mean", "Average soup", "Greedy soup")
+    assert header == ["Model"] + [f"{g} {c}" for g in groups for c in measures]
     body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:] if line.startswith("|")]
     assert [r[0] for r in body] == [x for label in ("Linear 0.05", "Cosine 0.05", "Linear 0.01", "Cosine 0.01")
                                     for x in (label, f"{label} (paper)")]

@@ -1,6 +1,8 @@
 """The Snakemake workflow: lint, the DAG of the default config, config errors, and (slow) a tiny
 end-to-end run whose tables regenerate from cached results without retraining."""
 
+import base64
+import json
 import os
 import re
 import subprocess
@@ -136,7 +138,19 @@ def test_pipeline_end_to_end(pipeline):
     assert (workdir / "results/benchmarks/train/tiny/baseline/seed1.tsv").exists()
     assert (workdir / "logs/train/tiny/papa-all/seed1.log").exists()
     snakemake(workdir, "--report", "reports/report.html", configfile=config)
-    assert "Tiny main table." in (workdir / "reports/report.html").read_text()
+    items = report_items(workdir / "reports/report.html")
+    table = items["reports/tiny_main.html"]  # shown inline in the report: an HTML table
+    assert table["mime_type"] == "text/html" and "Tiny main table." in table["caption"]
+    page = base64.b64decode(table["data_uri"].split("base64,", 1)[1]).decode()
+    assert "<table>" in page and '<th scope="row">cnn</th>' in page and ">Greedy soup</th>" in page
+    assert "Tiny curves." in items["reports/tiny_curves.png"]["caption"]
+    assert {"reports/tiny_main.md", "reports/tiny_main.csv", "reports/tiny_variants.png"} <= set(items)
+
+
+def report_items(path: Path) -> dict:
+    """The result items of a Snakemake HTML report: {path: {caption, mime_type, data_uri, ...}}."""
+    text = path.read_text()
+    return json.loads(re.search(r"var results = (\{.*?\});\n", text, re.S)[1])
 
 
 @pytest.mark.slow

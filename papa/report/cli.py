@@ -45,9 +45,9 @@ def _render(a) -> None:
     config = _load(a.config)
     table = _entry(config, "tables", a.table, a.config)
     md = a.md or Path("reports") / f"{a.table}.md"
-    csv = a.csv or md.with_suffix(".csv")
-    tables.render(table, aggregate.load(a.metrics), config["variants"], config["seeds"], md, csv)
-    print(f"{md}, {csv}: table {a.table!r} ({table['layout']}, {len(table['rows'])} rows)")
+    csv, html = a.csv or md.with_suffix(".csv"), a.html or md.with_suffix(".html")
+    tables.render(table, aggregate.load(a.metrics), config["variants"], config["seeds"], md, csv, html)
+    print(f"{md}, {csv}, {html}: table {a.table!r} ({table['layout']}, {len(table['rows'])} rows)")
 
 
 def _histories(figure: dict, config: dict, files: list[Path]) -> dict[tuple[str, int], Path]:
@@ -98,7 +98,7 @@ def add_commands(subparsers) -> None:
 
     p = subparsers.add_parser(
         "render",
-        help="render one table of the config to Markdown and CSV",
+        help="render one table of the config to Markdown, CSV and HTML",
         description="Render a `tables` entry of the config from the aggregated metrics.",
     )
     p.add_argument("--config", required=True, type=Path, help="config file (YAML)")
@@ -106,6 +106,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--metrics", required=True, type=Path, help="aggregated CSV from `papa aggregate`")
     p.add_argument("--md", type=Path, help="Markdown to write (default reports/<table>.md)")
     p.add_argument("--csv", type=Path, help="CSV to write (default: beside the Markdown)")
+    p.add_argument("--html", type=Path, help="HTML page to write (default: beside the Markdown)")
     p.set_defaults(func=_render)
 
     p = subparsers.add_parser(

@@ -1,25 +1,36 @@
 """Figures (PNG, matplotlib without a display): accuracy curves with the jumps at each averaging (the
-paper's Figure 2) and a per-variant comparison of the population, its ensemble and its soups."""
+paper's Figure 2) and a per-variant comparison of the population, its ensemble and its soups.
+
+The accuracy axis spans the values being compared: a soup at chance level beside members at 97-99% would
+otherwise flatten every difference into one line, so such far-off values are left below the axis and
+marked on its edge with their numbers. Legends sit above the plots, in the tables' order.
+"""
 
 from __future__ import annotations
 
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import blended_transform_factory
 
 from papa.errors import PapaError
+from papa.io import write_atomic
 from papa.report.tables import VARIANT_NAMES
 
 COLORS = {"baseline": "C0", "papa": "C1", "papa-all": "C2", "papa-2": "C3"}
 COMPARED = {
-    "mean": "population mean",
-    "ensemble": "ensemble",
-    "avg_soup": "average soup",
-    "greedy_soup": "greedy soup",
+    "mean": "Population mean",
+    "ensemble": "Ensemble",
+    "avg_soup": "Average soup",
+    "greedy_soup": "Greedy soup",
 }
+"""The measures of a ``variants`` figure, in the tables' order, with their legend labels."""
+MEASURE_COLORS = {"mean": "C0", "ensemble": "C1", "avg_soup": "C2", "greedy_soup": "C3"}
+ZOOM_NOTE = "axis zoomed to where the values differ; \u25bc: a value below it"
 
 
 def read_history(path: str | Path) -> pd.DataFrame:
@@ -43,12 +54,18 @@ def trajectory(history: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataF
 
 
 def curves(figure: dict, histories: dict[tuple[str, int], Path], out: str | Path) -> None:
+    """Write ``curves_figure`` to ``out`` (PNG)."""
+    _save(curves_figure(figure, histories), out)
+
+
+def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figure:
     """Figure 2: per-epoch population mean accuracy of each variant (mean over seeds, shaded spread);
     averaging epochs show a vertical jump, and a second panel shows each jump (after - before).
-    ``histories`` maps (variant, seed) to the run's history.csv."""
+    ``histories`` maps (variant, seed) to the run's history.csv. The accuracy axis spans where the curves
+    differ (``focus``); points far below it are marked at its bottom edge with their values."""
     metric, experiment = figure.get("metric", "test_accuracy"), figure["experiment"]
     lines = {}
-    for v in dict.fromkeys(v for v, _ in histories):
+    for v in _in_table_order({v for v, _ in histories}):
         paths = [p for (variant, _), p in histories.items() if variant == v]
         both = pd.concat(trajectory(read_history(p), metric) for p in paths)
         both = both.groupby(["epoch", "phase"], sort=False)["value"]
@@ -56,35 +73,92 @@ def curves(figure: dict, histories: dict[tuple[str, int], Path], out: str | Path
         lines[v] = both.mean().reset_index().assign(spread=spread)
     jumps = {v: _jumps(t) for v, t in lines.items()}
     jumps = {v: j for v, j in jumps.items() if len(j)}
-    fig = Figure(figsize=(7, 6.5 if jumps else 4.2), layout="constrained")
+    fig = Figure(figsize=(7, 6.8 if jumps else 4.6), layout="constrained")
     rows = 2 if jumps else 1
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False, height_ratios=[2, 1][:rows])
     ax = axes[0, 0]
-    for v, t in lines.items():
-        (line,) = ax.plot(t["epoch"], t["value"], label=VARIANT_NAMES[v], lw=1.5, color=COLORS[v])
-        low, high = t["value"] - t["spread"], t["value"] + t["spread"]
-        ax.fill_between(t["epoch"], low, high, color=line.get_color(), alpha=0.15, lw=0)
+    single = all(len(t) == 1 for t in lines.values())  # a one-epoch run: one point per variant, no curve
+    for i, (v, t) in enumerate(lines.items()):
+        color = COLORS[v]
+        if len(t) == 1:  # a marker, side by side with the other variants' (equal values would hide each other)
+            x = t["epoch"] + (i - (len(lines) - 1) / 2) * 0.06
+            ax.errorbar(x, t["value"], yerr=t["spread"], fmt="o", ms=6, capsize=3, color=color,
+                        label=VARIANT_NAMES[v])
+        else:
+            ax.plot(t["epoch"], t["value"], label=VARIANT_NAMES[v], lw=1.5, color=color)
+            low, high = t["value"] - t["spread"], t["value"] + t["spread"]
+            ax.fill_between(t["epoch"], low, high, color=color, alpha=0.15, lw=0)
         after = t[t["phase"] == "after_avg"]
-        ax.plot(after["epoch"], after["value"], "o", ms=3.5, color=line.get_color())
+        ax.plot(after["epoch"], after["value"], "o", ms=3.5, color=color)
         swa = t[t["phase"] == "swa"]
-        ax.plot(swa["epoch"], swa["value"], "s", ms=5, color=line.get_color())
+        ax.plot(swa["epoch"], swa["value"], "s", ms=5, color=color)
+    points = [(x, y, COLORS[v]) for v, t in lines.items() for x, y in zip(t["epoch"], t["value"], strict=True)]
+    zoomed = _focus(ax, [y for _, y, _ in points], points)
     name = "test" if metric == "test_accuracy" else "validation"
     ax.set_ylabel(f"mean {name} accuracy (%)")
-    swa_note = "; squares: the SWA averages" if any((t["phase"] == "swa").any() for t in lines.values()) else ""
-    ax.set_title(f"{experiment}: population mean accuracy (dots: right after averaging{swa_note})")
-    ax.legend()
+    notes = ["dots: right after averaging"] if jumps else []
+    if any((t["phase"] == "swa").any() for t in lines.values()):
+        notes.append("squares: the SWA averages")
+    if single:
+        notes.append("one epoch: one point per variant")
+    if zoomed:
+        notes.append(ZOOM_NOTE)
+    ax.set_title(f"{experiment}: population mean accuracy" + (f"\n({'; '.join(notes)})" if notes else ""),
+                 fontsize="medium")
     ax.grid(alpha=0.3)
     if jumps:
         ax = axes[1, 0]
         for v, j in jumps.items():
-            ax.plot(j["epoch"], j["jump"], "o-", ms=3.5, label=VARIANT_NAMES[v], color=COLORS[v])
+            ax.plot(j["epoch"], j["jump"], "o-", ms=3.5, color=COLORS[v])
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_ylabel("change after averaging (%)")
-        ax.legend()
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("epoch")
     axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    _save(fig, out)
+    if single:
+        epoch = next(iter(lines.values()))["epoch"].iloc[0]
+        axes[-1, 0].set_xlim(epoch - 0.5, epoch + 0.5)
+        axes[-1, 0].set_xticks([epoch])
+    fig.legend(loc="outside upper center", ncols=len(lines), frameon=False)
+    return fig
+
+
+def _in_table_order(variants) -> list[str]:
+    """Variants in the tables' order: Baseline, PAPA, PAPA-all, PAPA-2."""
+    order = list(VARIANT_NAMES)
+    return sorted(variants, key=order.index)
+
+
+def focus(values) -> tuple[float, float] | None:
+    """The value range worth an axis: without the few values (fewer than half) that sit far below the rest,
+    when the gap to them exceeds the spread of the rest (a soup at chance level beside accuracies of
+    97-99%); None to keep every value. The cut is the one with the largest gap relative to that spread."""
+    v = np.sort(np.asarray([x for x in values if np.isfinite(x)], dtype=float))
+    best, cut = 1.0, None
+    for k in range(1, (len(v) + 1) // 2):
+        ratio = (v[k] - v[k - 1]) / max(v[-1] - v[k], 1e-9)
+        if ratio > best:
+            best, cut = ratio, k
+    return None if cut is None else (float(v[cut]), float(v[-1]))
+
+
+def _focus(ax, values, points) -> bool:
+    """Limit the y-axis of ``ax`` to ``focus(values)`` (padded) and mark the points (x, y, colour) below it
+    with a triangle on the bottom edge and their value; whether it zoomed."""
+    kept = focus(values)
+    if kept is None:
+        return False
+    lo, hi = kept
+    pad = max(0.12 * (hi - lo), 0.25)
+    ax.set_ylim(lo - pad, hi + pad)
+    edge = blended_transform_factory(ax.transData, ax.transAxes)
+    below = sorted((x, y, c) for x, y, c in points if np.isfinite(y) and y < lo - pad)
+    for _, group in groupby(below, key=lambda p: p[0]):
+        for k, (x, y, color) in enumerate(group):
+            ax.plot([x], [0.0], "v", ms=7, color=color, transform=edge, clip_on=False)
+            ax.annotate(f"{y:.2f}", (x, 0.0), xycoords=edge, xytext=(6, 2 + 11 * k), textcoords="offset points",
+                        color=color, fontsize="small")
+    return True
 
 
 def _jumps(t: pd.DataFrame) -> pd.DataFrame:
@@ -98,36 +172,46 @@ def _jumps(t: pd.DataFrame) -> pd.DataFrame:
 def compare(
     figure: dict, frame: pd.DataFrame, seeds: list[int], variants: list[str], out: str | Path
 ) -> None:
+    """Write ``compare_figure`` to ``out`` (PNG)."""
+    _save(compare_figure(figure, frame, seeds, variants), out)
+
+
+def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants: list[str]) -> Figure:
     """Population mean, ensemble, average and greedy soup of each variant, one panel per experiment:
-    mean over seeds with the standard deviation as error bar, each seed as a small dot."""
+    mean over seeds with the standard deviation as error bar, each seed as a small dot. Each panel's axis
+    spans where the values differ (``focus``); means far below it are marked at its bottom edge."""
     shown = figure.get("variants") or variants
     experiments = figure["experiments"]
     frame = frame[frame.seed.isin(seeds)]
-    fig = Figure(figsize=(1.6 + 1.5 * len(shown), 3.6 * len(experiments)), layout="constrained")
+    fig = Figure(figsize=(1.6 + 1.5 * len(shown), 0.6 + 3.6 * len(experiments)), layout="constrained")
     axes = fig.subplots(len(experiments), 1, squeeze=False)[:, 0]
     width = 0.8 / len(COMPARED)
     for ax, experiment in zip(axes, experiments, strict=True):
+        values, points = [], []
         for k, (metric, label) in enumerate(COMPARED.items()):
             x = np.arange(len(shown)) + (k - (len(COMPARED) - 1) / 2) * width
             here = frame[(frame.experiment == experiment) & (frame.metric == metric)]
-            values = [here[here.variant == v]["value"].to_numpy() for v in shown]
-            if not any(len(vals) for vals in values):
+            seeds_of = [here[here.variant == v]["value"].to_numpy() for v in shown]
+            if not any(len(vals) for vals in seeds_of):
                 name = figure["name"]
                 raise PapaError(f"figure {name!r}: no {metric!r} results for experiment {experiment!r}")
-            mean = [vals.mean() if len(vals) else np.nan for vals in values]
-            std = [vals.std(ddof=1) if len(vals) > 1 else 0.0 for vals in values]
-            bars = ax.errorbar(x, mean, yerr=std, fmt="o", ms=6, capsize=3, label=label)
-            for xi, vals in zip(x, values, strict=True):
-                ax.plot([xi] * len(vals), vals, ".", ms=3, color=bars[0].get_color(), alpha=0.5)
+            mean = np.array([vals.mean() if len(vals) else np.nan for vals in seeds_of])
+            std = np.array([vals.std(ddof=1) if len(vals) > 1 else 0.0 for vals in seeds_of])
+            color = MEASURE_COLORS[metric]
+            ax.errorbar(x, mean, yerr=std, fmt="o", ms=6, capsize=3, label=label, color=color)
+            for xi, vals in zip(x, seeds_of, strict=True):
+                ax.plot([xi] * len(vals), vals, ".", ms=3, color=color, alpha=0.5)
+            values += [*mean, *(mean - std), *(mean + std), *np.concatenate(seeds_of)]
+            points += [(xi, m, color) for xi, m in zip(x, mean, strict=True)]
+        zoomed = _focus(ax, values, points)
         ax.set_xticks(np.arange(len(shown)), [VARIANT_NAMES[v] for v in shown])
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(experiment)
+        ax.set_title(experiment + (f" ({ZOOM_NOTE})" if zoomed else ""), fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize="small", ncols=2)
-    _save(fig, out)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(COMPARED),
+               frameon=False)
+    return fig
 
 
 def _save(fig: Figure, out: str | Path) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=150, format=Path(out).suffix.lstrip(".") or "png"))

@@ -1,8 +1,10 @@
-"""Tables rendered from the tidy metrics frame: Markdown for people, CSV for machines.
+"""Tables rendered from the tidy metrics frame: Markdown and HTML for people, CSV for machines.
 
 A table entry of the config names a ``layout`` and lists ``rows`` ({label, experiment, variant?,
-group?}); the layout fixes the columns. Column headers (also the ``column`` key of the paper CSVs
-``papa/report/paper/<id>.csv``, header ``row,column,value``, ``row`` = the row ``label``):
+group?}); the layout fixes the columns. Column keys, abbreviated as in the paper's own tables (the
+``column`` of our CSV and of the paper CSVs ``papa/report/paper/<id>.csv``, header ``row,column,value``,
+``row`` = the row ``label``); the Markdown and HTML spell them out (``header``: ``PAPA Avg`` reads
+``PAPA Average soup``, ``GreedySoup`` ``Greedy soup``, ``Mean`` ``Population mean``):
 
 - ``main`` (Table 1): ``Baseline Ensemble``, ``Baseline GreedySoup``, then ``<V> Ensemble`` and
   ``<V> AvgSoup`` for V in ``PAPA``, ``PAPA-all``, ``PAPA-2``.
@@ -37,16 +39,20 @@ In ``main`` and ``detailed`` the best ensemble and the best soup of each row are
 is the cell's text as printed in the paper (e.g. ``95.2 (0.1)``, ``80.21 [80.05, 80.46]``,
 ``1 (out of 10)``; CSV-quote fields holding commas); it is shown in a row ``<label> (paper)`` right
 under ours. A row's ``group`` starts a bold heading row when it changes (Table 1's dataset lines).
+An accuracy at chance level (``at_chance``; the runs' metrics.json give ``num_classes``) is marked ``†``,
+with a footnote.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from papa.io import write_text
 from papa.report import paper
 
 VARIANT_NAMES = {"baseline": "Baseline", "papa": "PAPA", "papa-all": "PAPA-all", "papa-2": "PAPA-2"}
@@ -112,6 +118,21 @@ LABEL = "Model"
 """Header of the first (row label) column."""
 MISSING = "—"
 SOUPS = ("avg_soup", "greedy_soup")
+SPELLED = {
+    "Ens": "Ensemble",
+    "Avg": "Average soup",
+    "AvgSoup": "Average soup",
+    "Greed": "Greedy soup",
+    "GreedySoup": "Greedy soup",
+    "Mean": "Population mean",
+    "p": "Population size p",
+    "mean [min, max]": "Members: mean [min, max]",
+    "Between one network and AvgSoup": "Between one network and the average soup",
+}
+"""Headers as the tables show them, for the measures whose column keys abbreviate them."""
+ACCURACIES = {"mean", "ensemble", *SOUPS, *(f"{s}_repair" for s in SOUPS)}
+"""Metrics that are accuracies (checked against chance level)."""
+CHANCE_MARK = "†"
 HIGHLIGHT = {"main", "detailed"}
 CSV_COLUMNS = [
     "row",
@@ -128,6 +149,8 @@ CSV_COLUMNS = [
     "text",
     "paper",
     "best",
+    "classes",
+    "chance",
 ]
 
 
@@ -221,7 +244,19 @@ def _cell(frame, experiment, variant, metric, table) -> dict:
         text = MISSING if not stats["n"] else f"{k:.{0 if k == round(k) else 1}f} (out of {p.max():g})"
     else:
         text = mean_std(stats, decimals)
-    return {"metric": metric, **stats, "text": text}
+    classes = get("num_classes")
+    classes = classes[0] if len(classes) else np.nan
+    chance = metric in ACCURACIES and bool(stats["n"]) and at_chance(stats["mean"], classes)
+    return {"metric": metric, **stats, "text": text, "classes": classes, "chance": chance}
+
+
+def at_chance(accuracy: float, classes: float) -> bool:
+    """Whether an accuracy (%) is at chance level: within max(1, min(5, chance / 2)) points of chance =
+    100 / classes (10 classes: 5-15%; 100 classes: 0-2%). False when the number of classes is unknown."""
+    if not classes > 0:
+        return False
+    chance = 100.0 / classes
+    return abs(accuracy - chance) <= max(1.0, min(5.0, chance / 2))
 
 
 def _best(cells: list[dict]) -> None:
@@ -252,7 +287,7 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
                 "variant": v,
             }
             if v is None:
-                cell = {"metric": metric, **_stats(np.array([])), "text": ""}
+                cell = {"metric": metric, **_stats(np.array([])), "text": "", "classes": np.nan, "chance": False}
             else:
                 cell = _cell(frame, experiment, v, row_metric(table, row, v, metric), table)
             row_cells.append(base | cell | {"paper": reported.get((row["label"], header)), "best": False})
@@ -269,44 +304,91 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
     return grid
 
 
-def _similarity_body(grid: pd.DataFrame) -> tuple[list[list[str]], list[str]]:
-    """Table 5's layout: per row a heading, then one line per measure (and its paper line) over the layers."""
-    layers = [f"Layer {k}" for k in range(1, SIMILARITY_STAGES + 1)]
-    body = []
-    for label, row in grid.groupby("row", sort=False):
-        row = row.set_index("column")
-        body.append([f"**{label}**"] + [""] * len(layers))
-        for title in SIMILARITY_MEASURES:
-            cells = row.loc[[f"{title} {layer}" for layer in layers]]
-            body.append([title, *cells["text"]])
-            if cells["paper"].map(lambda v: isinstance(v, str)).any():
-                body.append([f"{title} (paper)"] + [v if isinstance(v, str) else "" for v in cells["paper"]])
-    return body, layers
+class Line(NamedTuple):
+    """One displayed row: a ``heading`` (the label alone, bold), ``ours`` or ``paper`` (the paper's values
+    under ours); each cell (text, best, at chance)."""
+
+    kind: str
+    label: str
+    cells: list[tuple[str, bool, bool]]
 
 
-def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
-    """The Markdown table (with its caption and notes) of a ``cells`` frame."""
-    if table["layout"] == "similarity":
-        return _markdown_similarity(table, grid, seeds)
-    wide = table["layout"] == "side_by_side"
-    headers = list(columns(table, []) if wide else dict.fromkeys(grid["column"]))
-    body, group = [], None
+class Display(NamedTuple):
+    """What a table shows, whatever the format: name and caption, headers, rows, notes and footnotes."""
+
+    name: str
+    caption: str
+    label_header: str
+    headers: list[tuple[str, str]]  # (group, measure) per column; group "" where the column has none
+    lines: list[Line]
+    notes: list[str]
+    footnotes: list[str]
+
+
+def header(table: dict, key: str) -> tuple[str, str]:
+    """(group, measure) that column ``key`` shows, spelled out: ``PAPA-all Avg`` is (``PAPA-all``,
+    ``Average soup``). Column keys follow the paper's own headers (the paper CSVs use them)."""
+    if table["layout"] == "side_by_side":
+        groups = list(dict.fromkeys(r["columns"] for r in table["rows"]))
+    elif table["layout"] in ("main", "detailed", "greedy_sizes", "mean_soup"):
+        groups = list(VARIANT_NAMES.values())
+    else:
+        groups = []
+    group, measure = next(((g, key[len(g) + 1:]) for g in sorted(groups, key=len, reverse=True)
+                           if key.startswith(f"{g} ")), ("", key))
+    if table["layout"] == "greedy_sizes":
+        return group, "Greedy soup size"
+    return group, SPELLED.get(measure, measure)
+
+
+def _shown(cells: pd.DataFrame) -> list[tuple[str, bool, bool]]:
+    return [(c.text, bool(c.best), bool(c.chance)) for c in cells.itertuples()]
+
+
+def _paper_line(label: str, values: pd.Series) -> list[Line]:
+    """The paper's row under ours, when the paper gives any of its cells."""
+    if not values.map(lambda v: isinstance(v, str)).any():
+        return []
+    return [Line("paper", f"{label} (paper)", [(v if isinstance(v, str) else "", False, False) for v in values])]
+
+
+def _lines(grid: pd.DataFrame, keys: list[str]) -> list[Line]:
+    """Rows of the grid (columns ``keys``), each followed by the paper's; a heading where the group changes."""
+    lines, group = [], None
     for label, row in grid.groupby("row", sort=False):
         # side_by_side: a label may lack a column group, whose cells stay empty
-        row = row.set_index("column").reindex(headers).fillna({"text": "", "best": False})
+        row = row.set_index("column").reindex(keys).fillna({"text": "", "best": False, "chance": False})
         if isinstance(row["group"].iloc[0], str) and row["group"].iloc[0] != group:
             group = row["group"].iloc[0]
-            body.append([f"**{group}**"] + [""] * len(headers))
-        body.append([label] + [f"**{c.text}**" if c.best else c.text for c in row.itertuples()])
-        if row["paper"].map(lambda v: isinstance(v, str)).any():
-            body.append([f"{label} (paper)"] + [v if isinstance(v, str) else "" for v in row["paper"]])
-    text = tabulate(
-        body,
-        headers=[LABEL, *headers],
-        tablefmt="pipe",
-        disable_numparse=True,
-        colalign=("left",) + ("right",) * len(headers),
-    )
+            lines.append(Line("heading", group, [("", False, False)] * len(keys)))
+        lines.append(Line("ours", label, _shown(row)))
+        lines += _paper_line(label, row["paper"])
+    return lines
+
+
+def _similarity_lines(grid: pd.DataFrame) -> list[Line]:
+    """Table 5's layout: per row a heading, then one line per measure (and its paper line) over the layers."""
+    layers = [f"Layer {k}" for k in range(1, SIMILARITY_STAGES + 1)]
+    lines = []
+    for label, row in grid.groupby("row", sort=False):
+        row = row.set_index("column")
+        lines.append(Line("heading", label, [("", False, False)] * len(layers)))
+        for key in SIMILARITY_MEASURES:
+            cells = row.loc[[f"{key} {layer}" for layer in layers]]
+            title = SPELLED.get(key, key)
+            lines += [Line("ours", title, _shown(cells)), *_paper_line(title, cells["paper"])]
+    return lines
+
+
+def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
+    """What table ``table`` shows of a ``cells`` frame."""
+    if table["layout"] == "similarity":
+        layers = [("", f"Layer {k}") for k in range(1, SIMILARITY_STAGES + 1)]
+        notes = [f"Cosine similarity (%) of the ResNet stage outputs on the test set; {_seeds_text(seeds)}",
+                 "members permutation-aligned to member 0 (feature matching) and the average soup REPAIRed first",
+                 "averaged over all pairs of members and over the members"]
+        return _display(table, grid, "Layer", layers, _similarity_lines(grid), notes)
+    keys = list(columns(table, []) if table["layout"] == "side_by_side" else dict.fromkeys(grid["column"]))
     what = {"greedy_sizes": "greedy-soup size k of p members",
             "segmentation": "test pixel accuracy and F1-scores (%) on whole tiles"}.get(table["layout"],
                                                                                        "test accuracy (%)")
@@ -319,37 +401,58 @@ def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
     repaired = [v for v in table.get("repair", []) if v in set(grid["variant"].dropna())]
     if repaired and table["layout"] != "greedy_sizes":
         notes.append(f"soups with REPAIR for {', '.join(VARIANT_NAMES[v] for v in repaired)}")
-    return _with_notes(table, text, notes)
+    headers = [header(table, key) for key in keys]
+    return _display(table, grid, LABEL, headers, _lines(grid, keys), notes)
+
+
+def _display(table, grid, label_header, headers, lines, notes) -> Display:
+    if table.get("paper"):
+        notes = [*notes, f"rows '(paper)': values reported in the paper ({table['paper']})"]
+    footnotes = []
+    marked = grid[grid["chance"]]
+    if len(marked):
+        chance = ", ".join(f"{100 / k:.3g}% for {k:g} classes"
+                           for k in sorted(marked["classes"].unique()))
+        footnotes.append(f"{CHANCE_MARK} at chance level (1/classes: {chance})")
+    return Display(table["name"], table.get("caption") or "", label_header, headers, lines, notes, footnotes)
 
 
 def _seeds_text(seeds: list[int], spread: str = "mean (standard deviation)") -> str:
     return f"{spread} over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
 
 
-def _with_notes(table: dict, text: str, notes: list[str]) -> str:
-    """The Markdown of a table: its name and caption, the table, then the notes (and the paper's rows)."""
-    title = f"**{table['name']}**" + (f": {table['caption']}" if table.get("caption") else "")
-    if table.get("paper"):
-        notes = [*notes, f"rows '(paper)': values reported in the paper ({table['paper']})"]
-    return f"{title}\n\n{text}\n\n{'; '.join(notes)}.\n"
+def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
+    """The Markdown table (with its title, notes and footnotes) of a ``cells`` frame."""
+    shown = display(table, grid, seeds)
 
+    def cell(text: str, best: bool, chance: bool) -> str:
+        return (f"**{text}**" if best else text) + (CHANCE_MARK if chance else "")
 
-def _markdown_similarity(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
-    body, layers = _similarity_body(grid)
-    text = tabulate(body, headers=["Layer", *layers], tablefmt="pipe", disable_numparse=True,
-                    colalign=("left",) + ("right",) * len(layers))
-    notes = [f"Cosine similarity (%) of the ResNet stage outputs on the test set; {_seeds_text(seeds)}",
-             "members permutation-aligned to member 0 (feature matching) and the average soup REPAIRed first",
-             "averaged over all pairs of members and over the members"]
-    return _with_notes(table, text, notes)
+    body = [[f"**{line.label}**" if line.kind == "heading" else line.label, *(cell(*c) for c in line.cells)]
+            for line in shown.lines]
+    headers = [f"{group} {measure}" if group else measure for group, measure in shown.headers]
+    text = tabulate(body, headers=[shown.label_header, *headers], tablefmt="pipe", disable_numparse=True,
+                    colalign=("left",) + ("right",) * len(headers))
+    title = f"**{shown.name}**" + (f": {shown.caption}" if shown.caption else "")
+    return "\n\n".join([title, text, "; ".join(shown.notes) + ".", *shown.footnotes]) + "\n"
 
 
 def render(
-    table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int], md: str | Path, csv: str | Path
+    table: dict,
+    frame: pd.DataFrame,
+    variants: list[str],
+    seeds: list[int],
+    md: str | Path,
+    csv: str | Path,
+    html: str | Path | None = None,
 ) -> None:
-    """Write table ``table`` (a config entry) from the tidy ``frame`` as Markdown and CSV."""
+    """Write table ``table`` (a config entry) from the tidy ``frame`` as Markdown and CSV, and as an HTML
+    page when ``html`` is given."""
+    from papa.report.html import page
+
     grid = cells(table, frame, variants, seeds)
-    for path in (md, csv):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(md).write_text(markdown(table, grid, seeds))
-    grid.to_csv(csv, index=False)
+    outputs = {md: lambda: markdown(table, grid, seeds), csv: lambda: grid.to_csv(index=False)}
+    if html is not None:
+        outputs[html] = lambda: page(display(table, grid, seeds))
+    for path, text in outputs.items():
+        write_text(path, text())

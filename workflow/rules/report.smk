@@ -21,17 +21,23 @@ rule render_table:
         config=CONFIGFILE,
         metrics=METRICS,
     output:
+        html=report(
+            "reports/{table}.html",
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"table": "{table}", "format": "HTML (shown here)"},
+        ),
         md=report(
             "reports/{table}.md",
             caption="../report/table.rst",
             category="Tables",
-            labels={"table": "{table}", "format": "Markdown"},
+            labels={"table": "{table}", "format": "Markdown (download)"},
         ),
         csv=report(
             "reports/{table}.csv",
             caption="../report/table.rst",
             category="Tables",
-            labels={"table": "{table}", "format": "CSV"},
+            labels={"table": "{table}", "format": "CSV (download)"},
         ),
     log:
         "logs/report/{table}.log",
@@ -44,7 +50,7 @@ rule render_table:
         CONTAINER
     shell:
         "papa render --config {input.config} --table {wildcards.table} --metrics {input.metrics}"
-        " --md {output.md} --csv {output.csv} > {log} 2>&1"
+        " --md {output.md} --csv {output.csv} --html {output.html} > {log} 2>&1"
 
 
 rule plot_figure:

@@ -1,0 +1,135 @@
+"""The config reference, config/README.md: every key of a config file and of an experiment, with its type,
+default and meaning, generated from the schemas so that it cannot drift from them.
+
+    python -m papa.schemas.reference config/README.md     # rewrite it after changing a schema
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from papa.config import schema
+
+HEADER = """# Config keys
+
+Generated from `papa/schemas/config.schema.yaml` and `papa/schemas/experiment.schema.yaml` by
+`python -m papa.schemas.reference config/README.md` (a test checks that this file matches them): edit the
+schemas, not this file. Every key is optional unless marked *required*; an unknown key, a wrong type or an
+out-of-range value stops the run with one line naming the file and the key. `<name>` stands for a name you
+choose, `[]` for each item of a list.
+"""
+
+SECTIONS = {
+    "config": (
+        "Config file",
+        "The top level of a config file (`config/config.yaml`, `config/paper/*.yaml`).",
+    ),
+    "experiment": (
+        "Experiment",
+        "The keys of one experiment, `experiments.<name>` (deep-merged over `defaults`, which takes the same keys).",
+    ),
+}
+
+
+def _resolve(node: dict, root: dict) -> dict:
+    """``node`` with a local ``$ref`` (``#/a/b``) replaced by its target, the node's own keys kept."""
+    ref = node.get("$ref")
+    if not ref:
+        return node
+    target = root
+    for part in ref.removeprefix("#/").split("/"):
+        target = target[part]
+    return {**_resolve(target, root), **{k: v for k, v in node.items() if k != "$ref"}}
+
+
+def _type(node: dict) -> str:
+    if "enum" in node:
+        return "one of " + ", ".join(f"`{v}`" for v in node["enum"])
+    if "oneOf" in node:
+        return " or ".join(_type(alternative) for alternative in node["oneOf"])
+    kinds = node.get("type", "")
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    text = " or ".join("null" if k == "null" else k for k in kinds)
+    if node.get("type") in ("array", ["array", "null"]) and "items" in node and "enum" in node["items"]:
+        text += " of " + ", ".join(f"`{v}`" for v in node["items"]["enum"])
+    bounds = [f"{name} {node[key]}" for key, name in (("minimum", "≥"), ("exclusiveMinimum", ">"),
+                                                      ("maximum", "≤"), ("exclusiveMaximum", "<"))
+              if key in node]
+    return text + (f" ({', '.join(bounds)})" if bounds else "")
+
+
+def _default(node: dict) -> str:
+    if "default" not in node:
+        return ""
+    return f"`{json.dumps(node['default'])}`"
+
+
+def _shared(properties: dict) -> list[tuple[list[str], dict]]:
+    """The properties as (names, schema) groups: siblings that refer to one shared definition (``$ref``)
+    form one group, written once as ``<definition>`` (``resources.<job>.threads``, not five times)."""
+    groups: dict[str, tuple[list[str], dict]] = {}
+    for name, child in properties.items():
+        ref = child.get("$ref") if set(child) == {"$ref"} else None
+        groups.setdefault(ref or f"\0{name}", ([], child))[0].append(name)
+    return list(groups.values())
+
+
+def rows(node: dict, root: dict, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every property under ``node``, depth first, in schema order."""
+    node = _resolve(node, root)
+    required = set(node.get("required", []))
+    for names, child in _shared(node.get("properties", {})):
+        placeholder = child.get("$ref", "").rsplit("/", 1)[-1] if len(names) > 1 else ""
+        child = _resolve(child, root)
+        key = f"{prefix}<{placeholder}>" if placeholder else f"{prefix}{names[0]}"
+        meaning = " ".join(child.get("description", "").split())
+        if placeholder:
+            meaning += f" `<{placeholder}>`: one of " + ", ".join(f"`{n}`" for n in names) + "."
+        if names[0] in required:
+            meaning = f"*required*. {meaning}"
+        yield f"`{key}`", _type(child), _default(child), meaning
+        yield from _nested(child, root, key)
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict) and ("properties" in extra or "$ref" in extra):
+        yield from rows(extra, root, f"{prefix}<name>.")
+
+
+def _nested(node: dict, root: dict, key: str) -> Iterator[tuple[str, str, str, str]]:
+    if "properties" in node or isinstance(node.get("additionalProperties"), dict):
+        yield from rows(node, root, f"{key}.")
+    items = node.get("items")
+    if isinstance(items, dict) and "properties" in _resolve(items, root):
+        yield from rows(items, root, f"{key}[].")
+
+
+def undocumented(name: str) -> list[str]:
+    """Keys of schema ``name`` without a description."""
+    root = schema(name)
+    return [key.strip("`") for key, _, _, meaning in rows(root, root) if not meaning.replace("*required*.", "").strip()]
+
+
+def reference() -> str:
+    """The Markdown of config/README.md."""
+    parts = [HEADER]
+    for name, (title, intro) in SECTIONS.items():
+        root = schema(name)
+        lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows(root, root)]
+        parts.append(f"## {title}\n\n{intro}\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    text = reference()
+    if argv:
+        Path(argv[0]).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
