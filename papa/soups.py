@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,12 +41,19 @@ def greedy_soup(pop: Population, score: Callable[[nn.Module], float]) -> tuple[n
     return average_soup(pop, subset_weights(pop.size, included)), included
 
 
+def logit_ensemble(logits: Sequence[Tensor]) -> Tensor:
+    """The ensemble's logits from its members' logits (one tensor per member, same shape): their mean.
+    The ensemble of every reported number (metrics.json, whole-tile segmentation scores) is this one; averaged
+    probabilities or a majority vote would rank some inputs differently."""
+    return torch.stack(list(logits)).mean(0)
+
+
 @torch.no_grad()
 def ensemble_logits(pop: Population, x: Tensor) -> Tensor:
-    """The logit-average ensemble: mean over members of each member's logits (eval mode)."""
+    """The logit-average ensemble (``logit_ensemble``) of the members in eval mode on ``x``."""
     was_training = pop.template.training
     pop.eval()
     try:
-        return torch.stack([pop.forward(j, x) for j in range(pop.size)]).mean(0)
+        return logit_ensemble([pop.forward(j, x) for j in range(pop.size)])
     finally:
         pop.train(was_training)

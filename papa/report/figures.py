@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from papa.errors import PapaError
+from papa.report.aggregate import over_seeds
 from papa.report.tables import VARIANT_NAMES
 
 COLORS = {"baseline": "C0", "papa": "C1", "papa-all": "C2", "papa-2": "C3"}
@@ -114,8 +115,9 @@ def compare(
             if not any(len(vals) for vals in values):
                 name = figure["name"]
                 raise PapaError(f"figure {name!r}: no {metric!r} results for experiment {experiment!r}")
-            mean = [vals.mean() if len(vals) else np.nan for vals in values]
-            std = [vals.std(ddof=1) if len(vals) > 1 else 0.0 for vals in values]
+            stats = [over_seeds(vals) for vals in values]
+            mean = [s["mean"] for s in stats]
+            std = [s["std"] if s["n"] > 1 else 0.0 for s in stats]
             bars = ax.errorbar(x, mean, yerr=std, fmt="o", ms=6, capsize=3, label=label)
             for xi, vals in zip(x, values, strict=True):
                 ax.plot([xi] * len(vals), vals, ".", ms=3, color=bars[0].get_color(), alpha=0.5)
