@@ -1,0 +1,267 @@
+"""Every number of metrics.json recomputed independently from the files a run leaves (population.safetensors,
+soups.safetensors, split.json) and compared with what `papa evaluate` wrote.
+
+The run is made so that the plausible wrong formulas give other numbers, and each test checks that they do:
+a tiny PAPA population of 4 whose member 1 has a permuted classifier amplified 3x (the worst member, surer of
+its wrong answers than the others of theirs: averaged logits, averaged probabilities and votes all score
+differently; the greedy soup rejects it) and whose member 0 is member 2 with a halved classifier (the same
+validation accuracy: a tie the greedy soup must keep, its soup scoring the same). The recomputation loads each
+member into a fresh model of the registry, scores it on the test images with plain tensor code, and rebuilds
+the soups from the stacked tensors; only REPAIR itself (tested on its own in test_repair.py) comes from the
+library."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from papa import runs
+from papa.checkpoint import load_tensors, save_tensors
+from papa.data import Policy, load_split, make_stream
+from papa.data.augment import eval_transform
+from papa.models import create_model
+from papa.population import Population
+from papa.repair import repair
+from tests.helpers import tiny_experiment
+
+P = 4
+SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
+EXPERIMENT = {
+    "population": {"size": P},
+    "train": {"epochs": 1, "batch_size": 128},
+    "averaging": {"papa": {"every": 2, "alpha": 0.5}},
+    # not REPAIR's defaults (5 batches, seed 666): a stage that ignored the config would be seen
+    "soups": {"repair_iters": 3, "repair_seed": 5},
+}
+
+
+@dataclass
+class Run:
+    exp: dict
+    split_path: Path
+    dir: Path
+    metrics: dict  # metrics.json as written
+    returned: dict  # what runs.evaluate returned
+
+
+def tamper(path: Path) -> None:
+    """Member 1: classifier rows permuted (it predicts the wrong classes) and tripled (it is surer of them than
+    the others of theirs); member 0: member 2 with its classifier halved (same predictions, smaller logits)."""
+    tensors, meta = load_tensors(path)
+    perm = torch.roll(torch.arange(tensors["linear.weight"].shape[1]), 1)
+    for name, t in tensors.items():
+        t = t.clone()
+        t[0] = t[2]
+        if name.startswith("linear."):
+            t[0] = 0.5 * t[2]
+            t[1] = 3 * t[1][perm]
+        tensors[name] = t
+    save_tensors(path, tensors, meta)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Run:
+    root = tmp_path_factory.mktemp("metrics")
+    exp = tiny_experiment(**EXPERIMENT)
+    split_path, out = root / "split.json", root / "tiny" / "papa" / "seed1"
+    runs.prepare(exp, split_path)
+    runs.train(exp, "papa", 1, split_path, out, progress=False)
+    tamper(out / "population.safetensors")
+    runs.soups(exp, split_path, out)
+    returned = runs.evaluate(exp, split_path, out)
+    return Run(exp, split_path, out, json.loads((out / "metrics.json").read_text()), returned)
+
+
+# independent recomputation ------------------------------------------------------------------------------------
+def fresh(exp: dict, state: dict[str, Tensor]) -> nn.Module:
+    """A registry model of the experiment's architecture holding ``state``, in eval mode."""
+    model = create_model(exp["model"]["name"], num_classes=10, in_channels=1, **exp["model"]["kwargs"])
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def members(run: Run) -> list[nn.Module]:
+    tensors, _ = load_tensors(run.dir / "population.safetensors")
+    return [fresh(run.exp, {k: v[j] for k, v in tensors.items()}) for j in range(P)]
+
+
+def soup_of(run: Run, chosen: list[int]) -> nn.Module:
+    """The uniform average of members ``chosen``: floats averaged, integer counters rounded."""
+    tensors, _ = load_tensors(run.dir / "population.safetensors")
+    state = {}
+    for k, v in tensors.items():
+        part = v[chosen].double().mean(0)
+        state[k] = part.to(v.dtype) if v.is_floating_point() else part.round().to(v.dtype)
+    return fresh(run.exp, state)
+
+
+def stored_soup(run: Run, name: str) -> dict[str, Tensor]:
+    tensors, _ = load_tensors(run.dir / "soups.safetensors")
+    return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+
+
+def data(run: Run, part: str) -> tuple[Tensor, Tensor]:
+    """(normalized images, labels): the test set, or the held-out validation images of the training set."""
+    splits = runs.load_data(run.exp)
+    if part == "test":
+        d, idx = splits.test, torch.arange(len(splits.test))
+    else:
+        d, idx = splits.train, torch.tensor(load_split(run.split_path)["val"])
+    return eval_transform(d.images[idx], d.mean, d.std), d.labels[idx]
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x: Tensor) -> Tensor:
+    return model.eval()(x)
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    return 100.0 * (logits.argmax(1) == labels).sum().item() / len(labels)
+
+
+def greedy(scores: list[float], soup_score, strict: bool = False) -> list[int]:
+    """Algorithm 3: by validation accuracy, best first (ties in member order); a member stays when the
+    soup's accuracy does not decrease (``strict``: when it increases, as the authors' code)."""
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+    chosen, best = [order[0]], scores[order[0]]
+    for j in order[1:]:
+        s = soup_score([*chosen, j])
+        if s > best or (s == best and not strict):
+            chosen, best = [*chosen, j], s
+    return chosen
+
+
+def close_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k].double(), b[k].double(), atol=1e-6) for k in a)
+
+
+# the tests --------------------------------------------------------------------------------------------------
+def test_written_file_is_what_evaluate_returned_with_its_identity(run):
+    assert run.metrics == json.loads(json.dumps(run.returned))
+    assert (run.metrics["experiment"], run.metrics["variant"], run.metrics["seed"]) == ("tiny", "papa", 1)
+    assert run.metrics["population"] == P and run.metrics["soups_aligned"] is False
+
+
+def test_members_are_each_members_test_accuracy(run):
+    x, y = data(run, "test")
+    expected = [accuracy(logits_of(m, x), y) for m in members(run)]
+    assert run.metrics["members"] == pytest.approx(expected, rel=0, abs=1e-9)
+    # in train mode (batch statistics) the members would score otherwise
+    with torch.no_grad():
+        train_mode = [accuracy(m.train()(x), y) for m in members(run)]
+    assert train_mode != pytest.approx(expected, rel=0, abs=1e-9)
+
+
+def test_mean_min_max_and_population_std_of_the_members(run):
+    acc = run.metrics["members"]
+    assert len(set(acc)) > 2  # unequal accuracies: every wrong statistic shows
+    assert run.metrics["mean"] == pytest.approx(statistics.fmean(acc), rel=0, abs=1e-12)
+    assert run.metrics["min"] == min(acc) and run.metrics["max"] == max(acc)
+    # the README's promise: the population standard deviation over members, not the sample one
+    assert run.metrics["std"] == pytest.approx(statistics.pstdev(acc), rel=0, abs=1e-12)
+    assert abs(statistics.pstdev(acc) - statistics.stdev(acc)) > 1.0
+    assert run.metrics["mean"] != pytest.approx(statistics.median(acc), abs=1e-6)
+
+
+def test_ensemble_is_the_accuracy_of_the_averaged_logits(run):
+    x, y = data(run, "test")
+    logits = torch.stack([logits_of(m, x) for m in members(run)])
+    expected = accuracy(logits.mean(0), y)
+    assert run.metrics["ensemble"] == pytest.approx(expected, rel=0, abs=1e-9)
+    # averaged probabilities and a majority vote give other numbers on this population
+    probabilities = accuracy(logits.softmax(-1).mean(0), y)
+    votes = accuracy(torch.nn.functional.one_hot(logits.argmax(-1), 10).sum(0).float(), y)
+    assert abs(probabilities - expected) > 1.0 and abs(votes - expected) > 1.0
+
+
+def test_average_soup_is_the_test_accuracy_of_the_members_mean(run):
+    x, y = data(run, "test")
+    soup = soup_of(run, list(range(P)))
+    assert close_state(stored_soup(run, "avg_soup"), soup.state_dict())
+    expected = accuracy(logits_of(soup, x), y)
+    assert run.metrics["avg_soup"] == pytest.approx(expected, rel=0, abs=1e-9)
+    xv, yv = data(run, "val")
+    assert expected != pytest.approx(accuracy(logits_of(soup, xv), yv), abs=1e-6)  # not the validation score
+
+
+def test_greedy_soup_members_size_and_accuracy(run):
+    xv, yv = data(run, "val")
+    val = [accuracy(logits_of(m, xv), yv) for m in members(run)]
+    chosen = greedy(val, lambda c: accuracy(logits_of(soup_of(run, c), xv), yv))
+    assert run.metrics["greedy_soup_members"] == chosen
+    assert run.metrics["greedy_soup_size"] == len(chosen) and 0 < len(chosen) < P  # the tampered member left out
+    assert 1 not in chosen
+    assert close_state(stored_soup(run, "greedy_soup"), soup_of(run, chosen).state_dict())
+    x, y = data(run, "test")
+    assert run.metrics["greedy_soup"] == pytest.approx(accuracy(logits_of(soup_of(run, chosen), x), y), abs=1e-9)
+    # ranked worst first, or keeping only improvements (member 0's tie with member 2), it would be another soup
+    score = lambda c: accuracy(logits_of(soup_of(run, c), xv), yv)  # noqa: E731
+    assert greedy([-v for v in val], score) != chosen and greedy(val, score, strict=True) != chosen
+
+
+def test_validation_accuracies_of_the_members(run):
+    xv, yv = data(run, "val")
+    expected = [accuracy(logits_of(m, xv), yv) for m in members(run)]
+    assert run.metrics["val_members"] == pytest.approx(expected, rel=0, abs=1e-9)
+    assert expected != pytest.approx(run.metrics["members"], abs=1e-6)
+
+
+def test_repaired_soups_are_repair_of_the_soups_with_the_configs_data_weights_and_seed(run):
+    """REPAIR of the average soup (uniform targets) and of the greedy soup (targets weighted over its members
+    only), on training batches of the base transform, ``soups.repair_iters`` of them from a generator seeded
+    ``soups.repair_seed``; their test accuracies are what metrics.json reports."""
+    exp, pop = run.exp, Population.from_modules(members(run))
+    splits = runs.load_data(exp)
+    base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
+    stream = make_stream(splits, load_split(run.split_path)["train"], exp["train"]["batch_size"], [base] * P, 0)
+    iters, seed = exp["soups"]["repair_iters"], exp["soups"]["repair_seed"]
+
+    def batches(_member, gen):
+        return stream.member_batches(None, gen, iters)
+
+    chosen = run.metrics["greedy_soup_members"]
+    weights = torch.zeros(P, dtype=torch.float64)
+    weights[chosen] = 1.0 / len(chosen)
+    expected = {
+        "avg_soup_repair": repair(soup_of(run, list(range(P))), pop, batches, iters=iters, seed=seed),
+        "greedy_soup_repair": repair(soup_of(run, chosen), pop, batches, iters=iters, seed=seed, weights=weights),
+    }
+    x, y = data(run, "test")
+    for name, module in expected.items():
+        assert close_state(stored_soup(run, name), module.state_dict()), name
+        assert run.metrics[name] == pytest.approx(accuracy(logits_of(fresh_like(run, module), x), y), abs=1e-9)
+    # the config's seed and the greedy weights matter here: the defaults or uniform weights give other soups
+    default_seed = repair(soup_of(run, chosen), pop, batches, iters=iters, seed=666, weights=weights)
+    uniform = repair(soup_of(run, chosen), pop, batches, iters=iters, seed=seed)
+    for other in (default_seed, uniform):
+        assert not close_state(other.state_dict(), expected["greedy_soup_repair"].state_dict())
+
+
+def fresh_like(run: Run, module: nn.Module) -> nn.Module:
+    """``module``'s tensors in a registry model (REPAIR adds biases: they become parameters of the copy)."""
+    model = create_model(run.exp["model"]["name"], num_classes=10, in_channels=1, **run.exp["model"]["kwargs"])
+    for name, t in module.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        sub = model.get_submodule(owner)
+        if leaf in sub._buffers:
+            sub._buffers[leaf] = t.clone()
+        else:
+            sub._parameters[leaf] = nn.Parameter(t.clone(), requires_grad=False)
+    return model.eval()
+
+
+def test_aligned_flag_comes_from_the_soups(run, tmp_path):
+    """``soups_aligned`` says whether the soups were built from aligned members (soups.json's ``aligned``)."""
+    import shutil
+
+    copy = tmp_path / "tiny" / "papa" / "seed1"
+    shutil.copytree(run.dir, copy)
+    tensors, meta = load_tensors(copy / "soups.safetensors")
+    save_tensors(copy / "soups.safetensors", tensors, {**meta, "aligned": True})
+    assert runs.evaluate(run.exp, run.split_path, copy)["soups_aligned"] is True
