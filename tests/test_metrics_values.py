@@ -50,17 +50,18 @@ class Run:
     returned: dict  # what runs.evaluate returned
 
 
-def tamper(path: Path) -> None:
-    """Member 1: classifier rows permuted (it predicts the wrong classes) and tripled (it is surer of them than
-    the others of theirs); member 0: member 2 with its classifier halved (same predictions, smaller logits)."""
+def tamper(path: Path, head: str = "linear.", wrong: float = 3.0, right: float = 1.0) -> None:
+    """Member 1: classifier (tensors named ``head``*) with its classes permuted (it predicts the wrong classes)
+    and scaled by ``wrong`` (it is surer of them than the others of theirs); the others' classifiers scaled by
+    ``right`` (same predictions, larger logits), member 0 being member 2 with half of member 2's classifier."""
     tensors, meta = load_tensors(path)
-    perm = torch.roll(torch.arange(tensors["linear.weight"].shape[1]), 1)
     for name, t in tensors.items():
         t = t.clone()
         t[0] = t[2]
-        if name.startswith("linear."):
+        if name.startswith(head):
+            t[1] = wrong * t[1][torch.roll(torch.arange(t.shape[1]), 1)]
+            t[2:] *= right
             t[0] = 0.5 * t[2]
-            t[1] = 3 * t[1][perm]
         tensors[name] = t
     save_tensors(path, tensors, meta)
 
@@ -79,10 +80,19 @@ def run(tmp_path_factory) -> Run:
 
 
 # independent recomputation ------------------------------------------------------------------------------------
-def fresh(exp: dict, state: dict[str, Tensor]) -> nn.Module:
-    """A registry model of the experiment's architecture holding ``state``, in eval mode."""
-    model = create_model(exp["model"]["name"], num_classes=10, in_channels=1, **exp["model"]["kwargs"])
-    model.load_state_dict(state)
+def fresh(exp: dict, state: dict[str, Tensor], num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """A registry model of the experiment's architecture holding ``state`` (every tensor it has, and the biases
+    REPAIR adds to a soup), in eval mode."""
+    model = create_model(exp["model"]["name"], num_classes=num_classes, in_channels=in_channels,
+                         **exp["model"]["kwargs"])
+    assert set(model.state_dict()) <= set(state)
+    for name, t in state.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf in module._buffers:
+            module._buffers[leaf] = t.clone()
+        else:
+            module._parameters[leaf] = nn.Parameter(t.clone(), requires_grad=False)
     return model.eval()
 
 
@@ -235,25 +245,13 @@ def test_repaired_soups_are_repair_of_the_soups_with_the_configs_data_weights_an
     x, y = data(run, "test")
     for name, module in expected.items():
         assert close_state(stored_soup(run, name), module.state_dict()), name
-        assert run.metrics[name] == pytest.approx(accuracy(logits_of(fresh_like(run, module), x), y), abs=1e-9)
+        soup = fresh(run.exp, module.state_dict())
+        assert run.metrics[name] == pytest.approx(accuracy(logits_of(soup, x), y), rel=0, abs=1e-9)
     # the config's seed and the greedy weights matter here: the defaults or uniform weights give other soups
     default_seed = repair(soup_of(run, chosen), pop, batches, iters=iters, seed=666, weights=weights)
     uniform = repair(soup_of(run, chosen), pop, batches, iters=iters, seed=seed)
     for other in (default_seed, uniform):
         assert not close_state(other.state_dict(), expected["greedy_soup_repair"].state_dict())
-
-
-def fresh_like(run: Run, module: nn.Module) -> nn.Module:
-    """``module``'s tensors in a registry model (REPAIR adds biases: they become parameters of the copy)."""
-    model = create_model(run.exp["model"]["name"], num_classes=10, in_channels=1, **run.exp["model"]["kwargs"])
-    for name, t in module.state_dict().items():
-        owner, _, leaf = name.rpartition(".")
-        sub = model.get_submodule(owner)
-        if leaf in sub._buffers:
-            sub._buffers[leaf] = t.clone()
-        else:
-            sub._parameters[leaf] = nn.Parameter(t.clone(), requires_grad=False)
-    return model.eval()
 
 
 def test_aligned_flag_comes_from_the_soups(run, tmp_path):
@@ -265,3 +263,112 @@ def test_aligned_flag_comes_from_the_soups(run, tmp_path):
     tensors, meta = load_tensors(copy / "soups.safetensors")
     save_tensors(copy / "soups.safetensors", tensors, {**meta, "aligned": True})
     assert runs.evaluate(run.exp, run.split_path, copy)["soups_aligned"] is True
+
+
+# segmentation (Vaihingen, A.8): pixel accuracies and per-class F1 on whole tiles ----------------------------
+SEG_CLASSES = 6
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory) -> Run:
+    """A tiny U-Net PAPA population on generated tiles (two epochs: BatchNorm's running statistics need them),
+    tampered as ``tamper`` does through its head; one test tile is smaller than the other, so that counts
+    pooled over pixels differ from per-tile averages."""
+    from tests.vaihingen_tiles import OPTIONS, TEST, write_tiles
+
+    root = tmp_path_factory.mktemp("vaihingen")
+    tiles = write_tiles(root / "vaihingen")
+    write_tiles(tiles, tiles=TEST[1:], h=40, w=56)
+    exp = tiny_experiment(
+        data={"dataset": "vaihingen", "root": str(tiles), "options": {**OPTIONS, "epoch_size": 48}},
+        model={"name": "unet", "kwargs": {"width": 4, "depth": 2}}, population={"size": P},
+        train={"epochs": 2, "batch_size": 4, "optimizer": {"lr": 0.05}},
+        augment={"flip": True, "grid": {"mixup": [0.0], "label_smoothing": [0.0, 0.1], "cutmix": [0.0],
+                                        "random_erasing": [0.0]}},
+        averaging={"papa": {"every": 1, "alpha": 0.5}}, soups={"repair_iters": 2})
+    split_path, out = root / "split.json", root / "seg" / "papa" / "seed1"
+    runs.prepare(exp, split_path)
+    runs.train(exp, "papa", 1, split_path, out, progress=False)
+    tamper(out / "population.safetensors", "head.", wrong=40.0, right=10.0)  # the U-Net's logits are small
+    runs.soups(exp, split_path, out)
+    returned = runs.evaluate(exp, split_path, out)
+    return Run(exp, split_path, out, json.loads((out / "metrics.json").read_text()), returned)
+
+
+def counts(pred: Tensor, labels: Tensor) -> Tensor:
+    """(K, K) confusion counts, row = true class, column = predicted class, by plain comparisons."""
+    return torch.tensor([[int(((labels == t) & (pred == p)).sum()) for p in range(SEG_CLASSES)]
+                         for t in range(SEG_CLASSES)], dtype=torch.float64)
+
+
+def pixel_accuracy(c: Tensor) -> float:
+    return 100.0 * c.trace().item() / c.sum().item()
+
+
+def f1(c: Tensor) -> list[float]:
+    """Per class 2 TP / (2 TP + FP + FN) in percent (0 when the class is neither present nor predicted)."""
+    out = []
+    for k in range(SEG_CLASSES):
+        tp, fp, fn = c[k, k].item(), c[:, k].sum().item() - c[k, k].item(), c[k].sum().item() - c[k, k].item()
+        out.append(200.0 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 0.0)
+    return out
+
+
+@torch.no_grad()
+def tile_logits(model: nn.Module, test) -> list[Tensor]:
+    """The model's logits on each whole test tile, one forward pass per tile."""
+    return [model(eval_transform(image[None], test.mean, test.std))[0] for image in test.images]
+
+
+def test_segmentation_scores_are_pooled_pixel_counts_of_whole_tiles(seg_run):
+    m, exp = seg_run.metrics, seg_run.exp
+    assert m == json.loads(json.dumps(seg_run.returned))
+    test = runs.load_data(exp).test
+    names = list(test.classes)
+    assert m["classes"] == names and len(names) == SEG_CLASSES
+    tensors, _ = load_tensors(seg_run.dir / "population.safetensors")
+    member_logits = [tile_logits(fresh(exp, {k: v[j] for k, v in tensors.items()}, SEG_CLASSES, 3), test)
+                     for j in range(P)]
+
+    def conf(logits: list[Tensor]) -> Tensor:
+        return sum(counts(z.argmax(0), y) for z, y in zip(logits, test.labels, strict=True))
+
+    member_conf = [conf(z) for z in member_logits]
+    ensemble = [torch.stack(per_tile).mean(0) for per_tile in zip(*member_logits, strict=True)]
+    models = {"ensemble": conf(ensemble)}
+    soups, _ = load_tensors(seg_run.dir / "soups.safetensors")
+    for name in SOUPS:
+        state = {k[len(name) + 1:]: v for k, v in soups.items() if k.startswith(f"{name}.")}
+        models[name] = conf(tile_logits(fresh(exp, state, SEG_CLASSES, 3), test))
+
+    acc = [pixel_accuracy(c) for c in member_conf]
+    assert m["members"] == pytest.approx(acc, rel=0, abs=1e-9)
+    assert (m["mean"], m["min"], m["max"]) == pytest.approx(
+        (statistics.fmean(acc), min(acc), max(acc)), rel=0, abs=1e-12)
+    assert m["std"] == pytest.approx(statistics.pstdev(acc), rel=0, abs=1e-12)
+    for name, c in models.items():
+        assert m[name] == pytest.approx(pixel_accuracy(c), rel=0, abs=1e-9), name
+        per_class = f1(c)
+        for k, cls in enumerate(names):
+            assert m[f"{name}_f1_{cls}"] == pytest.approx(per_class[k], rel=0, abs=1e-9), (name, cls)
+        assert m[f"{name}_f1_average"] == pytest.approx(statistics.fmean(per_class), rel=0, abs=1e-9), name
+    member_f1 = [f1(c) for c in member_conf]
+    for j, scores in enumerate(m["f1_members"]):
+        assert scores == pytest.approx({**dict(zip(names, member_f1[j], strict=True)),
+                                        "average": statistics.fmean(member_f1[j])}, rel=0, abs=1e-9)
+    for k, cls in enumerate(names):  # the population mean: the members' F1 averaged
+        assert m[f"mean_f1_{cls}"] == pytest.approx(statistics.fmean(f[k] for f in member_f1), rel=0, abs=1e-9)
+    assert m["mean_f1_average"] == pytest.approx(statistics.fmean(statistics.fmean(f) for f in member_f1), abs=1e-9)
+
+    # the case tells the plausible wrong formulas apart: per-tile averages, averaged probabilities, F1 of the
+    # pooled members, F1 averaged over the present classes weighted by their pixels
+    per_tile = statistics.fmean(pixel_accuracy(counts(z.argmax(0), y))
+                                for z, y in zip(member_logits[3], test.labels, strict=True))
+    assert abs(per_tile - acc[3]) > 1e-3
+    probs = [torch.stack(t).softmax(1).mean(0) for t in zip(*member_logits, strict=True)]
+    assert abs(pixel_accuracy(conf(probs)) - m["ensemble"]) > 1e-3
+    pooled = f1(sum(member_conf))
+    assert any(abs(pooled[k] - m[f"mean_f1_{cls}"]) > 1e-3 for k, cls in enumerate(names))
+    support = member_conf[3].sum(1)
+    weighted = sum(f * s for f, s in zip(member_f1[3], support.tolist(), strict=True)) / support.sum().item()
+    assert abs(weighted - m["f1_members"][3]["average"]) > 1e-3
