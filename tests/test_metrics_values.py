@@ -372,3 +372,84 @@ def test_segmentation_scores_are_pooled_pixel_counts_of_whole_tiles(seg_run):
     support = member_conf[3].sum(1)
     weighted = sum(f * s for f, s in zip(member_f1[3], support.tolist(), strict=True)) / support.sum().item()
     assert abs(weighted - m["f1_members"][3]["average"]) > 1e-3
+
+
+# similarity.json (Table 5, A.5): per-stage cosine similarities -----------------------------------------------
+@torch.no_grad()
+def stage_outputs(model: nn.Module, x: Tensor, stages: list[str]) -> list[Tensor]:
+    """Eval-mode outputs of the named stages on ``x``, each flattened per image, in float64."""
+    out = {}
+    hooks = [model.get_submodule(s).register_forward_hook(lambda _m, _i, y, s=s: out.__setitem__(s, y))
+             for s in stages]
+    model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return [out[s].flatten(1).double() for s in stages]
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Mean over images of the cosine similarity of two (images, features) tensors, in percent."""
+    return 100.0 * ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean().item()
+
+
+def test_similarity_json_is_the_mean_cosine_of_the_stage_outputs(tmp_path):
+    """between_networks: per stage, the mean over the pairs of distinct members of the mean over test images of
+    the cosine similarity of their flattened stage outputs; network_and_avg_soup: the same between each member
+    and the average soup, averaged over members. With ``align`` the members are first aligned to member 0 on the
+    first ``align_images`` training-split images, with ``repair`` the soup is REPAIRed on them."""
+    from papa.alignment import align_population
+    from papa.config import deep_merge
+    from papa.repair import reset_batchnorm
+    from papa.train import build_population
+
+    exp = tiny_experiment(model={"name": "resnet20"}, population={"size": 3}, train={"eval_batch_size": 16},
+                          similarity={"align_images": 48, "test_images": 20, "repair_iters": 2})
+    exp["model"]["kwargs"] = {}
+    split_path, run = tmp_path / "split.json", tmp_path / "run"
+    runs.prepare(exp, split_path)
+    splits, train_idx = runs.load_data(exp), load_split(split_path)["train"]
+    images = splits.train.images[torch.tensor(train_idx[:48])]
+    align_batches = [eval_transform(images[i:i + 16], splits.train.mean, splits.train.std) for i in (0, 16, 32)]
+    pop = build_population(exp, splits, seed=1)  # independent networks, with the statistics of training images
+    modules = [reset_batchnorm(m, align_batches).eval() for m in pop.to_modules()]
+    meta = {"experiment": "tiny", "variant": "papa-2", "seed": 2, "model": "resnet20", "population": 3}
+    save_tensors(run / "population.safetensors", Population.from_modules(modules).state_dict(), meta)
+    test_x = eval_transform(splits.test.images[:20], splits.test.mean, splits.test.std)
+    stages = ["layer1", "layer2", "layer3"]
+
+    for align, repaired in ((False, False), (True, True)):
+        e = deep_merge(exp, {"similarity": {"align": align, "repair": repaired}})
+        written = json.loads(json.dumps(runs.similarity(e, split_path, run)))
+        assert written == json.loads((run / "similarity.json").read_text())
+        assert (written["experiment"], written["variant"], written["seed"]) == ("tiny", "papa-2", 2)
+        assert (written["stages"], written["aligned"], written["repaired"]) == (stages, align, repaired)
+        assert (written["repair_iters"], written["test_images"]) == (2, 20)
+
+        members = Population.from_modules(modules)
+        if align:
+            members = align_population(members, align_batches, reference=0)
+        soup = fresh(exp, average_of(members))
+        if repaired:
+            soup = repair(soup, members, align_batches, iters=2, seed=exp["soups"]["repair_seed"])
+        feats = [stage_outputs(m, test_x, stages) for m in [*members.to_modules(), soup]]
+        pairs = [(0, 1), (0, 2), (1, 2)]
+        for s, stage in enumerate(stages):
+            between = statistics.fmean(cosine(feats[i][s], feats[j][s]) for i, j in pairs)
+            with_soup = statistics.fmean(cosine(feats[j][s], feats[3][s]) for j in range(3))
+            assert written["between_networks"][stage] == pytest.approx(between, rel=0, abs=1e-9), (align, stage)
+            # the soup: float32 weights summed in another order than ours, hence the looser tolerance
+            assert written["network_and_avg_soup"][stage] == pytest.approx(with_soup, rel=0, abs=1e-5), (align, stage)
+            # self-pairs counted, or one cosine of whole flattened batches, would read otherwise
+            with_self = statistics.fmean(cosine(feats[i][s], feats[j][s]) for i in range(3) for j in range(3))
+            whole = statistics.fmean(cosine(feats[i][s].reshape(1, -1), feats[j][s].reshape(1, -1)) for i, j in pairs)
+            assert abs(with_self - between) > 1.0 and abs(whole - between) > 1e-3
+        if repaired:  # the unrepaired soup's features would read otherwise
+            other = stage_outputs(fresh(exp, average_of(members)), test_x, stages)
+            assert any(abs(statistics.fmean(cosine(feats[j][s], other[s]) for j in range(3))
+                           - written["network_and_avg_soup"][stage]) > 1e-3 for s, stage in enumerate(stages))
+
+
+def average_of(pop: Population) -> dict[str, Tensor]:
+    """The uniform average of a population's tensors: floats averaged, integer counters rounded."""
+    return {k: (v.double().mean(0).to(v.dtype) if v.is_floating_point() else v.double().mean(0).round().to(v.dtype))
+            for k, v in pop.state_dict().items()}
