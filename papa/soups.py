@@ -23,21 +23,27 @@ def subset_weights(p: int, members: list[int]) -> Tensor:
     return w
 
 
-def greedy_soup(pop: Population, score: Callable[[nn.Module], float]) -> tuple[nn.Module, list[int]]:
-    """Greedy soup, Algorithm 3: members sorted by ``score`` (higher is better), best first; each is
-    added to the uniform soup when the soup's score does not decrease (``>=``, as in the paper; the
-    official code requires a strict improvement). Ties in the ordering keep member order.
-
-    Returns the soup and the indices of the members it averages, in the order they were added."""
-    scores = [float(score(pop.member(j))) for j in range(pop.size)]
-    order = sorted(range(pop.size), key=lambda j: -scores[j])
-    included, best = [order[0]], scores[order[0]]
+def greedy_members(scores: Sequence[float], soup_score: Callable[[list[int]], float]) -> list[int]:
+    """Algorithm 3's selection, the one rule of every greedy soup: members sorted by ``scores`` (higher is
+    better, ties in member order), the best one first; each next one is added when ``soup_score`` of the
+    members so far plus it does not decrease (``>=``, as in the paper; the official code requires a strict
+    improvement). Returns the chosen members in the order they were added."""
+    order = sorted(range(len(scores)), key=lambda j: -scores[j])
+    included, best = [order[0]], float(scores[order[0]])
     for j in order[1:]:
-        candidate = average_soup(pop, subset_weights(pop.size, [*included, j]))
-        s = float(score(candidate))
+        s = float(soup_score([*included, j]))
         if s >= best:
             included.append(j)
             best = s
+    return included
+
+
+def greedy_soup(pop: Population, score: Callable[[nn.Module], float]) -> tuple[nn.Module, list[int]]:
+    """The greedy soup (Algorithm 3, ``greedy_members``) of uniform averages of members, scored by ``score``.
+
+    Returns the soup and the indices of the members it averages, in the order they were added."""
+    scores = [float(score(pop.member(j))) for j in range(pop.size)]
+    included = greedy_members(scores, lambda members: score(average_soup(pop, subset_weights(pop.size, members))))
     return average_soup(pop, subset_weights(pop.size, included)), included
 
 
