@@ -30,6 +30,8 @@ from papa.population import Population
 from papa.repair import repair
 from tests.helpers import tiny_experiment
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions lose with threads on busy cores
+
 P = 4
 SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
 EXPERIMENT = {
@@ -67,7 +69,7 @@ def tamper(path: Path, head: str = "linear.", wrong: float = 3.0, right: float =
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Run:
+def run(tmp_path_factory, one_thread) -> Run:
     root = tmp_path_factory.mktemp("metrics")
     exp = tiny_experiment(**EXPERIMENT)
     split_path, out = root / "split.json", root / "tiny" / "papa" / "seed1"
@@ -270,7 +272,7 @@ SEG_CLASSES = 6
 
 
 @pytest.fixture(scope="module")
-def seg_run(tmp_path_factory) -> Run:
+def seg_run(tmp_path_factory, one_thread) -> Run:
     """A tiny U-Net PAPA population on generated tiles (two epochs: BatchNorm's running statistics need them),
     tampered as ``tamper`` does through its head; one test tile is smaller than the other, so that counts
     pooled over pixels differ from per-tile averages."""

@@ -14,6 +14,8 @@ from papa.data import load_split
 from papa.data.stream import MemberStream
 from papa.train import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions lose with threads on busy cores
+
 
 def bare_experiment() -> dict:
     """The experiment a config naming nothing gets."""
@@ -30,7 +32,7 @@ def small(**overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, one_thread):
     path = tmp_path_factory.mktemp("defaults") / "split.json"
     exp = small()
     runs.prepare(exp, path)

@@ -26,6 +26,8 @@ from papa.models.registry import MODELS
 from papa.train import Stopped
 from tests.helpers import tiny_experiment
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions lose with threads on busy cores
+
 OUTPUTS = ("population.safetensors", "population.json", "history.csv")
 STEPS = 5  # per epoch: 1408 training images in batches of 256
 

@@ -25,6 +25,8 @@ from papa import averaging, runs, swa
 from papa.data.stream import MemberStream
 from tests.helpers import tiny_experiment
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions lose with threads on busy cores
+
 REPAIR = importlib.import_module("papa.repair")  # the module: the package exports a function of that name
 N_TRAIN = 1408  # digits: 1437 training images less the 2% validation split
 
@@ -97,7 +99,7 @@ def moves(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def split_path(tmp_path_factory) -> Path:
+def split_path(tmp_path_factory, one_thread) -> Path:
     path = tmp_path_factory.mktemp("schedule") / "split.json"
     runs.prepare(tiny_experiment(), path)
     return path
