@@ -394,29 +394,53 @@ def cosine(a: Tensor, b: Tensor) -> float:
     return 100.0 * ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean().item()
 
 
-def test_similarity_json_is_the_mean_cosine_of_the_stage_outputs(tmp_path):
+@dataclass
+class ResnetRun:
+    exp: dict
+    split_path: Path
+    dir: Path
+    modules: list[nn.Module]  # the members
+    align_batches: list[Tensor]  # the first 48 training-split images, in batches of eval_batch_size
+
+
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory, one_thread) -> ResnetRun:
+    """Three independently initialized resnet20 (the architectures alignment supports) with the BatchNorm
+    statistics of training images, saved as a run of `papa train`; their validation accuracies rank them 0, 2, 1
+    (not member order)."""
+    from papa.repair import reset_batchnorm
+    from papa.train import build_population
+
+    root = tmp_path_factory.mktemp("resnet")
+    exp = tiny_experiment(model={"name": "resnet20"}, population={"size": 3},
+                          train={"batch_size": 16, "eval_batch_size": 16},  # REPAIR's batches: batch_size
+                          similarity={"align_images": 48, "test_images": 20, "repair_iters": 2},
+                          soups={"align_images": 48, "repair_iters": 2})
+    exp["model"]["kwargs"] = {}
+    split_path, run = root / "split.json", root / "tiny" / "papa-2" / "seed2"
+    runs.prepare(exp, split_path)
+    splits, train_idx = runs.load_data(exp), load_split(split_path)["train"]
+    images = splits.train.images[torch.tensor(train_idx[:48])]
+    align_batches = [eval_transform(images[i:i + 16], splits.train.mean, splits.train.std) for i in (0, 16, 32)]
+    pop = build_population(exp, splits, seed=3)
+    modules = [reset_batchnorm(m, align_batches).eval() for m in pop.to_modules()]
+    meta = {"experiment": "tiny", "variant": "papa-2", "seed": 2, "model": "resnet20", "population": 3}
+    save_tensors(run / "population.safetensors", Population.from_modules(modules).state_dict(), meta)
+    return ResnetRun(exp, split_path, run, modules, align_batches)
+
+
+def test_similarity_json_is_the_mean_cosine_of_the_stage_outputs(resnet_run):
     """between_networks: per stage, the mean over the pairs of distinct members of the mean over test images of
     the cosine similarity of their flattened stage outputs; network_and_avg_soup: the same between each member
     and the average soup, averaged over members. With ``align`` the members are first aligned to member 0 on the
     first ``align_images`` training-split images, with ``repair`` the soup is REPAIRed on them."""
     from papa.alignment import align_population
     from papa.config import deep_merge
-    from papa.repair import reset_batchnorm
-    from papa.train import build_population
 
-    exp = tiny_experiment(model={"name": "resnet20"}, population={"size": 3}, train={"eval_batch_size": 16},
-                          similarity={"align_images": 48, "test_images": 20, "repair_iters": 2})
-    exp["model"]["kwargs"] = {}
-    split_path, run = tmp_path / "split.json", tmp_path / "run"
-    runs.prepare(exp, split_path)
-    splits, train_idx = runs.load_data(exp), load_split(split_path)["train"]
-    images = splits.train.images[torch.tensor(train_idx[:48])]
-    align_batches = [eval_transform(images[i:i + 16], splits.train.mean, splits.train.std) for i in (0, 16, 32)]
-    pop = build_population(exp, splits, seed=1)  # independent networks, with the statistics of training images
-    modules = [reset_batchnorm(m, align_batches).eval() for m in pop.to_modules()]
-    meta = {"experiment": "tiny", "variant": "papa-2", "seed": 2, "model": "resnet20", "population": 3}
-    save_tensors(run / "population.safetensors", Population.from_modules(modules).state_dict(), meta)
-    test_x = eval_transform(splits.test.images[:20], splits.test.mean, splits.test.std)
+    exp, split_path, run = resnet_run.exp, resnet_run.split_path, resnet_run.dir
+    modules, align_batches = resnet_run.modules, resnet_run.align_batches
+    test = runs.load_data(exp).test
+    test_x = eval_transform(test.images[:20], test.mean, test.std)
     stages = ["layer1", "layer2", "layer3"]
 
     for align, repaired in ((False, False), (True, True)):
@@ -455,3 +479,48 @@ def average_of(pop: Population) -> dict[str, Tensor]:
     """The uniform average of a population's tensors: floats averaged, integer counters rounded."""
     return {k: (v.double().mean(0).to(v.dtype) if v.is_floating_point() else v.double().mean(0).round().to(v.dtype))
             for k, v in pop.state_dict().items()}
+
+
+def test_aligned_soups_are_made_of_members_aligned_in_validation_order(resnet_run):
+    """soups.align (Appendix A.4): the average soup averages the members aligned one after another to the
+    running average, best validation accuracy first; the greedy soup aligns each candidate to the current soup
+    (papa.alignment.greedy_alignment, the same greedy rule); their REPAIR takes its targets from the aligned
+    members (the greedy soup's from its own members only). Alignment itself comes from the library (tested in
+    test_alignment.py); the order, the data and the populations are checked here."""
+    from papa.alignment import greedy_alignment, sequential_alignment
+    from papa.config import deep_merge
+
+    exp = deep_merge(resnet_run.exp, {"soups": {"align": True}})
+    info = runs.soups(exp, resnet_run.split_path, resnet_run.dir)
+    assert info["aligned"] is True
+    splits, split = runs.load_data(exp), load_split(resnet_run.split_path)
+    xv, yv = eval_transform(splits.train.images[split["val"]], splits.train.mean, splits.train.std), \
+        splits.train.labels[split["val"]]
+    pop, data = Population.from_modules(resnet_run.modules), resnet_run.align_batches
+    val = [accuracy(logits_of(m, xv), yv) for m in resnet_run.modules]
+    order = sorted(range(3), key=lambda j: (-val[j], j))
+    assert order == [0, 2, 1]
+    avg_pop = sequential_alignment(pop, data, order)
+    stored = {name: stored_soup(Run(exp, resnet_run.split_path, resnet_run.dir, {}, {}), name) for name in SOUPS}
+    assert close_state(stored["avg_soup"], average_of(avg_pop))
+    assert not close_state(stored["avg_soup"], average_of(sequential_alignment(pop, data)))  # member order
+
+    greedy_pop, chosen, greedy = greedy_alignment(pop, lambda m: accuracy(logits_of(m, xv), yv), data, scores=val)
+    assert info["greedy_soup_members"] == chosen
+    assert close_state(stored["greedy_soup"], greedy.state_dict())
+
+    base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
+    stream = make_stream(splits, split["train"], exp["train"]["batch_size"], [base] * 3, 0)
+
+    def batches(_member, gen):
+        return stream.member_batches(None, gen, 2)
+
+    weights = torch.zeros(3, dtype=torch.float64)
+    weights[chosen] = 1.0 / len(chosen)
+    seed = exp["soups"]["repair_seed"]
+    avg_repaired = repair(fresh(exp, average_of(avg_pop)), avg_pop, batches, iters=2, seed=seed)
+    assert close_state(stored["avg_soup_repair"], avg_repaired.state_dict())
+    assert not close_state(stored["avg_soup_repair"],
+                           repair(fresh(exp, average_of(avg_pop)), pop, batches, iters=2, seed=seed).state_dict())
+    greedy_repaired = repair(greedy, greedy_pop, batches, iters=2, seed=seed, weights=weights)
+    assert close_state(stored["greedy_soup_repair"], greedy_repaired.state_dict())
