@@ -317,9 +317,10 @@ def f1(c: Tensor) -> list[float]:
 
 
 @torch.no_grad()
-def tile_logits(model: nn.Module, test) -> list[Tensor]:
-    """The model's logits on each whole test tile, one forward pass per tile."""
-    return [model(eval_transform(image[None], test.mean, test.std))[0] for image in test.images]
+def tile_logits(model: nn.Module, tiles, indices=None) -> list[Tensor]:
+    """The model's logits on each whole tile of ``tiles`` (those at ``indices``), one forward pass per tile."""
+    chosen = range(len(tiles)) if indices is None else indices
+    return [model(eval_transform(tiles.images[i][None], tiles.mean, tiles.std))[0] for i in chosen]
 
 
 def test_segmentation_scores_are_pooled_pixel_counts_of_whole_tiles(seg_run):
@@ -336,6 +337,13 @@ def test_segmentation_scores_are_pooled_pixel_counts_of_whole_tiles(seg_run):
         return sum(counts(z.argmax(0), y) for z, y in zip(logits, test.labels, strict=True))
 
     member_conf = [conf(z) for z in member_logits]
+    # validation: the dataset's own validation tiles (split.json), scored the same way
+    train_tiles, val_idx = runs.load_data(exp).train, load_split(seg_run.split_path)["val"]
+    val_labels = [train_tiles.labels[i] for i in val_idx]
+    val = [pixel_accuracy(sum(counts(z.argmax(0), y) for z, y in zip(
+        tile_logits(fresh(exp, {k: v[j] for k, v in tensors.items()}, SEG_CLASSES, 3), train_tiles, val_idx),
+        val_labels, strict=True))) for j in range(P)]
+    assert m["val_members"] == pytest.approx(val, rel=0, abs=1e-9)
     ensemble = [torch.stack(per_tile).mean(0) for per_tile in zip(*member_logits, strict=True)]
     models = {"ensemble": conf(ensemble)}
     soups, _ = load_tensors(seg_run.dir / "soups.safetensors")
