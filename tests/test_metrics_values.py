@@ -103,18 +103,22 @@ def members(run: Run) -> list[nn.Module]:
     return [fresh(run.exp, {k: v[j] for k, v in tensors.items()}) for j in range(P)]
 
 
-def soup_of(run: Run, chosen: list[int]) -> nn.Module:
-    """The uniform average of members ``chosen``: floats averaged, integer counters rounded."""
-    tensors, _ = load_tensors(run.dir / "population.safetensors")
+def mean_state(stacked: dict[str, Tensor], chosen: list[int] | None = None) -> dict[str, Tensor]:
+    """The uniform average of the members ``chosen`` (default all) of stacked tensors: floats averaged in
+    float64, integer counters rounded."""
     state = {}
-    for k, v in tensors.items():
-        part = v[chosen].double().mean(0)
+    for k, v in stacked.items():
+        part = (v if chosen is None else v[chosen]).double().mean(0)
         state[k] = part.to(v.dtype) if v.is_floating_point() else part.round().to(v.dtype)
-    return fresh(run.exp, state)
+    return state
 
 
-def stored_soup(run: Run, name: str) -> dict[str, Tensor]:
-    tensors, _ = load_tensors(run.dir / "soups.safetensors")
+def soup_of(run: Run, chosen: list[int]) -> nn.Module:
+    return fresh(run.exp, mean_state(load_tensors(run.dir / "population.safetensors")[0], chosen))
+
+
+def stored_soup(run_dir: Path, name: str) -> dict[str, Tensor]:
+    tensors, _ = load_tensors(run_dir / "soups.safetensors")
     return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
 
 
@@ -195,7 +199,7 @@ def test_ensemble_is_the_accuracy_of_the_averaged_logits(run):
 def test_average_soup_is_the_test_accuracy_of_the_members_mean(run):
     x, y = data(run, "test")
     soup = soup_of(run, list(range(P)))
-    assert close_state(stored_soup(run, "avg_soup"), soup.state_dict())
+    assert close_state(stored_soup(run.dir, "avg_soup"), soup.state_dict())
     expected = accuracy(logits_of(soup, x), y)
     assert run.metrics["avg_soup"] == pytest.approx(expected, rel=0, abs=1e-9)
     xv, yv = data(run, "val")
@@ -209,7 +213,7 @@ def test_greedy_soup_members_size_and_accuracy(run):
     assert run.metrics["greedy_soup_members"] == chosen
     assert run.metrics["greedy_soup_size"] == len(chosen) and 0 < len(chosen) < P  # the tampered member left out
     assert 1 not in chosen
-    assert close_state(stored_soup(run, "greedy_soup"), soup_of(run, chosen).state_dict())
+    assert close_state(stored_soup(run.dir, "greedy_soup"), soup_of(run, chosen).state_dict())
     x, y = data(run, "test")
     assert run.metrics["greedy_soup"] == pytest.approx(accuracy(logits_of(soup_of(run, chosen), x), y), abs=1e-9)
     # ranked worst first, or keeping only improvements (member 0's tie with member 2), it would be another soup
@@ -246,7 +250,7 @@ def test_repaired_soups_are_repair_of_the_soups_with_the_configs_data_weights_an
     }
     x, y = data(run, "test")
     for name, module in expected.items():
-        assert close_state(stored_soup(run, name), module.state_dict()), name
+        assert close_state(stored_soup(run.dir, name), module.state_dict()), name
         soup = fresh(run.exp, module.state_dict())
         assert run.metrics[name] == pytest.approx(accuracy(logits_of(soup, x), y), rel=0, abs=1e-9)
     # the config's seed and the greedy weights matter here: the defaults or uniform weights give other soups
@@ -462,7 +466,7 @@ def test_similarity_json_is_the_mean_cosine_of_the_stage_outputs(resnet_run):
         members = Population.from_modules(modules)
         if align:
             members = align_population(members, align_batches, reference=0)
-        soup = fresh(exp, average_of(members))
+        soup = fresh(exp, mean_state(members.state_dict()))
         if repaired:
             soup = repair(soup, members, align_batches, iters=2, seed=exp["soups"]["repair_seed"])
         feats = [stage_outputs(m, test_x, stages) for m in [*members.to_modules(), soup]]
@@ -478,15 +482,9 @@ def test_similarity_json_is_the_mean_cosine_of_the_stage_outputs(resnet_run):
             whole = statistics.fmean(cosine(feats[i][s].reshape(1, -1), feats[j][s].reshape(1, -1)) for i, j in pairs)
             assert abs(with_self - between) > 1.0 and abs(whole - between) > 1e-3
         if repaired:  # the unrepaired soup's features would read otherwise
-            other = stage_outputs(fresh(exp, average_of(members)), test_x, stages)
+            other = stage_outputs(fresh(exp, mean_state(members.state_dict())), test_x, stages)
             assert any(abs(statistics.fmean(cosine(feats[j][s], other[s]) for j in range(3))
                            - written["network_and_avg_soup"][stage]) > 1e-3 for s, stage in enumerate(stages))
-
-
-def average_of(pop: Population) -> dict[str, Tensor]:
-    """The uniform average of a population's tensors: floats averaged, integer counters rounded."""
-    return {k: (v.double().mean(0).to(v.dtype) if v.is_floating_point() else v.double().mean(0).round().to(v.dtype))
-            for k, v in pop.state_dict().items()}
 
 
 def test_aligned_soups_are_made_of_members_aligned_in_validation_order(resnet_run):
@@ -509,9 +507,9 @@ def test_aligned_soups_are_made_of_members_aligned_in_validation_order(resnet_ru
     order = sorted(range(3), key=lambda j: (-val[j], j))
     assert order == [0, 2, 1]
     avg_pop = sequential_alignment(pop, data, order)
-    stored = {name: stored_soup(Run(exp, resnet_run.split_path, resnet_run.dir, {}, {}), name) for name in SOUPS}
-    assert close_state(stored["avg_soup"], average_of(avg_pop))
-    assert not close_state(stored["avg_soup"], average_of(sequential_alignment(pop, data)))  # member order
+    stored = {name: stored_soup(resnet_run.dir, name) for name in SOUPS}
+    assert close_state(stored["avg_soup"], mean_state(avg_pop.state_dict()))
+    assert not close_state(stored["avg_soup"], mean_state(sequential_alignment(pop, data).state_dict()))  # member order
 
     greedy_pop, chosen, greedy = greedy_alignment(pop, lambda m: accuracy(logits_of(m, xv), yv), data, scores=val)
     assert info["greedy_soup_members"] == chosen
@@ -526,9 +524,9 @@ def test_aligned_soups_are_made_of_members_aligned_in_validation_order(resnet_ru
     weights = torch.zeros(3, dtype=torch.float64)
     weights[chosen] = 1.0 / len(chosen)
     seed = exp["soups"]["repair_seed"]
-    avg_repaired = repair(fresh(exp, average_of(avg_pop)), avg_pop, batches, iters=2, seed=seed)
-    assert close_state(stored["avg_soup_repair"], avg_repaired.state_dict())
-    assert not close_state(stored["avg_soup_repair"],
-                           repair(fresh(exp, average_of(avg_pop)), pop, batches, iters=2, seed=seed).state_dict())
+    avg = fresh(exp, mean_state(avg_pop.state_dict()))
+    assert close_state(stored["avg_soup_repair"], repair(avg, avg_pop, batches, iters=2, seed=seed).state_dict())
+    # targets from the members before alignment would give another soup
+    assert not close_state(stored["avg_soup_repair"], repair(avg, pop, batches, iters=2, seed=seed).state_dict())
     greedy_repaired = repair(greedy, greedy_pop, batches, iters=2, seed=seed, weights=weights)
     assert close_state(stored["greedy_soup_repair"], greedy_repaired.state_dict())
