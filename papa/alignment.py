@@ -33,7 +33,7 @@ from papa.errors import PapaError
 from papa.models.resnet_cifar import BasicBlock, CifarResNet
 from papa.models.vgg import VGG
 from papa.population import Population
-from papa.soups import average_soup
+from papa.soups import average_soup, greedy_members
 
 UNSUPPORTED = "permutation alignment supports vgg11_bn, vgg16_bn, resnet18_cifar and resnet20"
 
@@ -456,18 +456,20 @@ def greedy_alignment(
     batches = reusable(batches)
     if scores is None:
         scores = [float(score(pop.member(j))) for j in range(pop.size)]
-    order = sorted(range(pop.size), key=lambda j: -scores[j])
-    aligned: dict[int, nn.Module] = {order[0]: pop.member(order[0])}
-    included, best = [order[0]], scores[order[0]]
-    soup = aligned[order[0]]
-    for j in order[1:]:
-        aligned[j] = align(pop.member(j), soup, batches, seed)
-        candidate = _mean([aligned[i] for i in [*included, j]])
-        s = float(score(candidate))
-        if s >= best:
-            included.append(j)
-            best, soup = s, candidate
-    return Population.from_modules([aligned[j] for j in range(pop.size)]), included, soup
+    aligned: dict[int, nn.Module] = {}  # each member as aligned when it was tried; the first one as it is
+
+    def soup_of(members: list[int]) -> nn.Module:
+        modules = [aligned.setdefault(i, pop.member(i)) for i in members]
+        return modules[0] if len(modules) == 1 else _mean(modules)
+
+    def aligned_score(members: list[int]) -> float:
+        *included, j = members
+        aligned[j] = align(pop.member(j), soup_of(included), batches, seed)
+        return score(soup_of(members))
+
+    included = greedy_members(scores, aligned_score)
+    soup = soup_of(included)
+    return Population.from_modules([aligned.setdefault(j, pop.member(j)) for j in range(pop.size)]), included, soup
 
 
 def aligned_greedy_soup(

@@ -30,6 +30,14 @@ def scores(logits: Tensor, labels: Tensor) -> tuple[float, float]:
     return acc, F.cross_entropy(logits, labels).item()
 
 
+def summary(accuracies) -> dict[str, float]:
+    """``mean``, ``min``, ``max`` and ``std`` of the members' accuracies, as metrics.json reports them: the std
+    is the population standard deviation (ddof = 0, the members are the whole population), not the sample one."""
+    acc = torch.as_tensor(list(accuracies), dtype=torch.float64)
+    return {"mean": acc.mean().item(), "min": acc.min().item(), "max": acc.max().item(),
+            "std": acc.std(correction=0).item()}
+
+
 def member_logits(pop, data, indices=None, batch_size: int = 500, device="cpu") -> list[Tensor]:
     """Each member's logits (eval mode) on ``data``; one pass over the data serves every member."""
     was_training = pop.template.training

@@ -17,14 +17,23 @@ from papa.data import load_dataset, load_split, make_split, save_split
 from papa.distributed import from_env
 from papa.engines import choose_engine
 from papa.errors import PapaError
-from papa.evaluate import accuracy, labels_of, member_confusions, member_logits, population_scores, predict, scores
+from papa.evaluate import (
+    accuracy,
+    labels_of,
+    member_confusions,
+    member_logits,
+    population_scores,
+    predict,
+    scores,
+    summary,
+)
 from papa.io import write_json, write_text
 from papa.models import available_models
 from papa.models.pretrained import pretrained_normalization
 from papa.population import Population
 from papa.repair import member_moments, repair
 from papa.segmentation import f1_dict, pixel_accuracy, tile_confusions
-from papa.soups import average_soup, greedy_soup, subset_weights
+from papa.soups import average_soup, greedy_soup, logit_ensemble, subset_weights
 from papa.train import Trainer, align_data, build_population, fixed_batches, loader_options, resolve_device
 
 SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
@@ -294,7 +303,7 @@ def _classification_scores(pop, soups: dict, test, bs: int, device) -> dict:
     labels = labels_of(test)
     logits = member_logits(pop, test, None, bs, device)
     return {"members": [scores(z, labels)[0] for z in logits],
-            "ensemble": scores(torch.stack(logits).mean(0), labels)[0],
+            "ensemble": scores(logit_ensemble(logits), labels)[0],
             **{name: scores(predict(m, test, None, bs, device), labels)[0] for name, m in soups.items()}}
 
 
@@ -326,11 +335,9 @@ def evaluate(exp: dict, split_path, run_dir) -> dict:
     else:
         test = _classification_scores(pop, soups, splits.test, bs, device)
     val = [a for a, _ in population_scores(pop, splits.train, split["val"], bs, device)]
-    acc = torch.tensor(test["members"], dtype=torch.float64)
     metrics = {
         "experiment": exp["name"], "variant": meta["variant"], "seed": meta["seed"], "population": pop.size,
-        "mean": acc.mean().item(), "min": acc.min().item(), "max": acc.max().item(),
-        "std": acc.std(unbiased=False).item(), **test,
+        **summary(test["members"]), **test,
     }
     metrics["greedy_soup_size"] = len(soup_meta["greedy_soup_members"])
     metrics["greedy_soup_members"] = soup_meta["greedy_soup_members"]

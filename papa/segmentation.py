@@ -16,6 +16,7 @@ from torch import Tensor
 
 from papa.data.augment import eval_transform
 from papa.data.vaihingen import TileDataset
+from papa.soups import logit_ensemble
 
 
 def confusion(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -59,15 +60,11 @@ def tile_confusions(fns: Sequence[Callable[[Tensor], Tensor]], data: TileDataset
     for i in tiles:
         x = eval_transform(data.images[i][None].to(device), data.mean, data.std)
         y = data.labels[i][None].to(device)
-        total = None
-        for m, fn in enumerate(fns):
-            logits = fn(x).float()
-            total = logits if total is None else total + logits
+        outputs = [fn(x).float() for fn in fns]
+        if ensemble:
+            outputs.append(logit_ensemble(outputs))
+        for m, logits in enumerate(outputs):
             confs[m] += confusion(logits.argmax(1), y, k)
             losses[m] += F.cross_entropy(logits, y, reduction="sum").item()
-        if ensemble:
-            mean = total / len(fns)
-            confs[-1] += confusion(mean.argmax(1), y, k)
-            losses[-1] += F.cross_entropy(mean, y, reduction="sum").item()
         pixels += y.numel()
     return confs, [loss / max(pixels, 1) for loss in losses]

@@ -113,7 +113,8 @@ def population_similarity(
     member_pairs = list(itertools.combinations(range(pop.size), 2))
     soup_pairs = [(j, pop.size) for j in range(pop.size)]
     measure = batches if measure_batches is None else measure_batches
-    sims = torch.tensor(pairwise_similarity([*members, soup], member_pairs + soup_pairs, measure, seed))
+    sims = pairwise_similarity([*members, soup], member_pairs + soup_pairs, measure, seed)
+    sims = torch.tensor(sims, dtype=torch.float64)  # float64 as pairwise_similarity computes them
     return {
         BETWEEN_NETWORKS: sims[: len(member_pairs)].mean(0).tolist(),
         NETWORK_AND_SOUP: sims[len(member_pairs):].mean(0).tolist(),

@@ -84,10 +84,12 @@ def test_population_of_independent_networks_is_less_similar_and_alignment_helps(
     aligned = align_population(pop, xs)
     members = aligned.to_modules()
     pairs = [cosine_similarity(members[i], members[j], xs) for i, j in [(0, 1), (0, 2), (1, 2)]]
-    assert sims[BETWEEN_NETWORKS] == pytest.approx(torch.tensor(pairs).mean(0).tolist(), abs=1e-6)
+    assert sims[BETWEEN_NETWORKS] == pytest.approx(torch.tensor(pairs, dtype=torch.float64).mean(0).tolist(),
+                                                   abs=1e-9)
     soup = repair(average_soup(aligned), aligned, xs, iters=2)
     to_soup = [cosine_similarity(m, soup, xs) for m in members]
-    assert sims[NETWORK_AND_SOUP] == pytest.approx(torch.tensor(to_soup).mean(0).tolist(), abs=1e-6)
+    assert sims[NETWORK_AND_SOUP] == pytest.approx(torch.tensor(to_soup, dtype=torch.float64).mean(0).tolist(),
+                                                   abs=1e-9)
 
 
 def test_similarity_refuses_other_architectures_and_small_populations():

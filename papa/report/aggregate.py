@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from papa.errors import PapaError
@@ -83,6 +84,21 @@ def aggregate(paths: Iterable[str | Path]) -> pd.DataFrame:
 def find_metrics(results: str | Path) -> list[Path]:
     """Every ``<results>/*/*/seed*/metrics.json`` and ``similarity.json``."""
     return sorted(p for name in ("metrics.json", "similarity.json") for p in Path(results).glob(f"*/*/seed*/{name}"))
+
+
+def over_seeds(values) -> dict:
+    """What the reports show of one metric over seeds: ``n``, ``mean``, ``std`` (the sample standard
+    deviation, ddof = 1: the seeds are a sample of the runs one could make; NaN for fewer than two), ``min``
+    and ``max`` (NaN when there is no value)."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    return {
+        "n": n,
+        "mean": values.mean() if n else np.nan,
+        "std": values.std(ddof=1) if n > 1 else np.nan,
+        "min": values.min() if n else np.nan,
+        "max": values.max() if n else np.nan,
+    }
 
 
 def write(frame: pd.DataFrame, out: str | Path) -> Path:

@@ -19,6 +19,7 @@ from matplotlib.transforms import blended_transform_factory
 
 from papa.errors import PapaError
 from papa.io import write_atomic
+from papa.report.aggregate import over_seeds
 from papa.report.tables import VARIANT_NAMES
 
 COLORS = {"baseline": "C0", "papa": "C1", "papa-all": "C2", "papa-2": "C3"}
@@ -195,8 +196,9 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
             if not any(len(vals) for vals in seeds_of):
                 name = figure["name"]
                 raise PapaError(f"figure {name!r}: no {metric!r} results for experiment {experiment!r}")
-            mean = np.array([vals.mean() if len(vals) else np.nan for vals in seeds_of])
-            std = np.array([vals.std(ddof=1) if len(vals) > 1 else 0.0 for vals in seeds_of])
+            stats = [over_seeds(vals) for vals in seeds_of]
+            mean = np.array([s["mean"] for s in stats])
+            std = np.array([s["std"] if s["n"] > 1 else 0.0 for s in stats])
             color = MEASURE_COLORS[metric]
             ax.errorbar(x, mean, yerr=std, fmt="o", ms=6, capsize=3, label=label, color=color)
             for xi, vals in zip(x, seeds_of, strict=True):

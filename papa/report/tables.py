@@ -54,6 +54,7 @@ from tabulate import tabulate
 
 from papa.io import write_text
 from papa.report import paper
+from papa.report.aggregate import over_seeds
 
 VARIANT_NAMES = {"baseline": "Baseline", "papa": "PAPA", "papa-all": "PAPA-all", "papa-2": "PAPA-2"}
 
@@ -205,17 +206,6 @@ def _values(frame: pd.DataFrame, experiment: str, variant: str, metric: str) -> 
     return sel.sort_values("seed")["value"].to_numpy(dtype=float)
 
 
-def _stats(values: np.ndarray) -> dict:
-    n = len(values)
-    return {
-        "n": n,
-        "mean": values.mean() if n else np.nan,
-        "std": values.std(ddof=1) if n > 1 else np.nan,
-        "min": values.min() if n else np.nan,
-        "max": values.max() if n else np.nan,
-    }
-
-
 def mean_std(stats: dict, decimals: int) -> str:
     """``x (y)`` for several seeds, ``x`` for one."""
     if not stats["n"]:
@@ -230,7 +220,7 @@ def _cell(frame, experiment, variant, metric, table) -> dict:
         metric = f"{metric}_repair"
     decimals = table.get("decimals", 2)
     get = lambda m: _values(frame, experiment, variant, m)  # noqa: E731
-    stats = _stats(get(metric))
+    stats = over_seeds(get(metric))
     if metric == "mean" and table["layout"] == "range":
         lo, hi = get("min"), get("max")
         stats |= {"min": lo.min() if len(lo) else np.nan, "max": hi.max() if len(hi) else np.nan}
@@ -287,7 +277,7 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
                 "variant": v,
             }
             if v is None:
-                cell = {"metric": metric, **_stats(np.array([])), "text": "", "classes": np.nan, "chance": False}
+                cell = {"metric": metric, **over_seeds(np.array([])), "text": "", "classes": np.nan, "chance": False}
             else:
                 cell = _cell(frame, experiment, v, row_metric(table, row, v, metric), table)
             row_cells.append(base | cell | {"paper": reported.get((row["label"], header)), "best": False})
