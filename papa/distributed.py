@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from papa import averaging
+from papa.build import resolve_device
 from papa.population import Population
 
 
@@ -23,18 +24,14 @@ class Local:
 
     rank, world_size = 0, 1
 
-    def __init__(self, p: int):
+    def __init__(self, p: int, device: torch.device | str = "cpu"):
         self.p = p
         self.members = list(range(p))
+        self.device = torch.device(device)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    def device(self, exp: dict) -> torch.device:
-        from papa.train import resolve_device
-
-        return resolve_device(exp["train"]["device"])
 
     def push_(self, pop: Population, alpha: float) -> None:
         averaging.push_toward_average_(pop, alpha)
@@ -78,7 +75,7 @@ def from_env(p: int, device: str = "auto"):
         from papa.distributed_ops import Distributed
 
         return Distributed.from_env(p, device)
-    return Local(p)
+    return Local(p, resolve_device(device))
 
 
 __all__ = ["Local", "block", "from_env", "torch"]

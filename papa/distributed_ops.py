@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from papa.build import resolve_device
 from papa.distributed import block
 from papa.errors import PapaError
 from papa.population import Population
@@ -79,17 +80,15 @@ class Distributed:
         self.members = self.blocks[self.rank]
         self.owner = [r for r, b in enumerate(self.blocks) for _ in b]
         self.most = max(len(b) for b in self.blocks)  # rows of every padded gather
-        self._device = torch.device(device)
+        self.device = torch.device(device)
         nccl = dist.get_backend() == "nccl"
-        self.comm_device = self._device if nccl else torch.device("cpu")
+        self.comm_device = self.device if nccl else torch.device("cpu")
         self.control = dist.new_group(backend="gloo") if nccl else None  # CPU scalars without a GPU sync
 
     @classmethod
     def from_env(cls, p: int, device: str = "auto") -> Distributed:
         """Join the job torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL with one
         GPU per process (cuda:LOCAL_RANK) when training runs on CUDA, gloo on the CPU otherwise."""
-        from papa.train import resolve_device
-
         world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
         if world > p:  # refused before joining, identically on every rank
             raise PapaError(f"{world} processes for a population of {p} members: launch at most one process "
@@ -112,9 +111,6 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    def device(self, exp: dict) -> torch.device:
-        return self._device
 
     # averaging -------------------------------------------------------------------------------------
     def _means(self, pop: Population) -> dict[str, Tensor]:

@@ -8,7 +8,7 @@ losses, shape (p,):
   (grouped) kernel. BatchNorm updates each member's stacked running statistics; dropout draws
   different masks per member (``randomness="different"``).
 
-``build_engine`` adds the opt-in speed-ups: ``torch.compile`` of the step (compiled on the first call,
+``Engine`` adds the opt-in speed-ups: ``torch.compile`` of the step (compiled on the first call,
 then reused for every member, step and epoch) and channels-last inputs and conv weights for
 convolutional models. ``choose_engine`` resolves ``engine: auto``.
 """
@@ -150,11 +150,6 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, compile={self.compile}, channels_last={self.channels_last})"
-
-
-def build_engine(name: str, compile: bool = False, channels_last: bool = False) -> Engine:
-    """The engine ``name`` (``loop`` or ``stacked``; resolve ``auto`` with ``choose_engine`` first)."""
-    return Engine(name, compile=compile, channels_last=channels_last)
 
 
 def choose_engine(name: str, device: torch.device | str, population: int | None = None) -> str:

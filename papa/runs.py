@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from papa import config as cfg
+from papa.build import align_data, build_population, fixed_batches, loader_options, resolve_device
 from papa.checkpoint import load_tensors, save_tensors, sidecar_path
 from papa.data import load_dataset, load_split, make_split, save_split
 from papa.distributed import from_env
@@ -25,7 +26,7 @@ from papa.population import Population
 from papa.repair import member_moments, repair
 from papa.segmentation import f1_dict, pixel_accuracy, tile_confusions
 from papa.soups import average_soup, greedy_soup, subset_weights
-from papa.train import Trainer, align_data, build_population, fixed_batches, loader_options, resolve_device
+from papa.train import Trainer
 
 SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
 

@@ -7,7 +7,6 @@ state when stopped mid-epoch) to exactly the numbers of an uninterrupted run.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 
@@ -15,12 +14,21 @@ import torch
 from torch import Tensor
 
 from papa import averaging, swa
-from papa.data import Policy, draw_policies, eval_batches, make_stream
+from papa.build import (
+    align_data,
+    build_engine,
+    build_optimizer,
+    build_population,
+    loader_options,
+    lr_factor,
+    member_policies,
+    resolve_device,
+)
+from papa.config import swa_start_epoch
+from papa.data import make_stream
 from papa.distributed import Local
-from papa.engines import build_engine, choose_engine
 from papa.errors import PapaError
 from papa.evaluate import accuracy, population_scores
-from papa.models import create_model
 from papa.models.pretrained import head_keys
 from papa.population import Population
 from papa.repair import member_moments, repair_population_
@@ -28,100 +36,6 @@ from papa.rng import derive_seed, generator
 
 # steps between two host reads of the training losses (see Trainer.read_losses)
 LOSS_READ_EVERY = 50
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PapaError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
-# population, optimizer, schedule -------------------------------------------------------------------
-def build_population(exp: dict, splits, seed: int, members: list[int] | None = None) -> Population:
-    m = exp["model"]
-
-    def factory():
-        return create_model(
-            m["name"], num_classes=splits.num_classes, in_channels=splits.in_channels,
-            pretrained=m["pretrained"], **m["kwargs"],
-        )
-
-    p = exp["population"]
-    pop = Population.from_factory(factory, p["size"], seed=seed, same_init=p["same_init"], members=members)
-    for t in pop.params.values():
-        t.requires_grad_(t.is_floating_point())
-    return pop
-
-
-def head_parameters(model: torch.nn.Module) -> list[str]:
-    """Names of the classifier head's parameters: timm's ``get_classifier()``, else the last Linear."""
-    return head_keys(model, "params")
-
-
-def build_optimizer(exp: dict, pop: Population) -> torch.optim.Optimizer:
-    """One optimizer over the stacked parameters: SGD and AdamW are elementwise, so this is exactly p
-    independent optimizers (and keeps each member's momentum across averaging)."""
-    o = exp["train"]["optimizer"]
-    params = list(pop.params.values())
-    if o["name"] == "sgd":
-        return torch.optim.SGD(
-            params, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0,
-            weight_decay=o["weight_decay"],
-        )
-    return torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
-
-
-def lr_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based), updated every step (Algorithm 1).
-
-    With ``train.swa`` the regular schedule (still defined over ``train.epochs``) stops at the SWA start;
-    from there SWALR's annealing, once per epoch, takes the rate to the SWA rate."""
-    start = swa.start_epoch(exp)
-    if start is not None and step >= start * steps_per_epoch:
-        cfg, lr0 = exp["train"]["swa"], exp["train"]["optimizer"]["lr"]
-        alpha = swa.anneal_alpha(cfg, step // steps_per_epoch - start)
-        return (1.0 - alpha) * schedule_factor(exp, start * steps_per_epoch, steps_per_epoch) + alpha * cfg["lr"] / lr0
-    return schedule_factor(exp, step, steps_per_epoch)
-
-
-def schedule_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
-    """The regular schedule's learning-rate multiplier at optimizer step ``step``."""
-    s = exp["train"]["schedule"]
-    epochs, lr0 = exp["train"]["epochs"], exp["train"]["optimizer"]["lr"]
-    total = epochs * steps_per_epoch
-    floor = s["lr_min"] / lr0
-    if s["name"] == "constant":
-        return 1.0
-    if s["name"] == "multistep":
-        passed = sum(step >= round(m * epochs) * steps_per_epoch for m in s["milestones"])
-        return s["gamma"] ** passed
-    if s["name"] == "linear":
-        return 1.0 + (floor - 1.0) * min(step / total, 1.0)
-    if s["restart_every"]:
-        period = s["restart_every"] * steps_per_epoch
-        t = (step % period) / period
-    else:
-        t = min(step / total, 1.0)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def loader_options(exp: dict, splits) -> dict:
-    """Stream and batch options of the dataset's kind: DataLoader workers for ImageFolder data."""
-    return {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
-
-
-def fixed_batches(exp: dict, splits, dataset, indices, device):
-    """Unaugmented batches of ``dataset``'s ``indices`` in a fixed order: a callable as REPAIR and
-    papa.alignment take."""
-    bs, options = exp["train"]["eval_batch_size"], loader_options(exp, splits)
-    return lambda _member, _gen: eval_batches(dataset, indices, bs, device, **options)
-
-
-def align_data(exp: dict, splits, split: dict, images: int | None, device):
-    """Feature-matching data (Appendix A.4): the first ``images`` training-split images (all when None)."""
-    return fixed_batches(exp, splits, splits.train, list(split["train"])[:images], device)
 
 
 # history ---------------------------------------------------------------------------------------
@@ -137,26 +51,7 @@ class History:
             )
 
 
-def member_scores(pop, data, indices, exp, device) -> list[tuple[float, float]]:
-    return population_scores(pop, data, indices, exp["train"]["eval_batch_size"], device)
-
-
 # the run ---------------------------------------------------------------------------------------
-def member_policies(exp: dict, seed: int) -> list[Policy]:
-    a, p = exp["augment"], exp["population"]["size"]
-    base = {"crop_padding": a["crop_padding"], "flip": a["flip"]}
-    if a["members"] is not None:
-        if len(a["members"]) != p:
-            raise PapaError(f"augment.members lists {len(a['members'])} policies for a population of {p}")
-        try:
-            return [Policy(**{**base, **m}) for m in a["members"]]
-        except TypeError as e:
-            raise PapaError(f"augment.members: {e}") from None
-    if not a["enabled"]:
-        return [Policy(**base) for _ in range(p)]
-    return draw_policies(a["grid"], p, generator(seed, "policies"), base)
-
-
 def in_window(exp: dict, done: int, total: int) -> bool:
     lo, hi = exp["averaging"]["window"]
     return lo * total < done <= hi * total
@@ -184,8 +79,8 @@ class Trainer:
     def __init__(self, exp: dict, variant: str, seed: int, splits, split: dict, progress: bool | None = None,
                  comm=None):
         self.exp, self.variant, self.seed = exp, variant, seed
-        self.comm = comm if comm is not None else Local(exp["population"]["size"])
-        self.device = resolve_device(exp["train"]["device"]) if comm is None else comm.device(exp)
+        self.comm = comm or Local(exp["population"]["size"], resolve_device(exp["train"]["device"]))
+        self.device = self.comm.device
         self.splits, self.split = splits, split
         self.pop = build_population(exp, splits, seed, self.comm.members).to(self.device)
         self.all_policies = member_policies(exp, seed)
@@ -199,13 +94,12 @@ class Trainer:
         self.stream = make_stream(splits, split["train"], exp["train"]["batch_size"], self.policies, seed,
                                   self.device, per_batch=per_batch, member_ids=self.comm.members, **options)
         self.optimizer = build_optimizer(exp, self.pop)
-        self.swa_start = swa.start_epoch(exp)  # papa.config checked that it leaves epochs before and during SWA
+        self.swa_start = swa_start_epoch(exp)  # papa.config checked that it leaves epochs before and during SWA
         self.swa = swa.SWA(self.pop) if self.swa_start is not None else None
         spe = self.stream.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(exp, s, spe))
-        self.engine_name = choose_engine(exp["train"]["engine"], self.device, self.pop.size)
-        self.engine = build_engine(self.engine_name, compile=exp["train"]["compile"],
-                                   channels_last=exp["train"]["channels_last"])
+        self.engine = build_engine(exp, self.device, self.pop.size)
+        self.engine_name = self.engine.name
         self.stacked_repair = self.engine_name == "stacked"  # REPAIR passes go through the same vmap
         bf16 = exp["train"]["precision"] == "bf16"
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -233,8 +127,9 @@ class Trainer:
 
     def evaluate(self):
         """Every member's validation and test (accuracy, loss); each process scores the members it holds."""
-        val = member_scores(self.pop, self.splits.train, self.split["val"], self.exp, self.device)
-        test = member_scores(self.pop, self.splits.test, None, self.exp, self.device)
+        bs = self.exp["train"]["eval_batch_size"]
+        val = population_scores(self.pop, self.splits.train, self.split["val"], bs, self.device)
+        test = population_scores(self.pop, self.splits.test, None, bs, self.device)
         return self.comm.gather_scores(val), self.comm.gather_scores(test)
 
     def repair_batches(self, iters: int):
@@ -324,8 +219,8 @@ class Trainer:
 
         if self.comm.world_size > 1:
             raise PapaError("the genetic-algorithm ablations (averaging.genetic) run in a single process only")
-        fitness = [va for va, _ in member_scores(self.pop, self.splits.train, self.split["val"], self.exp,
-                                                  self.device)]
+        fitness = [va for va, _ in population_scores(self.pop, self.splits.train, self.split["val"],
+                                                      self.exp["train"]["eval_batch_size"], self.device)]
         return selection_matrix(self.pop, fitness, scheme, genetic, gen, self.child_fitness)
 
     def child_fitness(self, state: dict[str, Tensor]) -> float:
@@ -335,7 +230,7 @@ class Trainer:
 
     def freeze_body(self, frozen: bool) -> None:
         """Fine-tuning (§4.2, after Kumar et al.): only the classifier head trains while ``frozen``."""
-        head = set(head_parameters(self.pop.template))
+        head = set(head_keys(self.pop.template, "params"))
         for name, t in self.pop.params.items():
             t.requires_grad_(t.is_floating_point() and (name in head or not frozen))
 

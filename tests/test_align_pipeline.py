@@ -11,13 +11,14 @@ import torch
 
 from papa import runs
 from papa.alignment import align_population, permute, random_permutations
+from papa.build import align_data, build_population
 from papa.checkpoint import load_tensors, save_tensors
 from papa.config import deep_merge, load_config
 from papa.data import eval_batches, load_split
 from papa.repair import reset_batchnorm
 from papa.report import aggregate, tables
 from papa.soups import average_soup
-from papa.train import Trainer, align_data, build_population
+from papa.train import Trainer
 from tests.helpers import REPO, papa, tiny_experiment, write_config
 from tests.test_data import write_cifar
 from tests.test_workflow import job_counts, snakemake

@@ -111,7 +111,7 @@ def ops_worker(rank: int, port: int) -> None:
     comm = Distributed.from_env(3, "cpu")  # ranks hold members [0, 1] and [2]
     try:
         assert (comm.rank, comm.world_size, comm.members) == (rank, WORLD, [[0, 1], [2]][rank])
-        assert comm.device({}) == torch.device("cpu") and dist.get_backend() == "gloo"
+        assert comm.device == torch.device("cpu") and dist.get_backend() == "gloo"
         check_ops(comm)
         comm5 = Distributed(5, torch.device("cpu"))  # [0, 1, 2] and [3, 4]
         assert comm5.members == [[0, 1, 2], [3, 4]][rank]

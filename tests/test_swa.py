@@ -11,12 +11,13 @@ import torch
 from torch.optim.swa_utils import SWALR
 
 from papa import swa
+from papa.build import lr_factor
 from papa.checkpoint import load_tensors, save_tensors
-from papa.config import deep_merge
+from papa.config import deep_merge, swa_start_epoch
 from papa.population import Population
 from papa.repair import reset_batchnorm
 from papa.rng import generator
-from papa.train import Stopped, Trainer, lr_factor
+from papa.train import Stopped, Trainer
 from tests.conftest import small_cnn
 from tests.helpers import papa, tiny_experiment, write_config
 from tests.test_train import prepared
@@ -84,7 +85,7 @@ def test_swa_learning_rate_follows_swalr_to_the_swa_rate(anneal, anneal_epochs, 
     regular = tiny_experiment(train={"epochs": epochs, "optimizer": {"lr": lr0},
                                      "schedule": {"name": "multistep", "milestones": [0.2], "gamma": 0.5}})
     first = 3 if start == 0.3 else 4
-    assert swa.start_epoch(exp) == first
+    assert swa_start_epoch(exp) == first
     for step in range(first * spe):  # before SWA: the regular schedule
         assert lr_factor(exp, step, spe) == lr_factor(regular, step, spe)
     # SWALR built at the SWA start from the schedule's rate there, stepped once per epoch
