@@ -171,10 +171,10 @@ class Trainer:
         """PAPA: theta_j <- a' theta_j + (1 - a') mean, with 1 - a' = (1 - alpha) lr_t / lr_0."""
         cfg = self.exp["averaging"]["papa"]
         lr0 = self.exp["train"]["optimizer"]["lr"]
-        one_minus = (1.0 - cfg["alpha"]) * (self.lr / lr0 if cfg["scale_with_lr"] else 1.0)
+        lr_ratio = self.lr / lr0 if cfg["scale_with_lr"] else 1.0
         if self.aligns:
             self.align()
-        self.comm.push_(self.pop, 1.0 - min(one_minus, 1.0))
+        averaging.push_toward_average_(self.pop, cfg["alpha"], lr_ratio, comm=self.comm)
         self.generation += 1
         if self.exp["averaging"]["genetic"]["mutation_std"] > 0:
             self.mutate(generator(self.seed, "mutate", self.step))
@@ -194,10 +194,10 @@ class Trainer:
         matrix = self.mixing_matrix(cfg["scheme"], gen)
         uniform = cfg["scheme"] == "all" and matrix is None
         if uniform:
-            self.comm.average_all_(self.pop)
+            averaging.average_all_(self.pop, comm=self.comm)
             matrix = averaging.mixing_matrix("all", self.comm.p)
         else:
-            self.comm.mix_(self.pop, matrix)
+            averaging.mix_(self.pop, matrix, self.comm)
         if cfg["repair"]:
             repair_population_(self.pop, matrix[self.comm.members], self.repair_batches(cfg["repair_iters"]),
                                moments, cfg["repair_iters"], members=self.comm.members, stacked=self.stacked_repair)
@@ -206,9 +206,9 @@ class Trainer:
             # so each stays the running mean of its mixed lineage's iterates; REPAIR is not applied to them,
             # the final BatchNorm recomputation does that work).
             if uniform:
-                self.comm.average_all_(self.swa.average)
+                averaging.average_all_(self.swa.average, comm=self.comm)
             else:
-                self.comm.mix_(self.swa.average, matrix)
+                averaging.mix_(self.swa.average, matrix, self.comm)
         self.mutate(gen)
 
     def mixing_matrix(self, scheme: str, gen: torch.Generator) -> Tensor | None:
