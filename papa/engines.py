@@ -144,6 +144,11 @@ class Engine:
             self._template, self._loss_fn = template, fn
         return self._loss_fn
 
+    @property
+    def stacked(self) -> bool:
+        """Whether members run through one vmapped call (what REPAIR and BatchNorm passes follow too)."""
+        return self.name == "stacked"
+
     def __call__(self, pop: Population, x: Tensor, targets: Tensor, autocast) -> Tensor:
         return ENGINES[self.name](pop, x, targets, autocast, loss_fn=self.loss_fn(pop.template),
                                   channels_last=self.channels_last)

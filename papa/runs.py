@@ -12,11 +12,10 @@ import pandas as pd
 import torch
 
 from papa import config as cfg
-from papa.build import align_data, build_population, fixed_batches, loader_options, resolve_device
+from papa.build import align_data, build_engine, build_population, fixed_batches, loader_options, resolve_device
 from papa.checkpoint import load_tensors, save_tensors, sidecar_path
 from papa.data import load_dataset, load_split, make_split, save_split
 from papa.distributed import from_env
-from papa.engines import choose_engine
 from papa.errors import PapaError
 from papa.evaluate import accuracy, labels_of, member_confusions, member_logits, population_scores, predict, scores
 from papa.io import write_json, write_text
@@ -230,7 +229,7 @@ def soups(exp: dict, split_path, run_dir) -> dict:
         avg = average_soup(pop)
         greedy, members = greedy_soup(pop, val_accuracy)
     # each population's member moments once, through the stacked forward when the run trained with it
-    stacked = choose_engine(exp["train"]["engine"], device, pop.size) == "stacked"
+    stacked = build_engine(exp, device, pop.size).stacked
     avg_moments = member_moments(avg_pop, batches, iters, seed, stacked=stacked)
     greedy_moments = (avg_moments if greedy_pop is avg_pop else
                       member_moments(greedy_pop, batches, iters, seed, stacked=stacked))

@@ -3,21 +3,18 @@
 Each member keeps the equal-weight running mean of its end-of-epoch iterates during the SWA phase, as one
 stacked tensor per parameter (torch.optim.swa_utils' multi-tensor SWA update over the member axis). At the
 end the members are replaced by their averages and their BatchNorm statistics recomputed on training data
-(update_bn's cumulative average), for all members at once.
+(papa.repair.reset_batchnorm_, update_bn's cumulative average), for all members at once.
 
 The learning rate follows SWALR (papa.build.lr_factor, beside the regular schedule).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor
 from torch.optim.swa_utils import get_swa_multi_avg_fn
 
 from papa.population import Population
-from papa.repair import reset_population_batchnorm_
 
 
 class SWA:
@@ -62,10 +59,3 @@ class SWA:
                     raise ValueError(f"{key}: expected shape {tuple(t.shape)}, found {tuple(tensors[key].shape)}")
                 t.copy_(tensors[key])
         self.count = count
-
-
-def recompute_batchnorm_(pop: Population, batches: Iterable[Tensor], stacked: bool = True) -> int:
-    """update_bn for every member (all at once with ``stacked``): each tracking BatchNorm's statistics become
-    the plain average of train-mode batch statistics over ``batches`` (each a (p, B, ...) tensor, slice j for
-    member j). Returns the number of batches; the population's mode and the momenta are restored."""
-    return reset_population_batchnorm_(pop, batches, stacked=stacked)

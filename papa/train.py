@@ -31,7 +31,7 @@ from papa.errors import PapaError
 from papa.evaluate import accuracy, population_scores
 from papa.models.pretrained import head_keys
 from papa.population import Population
-from papa.repair import member_moments, repair_population_
+from papa.repair import member_moments, repair_population_, reset_batchnorm_
 from papa.rng import derive_seed, generator
 
 # steps between two host reads of the training losses (see Trainer.read_losses)
@@ -100,7 +100,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(exp, s, spe))
         self.engine = build_engine(exp, self.device, self.pop.size)
         self.engine_name = self.engine.name
-        self.stacked_repair = self.engine_name == "stacked"  # REPAIR passes go through the same vmap
+        self.stacked = self.engine.stacked  # REPAIR and BatchNorm passes go through the same vmap
         bf16 = exp["train"]["precision"] == "bf16"
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.history = History()
@@ -135,10 +135,6 @@ class Trainer:
     def repair_batches(self, iters: int):
         """Per-member repair data (Algorithm 5): member j's own augmentation, a generator seeded 666."""
         return lambda member, gen: self.stream.member_batches(member, gen, iters)
-
-    def member_repair_batches(self, iters: int):
-        """As repair_batches, addressed by position in the held population (member_moments' indexing)."""
-        return lambda i, gen: self.stream.member_batches(self.comm.members[i], gen, iters)
 
     def align(self) -> None:
         """Permute every member's units to match member 0's (Appendix A.4), with the optimizer state that
@@ -188,8 +184,8 @@ class Trainer:
             self.align()
         moments = None
         if cfg["repair"]:
-            local = member_moments(self.pop, self.member_repair_batches(cfg["repair_iters"]), cfg["repair_iters"],
-                                   stacked=self.stacked_repair)
+            local = member_moments(self.pop, self.repair_batches(cfg["repair_iters"]), cfg["repair_iters"],
+                                   stacked=self.stacked, members=self.comm.members)
             moments = self.comm.all_moments(local)
         matrix = self.mixing_matrix(cfg["scheme"], gen)
         uniform = cfg["scheme"] == "all" and matrix is None
@@ -200,7 +196,7 @@ class Trainer:
             averaging.mix_(self.pop, matrix, self.comm)
         if cfg["repair"]:
             repair_population_(self.pop, matrix[self.comm.members], self.repair_batches(cfg["repair_iters"]),
-                               moments, cfg["repair_iters"], members=self.comm.members, stacked=self.stacked_repair)
+                               moments, cfg["repair_iters"], members=self.comm.members, stacked=self.stacked)
         if self.swa is not None and self.swa.count and self.exp["train"]["swa"]["mix_averages"]:
             # The members were replaced by mixtures of members: their SWA averages follow (the mixing is linear,
             # so each stays the running mean of its mixed lineage's iterates; REPAIR is not applied to them,
@@ -313,7 +309,7 @@ class Trainer:
         self.swa.swap_into(self.pop)
         streams = [self.stream.member_batches(j, generator(self.seed, "swa-batchnorm"), n) for j in self.comm.members]
         batches = (torch.stack([x.to(self.device) for x in xs]) for xs in zip(*streams, strict=True))
-        swa.recompute_batchnorm_(self.pop, batches, stacked=self.stacked_repair)
+        reset_batchnorm_(self.pop, batches, stacked=self.stacked)
 
     def stop_requested(self) -> bool:
         """Whether a stop signal arrived, here or (under torchrun) at any other process: all processes

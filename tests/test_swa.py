@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch.optim.swa_utils import SWALR
 
-from papa import swa
 from papa.build import lr_factor
 from papa.checkpoint import load_tensors, save_tensors
 from papa.config import deep_merge, swa_start_epoch
 from papa.population import Population
-from papa.repair import reset_batchnorm
+from papa.repair import reset_batchnorm, reset_batchnorm_
 from papa.rng import generator
 from papa.train import Stopped, Trainer
 from tests.conftest import small_cnn
@@ -130,7 +129,7 @@ def test_batchnorm_recomputation_is_update_bn_for_every_member(stacked, one_thre
         t.fill_(7)  # stale statistics, to be replaced entirely
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(3, 5, 1, 6, 6, generator=gen) * (j + 1) for j in range(4)]
-    assert swa.recompute_batchnorm_(pop, batches, stacked=stacked) == 4
+    assert reset_batchnorm_(pop, batches, stacked=stacked) == 4
     for j in range(3):
         member = pop.member(j)
         expected = reset_batchnorm(pop.member(j), [x[j] for x in batches])

@@ -257,7 +257,7 @@ def test_stacked_engine_repairs_through_the_stacked_forward_with_the_loops_resul
         exp = tiny_experiment(train={"epochs": 2, "engine": engine})
         splits, split, _ = prepared(tmp_path, exp)
         trainer = Trainer(exp, "papa-all", 1, splits, split, progress=False)
-        assert trainer.stacked_repair == (engine == "stacked")
+        assert trainer.stacked == (engine == "stacked")
         trainer.run_epoch()
         trainer.average()
         pops[engine] = trainer.pop
