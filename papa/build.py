@@ -9,7 +9,7 @@ import math
 import torch
 
 from papa.config import swa_start_epoch
-from papa.data import Policy, draw_policies, eval_batches
+from papa.data import FolderStream, MemberStream, PatchStream, Policy, draw_policies, eval_batches, make_stream
 from papa.engines import Engine, choose_engine
 from papa.errors import PapaError
 from papa.models import create_model
@@ -115,6 +115,18 @@ def member_policies(exp: dict, seed: int) -> list[Policy]:
     if not a["enabled"]:
         return [Policy(**base) for _ in range(p)]
     return draw_policies(a["grid"], p, generator(seed, "policies"), base)
+
+
+def build_stream(exp: dict, splits, split: dict, policies: list[Policy], seed: int, device,
+                 members: list[int]) -> MemberStream | FolderStream | PatchStream:
+    """The training batches of ``members``: each member's own data order and augmentation (``policies``), the
+    regularization redrawn every batch with ``augment.per_batch``."""
+    t, a = exp["train"], exp["augment"]
+    if splits.kind != "segmentation" and len(split["train"]) < t["batch_size"]:
+        raise PapaError(f"train.batch_size {t['batch_size']} exceeds the {len(split['train'])} training images")
+    per_batch = a["grid"] if a["per_batch"] and a["enabled"] else None
+    return make_stream(splits, split["train"], t["batch_size"], policies, seed, device, per_batch=per_batch,
+                       member_ids=members, **loader_options(exp, splits))
 
 
 def loader_options(exp: dict, splits) -> dict:
