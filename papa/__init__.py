@@ -3,15 +3,7 @@ averaged into one model with model soups and REPAIR."""
 
 __version__ = "0.1.0"
 
-from papa.alignment import (  # noqa: E402
-    align,
-    align_members_,
-    align_population,
-    aligned_average_soup,
-    aligned_greedy_soup,
-    greedy_alignment,
-    sequential_alignment,
-)
+from papa.alignment import align, align_members_, align_population  # noqa: E402
 from papa.averaging import (  # noqa: E402
     SCHEMES,
     average_all_,
@@ -25,7 +17,16 @@ from papa.averaging import (  # noqa: E402
 from papa.population import Population  # noqa: E402
 from papa.repair import member_moments, repair, reset_batchnorm  # noqa: E402
 from papa.similarity import cosine_similarity, population_similarity  # noqa: E402
-from papa.soups import average_soup, ensemble_logits, greedy_soup  # noqa: E402
+from papa.soups import (  # noqa: E402
+    aligned_average_soup,
+    aligned_greedy_soup,
+    average_soup,
+    ensemble_logits,
+    greedy_alignment,
+    greedy_soup,
+    make_soups,
+    sequential_alignment,
+)
 
 __all__ = [
     "SCHEMES",
@@ -42,6 +43,7 @@ __all__ = [
     "ensemble_logits",
     "greedy_alignment",
     "greedy_soup",
+    "make_soups",
     "member_moments",
     "mix_",
     "mixing_matrix",

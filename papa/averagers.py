@@ -23,8 +23,8 @@ from papa import averaging
 from papa.alignment import align_members_, permutation_spec
 from papa.build import align_data
 from papa.errors import PapaError
-from papa.evaluate import accuracy, population_scores
 from papa.genetic import selection_matrix
+from papa.metrics import accuracy, population_scores
 from papa.repair import member_moments, repair_population_
 from papa.rng import generator
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -26,26 +26,15 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from papa.forward import Batches, eval_mode, inputs
 from papa.population import Population
 from papa.rng import derive_seed, seeded
-
-Batches = Iterable[Tensor] | Callable[[int | None, torch.Generator], Iterable[Tensor]]
-"""Repair data: the same input tensors for every network, or ``batches(member, generator)`` yielding
-member ``member``'s augmented inputs (None: the repaired network, no member-specific augmentation). The
-callable gets a fresh CPU generator seeded with the repair seed on every call; a batch may also be a tuple
-whose first element is the input."""
 
 Moments = dict[str, tuple[Tensor, Tensor]]
 """Layer name -> (mean, std) per output channel, float64."""
 
 
 # data ---------------------------------------------------------------------------------------------
-def _input(batch, device: torch.device) -> Tensor:
-    if isinstance(batch, tuple | list):
-        batch = batch[0]
-    return batch.to(device)
-
-
 def _freeze(batches: Batches, iters: int) -> Batches:
     """Keep the first ``iters`` fixed batches, so a one-shot iterator or a shuffling loader gives every
     network the same data."""
@@ -57,10 +46,7 @@ def _data(batches: Batches, members: list[int | None], iters: int, seed: int, de
     batch: a (p, B, ...) tensor each when ``stacked``, else a list of p inputs."""
     if iters < 1:
         raise ValueError(f"REPAIR needs at least one batch, got iters={iters}")
-    per_member = []
-    for j in members:
-        source = batches(j, torch.Generator().manual_seed(seed)) if callable(batches) else batches
-        per_member.append([_input(b, device) for b in itertools.islice(source, iters)])
+    per_member = [[x.to(device) for x in itertools.islice(inputs(batches, j, seed), iters)] for j in members]
     if not per_member[0]:
         raise ValueError("REPAIR got no batches")
     if len({len(xs) for xs in per_member}) > 1 or stacked and any(
@@ -125,14 +111,12 @@ def _find_layers(model: nn.Module, x: Tensor) -> list[_Layer]:
 
     handles = [m.register_forward_pre_hook(before) for m in model.modules()]
     handles += [m.register_forward_hook(after(n, m)) for n, m in model.named_modules() if _is_layer(m)]
-    was_training = model.training
-    model.eval()
     try:
-        y = model(x)
+        with eval_mode(model):
+            y = model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     for layer, out in pending:  # the last layer's output went nowhere near a BatchNorm
         layer.feeds_bn = False
         layer.is_output = out is y
@@ -246,39 +230,39 @@ def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: 
         return contextlib.nullcontext() if seed is None else seeded(derive_seed("repair-batchnorm", seed, b))
 
     bns = [m for _, m in _tracking_bns(template)] if train else []
-    momenta, was_training = [m.momentum for m in bns], template.training
+    momenta = [m.momentum for m in bns]
     handles = [template.get_submodule(name).register_forward_hook(hook_for(name)) for name in layers]
     if stop is not None and not stacked:
         handles.append(template.get_submodule(stop.name).register_forward_hook(stopper))
     stats: dict[str, _Welford] = {}
-    template.train(train)
     seen = 0
     try:
-        for b, x in enumerate(xs):
-            for m in bns:
-                m.momentum = 1.0 / (b + 1)  # not None, whose num_batches_tracked vmap cannot read
-            if stacked:
-                with randomness(b):
-                    out = vmap(member, randomness="different")(pop.params, buffers, x)
-                firings = [(name, n, mean, m2) for (name, n, _, _), (mean, m2) in zip(fired, out, strict=True)]
-            else:
-                each = []
-                for j in range(pop.size):
-                    calls = 0
+        with eval_mode(template, train=train):
+            for b, x in enumerate(xs):
+                for m in bns:
+                    m.momentum = 1.0 / (b + 1)  # not None, whose num_batches_tracked vmap cannot read
+                if stacked:
                     with randomness(b):
-                        member({n: t[j] for n, t in pop.params.items()}, {n: t[j] for n, t in buffers.items()}, x[j])
-                    each.append(list(fired))
-                firings = [(same[0][0], same[0][1], torch.stack([f[2] for f in same]),
-                            torch.stack([f[3] for f in same])) for same in zip(*each, strict=True)]
-            for name, n, mean, m2 in firings:
-                stats.setdefault(name, _Welford()).merge(n, mean, m2)
-            seen += 1
+                        out = vmap(member, randomness="different")(pop.params, buffers, x)
+                    firings = [(name, n, mean, m2) for (name, n, _, _), (mean, m2) in zip(fired, out, strict=True)]
+                else:
+                    each = []
+                    for j in range(pop.size):
+                        calls = 0
+                        params, bufs = ({n: t[j] for n, t in d.items()} for d in (pop.params, buffers))
+                        with randomness(b):
+                            member(params, bufs, x[j])
+                        each.append(list(fired))
+                    firings = [(same[0][0], same[0][1], torch.stack([f[2] for f in same]),
+                                torch.stack([f[3] for f in same])) for same in zip(*each, strict=True)]
+                for name, n, mean, m2 in firings:
+                    stats.setdefault(name, _Welford()).merge(n, mean, m2)
+                seen += 1
     finally:
         for h in handles:
             h.remove()
         for m, momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum
-        template.train(was_training)
     return seen, {n: s.result() for n, s in stats.items()}
 
 
@@ -308,7 +292,7 @@ def reset_batchnorm(module: nn.Module, batches_iter: Iterable, seed: int | None 
     statistics recomputed from scratch as the plain average over ``batches_iter`` of train-mode batch
     statistics (no grad). Momenta and the training flag are restored."""
     one = Population.from_modules([module])
-    xs = [[_input(b, one.device)] for b in batches_iter]
+    xs = [[x.to(one.device)] for x in inputs(batches_iter, None, 0)]
     if not xs:  # checked before the reset, which would otherwise leave mean 0 and variance 1
         raise ValueError("reset_batchnorm got no batches")
     reset_batchnorm_(one, xs, seed=seed)

@@ -28,7 +28,7 @@ from papa.checkpoint import restore_trainer, trainer_state
 from papa.config import swa_start_epoch
 from papa.distributed import Local
 from papa.errors import PapaError
-from papa.evaluate import population_scores
+from papa.metrics import population_scores
 from papa.models.pretrained import head_keys
 from papa.population import Population
 from papa.repair import reset_batchnorm_

@@ -27,3 +27,13 @@ def test_readme_quick_start_is_two_make_targets_that_exist():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^reproduce:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "make test" in (REPO / ".ci/run").read_text()
+
+
+def test_what_is_in_the_box_names_every_module_and_folder():
+    """The README's layout lists every module and sub-package of papa/ and every folder of tests/."""
+    box = (REPO / "README.md").read_text().split("## What is in the box", 1)[1].split("```")[1]
+    listed = set(re.findall(r"[\w.-]+\.py|[\w-]+/", box))
+    for package in ("papa", "tests"):
+        found = {p.name + "/" if p.is_dir() else p.name for p in (REPO / package).iterdir()
+                 if p.name != "__pycache__" and (p.is_dir() or package == "papa" and p.suffix == ".py")}
+        assert found - {"__init__.py"} <= listed, sorted(found - {"__init__.py"} - listed)

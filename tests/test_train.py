@@ -11,7 +11,7 @@ from papa import runs
 from papa.build import lr_factor
 from papa.config import deep_merge
 from papa.data import load_split
-from papa.evaluate import predict, scores
+from papa.metrics import predict, scores
 from papa.soups import average_soup
 from papa.train import Trainer
 from tests.helpers import REPO, papa, tiny_experiment, write_config
