@@ -67,7 +67,7 @@ def _check_weights(weights, p: int) -> Tensor:
     return w
 
 
-# layers ------- --------------------------------------------------------------------------------
+# layers ---------------------------------------------------------------------------------------------
 def _is_layer(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear | _ConvNd)
 

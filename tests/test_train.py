@@ -141,13 +141,13 @@ def test_each_member_draws_its_own_policy_and_data_order(tmp_path):
 
 
 def test_per_batch_redraws_the_regularization_every_batch(tmp_path):
-    from papa.data.stream import _policy
+    from papa.data.stream import batch_policy
 
     exp = tiny_experiment(population={"size": 1}, augment={"per_batch": True})
     splits, split, _ = prepared(tmp_path, exp)
     trainer = Trainer(exp, "baseline", 1, splits, split, progress=False)
     g = torch.Generator().manual_seed(0)
-    drawn = {tuple(sorted(vars(_policy(trainer.stream, 0, g)).items())) for _ in range(30)}
+    drawn = {tuple(sorted(vars(batch_policy(trainer.stream, 0, g)).items())) for _ in range(30)}
     assert len(drawn) > 3
 
 
