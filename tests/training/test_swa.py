@@ -19,7 +19,7 @@ from papa.rng import generator
 from papa.train import Stopped, Trainer
 from tests.conftest import small_cnn
 from tests.helpers import papa, tiny_experiment, write_config
-from tests.test_train import prepared
+from tests.training.test_train import prepared
 
 # 4 epochs of 22 steps; SWA over the last two (start 0.5), reaching its rate after one epoch
 SWA = {"train": {"epochs": 4, "swa": {"start": 0.5, "lr": 0.02, "anneal_epochs": 1, "bn_batches": 3}}}
@@ -221,7 +221,7 @@ def test_table13_renders_in_the_papers_layout(tmp_path):
     from papa import config as cfg
     from papa.report import aggregate, plan, tables
     from tests.helpers import REPO
-    from tests.test_report import fake_metrics
+    from tests.unit.test_report import fake_metrics
 
     config = cfg.load_config(REPO / "config/paper/table13.yaml")
     plan.check(config)

@@ -20,8 +20,8 @@ from papa.report import aggregate, tables
 from papa.soups import average_soup
 from papa.train import Trainer
 from tests.helpers import REPO, papa, tiny_experiment, write_config
-from tests.test_data import write_cifar
-from tests.test_workflow import job_counts, snakemake
+from tests.pipeline.test_workflow import job_counts, snakemake
+from tests.unit.test_data import write_cifar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
