@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # rules call `papa`; the locked environment must come first on PATH
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install reproduce report test lint bench clean
+.PHONY: install reproduce report test test-unit lint bench clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ reproduce: install
 test: install
 	$(VENV)/bin/ruff check papa tests benchmarks
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# the math and small pieces only (tests/unit/), one thread each: under a minute
+test-unit: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check papa tests benchmarks

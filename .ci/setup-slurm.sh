@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on this machine, for tests/test_slurm.py (run as root; idempotent).
+# A real single-node SLURM cluster on this machine, for tests/cluster/test_slurm.py (run as root; idempotent).
 #
 # Installs Debian's slurmctld, slurmd, slurm-client and munge when missing, writes /etc/slurm/slurm.conf
 # (one node: this host with all its CPUs and 90% of its memory, in two partitions, `cpu` (default) and

@@ -3,7 +3,7 @@
 # real trainer on CIFAR-shaped data), everything written under OUT within 8 minutes.
 #
 #   bash benchmarks/gpu.sh OUT           on a GPU machine (the repository is found from this file's place)
-#   bash benchmarks/gpu.sh --quick OUT   the same steps on the CPU at tiny sizes (CI: tests/test_gpu_script.py)
+#   bash benchmarks/gpu.sh --quick OUT   the same steps on the CPU at tiny sizes (CI: tests/pipeline/test_gpu_script.py)
 #
 # Needs only what the GPU machine's image has: python3 with torch, torchvision, timm, pandas, pyyaml,
 # safetensors, tqdm and pytest (no jsonschema, no snakemake: configs then get their defaults unchecked, which
@@ -51,7 +51,7 @@ if [ "${1:-}" = "--quick" ]; then
     # ResNet-18 and VGG-16 on a 2-core CPU: a step of p=2 at batch 2 takes about a second in fp32 (bf16 is
     # emulated, 5-20x slower, on CPUs without AVX512-BF16 or AMX). Compilation is left out: compiling
     # ResNet-18's step took 327 s on one busy core here (compiled runs go through the same `papa bench`
-    # process as the eager ones; the budget logic that schedules them is tested in tests/test_gpu_script.py).
+    # process as the eager ones; the budget logic that schedules them is tested in tests/pipeline/test_gpu_script.py).
     POPULATIONS="2" ENGINES="loop stacked" PRECISION=fp32 BATCH=2 STEPS=1 WARMUP=1 REPEATS=1
     TRAIN_IMAGES=44 TEST_IMAGES=8 HEADLINE_P=2 HEADLINE_BATCH=4  # 43 training images: 10 steps, one PAPA push
     REPAIR_ITERS=1 DEVICE=cpu PYTEST_LIMIT_S=600 BUDGET_S=3000 LIMIT_S=3600 SUFFIX=-quick

@@ -12,15 +12,7 @@ from types import ModuleType
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "papa.alignment": [
-        "align",
-        "align_members_",
-        "align_population",
-        "aligned_average_soup",
-        "aligned_greedy_soup",
-        "greedy_alignment",
-        "sequential_alignment",
-    ],
+    "papa.alignment": ["align", "align_members_", "align_population"],
     "papa.averaging": [
         "SCHEMES",
         "average_all_",
@@ -34,7 +26,16 @@ _EXPORTS = {
     "papa.population": ["Population"],
     "papa.repair": ["member_moments", "repair", "reset_batchnorm"],
     "papa.similarity": ["cosine_similarity", "population_similarity"],
-    "papa.soups": ["average_soup", "ensemble_logits", "greedy_soup"],
+    "papa.soups": [
+        "aligned_average_soup",
+        "aligned_greedy_soup",
+        "average_soup",
+        "ensemble_logits",
+        "greedy_alignment",
+        "greedy_soup",
+        "make_soups",
+        "sequential_alignment",
+    ],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -3,6 +3,10 @@
 Every averaging is a row-stochastic p x p mixing matrix M applied along the member axis,
 theta_i <- sum_j M[i, j] theta_j. ``mixing_matrix`` builds M for each scheme; ``mix_`` applies any M.
 The common cases have cheaper in-place forms (a mean written back, a lerp toward the mean).
+
+``comm``: where the members live (papa.distributed). By default all of them are in ``pop``; under torchrun
+``pop`` holds one process's share and ``comm`` supplies the communication (the mean over all members, the
+members a matrix's rows read), while the math stays here.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from papa.population import Population
+from papa.population import Population, for_averaging, rounded
 
 SCHEMES = ("all", "pair-half", "pair-75", "many-half", "many-75", "dirichlet")
 """Averaging schemes: PAPA-all, PAPA-2 (pair-half) and the ablation weightings of Table 14."""
@@ -27,78 +31,83 @@ def _check_weights(weights, p: int, device) -> Tensor:
     return w
 
 
+def member_means(pop: Population) -> dict[str, Tensor]:
+    """Every tensor's mean over the members, shape (1, ...) (float64 for integer buffers)."""
+    return {name: for_averaging(t).mean(0, keepdim=True) for name, t in pop.tensors()}
+
+
 def _pairs(m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """(first, second, w_first, w_second) when every row of ``m`` mixes at most two members, else None."""
-    if (m > 0).sum(1).max() > 2:
+    if m.shape[1] < 2 or (m > 0).sum(1).max() > 2:
         return None
     top = m.topk(2, dim=1)
     return top.indices[:, 0], top.indices[:, 1], top.values[:, 0], top.values[:, 1]
 
 
 @torch.no_grad()
-def mix_(pop: Population, matrix: Tensor) -> Population:
+def mix_(pop: Population, matrix: Tensor, comm=None) -> Population:
     """Replace member i by sum_j matrix[i, j] * member j, for every parameter and buffer.
 
     Pair matrices (PAPA-2 and pair-75) gather the two partners with index_select into one scratch buffer
     reused for every tensor, instead of a p x p contraction per tensor. Integer buffers are mixed in
     float64 and rounded so that they stay integers."""
-    p = pop.size
-    m = torch.as_tensor(matrix, dtype=torch.float64, device=pop.device)
+    p = pop.size if comm is None else comm.p
+    m = torch.as_tensor(matrix, dtype=torch.float64).cpu()
     if m.shape != (p, p):
         raise ValueError(f"mixing matrix must be {p}x{p}, got {tuple(m.shape)}")
-    pairs = _pairs(m)
+    rows, source = (m, pop.state_dict().__getitem__) if comm is None else comm.sources(pop, m)
+    rows = rows.to(pop.device)  # (held members, members they read)
+    pairs = _pairs(rows)
     scratch: dict[torch.dtype, Tensor] = {}
-    for _, t in pop.tensors():
-        if not t.is_floating_point():
-            t.copy_(torch.tensordot(m, t.double(), dims=1).round().to(t.dtype))
-        elif pairs is None:
-            t.copy_(torch.tensordot(m.to(t.dtype), t, dims=1))
-        else:
-            first, second, wa, wb = pairs
-            flat = t.view(p, -1)
-            if scratch.get(t.dtype) is None or scratch[t.dtype].numel() < flat.numel():
-                scratch[t.dtype] = torch.empty(max(x.numel() for _, x in pop.tensors()), dtype=t.dtype,
-                                               device=t.device)
-            a = scratch[t.dtype][: flat.numel()].view_as(flat)
-            torch.index_select(flat, 0, first, out=a)
-            a.mul_(wa.to(t.dtype)[:, None])
-            a.add_(flat.index_select(0, second).mul_(wb.to(t.dtype)[:, None]))
-            flat.copy_(a)
+    for name, t in pop.tensors():
+        members = source(name)
+        if not t.is_floating_point() or pairs is None:
+            t.copy_(rounded(torch.tensordot(rows.to(for_averaging(t).dtype), for_averaging(members), dims=1),
+                            t.dtype))
+            continue
+        first, second, wa, wb = pairs
+        flat, members = t.view(t.shape[0], -1), members.reshape(members.shape[0], -1)
+        if scratch.get(t.dtype) is None or scratch[t.dtype].numel() < flat.numel():
+            scratch[t.dtype] = torch.empty(max(x.numel() for _, x in pop.tensors()), dtype=t.dtype, device=t.device)
+        a = scratch[t.dtype][: flat.numel()].view_as(flat)
+        torch.index_select(members, 0, first, out=a)
+        a.mul_(wa.to(t.dtype)[:, None])
+        a.add_(members.index_select(0, second).mul_(wb.to(t.dtype)[:, None]))
+        flat.copy_(a)
     return pop
 
 
 @torch.no_grad()
-def average_all_(pop: Population, weights=None) -> Population:
+def average_all_(pop: Population, weights=None, comm=None) -> Population:
     """PAPA-all: every member becomes the (weighted) population average."""
-    if weights is None:
-        for _, t in pop.tensors():
-            if t.is_floating_point():
-                t.copy_(t.mean(0, keepdim=True).expand_as(t))
-            else:
-                t.copy_(t.double().mean(0, keepdim=True).round().to(t.dtype).expand_as(t))
-        return pop
-    w = _check_weights(weights, pop.size, pop.device)
-    return mix_(pop, w.expand(pop.size, -1))
+    if weights is not None:
+        p = pop.size if comm is None else comm.p
+        return mix_(pop, _check_weights(weights, p, "cpu").expand(p, -1), comm)
+    means = member_means(pop) if comm is None else comm.means(pop)
+    for name, t in pop.tensors():
+        t.copy_(rounded(means[name], t.dtype).expand_as(t))
+    return pop
 
 
 @torch.no_grad()
-def push_toward_average_(pop: Population, alpha: float) -> Population:
-    """PAPA: theta_j <- alpha * theta_j + (1 - alpha) * mean(theta), for every member j.
+def push_toward_average_(pop: Population, alpha: float, lr_ratio: float = 1.0, comm=None) -> Population:
+    """PAPA (§2.3): theta_j <- alpha' * theta_j + (1 - alpha') * mean(theta), for every member j, where
+    1 - alpha' = (1 - alpha) * lr_ratio (capped at 1): the push weakens with the learning rate when
+    ``lr_ratio`` is lr_t / lr_0, as in the paper.
 
-    alpha = 1 leaves the population unchanged, alpha = 0 is PAPA-all."""
+    alpha = 1 leaves the population unchanged, alpha = 0 (at lr_ratio 1) is PAPA-all."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if alpha == 1.0:
+    weight = min((1.0 - alpha) * lr_ratio, 1.0)  # of the mean
+    if weight == 0.0:
         return pop
-    for _, t in pop.tensors():
+    means = member_means(pop) if comm is None else comm.means(pop)
+    for name, t in pop.tensors():
         if t.is_floating_point():
-            t.lerp_(t.mean(0, keepdim=True).expand_as(t), 1.0 - alpha)
+            t.lerp_(means[name].expand_as(t), weight)
         else:
-            mean = t.double().mean(0, keepdim=True)
-            t.copy_((alpha * t.double() + (1.0 - alpha) * mean).round().to(t.dtype))
+            t.copy_(rounded(for_averaging(t).lerp(means[name].expand_as(t), weight), t.dtype))
     return pop
-
-
 def draw_pairs(p: int, generator: torch.Generator) -> Tensor:
     """PAPA-2's partners: a (p, 2) tensor, row i the two distinct members averaged into member i.
 

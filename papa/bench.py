@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from papa import averaging
-from papa.engines import build_engine, choose_engine
+from papa.engines import Engine, choose_engine
 from papa.models import create_model
 from papa.population import Population
 
@@ -144,7 +144,7 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
         # compiled graphs are cached per code object, which every Engine shares: start clean, so that a
         # sweep in one process never hits the recompile limit and silently falls back to eager
         torch._dynamo.reset()
-    step_fn = build_engine(name, compile=compile, channels_last=channels_last)
+    step_fn = Engine(name, compile=compile, channels_last=channels_last)
     bf16 = precision == "bf16"
 
     def autocast():

@@ -44,7 +44,7 @@ def _resolve(sch: dict, root: dict) -> dict:
 def fill_defaults(instance: Any, sch: dict, root: dict | None = None) -> Any:
     """Write every missing property's ``default`` into ``instance``, in place and recursively (into the
     defaults just written too), following ``properties``, ``additionalProperties``, ``items`` and local
-    ``$ref``s: where the schemas keep their defaults (tests/test_config.py checks that no default lies
+    ``$ref``s: where the schemas keep their defaults (tests/pipeline/test_gpu_script.py checks that no default lies
     elsewhere). Nothing is checked here; ``validate`` does both."""
     root = sch if root is None else root
     sch = _resolve(sch, root)

@@ -1,14 +1,38 @@
 """Where a population's members live: all in this process (``Local``), or spread over the ranks of a
-torch.distributed job (``Distributed``, for `torchrun`). The trainer talks to members only through these
-few collective operations, so its algorithm reads the same in both cases."""
+torch.distributed job (``Distributed``, for `torchrun`). The averaging math is papa.averaging's in both
+cases; these classes only supply its communication (every member's mean, and the members that a mixing
+matrix's rows read) and gather scores, REPAIR moments and the final population.
+
+Under torchrun rank r holds the contiguous block ``block(p, world_size, r)`` of members. Communication is in
+tensors only (nothing is pickled):
+- The mean of every tensor over all p members: each rank sums its members' tensors into one flat buffer per
+  dtype (float64 for integer buffers), and one all-reduce makes it the sum over all p members.
+- The members a mixing matrix's rows read (PAPA-2, the weightings of Table 14): the matrix is the same on
+  every rank, so every rank knows which members each rank's rows need; each rank sends every peer the
+  members it needs from it as one byte buffer (all tensors of those members, bit-exact) in one batch of
+  point-to-point operations.
+- REPAIR moments, scores and the final population: fixed-size tensors, padded to the largest block,
+  gathered (all_gather; gather to rank 0 for the population).
+
+Scalar control messages (scores, the stop flag) go through a gloo group, so they never wait on a GPU.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from papa import averaging
-from papa.population import Population
+from papa.averaging import member_means
+from papa.build import resolve_device
+from papa.errors import PapaError
+from papa.population import Population, for_averaging
+
+_ALIGN = 16  # bytes: every tensor's slot in a member buffer starts aligned, so views need no copy
 
 
 def block(p: int, world_size: int, rank: int) -> list[int]:
@@ -18,33 +42,34 @@ def block(p: int, world_size: int, rank: int) -> list[int]:
     return list(range(start, start + base + (rank < extra)))
 
 
+def _check_world(world: int, p: int) -> None:
+    if world > p:
+        raise PapaError(f"{world} processes for a population of {p} members: launch at most one process per member")
+
+
 class Local:
-    """The whole population in one process."""
+    """The whole population in one process, on ``device``."""
 
     rank, world_size = 0, 1
 
-    def __init__(self, p: int):
+    def __init__(self, p: int, device: torch.device | str = "cpu"):
         self.p = p
         self.members = list(range(p))
+        self.device = torch.device(device)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def device(self, exp: dict) -> torch.device:
-        from papa.train import resolve_device
+    def means(self, pop: Population) -> dict[str, Tensor]:
+        """Every tensor's mean over all p members."""
+        return member_means(pop)
 
-        return resolve_device(exp["train"]["device"])
-
-    def push_(self, pop: Population, alpha: float) -> None:
-        averaging.push_toward_average_(pop, alpha)
-
-    def average_all_(self, pop: Population) -> None:
-        averaging.average_all_(pop)
-
-    def mix_(self, pop: Population, matrix: Tensor) -> None:
-        """Apply the rows of the p x p ``matrix`` that belong to the members held here."""
-        averaging.mix_(pop, matrix)
+    def sources(self, pop: Population, matrix: Tensor) -> tuple[Tensor, Callable[[str], Tensor]]:
+        """The rows of the p x p ``matrix`` for the members held here, over the members they read, and those
+        members' stacked tensors by name: here, the whole matrix and the population itself."""
+        tensors = pop.state_dict()
+        return matrix, tensors.__getitem__
 
     def all_moments(self, local: list) -> list:
         """Every member's REPAIR moments, given those of the members held here."""
@@ -69,16 +94,198 @@ class Local:
         pass
 
 
-def from_env(p: int, device: str = "auto"):
+def from_env(p: int, device: str = "auto") -> Local | Distributed:
     """``Distributed`` when launched by torchrun (WORLD_SIZE > 1), else ``Local``. ``device`` is the
     config's train.device: CUDA means NCCL and one GPU per process, the CPU means gloo."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from papa.distributed_ops import Distributed
-
         return Distributed.from_env(p, device)
-    return Local(p)
+    return Local(p, resolve_device(device))
 
 
-__all__ = ["Local", "block", "from_env", "torch"]
+class _Layout:
+    """Where each tensor of one member lies in a flat byte buffer."""
+
+    def __init__(self, pop: Population):
+        self.slots = []  # (name, dtype, member shape, offset, bytes)
+        offset = 0
+        for name, t in pop.tensors():
+            nbytes = t[0].numel() * t.element_size()
+            self.slots.append((name, t.dtype, t.shape[1:], offset, nbytes))
+            offset += math.ceil(nbytes / _ALIGN) * _ALIGN
+        self.nbytes = max(offset, _ALIGN)
+
+    def pack(self, pop: Population, local: list[int], rows: int | None = None) -> Tensor:
+        """Members ``local`` (positions in ``pop``) as a (rows, nbytes) uint8 buffer (zero padded)."""
+        buf = torch.zeros(rows or len(local), self.nbytes, dtype=torch.uint8, device=pop.device)
+        if local:
+            idx = torch.tensor(local, device=pop.device)
+            for (*_, offset, nbytes), (_, t) in zip(self.slots, pop.tensors(), strict=True):
+                rows = t.index_select(0, idx).reshape(len(local), -1)
+                buf[: len(local), offset:offset + nbytes] = rows.view(torch.uint8)
+        return buf
+
+    def unpack(self, buf: Tensor) -> dict[str, Tensor]:
+        """Views of a (k, nbytes) buffer as stacked (k, ...) tensors."""
+        k = buf.shape[0]
+        return {name: buf[:, offset:offset + nbytes].view(dtype).view(k, *shape)
+                for name, dtype, shape, offset, nbytes in self.slots}
+
+
+class Distributed:
+    """The members of rank ``dist.get_rank()`` in a job of ``dist.get_world_size()`` processes.
+
+    Needs an initialized default process group (``from_env`` makes one); ``device`` is where this rank's
+    members live."""
+
+    def __init__(self, p: int, device: torch.device):
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        _check_world(self.world_size, p)
+        self.p = p
+        self.blocks = [block(p, self.world_size, r) for r in range(self.world_size)]
+        self.members = self.blocks[self.rank]
+        self.owner = [r for r, b in enumerate(self.blocks) for _ in b]
+        self.most = max(len(b) for b in self.blocks)  # rows of every padded gather
+        self.device = torch.device(device)
+        nccl = dist.get_backend() == "nccl"
+        self.comm_device = self.device if nccl else torch.device("cpu")
+        self.control = dist.new_group(backend="gloo") if nccl else None  # CPU scalars without a GPU sync
+
+    @classmethod
+    def from_env(cls, p: int, device: str = "auto") -> Distributed:
+        """Join the job torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL with one
+        GPU per process (cuda:LOCAL_RANK) when training runs on CUDA, gloo on the CPU otherwise."""
+        world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+        _check_world(world, p)  # refused before joining, identically on every rank
+        want = resolve_device(device)
+        if want.type == "cuda":
+            if local >= torch.cuda.device_count():
+                raise PapaError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible): launch "
+                                "at most one process per GPU")
+            dev, backend = torch.device("cuda", local), "nccl"
+            torch.cuda.set_device(dev)
+        elif want.type == "cpu":
+            dev, backend = torch.device("cpu"), "gloo"
+        else:
+            raise PapaError(f"train.device {device!r}: torchrun runs on CUDA (NCCL) or the CPU (gloo) only")
+        if not dist.is_initialized():
+            dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
+        return cls(p, dev)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # what papa.averaging needs -----------------------------------------------------------------------
+    def means(self, pop: Population) -> dict[str, Tensor]:
+        """Every tensor's mean over all p members: local sums, one all-reduce per dtype (float64 for
+        integer buffers)."""
+        groups: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
+        for name, t in pop.tensors():
+            s = for_averaging(t).sum(0)
+            groups.setdefault(s.dtype, []).append((name, s))
+        means = {}
+        for sums in groups.values():
+            flat = torch.cat([s.flatten() for _, s in sums]).to(self.comm_device)
+            dist.all_reduce(flat)
+            flat = flat.to(pop.device).div_(self.p)
+            for (name, s), m in zip(sums, flat.split([s.numel() for _, s in sums]), strict=True):
+                means[name] = m.view_as(s)
+        return means
+
+    def _needs(self, matrix: Tensor, rank: int) -> list[int]:
+        """The members (global ids, ascending) that rank ``rank``'s rows of ``matrix`` read."""
+        return (matrix[self.blocks[rank]] != 0).any(0).nonzero().flatten().tolist()
+
+    @torch.no_grad()
+    def sources(self, pop: Population, matrix: Tensor) -> tuple[Tensor, Callable[[str], Tensor]]:
+        """The held members' rows of the p x p ``matrix`` (identical on every rank) over the members they
+        read, and those members' stacked tensors by name, fetched from the ranks that hold them."""
+        layout = _Layout(pop)
+        start = self.members[0]
+        needs = self._needs(matrix, self.rank)
+        ops, received = [], {}
+        for peer in range(self.world_size):
+            if peer == self.rank:
+                continue
+            give = [j - start for j in self._needs(matrix, peer) if self.owner[j] == self.rank]
+            if give:
+                ops.append(dist.P2POp(dist.isend, layout.pack(pop, give).to(self.comm_device), peer))
+            take = [j for j in needs if self.owner[j] == peer]
+            if take:
+                buf = torch.empty(len(take), layout.nbytes, dtype=torch.uint8, device=self.comm_device)
+                ops.append(dist.P2POp(dist.irecv, buf, peer))
+                received[peer] = (take, buf)
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+        remote = {}  # global id -> that member's tensors
+        for take, buf in received.values():
+            views = layout.unpack(buf.to(pop.device))
+            for i, j in enumerate(take):
+                remote[j] = {name: v[i] for name, v in views.items()}
+        held = pop.state_dict()
+
+        def source(name: str) -> Tensor:
+            return torch.stack([held[name][j - start] if self.owner[j] == self.rank else remote[j][name]
+                                for j in needs])
+
+        return matrix[self.members][:, needs], source
+
+    # gathering -------------------------------------------------------------------------------------
+    def _all_gather_rows(self, rows: Tensor, group=None) -> list[Tensor]:
+        """Each rank's (held members, ...) tensor, padded to the largest block for the collective."""
+        padded = torch.zeros(self.most, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+        padded[: rows.shape[0]] = rows
+        out = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(out, padded, group=group)
+        return [o[: len(b)] for o, b in zip(out, self.blocks, strict=True)]
+
+    def all_moments(self, local: list) -> list:
+        """Every member's REPAIR moments (layer -> (mean, std)), given those of the members held here."""
+        names = list(local[0])
+        shapes = [local[0][n][0].shape for n in names]
+        home = local[0][names[0]][0].device
+        flat = torch.stack([torch.cat([x.flatten().double() for n in names for x in moments[n]])
+                            for moments in local])
+        out = []
+        for rows in self._all_gather_rows(flat.to(self.comm_device)):
+            for row in rows.to(home):
+                parts = iter(row.split([s.numel() for s in shapes for _ in range(2)]))
+                out.append({n: (next(parts).view(s), next(parts).view(s)) for n, s in zip(names, shapes,
+                                                                                          strict=True)})
+        return out
+
+    def gather_scores(self, local: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        """Every member's (accuracy, loss) on every rank, in member order (float64: exact)."""
+        rows = torch.tensor(local, dtype=torch.float64).view(len(local), 2)
+        if self.control is None:
+            rows = rows.to(self.comm_device)
+        gathered = self._all_gather_rows(rows, group=self.control)
+        return [(float(a), float(b)) for rows in gathered for a, b in rows.cpu().tolist()]
+
+    @torch.no_grad()
+    def gather_state(self, pop: Population) -> dict[str, Tensor] | None:
+        """The whole stacked population (bit-exact copies) on rank 0, None elsewhere."""
+        layout = _Layout(pop)
+        buf = layout.pack(pop, list(range(pop.size)), rows=self.most).to(self.comm_device)
+        out = [torch.empty_like(buf) for _ in range(self.world_size)] if self.is_main else None
+        dist.gather(buf, out, dst=0)
+        if not self.is_main:
+            return None
+        views = [layout.unpack(o[: len(b)]) for o, b in zip(out, self.blocks, strict=True)]
+        return {name: torch.cat([v[name] for v in views]) for name, _ in pop.tensors()}
+
+    # control ---------------------------------------------------------------------------------------
+    def anyone(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (all ranks get the same answer)."""
+        t = torch.tensor([int(flag)], device="cpu" if self.control is not None else self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        """Leave the job (destroys the process groups)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -8,7 +8,7 @@ losses, shape (p,):
   (grouped) kernel. BatchNorm updates each member's stacked running statistics; dropout draws
   different masks per member (``randomness="different"``).
 
-``build_engine`` adds the opt-in speed-ups: ``torch.compile`` of the step (compiled on the first call,
+``Engine`` adds the opt-in speed-ups: ``torch.compile`` of the step (compiled on the first call,
 then reused for every member, step and epoch) and channels-last inputs and conv weights for
 convolutional models. ``choose_engine`` resolves ``engine: auto``.
 """
@@ -144,17 +144,17 @@ class Engine:
             self._template, self._loss_fn = template, fn
         return self._loss_fn
 
+    @property
+    def stacked(self) -> bool:
+        """Whether members run through one vmapped call (what REPAIR and BatchNorm passes follow too)."""
+        return self.name == "stacked"
+
     def __call__(self, pop: Population, x: Tensor, targets: Tensor, autocast) -> Tensor:
         return ENGINES[self.name](pop, x, targets, autocast, loss_fn=self.loss_fn(pop.template),
                                   channels_last=self.channels_last)
 
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, compile={self.compile}, channels_last={self.channels_last})"
-
-
-def build_engine(name: str, compile: bool = False, channels_last: bool = False) -> Engine:
-    """The engine ``name`` (``loop`` or ``stacked``; resolve ``auto`` with ``choose_engine`` first)."""
-    return Engine(name, compile=compile, channels_last=channels_last)
 
 
 def choose_engine(name: str, device: torch.device | str, population: int | None = None) -> str:

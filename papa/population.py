@@ -12,6 +12,18 @@ from torch.func import functional_call, vmap
 from papa.rng import derive_seed, seeded
 
 
+def for_averaging(t: Tensor) -> Tensor:
+    """The values an average is computed from: a floating tensor as it is, an integer buffer (BatchNorm's
+    num_batches_tracked) in float64. With ``rounded`` this is the one rule for integer buffers: averaged like
+    the weights, then rounded, so they stay integers."""
+    return t if t.is_floating_point() else t.double()
+
+
+def rounded(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """An average of ``for_averaging`` values as a tensor of ``dtype``: rounded for an integer dtype."""
+    return value if dtype.is_floating_point else value.round().to(dtype)
+
+
 def _set_tensor(module: nn.Module, name: str, value: Tensor, is_param: bool) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name)
@@ -136,14 +148,9 @@ class Population:
         Integer buffers (BatchNorm's num_batches_tracked) are combined in float64 and rounded, so they
         stay integers."""
         w = torch.as_tensor(weights, dtype=torch.float64, device=self.device)
-        out = {}
         with torch.no_grad():
-            for name, t in self.tensors():
-                if t.is_floating_point():
-                    out[name] = torch.tensordot(w.to(t.dtype), t, dims=1)
-                else:
-                    out[name] = torch.tensordot(w, t.double(), dims=1).round().to(t.dtype)
-        return out
+            return {name: rounded(torch.tensordot(w.to(for_averaging(t).dtype), for_averaging(t), dims=1), t.dtype)
+                    for name, t in self.tensors()}
 
     # functional forward ---------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Population:

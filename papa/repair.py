@@ -6,14 +6,18 @@ per-channel mean and std of its output (the pre-activation) in each member, and 
 network's layer so that E[X] = sum_i w_i E[X_i] and std(X) = sum_i w_i std(X_i). Channels are dim 1 of a
 convolution's output and the last dim of a linear layer's. Every network sees the same batches (one seed),
 up to its own augmentation.
+
+Written once, over populations: a repaired soup is a population of one. Every pass runs all members either
+in one vmapped call per batch (``stacked``, as the stacked engine trains) or one member at a time, each pass
+then stopping once the layer being repaired has fired; the two agree up to float rounding (dropout masks
+differ). The BatchNorm recomputation (Algorithm 5, SWA's update_bn) is the same pass in train mode.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -22,45 +26,35 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from papa.forward import Batches, eval_mode, inputs
 from papa.population import Population
 from papa.rng import derive_seed, seeded
-
-Batches = Iterable[Tensor] | Callable[[int | None, torch.Generator], Iterable[Tensor]]
-"""Repair data: the same input tensors for every network, or ``batches(member, generator)`` yielding
-member ``member``'s augmented inputs (None: the repaired network, no member-specific augmentation). The
-callable gets a fresh CPU generator seeded with the repair seed on every call; a batch may also be a tuple
-whose first element is the input."""
 
 Moments = dict[str, tuple[Tensor, Tensor]]
 """Layer name -> (mean, std) per output channel, float64."""
 
 
 # data ---------------------------------------------------------------------------------------------
-def _device(module: nn.Module) -> torch.device:
-    t = next(itertools.chain(module.parameters(), module.buffers()), None)
-    return torch.device("cpu") if t is None else t.device
-
-
-def _input(batch, device: torch.device) -> Tensor:
-    if isinstance(batch, tuple | list):
-        batch = batch[0]
-    return batch.to(device)
-
-
 def _freeze(batches: Batches, iters: int) -> Batches:
     """Keep the first ``iters`` fixed batches, so a one-shot iterator or a shuffling loader gives every
     network the same data."""
     return batches if callable(batches) else list(itertools.islice(batches, iters))
 
 
-def _data(batches: Batches, member: int | None, iters: int, seed: int, device: torch.device) -> list[Tensor]:
+def _data(batches: Batches, members: list[int | None], iters: int, seed: int, device, stacked: bool) -> list:
+    """Every member's first ``iters`` batches (``batches(j, ...)`` for member j when callable), batch by
+    batch: a (p, B, ...) tensor each when ``stacked``, else a list of p inputs."""
     if iters < 1:
         raise ValueError(f"REPAIR needs at least one batch, got iters={iters}")
-    source = batches(member, torch.Generator().manual_seed(seed)) if callable(batches) else batches
-    xs = [_input(b, device) for b in itertools.islice(source, iters)]
-    if not xs:
+    per_member = [[x.to(device) for x in itertools.islice(inputs(batches, j, seed), iters)] for j in members]
+    if not per_member[0]:
         raise ValueError("REPAIR got no batches")
-    return xs
+    if len({len(xs) for xs in per_member}) > 1 or stacked and any(
+        len({x.shape for x in same}) > 1 for same in zip(*per_member, strict=False)
+    ):
+        raise ValueError("REPAIR needs every member's batches to have the same count"
+                         + (" and shapes (stacked)" if stacked else ""))
+    return [torch.stack(same) if stacked else list(same) for same in zip(*per_member, strict=True)]
 
 
 def _check_weights(weights, p: int) -> Tensor:
@@ -73,7 +67,7 @@ def _check_weights(weights, p: int) -> Tensor:
     return w
 
 
-# layers and passes --------------------------------------------------------------------------------
+# layers ---------------------------------------------------------------------------------------------
 def _is_layer(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear | _ConvNd)
 
@@ -91,33 +85,6 @@ class _Layer:
     calls: int = 0  # times it fires in one forward pass (shared layers fire more than once)
     feeds_bn: bool = True  # each of its outputs went straight into a BatchNorm
     is_output: bool = False  # its output is the model's output (the classifier's logits)
-
-
-class _Stop(BaseException):
-    """Ends a forward pass early: nothing after the layer being repaired can change its output.
-    A BaseException, so that a model's own ``except Exception`` does not swallow it."""
-
-
-def _forward(model: nn.Module, x: Tensor, stop: _Layer | None = None) -> None:
-    """model(x), cut short once ``stop`` has fired as often as in a full pass."""
-    if stop is None:
-        model(x)
-        return
-    count = 0
-
-    def hook(*_):
-        nonlocal count
-        count += 1
-        if count == stop.calls:
-            raise _Stop
-
-    handle = stop.module.register_forward_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
@@ -144,14 +111,12 @@ def _find_layers(model: nn.Module, x: Tensor) -> list[_Layer]:
 
     handles = [m.register_forward_pre_hook(before) for m in model.modules()]
     handles += [m.register_forward_hook(after(n, m)) for n, m in model.named_modules() if _is_layer(m)]
-    was_training = model.training
-    model.eval()
     try:
-        y = model(x)
+        with eval_mode(model):
+            y = model(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     for layer, out in pending:  # the last layer's output went nowhere near a BatchNorm
         layer.feeds_bn = False
         layer.is_output = out is y
@@ -166,6 +131,14 @@ def _preactivations(model: nn.Module, x: Tensor) -> list[_Layer]:
     are not pre-activations (A.2), and matching their std to the members' would inflate the averaged
     classifier's confidence; the official REPAIR leaves the classifier alone too."""
     return [layer for layer in _find_layers(model, x) if not layer.is_output]
+
+
+def _preactivations(pop: Population, x: Tensor) -> list[_Layer]:
+    """The layers REPAIR rescales: every conv/linear except the one producing the model's output. Logits
+    are not pre-activations (A.2), and matching their std to the members' would inflate the averaged
+    classifier's confidence; the official REPAIR leaves the classifier alone too. Found on member 0 (every
+    member has its architecture)."""
+    return [layer for layer in _find_layers(pop.member(0), x) if not layer.is_output]
 
 
 def _chunk_moments(y: Tensor, dim: int) -> tuple[int, Tensor, Tensor]:
@@ -207,114 +180,102 @@ class _Welford:
         return self.mean, (self.m2 / self.n).clamp_min(0).sqrt()
 
 
+# passes over every member ----------------------------------------------------------------------
+class _Stop(BaseException):
+    """Ends a forward pass early: nothing after the layer being repaired can change its output.
+    A BaseException, so that a model's own ``except Exception`` does not swallow it."""
+
+
+def _tracking_bns(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
 @torch.no_grad()
-def _measure(model: nn.Module, xs: list[Tensor], names=None, stop: _Layer | None = None) -> Moments:
-    """Eval-mode output moments of the layers ``names`` (default: all that fire), pooled over ``xs``."""
-    stats: dict[str, _Welford] = {}
+def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: bool, *, train: bool = False,
+            layers: Iterable[str] = (), stop: _Layer | None = None, seed: int | None = None) -> tuple[int, dict]:
+    """Run every member over each batch of ``xs`` (slice j for member j) with ``buffers`` (eval mode, or train
+    mode, where every tracking BatchNorm's statistics become the plain average over the batches: momentum
+    1/(b+1) at batch b). Returns the number of batches and, for each of ``layers``, the per-channel moments
+    (mean, std) of its output, each (p, channels).
+
+    ``stacked``: one vmapped call per batch (randomness per member). Otherwise member by member, each pass
+    cut short once ``stop`` has fired as often as in a full pass. ``seed``: each batch's train-mode randomness
+    (dropout) comes from its own seed (every member gets that seed in the loop), the global RNG state being
+    restored afterwards."""
+    template = pop.template
+    fired: list[tuple[str, int, Tensor, Tensor]] = []
 
     def hook_for(name: str):
-        def hook(module, _, output):
-            stats.setdefault(name, _Welford()).add(output, _channel_dim(module, output))
+        def hook(module, _, y):
+            fired.append((name, *_chunk_moments(y, _channel_dim(module, y))))
 
         return hook
 
-    handles = [
-        m.register_forward_hook(hook_for(n))
-        for n, m in model.named_modules()
-        if _is_layer(m) and (names is None or n in names)
-    ]
-    was_training = model.training
-    model.eval()
+    calls = 0
+
+    def stopper(*_):
+        nonlocal calls
+        calls += 1
+        if calls == stop.calls:
+            raise _Stop
+
+    def member(params, bufs, x):
+        # under vmap the hooks see one member's output; the statistics leave vmap as the outputs
+        fired.clear()
+        with contextlib.suppress(_Stop):
+            functional_call(template, {**params, **bufs}, (x,))
+        return [(mean, m2) for _, _, mean, m2 in fired]
+
+    def randomness(b: int):
+        return contextlib.nullcontext() if seed is None else seeded(derive_seed("repair-batchnorm", seed, b))
+
+    bns = [m for _, m in _tracking_bns(template)] if train else []
+    momenta = [m.momentum for m in bns]
+    handles = [template.get_submodule(name).register_forward_hook(hook_for(name)) for name in layers]
+    if stop is not None and not stacked:
+        handles.append(template.get_submodule(stop.name).register_forward_hook(stopper))
+    stats: dict[str, _Welford] = {}
+    seen = 0
     try:
-        for x in xs:
-            _forward(model, x, stop)
+        with eval_mode(template, train=train):
+            for b, x in enumerate(xs):
+                for m in bns:
+                    m.momentum = 1.0 / (b + 1)  # not None, whose num_batches_tracked vmap cannot read
+                if stacked:
+                    with randomness(b):
+                        out = vmap(member, randomness="different")(pop.params, buffers, x)
+                    firings = [(name, n, mean, m2) for (name, n, _, _), (mean, m2) in zip(fired, out, strict=True)]
+                else:
+                    each = []
+                    for j in range(pop.size):
+                        calls = 0
+                        params, bufs = ({n: t[j] for n, t in d.items()} for d in (pop.params, buffers))
+                        with randomness(b):
+                            member(params, bufs, x[j])
+                        each.append(list(fired))
+                    firings = [(same[0][0], same[0][1], torch.stack([f[2] for f in same]),
+                                torch.stack([f[3] for f in same])) for same in zip(*each, strict=True)]
+                for name, n, mean, m2 in firings:
+                    stats.setdefault(name, _Welford()).merge(n, mean, m2)
+                seen += 1
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    return {n: s.result() for n, s in stats.items()}
-
-
-# BatchNorm reset (Algorithm 5) ---------------------------------------------------------------------
-def _tracking_bns(module: nn.Module) -> list[_BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+    return seen, {n: s.result() for n, s in stats.items()}
 
 
 @torch.no_grad()
-def _reset_bn(module: nn.Module, xs: Iterable[Tensor], seed: int | None, stop: _Layer | None = None) -> int:
-    bns = _tracking_bns(module)
-    if not bns:
-        return 0
-    momenta = [bn.momentum for bn in bns]
-    was_training = module.training
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average over the batches
-    module.train()
-    seen = 0
-    try:
-        for b, x in enumerate(xs):
-            if seed is None:
-                _forward(module, x, stop)
-            else:
-                # Train-mode randomness (dropout) seeded per batch: a pass cut short at one layer then
-                # sees the same masks as a full pass, and the statistics before that layer agree.
-                with seeded(derive_seed("repair-batchnorm", seed, b)):
-                    _forward(module, x, stop)
-            seen += 1
-    finally:
-        for bn, momentum in zip(bns, momenta, strict=True):
-            bn.momentum = momentum
-        module.train(was_training)
-    return seen
-
-
-def reset_batchnorm(module: nn.Module, batches_iter: Iterable, seed: int | None = None) -> nn.Module:
-    """Algorithm 5: recompute every BatchNorm's running statistics from scratch, as the plain average over
-    ``batches_iter`` of train-mode batch statistics (no grad). Momenta and the training flag are restored.
-
-    With ``seed``, each batch's train-mode randomness (dropout) is drawn from its own seed, the global RNG
-    state being restored afterwards."""
-    it = iter(batches_iter)
-    first = next(it, None)
-    if first is None:  # checked before the reset, which would otherwise leave mean 0 and variance 1
-        raise ValueError("reset_batchnorm got no batches")
-    device = _device(module)
-    _reset_bn(module, (_input(b, device) for b in itertools.chain([first], it)), seed)
-    return module
-
-
-# stacked passes: every member in one vmapped forward -------------------------------------------------
-def _stacked_data(batches: Batches, members: list[int], iters: int, seed: int, device) -> list[Tensor]:
-    """Each member's repair batches stacked along a leading member axis, one (p, B, ...) tensor per batch."""
-    per_member = [_data(batches, j, iters, seed, device) for j in members]
-    if len({len(xs) for xs in per_member}) > 1 or any(
-        len({x.shape for x in same}) > 1 for same in zip(*per_member, strict=False)
-    ):
-        raise ValueError("stacked REPAIR needs every member's batches to have the same count and shapes")
-    return [torch.stack(same) for same in zip(*per_member, strict=True)]
-
-
-def _stacked_forward(pop: Population):
-    """``forward(params, buffers, x)`` of every member at once (vmap), randomness per member."""
-    template = pop.template
-    return vmap(lambda p, b, x: functional_call(template, {**p, **b}, (x,)), randomness="different")
-
-
-@torch.no_grad()
-def reset_population_batchnorm_(pop: Population, batches: Iterable[Tensor], buffers: dict[str, Tensor] | None = None,
-                                seed: int | None = None, stacked: bool = True) -> int:
-    """Algorithm 5 (and SWA's update_bn) for every member: reset each tracking BatchNorm's statistics and set
-    them to the plain average of train-mode batch statistics over ``batches`` (each (p, B, ...), slice j for
-    member j), written into the stacked ``buffers`` (default: the population's own). All members in one
-    vmapped pass per batch, or member by member without ``stacked``. With ``seed``, each batch's train-mode
-    randomness (dropout) comes from its own seed, as in ``_reset_bn``. Returns the number of batches; the
-    momenta and the training flag are restored.
-
-    The cumulative average is BatchNorm's momentum 1/(b+1) at batch b, not ``momentum=None``: the latter
-    reads ``num_batches_tracked`` as a Python number, which the vmapped forward cannot do."""
+def reset_batchnorm_(pop: Population, batches: Iterable, buffers: dict[str, Tensor] | None = None,
+                     seed: int | None = None, stacked: bool = False, stop: _Layer | None = None) -> int:
+    """Algorithm 5 and SWA's update_bn, for every member: reset each tracking BatchNorm's statistics and set
+    them to the plain average of train-mode batch statistics over ``batches`` (slice j of each for member j:
+    (p, B, ...) tensors, or sequences of p inputs in the loop), written into the stacked ``buffers`` (default:
+    the population's own). Returns the number of batches; the momenta and the training flag are restored.
+    ``stacked``, ``seed`` and ``stop`` as for the passes of REPAIR (see ``_passes``)."""
     buffers = pop.buffers if buffers is None else buffers
-    bns = [(n, m) for n, m in pop.template.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    bns = _tracking_bns(pop.template)
     if not bns:
         return 0
     for name, _ in bns:
@@ -323,92 +284,38 @@ def reset_population_batchnorm_(pop: Population, batches: Iterable[Tensor], buff
         buffers[f"{key}running_var"].fill_(1.0)
         if f"{key}num_batches_tracked" in buffers:
             buffers[f"{key}num_batches_tracked"].zero_()
-    momenta, was_training = [m.momentum for _, m in bns], pop.template.training
-    forward = _stacked_forward(pop)
-    pop.template.train()
-    seen = 0
-    try:
-        for b, x in enumerate(batches):
-            for _, m in bns:
-                m.momentum = 1.0 / (b + 1)
-            with contextlib.nullcontext() if seed is None else seeded(derive_seed("repair-batchnorm", seed, b)):
-                if stacked:
-                    forward(pop.params, buffers, x)
-                else:
-                    for j in range(pop.size):
-                        member = {n: t[j] for n, t in itertools.chain(pop.params.items(), buffers.items())}
-                        functional_call(pop.template, member, (x[j],))
-            seen += 1
-    finally:
-        for (_, m), momentum in zip(bns, momenta, strict=True):
-            m.momentum = momentum
-        pop.template.train(was_training)
-    return seen
+    return _passes(pop, buffers, batches, stacked, train=True, stop=stop, seed=seed)[0]
 
 
-@torch.no_grad()
-def _stacked_measure(pop: Population, buffers: dict[str, Tensor], xs: list[Tensor], names=None):
-    """``_measure`` for every member at once: layer name -> (mean, std), each (p, channels)."""
-    template = pop.template
-    layers = [(n, m) for n, m in template.named_modules() if _is_layer(m) and (names is None or n in names)]
-    fired: list[tuple[str, int]] = []
-
-    def moments(params, bufs, x):
-        # the hooks see one member's output (vmap); their statistics leave vmap as the function's outputs
-        fired.clear()
-        out = []
-
-        def hook_for(name: str):
-            def hook(module, _, y):
-                n, mean, m2 = _chunk_moments(y, _channel_dim(module, y))
-                fired.append((name, n))
-                out.append((mean, m2))
-
-            return hook
-
-        handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
-        try:
-            functional_call(template, {**params, **bufs}, (x,))
-        finally:
-            for h in handles:
-                h.remove()
-        return out
-
-    stats: dict[str, _Welford] = {}
-    was_training = template.training
-    template.eval()
-    try:
-        for x in xs:
-            out = vmap(moments)(pop.params, buffers, x)
-            for (name, n), (mean, m2) in zip(fired, out, strict=True):
-                stats.setdefault(name, _Welford()).merge(n, mean, m2)
-    finally:
-        template.train(was_training)
-    return {n: s.result() for n, s in stats.items()}
+def reset_batchnorm(module: nn.Module, batches_iter: Iterable, seed: int | None = None) -> nn.Module:
+    """``reset_batchnorm_`` for one module, in place (as torch's update_bn): every BatchNorm's running
+    statistics recomputed from scratch as the plain average over ``batches_iter`` of train-mode batch
+    statistics (no grad). Momenta and the training flag are restored."""
+    one = Population.from_modules([module])
+    xs = [[x.to(one.device)] for x in inputs(batches_iter, None, 0)]
+    if not xs:  # checked before the reset, which would otherwise leave mean 0 and variance 1
+        raise ValueError("reset_batchnorm got no batches")
+    reset_batchnorm_(one, xs, seed=seed)
+    with torch.no_grad():
+        for name, t in one.buffers.items():
+            module.get_buffer(name).copy_(t[0])
+    return module
 
 
 # REPAIR (Algorithm 4) ------------------------------------------------------------------------------
-def member_moments(pop: Population, batches: Batches, iters: int = 5, seed: int = 666,
-                   stacked: bool = False) -> list[Moments]:
+def member_moments(pop: Population, batches: Batches, iters: int = 5, seed: int = 666, stacked: bool = False,
+                   members: list[int] | None = None) -> list[Moments]:
     """Each member's per-channel output moments of every convolution and linear layer, in eval mode on
-    its own first ``iters`` batches, after rebuilding a copy's BatchNorm statistics on those batches.
-
-    ``stacked``: all members in one vmapped pass per batch (the stacked engine's forward) instead of one
-    member copy at a time; the same statistics up to float rounding (dropout masks differ)."""
-    batches = _freeze(batches, iters)
-    if stacked:
-        xs = _stacked_data(batches, list(range(pop.size)), iters, seed, pop.device)
-        buffers = {n: b.clone() for n, b in pop.buffers.items()}
-        reset_population_batchnorm_(pop, xs, buffers, seed)
-        stats = _stacked_measure(pop, buffers, xs)
-        return [{n: (mean[j], std[j]) for n, (mean, std) in stats.items()} for j in range(pop.size)]
-    out = []
-    for j in range(pop.size):
-        member = pop.member(j)
-        xs = _data(batches, j, iters, seed, _device(member))
-        _reset_bn(member, xs, seed)
-        out.append(_measure(member, xs))
-    return out
+    its own first ``iters`` batches (``batches(members[i], ...)`` for the i-th held member; default: its
+    position), after rebuilding its BatchNorm statistics on those batches (on copies: ``pop`` is unchanged).
+    ``stacked``: all members in one vmapped pass per batch."""
+    members = list(range(pop.size)) if members is None else list(members)
+    xs = _data(_freeze(batches, iters), members, iters, seed, pop.device, stacked)
+    buffers = {n: b.clone() for n, b in pop.buffers.items()}
+    reset_batchnorm_(pop, xs, buffers, seed, stacked)
+    layers = [n for n, m in pop.template.named_modules() if _is_layer(m)]
+    stats = _passes(pop, buffers, xs, stacked, layers=layers)[1]
+    return [{n: (mean[j], std[j]) for n, (mean, std) in stats.items()} for j in range(pop.size)]
 
 
 def _targets(moments: list[Moments], weights: Tensor) -> Moments:
@@ -448,39 +355,42 @@ def _rescale(m: nn.Module, w: Tensor, bias: Tensor | None, mean: Tensor, std: Te
 
 
 @torch.no_grad()
-def _fuse(layer: _Layer, mean: Tensor, std: Tensor, target: tuple[Tensor, Tensor], shift: bool) -> None:
-    """_rescale a module's layer; a bias-free layer that needs a shift gets a bias."""
-    m = layer.module
-    new_bias = _rescale(m, m.weight, m.bias, mean, std, target, shift)
-    if new_bias is None:
-        return
-    if m.bias is None:  # never drop the shift of a bias-free layer: give it a bias
-        m.bias = nn.Parameter(new_bias.to(m.weight.dtype), requires_grad=m.weight.requires_grad)
-    else:
-        m.bias.copy_(new_bias)
+def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stacked: bool, add_biases: bool) -> None:
+    """Repair every member i in place toward ``targets[i]``, layer by layer in forward order.
 
-
-def _repair_(model: nn.Module, xs: list[Tensor], targets: Moments, seed: int, layers: list[_Layer],
-             create_bias: bool) -> None:
-    """Repair ``model`` in place, layer by layer in forward order.
-
-    Each layer is measured after the layers before it are fused (and the BatchNorm statistics rebuilt on
+    Each layer is measured after the layers before it are rescaled (and the BatchNorm statistics rebuilt on
     them), so the eval-mode moments match the targets exactly. Algorithm 4's single pass through temporary
     BatchNorms instead takes statistics in train mode from a network whose earlier layers are not yet
-    repaired, which leaves residual error. Passes stop once the layer has fired, so the cost is about half
-    of (layers x iters) forward passes, twice that when the model has BatchNorms."""
-    missing = [layer.name for layer in layers if layer.name not in targets]
+    repaired, which leaves residual error. Without ``stacked`` the passes stop once the layer has fired, so
+    the cost is about half of (layers x iters) forward passes, twice that when the model has BatchNorms.
+
+    A bias-free layer that feeds a BatchNorm is only rescaled: the rebuilt running mean absorbs any
+    per-channel shift exactly. Any other bias-free layer gets a bias with ``add_biases`` (a soup), and is
+    left alone without (members keep their architecture, so their optimizer's tensors stay valid)."""
+    layers = [layer for layer in _preactivations(pop, xs[0][0])
+              if add_biases or layer.feeds_bn or f"{layer.name}.bias" in pop.params]
+    missing = [layer.name for layer in layers if layer.name not in targets[0]]
     if missing:
         raise ValueError(f"no member moments for layers {missing[:3]}")
-    has_bn = bool(_tracking_bns(model))
+    has_bn = bool(_tracking_bns(pop.template))
     for layer in layers:
         if has_bn:
-            _reset_bn(model, xs, seed, stop=layer)
-        mean, std = _measure(model, xs, {layer.name}, stop=layer)[layer.name]
-        shift = create_bias or layer.module.bias is not None
-        _fuse(layer, mean, std, targets[layer.name], shift)
+            reset_batchnorm_(pop, xs, seed=seed, stacked=stacked, stop=layer)
+        mean, std = _passes(pop, pop.buffers, xs, stacked, layers=[layer.name], stop=layer)[1][layer.name]
+        weight, bias = pop.params[f"{layer.name}.weight"], pop.params.get(f"{layer.name}.bias")
+        shift = add_biases or bias is not None
+        new_biases = [_rescale(layer.module, weight[i], None if bias is None else bias[i], mean[i], std[i],
+                               target[layer.name], shift) for i, target in enumerate(targets)]
+        if not shift:
+            continue
+        if bias is None:  # never drop the shift of a bias-free layer: give it a bias
+            pop.params[f"{layer.name}.bias"] = torch.stack(new_biases).to(weight.dtype)
+            pop.template.get_submodule(layer.name).bias = nn.Parameter(pop.params[f"{layer.name}.bias"][0].clone())
+        else:
+            for i, new in enumerate(new_biases):
+                bias[i].copy_(new)
     if has_bn:
-        _reset_bn(model, xs, seed)
+        reset_batchnorm_(pop, xs, seed=seed, stacked=stacked)
 
 
 def repair(
@@ -492,22 +402,23 @@ def repair(
     weights=None,
     target: int | None = None,
     moments: list[Moments] | None = None,
+    stacked: bool = False,
 ) -> nn.Module:
     """A repaired copy of ``model`` (usually a soup of ``pop``): every convolution and linear layer gets
     the ``weights``-weighted average (default uniform) of the members' per-channel output mean and std.
 
     Measured in eval mode on the first ``iters`` batches (``batches(target, ...)`` when callable). A
-    bias-free layer gets a bias, the only state added. ``moments``: precomputed ``member_moments(pop, ...)``.
+    bias-free layer gets a bias, the only state added. ``moments``: precomputed ``member_moments(pop, ...)``
+    (else measured here, vmapped with ``stacked``). ``model`` itself is repaired as a population of one.
     """
     w = _check_weights(weights, pop.size)
     batches = _freeze(batches, iters)
     if moments is None:
-        moments = member_moments(pop, batches, iters, seed)
-    targets = _targets(moments, w)
-    out = copy.deepcopy(model)
-    xs = _data(batches, target, iters, seed, _device(out))
-    _repair_(out, xs, targets, seed, _preactivations(out, xs[0]), create_bias=True)
-    return out
+        moments = member_moments(pop, batches, iters, seed, stacked=stacked)
+    one = Population.from_modules([model])
+    xs = _data(batches, [target], iters, seed, one.device, stacked=False)
+    _repair_(one, xs, [_targets(moments, w)], seed, stacked=False, add_biases=True)
+    return one.member(0)
 
 
 def repair_population_(
@@ -522,60 +433,17 @@ def repair_population_(
     row per held member over all ``len(moments)`` members and ``members`` gives each held member's index
     in the whole population (what ``batches`` is called with).
 
-    Members keep their architecture, so no bias can be added. A bias-free layer whose output goes straight
-    into a BatchNorm is only rescaled: that BatchNorm's rebuilt running mean absorbs any per-channel shift
-    exactly, so everything from the BatchNorm on matches ``repair``. Any other bias-free layer is an error.
-
-    ``stacked``: every member at once through vmapped full forward passes, instead of one member copy at
-    a time with passes cut short at the layer being repaired; the same result up to float rounding.
+    Members keep their architecture, so no bias can be added: a bias-free layer whose output goes straight
+    into a BatchNorm is only rescaled (that BatchNorm's rebuilt running mean absorbs any per-channel shift
+    exactly, so everything from the BatchNorm on matches ``repair``), and any other bias-free layer is left
+    as it is. ``stacked``: every member at once through vmapped full forward passes.
     """
     p, total = pop.size, len(moments)
     members = list(range(p)) if members is None else list(members)
     m = torch.as_tensor(matrix, dtype=torch.float64).cpu()
     if m.shape != (p, total) or len(members) != p:
         raise ValueError(f"mixing matrix must be {p}x{total} (held members x all members), got {tuple(m.shape)}")
-    rows = [_check_weights(m[i], total) for i in range(p)]
-    batches = _freeze(batches, iters)
-    stacked_xs = _stacked_data(batches, members, iters, seed, pop.device) if stacked else None
-
-    def data(i: int) -> list[Tensor]:
-        return [x[i] for x in stacked_xs] if stacked else _data(batches, members[i], iters, seed, pop.device)
-
-    # Same architecture for every member: checked on member 0, before anything is written.
-    layers = _preactivations(pop.member(0), data(0)[0])
-    unfixable = [layer.name for layer in layers if layer.module.bias is None and not layer.feeds_bn]
-    if unfixable:
-        raise ValueError(
-            f"cannot repair a population in place: layers {unfixable[:3]} have no bias and do not feed a "
-            "BatchNorm (repair a soup with repair(), which adds the biases)"
-        )
-    if stacked:
-        _stacked_repair_(pop, stacked_xs, [_targets(moments, r) for r in rows], seed, layers)
-        return pop
-    for i in range(p):
-        member, xs = pop.member(i), data(i)
-        _repair_(member, xs, _targets(moments, rows[i]), seed, _preactivations(member, xs[0]), create_bias=False)
-        state = {**dict(member.named_parameters()), **dict(member.named_buffers())}
-        with torch.no_grad():
-            for name, t in pop.tensors():
-                t[i].copy_(state[name])
+    targets = [_targets(moments, _check_weights(m[i], total)) for i in range(p)]
+    xs = _data(_freeze(batches, iters), members, iters, seed, pop.device, stacked)
+    _repair_(pop, xs, targets, seed, stacked, add_biases=False)
     return pop
-
-
-@torch.no_grad()
-def _stacked_repair_(pop: Population, xs: list[Tensor], targets: list[Moments], seed: int,
-                     layers: list[_Layer]) -> None:
-    """``_repair_`` of every member at once, on the stacked tensors, layer by layer in forward order."""
-    has_bn = bool(_tracking_bns(pop.template))
-    for layer in layers:
-        if has_bn:
-            reset_population_batchnorm_(pop, xs, seed=seed)
-        mean, std = _stacked_measure(pop, pop.buffers, xs, {layer.name})[layer.name]
-        weight, bias = pop.params[f"{layer.name}.weight"], pop.params.get(f"{layer.name}.bias")
-        for i, target in enumerate(targets):
-            new_bias = _rescale(layer.module, weight[i], None if bias is None else bias[i], mean[i], std[i],
-                                target[layer.name], shift=bias is not None)
-            if new_bias is not None:
-                bias[i].copy_(new_bias)
-    if has_bn:
-        reset_population_batchnorm_(pop, xs, seed=seed)

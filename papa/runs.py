@@ -1,5 +1,6 @@
-"""The stages of one run, each reading and writing the files documented in docs/interfaces.md:
-prepare (validation split), train (population + history), soups, evaluate (metrics.json)."""
+"""The pipeline's stages over run directories, each reading and writing the files documented in
+docs/interfaces.md with one library call in between: prepare (validation split), train (population +
+history), soups, similarity, evaluate (metrics.json)."""
 
 from __future__ import annotations
 
@@ -12,31 +13,20 @@ import pandas as pd
 import torch
 
 from papa import config as cfg
+from papa.alignment import permutation_spec
+from papa.build import align_data, build_engine, build_population, fixed_batches, loader_options, resolve_device
 from papa.checkpoint import load_tensors, save_tensors, sidecar_path
-from papa.data import load_dataset, load_split, make_split, save_split
+from papa.data import Policy, load_dataset, load_split, make_split, make_stream, save_split
 from papa.distributed import from_env
-from papa.engines import choose_engine
 from papa.errors import PapaError
-from papa.evaluate import (
-    accuracy,
-    labels_of,
-    member_confusions,
-    member_logits,
-    population_scores,
-    predict,
-    scores,
-    summary,
-)
 from papa.io import write_json, write_text
+from papa.metrics import accuracy, held_out_metrics, population_scores, summary
 from papa.models import available_models
 from papa.models.pretrained import pretrained_normalization
 from papa.population import Population
-from papa.repair import member_moments, repair
-from papa.segmentation import f1_dict, pixel_accuracy, tile_confusions
-from papa.soups import average_soup, greedy_soup, logit_ensemble, subset_weights
-from papa.train import Trainer, align_data, build_population, fixed_batches, loader_options, resolve_device
-
-SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
+from papa.similarity import BETWEEN_NETWORKS, NETWORK_AND_SOUP, population_similarity, stages
+from papa.soups import SOUPS, make_soups
+from papa.train import Trainer
 
 
 def load_experiment(config_path: str | Path, name: str | None) -> dict:
@@ -176,19 +166,29 @@ def load_population(exp: dict, splits, path: str | Path, device="cpu") -> tuple[
         pop.load_state_dict(tensors)
     except ValueError as e:
         raise PapaError(f"{path}: {e}") from None
-    for t in pop.params.values():
-        t.requires_grad_(False)
-    return pop.to(device), meta
+    return pop.requires_grad_(False).to(device), meta
 
 
-def open_run(exp: dict, split_path, run_dir):
-    """(run dir, device, splits, split, population, sidecar) of a trained run, each checked."""
+@dataclasses.dataclass
+class Run:
+    """A trained run, each part checked: its directory, device, data, validation split, population and the
+    population's sidecar."""
+
+    dir: Path
+    device: torch.device
+    splits: object
+    split: dict
+    pop: Population
+    meta: dict
+
+
+def open_run(exp: dict, split_path, run_dir) -> Run:
     run = Path(run_dir)
     device = resolve_device(exp["train"]["device"])
     splits = load_data(exp)
     split = load_split(split_path, expect_n=len(splits.train))
     pop, meta = load_population(exp, splits, run / "population.safetensors", device)
-    return run, device, splits, split, pop, meta
+    return Run(run, device, splits, split, pop, meta)
 
 
 def soups_aligned(exp: dict, variant: str) -> bool:
@@ -198,61 +198,31 @@ def soups_aligned(exp: dict, variant: str) -> bool:
 
 
 def soups(exp: dict, split_path, run_dir) -> dict:
-    """Average and greedy soups (greedy on the validation split), each with and without REPAIR.
-
-    With ``soups.align`` (for this run's variant), the members are permutation-aligned first (Appendix
-    A.4): sorted by validation accuracy, each is aligned to the soup built so far (the running average for
-    the average soup, the current greedy soup for the greedy soup) before it is added, and REPAIR takes its
-    targets from the aligned members. The soups keep their names; soups.json says ``aligned``."""
-    run, device, splits, split, pop, meta = open_run(exp, split_path, run_dir)
-    bs = exp["train"]["eval_batch_size"]
+    """papa.soups.make_soups of a trained run -> soups.safetensors: average and greedy soups (greedy on the
+    validation split), each with and without REPAIR, of members permutation-aligned first with ``soups.align``
+    (soups.json then says ``aligned``). REPAIR reads training data with the base transform only: the members'
+    own regularization (mixup, erasing...) would shift their moments away from those of clean inputs."""
+    run = open_run(exp, split_path, run_dir)
+    bs, s = exp["train"]["eval_batch_size"], exp["soups"]
 
     def val_accuracy(module) -> float:
-        return accuracy(module.to(device).eval(), splits.train, split["val"], bs, device)
-
-    from papa.data import Policy, make_stream
+        return accuracy(module.to(run.device).eval(), run.splits.train, run.split["val"], bs, run.device)
 
     base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
-    stream = make_stream(splits, split["train"], exp["train"]["batch_size"], [base] * pop.size, 0, device,
-                         **loader_options(exp, splits))
-    iters, seed = exp["soups"]["repair_iters"], exp["soups"]["repair_seed"]
+    stream = make_stream(run.splits, run.split["train"], exp["train"]["batch_size"], [base] * run.pop.size, 0,
+                         run.device, **loader_options(exp, run.splits))
 
-    # soups are repaired on training data with the base transform only: the members' own regularization
-    # (mixup, erasing...) would shift their moments away from those of clean inputs
     def batches(member, gen):
-        return stream.member_batches(None, gen, iters)
+        return stream.member_batches(None, gen, s["repair_iters"])
 
-    aligned = soups_aligned(exp, meta["variant"])
-    if aligned:
-        from papa.alignment import greedy_alignment, permutation_spec, sequential_alignment
-
-        permutation_spec(pop.template)  # a one-line error on architectures alignment does not support
-        data = align_data(exp, splits, split, exp["soups"]["align_images"], device)
-        member_val = [val_accuracy(pop.member(j)) for j in range(pop.size)]
-        order = sorted(range(pop.size), key=lambda j: -member_val[j])
-        avg_pop = sequential_alignment(pop, data, order)
-        avg = average_soup(avg_pop)
-        greedy_pop, members, greedy = greedy_alignment(pop, val_accuracy, data, scores=member_val)
-    else:
-        avg_pop = greedy_pop = pop
-        avg = average_soup(pop)
-        greedy, members = greedy_soup(pop, val_accuracy)
-    # each population's member moments once, through the stacked forward when the run trained with it
-    stacked = choose_engine(exp["train"]["engine"], device, pop.size) == "stacked"
-    avg_moments = member_moments(avg_pop, batches, iters, seed, stacked=stacked)
-    greedy_moments = (avg_moments if greedy_pop is avg_pop else
-                      member_moments(greedy_pop, batches, iters, seed, stacked=stacked))
-    made = {
-        "avg_soup": avg,
-        "greedy_soup": greedy,
-        "avg_soup_repair": repair(avg, avg_pop, batches, iters=iters, seed=seed, moments=avg_moments),
-        "greedy_soup_repair": repair(greedy, greedy_pop, batches, iters=iters, seed=seed,
-                                     weights=subset_weights(pop.size, members), moments=greedy_moments),
-    }
+    aligned = soups_aligned(exp, run.meta["variant"])
+    align_batches = align_data(exp, run.splits, run.split, s["align_images"], run.device) if aligned else None
+    made, members = make_soups(run.pop, val_accuracy, batches, s["repair_iters"], s["repair_seed"], align_batches,
+                               stacked=build_engine(exp, run.device, run.pop.size).stacked)
     tensors = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
     info = {"greedy_soup_members": members, "aligned": aligned,
             "val_accuracy": {k: val_accuracy(m) for k, m in made.items()}}
-    save_tensors(run / "soups.safetensors", tensors, {**info, "experiment": exp["name"]})
+    save_tensors(run.dir / "soups.safetensors", tensors, {**info, "experiment": exp["name"]})
     return info
 
 
@@ -261,92 +231,56 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     of the stage outputs on the test set between two members (``between_networks``) and between a member and
     the average soup (``network_and_avg_soup``), after aligning the members to member 0 by feature matching
     on the training split and REPAIRing the soup (``similarity`` settings of the experiment)."""
-    from papa.similarity import BETWEEN_NETWORKS, NETWORK_AND_SOUP, population_similarity, stages
-
-    run, device, splits, split, pop, meta = open_run(exp, split_path, run_dir)
-    s = exp["similarity"]
+    run = open_run(exp, split_path, run_dir)
+    s, pop, splits = exp["similarity"], run.pop, run.splits
     names = stages(pop.template)
     if pop.size < 2:
-        raise PapaError(f"{run}: feature similarity needs a population of at least 2 members, found {pop.size}")
+        raise PapaError(f"{run.dir}: feature similarity needs a population of at least 2 members, found {pop.size}")
     if s["align"]:
-        from papa.alignment import permutation_spec
-
         permutation_spec(pop.template)
     n_test = len(splits.test) if s["test_images"] is None else min(s["test_images"], len(splits.test))
-    test = fixed_batches(exp, splits, splits.test, range(n_test), device)
+    test = fixed_batches(exp, splits, splits.test, range(n_test), run.device)
     sims = population_similarity(
-        pop, align_data(exp, splits, split, s["align_images"], device), align=s["align"], repair=s["repair"],
-        repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
+        pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=s["align"],
+        repair=s["repair"], repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
     )
     out = {
-        "experiment": exp["name"], "variant": meta["variant"], "seed": meta["seed"], "stages": names,
+        "experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"], "stages": names,
         "between_networks": dict(zip(names, sims[BETWEEN_NETWORKS], strict=True)),
         "network_and_avg_soup": dict(zip(names, sims[NETWORK_AND_SOUP], strict=True)),
         "aligned": s["align"], "repaired": s["repair"], "repair_iters": s["repair_iters"], "test_images": n_test,
     }
-    write_json(run / "similarity.json", out)
+    write_json(run.dir / "similarity.json", out)
     return out
 
 
-def _soup_modules(pop, tensors: dict, where: Path, device) -> dict:
-    modules = {}
+def evaluate(exp: dict, split_path, run_dir) -> dict:
+    """Test accuracies of members, their logit ensemble and the four soups → metrics.json (per-class F1 too
+    for a segmentation dataset)."""
+    run = open_run(exp, split_path, run_dir)
+    where = run.dir / "soups.safetensors"
+    tensors, soup_meta = load_tensors(where)
+    soups = {}
     for name in SOUPS:
-        prefix = f"{name}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
         if not state:
             raise PapaError(f"{where}: no tensors for {name}")
-        modules[name] = pop.module_from_state(state).to(device).eval()
-    return modules
-
-
-def _classification_scores(pop, soups: dict, test, bs: int, device) -> dict:
-    labels = labels_of(test)
-    logits = member_logits(pop, test, None, bs, device)
-    return {"members": [scores(z, labels)[0] for z in logits],
-            "ensemble": scores(logit_ensemble(logits), labels)[0],
-            **{name: scores(predict(m, test, None, bs, device), labels)[0] for name, m in soups.items()}}
-
-
-def _segmentation_scores(pop, soups: dict, test, device) -> dict:
-    """Pixel accuracies as the classification keys, plus per-class F1 (A.8): ``f1_members`` (one
-    {class: F1, 'average': mean F1} per member) and scalar keys ``<model>_f1_<class>`` and
-    ``<model>_f1_average`` for model = mean (over members), ensemble and each soup."""
-    confs, _ = member_confusions(pop, test, None, device, ensemble=True)
-    soup_confs = dict(zip(soups, tile_confusions(list(soups.values()), test, None, device)[0], strict=True))
-    member_f1 = [f1_dict(c, test.classes) for c in confs[:-1]]
-    f1 = {"mean": {k: sum(m[k] for m in member_f1) / len(member_f1) for k in member_f1[0]},
-          "ensemble": f1_dict(confs[-1], test.classes),
-          **{name: f1_dict(c, test.classes) for name, c in soup_confs.items()}}
-    return {"members": [pixel_accuracy(c) for c in confs[:-1]], "ensemble": pixel_accuracy(confs[-1]),
-            **{name: pixel_accuracy(c) for name, c in soup_confs.items()},
-            "classes": list(test.classes), "f1_members": member_f1,
-            **{f"{model}_f1_{k}": v for model, values in f1.items() for k, v in values.items()}}
-
-
-def evaluate(exp: dict, split_path, run_dir) -> dict:
-    """Test accuracies of members, their logit ensemble and the four soups → metrics.json (per-class F1
-    too for a segmentation dataset)."""
-    run, device, splits, split, pop, meta = open_run(exp, split_path, run_dir)
-    tensors, soup_meta = load_tensors(run / "soups.safetensors")
-    soups = _soup_modules(pop, tensors, run / "soups.safetensors", device)
+        soups[name] = run.pop.module_from_state(state).to(run.device).eval()
     bs = exp["train"]["eval_batch_size"]
-    if splits.kind == "segmentation":
-        test = _segmentation_scores(pop, soups, splits.test, device)
-    else:
-        test = _classification_scores(pop, soups, splits.test, bs, device)
-    val = [a for a, _ in population_scores(pop, splits.train, split["val"], bs, device)]
+    test = held_out_metrics(run.pop, soups, run.splits.test, bs, run.device)
+    val = [a for a, _ in population_scores(run.pop, run.splits.train, run.split["val"], bs, run.device)]
     metrics = {
-        "experiment": exp["name"], "variant": meta["variant"], "seed": meta["seed"], "population": pop.size,
-        **summary(test["members"]), **test,
+        "experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"],
+        "population": run.pop.size, **summary(test["members"]), **test,
     }
     metrics["greedy_soup_size"] = len(soup_meta["greedy_soup_members"])
     metrics["greedy_soup_members"] = soup_meta["greedy_soup_members"]
     metrics["soups_aligned"] = bool(soup_meta.get("aligned", False))
     metrics["val_members"] = val
-    metrics["num_classes"] = splits.num_classes  # the tables mark soups at chance level (100 / num_classes %)
+    metrics["num_classes"] = run.splits.num_classes  # the tables mark soups at chance level (100 / num_classes %)
     order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
              "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
              "greedy_soup_members", "soups_aligned", "val_members"]
     metrics = {k: metrics[k] for k in order} | {k: v for k, v in metrics.items() if k not in order}
-    write_json(run / "metrics.json", metrics)
+    write_json(run.dir / "metrics.json", metrics)
     return metrics

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from papa.alignment import Batches, _device, _inputs, align_population, reusable
+from papa.alignment import align_population
 from papa.errors import PapaError
+from papa.forward import Batches, device_of, eval_mode, inputs, reusable
 from papa.models.resnet_cifar import CifarResNet
 from papa.population import Population
 from papa.repair import repair as repair_soup
@@ -41,14 +42,12 @@ def _stage_outputs(model: nn.Module, names: list[str], x: Tensor) -> list[Tensor
         model.get_submodule(n).register_forward_hook(lambda _, __, y, n=n: out.__setitem__(n, y.detach()))
         for n in names
     ]
-    was_training = model.training
-    model.eval()
     try:
-        model(x.to(_device(model)))
+        with eval_mode(model):
+            model(x.to(device_of(model)))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return [out[n] for n in names]
 
 
@@ -56,7 +55,7 @@ def stage_features(model: nn.Module, batches: Batches, seed: int = 666) -> list[
     """Per stage, the eval-mode stage outputs on all of ``batches``, concatenated: (N, C, H, W) each.
     Holds every feature in memory; ``cosine_similarity`` streams instead."""
     names = stages(model)
-    outputs = [_stage_outputs(model, names, x) for x in _inputs(batches, seed)]
+    outputs = [_stage_outputs(model, names, x) for x in inputs(batches, None, seed)]
     if not outputs:
         raise ValueError("feature similarity got no batches")
     return [torch.cat(per_stage) for per_stage in zip(*outputs, strict=True)]
@@ -74,7 +73,7 @@ def pairwise_similarity(
             raise PapaError("cannot compare the features of networks with different stages")
     sums = torch.zeros(len(pairs), len(names), dtype=torch.float64)
     n = 0
-    for x in _inputs(batches, seed):
+    for x in inputs(batches, None, seed):
         feats = [_stage_outputs(m, names, x) for m in models]
         for p, (i, j) in enumerate(pairs):
             for s in range(len(names)):

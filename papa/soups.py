@@ -1,4 +1,8 @@
-"""Model soups (Wortsman et al., 2022) and the logit ensemble: a population in, plain modules out."""
+"""Model soups (Wortsman et al., 2022) and the logit ensemble: a population in, plain modules out.
+
+``make_soups`` is the paper's recipe: the average soup and the greedy soup, each also REPAIRed, optionally of
+permutation-aligned members (Appendix A.4: each member aligned to the soup built so far before it is added).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from papa.alignment import align, permutation_spec
+from papa.forward import Batches, eval_mode, reusable
 from papa.population import Population
+from papa.repair import member_moments, repair
+
+SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
+"""The four soups of ``make_soups``, under the names soups.safetensors and metrics.json use."""
 
 
 def average_soup(pop: Population, weights=None) -> nn.Module:
@@ -23,28 +33,125 @@ def subset_weights(p: int, members: list[int]) -> Tensor:
     return w
 
 
-def greedy_members(scores: Sequence[float], soup_score: Callable[[list[int]], float]) -> list[int]:
-    """Algorithm 3's selection, the one rule of every greedy soup: members sorted by ``scores`` (higher is
-    better, ties in member order), the best one first; each next one is added when ``soup_score`` of the
-    members so far plus it does not decrease (``>=``, as in the paper; the official code requires a strict
-    improvement). Returns the chosen members in the order they were added."""
+def _mean(modules: list[nn.Module]) -> nn.Module:
+    return average_soup(Population.from_modules(modules))
+
+
+def _greedy(scores: Sequence[float], score: Callable[[nn.Module], float],
+            soup_of: Callable[[list[int], nn.Module | None], nn.Module]) -> tuple[list[int], nn.Module | None]:
+    """Algorithm 3's loop: members sorted by ``scores`` (higher is better, ties in member order), the best
+    first; each next member j is tried as the soup ``soup_of(members, current soup or None)`` and kept when
+    the soup's score does not decrease (``>=``, as in the paper; the official code requires a strict
+    improvement). Returns the members kept, in the order added, and the last soup kept (None: the best alone)."""
     order = sorted(range(len(scores)), key=lambda j: -scores[j])
-    included, best = [order[0]], float(scores[order[0]])
+    included, best, soup = [order[0]], scores[order[0]], None
     for j in order[1:]:
-        s = float(soup_score([*included, j]))
+        candidate = soup_of([*included, j], soup)
+        s = float(score(candidate))
         if s >= best:
             included.append(j)
-            best = s
-    return included
+            best, soup = s, candidate
+    return included, soup
 
 
 def greedy_soup(pop: Population, score: Callable[[nn.Module], float]) -> tuple[nn.Module, list[int]]:
-    """The greedy soup (Algorithm 3, ``greedy_members``) of uniform averages of members, scored by ``score``.
-
-    Returns the soup and the indices of the members it averages, in the order they were added."""
+    """Greedy soup, Algorithm 3 (see ``_greedy``). Returns the soup and the indices of the members it
+    averages, in the order they were added."""
     scores = [float(score(pop.member(j))) for j in range(pop.size)]
-    included = greedy_members(scores, lambda members: score(average_soup(pop, subset_weights(pop.size, members))))
+    included, _ = _greedy(scores, score, lambda members, _: average_soup(pop, subset_weights(pop.size, members)))
     return average_soup(pop, subset_weights(pop.size, included)), included
+
+
+def sequential_alignment(
+    pop: Population, batches: Batches, order: Sequence[int] | None = None, seed: int = 666
+) -> Population:
+    """Every member aligned to the running average: ``order[0]`` (default member 0) is kept, each next member
+    is aligned to the average of the (aligned) members before it. The result keeps member order."""
+    order = list(range(pop.size)) if order is None else list(order)
+    if sorted(order) != list(range(pop.size)):
+        raise ValueError(f"order must be a permutation of the {pop.size} members, got {order}")
+    batches = reusable(batches)
+    aligned: dict[int, nn.Module] = {order[0]: pop.member(order[0])}
+    for j in order[1:]:
+        aligned[j] = align(pop.member(j), _mean(list(aligned.values())), batches, seed)
+    return Population.from_modules([aligned[j] for j in range(pop.size)])
+
+
+def aligned_average_soup(
+    pop: Population, batches: Batches, order: Sequence[int] | None = None, seed: int = 666
+) -> nn.Module:
+    """The average soup of ``sequential_alignment(pop, batches, order)``: members in member order unless
+    ``order`` is given (e.g. by decreasing validation accuracy)."""
+    return average_soup(sequential_alignment(pop, batches, order, seed))
+
+
+def greedy_alignment(
+    pop: Population, score: Callable[[nn.Module], float], batches: Batches, seed: int = 666,
+    scores: Sequence[float] | None = None,
+) -> tuple[Population, list[int], nn.Module]:
+    """Appendix A.4's aligned greedy soup: ``greedy_soup``, but every next member is aligned to the current
+    soup (the best member at first) before it is tried.
+
+    Returns the population of aligned members (each as aligned when it was tried, the best unchanged), the
+    indices of the soup's members in the order they were added, and the soup (the uniform average of those
+    aligned members): REPAIR the soup against the aligned population, not the original one. ``scores``:
+    the members' scores when the caller already has them (saves evaluating each member again)."""
+    batches = reusable(batches)
+    if scores is None:
+        scores = [float(score(pop.member(j))) for j in range(pop.size)]
+    aligned: dict[int, nn.Module] = {}
+
+    def soup_of(members: list[int], soup: nn.Module | None) -> nn.Module:
+        first, j = members[0], members[-1]
+        aligned.setdefault(first, pop.member(first))
+        aligned[j] = align(pop.member(j), aligned[first] if soup is None else soup, batches, seed)
+        return _mean([aligned[i] for i in members])
+
+    included, soup = _greedy(scores, score, soup_of)
+    aligned.setdefault(included[0], pop.member(included[0]))
+    soup = aligned[included[0]] if soup is None else soup
+    return Population.from_modules([aligned[j] for j in range(pop.size)]), included, soup
+
+
+def aligned_greedy_soup(
+    pop: Population, score: Callable[[nn.Module], float], batches: Batches, seed: int = 666
+) -> tuple[nn.Module, list[int]]:
+    """The greedy soup with permutation alignment (``greedy_alignment`` without the aligned population)."""
+    _, included, soup = greedy_alignment(pop, score, batches, seed)
+    return soup, included
+
+
+def make_soups(pop: Population, score: Callable[[nn.Module], float], repair_batches: Batches, iters: int = 5,
+               seed: int = 666, align_batches: Batches | None = None,
+               stacked: bool = False) -> tuple[dict[str, nn.Module], list[int]]:
+    """The paper's four soups (``SOUPS``): the average soup and the greedy soup (greedy by ``score``, higher is
+    better, e.g. validation accuracy), each also REPAIRed on ``iters`` batches of ``repair_batches`` (``seed``)
+    with the moments of the members it averages (measured vmapped with ``stacked``). Returns them and the
+    greedy soup's members, in the order added.
+
+    With ``align_batches`` the members are permutation-aligned first (Appendix A.4), sorted by ``score``: each
+    is aligned to the soup built so far (the running average for the average soup, the current greedy soup
+    for the greedy soup) before it is added, and REPAIR takes its targets from the aligned members."""
+    if align_batches is not None:
+        permutation_spec(pop.template)  # a one-line error on architectures alignment does not support
+        scores = [float(score(pop.member(j))) for j in range(pop.size)]
+        avg_pop = sequential_alignment(pop, align_batches, sorted(range(pop.size), key=lambda j: -scores[j]))
+        greedy_pop, members, greedy = greedy_alignment(pop, score, align_batches, scores=scores)
+    else:
+        avg_pop = greedy_pop = pop
+        greedy, members = greedy_soup(pop, score)
+    avg = average_soup(avg_pop)
+    # each population's member moments once
+    avg_moments = member_moments(avg_pop, repair_batches, iters, seed, stacked=stacked)
+    greedy_moments = (avg_moments if greedy_pop is avg_pop else
+                      member_moments(greedy_pop, repair_batches, iters, seed, stacked=stacked))
+    return {
+        "avg_soup": avg,
+        "greedy_soup": greedy,
+        "avg_soup_repair": repair(avg, avg_pop, repair_batches, iters, seed, moments=avg_moments),
+        "greedy_soup_repair": repair(greedy, greedy_pop, repair_batches, iters, seed,
+                                     weights=subset_weights(pop.size, members), moments=greedy_moments),
+    }, members
 
 
 def logit_ensemble(logits: Sequence[Tensor]) -> Tensor:
@@ -57,9 +164,5 @@ def logit_ensemble(logits: Sequence[Tensor]) -> Tensor:
 @torch.no_grad()
 def ensemble_logits(pop: Population, x: Tensor) -> Tensor:
     """The logit-average ensemble (``logit_ensemble``) of the members in eval mode on ``x``."""
-    was_training = pop.template.training
-    pop.eval()
-    try:
+    with eval_mode(pop.template):
         return logit_ensemble([pop.forward(j, x) for j in range(pop.size)])
-    finally:
-        pop.train(was_training)

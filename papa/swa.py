@@ -3,35 +3,18 @@
 Each member keeps the equal-weight running mean of its end-of-epoch iterates during the SWA phase, as one
 stacked tensor per parameter (torch.optim.swa_utils' multi-tensor SWA update over the member axis). At the
 end the members are replaced by their averages and their BatchNorm statistics recomputed on training data
-(update_bn's cumulative average), for all members at once.
+(papa.repair.reset_batchnorm_, update_bn's cumulative average), for all members at once.
 
-The learning rate follows SWALR: from the regular schedule's rate at the SWA start it is annealed (linearly
-or with a half cosine, once per epoch) to the SWA rate over ``anneal_epochs`` epochs, then held there.
+The learning rate follows SWALR (papa.build.lr_factor, beside the regular schedule).
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 from torch.optim.swa_utils import get_swa_multi_avg_fn
 
-from papa.config import swa_start_epoch
 from papa.population import Population
-from papa.repair import reset_population_batchnorm_
-
-start_epoch = swa_start_epoch  # defined in papa.config, beside the check that SWA leaves epochs before and during it
-
-
-def anneal_alpha(swa: dict, epochs_in: int) -> float:
-    """SWALR's weight of the SWA rate in the ``epochs_in``-th SWA epoch (0-based): 0 at the start, 1 after
-    ``anneal_epochs`` epochs (at once for 0)."""
-    if swa["anneal_epochs"] == 0:
-        return 1.0
-    t = min(epochs_in / swa["anneal_epochs"], 1.0)
-    return t if swa["anneal"] == "linear" else (1.0 - math.cos(math.pi * t)) / 2.0
 
 
 class SWA:
@@ -76,10 +59,3 @@ class SWA:
                     raise ValueError(f"{key}: expected shape {tuple(t.shape)}, found {tuple(tensors[key].shape)}")
                 t.copy_(tensors[key])
         self.count = count
-
-
-def recompute_batchnorm_(pop: Population, batches: Iterable[Tensor], stacked: bool = True) -> int:
-    """update_bn for every member (all at once with ``stacked``): each tracking BatchNorm's statistics become
-    the plain average of train-mode batch statistics over ``batches`` (each a (p, B, ...) tensor, slice j for
-    member j). Returns the number of batches; the population's mode and the momenta are restored."""
-    return reset_population_batchnorm_(pop, batches, stacked=stacked)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from papa.data.augment import autoaugment_policy, randaugment_transform
 from papa.errors import PapaError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -381,13 +382,9 @@ def folder_train_transform(image_size: int, flip: bool = True, autoaugment: str 
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     if randaugment:
-        from papa.data.augment import randaugment_transform
-
         steps.append(randaugment_transform(randaugment, image_size, mean))
     steps.append(v2.PILToTensor())
     if autoaugment:
-        from papa.data.augment import autoaugment_policy
-
         steps.append(v2.AutoAugment(autoaugment_policy(autoaugment)))
     return v2.Compose(steps)
 

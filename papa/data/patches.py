@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from papa.data.augment import Policy, regularize, to_device
-from papa.data.stream import STREAMS, MemberStream, _set_members
+from papa.data.stream import STREAMS, MemberStream, set_members
 from papa.data.vaihingen import TileDataset
 from papa.errors import PapaError
 
@@ -53,7 +53,7 @@ class PatchStream(MemberStream):
             if p.crop_padding or p.autoaugment:
                 raise PapaError("segmentation patches take no crop_padding or autoaugment (they would move the "
                                 "image away from its labels)")
-        _set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
+        set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
         self.images = [x.to(self.device) for x in train.images]
         self.labels = [y.to(self.device) for y in train.labels]
         self.sizes = [tuple(y.shape) for y in train.labels]

@@ -37,7 +37,7 @@ def _check(n_data: int, indices, batch_size: int, policies: Sequence[Policy]) ->
     return idx
 
 
-def _policy(stream, j: int, generator: torch.Generator) -> Policy:
+def batch_policy(stream, j: int, generator: torch.Generator) -> Policy:
     """Member j's policy for the next batch: fixed, or with ``per_batch`` (a grid) a fresh draw from the
     member's own augmentation stream, so one network sees every regularization (the paper's Table 2)."""
     if stream.per_batch is None:
@@ -55,7 +55,7 @@ def _ids(member_ids, policies) -> list[int]:
     return ids
 
 
-def _set_members(stream, train, batch_size: int, policies: Sequence[Policy], seed: int, device, base: Policy | None,
+def set_members(stream, train, batch_size: int, policies: Sequence[Policy], seed: int, device, base: Policy | None,
                  per_batch: dict | None, member_ids: Sequence[int] | None) -> None:
     """The attributes every stream shares: members, their policies and random streams, batch and device."""
     stream.per_batch = per_batch
@@ -84,7 +84,7 @@ class MemberStream:
                  device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None,
                  member_ids: Sequence[int] | None = None):
         self.indices = _check(len(train), indices, batch_size, policies)
-        _set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
+        set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
         self.images = train.images.to(self.device)  # moved once; indexing happens on the device
         self.labels = train.labels.to(self.device)
         self.image_size = train.image_size
@@ -116,7 +116,7 @@ class MemberStream:
         orders = [self._draw(rng.generator(self.seed, "order", j, epoch), n) for j in self.ids]
         augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
         for s in range(self.steps_per_epoch):
-            pairs = [self._batch(_policy(self, j, augment[j]), orders[j][s * b:(s + 1) * b], augment[j])
+            pairs = [self._batch(batch_policy(self, j, augment[j]), orders[j][s * b:(s + 1) * b], augment[j])
                      for j in range(self.size)]
             yield torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
 
@@ -177,7 +177,7 @@ class FolderStream:
                  device: str | torch.device = "cpu", base: Policy | None = None, num_workers: int = 0,
                  per_batch: dict | None = None, member_ids: Sequence[int] | None = None):
         self.indices = _check(len(train), indices, batch_size, policies)
-        _set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
+        set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
         self.train, self.num_workers = train, num_workers
         self.samplers = [_EpochSampler() for _ in self.policies]
         self.loaders = [self._loader(policy, sampler, persistent=num_workers > 0)
@@ -213,7 +213,7 @@ class FolderStream:
             augment.append(rng.generator(self.seed, "augment", self.ids[j], epoch))
             sampler.items = self._items(order, augment[j])
         for batches in zip(*self.loaders, strict=True):
-            pairs = [self._regularize(_policy(self, j, augment[j]), *batch, augment[j])
+            pairs = [self._regularize(batch_policy(self, j, augment[j]), *batch, augment[j])
                      for j, batch in enumerate(batches)]
             yield torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
 

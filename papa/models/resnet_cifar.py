@@ -2,6 +2,8 @@
 
 from torch import Tensor, nn
 
+from papa.errors import PapaError
+from papa.models.permutation import UNSUPPORTED, GroupBuilder, PermGroup, Tap
 from papa.models.registry import register
 
 
@@ -54,6 +56,41 @@ class CifarResNet(nn.Module):
         for i in range(1, self.num_stages + 1):
             x = self.get_submodule(f"layer{i}")(x)
         return self.fc(self.avgpool(x).flatten(1))
+
+    def permutation_groups(self) -> list[PermGroup]:
+        """For alignment (papa.alignment). The residual stream is one group from the stem to the first
+        projection shortcut (stem conv/BN, every block's conv2/bn2, the blocks' conv1 inputs and the
+        projection's input), then one more per projection (its conv/BN, the stage's conv2/bn2 outputs, ... the
+        fc's input), matched on the stem's post-ReLU output and every block output together; each block's inner
+        channels (conv1/bn1 out, conv2 in) are a group matched on post-ReLU bn1."""
+        state, groups = self.state_dict(), []
+        stream = GroupBuilder("stream:stem", self.conv1.out_channels, state)
+        stream.produced_by("conv1", "bn1")
+        stream.taps.append(Tap("bn1", relu=True))
+        for i in range(1, self.num_stages + 1):
+            for b, block in enumerate(self.get_submodule(f"layer{i}")):
+                prefix = f"layer{i}.{b}"
+                if not isinstance(block, BasicBlock):
+                    raise PapaError(f"{UNSUPPORTED}: {prefix} is not a BasicBlock")
+                inner = GroupBuilder(f"inner:{prefix}", block.conv1.out_channels, state)
+                inner.produced_by(f"{prefix}.conv1", f"{prefix}.bn1")
+                inner.taps.append(Tap(f"{prefix}.bn1", relu=True))
+                inner.consumed_by(f"{prefix}.conv2")
+                groups.append(inner.build())
+                stream.consumed_by(f"{prefix}.conv1")
+                if block.downsample is not None:
+                    ds = block.downsample
+                    if not (len(ds) == 2 and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], nn.BatchNorm2d)):
+                        raise PapaError(f"{UNSUPPORTED}: {prefix}.downsample is not a conv-BatchNorm projection")
+                    stream.consumed_by(f"{prefix}.downsample.0")
+                    groups.append(stream.build())
+                    stream = GroupBuilder(f"stream:{prefix}", ds[0].out_channels, state)
+                    stream.produced_by(f"{prefix}.downsample.0", f"{prefix}.downsample.1")
+                stream.produced_by(f"{prefix}.conv2", f"{prefix}.bn2")
+                stream.taps.append(Tap(prefix))  # the block's output, after the residual sum and ReLU
+        stream.consumed_by("fc")
+        groups.append(stream.build())
+        return groups
 
 
 @register("resnet18_cifar")

@@ -2,6 +2,8 @@
 
 from torch import Tensor, nn
 
+from papa.errors import PapaError
+from papa.models.permutation import UNSUPPORTED, GroupBuilder, PermGroup, Tap
 from papa.models.registry import register
 
 # output channels of each 3x3 convolution; "M" is a 2x2 max-pool
@@ -33,6 +35,37 @@ class VGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
+
+    def permutation_groups(self) -> list[PermGroup]:
+        """For alignment (papa.alignment): one group per convolution (its output channels and BatchNorm, the
+        next convolution's or the classifier's input channels), matched on its post-ReLU features."""
+        state, layers = self.state_dict(), list(self.features.named_children())
+        groups: list[PermGroup] = []
+        current: GroupBuilder | None = None
+        k = 0
+        while k < len(layers):
+            name, m = layers[k]
+            if isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
+                k += 1
+                continue
+            bn = layers[k + 1][1] if k + 1 < len(layers) else None
+            relu = layers[k + 2][1] if k + 2 < len(layers) else None
+            if not (isinstance(m, nn.Conv2d) and m.groups == 1 and isinstance(bn, nn.BatchNorm2d)
+                    and isinstance(relu, nn.ReLU)):
+                raise PapaError(f"{UNSUPPORTED}: VGG features.{name} is not a conv-BatchNorm-ReLU block")
+            conv, bn_name, relu_name = (f"features.{layers[k + d][0]}" for d in range(3))
+            if current is not None:
+                current.consumed_by(conv)
+                groups.append(current.build())
+            current = GroupBuilder(conv, m.out_channels, state)
+            current.produced_by(conv, bn_name)
+            current.taps.append(Tap(relu_name))  # post-ReLU features
+            k += 3
+        if current is None or not isinstance(self.classifier, nn.Linear):
+            raise PapaError(f"{UNSUPPORTED}: VGG without convolutions or a linear classifier")
+        current.consumed_by("classifier")
+        groups.append(current.build())
+        return groups
 
 
 @register("vgg11_bn")

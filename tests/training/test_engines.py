@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import vmap
 
 from papa import averaging
-from papa.engines import ENGINES, build_engine, choose_engine, soft_cross_entropy, stacked_channels_last
+from papa.engines import ENGINES, Engine, choose_engine, soft_cross_entropy, stacked_channels_last
 from papa.population import Population
 
 P, B, CLASSES = 4, 8, 3
@@ -196,8 +196,8 @@ def test_unused_parameters_get_no_gradient():
 # options ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["loop", "stacked"])
 def test_channels_last_gives_the_same_population(name):
-    plain, _ = train(build_engine(name), "papa")
-    cl, _ = train(build_engine(name, channels_last=True), "papa")
+    plain, _ = train(Engine(name), "papa")
+    cl, _ = train(Engine(name, channels_last=True), "papa")
     assert_same(plain, cl)
 
 
@@ -235,19 +235,19 @@ def test_compiled_engine_matches_eager_and_compiles_once(name):
 
     torch._dynamo.reset()
     counters.clear()
-    compiled, _ = train(build_engine(name, compile=True), "papa", dropout=False)
-    eager, _ = train(build_engine(name), "papa", dropout=False)
+    compiled, _ = train(Engine(name, compile=True), "papa", dropout=False)
+    eager, _ = train(Engine(name), "papa", dropout=False)
     assert_same(compiled, eager)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_engine_reuses_its_compiled_function_per_template():
-    engine = build_engine("stacked", compile=False)
+    engine = Engine("stacked", compile=False)
     a, b = make_pop(), make_pop()
     assert engine.loss_fn(a.template) is engine.loss_fn(a.template)
     assert engine.loss_fn(b.template) is not None and engine._template is b.template
     with pytest.raises(ValueError, match="unknown engine"):
-        build_engine("threads")
+        Engine("threads")
 
 
 def test_choose_engine():

@@ -28,7 +28,7 @@ from papa.data import load_split
 from papa.errors import PapaError, one_line
 from papa.train import Trainer
 from tests.helpers import TINY, papa, tiny_experiment
-from tests.test_data import write_cifar
+from tests.unit.test_data import write_cifar
 
 FAST = {"train": {"epochs": 1, "batch_size": 256}}  # one epoch of 6 steps: the trained fixture's run
 

@@ -11,16 +11,17 @@ import torch
 
 from papa import runs
 from papa.alignment import align_population, permute, random_permutations
+from papa.build import align_data, build_population
 from papa.checkpoint import load_tensors, save_tensors
 from papa.config import deep_merge, load_config
 from papa.data import eval_batches, load_split
 from papa.repair import reset_batchnorm
 from papa.report import aggregate, tables
 from papa.soups import average_soup
-from papa.train import Trainer, align_data, build_population
+from papa.train import Trainer
 from tests.helpers import REPO, papa, tiny_experiment, write_config
-from tests.test_data import write_cifar
-from tests.test_workflow import job_counts, snakemake
+from tests.pipeline.test_workflow import job_counts, snakemake
+from tests.unit.test_data import write_cifar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,7 +129,7 @@ def test_papa_all_aligns_members_and_their_momentum_before_averaging(tmp_path):
         t.run_epoch()  # no averaging (every 100 epochs)
     before = {k: v.clone() for k, v in aligned.pop.state_dict().items()}
     out = member_outputs(aligned)
-    aligned.align()
+    aligned.averager.align_(aligned)
     # member 0 is the reference; member 1 is permuted, computing the same function
     assert all(torch.equal(aligned.pop.state_dict()[k][0], v[0]) for k, v in before.items())
     assert not all(torch.equal(aligned.pop.state_dict()[k][1], v[1]) for k, v in before.items())

@@ -14,7 +14,7 @@ from papa.similarity import (
     stage_features,
 )
 from papa.soups import average_soup
-from tests.test_alignment import narrow, net
+from tests.unit.test_alignment import narrow, net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,9 +20,9 @@ from papa.data.stream import eval_batches
 from papa.errors import PapaError
 from papa.models import create_model
 from papa.models.pretrained import TIMM_CACHE, head_keys
-from tests.test_data import write_cifar
+from tests.unit.test_data import write_cifar
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_TIMM = "test_resnet"  # timm's tiny test ResNet (0.37M parameters); hub repo timm/test_resnet.r160_in1k
 HUB_REPO = "timm/test_resnet.r160_in1k"
 

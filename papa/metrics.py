@@ -1,4 +1,4 @@
-"""Accuracy of members, ensembles and soups on held-out data."""
+"""Accuracy of members, ensembles and soups on held-out data, and the test metrics of metrics.json."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from papa.data import TileDataset, eval_batches
-from papa.segmentation import pixel_accuracy, tile_confusions
+from papa.forward import eval_mode
+from papa.segmentation import f1_dict, pixel_accuracy, tile_confusions
+from papa.soups import logit_ensemble
 
 
 @torch.no_grad()
@@ -40,29 +42,20 @@ def summary(accuracies) -> dict[str, float]:
 
 def member_logits(pop, data, indices=None, batch_size: int = 500, device="cpu") -> list[Tensor]:
     """Each member's logits (eval mode) on ``data``; one pass over the data serves every member."""
-    was_training = pop.template.training
-    pop.eval()
-    try:
-        with torch.no_grad():
-            out = [[] for _ in range(pop.size)]
-            for x, _ in eval_batches(data, indices, batch_size, device):
-                for j in range(pop.size):
-                    out[j].append(pop.forward(j, x).float().cpu())
-        return [torch.cat(chunks) for chunks in out]
-    finally:
-        pop.train(was_training)
+    out = [[] for _ in range(pop.size)]
+    with torch.no_grad(), eval_mode(pop.template):
+        for x, _ in eval_batches(data, indices, batch_size, device):
+            for j in range(pop.size):
+                out[j].append(pop.forward(j, x).float().cpu())
+    return [torch.cat(chunks) for chunks in out]
 
 
 def member_confusions(pop, data: TileDataset, indices=None, device="cpu", ensemble: bool = False):
     """``tile_confusions`` of every member (in eval mode; the population's mode is restored), plus their
     logit ensemble last with ``ensemble``."""
-    was_training = pop.template.training
-    pop.eval()
-    try:
+    with eval_mode(pop.template):
         return tile_confusions([lambda x, j=j: pop.forward(j, x) for j in range(pop.size)], data, indices, device,
                                ensemble=ensemble)
-    finally:
-        pop.train(was_training)
 
 
 def population_scores(pop, data, indices=None, batch_size: int = 500, device="cpu") -> list[tuple[float, float]]:
@@ -80,3 +73,26 @@ def accuracy(module, data, indices=None, batch_size: int = 500, device="cpu") ->
     if isinstance(data, TileDataset):
         return pixel_accuracy(tile_confusions([module], data, indices, device)[0][0])
     return scores(predict(module, data, indices, batch_size, device), labels_of(data, indices))[0]
+
+
+def held_out_metrics(pop, soups: dict, test, batch_size: int = 500, device="cpu") -> dict:
+    """metrics.json's test scores: every member's accuracy (``members``), their logit ensemble's and each
+    soup's (by name). For a segmentation dataset, pixel accuracies under the same keys plus per-class F1 (A.8):
+    ``f1_members`` (one {class: F1, 'average': mean F1} per member) and scalar keys ``<model>_f1_<class>`` and
+    ``<model>_f1_average`` for model = mean (over members), ensemble and each soup."""
+    if not isinstance(test, TileDataset):
+        labels = labels_of(test)
+        logits = member_logits(pop, test, None, batch_size, device)
+        return {"members": [scores(z, labels)[0] for z in logits],
+                "ensemble": scores(logit_ensemble(logits), labels)[0],
+                **{name: scores(predict(m, test, None, batch_size, device), labels)[0] for name, m in soups.items()}}
+    confs, _ = member_confusions(pop, test, None, device, ensemble=True)
+    soup_confs = dict(zip(soups, tile_confusions(list(soups.values()), test, None, device)[0], strict=True))
+    member_f1 = [f1_dict(c, test.classes) for c in confs[:-1]]
+    f1 = {"mean": {k: sum(m[k] for m in member_f1) / len(member_f1) for k in member_f1[0]},
+          "ensemble": f1_dict(confs[-1], test.classes),
+          **{name: f1_dict(c, test.classes) for name, c in soup_confs.items()}}
+    return {"members": [pixel_accuracy(c) for c in confs[:-1]], "ensemble": pixel_accuracy(confs[-1]),
+            **{name: pixel_accuracy(c) for name, c in soup_confs.items()},
+            "classes": list(test.classes), "f1_members": member_f1,
+            **{f"{model}_f1_{k}": v for model, values in f1.items() for k, v in values.items()}}

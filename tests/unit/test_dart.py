@@ -90,7 +90,7 @@ def test_grayscale_images_work_too():
 def test_randaugment_on_image_folders_is_reproducible(tmp_path):
     """The ImageFolder path applies timm's RandAugment per image under the image's own seed."""
     from papa.data import load_dataset, make_stream
-    from tests.test_data import _write_images
+    from tests.unit.test_data import _write_images
 
     for part in ("train", "val"):
         for cls in ("cat", "dog"):

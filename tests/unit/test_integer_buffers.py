@@ -140,10 +140,10 @@ def test_repair_rebuilds_the_counts_from_its_batches():
         assert pop.buffers[KEY].tolist() == [3] * 4
 
 
-# the communicator's math (papa.distributed_ops) in one process: a gloo group of one rank ---------------------
+# the averaging through the torchrun communicator (papa.distributed) in one process: a gloo group of one rank --
 @pytest.fixture
 def one_rank():
-    from papa.distributed_ops import Distributed
+    from papa.distributed import Distributed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -157,15 +157,15 @@ def one_rank():
 
 def test_distributed_push_average_and_mix_round_the_counts(one_rank):
     pop = population()
-    one_rank.push_(pop, 0.9)
+    averaging.push_toward_average_(pop, 0.9, comm=one_rank)
     check(pop, 0.9 * torch.eye(4, dtype=torch.float64) + 0.1 * uniform())
     pop = population()
-    one_rank.average_all_(pop)
+    averaging.average_all_(pop, comm=one_rank)
     check(pop, uniform())
     pop = population()
     matrix = torch.tensor([[0.3, 0.7, 0, 0], [0, 0.5, 0.25, 0.25], [0.1, 0.1, 0.1, 0.7], [0.6, 0, 0, 0.4]],
                           dtype=torch.float64)
-    one_rank.mix_(pop, matrix)
+    averaging.mix_(pop, matrix, comm=one_rank)
     check(pop, matrix)
     # the floating tensors agree with the single-process averaging
     ref = population()

@@ -17,7 +17,7 @@ import pytest
 from papa import config as cfg
 from papa.report import paper, plan, tables
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "config" / "paper").glob("*.yaml"))
 PAPER_IDS = [
     "table1",

@@ -98,9 +98,9 @@ def test_papa_pushes_every_10_steps_with_alpha_099(prepared, monkeypatch):
     alphas = []
     original = averaging.push_toward_average_
 
-    def recording(pop, alpha):
-        alphas.append(alpha)
-        return original(pop, alpha)
+    def recording(pop, alpha, lr_ratio=1.0, comm=None):
+        alphas.append(1 - min((1 - alpha) * lr_ratio, 1))  # the strength of the push
+        return original(pop, alpha, lr_ratio, comm)
 
     monkeypatch.setattr(averaging, "push_toward_average_", recording)
     exp = small(train={"epochs": 5})

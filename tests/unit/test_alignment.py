@@ -8,10 +8,7 @@ from papa.alignment import (
     UNSUPPORTED,
     align,
     align_population,
-    aligned_average_soup,
-    aligned_greedy_soup,
     correlations,
-    greedy_alignment,
     invert,
     match,
     permutation_spec,
@@ -24,7 +21,7 @@ from papa.models.resnet_cifar import CifarResNet
 from papa.models.vgg import VGG
 from papa.population import Population
 from papa.repair import repair, reset_batchnorm
-from papa.soups import average_soup, greedy_soup
+from papa.soups import aligned_average_soup, aligned_greedy_soup, average_soup, greedy_alignment, greedy_soup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -321,16 +321,23 @@ def test_repair_population_matches_repair_per_row(kind):
                 torch.testing.assert_close(t, want.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_repair_population_refuses_bias_free_layers_outside_batchnorm():
-    def relu_then_bn():  # the BatchNorm does not see the convolution's output itself
-        return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.ReLU(), nn.BatchNorm2d(8), *_head(8))
+@pytest.mark.parametrize("stacked", [False, True])
+def test_repair_population_leaves_bias_free_layers_outside_batchnorm_alone(stacked):
+    """Members keep their architecture, so a bias-free layer whose output no BatchNorm takes cannot be
+    shifted in place: it is left as it is (timm's ConViT has such layers), and the layers after it are still
+    repaired."""
+    def relu_then_bn():  # the BatchNorm does not see the first convolution's output itself
+        return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.ReLU(), nn.BatchNorm2d(8),
+                             nn.Conv2d(8, 8, 3), nn.ReLU(), *_head(8))
 
-    for factory in (bias_free_net, relu_then_bn):
+    for factory, fixed, repaired in ((bias_free_net, ["0.weight", "2.weight"], []),
+                                     (relu_then_bn, ["0.weight"], ["3.weight", "3.bias"])):
         pre, pop = mixed_population(factory, torch.full((P, P), 1.0 / P, dtype=torch.float64))
         moments, before = member_moments(pre, data()), {k: v.clone() for k, v in pop.state_dict().items()}
-        with pytest.raises(ValueError, match="no bias"):
-            repair_population_(pop, torch.full((P, P), 1.0 / P), data(), moments)
-        assert all(torch.equal(pop.state_dict()[k], v) for k, v in before.items())
+        repair_population_(pop, torch.full((P, P), 1.0 / P), data(), moments, stacked=stacked)
+        assert pop.state_dict().keys() == before.keys()
+        assert all(torch.equal(pop.params[k], before[k]) for k in fixed)
+        assert all(not torch.equal(pop.params[k], before[k]) for k in repaired)
 
 
 def test_the_classifier_producing_the_output_is_not_rescaled():

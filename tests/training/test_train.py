@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from papa import runs
+from papa.build import lr_factor
 from papa.config import deep_merge
 from papa.data import load_split
-from papa.evaluate import predict, scores
+from papa.metrics import predict, scores
 from papa.soups import average_soup
-from papa.train import Trainer, lr_factor
+from papa.train import Trainer
 from tests.helpers import REPO, papa, tiny_experiment, write_config
 
 
@@ -103,6 +104,31 @@ def test_averaging_happens_every_k_epochs_inside_the_window_never_at_the_end(
         assert len(accs) == 1
 
 
+def test_genetic_ablations_select_parents_or_pair_children_then_mutate(tmp_path):
+    """Tables 15-17's ablations: with tournament and elitist selection every member after an averaging is a
+    kept parent or the half/half child of two parents (without REPAIR, exactly); mutations then add
+    N(0, (std/g)^2) noise to every parameter, after the same selection."""
+    genetic = {"tournament": True, "elitism": True}
+    populations = {}
+    for std in (0.0, 0.01):
+        exp = tiny_experiment(population={"size": 4}, averaging={"papa-2": {"repair": False},
+                                                                 "genetic": {**genetic, "mutation_std": std}})
+        splits, split, _ = prepared(tmp_path, exp)
+        trainer = Trainer(exp, "papa-2", 1, splits, split, progress=False)
+        before = {n: t.detach().clone() for n, t in trainer.pop.tensors()}
+        trainer.average()
+        assert trainer.averager.generation == 1
+        populations[std] = trainer.pop.state_dict()
+    flat = lambda state, j: torch.cat([t[j].double().flatten() for t in state.values()])  # noqa: E731
+    parents = [flat(before, j) for j in range(4)]
+    candidates = parents + [(a + b) / 2 for i, a in enumerate(parents) for b in parents[i + 1:]]
+    for j in range(4):
+        assert min((flat(populations[0.0], j) - c).abs().max() for c in candidates) < 1e-6
+    noise = torch.cat([(populations[0.01][n] - t).flatten() for n, t in populations[0.0].items()
+                       if t.is_floating_point() and n in trainer.pop.params])
+    assert abs(noise.std().item() - 0.01) < 0.001
+
+
 def test_each_member_draws_its_own_policy_and_data_order(tmp_path):
     exp = tiny_experiment(population={"size": 4})
     splits, split, _ = prepared(tmp_path, exp)
@@ -115,13 +141,13 @@ def test_each_member_draws_its_own_policy_and_data_order(tmp_path):
 
 
 def test_per_batch_redraws_the_regularization_every_batch(tmp_path):
-    from papa.data.stream import _policy
+    from papa.data.stream import batch_policy
 
     exp = tiny_experiment(population={"size": 1}, augment={"per_batch": True})
     splits, split, _ = prepared(tmp_path, exp)
     trainer = Trainer(exp, "baseline", 1, splits, split, progress=False)
     g = torch.Generator().manual_seed(0)
-    drawn = {tuple(sorted(vars(_policy(trainer.stream, 0, g)).items())) for _ in range(30)}
+    drawn = {tuple(sorted(vars(batch_policy(trainer.stream, 0, g)).items())) for _ in range(30)}
     assert len(drawn) > 3
 
 
@@ -259,7 +285,7 @@ def test_stacked_engine_repairs_through_the_stacked_forward_with_the_loops_resul
         exp = tiny_experiment(train={"epochs": 2, "engine": engine})
         splits, split, _ = prepared(tmp_path, exp)
         trainer = Trainer(exp, "papa-all", 1, splits, split, progress=False)
-        assert trainer.stacked_repair == (engine == "stacked")
+        assert trainer.stacked == (engine == "stacked")
         trainer.run_epoch()
         trainer.average()
         pops[engine] = trainer.pop

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFINITION = ROOT / "containers" / "papa.def"
 PROFILE = ROOT / "workflow" / "profiles" / "slurm" / "config.yaml"
 SNAKEFILE = ROOT / "workflow" / "Snakefile"

@@ -536,7 +536,7 @@ def test_shipped_configs_and_paper_values_agree():
     """Every config renders what it names, and every shipped paper value lands in some table's cell."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "config"
+    root = Path(__file__).resolve().parents[2] / "config"
     cells_of = {table_id: set() for table_id in paper.available()}
     for path in sorted(root.glob("**/*.yaml")):
         config = cfg.load_config(path)

@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch.optim.swa_utils import SWALR
 
-from papa import swa
+from papa.build import lr_factor
 from papa.checkpoint import load_tensors, save_tensors
-from papa.config import deep_merge
+from papa.config import deep_merge, swa_start_epoch
 from papa.population import Population
-from papa.repair import reset_batchnorm
+from papa.repair import reset_batchnorm, reset_batchnorm_
 from papa.rng import generator
-from papa.train import Stopped, Trainer, lr_factor
+from papa.train import Stopped, Trainer
 from tests.conftest import small_cnn
 from tests.helpers import papa, tiny_experiment, write_config
-from tests.test_train import prepared
+from tests.training.test_train import prepared
 
 # 4 epochs of 22 steps; SWA over the last two (start 0.5), reaching its rate after one epoch
 SWA = {"train": {"epochs": 4, "swa": {"start": 0.5, "lr": 0.02, "anneal_epochs": 1, "bn_batches": 3}}}
@@ -84,7 +84,7 @@ def test_swa_learning_rate_follows_swalr_to_the_swa_rate(anneal, anneal_epochs, 
     regular = tiny_experiment(train={"epochs": epochs, "optimizer": {"lr": lr0},
                                      "schedule": {"name": "multistep", "milestones": [0.2], "gamma": 0.5}})
     first = 3 if start == 0.3 else 4
-    assert swa.start_epoch(exp) == first
+    assert swa_start_epoch(exp) == first
     for step in range(first * spe):  # before SWA: the regular schedule
         assert lr_factor(exp, step, spe) == lr_factor(regular, step, spe)
     # SWALR built at the SWA start from the schedule's rate there, stepped once per epoch
@@ -129,7 +129,7 @@ def test_batchnorm_recomputation_is_update_bn_for_every_member(stacked, one_thre
         t.fill_(7)  # stale statistics, to be replaced entirely
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(3, 5, 1, 6, 6, generator=gen) * (j + 1) for j in range(4)]
-    assert swa.recompute_batchnorm_(pop, batches, stacked=stacked) == 4
+    assert reset_batchnorm_(pop, batches, stacked=stacked) == 4
     for j in range(3):
         member = pop.member(j)
         expected = reset_batchnorm(pop.member(j), [x[j] for x in batches])
@@ -221,7 +221,7 @@ def test_table13_renders_in_the_papers_layout(tmp_path):
     from papa import config as cfg
     from papa.report import aggregate, plan, tables
     from tests.helpers import REPO
-    from tests.test_report import fake_metrics
+    from tests.unit.test_report import fake_metrics
 
     config = cfg.load_config(REPO / "config/paper/table13.yaml")
     plan.check(config)

@@ -1,6 +1,6 @@
 """(slow) The tiny pipeline on a real SLURM cluster through workflow/profiles/slurm: every step but the local
 rules goes through `sbatch`, training jobs to the `gpu` partition with one GPU each, every command inside
-the image (`apptainer exec --nv`, through the stand-in of tests/test_containers.py).
+the image (`apptainer exec --nv`, through the stand-in of tests/cluster/test_containers.py).
 
 .ci/setup-slurm.sh starts the single-node cluster this expects (partitions `cpu` and `gpu`, the node
 advertising GPUs as a generic resource); on a cluster without a `gpu` partition with GPUs the training
@@ -19,7 +19,7 @@ import sys
 import pytest
 import yaml
 
-from tests.test_containers import PROFILE, SNAKEFILE, SUBCOMMAND, exec_calls, fake_apptainer, tiny_workdir
+from tests.cluster.test_containers import PROFILE, SNAKEFILE, SUBCOMMAND, exec_calls, fake_apptainer, tiny_workdir
 
 SLURM_COMMANDS = ("sbatch", "squeue", "scontrol", "sinfo", "srun", "scancel")
 # the rules of the tiny config that run as SLURM jobs (the others are local rules)

@@ -124,3 +124,13 @@ def test_no_wording_about_who_wrote_the_software():
     for path in texts:
         found = re.findall(r"\b(?:sessions?|agents?)\b", path.read_text(), flags=re.I)
         assert not found, f"{path.relative_to(REPO)}: {found}"
+
+
+def test_what_is_in_the_box_names_every_module_and_folder():
+    """The README's layout lists every module and sub-package of papa/ and every folder of tests/."""
+    box = (REPO / "README.md").read_text().split("## What is in the box", 1)[1].split("```")[1]
+    listed = set(re.findall(r"[\w.-]+\.py|[\w-]+/", box))
+    for package in ("papa", "tests"):
+        found = {p.name + "/" if p.is_dir() else p.name for p in (REPO / package).iterdir()
+                 if p.name != "__pycache__" and (p.is_dir() or package == "papa" and p.suffix == ".py")}
+        assert found - {"__init__.py"} <= listed, sorted(found - {"__init__.py"} - listed)

@@ -12,6 +12,7 @@ papa.swa) through counting wrappers, plus the history.csv a run writes."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import sys
 from pathlib import Path
@@ -34,8 +35,8 @@ N_TRAIN = 1408  # digits: 1437 training images less the 2% validation split
 class Events:
     """What happens during a run, step by step. ``steps``: optimizer steps so far; ``lrs[s]``: the learning
     rate step s + 1 used; ``moved[s]``: for each parameter tensor of the optimizer, whether step s + 1 changed
-    it; ``calls``: (name, step, args) of every watched library call, ``step`` being the optimizer steps done
-    before it."""
+    it; ``calls``: (name, step, arguments by parameter name) of every watched library call, ``step`` being
+    the optimizer steps done before it."""
 
     def __init__(self, monkeypatch, moves: bool = False):
         self.steps, self.lrs, self.moved, self.calls = 0, [], [], []
@@ -63,9 +64,12 @@ class Events:
         """Record every call of ``owner.name``, wherever a papa module holds that function (a module that
         imported it by name included)."""
         original = getattr(owner, name)
+        signature = inspect.signature(original)
 
         def wrapper(*args, **kwargs):
-            self.calls.append((name, self.steps, args))
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            self.calls.append((name, self.steps, dict(bound.arguments)))
             return original(*args, **kwargs)
 
         if isinstance(owner, type):
@@ -80,7 +84,7 @@ class Events:
         """The steps at which ``name`` was called."""
         return [step for n, step, _ in self.calls if n == name]
 
-    def args(self, name: str) -> list[tuple]:
+    def args(self, name: str) -> list[dict]:
         return [args for n, _, args in self.calls if n == name]
 
 
@@ -144,7 +148,8 @@ def test_papa_pushes_every_f_steps_across_epochs(events, split_path, tmp_path, e
     expected = [s for s in range(1, total + 1) if s % every == 0 and lo < s <= hi]
     assert events.at("push_toward_average_") == expected
     assert any((s % spe) % every for s in expected)  # some pushes are not every-th step of their epoch
-    alphas = [args[1] for args in events.args("push_toward_average_")]
+    # the push's own strength: theta <- theta + w (mean - theta), w = min((1 - alpha) lr_ratio, 1)
+    alphas = [1 - min((1 - a["alpha"]) * a["lr_ratio"], 1) for a in events.args("push_toward_average_")]
     scale = [cosine(exp, s, total) if scaled else 1.0 for s in expected]
     assert alphas == pytest.approx([1 - 0.1 * f for f in scale], rel=0, abs=1e-12)
 
@@ -188,7 +193,7 @@ def test_epoch_averaging_every_k_epochs_but_the_last(events, split_path, tmp_pat
         assert sorted(set(rows.epoch)) == expected and len(rows) == 3 * len(expected)
     assert len(history[history.phase == "end"]) == 3 * epochs
     if variant == "papa-2":
-        for _, matrix in events.args("mix_"):  # each row: two distinct members, half and half
+        for matrix in (a["matrix"] for a in events.args("mix_")):  # each row: two distinct members, half and half
             assert all(sorted(row.tolist()) == [0.0, 0.5, 0.5] for row in matrix)
 
 

@@ -420,8 +420,8 @@ def resnet_run(tmp_path_factory, one_thread) -> ResnetRun:
     """Three independently initialized resnet20 (the architectures alignment supports) with the BatchNorm
     statistics of training images, saved as a run of `papa train`; their validation accuracies rank them 0, 2, 1
     (not member order)."""
+    from papa.build import build_population
     from papa.repair import reset_batchnorm
-    from papa.train import build_population
 
     root = tmp_path_factory.mktemp("resnet")
     exp = tiny_experiment(model={"name": "resnet20"}, population={"size": 3},
@@ -490,11 +490,11 @@ def test_similarity_json_is_the_mean_cosine_of_the_stage_outputs(resnet_run):
 def test_aligned_soups_are_made_of_members_aligned_in_validation_order(resnet_run):
     """soups.align (Appendix A.4): the average soup averages the members aligned one after another to the
     running average, best validation accuracy first; the greedy soup aligns each candidate to the current soup
-    (papa.alignment.greedy_alignment, the same greedy rule); their REPAIR takes its targets from the aligned
+    (papa.soups.greedy_alignment, the same greedy rule); their REPAIR takes its targets from the aligned
     members (the greedy soup's from its own members only). Alignment itself comes from the library (tested in
     test_alignment.py); the order, the data and the populations are checked here."""
-    from papa.alignment import greedy_alignment, sequential_alignment
     from papa.config import deep_merge
+    from papa.soups import greedy_alignment, sequential_alignment
 
     exp = deep_merge(resnet_run.exp, {"soups": {"align": True}})
     info = runs.soups(exp, resnet_run.split_path, resnet_run.dir)

@@ -106,7 +106,7 @@ def test_stacked_bf16_channels_last_training_with_stacked_repair(tmp_path, devic
     """The GPU configuration of the paper runs (stacked, bf16 autocast, channels-last) trains, and PAPA-all
     with REPAIR goes through the stacked forward; the result stays close to the fp32 loop's."""
     fast = _trainer(tmp_path / "fast", device, engine="stacked", precision="bf16", channels_last=True)
-    assert fast.stacked_repair and fast.engine.channels_last
+    assert fast.stacked and fast.engine.channels_last
     reference = _trainer(tmp_path / "ref", device, engine="loop")
     for trainer in (fast, reference):
         trainer.run_epoch()

@@ -1,4 +1,4 @@
-"""The population spread over processes (papa.distributed_ops, for torchrun): every collective operation
+"""The population spread over processes (papa.distributed, for torchrun): every collective operation
 on 2 gloo ranks matches papa.averaging on the whole population, for blocks of unequal size; and
 `torchrun --nproc-per-node 2 -m papa.cli train` gives the population of the single-process run."""
 
@@ -69,13 +69,14 @@ def check_ops(comm) -> None:
         whole_op(ref)
         assert_matches(held, ref, members, what)
 
-    run("push", lambda pop: comm.push_(pop, 0.7), lambda pop: averaging.push_toward_average_(pop, 0.7))
-    run("average_all", comm.average_all_, averaging.average_all_)
+    run("push", lambda pop: averaging.push_toward_average_(pop, 0.7, comm=comm),
+        lambda pop: averaging.push_toward_average_(pop, 0.7))
+    run("average_all", lambda pop: averaging.average_all_(pop, comm=comm), averaging.average_all_)
     for scheme in ("pair-half", "dirichlet", "many-75"):
         m = averaging.mixing_matrix(scheme, p, torch.Generator().manual_seed(p))
-        run(scheme, lambda pop, m=m: comm.mix_(pop, m), lambda pop, m=m: averaging.mix_(pop, m))
+        run(scheme, lambda pop, m=m: averaging.mix_(pop, m, comm), lambda pop, m=m: averaging.mix_(pop, m))
     eye = torch.eye(p, dtype=torch.float64)  # nothing to exchange
-    run("identity", lambda pop: comm.mix_(pop, eye), lambda pop: averaging.mix_(pop, eye))
+    run("identity", lambda pop: averaging.mix_(pop, eye, comm), lambda pop: averaging.mix_(pop, eye))
 
     def moments(j: int) -> dict:
         return {"conv": (torch.full((4,), j + 0.5, dtype=torch.float64), torch.arange(4.0, dtype=torch.float64) + j),
@@ -106,12 +107,12 @@ def ops_worker(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
-    from papa.distributed_ops import Distributed
+    from papa.distributed import Distributed
 
     comm = Distributed.from_env(3, "cpu")  # ranks hold members [0, 1] and [2]
     try:
         assert (comm.rank, comm.world_size, comm.members) == (rank, WORLD, [[0, 1], [2]][rank])
-        assert comm.device({}) == torch.device("cpu") and dist.get_backend() == "gloo"
+        assert comm.device == torch.device("cpu") and dist.get_backend() == "gloo"
         check_ops(comm)
         comm5 = Distributed(5, torch.device("cpu"))  # [0, 1, 2] and [3, 4]
         assert comm5.members == [[0, 1, 2], [3, 4]][rank]

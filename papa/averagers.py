@@ -1,0 +1,207 @@
+"""How each variant averages during training (Algorithm 1): one small object per variant behind the interface
+the training loop calls (``due_after_step``/``push``, ``due_after_epoch``/``average``). ``averager_for`` is the
+only place that reads the variant's name.
+
+- ``Baseline``: members train independently, nothing is averaged.
+- ``Push`` (PAPA, §2.3): every ``every`` steps each member is pulled toward the population mean.
+- ``Replace`` (PAPA-all, PAPA-2 and the weightings of Table 14): every ``every`` epochs the members are replaced
+  by mixtures of members, then REPAIRed.
+- ``Genetic`` (the ablations of Tables 15-17): ``Replace`` with tournament and/or elitist selection.
+
+Gaussian mutations (``averaging.genetic.mutation_std``) and permutation alignment (``align``) apply to ``Push``
+and ``Replace`` alike. ``generation`` counts the averagings so far (mutations shrink as 1/g); checkpoints keep it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from papa import averaging
+from papa.alignment import align_members_, permutation_spec
+from papa.build import align_data
+from papa.errors import PapaError
+from papa.genetic import selection_matrix
+from papa.metrics import accuracy, population_scores
+from papa.repair import member_moments, repair_population_
+from papa.rng import generator
+
+
+@dataclass
+class Baseline:
+    """Independent members: nothing is ever due."""
+
+    window: tuple[float, float] = (0.0, 1.0)  # the fraction of training during which averaging happens
+    generation: int = 0  # averagings so far
+
+    def check(self, trainer) -> None:
+        """Refuse, before training starts, settings the trainer's members cannot honour."""
+
+    def in_window(self, done: int, total: int) -> bool:
+        lo, hi = self.window
+        return lo * total < done <= hi * total
+
+    def due_after_step(self, step: int, total: int) -> bool:
+        return False
+
+    def due_after_epoch(self, epoch: int, epochs: int) -> bool:
+        return False
+
+
+@dataclass
+class _Averaging(Baseline):
+    """What every averaging variant shares: alignment before averaging, mutations after it."""
+
+    name: str = ""  # the variant's key under averaging:
+    align: bool = False
+    align_images: int | None = None
+    mutation_std: float = 0.0
+
+    def check(self, trainer) -> None:
+        if self.align:
+            if trainer.comm.world_size > 1:
+                raise PapaError(f"averaging.{self.name}.align runs in a single process only")
+            permutation_spec(trainer.pop.template)  # fails now, not at the first averaging, on other models
+
+    def align_(self, t) -> None:
+        """Permute every member's units to match member 0's (Appendix A.4), with the optimizer state that
+        follows them (momentum, Adam moments), so each member computes and trains on exactly as before."""
+        companions = []
+        for key in sorted({k for st in t.optimizer.state.values() for k in st}):
+            stacked = {name: t.optimizer.state[p][key] for name, p in t.pop.params.items()
+                       if torch.is_tensor(t.optimizer.state.get(p, {}).get(key))
+                       and t.optimizer.state[p][key].shape == p.shape}
+            companions.append(stacked)
+        data = align_data(t.exp, t.splits, t.split, self.align_images, t.device)
+        align_members_(t.pop, data, reference=0, companions=companions)
+
+    def mutate_(self, t, gen: torch.Generator) -> None:
+        """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (the ablations of Tables 15-17)."""
+        if self.mutation_std <= 0:
+            return
+        seed = int(torch.randint(2**62, (), generator=gen))
+        with torch.no_grad():
+            for i, j in enumerate(t.comm.members):  # one stream per member, wherever it is held
+                member_gen = generator(seed, "member", j)
+                for p in t.pop.params.values():
+                    noise = torch.randn(p.shape[1:], generator=member_gen, dtype=p.dtype).to(p.device)
+                    p[i].add_(noise, alpha=self.mutation_std / self.generation)
+
+
+@dataclass
+class Push(_Averaging):
+    """PAPA: every ``every`` steps, theta_j <- alpha' theta_j + (1 - alpha') mean, where 1 - alpha' is
+    (1 - alpha) scaled by lr_t / lr_0 (``scale_with_lr``, as in the paper)."""
+
+    alpha: float = 0.99
+    every: int = 10
+    scale_with_lr: bool = True
+    lr0: float = 1.0
+
+    def due_after_step(self, step: int, total: int) -> bool:
+        return step % self.every == 0 and self.in_window(step, total)
+
+    def push(self, t) -> None:
+        if self.align:
+            self.align_(t)
+        lr_ratio = t.lr / self.lr0 if self.scale_with_lr else 1.0
+        averaging.push_toward_average_(t.pop, self.alpha, lr_ratio, comm=t.comm)
+        self.generation += 1
+        if self.mutation_std > 0:
+            self.mutate_(t, generator(t.seed, "mutate", t.step))
+
+
+@dataclass
+class Replace(_Averaging):
+    """PAPA-all / PAPA-2: every ``every`` epochs (never after the last one), the members are replaced by the
+    rows of a ``scheme`` mixing matrix, then REPAIRed on ``repair_iters`` batches of each member's own
+    augmented data. ``mix_swa``: members' SWA averages are mixed alike (train.swa.mix_averages)."""
+
+    every: int = 5
+    scheme: str = "all"
+    repair: bool = True
+    repair_iters: int = 5
+    mix_swa: bool = False
+
+    def due_after_epoch(self, epoch: int, epochs: int) -> bool:
+        return epoch % self.every == 0 and epoch < epochs and self.in_window(epoch, epochs)
+
+    def matrix(self, t, gen: torch.Generator) -> Tensor | None:
+        """This generation's mixing matrix; None for PAPA-all's plain average."""
+        return None if self.scheme == "all" else averaging.mixing_matrix(self.scheme, t.comm.p, gen)
+
+    def average(self, t) -> None:
+        self.generation += 1
+        gen = generator(t.seed, "average", t.epoch)
+        if self.align:  # before REPAIR's moments: they are measured on the aligned members
+            self.align_(t)
+
+        def batches(member, g):  # member j's own augmentation, a generator seeded 666 (Algorithm 5)
+            return t.stream.member_batches(member, g, self.repair_iters)
+
+        if self.repair:
+            moments = t.comm.all_moments(member_moments(t.pop, batches, self.repair_iters, stacked=t.stacked,
+                                                        members=t.comm.members))
+        matrix = self.matrix(t, gen)
+        uniform = matrix is None
+        if uniform:
+            averaging.average_all_(t.pop, comm=t.comm)
+            matrix = averaging.mixing_matrix("all", t.comm.p)
+        else:
+            averaging.mix_(t.pop, matrix, t.comm)
+        if self.repair:
+            repair_population_(t.pop, matrix[t.comm.members], batches, moments, self.repair_iters,
+                               members=t.comm.members, stacked=t.stacked)
+        if self.mix_swa and t.swa is not None and t.swa.count:
+            # The members were replaced by mixtures of members: their SWA averages follow (the mixing is linear,
+            # so each stays the running mean of its mixed lineage's iterates; REPAIR is not applied to them,
+            # the final BatchNorm recomputation does that work).
+            if uniform:
+                averaging.average_all_(t.swa.average, comm=t.comm)
+            else:
+                averaging.mix_(t.swa.average, matrix, t.comm)
+        self.mutate_(t, gen)
+
+
+@dataclass
+class Genetic(Replace):
+    """``Replace`` whose mixtures come from tournament and/or elitist selection (papa.genetic), judged by
+    validation accuracy."""
+
+    tournament: bool = False
+    elitism: bool = False
+
+    def matrix(self, t, gen: torch.Generator) -> Tensor:
+        if t.comm.world_size > 1:
+            raise PapaError("the genetic-algorithm ablations (averaging.genetic) run in a single process only")
+        bs = t.exp["train"]["eval_batch_size"]
+        fitness = [va for va, _ in population_scores(t.pop, t.splits.train, t.split["val"], bs, t.device)]
+
+        def child_fitness(state: dict[str, Tensor]) -> float:
+            module = t.pop.module_from_state(state).to(t.device).eval()
+            return accuracy(module, t.splits.train, t.split["val"], bs, t.device)
+
+        genetic = {"tournament": self.tournament, "elitism": self.elitism}
+        return selection_matrix(t.pop, fitness, self.scheme, genetic, gen, child_fitness)
+
+
+def averager_for(variant: str, exp: dict) -> Baseline:
+    """The averaging of ``variant`` (baseline, papa, papa-all or papa-2) with ``exp``'s settings."""
+    a = exp["averaging"]
+    window = tuple(a["window"])
+    if variant == "baseline":
+        return Baseline(window)
+    cfg, genetic = a[variant], a["genetic"]
+    common = {"window": window, "name": variant, "align": cfg["align"], "align_images": a["align_images"],
+              "mutation_std": genetic["mutation_std"]}
+    if variant == "papa":
+        return Push(**common, alpha=cfg["alpha"], every=cfg["every"], scale_with_lr=cfg["scale_with_lr"],
+                    lr0=exp["train"]["optimizer"]["lr"])
+    swa = exp["train"]["swa"]
+    replace = {"every": cfg["every"], "scheme": cfg["scheme"], "repair": cfg["repair"],
+               "repair_iters": cfg["repair_iters"], "mix_swa": swa is not None and swa["mix_averages"]}
+    if genetic["tournament"] or genetic["elitism"]:
+        return Genetic(**common, **replace, tournament=genetic["tournament"], elitism=genetic["elitism"])
+    return Replace(**common, **replace)

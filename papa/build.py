@@ -1,0 +1,146 @@
+"""From a validated experiment config to the objects of a run: device, population, optimizer, learning-rate
+schedule, engine, member policies and the fixed-order data that REPAIR and alignment read. Stateless: each
+function reads the config keys it names and returns one object."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from papa.config import swa_start_epoch
+from papa.data import FolderStream, MemberStream, PatchStream, Policy, draw_policies, eval_batches, make_stream
+from papa.engines import Engine, choose_engine
+from papa.errors import PapaError
+from papa.models import create_model
+from papa.population import Population
+from papa.rng import generator
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device``: ``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PapaError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_population(exp: dict, splits, seed: int, members: list[int] | None = None) -> Population:
+    """``population.size`` members of ``model`` (only ``members`` of them: one process's share), trainable."""
+    m = exp["model"]
+
+    def factory():
+        return create_model(
+            m["name"], num_classes=splits.num_classes, in_channels=splits.in_channels,
+            pretrained=m["pretrained"], **m["kwargs"],
+        )
+
+    p = exp["population"]
+    pop = Population.from_factory(factory, p["size"], seed=seed, same_init=p["same_init"], members=members)
+    return pop.requires_grad_()
+
+
+def build_optimizer(exp: dict, pop: Population) -> torch.optim.Optimizer:
+    """One optimizer over the stacked parameters: SGD and AdamW are elementwise, so this is exactly p
+    independent optimizers (and keeps each member's momentum across averaging)."""
+    o = exp["train"]["optimizer"]
+    params = pop.parameters()
+    if o["name"] == "sgd":
+        return torch.optim.SGD(
+            params, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0,
+            weight_decay=o["weight_decay"],
+        )
+    return torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+
+
+def build_engine(exp: dict, device: torch.device, p: int) -> Engine:
+    """``train.engine`` (``auto`` resolved for the device and population size) with its speed options."""
+    t = exp["train"]
+    return Engine(choose_engine(t["engine"], device, p), compile=t["compile"], channels_last=t["channels_last"])
+
+
+# the learning-rate schedule ------------------------------------------------------------------------
+def lr_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based), updated every step (Algorithm 1).
+
+    With ``train.swa`` the regular schedule (still defined over ``train.epochs``) stops at the SWA start;
+    from there SWALR's annealing, once per epoch, takes the rate to the SWA rate over ``anneal_epochs``
+    epochs (linearly or with a half cosine), then holds it there."""
+    start = swa_start_epoch(exp)
+    if start is None or step < start * steps_per_epoch:
+        return schedule_factor(exp, step, steps_per_epoch)
+    swa, lr0 = exp["train"]["swa"], exp["train"]["optimizer"]["lr"]
+    if swa["anneal_epochs"] == 0:
+        w = 1.0
+    else:
+        t = min((step // steps_per_epoch - start) / swa["anneal_epochs"], 1.0)
+        w = t if swa["anneal"] == "linear" else (1.0 - math.cos(math.pi * t)) / 2.0
+    return (1.0 - w) * schedule_factor(exp, start * steps_per_epoch, steps_per_epoch) + w * swa["lr"] / lr0
+
+
+def schedule_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
+    """The regular schedule's learning-rate multiplier at optimizer step ``step``."""
+    s = exp["train"]["schedule"]
+    epochs, lr0 = exp["train"]["epochs"], exp["train"]["optimizer"]["lr"]
+    total = epochs * steps_per_epoch
+    floor = s["lr_min"] / lr0
+    if s["name"] == "constant":
+        return 1.0
+    if s["name"] == "multistep":
+        passed = sum(step >= round(m * epochs) * steps_per_epoch for m in s["milestones"])
+        return s["gamma"] ** passed
+    if s["name"] == "linear":
+        return 1.0 + (floor - 1.0) * min(step / total, 1.0)
+    if s["restart_every"]:
+        period = s["restart_every"] * steps_per_epoch
+        t = (step % period) / period
+    else:
+        t = min(step / total, 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# members and data ------------------------------------------------------------------------------------
+def member_policies(exp: dict, seed: int) -> list[Policy]:
+    """Every member's augmentation and regularization: listed (``augment.members``), or drawn from the grid."""
+    a, p = exp["augment"], exp["population"]["size"]
+    base = {"crop_padding": a["crop_padding"], "flip": a["flip"]}
+    if a["members"] is not None:
+        if len(a["members"]) != p:
+            raise PapaError(f"augment.members lists {len(a['members'])} policies for a population of {p}")
+        try:
+            return [Policy(**{**base, **m}) for m in a["members"]]
+        except TypeError as e:
+            raise PapaError(f"augment.members: {e}") from None
+    if not a["enabled"]:
+        return [Policy(**base) for _ in range(p)]
+    return draw_policies(a["grid"], p, generator(seed, "policies"), base)
+
+
+def build_stream(exp: dict, splits, split: dict, policies: list[Policy], seed: int, device,
+                 members: list[int]) -> MemberStream | FolderStream | PatchStream:
+    """The training batches of ``members``: each member's own data order and augmentation (``policies``), the
+    regularization redrawn every batch with ``augment.per_batch``."""
+    t, a = exp["train"], exp["augment"]
+    if splits.kind != "segmentation" and len(split["train"]) < t["batch_size"]:
+        raise PapaError(f"train.batch_size {t['batch_size']} exceeds the {len(split['train'])} training images")
+    per_batch = a["grid"] if a["per_batch"] and a["enabled"] else None
+    return make_stream(splits, split["train"], t["batch_size"], policies, seed, device, per_batch=per_batch,
+                       member_ids=members, **loader_options(exp, splits))
+
+
+def loader_options(exp: dict, splits) -> dict:
+    """Stream and batch options of the dataset's kind: DataLoader workers for ImageFolder data."""
+    return {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
+
+
+def fixed_batches(exp: dict, splits, dataset, indices, device):
+    """Unaugmented batches of ``dataset``'s ``indices`` in a fixed order: a callable as REPAIR and
+    papa.alignment take."""
+    bs, options = exp["train"]["eval_batch_size"], loader_options(exp, splits)
+    return lambda _member, _gen: eval_batches(dataset, indices, bs, device, **options)
+
+
+def align_data(exp: dict, splits, split: dict, images: int | None, device):
+    """Feature-matching data (Appendix A.4): the first ``images`` training-split images (all when None)."""
+    return fixed_batches(exp, splits, splits.train, list(split["train"])[:images], device)
