@@ -4,13 +4,14 @@ history), soups, similarity, evaluate (metrics.json)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import signal
 import sys
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from papa import config as cfg
@@ -142,7 +143,14 @@ def clear_outputs(out: Path) -> list[str]:
 
 
 def write_history(out: Path, trainer: Trainer) -> None:
-    write_text(out / "history.csv", pd.DataFrame(trainer.history.rows).to_csv(index=False))
+    """history.csv: one row per (epoch, member, phase) so far (the csv module: every stage pays for pandas'
+    import otherwise)."""
+    rows, text = trainer.history.rows, io.StringIO()
+    if rows:
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    write_text(out / "history.csv", text.getvalue())
 
 
 def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, progress, comm) -> Trainer:
