@@ -510,6 +510,13 @@ def repair(
     return out
 
 
+def in_place_layers(layers: list[_Layer]) -> list[_Layer]:
+    """The layers in-place REPAIR changes: those with a bias (rescaled and shifted) and the bias-free ones
+    feeding a BatchNorm (rescaled; the BatchNorm absorbs the shift). A bias-free layer feeding no BatchNorm
+    could only be shifted by adding a bias, which would change the members' architecture: it is left alone."""
+    return [layer for layer in layers if layer.module.bias is not None or layer.feeds_bn]
+
+
 def repair_population_(
     pop: Population, matrix, batches: Batches, moments: list[Moments], iters: int = 5, seed: int = 666,
     members: list[int] | None = None, stacked: bool = False,
@@ -524,7 +531,10 @@ def repair_population_(
 
     Members keep their architecture, so no bias can be added. A bias-free layer whose output goes straight
     into a BatchNorm is only rescaled: that BatchNorm's rebuilt running mean absorbs any per-channel shift
-    exactly, so everything from the BatchNorm on matches ``repair``. Any other bias-free layer is an error.
+    exactly, so everything from the BatchNorm on matches ``repair``. Any other bias-free layer (a
+    transformer's bias-free attention projections, e.g. timm ConViT's ``qk``/``v``) cannot have its mean
+    shifted in place, so it is left alone, neither shifted nor rescaled, as the authors' REPAIR leaves
+    every non-convolution layer alone (``in_place_layers``).
 
     ``stacked``: every member at once through vmapped full forward passes, instead of one member copy at
     a time with passes cut short at the layer being repaired; the same result up to float rounding.
@@ -541,24 +551,24 @@ def repair_population_(
     def data(i: int) -> list[Tensor]:
         return [x[i] for x in stacked_xs] if stacked else _data(batches, members[i], iters, seed, pop.device)
 
-    # Same architecture for every member: checked on member 0, before anything is written.
-    layers = _preactivations(pop.member(0), data(0)[0])
-    unfixable = [layer.name for layer in layers if layer.module.bias is None and not layer.feeds_bn]
-    if unfixable:
-        raise ValueError(
-            f"cannot repair a population in place: layers {unfixable[:3]} have no bias and do not feed a "
-            "BatchNorm (repair a soup with repair(), which adds the biases)"
-        )
+    # Same architecture for every member: found on member 0.
+    layers = in_place_layers(_preactivations(pop.member(0), data(0)[0]))
     if stacked:
         _stacked_repair_(pop, stacked_xs, [_targets(moments, r) for r in rows], seed, layers)
         return pop
     for i in range(p):
         member, xs = pop.member(i), data(i)
-        _repair_(member, xs, _targets(moments, rows[i]), seed, _preactivations(member, xs[0]), create_bias=False)
-        state = {**dict(member.named_parameters()), **dict(member.named_buffers())}
+        _repair_(member, xs, _targets(moments, rows[i]), seed, in_place_layers(_preactivations(member, xs[0])),
+                 create_bias=False)
+        # copied back: what REPAIR writes, the parameters and BatchNorm statistics (another buffer may be a
+        # cache the forward pass rebuilt in another shape, e.g. timm ConViT's rel_indices)
+        state = dict(member.named_parameters()) | {
+            f"{n}.{b}" if n else b: t for n, m in member.named_modules() if isinstance(m, _BatchNorm)
+            for b, t in m.named_buffers(recurse=False)}
         with torch.no_grad():
             for name, t in pop.tensors():
-                t[i].copy_(state[name])
+                if name in state:
+                    t[i].copy_(state[name])
     return pop
 
 
