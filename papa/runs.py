@@ -50,6 +50,10 @@ def load_data(exp: dict):
     d, m = exp["data"], exp["model"]
     options = {"image_size": d["image_size"]} if d["image_size"] else {}
     splits = load_dataset(d["dataset"], d["root"], **options, **d["options"])
+    if d.get("subset"):  # smoke scale: a few items of each set
+        from papa.data.subset import subset_splits
+
+        splits = subset_splits(splits, **d["subset"])
     stats = pretrained_normalization(m["name"], m["pretrained"])
     if stats is not None and len(stats[0]) == splits.in_channels:
         for part in (splits, splits.train, splits.test):

@@ -22,13 +22,13 @@ rule render_table:
         metrics=METRICS,
     output:
         md=report(
-            "reports/{table}.md",
+            f"{REPORTS}/{{table}}.md",
             caption="../report/table.rst",
             category="Tables",
             labels={"table": "{table}", "format": "Markdown"},
         ),
         csv=report(
-            "reports/{table}.csv",
+            f"{REPORTS}/{{table}}.csv",
             caption="../report/table.rst",
             category="Tables",
             labels={"table": "{table}", "format": "CSV"},
@@ -54,7 +54,7 @@ rule plot_figure:
         histories=histories,
     output:
         png=report(
-            "reports/{figure}.png",
+            f"{REPORTS}/{{figure}}.png",
             caption="../report/figure.rst",
             category="Figures",
             labels={"figure": "{figure}"},
