@@ -6,10 +6,11 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 VENV := .venv
 CORES ?= all
 PYTEST_ARGS ?=
+SMOKE_ARGS ?=
 # rules call `papa`; the locked environment must come first on PATH
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install reproduce report test lint bench clean
+.PHONY: install reproduce report test lint bench smoke clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,11 @@ reproduce: install
 test: install
 	$(VENV)/bin/ruff check papa tests benchmarks
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# every paper config at smoke scale (scale: smoke, docs/smoke.md) on fake data, in a temporary directory: one
+# summary line per config (time, runs, tables rendered); SMOKE_ARGS="config/paper/table3.yaml --keep" for one
+smoke: install
+	$(VENV)/bin/python -m benchmarks.smoke $(SMOKE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check papa tests benchmarks

@@ -33,6 +33,7 @@ METRICS_KEYS = ("experiment", "variant", "seed", "population", "members", "mean"
                 "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
                 "greedy_soup_members", "soups_aligned", "val_members")
 F1_MODELS = ("mean", "ensemble", "avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
+STEPS = ("prepare", "train", "soups", "evaluate", "similarity")
 SIMILARITY_KEYS = ("experiment", "variant", "seed", "stages", "between_networks", "network_and_avg_soup", "aligned",
                    "repaired", "repair_iters", "test_images")
 
@@ -57,11 +58,17 @@ def fake_data(work: Path, configs: list[Path]) -> tuple[Path, Path]:
 
 def snakemake(work: Path, config: Path, data: Path, hub: Path, *args: str, cores: int = 2,
               timeout: float | None = None) -> subprocess.CompletedProcess:
-    """Snakemake on the repository's workflow, run in ``work``, at smoke scale on the fake data."""
+    """Snakemake on the repository's workflow, run in ``work``, at smoke scale on the fake data; one thread
+    per job (smoke jobs are small: ``cores`` jobs at a time use the cores better than fewer, wider ones)."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory",
-           str(work), "--cores", str(cores), *args, "--configfile", str(config), "--config", "scale=smoke",
-           f"data_root={data}"]
+           str(work), "--cores", str(cores), *args, "--set-threads", *[f"{step}=1" for step in STEPS],
+           "--configfile", str(config), "--config", "scale=smoke", f"data_root={data}"]
     return subprocess.run(cmd, env=environment(hub), capture_output=True, text=True, timeout=timeout)
+
+
+def papa(hub: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "papa.cli", *args], env=environment(hub), capture_output=True,
+                          text=True, check=True)
 
 
 def smoke_config(config: Path, data: Path):
@@ -104,25 +111,51 @@ def metrics_problems(work: Path, config: dict, pairs=None) -> list[str]:
     return problems
 
 
-def table_problems(work: Path, config: dict) -> list[str]:
-    """Cells of the paper's tables (papa/report/paper/<id>.csv) that a rendered table leaves without a value."""
+def cell_runs(config: dict, table: dict) -> dict[tuple[str, str], tuple[str, str]]:
+    """{(row label, column header): (experiment, variant)} of every cell of a table that shows a run."""
+    from papa.report.tables import cell_experiment, cell_variant, columns
+
+    cells = {}
+    for row in table["rows"]:
+        for header, (variant, _) in columns(table, config["variants"], row).items():
+            if (v := cell_variant(row, variant)) is not None and (e := cell_experiment(row, header)) is not None:
+                cells[row["label"], header] = (e, v)
+    return cells
+
+
+def table_problems(work: Path, config: dict, reports: Path | None = None, pairs=None) -> list[str]:
+    """Cells of the paper's tables (papa/report/paper/<id>.csv) that a rendered table leaves without a value;
+    with ``pairs``, only the cells of those runs. Tables are read from ``reports`` (default reports/smoke)."""
     from papa.report import paper
 
+    reports = reports or work / "reports" / "smoke"
     problems = []
     for table in config["tables"]:
-        path = work / "reports" / "smoke" / f"{table['name']}.csv"
+        path = reports / f"{table['name']}.csv"
         if not path.is_file():
-            problems.append(f"reports/smoke/{table['name']}.csv: not rendered")
+            problems.append(f"{path.relative_to(work)}: not rendered")
             continue
         with path.open() as f:
             ours = {(r["row"], r["column"]): r["text"] for r in csv.DictReader(f)}
-        if table["paper"]:
-            wanted = [cell for cell in paper.values(table["paper"]) if cell[0] in {r["label"] for r in table["rows"]}]
-        else:
-            wanted = list(ours)
+        runs = cell_runs(config, table)
+        wanted = list(paper.values(table["paper"])) if table["paper"] else list(runs)
+        wanted = [cell for cell in wanted if cell in runs and (pairs is None or runs[cell] in set(pairs))]
         problems += [f"{path.name}: {row!r} / {column!r}: {ours.get((row, column), 'no cell')!r}"
                      for row, column in wanted if ours.get((row, column), "—") in ("", "—")]
     return problems
+
+
+def render_partial(work: Path, path: Path, config: dict, hub: Path, pairs) -> Path:
+    """Aggregate the metrics of ``pairs`` and render every table of the config from them, with the commands
+    the workflow's rules run (what a config whose runs were not all trained can show); returns the folder."""
+    out = work / "partial" / path.stem
+    metrics = [str(r / "metrics.json") for r in run_dirs(work, config, pairs)]
+    papa(hub, "aggregate", *metrics, "--out", str(out / "metrics.csv"))
+    jobs = work / config["results"] / path.name  # the config the workflow's jobs read (overrides written in)
+    for table in config["tables"]:
+        papa(hub, "render", "--config", str(jobs), "--table", table["name"], "--metrics", str(out / "metrics.csv"),
+             "--md", str(out / f"{table['name']}.md"), "--csv", str(out / f"{table['name']}.csv"))
+    return out
 
 
 @dataclass
@@ -155,21 +188,28 @@ def job_cpu(work: Path, results: str, since: float) -> float:
     return total
 
 
-def run_config(work: Path, path: Path, data: Path, hub: Path, cores: int = 2, targets: list[str] | None = None,
-               pairs=None, timeout: float | None = None) -> Summary:
-    """Smoke-run one config (its default target, or ``targets``) and check what it produced."""
+def run_config(work: Path, path: Path, data: Path, hub: Path, cores: int = 2, pairs=None,
+               timeout: float | None = None) -> Summary:
+    """Smoke-run one config through Snakemake and check what it produced: every run (its default target), or
+    only the runs ``pairs`` ((experiment, variant)), whose tables are then rendered from those runs alone."""
+    from papa.report import plan
+
     config = smoke_config(path, data)
     runs = run_dirs(work, config, pairs)
     before = {r for r in runs if (r / "metrics.json").exists()}
+    shown = set(plan.similarity_runs(config))
+    targets = [f"{config['results']}/{e}/{v}/seed{s}/{name}" for e, v in pairs or [] for s in config["seeds"]
+               for name in ("metrics.json", *(["similarity.json"] if (e, v) in shown else []))]
     start, wall = time.time(), time.perf_counter()
-    done = snakemake(work, path, data, hub, *(targets or []), cores=cores, timeout=timeout)
+    done = snakemake(work, path, data, hub, *targets, cores=cores, timeout=timeout)
     summary = Summary(path.stem, seconds=time.perf_counter() - wall, cpu=job_cpu(work, config["results"], start),
                       runs=len(runs), trained=len({r for r in runs if (r / "metrics.json").exists()} - before),
                       tables=len(config["tables"]), returncode=done.returncode, log=done.stdout + done.stderr)
-    summary.rendered = sum((work / "reports" / "smoke" / f"{t['name']}.md").is_file() for t in config["tables"])
-    summary.problems = metrics_problems(work, config, pairs)
-    if targets is None:
-        summary.problems += table_problems(work, config)
+    if done.returncode:
+        return summary
+    reports = work / "reports" / "smoke" if pairs is None else render_partial(work, path, config, hub, pairs)
+    summary.rendered = sum((reports / f"{t['name']}.md").is_file() for t in config["tables"])
+    summary.problems = metrics_problems(work, config, pairs) + table_problems(work, config, reports, pairs)
     return summary
 
 
