@@ -152,3 +152,28 @@ def test_paper_config_at_smoke_scale(fake, name):
     assert summary.returncode == 0, summary.log[-5000:]
     assert summary.problems == []
     assert summary.rendered == summary.tables
+
+
+# the workflow's --config overrides ----------------------------------------------------------------------
+def test_workflow_runs_a_config_at_smoke_scale_from_the_command_line(tmp_path):
+    from tests.test_workflow import job_counts, snakemake
+
+    done = snakemake(tmp_path, "--dry-run", "--printshellcmds", "--config", "scale=smoke",
+                     f"data_root={tmp_path / 'fake'}", configfile=PAPER / "table1_finetune.yaml")
+    assert job_counts(done.stdout) == {"prepare": 3, "train": 12, "soups": 12, "evaluate": 12, "aggregate": 1,
+                                       "render_table": 2, "all": 1}  # one seed
+    assert "results/smoke/cifar100-convitti-ft-p5/papa-all/seed1/metrics.json" in done.stdout
+    assert "reports/smoke/table1-finetune.md" in done.stdout and "results/metrics.csv" not in done.stdout
+    jobs = tmp_path / "results" / "smoke" / "table1_finetune.yaml"
+    assert "papa train --config results/smoke/table1_finetune.yaml " in done.stdout  # what the jobs read
+    written = cfg.load_yaml(jobs)
+    assert written["scale"] == "smoke" and written["data_root"] == str(tmp_path / "fake")
+
+
+def test_workflow_refuses_a_bad_override(tmp_path):
+    from tests.test_workflow import snakemake
+
+    for override, named in (("scale=tiny", "tiny"), ("colour=red", "colour")):
+        done = snakemake(tmp_path, "--dry-run", "--config", override, configfile=PAPER / "a10.yaml", check=False)
+        assert done.returncode != 0 and named in done.stdout + done.stderr, done.stderr
+    assert not (tmp_path / "results").exists()
