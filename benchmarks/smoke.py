@@ -6,9 +6,9 @@ Writes fake data and fake pretrained weights (`papa fake-data`), then runs
 `snakemake --configfile CONFIG --config scale=smoke data_root=DIR` for each config (config/paper/*.yaml by
 default) in one working directory, so runs shared by several configs train once, and prints one line per
 config: wall time, CPU time of its jobs, runs (and how many trained now), tables rendered, and whether every
-table shows every cell of its paper CSV and every metrics.json has every key. Exits non-zero when a config
-fails or is incomplete; its Snakemake log stays in the working directory. The checks are reused by the CI
-test (tests/test_smoke.py).
+table shows every cell of its paper CSV, every metrics.json has every key and every PAPA-all / PAPA-2 / SWA
+run's history shows its averaging / SWA phase. Exits non-zero when a config fails or is incomplete; its
+Snakemake log stays in the working directory. The checks are reused by the CI test (tests/test_smoke.py).
 """
 
 from __future__ import annotations
@@ -111,6 +111,25 @@ def metrics_problems(work: Path, config: dict, pairs=None) -> list[str]:
     return problems
 
 
+def event_problems(work: Path, config: dict, pairs=None) -> list[str]:
+    """Runs whose history.csv lacks an averaging (PAPA-all, PAPA-2) or the SWA phase their experiment has."""
+    from papa.config import experiment
+    from papa.report import plan
+
+    problems = []
+    for e, v in plan.runs(config) if pairs is None else pairs:
+        exp = experiment(config, e)
+        wanted = {"after_avg"} if v in ("papa-all", "papa-2") else set()
+        wanted |= {"swa"} if exp["train"]["swa"] is not None else set()
+        for s in config["seeds"]:
+            path = work / config["results"] / e / v / f"seed{s}" / "history.csv"
+            if path.is_file():
+                with path.open() as f:
+                    phases = {r["phase"] for r in csv.DictReader(f)}
+                problems += [f"{path.relative_to(work)}: no {phase!r} phase" for phase in sorted(wanted - phases)]
+    return problems
+
+
 def cell_runs(config: dict, table: dict) -> dict[tuple[str, str], tuple[str, str]]:
     """{(row label, column header): (experiment, variant)} of every cell of a table that shows a run."""
     from papa.report.tables import cell_experiment, cell_variant, columns
@@ -209,7 +228,8 @@ def run_config(work: Path, path: Path, data: Path, hub: Path, cores: int = 2, pa
         return summary
     reports = work / "reports" / "smoke" if pairs is None else render_partial(work, path, config, hub, pairs)
     summary.rendered = sum((reports / f"{t['name']}.md").is_file() for t in config["tables"])
-    summary.problems = metrics_problems(work, config, pairs) + table_problems(work, config, reports, pairs)
+    summary.problems = (metrics_problems(work, config, pairs) + table_problems(work, config, reports, pairs)
+                        + event_problems(work, config, pairs))
     return summary
 
 
