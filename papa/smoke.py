@@ -16,7 +16,8 @@ every scheduled event of the full run still happens. The rule (docs/smoke.md spe
   alignment, genetic selection and mutations, which happen there), unfreezing, a warm restart and SWA's
   start. Fractions of training (averaging windows, multistep milestones, an SWA start below 1) are kept;
 - architectures, pretrained weights, variants, averaging schemes, optimizers and augmentations are kept;
-- results go to ``<results>/smoke`` and every table and figure caption starts with "Smoke scale".
+- results go to ``<results>/smoke`` (the workflow puts reports and logs under ``reports/smoke`` and
+  ``logs/smoke``) and every table and figure caption starts with "Smoke scale".
 """
 
 from __future__ import annotations

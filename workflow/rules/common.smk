@@ -27,7 +27,9 @@ config.update(_effective)
 CONTAINER = config["container"] or "containers/papa.sif"
 
 RESULTS = config["results"]
+# smoke runs (papa/smoke.py) keep their results, reports and logs apart from full-scale ones
 REPORTS = "reports/smoke" if config["scale"] == "smoke" else "reports"
+LOGS = "logs/smoke" if config["scale"] == "smoke" else "logs"
 SPLIT = f"{RESULTS}/{{experiment}}/split.json"
 RUN = f"{RESULTS}/{{experiment}}/{{variant}}/seed{{seed}}"
 METRICS = f"{RESULTS}/metrics.csv"

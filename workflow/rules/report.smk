@@ -4,7 +4,7 @@ rule aggregate:
     output:
         METRICS,
     log:
-        "logs/report/aggregate.log",
+        f"{LOGS}/report/aggregate.log",
     benchmark:
         f"{BENCH}/report/aggregate.tsv"
     resources:
@@ -34,7 +34,7 @@ rule render_table:
             labels={"table": "{table}", "format": "CSV"},
         ),
     log:
-        "logs/report/{table}.log",
+        f"{LOGS}/report/{{table}}.log",
     benchmark:
         f"{BENCH}/report/{{table}}.tsv"
     resources:
@@ -60,7 +60,7 @@ rule plot_figure:
             labels={"figure": "{figure}"},
         ),
     log:
-        "logs/report/{figure}.log",
+        f"{LOGS}/report/{{figure}}.log",
     benchmark:
         f"{BENCH}/report/{{figure}}.tsv"
     resources:
