@@ -31,7 +31,7 @@ test: install
 	$(VENV)/bin/ruff check papa tests benchmarks
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# every paper config at smoke scale (scale: smoke, docs/smoke.md) on fake data, in a temporary directory: one
+# every config (paper and default) at smoke scale (scale: smoke, docs/smoke.md) on fake data, in a temporary dir: one
 # summary line per config (time, runs, tables rendered); SMOKE_ARGS="config/paper/table3.yaml --keep" for one
 smoke: install
 	$(VENV)/bin/python -m benchmarks.smoke $(SMOKE_ARGS)

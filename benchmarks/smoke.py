@@ -3,12 +3,13 @@
     python -m benchmarks.smoke [CONFIG ...] [--workdir DIR] [--cores N] [--keep]
 
 Writes fake data and fake pretrained weights (`papa fake-data`), then runs
-`snakemake --configfile CONFIG --config scale=smoke data_root=DIR` for each config (config/paper/*.yaml by
-default) in one working directory, so runs shared by several configs train once, and prints one line per
-config: wall time, CPU time of its jobs, runs (and how many trained now), tables rendered, and whether every
-table shows every cell of its paper CSV, every metrics.json has every key and every PAPA-all / PAPA-2 / SWA
-run's history shows its averaging / SWA phase. Exits non-zero when a config fails or is incomplete; its
-Snakemake log stays in the working directory. The checks are reused by the CI test (tests/test_smoke.py).
+`snakemake --configfile CONFIG --config scale=smoke data_root=DIR` for each config (config/config.yaml and
+config/paper/*.yaml by default) in one working directory, so runs shared by several configs train once, and
+prints one line per config: wall time, CPU time of its jobs, runs (and how many trained now), tables and
+figures made, and whether every table shows every cell of its paper CSV, every metrics.json has every key and
+every PAPA-all / PAPA-2 / SWA run's history shows its averaging / SWA phase. Exits non-zero when a config fails
+or is incomplete; its Snakemake log stays in the working directory. The checks are reused by the CI test
+(tests/test_smoke.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER_CONFIGS = sorted((REPO / "config" / "paper").glob("*.yaml"))
+# the default config too: the only one with figures
+CONFIGS = [REPO / "config" / "config.yaml", *sorted((REPO / "config" / "paper").glob("*.yaml"))]
 # the keys of every metrics.json (docs/interfaces.md), and those a segmentation run adds
 METRICS_KEYS = ("experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
                 "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
@@ -186,6 +188,8 @@ class Summary:
     trained: int = 0
     tables: int = 0
     rendered: int = 0
+    figures: int = 0
+    plotted: int = 0
     returncode: int = 0
     problems: list[str] = field(default_factory=list)
     log: str = ""
@@ -194,7 +198,8 @@ class Summary:
         state = "ok" if not self.returncode and not self.problems else (
             f"FAILED (snakemake exit {self.returncode})" if self.returncode else f"INCOMPLETE ({len(self.problems)})")
         return (f"{self.config:<18} {self.seconds:7.0f} s wall {self.cpu:7.0f} s CPU  {self.runs:3d} runs "
-                f"({self.trained} trained now)  tables {self.rendered}/{self.tables}  {state}")
+                f"({self.trained} trained now)  tables {self.rendered}/{self.tables}  figures {self.plotted}/"
+                f"{self.figures}  {state}")
 
 
 def job_cpu(work: Path, results: str, since: float) -> float:
@@ -223,11 +228,13 @@ def run_config(work: Path, path: Path, data: Path, hub: Path, cores: int = 2, pa
     done = snakemake(work, path, data, hub, *targets, cores=cores, timeout=timeout)
     summary = Summary(path.stem, seconds=time.perf_counter() - wall, cpu=job_cpu(work, config["results"], start),
                       runs=len(runs), trained=len({r for r in runs if (r / "metrics.json").exists()} - before),
-                      tables=len(config["tables"]), returncode=done.returncode, log=done.stdout + done.stderr)
+                      tables=len(config["tables"]), figures=len(config["figures"]), returncode=done.returncode,
+                      log=done.stdout + done.stderr)
     if done.returncode:
         return summary
     reports = work / "reports" / "smoke" if pairs is None else render_partial(work, path, config, hub, pairs)
     summary.rendered = sum((reports / f"{t['name']}.md").is_file() for t in config["tables"])
+    summary.plotted = sum((work / "reports" / "smoke" / f"{f['name']}.png").is_file() for f in config["figures"])
     summary.problems = (metrics_problems(work, config, pairs) + table_problems(work, config, reports, pairs)
                         + event_problems(work, config, pairs))
     return summary
@@ -235,12 +242,13 @@ def run_config(work: Path, path: Path, data: Path, hub: Path, cores: int = 2, pa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make smoke", description=__doc__.split("\n\n")[0])
-    parser.add_argument("configs", nargs="*", type=Path, help="configs (default: config/paper/*.yaml)")
+    parser.add_argument("configs", nargs="*", type=Path,
+                        help="configs (default: config/config.yaml and config/paper/*.yaml)")
     parser.add_argument("--workdir", type=Path, help="working directory (default: a new temporary one)")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="Snakemake --cores")
     parser.add_argument("--keep", action="store_true", help="keep the temporary working directory")
     a = parser.parse_args(argv)
-    configs = [c.resolve() for c in a.configs] or PAPER_CONFIGS
+    configs = [c.resolve() for c in a.configs] or CONFIGS
     work = a.workdir.resolve() if a.workdir else Path(tempfile.mkdtemp(prefix="papa-smoke-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"smoke scale in {work}: fake data for {len(configs)} configs", flush=True)

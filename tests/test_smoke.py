@@ -1,5 +1,6 @@
-"""Every paper config, end to end at smoke scale (docs/smoke.md), through Snakemake, on data from `papa fake-data`
-(slow; CI runs it): prepare, train, soups, evaluate, similarity, aggregate, render and plot, with the real
+"""Every paper config (and the default one, for its figures), end to end at smoke scale (docs/smoke.md), through
+Snakemake, on data from `papa fake-data` (slow; CI runs it): prepare, train, soups, evaluate, similarity,
+aggregate, render and plot, with the real
 loaders and the real timm architectures loaded from the fake hub cache. Each config must finish, every
 metrics.json (and similarity.json) must have every key, and every table must show a value in every cell of
 its paper CSV.
@@ -31,8 +32,11 @@ from benchmarks import smoke
 from papa import config as cfg
 from papa.report import plan
 
-PAPER = Path(__file__).resolve().parents[1] / "config" / "paper"
-ORDER = ["a10", "table1", "table1_imagenet", "table1_finetune", "table3", "table5", "tables10-11", "table12",
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "config" / "paper"
+# the paper's configs, and the default one (the only config with figures: the plot step)
+PATHS = {p.stem: p for p in PAPER.glob("*.yaml")} | {"config": ROOT / "config" / "config.yaml"}
+ORDER = ["config", "a10", "table1", "table1_imagenet", "table1_finetune", "table3", "table5", "tables10-11", "table12",
          "table13", "tables6-9", "table2", "table18", "tables14-17"]
 LARGE = {"tables6-9", "tables14-17", "table2", "table18"}
 NUMBERS = ("data.dataset", "model.name")  # covered by Table 1: a kind differs from its siblings elsewhere
@@ -61,12 +65,12 @@ def kind(raw: dict) -> tuple:
 
 @cache
 def _raw(name: str) -> dict:
-    return cfg.load_yaml(PAPER / f"{name}.yaml")
+    return cfg.load_yaml(PATHS[name])
 
 
 @cache
 def _config(name: str) -> dict:
-    return cfg.load_config(PAPER / f"{name}.yaml")
+    return cfg.load_config(PATHS[name])
 
 
 @cache
@@ -127,7 +131,7 @@ def test_ci_covers_every_feature_of_every_config():
                 covered |= found
     assert sorted(everything - covered, key=str) == []
     assert {f[1] for f in covered if f[0] == "model"} >= {"timm/tf_efficientnetv2_s.in21k", "resnet50", "unet"}
-    assert sorted(p.stem for p in PAPER.glob("*.yaml")) == sorted(ORDER)
+    assert sorted(PATHS) == sorted(ORDER)
     # the large grids run one experiment per kind: e.g. one p of p = 3, 5, 10 and one PAPA alpha/frequency pair
     grid = [(e, v) for e, v in ci_runs("tables6-9") if e not in _config("table1")["experiments"]]
     assert len({e for e, _ in grid}) == 1 and {v for _, v in grid} == {"baseline", "papa", "papa-all"}
@@ -137,7 +141,7 @@ def test_ci_covers_every_feature_of_every_config():
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory):
     work = tmp_path_factory.mktemp("smoke")
-    data, hub = smoke.fake_data(work, [PAPER / f"{name}.yaml" for name in ORDER])
+    data, hub = smoke.fake_data(work, [PATHS[name] for name in ORDER])
     return work, data, hub
 
 
@@ -146,12 +150,12 @@ def fake(tmp_path_factory):
 def test_paper_config_at_smoke_scale(fake, name):
     work, data, hub = fake
     pairs = ci_runs(name)
-    summary = smoke.run_config(work, PAPER / f"{name}.yaml", data, hub, cores=2,
+    summary = smoke.run_config(work, PATHS[name], data, hub, cores=2,
                                pairs=None if pairs == plan.runs(_config(name)) else pairs)
     print(summary.line())
     assert summary.returncode == 0, summary.log[-5000:]
     assert summary.problems == []
-    assert summary.rendered == summary.tables
+    assert summary.rendered == summary.tables and summary.plotted == summary.figures
 
 
 # the workflow's --config overrides ----------------------------------------------------------------------
