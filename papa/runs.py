@@ -19,6 +19,7 @@ from papa.alignment import permutation_spec
 from papa.build import align_data, build_engine, build_population, fixed_batches, loader_options, resolve_device
 from papa.checkpoint import load_tensors, save_tensors, sidecar_path
 from papa.data import Policy, load_dataset, load_split, make_split, make_stream, save_split
+from papa.data.subset import subset_splits
 from papa.distributed import from_env
 from papa.errors import PapaError
 from papa.io import file_digest, write_json, write_text
@@ -51,6 +52,8 @@ def load_data(exp: dict):
     d, m = exp["data"], exp["model"]
     options = {"image_size": d["image_size"]} if d["image_size"] else {}
     splits = load_dataset(d["dataset"], d["root"], **options, **d["options"])
+    if d.get("subset"):  # smoke scale: a few items of each set
+        splits = subset_splits(splits, **d["subset"])
     stats = pretrained_normalization(m["name"], m["pretrained"])
     if stats is not None and len(stats[0]) == splits.in_channels:
         for part in (splits, splits.train, splits.test):

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from snakemake.cli import get_argument_parser
 
-from papa.config import check_averaging_fires, deep_merge, experiment, load_yaml, missing_data
-from papa.config import validate as validate_config
+from papa.config import check_averaging_fires, deep_merge, experiment, load_yaml, missing_data, workflow_config
 from papa.errors import PapaError
 from papa.report import plan
 
@@ -33,20 +32,17 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-# the config file itself goes to every `papa` job, so it must be exactly one file, without overrides
-if len(workflow.configfiles) != 1 or workflow.config_settings.config:
-    fail("give exactly one config file (--configfile FILE) and no --config overrides: the papa jobs read the file "
-         "itself")
-CONFIGFILE = str(workflow.configfiles[0])
-
-# the same checks, defaults and one-line messages as `papa` (papa.config, from papa/schemas/)
+# One config file; `--config KEY=VALUE` overrides of its top-level keys are validated like the file, and the
+# papa jobs then read the file with the overrides written in (CONFIGFILE, under the results directory). At
+# `scale: smoke` (papa/smoke.py) the config is shrunk and results and reports go to their own directories.
+# The same checks, defaults and one-line messages as `papa` (papa.config, from papa/schemas/).
 try:
-    validate_config(config, "config", CONFIGFILE)
-    for _name in config["experiments"]:
-        experiment(config, _name, CONFIGFILE)
-    plan.check(config, CONFIGFILE)
+    _effective, CONFIGFILE = workflow_config(workflow.configfiles, workflow.config_settings.config)
+    plan.check(_effective, str(workflow.configfiles[0]))
 except PapaError as e:
     fail(e)
+config.clear()
+config.update(_effective)
 
 
 # one run of this workflow at a time in this directory: an exclusive lock on .snakemake/papa-run.lock, held by
@@ -99,6 +95,9 @@ RUN_LOCK = hold_run_lock() if runs_jobs() else None
 CONTAINER = config["container"] or "containers/papa.sif"
 
 RESULTS = config["results"]
+# smoke runs (papa/smoke.py) keep their results, reports and logs apart from full-scale ones
+REPORTS = "reports/smoke" if config["scale"] == "smoke" else "reports"
+LOGS = "logs/smoke" if config["scale"] == "smoke" else "logs"
 SPLIT = f"{RESULTS}/{{experiment}}/split.json"
 RUN = f"{RESULTS}/{{experiment}}/{{variant}}/seed{{seed}}"
 METRICS = f"{RESULTS}/metrics.csv"
