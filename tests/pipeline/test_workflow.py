@@ -64,6 +64,12 @@ def test_default_config_dag(tmp_path):
     }
     assert "results/digits/papa-all/seed3/population.safetensors" in done.stdout
     assert "results/benchmarks/train/digits/papa-all/seed3.tsv" in done.stdout
+    # on a cluster, each run's training, soups and evaluation are one job (Snakemake group "run")
+    groups = done.stdout.split("Group job run")[1:]
+    assert len(groups) == 12
+    for group in groups:
+        assert sorted(re.findall(r"^    rule (\w+):", group, re.M)) == ["evaluate", "soups", "train"]
+        assert len(set(re.findall(r"^        wildcards: (.*)$", group, re.M))) == 1  # of one run
 
 
 def bad_config(tmp_path, edit):
