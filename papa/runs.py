@@ -134,9 +134,20 @@ TRAINED = ("population.safetensors", "population.json", "history.csv")
 DOWNSTREAM = ("soups.safetensors", "soups.json", "metrics.json", "similarity.json")
 
 
-def clear_outputs(out: Path) -> list[str]:
-    """Remove the outputs of an earlier training from run directory ``out`` (checkpoints stay: a resume
-    needs them, and a checkpoint of another run is refused by Trainer.load_state); the names removed."""
+def clear_outputs(out: Path, run: dict) -> list[str]:
+    """Remove the outputs of an earlier training of the same run (``run``: experiment, variant and seed) from
+    run directory ``out``; the names removed. Outputs of another run are refused, never removed (a mistyped
+    --out must not delete someone's results); checkpoints stay (a resume needs them, and one of another run is
+    refused by Trainer.load_state)."""
+    try:
+        earlier = json.loads((out / "population.json").read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    theirs = {key: earlier.get(key, value) for key, value in run.items()}
+    if theirs != run:
+        found = ", ".join(f"{k} {v}" for k, v in theirs.items())
+        raise PapaError(f"{out} holds the outputs of another run ({found}); give another --out, or delete them "
+                        "to train this run there")
     removed = []
     for name in (*DOWNSTREAM, *TRAINED):  # downstream first: a crash in between leaves nothing orphaned
         if (out / name).is_file():
@@ -161,7 +172,7 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     cfg.check_averaging_fires(exp, variant, trainer.stream.steps_per_epoch)
     ckpt = _checkpoint(out, comm)
     if comm.is_main:
-        removed = clear_outputs(out)
+        removed = clear_outputs(out, {"experiment": exp["name"], "variant": variant, "seed": seed})
         if removed:
             print(f"papa train: {out}: removed the outputs of an earlier training ({', '.join(removed)})",
                   file=sys.stderr)

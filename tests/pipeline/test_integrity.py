@@ -121,3 +121,17 @@ def test_papa_train_writes_progress_lines_off_a_terminal(setup, tmp_path, capsys
     for field in ("lr ", "val ", " img/s", "elapsed 0:", "ETA 0:"):
         assert field in end, field
     assert ", val -," not in end  # the epoch's validation accuracy
+
+
+def test_training_into_another_runs_directory_is_refused(setup, tmp_path, capsys):
+    """A mistyped --out never deletes another run's results: one line, and they stay."""
+    _, config, split = setup
+    out = tmp_path / "a"
+    finished(config, split, out, seed=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert run("train", "--config", config, "--variant", "baseline", "--seed", 1, "--split", split, "--out",
+               out) == 2
+    assert error_line(capsys) == (f"papa train: error: {out} holds the outputs of another run (experiment tiny, "
+                                  "variant papa, seed 1); give another --out, or delete them to train this run there")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
