@@ -98,8 +98,8 @@ class Trainer:
         self.progress = bar and self.comm.is_main  # the tqdm bar
         self.lines = not bar and self.comm.is_main  # else progress lines (Trainer.progress_line)
         self.last_loss: float | None = None  # population mean of the last loss read on the host
-        self.clock: tuple[float, int] | None = None  # (start time, step then) of this process's training
-        self.last_line = 0.0  # when the last progress line was written
+        self.clock = (time.monotonic(), 0)  # (start time, step then) of this process's training (fit resets it)
+        self.last_line = self.clock[0]  # when the last progress line was written
         self.averager = averager_for(variant, exp)
         self.averager.check(self)
 
