@@ -160,10 +160,11 @@ def write_history(out: Path, trainer: Trainer) -> None:
     """history.csv: one row per (epoch, member, phase) so far (the csv module: every stage pays for pandas'
     import otherwise)."""
     rows, text = trainer.history.rows, io.StringIO()
-    if rows:
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    if not rows:  # stopped before the first epoch ended
+        return
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
     write_text(out / "history.csv", text.getvalue())
 
 
