@@ -253,6 +253,67 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
     return exp
 
 
+def averaging_epochs(exp: dict, variant: str) -> list[int]:
+    """The epochs after which PAPA-all / PAPA-2 average (1-based): every ``every``-th epoch but the last,
+    inside ``averaging.window`` (papa.averagers.Replace.due_after_epoch; a test keeps the two the same)."""
+    epochs, (lo, hi) = exp["train"]["epochs"], exp["averaging"]["window"]
+    every = exp["averaging"][variant]["every"]
+    return [e for e in range(1, epochs) if e % every == 0 and lo * epochs < e <= hi * epochs]
+
+
+def first_push(exp: dict, steps_per_epoch: int) -> int | None:
+    """The first optimizer step after which PAPA pushes (papa.averagers.Push.due_after_step), None if none."""
+    total, (lo, hi) = exp["train"]["epochs"] * steps_per_epoch, exp["averaging"]["window"]
+    every = exp["averaging"]["papa"]["every"]
+    step = every * (int(lo * total) // every + 1)  # the first multiple of `every` past the window's start
+    return step if step <= min(hi * total, total) else None
+
+
+def check_averaging_fires(exp: dict, variant: str, steps_per_epoch: int | None = None, where: str = "") -> None:
+    """Refuse a PAPA-all / PAPA-2 experiment whose averaging can never happen (``every`` >= epochs, or a window
+    holding no averaging epoch) and, once the steps per epoch are known, a PAPA whose pushes never happen: such
+    a run would be the baseline under another name. Only the variant being trained is checked: an experiment
+    is shared by variants, and the others' settings do not matter to it."""
+    prefix = f"{where + ': ' if where else ''}experiment {exp['name']!r}: "
+    a, epochs = exp["averaging"], exp["train"]["epochs"]
+    if variant in ("papa-all", "papa-2") and not averaging_epochs(exp, variant):
+        every = a[variant]["every"]
+        if every >= epochs:
+            raise PapaError(f"{prefix}averaging.{variant}.every: {every} >= train.epochs ({epochs}): {variant} "
+                            "would never average (at the end of every k-th epoch, never after the last)")
+        raise PapaError(f"{prefix}averaging.window: {a['window']} of {epochs} epochs holds no {variant} averaging "
+                        f"(every {every} epochs, never after the last)")
+    if variant == "papa" and steps_per_epoch is not None and first_push(exp, steps_per_epoch) is None:
+        total = epochs * steps_per_epoch
+        lo, hi = a["window"]
+        raise PapaError(f"{prefix}averaging.papa.every: {a['papa']['every']} steps: PAPA would never push in "
+                        f"averaging.window {a['window']} (steps {int(lo * total) + 1}-{int(hi * total)} of {total})")
+
+
+# where each dataset's loader (papa.data) looks under data.root, and its message when that is not there; a
+# test keeps these the same as the loaders' own
+_DATA_LAYOUT = {
+    "cifar10": (["cifar-10-batches-py"], "CIFAR-10 not found: expected {} (python version archive, extracted)"),
+    "cifar100": (["cifar-100-python"], "CIFAR-100 not found: expected {} (python version archive, extracted)"),
+    "imagenet": (["train", "val"], "ImageNet {name} not found: expected an image folder tree at {} (<class>/<image>)"),
+    "vaihingen": (["top"], "Vaihingen not found: expected the tile folder {}"),
+}
+
+
+def missing_data(exp: dict) -> str | None:
+    """Why the experiment's dataset cannot be loaded, when its folders are not there (a cheap check, without
+    torch, for the workflow to fail before any job starts); None when they are."""
+    layout = _DATA_LAYOUT.get(exp["data"]["dataset"])
+    if layout is None:  # digits: embedded in scikit-learn
+        return None
+    folders, message = layout
+    for name in folders:
+        path = Path(exp["data"]["root"]) / name
+        if not path.is_dir():
+            return message.format(path, name=name)
+    return None
+
+
 def check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise PapaError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")

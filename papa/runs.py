@@ -4,12 +4,14 @@ history), soups, similarity, evaluate (metrics.json)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import signal
+import sys
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from papa import config as cfg
@@ -20,7 +22,7 @@ from papa.data import Policy, load_dataset, load_split, make_split, make_stream,
 from papa.data.subset import subset_splits
 from papa.distributed import from_env
 from papa.errors import PapaError
-from papa.io import write_json, write_text
+from papa.io import file_digest, write_json, write_text
 from papa.metrics import accuracy, held_out_metrics, population_scores, summary
 from papa.models import available_models
 from papa.models.pretrained import pretrained_normalization
@@ -87,10 +89,16 @@ def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: boo
 
     Under torchrun the members are spread over the processes (papa.distributed): each process writes its
     own ``checkpoint.rank<r>.safetensors`` (a resume needs the same number of processes), and rank 0
-    gathers the population and writes the outputs."""
+    gathers the population and writes the outputs.
+
+    Training into a directory that holds outputs of an earlier training first removes them (the population
+    and everything made from it: soups, metrics, similarity), saying so on stderr: a directory never holds
+    results of two trainings. Ctrl-C (SIGINT) stops like SIGTERM, after a checkpoint; a second Ctrl-C
+    interrupts at once."""
     cfg.check_variant(variant)
+    cfg.check_averaging_fires(exp, variant)
     splits = load_data(exp)
-    split = load_split(split_path, expect_n=len(splits.train))
+    split = load_split(split_path, expect_n=len(splits.train)) | {"sha256": file_digest(split_path)}
     comm = from_env(exp["population"]["size"], exp["train"]["device"])
     try:
         return _train(exp, variant, seed, splits, split, Path(out_dir), progress, comm)
@@ -121,19 +129,72 @@ def _checkpoint(out: Path, comm) -> Path:
     return out / names[comm.rank]
 
 
+# what `papa train` writes, then what the later stages make from it (docs/interfaces.md)
+TRAINED = ("population.safetensors", "population.json", "history.csv")
+DOWNSTREAM = ("soups.safetensors", "soups.json", "metrics.json", "similarity.json")
+
+
+def clear_outputs(out: Path, run: dict) -> list[str]:
+    """Remove the outputs of an earlier training of the same run (``run``: experiment, variant and seed) from
+    run directory ``out``; the names removed. Outputs of another run are refused, never removed (a mistyped
+    --out must not delete someone's results); checkpoints stay (a resume needs them, and one of another run is
+    refused by Trainer.load_state)."""
+    try:
+        earlier = json.loads((out / "population.json").read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    theirs = {key: earlier.get(key, value) for key, value in run.items()}
+    if theirs != run:
+        found = ", ".join(f"{k} {v}" for k, v in theirs.items())
+        raise PapaError(f"{out} holds the outputs of another run ({found}); give another --out, or delete them "
+                        "to train this run there")
+    removed = []
+    for name in (*DOWNSTREAM, *TRAINED):  # downstream first: a crash in between leaves nothing orphaned
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
+    return removed
+
+
+def write_history(out: Path, trainer: Trainer) -> None:
+    """history.csv: one row per (epoch, member, phase) so far (the csv module: every stage pays for pandas'
+    import otherwise)."""
+    rows, text = trainer.history.rows, io.StringIO()
+    if not rows:  # stopped before the first epoch ended
+        return
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "history.csv", text.getvalue())
+
+
 def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, progress, comm) -> Trainer:
     trainer = Trainer(exp, variant, seed, splits, split, progress=progress, comm=comm)
+    cfg.check_averaging_fires(exp, variant, trainer.stream.steps_per_epoch)
     ckpt = _checkpoint(out, comm)
+    if comm.is_main:
+        removed = clear_outputs(out, {"experiment": exp["name"], "variant": variant, "seed": seed})
+        if removed:
+            print(f"papa train: {out}: removed the outputs of an earlier training ({', '.join(removed)})",
+                  file=sys.stderr)
+    comm.barrier()
     if ckpt.exists():
         trainer.load_state(*load_tensors(ckpt), where=str(ckpt))
+        if comm.is_main:
+            print(f"papa train: {out}: resumed from epoch {trainer.epoch + 1}, batch {trainer.batch}",
+                  file=sys.stderr)
 
     def save_checkpoint(t: Trainer) -> None:
         save_tensors(ckpt, *t.state())
+        if comm.is_main:  # the history so far, readable while the run goes on
+            write_history(out, t)
 
     def request_stop(signum, _frame) -> None:
+        if signum == signal.SIGINT and trainer.stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         trainer.stop_signal = signal.Signals(signum).name
 
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         trainer.fit(checkpoint=save_checkpoint)
     finally:
@@ -141,12 +202,13 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
             signal.signal(s, handler)
     state = comm.gather_state(trainer.pop)
     if comm.is_main:  # history rows are the same on every process (scores are gathered)
-        write_text(out / "history.csv", pd.DataFrame(trainer.history.rows).to_csv(index=False))
+        write_history(out, trainer)
         meta = {
             "experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.epoch,
             "steps": trainer.step, "population": comm.p, "model": exp["model"]["name"],
             "engine": trainer.engine_name, "device": str(trainer.device), "processes": comm.world_size,
             "policies": [dataclasses.asdict(p) for p in trainer.all_policies], "config": exp,
+            "split_sha256": split["sha256"],
         }
         save_tensors(out / "population.safetensors", state, meta)
     comm.barrier()  # the outputs exist before any checkpoint goes
@@ -183,15 +245,23 @@ class Run:
     split: dict
     pop: Population
     meta: dict
+    digest: str  # population.safetensors's SHA-256: the later outputs record it
 
 
 def open_run(exp: dict, split_path, run_dir) -> Run:
+    """A trained run, refused in one line when ``split_path`` is not the split its population was trained
+    with (that split's digest is in the population's metadata)."""
     run = Path(run_dir)
     device = resolve_device(exp["train"]["device"])
     splits = load_data(exp)
     split = load_split(split_path, expect_n=len(splits.train))
-    pop, meta = load_population(exp, splits, run / "population.safetensors", device)
-    return Run(run, device, splits, split, pop, meta)
+    population = run / "population.safetensors"
+    pop, meta = load_population(exp, splits, population, device)
+    trained_with = meta.get("split_sha256")
+    if trained_with is not None and trained_with != file_digest(split_path):
+        raise PapaError(f"{split_path} and {population} come from different trainings: the population was trained "
+                        "with another validation split; rerun `papa train` (or give its split)")
+    return Run(run, device, splits, split, pop, meta, file_digest(population))
 
 
 def soups_aligned(exp: dict, variant: str) -> bool:
@@ -225,7 +295,8 @@ def soups(exp: dict, split_path, run_dir) -> dict:
     tensors = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
     info = {"greedy_soup_members": members, "aligned": aligned,
             "val_accuracy": {k: val_accuracy(m) for k, m in made.items()}}
-    save_tensors(run.dir / "soups.safetensors", tensors, {**info, "experiment": exp["name"]})
+    save_tensors(run.dir / "soups.safetensors", tensors,
+                 {**info, "experiment": exp["name"], "population_sha256": run.digest})
     return info
 
 
@@ -252,6 +323,7 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
         "between_networks": dict(zip(names, sims[BETWEEN_NETWORKS], strict=True)),
         "network_and_avg_soup": dict(zip(names, sims[NETWORK_AND_SOUP], strict=True)),
         "aligned": s["align"], "repaired": s["repair"], "repair_iters": s["repair_iters"], "test_images": n_test,
+        "population_sha256": run.digest,
     }
     write_json(run.dir / "similarity.json", out)
     return out
@@ -263,6 +335,9 @@ def evaluate(exp: dict, split_path, run_dir) -> dict:
     run = open_run(exp, split_path, run_dir)
     where = run.dir / "soups.safetensors"
     tensors, soup_meta = load_tensors(where)
+    if soup_meta.get("population_sha256") != run.digest:
+        raise PapaError(f"{where} and {run.dir / 'population.safetensors'} come from different trainings: the soups "
+                        "were made from another population; run `papa soups` on this run again")
     soups = {}
     for name in SOUPS:
         state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
@@ -281,6 +356,7 @@ def evaluate(exp: dict, split_path, run_dir) -> dict:
     metrics["soups_aligned"] = bool(soup_meta.get("aligned", False))
     metrics["val_members"] = val
     metrics["num_classes"] = run.splits.num_classes  # the tables mark soups at chance level (100 / num_classes %)
+    metrics["population_sha256"], metrics["soups_sha256"] = run.digest, file_digest(where)
     order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
              "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
              "greedy_soup_members", "soups_aligned", "val_members"]

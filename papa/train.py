@@ -8,6 +8,7 @@ state when stopped mid-epoch) to exactly the numbers of an uninterrupted run.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,14 @@ from papa.rng import derive_seed, generator
 
 # steps between two host reads of the training losses (see Trainer.read_losses)
 LOSS_READ_EVERY = 50
+# off a terminal (Snakemake and SLURM jobs) a progress line per epoch, and within an epoch at least this often
+PROGRESS_LINE_SECONDS = 120.0
+
+
+def _clock(seconds: float) -> str:
+    """``seconds`` as h:mm:ss."""
+    m, sec = divmod(round(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}"
 
 
 # history ---------------------------------------------------------------------------------------
@@ -85,7 +94,12 @@ class Trainer:
         self.rng_state: Tensor | None = None  # global RNG state at a mid-epoch stop
         self.cuda_rng_state: Tensor | None = None  # and the CUDA device's, when training there
         self.stop_signal: str | None = None  # set by a signal handler; honoured at the next step
-        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.comm.is_main
+        bar = sys.stderr.isatty() if progress is None else progress
+        self.progress = bar and self.comm.is_main  # the tqdm bar
+        self.lines = not bar and self.comm.is_main  # else progress lines (Trainer.progress_line)
+        self.last_loss: float | None = None  # population mean of the last loss read on the host
+        self.clock = (time.monotonic(), 0)  # (start time, step then) of this process's training (fit resets it)
+        self.last_line = self.clock[0]  # when the last progress line was written
         self.averager = averager_for(variant, exp)
         self.averager.check(self)
 
@@ -141,6 +155,9 @@ class Trainer:
                 self.push()
             if self.batch < self.stream.steps_per_epoch and self.stop_requested():
                 self.stop_mid_epoch(pending, bar, checkpoint)
+            if self.lines and time.monotonic() - self.last_line >= PROGRESS_LINE_SECONDS:
+                self.read_losses(pending, bar)
+                self.progress_line()
         self.read_losses(pending, bar)
         self.batch, self.epoch = 0, self.epoch + 1
         val, test = self.evaluate()
@@ -170,8 +187,35 @@ class Trainer:
             k, j = bad.nonzero()[0].tolist()
             raise PapaError(f"non-finite loss ({host[k, j].item()}) for member {j} at epoch {self.epoch + 1}, "
                             f"step {first + k}; the last good checkpoint is kept")
+        self.last_loss = host[-1].mean().item()
         if bar is not None:
-            bar.set_postfix(loss=f"{host[-1].mean().item():.3f}", lr=f"{self.lr:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{self.lr:.2e}", refresh=False)
+
+    def progress_line(self) -> None:
+        """One line on stderr (for logs, where a progress bar is unreadable): epoch, step, loss, learning rate,
+        the members' mean validation accuracy after the last epoch, member-images per second, elapsed time and
+        the time left at this pace."""
+        epochs, spe = self.exp["train"]["epochs"], self.stream.steps_per_epoch
+        start, start_step = self.clock
+        now = time.monotonic()
+        elapsed, done = now - start, self.step - start_step
+        total = epochs * spe
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - self.step) / rate if rate > 0 else None
+        val = [r["val_accuracy"] for r in self.history.rows if r["epoch"] == self.epoch and r["phase"] == "end"]
+        fields = [
+            f"{self.exp['name']}/{self.variant}/seed{self.seed}",
+            f"epoch {self.epoch + (self.batch > 0)}/{epochs}" + (f" batch {self.batch}/{spe}" if self.batch else ""),
+            f"step {self.step}/{total}",
+            "loss " + ("-" if self.last_loss is None else f"{self.last_loss:.4f}"),
+            f"lr {self.lr:.3g}",
+            "val " + (f"{sum(val) / len(val):.2f}%" if val else "-"),
+            f"{rate * self.exp['train']['batch_size'] * self.comm.p:.0f} img/s",
+            f"elapsed {_clock(elapsed)}",
+            "ETA " + ("-" if eta is None else _clock(eta)),
+        ]
+        print("papa train: " + ", ".join(fields), file=sys.stderr, flush=True)
+        self.last_line = now
 
     def finish_swa(self) -> None:
         """The members become their SWA averages; BatchNorm statistics are then recomputed on training data
@@ -213,11 +257,15 @@ class Trainer:
         from tqdm.auto import tqdm
 
         epochs = self.exp["train"]["epochs"]
+        self.clock = (time.monotonic(), self.step)
+        self.last_line = self.clock[0]
         with tqdm(total=epochs, initial=self.epoch, disable=not self.progress, unit="epoch",
                   desc=f"{self.exp['name']}/{self.variant}/seed{self.seed} p={self.pop.size}") as bar:
             while self.epoch < epochs:
                 self.run_epoch(bar, checkpoint)
                 bar.update(1)
+                if self.lines:
+                    self.progress_line()
                 if checkpoint is not None:
                     checkpoint(self)
                 if self.epoch < epochs and self.stop_requested():

@@ -4,13 +4,12 @@ soups. It is made once per dataset and seed, written to JSON, and read back by e
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from papa.errors import PapaError
+from papa.io import write_text
 from papa.rng import generator
 
 
@@ -38,20 +37,9 @@ def save_split(path: str | Path, split: dict, meta: dict) -> None:
     """Write the split as JSON {'meta', 'train', 'val'} atomically: a crash never leaves a partial file.
 
     ``meta`` (dataset name, ...) is stored with the split's n, fraction and seed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     full_meta = {key: split[key] for key in ("n", "fraction", "seed") if key in split} | dict(meta)
     text = json.dumps({"meta": full_meta, "train": list(split["train"]), "val": list(split["val"])})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX within one file system, hence the temp file in the same dir
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)  # atomic, with the permissions the umask allows
 
 
 def _index_list(doc: dict, key: str, path: Path) -> list[int]:

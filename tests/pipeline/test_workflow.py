@@ -29,8 +29,7 @@ def snakemake(workdir, *args, configfile=DEFAULT, check=True):
         "--directory",
         str(workdir),
         *args,
-        "--configfile",
-        str(configfile),
+        *(["--configfile", str(configfile)] if configfile is not None else []),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if check and done.returncode:
@@ -65,6 +64,12 @@ def test_default_config_dag(tmp_path):
     }
     assert "results/digits/papa-all/seed3/population.safetensors" in done.stdout
     assert "results/benchmarks/train/digits/papa-all/seed3.tsv" in done.stdout
+    # on a cluster, each run's training, soups and evaluation are one job (Snakemake group "run")
+    groups = done.stdout.split("Group job run")[1:]
+    assert len(groups) == 12
+    for group in groups:
+        assert sorted(re.findall(r"^    rule (\w+):", group, re.M)) == ["evaluate", "soups", "train"]
+        assert len(set(re.findall(r"^        wildcards: (.*)$", group, re.M))) == 1  # of one run
 
 
 def bad_config(tmp_path, edit):
@@ -75,22 +80,69 @@ def bad_config(tmp_path, edit):
     return path
 
 
+def one_line_error(done) -> str:
+    """A run stopped before any job: exit 2 and the project's one line, alone on stderr."""
+    assert done.returncode == 2, done.stderr
+    lines = [ln for ln in done.stderr.strip().splitlines() if not ln.startswith("Using workflow specific profile")]
+    assert len(lines) == 1 and lines[0].startswith("papa: error: "), done.stderr
+    assert "Job stats" not in done.stdout + done.stderr  # no job planned, let alone started
+    return lines[0]
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda c: c["tables"][0].update(layout="wide"), r"instance\['tables'\]\[0\]\['layout'\]"),
-        (lambda c: c.update(variants=["papa", "papa-3"]), r"instance\['variants'\]\[1\]"),
+        (lambda c: c["tables"][0].update(layout="wide"), r"bad\.yaml: tables\.0\.layout: 'wide' is not one of "),
+        (lambda c: c.update(variants=["papa", "papa-3"]), r"bad\.yaml: variants\.1: 'papa-3' is not one of "),
+        (lambda c: c["experiments"]["digits"]["train"].update(epocs=6), r"'digits': train: unknown key 'epocs'"),
         (
             lambda c: c["experiments"]["digits"]["train"].update(epochs=0),
             r"experiment 'digits': train\.epochs",
         ),
         (lambda c: c["tables"][0]["rows"][0].update(experiment="cifar"), r"tables\.0\.rows\.0\.experiment"),
+        # averaging that can never happen, in a variant the config trains
+        (lambda c: c["experiments"]["digits"]["averaging"]["papa-all"].update(every=6),
+         r"experiment 'digits': averaging\.papa-all\.every: 6 >= train\.epochs \(6\)"),
+        # data that is not there: at DAG time, not in each job
+        (lambda c: c["experiments"]["digits"]["data"].update(dataset="cifar10"),
+         r"experiment 'digits': CIFAR-10 not found: expected data/cifar10/cifar-10-batches-py "),
     ],
 )
-def test_config_errors_name_the_key(tmp_path, edit, message):
-    done = snakemake(tmp_path, "--dry-run", configfile=bad_config(tmp_path, edit), check=False)
+def test_config_errors_are_one_line_naming_the_key(tmp_path, edit, message):
+    line = one_line_error(snakemake(tmp_path, "--cores", "1", configfile=bad_config(tmp_path, edit), check=False))
+    assert re.search(message, line), line
+    assert not (tmp_path / "results").exists()
+
+
+def test_config_errors_of_a_dry_run_are_the_same_line(tmp_path):
+    config = bad_config(tmp_path, lambda c: c["experiments"]["digits"]["train"].update(epocs=6))
+    line = one_line_error(snakemake(tmp_path, "--dry-run", configfile=config, check=False))
+    assert line.endswith("experiment 'digits': train: unknown key 'epocs' (expected one of: batch_size, channels_last, "
+                         "check_finite, compile, device, engine, epochs, eval_batch_size, freeze_epochs, optimizer, "
+                         "precision, schedule, swa)")
+
+
+def test_never_firing_averaging_of_a_variant_not_trained_is_no_error(tmp_path):
+    def edit(c):
+        c["experiments"]["digits"]["averaging"]["papa-all"].update(every=6)
+        c.update(variants=["baseline", "papa", "papa-2"], tables=[], figures=[])  # trains those three
+
+    snakemake(tmp_path, "--dry-run", configfile=bad_config(tmp_path, edit))
+
+
+def test_malformed_default_config_names_file_and_line(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("variants: [baseline,\nseeds: [1]\n")
+    line = one_line_error(snakemake(tmp_path, "--dry-run", configfile=None, check=False))
+    assert re.match(r"papa: error: config/config\.yaml: malformed YAML at line \d+, column \d+: ", line), line
+
+
+def test_a_failed_jobs_one_line_error_is_on_the_console(tmp_path):
+    """The default profile shows a failed job's log: its `papa` one-line error is on the console."""
+    done = snakemake(tmp_path, "--cores", "1", configfile=bad_config(
+        tmp_path, lambda c: c["experiments"]["digits"]["model"].update(name="nosuchnet")), check=False)
     assert done.returncode != 0
-    assert re.search(message, done.stderr + done.stdout), done.stderr
+    assert "papa prepare: error: " in done.stderr and "unknown model 'nosuchnet'" in done.stderr
 
 
 TINY = """
@@ -163,3 +215,75 @@ def test_table_regenerates_from_cache(pipeline):
     done = snakemake(workdir, "reports/tiny_main.md", "--cores", "1", configfile=config)
     assert job_counts(done.stderr + done.stdout) == {"render_table": 1}
     assert (workdir / "reports/tiny_main.md").exists()
+
+
+# one run at a time; a killed run restarts with the same command ---------------------------------------------
+def hold_run_lock(workdir: Path, pid: str = "12345"):
+    """Hold the workflow's run lock as another run would (an open, flock-ed file; the caller closes it)."""
+    import fcntl
+
+    (workdir / ".snakemake").mkdir(parents=True, exist_ok=True)
+    f = open(workdir / ".snakemake" / "papa-run.lock", "w")  # noqa: SIM115 - held across the test
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.write(pid)
+    f.flush()
+    return f
+
+
+def test_a_second_run_in_one_directory_is_refused_and_a_dry_run_is_not(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    held = hold_run_lock(tmp_path)
+    try:
+        stale = tmp_path / ".snakemake" / "locks" / "0.output.lock"
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_text("results/tiny/split.json\n")
+        line = one_line_error(snakemake(tmp_path, "results/tiny/split.json", "--cores", "1", configfile=config,
+                                        check=False))
+        assert line == (f"papa: error: another run of this workflow (process 12345) is running in {tmp_path}; wait "
+                        "for it to finish, or stop it, then run the same command again")
+        assert stale.exists()  # never cleared while another run holds the directory
+        snakemake(tmp_path, "--dry-run", configfile=config)
+    finally:
+        held.close()
+    # the holder gone, its directory lock is stale: cleared, and the run goes ahead
+    done = snakemake(tmp_path, "results/tiny/split.json", "--cores", "1", configfile=config)
+    assert "papa: cleared the directory lock left by an earlier run that was stopped (1 files)" in done.stderr
+    assert not stale.exists() and (tmp_path / "results/tiny/split.json").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_run_finishes_with_the_same_command_from_a_path_with_spaces_and_accents(pipeline, tmp_path):
+    """`snakemake` from a copy of the workflow whose path holds a space and non-ASCII letters, killed with
+    SIGKILL as a lost node would be (the whole process group) in the middle of training, then started again
+    with the same command (no --cores: the default profile's), finishes with the same metrics.json files as
+    the uninterrupted run."""
+    import shutil
+    import signal
+    import time
+
+    reference, _, _ = pipeline
+    clone = tmp_path / "my runs" / "papa é ü"
+    shutil.copytree(ROOT / "workflow", clone / "workflow")
+    (clone / "config").mkdir()
+    (clone / "config" / "tiny config.yaml").write_text(TINY)
+    cmd = [sys.executable, "-m", "snakemake", "--configfile", "config/tiny config.yaml"]
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(cmd, cwd=clone, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 900
+    while not list((clone / "results").glob("tiny/*/seed1/checkpoint.json")):  # an epoch done, training goes on
+        assert proc.poll() is None and time.monotonic() < deadline, "no training checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((clone / ".snakemake" / "locks").glob("*.lock"))  # the killed run's stale directory lock
+
+    done = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr
+    assert "cleared the directory lock left by an earlier run" in done.stderr
+    for variant in ("baseline", "papa-all"):
+        ours = json.loads((clone / f"results/tiny/{variant}/seed1/metrics.json").read_text())
+        theirs = json.loads((reference / f"results/tiny/{variant}/seed1/metrics.json").read_text())
+        assert ours == theirs, variant
+    assert (clone / "reports" / "tiny_main.md").read_text() == (reference / "reports" / "tiny_main.md").read_text()

@@ -104,9 +104,11 @@ def test_sigkill_mid_epoch_then_rerun_gives_identical_results(reference, tmp_pat
     assert proc.returncode == -signal.SIGKILL
     meta = json.loads((run / "checkpoint.json").read_text())
     assert meta["epoch"] in (1, 2) and meta["batch"] == 0  # the last end-of-epoch checkpoint
-    # outputs appear only when complete: a killed run leaves none, nor any temporary file
-    assert not [name for name in OUTPUTS if (run / name).exists()]
+    # outputs appear only when complete: a killed run leaves no population, nor any temporary file; the
+    # history so far is rewritten after every epoch (one row per member and finished epoch)
+    assert not [name for name in OUTPUTS[:2] if (run / name).exists()]
     assert not list(run.glob(".*.tmp"))
+    assert len((run / "history.csv").read_text().splitlines()) == 1 + 3 * meta["epoch"]
 
     result = papa(*train_args(reference.config, reference.split, run), check=True)
     assert "trained 3 members for 3 epochs" in result.stdout
@@ -129,7 +131,8 @@ def signal_at(monkeypatch, signum: int, epoch: int, batch: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "epoch", "batch"), [(signal.SIGTERM, 1, 40), (signal.SIGUSR1, 0, 5)])
+@pytest.mark.parametrize(("signum", "epoch", "batch"),
+                         [(signal.SIGTERM, 1, 40), (signal.SIGUSR1, 0, 5), (signal.SIGINT, 1, 10)])
 def test_signal_mid_epoch_checkpoints_exits_3_and_resumes_identically(
         reference, tmp_path, monkeypatch, capsys, signum, epoch, batch):
     """The CLI in this process, with a real signal delivered to it in the middle of an epoch: the handler
@@ -147,18 +150,20 @@ def test_signal_mid_epoch_checkpoints_exits_3_and_resumes_identically(
         with pytest.raises(SystemExit) as stopped:
             main(args)
         assert stopped.value.code == 3
-        err = capsys.readouterr().err.strip()
-        name = signal.Signals(signum).name
-        assert err == (f"papa train: stopped by {name} at epoch {epoch + 1}, batch {batch + 1}; checkpoint saved "
-                       f"in {run}, run the same command to resume")
+        err = capsys.readouterr().err.strip().splitlines()  # progress lines (not a terminal), then the stop
+        name = signal.Signals(signum).name  # Ctrl-C (SIGINT) takes the same path as SIGTERM
+        assert err[-1] == (f"papa train: stopped by {name} at epoch {epoch + 1}, batch {batch + 1}; checkpoint "
+                           f"saved in {run}, run the same command to resume")
         meta = json.loads((run / "checkpoint.json").read_text())
         assert (meta["epoch"], meta["batch"], meta["step"]) == (epoch, batch + 1, 88 * epoch + batch + 1)
         assert len(meta["history"]) == 3 * epoch  # one row per member and finished epoch
-        assert not [name for name in OUTPUTS if (run / name).exists()]
+        assert not [name for name in OUTPUTS[:2] if (run / name).exists()]
         assert signal.getsignal(signum) == handler  # the run's handlers are gone
 
         monkeypatch.undo()
         assert main(args) == 0
+        err = capsys.readouterr().err
+        assert f"papa train: {run}: resumed from epoch {epoch + 1}, batch {batch + 1}\n" in err
     finally:
         torch.set_num_threads(threads)
     assert not (run / "checkpoint.safetensors").exists()

@@ -121,7 +121,7 @@ def test_stop_and_resume_is_bit_identical(references, split_path, tmp_path, monk
     boundary = batch == STEPS - 1
     assert (meta["epoch"], meta["batch"]) == ((epoch + 1, 0) if boundary else (epoch, batch + 1))
     assert meta["step"] == epoch * STEPS + batch + 1
-    assert not [f for f in OUTPUTS if (out / f).exists()]
+    assert not [f for f in OUTPUTS[:2] if (out / f).exists()]  # history.csv holds the finished epochs so far
     monkeypatch.undo()
 
     runs.train(exp, variant, 1, split_path, out, progress=False)

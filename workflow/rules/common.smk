@@ -1,27 +1,96 @@
-"""Config checks, paths and per-step resources shared by the rules (no rules here)."""
+"""Config checks, the run lock, paths and per-step resources shared by the rules (no rules here)."""
 
+import fcntl
+import os
 import re
+import sys
+from pathlib import Path
 
-from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
+from snakemake.cli import get_argument_parser
 
-from papa.config import deep_merge, workflow_config
+from papa.config import check_averaging_fires, deep_merge, experiment, load_yaml, missing_data, workflow_config
 from papa.errors import PapaError
 from papa.report import plan
 
-# workflow/schemas/config.schema.yaml is a symlink to the package schema (one source of truth; a `$ref`
-# would validate but not fill defaults: jsonschema swaps in its stock validator at the referenced `$schema`)
-validate(config, "../schemas/config.schema.yaml")
+
+def fail(message):
+    """Stop before any job, with the one line `papa` itself would print, and exit 2 (Snakemake would add a
+    traceback, or its 30-line schema dump)."""
+    print(f"papa: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# the default config only when none is given (Snakemake would otherwise merge the two); read by papa first, so
+# that malformed YAML is one line naming the file and the line (a --configfile is read by Snakemake itself,
+# before this file runs: docs/troubleshooting.md)
+if not workflow.overwrite_configfiles:
+    try:
+        load_yaml("config/config.yaml")
+    except PapaError as e:
+        fail(e)
+
+    configfile: "config/config.yaml"
+
+
 # One config file; `--config KEY=VALUE` overrides of its top-level keys are validated like the file, and the
 # papa jobs then read the file with the overrides written in (CONFIGFILE, under the results directory). At
 # `scale: smoke` (papa/smoke.py) the config is shrunk and results and reports go to their own directories.
+# The same checks, defaults and one-line messages as `papa` (papa.config, from papa/schemas/).
 try:
     _effective, CONFIGFILE = workflow_config(workflow.configfiles, workflow.config_settings.config)
     plan.check(_effective, str(workflow.configfiles[0]))
 except PapaError as e:
-    raise WorkflowError(str(e)) from None
+    fail(e)
 config.clear()
 config.update(_effective)
+
+
+# one run of this workflow at a time in this directory: an exclusive lock on .snakemake/papa-run.lock, held by
+# this process until it ends (the kernel drops it when the process dies, however it dies). Holding it proves
+# that any Snakemake directory lock left in .snakemake/locks/ is stale (a run killed by SIGKILL, OOM or a lost
+# node), so it is cleared: the same command then resumes (the profile reruns incomplete outputs, and training
+# resumes from its last checkpoint). Dry runs, --lint, --unlock and the other commands that run no job take no
+# lock; jobs on a cluster node (non-main processes) neither.
+INFO_ONLY = ("dryrun", "lint", "unlock", "list_rules", "list_target_rules", "dag", "rulegraph", "filegraph",
+             "d3dag", "summary", "detailed_summary", "list_changes", "list_input_changes", "list_params_changes",
+             "list_untracked", "cleanup_metadata", "cleanup_shadow", "archive", "export_cwl", "containerize",
+             "generate_unit_tests", "debug_dag", "list_conda_envs", "conda_create_envs_only", "print_compilation")
+
+
+def runs_jobs():
+    """Whether this Snakemake command can run jobs (its own command line, as Snakemake parses it)."""
+    if not workflow.is_main_process:
+        return False
+    try:
+        args, _ = get_argument_parser().parse_known_args(sys.argv[1:])
+    except (SystemExit, Exception):  # not the snakemake command line (Snakemake's API called from Python)
+        return True
+    return not any(getattr(args, name, None) for name in INFO_ONLY)
+
+
+def hold_run_lock(state=Path(".snakemake")):
+    """Take the run lock (exit in one line when another run holds it), then clear stale Snakemake locks."""
+    state.mkdir(exist_ok=True)
+    fd = os.open(state / "papa-run.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        fail(f"another run of this workflow (process {holder}) is running in {Path.cwd()}; wait for it to "
+             "finish, or stop it, then run the same command again")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    stale = sorted((state / "locks").glob("*.lock"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    if stale:
+        print(f"papa: cleared the directory lock left by an earlier run that was stopped ({len(stale)} files); "
+              "resuming", file=sys.stderr)
+    return fd  # kept open, hence locked, until this process exits
+
+
+RUNS_JOBS = runs_jobs()
+RUN_LOCK = hold_run_lock() if RUNS_JOBS else None
 
 # `--sdm apptainer` runs every job in this image; null selects the project image (lint needs one)
 CONTAINER = config["container"] or "containers/papa.sif"
@@ -46,6 +115,14 @@ def _alternatives(names):
     return "|".join(map(re.escape, names)) or "(?!)"
 
 
+# before any job starts: averaging that can never happen in a run to train, data that is not there
+try:
+    for _experiment, _variant in RUNS:
+        check_averaging_fires(experiment(config, _experiment, CONFIGFILE), _variant, where=CONFIGFILE)
+except PapaError as e:
+    fail(e)
+
+
 wildcard_constraints:
     experiment=_alternatives(config["experiments"]),
     variant=_alternatives(config["variants"]),
@@ -59,6 +136,20 @@ def all_metrics():
     metrics = [f"{RESULTS}/{e}/{v}/seed{s}/metrics.json" for e, v in RUNS for s in SEEDS]
     return metrics + [f"{RESULTS}/{e}/{v}/seed{s}/similarity.json" for e, v in plan.similarity_runs(config)
                       for s in SEEDS]
+
+
+def check_data():
+    """Fail now, not in each of a dataset's jobs, when an experiment with outputs still to make has no data (a
+    dry run only plans: it may plan for data still to come, e.g. `papa fake-data`)."""
+    for name in config["experiments"]:
+        todo = [f for f in all_metrics() if f.startswith(f"{RESULTS}/{name}/") and not os.path.exists(f)]
+        problem = todo and missing_data(experiment(config, name, CONFIGFILE))
+        if problem:
+            fail(f"{CONFIGFILE}: experiment {name!r}: {problem}; put the data there (docs/data.md) or set data_root")
+
+
+if RUNS_JOBS:
+    check_data()
 
 
 def histories(wildcards):

@@ -12,6 +12,9 @@ rule evaluate:
         f"{LOGS}/evaluate/{{experiment}}/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/evaluate/{{experiment}}/{{variant}}/seed{{seed}}.tsv"
+    # with its run's training (train.smk)
+    group:
+        "run"
     threads: res("evaluate", "threads")
     resources:
         mem_mb=res("evaluate", "mem_mb"),
@@ -20,5 +23,5 @@ rule evaluate:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} papa evaluate --config {params.config} --experiment {wildcards.experiment}"
-        " --split {input.split} --run {params.run} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} papa evaluate --config {params.config:q} --experiment {wildcards.experiment:q}"
+        " --split {input.split:q} --run {params.run:q} > {log:q} 2>&1"

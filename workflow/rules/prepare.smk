@@ -16,5 +16,5 @@ rule prepare:
     container:
         CONTAINER
     shell:
-        "papa prepare --config {params.config} --experiment {wildcards.experiment} --out {output.split}"
-        " > {log} 2>&1"
+        "papa prepare --config {params.config:q} --experiment {wildcards.experiment:q} --out {output.split:q}"
+        " > {log:q} 2>&1"

@@ -13,7 +13,7 @@ rule aggregate:
     container:
         CONTAINER
     shell:
-        "papa aggregate {input.metrics} --out {output} > {log} 2>&1"
+        "papa aggregate {input.metrics:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule render_table:
@@ -49,8 +49,8 @@ rule render_table:
     container:
         CONTAINER
     shell:
-        "papa render --config {input.config} --table {wildcards.table} --metrics {input.metrics}"
-        " --md {output.md} --csv {output.csv} --html {output.html} > {log} 2>&1"
+        "papa render --config {input.config:q} --table {wildcards.table:q} --metrics {input.metrics:q}"
+        " --md {output.md:q} --csv {output.csv:q} --html {output.html:q} > {log:q} 2>&1"
 
 
 rule plot_figure:
@@ -75,5 +75,5 @@ rule plot_figure:
     container:
         CONTAINER
     shell:
-        "papa plot --config {input.config} --figure {wildcards.figure} --metrics {input.metrics}"
-        " --histories {input.histories} --out {output.png} > {log} 2>&1"
+        "papa plot --config {input.config:q} --figure {wildcards.figure:q} --metrics {input.metrics:q}"
+        " --histories {input.histories:q} --out {output.png:q} > {log:q} 2>&1"

@@ -13,6 +13,9 @@ rule soups:
         f"{LOGS}/soups/{{experiment}}/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/soups/{{experiment}}/{{variant}}/seed{{seed}}.tsv"
+    # with its run's training (train.smk)
+    group:
+        "run"
     threads: res("soups", "threads")
     resources:
         mem_mb=res("soups", "mem_mb"),
@@ -21,5 +24,5 @@ rule soups:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} papa soups --config {params.config} --experiment {wildcards.experiment}"
-        " --split {input.split} --run {params.run} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} papa soups --config {params.config:q} --experiment {wildcards.experiment:q}"
+        " --split {input.split:q} --run {params.run:q} > {log:q} 2>&1"

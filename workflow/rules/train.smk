@@ -13,6 +13,10 @@ rule train:
         f"{LOGS}/train/{{experiment}}/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/train/{{experiment}}/{{variant}}/seed{{seed}}.tsv"
+    # one SLURM job per run: training and its short follow-up steps (soups, evaluate, similarity) together;
+    # local runs ignore groups
+    group:
+        "run"
     threads: res("train", "threads")
     # a failed or preempted attempt leaves its last checkpoint in the run directory: the retry resumes there
     retries: 2
@@ -23,6 +27,6 @@ rule train:
     container:
         CONTAINER
     shell:
-        "OMP_NUM_THREADS={threads} papa train --config {params.config} --experiment {wildcards.experiment}"
-        " --variant {wildcards.variant} --seed {wildcards.seed} --split {input.split} --out {params.run}"
-        " > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} papa train --config {params.config:q} --experiment {wildcards.experiment:q}"
+        " --variant {wildcards.variant:q} --seed {wildcards.seed:q} --split {input.split:q} --out {params.run:q}"
+        " > {log:q} 2>&1"

@@ -1,0 +1,137 @@
+"""Outputs are bound to what made them: soups.json, metrics.json and similarity.json record the SHA-256 of the
+population (and metrics.json of the soups) they were made from; `papa soups`/`evaluate` refuse in one line,
+naming both files, to combine outputs of different trainings; `papa train` into a finished run directory
+clears the earlier training's outputs first."""
+
+import json
+import shutil
+
+import pytest
+
+from papa.cli import main
+from papa.io import file_digest
+from tests.helpers import write_config
+
+SMALL = {"population": {"size": 2}, "train": {"epochs": 1}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("integrity")
+    config = write_config(root / "c.yaml", SMALL)
+    split = root / "split.json"
+    assert main(["prepare", "--config", str(config), "--out", str(split)]) == 0
+    return root, config, split
+
+
+def run(*args) -> int:
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:  # pragma: no cover - a stop is a failure here
+        return e.code
+
+
+def train(config, split, out, seed=1):
+    assert run("train", "--config", config, "--variant", "papa", "--seed", seed, "--split", split,
+               "--out", out) == 0
+
+
+def finished(config, split, out, seed=1):
+    train(config, split, out, seed)
+    assert run("soups", "--config", config, "--split", split, "--run", out) == 0
+    assert run("evaluate", "--config", config, "--split", split, "--run", out) == 0
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+def test_outputs_record_the_digests_of_what_made_them(setup, tmp_path):
+    _, config, split = setup
+    out = tmp_path / "a"
+    finished(config, split, out)
+    population = file_digest(out / "population.safetensors")
+    assert json.loads((out / "population.json").read_text())["split_sha256"] == file_digest(split)
+    assert json.loads((out / "soups.json").read_text())["population_sha256"] == population
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["population_sha256"] == population
+    assert metrics["soups_sha256"] == file_digest(out / "soups.safetensors")
+
+
+def test_evaluate_refuses_soups_of_another_training(setup, tmp_path, capsys):
+    _, config, split = setup
+    a, b = tmp_path / "a", tmp_path / "b"
+    finished(config, split, a, seed=1)
+    train(config, split, b, seed=2)
+    for name in ("soups.safetensors", "soups.json"):
+        shutil.copy(a / name, b / name)
+    capsys.readouterr()
+    assert run("evaluate", "--config", config, "--split", split, "--run", b) == 2
+    assert error_line(capsys) == (
+        f"papa evaluate: error: {b / 'soups.safetensors'} and {b / 'population.safetensors'} come from different "
+        "trainings: the soups were made from another population; run `papa soups` on this run again")
+    assert not (b / "metrics.json").exists()
+
+
+def test_soups_and_evaluate_refuse_a_split_the_population_was_not_trained_with(setup, tmp_path, capsys):
+    root, config, split = setup
+    other = tmp_path / "other.json"
+    config2 = write_config(tmp_path / "c2.yaml", {**SMALL, "data": {"split_seed": 7}})
+    assert run("prepare", "--config", config2, "--out", other) == 0
+    out = tmp_path / "a"
+    finished(config, split, out)
+    for command in ("soups", "evaluate"):
+        capsys.readouterr()
+        assert run(command, "--config", config, "--split", other, "--run", out) == 2
+        line = error_line(capsys)
+        assert line.startswith(f"papa {command}: error: {other} and {out / 'population.safetensors'} come from "
+                               "different trainings"), line
+
+
+def test_training_into_a_finished_run_clears_its_outputs_first(setup, tmp_path, capsys):
+    _, config, split = setup
+    out = tmp_path / "a"
+    finished(config, split, out)
+    (out / "similarity.json").write_text("{}")
+    old = file_digest(out / "population.safetensors")
+    capsys.readouterr()
+    longer = write_config(tmp_path / "longer.yaml", {**SMALL, "train": {"epochs": 2}})
+    train(longer, split, out)
+    err = capsys.readouterr().err
+    assert (f"papa train: {out}: removed the outputs of an earlier training (soups.safetensors, soups.json, "
+            "metrics.json, similarity.json, population.safetensors, population.json, history.csv)\n") in err
+    assert not any((out / n).exists() for n in ("soups.safetensors", "soups.json", "metrics.json", "similarity.json"))
+    assert file_digest(out / "population.safetensors") != old
+    assert json.loads((out / "population.json").read_text())["epochs"] == 2
+
+
+def test_papa_train_writes_progress_lines_off_a_terminal(setup, tmp_path, capsys, monkeypatch):
+    """Off a terminal, a line per epoch and (here every step) lines within the epoch, with every field."""
+    import papa.train
+
+    _, config, split = setup
+    monkeypatch.setattr(papa.train, "PROGRESS_LINE_SECONDS", 0.0)
+    train(config, split, tmp_path / "a")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("papa train: tiny/papa/seed1")]
+    within, end = lines[:-1], lines[-1]
+    assert len(within) == 22  # 1409 images at batch 64: 22 steps, a line after each
+    assert "epoch 1/1 batch 1/22, step 1/22, loss " in within[0] and ", val -, " in within[0]
+    assert end.startswith("papa train: tiny/papa/seed1, epoch 1/1, step 22/22, loss ")
+    for field in ("lr ", "val ", " img/s", "elapsed 0:", "ETA 0:"):
+        assert field in end, field
+    assert ", val -," not in end  # the epoch's validation accuracy
+
+
+def test_training_into_another_runs_directory_is_refused(setup, tmp_path, capsys):
+    """A mistyped --out never deletes another run's results: one line, and they stay."""
+    _, config, split = setup
+    out = tmp_path / "a"
+    finished(config, split, out, seed=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert run("train", "--config", config, "--variant", "baseline", "--seed", 1, "--split", split, "--out",
+               out) == 2
+    assert error_line(capsys) == (f"papa train: error: {out} holds the outputs of another run (experiment tiny, "
+                                  "variant papa, seed 1); give another --out, or delete them to train this run there")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
