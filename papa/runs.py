@@ -218,7 +218,8 @@ def soups(exp: dict, split_path, run_dir) -> dict:
     aligned = soups_aligned(exp, run.meta["variant"])
     align_batches = align_data(exp, run.splits, run.split, s["align_images"], run.device) if aligned else None
     made, members = make_soups(run.pop, val_accuracy, batches, s["repair_iters"], s["repair_seed"], align_batches,
-                               stacked=build_engine(exp, run.device, run.pop.size).stacked)
+                               stacked=build_engine(exp, run.device, run.pop.size).stacked,
+                               criterion=s["greedy_criterion"], layers=exp["repair"]["layers"])
     tensors = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
     info = {"greedy_soup_members": members, "aligned": aligned,
             "val_accuracy": {k: val_accuracy(m) for k, m in made.items()}}
@@ -230,7 +231,9 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     """Table 5 (Appendix A.5) for one run -> similarity.json: per ResNet stage, the mean cosine similarity (%)
     of the stage outputs on the test set between two members (``between_networks``) and between a member and
     the average soup (``network_and_avg_soup``), after aligning the members to member 0 by feature matching
-    on the training split and REPAIRing the soup (``similarity`` settings of the experiment)."""
+    on the training split and REPAIRing the soup (``similarity`` settings of the experiment). Averaged over
+    every pair (``similarity.members: all``) or members 0 and 1 only (``first-two``, the authors' measure; the
+    all-pairs measure is then written beside it, under ``all_pairs_*``)."""
     run = open_run(exp, split_path, run_dir)
     s, pop, splits = exp["similarity"], run.pop, run.splits
     names = stages(pop.template)
@@ -243,13 +246,20 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     sims = population_similarity(
         pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=s["align"],
         repair=s["repair"], repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
+        layers=exp["repair"]["layers"],
     )
+
+    def per_stage(measure: str) -> dict:
+        return {"between_networks": dict(zip(names, sims[measure][BETWEEN_NETWORKS], strict=True)),
+                "network_and_avg_soup": dict(zip(names, sims[measure][NETWORK_AND_SOUP], strict=True))}
+
     out = {
         "experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"], "stages": names,
-        "between_networks": dict(zip(names, sims[BETWEEN_NETWORKS], strict=True)),
-        "network_and_avg_soup": dict(zip(names, sims[NETWORK_AND_SOUP], strict=True)),
+        **per_stage(s["members"]), "members": s["members"],
         "aligned": s["align"], "repaired": s["repair"], "repair_iters": s["repair_iters"], "test_images": n_test,
     }
+    if s["members"] != "all":  # the all-pairs measure beside the configured one
+        out |= {f"all_pairs_{k}": v for k, v in per_stage("all").items()}
     write_json(run.dir / "similarity.json", out)
     return out
 

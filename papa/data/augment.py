@@ -11,6 +11,7 @@ device, so a run draws the same numbers on CPU and GPU.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -104,17 +105,27 @@ def _draw(key: str, spec, generator: torch.Generator):
 
 
 def draw_policies(grid: dict, p: int, generator: torch.Generator, base: dict | None = None) -> list[Policy]:
-    """Each member's policy: ``base`` (fixed settings, e.g. crop and flip) plus one random draw per grid key.
+    """Each member's policy: ``base`` (fixed settings, e.g. crop and flip) plus its regularization from the grid.
 
-    Grid values are lists (drawn uniformly) or {"uniform": [lo, hi]}. Keys are drawn in sorted order, member
-    after member, so the result depends only on the grid, p and the generator's seed."""
+    The combinations of the listed values (the Cartesian product over the keys, in sorted key order) are
+    shuffled and dealt out, member i taking combination i modulo their number, as the authors' main.py does:
+    no two members share a combination while distinct ones remain. Keys given as {"uniform": [lo, hi]} are
+    then drawn for each member, member after member. The result depends only on the grid, p and the
+    generator's seed."""
     for key in [*grid, *(base or {})]:
         if key not in POLICY_FIELDS:
             raise PapaError(f"unknown augmentation {key!r}; expected one of {', '.join(POLICY_FIELDS)}")
+    listed = [key for key in sorted(grid) if not isinstance(grid[key], dict)]
+    for key in listed:
+        if not isinstance(grid[key], list | tuple) or not grid[key]:
+            raise PapaError(f"augmentation grid {key!r}: expected a non-empty list of values, found {grid[key]!r}")
+    combos = list(itertools.product(*(grid[key] for key in listed)))
+    order = torch.randperm(len(combos), generator=generator).tolist()
     policies = []
-    for _ in range(p):
+    for i in range(p):
         values = dict(base or {})
-        values.update({key: _draw(key, grid[key], generator) for key in sorted(grid)})
+        values.update(zip(listed, combos[order[i % len(combos)]], strict=True))
+        values.update({key: _draw(key, grid[key], generator) for key in sorted(grid) if key not in listed})
         policies.append(Policy(**values))
     return policies
 
