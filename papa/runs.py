@@ -44,11 +44,14 @@ def load_experiment(config_path: str | Path, name: str | None) -> dict:
 
 
 def load_data(exp: dict):
-    """The experiment's dataset, resized to ``data.image_size`` and, for a pretrained timm model, normalized
-    with the mean/std the model was pretrained with (its timm pretrained_cfg)."""
+    """The experiment's dataset, resized to ``data.image_size`` (``data.resize``: bilinear or bicubic) and, for a
+    pretrained timm model, normalized with the mean/std the model was pretrained with (its timm pretrained_cfg)."""
     d, m = exp["data"], exp["model"]
     options = {"image_size": d["image_size"]} if d["image_size"] else {}
     splits = load_dataset(d["dataset"], d["root"], **options, **d["options"])
+    for part in (splits.train, splits.test):
+        if hasattr(part, "resize"):  # in-memory arrays (folders crop and resize with their own transforms)
+            part.resize = d["resize"]
     stats = pretrained_normalization(m["name"], m["pretrained"])
     if stats is not None and len(stats[0]) == splits.in_channels:
         for part in (splits, splits.train, splits.test):

@@ -212,16 +212,16 @@ def test_table5_renders_the_papers_layout_from_similarity_files(tmp_path):
     config = load_config(REPO / "config" / "paper" / "table5.yaml")
     files = []
     for k, variant in enumerate(["baseline", "papa", "papa-all", "papa-2"]):
-        run = aggregate.run_dir(tmp_path, "ablation-base", variant, 1)
+        run = aggregate.run_dir(tmp_path, "similarity-cifar100-resnet18-p5", variant, 1)
         run.mkdir(parents=True)
         stages = [f"layer{i}" for i in range(1, 5)]
         (run / "similarity.json").write_text(json.dumps({
-            "experiment": "ablation-base", "variant": variant, "seed": 1, "stages": stages,
+            "experiment": "similarity-cifar100-resnet18-p5", "variant": variant, "seed": 1, "stages": stages,
             "between_networks": {s: 10.0 * k + i for i, s in enumerate(stages)},
             "network_and_avg_soup": {s: 50.0 + k + i / 4 for i, s in enumerate(stages)},
             "aligned": True, "repaired": True, "repair_iters": 5, "test_images": 100}))
         files.append(run / "similarity.json")
-    (files[0].parent / "metrics.json").write_text(json.dumps({"experiment": "ablation-base", "variant": "baseline",
+    (files[0].parent / "metrics.json").write_text(json.dumps({"experiment": "similarity-cifar100-resnet18-p5", "variant": "baseline",
                                                               "seed": 1, "mean": 79.0, "population": 5}))
     frame = aggregate.aggregate(aggregate.find_metrics(tmp_path))
     table = config["tables"][0]
