@@ -264,4 +264,5 @@ def eval_batches(dataset: ArrayDataset | FolderDataset, indices=None, batch_size
     else:
         chunks = ((dataset.images[c].to(device), dataset.labels[c].to(device)) for c in idx.split(batch_size))
     for images, labels in chunks:
-        yield eval_transform(images, dataset.mean, dataset.std, dataset.image_size, getattr(dataset, "resize", "bilinear")), labels
+        mode = getattr(dataset, "resize", "bilinear")
+        yield eval_transform(images, dataset.mean, dataset.std, dataset.image_size, mode), labels

@@ -221,8 +221,9 @@ def test_table5_renders_the_papers_layout_from_similarity_files(tmp_path):
             "network_and_avg_soup": {s: 50.0 + k + i / 4 for i, s in enumerate(stages)},
             "aligned": True, "repaired": True, "repair_iters": 5, "test_images": 100}))
         files.append(run / "similarity.json")
-    (files[0].parent / "metrics.json").write_text(json.dumps({"experiment": "similarity-cifar100-resnet18-p5", "variant": "baseline",
-                                                              "seed": 1, "mean": 79.0, "population": 5}))
+    (files[0].parent / "metrics.json").write_text(json.dumps({"experiment": "similarity-cifar100-resnet18-p5",
+                                                              "variant": "baseline", "seed": 1, "mean": 79.0,
+                                                              "population": 5}))
     frame = aggregate.aggregate(aggregate.find_metrics(tmp_path))
     table = config["tables"][0]
     md, csv = tmp_path / "table5.md", tmp_path / "table5.csv"
