@@ -51,7 +51,7 @@ def load_data(exp: dict):
     splits = load_dataset(d["dataset"], d["root"], **options, **d["options"])
     for part in (splits.train, splits.test):
         if hasattr(part, "resize"):  # in-memory arrays (folders crop and resize with their own transforms)
-            part.resize = d["resize"]
+            part.resize = d.get("resize", "bilinear")
     stats = pretrained_normalization(m["name"], m["pretrained"])
     if stats is not None and len(stats[0]) == splits.in_channels:
         for part in (splits, splits.train, splits.test):
