@@ -6,10 +6,11 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 VENV := .venv
 CORES ?= all
 PYTEST_ARGS ?=
+SMOKE_ARGS ?=
 # rules call `papa`; the locked environment must come first on PATH
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install reproduce report test test-unit lint bench clean
+.PHONY: install reproduce report test test-unit lint bench smoke clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +34,11 @@ test: install
 # the math and small pieces only (tests/unit/), one thread each: under a minute
 test-unit: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# every config (paper and default) at smoke scale (scale: smoke, docs/smoke.md) on fake data, in a temporary dir: one
+# summary line per config (time, runs, tables rendered); SMOKE_ARGS="config/paper/table3.yaml --keep" for one
+smoke: install
+	$(VENV)/bin/python -m benchmarks.smoke $(SMOKE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check papa tests benchmarks

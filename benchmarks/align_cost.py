@@ -23,8 +23,9 @@ from papa.models import create_model
 from papa.population import Population
 
 
-def seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
+def seconds(fn, repeats: int, warmup: bool) -> float:
+    if warmup:
+        fn()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
@@ -39,6 +40,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--every", type=int, default=10, help="training steps between two pushes")
     ap.add_argument("--images", type=int, nargs="+", default=[64, 256], help="alignment set sizes to time")
     ap.add_argument("--repeats", type=int, default=2, help="timed repetitions of each measurement")
+    ap.add_argument("--no-warmup", action="store_true", help="time the first call too (no untimed warm-up call)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     pop = Population.from_factory(lambda: create_model(a.model, num_classes=100), a.p, seed=0).requires_grad_()
@@ -53,14 +55,14 @@ def main(argv=None) -> dict:
         engine(pop, x, targets, lambda: torch.autocast("cpu", enabled=False))
         opt.step()
 
-    step_s = seconds(step, a.repeats)
+    step_s = seconds(step, a.repeats, not a.no_warmup)
     data = torch.randn(max(a.images), 3, 32, 32)
     align_s = {}
     for n in a.images:
         def align(n=n):
             batches = [data[i:i + 500] for i in range(0, n, 500)]
             align_members_(pop, lambda _j, _g: iter(batches))
-        align_s[n] = seconds(align, a.repeats)
+        align_s[n] = seconds(align, a.repeats, not a.no_warmup)
     (n0, t0), (n1, t1) = sorted(align_s.items())[0], sorted(align_s.items())[-1]
     slope = (t1 - t0) / (n1 - n0)
     fixed = t0 - slope * n0

@@ -33,7 +33,7 @@ def build_population(exp: dict, splits, seed: int, members: list[int] | None = N
     def factory():
         return create_model(
             m["name"], num_classes=splits.num_classes, in_channels=splits.in_channels,
-            pretrained=m["pretrained"], **m["kwargs"],
+            pretrained=m["pretrained"], fake_ok=exp.get("scale") == "smoke", **m["kwargs"],
         )
 
     p = exp["population"]

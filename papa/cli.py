@@ -95,6 +95,13 @@ def _bench(a):
     )))
 
 
+def _fake_data(a):
+    from papa import fakedata
+
+    for line in fakedata.write_all(a.root, a.config or fakedata.default_configs(), a.hub_cache):
+        print(line)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="papa", description="PopulAtion Parameter Averaging: train, average and evaluate populations."
@@ -163,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, metavar="FILE",
                    help="also profile one step and write torch's kernel table to FILE")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("fake-data", help="write small random datasets and pretrained weights in the real formats",
+                       description="Write, for every dataset and pretrained timm model the configs use, small random "
+                       "data in the on-disk format the loaders read (CIFAR python archives, an ImageNet ImageFolder "
+                       "of JPEGs, Vaihingen TIFF tiles and labels) and random model.safetensors files in the Hugging "
+                       "Face hub cache layout, marked fake: run a config end to end (`--config scale=smoke "
+                       "data_root=DIR`) before downloading anything or spending GPU hours.")
+    p.add_argument("--root", required=True, type=Path, help="data root to write under (the configs' data_root)")
+    p.add_argument("--hub-cache", type=Path, help="Hugging Face hub cache to write fake timm weights into (use it "
+                   "as HF_HUB_CACHE); without it no weights are written")
+    p.add_argument("--config", action="append", type=Path, help="config whose datasets and models to write "
+                   "(repeatable; default: config/*.yaml and config/paper/*.yaml in the working directory)")
+    p.set_defaults(func=_fake_data)
 
     add_commands(sub)
     return parser

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from papa import smoke
 from papa.errors import PapaError
+from papa.io import write_text
 
 if TYPE_CHECKING:
     import jsonschema
@@ -136,15 +138,78 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path) -> dict:
-    """Read and validate a config file, and every experiment in it."""
-    raw = load_yaml(path)
+def _mapping(raw: Any, path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise PapaError(f"{path}: expected a mapping at the top level, found {type(raw).__name__}")
-    config = validate(raw, "config", str(path))
+    return raw
+
+
+def _yaml_leaves(value: Any) -> Any:
+    """Snakemake reads a list or mapping given with ``--config`` with YAML's base loader, which leaves every
+    leaf a string ('[1, 2]' -> ['1', '2']): read the leaves as YAML values."""
+    if isinstance(value, list):
+        return [_yaml_leaves(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _yaml_leaves(v) for k, v in value.items()}
+    return yaml.safe_load(value) if isinstance(value, str) else value
+
+
+def with_overrides(raw: dict, overrides: dict, path: str | Path) -> dict:
+    """A config file's content ``raw`` with top-level keys set from ``overrides`` (Snakemake's ``--config
+    KEY=VALUE``; a mapping merges into the file's), validated like the file: the file alone first, then with
+    the overrides, whose errors name them (``table1.yaml with --config scale=tiny: scale: ...``)."""
+    validate(copy.deepcopy(raw), "config", str(path))
+    merged = {**raw}
+    for key, value in overrides.items():
+        value = _yaml_leaves(value) if isinstance(value, list | dict) else value
+        merged[key] = deep_merge(raw[key], value) if isinstance(value, dict) and isinstance(raw.get(key), dict) \
+            else value
+    given = " ".join(f"{k}={v}" for k, v in overrides.items())
+    validate(copy.deepcopy(merged), "config", f"{path} with --config {given}")
+    return merged
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read and validate a config file (with top-level ``overrides``, see ``with_overrides``), and every
+    experiment in it; at ``scale: smoke`` the config is shrunk by papa.smoke's rule."""
+    return _checked(_raw_config(path, overrides), path)
+
+
+def _raw_config(path: str | Path, overrides: dict | None) -> dict:
+    raw = _mapping(load_yaml(path), path)
+    return with_overrides(raw, overrides, path) if overrides else raw
+
+
+def _checked(raw: dict, path: str | Path) -> dict:
+    config = validate(copy.deepcopy(raw), "config", str(path))
+    if config["scale"] == "smoke":
+        smoke.scale_config(config)
     for name in config["experiments"]:
         experiment(config, name, path)
     return config
+
+
+def workflow_config(configfiles: list, overrides: dict) -> tuple[dict, str]:
+    """The config of a Snakemake run and the config file its ``papa`` jobs read (one path for every job).
+
+    Exactly one config file (``--configfile``); ``overrides`` are Snakemake's ``--config KEY=VALUE`` (top-level
+    keys), validated like the file. Without overrides the jobs read the file itself. With them, they read the
+    file with the overrides written in: ``<results>/<file name>`` (at smoke scale ``<results>/smoke/...``),
+    rewritten only when its content changes, so that tables re-render only when the config did."""
+    if len(configfiles) != 1:
+        raise PapaError(f"give exactly one config file (--configfile FILE), found {len(configfiles)}")
+    path = Path(configfiles[0])
+    raw = _raw_config(path, overrides)
+    config = _checked(raw, path)
+    if not overrides:
+        return config, str(path)
+    given = " ".join(f"{k}={v}" for k, v in overrides.items())
+    text = f"# {path} with --config {given} (written by the workflow; edit {path} instead)\n" + yaml.safe_dump(
+        raw, sort_keys=False, allow_unicode=True)
+    jobs = Path(config["results"]) / path.name
+    if not jobs.is_file() or jobs.read_text() != text:
+        write_text(jobs, text)
+    return config, str(jobs)
 
 
 def swa_start_epoch(exp: dict) -> int | None:
@@ -157,8 +222,8 @@ def swa_start_epoch(exp: dict) -> int | None:
 
 
 def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
-    """Experiment ``name`` of a loaded config: defaults merged with its overrides, validated, with
-    ``data.root`` resolved against ``data_root``."""
+    """Experiment ``name`` of a loaded config: defaults merged with its overrides, validated (and at smoke scale
+    shrunk, papa.smoke), with ``data.root`` resolved against ``data_root`` and ``name`` and ``scale`` added."""
     if name not in config["experiments"]:
         known = ", ".join(sorted(config["experiments"]))
         raise PapaError(f"{path}: unknown experiment {name!r} (defined: {known})")
@@ -177,10 +242,14 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
         if not 0 < first < epochs:
             raise PapaError(f"{path}: experiment {name!r}: train.swa.start: SWA would start after {first} of "
                             f"{epochs} epochs; it needs at least one epoch before it and one during it")
+    if config.get("scale") == "smoke":
+        exp = validate(smoke.scale_experiment(exp, f"{path}: experiment {name!r}"), "experiment",
+                       f"{path}: experiment {name!r} at smoke scale")
     data = exp["data"]
     root = Path(data["root"] or data["dataset"])
     data["root"] = str(root if root.is_absolute() else Path(config["data_root"]) / root)
     exp["name"] = name
+    exp["scale"] = config.get("scale", "full")
     return exp
 
 

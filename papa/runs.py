@@ -17,6 +17,7 @@ from papa.alignment import permutation_spec
 from papa.build import align_data, build_engine, build_population, fixed_batches, loader_options, resolve_device
 from papa.checkpoint import load_tensors, save_tensors, sidecar_path
 from papa.data import Policy, load_dataset, load_split, make_split, make_stream, save_split
+from papa.data.subset import subset_splits
 from papa.distributed import from_env
 from papa.errors import PapaError
 from papa.io import write_json, write_text
@@ -49,6 +50,8 @@ def load_data(exp: dict):
     d, m = exp["data"], exp["model"]
     options = {"image_size": d["image_size"]} if d["image_size"] else {}
     splits = load_dataset(d["dataset"], d["root"], **options, **d["options"])
+    if d.get("subset"):  # smoke scale: a few items of each set
+        splits = subset_splits(splits, **d["subset"])
     for part in (splits.train, splits.test):
         if hasattr(part, "resize"):  # in-memory arrays (folders crop and resize with their own transforms)
             part.resize = d.get("resize", "bilinear")

@@ -38,13 +38,15 @@ def _timm_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> 
 
 
 def create_model(
-    name: str, num_classes: int, in_channels: int = 3, pretrained: str | Path | None = None, **kwargs
+    name: str, num_classes: int, in_channels: int = 3, pretrained: str | Path | None = None, fake_ok: bool = False,
+    **kwargs
 ) -> nn.Module:
     """Build model ``name`` giving logits of shape (N, num_classes) for ``in_channels``-channel images.
 
     ``kwargs`` go to the architecture (e.g. ``width`` for ``digits_cnn``); ``pretrained`` is an optional
     local safetensors file to warm-start from, or ``timm`` for a timm model's weights in the local Hugging
-    Face hub cache (see ``load_pretrained``). Bad names, arguments or weights raise ``PapaError``.
+    Face hub cache (see ``load_pretrained``; ``fake_ok``: no warning for ``papa fake-data`` weights, at smoke
+    scale). Bad names, arguments or weights raise ``PapaError``.
     """
     if name.startswith(TIMM_PREFIX):
         factory = _timm_model
@@ -63,5 +65,5 @@ def create_model(
     model = factory(*args, **kwargs)
     if pretrained is not None:
         timm_name = name.removeprefix(TIMM_PREFIX) if name.startswith(TIMM_PREFIX) else None
-        load_pretrained(model, pretrained, timm_name)
+        load_pretrained(model, pretrained, timm_name, fake_ok=fake_ok)
     return model

@@ -8,6 +8,7 @@ weights are never loaded.
 """
 
 import os
+import sys
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -19,6 +20,7 @@ from papa.errors import PapaError
 TIMM_CACHE = "timm"
 """The ``model.pretrained`` value that loads a timm model's weights from the local Hugging Face hub cache."""
 HUB_FILE = "model.safetensors"
+FAKE_KEY = "papa_fake"  # safetensors metadata key marking the random weights `papa fake-data` writes
 
 
 def head_module(model: nn.Module) -> nn.Module:
@@ -72,13 +74,33 @@ def cached_timm_weights(name: str) -> Path:
     return Path(found)
 
 
-def load_pretrained(model: nn.Module, source: str | Path, timm_name: str | None = None) -> nn.Module:
+_warned: set[Path] = set()
+
+
+def warn_if_fake(path: Path, fake_ok: bool) -> None:
+    """One warning line per process on stderr when ``path`` holds the random weights ``papa fake-data`` writes
+    (marked in its safetensors metadata) and the run is not at smoke scale (``fake_ok``)."""
+    from safetensors import safe_open
+
+    if fake_ok or path in _warned:
+        return
+    with safe_open(path, "pt") as f:
+        fake = FAKE_KEY in (f.metadata() or {})
+    if fake:
+        _warned.add(path)
+        print(f"papa: warning: {path} holds random weights written by `papa fake-data`, not pretrained ones; "
+              "results are meaningless outside smoke scale (scale: smoke)", file=sys.stderr)
+
+
+def load_pretrained(model: nn.Module, source: str | Path, timm_name: str | None = None,
+                    fake_ok: bool = False) -> nn.Module:
     """Copy pretrained weights into ``model`` in place and return it.
 
     ``source`` is a safetensors file, or ``timm`` (``TIMM_CACHE``) with ``timm_name``, the timm model name.
     Every tensor outside the classifier head must be in the file with the model's shape and the file must hold
     nothing else, or a PapaError lists what does not fit. The head is loaded only when the file holds it with
-    the same shapes; otherwise (a new ``num_classes``) it keeps its fresh initialization.
+    the same shapes; otherwise (a new ``num_classes``) it keeps its fresh initialization. Fake weights (``papa
+    fake-data``) print a warning unless ``fake_ok`` (smoke scale).
     """
     if str(source) == TIMM_CACHE:
         if timm_name is None:
@@ -91,6 +113,7 @@ def load_pretrained(model: nn.Module, source: str | Path, timm_name: str | None 
                             "local Hugging Face hub cache)")
     try:
         weights = load_file(path)
+        warn_if_fake(path, fake_ok)
     except (OSError, SafetensorError) as err:
         raise PapaError(f"cannot read pretrained weights {path}: {err}") from err
     own = model.state_dict()

@@ -5,32 +5,31 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from papa.config import deep_merge, experiment
+from papa.config import deep_merge, workflow_config
 from papa.errors import PapaError
 from papa.report import plan
-
-# the config file itself goes to every `papa` job, so it must be exactly one file, without overrides
-if len(workflow.configfiles) != 1 or workflow.config_settings.config:
-    raise WorkflowError(
-        "give exactly one config file (--configfile FILE) and no --config overrides: "
-        "the papa jobs read the file itself"
-    )
-CONFIGFILE = str(workflow.configfiles[0])
 
 # workflow/schemas/config.schema.yaml is a symlink to the package schema (one source of truth; a `$ref`
 # would validate but not fill defaults: jsonschema swaps in its stock validator at the referenced `$schema`)
 validate(config, "../schemas/config.schema.yaml")
+# One config file; `--config KEY=VALUE` overrides of its top-level keys are validated like the file, and the
+# papa jobs then read the file with the overrides written in (CONFIGFILE, under the results directory). At
+# `scale: smoke` (papa/smoke.py) the config is shrunk and results and reports go to their own directories.
 try:
-    for _name in config["experiments"]:
-        experiment(config, _name, CONFIGFILE)
-    plan.check(config, CONFIGFILE)
+    _effective, CONFIGFILE = workflow_config(workflow.configfiles, workflow.config_settings.config)
+    plan.check(_effective, str(workflow.configfiles[0]))
 except PapaError as e:
     raise WorkflowError(str(e)) from None
+config.clear()
+config.update(_effective)
 
 # `--sdm apptainer` runs every job in this image; null selects the project image (lint needs one)
 CONTAINER = config["container"] or "containers/papa.sif"
 
 RESULTS = config["results"]
+# smoke runs (papa/smoke.py) keep their results, reports and logs apart from full-scale ones
+REPORTS = "reports/smoke" if config["scale"] == "smoke" else "reports"
+LOGS = "logs/smoke" if config["scale"] == "smoke" else "logs"
 SPLIT = f"{RESULTS}/{{experiment}}/split.json"
 RUN = f"{RESULTS}/{{experiment}}/{{variant}}/seed{{seed}}"
 METRICS = f"{RESULTS}/metrics.csv"

@@ -9,7 +9,7 @@ rule evaluate:
         config=CONFIGFILE,
         run=subpath(input.population, parent=True),
     log:
-        "logs/evaluate/{experiment}/{variant}/seed{seed}.log",
+        f"{LOGS}/evaluate/{{experiment}}/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/evaluate/{{experiment}}/{{variant}}/seed{{seed}}.tsv"
     threads: res("evaluate", "threads")

@@ -5,7 +5,7 @@ rule prepare:
         config=CONFIGFILE,
         settings=settings("prepare"),
     log:
-        "logs/prepare/{experiment}.log",
+        f"{LOGS}/prepare/{{experiment}}.log",
     benchmark:
         f"{BENCH}/prepare/{{experiment}}.tsv"
     threads: res("prepare", "threads")

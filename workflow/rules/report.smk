@@ -4,7 +4,7 @@ rule aggregate:
     output:
         METRICS,
     log:
-        "logs/report/aggregate.log",
+        f"{LOGS}/report/aggregate.log",
     benchmark:
         f"{BENCH}/report/aggregate.tsv"
     resources:
@@ -22,25 +22,25 @@ rule render_table:
         metrics=METRICS,
     output:
         html=report(
-            "reports/{table}.html",
+            f"{REPORTS}/{{table}}.html",
             caption="../report/table.rst",
             category="Tables",
             labels={"table": "{table}", "format": "HTML (shown here)"},
         ),
         md=report(
-            "reports/{table}.md",
+            f"{REPORTS}/{{table}}.md",
             caption="../report/table.rst",
             category="Tables",
             labels={"table": "{table}", "format": "Markdown (download)"},
         ),
         csv=report(
-            "reports/{table}.csv",
+            f"{REPORTS}/{{table}}.csv",
             caption="../report/table.rst",
             category="Tables",
             labels={"table": "{table}", "format": "CSV (download)"},
         ),
     log:
-        "logs/report/{table}.log",
+        f"{LOGS}/report/{{table}}.log",
     benchmark:
         f"{BENCH}/report/{{table}}.tsv"
     resources:
@@ -60,13 +60,13 @@ rule plot_figure:
         histories=histories,
     output:
         png=report(
-            "reports/{figure}.png",
+            f"{REPORTS}/{{figure}}.png",
             caption="../report/figure.rst",
             category="Figures",
             labels={"figure": "{figure}"},
         ),
     log:
-        "logs/report/{figure}.log",
+        f"{LOGS}/report/{{figure}}.log",
     benchmark:
         f"{BENCH}/report/{{figure}}.tsv"
     resources:

@@ -9,7 +9,7 @@ rule similarity:
         settings=settings("similarity"),
         run=subpath(input.population, parent=True),
     log:
-        "logs/similarity/{experiment}/{variant}/seed{seed}.log",
+        f"{LOGS}/similarity/{{experiment}}/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/similarity/{{experiment}}/{{variant}}/seed{{seed}}.tsv"
     threads: res("similarity", "threads")

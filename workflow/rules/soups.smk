@@ -10,7 +10,7 @@ rule soups:
         settings=settings("soups"),
         run=subpath(input.population, parent=True),
     log:
-        "logs/soups/{experiment}/{variant}/seed{seed}.log",
+        f"{LOGS}/soups/{{experiment}}/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/soups/{{experiment}}/{{variant}}/seed{{seed}}.tsv"
     threads: res("soups", "threads")

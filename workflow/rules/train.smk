@@ -10,7 +10,7 @@ rule train:
         settings=settings("train"),
         run=subpath(output.population, parent=True),
     log:
-        "logs/train/{experiment}/{variant}/seed{seed}.log",
+        f"{LOGS}/train/{{experiment}}/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/train/{{experiment}}/{{variant}}/seed{{seed}}.tsv"
     threads: res("train", "threads")

@@ -1,0 +1,276 @@
+"""`make smoke`: every paper config at smoke scale on fake data, through Snakemake, in a temporary directory.
+
+    python -m benchmarks.smoke [CONFIG ...] [--workdir DIR] [--cores N] [--keep]
+
+Writes fake data and fake pretrained weights (`papa fake-data`), then runs
+`snakemake --configfile CONFIG --config scale=smoke data_root=DIR` for each config (config/config.yaml and
+config/paper/*.yaml by default) in one working directory, so runs shared by several configs train once, and
+prints one line per config: wall time, CPU time of its jobs, runs (and how many trained now), tables and
+figures made, and whether every table shows every cell of its paper CSV, every metrics.json has every key and
+every PAPA-all / PAPA-2 / SWA run's history shows its averaging / SWA phase. Exits non-zero when a config fails
+or is incomplete; its Snakemake log stays in the working directory. The checks are reused by the CI test
+(tests/pipeline/test_smoke.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# the default config too: the only one with figures
+CONFIGS = [REPO / "config" / "config.yaml", *sorted((REPO / "config" / "paper").glob("*.yaml"))]
+# the keys of every metrics.json (docs/interfaces.md), and those a segmentation run adds
+METRICS_KEYS = ("experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
+                "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
+                "greedy_soup_members", "soups_aligned", "val_members")
+F1_MODELS = ("mean", "ensemble", "avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
+STEPS = ("prepare", "train", "soups", "evaluate", "similarity")
+SIMILARITY_KEYS = ("experiment", "variant", "seed", "stages", "between_networks", "network_and_avg_soup", "aligned",
+                   "repaired", "repair_iters", "test_images")
+
+
+def environment(hub: Path) -> dict[str, str]:
+    """The environment of the `papa` and `snakemake` calls: this interpreter's bin first on PATH (the rules
+    call `papa`), the fake hub cache, one torch thread per job."""
+    bin_dir = Path(sys.executable).parent
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_CACHE": str(hub),
+            "OMP_NUM_THREADS": "1"}
+
+
+def fake_data(work: Path, configs: list[Path]) -> tuple[Path, Path]:
+    """`papa fake-data` for ``configs`` under ``work``: (data root, hub cache)."""
+    data, hub = work / "data", work / "hub"
+    args = [sys.executable, "-m", "papa.cli", "fake-data", "--root", str(data), "--hub-cache", str(hub)]
+    for c in configs:
+        args += ["--config", str(c)]
+    subprocess.run(args, check=True, env=environment(hub), capture_output=True, text=True)
+    return data, hub
+
+
+def snakemake(work: Path, config: Path, data: Path, hub: Path, *args: str, cores: int = 2,
+              timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Snakemake on the repository's workflow, run in ``work``, at smoke scale on the fake data; one thread
+    per job (smoke jobs are small: ``cores`` jobs at a time use the cores better than fewer, wider ones)."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory",
+           str(work), "--cores", str(cores), *args, "--set-threads", *[f"{step}=1" for step in STEPS],
+           "--configfile", str(config), "--config", "scale=smoke", f"data_root={data}"]
+    return subprocess.run(cmd, env=environment(hub), capture_output=True, text=True, timeout=timeout)
+
+
+def papa(hub: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "papa.cli", *args], env=environment(hub), capture_output=True,
+                          text=True, check=True)
+
+
+def smoke_config(config: Path, data: Path):
+    from papa.config import load_config
+
+    return load_config(config, {"scale": "smoke", "data_root": str(data)})
+
+
+def run_dirs(work: Path, config: dict, pairs=None) -> list[Path]:
+    """The run directories of ``pairs`` ((experiment, variant); default: every run the config trains)."""
+    from papa.report import plan
+
+    pairs = plan.runs(config) if pairs is None else pairs
+    return [work / config["results"] / e / v / f"seed{s}" for e, v in pairs for s in config["seeds"]]
+
+
+def metrics_problems(work: Path, config: dict, pairs=None) -> list[str]:
+    """What is missing from the metrics.json (and similarity.json) of the runs: files, keys, finite numbers."""
+    from papa.report import plan
+
+    problems = []
+    for run in run_dirs(work, config, pairs):
+        path = run / "metrics.json"
+        if not path.is_file():
+            problems.append(f"{path.relative_to(work)}: missing")
+            continue
+        metrics = json.loads(path.read_text())
+        wanted = list(METRICS_KEYS)
+        if "classes" in metrics:
+            wanted += ["classes", "f1_members"] + [f"{m}_f1_{k}" for m in F1_MODELS
+                                                   for k in (*metrics["classes"], "average")]
+        problems += [f"{path.relative_to(work)}: no key {k!r}" for k in wanted if k not in metrics]
+        problems += [f"{path.relative_to(work)}: {k} = {v!r}" for k, v in metrics.items()
+                     if isinstance(v, float) and not math.isfinite(v)]
+    shown = plan.similarity_runs(config) if pairs is None else set(pairs) & set(plan.similarity_runs(config))
+    for run in run_dirs(work, config, sorted(shown)):
+        path = run / "similarity.json"
+        found = json.loads(path.read_text()) if path.is_file() else {}
+        problems += [f"{path.relative_to(work)}: no key {k!r}" for k in SIMILARITY_KEYS if k not in found]
+    return problems
+
+
+def event_problems(work: Path, config: dict, pairs=None) -> list[str]:
+    """Runs whose history.csv lacks an averaging (PAPA-all, PAPA-2) or the SWA phase their experiment has."""
+    from papa.config import experiment
+    from papa.report import plan
+
+    problems = []
+    for e, v in plan.runs(config) if pairs is None else pairs:
+        exp = experiment(config, e)
+        wanted = {"after_avg"} if v in ("papa-all", "papa-2") else set()
+        wanted |= {"swa"} if exp["train"]["swa"] is not None else set()
+        for s in config["seeds"]:
+            path = work / config["results"] / e / v / f"seed{s}" / "history.csv"
+            if path.is_file():
+                with path.open() as f:
+                    phases = {r["phase"] for r in csv.DictReader(f)}
+                problems += [f"{path.relative_to(work)}: no {phase!r} phase" for phase in sorted(wanted - phases)]
+    return problems
+
+
+def cell_runs(config: dict, table: dict) -> dict[tuple[str, str], tuple[str, str]]:
+    """{(row label, column header): (experiment, variant)} of every cell of a table that shows a run."""
+    from papa.report.tables import cell_experiment, cell_variant, columns
+
+    cells = {}
+    for row in table["rows"]:
+        for header, (variant, _) in columns(table, config["variants"], row).items():
+            if (v := cell_variant(row, variant)) is not None and (e := cell_experiment(row, header)) is not None:
+                cells[row["label"], header] = (e, v)
+    return cells
+
+
+def table_problems(work: Path, config: dict, reports: Path | None = None, pairs=None) -> list[str]:
+    """Cells of the paper's tables (papa/report/paper/<id>.csv) that a rendered table leaves without a value;
+    with ``pairs``, only the cells of those runs. Tables are read from ``reports`` (default reports/smoke)."""
+    from papa.report import paper
+
+    reports = reports or work / "reports" / "smoke"
+    problems = []
+    for table in config["tables"]:
+        path = reports / f"{table['name']}.csv"
+        if not path.is_file():
+            problems.append(f"{path.relative_to(work)}: not rendered")
+            continue
+        with path.open() as f:
+            ours = {(r["row"], r["column"]): r["text"] for r in csv.DictReader(f)}
+        runs = cell_runs(config, table)
+        wanted = list(paper.values(table["paper"])) if table["paper"] else list(runs)
+        wanted = [cell for cell in wanted if cell in runs and (pairs is None or runs[cell] in set(pairs))]
+        problems += [f"{path.name}: {row!r} / {column!r}: {ours.get((row, column), 'no cell')!r}"
+                     for row, column in wanted if ours.get((row, column), "—") in ("", "—")]
+    return problems
+
+
+def render_partial(work: Path, path: Path, config: dict, hub: Path, pairs) -> Path:
+    """Aggregate the metrics of ``pairs`` and render every table of the config from them, with the commands
+    the workflow's rules run (what a config whose runs were not all trained can show); returns the folder."""
+    out = work / "partial" / path.stem
+    metrics = [str(r / "metrics.json") for r in run_dirs(work, config, pairs)]
+    papa(hub, "aggregate", *metrics, "--out", str(out / "metrics.csv"))
+    jobs = work / config["results"] / path.name  # the config the workflow's jobs read (overrides written in)
+    for table in config["tables"]:
+        papa(hub, "render", "--config", str(jobs), "--table", table["name"], "--metrics", str(out / "metrics.csv"),
+             "--md", str(out / f"{table['name']}.md"), "--csv", str(out / f"{table['name']}.csv"))
+    return out
+
+
+@dataclass
+class Summary:
+    config: str
+    seconds: float = 0.0
+    cpu: float = 0.0
+    runs: int = 0
+    trained: int = 0
+    tables: int = 0
+    rendered: int = 0
+    figures: int = 0
+    plotted: int = 0
+    returncode: int = 0
+    problems: list[str] = field(default_factory=list)
+    log: str = ""
+
+    def line(self) -> str:
+        state = "ok" if not self.returncode and not self.problems else (
+            f"FAILED (snakemake exit {self.returncode})" if self.returncode else f"INCOMPLETE ({len(self.problems)})")
+        return (f"{self.config:<18} {self.seconds:7.0f} s wall {self.cpu:7.0f} s CPU  {self.runs:3d} runs "
+                f"({self.trained} trained now)  tables {self.rendered}/{self.tables}  figures {self.plotted}/"
+                f"{self.figures}  {state}")
+
+
+def job_cpu(work: Path, results: str, since: float) -> float:
+    """CPU seconds of the jobs that finished after ``since`` (Snakemake's benchmark files)."""
+    total = 0.0
+    for tsv in (work / results / "benchmarks").rglob("*.tsv"):
+        if tsv.stat().st_mtime >= since:
+            row = tsv.read_text().splitlines()[-1].split("\t")
+            total += float(row[-1]) if row[-1] not in ("", "NA") else 0.0
+    return total
+
+
+def run_config(work: Path, path: Path, data: Path, hub: Path, cores: int = 2, pairs=None,
+               timeout: float | None = None) -> Summary:
+    """Smoke-run one config through Snakemake and check what it produced: every run (its default target), or
+    only the runs ``pairs`` ((experiment, variant)), whose tables are then rendered from those runs alone."""
+    from papa.report import plan
+
+    config = smoke_config(path, data)
+    runs = run_dirs(work, config, pairs)
+    before = {r for r in runs if (r / "metrics.json").exists()}
+    shown = set(plan.similarity_runs(config))
+    targets = [f"{config['results']}/{e}/{v}/seed{s}/{name}" for e, v in pairs or [] for s in config["seeds"]
+               for name in ("metrics.json", *(["similarity.json"] if (e, v) in shown else []))]
+    start, wall = time.time(), time.perf_counter()
+    done = snakemake(work, path, data, hub, *targets, cores=cores, timeout=timeout)
+    summary = Summary(path.stem, seconds=time.perf_counter() - wall, cpu=job_cpu(work, config["results"], start),
+                      runs=len(runs), trained=len({r for r in runs if (r / "metrics.json").exists()} - before),
+                      tables=len(config["tables"]), figures=len(config["figures"]), returncode=done.returncode,
+                      log=done.stdout + done.stderr)
+    if done.returncode:
+        return summary
+    reports = work / "reports" / "smoke" if pairs is None else render_partial(work, path, config, hub, pairs)
+    summary.rendered = sum((reports / f"{t['name']}.md").is_file() for t in config["tables"])
+    summary.plotted = sum((work / "reports" / "smoke" / f"{f['name']}.png").is_file() for f in config["figures"])
+    summary.problems = (metrics_problems(work, config, pairs) + table_problems(work, config, reports, pairs)
+                        + event_problems(work, config, pairs))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make smoke", description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="*", type=Path,
+                        help="configs (default: config/config.yaml and config/paper/*.yaml)")
+    parser.add_argument("--workdir", type=Path, help="working directory (default: a new temporary one)")
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="Snakemake --cores")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary working directory")
+    a = parser.parse_args(argv)
+    configs = [c.resolve() for c in a.configs] or CONFIGS
+    work = a.workdir.resolve() if a.workdir else Path(tempfile.mkdtemp(prefix="papa-smoke-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"smoke scale in {work}: fake data for {len(configs)} configs", flush=True)
+    start = time.perf_counter()
+    data, hub = fake_data(work, configs)
+    print(f"{'fake data':<18} {time.perf_counter() - start:7.0f} s wall", flush=True)
+    failed = []
+    for path in configs:
+        summary = run_config(work, path, data, hub, a.cores)
+        print(summary.line(), flush=True)
+        if summary.returncode or summary.problems:
+            failed.append(summary)
+            log = work / "logs" / f"smoke-{path.stem}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(summary.log + "\n" + "\n".join(summary.problems) + "\n")
+            print(f"  see {log}; first problems: {summary.problems[:3]}", flush=True)
+    print(f"{'all':<18} {time.perf_counter() - start:7.0f} s wall, {len(configs) - len(failed)}/{len(configs)} "
+          "configs ok", flush=True)
+    if not failed and not a.keep and not a.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""``papa fake-data``: small random datasets in exactly the on-disk formats the loaders read, and random
+pretrained weights in the Hugging Face hub cache layout, to run any config end to end (at smoke scale)
+before downloading anything or spending GPU hours.
+
+- CIFAR-10 / CIFAR-100: the python-version archives (pickles, protocol 2, as released), extracted;
+- ImageNet: an ImageFolder tree of JPEGs (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``);
+- Vaihingen: IRRG TIFF tiles (``top/``) and colour-coded label TIFFs (``gts_for_participants/`` for the
+  training and validation tiles, ``gts_complete/`` for the test tiles), small tiles of a few dozen pixels;
+- timm models with ``pretrained: timm``: ``model.safetensors`` of random weights (the architecture's own
+  initialization, with its pretrained head) under ``models--timm--<name>/`` as huggingface_hub writes it,
+  marked in the safetensors metadata (``pretrained.FAKE_KEY``), so that loading one outside smoke scale warns.
+
+Images carry a class-dependent tint under the noise, so networks can learn something. Every dataset and
+model the given configs use is written where those configs look for it (``data.root`` under the data root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from papa.config import experiment, load_config
+from papa.data import vaihingen
+from papa.data.datasets import CIFAR_FORMATS
+from papa.data.vaihingen import CLASSES, IMAGE_DIR, tile_name
+from papa.errors import PapaError
+from papa.io import write_atomic, write_text
+from papa.models.pretrained import FAKE_KEY, HUB_FILE, TIMM_CACHE, timm_pretrained_cfg
+
+FAKE_NOTE = "random weights written by papa fake-data, not pretrained ones"
+COMMIT = "fa4e" * 10  # the snapshot revision of every fake hub repository
+CIFAR_TRAIN, CIFAR_TEST = 50, 20  # images of each archive
+IMAGENET_CLASSES, IMAGENET_TRAIN, IMAGENET_VAL = 10, 4, 2  # classes, images per class
+TILE_SIZES = ((64, 80), (72, 64), (80, 72))  # (height, width) of the Vaihingen tiles, in turn
+
+
+def _images(rng: np.random.Generator, labels: np.ndarray, k: int, shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 images (N, *shape) with channels last: a tint per class plus uniform noise."""
+    tints = np.random.default_rng(k).integers(40, 216, size=(k, shape[-1]))
+    noise = rng.integers(-40, 41, size=(len(labels), *shape))
+    return np.clip(tints[labels].reshape(len(labels), *[1] * (len(shape) - 1), shape[-1]) + noise, 0, 255).astype(
+        np.uint8)
+
+
+# CIFAR ----------------------------------------------------------------------------------------------------
+def write_cifar(root: Path, name: str) -> str:
+    """``<root>/cifar-10-batches-py/`` (or ``cifar-100-python/``), as the loader (papa.data.datasets) reads it."""
+    import torchvision.datasets
+
+    fmt = CIFAR_FORMATS[name]
+    layout = getattr(torchvision.datasets, fmt.tv_class)
+    base = Path(root) / layout.base_folder
+    base.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(sum(map(ord, name)))
+    parts = [(f, CIFAR_TRAIN // len(layout.train_list)) for f, _ in layout.train_list]
+    parts += [(f, CIFAR_TEST) for f, _ in layout.test_list]
+    for i, (filename, n) in enumerate(parts):
+        labels = rng.integers(0, fmt.num_classes, size=n)
+        data = _images(rng, labels, fmt.num_classes, (32, 32, 3)).transpose(0, 3, 1, 2).reshape(n, 3072)
+        batch = {"batch_label": f"fake batch {i + 1}", fmt.label_key: labels.tolist(), "data": data,
+                 "filenames": [f"fake_{i}_{j}.png" for j in range(n)]}
+        if name == "cifar100":
+            batch["coarse_labels"] = (labels // 5).tolist()
+        _write_pickle(base / filename, batch)
+    meta = {layout.meta["key"]: [f"class_{c}" for c in range(fmt.num_classes)]}
+    if name == "cifar100":
+        meta["coarse_label_names"] = [f"superclass_{c}" for c in range(20)]
+    else:
+        meta |= {"num_cases_per_batch": parts[0][1], "num_vis": 3072}
+    _write_pickle(base / layout.meta["filename"], meta)
+    return f"{fmt.title} ({CIFAR_TRAIN} training, {CIFAR_TEST} test images) in {base}"
+
+
+def _write_pickle(path: Path, obj) -> None:
+    write_atomic(path, lambda tmp: tmp.write_bytes(pickle.dumps(obj, protocol=2)))
+
+
+# ImageNet -------------------------------------------------------------------------------------------------
+def write_imagenet(root: Path) -> str:
+    """``<root>/train/<wnid>/*.JPEG`` and ``<root>/val/<wnid>/*.JPEG`` (an ImageFolder tree)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    wnids = [f"n{10000000 + c:08d}" for c in range(IMAGENET_CLASSES)]
+    for part, per_class in (("train", IMAGENET_TRAIN), ("val", IMAGENET_VAL)):
+        for c, wnid in enumerate(wnids):
+            folder = Path(root) / part / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            for j in range(per_class):
+                h, w = (int(v) for v in rng.integers(48, 97, size=2))
+                image = _images(rng, np.array([c]), IMAGENET_CLASSES, (h, w, 3))[0]
+                name = f"{wnid}_{j}.JPEG" if part == "train" else f"ILSVRC2012_val_{c * per_class + j + 1:08d}.JPEG"
+                write_atomic(folder / name, lambda tmp, a=image: Image.fromarray(a, "RGB").save(tmp, format="JPEG"))
+    n_train, n_val = IMAGENET_CLASSES * IMAGENET_TRAIN, IMAGENET_CLASSES * IMAGENET_VAL
+    return f"ImageNet ({IMAGENET_CLASSES} classes, {n_train} training, {n_val} validation JPEGs) in {root}"
+
+
+# Vaihingen ------------------------------------------------------------------------------------------------
+def write_vaihingen(root: Path, labelled: list[int], test: list[int], label_dirs: list[str]) -> str:
+    """IRRG tiles ``<root>/top/top_mosaic_09cm_area<N>.tif`` and their colour-coded labels: the ``labelled``
+    tiles' in the first of ``label_dirs``, the ``test`` tiles' in the last."""
+    from PIL import Image
+
+
+    colours = np.array(list(CLASSES.values()), dtype=np.uint8)
+    k = len(colours)
+    for tile in sorted({*labelled, *test}):
+        rng = np.random.default_rng(tile)
+        h, w = TILE_SIZES[tile % len(TILE_SIZES)]
+        blocks = rng.integers(0, k, size=(h // 16 + 1, w // 16 + 1))
+        blocks.flat[:k] = np.arange(k)  # every class in every tile
+        classes = np.kron(blocks, np.ones((16, 16), dtype=np.int64))[:h, :w]
+        image = _images(rng, classes.reshape(-1), k, (3,)).reshape(h, w, 3)
+        folder = label_dirs[0] if tile in labelled else label_dirs[-1]
+        for sub, pixels in ((IMAGE_DIR, image), (folder, colours[classes])):
+            path = Path(root) / sub / tile_name(tile)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda tmp, a=pixels: Image.fromarray(a, "RGB").save(tmp, format="TIFF"))
+    return f"Vaihingen ({len(set(labelled))} labelled and {len(set(test) - set(labelled))} test tiles) in {root}"
+
+
+# pretrained weights ---------------------------------------------------------------------------------------
+def write_hub_weights(cache: Path, name: str) -> Path:
+    """Random ``model.safetensors`` of timm model ``name`` (``arch.tag``) in the hub cache layout:
+    ``models--<org>--<repo>/blobs/<sha256>``, ``snapshots/<commit>/model.safetensors`` linking to it,
+    ``refs/main`` naming the commit."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+
+    cfg = timm_pretrained_cfg(name)
+    repo_id = getattr(cfg, "hf_hub_id", None)
+    if not repo_id or not timm.is_model(name):
+        raise PapaError(f"fake-data: timm/{name} has no Hugging Face hub weights to stand in for")
+    with torch.random.fork_rng():
+        torch.manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+        model = timm.create_model(name, pretrained=False)  # the pretrained config's head (num_classes)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    staged = repo / "blobs" / "incoming.safetensors"
+    write_atomic(staged, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", FAKE_KEY: FAKE_NOTE}))
+    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
+    blob = repo / "blobs" / digest
+    os.replace(staged, blob)
+    link = repo / "snapshots" / COMMIT / HUB_FILE
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    write_text(repo / "refs" / "main", COMMIT)
+    return link
+
+
+# what the configs use -------------------------------------------------------------------------------------
+def _needs(configs: list[Path]) -> tuple[dict, set[str]]:
+    """({(dataset, root relative to the data root): loader options}, {timm model names with pretrained: timm})
+    of every experiment of ``configs``."""
+
+    datasets: dict[tuple[str, str], list[dict]] = {}
+    models = set()
+    for path in configs:
+        config = load_config(path)
+        config["data_root"] = "."  # roots relative to the data root
+        for name in config["experiments"]:
+            exp = experiment(config, name, path)
+            d, m = exp["data"], exp["model"]
+            if not Path(d["root"]).is_absolute():
+                datasets.setdefault((d["dataset"], d["root"]), []).append(d["options"])
+            if m["pretrained"] == TIMM_CACHE and m["name"].startswith("timm/"):
+                models.add(m["name"].removeprefix("timm/"))
+    return datasets, models
+
+
+def default_configs(cwd: Path | None = None) -> list[Path]:
+    """Every config of a checkout: ``config/*.yaml`` and ``config/paper/*.yaml`` under ``cwd``."""
+    base = Path(cwd or ".") / "config"
+    return sorted([*base.glob("*.yaml"), *(base / "paper").glob("*.yaml")])
+
+
+def write_all(root: Path, configs: list[Path], hub_cache: Path | None = None) -> list[str]:
+    """Fake data for every dataset the ``configs`` use, under ``root`` (their data root), and with
+    ``hub_cache`` fake weights of every timm model they warm-start from the hub cache; one line per item."""
+
+    if not configs:
+        raise PapaError("fake-data: no config files (give --config FILE, or run in a checkout with config/)")
+    datasets, models = _needs(configs)
+    done = []
+    for (dataset, rel), options in sorted(datasets.items()):
+        where = Path(root) / rel
+        if dataset in ("cifar10", "cifar100"):
+            done.append(write_cifar(where, dataset))
+        elif dataset == "imagenet":
+            done.append(write_imagenet(where))
+        elif dataset == "vaihingen":
+            labelled, test, dirs = set(), set(), list(vaihingen.LABEL_DIRS)
+            for o in options:
+                labelled |= {*o.get("train_tiles", vaihingen.TRAIN_TILES), *o.get("val_tiles", vaihingen.VAL_TILES)}
+                test |= set(o.get("test_tiles", vaihingen.TEST_TILES))
+                dirs = list(o.get("label_dirs", dirs))
+            done.append(write_vaihingen(where, sorted(labelled), sorted(test), dirs))
+        # digits ships with scikit-learn: nothing to write
+    write_text(Path(root) / "FAKE_DATA.txt", "Random data written by `papa fake-data` in the formats of the real "
+               "datasets, for smoke runs (scale: smoke). Not CIFAR, ImageNet or Vaihingen.\n")
+    if hub_cache is not None:
+        for name in sorted(models):
+            done.append(f"timm/{name}: {FAKE_NOTE} in {write_hub_weights(hub_cache, name)}")
+    return done

@@ -1,0 +1,167 @@
+"""Smoke scale (``scale: smoke`` in a config, or ``--config scale=smoke``): every experiment of any config,
+shrunk by one rule so that it runs end to end in seconds to minutes on a CPU while every code path and
+every scheduled event of the full run still happens. The rule (docs/smoke.md spells it out):
+
+- data: ``data.subset`` = 6 training items (before the validation split; for a dataset with its own
+  validation items, Vaihingen, its training tiles), 2 of its own validation items and 4 test items, evenly
+  spaced; at most 1 loader worker; a dataset drawing patches (a loader option ``epoch_size``) draws
+  2 batches per epoch, of at most 32 x 32 pixels (``patch_size``); every other image size is kept;
+- population size at most 3 (explicit per-member policies: the first 3), batch size at most 2, one seed;
+- REPAIR (in training, of the soups, for the similarity) on 1 batch; SWA's BatchNorm recomputation at
+  most one epoch;
+- epochs: the fewest (at least 2) for which every scheduled event fires at least once, with every period
+  in epochs (PAPA-all and PAPA-2 averaging, head-only epochs, warm restarts, an SWA start given in
+  epochs, SWA annealing) rescaled in proportion to the epochs (at least 1), and PAPA's push period (in
+  steps) capped at one smoke epoch: PAPA pushes, averaging inside the averaging window (with REPAIR,
+  alignment, genetic selection and mutations, which happen there), unfreezing, a warm restart and SWA's
+  start. Fractions of training (averaging windows, multistep milestones, an SWA start below 1) are kept;
+- architectures, pretrained weights, variants, averaging schemes, optimizers and augmentations are kept;
+- results go to ``<results>/smoke`` (the workflow puts reports and logs under ``reports/smoke`` and
+  ``logs/smoke``) and every table and figure caption starts with "Smoke scale".
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+from papa.errors import PapaError
+
+SUBSET = {"train": 6, "val": 2, "test": 4}  # data.subset: items kept of each set
+MAX_BATCH = 2
+MAX_POPULATION = 3
+MAX_REPAIR_ITERS = 1
+MAX_WORKERS = 1
+PATCH_STEPS = 2  # batches per epoch of a patch-drawing dataset
+MAX_PATCH = 32
+MIN_EPOCHS, MAX_EPOCHS = 2, 50
+CAPTION = "Smoke scale (a pipeline check on tiny data, not a result)"
+
+
+def scale_config(config: dict) -> dict:
+    """The config-level part of the rule, in place: one seed, results under <results>/smoke, captions."""
+    config["seeds"] = config["seeds"][:1]
+    config["results"] = str(Path(config["results"]) / "smoke")
+    for entry in (*config["tables"], *config["figures"]):
+        entry["caption"] = f"{CAPTION}. {entry['caption']}".rstrip(". ") + "."
+    return config
+
+
+def _rescale(value: int, full: int, smoke: int) -> int:
+    """A period of ``value`` epochs out of ``full``, in a run of ``smoke`` epochs: proportional, at least 1
+    (0, "never", stays 0)."""
+    return 0 if value == 0 else max(1, round(value * smoke / full))
+
+
+def _loader_options(dataset: str) -> dict:
+    """The dataset loader's keyword options and their defaults."""
+    from papa.data import DATASETS  # the loaders, and torch with them: only at smoke scale
+
+    loader = DATASETS[dataset]
+    return {k: p.default for k, p in inspect.signature(loader).parameters.items() if k != "root"}
+
+
+def _steps_per_epoch(exp: dict, patches: bool) -> int:
+    """Training steps per epoch at smoke scale (the validation split held out of the subset, as papa prepare
+    does, and the incomplete last batch dropped, as the streams do)."""
+    batch = exp["train"]["batch_size"]
+    if patches:
+        return PATCH_STEPS
+    n = SUBSET["train"]
+    n_train = n - max(1, round(exp["data"]["val_fraction"] * n))
+    return max(n_train // batch, 1)
+
+
+def _in_window(exp: dict, done: int, total: int) -> bool:  # papa.train.in_window
+    lo, hi = exp["averaging"]["window"]
+    return lo * total < done <= hi * total
+
+
+def _timed(full: dict, epochs: int, steps: int) -> dict:
+    """``full`` with its periods rescaled to ``epochs`` smoke epochs of ``steps`` steps."""
+    exp = copy.deepcopy(full)
+    total = full["train"]["epochs"]
+    t = exp["train"]
+    t["epochs"] = epochs
+    t["freeze_epochs"] = _rescale(t["freeze_epochs"], total, epochs)
+    if t["schedule"]["restart_every"]:
+        t["schedule"]["restart_every"] = _rescale(t["schedule"]["restart_every"], total, epochs)
+    if t["swa"] is not None:
+        swa = t["swa"]
+        if swa["start"] >= 1:
+            swa["start"] = _rescale(int(swa["start"]), total, epochs)
+        swa["anneal_epochs"] = _rescale(swa["anneal_epochs"], total, epochs)
+        if swa["bn_batches"] is not None:
+            swa["bn_batches"] = min(swa["bn_batches"], steps)
+    a = exp["averaging"]
+    for variant in ("papa-all", "papa-2"):
+        a[variant]["every"] = _rescale(a[variant]["every"], total, epochs)
+    a["papa"]["every"] = min(a["papa"]["every"], steps)
+    return exp
+
+
+def _swa_start(exp: dict) -> int | None:  # papa.config.swa_start_epoch (papa.config imports this module)
+    swa = exp["train"]["swa"]
+    if swa is None:
+        return None
+    return round(swa["start"] * exp["train"]["epochs"]) if swa["start"] < 1 else int(swa["start"])
+
+
+def events(exp: dict, steps: int | None) -> dict[str, str]:
+    """The scheduled events that happen in a run of ``exp`` with ``steps`` steps per epoch (None: the full
+    run, whose steps per epoch depend on the data: PAPA's pushes are taken to happen), as {event: what}."""
+    t, a = exp["train"], exp["averaging"]
+    epochs = t["epochs"]
+    swa_start = _swa_start(exp)
+    found = {}
+    for variant in ("papa-all", "papa-2"):
+        every = a[variant]["every"]
+        due = [e for e in range(1, epochs) if e % every == 0 and _in_window(exp, e, epochs)]
+        what = f"averaging.{variant} every {every} of {epochs} epochs in the window {a['window']}"
+        if due:
+            found[f"{variant} averaging"] = what
+        if swa_start is not None and any(e > swa_start for e in due):  # after an SWA update (mix_averages)
+            found[f"{variant} averaging during SWA"] = what + f" after the SWA start {swa_start}"
+    every, total = a["papa"]["every"], epochs * (steps or 1)
+    if steps is None or any(s % every == 0 and _in_window(exp, s, total) for s in range(1, total + 1)):
+        found["PAPA push"] = f"averaging.papa every {every} steps in the window {a['window']}"
+    if 0 < t["freeze_epochs"] < epochs:
+        found["unfreeze"] = f"train.freeze_epochs {t['freeze_epochs']} of {epochs}"
+    restart = t["schedule"]["restart_every"]
+    if restart and restart < epochs:
+        found["warm restart"] = f"train.schedule.restart_every {restart} of {epochs} epochs"
+    if swa_start is not None and 0 < swa_start < epochs:
+        found["SWA start"] = f"train.swa.start {t['swa']['start']} of {epochs} epochs"
+    return found
+
+
+def scale_experiment(full: dict, where: str = "experiment") -> dict:
+    """A validated experiment (defaults filled in) at smoke scale: the rule of this module's docstring."""
+    exp = copy.deepcopy(full)
+    d, t = exp["data"], exp["train"]
+    d["subset"] = {k: min(v, (d["subset"] or {}).get(k, v)) for k, v in SUBSET.items()}
+    d["num_workers"] = min(d["num_workers"], MAX_WORKERS)
+    t["batch_size"] = min(t["batch_size"], MAX_BATCH)
+    options = _loader_options(d["dataset"])
+    patches = "epoch_size" in options
+    if patches:
+        d["options"]["epoch_size"] = PATCH_STEPS * t["batch_size"]
+    if "patch_size" in options:
+        d["options"]["patch_size"] = min(d["options"].get("patch_size", options["patch_size"]), MAX_PATCH)
+    p = min(exp["population"]["size"], MAX_POPULATION)
+    exp["population"]["size"] = p
+    if exp["augment"]["members"] is not None:
+        exp["augment"]["members"] = exp["augment"]["members"][:p]
+    for section in (exp["averaging"]["papa-all"], exp["averaging"]["papa-2"], exp["soups"], exp["similarity"]):
+        section["repair_iters"] = min(section["repair_iters"], MAX_REPAIR_ITERS)
+    steps = _steps_per_epoch(exp, patches)
+    wanted = events(full, None)
+    for epochs in range(MIN_EPOCHS, MAX_EPOCHS + 1):
+        timed = _timed(exp, epochs, steps)
+        found = events(timed, steps)
+        missed = [event for event in wanted if event not in found]
+        if not missed:
+            return timed
+    raise PapaError(f"{where}: at smoke scale, no number of epochs up to {MAX_EPOCHS} keeps every scheduled event of "
+                    f"the full run: {missed[0]} ({wanted[missed[0]]})")

@@ -1,0 +1,183 @@
+"""Every paper config (and the default one, for its figures), end to end at smoke scale (docs/smoke.md), through
+Snakemake, on data from `papa fake-data` (slow; CI runs it): prepare, train, soups, evaluate, similarity,
+aggregate, render and plot, with the real
+loaders and the real timm architectures loaded from the fake hub cache. Each config must finish, every
+metrics.json (and similarity.json) must have every key, and every table must show a value in every cell of
+its paper CSV.
+
+Configs run in order in one working directory, so runs shared by several configs (Table 1's with Tables 6-9,
+2 and 18; Table 5's with Tables 14-17) train once. Every run of every config is trained, except:
+
+- the large grids (Tables 6-9, 14-17, 2, 18): one experiment per group of experiments that differ only in
+  numbers (``kind``: the same override keys, the same non-numeric values; dataset and model names count as
+  numbers here, every dataset and model being covered by Table 1), preferring runs another config trains
+  anyway, with one variant per family (PAPA's pushes; PAPA-all and PAPA-2's epoch averaging; the baseline)
+  that its rows show; their tables are rendered from those runs and checked on the cells those runs fill;
+- EfficientNetV2-S (Table 1's fine-tuning row) runs as the baseline only: REPAIR is measured layer by layer,
+  so a network of 170 layers at 300 pixels costs ~2.5 min of CPU per REPAIR, even at smoke scale, and each
+  PAPA variant adds 4 to 6 of them. `make smoke` runs it all.
+
+``test_ci_covers_every_feature_of_every_config`` checks that these runs still cover every model, dataset,
+variant, averaging scheme, ablation and pipeline path of the configs.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from benchmarks import smoke
+from papa import config as cfg
+from papa.report import plan
+
+ROOT = Path(__file__).resolve().parents[2]
+PAPER = ROOT / "config" / "paper"
+# the paper's configs, and the default one (the only config with figures: the plot step)
+PATHS = {p.stem: p for p in PAPER.glob("*.yaml")} | {"config": ROOT / "config" / "config.yaml"}
+ORDER = ["config", "a10", "table1", "table1_imagenet", "table1_finetune", "table3", "table5", "tables10-11", "table12",
+         "table13", "tables6-9", "table2", "table18", "tables14-17"]
+LARGE = {"tables6-9", "tables14-17", "table2", "table18"}
+NUMBERS = ("data.dataset", "model.name")  # covered by Table 1: a kind differs from its siblings elsewhere
+NOT_IN_CI = {("cifar100-effnetv2s-ft-p2", v) for v in ("papa", "papa-all", "papa-2")}
+FAMILY = {"baseline": "baseline", "papa": "push", "papa-all": "epoch", "papa-2": "epoch"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (tree or {}).items():
+        path = f"{prefix}{key}"
+        out.update(_flat(value, f"{path}.") if isinstance(value, dict) else {path: value})
+    return out
+
+
+def _is_number(value) -> bool:
+    numbers = value if isinstance(value, list) else [value]
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers)
+
+
+def kind(raw: dict) -> tuple:
+    """What an experiment changes beyond numbers: its override keys, with their values unless numbers."""
+    return tuple(sorted((k, None if k in NUMBERS or _is_number(v) else repr(v))
+                        for k, v in _flat(raw).items() if k != "description"))
+
+
+@cache
+def _raw(name: str) -> dict:
+    return cfg.load_yaml(PATHS[name])
+
+
+@cache
+def _config(name: str) -> dict:
+    return cfg.load_config(PATHS[name])
+
+
+@cache
+def ci_runs(name: str) -> list[tuple[str, str]]:
+    """The (experiment, variant) pairs CI trains for config ``name`` (see the module docstring)."""
+    config = _config(name)
+    runs = [pair for pair in plan.runs(config) if pair not in NOT_IN_CI]
+    if name not in LARGE:
+        return runs
+    earlier = {pair for other in ORDER[:ORDER.index(name)] for pair in ci_runs(other)}
+    chosen = {pair for pair in runs if pair in earlier}  # trained by an earlier config: free
+    raw = _raw(name)["experiments"]
+    groups: dict[tuple, list[str]] = {}
+    for experiment in raw:
+        groups.setdefault(kind(raw[experiment]), []).append(experiment)
+    shared = {e for other in ORDER if other != name for e in _raw(other)["experiments"]}  # may come free later
+    for members in groups.values():
+        done = {FAMILY[v] for e, v in chosen if e in members}
+        for e, v in sorted((p for p in runs if p[0] in members),
+                           key=lambda p: (p[0] not in shared, members.index(p[0]), config["variants"].index(p[1]))):
+            if FAMILY[v] not in done:
+                chosen.add((e, v))
+                done.add(FAMILY[v])
+    return sorted(chosen)
+
+
+def features(exp: dict, variant: str) -> set[tuple]:
+    """What a run exercises: model, dataset, variant, averaging scheme, the pipeline paths and the ablations."""
+    a, t = exp["averaging"], exp["train"]
+    out = {("model", exp["model"]["name"]), ("dataset", exp["data"]["dataset"]), ("variant", variant),
+           ("pretrained", exp["model"]["pretrained"] is not None), ("swa", t["swa"] is not None),
+           ("freeze", t["freeze_epochs"] > 0), ("restarts", bool(t["schedule"]["restart_every"])),
+           ("schedule", t["schedule"]["name"]), ("optimizer", t["optimizer"]["name"]),
+           ("augment", exp["augment"]["enabled"], exp["augment"]["per_batch"], exp["augment"]["members"] is not None),
+           ("same_init", exp["population"]["same_init"]), ("p=1", exp["population"]["size"] == 1)}
+    aligned = exp["soups"]["align"]
+    out.add(("soups.align", aligned if isinstance(aligned, bool) else variant in aligned))
+    family = FAMILY[variant]  # the averaging code path: PAPA's pushes, or PAPA-all's and PAPA-2's epoch averaging
+    if variant != "baseline":
+        out |= {("align", family, a[variant]["align"]), ("window", family, tuple(a["window"]) != (0.0, 1.0)),
+                ("mutations", family, a["genetic"]["mutation_std"] > 0)}
+    if family == "epoch":
+        g = a["genetic"]
+        out |= {("scheme", variant, a[variant]["scheme"]), ("repair", variant, a[variant]["repair"]),
+                ("genetic", g["tournament"], g["elitism"], g["mutation_std"] > 0, a[variant]["repair"])}
+    return out
+
+
+def test_ci_covers_every_feature_of_every_config():
+    everything, covered = set(), set()
+    for name in ORDER:
+        config = _config(name)
+        chosen = set(ci_runs(name))
+        for e, v in plan.runs(config):
+            found = features(cfg.experiment(config, e), v) | {("similarity", (e, v) in plan.similarity_runs(config))}
+            everything |= found
+            if (e, v) in chosen:
+                covered |= found
+    assert sorted(everything - covered, key=str) == []
+    assert {f[1] for f in covered if f[0] == "model"} >= {"timm/tf_efficientnetv2_s.in21k", "resnet50", "unet"}
+    assert sorted(PATHS) == sorted(ORDER)
+    # the large grids run one experiment per kind: e.g. one p of p = 3, 5, 10 and one PAPA alpha/frequency pair
+    grid = [(e, v) for e, v in ci_runs("tables6-9") if e not in _config("table1")["experiments"]]
+    assert len({e for e, _ in grid}) == 1 and {v for _, v in grid} == {"baseline", "papa", "papa-all"}
+    assert len(ci_runs("tables14-17")) < len(plan.runs(_config("tables14-17"))) / 2
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    work = tmp_path_factory.mktemp("smoke")
+    data, hub = smoke.fake_data(work, [PATHS[name] for name in ORDER])
+    return work, data, hub
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ORDER)
+def test_paper_config_at_smoke_scale(fake, name):
+    work, data, hub = fake
+    pairs = ci_runs(name)
+    summary = smoke.run_config(work, PATHS[name], data, hub, cores=2,
+                               pairs=None if pairs == plan.runs(_config(name)) else pairs)
+    print(summary.line())
+    assert summary.returncode == 0, summary.log[-5000:]
+    assert summary.problems == []
+    assert summary.rendered == summary.tables and summary.plotted == summary.figures
+
+
+# the workflow's --config overrides ----------------------------------------------------------------------
+def test_workflow_runs_a_config_at_smoke_scale_from_the_command_line(tmp_path):
+    from tests.pipeline.test_workflow import job_counts, snakemake
+
+    done = snakemake(tmp_path, "--dry-run", "--printshellcmds", "--config", "scale=smoke",
+                     f"data_root={tmp_path / 'fake'}", configfile=PAPER / "table1_finetune.yaml")
+    assert job_counts(done.stdout) == {"prepare": 3, "train": 12, "soups": 12, "evaluate": 12, "aggregate": 1,
+                                       "render_table": 2, "all": 1}  # one seed
+    assert "results/smoke/cifar100-convitti-ft-p5/papa-all/seed1/metrics.json" in done.stdout
+    assert "reports/smoke/table1-finetune.md" in done.stdout and "results/metrics.csv" not in done.stdout
+    jobs = tmp_path / "results" / "smoke" / "table1_finetune.yaml"
+    assert "papa train --config results/smoke/table1_finetune.yaml " in done.stdout  # what the jobs read
+    written = cfg.load_yaml(jobs)
+    assert written["scale"] == "smoke" and written["data_root"] == str(tmp_path / "fake")
+
+
+def test_workflow_refuses_a_bad_override(tmp_path):
+    from tests.pipeline.test_workflow import snakemake
+
+    for override, named in (("scale=tiny", "tiny"), ("colour=red", "colour")):
+        done = snakemake(tmp_path, "--dry-run", "--config", override, configfile=PAPER / "a10.yaml", check=False)
+        assert done.returncode != 0 and named in done.stdout + done.stderr, done.stderr
+    assert not (tmp_path / "results").exists()
