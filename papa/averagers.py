@@ -4,8 +4,9 @@ only place that reads the variant's name.
 
 - ``Baseline``: members train independently, nothing is averaged.
 - ``Push`` (PAPA, §2.3): every ``every`` steps each member is pulled toward the population mean.
-- ``Replace`` (PAPA-all, PAPA-2 and the weightings of Table 14): every ``every`` epochs the members are replaced
-  by mixtures of members, then REPAIRed.
+- ``Replace`` (PAPA-all, PAPA-2 and the weightings of Table 14, the greedy soup included): every ``every``
+  epochs (and after the first with ``from_start``) the members are replaced by mixtures of members, then
+  REPAIRed.
 - ``Genetic`` (the ablations of Tables 15-17): ``Replace`` with tournament and/or elitist selection.
 
 Gaussian mutations (``averaging.genetic.mutation_std``) and permutation alignment (``align``) apply to ``Push``
@@ -25,8 +26,10 @@ from papa.build import align_data
 from papa.errors import PapaError
 from papa.genetic import selection_matrix
 from papa.metrics import accuracy, population_scores
+from papa.population import Population
 from papa.repair import member_moments, repair_population_
 from papa.rng import generator
+from papa.soups import greedy_soup
 
 
 @dataclass
@@ -115,22 +118,50 @@ class Push(_Averaging):
 
 @dataclass
 class Replace(_Averaging):
-    """PAPA-all / PAPA-2: every ``every`` epochs (never after the last one), the members are replaced by the
-    rows of a ``scheme`` mixing matrix, then REPAIRed on ``repair_iters`` batches of each member's own
-    augmented data. ``mix_swa``: members' SWA averages are mixed alike (train.swa.mix_averages)."""
+    """PAPA-all / PAPA-2: every ``every`` epochs (never after the last one; also after the first with
+    ``from_start``, the authors' mix_from_start), the members are replaced by the rows of a ``scheme`` mixing
+    matrix, then REPAIRed (the ``repair_layers`` of papa.repair.LAYER_SETS) on ``repair_iters`` batches of each
+    member's own augmented data. ``mix_swa``: members' SWA averages are mixed alike (train.swa.mix_averages).
+    ``greedy_criterion``: the ``greedy`` scheme's (papa.soups.GREEDY_CRITERIA)."""
 
     every: int = 5
     scheme: str = "all"
     repair: bool = True
     repair_iters: int = 5
+    repair_layers: str = "conv+linear"
+    from_start: bool = False
+    greedy_criterion: str = ">="
     mix_swa: bool = False
 
+    def check(self, trainer) -> None:
+        super().check(trainer)
+        if self.scheme == "greedy" and trainer.comm.world_size > 1:
+            raise PapaError(f"averaging.{self.name}.scheme greedy runs in a single process only")
+
     def due_after_epoch(self, epoch: int, epochs: int) -> bool:
-        return epoch % self.every == 0 and epoch < epochs and self.in_window(epoch, epochs)
+        due = epoch % self.every == 0 or (self.from_start and epoch == 1)
+        return due and epoch < epochs and self.in_window(epoch, epochs)
+
+    def val_scores(self, t) -> list[tuple[float, float]]:
+        """Every member's (validation accuracy, validation loss)."""
+        bs = t.exp["train"]["eval_batch_size"]
+        return population_scores(t.pop, t.splits.train, t.split["val"], bs, t.device)
 
     def matrix(self, t, gen: torch.Generator) -> Tensor | None:
-        """This generation's mixing matrix; None for PAPA-all's plain average."""
-        return None if self.scheme == "all" else averaging.mixing_matrix(self.scheme, t.comm.p, gen)
+        """This generation's mixing matrix; None for PAPA-all's plain average. ``greedy``: every row the greedy
+        soup's weights (Algorithm 3 on the validation split; the authors' greedy_soup method_comb)."""
+        if self.scheme == "all":
+            return None
+        if self.scheme != "greedy":
+            return averaging.mixing_matrix(self.scheme, t.comm.p, gen)
+        bs = t.exp["train"]["eval_batch_size"]
+
+        def score(module) -> float:
+            return accuracy(module.to(t.device).eval(), t.splits.train, t.split["val"], bs, t.device)
+
+        scores = [acc for acc, _ in self.val_scores(t)]
+        _, members = greedy_soup(t.pop, score, self.greedy_criterion, scores=scores)
+        return averaging.greedy_matrix(members, t.comm.p)
 
     def average(self, t) -> None:
         self.generation += 1
@@ -153,7 +184,7 @@ class Replace(_Averaging):
             averaging.mix_(t.pop, matrix, t.comm)
         if self.repair:
             repair_population_(t.pop, matrix[t.comm.members], batches, moments, self.repair_iters,
-                               members=t.comm.members, stacked=t.stacked)
+                               members=t.comm.members, stacked=t.stacked, layers=self.repair_layers)
         if self.mix_swa and t.swa is not None and t.swa.count:
             # The members were replaced by mixtures of members: their SWA averages follow (the mixing is linear,
             # so each stays the running mean of its mixed lineage's iterates; REPAIR is not applied to them,
@@ -168,23 +199,35 @@ class Replace(_Averaging):
 @dataclass
 class Genetic(Replace):
     """``Replace`` whose mixtures come from tournament and/or elitist selection (papa.genetic), judged by
-    validation accuracy."""
+    validation loss as the authors' code does. Elitism's children are scored after a REPAIR toward their
+    parents' moments on unaugmented training batches (the authors' pair REPAIR reads un-augmented data); the
+    survivors are then mixed and REPAIRed like every averaging, each on its own augmented data."""
 
     tournament: bool = False
     elitism: bool = False
 
-    def matrix(self, t, gen: torch.Generator) -> Tensor:
-        if t.comm.world_size > 1:
+    def check(self, trainer) -> None:
+        super().check(trainer)
+        if trainer.comm.world_size > 1:
             raise PapaError("the genetic-algorithm ablations (averaging.genetic) run in a single process only")
-        bs = t.exp["train"]["eval_batch_size"]
-        fitness = [va for va, _ in population_scores(t.pop, t.splits.train, t.split["val"], bs, t.device)]
 
-        def child_fitness(state: dict[str, Tensor]) -> float:
-            module = t.pop.module_from_state(state).to(t.device).eval()
-            return accuracy(module, t.splits.train, t.split["val"], bs, t.device)
+    def matrix(self, t, gen: torch.Generator) -> Tensor:
+        losses = [loss for _, loss in self.val_scores(t)]
+
+        def children_losses(rows: Tensor) -> list[float]:
+            def plain(_member, g):
+                return t.stream.member_batches(None, g, self.repair_iters)
+
+            children = Population.from_modules([t.pop.module_from_state(t.pop.combine(r)) for r in rows])
+            if self.repair:
+                moments = member_moments(t.pop, plain, self.repair_iters, stacked=t.stacked)
+                repair_population_(children, rows, plain, moments, self.repair_iters, members=[0] * len(rows),
+                                   layers=self.repair_layers)
+            bs = t.exp["train"]["eval_batch_size"]
+            return [loss for _, loss in population_scores(children, t.splits.train, t.split["val"], bs, t.device)]
 
         genetic = {"tournament": self.tournament, "elitism": self.elitism}
-        return selection_matrix(t.pop, fitness, self.scheme, genetic, gen, child_fitness)
+        return selection_matrix(t.comm.p, losses, self.scheme, genetic, gen, children_losses)
 
 
 def averager_for(variant: str, exp: dict) -> Baseline:
@@ -201,7 +244,9 @@ def averager_for(variant: str, exp: dict) -> Baseline:
                     lr0=exp["train"]["optimizer"]["lr"])
     swa = exp["train"]["swa"]
     replace = {"every": cfg["every"], "scheme": cfg["scheme"], "repair": cfg["repair"],
-               "repair_iters": cfg["repair_iters"], "mix_swa": swa is not None and swa["mix_averages"]}
+               "repair_iters": cfg["repair_iters"], "repair_layers": exp["repair"]["layers"],
+               "from_start": cfg["from_start"], "greedy_criterion": exp["soups"]["greedy_criterion"],
+               "mix_swa": swa is not None and swa["mix_averages"]}
     if genetic["tournament"] or genetic["elitism"]:
         return Genetic(**common, **replace, tournament=genetic["tournament"], elitism=genetic["elitism"])
     return Replace(**common, **replace)

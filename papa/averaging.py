@@ -19,7 +19,9 @@ from torch import Tensor
 from papa.population import Population, for_averaging, rounded
 
 SCHEMES = ("all", "pair-half", "pair-75", "many-half", "many-75", "dirichlet")
-"""Averaging schemes: PAPA-all, PAPA-2 (pair-half) and the ablation weightings of Table 14."""
+"""Averaging schemes: PAPA-all, PAPA-2 (pair-half) and the ablation weightings of Table 14. Table 14's
+"GreedySoup" row (the config's scheme ``greedy``: every member replaced by the population's greedy soup) depends
+on the members' validation accuracy, so papa.averagers builds its matrix with ``greedy_matrix``."""
 
 
 def _check_weights(weights, p: int, device) -> Tensor:
@@ -108,18 +110,20 @@ def push_toward_average_(pop: Population, alpha: float, lr_ratio: float = 1.0, c
         else:
             t.copy_(rounded(for_averaging(t).lerp(means[name].expand_as(t), weight), t.dtype))
     return pop
-def draw_pairs(p: int, generator: torch.Generator) -> Tensor:
-    """PAPA-2's partners: a (p, 2) tensor, row i the two distinct members averaged into member i.
+def draw_pairs(p: int, generator: torch.Generator, n: int | None = None) -> Tensor:
+    """PAPA-2's partners: an (n, 2) tensor (n = p by default), row i the two distinct members averaged into
+    member i.
 
     Rows are drawn without replacement from all p(p-1)/2 unordered pairs (uniformly, so every pair is
-    reachable); only when there are fewer pairs than members (p = 2) do pairs repeat."""
+    reachable); only when there are fewer pairs than rows (p = 2) do pairs repeat."""
     if p < 2:
         raise ValueError("pair averaging needs at least 2 members")
+    n = p if n is None else n
     pairs = torch.tensor(list(itertools.combinations(range(p), 2)), dtype=torch.long)
     picks = []
-    while len(picks) < p:
+    while len(picks) < n:
         order = torch.randperm(len(pairs), generator=generator)
-        picks.extend(order[: p - len(picks)].tolist())
+        picks.extend(order[: n - len(picks)].tolist())
     return pairs[picks]
 
 
@@ -129,11 +133,14 @@ def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None)
     - ``all``: every row uniform (PAPA-all).
     - ``pair-half`` / ``pair-75``: row i weights a random pair (distinct pairs, see draw_pairs)
       1/2 + 1/2, or 3/4 + 1/4 with the heavier member chosen at random (PAPA-2 is pair-half).
-    - ``many-half`` / ``many-75``: one random member gets 1/2 (3/4), the other p-1 share the rest.
+    - ``many-half`` / ``many-75``: member i keeps 1/2 (3/4) of itself, the other p-1 share the rest equally
+      (identity plus uniform, as the authors' ``many_half``/``many_75``: recombine/permutations.py); not random.
     - ``dirichlet``: each row drawn from a flat Dirichlet distribution.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown averaging scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    if scheme in ("all", "many-half", "many-75"):
+        generator = generator or torch.Generator()  # deterministic schemes draw nothing
     if scheme == "all":
         return torch.full((p, p), 1.0 / p, dtype=torch.float64)
     if generator is None:
@@ -153,11 +160,23 @@ def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None)
             raise ValueError(f"scheme {scheme!r} needs at least 2 members")
         heavy = 0.5 if scheme == "many-half" else 0.75
         m[:] = (1.0 - heavy) / (p - 1)
-        m[rows, torch.randint(p, (p,), generator=generator)] = heavy
+        m[rows, rows] = heavy
     else:  # dirichlet: normalized exponentials are a flat Dirichlet draw
         e = -torch.log(torch.rand(p, p, generator=generator, dtype=torch.float64).clamp_min(1e-300))
         m = e / e.sum(1, keepdim=True)
     return m
+
+
+def subset_weights(p: int, members: list[int]) -> Tensor:
+    """Uniform weights over ``members``, zero elsewhere."""
+    w = torch.zeros(p, dtype=torch.float64)
+    w[list(members)] = 1.0 / len(members)
+    return w
+
+
+def greedy_matrix(members: list[int], p: int) -> Tensor:
+    """The ``greedy`` scheme's matrix: every row the uniform weights over the greedy soup's ``members``."""
+    return subset_weights(p, members).expand(p, p).clone()
 
 
 def pair_average_(pop: Population, generator: torch.Generator) -> Tensor:

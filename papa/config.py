@@ -254,11 +254,13 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
 
 
 def averaging_epochs(exp: dict, variant: str) -> list[int]:
-    """The epochs after which PAPA-all / PAPA-2 average (1-based): every ``every``-th epoch but the last,
-    inside ``averaging.window`` (papa.averagers.Replace.due_after_epoch; a test keeps the two the same)."""
+    """The epochs after which PAPA-all / PAPA-2 average (1-based): every ``every``-th epoch but the last, and
+    the first with ``from_start``, inside ``averaging.window`` (papa.averagers.Replace.due_after_epoch; a test
+    keeps the two the same)."""
     epochs, (lo, hi) = exp["train"]["epochs"], exp["averaging"]["window"]
-    every = exp["averaging"][variant]["every"]
-    return [e for e in range(1, epochs) if e % every == 0 and lo * epochs < e <= hi * epochs]
+    every, from_start = exp["averaging"][variant]["every"], exp["averaging"][variant].get("from_start", False)
+    return [e for e in range(1, epochs)
+            if (e % every == 0 or (from_start and e == 1)) and lo * epochs < e <= hi * epochs]
 
 
 def first_push(exp: dict, steps_per_epoch: int) -> int | None:

@@ -1,68 +1,75 @@
-"""Genetic-algorithm ablations of Tables 15-17 (ESGD-style): tournament selection of parents and elitist
-selection among parents and 6p children. The paper shows they hurt; they exist to reproduce that."""
+"""Genetic-algorithm ablations of Tables 15-17 (ESGD-style), as the authors ran them (main.py): children are
+pairs of parents drawn either uniformly among distinct pairs or, with tournament selection, with probability
+proportional to 1 / validation loss; with elitism, min(6p, p(p-1)/2) children are made, REPAIRed and ranked
+with their parents by validation loss, and the best p survive (the best 60% first, the next ranked in a random
+order: the authors' "random" survivors are drawn from exactly those ranks). The paper shows they hurt; they
+exist to reproduce that."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from papa.averaging import draw_pairs
 from papa.errors import PapaError
-from papa.population import Population
 
 PAIR_WEIGHTS = {"pair-half": 0.5, "pair-75": 0.75}
+ELITE_FRACTION = 0.6  # the authors' elitism_p
+CHILDREN_PER_PARENT = 6  # the authors' n_children_per_parent
 
 
-def tournament(fitness: Sequence[float], generator: torch.Generator, exclude: int | None = None) -> int:
-    """Two distinct random contestants (never ``exclude``); the fitter wins, ties to the first drawn."""
-    pool = [j for j in range(len(fitness)) if j != exclude]
-    a, b = (pool[k] for k in torch.randperm(len(pool), generator=generator)[:2].tolist())
-    return a if fitness[a] >= fitness[b] else b
+def tournament_pairs(losses: Sequence[float], n: int, generator: torch.Generator) -> Tensor:
+    """``n`` pairs of distinct parents, each drawn without replacement with probability proportional to
+    1 / (1e-5 + validation loss) (the authors' tournament_pairwise)."""
+    weights = 1.0 / (1e-5 + torch.as_tensor(losses, dtype=torch.float64))
+    return torch.stack([torch.multinomial(weights, 2, replacement=False, generator=generator) for _ in range(n)])
 
 
-def child_rows(fitness, n: int, heavy: float, use_tournament: bool, generator: torch.Generator) -> Tensor:
-    """``n`` children as rows of weights over the p parents: the first parent weighs ``heavy``."""
-    p = len(fitness)
+def n_children(p: int, elitism: bool) -> int:
+    """Children per generation: p, or with elitism min(6p, p(p-1)/2) (the authors cap the 6p children at the
+    number of distinct pairs, also with tournament selection)."""
+    return min(CHILDREN_PER_PARENT * p, p * (p - 1) // 2) if elitism else p
+
+
+def child_rows(pairs: Tensor, p: int, heavy: float, generator: torch.Generator) -> Tensor:
+    """One row of weights over the p parents per pair: a random one of the two parents weighs ``heavy``."""
+    n = len(pairs)
+    flip = torch.rand(n, generator=generator) < 0.5
+    pairs = torch.where(flip[:, None], pairs.flip(1), pairs)
     rows = torch.zeros(n, p, dtype=torch.float64)
-    for i in range(n):
-        if use_tournament:
-            a = tournament(fitness, generator)
-            b = tournament(fitness, generator, exclude=a)
-        else:
-            a, b = torch.randperm(p, generator=generator)[:2].tolist()
-        rows[i, a] += heavy
-        rows[i, b] += 1.0 - heavy
+    rows[torch.arange(n), pairs[:, 0]] += heavy
+    rows[torch.arange(n), pairs[:, 1]] += 1.0 - heavy
     return rows
 
 
 def selection_matrix(
-    pop: Population,
-    fitness: Sequence[float],
+    p: int,
+    losses: Sequence[float],
     scheme: str,
     genetic: dict,
     generator: torch.Generator,
-    child_fitness: Callable[[dict[str, Tensor]], float],
+    children_losses: Callable[[Tensor], Sequence[float]],
 ) -> Tensor:
-    """The mixing matrix of one generation with tournament and/or elitist selection.
+    """The p x p mixing matrix of one generation with tournament and/or elitist selection.
 
-    Without elitism: p children whose parents are picked by tournament. With elitism: 6p children are
-    made and scored; the next population is the top 60% of parents and children by fitness, the rest
-    drawn uniformly from the remaining candidates (a parent kept unchanged is an identity row)."""
+    ``losses``: the parents' validation losses. ``children_losses(rows)``: the validation losses of the children
+    ``rows`` (REPAIRed). Without elitism: p children. With elitism: ``n_children`` children and the p parents
+    (identity rows) ranked by validation loss; the best ``ELITE_FRACTION`` of p first, then the next ranked up
+    to p, in a random order."""
     if scheme not in PAIR_WEIGHTS:
         raise PapaError(f"genetic selection needs a pair scheme ({', '.join(PAIR_WEIGHTS)}), not {scheme!r}")
-    p = pop.size
     if p < 3 and genetic["tournament"]:
         raise PapaError("tournament selection needs at least 3 members")
-    heavy = PAIR_WEIGHTS[scheme]
+    n = n_children(p, genetic["elitism"])
+    pairs = tournament_pairs(losses, n, generator) if genetic["tournament"] else draw_pairs(p, generator, n)
+    children = child_rows(pairs, p, PAIR_WEIGHTS[scheme], generator)
     if not genetic["elitism"]:
-        return child_rows(fitness, p, heavy, genetic["tournament"], generator)
-    children = child_rows(fitness, 6 * p, heavy, genetic["tournament"], generator)
-    candidates = torch.cat([torch.eye(p, dtype=torch.float64), children])
-    scores = list(fitness) + [child_fitness(pop.combine(row)) for row in children]
-    ranked = sorted(range(len(scores)), key=lambda k: -scores[k])
-    n_elite = math.ceil(0.6 * p)
-    elite, rest = ranked[:n_elite], ranked[n_elite:]
-    pick = torch.randperm(len(rest), generator=generator)[: p - n_elite].tolist()
-    return candidates[elite + [rest[k] for k in pick]]
+        return children
+    candidates = torch.cat([children, torch.eye(p, dtype=torch.float64)])  # the authors' order: children first
+    scores = torch.as_tensor([*children_losses(children), *losses], dtype=torch.float64)
+    ranked = torch.sort(scores, stable=True).indices.tolist()  # lowest loss first
+    n_elite = int(p * ELITE_FRACTION)
+    rest = [ranked[n_elite + k] for k in torch.randperm(p - n_elite, generator=generator).tolist()]
+    return candidates[ranked[:n_elite] + rest]

@@ -126,19 +126,20 @@ def _find_layers(model: nn.Module, x: Tensor) -> list[_Layer]:
     return list(found.values())
 
 
-def _preactivations(model: nn.Module, x: Tensor) -> list[_Layer]:
-    """The layers REPAIR rescales: every conv/linear except the one producing the model's output. Logits
-    are not pre-activations (A.2), and matching their std to the members' would inflate the averaged
-    classifier's confidence; the official REPAIR leaves the classifier alone too."""
-    return [layer for layer in _find_layers(model, x) if not layer.is_output]
+LAYER_SETS = {"conv": (_ConvNd,), "conv+linear": (_ConvNd, nn.Linear)}
+"""``repair.layers``: the layers REPAIR rescales. ``conv`` is the authors' REPAIR (recombine/repair.py wraps
+Conv2d layers only); ``conv+linear`` also rescales hidden linear layers (transformer blocks, MLPs)."""
 
 
-def _preactivations(pop: Population, x: Tensor) -> list[_Layer]:
-    """The layers REPAIR rescales: every conv/linear except the one producing the model's output. Logits
-    are not pre-activations (A.2), and matching their std to the members' would inflate the averaged
-    classifier's confidence; the official REPAIR leaves the classifier alone too. Found on member 0 (every
-    member has its architecture)."""
-    return [layer for layer in _find_layers(pop.member(0), x) if not layer.is_output]
+def _preactivations(pop: Population, x: Tensor, layers: str = "conv+linear") -> list[_Layer]:
+    """The layers REPAIR rescales: every layer of kind ``layers`` (``LAYER_SETS``) except the one producing the
+    model's output. Logits are not pre-activations (A.2), and matching their std to the members' would inflate
+    the averaged classifier's confidence; the official REPAIR leaves the classifier alone too. Found on member 0
+    (every member has its architecture)."""
+    if layers not in LAYER_SETS:
+        raise ValueError(f"repair layers must be one of {', '.join(LAYER_SETS)}, got {layers!r}")
+    return [layer for layer in _find_layers(pop.member(0), x)
+            if not layer.is_output and isinstance(layer.module, LAYER_SETS[layers])]
 
 
 def _chunk_moments(y: Tensor, dim: int) -> tuple[int, Tensor, Tensor]:
@@ -355,7 +356,8 @@ def _rescale(m: nn.Module, w: Tensor, bias: Tensor | None, mean: Tensor, std: Te
 
 
 @torch.no_grad()
-def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stacked: bool, add_biases: bool) -> None:
+def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stacked: bool, add_biases: bool,
+             kinds: str = "conv+linear") -> None:
     """Repair every member i in place toward ``targets[i]``, layer by layer in forward order.
 
     Each layer is measured after the layers before it are rescaled (and the BatchNorm statistics rebuilt on
@@ -367,7 +369,7 @@ def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stack
     A bias-free layer that feeds a BatchNorm is only rescaled: the rebuilt running mean absorbs any
     per-channel shift exactly. Any other bias-free layer gets a bias with ``add_biases`` (a soup), and is
     left alone without (members keep their architecture, so their optimizer's tensors stay valid)."""
-    layers = [layer for layer in _preactivations(pop, xs[0][0])
+    layers = [layer for layer in _preactivations(pop, xs[0][0], kinds)
               if add_biases or layer.feeds_bn or f"{layer.name}.bias" in pop.params]
     missing = [layer.name for layer in layers if layer.name not in targets[0]]
     if missing:
@@ -403,6 +405,7 @@ def repair(
     target: int | None = None,
     moments: list[Moments] | None = None,
     stacked: bool = False,
+    layers: str = "conv+linear",
 ) -> nn.Module:
     """A repaired copy of ``model`` (usually a soup of ``pop``): every convolution and linear layer gets
     the ``weights``-weighted average (default uniform) of the members' per-channel output mean and std.
@@ -410,6 +413,7 @@ def repair(
     Measured in eval mode on the first ``iters`` batches (``batches(target, ...)`` when callable). A
     bias-free layer gets a bias, the only state added. ``moments``: precomputed ``member_moments(pop, ...)``
     (else measured here, vmapped with ``stacked``). ``model`` itself is repaired as a population of one.
+    ``layers``: which layers are rescaled (``LAYER_SETS``).
     """
     w = _check_weights(weights, pop.size)
     batches = _freeze(batches, iters)
@@ -417,13 +421,13 @@ def repair(
         moments = member_moments(pop, batches, iters, seed, stacked=stacked)
     one = Population.from_modules([model])
     xs = _data(batches, [target], iters, seed, one.device, stacked=False)
-    _repair_(one, xs, [_targets(moments, w)], seed, stacked=False, add_biases=True)
+    _repair_(one, xs, [_targets(moments, w)], seed, stacked=False, add_biases=True, kinds=layers)
     return one.member(0)
 
 
 def repair_population_(
     pop: Population, matrix, batches: Batches, moments: list[Moments], iters: int = 5, seed: int = 666,
-    members: list[int] | None = None, stacked: bool = False,
+    members: list[int] | None = None, stacked: bool = False, layers: str = "conv+linear",
 ) -> Population:
     """Repair, in place, a population just mixed by theta_i <- sum_j matrix[i, j] theta_j: member i gets
     the moments of the pre-mix members (``moments``, from ``member_moments`` before mixing) weighted by
@@ -436,7 +440,8 @@ def repair_population_(
     Members keep their architecture, so no bias can be added: a bias-free layer whose output goes straight
     into a BatchNorm is only rescaled (that BatchNorm's rebuilt running mean absorbs any per-channel shift
     exactly, so everything from the BatchNorm on matches ``repair``), and any other bias-free layer is left
-    as it is. ``stacked``: every member at once through vmapped full forward passes.
+    as it is. ``stacked``: every member at once through vmapped full forward passes. ``layers``: which layers
+    are rescaled (``LAYER_SETS``).
     """
     p, total = pop.size, len(moments)
     members = list(range(p)) if members is None else list(members)
@@ -445,5 +450,5 @@ def repair_population_(
         raise ValueError(f"mixing matrix must be {p}x{total} (held members x all members), got {tuple(m.shape)}")
     targets = [_targets(moments, _check_weights(m[i], total)) for i in range(p)]
     xs = _data(_freeze(batches, iters), members, iters, seed, pop.device, stacked)
-    _repair_(pop, xs, targets, seed, stacked, add_biases=False)
+    _repair_(pop, xs, targets, seed, stacked, add_biases=False, kinds=layers)
     return pop

@@ -47,13 +47,16 @@ def load_experiment(config_path: str | Path, name: str | None) -> dict:
 
 
 def load_data(exp: dict):
-    """The experiment's dataset, resized to ``data.image_size`` and, for a pretrained timm model, normalized
-    with the mean/std the model was pretrained with (its timm pretrained_cfg)."""
+    """The experiment's dataset, resized to ``data.image_size`` (``data.resize``: bilinear or bicubic) and, for a
+    pretrained timm model, normalized with the mean/std the model was pretrained with (its timm pretrained_cfg)."""
     d, m = exp["data"], exp["model"]
     options = {"image_size": d["image_size"]} if d["image_size"] else {}
     splits = load_dataset(d["dataset"], d["root"], **options, **d["options"])
     if d.get("subset"):  # smoke scale: a few items of each set
         splits = subset_splits(splits, **d["subset"])
+    for part in (splits.train, splits.test):
+        if hasattr(part, "resize"):  # in-memory arrays (folders crop and resize with their own transforms)
+            part.resize = d.get("resize", "bilinear")
     stats = pretrained_normalization(m["name"], m["pretrained"])
     if stats is not None and len(stats[0]) == splits.in_channels:
         for part in (splits, splits.train, splits.test):
@@ -291,7 +294,8 @@ def soups(exp: dict, split_path, run_dir) -> dict:
     aligned = soups_aligned(exp, run.meta["variant"])
     align_batches = align_data(exp, run.splits, run.split, s["align_images"], run.device) if aligned else None
     made, members = make_soups(run.pop, val_accuracy, batches, s["repair_iters"], s["repair_seed"], align_batches,
-                               stacked=build_engine(exp, run.device, run.pop.size).stacked)
+                               stacked=build_engine(exp, run.device, run.pop.size).stacked,
+                               criterion=s["greedy_criterion"], layers=exp["repair"]["layers"])
     tensors = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
     info = {"greedy_soup_members": members, "aligned": aligned,
             "val_accuracy": {k: val_accuracy(m) for k, m in made.items()}}
@@ -304,7 +308,9 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     """Table 5 (Appendix A.5) for one run -> similarity.json: per ResNet stage, the mean cosine similarity (%)
     of the stage outputs on the test set between two members (``between_networks``) and between a member and
     the average soup (``network_and_avg_soup``), after aligning the members to member 0 by feature matching
-    on the training split and REPAIRing the soup (``similarity`` settings of the experiment)."""
+    on the training split and REPAIRing the soup (``similarity`` settings of the experiment). Averaged over
+    every pair (``similarity.members: all``) or members 0 and 1 only (``first-two``, the authors' measure; the
+    all-pairs measure is then written beside it, under ``all_pairs_*``)."""
     run = open_run(exp, split_path, run_dir)
     s, pop, splits = exp["similarity"], run.pop, run.splits
     names = stages(pop.template)
@@ -317,14 +323,21 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     sims = population_similarity(
         pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=s["align"],
         repair=s["repair"], repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
+        layers=exp["repair"]["layers"],
     )
+
+    def per_stage(measure: str) -> dict:
+        return {"between_networks": dict(zip(names, sims[measure][BETWEEN_NETWORKS], strict=True)),
+                "network_and_avg_soup": dict(zip(names, sims[measure][NETWORK_AND_SOUP], strict=True))}
+
     out = {
         "experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"], "stages": names,
-        "between_networks": dict(zip(names, sims[BETWEEN_NETWORKS], strict=True)),
-        "network_and_avg_soup": dict(zip(names, sims[NETWORK_AND_SOUP], strict=True)),
+        **per_stage(s["members"]), "members": s["members"],
         "aligned": s["align"], "repaired": s["repair"], "repair_iters": s["repair_iters"], "test_images": n_test,
         "population_sha256": run.digest,
     }
+    if s["members"] != "all":  # the all-pairs measure beside the configured one
+        out |= {f"all_pairs_{k}": v for k, v in per_stage("all").items()}
     write_json(run.dir / "similarity.json", out)
     return out
 

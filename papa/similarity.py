@@ -25,6 +25,10 @@ from papa.soups import average_soup
 
 BETWEEN_NETWORKS = "between two networks"
 NETWORK_AND_SOUP = "between one network and AvgSoup"
+MEASURES = ("all", "first-two")
+"""Whose similarity ``population_similarity`` averages: every pair of members and every member with the soup
+(``all``), or members 0 and 1 and member 0 with the soup (``first-two``, the authors' correlation_est:
+models/combined.py ``cossim`` compares net_list[0] with net_list[1], and net_list[0] with the soup)."""
 
 
 def stages(model: nn.Module) -> list[str]:
@@ -93,13 +97,15 @@ def cosine_similarity(model_a: nn.Module, model_b: nn.Module, batches: Batches, 
 
 def population_similarity(
     pop: Population, batches: Batches, align: bool = True, repair: bool = True, repair_iters: int = 5,
-    seed: int = 666, measure_batches: Batches | None = None,
-) -> dict[str, list[float]]:
+    seed: int = 666, measure_batches: Batches | None = None, layers: str = "conv+linear",
+) -> dict[str, dict[str, list[float]]]:
     """Table 5's rows for one population: per stage, the mean cosine similarity (percent) over pairs of
     members (``"between two networks"``) and between each member and the average soup (``"between one network
     and AvgSoup"``). With ``align``, members are first aligned to member 0 by feature matching on ``batches``;
     with ``repair``, the soup is REPAIRed (``repair_iters`` batches) against the (aligned) members. The
-    similarity is measured on ``measure_batches`` (default: ``batches``), e.g. test data."""
+    similarity is measured on ``measure_batches`` (default: ``batches``), e.g. test data. Returns both measures of
+    ``MEASURES``, each as {BETWEEN_NETWORKS: per stage, NETWORK_AND_SOUP: per stage}; ``layers``: REPAIR's
+    (papa.repair.LAYER_SETS)."""
     if pop.size < 2:
         raise ValueError("feature similarity needs a population of at least 2 members")
     batches = reusable(batches)
@@ -107,14 +113,16 @@ def population_similarity(
         pop = align_population(pop, batches, reference=0, seed=seed)
     soup = average_soup(pop)
     if repair:
-        soup = repair_soup(soup, pop, batches, iters=repair_iters, seed=seed)
+        soup = repair_soup(soup, pop, batches, iters=repair_iters, seed=seed, layers=layers)
     members = pop.to_modules()
     member_pairs = list(itertools.combinations(range(pop.size), 2))
     soup_pairs = [(j, pop.size) for j in range(pop.size)]
     measure = batches if measure_batches is None else measure_batches
     sims = pairwise_similarity([*members, soup], member_pairs + soup_pairs, measure, seed)
     sims = torch.tensor(sims, dtype=torch.float64)  # float64 as pairwise_similarity computes them
+    first_pair, first_soup = member_pairs.index((0, 1)), len(member_pairs)
     return {
-        BETWEEN_NETWORKS: sims[: len(member_pairs)].mean(0).tolist(),
-        NETWORK_AND_SOUP: sims[len(member_pairs):].mean(0).tolist(),
+        "all": {BETWEEN_NETWORKS: sims[: len(member_pairs)].mean(0).tolist(),
+                NETWORK_AND_SOUP: sims[len(member_pairs):].mean(0).tolist()},
+        "first-two": {BETWEEN_NETWORKS: sims[first_pair].tolist(), NETWORK_AND_SOUP: sims[first_soup].tolist()},
     }

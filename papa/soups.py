@@ -6,12 +6,14 @@ permutation-aligned members (Appendix A.4: each member aligned to the soup built
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from papa.alignment import align, permutation_spec
+from papa.averaging import subset_weights
 from papa.forward import Batches, eval_mode, reusable
 from papa.population import Population
 from papa.repair import member_moments, repair
@@ -26,39 +28,43 @@ def average_soup(pop: Population, weights=None) -> nn.Module:
     return pop.module_from_state(pop.combine(w))
 
 
-def subset_weights(p: int, members: list[int]) -> Tensor:
-    """Uniform weights over ``members``, zero elsewhere."""
-    w = torch.zeros(p, dtype=torch.float64)
-    w[members] = 1.0 / len(members)
-    return w
-
-
 def _mean(modules: list[nn.Module]) -> nn.Module:
     return average_soup(Population.from_modules(modules))
 
 
+GREEDY_CRITERIA = (">=", ">")
+"""When the greedy soup keeps a member: its score does not decrease (``>=``, Algorithm 3 of the paper), or it
+strictly increases (``>``, the authors' code: models/combined.py ``if train_or_val_acc_new > train_or_val_acc``)."""
+
+
 def _greedy(scores: Sequence[float], score: Callable[[nn.Module], float],
-            soup_of: Callable[[list[int], nn.Module | None], nn.Module]) -> tuple[list[int], nn.Module | None]:
+            soup_of: Callable[[list[int], nn.Module | None], nn.Module],
+            criterion: str = ">=") -> tuple[list[int], nn.Module | None]:
     """Algorithm 3's loop: members sorted by ``scores`` (higher is better, ties in member order), the best
     first; each next member j is tried as the soup ``soup_of(members, current soup or None)`` and kept when
-    the soup's score does not decrease (``>=``, as in the paper; the official code requires a strict
-    improvement). Returns the members kept, in the order added, and the last soup kept (None: the best alone)."""
+    the soup's score passes ``criterion`` (``GREEDY_CRITERIA``) against the best so far. Returns the members
+    kept, in the order added, and the last soup kept (None: the best alone)."""
+    if criterion not in GREEDY_CRITERIA:
+        raise ValueError(f"greedy criterion must be one of {', '.join(GREEDY_CRITERIA)}, got {criterion!r}")
     order = sorted(range(len(scores)), key=lambda j: -scores[j])
     included, best, soup = [order[0]], scores[order[0]], None
     for j in order[1:]:
         candidate = soup_of([*included, j], soup)
         s = float(score(candidate))
-        if s >= best:
+        if s > best or (criterion == ">=" and s == best):
             included.append(j)
             best, soup = s, candidate
     return included, soup
 
 
-def greedy_soup(pop: Population, score: Callable[[nn.Module], float]) -> tuple[nn.Module, list[int]]:
+def greedy_soup(pop: Population, score: Callable[[nn.Module], float], criterion: str = ">=",
+                scores: Sequence[float] | None = None) -> tuple[nn.Module, list[int]]:
     """Greedy soup, Algorithm 3 (see ``_greedy``). Returns the soup and the indices of the members it
-    averages, in the order they were added."""
-    scores = [float(score(pop.member(j))) for j in range(pop.size)]
-    included, _ = _greedy(scores, score, lambda members, _: average_soup(pop, subset_weights(pop.size, members)))
+    averages, in the order they were added. ``scores``: the members' scores when the caller has them."""
+    if scores is None:
+        scores = [float(score(pop.member(j))) for j in range(pop.size)]
+    included, _ = _greedy(scores, score, lambda members, _: average_soup(pop, subset_weights(pop.size, members)),
+                          criterion)
     return average_soup(pop, subset_weights(pop.size, included)), included
 
 
@@ -87,7 +93,7 @@ def aligned_average_soup(
 
 def greedy_alignment(
     pop: Population, score: Callable[[nn.Module], float], batches: Batches, seed: int = 666,
-    scores: Sequence[float] | None = None,
+    scores: Sequence[float] | None = None, criterion: str = ">=",
 ) -> tuple[Population, list[int], nn.Module]:
     """Appendix A.4's aligned greedy soup: ``greedy_soup``, but every next member is aligned to the current
     soup (the best member at first) before it is tried.
@@ -107,7 +113,7 @@ def greedy_alignment(
         aligned[j] = align(pop.member(j), aligned[first] if soup is None else soup, batches, seed)
         return _mean([aligned[i] for i in members])
 
-    included, soup = _greedy(scores, score, soup_of)
+    included, soup = _greedy(scores, score, soup_of, criterion)
     aligned.setdefault(included[0], pop.member(included[0]))
     soup = aligned[included[0]] if soup is None else soup
     return Population.from_modules([aligned[j] for j in range(pop.size)]), included, soup
@@ -122,12 +128,17 @@ def aligned_greedy_soup(
 
 
 def make_soups(pop: Population, score: Callable[[nn.Module], float], repair_batches: Batches, iters: int = 5,
-               seed: int = 666, align_batches: Batches | None = None,
-               stacked: bool = False) -> tuple[dict[str, nn.Module], list[int]]:
+               seed: int = 666, align_batches: Batches | None = None, stacked: bool = False,
+               criterion: str = ">=", layers: str = "conv+linear") -> tuple[dict[str, nn.Module], list[int]]:
     """The paper's four soups (``SOUPS``): the average soup and the greedy soup (greedy by ``score``, higher is
-    better, e.g. validation accuracy), each also REPAIRed on ``iters`` batches of ``repair_batches`` (``seed``)
+    better, e.g. validation accuracy, keeping a member by ``criterion``, see ``GREEDY_CRITERIA``), each also
+    REPAIRed (the ``layers`` of papa.repair.LAYER_SETS) on ``iters`` batches of ``repair_batches`` (``seed``)
     with the moments of the members it averages (measured vmapped with ``stacked``). Returns them and the
     greedy soup's members, in the order added.
+
+    A soup of one member is that member (the paper's "GreedySoup is just the best model", P:l.388): it is not
+    REPAIRed, so no BatchNorm statistic is rebuilt either (the authors REPAIR a soup only when it averages more
+    than one network, models/combined.py ``if self.args.repair_soup and n > 1``).
 
     With ``align_batches`` the members are permutation-aligned first (Appendix A.4), sorted by ``score``: each
     is aligned to the soup built so far (the running average for the average soup, the current greedy soup
@@ -136,21 +147,26 @@ def make_soups(pop: Population, score: Callable[[nn.Module], float], repair_batc
         permutation_spec(pop.template)  # a one-line error on architectures alignment does not support
         scores = [float(score(pop.member(j))) for j in range(pop.size)]
         avg_pop = sequential_alignment(pop, align_batches, sorted(range(pop.size), key=lambda j: -scores[j]))
-        greedy_pop, members, greedy = greedy_alignment(pop, score, align_batches, scores=scores)
+        greedy_pop, members, greedy = greedy_alignment(pop, score, align_batches, scores=scores,
+                                                       criterion=criterion)
     else:
         avg_pop = greedy_pop = pop
-        greedy, members = greedy_soup(pop, score)
+        greedy, members = greedy_soup(pop, score, criterion)
     avg = average_soup(avg_pop)
-    # each population's member moments once
-    avg_moments = member_moments(avg_pop, repair_batches, iters, seed, stacked=stacked)
-    greedy_moments = (avg_moments if greedy_pop is avg_pop else
-                      member_moments(greedy_pop, repair_batches, iters, seed, stacked=stacked))
+    moments: dict[int, list] = {}  # each population's member moments once
+
+    def repaired(soup: nn.Module, of: Population, weights: Tensor) -> nn.Module:
+        if int((weights > 0).sum()) == 1:
+            return copy.deepcopy(soup)
+        if id(of) not in moments:
+            moments[id(of)] = member_moments(of, repair_batches, iters, seed, stacked=stacked)
+        return repair(soup, of, repair_batches, iters, seed, weights=weights, moments=moments[id(of)], layers=layers)
+
     return {
         "avg_soup": avg,
         "greedy_soup": greedy,
-        "avg_soup_repair": repair(avg, avg_pop, repair_batches, iters, seed, moments=avg_moments),
-        "greedy_soup_repair": repair(greedy, greedy_pop, repair_batches, iters, seed,
-                                     weights=subset_weights(pop.size, members), moments=greedy_moments),
+        "avg_soup_repair": repaired(avg, avg_pop, subset_weights(pop.size, range(pop.size))),
+        "greedy_soup_repair": repaired(greedy, greedy_pop, subset_weights(pop.size, members)),
     }, members
 
 

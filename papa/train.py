@@ -85,7 +85,8 @@ class Trainer:
         self.engine = build_engine(exp, self.device, self.pop.size)
         self.engine_name = self.engine.name
         self.stacked = self.engine.stacked  # REPAIR and BatchNorm passes go through the same vmap
-        bf16 = exp["train"]["precision"] == "bf16"
+        precision = exp["train"]["precision"]  # bf16-cuda: bf16 autocast on CUDA only
+        bf16 = precision == "bf16" or (precision == "bf16-cuda" and self.device.type == "cuda")
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.history = History()
         self.epoch = 0  # epochs completed

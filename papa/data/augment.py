@@ -11,6 +11,7 @@ device, so a run draws the same numbers on CPU and GPU.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -104,17 +105,27 @@ def _draw(key: str, spec, generator: torch.Generator):
 
 
 def draw_policies(grid: dict, p: int, generator: torch.Generator, base: dict | None = None) -> list[Policy]:
-    """Each member's policy: ``base`` (fixed settings, e.g. crop and flip) plus one random draw per grid key.
+    """Each member's policy: ``base`` (fixed settings, e.g. crop and flip) plus its regularization from the grid.
 
-    Grid values are lists (drawn uniformly) or {"uniform": [lo, hi]}. Keys are drawn in sorted order, member
-    after member, so the result depends only on the grid, p and the generator's seed."""
+    The combinations of the listed values (the Cartesian product over the keys, in sorted key order) are
+    shuffled and dealt out, member i taking combination i modulo their number, as the authors' main.py does:
+    no two members share a combination while distinct ones remain. Keys given as {"uniform": [lo, hi]} are
+    then drawn for each member, member after member. The result depends only on the grid, p and the
+    generator's seed."""
     for key in [*grid, *(base or {})]:
         if key not in POLICY_FIELDS:
             raise PapaError(f"unknown augmentation {key!r}; expected one of {', '.join(POLICY_FIELDS)}")
+    listed = [key for key in sorted(grid) if not isinstance(grid[key], dict)]
+    for key in listed:
+        if not isinstance(grid[key], list | tuple) or not grid[key]:
+            raise PapaError(f"augmentation grid {key!r}: expected a non-empty list of values, found {grid[key]!r}")
+    combos = list(itertools.product(*(grid[key] for key in listed)))
+    order = torch.randperm(len(combos), generator=generator).tolist()
     policies = []
-    for _ in range(p):
+    for i in range(p):
         values = dict(base or {})
-        values.update({key: _draw(key, grid[key], generator) for key in sorted(grid)})
+        values.update(zip(listed, combos[order[i % len(combos)]], strict=True))
+        values.update({key: _draw(key, grid[key], generator) for key in sorted(grid) if key not in listed})
         policies.append(Policy(**values))
     return policies
 
@@ -238,14 +249,20 @@ def _affine(mean: tuple, std: tuple, device: torch.device) -> tuple[Tensor, Tens
     return scale.to(device), shift.to(device)
 
 
-def eval_transform(images: Tensor, mean, std, size: int | None = None) -> Tensor:
+RESIZE_MODES = ("bilinear", "bicubic")
+
+
+def eval_transform(images: Tensor, mean, std, size: int | None = None, mode: str = "bilinear") -> Tensor:
     """uint8 (B, C, H, W) -> float32 normalized with per-channel mean/std (in [0, 1] pixel units), resized to
-    ``size`` x ``size`` when given (bilinear, antialiased when shrinking, as timm's eval resize)."""
+    ``size`` x ``size`` when given (``mode``: bilinear or bicubic, antialiased when shrinking, as timm's eval
+    resize; the authors' fine-tuning resized CIFAR to 224 bicubic)."""
+    if mode not in RESIZE_MODES:
+        raise PapaError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
     scale, shift = _affine(tuple(mean), tuple(std), images.device)
     x = images.float() * scale + shift
-    # bilinear weights sum to 1, so resizing after the per-channel affine map equals resizing before it
+    # interpolation weights sum to 1, so resizing after the per-channel affine map equals resizing before it
     if size is not None and tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=True)
     return x
 
 
@@ -336,10 +353,10 @@ def mix(policy: Policy, x: Tensor, labels: Tensor, num_classes: int, generator: 
 
 
 def regularize(policy: Policy, images: Tensor, labels: Tensor, num_classes: int, mean, std,
-               generator: torch.Generator, size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Everything after the geometric transforms: normalize and resize to ``size`` (the model's input),
-    then cutout, erasing, mixup/cutmix (at the model's resolution), smoothing."""
-    x = eval_transform(images, mean, std, size)
+               generator: torch.Generator, size: int | None = None, mode: str = "bilinear") -> tuple[Tensor, Tensor]:
+    """Everything after the geometric transforms: normalize and resize to ``size`` (the model's input, with
+    ``mode``), then cutout, erasing, mixup/cutmix (at the model's resolution), smoothing."""
+    x = eval_transform(images, mean, std, size, mode)
     if policy.cutout:
         x = cutout(x, policy.cutout, generator)
     if policy.random_erasing:
@@ -349,10 +366,10 @@ def regularize(policy: Policy, images: Tensor, labels: Tensor, num_classes: int,
 
 @torch.no_grad()
 def apply(policy: Policy, images: Tensor, labels: Tensor, num_classes: int, mean, std,
-          generator: torch.Generator, size: int | None = None) -> tuple[Tensor, Tensor]:
+          generator: torch.Generator, size: int | None = None, mode: str = "bilinear") -> tuple[Tensor, Tensor]:
     """A member's training batch: uint8 (B, C, H, W) and labels (B,) -> normalized float32 (B, C, S, S)
     (S = ``size``, default H = W) and soft targets (B, K) whose rows sum to 1. The uint8 transforms run at
     the stored resolution, the rest at the model's. (Segmentation patches are flipped with their labels by
     their stream, which then calls ``regularize``.)"""
     images = geometric(policy, images, generator, mean)
-    return regularize(policy, images, labels, num_classes, mean, std, generator, size)
+    return regularize(policy, images, labels, num_classes, mean, std, generator, size, mode)

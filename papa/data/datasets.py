@@ -44,6 +44,7 @@ class ArrayDataset:
     name: str
     classes: tuple[str, ...] = ()
     image_size: int | None = None
+    resize: str = "bilinear"  # how batches are resized to image_size (papa.data.augment.RESIZE_MODES)
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:

@@ -87,7 +87,7 @@ class MemberStream:
         set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
         self.images = train.images.to(self.device)  # moved once; indexing happens on the device
         self.labels = train.labels.to(self.device)
-        self.image_size = train.image_size
+        self.image_size, self.resize = train.image_size, train.resize
 
     @property
     def size(self) -> int:
@@ -99,7 +99,8 @@ class MemberStream:
 
     def _batch(self, policy: Policy, idx: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         images, labels = self.images[idx], self.labels[idx]
-        return apply(policy, images, labels, self.num_classes, self.mean, self.std, generator, self.image_size)
+        return apply(policy, images, labels, self.num_classes, self.mean, self.std, generator, self.image_size,
+                     self.resize)
 
     def _draw(self, generator: torch.Generator, count: int) -> Tensor:
         """``count`` training items in random order: what ``_batch`` takes, in slices of a batch."""
@@ -263,4 +264,5 @@ def eval_batches(dataset: ArrayDataset | FolderDataset, indices=None, batch_size
     else:
         chunks = ((dataset.images[c].to(device), dataset.labels[c].to(device)) for c in idx.split(batch_size))
     for images, labels in chunks:
-        yield eval_transform(images, dataset.mean, dataset.std, dataset.image_size), labels
+        mode = getattr(dataset, "resize", "bilinear")
+        yield eval_transform(images, dataset.mean, dataset.std, dataset.image_size, mode), labels

@@ -1,18 +1,36 @@
 """ResNets for 32x32 CIFAR images: a 3x3 stem without max-pool, then stages of BasicBlocks."""
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from papa.errors import PapaError
 from papa.models.permutation import UNSUPPORTED, GroupBuilder, PermGroup, Tap
 from papa.models.registry import register
 
+SHORTCUTS = ("projection", "zero-pad")
+INITS = ("torch", "kaiming")
+
+
+class ZeroPadShortcut(nn.Module):
+    """He et al.'s option A: the identity, subsampled by ``stride`` and zero-padded with the extra channels
+    split evenly on both sides (no parameters)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.stride, self.before = stride, (planes - in_planes) // 2
+        self.after = planes - in_planes - self.before
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.before, self.after))
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN pairs and a residual. When the shape changes, the shortcut is a 1x1 conv + BN
-    projection (He et al.'s option B), for ResNet-20 too, whose paper used zero-padded identity (option A):
-    a projection keeps every tensor a plain conv/BN weight that averaging and alignment handle alike."""
+    projection (He et al.'s option B, ``shortcut="projection"``): every tensor stays a plain conv/BN weight that
+    averaging and alignment handle alike. ``shortcut="zero-pad"`` is option A, the ResNet-20 of He et al.'s
+    CIFAR experiments, Cui et al.'s ESGD and the authors' code (models/resnet20.py)."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "projection"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -20,7 +38,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU()
         self.downsample = None
-        if stride != 1 or in_planes != planes:
+        if (stride != 1 or in_planes != planes) and shortcut == "zero-pad":
+            self.downsample = ZeroPadShortcut(in_planes, planes, stride)
+        elif stride != 1 or in_planes != planes:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
             )
@@ -34,22 +54,32 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """Stem conv3x3 + BN + ReLU, stages ``layer1..layerN`` (the first at stride 1, the others halving the
-    resolution), global average pool, linear ``fc``; names follow torchvision's ResNet."""
+    resolution), global average pool, linear ``fc``; names follow torchvision's ResNet. ``shortcut``: see
+    ``BasicBlock``; ``init``: PyTorch's default initialization, or ``kaiming`` (He normal, fan-in, on every conv
+    and linear weight, as the authors' ResNet-20 and Cui et al.)."""
 
-    def __init__(self, blocks: list[int], widths: list[int], num_classes: int, in_channels: int = 3):
+    def __init__(self, blocks: list[int], widths: list[int], num_classes: int, in_channels: int = 3,
+                 shortcut: str = "projection", init: str = "torch"):
         super().__init__()
+        if shortcut not in SHORTCUTS or init not in INITS:
+            raise PapaError(f"CIFAR ResNet: shortcut must be one of {', '.join(SHORTCUTS)} and init one of "
+                            f"{', '.join(INITS)}, got {shortcut!r} and {init!r}")
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
         in_planes = widths[0]
         for i, (count, planes) in enumerate(zip(blocks, widths, strict=True), start=1):
-            first = BasicBlock(in_planes, planes, stride=1 if i == 1 else 2)
+            first = BasicBlock(in_planes, planes, stride=1 if i == 1 else 2, shortcut=shortcut)
             rest = [BasicBlock(planes, planes) for _ in range(count - 1)]
             self.add_module(f"layer{i}", nn.Sequential(first, *rest))
             in_planes = planes
         self.num_stages = len(blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
+        if init == "kaiming":
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d | nn.Linear):
+                    nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -78,6 +108,8 @@ class CifarResNet(nn.Module):
                 inner.consumed_by(f"{prefix}.conv2")
                 groups.append(inner.build())
                 stream.consumed_by(f"{prefix}.conv1")
+                if isinstance(block.downsample, ZeroPadShortcut):
+                    raise PapaError(f"{UNSUPPORTED} with projection shortcuts, not zero-padded ones ({prefix})")
                 if block.downsample is not None:
                     ds = block.downsample
                     if not (len(ds) == 2 and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], nn.BatchNorm2d)):
@@ -100,7 +132,7 @@ def resnet18_cifar(num_classes: int, in_channels: int = 3) -> CifarResNet:
 
 
 @register("resnet20")
-def resnet20(num_classes: int, in_channels: int = 3) -> CifarResNet:
+def resnet20(num_classes: int, in_channels: int = 3, shortcut: str = "projection", init: str = "torch") -> CifarResNet:
     """ResNet-20 of He et al. (2016) for CIFAR: 3 stages x 3 blocks, widths 16/32/64, with projection
-    shortcuts (see ``BasicBlock``)."""
-    return CifarResNet([3, 3, 3], [16, 32, 64], num_classes, in_channels)
+    shortcuts by default; ``shortcut="zero-pad", init="kaiming"`` is the authors' and Cui et al.'s (Table 12)."""
+    return CifarResNet([3, 3, 3], [16, 32, 64], num_classes, in_channels, shortcut, init)

@@ -51,16 +51,19 @@ def _render(a) -> None:
 
 
 def _histories(figure: dict, config: dict, files: list[Path]) -> dict[tuple[str, int], Path]:
-    """(variant, seed) -> history.csv of a curves figure: the given files, else the config's results."""
-    from papa.report import aggregate
+    """(curve, seed) -> history.csv of a curves figure (a curve: a variant, or a ``lines`` label): the given
+    files, else the config's results."""
+    from papa.report import aggregate, figures
 
+    curves = figures.curve_keys(figure, config["variants"])
+    # a variants figure keys its curves by variant (curves_figure orders and colours them), a lines one by label
+    key = {run: label if figure.get("lines") else run[1] for label, run in curves.items()}
     if files:
         runs = {p: aggregate.run_of(p) for p in files}
-        return {(r[1], r[2]): p for p, r in runs.items() if r and r[0] == figure["experiment"]}
-    shown = figure.get("variants") or config["variants"]
+        return {(key[r[:2]], r[2]): p for p, r in runs.items() if r and r[:2] in key}
     return {
-        (v, s): aggregate.run_dir(config["results"], figure["experiment"], v, s) / "history.csv"
-        for v in shown
+        (k, s): aggregate.run_dir(config["results"], *run, s) / "history.csv"
+        for run, k in key.items()
         for s in config["seeds"]
     }
 
@@ -75,7 +78,7 @@ def _plot(a) -> None:
     if figure["kind"] == "curves":
         histories = _histories(figure, config, a.histories)
         if not histories:
-            raise PapaError(f"figure {a.figure!r}: none of the history files is of {figure['experiment']!r}")
+            raise PapaError(f"figure {a.figure!r}: none of the history files is of a run it plots")
         figures.curves(figure, histories, out)
     else:
         if a.metrics is None:

@@ -59,15 +59,33 @@ def curves(figure: dict, histories: dict[tuple[str, int], Path], out: str | Path
     _save(curves_figure(figure, histories), out)
 
 
+def curve_keys(figure: dict, variants: list[str]) -> dict[str, tuple[str, str]]:
+    """The curves of a ``curves`` figure: legend label -> (experiment, variant). One experiment's variants
+    (``experiment``, ``variants``), or ``lines`` naming runs of different experiments (the paper's Figure 2
+    overlays PAPA-all with and without REPAIR, two experiments, with PAPA-2)."""
+    if figure.get("lines"):
+        return {line["label"]: (line["experiment"], line["variant"]) for line in figure["lines"]}
+    shown = figure.get("variants") or variants
+    return {VARIANT_NAMES[v]: (figure["experiment"], v) for v in _in_table_order(shown)}
+
+
 def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figure:
-    """Figure 2: per-epoch population mean accuracy of each variant (mean over seeds, shaded spread);
+    """Figure 2: per-epoch population mean accuracy of each curve (mean over seeds, shaded spread);
     averaging epochs show a vertical jump, and a second panel shows each jump (after - before).
-    ``histories`` maps (variant, seed) to the run's history.csv. The accuracy axis spans where the curves
-    differ (``focus``); points far below it are marked at its bottom edge with their values."""
-    metric, experiment = figure.get("metric", "test_accuracy"), figure["experiment"]
+    ``histories`` maps (curve, seed) to the run's history.csv, a curve being a variant of ``experiment`` or a
+    ``lines`` label. The accuracy axis spans where the curves differ (``focus``); points far below it are
+    marked at its bottom edge with their values."""
+    metric = figure.get("metric", "test_accuracy")
+    experiment = figure.get("experiment") or figure.get("caption") or figure["name"]
+    named = [line["label"] for line in figure.get("lines") or []]
+    keys = named or _in_table_order({v for v, _ in histories})
+    colors = {k: f"C{i}" for i, k in enumerate(named)} or COLORS
+    labels = {k: k for k in named} or VARIANT_NAMES
     lines = {}
-    for v in _in_table_order({v for v, _ in histories}):
-        paths = [p for (variant, _), p in histories.items() if variant == v]
+    for v in keys:
+        paths = [p for (key, _), p in histories.items() if key == v]
+        if not paths:
+            raise PapaError(f"figure {figure['name']!r}: no history for {v!r}")
         both = pd.concat(trajectory(read_history(p), metric) for p in paths)
         both = both.groupby(["epoch", "phase"], sort=False)["value"]
         spread = both.std(ddof=1).fillna(0.0).to_numpy() if len(paths) > 1 else 0.0
@@ -80,20 +98,20 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
     ax = axes[0, 0]
     single = all(len(t) == 1 for t in lines.values())  # a one-epoch run: one point per variant, no curve
     for i, (v, t) in enumerate(lines.items()):
-        color = COLORS[v]
+        color = colors[v]
         if len(t) == 1:  # a marker, side by side with the other variants' (equal values would hide each other)
             x = t["epoch"] + (i - (len(lines) - 1) / 2) * 0.06
             ax.errorbar(x, t["value"], yerr=t["spread"], fmt="o", ms=6, capsize=3, color=color,
-                        label=VARIANT_NAMES[v])
+                        label=labels[v])
         else:
-            ax.plot(t["epoch"], t["value"], label=VARIANT_NAMES[v], lw=1.5, color=color)
+            ax.plot(t["epoch"], t["value"], label=labels[v], lw=1.5, color=color)
             low, high = t["value"] - t["spread"], t["value"] + t["spread"]
             ax.fill_between(t["epoch"], low, high, color=color, alpha=0.15, lw=0)
         after = t[t["phase"] == "after_avg"]
         ax.plot(after["epoch"], after["value"], "o", ms=3.5, color=color)
         swa = t[t["phase"] == "swa"]
         ax.plot(swa["epoch"], swa["value"], "s", ms=5, color=color)
-    points = [(x, y, COLORS[v]) for v, t in lines.items() for x, y in zip(t["epoch"], t["value"], strict=True)]
+    points = [(x, y, colors[v]) for v, t in lines.items() for x, y in zip(t["epoch"], t["value"], strict=True)]
     zoomed = _focus(ax, [y for _, y, _ in points], points)
     name = "test" if metric == "test_accuracy" else "validation"
     ax.set_ylabel(f"mean {name} accuracy (%)")
@@ -110,7 +128,7 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
     if jumps:
         ax = axes[1, 0]
         for v, j in jumps.items():
-            ax.plot(j["epoch"], j["jump"], "o-", ms=3.5, color=COLORS[v])
+            ax.plot(j["epoch"], j["jump"], "o-", ms=3.5, color=colors[v])
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_ylabel("change after averaging (%)")
         ax.grid(alpha=0.3)

@@ -1,8 +1,10 @@
 """Values reported in the paper, shipped as data: ``papa/report/paper/<id>.csv``.
 
-Each file has the header ``row,column,value``: ``row`` is a table row's ``label`` in the config,
-``column`` a column header of the table's layout (see papa.report.tables), and ``value`` the cell's text
-as printed in the paper (e.g. ``95.2 (0.1)``, ``80.21 [80.05, 80.46]``, ``1 (out of 10)``).
+Each file has the header ``row,column,value`` (or ``row,column,value,note``): ``row`` is a table row's ``label``
+in the config, ``column`` a column header of the table's layout (see papa.report.tables), ``value`` the cell's
+text as printed in the paper (e.g. ``95.2 (0.1)``, ``80.21 [80.05, 80.46]``, ``1 (out of 10)``), and ``note``
+(optional, may be empty) one sentence shown as a footnote of a marked value, e.g. why a printed value cannot be
+a target (no correct run can reach it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from importlib import resources
 from papa.errors import PapaError
 
 HEADER = ["row", "column", "value"]
+NOTE = "note"
 
 
 def available() -> list[str]:
@@ -24,28 +27,44 @@ def available() -> list[str]:
     return sorted(f.name.removesuffix(".csv") for f in folder.iterdir() if f.name.endswith(".csv"))
 
 
-def values(table_id: str) -> dict[tuple[str, str], str]:
-    """{(row, column): value} of paper table ``table_id``."""
+def _text(table_id: str) -> tuple[str, str]:
     file = resources.files("papa.report").joinpath("paper", f"{table_id}.csv")
     if not file.is_file():
         known = ", ".join(available()) or "none"
         raise PapaError(f"no paper values for {table_id!r} (papa/report/paper/; available: {known})")
-    return parse(file.read_text(), f"papa/report/paper/{table_id}.csv")
+    return file.read_text(), f"papa/report/paper/{table_id}.csv"
+
+
+def values(table_id: str) -> dict[tuple[str, str], str]:
+    """{(row, column): value} of paper table ``table_id``."""
+    return parse(*_text(table_id))
+
+
+def notes(table_id: str) -> dict[tuple[str, str], str]:
+    """{(row, column): note} of the cells of paper table ``table_id`` that have one."""
+    return _read(*_text(table_id))[1]
 
 
 def parse(text: str, where: str) -> dict[tuple[str, str], str]:
+    """{(row, column): value} of a paper CSV's text."""
+    return _read(text, where)[0]
+
+
+def _read(text: str, where: str) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], str]]:
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
-    if header != HEADER:
-        raise PapaError(f"{where}: header must be {','.join(HEADER)}, found {header}")
-    out = {}
+    if header not in (HEADER, [*HEADER, NOTE]):
+        raise PapaError(f"{where}: header must be {','.join(HEADER)} (or with ,{NOTE}), found {header}")
+    out, noted = {}, {}
     for n, record in enumerate(reader, start=2):
         if not record:
             continue
-        if len(record) != 3:
-            raise PapaError(f"{where}: line {n}: expected 3 fields, found {len(record)}")
-        row, column, value = (field.strip() for field in record)
+        if len(record) != len(header):
+            raise PapaError(f"{where}: line {n}: expected {len(header)} fields, found {len(record)}")
+        row, column, value, *note = (field.strip() for field in record)
         if (row, column) in out:
             raise PapaError(f"{where}: line {n}: duplicate cell ({row!r}, {column!r})")
         out[row, column] = value
-    return out
+        if note and note[0]:
+            noted[row, column] = note[0]
+    return out, noted

@@ -24,6 +24,8 @@ def table_runs(table: dict, variants: list[str]) -> set[tuple[str, str]]:
 
 def figure_runs(figure: dict, variants: list[str]) -> set[tuple[str, str]]:
     """(experiment, variant) pairs a figure plots."""
+    if figure.get("lines"):
+        return {(line["experiment"], line["variant"]) for line in figure["lines"]}
     shown = figure.get("variants") or variants
     experiments = figure.get("experiments") or [figure["experiment"]]
     return {(e, v) for e in experiments for v in shown}
@@ -97,7 +99,8 @@ def check(config: dict, where: str = "config") -> None:
             known = ", ".join(paper.available()) or "none"
             raise PapaError(f"{where}: tables.{i}.paper: no papa/report/paper/{table['paper']}.csv ({known})")
     for i, figure in enumerate(config["figures"]):
-        for e in figure.get("experiments") or [figure.get("experiment")]:
+        for e in figure.get("experiments") or [line["experiment"] for line in figure.get("lines") or []] or [
+                figure.get("experiment")]:
             _known(e, experiments, f"{where}: figures.{i}.experiment")
 
 

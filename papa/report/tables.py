@@ -134,6 +134,7 @@ SPELLED = {
 ACCURACIES = {"mean", "ensemble", *SOUPS, *(f"{s}_repair" for s in SOUPS)}
 """Metrics that are accuracies (checked against chance level)."""
 CHANCE_MARK = "†"
+PAPER_MARK = "‡"  # a paper value with a note (papa/report/paper/<id>.csv's note column)
 HIGHLIGHT = {"main", "detailed"}
 CSV_COLUMNS = [
     "row",
@@ -149,6 +150,7 @@ CSV_COLUMNS = [
     "max",
     "text",
     "paper",
+    "paper_note",
     "best",
     "classes",
     "chance",
@@ -263,6 +265,7 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
     """One record per (row, column): the machine-readable table (columns ``CSV_COLUMNS``)."""
     frame = frame[frame.seed.isin(seeds)]
     reported = paper.values(table["paper"]) if table.get("paper") else {}
+    noted = paper.notes(table["paper"]) if table.get("paper") else {}
     records = []
     for row in table["rows"]:
         row_cells = []
@@ -280,7 +283,8 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
                 cell = {"metric": metric, **over_seeds(np.array([])), "text": "", "classes": np.nan, "chance": False}
             else:
                 cell = _cell(frame, experiment, v, row_metric(table, row, v, metric), table)
-            row_cells.append(base | cell | {"paper": reported.get((row["label"], header)), "best": False})
+            at = (row["label"], header)
+            row_cells.append(base | cell | {"paper": reported.get(at), "paper_note": noted.get(at), "best": False})
         if table["layout"] in HIGHLIGHT:
             _best(row_cells)
         records += row_cells
@@ -335,11 +339,14 @@ def _shown(cells: pd.DataFrame) -> list[tuple[str, bool, bool]]:
     return [(c.text, bool(c.best), bool(c.chance)) for c in cells.itertuples()]
 
 
-def _paper_line(label: str, values: pd.Series) -> list[Line]:
-    """The paper's row under ours, when the paper gives any of its cells."""
+def _paper_line(label: str, cells: pd.DataFrame) -> list[Line]:
+    """The paper's row under ours, when the paper gives any of its cells; a value with a note is marked."""
+    values, notes = cells["paper"], cells["paper_note"]
     if not values.map(lambda v: isinstance(v, str)).any():
         return []
-    return [Line("paper", f"{label} (paper)", [(v if isinstance(v, str) else "", False, False) for v in values])]
+    shown = [(v + (PAPER_MARK if isinstance(n, str) else "") if isinstance(v, str) else "", False, False)
+             for v, n in zip(values, notes, strict=True)]
+    return [Line("paper", f"{label} (paper)", shown)]
 
 
 def _lines(grid: pd.DataFrame, keys: list[str]) -> list[Line]:
@@ -352,7 +359,7 @@ def _lines(grid: pd.DataFrame, keys: list[str]) -> list[Line]:
             group = row["group"].iloc[0]
             lines.append(Line("heading", group, [("", False, False)] * len(keys)))
         lines.append(Line("ours", label, _shown(row)))
-        lines += _paper_line(label, row["paper"])
+        lines += _paper_line(label, row)
     return lines
 
 
@@ -366,7 +373,7 @@ def _similarity_lines(grid: pd.DataFrame) -> list[Line]:
         for key in SIMILARITY_MEASURES:
             cells = row.loc[[f"{key} {layer}" for layer in layers]]
             title = SPELLED.get(key, key)
-            lines += [Line("ours", title, _shown(cells)), *_paper_line(title, cells["paper"])]
+            lines += [Line("ours", title, _shown(cells)), *_paper_line(title, cells)]
     return lines
 
 
@@ -376,7 +383,8 @@ def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
         layers = [("", f"Layer {k}") for k in range(1, SIMILARITY_STAGES + 1)]
         notes = [f"Cosine similarity (%) of the ResNet stage outputs on the test set; {_seeds_text(seeds)}",
                  "members permutation-aligned to member 0 (feature matching) and the average soup REPAIRed first",
-                 "averaged over all pairs of members and over the members"]
+                 "averaged over the pairs of members and the members the experiment's similarity.members names "
+                 "(all, or first-two: members 0 and 1 as the authors measured)"]
         return _display(table, grid, "Layer", layers, _similarity_lines(grid), notes)
     keys = list(columns(table, []) if table["layout"] == "side_by_side" else dict.fromkeys(grid["column"]))
     what = {"greedy_sizes": "greedy-soup size k of p members",
@@ -404,6 +412,8 @@ def _display(table, grid, label_header, headers, lines, notes) -> Display:
         chance = ", ".join(f"{100 / k:.3g}% for {k:g} classes"
                            for k in sorted(marked["classes"].unique()))
         footnotes.append(f"{CHANCE_MARK} at chance level (1/classes: {chance})")
+    for note in dict.fromkeys(grid["paper_note"].dropna()):
+        footnotes.append(f"{PAPER_MARK} paper value: {note}")
     return Display(table["name"], table.get("caption") or "", label_header, headers, lines, notes, footnotes)
 
 

@@ -37,7 +37,7 @@ PAPER = ROOT / "config" / "paper"
 # the paper's configs, and the default one (the only config with figures: the plot step)
 PATHS = {p.stem: p for p in PAPER.glob("*.yaml")} | {"config": ROOT / "config" / "config.yaml"}
 ORDER = ["config", "a10", "table1", "table1_imagenet", "table1_finetune", "table3", "table5", "tables10-11", "table12",
-         "table13", "tables6-9", "table2", "table18", "tables14-17"]
+         "table13", "tables6-9", "table2", "table18", "tables14-17", "figure2"]
 LARGE = {"tables6-9", "tables14-17", "table2", "table18"}
 NUMBERS = ("data.dataset", "model.name")  # covered by Table 1: a kind differs from its siblings elsewhere
 NOT_IN_CI = {("cifar100-effnetv2s-ft-p2", v) for v in ("papa", "papa-all", "papa-2")}
@@ -108,6 +108,9 @@ def features(exp: dict, variant: str) -> set[tuple]:
            ("same_init", exp["population"]["same_init"]), ("p=1", exp["population"]["size"] == 1)}
     aligned = exp["soups"]["align"]
     out.add(("soups.align", aligned if isinstance(aligned, bool) else variant in aligned))
+    # the authors' options (issue 13): REPAIR's layers, the greedy criterion, resizing, the ResNet-20 variant
+    out |= {("repair.layers", exp["repair"]["layers"]), ("greedy", exp["soups"]["greedy_criterion"]),
+            ("resize", exp["data"]["resize"]), ("model.kwargs", repr(sorted(exp["model"]["kwargs"].items())))}
     family = FAMILY[variant]  # the averaging code path: PAPA's pushes, or PAPA-all's and PAPA-2's epoch averaging
     if variant != "baseline":
         out |= {("align", family, a[variant]["align"]), ("window", family, tuple(a["window"]) != (0.0, 1.0)),
@@ -115,6 +118,7 @@ def features(exp: dict, variant: str) -> set[tuple]:
     if family == "epoch":
         g = a["genetic"]
         out |= {("scheme", variant, a[variant]["scheme"]), ("repair", variant, a[variant]["repair"]),
+                ("from_start", variant, a[variant]["from_start"]),
                 ("genetic", g["tournament"], g["elitism"], g["mutation_std"] > 0, a[variant]["repair"])}
     return out
 

@@ -184,6 +184,13 @@ def test_similarity_json_of_permuted_copies(tmp_path):
     assert all(v < 99 for v in unaligned["between_networks"].values())
     frame = aggregate.read_metrics(run / "similarity.json")
     assert set(frame.metric) >= {"between_networks.layer1", "network_and_avg_soup.layer3"}
+    # the authors' measure: members 0 and 1, member 0 with the soup; the all-pairs one written beside it
+    first = runs.similarity(deep_merge(exp, {"similarity": {"align": False, "members": "first-two"}}), split, run)
+    assert first["members"] == "first-two" and first["all_pairs_between_networks"] == unaligned["between_networks"]
+    assert first["between_networks"] != unaligned["between_networks"]
+    assert "all_pairs_between_networks" not in unaligned
+    frame = aggregate.read_metrics(run / "similarity.json")
+    assert set(frame.metric) >= {"between_networks.layer1", "all_pairs_between_networks.layer1"}
 
 
 @pytest.mark.slow
@@ -212,17 +219,18 @@ def test_table5_renders_the_papers_layout_from_similarity_files(tmp_path):
     config = load_config(REPO / "config" / "paper" / "table5.yaml")
     files = []
     for k, variant in enumerate(["baseline", "papa", "papa-all", "papa-2"]):
-        run = aggregate.run_dir(tmp_path, "ablation-base", variant, 1)
+        run = aggregate.run_dir(tmp_path, "similarity-cifar100-resnet18-p5", variant, 1)
         run.mkdir(parents=True)
         stages = [f"layer{i}" for i in range(1, 5)]
         (run / "similarity.json").write_text(json.dumps({
-            "experiment": "ablation-base", "variant": variant, "seed": 1, "stages": stages,
+            "experiment": "similarity-cifar100-resnet18-p5", "variant": variant, "seed": 1, "stages": stages,
             "between_networks": {s: 10.0 * k + i for i, s in enumerate(stages)},
             "network_and_avg_soup": {s: 50.0 + k + i / 4 for i, s in enumerate(stages)},
             "aligned": True, "repaired": True, "repair_iters": 5, "test_images": 100}))
         files.append(run / "similarity.json")
-    (files[0].parent / "metrics.json").write_text(json.dumps({"experiment": "ablation-base", "variant": "baseline",
-                                                              "seed": 1, "mean": 79.0, "population": 5}))
+    (files[0].parent / "metrics.json").write_text(json.dumps({"experiment": "similarity-cifar100-resnet18-p5",
+                                                              "variant": "baseline", "seed": 1, "mean": 79.0,
+                                                              "population": 5}))
     frame = aggregate.aggregate(aggregate.find_metrics(tmp_path))
     table = config["tables"][0]
     md, csv = tmp_path / "table5.md", tmp_path / "table5.csv"
@@ -256,7 +264,13 @@ def test_tables14_17_train_the_alignment_ablation():
 
     path = REPO / "config" / "paper" / "tables14-17.yaml"
     config = load_config(path)
-    assert [v for e, v in plan.runs(config) if e == "ablation-align"] == ["papa", "papa-2", "papa-all"]
+    assert [v for e, v in plan.runs(config) if e == "ablation-align"] == ["papa-2", "papa-all"]
+    assert [v for e, v in plan.runs(config) if e == "ablation-align-papa"] == ["papa"]
     exp = runs.load_experiment(path, "ablation-align")
-    assert all(exp["averaging"][v]["align"] for v in ("papa", "papa-all", "papa-2"))
+    assert all(exp["averaging"][v]["align"] for v in ("papa-all", "papa-2"))
+    # every 10 epochs, as the authors ran the alignment rows (PE:322, 342)
+    assert all(exp["averaging"][v]["every"] == 10 for v in ("papa-all", "papa-2"))
     assert exp["averaging"]["align_images"] is None  # the full training split, as the paper's feature matching
+    push = runs.load_experiment(path, "ablation-align-papa")
+    # PAPA re-aligns at every push: on a subset sized so the run costs at most ~2x (measured, see the config)
+    assert push["averaging"]["papa"]["align"] and push["averaging"]["align_images"] < 49_000

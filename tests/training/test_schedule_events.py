@@ -175,24 +175,30 @@ def test_baseline_and_epoch_variants_never_push(events, split_path, tmp_path):
 
 
 # PAPA-all and PAPA-2: averaging and REPAIR at epoch boundaries -----------------------------------------------
-@pytest.mark.parametrize(("variant", "every", "window", "repaired"), [
-    ("papa-all", 2, (0.0, 1.0), True), ("papa-2", 2, (0.0, 1.0), True), ("papa-all", 1, (0.0, 0.4), False),
-    ("papa-2", 1, (0.4, 1.0), True), ("papa-all", 4, (0.0, 1.0), True)])
-def test_epoch_averaging_every_k_epochs_but_the_last(events, split_path, tmp_path, variant, every, window, repaired):
+@pytest.mark.parametrize(("variant", "every", "window", "repaired", "from_start"), [
+    ("papa-all", 2, (0.0, 1.0), True, False), ("papa-2", 2, (0.0, 1.0), True, False),
+    ("papa-all", 1, (0.0, 0.4), False, False), ("papa-2", 1, (0.4, 1.0), True, False),
+    ("papa-all", 4, (0.0, 1.0), True, False), ("papa-all", 3, (0.0, 1.0), True, True),
+    ("papa-2", 2, (0.0, 1.0), False, True), ("papa-all", 2, (0.4, 1.0), True, True)])
+def test_epoch_averaging_every_k_epochs_but_the_last(events, split_path, tmp_path, variant, every, window, repaired,
+                                                     from_start):
     """5 epochs of 5 steps: the population is averaged (all members, or random pairs) after every k-th epoch
     inside the window, never after the last (nothing trains after it: the soups come next), REPAIRed each time
     when ``repair``; history.csv records the members just before and after each averaging. A window (a, b]
     holds the epochs after a fraction a of training up to b included (Table 14's "average only from epochs 0 to
-    150" then "from 150 to 300" split the epochs): [0.4, 1] starts after epoch 2, [0, 0.4] ends with it."""
+    150" then "from 150 to 300" split the epochs): [0.4, 1] starts after epoch 2, [0, 0.4] ends with it.
+    ``from_start`` (the authors' mix_from_start) also averages after the first epoch, inside the window."""
     exp = logreg(population={"size": 3}, train={"epochs": 5, "batch_size": 256},
-                 averaging={"window": list(window), variant: {"every": every, "repair": repaired, "repair_iters": 2}})
+                 averaging={"window": list(window), variant: {"every": every, "repair": repaired, "repair_iters": 2,
+                                                              "from_start": from_start}})
     for name in ("average_all_", "mix_", "push_toward_average_"):
         events.watch(averaging, name)
     events.watch(REPAIR, "repair_population_")
     history = train(exp, variant, split_path, tmp_path)
     spe, epochs = N_TRAIN // 256, 5
     lo, hi = window[0] * epochs, window[1] * epochs
-    expected = [e for e in range(1, epochs + 1) if e % every == 0 and e < epochs and lo < e <= hi]
+    expected = [e for e in range(1, epochs + 1)
+                if (e % every == 0 or (from_start and e == 1)) and e < epochs and lo < e <= hi]
     steps = [e * spe for e in expected]
     averaged = events.at("average_all_" if variant == "papa-all" else "mix_")
     assert averaged == steps

@@ -30,6 +30,8 @@ def test_replace_that_never_fires_names_the_key(variant, epochs, every, window, 
 
 
 def test_replace_that_fires_passes():
+    # averaging after the first epoch (from_start) fires even when `every` reaches past the last epoch
+    check_averaging_fires(exp(6, (0.0, 1.0), **{"papa-all": {"every": 6, "from_start": True}}), "papa-all")
     check_averaging_fires(exp(6, (0.0, 1.0), **{"papa-all": {"every": 5}}), "papa-all")
     check_averaging_fires(exp(10, (0.5, 1.0), **{"papa-2": {"every": 3}}), "papa-2")  # epochs 6 and 9
 
@@ -48,8 +50,9 @@ def test_push_that_never_fires_names_the_key():
 @pytest.mark.parametrize("epochs", [1, 2, 5, 7, 12])
 @pytest.mark.parametrize("every", [1, 2, 3, 5])
 @pytest.mark.parametrize("window", [(0.0, 1.0), (0.25, 0.75), (0.5, 1.0), (0.0, 0.3)])
-def test_config_schedule_is_the_averagers(variant, epochs, every, window):
-    e = exp(epochs, window, **{variant: {"every": every}})
+@pytest.mark.parametrize("from_start", [False, True])
+def test_config_schedule_is_the_averagers(variant, epochs, every, window, from_start):
+    e = exp(epochs, window, **{variant: {"every": every, "from_start": from_start}})
     averager = averager_for(variant, e)
     assert averaging_epochs(e, variant) == [k for k in range(1, epochs + 1) if averager.due_after_epoch(k, epochs)]
 

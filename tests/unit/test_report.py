@@ -422,6 +422,37 @@ def test_curves_mark_the_dips_below_the_axis(tmp_path):
     assert figures.ZOOM_NOTE in ax.get_title()
 
 
+def test_curves_overlay_runs_of_different_experiments(tmp_path):
+    """Figure 2's layout: ``lines`` overlay PAPA-all with and without REPAIR (two experiments) and PAPA-2, each
+    with its jumps at the averagings; the CLI finds each line's history.csv by its run directory."""
+    from papa.report import cli
+
+    def history(path, drop):
+        rows = []
+        for epoch in (1, 2, 3):
+            rows += [(epoch, 0, "before_avg", 90.0 + epoch), (epoch, 0, "after_avg", 90.0 + epoch - drop),
+                     (epoch, 0, "end", 90.0 + epoch)]
+        path.parent.mkdir(parents=True)
+        pd.DataFrame(rows, columns=["epoch", "member", "phase", "test_accuracy"]).to_csv(path, index=False)
+        return path
+
+    lines = [{"label": "PAPA-all", "experiment": "base", "variant": "papa-all"},
+             {"label": "PAPA-all without REPAIR", "experiment": "no-repair", "variant": "papa-all"},
+             {"label": "PAPA-2", "experiment": "base", "variant": "papa-2"}]
+    figure = {"name": "figure2", "kind": "curves", "lines": lines}
+    files = [history(tmp_path / "r" / e / v / "seed1" / "history.csv", drop)
+             for e, v, drop in [("base", "papa-all", 0.5), ("no-repair", "papa-all", 5.0), ("base", "papa-2", 1.0),
+                                ("other", "papa-all", 9.0)]]
+    assert plan.figure_runs(figure, VARIANTS) == {("base", "papa-all"), ("no-repair", "papa-all"), ("base", "papa-2")}
+    histories = cli._histories(figure, {"variants": VARIANTS}, files)
+    assert histories == {("PAPA-all", 1): files[0], ("PAPA-all without REPAIR", 1): files[1], ("PAPA-2", 1): files[2]}
+    fig = figures.curves_figure(figure, histories)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [line["label"] for line in lines]
+    jumps = fig.axes[1]
+    assert sorted(round(float(y), 2) for line in jumps.lines for y in line.get_ydata() if y != 0) == sorted(
+        [-0.5] * 3 + [-5.0] * 3 + [-1.0] * 3)
+
+
 def config_with(**kw):
     raw = {"experiments": {"a": {}, "b": {}}, "variants": ["baseline", "papa-all"], "seeds": [1, 2]} | kw
     return cfg.validate(raw, "config", "test.yaml")

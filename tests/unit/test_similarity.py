@@ -63,13 +63,13 @@ def test_population_of_shuffled_copies_shares_every_feature():
     a = net("resnet20", 1, xs)
     pop = Population.from_modules([a, shuffled(a), shuffled(a, seed=8)])
     sims = population_similarity(pop, xs, repair_iters=2)
-    assert set(sims) == {BETWEEN_NETWORKS, NETWORK_AND_SOUP}
+    assert set(sims) == {"all", "first-two"} and set(sims["all"]) == {BETWEEN_NETWORKS, NETWORK_AND_SOUP}
     # aligned, the members are one network; the soup is that network, REPAIRed on the data its statistics
     # came from, so the same up to rounding
-    assert sims[BETWEEN_NETWORKS] == pytest.approx([100.0] * 3, abs=1e-6)
-    assert sims[NETWORK_AND_SOUP] == pytest.approx([100.0] * 3, abs=1e-3)
+    assert sims["all"][BETWEEN_NETWORKS] == pytest.approx([100.0] * 3, abs=1e-6)
+    assert sims["all"][NETWORK_AND_SOUP] == pytest.approx([100.0] * 3, abs=1e-3)
     unaligned = population_similarity(pop, xs, align=False, repair=False)
-    assert all(s < 90 for s in unaligned[BETWEEN_NETWORKS])
+    assert all(s < 90 for s in unaligned["all"][BETWEEN_NETWORKS])
 
 
 def test_population_of_independent_networks_is_less_similar_and_alignment_helps():
@@ -78,18 +78,22 @@ def test_population_of_independent_networks_is_less_similar_and_alignment_helps(
     sims = population_similarity(pop, xs, repair_iters=2)
     plain = population_similarity(pop, xs, align=False, repair=False)
     for row in (BETWEEN_NETWORKS, NETWORK_AND_SOUP):
-        assert all(0 < s < 90 for s in sims[row])
-    assert all(s > t for s, t in zip(sims[BETWEEN_NETWORKS], plain[BETWEEN_NETWORKS], strict=True))
+        assert all(0 < s < 90 for s in sims["all"][row])
+    assert all(s > t for s, t in zip(sims["all"][BETWEEN_NETWORKS], plain["all"][BETWEEN_NETWORKS], strict=True))
     # by hand: the mean over the 3 pairs of aligned members, and over members against the REPAIRed soup
     aligned = align_population(pop, xs)
     members = aligned.to_modules()
     pairs = [cosine_similarity(members[i], members[j], xs) for i, j in [(0, 1), (0, 2), (1, 2)]]
-    assert sims[BETWEEN_NETWORKS] == pytest.approx(torch.tensor(pairs, dtype=torch.float64).mean(0).tolist(),
+    assert sims["all"][BETWEEN_NETWORKS] == pytest.approx(torch.tensor(pairs, dtype=torch.float64).mean(0).tolist(),
                                                    abs=1e-9)
     soup = repair(average_soup(aligned), aligned, xs, iters=2)
     to_soup = [cosine_similarity(m, soup, xs) for m in members]
-    assert sims[NETWORK_AND_SOUP] == pytest.approx(torch.tensor(to_soup, dtype=torch.float64).mean(0).tolist(),
+    assert sims["all"][NETWORK_AND_SOUP] == pytest.approx(torch.tensor(to_soup, dtype=torch.float64).mean(0).tolist(),
                                                    abs=1e-9)
+    # the authors' measure (correlation_est): members 0 and 1, and member 0 against the soup
+    assert sims["first-two"][BETWEEN_NETWORKS] == pytest.approx(pairs[0], abs=1e-9)
+    assert sims["first-two"][NETWORK_AND_SOUP] == pytest.approx(to_soup[0], abs=1e-9)
+    assert sims["first-two"][BETWEEN_NETWORKS] != pytest.approx(sims["all"][BETWEEN_NETWORKS], abs=1e-6)
 
 
 def test_similarity_refuses_other_architectures_and_small_populations():
