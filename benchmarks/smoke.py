@@ -169,13 +169,22 @@ def table_problems(work: Path, config: dict, reports: Path | None = None, pairs=
 def render_partial(work: Path, path: Path, config: dict, hub: Path, pairs) -> Path:
     """Aggregate the metrics of ``pairs`` and render every table of the config from them, with the commands
     the workflow's rules run (what a config whose runs were not all trained can show); returns the folder."""
+    from papa.report import plan
+
     out = work / "partial" / path.stem
     metrics = [str(r / "metrics.json") for r in run_dirs(work, config, pairs)]
+    shown = sorted(set(pairs) & set(plan.similarity_runs(config)))  # Table 5's cells: similarity.json, as the workflow
+    metrics += [str(r / "similarity.json") for r in run_dirs(work, config, shown)]
     papa(hub, "aggregate", *metrics, "--out", str(out / "metrics.csv"))
     jobs = work / config["results"] / path.name  # the config the workflow's jobs read (overrides written in)
     for table in config["tables"]:
         papa(hub, "render", "--config", str(jobs), "--table", table["name"], "--metrics", str(out / "metrics.csv"),
              "--md", str(out / f"{table['name']}.md"), "--csv", str(out / f"{table['name']}.csv"))
+    for figure in config["figures"]:  # curves of the runs trained (papa plot skips the others, as for one seed)
+        plotted = set(plan.figure_runs(figure, config["variants"])) & set(pairs) if figure["kind"] == "curves" else []
+        histories = [str(r / "history.csv") for r in run_dirs(work, config, sorted(plotted))]
+        papa(hub, "plot", "--config", str(jobs), "--figure", figure["name"], "--metrics", str(out / "metrics.csv"),
+             *(["--histories", *histories] if histories else []), "--out", str(out / f"{figure['name']}.png"))
     return out
 
 
@@ -234,7 +243,7 @@ def run_config(work: Path, path: Path, data: Path, hub: Path, cores: int = 2, pa
         return summary
     reports = work / "reports" / "smoke" if pairs is None else render_partial(work, path, config, hub, pairs)
     summary.rendered = sum((reports / f"{t['name']}.md").is_file() for t in config["tables"])
-    summary.plotted = sum((work / "reports" / "smoke" / f"{f['name']}.png").is_file() for f in config["figures"])
+    summary.plotted = sum((reports / f"{f['name']}.png").is_file() for f in config["figures"])
     summary.problems = (metrics_problems(work, config, pairs) + table_problems(work, config, reports, pairs)
                         + event_problems(work, config, pairs))
     return summary
