@@ -10,8 +10,9 @@ models and code paths, ImageNet's ResNet-50 and the Tables 14-17 ablations, left
 in order in one working directory, so runs shared by several configs train once. Of those configs CI trains a
 covering subset of the runs, chosen by one rule (``ci_runs``): a run is trained when it exercises something no run
 chosen before does (a model, dataset, variant, averaging scheme, ablation, option or pipeline path: ``features``),
-runs another config trains anyway coming first; a config whose runs add nothing still trains its first run, so
-its tables and figures are rendered (from the runs trained) and checked on the cells those runs fill.
+runs another config trains anyway coming first; a curves figure trains every run it plots; a config whose runs
+add nothing still trains its first run, so its tables and figures are rendered (from the runs trained) and
+checked on the cells those runs fill.
 EfficientNetV2-S is not trained in CI: REPAIR is measured layer by layer, so a network of 170 layers at 300 pixels
 costs ~2.5 min of CPU per REPAIR, even at smoke scale. Training every run of every config at smoke scale takes
 over 40 minutes of this 2-core machine, mostly process start-up (three `papa` processes per run, each importing
@@ -74,6 +75,10 @@ def _selection() -> dict[str, list[tuple[str, str]]]:
             if pair not in chosen and run_features(name, pair) - covered:
                 chosen.append(pair)
                 covered |= run_features(name, pair)
+        for figure in _config(name)["figures"]:  # a curves figure plots every run it shows: train them all
+            if figure["kind"] == "curves":
+                chosen += [pair for pair in sorted(plan.figure_runs(figure, _config(name)["variants"]))
+                           if pair not in chosen and pair not in NOT_IN_CI]
         out[name] = sorted(chosen or runs[:1])
         trained |= set(out[name])
     return out
