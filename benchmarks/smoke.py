@@ -1,15 +1,17 @@
 """`make smoke`: every paper config at smoke scale on fake data, through Snakemake, in a temporary directory.
 
-    python -m benchmarks.smoke [CONFIG ...] [--workdir DIR] [--cores N] [--keep]
+    python -m benchmarks.smoke [CONFIG ...] [--workdir DIR] [--cores N] [--keep] [--keep-weights]
 
 Writes fake data and fake pretrained weights (`papa fake-data`), then runs
 `snakemake --configfile CONFIG --config scale=smoke data_root=DIR` for each config (config/config.yaml and
 config/paper/*.yaml by default) in one working directory, so runs shared by several configs train once, and
 prints one line per config: wall time, CPU time of its jobs, runs (and how many trained now), tables and
 figures made, and whether every table shows every cell of its paper CSV, every metrics.json has every key and
-every PAPA-all / PAPA-2 / SWA run's history shows its averaging / SWA phase. Exits non-zero when a config fails
-or is incomplete; its Snakemake log stays in the working directory. The checks are reused by the CI test
-(tests/pipeline/test_smoke.py).
+every PAPA-all / PAPA-2 / SWA run's history shows its averaging / SWA phase. Once a config is checked, the
+weights (*.safetensors) of its experiments that no later config uses are deleted (``--keep-weights`` keeps them):
+full-size architectures make a run's population and soups hundreds of MB even at smoke scale. Exits non-zero
+when a config fails or is incomplete; its Snakemake log stays in the working directory. The checks are reused
+by the CI test (tests/pipeline/test_smoke.py).
 """
 
 from __future__ import annotations
@@ -249,6 +251,24 @@ def run_config(work: Path, path: Path, data: Path, hub: Path, cores: int = 2, pa
     return summary
 
 
+def prune_weights(work: Path, config: dict, keep: set[str]) -> int:
+    """Delete the weights (*.safetensors) under the config's results of every experiment not in ``keep``;
+    returns the bytes freed. Metrics, histories and tables stay: a config checked needs its weights no more."""
+    freed = 0
+    for exp in set(config["experiments"]) - keep:
+        for path in (work / config["results"] / exp).rglob("*.safetensors"):
+            freed += path.stat().st_size
+            path.unlink()
+    return freed
+
+
+def experiments(path: Path) -> set[str]:
+    """The experiment names of the config at ``path``."""
+    from papa.config import load_config
+
+    return set(load_config(path)["experiments"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make smoke", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="*", type=Path,
@@ -256,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="working directory (default: a new temporary one)")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="Snakemake --cores")
     parser.add_argument("--keep", action="store_true", help="keep the temporary working directory")
+    parser.add_argument("--keep-weights", action="store_true",
+                        help="keep every run's weights (default: a config's weights are deleted once it is checked "
+                             "and no later config uses its experiments)")
     a = parser.parse_args(argv)
     configs = [c.resolve() for c in a.configs] or CONFIGS
     work = a.workdir.resolve() if a.workdir else Path(tempfile.mkdtemp(prefix="papa-smoke-"))
@@ -265,9 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     data, hub = fake_data(work, configs)
     print(f"{'fake data':<18} {time.perf_counter() - start:7.0f} s wall", flush=True)
     failed = []
-    for path in configs:
+    for k, path in enumerate(configs):
         summary = run_config(work, path, data, hub, a.cores)
         print(summary.line(), flush=True)
+        if not a.keep_weights:
+            later = set().union(*(experiments(c) for c in configs[k + 1:]))
+            prune_weights(work, smoke_config(path, data), later)
         if summary.returncode or summary.problems:
             failed.append(summary)
             log = work / "logs" / f"smoke-{path.stem}.log"

@@ -151,6 +151,9 @@ def test_paper_config_at_smoke_scale(fake, name):
     assert summary.returncode == 0, summary.log[-5000:]
     assert summary.problems == []
     assert summary.rendered == summary.tables and summary.plotted == summary.figures
+    # the weights of experiments no later config uses: gigabytes over the ten configs (full-size architectures)
+    later = {e for other in CI[CI.index(name) + 1:] for e in _config(other)["experiments"]}
+    smoke.prune_weights(work, smoke.smoke_config(PATHS[name], data), later)
 
 
 # the workflow's --config overrides ----------------------------------------------------------------------
@@ -176,3 +179,17 @@ def test_workflow_refuses_a_bad_override(tmp_path):
         done = snakemake(tmp_path, "--dry-run", "--config", override, configfile=PAPER / "a10.yaml", check=False)
         assert done.returncode != 0 and named in done.stdout + done.stderr, done.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_prune_weights_deletes_only_the_weights_of_experiments_not_kept(tmp_path):
+    config = {"results": "results/smoke", "experiments": {"a": {}, "b": {}}}
+    for exp in ("a", "b"):
+        run = tmp_path / "results" / "smoke" / exp / "papa" / "seed1"
+        run.mkdir(parents=True)
+        (run / "population.safetensors").write_bytes(b"x" * 10)
+        (run / "soups.safetensors").write_bytes(b"y" * 5)
+        (run / "metrics.json").write_text("{}")
+    assert smoke.prune_weights(tmp_path, config, keep={"b"}) == 15
+    left = sorted(str(p.relative_to(tmp_path / "results" / "smoke")) for p in tmp_path.rglob("*.*"))
+    assert left == ["a/papa/seed1/metrics.json", "b/papa/seed1/metrics.json", "b/papa/seed1/population.safetensors",
+                    "b/papa/seed1/soups.safetensors"]
