@@ -6,6 +6,7 @@ counts them against the kinds the issue names."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -419,10 +420,13 @@ def _(w, t):
 def _last_good_checkpoint_kept(w: World) -> None:
     meta = json.loads((w.out / "run" / "checkpoint.json").read_text())
     assert (meta["epoch"], meta["batch"]) == (1, 0)
+    # the history of the epochs that checkpoint holds (rewritten after every epoch, issue 14), none of epoch 2
+    with (w.out / "run" / "history.csv").open() as f:
+        assert {row["epoch"] for row in csv.DictReader(f)} == {"1"}
 
 
 @case("non-finite-loss", "non-finite loss", "non-finite loss", "member", "at epoch 2, step", "last good checkpoint",
-      keep={"checkpoint.safetensors", "checkpoint.json"}, check=_last_good_checkpoint_kept)
+      keep={"checkpoint.safetensors", "checkpoint.json", "history.csv"}, check=_last_good_checkpoint_kept)
 def _(w, t):
     # the learning rate jumps by 1e30 after the first epoch: epoch 1 is fine, epoch 2 diverges
     schedule = {"name": "multistep", "milestones": [0.5], "gamma": 1.0e30}
