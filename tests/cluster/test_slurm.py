@@ -25,6 +25,8 @@ SLURM_COMMANDS = ("sbatch", "squeue", "scontrol", "sinfo", "srun", "scancel")
 # the rules of the tiny config that run as SLURM jobs (the others are local rules)
 REMOTE_RULES = {"prepare", "train", "soups", "evaluate"}
 LOCAL_RULES = {"aggregate", "render_table"}
+# the rules of a run's cluster job (group "run" of workflow/rules)
+RUN_GROUP = frozenset({"train", "soups", "evaluate"})
 
 # Stand-in for sbatch, first on PATH: records each submission (arguments and job id), then submits it.
 SBATCH = """#!{python}
@@ -117,27 +119,31 @@ def test_pipeline_on_slurm(cluster, tmp_path):
             subprocess.run(["scancel", *ids], capture_output=True)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
 
-    # every job but the local rules went through sbatch, once
-    rules = {}
+    # every job but the local rules went through sbatch, once: prepare alone; a run's train, soups and evaluate
+    # as one job (their group "run", named rule_run_<its rules> by the plugin)
+    jobs = {}
     for submission, job_id in zip(submitted, ids, strict=True):
-        rule = re.match(r"rule_(\w+?)_wildcards_", option(submission["args"], "--comment"))[1]
-        assert rule not in rules, f"{rule} submitted twice"
-        rules[rule] = (job_id, submission["args"])
-    assert set(rules) == REMOTE_RULES
+        comment = option(submission["args"], "--comment")
+        group = re.fullmatch(r"rule_run_(\w+)", comment)
+        rules = frozenset(group[1].split("_") if group else [re.match(r"rule_(\w+?)_wildcards_", comment)[1]])
+        assert rules not in jobs, f"{sorted(rules)} submitted twice"
+        jobs[rules] = (job_id, submission["args"])
+    assert set(jobs) == {frozenset({"prepare"}), RUN_GROUP}
+    assert set().union(*jobs) == REMOTE_RULES
 
-    for rule, (job_id, args) in rules.items():
+    for rules, (job_id, args) in jobs.items():
         record = job_record(job_id)
         assert record["JobState"] == "COMPLETED", record
         assert record["WorkDir"] == str(workdir)
         assert "--requeue" in args  # slurm-requeue: preempted jobs go back to the queue
-        if rule == "train" and cluster["gpu"]:
+        if "train" in rules and cluster["gpu"]:  # the group job has the training's GPU
             assert record["Partition"] == "gpu"
             assert "gpu:1" in record["TresPerJob"]
             assert record.get("CpusPerTres") == "gres:gpu:1"  # cpus_per_gpu: the config's 1 thread
         else:
             assert "TresPerJob" not in record or "gpu" not in record["TresPerJob"]
     # the profile keeps each job's SLURM log
-    assert list((workdir / "logs" / "slurm" / "rule_train").rglob(f"{rules['train'][0]}.log"))
+    assert list((workdir / "logs" / "slurm").glob(f"group_run_*/**/{jobs[RUN_GROUP][0]}.log"))
 
     # every command ran in the image: remote jobs on the node, local rules on the submit host
     calls = exec_calls(apptainer_log)
