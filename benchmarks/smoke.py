@@ -1,6 +1,6 @@
 """`make smoke`: every paper config at smoke scale on fake data, through Snakemake, in a temporary directory.
 
-    python -m benchmarks.smoke [CONFIG ...] [--workdir DIR] [--cores N] [--keep] [--keep-weights]
+    python -m benchmarks.smoke [CONFIG ...] [--workdir DIR] [--cores N] [--cover] [--keep] [--keep-weights]
 
 Writes fake data and fake pretrained weights (`papa fake-data`), then runs
 `snakemake --configfile CONFIG --config scale=smoke data_root=DIR` for each config (config/config.yaml and
@@ -190,6 +190,73 @@ def render_partial(work: Path, path: Path, config: dict, hub: Path, pairs) -> Pa
     return out
 
 
+# the covering subset of runs (CI's smoke runs; --cover) -----------------------------------------------------
+FAMILY = {"baseline": "baseline", "papa": "push", "papa-all": "epoch", "papa-2": "epoch"}
+
+
+def run_features(config: dict, pair: tuple[str, str]) -> set[tuple]:
+    """``features`` of one run of ``config``, with whether the config measures its similarity (Table 5)."""
+    from papa.config import experiment
+    from papa.report import plan
+
+    return features(experiment(config, pair[0]), pair[1]) | {("similarity", pair in plan.similarity_runs(config))}
+
+
+def covering_runs(configs: list[tuple[str, dict]], skip=frozenset()) -> dict[str, list[tuple[str, str]]]:
+    """For each (name, config), in order, the (experiment, variant) runs to train so that together they exercise
+    every feature of every run (``features``; ``skip``: runs never trained). A run is chosen when it exercises
+    something no run chosen before does; runs an earlier config trains come free, and runs of experiments a
+    later config uses are tried first; a curves figure trains every run it plots; a config whose runs add
+    nothing still trains its first run, so its tables and figures are rendered and checked."""
+    from papa.report import plan
+
+    covered, trained, out = set(), set(), {}
+    for k, (name, config) in enumerate(configs):
+        runs = [pair for pair in plan.runs(config) if pair not in skip]
+        later = {e for _, other in configs[k + 1:] for e in other["experiments"]}
+        chosen = [pair for pair in runs if pair in trained]  # trained for an earlier config: free
+        for pair in chosen:
+            covered |= run_features(config, pair)
+        for pair in sorted(runs, key=lambda p: p[0] not in later):  # stable: the config's order otherwise
+            if pair not in chosen and run_features(config, pair) - covered:
+                chosen.append(pair)
+                covered |= run_features(config, pair)
+        for figure in config["figures"]:  # a curves figure plots every run it shows: train them all
+            if figure["kind"] == "curves":
+                chosen += [pair for pair in sorted(plan.figure_runs(figure, config["variants"]))
+                           if pair not in chosen and pair not in skip]
+        out[name] = sorted(chosen or runs[:1])
+        trained |= set(out[name])
+    return out
+
+
+def features(exp: dict, variant: str) -> set[tuple]:
+    """What a run exercises: model, dataset, variant, averaging scheme, the pipeline paths and the ablations."""
+    a, t = exp["averaging"], exp["train"]
+    out = {("model", exp["model"]["name"]), ("dataset", exp["data"]["dataset"]), ("variant", variant),
+           ("pretrained", exp["model"]["pretrained"] is not None), ("swa", t["swa"] is not None),
+           ("freeze", t["freeze_epochs"] > 0), ("restarts", bool(t["schedule"]["restart_every"])),
+           ("schedule", t["schedule"]["name"]), ("optimizer", t["optimizer"]["name"]),
+           ("augment", exp["augment"]["enabled"], exp["augment"]["per_batch"], exp["augment"]["members"] is not None),
+           ("same_init", exp["population"]["same_init"]), ("p=1", exp["population"]["size"] == 1)}
+    aligned = exp["soups"]["align"]
+    out.add(("soups.align", aligned if isinstance(aligned, bool) else variant in aligned))
+    # the authors' options (issue 13): REPAIR's layers, the greedy criterion, resizing, the ResNet-20 variant
+    out |= {("repair.layers", exp["repair"]["layers"]), ("greedy", exp["soups"]["greedy_criterion"]),
+            ("resize", exp["data"]["resize"]), ("model.kwargs", repr(sorted(exp["model"]["kwargs"].items())))}
+    family = FAMILY[variant]  # the averaging code path: PAPA's pushes, or PAPA-all's and PAPA-2's epoch averaging
+    if variant != "baseline":
+        out |= {("align", family, a[variant]["align"]), ("window", family, tuple(a["window"]) != (0.0, 1.0)),
+                ("mutations", family, a["genetic"]["mutation_std"] > 0)}
+    if family == "epoch":
+        g = a["genetic"]
+        out |= {("scheme", variant, a[variant]["scheme"]), ("repair", variant, a[variant]["repair"]),
+                ("from_start", variant, a[variant]["from_start"]),
+                ("swa.mix_averages", t["swa"] is not None and t["swa"]["mix_averages"]),
+                ("genetic", g["tournament"], g["elitism"], g["mutation_std"] > 0, a[variant]["repair"])}
+    return out
+
+
 @dataclass
 class Summary:
     config: str
@@ -270,12 +337,18 @@ def experiments(path: Path) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from papa.report import plan
+
     parser = argparse.ArgumentParser(prog="make smoke", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="*", type=Path,
                         help="configs (default: config/config.yaml and config/paper/*.yaml)")
     parser.add_argument("--workdir", type=Path, help="working directory (default: a new temporary one)")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="Snakemake --cores")
     parser.add_argument("--keep", action="store_true", help="keep the temporary working directory")
+    parser.add_argument("--cover", action="store_true",
+                        help="train only a covering subset of each config's runs, in the order given: every model, "
+                             "dataset, variant, scheme, ablation and option at least once (as CI does); tables are "
+                             "rendered from those runs")
     parser.add_argument("--keep-weights", action="store_true",
                         help="keep every run's weights (default: a config's weights are deleted once it is checked "
                              "and no later config uses its experiments)")
@@ -288,12 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     data, hub = fake_data(work, configs)
     print(f"{'fake data':<18} {time.perf_counter() - start:7.0f} s wall", flush=True)
     failed = []
+    cover = covering_runs([(str(c), smoke_config(c, data)) for c in configs]) if a.cover else {}
     for k, path in enumerate(configs):
-        summary = run_config(work, path, data, hub, a.cores)
+        config = smoke_config(path, data)
+        pairs = cover.get(str(path))
+        summary = run_config(work, path, data, hub, a.cores, pairs=None if pairs == plan.runs(config) else pairs)
         print(summary.line(), flush=True)
         if not a.keep_weights:
             later = set().union(*(experiments(c) for c in configs[k + 1:]))
-            prune_weights(work, smoke_config(path, data), later)
+            prune_weights(work, config, later)
         if summary.returncode or summary.problems:
             failed.append(summary)
             log = work / "logs" / f"smoke-{path.stem}.log"

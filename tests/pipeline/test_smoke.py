@@ -8,8 +8,9 @@ its paper CSV.
 CI smoke-runs the configs of ``CI`` (every config is run by `make smoke`; the others are grids of the same
 models and code paths, ImageNet's ResNet-50 and the Tables 14-17 ablations, left out for CI's 40-minute budget),
 in order in one working directory, so runs shared by several configs train once. Of those configs CI trains a
-covering subset of the runs, chosen by one rule (``ci_runs``): a run is trained when it exercises something no run
-chosen before does (a model, dataset, variant, averaging scheme, ablation, option or pipeline path: ``features``),
+covering subset of the runs, chosen by one rule (``benchmarks.smoke.covering_runs``, which `make smoke
+SMOKE_ARGS=--cover` applies to every config): a run is trained when it exercises something no run chosen before
+does (a model, dataset, variant, averaging scheme, ablation, option or pipeline path: ``benchmarks.smoke.features``),
 runs another config trains anyway coming first; a curves figure trains every run it plots; a config whose runs
 add nothing still trains its first run, so its tables and figures are rendered (from the runs trained) and
 checked on the cells those runs fill.
@@ -42,12 +43,6 @@ ORDER = ["a10", "table1", "table1_imagenet", "table1_finetune", "table3", "table
 # CI's budget (40 minutes for the whole suite on 2 cores) holds these configs' smoke runs; make smoke runs all
 CI = ["a10", "table1", "table1_finetune", "table3", "table5", "tables10-11", "table12", "table13", "figure2", "config"]
 NOT_IN_CI = {("cifar100-effnetv2s-ft-p2", v) for v in ("baseline", "papa", "papa-all", "papa-2")}
-FAMILY = {"baseline": "baseline", "papa": "push", "papa-all": "epoch", "papa-2": "epoch"}
-
-
-@cache
-def _raw(name: str) -> dict:
-    return cfg.load_yaml(PATHS[name])
 
 
 @cache
@@ -55,65 +50,15 @@ def _config(name: str) -> dict:
     return cfg.load_config(PATHS[name])
 
 
-def run_features(name: str, pair: tuple[str, str]) -> set[tuple]:
-    """``features`` of one run of config ``name``, with whether the config measures its similarity (Table 5)."""
-    config = _config(name)
-    return features(cfg.experiment(config, pair[0]), pair[1]) | {("similarity", pair in plan.similarity_runs(config))}
-
-
 @cache
 def _selection() -> dict[str, list[tuple[str, str]]]:
     """The runs CI trains for every config (see the module docstring): a greedy cover of every feature."""
-    covered, trained, out = set(), set(), {}
-    for k, name in enumerate(CI):
-        runs = [pair for pair in plan.runs(_config(name)) if pair not in NOT_IN_CI]
-        later = {e for other in CI[k + 1:] for e in _config(other)["experiments"]}
-        chosen = [pair for pair in runs if pair in trained]  # trained for an earlier config: free
-        for pair in chosen:
-            covered |= run_features(name, pair)
-        for pair in sorted(runs, key=lambda p: p[0] not in later):  # stable: the config's order otherwise
-            if pair not in chosen and run_features(name, pair) - covered:
-                chosen.append(pair)
-                covered |= run_features(name, pair)
-        for figure in _config(name)["figures"]:  # a curves figure plots every run it shows: train them all
-            if figure["kind"] == "curves":
-                chosen += [pair for pair in sorted(plan.figure_runs(figure, _config(name)["variants"]))
-                           if pair not in chosen and pair not in NOT_IN_CI]
-        out[name] = sorted(chosen or runs[:1])
-        trained |= set(out[name])
-    return out
+    return smoke.covering_runs([(name, _config(name)) for name in CI], skip=NOT_IN_CI)
 
 
 def ci_runs(name: str) -> list[tuple[str, str]]:
     """The (experiment, variant) pairs CI trains for config ``name``."""
     return _selection()[name]
-
-
-def features(exp: dict, variant: str) -> set[tuple]:
-    """What a run exercises: model, dataset, variant, averaging scheme, the pipeline paths and the ablations."""
-    a, t = exp["averaging"], exp["train"]
-    out = {("model", exp["model"]["name"]), ("dataset", exp["data"]["dataset"]), ("variant", variant),
-           ("pretrained", exp["model"]["pretrained"] is not None), ("swa", t["swa"] is not None),
-           ("freeze", t["freeze_epochs"] > 0), ("restarts", bool(t["schedule"]["restart_every"])),
-           ("schedule", t["schedule"]["name"]), ("optimizer", t["optimizer"]["name"]),
-           ("augment", exp["augment"]["enabled"], exp["augment"]["per_batch"], exp["augment"]["members"] is not None),
-           ("same_init", exp["population"]["same_init"]), ("p=1", exp["population"]["size"] == 1)}
-    aligned = exp["soups"]["align"]
-    out.add(("soups.align", aligned if isinstance(aligned, bool) else variant in aligned))
-    # the authors' options (issue 13): REPAIR's layers, the greedy criterion, resizing, the ResNet-20 variant
-    out |= {("repair.layers", exp["repair"]["layers"]), ("greedy", exp["soups"]["greedy_criterion"]),
-            ("resize", exp["data"]["resize"]), ("model.kwargs", repr(sorted(exp["model"]["kwargs"].items())))}
-    family = FAMILY[variant]  # the averaging code path: PAPA's pushes, or PAPA-all's and PAPA-2's epoch averaging
-    if variant != "baseline":
-        out |= {("align", family, a[variant]["align"]), ("window", family, tuple(a["window"]) != (0.0, 1.0)),
-                ("mutations", family, a["genetic"]["mutation_std"] > 0)}
-    if family == "epoch":
-        g = a["genetic"]
-        out |= {("scheme", variant, a[variant]["scheme"]), ("repair", variant, a[variant]["repair"]),
-                ("from_start", variant, a[variant]["from_start"]),
-                ("swa.mix_averages", t["swa"] is not None and t["swa"]["mix_averages"]),
-                ("genetic", g["tournament"], g["elitism"], g["mutation_std"] > 0, a[variant]["repair"])}
-    return out
 
 
 def test_ci_covers_every_feature_of_every_config():
@@ -122,7 +67,7 @@ def test_ci_covers_every_feature_of_every_config():
         config = _config(name)
         chosen = set(ci_runs(name))
         for pair in plan.runs(config):
-            found = run_features(name, pair)
+            found = smoke.run_features(config, pair)
             if pair not in NOT_IN_CI:
                 everything |= found
             if pair in chosen:
