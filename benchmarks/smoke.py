@@ -204,23 +204,24 @@ def run_features(config: dict, pair: tuple[str, str]) -> set[tuple]:
 
 def covering_runs(configs: list[tuple[str, dict]], skip=frozenset()) -> dict[str, list[tuple[str, str]]]:
     """For each (name, config), in order, the (experiment, variant) runs to train so that together they exercise
-    every feature of every run (``features``; ``skip``: runs never trained). A run is chosen when it exercises
-    something no run chosen before does; runs an earlier config trains come free, and runs of experiments a
-    later config uses are tried first; a curves figure trains every run it plots; a config whose runs add
-    nothing still trains its first run, so its tables and figures are rendered and checked."""
+    every feature of every run (``features``; ``skip``: runs never trained). Runs an earlier config trains come
+    free; then, greedily, the run exercising the most features not yet exercised is chosen (ties: runs of
+    experiments a later config uses first, then the config's order) until none adds one; a curves figure trains
+    every run it plots; a config whose runs add nothing still trains its first run, so its tables and figures
+    are rendered and checked."""
     from papa.report import plan
 
     covered, trained, out = set(), set(), {}
     for k, (name, config) in enumerate(configs):
         runs = [pair for pair in plan.runs(config) if pair not in skip]
+        found = {pair: run_features(config, pair) for pair in runs}
         later = {e for _, other in configs[k + 1:] for e in other["experiments"]}
         chosen = [pair for pair in runs if pair in trained]  # trained for an earlier config: free
-        for pair in chosen:
-            covered |= run_features(config, pair)
-        for pair in sorted(runs, key=lambda p: p[0] not in later):  # stable: the config's order otherwise
-            if pair not in chosen and run_features(config, pair) - covered:
-                chosen.append(pair)
-                covered |= run_features(config, pair)
+        covered = covered.union(*(found[pair] for pair in chosen))
+        while rest := [pair for pair in runs if found[pair] - covered]:
+            best = max(rest, key=lambda p: (len(found[p] - covered), p[0] in later, -runs.index(p)))
+            chosen.append(best)
+            covered |= found[best]
         for figure in config["figures"]:  # a curves figure plots every run it shows: train them all
             if figure["kind"] == "curves":
                 chosen += [pair for pair in sorted(plan.figure_runs(figure, config["variants"]))
