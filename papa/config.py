@@ -212,6 +212,30 @@ def workflow_config(configfiles: list, overrides: dict) -> tuple[dict, str]:
     return config, str(jobs)
 
 
+
+# the top-level keys a job's config leaves out: the report's, and the description of the whole config
+REPORT_KEYS = ("description", "tables", "figures")
+
+
+def job_configs(configfiles: list, overrides: dict, config: dict) -> dict[str, str]:
+    """{experiment: the config file its ``papa`` jobs read}: ``<results>/<experiment>/config.yaml``, the config's
+    top-level keys (with the ``--config`` overrides written in) and that experiment alone, rewritten only when
+    its content changes. The path depends on the experiment, not on the config file, so a run that several
+    configs share (Table 1's in Tables 6-9 and 18) is not trained again when another config names it: the
+    workflow reruns a step when the experiment's settings change (its ``settings`` param), not the file name."""
+    path = Path(configfiles[0])
+    raw = _raw_config(path, overrides)
+    top = {k: v for k, v in raw.items() if k not in (*REPORT_KEYS, "experiments")}
+    out = {}
+    for name, own in raw["experiments"].items():
+        text = f"# experiment {name!r} of {path} for the workflow's jobs (written by the workflow; edit {path} " \
+               "instead)\n" + yaml.safe_dump({**top, "experiments": {name: own}}, sort_keys=False, allow_unicode=True)
+        jobs = Path(config["results"]) / name / "config.yaml"
+        if not jobs.is_file() or jobs.read_text() != text:
+            write_text(jobs, text)
+        out[name] = str(jobs)
+    return out
+
 def swa_start_epoch(exp: dict) -> int | None:
     """The first SWA epoch (0-based; epochs before it run the regular schedule), or None without SWA."""
     swa = exp["train"]["swa"]

@@ -111,10 +111,20 @@ def test_workflow_runs_a_config_at_smoke_scale_from_the_command_line(tmp_path):
                                        "render_table": 2, "all": 1}  # one seed
     assert "results/smoke/cifar100-convitti-ft-p5/papa-all/seed1/metrics.json" in done.stdout
     assert "reports/smoke/table1-finetune.md" in done.stdout and "results/metrics.csv" not in done.stdout
-    jobs = tmp_path / "results" / "smoke" / "table1_finetune.yaml"
-    assert "papa train --config results/smoke/table1_finetune.yaml " in done.stdout  # what the jobs read
-    written = cfg.load_yaml(jobs)
+    # what the jobs read: the report's the config with the overrides written in, a run's its experiment's own
+    assert "papa render --config results/smoke/table1_finetune.yaml " in done.stdout
+    written = cfg.load_yaml(tmp_path / "results" / "smoke" / "table1_finetune.yaml")
     assert written["scale"] == "smoke" and written["data_root"] == str(tmp_path / "fake")
+    own = "results/smoke/cifar100-convitti-ft-p5/config.yaml"
+    assert f"papa train --config {own} --experiment cifar100-convitti-ft-p5 " in done.stdout
+    written = cfg.load_yaml(tmp_path / own)
+    assert list(written["experiments"]) == ["cifar100-convitti-ft-p5"] and "tables" not in written
+    assert written["scale"] == "smoke" and written["data_root"] == str(tmp_path / "fake")
+    # the run's experiment as the whole config defines it
+    assert (cfg.experiment(cfg.load_config(tmp_path / own), "cifar100-convitti-ft-p5")
+            == cfg.experiment(cfg.load_config(PAPER / "table1_finetune.yaml", {"scale": "smoke",
+                                                                                "data_root": str(tmp_path / "fake")}),
+                              "cifar100-convitti-ft-p5"))
 
 
 def test_workflow_refuses_a_bad_override(tmp_path):

@@ -217,6 +217,20 @@ def test_table_regenerates_from_cache(pipeline):
     assert (workdir / "reports/tiny_main.md").exists()
 
 
+
+@pytest.mark.slow
+def test_runs_shared_by_another_config_file_are_not_trained_again(pipeline):
+    """Two configs naming the same experiment with the same settings (Table 1's runs in Tables 6-9 and 18) share
+    its runs: the config file's path is not a rerun trigger, the experiment's settings are."""
+    workdir, config, _ = pipeline
+    other = workdir / "other name.yaml"
+    other.write_text(config.read_text())
+    dry = snakemake(workdir, "--dry-run", configfile=other)
+    assert not {"prepare", "train", "soups", "evaluate"} & set(job_counts(dry.stdout)), dry.stdout
+    changed = workdir / "changed.yaml"  # a setting of the experiment changed: its runs are trained again
+    changed.write_text(config.read_text().replace("epochs: 2", "epochs: 3"))
+    assert job_counts(snakemake(workdir, "--dry-run", configfile=changed).stdout)["train"] == 2
+
 # one run at a time; a killed run restarts with the same command ---------------------------------------------
 def hold_run_lock(workdir: Path, pid: str = "12345"):
     """Hold the workflow's run lock as another run would (an open, flock-ed file; the caller closes it)."""

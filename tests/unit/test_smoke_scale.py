@@ -149,6 +149,28 @@ def test_workflow_config_writes_the_jobs_config_only_with_overrides(tmp_path, mo
         cfg.workflow_config([path, path], {})
 
 
+
+def test_job_configs_hold_one_experiment_each_at_a_path_of_the_experiment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path / "c.yaml")
+    config = cfg.load_config(path, {"scale": "smoke", "data_root": "fake"})
+    jobs = cfg.job_configs([path], {"scale": "smoke", "data_root": "fake"}, config)
+    assert sorted(jobs) == sorted(config["experiments"])
+    for name, job in jobs.items():
+        assert Path(job) == Path("results/smoke") / name / "config.yaml"
+        written = yaml.safe_load(Path(job).read_text())
+        assert list(written["experiments"]) == [name] and not set(cfg.REPORT_KEYS) & set(written)
+        assert written["scale"] == "smoke" and written["data_root"] == "fake"
+        assert cfg.experiment(cfg.load_config(job), name) == cfg.experiment(config, name)
+    # another config file naming the same experiments: the same paths (no rerun), rewritten only when changed
+    other = tmp_path / "other.yaml"
+    other.write_text(path.read_text())
+    job = next(iter(jobs.values()))
+    os.utime(job, (0, 0))
+    cfg.job_configs([path], {"scale": "smoke", "data_root": "fake"}, config)
+    assert Path(job).stat().st_mtime == 0
+    assert cfg.job_configs([other], {"scale": "smoke", "data_root": "fake"}, config) == jobs
+
 # data.subset --------------------------------------------------------------------------------------------
 def test_subsets_are_evenly_spaced_and_keep_the_fixed_split(tmp_path):
     from papa.data import load_dataset

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from snakemake.cli import get_argument_parser
 
-from papa.config import check_averaging_fires, deep_merge, experiment, load_yaml, missing_data, workflow_config
+from papa.config import (check_averaging_fires, deep_merge, experiment, job_configs, load_yaml, missing_data,
+                         workflow_config)
 from papa.errors import PapaError
 from papa.report import plan
 
@@ -33,9 +34,11 @@ if not workflow.overwrite_configfiles:
 
 
 # One config file; `--config KEY=VALUE` overrides of its top-level keys are validated like the file, and the
-# papa jobs then read the file with the overrides written in (CONFIGFILE, under the results directory). At
-# `scale: smoke` (papa/smoke.py) the config is shrunk and results and reports go to their own directories.
-# The same checks, defaults and one-line messages as `papa` (papa.config, from papa/schemas/).
+# report's jobs then read the file with the overrides written in (CONFIGFILE, under the results directory); a
+# run's jobs read its experiment's own config file (JOB_CONFIGS, <results>/<experiment>/config.yaml), so a run
+# that several configs share is trained once. At `scale: smoke` (papa/smoke.py) the config is shrunk and
+# results and reports go to their own directories. The same checks, defaults and one-line messages as `papa`
+# (papa.config, from papa/schemas/).
 try:
     _effective, CONFIGFILE = workflow_config(workflow.configfiles, workflow.config_settings.config)
     plan.check(_effective, str(workflow.configfiles[0]))
@@ -150,6 +153,17 @@ def check_data():
 
 if RUNS_JOBS:
     check_data()
+
+# written once every check has passed (a refused config leaves nothing behind)
+try:
+    JOB_CONFIGS = job_configs(workflow.configfiles, workflow.config_settings.config, config)
+except PapaError as e:
+    fail(e)
+
+
+def job_config(wildcards):
+    """The config file a run's jobs read: its experiment's (see JOB_CONFIGS)."""
+    return JOB_CONFIGS[wildcards.experiment]
 
 
 def histories(wildcards):

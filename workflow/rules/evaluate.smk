@@ -6,7 +6,7 @@ rule evaluate:
     output:
         metrics=f"{RUN}/metrics.json",
     params:
-        config=CONFIGFILE,
+        config=job_config,
         run=subpath(input.population, parent=True),
     log:
         f"{LOGS}/evaluate/{{experiment}}/{{variant}}/seed{{seed}}.log",

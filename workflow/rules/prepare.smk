@@ -2,7 +2,7 @@ rule prepare:
     output:
         split=SPLIT,
     params:
-        config=CONFIGFILE,
+        config=job_config,
         settings=settings("prepare"),
     log:
         f"{LOGS}/prepare/{{experiment}}.log",

@@ -5,7 +5,7 @@ rule similarity:
     output:
         similarity=f"{RUN}/similarity.json",
     params:
-        config=CONFIGFILE,
+        config=job_config,
         settings=settings("similarity"),
         run=subpath(input.population, parent=True),
     log:

@@ -6,7 +6,7 @@ rule soups:
         soups=f"{RUN}/soups.safetensors",
         sidecar=f"{RUN}/soups.json",
     params:
-        config=CONFIGFILE,
+        config=job_config,
         settings=settings("soups"),
         run=subpath(input.population, parent=True),
     log:

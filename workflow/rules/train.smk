@@ -6,7 +6,7 @@ rule train:
         sidecar=f"{RUN}/population.json",
         history=f"{RUN}/history.csv",
     params:
-        config=CONFIGFILE,
+        config=job_config,
         settings=settings("train"),
         run=subpath(output.population, parent=True),
     log:
