@@ -215,7 +215,7 @@ def covering_runs(configs: list[tuple[str, dict]], skip=frozenset()) -> dict[str
     for k, (name, config) in enumerate(configs):
         runs = [pair for pair in plan.runs(config) if pair not in skip]
         found = {pair: run_features(config, pair) for pair in runs}
-        later = {e for _, other in configs[k + 1:] for e in other["experiments"]}
+        later = later_experiments([c for _, c in configs], k)
         chosen = [pair for pair in runs if pair in trained]  # trained for an earlier config: free
         covered = covered.union(*(found[pair] for pair in chosen))
         while rest := [pair for pair in runs if found[pair] - covered]:
@@ -330,11 +330,9 @@ def prune_weights(work: Path, config: dict, keep: set[str]) -> int:
     return freed
 
 
-def experiments(path: Path) -> set[str]:
-    """The experiment names of the config at ``path``."""
-    from papa.config import load_config
-
-    return set(load_config(path)["experiments"])
+def later_experiments(configs: list[dict], k: int) -> set[str]:
+    """The experiments of the configs after the k-th: the runs a smoke run of ``configs`` in order still needs."""
+    return {e for config in configs[k + 1:] for e in config["experiments"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,15 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     data, hub = fake_data(work, configs)
     print(f"{'fake data':<18} {time.perf_counter() - start:7.0f} s wall", flush=True)
     failed = []
-    cover = covering_runs([(str(c), smoke_config(c, data)) for c in configs]) if a.cover else {}
-    for k, path in enumerate(configs):
-        config = smoke_config(path, data)
+    loaded = [smoke_config(c, data) for c in configs]
+    cover = covering_runs([(str(c), config) for c, config in zip(configs, loaded, strict=True)]) if a.cover else {}
+    for k, (path, config) in enumerate(zip(configs, loaded, strict=True)):
         pairs = cover.get(str(path))
         summary = run_config(work, path, data, hub, a.cores, pairs=None if pairs == plan.runs(config) else pairs)
         print(summary.line(), flush=True)
         if not a.keep_weights:
-            later = set().union(*(experiments(c) for c in configs[k + 1:]))
-            prune_weights(work, config, later)
+            prune_weights(work, config, later_experiments(loaded, k))
         if summary.returncode or summary.problems:
             failed.append(summary)
             log = work / "logs" / f"smoke-{path.stem}.log"

@@ -207,10 +207,14 @@ def workflow_config(configfiles: list, overrides: dict) -> tuple[dict, str]:
     text = f"# {path} with --config {given} (written by the workflow; edit {path} instead)\n" + yaml.safe_dump(
         raw, sort_keys=False, allow_unicode=True)
     jobs = Path(config["results"]) / path.name
-    if not jobs.is_file() or jobs.read_text() != text:
-        write_text(jobs, text)
+    _write_if_changed(jobs, text)
     return config, str(jobs)
 
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write a config file for the workflow's jobs only when its content changes (its mtime then stays)."""
+    if not path.is_file() or path.read_text() != text:
+        write_text(path, text)
 
 
 # the top-level keys a job's config leaves out: the report's, and the description of the whole config
@@ -231,10 +235,10 @@ def job_configs(configfiles: list, overrides: dict, config: dict) -> dict[str, s
         text = f"# experiment {name!r} of {path} for the workflow's jobs (written by the workflow; edit {path} " \
                "instead)\n" + yaml.safe_dump({**top, "experiments": {name: own}}, sort_keys=False, allow_unicode=True)
         jobs = Path(config["results"]) / name / "config.yaml"
-        if not jobs.is_file() or jobs.read_text() != text:
-            write_text(jobs, text)
+        _write_if_changed(jobs, text)
         out[name] = str(jobs)
     return out
+
 
 def swa_start_epoch(exp: dict) -> int | None:
     """The first SWA epoch (0-based; epochs before it run the regular schedule), or None without SWA."""

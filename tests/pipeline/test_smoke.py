@@ -99,7 +99,7 @@ def test_paper_config_at_smoke_scale(fake, name):
     assert summary.problems == []
     assert summary.rendered == summary.tables and summary.plotted == summary.figures
     # the weights of experiments no later config uses: gigabytes over the configs (full-size architectures)
-    later = {e for other in CI[CI.index(name) + 1:] for e in _config(other)["experiments"]}
+    later = smoke.later_experiments([_config(other) for other in CI], CI.index(name))
     smoke.prune_weights(work, smoke.smoke_config(PATHS[name], data), later)
 
 
