@@ -49,15 +49,12 @@ def _images(rng: np.random.Generator, labels: np.ndarray, k: int, shape: tuple[i
 # CIFAR ----------------------------------------------------------------------------------------------------
 def write_cifar(root: Path, name: str) -> str:
     """``<root>/cifar-10-batches-py/`` (or ``cifar-100-python/``), as the loader (papa.data.datasets) reads it."""
-    import torchvision.datasets
-
     fmt = CIFAR_FORMATS[name]
-    layout = getattr(torchvision.datasets, fmt.tv_class)
-    base = Path(root) / layout.base_folder
+    base = Path(root) / fmt.base_folder
     base.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(sum(map(ord, name)))
-    parts = [(f, CIFAR_TRAIN // len(layout.train_list)) for f, _ in layout.train_list]
-    parts += [(f, CIFAR_TEST) for f, _ in layout.test_list]
+    parts = [(f, CIFAR_TRAIN // len(fmt.train_list)) for f, _ in fmt.train_list]
+    parts += [(f, CIFAR_TEST) for f, _ in fmt.test_list]
     for i, (filename, n) in enumerate(parts):
         labels = rng.integers(0, fmt.num_classes, size=n)
         data = _images(rng, labels, fmt.num_classes, (32, 32, 3)).transpose(0, 3, 1, 2).reshape(n, 3072)
@@ -66,12 +63,12 @@ def write_cifar(root: Path, name: str) -> str:
         if name == "cifar100":
             batch["coarse_labels"] = (labels // 5).tolist()
         _write_pickle(base / filename, batch)
-    meta = {layout.meta["key"]: [f"class_{c}" for c in range(fmt.num_classes)]}
+    meta = {fmt.meta[1]: [f"class_{c}" for c in range(fmt.num_classes)]}
     if name == "cifar100":
         meta["coarse_label_names"] = [f"superclass_{c}" for c in range(20)]
     else:
         meta |= {"num_cases_per_batch": parts[0][1], "num_vis": 3072}
-    _write_pickle(base / layout.meta["filename"], meta)
+    _write_pickle(base / fmt.meta[0], meta)
     return f"{fmt.title} ({CIFAR_TRAIN} training, {CIFAR_TEST} test images) in {base}"
 
 

@@ -23,7 +23,6 @@ every scheduled event of the full run still happens. The rule (docs/smoke.md spe
 from __future__ import annotations
 
 import copy
-import inspect
 from pathlib import Path
 
 from papa.errors import PapaError
@@ -54,12 +53,10 @@ def _rescale(value: int, full: int, smoke: int) -> int:
     return 0 if value == 0 else max(1, round(value * smoke / full))
 
 
-def _loader_options(dataset: str) -> dict:
-    """The dataset loader's keyword options and their defaults."""
-    from papa.data import DATASETS  # the loaders, and torch with them: only at smoke scale
-
-    loader = DATASETS[dataset]
-    return {k: p.default for k, p in inspect.signature(loader).parameters.items() if k != "root"}
+# The datasets whose loader draws training patches (loader options ``epoch_size`` and ``patch_size``), with the
+# default patch side. Written out, not read from the loaders' signatures, so that loading a config at smoke scale
+# (the Snakefile, papa render and aggregate) imports no torch; a test compares it with the loaders.
+PATCH_DATASETS = {"vaihingen": 256}
 
 
 def _steps_per_epoch(exp: dict, patches: bool) -> int:
@@ -143,12 +140,10 @@ def scale_experiment(full: dict, where: str = "experiment") -> dict:
     d["subset"] = {k: min(v, (d["subset"] or {}).get(k, v)) for k, v in SUBSET.items()}
     d["num_workers"] = min(d["num_workers"], MAX_WORKERS)
     t["batch_size"] = min(t["batch_size"], MAX_BATCH)
-    options = _loader_options(d["dataset"])
-    patches = "epoch_size" in options
+    patches = d["dataset"] in PATCH_DATASETS
     if patches:
         d["options"]["epoch_size"] = PATCH_STEPS * t["batch_size"]
-    if "patch_size" in options:
-        d["options"]["patch_size"] = min(d["options"].get("patch_size", options["patch_size"]), MAX_PATCH)
+        d["options"]["patch_size"] = min(d["options"].get("patch_size", PATCH_DATASETS[d["dataset"]]), MAX_PATCH)
     p = min(exp["population"]["size"], MAX_POPULATION)
     exp["population"]["size"] = p
     if exp["augment"]["members"] is not None:

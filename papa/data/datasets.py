@@ -281,8 +281,16 @@ def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarra
 
 @dataclass(frozen=True)
 class _CifarFormat:
+    """One CIFAR "python version" archive as extracted: its folder, files (name, md5) and label keys. The
+    names and checksums are torchvision's (``torchvision.datasets.CIFAR10`` / ``CIFAR100``, which a test
+    compares them with), written out because importing torchvision costs every process that reads CIFAR
+    ~3 s of CPU (it imports torch._dynamo)."""
+
     title: str
-    tv_class: str  # the torchvision class that holds the file list and checksums
+    base_folder: str
+    train_list: tuple[tuple[str, str], ...]
+    test_list: tuple[tuple[str, str], ...]
+    meta: tuple[str, str, str]  # file name, key of the class names, md5
     label_key: str
     num_classes: int
     mean: tuple[float, ...]
@@ -290,31 +298,41 @@ class _CifarFormat:
 
 
 CIFAR_FORMATS = {
-    "cifar10": _CifarFormat("CIFAR-10", "CIFAR10", "labels", 10, CIFAR10_MEAN, CIFAR10_STD),
-    "cifar100": _CifarFormat("CIFAR-100", "CIFAR100", "fine_labels", 100, CIFAR100_MEAN, CIFAR100_STD),
+    "cifar10": _CifarFormat(
+        "CIFAR-10", "cifar-10-batches-py",
+        (("data_batch_1", "c99cafc152244af753f735de768cd75f"), ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+         ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"), ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+         ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb")),
+        (("test_batch", "40351d587109b95175f43aff81a1287e"),),
+        ("batches.meta", "label_names", "5ff9c542aee3614f3951f8cda6e48888"),
+        "labels", 10, CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": _CifarFormat(
+        "CIFAR-100", "cifar-100-python",
+        (("train", "16019d7e3df5f24257cddd939b257f8d"),),
+        (("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
+        ("meta", "fine_label_names", "7973b15100ade9c7d40fb424638fde48"),
+        "fine_labels", 100, CIFAR100_MEAN, CIFAR100_STD),
 }
 
 
 def _load_cifar(name: str, root, verify_md5: bool, image_size: int | None) -> Splits:
-    import torchvision.datasets
-
     fmt = CIFAR_FORMATS[name]
-    layout = getattr(torchvision.datasets, fmt.tv_class)
-    base = Path(root if root is not None else Path("data") / name) / layout.base_folder
+    base = Path(root if root is not None else Path("data") / name) / fmt.base_folder
     if not base.is_dir():
         raise PapaError(f"{fmt.title} not found: expected {base} (python version archive, extracted)")
-    files = [*layout.train_list, *layout.test_list, [layout.meta["filename"], layout.meta["md5"]]]
+    meta_file, meta_key, meta_md5 = fmt.meta
+    files = [*fmt.train_list, *fmt.test_list, (meta_file, meta_md5)]
     for filename, md5 in files:
         path = base / filename
         if not path.is_file():
             raise PapaError(f"{fmt.title} incomplete: expected file {path}")
         if verify_md5 and _md5(path) != md5:
             raise PapaError(f"{fmt.title} checksum mismatch: {path} (expected md5 {md5})")
-    meta_path = base / layout.meta["filename"]
-    classes = _str_keys(safe_unpickle(meta_path), meta_path).get(layout.meta["key"])
+    meta_path = base / meta_file
+    classes = _str_keys(safe_unpickle(meta_path), meta_path).get(meta_key)
     if not isinstance(classes, list) or len(classes) != fmt.num_classes:
         raise PapaError(f"corrupt archive {meta_path}: expected {fmt.num_classes} names under "
-                        f"{layout.meta['key']!r}")
+                        f"{meta_key!r}")
 
     def part(file_list) -> ArrayDataset:
         batches = [_read_batch(base / f, fmt.label_key, fmt.num_classes) for f, _ in file_list]
@@ -323,7 +341,7 @@ def _load_cifar(name: str, root, verify_md5: bool, image_size: int | None) -> Sp
         names = tuple(map(str, classes))
         return ArrayDataset(images, labels, fmt.num_classes, fmt.mean, fmt.std, name, names)
 
-    return _array_splits(name, part(layout.train_list), part(layout.test_list), image_size)
+    return _array_splits(name, part(fmt.train_list), part(fmt.test_list), image_size)
 
 
 @register("cifar10")

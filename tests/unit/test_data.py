@@ -108,6 +108,31 @@ def test_cifar_archives_load(tmp_path, name):
         load_dataset(name, tmp_path, verify_md5=True)
 
 
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_files_and_checksums_are_torchvisions(name):
+    import torchvision.datasets
+
+    from papa.data.datasets import CIFAR_FORMATS
+
+    fmt, layout = CIFAR_FORMATS[name], getattr(torchvision.datasets, name.upper())
+    assert fmt.base_folder == layout.base_folder
+    assert [list(f) for f in fmt.train_list] == layout.train_list
+    assert [list(f) for f in fmt.test_list] == layout.test_list
+    assert fmt.meta == (layout.meta["filename"], layout.meta["key"], layout.meta["md5"])
+
+
+def test_loading_cifar_imports_no_torchvision(tmp_path):
+    """torchvision imports torch._dynamo: ~3 s of CPU in every process that reads CIFAR."""
+    import subprocess
+    import sys
+
+    write_cifar(tmp_path, "cifar10")
+    code = ("import sys; from papa.data import load_dataset; load_dataset('cifar10', sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.startswith(('torchvision', 'torch._dynamo'))))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_cifar_missing_directory_names_the_path(tmp_path):
     with pytest.raises(PapaError, match="CIFAR-10 not found") as err:
         load_dataset("cifar10", tmp_path / "nowhere")

@@ -106,6 +106,33 @@ def test_pushes_and_patches_fit_a_smoke_epoch():
     assert [m["cutout"] for m in dart["augment"]["members"]] == [1, 2, 3]
 
 
+def test_patch_datasets_are_the_loaders_with_patch_options_and_their_default_side():
+    import inspect
+
+    from papa.data import DATASETS
+
+    found = {}
+    for name, loader in DATASETS.items():
+        params = inspect.signature(loader).parameters
+        assert ("epoch_size" in params) == ("patch_size" in params), name
+        if "patch_size" in params:
+            found[name] = params["patch_size"].default
+    assert found == smoke.PATCH_DATASETS
+
+
+def test_a_config_at_smoke_scale_loads_without_torch(tmp_path):
+    """The Snakefile and papa render / aggregate load the config at smoke scale: torch would add seconds to each."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from papa.config import load_config\n"
+            "for path in sys.argv[2:]: load_config(path, {'scale': 'smoke', 'data_root': sys.argv[1]})\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    paths = [str(p) for p in sorted((ROOT / "config").rglob("*.yaml"))]
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path), *paths], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr[-500:])
+
+
 def test_an_event_no_smoke_run_can_keep_is_one_line():
     with pytest.raises(PapaError, match=r"experiment 'x': at smoke scale.*papa-all averaging"):
         _smoke(train={"epochs": 1000}, averaging={"window": [0.99, 1.0]})
