@@ -6,6 +6,8 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 VENV := .venv
 CORES ?= all
 PYTEST_ARGS ?=
+# pytest-xdist workers of `make test` (logical: one per logical CPU); each test module runs whole on one (tests/conftest.py)
+TEST_WORKERS ?= logical
 SMOKE_ARGS ?=
 # rules call `papa`; the locked environment must come first on PATH
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -29,7 +31,7 @@ reproduce: install
 
 test: install
 	$(VENV)/bin/ruff check papa tests benchmarks
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 # the math and small pieces only (tests/unit/), one thread each: under a minute
 test-unit: install

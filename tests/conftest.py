@@ -1,3 +1,8 @@
+"""Shared fixtures, and how `make test` spreads the suite over its workers (pytest-xdist, ``--dist loadgroup``):
+each test module is one unit, run in order on one worker, so module-scoped fixtures are built once and tests
+that share a working directory run in sequence; a test may name its own unit (``pytest.mark.xdist_group``), as
+the smoke runs do to split into two halves. The smoke units, the longest, start first."""
+
 import pytest
 import torch
 from torch import nn
@@ -30,3 +35,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _group(item) -> str:
+    mark = item.get_closest_marker("xdist_group")
+    return mark.args[0] if mark.args else mark.kwargs["name"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Without a group of its own, a test's xdist unit is its module; the smoke units first (the sort is stable)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: not _group(item).startswith("smoke"))
