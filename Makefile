@@ -31,7 +31,7 @@ reproduce: install
 
 test: install
 	$(VENV)/bin/ruff check papa tests benchmarks
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 # the math and small pieces only (tests/unit/), one thread each: under a minute
 test-unit: install

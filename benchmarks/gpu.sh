@@ -93,7 +93,8 @@ case $? in
 esac
 
 echo "== 1. pytest -m gpu (limit ${PYTEST_LIMIT_S} s)"
-timeout -k 10 "$PYTEST_LIMIT_S" "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q \
+# -p no:xdist (and its looponfail): one process (the image has no pytest-xdist; a checkout's environment may have it without execnet)
+timeout -k 10 "$PYTEST_LIMIT_S" "$PYTHON" -m pytest -m gpu -p no:cacheprovider -p no:xdist -p no:xdist.looponfail -q \
     --junitxml="$OUT/pytest-gpu.xml" tests >"$OUT/pytest-gpu.log" 2>&1
 pytest_rc=$?
 tail -n 20 "$OUT/pytest-gpu.log"

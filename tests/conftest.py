@@ -1,13 +1,23 @@
-"""Shared fixtures, and how `make test` spreads the suite over its workers (pytest-xdist, ``--dist loadgroup``):
-each test module is one unit, run in order on one worker, so module-scoped fixtures are built once and tests
-that share a working directory run in sequence; a test may name its own unit (``pytest.mark.xdist_group``), as
-the smoke runs do to split into two halves. The smoke units, the longest, start first."""
+"""Shared fixtures, and how `make test` spreads the suite over its workers (pytest-xdist, ``ByModule``): each
+test module is one unit, run in order on one worker, so module-scoped fixtures are built once and tests that
+share a working directory run in sequence; the smoke runs of the paper configs are two units, the halves of
+tests/pipeline/test_smoke.py's ``HALF``, and start first (they are the longest)."""
+
+import os
 
 import pytest
 import torch
 from torch import nn
 
 from papa.population import Population
+
+# Under `make test` each worker gets its share of the cores, it and the processes it starts: torch's threads spin
+# while they wait, so two workers of two threads each on two cores run several times slower than one thread each.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 
 def small_cnn(bias: bool = True, bn: bool = True, classes: int = 3) -> nn.Module:
@@ -37,15 +47,26 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _group(item) -> str:
-    mark = item.get_closest_marker("xdist_group")
-    return mark.args[0] if mark.args else mark.kwargs["name"]
+SMOKE = "tests/pipeline/test_smoke.py::test_paper_config_at_smoke_scale["
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Without a group of its own, a test's xdist unit is its module; the smoke units first (the sort is stable)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-    items.sort(key=lambda item: not _group(item).startswith("smoke"))
+    """The smoke runs first (the sort is stable): the longest units start first."""
+    items.sort(key=lambda item: not item.nodeid.startswith(SMOKE))
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: where it is not installed (the GPU image), unused
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduling by scope, a scope being a module or a smoke half (xdist's own ``loadgroup`` marks do not
+    group with pytest 9, whose node ids xdist 3.8 can no longer suffix)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith(SMOKE):
+                from tests.pipeline.test_smoke import HALF
+
+                return f"smoke-{HALF[nodeid[len(SMOKE):-1]]}"
+            return nodeid.split("::")[0]
+
+    return ByModule(config, log)

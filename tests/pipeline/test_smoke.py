@@ -40,7 +40,7 @@ PAPER = ROOT / "config" / "paper"
 PATHS = {p.stem: p for p in PAPER.glob("*.yaml")} | {"config": ROOT / "config" / "config.yaml"}
 ORDER = ["a10", "table1", "table1_imagenet", "table1_finetune", "table3", "table5", "tables10-11", "table12",
          "table13", "tables6-9", "table2", "table18", "tables14-17", "figure2", "config"]
-# CI smoke-runs every config, in two halves side by side (one per `make test` worker, tests/conftest.py), each
+# CI smoke-runs every config, in two halves side by side (one per `make test` worker: tests/conftest.py), each
 # in its own working directory: configs that share runs (an experiment of the same name) are in one half.
 HALF = {"a10": "a", "table1": "a", "table1_imagenet": "a", "table3": "a", "tables10-11": "a", "table13": "a",
         "tables6-9": "a", "table2": "a", "table18": "a", "config": "a",
@@ -99,8 +99,7 @@ def fake(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xdist_group(f"smoke-{HALF[name]}"))
-                                  for name in CI])
+@pytest.mark.parametrize("name", CI)
 def test_paper_config_at_smoke_scale(fake, name):
     work, data, hub = fake
     pairs = ci_runs(name)

@@ -29,7 +29,6 @@ def test_digits_baseline_soup_collapses_while_papa_soups_match_their_population(
     """The default digits experiment, p = 4, seed 1: averaging independently trained networks collapses
     (the baseline average soup is near chance), while every PAPA variant's average soup is within one
     point of its population's mean test accuracy."""
-    torch.set_num_threads(2)
     exp = runs.load_experiment(REPO / "config/config.yaml", "digits")
     assert exp["population"]["size"] == 4
     splits, split, _ = prepared(tmp_path, exp)
