@@ -202,9 +202,9 @@ def run_features(config: dict, pair: tuple[str, str]) -> set[tuple]:
     return features(experiment(config, pair[0]), pair[1]) | {("similarity", pair in plan.similarity_runs(config))}
 
 
-def covering_runs(configs: list[tuple[str, dict]], skip=frozenset()) -> dict[str, list[tuple[str, str]]]:
+def covering_runs(configs: list[tuple[str, dict]]) -> dict[str, list[tuple[str, str]]]:
     """For each (name, config), in order, the (experiment, variant) runs to train so that together they exercise
-    every feature of every run (``features``; ``skip``: runs never trained). Runs an earlier config trains come
+    every feature of every run (``features``). Runs an earlier config trains come
     free; then, greedily, the run exercising the most features not yet exercised is chosen (ties: runs of
     experiments a later config uses first, then the config's order) until none adds one; a curves figure trains
     every run it plots; a config whose runs add nothing still trains its first run, so its tables and figures
@@ -213,7 +213,7 @@ def covering_runs(configs: list[tuple[str, dict]], skip=frozenset()) -> dict[str
 
     covered, trained, out = set(), set(), {}
     for k, (name, config) in enumerate(configs):
-        runs = [pair for pair in plan.runs(config) if pair not in skip]
+        runs = plan.runs(config)
         found = {pair: run_features(config, pair) for pair in runs}
         later = later_experiments([c for _, c in configs], k)
         chosen = [pair for pair in runs if pair in trained]  # trained for an earlier config: free
@@ -225,7 +225,7 @@ def covering_runs(configs: list[tuple[str, dict]], skip=frozenset()) -> dict[str
         for figure in config["figures"]:  # a curves figure plots every run it shows: train them all
             if figure["kind"] == "curves":
                 chosen += [pair for pair in sorted(plan.figure_runs(figure, config["variants"]))
-                           if pair not in chosen and pair not in skip]
+                           if pair not in chosen]
         out[name] = sorted(chosen or runs[:1])
         trained |= set(out[name])
     return out

@@ -50,6 +50,7 @@ def _images(rng: np.random.Generator, labels: np.ndarray, k: int, shape: tuple[i
 def write_cifar(root: Path, name: str) -> str:
     """``<root>/cifar-10-batches-py/`` (or ``cifar-100-python/``), as the loader (papa.data.datasets) reads it."""
     fmt = CIFAR_FORMATS[name]
+    meta_file, meta_key, _ = fmt.meta
     base = Path(root) / fmt.base_folder
     base.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(sum(map(ord, name)))
@@ -63,12 +64,12 @@ def write_cifar(root: Path, name: str) -> str:
         if name == "cifar100":
             batch["coarse_labels"] = (labels // 5).tolist()
         _write_pickle(base / filename, batch)
-    meta = {fmt.meta[1]: [f"class_{c}" for c in range(fmt.num_classes)]}
+    meta = {meta_key: [f"class_{c}" for c in range(fmt.num_classes)]}
     if name == "cifar100":
         meta["coarse_label_names"] = [f"superclass_{c}" for c in range(20)]
     else:
         meta |= {"num_cases_per_batch": parts[0][1], "num_vis": 3072}
-    _write_pickle(base / fmt.meta[0], meta)
+    _write_pickle(base / meta_file, meta)
     return f"{fmt.title} ({CIFAR_TRAIN} training, {CIFAR_TEST} test images) in {base}"
 
 
