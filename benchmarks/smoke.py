@@ -146,9 +146,9 @@ def cell_runs(config: dict, table: dict) -> dict[tuple[str, str], tuple[str, str
     return cells
 
 
-def table_problems(work: Path, config: dict, reports: Path | None = None, pairs=None) -> list[str]:
-    """Cells of the paper's tables (papa/report/paper/<id>.csv) that a rendered table leaves without a value;
-    with ``pairs``, only the cells of those runs. Tables are read from ``reports`` (default reports/smoke)."""
+def table_problems(work: Path, config: dict, reports: Path | None = None) -> list[str]:
+    """Cells of the paper's tables (papa/report/paper/<id>.csv) that a rendered table leaves without a value.
+    Tables are read from ``reports`` (default reports/smoke)."""
     from papa.report import paper
 
     reports = reports or work / "reports" / "smoke"
@@ -162,21 +162,55 @@ def table_problems(work: Path, config: dict, reports: Path | None = None, pairs=
             ours = {(r["row"], r["column"]): r["text"] for r in csv.DictReader(f)}
         runs = cell_runs(config, table)
         wanted = list(paper.values(table["paper"])) if table["paper"] else list(runs)
-        wanted = [cell for cell in wanted if cell in runs and (pairs is None or runs[cell] in set(pairs))]
+        wanted = [cell for cell in wanted if cell in runs]
         problems += [f"{path.name}: {row!r} / {column!r}: {ours.get((row, column), 'no cell')!r}"
                      for row, column in wanted if ours.get((row, column), "—") in ("", "—")]
     return problems
 
 
+def stand_ins(work: Path, config: dict, pairs, out: Path) -> list[str]:
+    """For every run of the config not in ``pairs`` (not trained), a copy of a trained run's metrics.json (and
+    similarity.json) under ``out``, relabelled as that run: the trained run of the same experiment, else of the
+    same model and dataset, else of the same dataset, else the first. So the tables render every cell, which checks
+    that every row and column of every layout finds its run; the numbers are the stand-in's. Returns the files."""
+    from papa.config import experiment
+    from papa.report import plan
+
+    def traits(pair):
+        exp = experiment(config, pair[0])
+        return exp["data"]["dataset"], exp["model"]["name"], pair[0]
+
+    def nearest(pair, candidates):  # the most leading traits in common; ties: the first in order
+        return max(sorted(candidates), key=lambda c: next(k for k in (3, 2, 1, 0)
+                                                           if traits(c)[:k] == traits(pair)[:k]))
+
+    shown, files = set(plan.similarity_runs(config)), []
+    for pair in plan.runs(config):
+        if pair in pairs:
+            continue
+        sources = {"metrics.json": nearest(pair, pairs)}
+        if pair in shown and pairs & shown:
+            sources["similarity.json"] = nearest(pair, pairs & shown)
+        for name, (e, v) in sources.items():
+            for seed in config["seeds"]:
+                data = json.loads((work / config["results"] / e / v / f"seed{seed}" / name).read_text())
+                dest = out / "stand-ins" / pair[0] / pair[1] / f"seed{seed}" / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_text(json.dumps({**data, "experiment": pair[0], "variant": pair[1]}))
+                files.append(str(dest))
+    return files
+
+
 def render_partial(work: Path, path: Path, config: dict, hub: Path, pairs) -> Path:
-    """Aggregate the metrics of ``pairs`` and render every table of the config from them, with the commands
-    the workflow's rules run (what a config whose runs were not all trained can show); returns the folder."""
+    """Aggregate the metrics of ``pairs``, with stand-ins for the runs not trained (``stand_ins``), and render every
+    table of the config from them, with the commands the workflow's rules run; returns the folder."""
     from papa.report import plan
 
     out = work / "partial" / path.stem
     metrics = [str(r / "metrics.json") for r in run_dirs(work, config, pairs)]
     shown = sorted(set(pairs) & set(plan.similarity_runs(config)))  # Table 5's cells: similarity.json, as the workflow
     metrics += [str(r / "similarity.json") for r in run_dirs(work, config, shown)]
+    metrics += stand_ins(work, config, set(pairs), out)
     papa(hub, "aggregate", *metrics, "--out", str(out / "metrics.csv"))
     jobs = work / config["results"] / path.name  # the config the workflow's jobs read (overrides written in)
     for table in config["tables"]:
@@ -314,7 +348,7 @@ def run_config(work: Path, path: Path, data: Path, hub: Path, cores: int = 2, pa
     reports = work / "reports" / "smoke" if pairs is None else render_partial(work, path, config, hub, pairs)
     summary.rendered = sum((reports / f"{t['name']}.md").is_file() for t in config["tables"])
     summary.plotted = sum((reports / f"{f['name']}.png").is_file() for f in config["figures"])
-    summary.problems = (metrics_problems(work, config, pairs) + table_problems(work, config, reports, pairs)
+    summary.problems = (metrics_problems(work, config, pairs) + table_problems(work, config, reports)
                         + event_problems(work, config, pairs))
     return summary
 

@@ -11,8 +11,11 @@ those configs CI trains a covering subset of the runs, chosen by one rule (``ben
 which `make smoke SMOKE_ARGS=--cover` applies to every config): runs an earlier config trained come free, then
 the run exercising the most things not yet exercised (a model, dataset, variant, averaging scheme, ablation,
 option or pipeline path: ``benchmarks.smoke.features``) is trained, until none adds one; a curves figure trains
-every run it plots; a config whose runs add nothing still trains its first run, so its tables and figures are
-rendered (from the runs trained) and checked on the cells those runs fill.
+every run it plots; a config whose runs add nothing still trains its first run. Its tables are then rendered
+from the runs trained and, for each run not trained, a stand-in: the metrics of the nearest trained run (same
+experiment, else model and dataset, else dataset), relabelled (``benchmarks.smoke.stand_ins``). So every cell of
+every table is checked to render a value, every row and column finding its run, while the numbers in the cells of
+runs CI does not train are their stand-ins'; `make smoke` trains them all.
 
 ``test_ci_covers_every_feature_of_every_config`` checks that these runs still cover every model, dataset,
 variant, averaging scheme, ablation and pipeline path of the configs.
