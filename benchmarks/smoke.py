@@ -37,7 +37,7 @@ METRICS_KEYS = ("experiment", "variant", "seed", "population", "members", "mean"
                 "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
                 "greedy_soup_members", "soups_aligned", "val_members")
 F1_MODELS = ("mean", "ensemble", "avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
-STEPS = ("prepare", "train", "soups", "evaluate", "similarity")
+STEPS = ("prepare", "train", "soups", "similarity")
 SIMILARITY_KEYS = ("experiment", "variant", "seed", "stages", "between_networks", "network_and_avg_soup", "aligned",
                    "repaired", "repair_iters", "test_images")
 

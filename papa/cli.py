@@ -58,8 +58,12 @@ def _soups(a):
     from papa import runs
 
     _require(a.run, "population.safetensors", "papa train")
-    info = runs.soups(runs.load_experiment(a.config, a.experiment), a.split, a.run)
+    exp = runs.load_experiment(a.config, a.experiment)
+    run = runs.open_run(exp, a.split, a.run)
+    info = runs.soups(exp, a.split, a.run, run)
     print(f"{a.run}/soups.safetensors: greedy soup of members {info['greedy_soup_members']}")
+    if a.evaluate:  # the same process and the same loaded run: no second start-up, data load or device init
+        _print_metrics(a.run, runs.evaluate(exp, a.split, a.run, run))
 
 
 def _evaluate(a):
@@ -67,9 +71,12 @@ def _evaluate(a):
 
     _require(a.run, "population.safetensors", "papa train")
     _require(a.run, "soups.safetensors", "papa soups")
-    m = runs.evaluate(runs.load_experiment(a.config, a.experiment), a.split, a.run)
+    _print_metrics(a.run, runs.evaluate(runs.load_experiment(a.config, a.experiment), a.split, a.run))
+
+
+def _print_metrics(run: Path, m: dict) -> None:
     print(
-        f"{a.run}/metrics.json: members {m['mean']:.2f}% [{m['min']:.2f}, {m['max']:.2f}], ensemble "
+        f"{run}/metrics.json: members {m['mean']:.2f}% [{m['min']:.2f}, {m['max']:.2f}], ensemble "
         f"{m['ensemble']:.2f}%, avg soup {m['avg_soup']:.2f}%, greedy soup {m['greedy_soup']:.2f}%"
     )
 
@@ -132,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_args(p)
     _split_arg(p)
     _run_arg(p, "population.safetensors (from `papa train`)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="then write metrics.json as `papa evaluate` does, in the same process (the pipeline's "
+                   "soups job: one start-up and one data load per run instead of two)")
     p.set_defaults(func=_soups)
 
     p = sub.add_parser("evaluate", help="test accuracy of members, ensemble and soups -> metrics.json",

@@ -273,12 +273,13 @@ def soups_aligned(exp: dict, variant: str) -> bool:
     return align if isinstance(align, bool) else variant in align
 
 
-def soups(exp: dict, split_path, run_dir) -> dict:
+def soups(exp: dict, split_path, run_dir, run: Run | None = None) -> dict:
     """papa.soups.make_soups of a trained run -> soups.safetensors: average and greedy soups (greedy on the
     validation split), each with and without REPAIR, of members permutation-aligned first with ``soups.align``
     (soups.json then says ``aligned``). REPAIR reads training data with the base transform only: the members'
-    own regularization (mixup, erasing...) would shift their moments away from those of clean inputs."""
-    run = open_run(exp, split_path, run_dir)
+    own regularization (mixup, erasing...) would shift their moments away from those of clean inputs.
+    ``run``: the run already opened (``open_run``), so that ``evaluate`` after it loads nothing twice."""
+    run = run or open_run(exp, split_path, run_dir)
     bs, s = exp["train"]["eval_batch_size"], exp["soups"]
 
     def val_accuracy(module) -> float:
@@ -342,10 +343,10 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     return out
 
 
-def evaluate(exp: dict, split_path, run_dir) -> dict:
+def evaluate(exp: dict, split_path, run_dir, run: Run | None = None) -> dict:
     """Test accuracies of members, their logit ensemble and the four soups → metrics.json (per-class F1 too
-    for a segmentation dataset)."""
-    run = open_run(exp, split_path, run_dir)
+    for a segmentation dataset). ``run``: the run already opened (as by ``soups`` just before)."""
+    run = run or open_run(exp, split_path, run_dir)
     where = run.dir / "soups.safetensors"
     tensors, soup_meta = load_tensors(where)
     if soup_meta.get("population_sha256") != run.digest:

@@ -124,7 +124,6 @@ resources:
   prepare: {{threads: 1, mem_mb: 1000, runtime: 10}}
   train: {{threads: 1, mem_mb: 1500, runtime: 10}}
   soups: {{threads: 1, mem_mb: 1500, runtime: 10}}
-  evaluate: {{threads: 1, mem_mb: 1500, runtime: 10}}
 tables:
   - name: tiny_range
     layout: range
@@ -133,7 +132,7 @@ tables:
 """
 
 # every job of TINY that runs a shell command, hence `apptainer exec`
-SHELL_RULES = {"prepare", "train", "soups", "evaluate", "aggregate", "render_table"}
+SHELL_RULES = {"prepare", "train", "soups", "aggregate", "render_table"}
 
 # Snakemake runs `apptainer exec --home <cwd> <apptainer-args> [--bind ...] <image> <shell> -c '<command>'`
 STAND_IN = '''#!{python}
@@ -205,7 +204,6 @@ SUBCOMMAND = {
     "prepare": "prepare",
     "train": "train",
     "soups": "soups",
-    "evaluate": "evaluate",
     "aggregate": "aggregate",
     "render_table": "render",
 }

@@ -25,8 +25,8 @@ def test_reference_rows():
     alpha = rows["averaging.papa.alpha"]
     assert "number (> 0, ≤ 1)" in alpha and "`0.99`" in alpha and "lr_t / lr_0" in alpha
     assert "*required*" in rows["experiments"] and "*required*" in rows["tables[].rows[].label"]
-    # the five steps share one definition: written once, with the steps listed
-    assert "`<job>`: one of `prepare`, `train`, `soups`, `evaluate`, `similarity`." in rows["resources.<job>"]
+    # the four steps share one definition: written once, with the steps listed
+    assert "`<job>`: one of `prepare`, `train`, `soups`, `similarity`." in rows["resources.<job>"]
     assert "resources.experiments.<name>.<job>.mem_mb" in rows
     assert "augment.grid.mixup" in rows and "train.swa.anneal_epochs" in rows
 

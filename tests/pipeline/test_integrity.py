@@ -59,6 +59,24 @@ def test_outputs_record_the_digests_of_what_made_them(setup, tmp_path):
     assert metrics["soups_sha256"] == file_digest(out / "soups.safetensors")
 
 
+def test_soups_with_evaluate_writes_what_soups_then_evaluate_write(setup, tmp_path, capsys):
+    """The pipeline's soups job (`papa soups --evaluate`, one process) and the two commands one after the other
+    write the same bytes, and print the same lines."""
+    _, config, split = setup
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(config, split, one)
+    shutil.copytree(one, two)
+    capsys.readouterr()
+    assert run("soups", "--config", config, "--split", split, "--run", one, "--evaluate") == 0
+    together = capsys.readouterr().out.replace(str(one), "RUN")
+    assert run("soups", "--config", config, "--split", split, "--run", two) == 0
+    assert run("evaluate", "--config", config, "--split", split, "--run", two) == 0
+    assert together == capsys.readouterr().out.replace(str(two), "RUN")
+    assert "RUN/metrics.json: members " in together
+    for name in ("soups.safetensors", "soups.json", "metrics.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
 def test_evaluate_refuses_soups_of_another_training(setup, tmp_path, capsys):
     _, config, split = setup
     a, b = tmp_path / "a", tmp_path / "b"

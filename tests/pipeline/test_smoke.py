@@ -1,5 +1,5 @@
 """Every paper config (and the default one, for its figures), end to end at smoke scale (docs/smoke.md), through
-Snakemake, on data from `papa fake-data` (slow; CI runs it): prepare, train, soups, evaluate, similarity,
+Snakemake, on data from `papa fake-data` (slow; CI runs it): prepare, train, soups and evaluate, similarity,
 aggregate, render and plot, with the real
 loaders and the real timm architectures loaded from the fake hub cache. Each config must finish, every
 metrics.json (and similarity.json) must have every key, and every table must show a value in every cell of
@@ -118,7 +118,7 @@ def test_workflow_runs_a_config_at_smoke_scale_from_the_command_line(tmp_path):
 
     done = snakemake(tmp_path, "--dry-run", "--printshellcmds", "--config", "scale=smoke",
                      f"data_root={tmp_path / 'fake'}", configfile=PAPER / "table1_finetune.yaml")
-    assert job_counts(done.stdout) == {"prepare": 3, "train": 12, "soups": 12, "evaluate": 12, "aggregate": 1,
+    assert job_counts(done.stdout) == {"prepare": 3, "train": 12, "soups": 12, "aggregate": 1,
                                        "render_table": 2, "all": 1}  # one seed
     assert "results/smoke/cifar100-convitti-ft-p5/papa-all/seed1/metrics.json" in done.stdout
     assert "reports/smoke/table1-finetune.md" in done.stdout and "results/metrics.csv" not in done.stdout

@@ -56,7 +56,6 @@ def test_default_config_dag(tmp_path):
         "prepare": 1,
         "train": 12,
         "soups": 12,
-        "evaluate": 12,
         "aggregate": 1,
         "render_table": 3,
         "plot_figure": 2,
@@ -64,11 +63,11 @@ def test_default_config_dag(tmp_path):
     }
     assert "results/digits/papa-all/seed3/population.safetensors" in done.stdout
     assert "results/benchmarks/train/digits/papa-all/seed3.tsv" in done.stdout
-    # on a cluster, each run's training, soups and evaluation are one job (Snakemake group "run")
+    # on a cluster, each run's training and its soups-and-evaluation job are one job (Snakemake group "run")
     groups = done.stdout.split("Group job run")[1:]
     assert len(groups) == 12
     for group in groups:
-        assert sorted(re.findall(r"^    rule (\w+):", group, re.M)) == ["evaluate", "soups", "train"]
+        assert sorted(re.findall(r"^    rule (\w+):", group, re.M)) == ["soups", "train"]
         assert len(set(re.findall(r"^        wildcards: (.*)$", group, re.M))) == 1  # of one run
 
 
@@ -226,7 +225,7 @@ def test_runs_shared_by_another_config_file_are_not_trained_again(pipeline):
     other = workdir / "other name.yaml"
     other.write_text(config.read_text())
     dry = snakemake(workdir, "--dry-run", configfile=other)
-    assert not {"prepare", "train", "soups", "evaluate"} & set(job_counts(dry.stdout)), dry.stdout
+    assert not {"prepare", "train", "soups"} & set(job_counts(dry.stdout)), dry.stdout
     changed = workdir / "changed.yaml"  # a setting of the experiment changed: its runs are trained again
     changed.write_text(config.read_text().replace("epochs: 2", "epochs: 3"))
     assert job_counts(snakemake(workdir, "--dry-run", configfile=changed).stdout)["train"] == 2

@@ -180,7 +180,6 @@ RESOURCES = {
     "prepare": {"threads": 1, "mem_mb": 2000, "runtime": 10, "gpu": 0},
     "train": {"threads": 4, "mem_mb": 4000, "runtime": 60, "gpu": 0},
     "soups": {"threads": 2, "mem_mb": 4000, "runtime": 30, "gpu": 0},
-    "evaluate": {"threads": 2, "mem_mb": 4000, "runtime": 30, "gpu": 0},
     "similarity": {"threads": 2, "mem_mb": 4000, "runtime": 30, "gpu": 0},
 }
 

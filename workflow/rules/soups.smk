@@ -1,3 +1,6 @@
+# A run's follow-up in one process: the soups, then the test metrics of members, ensemble and soups
+# (`papa soups --evaluate`; `papa evaluate` alone re-evaluates a run by hand). One start-up, one data load
+# and one device initialization per run instead of two.
 rule soups:
     input:
         split=SPLIT,
@@ -5,6 +8,7 @@ rule soups:
     output:
         soups=f"{RUN}/soups.safetensors",
         sidecar=f"{RUN}/soups.json",
+        metrics=f"{RUN}/metrics.json",
     params:
         config=job_config,
         settings=settings("soups"),
@@ -25,4 +29,4 @@ rule soups:
         CONTAINER
     shell:
         "OMP_NUM_THREADS={threads} papa soups --config {params.config:q} --experiment {wildcards.experiment:q}"
-        " --split {input.split:q} --run {params.run:q} > {log:q} 2>&1"
+        " --split {input.split:q} --run {params.run:q} --evaluate > {log:q} 2>&1"

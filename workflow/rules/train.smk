@@ -13,7 +13,7 @@ rule train:
         f"{LOGS}/train/{{experiment}}/{{variant}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/train/{{experiment}}/{{variant}}/seed{{seed}}.tsv"
-    # one SLURM job per run: training and its short follow-up steps (soups, evaluate, similarity) together;
+    # one SLURM job per run: training and its short follow-up steps (soups and evaluate, similarity) together;
     # local runs ignore groups
     group:
         "run"
