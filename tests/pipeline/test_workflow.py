@@ -168,18 +168,20 @@ figures:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """The tiny config run once, end to end (p=2, 2 variants, 1 seed, 2 epochs)."""
+    """The tiny config run once, end to end (p=2, 2 variants, 1 seed, 2 epochs), by the pipeline benchmark
+    (benchmarks/pipeline.py: `snakemake --cores 2` in the directory, measured)."""
+    from benchmarks import pipeline as bench
+
     workdir = tmp_path_factory.mktemp("pipeline")
     config = workdir / "tiny.yaml"
     config.write_text(TINY)
-    done = snakemake(workdir, "--cores", "2", configfile=config)
-    return workdir, config, done
+    return workdir, config, bench.run(config, "2", workdir)
 
 
 @pytest.mark.slow
 def test_pipeline_end_to_end(pipeline):
-    workdir, config, done = pipeline
-    assert job_counts(done.stderr + done.stdout)["train"] == 2
+    workdir, config, measured = pipeline
+    assert job_counts((workdir / "snakemake.log").read_text())["train"] == 2
     for name in ("tiny_main.md", "tiny_main.csv", "tiny_sizes.md", "tiny_curves.png", "tiny_variants.png"):
         assert (workdir / "reports" / name).stat().st_size > 0
     assert "| cnn " in (workdir / "reports/tiny_main.md").read_text()
@@ -196,6 +198,28 @@ def test_pipeline_end_to_end(pipeline):
     assert "<table>" in page and '<th scope="row">cnn</th>' in page and ">Greedy soup</th>" in page
     assert "Tiny curves." in items["reports/tiny_curves.png"]["caption"]
     assert {"reports/tiny_main.md", "reports/tiny_main.csv", "reports/tiny_variants.png"} <= set(items)
+
+
+@pytest.mark.slow
+def test_the_pipeline_benchmark_measures_the_run_and_records_it(pipeline, tmp_path):
+    from benchmarks import pipeline as bench
+
+    _, _, measured = pipeline
+    steps = measured["steps"]
+    # aggregate, 2 tables and 2 figures are the report step
+    assert {k: v["jobs"] for k, v in steps.items()} == {"prepare": 1, "train": 2, "soups": 2, "report": 5}
+    # the total is Snakemake's own CPU time and its jobs' (each sampled by Snakemake, so at most what they used)
+    jobs_cpu = sum(v["cpu_s"] for v in steps.values())
+    assert measured["cpu_s"] >= measured["snakemake_cpu_s"] + jobs_cpu > measured["snakemake_cpu_s"] > 0
+    assert measured["cpu_s"] == pytest.approx(measured["user_s"] + measured["system_s"], abs=0.11)
+    assert measured["wall_s"] >= steps["prepare"]["mean_s"] + steps["train"]["mean_s"] + steps["soups"]["mean_s"]
+    log = tmp_path / "results.jsonl"
+    for label in ("first", "second"):
+        bench.record({"date": "2026-12-01 00:00", "label": label, "commit": "abc", "config": "c.yaml",
+                      "cores": "2", **measured, "machine": "m"}, log)
+    rows = log.with_suffix(".md").read_text().splitlines()
+    assert len(rows) == 2 + 2 + 2 and "| first | abc | c.yaml | 2 |" in rows[4] and "| second |" in rows[5]
+    assert f"train 2 ({steps['train']['mean_s']})" in rows[5]
 
 
 def report_items(path: Path) -> dict:
