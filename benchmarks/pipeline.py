@@ -49,12 +49,15 @@ def commit() -> str:
 
 
 def own_cpu(pid: int) -> float | None:
-    """CPU seconds (user + system) of process ``pid`` itself, its children excluded (Linux /proc)."""
+    """CPU seconds (user + system) of process ``pid`` itself, its children excluded (psutil, which Snakemake
+    depends on); None once it is gone."""
+    import psutil
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return times.user + times.system
 
 
 def step_times(workdir: Path) -> dict[str, dict]:

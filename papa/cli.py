@@ -59,11 +59,13 @@ def _soups(a):
 
     _require(a.run, "population.safetensors", "papa train")
     exp = runs.load_experiment(a.config, a.experiment)
-    run = runs.open_run(exp, a.split, a.run)
-    info = runs.soups(exp, a.split, a.run, run)
+    if a.evaluate:  # one process, the run loaded once: no second start-up, data load or device init
+        info, metrics = runs.soups_and_metrics(exp, a.split, a.run)
+    else:
+        info, metrics = runs.soups(exp, a.split, a.run), None
     print(f"{a.run}/soups.safetensors: greedy soup of members {info['greedy_soup_members']}")
-    if a.evaluate:  # the same process and the same loaded run: no second start-up, data load or device init
-        _print_metrics(a.run, runs.evaluate(exp, a.split, a.run, run))
+    if metrics is not None:
+        _print_metrics(a.run, metrics)
 
 
 def _evaluate(a):

@@ -273,13 +273,21 @@ def soups_aligned(exp: dict, variant: str) -> bool:
     return align if isinstance(align, bool) else variant in align
 
 
-def soups(exp: dict, split_path, run_dir, run: Run | None = None) -> dict:
+def soups(exp: dict, split_path, run_dir) -> dict:
     """papa.soups.make_soups of a trained run -> soups.safetensors: average and greedy soups (greedy on the
     validation split), each with and without REPAIR, of members permutation-aligned first with ``soups.align``
     (soups.json then says ``aligned``). REPAIR reads training data with the base transform only: the members'
-    own regularization (mixup, erasing...) would shift their moments away from those of clean inputs.
-    ``run``: the run already opened (``open_run``), so that ``evaluate`` after it loads nothing twice."""
-    run = run or open_run(exp, split_path, run_dir)
+    own regularization (mixup, erasing...) would shift their moments away from those of clean inputs."""
+    return _soups(exp, open_run(exp, split_path, run_dir))
+
+
+def soups_and_metrics(exp: dict, split_path, run_dir) -> tuple[dict, dict]:
+    """``soups`` then ``evaluate`` of one run, opened (data, population, device) once: the pipeline's soups job."""
+    run = open_run(exp, split_path, run_dir)
+    return _soups(exp, run), _evaluate(exp, run)
+
+
+def _soups(exp: dict, run: Run) -> dict:
     bs, s = exp["train"]["eval_batch_size"], exp["soups"]
 
     def val_accuracy(module) -> float:
@@ -343,10 +351,13 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     return out
 
 
-def evaluate(exp: dict, split_path, run_dir, run: Run | None = None) -> dict:
+def evaluate(exp: dict, split_path, run_dir) -> dict:
     """Test accuracies of members, their logit ensemble and the four soups → metrics.json (per-class F1 too
-    for a segmentation dataset). ``run``: the run already opened (as by ``soups`` just before)."""
-    run = run or open_run(exp, split_path, run_dir)
+    for a segmentation dataset)."""
+    return _evaluate(exp, open_run(exp, split_path, run_dir))
+
+
+def _evaluate(exp: dict, run: Run) -> dict:
     where = run.dir / "soups.safetensors"
     tensors, soup_meta = load_tensors(where)
     if soup_meta.get("population_sha256") != run.digest:
