@@ -40,12 +40,15 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """This checkout's commit, with '+changes' when tracked files differ from it."""
+    """This checkout's commit, with '+changes' when tracked files differ from it (the results files under
+    benchmarks/ excepted)."""
     def git(*args):
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # the benchmarks' own results files (where --record writes) are not changes to what is measured
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results-*")
+    return head + ("+changes" if changed else "")
 
 
 def own_cpu(pid: int) -> float | None:

@@ -82,3 +82,30 @@ def test_result_files_are_named_for_the_device_kind_and_name():
 
     assert results_name("cuda", "NVIDIA H200") == "cuda-nvidia-h200"
     assert results_name("cpu", "AMD EPYC", threads=1) == "cpu-amd-epyc-1thread"
+
+
+def test_pipeline_benchmark_labels_the_commit_and_ignores_its_own_results_files(tmp_path, monkeypatch):
+    """The recorded commit gets '+changes' when what is measured differs from it, not when --record has just
+    appended to a results file (which would mark every second recorded run as changed)."""
+    import subprocess
+
+    from benchmarks import pipeline
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "results-pipeline-x.jsonl").write_text("{}\n")
+    (tmp_path / "Snakefile").write_text("rule all:\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    monkeypatch.setattr(pipeline, "REPO", tmp_path)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert pipeline.commit() == head
+    (tmp_path / "benchmarks" / "results-pipeline-x.jsonl").write_text("{}\n{}\n")
+    assert pipeline.commit() == head
+    (tmp_path / "Snakefile").write_text("rule all:\n    input: []\n")
+    assert pipeline.commit() == head + "+changes"
