@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,13 +29,12 @@ SNAKEFILE = REPO / "workflow" / "Snakefile"
 
 
 def machine() -> str:
-    """'<CPU model>, <n> logical CPUs' (Linux: /proc/cpuinfo)."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        model = names[0] if names else model
-    return f"{model}, {os.cpu_count()} logical CPUs"
+    """'<CPU model>, <n> logical CPUs' (the CPU model as ``papa bench`` names it)."""
+    import torch
+
+    from papa.bench import device_name
+
+    return f"{device_name(torch.device('cpu'))}, {os.cpu_count()} logical CPUs"
 
 
 def commit() -> str:

@@ -109,3 +109,11 @@ def test_pipeline_benchmark_labels_the_commit_and_ignores_its_own_results_files(
     assert pipeline.commit() == head
     (tmp_path / "Snakefile").write_text("rule all:\n    input: []\n")
     assert pipeline.commit() == head + "+changes"
+
+
+def test_pipeline_benchmark_names_the_machine_as_papa_bench_does():
+    import os
+
+    from benchmarks import pipeline
+
+    assert pipeline.machine() == f"{bench.device_name(torch.device('cpu'))}, {os.cpu_count()} logical CPUs"
