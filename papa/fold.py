@@ -1,0 +1,179 @@
+"""REPAIR's biases folded into the BatchNorms they feed: a repaired soup in its architecture's own tensors.
+
+REPAIR (papa.repair) gives every bias-free layer it rescales a bias b, so a soup of a ResNet has ``conv.bias``
+tensors the architecture lacks. Where the layer's output y goes into a BatchNorm and nowhere else, that BatchNorm
+sees y + b, and with running mean mu
+
+    BN(y + b; mu) = BN(y; mu - b)
+
+exactly in eval mode. In train mode the two agree as well: the batch mean absorbs b, so the output is the same,
+and the running mean the folded network updates stays exactly b below the unfolded one's (any momentum). The
+folded network is then the stock architecture: its state loads with ``strict=True``. A bias whose layer feeds
+no BatchNorm, or one that something else reads too, cannot be folded and is kept.
+
+Which BatchNorm takes which output is found by running the network once on a probe input: forward hooks give
+every layer's outputs and every BatchNorm's inputs, and the autograd graph of that pass tells whether anything
+else reads an output. The folded network is checked against the original on the probe before it is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from papa.forward import eval_mode
+
+TOLERANCE = 1e-4
+"""The largest logit difference (relative to the largest logit, at least 1) the folded network may show."""
+
+
+@dataclass
+class Fold:
+    """What ``fold_biases`` did: ``folded`` maps each layer whose bias went into BatchNorm running means to those
+    BatchNorms; ``kept`` lists the layers whose bias stays (in forward order, then by name)."""
+
+    folded: dict[str, list[str]] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+    note: str = ""  # why every bias was kept, when folding had to be undone
+
+
+def _tensors(out) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, list | tuple):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _readers(roots: list[Tensor]) -> Counter:
+    """For every autograd node reachable from ``roots``: how many edges of the graph read its output (the roots
+    count as read once each, by whoever called the network)."""
+    readers: Counter = Counter(t.grad_fn for t in roots if t.grad_fn is not None)
+    stack, seen = list(readers), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                readers[child] += 1
+                stack.append(child)
+    return readers
+
+
+def _channels_first(layer: nn.Module, y: Tensor) -> bool:
+    """Whether ``layer``'s output channels are dim 1 of ``y``, the dim a BatchNorm normalizes."""
+    if isinstance(layer, nn.Linear):
+        return y.dim() == 2
+    return y.dim() == len(layer.kernel_size) + 2
+
+
+def batchnorm_feeds(model: nn.Module, x: Tensor) -> dict[str, list[str] | None]:
+    """For every convolution and linear layer that fires when ``model`` (eval mode) runs on ``x``: the
+    BatchNorms that its output goes into, each time it fires, when nothing else reads that output and those
+    BatchNorms take no other input; None where that is not so."""
+    model = copy.deepcopy(model)  # hooks, and gradients on every parameter so every operation is recorded
+    for p in model.parameters():
+        p.requires_grad_(p.is_floating_point())
+    outputs: dict[str, list[Tensor]] = {}
+    inputs: dict[str, list[Tensor]] = {}
+
+    def layer_hook(name):
+        def hook(_module, _args, y):
+            outputs.setdefault(name, []).append(y)
+        return hook
+
+    def bn_hook(name):
+        def hook(_module, args):
+            inputs.setdefault(name, []).append(args[0] if args else None)
+        return hook
+
+    handles = [m.register_forward_hook(layer_hook(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear | _ConvNd)]
+    handles += [m.register_forward_pre_hook(bn_hook(n)) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    try:
+        with torch.enable_grad(), eval_mode(model):
+            readers = _readers(_tensors(model(x)))
+    finally:
+        for h in handles:
+            h.remove()
+    fed_by: dict[str, set[str | None]] = {}  # BatchNorm -> the layers whose outputs it took (None: anything else)
+    for bn, xs in inputs.items():
+        fed_by[bn] = {next((n for n, ys in outputs.items() if any(t is y for y in ys)), None) for t in xs}
+    found: dict[str, list[str] | None] = {}
+    for name, ys in outputs.items():
+        layer = model.get_submodule(name)
+        bns = sorted(bn for bn, sources in fed_by.items() if name in sources)
+        alone = all(sources == {name} for bn, sources in fed_by.items() if bn in bns)
+        each = all(y.grad_fn is not None and readers[y.grad_fn] == 1 and _channels_first(layer, y)
+                   and any(any(t is y for t in inputs[bn]) for bn in bns) for y in ys)
+        found[name] = bns if bns and alone and each else None
+    return found
+
+
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad(), eval_mode(model):
+        return torch.cat([t.flatten().float() for t in _tensors(model(x))])
+
+
+def agrees(model: nn.Module, reference: nn.Module, x: Tensor, tol: float = TOLERANCE) -> tuple[bool, float]:
+    """Whether two networks give the same outputs on ``x`` in eval mode up to ``tol`` (relative to the largest
+    output, at least 1), and the largest difference."""
+    a, b = _logits(model, x), _logits(reference, x)
+    if a.shape != b.shape:
+        return False, float("inf")
+    diff = float((a - b).abs().max()) if a.numel() else 0.0
+    return diff <= tol * max(1.0, float(b.abs().max())), diff
+
+
+def _agrees_in_float64(model: nn.Module, reference: nn.Module, x: Tensor) -> tuple[bool, float]:
+    """``agrees``, and where float32 rounding alone could explain a difference, ``agrees`` of float64 copies (the
+    folded running means stay rounded to their stored precision)."""
+    found = agrees(model, reference, x)
+    if found[0] or x.dtype == torch.float64:
+        return found
+    try:
+        return agrees(copy.deepcopy(model).double(), copy.deepcopy(reference).double(), x.double())
+    except (RuntimeError, TypeError):  # a model that cannot run in float64
+        return found
+
+
+@torch.no_grad()
+def fold_biases(module: nn.Module, layers: list[str], x: Tensor) -> tuple[nn.Module, Fold]:
+    """A copy of ``module`` without the biases of ``layers`` (REPAIR's, which the architecture lacks), each folded
+    into the running mean of the BatchNorms its output alone feeds (see ``batchnorm_feeds``); a bias that cannot be
+    folded is kept. The copy's outputs on ``x`` are checked against ``module``'s (eval mode; in float64 too where
+    float32 rounding alone could explain a difference); should they differ, every bias is kept instead (the copy is
+    then ``module`` itself, copied) and ``Fold.note`` says why."""
+    feeds = batchnorm_feeds(module, x) if layers else {}
+    order = {name: k for k, name in enumerate(feeds)}
+    layers = sorted(layers, key=lambda n: (order.get(n, len(order)), n))
+    out, fold = copy.deepcopy(module), Fold()
+    for name in layers:
+        bns = feeds.get(name)
+        layer = out.get_submodule(name)
+        if bns is None or layer.bias is None:
+            fold.kept.append(name)
+            continue
+        bias = layer.bias.detach().double()
+        for bn_name in bns:
+            bn = out.get_submodule(bn_name)
+            if bn.running_mean is not None:  # without running statistics a BatchNorm ignores any shift
+                bn.running_mean.copy_((bn.running_mean.double() - bias.to(bn.running_mean.device)).to(bn.running_mean))
+        layer.bias = None
+        fold.folded[name] = bns
+    if fold.folded:
+        same, diff = _agrees_in_float64(out, module, x)
+        if not same:
+            return copy.deepcopy(module), Fold(kept=layers, note=f"folding changed the outputs (by up to {diff:.3g} "
+                                                "on a probe input); every bias kept")
+    return out, fold
