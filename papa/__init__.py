@@ -23,6 +23,7 @@ _EXPORTS = {
         "push_toward_average_",
         "weighted_average_",
     ],
+    "papa.export": ["load_model", "load_soup"],
     "papa.population": ["Population"],
     "papa.repair": ["member_moments", "repair", "reset_batchnorm"],
     "papa.similarity": ["cosine_similarity", "population_similarity"],

@@ -92,6 +92,20 @@ def _similarity(a):
     print(f"{a.run}/similarity.json: between members / member and avg soup: {cells}")
 
 
+def _export(a):
+    from papa import export
+
+    spec = export.export(a.run, a.out, soup=a.soup, member=a.member)
+    n, b = spec["network"], spec["biases"]
+    name = n["soup"] if n["member"] is None else f"member {n['member']}"
+    print(f"{a.out}: {name} of {n['experiment']}/{n['variant']}/seed{n['seed']} ({spec['model']}), test "
+          f"{n['metric']} {n['test_accuracy']:.2f}%; {len(b['folded'])} of REPAIR's biases folded into BatchNorms")
+    if b["kept"]:
+        why = b["note"] or "they feed no BatchNorm alone"
+        print(f"{a.out}: kept the biases REPAIR gave {len(b['kept'])} layers ({', '.join(b['kept'])}): {why}; load "
+              "it with papa.load_model")
+
+
 def _bench(a):
     import json
 
@@ -162,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     _split_arg(p)
     _run_arg(p, "population.safetensors (from `papa train`)")
     p.set_defaults(func=_similarity)
+
+    p = sub.add_parser("export", help="write one soup (or member) of a run as a standalone model folder",
+                       description="Write a soup of a trained, souped and evaluated run (or one of its members) as a "
+                       "folder: model.safetensors (the architecture's own tensors, REPAIR's biases folded into the "
+                       "BatchNorms they feed), config.json and a model card (README.md). A timm model's folder is "
+                       "what timm.models.save_for_hf writes: timm.create_model('local-dir:PATH', pretrained=True) "
+                       "reads it; papa.load_model(PATH) reads any export.")
+    p.add_argument("--run", required=True, type=Path,
+                   help="run directory (population.safetensors, soups.safetensors and metrics.json)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--soup", help="avg_soup, greedy_soup, avg_soup_repair or greedy_soup_repair "
+                       "(default: greedy_soup_repair)")
+    which.add_argument("--member", type=int, metavar="J", help="export member J (0-based) instead of a soup")
+    p.add_argument("--out", required=True, type=Path,
+                   help="folder to write (created; an earlier export there is replaced, anything else refused)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("bench", help="time training steps of one engine on synthetic data (one JSON line)",
                        description="Member-images per second, step and PAPA-push time of a population.")

@@ -22,6 +22,7 @@ from papa.data import Policy, load_dataset, load_split, make_split, make_stream,
 from papa.data.subset import subset_splits
 from papa.distributed import from_env
 from papa.errors import PapaError
+from papa.export import input_spec
 from papa.io import file_digest, write_json, write_text
 from papa.metrics import accuracy, held_out_metrics, population_scores, summary
 from papa.models import available_models
@@ -211,7 +212,7 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
             "steps": trainer.step, "population": comm.p, "model": exp["model"]["name"],
             "engine": trainer.engine_name, "device": str(trainer.device), "processes": comm.world_size,
             "policies": [dataclasses.asdict(p) for p in trainer.all_policies], "config": exp,
-            "split_sha256": split["sha256"],
+            "split_sha256": split["sha256"], **input_spec(exp, splits),
         }
         save_tensors(out / "population.safetensors", state, meta)
     comm.barrier()  # the outputs exist before any checkpoint goes

@@ -1,0 +1,419 @@
+"""One network of a run, usable without the run: ``papa export`` writes a soup (or a member) as a folder, and
+``load_soup`` / ``load_model`` give it back as a plain ``nn.Module``.
+
+The folder holds ``model.safetensors`` (the network under its architecture's own tensor names: REPAIR's biases
+folded into the BatchNorms they feed, papa.fold), ``config.json`` and ``README.md`` (the model card, papa.card).
+For a ``timm/<name>`` model the folder is what ``timm.models.save_for_hf`` writes (the layout of the Hugging Face
+Hub), so ``timm.create_model("local-dir:PATH", pretrained=True)`` reads it without papa; ``config.json`` then
+carries papa's description under ``papa``. For papa's own architectures ``config.json`` is that description:
+model name and keyword arguments, classes, the input size and normalization the run used.
+
+A bias that cannot be folded (no BatchNorm alone takes its layer's output) is kept, listed under
+``biases.kept``: ``load_model`` gives those layers a bias before loading (the stock architecture would refuse
+the tensor with ``strict=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from papa.checkpoint import load_tensors, versions
+from papa.errors import PapaError
+from papa.io import current_umask, file_digest
+from papa.models import TIMM_PREFIX, create_model
+from papa.population import Population
+
+SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
+"""The soups of a run (papa.soups.SOUPS, checked equal in the tests: importing papa.soups here would pull in
+alignment for nothing)."""
+SOUP = "greedy_soup_repair"
+"""What ``papa export`` writes by default: the REPAIRed greedy soup."""
+WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
+FILES = (WEIGHTS, CONFIG, CARD)
+FORMAT = 1
+"""The version of the ``papa`` description in config.json."""
+PROBE_SIDE = 64
+"""The side of the probe input for a network that takes any image size (U-Net): enough for its pools."""
+
+
+# what a network of a run takes in -------------------------------------------------------------------------------
+def input_spec(exp: dict, splits) -> dict:
+    """What a network of a run expects and returns, as papa.runs.load_data gave it to the run: ``input`` (dataset,
+    kind, channels, the side it was trained at, per-channel mean/std in [0, 1] pixel units, the resize
+    interpolation and the centre-crop fraction of evaluation) and ``classes`` (one name per logit).
+    population.json records it, so an export needs no data."""
+    test = splits.test
+    classes = [str(c) for c in getattr(test, "classes", ())] or [str(k) for k in range(splits.num_classes)]
+    size = int(splits.image_size)
+    if splits.kind == "folder":  # papa.data.datasets.folder_eval_transform: resize to 256/224 of the crop, crop
+        interpolation, crop = "bilinear", size / round(size * 256 / 224)
+    elif splits.kind == "segmentation":  # whole tiles, any size: no resize, no crop
+        interpolation, crop = None, 1.0
+    else:  # resized on the device only when data.image_size asks for it
+        interpolation, crop = (exp["data"].get("resize", "bilinear") if test.image_size else None), 1.0
+    return {
+        "input": {"dataset": splits.name, "kind": splits.kind, "channels": int(splits.in_channels),
+                  "size": [size, size], "mean": [float(v) for v in test.mean], "std": [float(v) for v in test.std],
+                  "interpolation": interpolation, "crop_pct": crop},
+        "classes": classes,
+    }
+
+
+def probe(spec: dict) -> torch.Tensor:
+    """Two random images of the size ``spec`` says the network takes (at most PROBE_SIDE for one taking any
+    size): what papa.fold runs the network on."""
+    from papa.rng import generator
+
+    h, w = spec["input"]["size"]
+    if spec["input"]["kind"] == "segmentation":
+        h, w = min(h, PROBE_SIDE), min(w, PROBE_SIDE)
+    return torch.randn(2, spec["input"]["channels"], h, w, generator=generator("export-probe"))
+
+
+def architecture(spec: dict) -> nn.Module:
+    """A freshly built network of ``spec``'s architecture (random weights, eval mode)."""
+    return create_model(spec["model"], num_classes=len(spec["classes"]), in_channels=spec["input"]["channels"],
+                        **spec["kwargs"]).eval()
+
+
+# a run's files, checked ---------------------------------------------------------------------------------------
+@dataclass
+class RunFiles:
+    """A run's population, soups and metrics, each checked to come from the same training."""
+
+    dir: Path
+    meta: dict  # population.safetensors's metadata
+    population: dict[str, torch.Tensor]  # stacked (p, ...)
+    soups: dict[str, torch.Tensor]  # prefixed <soup>.
+    soups_meta: dict
+    metrics: dict
+    digests: dict[str, str]
+
+    @property
+    def exp(self) -> dict:
+        return self.meta["config"]
+
+
+def _need(path: Path, step: str) -> Path:
+    if not path.is_file():
+        raise PapaError(f"{path}: not found; run `{step}` on this run first")
+    return path
+
+
+def read_run(run_dir: str | Path) -> RunFiles:
+    """The files of a trained, souped and evaluated run; PapaError when one is missing, unreadable or stale (made
+    from another population or other soups than the ones beside it)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise PapaError(f"{run}: no such run directory")
+    population = _need(run / "population.safetensors", "papa train")
+    soups = _need(run / "soups.safetensors", "papa soups --evaluate")
+    metrics_path = _need(run / "metrics.json", "papa evaluate")
+    tensors, meta = load_tensors(population)
+    soup_tensors, soups_meta = load_tensors(soups)
+    if not isinstance(meta.get("config"), dict):
+        raise PapaError(f"{population}: no experiment config in its metadata (not written by `papa train`?)")
+    digests = {"population_sha256": file_digest(population), "soups_sha256": file_digest(soups)}
+    if soups_meta.get("population_sha256") != digests["population_sha256"]:
+        raise PapaError(f"{soups} is stale: made from another population than {population}; run `papa soups "
+                        "--evaluate` on this run again")
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, ValueError) as e:
+        raise PapaError(f"{metrics_path}: unreadable ({e})") from None
+    if not isinstance(metrics, dict) or any(metrics.get(k) != v for k, v in digests.items()):
+        raise PapaError(f"{metrics_path} is stale: computed from another population or other soups than the ones "
+                        f"in {run}; run `papa evaluate` on this run again")
+    return RunFiles(run, meta, tensors, soup_tensors, soups_meta, metrics, digests)
+
+
+def run_spec(files: RunFiles) -> dict:
+    """The architecture of a run's networks (model name, kwargs) and what they take in (``input_spec``): from
+    population.json, or, for a run trained before population.json recorded it, from the dataset."""
+    exp, meta = files.exp, files.meta
+    if "input" in meta and "classes" in meta:
+        data = {"input": meta["input"], "classes": meta["classes"]}
+    else:
+        from papa.runs import load_data
+
+        data = input_spec(exp, load_data(exp))
+    return {"format": FORMAT, "library": "papa", "model": exp["model"]["name"], "kwargs": exp["model"]["kwargs"],
+            **data}
+
+
+# one network of a run ---------------------------------------------------------------------------------------
+def _soup_state(files: RunFiles, soup: str) -> dict[str, torch.Tensor]:
+    if soup not in SOUPS:
+        raise PapaError(f"no soup {soup!r}; a run's soups are {', '.join(SOUPS)}")
+    state = {k[len(soup) + 1:]: v for k, v in files.soups.items() if k.startswith(f"{soup}.")}
+    if not state:
+        raise PapaError(f"{files.dir / 'soups.safetensors'}: no tensors for {soup}")
+    return state
+
+
+def _member_state(files: RunFiles, member: int) -> dict[str, torch.Tensor]:
+    p = int(files.meta.get("population") or next(iter(files.population.values())).shape[0])
+    if not 0 <= member < p:
+        raise PapaError(f"no member {member}: the population of {files.dir} has {p} members (0 to {p - 1})")
+    return {k: v[member] for k, v in files.population.items()}
+
+
+def _dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of a state's floating tensors (float32 when it has none)."""
+    return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+
+
+def _bias_free(model: nn.Module, name: str) -> bool:
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return isinstance(layer, nn.Linear | _ConvNd) and layer.bias is None
+
+
+def _module(stock: nn.Module, state: dict[str, torch.Tensor], where: Path) -> tuple[nn.Module, list[str]]:
+    """``stock``'s architecture holding ``state``, and the layers ``state`` gives a bias the architecture lacks
+    (REPAIR's); any other difference is a PapaError."""
+    own = stock.state_dict()
+    added = sorted(k.removesuffix(".bias") for k in state.keys() - own.keys()
+                   if k.endswith(".bias") and _bias_free(stock, k.removesuffix(".bias")))
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys() - {f"{n}.bias" for n in added})
+    shapes = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        found = [f"{what} {names[:3]}" for what, names in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if names]
+        raise PapaError(f"{where}: the tensors do not fit the run's architecture: {'; '.join(found)}")
+    return Population.from_modules([stock]).module_from_state(state).eval(), added
+
+
+def to_architecture(state: dict[str, torch.Tensor], spec: dict, where: str | Path = "the network"):
+    """A network of ``spec``'s architecture (eval mode) holding ``state`` (a soup's or a member's tensors), with the
+    biases REPAIR gave its bias-free layers folded into the BatchNorms they feed where exact (papa.fold.fold_biases,
+    on ``probe(spec)``), and the papa.fold.Fold saying which were folded and which kept."""
+    from papa.fold import fold_biases
+
+    module, added = _module(architecture(spec), state, where)
+    folded, fold = fold_biases(module, added, probe(spec).to(_dtype(state)))
+    return folded.eval(), fold
+
+
+def describe(files: RunFiles, soup: str | None, member: int | None) -> dict:
+    """Which network of the run this is, and how well it did (metrics.json): config.json's ``network``."""
+    m, meta = files.metrics, files.meta
+    segmentation = "f1_members" in m
+    if member is not None:
+        members, key, val = [member], None, (m.get("val_members") or [None] * (member + 1))[member]
+        test = m["members"][member]
+    else:
+        p = len(m["members"])
+        members = list(files.soups_meta["greedy_soup_members"]) if soup.startswith("greedy") else list(range(p))
+        key, val, test = soup, files.soups_meta.get("val_accuracy", {}).get(soup), m[soup]
+    out = {
+        "experiment": meta.get("experiment"), "variant": meta.get("variant"), "seed": meta.get("seed"),
+        "population": len(m["members"]), "soup": key, "member": member, "members": members,
+        # a one-member soup is that member, never REPAIRed (papa.soups.make_soups)
+        "repaired": bool(key and key.endswith("_repair") and len(members) > 1),
+        "aligned": bool(key and files.soups_meta.get("aligned", False)),
+        "metric": "pixel accuracy" if segmentation else "accuracy",
+        "test_accuracy": test, "val_accuracy": val,
+    }
+    if segmentation:
+        f1 = m["f1_members"][member]["average"] if member is not None else m.get(f"{key}_f1_average")
+        out["test_f1_average"] = f1
+    return out
+
+
+def network(files: RunFiles, soup: str | None = None, member: int | None = None) -> tuple[nn.Module, dict]:
+    """Soup ``soup`` (default SOUP) or member ``member`` of a run as a plain module of its architecture (eval mode,
+    on the CPU), REPAIR's biases folded where exact (papa.fold), and config.json's description of it."""
+    if soup is not None and member is not None:
+        raise PapaError("give a soup or a member, not both")
+    if member is None:
+        soup = soup or SOUP
+        state, where = _soup_state(files, soup), files.dir / "soups.safetensors"
+    else:
+        state, where = _member_state(files, member), files.dir / "population.safetensors"
+    spec = run_spec(files)
+    folded, fold = to_architecture(state, spec, where)
+    spec |= {
+        "biases": {"folded": fold.folded, "kept": fold.kept, "note": fold.note},
+        "network": describe(files, soup, member),
+        "run": dict(files.digests),
+        "config": files.exp,
+        "versions": files.meta.get("versions", {}),
+        "exported_with": versions(),
+    }
+    return folded.eval(), spec
+
+
+def load_soup(run_dir: str | Path, name: str = SOUP, device: str | torch.device = "cpu") -> nn.Module:
+    """Soup ``name`` (avg_soup, greedy_soup, avg_soup_repair or greedy_soup_repair; default the REPAIRed greedy soup)
+    of a run as a plain ``nn.Module`` of its architecture, in eval mode on ``device``: the network ``papa export``
+    writes. REPAIR's biases are folded into the BatchNorms they feed (the soup's outputs, to float rounding, in
+    eval and train mode); a bias that cannot be folded stays on its layer. Refused (PapaError) when the run's
+    soups or metrics are stale."""
+    return network(read_run(run_dir), soup=name)[0].to(device)
+
+
+# the folder ---------------------------------------------------------------------------------------------------
+def _is_export(path: Path) -> bool:
+    """Whether ``path`` is a folder ``export`` may replace: empty, or an earlier export and nothing else."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return True
+    if not names <= set(FILES) or CONFIG not in names:
+        return False
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("library") == "papa" or isinstance(config.get("papa"), dict))
+
+
+def write_folder(out: str | Path, fill: Callable[[Path], None]) -> None:
+    """Create folder ``out`` atomically: ``fill`` writes into a temporary sibling, which is renamed into place once
+    complete (an earlier export there is replaced; anything else there is refused, never removed). On failure
+    nothing is left but what was there before."""
+    out = Path(out)
+    if out.exists() and not _is_export(out):
+        raise PapaError(f"{out} exists and is not a papa export; give another --out, or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = None
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(f, 0o666 & ~current_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old.tmp"))
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        raise
+    finally:
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _timm_data_config(spec: dict) -> dict:
+    i = spec["input"]
+    config = {"input_size": (i["channels"], *i["size"]), "mean": tuple(i["mean"]), "std": tuple(i["std"]),
+              "crop_pct": i["crop_pct"], "crop_mode": "center"}
+    return config | ({"interpolation": i["interpolation"]} if i["interpolation"] else {})
+
+
+def save(module: nn.Module, spec: dict, out: str | Path) -> None:
+    """Write ``module`` (of ``spec``'s architecture, plus the biases ``spec['biases']['kept']`` names) with its
+    description and model card as an export folder ``out`` (``write_folder``). The tensors are first loaded into
+    a freshly built network of the architecture with ``strict=True``: what is written is what loads."""
+    from safetensors.torch import save_file
+
+    from papa.card import model_card
+
+    state = module.state_dict()
+    stock = architecture(spec)
+    add_biases(stock, spec["biases"]["kept"], state)
+    stock.to(_dtype(state))
+    stock.load_state_dict(state, strict=True)
+
+    def fill(tmp: Path) -> None:
+        if spec["model"].startswith(TIMM_PREFIX):
+            from timm.models import save_for_hf
+
+            try:
+                save_for_hf(stock, str(tmp), model_config={"papa": spec, "label_names": spec["classes"]},
+                            safe_serialization=True, data_config=_timm_data_config(spec))
+            except (ValueError, TypeError) as e:
+                raise PapaError(f"timm cannot write {spec['model']}: {e}") from None
+        else:
+            state = {k: v.detach().cpu().contiguous() for k, v in stock.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            (tmp / CONFIG).write_text(json.dumps(spec, indent=2) + "\n")
+        (tmp / CARD).write_text(model_card(spec))
+
+    write_folder(out, fill)
+
+
+def export(run_dir: str | Path, out: str | Path, soup: str | None = None, member: int | None = None) -> dict:
+    """``papa export``: soup ``soup`` (default the REPAIRed greedy soup) or member ``member`` of a run as an export
+    folder ``out`` (see the module docstring). Returns the network's description (config.json's ``papa`` part)."""
+    module, spec = network(read_run(run_dir), soup, member)
+    save(module, spec, out)
+    return spec
+
+
+# reading an export back ------------------------------------------------------------------------------------------
+def add_biases(model: nn.Module, layers: list[str], state: dict[str, torch.Tensor]) -> nn.Module:
+    """Give each of ``layers`` (bias-free in ``model``'s architecture) a bias shaped as in ``state``, so that a state
+    keeping REPAIR's unfoldable biases loads with ``strict=True``."""
+    for name in layers:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise PapaError(f"the export keeps a bias for layer {name!r}, which its architecture lacks") from None
+        if getattr(layer, "bias", None) is None and f"{name}.bias" in state:
+            layer.bias = nn.Parameter(torch.zeros_like(state[f"{name}.bias"]))
+    return model
+
+
+def read_spec(path: str | Path) -> dict:
+    """The ``papa`` description of an export folder (config.json, or its ``papa`` entry for a timm model)."""
+    config_path = Path(path) / CONFIG
+    if not config_path.is_file():
+        raise PapaError(f"{path}: not a papa export (no {CONFIG})")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise PapaError(f"{config_path}: unreadable ({e})") from None
+    spec = config.get("papa", config) if isinstance(config, dict) else None
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise PapaError(f"{config_path}: not written by `papa export` (format {FORMAT})")
+    return spec
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The network of an export folder (``papa export``) as an ``nn.Module`` in eval mode on ``device``, its floating
+    tensors of ``dtype`` (default: as saved, float32 for what `papa export` writes): papa's own architectures from
+    the model name and kwargs in config.json, timm models through ``timm.create_model("local-dir:PATH")``; layers
+    keeping a bias REPAIR gave them get one; the weights load with ``strict=True``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    spec = read_spec(path)
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise PapaError(f"{path / WEIGHTS}: unreadable ({e})") from None
+    if spec["model"].startswith(TIMM_PREFIX):
+        import timm
+
+        model = timm.create_model(f"local-dir:{path}", pretrained=False)
+    else:
+        model = architecture(spec)
+    add_biases(model, spec["biases"]["kept"], state)
+    model.to(dtype or _dtype(state))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise PapaError(f"{path / WEIGHTS}: does not fit {spec['model']} ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
