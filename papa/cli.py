@@ -98,8 +98,9 @@ def _export(a):
     spec = export.export(a.run, a.out, soup=a.soup, member=a.member)
     n, b = spec["network"], spec["biases"]
     name = n["soup"] if n["member"] is None else f"member {n['member']}"
+    folded = f"; REPAIR's biases of {len(b['folded'])} layers folded into BatchNorms" if b["folded"] else ""
     print(f"{a.out}: {name} of {n['experiment']}/{n['variant']}/seed{n['seed']} ({spec['model']}), test "
-          f"{n['metric']} {n['test_accuracy']:.2f}%; {len(b['folded'])} of REPAIR's biases folded into BatchNorms")
+          f"{n['metric']} {n['test_accuracy']:.2f}%{folded}")
     if b["kept"]:
         why = b["note"] or "they feed no BatchNorm alone"
         print(f"{a.out}: kept the biases REPAIR gave {len(b['kept'])} layers ({', '.join(b['kept'])}): {why}; load "

@@ -32,10 +32,8 @@ from papa.errors import PapaError
 from papa.io import current_umask, file_digest
 from papa.models import TIMM_PREFIX, create_model
 from papa.population import Population
+from papa.soups import SOUPS
 
-SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
-"""The soups of a run (papa.soups.SOUPS, checked equal in the tests: importing papa.soups here would pull in
-alignment for nothing)."""
 SOUP = "greedy_soup_repair"
 """What ``papa export`` writes by default: the REPAIRed greedy soup."""
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"

@@ -39,10 +39,6 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
-def test_export_names_the_soups_of_papa_soups():
-    assert export.SOUPS == SOUPS
-
-
 def cli(capsys, *args: str) -> tuple[int, str, str]:
     """``papa export ARGS`` in this process (the command's own error handling, without a start-up per call)."""
     from papa.cli import main
@@ -93,7 +89,7 @@ def test_exported_network_scores_the_test_accuracy_of_metrics_json(run, tmp_path
     if key == "avg_soup_repair" and which[:1] != ["--member"]:
         assert n["members"] == [0, 1] and n["repaired"]
         # REPAIR gave both convolutions a bias; both are folded into their BatchNorms
-        assert spec["biases"] == {"folded": {"conv1": ["bn1"], "conv2": ["bn2"]}, "kept": []}
+        assert spec["biases"] == {"folded": {"conv1": ["bn1"], "conv2": ["bn2"]}, "kept": [], "note": ""}
     assert spec["classes"] == [str(d) for d in range(10)] and spec["kwargs"] == {"width": 8}
     assert spec["versions"]["torch"] == torch.__version__.split("+")[0]
     assert spec["run"]["population_sha256"] == metrics["population_sha256"]
