@@ -1,0 +1,60 @@
+"""What population.json records of a run's input and classes (papa.export.input_spec), for every kind of dataset,
+read off the data exactly as the run's stream and evaluation prepare it."""
+
+from __future__ import annotations
+
+import pytest
+
+from papa import runs
+from papa.data.datasets import CIFAR100_MEAN, IMAGENET_MEAN, IMAGENET_STD
+from papa.export import input_spec, probe
+from tests.helpers import tiny_experiment
+from tests.unit.test_data import _write_images, write_cifar
+from tests.vaihingen_tiles import OPTIONS, write_tiles
+
+
+def _spec(**overrides) -> dict:
+    exp = tiny_experiment(**overrides)
+    return input_spec(exp, runs.load_data(exp))
+
+
+def test_digits_at_their_own_size_are_not_resized():
+    spec = _spec()
+    assert spec["classes"] == [str(d) for d in range(10)]
+    i = spec["input"]
+    assert (i["dataset"], i["kind"], i["channels"], i["size"], i["interpolation"], i["crop_pct"]) == (
+        "digits", "array", 1, [8, 8], None, 1.0)
+    assert 0.2 < i["mean"][0] < 0.4 and 0.3 < i["std"][0] < 0.5  # measured on the training part
+    assert tuple(probe(spec).shape) == (2, 1, 8, 8)
+
+
+def test_cifar_resized_for_a_pretrained_timm_model_takes_the_models_normalization(tmp_path):
+    write_cifar(tmp_path, "cifar100")
+    spec = _spec(data={"dataset": "cifar100", "root": str(tmp_path), "image_size": 24, "resize": "bicubic"},
+                 model={"name": "timm/convit_tiny.fb_in1k", "pretrained": "timm", "kwargs": {}})
+    i = spec["input"]
+    assert (i["kind"], i["channels"], i["size"], i["interpolation"]) == ("array", 3, [24, 24], "bicubic")
+    assert i["mean"] == pytest.approx(IMAGENET_MEAN) and i["std"] == pytest.approx(IMAGENET_STD)  # not CIFAR's
+    assert len(spec["classes"]) == 100 and spec["classes"][0] != "0"  # the archive's class names
+    plain = _spec(data={"dataset": "cifar100", "root": str(tmp_path)})
+    assert plain["input"]["mean"] == pytest.approx(CIFAR100_MEAN) and plain["input"]["interpolation"] is None
+
+
+def test_an_image_folder_is_resized_then_centre_cropped(tmp_path):
+    for part in ("train", "val"):
+        for cls in ("cat", "dog"):
+            _write_images(tmp_path / part / cls, 2)
+    spec = _spec(data={"dataset": "imagenet", "root": str(tmp_path), "image_size": 224})
+    i = spec["input"]
+    assert (i["kind"], i["size"], i["interpolation"], i["crop_pct"]) == ("folder", [224, 224], "bilinear", 0.875)
+    assert spec["classes"] == ["cat", "dog"]
+
+
+def test_segmentation_takes_whole_tiles(tmp_path):
+    write_tiles(tmp_path)
+    spec = _spec(data={"dataset": "vaihingen", "root": str(tmp_path), "options": OPTIONS},
+                 model={"name": "unet", "kwargs": {"width": 4, "depth": 2}})
+    i = spec["input"]
+    assert (i["kind"], i["channels"], i["size"], i["interpolation"]) == ("segmentation", 3, [32, 32], None)
+    assert spec["classes"][0] == "impervious_surfaces" and len(spec["classes"]) == 6
+    assert tuple(probe(spec).shape) == (2, 3, 32, 32)
