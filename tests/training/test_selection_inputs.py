@@ -7,8 +7,10 @@ training split (and the test set) it is the worst. So:
 
 - the genetic ablations (Tables 15-17), which rank by validation cross-entropy, lowest first, keep member 0 and
   its children; fed accuracies as losses, losses of the training split or of the test set, they pick others;
-- the greedy soup averaging of Table 14 and the soups stage (Algorithm 3, greedy by validation accuracy) start
-  from member 0 and keep it alone; scored on the training split they would never take it.
+- the greedy soup averaging of Table 14 and the soups stage (Algorithm 3, greedy by validation accuracy), with
+  member 1 made a twin of member 0: they start from member 0 and keep its twin (their soup is member 0, as good
+  on the validation split); candidate soups scored on the training split would refuse the twin, and a greedy
+  soup ranked on the training split would never take either.
 
 A linear model's mixture of members computes the same mixture of their logits, so every expected selection is
 recomputed here from the members' logits with plain tensor code."""
@@ -50,11 +52,14 @@ def logreg(**overrides) -> dict:
     return exp
 
 
-def permute_member_0(state: dict) -> dict:
-    """``state`` (stacked) with member 0's classes permuted: its logit for PERM[c] is its old logit for c."""
+def permute_member_0(state: dict, twin: bool = False) -> dict:
+    """``state`` (stacked) with member 0's classes permuted: its logit for PERM[c] is its old logit for c; with
+    ``twin``, member 1 a copy of it."""
     state = {k: v.clone() for k, v in state.items()}
     for name in HEAD:
         state[name][0] = state[name][0][PERM.argsort()]
+        if twin:
+            state[name][1] = state[name][0]
     return state
 
 
@@ -68,11 +73,11 @@ def relabelled(splits, split: dict):
 
 @pytest.fixture(scope="module")
 def trained(split_path) -> dict:
-    """A baseline population of P logistic regressions, 2 epochs, member 0 permuted."""
+    """A baseline population of P logistic regressions trained 2 epochs (stacked tensors)."""
     exp = logreg(train={"epochs": 2, "batch_size": 128})
     t = Trainer(exp, "baseline", 1, runs.load_data(exp), load_split(split_path), progress=False)
     t.fit()
-    return permute_member_0(t.pop.state_dict())
+    return {k: v.detach().clone() for k, v in t.pop.state_dict().items()}
 
 
 def logits(state: dict, data, indices) -> torch.Tensor:
@@ -104,12 +109,14 @@ class Where:
         return scores(torch.einsum("rp,pnk->rnk", rows.double(), self.z), self.labels)
 
 
-def places(trained, split_path, exp):
+def places(state, split_path, exp):
+    """The relabelled data, the split, and the members of ``state`` on the validation split, training split and
+    test set."""
     splits, split = runs.load_data(exp), load_split(split_path)
     splits = relabelled(splits, split)
-    return splits, split, {"val": Where(trained, splits.train, split["val"]),
-                           "train": Where(trained, splits.train, split["train"]),
-                           "test": Where(trained, splits.test, None)}
+    return splits, split, {"val": Where(state, splits.train, split["val"]),
+                           "train": Where(state, splits.train, split["train"]),
+                           "test": Where(state, splits.test, None)}
 
 
 def averaged_once(monkeypatch, exp, variant, splits, split, state) -> torch.Tensor:
@@ -133,8 +140,9 @@ def test_genetic_selection_ranks_by_validation_cross_entropy_lowest_first(monkey
     training-split or test-set cross-entropies, for the parents or the children, each give another matrix."""
     genetic = {"tournament": tournament, "elitism": elitism}
     exp = logreg(averaging={"papa-2": {"every": 1, "repair": False, "scheme": "pair-75"}, "genetic": genetic})
-    splits, split, on = places(trained, split_path, exp)
-    matrix = averaged_once(monkeypatch, exp, "papa-2", splits, split, trained)
+    state = permute_member_0(trained)
+    splits, split, on = places(state, split_path, exp)
+    matrix = averaged_once(monkeypatch, exp, "papa-2", splits, split, state)
 
     def selection(key, parents, children="val", what=1):
         losses = [s[what] for s in on[parents].members()]
@@ -167,49 +175,54 @@ def greedy(scores: list[float], soup_score) -> list[int]:
     return kept
 
 
-def greedy_on(where: Where) -> list[int]:
+def greedy_on(ranked: Where, scored: Where | None = None) -> list[int]:
+    """The greedy soup's members, in the order added, ranked by their accuracies on ``ranked`` and candidate soups
+    scored on ``scored`` (default the same)."""
+    scored = scored or ranked
+
     def soup_score(members: list[int]) -> float:
         w = torch.zeros(P, dtype=torch.float64)
         w[members] = 1.0 / len(members)
-        return where.mixtures(w[None])[0][0]
+        return scored.mixtures(w[None])[0][0]
 
-    return greedy([acc for acc, _ in where.members()], soup_score)
+    return greedy([acc for acc, _ in ranked.members()], soup_score)
 
 
 def test_greedy_soup_averaging_scores_candidate_soups_on_the_validation_split(monkeypatch, trained, split_path):
     """Table 14's GreedySoup: every member becomes the greedy soup of the population, greedy by validation accuracy
-    (member 0 alone here); by the training split's or the test set's it would be a soup of the others."""
+    (member 0 and its twin here); with candidate soups scored on the training split or the test set, or the
+    members ranked there too, it would be another soup."""
     exp = logreg(averaging={"papa-all": {"every": 1, "repair": False, "scheme": "greedy"}})
-    splits, split, on = places(trained, split_path, exp)
-    matrix = averaged_once(monkeypatch, exp, "papa-all", splits, split, trained)
+    state = permute_member_0(trained, twin=True)
+    splits, split, on = places(state, split_path, exp)
+    matrix = averaged_once(monkeypatch, exp, "papa-all", splits, split, state)
     kept = greedy_on(on["val"])
-    assert kept == [0]
+    assert kept[:2] == [0, 1]
     assert torch.equal(matrix, averaging.greedy_matrix(kept, P))
     for wrong in ("train", "test"):
-        assert 0 not in greedy_on(on[wrong])
+        assert set(greedy_on(on["val"], on[wrong])) != set(kept)
+        assert not {0, 1} & set(greedy_on(on[wrong]))
 
 
 def test_soups_stage_scores_candidate_soups_on_the_validation_split(monkeypatch, trained, split_path, tmp_path):
     """`papa soups`: the greedy soup's members (in the order added) and the soups' validation accuracies in
-    soups.json are those of the validation split; its greedy soup is then member 0 itself."""
+    soups.json are those of the validation split (member 0 and its twin here, so the greedy soup is member 0)."""
     exp = logreg(train={"epochs": 2, "batch_size": 128}, soups={"repair_iters": 1})
     out = tmp_path / "run"
     runs.train(exp, "baseline", 1, split_path, out, progress=False)
     tensors, meta = load_tensors(out / "population.safetensors")
-    save_tensors(out / "population.safetensors", permute_member_0(tensors), meta)
+    save_tensors(out / "population.safetensors", permute_member_0(tensors, twin=True), meta)
     load_data = runs.load_data
     monkeypatch.setattr(runs, "load_data", lambda e: relabelled(load_data(e), load_split(split_path)))
     info = runs.soups(exp, split_path, out)
     state = load_tensors(out / "population.safetensors")[0]
     splits, split = runs.load_data(exp), load_split(split_path)
-    val = Where(state, splits.train, split["val"])
-    assert info["greedy_soup_members"] == greedy_on(val) == [0]
-    assert 0 not in greedy_on(Where(state, splits.train, split["train"]))
+    val, train = Where(state, splits.train, split["val"]), Where(state, splits.train, split["train"])
+    assert info["greedy_soup_members"] == greedy_on(val)
+    assert greedy_on(val)[:2] == [0, 1]
+    assert set(greedy_on(val, train)) != set(greedy_on(val)) and not {0, 1} & set(greedy_on(train))
     uniform = val.mixtures(torch.full((1, P), 1.0 / P))[0][0]
     assert info["val_accuracy"]["avg_soup"] == pytest.approx(uniform, abs=1e-9)
-    assert info["val_accuracy"]["greedy_soup"] == pytest.approx(val.members()[0][0], abs=1e-9)
-    soups = load_tensors(out / "soups.safetensors")[0]
-    for name in HEAD:
-        assert torch.equal(soups[f"greedy_soup.{name}"], state[name][0])
-
-
+    kept = torch.zeros(1, P, dtype=torch.float64)
+    kept[0, greedy_on(val)] = 1.0 / len(greedy_on(val))
+    assert info["val_accuracy"]["greedy_soup"] == pytest.approx(val.mixtures(kept)[0][0], abs=1e-9)

@@ -166,23 +166,26 @@ def test_each_member_and_epoch_draw_their_order_and_augmentation_from_their_own_
                                 actual[:1]), wrong
 
 
-def test_member_batches_draw_the_order_then_an_augmentation_seed_from_the_callers_generator():
+@pytest.mark.parametrize("ids", [None, [4, 1, 6]])
+def test_member_batches_draw_the_order_then_an_augmentation_seed_from_the_callers_generator(ids):
     """REPAIR's and SWA's batches (member_batches): the items from the caller's generator first, so that every
-    member given the same seed reads the same images, then one seed for the member's augmentations."""
+    member given the same seed reads the same images, then one seed for the member's augmentations, with member
+    j's policy (j its index in the whole population)."""
     data, indices = _noise_dataset(), torch.arange(4, 40)
-    stream = MemberStream(data, indices, 8, POLICIES, seed=7)
+    stream = MemberStream(data, indices, 8, POLICIES, seed=7, member_ids=ids)
 
-    def draw(seed: int, j: int | None):
+    def draw(seed: int, k: int | None):
         g = torch.Generator().manual_seed(seed)
         order = indices[torch.randperm(len(indices), generator=g)]
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=g)))
-        policy = Policy(crop_padding=2, flip=True) if j is None else POLICIES[j]  # None: the base transform
+        policy = Policy(crop_padding=2, flip=True) if k is None else POLICIES[k]  # None: the base transform
         return [apply(policy, data.images[order[i * 8:(i + 1) * 8]], data.labels[order[i * 8:(i + 1) * 8]],
                       4, data.mean, data.std, augment)[0] for i in range(3)]
 
-    for j in (None, 1, 2):
+    for k in (None, 1, 2):
+        j = k if k is None or ids is None else ids[k]
         actual = list(stream.member_batches(j, torch.Generator().manual_seed(666), 3))
-        assert same(actual, draw(666, j)) and not same(actual, draw(665, j))
+        assert same(actual, draw(666, k)) and not same(actual, draw(665, k))
 
 
 def _write_folder(root: Path, n: int = 5) -> None:
@@ -321,6 +324,24 @@ def test_augmentations_draw_everything_from_the_members_generator(policy):
     assert not same(a, batch(g))
 
 
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_mixup_lambdas_are_beta_draws_of_the_members_generator(alpha):
+    """Mixup's lambda, batch after batch of one member's generator, is Beta(alpha, alpha): mean 1/2, variance
+    1 / (4 (2 alpha + 1)) (a constant seed would draw one lambda for every batch). Read from the targets: a
+    sample mixed with a partner of another class keeps lambda of its own class."""
+    data, g = _noise_dataset(16), torch.Generator().manual_seed(3)
+    lambdas = []
+    for _ in range(300):
+        _, targets = apply(Policy(mixup=alpha), data.images, data.labels, 4, data.mean, data.std, g)
+        mixed = ((targets > 0).sum(1) == 2).nonzero().flatten()
+        if len(mixed):
+            lambdas.append(targets[mixed[0], data.labels[mixed[0]]].item())
+    lam = torch.tensor(lambdas, dtype=torch.float64)
+    assert len(lam) > 250
+    assert lam.mean().item() == pytest.approx(0.5, abs=0.05)
+    assert lam.var().item() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.2)
+
+
 def test_repair_train_mode_randomness_of_batch_b_comes_from_its_own_key():
     """A network with dropout before BatchNorm: the statistics REPAIR resets (here through reset_batchnorm) are
     the plain average over batches b of the train-mode batch statistics, batch b's dropout drawn from the global
@@ -357,7 +378,7 @@ DRAW_SITES = {
     ("papa/averagers.py", "Push.push"): "test_mutations_after_pushes_come_from_the_steps_key",
     ("papa/averagers.py", "Replace.average"): "test_each_averaging_mixes_with_the_matrix_of_its_own_epochs_key",
     ("papa/build.py", "member_policies"): "test_member_policies_are_drawn_from_the_run_seeds_key",
-    ("papa/data/augment.py", "_beta"): "test_augmentations_draw_everything_from_the_members_generator",
+    ("papa/data/augment.py", "_beta"): "test_mixup_lambdas_are_beta_draws_of_the_members_generator",
     ("papa/data/augment.py", "autoaugment"): "test_augmentations_draw_everything_from_the_members_generator",
     ("papa/data/augment.py", "randaugment"): "test_augmentations_draw_everything_from_the_members_generator",
     ("papa/data/datasets.py", "stratified_holdout"): "test_the_digits_test_split_is_drawn_class_by_class_from_seed_0",
