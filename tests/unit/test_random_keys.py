@@ -63,7 +63,7 @@ def test_the_digits_test_split_is_drawn_class_by_class_from_seed_0():
     """stratified_holdout: one generator seeded ``seed``, a permutation per class in increasing class order, the
     first round(fraction * n_c) of it held out. The digits test set (every digits number, A.10's included, is
     measured on it) is the one of seed 0, whatever the run."""
-    images, labels = _digits_arrays()
+    _, labels = _digits_arrays()
     labels = torch.as_tensor(labels)
 
     def draw(seed):
