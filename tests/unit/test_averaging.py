@@ -134,3 +134,70 @@ def test_pair_fast_path_equals_the_contraction(pop4, scheme):
     for name, t in pop4.params.items():
         assert torch.allclose(t, torch.tensordot(m.float(), before[name], dims=1), atol=1e-6)
     assert torch.allclose(pop4.buffers["1.running_mean"], torch.tensordot(m.float(), before["1.running_mean"], dims=1))
+
+
+# the distributions of the random schemes (Table 14, PAPA-2) ---------------------------------------------------
+def _draws(scheme: str, p: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([mixing_matrix(scheme, p, g) for _ in range(n)])  # (n, p, p)
+
+
+@pytest.mark.parametrize("p", [3, 4, 5, 6])
+def test_papa2_rows_are_uniform_over_all_pairs_and_distinct_within_a_draw(p):
+    """PAPA-2: row i's two partners are each of the p(p-1)/2 pairs with probability 1 / (p(p-1)/2), whatever i
+    (a member is not bound to be one of its own partners), and no two rows of a draw share a pair. The authors'
+    first-p-pairs, pairs built around member i, or pairs drawn with replacement all fail this."""
+    m = _draws("pair-half", p, 2000)
+    assert ((m == 0.5).sum(2) == 2).all() and ((m == 0).sum(2) == p - 2).all()
+    partners = (m > 0).to(torch.int64).topk(2, dim=2, sorted=False).indices.sort(2).values  # (n, p, 2), a < b
+    codes = partners[..., 0] * p + partners[..., 1]  # (n, p): the pair of each row
+    assert (codes.sort(1).values.diff(dim=1) != 0).all()  # no pair twice in a draw
+    pairs = torch.tensor([a * p + b for a, b in itertools.combinations(range(p), 2)])
+    for i in range(p):
+        counts = torch.bincount(codes[:, i], minlength=p * p)
+        assert counts[pairs].sum() == len(m)  # every pair drawn is one of the p(p-1)/2
+        freq = counts[pairs].double() / len(m)
+        assert torch.allclose(freq, torch.full_like(freq, 1 / len(pairs)), atol=0.03), (i, freq.tolist())
+
+
+def test_pair_75_gives_the_heavier_weight_to_either_partner_at_random():
+    """pair-75: 3/4 to one partner and 1/4 to the other, the heavier one either of the pair with probability 1/2,
+    so each member is row i's heavier partner with probability 1/p, as often as the lighter one."""
+    p, m = 5, _draws("pair-75", 5, 2000)
+    assert ((m == 0.75).sum(2) == 1).all() and ((m == 0.25).sum(2) == 1).all()
+    heavy, light = (m == 0.75).float().argmax(2), (m == 0.25).float().argmax(2)  # (n, p)
+    assert (heavy < light).double().mean().item() == pytest.approx(0.5, abs=0.02)
+    for who in (heavy, light):
+        freq = torch.stack([(who == k).double().mean(0) for k in range(p)])  # (member, row)
+        assert torch.allclose(freq, torch.full_like(freq, 1 / p), atol=0.035)
+
+
+def _flat_dirichlet(m: torch.Tensor) -> bool:
+    """Whether rows (n, p) look like flat Dirichlet draws: each entry Beta(1, p - 1) (mean 1/p, variance
+    (p-1) / (p^2 (p+1)), P(w < x) = 1 - (1 - x)^(p-1)), two entries of a row with covariance -1 / (p^2 (p+1)),
+    the member's own weight like any other."""
+    n, p = m.shape
+    var, cov = (p - 1) / (p**2 * (p + 1)), -1 / (p**2 * (p + 1))
+    cdf = all(abs((m < x).double().mean().item() - (1 - (1 - x) ** (p - 1))) < 0.012 for x in (0.05, 0.2, 0.5))
+    c = torch.cov(m.T)
+    return (abs(m.mean().item() - 1 / p) < 0.003 and abs(m.var().item() - var) < 0.06 * var and cdf
+            and abs(c[0, 1].item() - cov) < 0.15 * abs(cov))
+
+
+@pytest.mark.parametrize("p", [2, 4, 5])
+def test_dirichlet_rows_are_flat_dirichlet_draws(p):
+    draws = _draws("dirichlet", p, 6000 // p)
+    rows = draws.reshape(-1, p)
+    assert _flat_dirichlet(rows)
+    own = draws.diagonal(dim1=1, dim2=2).flatten()
+    assert own.mean().item() == pytest.approx(1 / p, abs=0.01)
+    # the plausible wrong weightings fail the same check: normalized uniforms, a softmax of Gaussians, a
+    # Dirichlet of another concentration
+    g = torch.Generator().manual_seed(2)
+    u = torch.rand(len(rows), p, generator=g, dtype=torch.float64)
+    e = -torch.log(torch.rand(len(rows), p, generator=g, dtype=torch.float64))
+    gamma2 = -torch.log(torch.rand(len(rows), p, 2, generator=g, dtype=torch.float64)).sum(2)
+    for wrong in (u / u.sum(1, keepdim=True), torch.softmax(torch.randn(len(rows), p, generator=g,
+                                                                        dtype=torch.float64), 1),
+                  gamma2 / gamma2.sum(1, keepdim=True), (e / e.sum(1, keepdim=True)) ** 1.5):
+        assert not _flat_dirichlet(wrong)

@@ -232,3 +232,26 @@ def test_subset_of_an_image_folder_spans_its_classes(tmp_path):
     small = subset_splits(load_dataset("imagenet", tmp_path, image_size=16), train=4, test=2)
     assert small.train.labels.tolist() == [0, 1, 2, 3] and len(small.train.folder.samples) == 4
     assert small.test.labels.tolist() == [0, 3] and small.num_classes == 4
+
+
+def test_periods_are_rescaled_by_rounding_at_sizes_where_floor_and_ceiling_disagree():
+    """A period of v of the full run's E epochs becomes max(1, round(v * e / E)) of the smoke run's e epochs: here
+    e = 5 (the window [0.75, 1] of 300 epochs needs it) and v * e / E = 1.67, 2.17, 1.33 and 1.58, where a floor
+    (1, 2, 1, 1) or a ceiling (2, 3, 2, 2) would give other periods than rounding (2, 2, 1, 2)."""
+    exp = _smoke(train={"epochs": 300, "freeze_epochs": 100, "schedule": {"restart_every": 130}},
+                 averaging={"window": [0.75, 1.0], "papa-all": {"every": 80}, "papa-2": {"every": 95}})
+    assert exp["train"]["epochs"] == 5
+    assert exp["train"]["freeze_epochs"] == 2 and exp["train"]["schedule"]["restart_every"] == 2
+    assert exp["averaging"]["papa-all"]["every"] == 1 and exp["averaging"]["papa-2"]["every"] == 2
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.4, 0.42])
+def test_the_smoke_push_period_is_the_steps_of_a_smoke_epoch_as_training_counts_them(fraction):
+    """PAPA's push period is capped at the steps of one smoke epoch, counted as training will: the validation split
+    held out of the 6 items (round(f * 6), at least 1: 2.4 -> 2 and 2.52 -> 3, where a ceiling or a floor would
+    hold out another count), the incomplete last batch dropped."""
+    from papa.data import make_split
+
+    exp = _smoke(data={"val_fraction": fraction}, averaging={"papa": {"every": 50}})
+    steps = len(make_split(smoke.SUBSET["train"], fraction)["train"]) // exp["train"]["batch_size"]
+    assert exp["averaging"]["papa"]["every"] == steps == _steps(exp)
