@@ -403,6 +403,7 @@ DRAW_SITES = {
     ("papa/rng.py", "seeded"): None,
     ("papa/rng.py", "seeded_globals"): None,
     ("papa/bench.py", "_run"): None,  # benchmark inputs, no run's draw
+    ("papa/export.py", "probe"): None,  # the input papa.fold traces and checks a fold on; changes no number
     ("papa/fakedata.py", "_images"): None,  # stand-in data written once by `papa fake-data`, no run's draw
     ("papa/fakedata.py", "write_cifar"): None,
     ("papa/fakedata.py", "write_imagenet"): None,
@@ -413,7 +414,7 @@ DRAW_SITES = {
 
 def _key_making_calls() -> tuple[set[tuple[str, str]], set[str]]:
     """(module, enclosing function) of every key-making call in papa/ (a generator made or seeded, the global RNGs
-    seeded), and every purpose string in their keys."""
+    seeded), and every purpose string in the keys of a run's draws (the sites DRAW_SITES pins with a test)."""
     sites, purposes = set(), set()
 
     def visit(node, path: str, where: str) -> None:
@@ -426,8 +427,9 @@ def _key_making_calls() -> tuple[set[tuple[str, str]], set[str]]:
                 name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
                 if name in KEY_MAKERS:
                     sites.add((path, where))
-                    purposes.update(a.value for a in child.args if isinstance(a, ast.Constant)
-                                    and isinstance(a.value, str))
+                    if DRAW_SITES.get((path, where)) is not None:
+                        purposes.update(a.value for a in child.args if isinstance(a, ast.Constant)
+                                        and isinstance(a.value, str))
             visit(child, path, inner)
 
     for path in sorted((REPO / "papa").rglob("*.py")):
