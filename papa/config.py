@@ -8,6 +8,7 @@ names the file and the offending key.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from functools import cache
 from importlib import resources
@@ -96,9 +97,24 @@ def _message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
+def check_finite(instance: Any, key: str = "") -> None:
+    """Refuse NaN and infinity anywhere in a config (YAML's ``.nan``, ``.inf``): a JSON-schema bound never
+    refuses NaN (every comparison with it is false), and no setting means either."""
+    if isinstance(instance, float) and not math.isfinite(instance):
+        raise PapaError(f"{key or '(top level)'}: {instance} is not a finite number")
+    items = instance.items() if isinstance(instance, dict) else enumerate(instance) if isinstance(
+        instance, list) else ()
+    for k, value in items:
+        check_finite(value, f"{key}.{k}" if key else str(k))
+
+
 def validate(instance: Any, name: str, where: str) -> Any:
     """Fill defaults into ``instance`` in place and validate it against schema ``name``; PapaError on failure."""
     sch = schema(name)
+    try:
+        check_finite(instance)
+    except PapaError as e:
+        raise PapaError(f"{where}: {e}") from None
     fill_defaults(instance, sch)
     validator = _validator_class()
     if validator is None:
@@ -113,11 +129,18 @@ def validate(instance: Any, name: str, where: str) -> Any:
 def load_yaml(path: str | Path) -> Any:
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PapaError(f"{path}: config file not found") from None
     except OSError as e:
         raise PapaError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise PapaError(f"{path}: not UTF-8 text: byte {data[e.start]:#04x} at line {line}, column {column} (save "
+                        "the file as UTF-8)") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
