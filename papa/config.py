@@ -212,55 +212,57 @@ def _checked(raw: dict, path: str | Path) -> dict:
     return config
 
 
-def workflow_config(configfiles: list, overrides: dict) -> tuple[dict, str]:
-    """The config of a Snakemake run and the config file its ``papa`` jobs read (one path for every job).
+def workflow_config(configfiles: list, overrides: dict) -> tuple[dict, str, dict[str, str]]:
+    """The config of a Snakemake run, the config file its report jobs read, and the files to write for them
+    ({path: text}; ``write_configs`` writes them once the run holds its lock, never in a dry run).
 
     Exactly one config file (``--configfile``); ``overrides`` are Snakemake's ``--config KEY=VALUE`` (top-level
     keys), validated like the file. Without overrides the jobs read the file itself. With them, they read the
-    file with the overrides written in: ``<results>/<file name>`` (at smoke scale ``<results>/smoke/...``),
-    rewritten only when its content changes, so that tables re-render only when the config did."""
+    file with the overrides written in: ``<results>/<file name>`` (at smoke scale ``<results>/smoke/...``)."""
     if len(configfiles) != 1:
         raise PapaError(f"give exactly one config file (--configfile FILE), found {len(configfiles)}")
     path = Path(configfiles[0])
     raw = _raw_config(path, overrides)
     config = _checked(raw, path)
     if not overrides:
-        return config, str(path)
+        return config, str(path), {}
     given = " ".join(f"{k}={v}" for k, v in overrides.items())
     text = f"# {path} with --config {given} (written by the workflow; edit {path} instead)\n" + yaml.safe_dump(
         raw, sort_keys=False, allow_unicode=True)
-    jobs = Path(config["results"]) / path.name
-    _write_if_changed(jobs, text)
-    return config, str(jobs)
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Write a config file for the workflow's jobs only when its content changes (its mtime then stays)."""
-    if not path.is_file() or path.read_text() != text:
-        write_text(path, text)
+    jobs = str(Path(config["results"]) / path.name)
+    return config, jobs, {jobs: text}
 
 
 # the top-level keys a job's config leaves out: the report's, and the description of the whole config
 REPORT_KEYS = ("description", "tables", "figures")
 
 
-def job_configs(configfiles: list, overrides: dict, config: dict) -> dict[str, str]:
-    """{experiment: the config file its ``papa`` jobs read}: ``<results>/<experiment>/config.yaml``, the config's
-    top-level keys (with the ``--config`` overrides written in) and that experiment alone, rewritten only when
-    its content changes. The path depends on the experiment, not on the config file, so a run that several
-    configs share (Table 1's in Tables 6-9 and 18) is not trained again when another config names it: the
-    workflow reruns a step when the experiment's settings change (its ``settings`` param), not the file name."""
+def job_configs(configfiles: list, overrides: dict, config: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """{experiment: the config file its ``papa`` jobs read}, and the files to write for them ({path: text}, as
+    ``workflow_config``'s): ``<results>/<experiment>/config.yaml``, the config's top-level keys (with the
+    ``--config`` overrides written in) and that experiment alone. The path depends on the experiment, not on the
+    config file, so a run that several configs share (Table 1's in Tables 6-9 and 18) is not trained again when
+    another config names it: the workflow reruns a step when the experiment's settings change (its
+    ``settings`` param), not the file name."""
     path = Path(configfiles[0])
     raw = _raw_config(path, overrides)
     top = {k: v for k, v in raw.items() if k not in (*REPORT_KEYS, "experiments")}
-    out = {}
+    paths, files = {}, {}
     for name, own in raw["experiments"].items():
         text = f"# experiment {name!r} of {path} for the workflow's jobs (written by the workflow; edit {path} " \
                "instead)\n" + yaml.safe_dump({**top, "experiments": {name: own}}, sort_keys=False, allow_unicode=True)
-        jobs = Path(config["results"]) / name / "config.yaml"
-        _write_if_changed(jobs, text)
-        out[name] = str(jobs)
-    return out
+        paths[name] = str(Path(config["results"]) / name / "config.yaml")
+        files[paths[name]] = text
+    return paths, files
+
+
+def write_configs(files: dict[str, str]) -> None:
+    """Write the workflow's config files ({path: text}), each only when its content changes (its mtime then
+    stays). The workflow calls this only while it holds its run lock: a dry run, or a run refused because
+    another one is going, never changes what a running one's jobs read."""
+    for path, text in files.items():
+        if not Path(path).is_file() or Path(path).read_bytes() != text.encode():
+            write_text(path, text)
 
 
 def swa_start_epoch(exp: dict) -> int | None:
