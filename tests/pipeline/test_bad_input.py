@@ -642,6 +642,27 @@ def test_bad_input_is_one_line_and_leaves_nothing(name, outcomes):
         c.check(o.world)
 
 
+def test_name_patterns_end_at_the_true_end_in_python_and_in_ecma_262():
+    """The schemas' name patterns accept a name and refuse it with a newline after it, as jsonschema matches them
+    (Python's re.search, where a bare `$` also matches before a final newline) and as JSON Schema specifies them
+    (ECMA-262, checked with node where it is installed)."""
+    from papa.config import schema
+
+    top = schema("config")["properties"]
+    patterns = {top["experiments"]["propertyNames"]["pattern"],
+                *(top[kind]["items"]["properties"]["name"]["pattern"] for kind in ("tables", "figures"))}
+    assert len(patterns) == 1
+    pattern = patterns.pop()
+    names = {"tiny": True, "a.b-c_1": True, "tiny\n": False, "tiny\n\n": False, "ti\nny": False, "-x": False, "": False}
+    assert {n: bool(re.search(pattern, n)) for n in names} == names
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: ECMA-262 semantics not checked")
+    script = (f"const p = new RegExp({json.dumps(pattern)});\n"
+              f"console.log(JSON.stringify({json.dumps(list(names))}.map(n => p.test(n))))")
+    done = subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == list(names.values())
+
+
 KINDS = {
     "malformed YAML", "unknown key", "wrong type", "out of range", "unknown name", "missing file", "missing data",
     "corrupt data", "empty image folder", "corrupt checkpoint", "checkpoint of another run", "non-finite loss",
