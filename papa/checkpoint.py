@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -66,17 +64,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
     meta = json.loads(json.dumps({**meta, "versions": versions()}))  # as load_tensors will read it back
     meta[DIGEST_KEY] = tensors_digest(cpu, meta)
     header = {META_KEY: json.dumps(meta)}
-
-    def write(tmp: Path) -> None:
-        try:
-            save_file(cpu, str(tmp), metadata=header)
-        except SafetensorError as e:  # a failed write (full disk...) is an OSError: the CLI says it in one line
-            code = re.search(r"\(os error (\d+)\)", str(e))
-            if code is None:
-                raise
-            raise OSError(int(code[1]), os.strerror(int(code[1]))) from None
-
-    write_atomic(path, write)
+    write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=header))
     write_json(sidecar_path(path), meta)
 
 

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -33,9 +34,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a unique temporary path beside ``path``; on success fsync it and rename it into place.
 
     The temporary name is unique per call, so concurrent runs writing into one directory never share
-    a temporary file; on failure the temporary file is removed and ``path`` is left untouched. An OSError
-    without a file name (a failed write(), as a full disk gives) or naming the temporary file is raised again
-    naming ``path``."""
+    a temporary file; on failure the temporary file is removed and ``path`` is left untouched. A failed system
+    call without a file name (a failed write(), as a full disk gives), naming the temporary file, or reported by
+    a writer in Rust (safetensors) is raised again as an OSError naming ``path``."""
     path = Path(path)
     tmp = None
     try:
@@ -48,16 +49,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        if e.filename is None or (tmp is not None and Path(e.filename) == tmp):
-            raise OSError(e.errno, e.strerror, str(path)) from e
+        code = _os_error_code(e)
+        if code is not None and (not isinstance(e, OSError) or e.filename is None
+                                 or Path(e.filename).name.startswith(f".{path.name}.")):
+            raise OSError(code, os.strerror(code), str(path)) from e
         raise
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise
+
+
+def _os_error_code(e: BaseException) -> int | None:
+    """The errno of a failed system call: an OSError's, or the one a writer in Rust (safetensors) reports in its
+    own exception's message, as Rust's io::Error prints it: "... (os error 28)"."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, Exception) else None
+    return int(found[1]) if found else None
 
 
 def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> None:

@@ -475,6 +475,15 @@ def _(w, t):
     return [*w.soups(w.config()), "--evaluate"]
 
 
+@case("bit-flip-population-evaluate", "corrupt checkpoint", "run/population.safetensors",
+      "corrupt: its bytes do not match what was written", "run `papa train` on this run again")
+def _(w, t):
+    for name in ("soups.safetensors", "soups.json"):  # the soups made from the population before the flip
+        shutil.copy(t / name, w.run / name)
+    flip_bit(w.run / "population.safetensors", "conv1.weight")  # not "different trainings": the bytes changed
+    return w.evaluate(w.config())
+
+
 @case("bit-flip-checkpoint-resume", "corrupt checkpoint", "run/checkpoint.safetensors",
       "corrupt: its bytes do not match what was written",
       "delete checkpoint.safetensors and checkpoint.json to start this run over")
@@ -675,4 +684,4 @@ def test_every_kind_of_bad_input_is_tried():
     out_of_range = {k for k, c in CASES.items() if c.kind == "out of range"}
     assert {"population-below-1", "alpha-zero", "alpha-above-one", "every-zero", "negative-epochs",
             "window-outside-0-1"} <= out_of_range
-    assert len(CASES) == 62
+    assert len(CASES) == 63

@@ -84,7 +84,7 @@ def test_a_write_the_disk_refuses_leaves_the_earlier_file_and_names_the_path(ful
 
 
 def test_a_tensors_file_the_disk_refuses_is_an_oserror_naming_it(full_disk):
-    """safetensors (Rust) reports a failed write as its own error: save_tensors makes it the OSError it was."""
+    """safetensors (Rust) reports a failed write as its own error: the atomic writer makes it the OSError it was."""
     path = full_disk.path / "pop.safetensors"
     with full_disk.limited(), pytest.raises(OSError) as e:
         save_tensors(path, {"w": torch.zeros(100_000)}, {"k": 1})
