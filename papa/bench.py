@@ -17,6 +17,7 @@ import torch
 
 from papa import averaging
 from papa.engines import Engine, choose_engine
+from papa.io import write_text
 from papa.models import create_model
 from papa.population import Population
 
@@ -173,7 +174,7 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
         head = (f"{model} p={population} batch={batch_size} {name} {precision} compile={compile} "
                 f"channels_last={channels_last} on {device_name(dev)}: one step {profiled['profile_wall_ms']:.2f} ms, "
                 f"{profiled['profile_launches']} kernel launches, device busy {profiled['profile_device_ms']:.2f} ms")
-        Path(profile).write_text(f"{head}\n{table}\n")
+        write_text(profile, f"{head}\n{table}\n")
     images_per_second = population * batch_size / step_s
     name_dev = device_name(dev)
     peak = bf16_peak_tflops(name_dev) if dev.type == "cuda" else None

@@ -3,8 +3,10 @@ pickled."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -33,7 +35,21 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-META_KEY = "papa"  # the safetensors header entry holding the metadata (as JSON)
+META_KEY = "papa"  # the safetensors header entry holding the metadata (as JSON; the only entry: safetensors
+# writes the entries of its header's metadata in an arbitrary order, and a file's bytes must not vary)
+DIGEST_KEY = "content_sha256"  # the metadata's last key: tensors_digest of the rest of the file
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """SHA-256 of what a tensors file holds: its metadata (as JSON) and every tensor's name, dtype, shape and
+    bytes, by name. safetensors carries no checksum: this one, written into the metadata in the header, makes
+    the file check itself when it is read (``load_tensors``)."""
+    digest = hashlib.sha256(json.dumps(meta).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -42,17 +58,57 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
 
     Two files cannot be replaced together atomically, so ``meta`` also goes into the safetensors header:
     the tensors file alone is complete and consistent (a kill between the two renames leaves new tensors
-    beside an old sidecar), and the sidecar is its readable copy."""
+    beside an old sidecar), and the sidecar is its readable copy. The header also holds the digest of the
+    metadata and tensors (``tensors_digest``), checked by ``load_tensors``."""
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    meta = {**meta, "versions": versions()}
+    meta = json.loads(json.dumps({**meta, "versions": versions()}))  # as load_tensors will read it back
+    meta[DIGEST_KEY] = tensors_digest(cpu, meta)
     header = {META_KEY: json.dumps(meta)}
     write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=header))
     write_json(sidecar_path(path), meta)
 
 
-def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _header(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PapaError(f"{path}: corrupt or truncated checkpoint ({msg})") from None
+
+
+def read_meta(path: str | Path) -> dict:
+    """The metadata in a tensors file's header, without reading (or checking) its tensors; PapaError when the
+    file is missing, unreadable or holds none."""
+    path = Path(path)
+    if not path.exists():
+        raise PapaError(f"{path}: checkpoint not found")
+    header = _header(path)
+    try:
+        meta = json.loads(header[META_KEY])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise PapaError(f"{path}: no readable metadata in its header ({type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise PapaError(f"{path}: no readable metadata in its header")
+    return meta
+
+
+_UNCHECKED: set[Path] = set()  # files without a digest already warned about
+
+
+def _unchecked(path: Path) -> None:
+    """Warn, once per file, that a file written before files carried a digest cannot be checked."""
+    if path.resolve() not in _UNCHECKED:
+        _UNCHECKED.add(path.resolve())
+        print(f"papa: warning: {path} carries no digest (written by an earlier papa): its bytes cannot be "
+              "checked", file=sys.stderr)
+
+
+def load_tensors(path: str | Path, remedy: str = "make it again") -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint: its tensors and the metadata in its header (the sidecar for files written
-    without one); any missing, truncated or corrupt part is a PapaError."""
+    without one); any missing, truncated or corrupt part is a PapaError. Bytes that differ from those written
+    (the digest in the header) are refused as corrupt, the message ending with ``remedy``. A file written
+    before files carried a digest loads unchecked, with a warning."""
     path = Path(path)
     side = sidecar_path(path)
     if not path.exists():
@@ -66,9 +122,19 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise PapaError(f"{path}: corrupt or truncated checkpoint ({msg})") from None
     if META_KEY in header:
         try:
-            return tensors, json.loads(header[META_KEY])
+            meta = json.loads(header[META_KEY])
         except json.JSONDecodeError as e:
             raise PapaError(f"{path}: corrupt checkpoint metadata ({e})") from None
+        if not isinstance(meta, dict):
+            raise PapaError(f"{path}: corrupt checkpoint metadata (not a JSON object)")
+        recorded = meta.pop(DIGEST_KEY, None)
+        if recorded is None:
+            _unchecked(path)
+        elif tensors_digest(tensors, meta) != recorded:
+            raise PapaError(f"{path}: corrupt: its bytes do not match what was written (the SHA-256 recorded in "
+                            f"its header); {remedy}")
+        return tensors, meta
+    _unchecked(path)
     if not side.exists():
         raise PapaError(f"{side}: checkpoint sidecar not found (incomplete checkpoint?)")
     try:

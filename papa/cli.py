@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from papa.errors import PapaError
+from papa.errors import DiskError, PapaError, one_line
+from papa.io import write_error
 from papa.report.cli import add_commands
 
 
@@ -245,12 +246,21 @@ class _Version(argparse.Action):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Exit status: 0 done, 2 bad input (PapaError), 3 training stopped by a signal after a
+    checkpoint, 4 a write the file system refused (full disk, quota, read-only; DiskError), 130 interrupted.
+    Each failure is one line on stderr."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except PapaError as e:
         print(f"papa {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.status
+    except OSError as e:  # the machine refused a write: the path, and the space left
+        line = write_error(e)
+        if line is None:
+            raise
+        print(f"papa {args.command}: error: {one_line(line)}", file=sys.stderr)
+        return DiskError.status
     except KeyboardInterrupt:
         print(f"papa {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ names the file and the offending key.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from functools import cache
 from importlib import resources
@@ -96,9 +97,24 @@ def _message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
+def check_finite(instance: Any, key: str = "") -> None:
+    """Refuse NaN and infinity anywhere in a config (YAML's ``.nan``, ``.inf``): a JSON-schema bound never
+    refuses NaN (every comparison with it is false), and no setting means either."""
+    if isinstance(instance, float) and not math.isfinite(instance):
+        raise PapaError(f"{key or '(top level)'}: {instance} is not a finite number")
+    items = instance.items() if isinstance(instance, dict) else enumerate(instance) if isinstance(
+        instance, list) else ()
+    for k, value in items:
+        check_finite(value, f"{key}.{k}" if key else str(k))
+
+
 def validate(instance: Any, name: str, where: str) -> Any:
     """Fill defaults into ``instance`` in place and validate it against schema ``name``; PapaError on failure."""
     sch = schema(name)
+    try:
+        check_finite(instance)
+    except PapaError as e:
+        raise PapaError(f"{where}: {e}") from None
     fill_defaults(instance, sch)
     validator = _validator_class()
     if validator is None:
@@ -113,11 +129,18 @@ def validate(instance: Any, name: str, where: str) -> Any:
 def load_yaml(path: str | Path) -> Any:
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PapaError(f"{path}: config file not found") from None
     except OSError as e:
         raise PapaError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise PapaError(f"{path}: not UTF-8 text: byte {data[e.start]:#04x} at line {line}, column {column} (save "
+                        "the file as UTF-8)") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -189,55 +212,57 @@ def _checked(raw: dict, path: str | Path) -> dict:
     return config
 
 
-def workflow_config(configfiles: list, overrides: dict) -> tuple[dict, str]:
-    """The config of a Snakemake run and the config file its ``papa`` jobs read (one path for every job).
+def workflow_config(configfiles: list, overrides: dict) -> tuple[dict, str, dict[str, str]]:
+    """The config of a Snakemake run, the config file its report jobs read, and the files to write for them
+    ({path: text}; ``write_configs`` writes them once the run holds its lock, never in a dry run).
 
     Exactly one config file (``--configfile``); ``overrides`` are Snakemake's ``--config KEY=VALUE`` (top-level
     keys), validated like the file. Without overrides the jobs read the file itself. With them, they read the
-    file with the overrides written in: ``<results>/<file name>`` (at smoke scale ``<results>/smoke/...``),
-    rewritten only when its content changes, so that tables re-render only when the config did."""
+    file with the overrides written in: ``<results>/<file name>`` (at smoke scale ``<results>/smoke/...``)."""
     if len(configfiles) != 1:
         raise PapaError(f"give exactly one config file (--configfile FILE), found {len(configfiles)}")
     path = Path(configfiles[0])
     raw = _raw_config(path, overrides)
     config = _checked(raw, path)
     if not overrides:
-        return config, str(path)
+        return config, str(path), {}
     given = " ".join(f"{k}={v}" for k, v in overrides.items())
     text = f"# {path} with --config {given} (written by the workflow; edit {path} instead)\n" + yaml.safe_dump(
         raw, sort_keys=False, allow_unicode=True)
-    jobs = Path(config["results"]) / path.name
-    _write_if_changed(jobs, text)
-    return config, str(jobs)
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Write a config file for the workflow's jobs only when its content changes (its mtime then stays)."""
-    if not path.is_file() or path.read_text() != text:
-        write_text(path, text)
+    jobs = str(Path(config["results"]) / path.name)
+    return config, jobs, {jobs: text}
 
 
 # the top-level keys a job's config leaves out: the report's, and the description of the whole config
 REPORT_KEYS = ("description", "tables", "figures")
 
 
-def job_configs(configfiles: list, overrides: dict, config: dict) -> dict[str, str]:
-    """{experiment: the config file its ``papa`` jobs read}: ``<results>/<experiment>/config.yaml``, the config's
-    top-level keys (with the ``--config`` overrides written in) and that experiment alone, rewritten only when
-    its content changes. The path depends on the experiment, not on the config file, so a run that several
-    configs share (Table 1's in Tables 6-9 and 18) is not trained again when another config names it: the
-    workflow reruns a step when the experiment's settings change (its ``settings`` param), not the file name."""
+def job_configs(configfiles: list, overrides: dict, config: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """{experiment: the config file its ``papa`` jobs read}, and the files to write for them ({path: text}, as
+    ``workflow_config``'s): ``<results>/<experiment>/config.yaml``, the config's top-level keys (with the
+    ``--config`` overrides written in) and that experiment alone. The path depends on the experiment, not on the
+    config file, so a run that several configs share (Table 1's in Tables 6-9 and 18) is not trained again when
+    another config names it: the workflow reruns a step when the experiment's settings change (its
+    ``settings`` param), not the file name."""
     path = Path(configfiles[0])
     raw = _raw_config(path, overrides)
     top = {k: v for k, v in raw.items() if k not in (*REPORT_KEYS, "experiments")}
-    out = {}
+    paths, files = {}, {}
     for name, own in raw["experiments"].items():
         text = f"# experiment {name!r} of {path} for the workflow's jobs (written by the workflow; edit {path} " \
                "instead)\n" + yaml.safe_dump({**top, "experiments": {name: own}}, sort_keys=False, allow_unicode=True)
-        jobs = Path(config["results"]) / name / "config.yaml"
-        _write_if_changed(jobs, text)
-        out[name] = str(jobs)
-    return out
+        paths[name] = str(Path(config["results"]) / name / "config.yaml")
+        files[paths[name]] = text
+    return paths, files
+
+
+def write_configs(files: dict[str, str]) -> None:
+    """Write the workflow's config files ({path: text}), each only when its content changes (its mtime then
+    stays). The workflow calls this only while it holds its run lock: a dry run, or a run refused because
+    another one is going, never changes what a running one's jobs read."""
+    for path, text in files.items():
+        if not Path(path).is_file() or Path(path).read_bytes() != text.encode():
+            write_text(path, text)
 
 
 def swa_start_epoch(exp: dict) -> int | None:

@@ -14,7 +14,16 @@ def one_line(text: str, limit: int = MAX_CHARS) -> str:
 
 class PapaError(Exception):
     """Bad input (config, data, checkpoint): the CLI prints the message alone, on one line, and exits
-    non-zero."""
+    with ``status``."""
+
+    status = 2
 
     def __str__(self) -> str:
         return one_line(super().__str__())
+
+
+class DiskError(PapaError):
+    """The file system cannot take what a command must write (a full disk, a quota, a read-only file system):
+    not bad input, so another exit status."""
+
+    status = 4

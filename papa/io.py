@@ -1,15 +1,25 @@
 """Atomic file output: a result appears under its final name only once it is complete, with the permissions
-the user's umask gives a new file (as ``open`` would), not mkstemp's private 0600."""
+the user's umask gives a new file (as ``open`` would), not mkstemp's private 0600. A write the file system
+refuses (full disk, quota, read-only) is an OSError naming the final path, which ``write_error`` turns into
+the one line the CLI prints. ``hold_lock``: an exclusive lock held while a process works in a directory."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from papa.errors import PapaError
 
 
 def current_umask() -> int:
@@ -24,21 +34,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a unique temporary path beside ``path``; on success fsync it and rename it into place.
 
     The temporary name is unique per call, so concurrent runs writing into one directory never share
-    a temporary file; on failure the temporary file is removed and ``path`` is left untouched."""
+    a temporary file; on failure the temporary file is removed and ``path`` is left untouched. A failed system
+    call without a file name (a failed write(), as a full disk gives), naming the temporary file, or reported by
+    a writer in Rust (safetensors) is raised again as an OSError naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        code = _os_error_code(e)
+        if code is not None and (not isinstance(e, OSError) or e.filename is None
+                                 or Path(e.filename).name.startswith(f".{path.name}.")):
+            raise OSError(code, os.strerror(code), str(path)) from e
         raise
+
+
+def _os_error_code(e: BaseException) -> int | None:
+    """The errno of a failed system call: an OSError's, or the one a writer in Rust (safetensors) reports in its
+    own exception's message, as Rust's io::Error prints it: "... (os error 28)"."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, Exception) else None
+    return int(found[1]) if found else None
 
 
 def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> None:
@@ -58,3 +85,82 @@ def file_digest(path: str | Path) -> str:
     """The SHA-256 of a file's bytes (hex): what binds a run's later outputs to the files they were made from."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# the machine refusing a write ------------------------------------------------------------------------------
+SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+         errno.EFBIG: "file too large (the file system's or this process's file size limit)"}
+WRITE_ERRORS = {**SPACE, errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as ``0 B``, ``812 kB``, ``1.4 GB`` (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 999.5 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 99.5 else f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+def free_space(path: str | Path) -> int | None:
+    """Bytes free for this user on the file system holding ``path`` (its nearest existing ancestor)."""
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def write_error(e: OSError) -> str | None:
+    """The one line for a write the file system refused (full disk, quota, file size limit, read-only,
+    permission), naming the path and, for the space errors, the space left; None for any other OSError."""
+    reason = WRITE_ERRORS.get(e.errno)
+    if reason is None:
+        return None
+    where = f"{e.filename}: " if e.filename else ""
+    if e.errno not in SPACE:
+        return f"{where}{reason}"
+    free = free_space(e.filename) if e.filename else None
+    left = f" ({human_bytes(free)} free on its file system)" if free is not None else ""
+    return f"{where}{reason}{left}; free some space and run the same command again"
+
+
+# one process at a time ----------------------------------------------------------------------------------
+@contextmanager
+def hold_lock(path: str | Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock (flock) on the file ``path`` while the block runs, with this process's id and host
+    written in it; the file goes when the block ends (and the folder holding it, when this call made it and it
+    is still empty). Another holder makes a PapaError: ``busy`` with ``{holder}`` filled in. The kernel drops
+    the lock when its holder exits, however it exits, so a lock file left by a killed process blocks nothing."""
+    path = Path(path)
+    made = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise PapaError(busy.format(holder=holder)) from None
+        try:  # locked; still the file at ``path``, or one its holder removed as it finished? then try again
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        try:  # who holds it, for the message above (the lock itself needs no room on the disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: a process waiting on this file then tries again
+        os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()

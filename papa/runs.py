@@ -4,6 +4,7 @@ history), soups, similarity, evaluate (metrics.json)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -17,13 +18,13 @@ import torch
 from papa import config as cfg
 from papa.alignment import permutation_spec
 from papa.build import align_data, build_engine, build_population, fixed_batches, loader_options, resolve_device
-from papa.checkpoint import load_tensors, save_tensors, sidecar_path
+from papa.checkpoint import load_tensors, read_meta, save_tensors, sidecar_path
 from papa.data import Policy, load_dataset, load_split, make_split, make_stream, save_split
 from papa.data.subset import subset_splits
 from papa.distributed import from_env
-from papa.errors import PapaError
+from papa.errors import DiskError, PapaError
 from papa.export import input_spec
-from papa.io import file_digest, write_json, write_text
+from papa.io import file_digest, free_space, hold_lock, human_bytes, write_json, write_text
 from papa.metrics import accuracy, held_out_metrics, population_scores, summary
 from papa.models import available_models
 from papa.models.pretrained import pretrained_normalization
@@ -95,19 +96,30 @@ def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: boo
     own ``checkpoint.rank<r>.safetensors`` (a resume needs the same number of processes), and rank 0
     gathers the population and writes the outputs.
 
+    One training at a time in a run directory: the process (rank 0) holds a lock on ``LOCK`` there for the
+    whole training, and a second ``papa train`` into the same directory stops in one line naming the holder.
+    Nothing is removed before the checkpoint (when resuming) and the identity of any earlier outputs have been
+    checked, and training refuses to start on a file system without room for its next file (``check_room``).
+
     Training into a directory that holds outputs of an earlier training first removes them (the population
     and everything made from it: soups, metrics, similarity), saying so on stderr: a directory never holds
     results of two trainings. Ctrl-C (SIGINT) stops like SIGTERM, after a checkpoint; a second Ctrl-C
     interrupts at once."""
     cfg.check_variant(variant)
     cfg.check_averaging_fires(exp, variant)
-    splits = load_data(exp)
-    split = load_split(split_path, expect_n=len(splits.train)) | {"sha256": file_digest(split_path)}
     comm = from_env(exp["population"]["size"], exp["train"]["device"])
+    out = Path(out_dir)
+    busy = f"{out} is being trained by another `papa train` ({{holder}}); wait for it to finish, or stop it"
     try:
-        return _train(exp, variant, seed, splits, split, Path(out_dir), progress, comm)
+        with hold_lock(out / LOCK, busy) if comm.is_main else contextlib.nullcontext():
+            splits = load_data(exp)
+            split = load_split(split_path, expect_n=len(splits.train)) | {"sha256": file_digest(split_path)}
+            return _train(exp, variant, seed, splits, split, out, progress, comm)
     finally:
         comm.close()
+
+
+LOCK = ".papa-train.lock"  # in the run directory, locked by the `papa train` working there
 
 
 def _checkpoint(out: Path, comm) -> Path:
@@ -136,28 +148,53 @@ def _checkpoint(out: Path, comm) -> Path:
 # what `papa train` writes, then what the later stages make from it (docs/interfaces.md)
 TRAINED = ("population.safetensors", "population.json", "history.csv")
 DOWNSTREAM = ("soups.safetensors", "soups.json", "metrics.json", "similarity.json")
+RUN_KEYS = ("experiment", "variant", "seed")
 
 
-def clear_outputs(out: Path, run: dict) -> list[str]:
-    """Remove the outputs of an earlier training of the same run (``run``: experiment, variant and seed) from
-    run directory ``out``; the names removed. Outputs of another run are refused, never removed (a mistyped
-    --out must not delete someone's results); checkpoints stay (a resume needs them, and one of another run is
-    refused by Trainer.load_state)."""
+def _identity(out: Path, name: str) -> dict | None:
+    """(experiment, variant, seed) of the training that wrote ``out/name`` (a population's header or sidecar, a
+    metrics or similarity file), None when it cannot be read there."""
     try:
-        earlier = json.loads((out / "population.json").read_text())
-    except (OSError, ValueError):
-        earlier = {}
-    theirs = {key: earlier.get(key, value) for key, value in run.items()}
-    if theirs != run:
-        found = ", ".join(f"{k} {v}" for k, v in theirs.items())
-        raise PapaError(f"{out} holds the outputs of another run ({found}); give another --out, or delete them "
-                        "to train this run there")
-    removed = []
-    for name in (*DOWNSTREAM, *TRAINED):  # downstream first: a crash in between leaves nothing orphaned
-        if (out / name).is_file():
-            (out / name).unlink()
-            removed.append(name)
-    return removed
+        meta = read_meta(out / name) if name.endswith(".safetensors") else json.loads((out / name).read_bytes())
+    except (OSError, ValueError, PapaError):
+        return None
+    if not isinstance(meta, dict) or any(key not in meta for key in RUN_KEYS):
+        return None
+    return {key: meta[key] for key in RUN_KEYS}
+
+
+def earlier_outputs(out: Path, run: dict, keep: tuple[str, ...] = ()) -> list[str]:
+    """The outputs of an earlier training of the same run (``run``: experiment, variant and seed) in run
+    directory ``out`` that training it again removes (all but ``keep``), in the order to remove them (downstream
+    first: a crash in between leaves nothing orphaned). Outputs of another run are refused, never removed (a
+    mistyped --out must not delete someone's results): every file that records its run (the population's
+    header, population.json, metrics.json, similarity.json) must name this one, and at least one must when
+    there are outputs beside a history.csv (which records none). Checkpoints are not outputs (a resume needs
+    them, and one of another run is refused by Trainer.load_state)."""
+    found = [n for n in (*DOWNSTREAM, *TRAINED) if (out / n).is_file()]
+    named = {n: ident for n in ("population.safetensors", "population.json", "metrics.json", "similarity.json")
+             if n in found and (ident := _identity(out, n)) is not None}
+    for name, theirs in named.items():
+        if theirs != run:
+            held = ", ".join(f"{k} {v}" for k, v in theirs.items())
+            raise PapaError(f"{out} holds the outputs of another run ({held}, in {name}); give another --out, or "
+                            "delete them to train this run there")
+    if not named and set(found) - {"history.csv"}:
+        raise PapaError(f"{out} holds outputs ({', '.join(found)}) that name no run: population.safetensors and "
+                        "population.json are missing or unreadable; give another --out, or delete them to train "
+                        "this run there")
+    return [n for n in found if n not in keep]
+
+
+def check_room(out: Path, needed: int, what: str, freed: int = 0) -> None:
+    """Refuse to train on a file system with less room than the next file training must write (``needed``
+    bytes, ``what``), counting the ``freed`` bytes of the earlier outputs it will remove first: a run that cannot
+    save its checkpoint would train until then for nothing (and, under a scheduler's retries, again and
+    again)."""
+    free = free_space(out)
+    if free is not None and free + freed < needed:
+        raise DiskError(f"{out}: no room to train: {human_bytes(free)} free on its file system, but {what} takes "
+                        f"{human_bytes(needed)}; free some space and run the same command again")
 
 
 def write_history(out: Path, trainer: Trainer) -> None:
@@ -176,17 +213,25 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     trainer = Trainer(exp, variant, seed, splits, split, progress=progress, comm=comm)
     cfg.check_averaging_fires(exp, variant, trainer.stream.steps_per_epoch)
     ckpt = _checkpoint(out, comm)
+    resumed = ckpt.exists()
+    if resumed:  # checked (bytes, run, config) before anything in the directory is touched
+        trainer.load_state(*load_tensors(ckpt, f"delete {ckpt.name} and {sidecar_path(ckpt).name} to start this "
+                                               "run over"), where=str(ckpt))
     if comm.is_main:
-        removed = clear_outputs(out, {"experiment": exp["name"], "variant": variant, "seed": seed})
-        if removed:
-            print(f"papa train: {out}: removed the outputs of an earlier training ({', '.join(removed)})",
+        # a resumed run keeps the history.csv of its epochs so far (rewritten with its next checkpoint)
+        earlier = earlier_outputs(out, {"experiment": exp["name"], "variant": variant, "seed": seed},
+                                  keep=("history.csv",) if resumed else ())
+        needed, what = (ckpt.stat().st_size, "its next checkpoint") if resumed else (
+            sum(t.numel() * t.element_size() for t in trainer.pop.state_dict().values()), "the population")
+        check_room(out, needed, what, freed=sum((out / name).stat().st_size for name in earlier))
+        for name in earlier:
+            (out / name).unlink()
+        if earlier:
+            print(f"papa train: {out}: removed the outputs of an earlier training ({', '.join(earlier)})",
                   file=sys.stderr)
     comm.barrier()
-    if ckpt.exists():
-        trainer.load_state(*load_tensors(ckpt), where=str(ckpt))
-        if comm.is_main:
-            print(f"papa train: {out}: resumed from epoch {trainer.epoch + 1}, batch {trainer.batch}",
-                  file=sys.stderr)
+    if resumed and comm.is_main:
+        print(f"papa train: {out}: resumed from epoch {trainer.epoch + 1}, batch {trainer.batch}", file=sys.stderr)
 
     def save_checkpoint(t: Trainer) -> None:
         save_tensors(ckpt, *t.state())
@@ -223,7 +268,7 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
 
 def load_population(exp: dict, splits, path: str | Path, device="cpu") -> tuple[Population, dict]:
     """A trained population, checked against the experiment's architecture and population size."""
-    tensors, meta = load_tensors(path)
+    tensors, meta = load_tensors(path, "run `papa train` on this run again")
     if meta.get("model") != exp["model"]["name"] or meta.get("population") != exp["population"]["size"]:
         raise PapaError(
             f"{path}: checkpoint holds {meta.get('population')} x {meta.get('model')}, but experiment "
@@ -360,7 +405,7 @@ def evaluate(exp: dict, split_path, run_dir) -> dict:
 
 def _evaluate(exp: dict, run: Run) -> dict:
     where = run.dir / "soups.safetensors"
-    tensors, soup_meta = load_tensors(where)
+    tensors, soup_meta = load_tensors(where, "run `papa soups` on this run again")
     if soup_meta.get("population_sha256") != run.digest:
         raise PapaError(f"{where} and {run.dir / 'population.safetensors'} come from different trainings: the soups "
                         "were made from another population; run `papa soups` on this run again")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -51,3 +52,55 @@ def papa(*args: str, cwd: Path | None = None, check: bool = False, **kwargs) -> 
     if check and result.returncode != 0:
         raise AssertionError(f"papa {' '.join(args)} failed:\n{result.stderr}")
     return result
+
+
+class SmallDisk:
+    """A directory with room for about ``size`` bytes, to meet a full disk for real: a tmpfs of that size mounted
+    there where this machine lets the tests mount one (as root), else a plain directory, and then ``limited()``
+    makes the kernel refuse, in this process and those it starts, any write past ``size`` bytes of a file
+    (RLIMIT_FSIZE: EFBIG, "file too large", where a full disk says ENOSPC). Use as a context manager;
+    PAPA_TESTS_NO_TMPFS=1 in the environment takes the second way on any machine."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.size = path, size
+        self.tmpfs = False
+
+    def __enter__(self) -> SmallDisk:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if os.environ.get("PAPA_TESTS_NO_TMPFS"):
+            return self
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", str(self.path)],
+                                  capture_output=True)
+            self.tmpfs = done.returncode == 0
+        except OSError:  # no mount command
+            self.tmpfs = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tmpfs:
+            subprocess.run(["umount", str(self.path)], check=True)
+
+    def fill(self, leave: int) -> None:
+        """Take the disk's room but ``leave`` bytes (a tmpfs only: a file size limit has no room to take)."""
+        if self.tmpfs:
+            import shutil
+
+            free = shutil.disk_usage(self.path).free
+            (self.path / "filler").write_bytes(b"\0" * max(free - leave, 0))
+
+    @contextlib.contextmanager
+    def limited(self, size: int | None = None):
+        """Within: writes past ``size`` (default: the disk's) bytes of a file fail (no-op on a tmpfs, full by
+        itself)."""
+        import resource
+
+        if self.tmpfs:
+            yield
+            return
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.size if size is None else size, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

@@ -9,6 +9,8 @@ lists and identifiers stay in the JSON files. A nested mapping of numbers become
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from papa.errors import PapaError
+from papa.io import write_text
 
 COLUMNS = ["experiment", "variant", "seed", "metric", "value"]
 
@@ -41,18 +44,26 @@ def _identity(path: Path, data: dict) -> tuple[str, str, int]:
     ident = tuple(data.get(k, default) for k, default in zip(keys, from_path, strict=True))
     if None in ident:
         raise PapaError(f"{path}: cannot tell experiment/variant/seed (not in the file nor its path)")
-    return ident[0], ident[1], int(ident[2])
+    for key, value, kind in zip(keys, ident, (str, str, int), strict=True):
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise PapaError(f"{path}: {key}: {value!r} is not {'an integer' if kind is int else 'a string'}")
+    return ident
 
 
 def read_metrics(path: str | Path) -> pd.DataFrame:
     """The tidy rows of one metrics.json."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode())
     except FileNotFoundError:
         raise PapaError(f"{path}: metrics file not found") from None
+    except UnicodeDecodeError as e:
+        raise PapaError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise PapaError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        found = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(data), "a number")
+        raise PapaError(f"{path}: expected a JSON object of metrics, found {found}")
     experiment, variant, seed = _identity(path, data)
     flat = {}
     for key, value in data.items():
@@ -102,21 +113,53 @@ def over_seeds(values) -> dict:
 
 
 def write(frame: pd.DataFrame, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
-    return out
+    """``frame`` as CSV, atomically: a failed write (a full disk) leaves an earlier file whole."""
+    write_text(out, frame.to_csv(index=False))
+    return Path(out)
 
 
 def load(path: str | Path) -> pd.DataFrame:
     """Read an aggregated CSV back (seed as int, value as float)."""
+    kinds = {"experiment": str, "variant": str, "seed": int, "metric": str, "value": float}
+    return read_csv(path, kinds, "aggregated metrics", "not found (run `papa aggregate` first)", rows=False)
+
+
+def read_csv(path: str | Path, kinds: dict[str, type], what: str, missing: str, rows: bool = True) -> pd.DataFrame:
+    """A CSV file papa wrote (metrics.csv, history.csv), checked first, each problem one PapaError line: UTF-8 text,
+    complete (papa ends every line with a newline: a file cut short is refused, never read up to its cut), a
+    header with the columns of ``kinds`` ({column: int, float or str}), data rows unless ``rows`` is False,
+    every row as long as the header, and each value of its column's kind (float: a number, or empty for NaN).
+    ``missing``: what to say when the file is not there."""
+    path = Path(path)
     try:
-        frame = pd.read_csv(path, dtype={"experiment": str, "variant": str, "metric": str})
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise PapaError(f"{path}: aggregated metrics not found (run `papa aggregate` first)") from None
-    missing = set(COLUMNS) - set(frame.columns)
-    if missing:
-        raise PapaError(f"{path}: not an aggregated metrics file (missing columns {sorted(missing)})")
-    frame["seed"] = frame["seed"].astype(int)
-    frame["value"] = frame["value"].astype(float)
-    return frame
+        raise PapaError(f"{path}: {what} {missing}") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise PapaError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+    if not text.strip():
+        raise PapaError(f"{path}: empty file, expected {what} (CSV)")
+    if not text.endswith("\n"):
+        raise PapaError(f"{path}: cut short: its last line is incomplete (a copy or write stopped part-way)")
+    header, *body = csv.reader(io.StringIO(text))
+    absent = [c for c in kinds if c not in header]
+    if absent:
+        raise PapaError(f"{path}: not {what}: no column {', '.join(map(repr, absent))} (found "
+                        f"{', '.join(map(repr, header))})")
+    if rows and not body:
+        raise PapaError(f"{path}: no rows, only a header")
+    for line, row in enumerate(body, 2):
+        if len(row) != len(header):
+            raise PapaError(f"{path}: line {line} has {len(row)} fields, the header {len(header)}")
+        for column, kind in kinds.items():
+            value = row[header.index(column)]
+            try:
+                if kind is not str and not (kind is float and value == ""):
+                    kind(value)
+            except ValueError:
+                raise PapaError(f"{path}: line {line}: {column}: {value!r} is not "
+                                f"{'an integer' if kind is int else 'a number'}") from None
+    return pd.read_csv(io.StringIO(text), dtype={c: k for c, k in kinds.items() if k is str}).astype(
+        {c: k for c, k in kinds.items() if k is not str})

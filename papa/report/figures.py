@@ -19,7 +19,7 @@ from matplotlib.transforms import blended_transform_factory
 
 from papa.errors import PapaError
 from papa.io import write_atomic
-from papa.report.aggregate import over_seeds
+from papa.report.aggregate import over_seeds, read_csv
 from papa.report.tables import VARIANT_NAMES
 
 COLORS = {"baseline": "C0", "papa": "C1", "papa-all": "C2", "papa-2": "C3"}
@@ -34,11 +34,11 @@ MEASURE_COLORS = {"mean": "C0", "ensemble": "C1", "avg_soup": "C2", "greedy_soup
 ZOOM_NOTE = "axis zoomed to where the values differ; \u25bc: a value below it"
 
 
-def read_history(path: str | Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path)
-    except FileNotFoundError:
-        raise PapaError(f"{path}: history not found (train this run first)") from None
+def read_history(path: str | Path, metric: str = "test_accuracy") -> pd.DataFrame:
+    """A run's history.csv (papa.train.History), checked for the columns a curve reads (epoch, phase and
+    ``metric``) by papa.report.aggregate.read_csv: a file cut short, empty or unreadable is refused in one line."""
+    kinds = {"epoch": int, "phase": str, metric: float}
+    return read_csv(path, kinds, "a history", "not found (train this run first)")
 
 
 def trajectory(history: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
@@ -86,7 +86,7 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
         paths = [p for (key, _), p in histories.items() if key == v]
         if not paths:
             raise PapaError(f"figure {figure['name']!r}: no history for {v!r}")
-        both = pd.concat(trajectory(read_history(p), metric) for p in paths)
+        both = pd.concat(trajectory(read_history(p, metric), metric) for p in paths)
         both = both.groupby(["epoch", "phase"], sort=False)["value"]
         spread = both.std(ddof=1).fillna(0.0).to_numpy() if len(paths) > 1 else 0.0
         lines[v] = both.mean().reset_index().assign(spread=spread)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from papa.config import schema
+from papa.io import write_text
 
 HEADER = """# Config keys
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     text = reference()
     if argv:
-        Path(argv[0]).write_text(text)
+        write_text(argv[0], text)
     else:
         sys.stdout.write(text)
 

@@ -94,6 +94,23 @@ class World:
     def evaluate(self, config: Path) -> list[str]:
         return ["evaluate", "--config", str(config), "--split", str(self.split), "--run", str(self.run)]
 
+    def aggregate(self, text: bytes) -> list[str]:
+        """`papa aggregate` of one metrics.json holding ``text``."""
+        path = self.root / "results" / "tiny" / "papa" / "seed1" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(text)
+        return ["aggregate", str(path), "--out", str(self.out / "metrics.csv")]
+
+    def plot(self, history: bytes) -> list[str]:
+        """`papa plot` of a curves figure from one history.csv holding ``history``."""
+        path = self.root / "results" / "tiny" / "papa" / "seed1" / "history.csv"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(history)
+        config = self.config(text="seeds: [1]\nvariants: [papa]\nexperiments: {tiny: {data: {dataset: digits}}}\n"
+                                  "figures: [{name: f, kind: curves, caption: c, experiment: tiny}]\n")
+        return ["plot", "--config", str(config), "--figure", "f", "--histories", str(path), "--out",
+                str(self.out / "f.png")]
+
     def checkpoint(self, trained: Path) -> Path:
         """A genuine first-epoch checkpoint in the output run directory, as an interrupted run leaves it."""
         (self.out / "run").mkdir(parents=True)
@@ -227,6 +244,33 @@ def _(w, t):
 @case("missing-config", "missing file", "missing.yaml", "config file not found")
 def _(w, t):
     return w.prepare(w.root / "missing.yaml")
+
+
+@case("config-not-utf8", "not UTF-8", "bad.yaml", "not UTF-8 text: byte 0xe9 at line 1, column 4")
+def _(w, t):
+    config = w.config()
+    config.write_bytes("# r\u00e9sum\u00e9 caf\u00e9\n".encode("latin-1") + config.read_bytes())  # only a comment
+    return w.train(config)
+
+
+@case("alpha-nan", "not a finite number", "bad.yaml", "averaging.papa.alpha: nan is not a finite number")
+def _(w, t):
+    return w.train(w.config({"averaging": {"papa": {"alpha": float("nan")}}}))
+
+
+@case("lr-infinite", "not a finite number", "bad.yaml", "train.optimizer.lr: inf is not a finite number")
+def _(w, t):
+    return w.train(w.config({"train": {"optimizer": {"lr": float("inf")}}}))
+
+
+@case("weight-decay-nan", "not a finite number", "bad.yaml", "train.optimizer.weight_decay: nan is not a finite")
+def _(w, t):
+    return w.prepare(w.config({"train": {"optimizer": {"weight_decay": float("nan")}}}))
+
+
+@case("name-ending-in-newline", "bad name", "bad.yaml", "experiments: 'tiny\\n' does not match")
+def _(w, t):
+    return w.prepare(w.config(text=yaml.safe_dump({"seeds": [1], "experiments": {"tiny\n": deep_merge(TINY, FAST)}})))
 
 
 # data ---------------------------------------------------------------------------------------------------
@@ -416,6 +460,116 @@ def _(w, t):
     return w.evaluate(w.config())
 
 
+def flip_bit(path: Path, tensor: str) -> None:
+    """Flip one bit in the bytes of one tensor of a safetensors file, as a failing disk or memory would."""
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    data[8 + n + json.loads(data[8:8 + n])[tensor]["data_offsets"][0] + 3] ^= 0x10
+    path.write_bytes(data)
+
+
+@case("bit-flip-population", "corrupt checkpoint", "run/population.safetensors",
+      "corrupt: its bytes do not match what was written", "run `papa train` on this run again")
+def _(w, t):
+    flip_bit(w.run / "population.safetensors", "conv1.weight")  # member 0's first weights
+    return [*w.soups(w.config()), "--evaluate"]
+
+
+@case("bit-flip-population-evaluate", "corrupt checkpoint", "run/population.safetensors",
+      "corrupt: its bytes do not match what was written", "run `papa train` on this run again")
+def _(w, t):
+    for name in ("soups.safetensors", "soups.json"):  # the soups made from the population before the flip
+        shutil.copy(t / name, w.run / name)
+    flip_bit(w.run / "population.safetensors", "conv1.weight")  # not "different trainings": the bytes changed
+    return w.evaluate(w.config())
+
+
+@case("bit-flip-checkpoint-resume", "corrupt checkpoint", "run/checkpoint.safetensors",
+      "corrupt: its bytes do not match what was written",
+      "delete checkpoint.safetensors and checkpoint.json to start this run over")
+def _(w, t):
+    flip_bit(w.checkpoint(t), "pop.conv1.weight")
+    return w.train(w.config({"train": {"epochs": 2}}))
+
+
+def another_runs_outputs(w: World) -> Path:
+    """A finished papa run of seed 1 where `papa train` will write: the outputs of the trained fixture."""
+    shutil.copytree(w.run, w.out / "run")
+    return w.out / "run"
+
+
+@case("population-sidecar-deleted", "outputs of another run", "out/run holds the outputs of another run",
+      "variant papa, seed 1, in population.safetensors", "give another --out")
+def _(w, t):
+    (another_runs_outputs(w) / "population.json").unlink()
+    return w.train(w.config(), "baseline")
+
+
+@case("population-sidecar-emptied", "outputs of another run", "out/run holds the outputs of another run",
+      "variant papa, seed 1, in population.safetensors", "give another --out")
+def _(w, t):
+    (another_runs_outputs(w) / "population.json").write_text("")
+    return w.train(w.config(), "baseline")
+
+
+@case("interrupted-run-of-another-seed", "checkpoint of another run", "run/checkpoint.safetensors",
+      "written by another run: seed: the checkpoint has 1, this run has 2")
+def _(w, t):
+    w.checkpoint(t)  # seed 1 stopped after its first epoch: its checkpoint and history so far
+    shutil.copy(w.run / "history.csv", w.out / "run" / "history.csv")
+    args = w.train(w.config({"train": {"epochs": 2}}))
+    args[args.index("--seed") + 1] = "2"
+    return args
+
+
+# results the reports read ----------------------------------------------------------------------------------
+@case("metrics-array", "malformed metrics", "metrics.json", "expected a JSON object of metrics, found an array")
+def _(w, t):
+    return w.aggregate(b"[]\n")
+
+
+@case("metrics-null", "malformed metrics", "metrics.json", "expected a JSON object of metrics, found null")
+def _(w, t):
+    return w.aggregate(b"null\n")
+
+
+@case("metrics-not-utf8", "malformed metrics", "metrics.json", "not UTF-8 text (byte 0xff at offset 10)")
+def _(w, t):
+    return w.aggregate(b'{"mean": "\xff"}\n')
+
+
+@case("metrics-seed-not-a-number", "malformed metrics", "metrics.json", "seed: 'abc' is not an integer")
+def _(w, t):
+    return w.aggregate(json.dumps({"experiment": "tiny", "variant": "papa", "seed": "abc", "mean": 97.0}).encode())
+
+
+@case("history-empty", "malformed history", "history.csv", "empty file, expected a history")
+def _(w, t):
+    return w.plot(b"")
+
+
+@case("history-header-only", "malformed history", "history.csv", "no rows, only a header")
+def _(w, t):
+    return w.plot((w.run / "history.csv").read_bytes().splitlines(keepends=True)[0])
+
+
+@case("history-garbage", "malformed history", "history.csv", "not a history: no column 'epoch', 'phase'")
+def _(w, t):
+    return w.plot(b"<html><body>502 Bad Gateway</body></html>\n")
+
+
+@case("history-not-utf8", "malformed history", "history.csv", "not UTF-8 text (byte 0xff at offset 60)")
+def _(w, t):
+    data = bytearray((w.run / "history.csv").read_bytes())
+    data[60] = 0xFF
+    return w.plot(bytes(data))
+
+
+@case("history-cut-mid-row", "malformed history", "history.csv", "cut short: its last line is incomplete")
+def _(w, t):
+    return w.plot((w.run / "history.csv").read_bytes()[:-5])
+
+
 # divergence ---------------------------------------------------------------------------------------------
 def _last_good_checkpoint_kept(w: World) -> None:
     meta = json.loads((w.out / "run" / "checkpoint.json").read_text())
@@ -497,9 +651,31 @@ def test_bad_input_is_one_line_and_leaves_nothing(name, outcomes):
         c.check(o.world)
 
 
+def test_name_patterns_end_at_the_true_end_in_python_and_in_ecma_262():
+    """The schemas' name patterns accept a name and refuse it with a newline after it, as jsonschema matches them
+    (Python's re.search, where a bare `$` also matches before a final newline) and as JSON Schema specifies them
+    (ECMA-262, checked with node where it is installed)."""
+    from papa.config import schema
+
+    top = schema("config")["properties"]
+    patterns = {top["experiments"]["propertyNames"]["pattern"],
+                *(top[kind]["items"]["properties"]["name"]["pattern"] for kind in ("tables", "figures"))}
+    assert len(patterns) == 1
+    pattern = patterns.pop()
+    names = {"tiny": True, "a.b-c_1": True, "tiny\n": False, "tiny\n\n": False, "ti\nny": False, "-x": False, "": False}
+    assert {n: bool(re.search(pattern, n)) for n in names} == names
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: ECMA-262 semantics not checked")
+    script = (f"const p = new RegExp({json.dumps(pattern)});\n"
+              f"console.log(JSON.stringify({json.dumps(list(names))}.map(n => p.test(n))))")
+    done = subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == list(names.values())
+
+
 KINDS = {
     "malformed YAML", "unknown key", "wrong type", "out of range", "unknown name", "missing file", "missing data",
     "corrupt data", "empty image folder", "corrupt checkpoint", "checkpoint of another run", "non-finite loss",
+    "not UTF-8", "not a finite number", "bad name", "outputs of another run", "malformed metrics", "malformed history",
 }
 
 
@@ -508,4 +684,4 @@ def test_every_kind_of_bad_input_is_tried():
     out_of_range = {k for k, c in CASES.items() if c.kind == "out of range"}
     assert {"population-below-1", "alpha-zero", "alpha-above-one", "every-zero", "negative-epochs",
             "window-outside-0-1"} <= out_of_range
-    assert len(CASES) == 43
+    assert len(CASES) == 63

@@ -1,16 +1,20 @@
 """Outputs are bound to what made them: soups.json, metrics.json and similarity.json record the SHA-256 of the
 population (and metrics.json of the soups) they were made from; `papa soups`/`evaluate` refuse in one line,
 naming both files, to combine outputs of different trainings; `papa train` into a finished run directory
-clears the earlier training's outputs first."""
+clears the earlier training's outputs first, one training at a time; a full disk is one line."""
 
 import json
+import os
+import re
 import shutil
+import socket
 
 import pytest
 
 from papa.cli import main
-from papa.io import file_digest
-from tests.helpers import write_config
+from papa.io import file_digest, hold_lock
+from papa.runs import LOCK
+from tests.helpers import SmallDisk, write_config
 
 SMALL = {"population": {"size": 2}, "train": {"epochs": 1}}
 
@@ -151,5 +155,79 @@ def test_training_into_another_runs_directory_is_refused(setup, tmp_path, capsys
     assert run("train", "--config", config, "--variant", "baseline", "--seed", 1, "--split", split, "--out",
                out) == 2
     assert error_line(capsys) == (f"papa train: error: {out} holds the outputs of another run (experiment tiny, "
-                                  "variant papa, seed 1); give another --out, or delete them to train this run there")
+                                  "variant papa, seed 1, in population.safetensors); give another --out, or delete "
+                                  "them to train this run there")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# one training at a time in a run directory ----------------------------------------------------------------
+def test_a_second_training_into_a_run_directory_stops_in_one_line_and_touches_nothing(setup, tmp_path, capsys):
+    """While a `papa train` works in a run directory (holding its lock), another one there (a rerun meeting an
+    orphaned trainer, a second terminal) stops at once naming it; the lock goes with the trainer."""
+    _, config, split = setup
+    out = tmp_path / "a"
+    train(config, split, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # flock locks belong to an open file: a second open here is another holder, as another process would be
+    with hold_lock(out / LOCK, "held"):
+        capsys.readouterr()
+        assert run("train", "--config", config, "--variant", "papa", "--seed", 1, "--split", split, "--out", out) == 2
+        assert error_line(capsys) == (f"papa train: error: {out} is being trained by another `papa train` (process "
+                                      f"{os.getpid()} on {socket.gethostname()}); wait for it to finish, or stop it")
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK} == before
+    train(config, split, out)  # the holder gone: trains, and leaves no lock file
+    assert not (out / LOCK).exists()
+
+
+# a full disk -----------------------------------------------------------------------------------------------
+def disk_error(capsys, command: str, path) -> str:
+    """The one line of a write the disk refused: the path, why, the room left."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = error_line(capsys) if not err.strip() else err.strip().splitlines()[-1]
+    assert line.startswith(f"papa {command}: error: {path}"), line
+    assert re.search(r"\d[\d.]* [kMGT]?B free on its file system.*; free some space and run the same command again$",
+                     line), line
+    return line
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_the_room_left(setup, tmp_path, capsys):
+    """`papa prepare`, `train`, `aggregate` and `render` on a disk without room (a tmpfs, else a file size limit):
+    exit status 4 and one line; an earlier metrics.csv stays whole (`papa aggregate` writes it atomically)."""
+    _, config, split = setup
+    done = tmp_path / "done"
+    finished(config, split, done)
+    assert run("aggregate", done / "metrics.json", "--out", tmp_path / "m.csv") == 0
+    report = write_config(tmp_path / "report.yaml", SMALL, tables=[
+        {"name": "t", "layout": "main", "caption": "c", "rows": [{"label": "cnn", "experiment": "tiny"}]}])
+    many = []  # metrics of 20 runs: a CSV of some 40 kB
+    for seed in range(20):
+        many.append(tmp_path / "runs" / f"seed{seed}" / "metrics.json")
+        many[-1].parent.mkdir(parents=True)
+        many[-1].write_text(json.dumps({"experiment": "tiny", "variant": "papa", "seed": seed,
+                                        **{f"m{i}": 1.0 * i for i in range(50)}}))
+    with SmallDisk(tmp_path / "disk", 4096) as disk:
+        good = disk.path / "metrics.csv"
+        assert run("aggregate", done / "metrics.json", "--out", good) == 0
+        kept = good.read_bytes()
+        with disk.limited():
+            assert run("aggregate", *many, "--out", good) == 4
+        disk_error(capsys, "aggregate", good)
+        assert good.read_bytes() == kept
+
+        with disk.limited():
+            assert run("prepare", "--config", config, "--out", disk.path / "split.json") == 4
+        disk_error(capsys, "prepare", disk.path / "split.json")
+
+        with disk.limited():  # a tmpfs: no room for the population; a size limit: the first checkpoint fails
+            assert run("train", "--config", config, "--variant", "papa", "--seed", 1, "--split", split, "--out",
+                       disk.path / "run") == 4
+        line = disk_error(capsys, "train", disk.path / "run")
+        assert "no room to train: " in line if disk.tmpfs else "checkpoint.safetensors: file too large" in line
+
+        disk.fill(leave=0)
+        with disk.limited(0):
+            assert run("render", "--config", report, "--table", "t", "--metrics", tmp_path / "m.csv",
+                       "--md", disk.path / "t.md") == 4
+        disk_error(capsys, "render", disk.path / "t.")
+        assert sorted(p.name for p in disk.path.iterdir()) == ["filler", "metrics.csv"][not disk.tmpfs:]

@@ -324,3 +324,86 @@ def test_a_killed_run_finishes_with_the_same_command_from_a_path_with_spaces_and
         theirs = json.loads((reference / f"results/tiny/{variant}/seed1/metrics.json").read_text())
         assert ours == theirs, variant
     assert (clone / "reports" / "tiny_main.md").read_text() == (reference / "reports" / "tiny_main.md").read_text()
+
+
+# a dry run beside a running run, a full disk ----------------------------------------------------------------
+def gated_papa(tmp_path: Path) -> tuple[dict, Path]:
+    """An environment whose `papa` waits until the file it returns exists, then runs this tree's `papa`: a run
+    held at its first job."""
+    gate, bin_dir = tmp_path / "go", tmp_path / "bin"
+    bin_dir.mkdir()
+    real = Path(sys.executable).parent / "papa"
+    (bin_dir / "papa").write_text(f"#!/bin/sh\nwhile [ ! -e '{gate}' ]; do sleep 0.05; done\nexec '{real}' \"$@\"\n")
+    (bin_dir / "papa").chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return os.environ | {"PATH": path}, gate
+
+
+@pytest.mark.slow
+def test_a_dry_run_or_a_refused_run_beside_a_running_run_changes_nothing_it_trains(tmp_path):
+    """`snakemake -n` with other settings, and a second run refused by the run lock, while a run is going write
+    nothing: the running run trains what its own command says (2 epochs, not 3) and its command then has nothing
+    left to do."""
+    import time
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    # (the target before the multi-value options)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path),
+           "--workflow-profile", "none", "--cores", "1", "R/tiny/baseline/seed1/population.safetensors",
+           "--configfile", str(config), "--config", "results=R"]
+    dry_run = [*cmd[:3], "--dry-run", *cmd[3:]]
+    env, gate = gated_papa(tmp_path)
+    live = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "R/tiny/config.yaml").exists():  # the run holds its lock and wrote its jobs' config
+            assert live.poll() is None and time.monotonic() < deadline, live.stdout.read()
+            time.sleep(0.05)
+        before = {p: p.read_bytes() for p in (tmp_path / "R").rglob("*") if p.is_file()}
+        other = ["experiments={tiny: {train: {epochs: 3}}}"]
+        dry = subprocess.run([*dry_run, *other], env=env, capture_output=True, text=True)
+        assert dry.returncode == 0 and job_counts(dry.stdout)["train"] == 1, dry.stderr
+        refused = subprocess.run([*cmd, *other], env=env, capture_output=True, text=True)
+        assert refused.returncode == 2 and "another run of this workflow" in refused.stderr, refused.stderr
+        assert {p: p.read_bytes() for p in (tmp_path / "R").rglob("*") if p.is_file()} == before
+    finally:
+        gate.touch()
+        out, _ = live.communicate(timeout=600)
+    assert live.returncode == 0, out
+    assert json.loads((tmp_path / "R/tiny/baseline/seed1/population.json").read_text())["epochs"] == 2
+    again = subprocess.run(dry_run, env=env, capture_output=True, text=True)
+    assert "Nothing to be done" in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+def test_a_job_that_meets_a_full_disk_says_so_in_one_line_and_is_not_retried(tmp_path):
+    """Results on a disk with no room for a population: the training job stops with one line naming the run
+    directory and the room left (a tmpfs; elsewhere a file size limit), once: Snakemake does not retry it."""
+    import resource
+
+    from tests.helpers import SmallDisk
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    with SmallDisk(tmp_path / "disk", 40 * 1024) as disk:
+        def limit():  # the file size limit, in snakemake and its jobs only (a tmpfs needs none)
+            if not disk.tmpfs:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (disk.size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+        results = disk.path / "results"
+        done = subprocess.run(
+            [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path),
+             "--workflow-profile", "none", "--cores", "1", f"{results}/tiny/baseline/seed1/population.safetensors",
+             "--configfile", str(config), "--config", f"results={results}"],
+            env=os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+            capture_output=True, text=True, preexec_fn=limit)
+        assert done.returncode != 0
+        assert (results / "tiny/split.json").exists()  # the small files fitted
+        assert "Trying to restart job" not in done.stderr and done.stderr.count("Error in rule train") == 1
+        log = (tmp_path / "logs/train/tiny/baseline/seed1.log").read_text().splitlines()
+        run = results / "tiny/baseline/seed1"
+        assert re.fullmatch(rf"papa train: error: {re.escape(str(run))}(: no room to train: .* free on its file "
+                            r"system, but the population takes .*|/checkpoint.safetensors: file too large .*); free "
+                            "some space and run the same command again", log[-1]), log
+        assert not list(results.rglob("population*")) and not list(results.rglob("*.tmp"))

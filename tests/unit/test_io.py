@@ -1,16 +1,26 @@
 """papa.io: results get the permissions the user's umask allows (colleagues on a shared cluster project can
-read them), whichever writer made them; digests bind files to what they were made from."""
+read them), whichever writer made them; digests bind files to what they were made from; a write the disk refuses
+leaves the earlier file whole and is one line naming the path and the room left; tensor files check their own
+bytes; a lock keeps one process at a time."""
 
+import errno
+import fcntl
 import hashlib
+import json
 import os
+import re
+import socket
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from papa.checkpoint import save_tensors
+from papa.checkpoint import DIGEST_KEY, load_tensors, save_tensors
 from papa.data.splits import save_split
-from papa.io import file_digest, write_json, write_text
+from papa.errors import PapaError
+from papa.io import file_digest, hold_lock, human_bytes, write_error, write_json, write_text
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])
@@ -47,3 +57,127 @@ def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(b"abc" * 1000)
     assert file_digest(path) == hashlib.sha256(b"abc" * 1000).hexdigest()
+
+
+# a full disk -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory holding a good file, with room for 8 kB more (a tmpfs, else a file size limit: helpers)."""
+    from tests.helpers import SmallDisk
+
+    with SmallDisk(tmp_path / "disk", 64 * 1024) as disk:
+        (disk.path / "good.csv").write_text("a,b\n1,2\n")
+        disk.fill(leave=8 * 1024)
+        yield disk
+
+
+def test_a_write_the_disk_refuses_leaves_the_earlier_file_and_names_the_path(full_disk):
+    good = full_disk.path / "good.csv"
+    with full_disk.limited(), pytest.raises(OSError) as e:
+        write_text(good, "a,b\n" + "1,2\n" * 100_000)
+    assert e.value.errno in (errno.ENOSPC, errno.EFBIG) and e.value.filename == str(good)
+    assert good.read_text() == "a,b\n1,2\n"  # whole: the new text went to a temporary file, now removed
+    assert sorted(p.name for p in full_disk.path.iterdir()) == sorted(["good.csv", *["filler"] * full_disk.tmpfs])
+    line = write_error(e.value)
+    assert re.fullmatch(rf"{re.escape(str(good))}: (no space left on device|file too large \(.*\)) \(\d[\d.]* [kMGT]?B "
+                        r"free on its file system\); free some space and run the same command again", line), line
+
+
+def test_a_tensors_file_the_disk_refuses_is_an_oserror_naming_it(full_disk):
+    """safetensors (Rust) reports a failed write as its own error: the atomic writer makes it the OSError it was."""
+    path = full_disk.path / "pop.safetensors"
+    with full_disk.limited(), pytest.raises(OSError) as e:
+        save_tensors(path, {"w": torch.zeros(100_000)}, {"k": 1})
+    assert e.value.errno in (errno.ENOSPC, errno.EFBIG) and e.value.filename == str(path)
+    assert not path.exists() and not list(full_disk.path.glob(".*.tmp"))
+
+
+def test_write_errors_are_one_line_and_other_oserrors_are_not_theirs(tmp_path):
+    assert write_error(OSError(errno.EROFS, "Read-only file system", "/ro/x")) == "/ro/x: read-only file system"
+    assert write_error(OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "x"))).startswith(
+        f"{tmp_path / 'x'}: disk quota exceeded (")
+    assert write_error(OSError(errno.EIO, "Input/output error", "/x")) is None
+    assert human_bytes(0) == "0 B" and human_bytes(1234) == "1.23 kB" and human_bytes(5.6e9) == "5.6 GB"
+
+
+# tensor files check themselves -----------------------------------------------------------------------------
+def flip_bit(path, name: str | None = None, offset: int = 3) -> None:
+    """Flip one bit of a safetensors file: in tensor ``name``'s bytes, or (no name) in the header's metadata."""
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    if name is None:
+        at = data.index(b'\\"seed\\": 1', 8, 8 + n) + len(b'\\"seed\\": ')  # "seed": 1 -> "seed": 3
+        data[at] ^= 0x02
+    else:
+        at = 8 + n + json.loads(data[8:8 + n])[name]["data_offsets"][0] + offset
+        data[at] ^= 0x10
+    path.write_bytes(data)
+
+
+def test_a_flipped_bit_anywhere_is_refused_as_corrupt(tmp_path):
+    path = tmp_path / "p.safetensors"
+    tensors = {"w": torch.randn(4, 3), "n": torch.tensor(7), "h": torch.randn(5).to(torch.bfloat16)}
+    save_tensors(path, tensors, {"seed": 1})
+    loaded, meta = load_tensors(path)
+    assert meta["seed"] == 1 and DIGEST_KEY not in meta and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    good = path.read_bytes()
+    for name in ("w", "n", "h", None):
+        path.write_bytes(good)
+        flip_bit(path, name, offset=1 if name == "h" else 3)
+        with pytest.raises(PapaError, match=r"p\.safetensors: corrupt: its bytes do not match what was written "
+                                            r"\(the SHA-256 recorded in its header\); do this$"):
+            load_tensors(path, "do this")
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    for name in ("a", "b"):
+        save_tensors(tmp_path / f"{name}.safetensors", {"w": torch.ones(3), "v": torch.zeros(2)}, {"x": [1, 2.5]})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_a_file_written_before_digests_loads_with_a_warning(tmp_path, capsys):
+    """Decision: populations and soups written before files carried a digest stay readable (unchecked, said once)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "old.safetensors"
+    save_file({"w": torch.ones(2)}, str(path), metadata={"papa": json.dumps({"seed": 1})})
+    for _ in range(2):
+        tensors, meta = load_tensors(path)
+    assert meta == {"seed": 1} and torch.equal(tensors["w"], torch.ones(2))
+    assert capsys.readouterr().err == (f"papa: warning: {path} carries no digest (written by an earlier papa): its "
+                                       "bytes cannot be checked\n")
+
+
+# one process at a time ---------------------------------------------------------------------------------------
+def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path):
+    lock = tmp_path / "run" / ".lock"
+    with hold_lock(lock, "busy: {holder}"):
+        assert lock.read_text() == f"process {os.getpid()} on {socket.gethostname()}\n"
+        fd = os.open(lock, os.O_RDWR)  # another open file description: flock treats it as another process
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        done = subprocess.run([sys.executable, "-c", "from papa.io import hold_lock\n"
+                               f"with hold_lock({str(lock)!r}, 'busy: {{holder}}'): pass"],
+                              capture_output=True, text=True)
+        assert done.returncode == 1 and done.stderr.strip().endswith(
+            f"papa.errors.PapaError: busy: process {os.getpid()} on {socket.gethostname()}")
+    assert not lock.exists() and not lock.parent.exists()  # gone, with the folder it made
+
+
+def test_a_lock_file_left_by_a_killed_holder_blocks_nothing(tmp_path):
+    lock = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom papa.io import hold_lock\n"
+                               f"with hold_lock({str(lock)!r}, 'busy'):\n print('held', flush=True)\n"
+                               " sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(PapaError, match=r"^busy$"), hold_lock(lock, "busy"):
+        pass
+    holder.kill()
+    holder.wait()
+    assert lock.exists()  # left behind by the killed holder, and no longer locked
+    with hold_lock(lock, "busy"):
+        pass
+    assert not lock.exists()

@@ -157,32 +157,37 @@ def test_overrides_are_validated_like_the_file(tmp_path):
         cfg.load_config(path, {"scale": "smoke"})
 
 
-def test_workflow_config_writes_the_jobs_config_only_with_overrides(tmp_path, monkeypatch):
+def test_workflow_config_plans_the_jobs_config_only_with_overrides(tmp_path, monkeypatch):
+    """workflow_config writes nothing (the workflow writes its files once it holds the run lock, never in a dry
+    run); write_configs rewrites a file only when its content changes."""
     monkeypatch.chdir(tmp_path)
     path = write_config(tmp_path / "c.yaml")
-    config, jobs = cfg.workflow_config([path], {})
-    assert jobs == str(path) and config["scale"] == "full"
-    config, jobs = cfg.workflow_config([path], {"scale": "smoke", "data_root": "fake"})
+    config, jobs, files = cfg.workflow_config([path], {})
+    assert jobs == str(path) and config["scale"] == "full" and files == {}
+    config, jobs, files = cfg.workflow_config([path], {"scale": "smoke", "data_root": "fake"})
     assert Path(jobs) == Path("results/smoke/c.yaml") and config["results"] == "results/smoke"
+    assert list(files) == [jobs] and not Path(jobs).exists()
+    cfg.write_configs(files)
     written = yaml.safe_load(Path(jobs).read_text())
     assert written["scale"] == "smoke" and written["data_root"] == "fake"
     assert cfg.load_config(jobs)["experiments"] == config["experiments"]
     os.utime(jobs, (0, 0))
-    cfg.workflow_config([path], {"scale": "smoke", "data_root": "fake"})
+    cfg.write_configs(cfg.workflow_config([path], {"scale": "smoke", "data_root": "fake"})[2])
     assert Path(jobs).stat().st_mtime == 0  # unchanged: not rewritten, so nothing downstream reruns
-    cfg.workflow_config([path], {"scale": "smoke", "data_root": "other"})
+    cfg.write_configs(cfg.workflow_config([path], {"scale": "smoke", "data_root": "other"})[2])
     assert Path(jobs).stat().st_mtime > 0
     with pytest.raises(PapaError, match="exactly one config file"):
         cfg.workflow_config([path, path], {})
-
 
 
 def test_job_configs_hold_one_experiment_each_at_a_path_of_the_experiment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = write_config(tmp_path / "c.yaml")
     config = cfg.load_config(path, {"scale": "smoke", "data_root": "fake"})
-    jobs = cfg.job_configs([path], {"scale": "smoke", "data_root": "fake"}, config)
-    assert sorted(jobs) == sorted(config["experiments"])
+    jobs, files = cfg.job_configs([path], {"scale": "smoke", "data_root": "fake"}, config)
+    assert sorted(jobs) == sorted(config["experiments"]) and sorted(files) == sorted(jobs.values())
+    assert not list(tmp_path.glob("results/**/*.yaml"))  # planned, not written
+    cfg.write_configs(files)
     for name, job in jobs.items():
         assert Path(job) == Path("results/smoke") / name / "config.yaml"
         written = yaml.safe_load(Path(job).read_text())
@@ -194,9 +199,9 @@ def test_job_configs_hold_one_experiment_each_at_a_path_of_the_experiment(tmp_pa
     other.write_text(path.read_text())
     job = next(iter(jobs.values()))
     os.utime(job, (0, 0))
-    cfg.job_configs([path], {"scale": "smoke", "data_root": "fake"}, config)
+    cfg.write_configs(cfg.job_configs([path], {"scale": "smoke", "data_root": "fake"}, config)[1])
     assert Path(job).stat().st_mtime == 0
-    assert cfg.job_configs([other], {"scale": "smoke", "data_root": "fake"}, config) == jobs
+    assert cfg.job_configs([other], {"scale": "smoke", "data_root": "fake"}, config)[0] == jobs
 
 # data.subset --------------------------------------------------------------------------------------------
 def test_subsets_are_evenly_spaced_and_keep_the_fixed_split(tmp_path):

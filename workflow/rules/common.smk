@@ -1,6 +1,7 @@
 """Config checks, the run lock, paths and per-step resources shared by the rules (no rules here)."""
 
 import fcntl
+import hashlib
 import os
 import re
 import sys
@@ -9,16 +10,17 @@ from pathlib import Path
 from snakemake.cli import get_argument_parser
 
 from papa.config import (check_averaging_fires, deep_merge, experiment, job_configs, load_yaml, missing_data,
-                         workflow_config)
-from papa.errors import PapaError
+                         workflow_config, write_configs)
+from papa.errors import DiskError, PapaError
+from papa.io import write_error
 from papa.report import plan
 
 
-def fail(message):
-    """Stop before any job, with the one line `papa` itself would print, and exit 2 (Snakemake would add a
-    traceback, or its 30-line schema dump)."""
+def fail(message, status=2):
+    """Stop before any job, with the one line `papa` itself would print, and exit 2 (4 for a write the file
+    system refused, as `papa`; Snakemake would add a traceback, or its 30-line schema dump)."""
     print(f"papa: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 # the default config only when none is given (Snakemake would otherwise merge the two); read by papa first, so
@@ -36,11 +38,12 @@ if not workflow.overwrite_configfiles:
 # One config file; `--config KEY=VALUE` overrides of its top-level keys are validated like the file, and the
 # report's jobs then read the file with the overrides written in (CONFIGFILE, under the results directory); a
 # run's jobs read its experiment's own config file (JOB_CONFIGS, <results>/<experiment>/config.yaml), so a run
-# that several configs share is trained once. At `scale: smoke` (papa/smoke.py) the config is shrunk and
-# results and reports go to their own directories. The same checks, defaults and one-line messages as `papa`
-# (papa.config, from papa/schemas/).
+# that several configs share is trained once. These files are written only once this run holds the run lock
+# (below), never by a dry run: a dry run or a refused run beside a running one must not change what the running
+# one's jobs read. At `scale: smoke` (papa/smoke.py) the config is shrunk and results and reports go to their
+# own directories. The same checks, defaults and one-line messages as `papa` (papa.config, from papa/schemas/).
 try:
-    _effective, CONFIGFILE = workflow_config(workflow.configfiles, workflow.config_settings.config)
+    _effective, CONFIGFILE, _CONFIG_FILES = workflow_config(workflow.configfiles, workflow.config_settings.config)
     plan.check(_effective, str(workflow.configfiles[0]))
 except PapaError as e:
     fail(e)
@@ -154,11 +157,22 @@ def check_data():
 if RUNS_JOBS:
     check_data()
 
-# written once every check has passed (a refused config leaves nothing behind)
+# written once every check has passed (a refused config leaves nothing behind), by a run holding the run lock
 try:
-    JOB_CONFIGS = job_configs(workflow.configfiles, workflow.config_settings.config, config)
+    JOB_CONFIGS, _JOB_FILES = job_configs(workflow.configfiles, workflow.config_settings.config, config)
+    if RUNS_JOBS:
+        write_configs(_CONFIG_FILES | _JOB_FILES)
 except PapaError as e:
     fail(e)
+except OSError as e:
+    if write_error(e) is None:
+        raise
+    fail(write_error(e), DiskError.status)
+
+# what the report's jobs read of the config: a param, so that a table or figure is drawn again when the config
+# file's content changes (the file itself is no input: a dry run plans without writing it)
+CONFIG_SHA256 = hashlib.sha256(
+    _CONFIG_FILES[CONFIGFILE].encode() if CONFIGFILE in _CONFIG_FILES else Path(CONFIGFILE).read_bytes()).hexdigest()
 
 
 def job_config(wildcards):

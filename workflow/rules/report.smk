@@ -18,7 +18,6 @@ rule aggregate:
 
 rule render_table:
     input:
-        config=CONFIGFILE,
         metrics=METRICS,
     output:
         html=report(
@@ -39,6 +38,9 @@ rule render_table:
             category="Tables",
             labels={"table": "{table}", "format": "CSV (download)"},
         ),
+    params:
+        config=CONFIGFILE,
+        config_sha256=CONFIG_SHA256,
     log:
         f"{LOGS}/report/{{table}}.log",
     benchmark:
@@ -49,13 +51,12 @@ rule render_table:
     container:
         CONTAINER
     shell:
-        "papa render --config {input.config:q} --table {wildcards.table:q} --metrics {input.metrics:q}"
+        "papa render --config {params.config:q} --table {wildcards.table:q} --metrics {input.metrics:q}"
         " --md {output.md:q} --csv {output.csv:q} --html {output.html:q} > {log:q} 2>&1"
 
 
 rule plot_figure:
     input:
-        config=CONFIGFILE,
         metrics=METRICS,
         histories=histories,
     output:
@@ -65,6 +66,9 @@ rule plot_figure:
             category="Figures",
             labels={"figure": "{figure}"},
         ),
+    params:
+        config=CONFIGFILE,
+        config_sha256=CONFIG_SHA256,
     log:
         f"{LOGS}/report/{{figure}}.log",
     benchmark:
@@ -75,5 +79,5 @@ rule plot_figure:
     container:
         CONTAINER
     shell:
-        "papa plot --config {input.config:q} --figure {wildcards.figure:q} --metrics {input.metrics:q}"
+        "papa plot --config {params.config:q} --figure {wildcards.figure:q} --metrics {input.metrics:q}"
         " --histories {input.histories:q} --out {output.png:q} > {log:q} 2>&1"

@@ -18,8 +18,9 @@ rule train:
     group:
         "run"
     threads: res("train", "threads")
-    # a failed or preempted attempt leaves its last checkpoint in the run directory: the retry resumes there
-    retries: 2
+    # no retries here: a local failure (bad input, a full disk) fails again the same way. On a cluster the
+    # profile retries (workflow/profiles/slurm: a job stopped at its time limit leaves its last checkpoint, and
+    # the retry resumes there), and a retry on a disk still full stops at its start (papa.runs.check_room)
     resources:
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),
