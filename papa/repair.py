@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -55,6 +56,30 @@ def _data(batches: Batches, members: list[int | None], iters: int, seed: int, de
         raise ValueError("REPAIR needs every member's batches to have the same count"
                          + (" and shapes (stacked)" if stacked else ""))
     return [torch.stack(same) if stacked else list(same) for same in zip(*per_member, strict=True)]
+
+
+MIN_IMAGES = 16
+"""REPAIR warns when it measures fewer images than this per network (docs/decisions.md). A layer whose output has
+one value per image and channel (a squeeze-excitation convolution on pooled features, a hidden linear layer)
+gets each std from as many values as there are images: from 2, a std is half a difference, and when the
+networks see different images (each member its own augmentation) the ratio target std / std is heavy-tailed.
+In EfficientNetV2-S such layers got factors up to 5 x 10^4 from 2 images, at most 27 from 4, 5 from 16. The
+BatchNorm statistics REPAIR rebuilds are as unreliable."""
+
+_warned_few_images = False
+
+
+def _warn_if_few_images(xs: list) -> None:
+    """One warning line per process on stderr when REPAIR's batches ``xs`` hold fewer than ``MIN_IMAGES``
+    images per network (a smoke-scale run: expected there, not meant as a result)."""
+    global _warned_few_images
+    n = sum(len(x[0]) for x in xs)  # x: member 0's batch first, stacked or not
+    if n >= MIN_IMAGES or _warned_few_images:
+        return
+    _warned_few_images = True
+    print(f"papa: warning: REPAIR measured {n} image(s) per network, fewer than {MIN_IMAGES}: its rescale factors "
+          "and rebuilt BatchNorm statistics are unreliable at this size (fine for a smoke check, not for results; "
+          "use more or larger REPAIR batches)", file=sys.stderr)
 
 
 def _check_weights(weights, p: int) -> Tensor:
@@ -368,7 +393,10 @@ def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stack
 
     A bias-free layer that feeds a BatchNorm is only rescaled: the rebuilt running mean absorbs any
     per-channel shift exactly. Any other bias-free layer gets a bias with ``add_biases`` (a soup), and is
-    left alone without (members keep their architecture, so their optimizer's tensors stay valid)."""
+    left alone without (members keep their architecture, so their optimizer's tensors stay valid).
+
+    Fewer than ``MIN_IMAGES`` images per network: one warning line per process (see ``MIN_IMAGES``)."""
+    _warn_if_few_images(xs)
     layers = [layer for layer in _preactivations(pop, xs[0][0], kinds)
               if add_biases or layer.feeds_bn or f"{layer.name}.bias" in pop.params]
     missing = [layer.name for layer in layers if layer.name not in targets[0]]
