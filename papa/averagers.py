@@ -30,6 +30,7 @@ from papa.population import Population
 from papa.repair import member_moments, repair_population_
 from papa.rng import generator
 from papa.soups import greedy_soup
+from papa.variants import VARIANTS, averages_after, pushes_after
 
 
 @dataclass
@@ -41,10 +42,6 @@ class Baseline:
 
     def check(self, trainer) -> None:
         """Refuse, before training starts, settings the trainer's members cannot honour."""
-
-    def in_window(self, done: int, total: int) -> bool:
-        lo, hi = self.window
-        return lo * total < done <= hi * total
 
     def due_after_step(self, step: int, total: int) -> bool:
         return False
@@ -104,7 +101,7 @@ class Push(_Averaging):
     lr0: float = 1.0
 
     def due_after_step(self, step: int, total: int) -> bool:
-        return step % self.every == 0 and self.in_window(step, total)
+        return pushes_after(step, total, self.every, self.window)
 
     def push(self, t) -> None:
         if self.align:
@@ -139,8 +136,7 @@ class Replace(_Averaging):
             raise PapaError(f"averaging.{self.name}.scheme greedy runs in a single process only")
 
     def due_after_epoch(self, epoch: int, epochs: int) -> bool:
-        due = epoch % self.every == 0 or (self.from_start and epoch == 1)
-        return due and epoch < epochs and self.in_window(epoch, epochs)
+        return averages_after(epoch, epochs, self.every, self.from_start, self.window)
 
     def val_scores(self, t) -> list[tuple[float, float]]:
         """Every member's (validation accuracy, validation loss)."""
@@ -231,15 +227,16 @@ class Genetic(Replace):
 
 
 def averager_for(variant: str, exp: dict) -> Baseline:
-    """The averaging of ``variant`` (baseline, papa, papa-all or papa-2) with ``exp``'s settings."""
-    a = exp["averaging"]
+    """The averaging of ``variant`` with ``exp``'s settings: by its unit (papa.variants), a ``Baseline``, a
+    ``Push`` or a ``Replace`` (``Genetic`` with the genetic ablations) reading ``averaging.<variant>``."""
+    a, unit = exp["averaging"], VARIANTS[variant].unit
     window = tuple(a["window"])
-    if variant == "baseline":
+    if unit == "none":
         return Baseline(window)
     cfg, genetic = a[variant], a["genetic"]
     common = {"window": window, "name": variant, "align": cfg["align"], "align_images": a["align_images"],
               "mutation_std": genetic["mutation_std"]}
-    if variant == "papa":
+    if unit == "steps":
         return Push(**common, alpha=cfg["alpha"], every=cfg["every"], scale_with_lr=cfg["scale_with_lr"],
                     lr0=exp["train"]["optimizer"]["lr"])
     swa = exp["train"]["swa"]

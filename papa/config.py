@@ -19,12 +19,10 @@ import yaml
 from papa import smoke
 from papa.errors import PapaError
 from papa.io import write_text
+from papa.variants import VARIANTS, averaging_epochs, first_push, swa_start_epoch
 
 if TYPE_CHECKING:
     import jsonschema
-
-VARIANTS = ("baseline", "papa", "papa-all", "papa-2")
-
 
 @cache
 def schema(name: str) -> dict:
@@ -240,15 +238,6 @@ def job_configs(configfiles: list, overrides: dict, config: dict) -> dict[str, s
     return out
 
 
-def swa_start_epoch(exp: dict) -> int | None:
-    """The first SWA epoch (0-based; epochs before it run the regular schedule), or None without SWA."""
-    swa = exp["train"]["swa"]
-    if swa is None:
-        return None
-    start = swa["start"]
-    return round(start * exp["train"]["epochs"]) if start < 1 else int(start)
-
-
 def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
     """Experiment ``name`` of a loaded config: defaults merged with its overrides, validated (and at smoke scale
     shrunk, papa.smoke), with ``data.root`` resolved against ``data_root`` and ``name`` and ``scale`` added."""
@@ -281,43 +270,27 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
     return exp
 
 
-def averaging_epochs(exp: dict, variant: str) -> list[int]:
-    """The epochs after which PAPA-all / PAPA-2 average (1-based): every ``every``-th epoch but the last, and
-    the first with ``from_start``, inside ``averaging.window`` (papa.averagers.Replace.due_after_epoch; a test
-    keeps the two the same)."""
-    epochs, (lo, hi) = exp["train"]["epochs"], exp["averaging"]["window"]
-    every, from_start = exp["averaging"][variant]["every"], exp["averaging"][variant].get("from_start", False)
-    return [e for e in range(1, epochs)
-            if (e % every == 0 or (from_start and e == 1)) and lo * epochs < e <= hi * epochs]
-
-
-def first_push(exp: dict, steps_per_epoch: int) -> int | None:
-    """The first optimizer step after which PAPA pushes (papa.averagers.Push.due_after_step), None if none."""
-    total, (lo, hi) = exp["train"]["epochs"] * steps_per_epoch, exp["averaging"]["window"]
-    every = exp["averaging"]["papa"]["every"]
-    step = every * (int(lo * total) // every + 1)  # the first multiple of `every` past the window's start
-    return step if step <= min(hi * total, total) else None
-
-
 def check_averaging_fires(exp: dict, variant: str, steps_per_epoch: int | None = None, where: str = "") -> None:
-    """Refuse a PAPA-all / PAPA-2 experiment whose averaging can never happen (``every`` >= epochs, or a window
-    holding no averaging epoch) and, once the steps per epoch are known, a PAPA whose pushes never happen: such
-    a run would be the baseline under another name. Only the variant being trained is checked: an experiment
-    is shared by variants, and the others' settings do not matter to it."""
+    """Refuse an experiment whose averaging can never happen in ``variant``'s runs: an ``epochs`` variant whose
+    ``every`` reaches past the last epoch or whose window holds no averaging epoch, and, once the steps per epoch
+    are known, a ``steps`` variant that never pushes: such a run would be the baseline under another name. Only
+    the variant being trained is checked: an experiment is shared by variants, and the others' settings do not
+    matter to it."""
     prefix = f"{where + ': ' if where else ''}experiment {exp['name']!r}: "
-    a, epochs = exp["averaging"], exp["train"]["epochs"]
-    if variant in ("papa-all", "papa-2") and not averaging_epochs(exp, variant):
+    v, a, epochs = VARIANTS[variant], exp["averaging"], exp["train"]["epochs"]
+    if v.unit == "epochs" and not averaging_epochs(exp, variant):
         every = a[variant]["every"]
         if every >= epochs:
             raise PapaError(f"{prefix}averaging.{variant}.every: {every} >= train.epochs ({epochs}): {variant} "
                             "would never average (at the end of every k-th epoch, never after the last)")
         raise PapaError(f"{prefix}averaging.window: {a['window']} of {epochs} epochs holds no {variant} averaging "
                         f"(every {every} epochs, never after the last)")
-    if variant == "papa" and steps_per_epoch is not None and first_push(exp, steps_per_epoch) is None:
+    if v.unit == "steps" and steps_per_epoch is not None and first_push(exp, variant, steps_per_epoch) is None:
         total = epochs * steps_per_epoch
         lo, hi = a["window"]
-        raise PapaError(f"{prefix}averaging.papa.every: {a['papa']['every']} steps: PAPA would never push in "
-                        f"averaging.window {a['window']} (steps {int(lo * total) + 1}-{int(hi * total)} of {total})")
+        raise PapaError(f"{prefix}averaging.{variant}.every: {a[variant]['every']} steps: {v.label} would never "
+                        f"push in averaging.window {a['window']} (steps {int(lo * total) + 1}-{int(hi * total)} of "
+                        f"{total})")
 
 
 # where each dataset's loader (papa.data) looks under data.root, and its message when that is not there; a
@@ -342,9 +315,3 @@ def missing_data(exp: dict) -> str | None:
         if not path.is_dir():
             return message.format(path, name=name)
     return None
-
-
-def check_variant(variant: str) -> str:
-    if variant not in VARIANTS:
-        raise PapaError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-    return variant

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from papa import config as cfg
+from papa import variants
 from papa.alignment import permutation_spec
 from papa.build import align_data, build_engine, build_population, fixed_batches, loader_options, resolve_device
 from papa.checkpoint import load_tensors, save_tensors, sidecar_path
@@ -98,7 +99,7 @@ def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: boo
     and everything made from it: soups, metrics, similarity), saying so on stderr: a directory never holds
     results of two trainings. Ctrl-C (SIGINT) stops like SIGTERM, after a checkpoint; a second Ctrl-C
     interrupts at once."""
-    cfg.check_variant(variant)
+    variants.check(variant)
     cfg.check_averaging_fires(exp, variant)
     splits = load_data(exp)
     split = load_split(split_path, expect_n=len(splits.train)) | {"sha256": file_digest(split_path)}

@@ -26,6 +26,7 @@ import copy
 from pathlib import Path
 
 from papa.errors import PapaError
+from papa.variants import VARIANTS, averaging_epochs, by_unit, first_push, swa_start_epoch
 
 SUBSET = {"train": 6, "val": 2, "test": 4}  # data.subset: items kept of each set
 MAX_BATCH = 2
@@ -70,11 +71,6 @@ def _steps_per_epoch(exp: dict, patches: bool) -> int:
     return max(n_train // batch, 1)
 
 
-def _in_window(exp: dict, done: int, total: int) -> bool:  # papa.train.in_window
-    lo, hi = exp["averaging"]["window"]
-    return lo * total < done <= hi * total
-
-
 def _timed(full: dict, epochs: int, steps: int) -> dict:
     """``full`` with its periods rescaled to ``epochs`` smoke epochs of ``steps`` steps."""
     exp = copy.deepcopy(full)
@@ -92,37 +88,31 @@ def _timed(full: dict, epochs: int, steps: int) -> dict:
         if swa["bn_batches"] is not None:
             swa["bn_batches"] = min(swa["bn_batches"], steps)
     a = exp["averaging"]
-    for variant in ("papa-all", "papa-2"):
+    for variant in by_unit("epochs"):
         a[variant]["every"] = _rescale(a[variant]["every"], total, epochs)
-    a["papa"]["every"] = min(a["papa"]["every"], steps)
+    for variant in by_unit("steps"):
+        a[variant]["every"] = min(a[variant]["every"], steps)
     return exp
-
-
-def _swa_start(exp: dict) -> int | None:  # papa.config.swa_start_epoch (papa.config imports this module)
-    swa = exp["train"]["swa"]
-    if swa is None:
-        return None
-    return round(swa["start"] * exp["train"]["epochs"]) if swa["start"] < 1 else int(swa["start"])
 
 
 def events(exp: dict, steps: int | None) -> dict[str, str]:
     """The scheduled events that happen in a run of ``exp`` with ``steps`` steps per epoch (None: the full
-    run, whose steps per epoch depend on the data: PAPA's pushes are taken to happen), as {event: what}."""
+    run, whose steps per epoch depend on the data: pushes are taken to happen), as {event: what}."""
     t, a = exp["train"], exp["averaging"]
     epochs = t["epochs"]
-    swa_start = _swa_start(exp)
+    swa_start = swa_start_epoch(exp)
     found = {}
-    for variant in ("papa-all", "papa-2"):
-        every = a[variant]["every"]
-        due = [e for e in range(1, epochs) if e % every == 0 and _in_window(exp, e, epochs)]
-        what = f"averaging.{variant} every {every} of {epochs} epochs in the window {a['window']}"
+    for variant in by_unit("epochs"):
+        due = averaging_epochs(exp, variant)
+        what = f"averaging.{variant} every {a[variant]['every']} of {epochs} epochs in the window {a['window']}"
         if due:
             found[f"{variant} averaging"] = what
         if swa_start is not None and any(e > swa_start for e in due):  # after an SWA update (mix_averages)
             found[f"{variant} averaging during SWA"] = what + f" after the SWA start {swa_start}"
-    every, total = a["papa"]["every"], epochs * (steps or 1)
-    if steps is None or any(s % every == 0 and _in_window(exp, s, total) for s in range(1, total + 1)):
-        found["PAPA push"] = f"averaging.papa every {every} steps in the window {a['window']}"
+    for variant in by_unit("steps"):
+        if steps is None or first_push(exp, variant, steps) is not None:
+            found[f"{VARIANTS[variant].label} push"] = (f"averaging.{variant} every {a[variant]['every']} steps in "
+                                                        f"the window {a['window']}")
     if 0 < t["freeze_epochs"] < epochs:
         found["unfreeze"] = f"train.freeze_epochs {t['freeze_epochs']} of {epochs}"
     restart = t["schedule"]["restart_every"]
@@ -148,7 +138,7 @@ def scale_experiment(full: dict, where: str = "experiment") -> dict:
     exp["population"]["size"] = p
     if exp["augment"]["members"] is not None:
         exp["augment"]["members"] = exp["augment"]["members"][:p]
-    for section in (exp["averaging"]["papa-all"], exp["averaging"]["papa-2"], exp["soups"], exp["similarity"]):
+    for section in (*(exp["averaging"][v] for v in by_unit("epochs")), exp["soups"], exp["similarity"]):
         section["repair_iters"] = min(section["repair_iters"], MAX_REPAIR_ITERS)
     steps = _steps_per_epoch(exp, patches)
     wanted = events(full, None)

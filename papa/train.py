@@ -26,7 +26,6 @@ from papa.build import (
     resolve_device,
 )
 from papa.checkpoint import restore_trainer, trainer_state
-from papa.config import swa_start_epoch
 from papa.distributed import Local
 from papa.errors import PapaError
 from papa.metrics import population_scores
@@ -34,6 +33,7 @@ from papa.models.pretrained import head_keys
 from papa.population import Population
 from papa.repair import reset_batchnorm_
 from papa.rng import derive_seed, generator
+from papa.variants import swa_start_epoch
 
 # steps between two host reads of the training losses (see Trainer.read_losses)
 LOSS_READ_EVERY = 50

@@ -12,11 +12,12 @@ from torch.optim.swa_utils import SWALR
 
 from papa.build import lr_factor
 from papa.checkpoint import load_tensors, save_tensors
-from papa.config import deep_merge, swa_start_epoch
+from papa.config import deep_merge
 from papa.population import Population
 from papa.repair import reset_batchnorm, reset_batchnorm_
 from papa.rng import generator
 from papa.train import Stopped, Trainer
+from papa.variants import swa_start_epoch
 from tests.conftest import small_cnn
 from tests.helpers import papa, tiny_experiment, write_config
 from tests.training.test_train import prepared
