@@ -119,11 +119,12 @@ def event_problems(work: Path, config: dict, pairs=None) -> list[str]:
     """Runs whose history.csv lacks an averaging (PAPA-all, PAPA-2) or the SWA phase their experiment has."""
     from papa.config import experiment
     from papa.report import plan
+    from papa.variants import VARIANTS
 
     problems = []
     for e, v in plan.runs(config) if pairs is None else pairs:
         exp = experiment(config, e)
-        wanted = {"after_avg"} if v in ("papa-all", "papa-2") else set()
+        wanted = {"after_avg"} if VARIANTS[v].unit == "epochs" else set()
         wanted |= {"swa"} if exp["train"]["swa"] is not None else set()
         for s in config["seeds"]:
             path = work / config["results"] / e / v / f"seed{s}" / "history.csv"
@@ -225,9 +226,6 @@ def render_partial(work: Path, path: Path, config: dict, hub: Path, pairs) -> Pa
 
 
 # the covering subset of runs (CI's smoke runs; --cover) -----------------------------------------------------
-FAMILY = {"baseline": "baseline", "papa": "push", "papa-all": "epoch", "papa-2": "epoch"}
-
-
 def run_features(config: dict, pair: tuple[str, str]) -> set[tuple]:
     """``features`` of one run of ``config``, with whether the config measures its similarity (Table 5)."""
     from papa.config import experiment
@@ -267,6 +265,8 @@ def covering_runs(configs: list[tuple[str, dict]]) -> dict[str, list[tuple[str, 
 
 def features(exp: dict, variant: str) -> set[tuple]:
     """What a run exercises: model, dataset, variant, averaging scheme, the pipeline paths and the ablations."""
+    from papa.variants import VARIANTS
+
     a, t = exp["averaging"], exp["train"]
     out = {("model", exp["model"]["name"]), ("dataset", exp["data"]["dataset"]), ("variant", variant),
            ("pretrained", exp["model"]["pretrained"] is not None), ("swa", t["swa"] is not None),
@@ -279,11 +279,11 @@ def features(exp: dict, variant: str) -> set[tuple]:
     # the authors' options (issue 13): REPAIR's layers, the greedy criterion, resizing, the ResNet-20 variant
     out |= {("repair.layers", exp["repair"]["layers"]), ("greedy", exp["soups"]["greedy_criterion"]),
             ("resize", exp["data"]["resize"]), ("model.kwargs", repr(sorted(exp["model"]["kwargs"].items())))}
-    family = FAMILY[variant]  # the averaging code path: PAPA's pushes, or PAPA-all's and PAPA-2's epoch averaging
-    if variant != "baseline":
+    family = VARIANTS[variant].unit  # the averaging code path: pushes every few steps, or averaging every few epochs
+    if family != "none":
         out |= {("align", family, a[variant]["align"]), ("window", family, tuple(a["window"]) != (0.0, 1.0)),
                 ("mutations", family, a["genetic"]["mutation_std"] > 0)}
-    if family == "epoch":
+    if family == "epochs":
         g = a["genetic"]
         out |= {("scheme", variant, a[variant]["scheme"]), ("repair", variant, a[variant]["repair"]),
                 ("from_start", variant, a[variant]["from_start"]),

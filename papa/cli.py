@@ -8,6 +8,7 @@ from pathlib import Path
 
 from papa.errors import PapaError
 from papa.report.cli import add_commands
+from papa.variants import VARIANTS
 
 
 def _experiment_args(p: argparse.ArgumentParser) -> None:
@@ -125,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="train one population (one variant, one seed)",
-                       description="Train a population with baseline, papa, papa-all or papa-2 (Algorithm 1).")
+                       description="Train a population of one variant (Algorithm 1).")
     _experiment_args(p)
-    p.add_argument("--variant", required=True, help="baseline, papa, papa-all or papa-2")
+    p.add_argument("--variant", required=True, help=f"one of {', '.join(VARIANTS)} (papa.variants)")
     p.add_argument("--seed", required=True, type=int,
                    help="run seed: every random draw of the run (inits, data orders, augmentations) derives from it")
     _split_arg(p)

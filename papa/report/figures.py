@@ -20,9 +20,8 @@ from matplotlib.transforms import blended_transform_factory
 from papa.errors import PapaError
 from papa.io import write_atomic
 from papa.report.aggregate import over_seeds
-from papa.report.tables import VARIANT_NAMES
+from papa.variants import VARIANTS
 
-COLORS = {"baseline": "C0", "papa": "C1", "papa-all": "C2", "papa-2": "C3"}
 COMPARED = {
     "mean": "Population mean",
     "ensemble": "Ensemble",
@@ -66,7 +65,7 @@ def curve_keys(figure: dict, variants: list[str]) -> dict[str, tuple[str, str]]:
     if figure.get("lines"):
         return {line["label"]: (line["experiment"], line["variant"]) for line in figure["lines"]}
     shown = figure.get("variants") or variants
-    return {VARIANT_NAMES[v]: (figure["experiment"], v) for v in _in_table_order(shown)}
+    return {VARIANTS[v].label: (figure["experiment"], v) for v in _in_table_order(shown)}
 
 
 def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figure:
@@ -79,8 +78,8 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
     experiment = figure.get("experiment") or figure.get("caption") or figure["name"]
     named = [line["label"] for line in figure.get("lines") or []]
     keys = named or _in_table_order({v for v, _ in histories})
-    colors = {k: f"C{i}" for i, k in enumerate(named)} or COLORS
-    labels = {k: k for k in named} or VARIANT_NAMES
+    colors = {k: f"C{i}" for i, k in enumerate(named)} or {k: v.color for k, v in VARIANTS.items()}
+    labels = {k: k for k in named} or {k: v.label for k, v in VARIANTS.items()}
     lines = {}
     for v in keys:
         paths = [p for (key, _), p in histories.items() if key == v]
@@ -144,7 +143,7 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
 
 def _in_table_order(variants) -> list[str]:
     """Variants in the tables' order: Baseline, PAPA, PAPA-all, PAPA-2."""
-    order = list(VARIANT_NAMES)
+    order = list(VARIANTS)
     return sorted(variants, key=order.index)
 
 
@@ -224,7 +223,7 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
             values += [*mean, *(mean - std), *(mean + std), *np.concatenate(seeds_of)]
             points += [(xi, m, color) for xi, m in zip(x, mean, strict=True)]
         zoomed = _focus(ax, values, points)
-        ax.set_xticks(np.arange(len(shown)), [VARIANT_NAMES[v] for v in shown])
+        ax.set_xticks(np.arange(len(shown)), [VARIANTS[v].label for v in shown])
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(experiment + (f" ({ZOOM_NOTE})" if zoomed else ""), fontsize="medium")
         ax.grid(axis="y", alpha=0.3)

@@ -55,36 +55,28 @@ from tabulate import tabulate
 from papa.io import write_text
 from papa.report import paper
 from papa.report.aggregate import over_seeds
+from papa.variants import VARIANTS
 
-VARIANT_NAMES = {"baseline": "Baseline", "papa": "PAPA", "papa-all": "PAPA-all", "papa-2": "PAPA-2"}
+
+def _per_variant(*measures: tuple[str, str], baseline: tuple[tuple[str, str], ...] = ()) -> dict:
+    """Columns ``<label> <measure>`` of every variant (papa.variants), in order: {header: (variant, metric)};
+    the variants that never average (the baseline) show ``baseline``'s measures instead, when given."""
+    return {f"{v.label} {name}": (v.name, metric) for v in VARIANTS.values()
+            for name, metric in (baseline if baseline and v.unit == "none" else measures)}
+
 
 # layout -> {column header: (variant or None for the row's own variant, metric)}
-MAIN = {
-    "Baseline Ensemble": ("baseline", "ensemble"),
-    "Baseline GreedySoup": ("baseline", "greedy_soup"),
-    **{
-        f"{VARIANT_NAMES[v]} {name}": (v, metric)
-        for v in ("papa", "papa-all", "papa-2")
-        for name, metric in (("Ensemble", "ensemble"), ("AvgSoup", "avg_soup"))
-    },
-}
-DETAILED = {
-    f"{VARIANT_NAMES[v]} {name}": (v, metric)
-    for v in VARIANT_NAMES
-    for name, metric in (("Ens", "ensemble"), ("Avg", "avg_soup"), ("Greed", "greedy_soup"))
-}
+MAIN = _per_variant(("Ensemble", "ensemble"), ("AvgSoup", "avg_soup"),
+                    baseline=(("Ensemble", "ensemble"), ("GreedySoup", "greedy_soup")))
+DETAILED = _per_variant(("Ens", "ensemble"), ("Avg", "avg_soup"), ("Greed", "greedy_soup"))
 RANGE = {
     "p": (None, "population"),
     "mean [min, max]": (None, "mean"),
     "AvgSoup": (None, "avg_soup"),
     "GreedySoup": (None, "greedy_soup"),
 }
-GREEDY_SIZES = {f"{VARIANT_NAMES[v]} GreedySoup": (v, "greedy_soup_size") for v in VARIANT_NAMES}
-MEAN_SOUP = {
-    f"{VARIANT_NAMES[v]} {name}": (v, metric)
-    for v in VARIANT_NAMES
-    for name, metric in (("Mean", "mean"), ("AvgSoup", "avg_soup"))
-}
+GREEDY_SIZES = _per_variant(("GreedySoup", "greedy_soup_size"))
+MEAN_SOUP = _per_variant(("Mean", "mean"), ("AvgSoup", "avg_soup"))
 SEGMENTATION = {
     "Accuracy": (None, "accuracy"),
     **{header: (None, f"f1_{name}") for header, name in (
@@ -325,7 +317,7 @@ def header(table: dict, key: str) -> tuple[str, str]:
     if table["layout"] == "side_by_side":
         groups = list(dict.fromkeys(r["columns"] for r in table["rows"]))
     elif table["layout"] in ("main", "detailed", "greedy_sizes", "mean_soup"):
-        groups = list(VARIANT_NAMES.values())
+        groups = [v.label for v in VARIANTS.values()]
     else:
         groups = []
     group, measure = next(((g, key[len(g) + 1:]) for g in sorted(groups, key=len, reverse=True)
@@ -398,7 +390,7 @@ def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
         notes.append("bold: best ensemble and best soup of each row")
     repaired = [v for v in table.get("repair", []) if v in set(grid["variant"].dropna())]
     if repaired and table["layout"] != "greedy_sizes":
-        notes.append(f"soups with REPAIR for {', '.join(VARIANT_NAMES[v] for v in repaired)}")
+        notes.append(f"soups with REPAIR for {', '.join(VARIANTS[v].label for v in repaired)}")
     headers = [header(table, key) for key in keys]
     return _display(table, grid, LABEL, headers, _lines(grid, keys), notes)
 
