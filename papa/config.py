@@ -31,14 +31,20 @@ def schema(name: str) -> dict:
     return yaml.safe_load(text)
 
 
-def _resolve(sch: dict, root: dict) -> dict:
-    """``sch`` with its local ``$ref`` (``#/a/b``) followed: the schemas use no other kind."""
-    while "$ref" in sch:
-        target = root
-        for part in sch["$ref"].removeprefix("#/").split("/"):
-            target = target[part]
-        sch = target
-    return sch
+def resolve(sch: dict, root: dict) -> dict:
+    """``sch`` with its local ``$ref`` (``#/a/b``; the schemas use no other kind) followed. Keys beside the
+    ``$ref`` are laid over its target, ``properties`` one property at a time: a variant's averaging block sets
+    its own defaults over the shared block of its unit."""
+    if "$ref" not in sch:
+        return sch
+    target = root
+    for part in sch["$ref"].removeprefix("#/").split("/"):
+        target = target[part]
+    target, own = resolve(target, root), {k: v for k, v in sch.items() if k != "$ref"}
+    if "properties" in own:
+        own["properties"] = {k: {**target.get("properties", {}).get(k, {}), **v}
+                             for k, v in {**target.get("properties", {}), **own["properties"]}.items()}
+    return {**target, **own}
 
 
 def fill_defaults(instance: Any, sch: dict, root: dict | None = None) -> Any:
@@ -47,7 +53,7 @@ def fill_defaults(instance: Any, sch: dict, root: dict | None = None) -> Any:
     ``$ref``s: where the schemas keep their defaults (tests/pipeline/test_gpu_script.py checks that no default lies
     elsewhere). Nothing is checked here; ``validate`` does both."""
     root = sch if root is None else root
-    sch = _resolve(sch, root)
+    sch = resolve(sch, root)
     if isinstance(instance, dict):
         props = sch.get("properties", {})
         for key, sub in props.items():

@@ -69,3 +69,41 @@ def test_smoke_scale_seeks_the_averaging_that_from_start_adds():
     full = exp(6, **{"papa-all": {"every": 6, "from_start": True}})
     assert averaging_epochs(full, "papa-all") == [1]
     assert "papa-all averaging" in smoke.events(full, None)
+
+
+# the schemas ------------------------------------------------------------------------------------------------
+def _enums(node, path=""):
+    """Every ``enum`` in a schema, by path."""
+    if isinstance(node, dict):
+        found = {path: node["enum"]} if "enum" in node else {}
+        for key, value in node.items():
+            found |= _enums(value, f"{path}/{key}")
+        return found
+    if isinstance(node, list):
+        return {k: v for i, item in enumerate(node) for k, v in _enums(item, f"{path}/{i}").items()}
+    return {}
+
+
+@pytest.mark.parametrize("name", ["config", "experiment"])
+def test_each_schema_lists_the_variants_once(name):
+    from papa.config import schema
+
+    sch = schema(name)
+    assert sch["$defs"]["variant"]["enum"] == list(VARIANTS)
+    assert [path for path, values in _enums(sch).items() if "baseline" in values] == ["/$defs/variant"]
+    if name == "config":
+        assert set(sch["properties"]["variants"]["default"]) <= set(VARIANTS)
+
+
+def test_every_variant_that_averages_has_the_block_of_its_unit():
+    from papa.config import schema
+
+    sch = schema("experiment")
+    blocks = sch["properties"]["averaging"]["properties"]
+    averaging = {k for k, b in blocks.items() if b.get("$ref", "").startswith("#/$defs/")}
+    assert averaging == {name for name, v in VARIANTS.items() if v.unit != "none"}
+    for name in averaging:
+        assert blocks[name]["$ref"] == f"#/$defs/{VARIANTS[name].unit}" and blocks[name]["default"] == {}
+    filled = tiny_experiment()["averaging"]
+    assert filled["papa-2"]["scheme"] == "pair-half" and filled["papa-all"]["scheme"] == "all"  # each its own default
+    assert set(filled["papa-2"]) == set(filled["papa-all"]) == set(sch["$defs"]["epochs"]["properties"])
