@@ -2,9 +2,8 @@
 
 from papa.data.augment import Policy, draw_policies
 from papa.data.datasets import DATASETS, ArrayDataset, FolderDataset, Splits, load_dataset
-from papa.data.patches import PatchStream
 from papa.data.splits import load_split, make_split, save_split
-from papa.data.stream import FolderStream, MemberStream, eval_batches, make_stream
+from papa.data.stream import FolderStream, MemberStream, PatchStream, eval_batches, make_stream
 from papa.data.vaihingen import TileDataset
 
 __all__ = [
