@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from papa import smoke
+from papa import catalog, smoke
 from papa.errors import PapaError
 from papa.io import write_text
 from papa.variants import VARIANTS, averaging_epochs, first_push, swa_start_epoch
@@ -299,25 +299,7 @@ def check_averaging_fires(exp: dict, variant: str, steps_per_epoch: int | None =
                         f"{total})")
 
 
-# where each dataset's loader (papa.data) looks under data.root, and its message when that is not there; a
-# test keeps these the same as the loaders' own
-_DATA_LAYOUT = {
-    "cifar10": (["cifar-10-batches-py"], "CIFAR-10 not found: expected {} (python version archive, extracted)"),
-    "cifar100": (["cifar-100-python"], "CIFAR-100 not found: expected {} (python version archive, extracted)"),
-    "imagenet": (["train", "val"], "ImageNet {name} not found: expected an image folder tree at {} (<class>/<image>)"),
-    "vaihingen": (["top"], "Vaihingen not found: expected the tile folder {}"),
-}
-
-
 def missing_data(exp: dict) -> str | None:
-    """Why the experiment's dataset cannot be loaded, when its folders are not there (a cheap check, without
-    torch, for the workflow to fail before any job starts); None when they are."""
-    layout = _DATA_LAYOUT.get(exp["data"]["dataset"])
-    if layout is None:  # digits: embedded in scikit-learn
-        return None
-    folders, message = layout
-    for name in folders:
-        path = Path(exp["data"]["root"]) / name
-        if not path.is_dir():
-            return message.format(path, name=name)
-    return None
+    """Why the experiment's dataset cannot be loaded, when its folders are not there (papa.catalog: a cheap
+    check, without torch, for the workflow to fail before any job starts); None when they are."""
+    return catalog.missing(exp["data"]["dataset"], exp["data"]["root"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from papa.catalog import DATASETS
 from papa.errors import PapaError
 from papa.variants import VARIANTS, averaging_epochs, by_unit, first_push, swa_start_epoch
 
@@ -52,12 +53,6 @@ def _rescale(value: int, full: int, smoke: int) -> int:
     """A period of ``value`` epochs out of ``full``, in a run of ``smoke`` epochs: proportional, at least 1
     (0, "never", stays 0)."""
     return 0 if value == 0 else max(1, round(value * smoke / full))
-
-
-# The datasets whose loader draws training patches (loader options ``epoch_size`` and ``patch_size``), with the
-# default patch side. Written out, not read from the loaders' signatures, so that loading a config at smoke scale
-# (the Snakefile, papa render and aggregate) imports no torch; a test compares it with the loaders.
-PATCH_DATASETS = {"vaihingen": 256}
 
 
 def _steps_per_epoch(exp: dict, patches: bool) -> int:
@@ -130,10 +125,11 @@ def scale_experiment(full: dict, where: str = "experiment") -> dict:
     d["subset"] = {k: min(v, (d["subset"] or {}).get(k, v)) for k, v in SUBSET.items()}
     d["num_workers"] = min(d["num_workers"], MAX_WORKERS)
     t["batch_size"] = min(t["batch_size"], MAX_BATCH)
-    patches = d["dataset"] in PATCH_DATASETS
+    default_patch = DATASETS[d["dataset"]].patch_size  # a dataset drawing patches (papa.catalog)
+    patches = default_patch is not None
     if patches:
         d["options"]["epoch_size"] = PATCH_STEPS * t["batch_size"]
-        d["options"]["patch_size"] = min(d["options"].get("patch_size", PATCH_DATASETS[d["dataset"]]), MAX_PATCH)
+        d["options"]["patch_size"] = min(d["options"].get("patch_size", default_patch), MAX_PATCH)
     p = min(exp["population"]["size"], MAX_POPULATION)
     exp["population"]["size"] = p
     if exp["augment"]["members"] is not None:

@@ -1,13 +1,13 @@
 """Data: datasets by name, the validation split, per-member augmentation and population batch streams."""
 
 from papa.data.augment import Policy, draw_policies
-from papa.data.datasets import DATASETS, ArrayDataset, FolderDataset, Splits, load_dataset
+from papa.data.datasets import LOADERS, ArrayDataset, FolderDataset, Splits, load_dataset
 from papa.data.splits import load_split, make_split, save_split
 from papa.data.stream import FolderStream, MemberStream, PatchStream, eval_batches, make_stream
 from papa.data.vaihingen import TileDataset
 
 __all__ = [
-    "DATASETS",
+    "LOADERS",
     "ArrayDataset",
     "FolderDataset",
     "FolderStream",

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from papa.data import (
-    DATASETS,
+    LOADERS,
     MemberStream,
     Policy,
     draw_policies,
@@ -72,7 +72,7 @@ def items(x: torch.Tensor) -> torch.Tensor:
 
 # datasets ---------------------------------------------------------------------------------------------------
 def test_registry_and_unknown_names():
-    assert {"digits", "cifar10", "cifar100", "imagenet"} <= set(DATASETS)
+    assert {"digits", "cifar10", "cifar100", "imagenet"} <= set(LOADERS)
     with pytest.raises(PapaError, match="unknown dataset 'mnist'"):
         load_dataset("mnist")
     with pytest.raises(PapaError, match="no option 'flavour'"):
@@ -112,10 +112,11 @@ def test_cifar_archives_load(tmp_path, name):
 def test_cifar_files_and_checksums_are_torchvisions(name):
     import torchvision.datasets
 
+    from papa.catalog import DATASETS
     from papa.data.datasets import CIFAR_FORMATS
 
     fmt, layout = CIFAR_FORMATS[name], getattr(torchvision.datasets, name.upper())
-    assert fmt.base_folder == layout.base_folder
+    assert DATASETS[name].folders == (layout.base_folder,)
     assert [list(f) for f in fmt.train_list] == layout.train_list
     assert [list(f) for f in fmt.test_list] == layout.test_list
     assert fmt.meta == (layout.meta["filename"], layout.meta["key"], layout.meta["md5"])

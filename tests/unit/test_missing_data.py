@@ -1,15 +1,34 @@
-"""The workflow's DAG-time data check (papa.config.missing_data, without torch) says what the dataset loaders
-themselves say when the data is not there, and nothing when it is."""
+"""Every dataset is declared once (papa.catalog, without torch): its loader, ``papa fake-data`` and the schema
+agree with the declaration, and the workflow's check before any job starts (papa.config.missing_data) says
+what the loader says when the data is not there, and nothing when it is."""
 
 import pytest
 
-from papa.config import missing_data
-from papa.data import load_dataset
+from papa import catalog
+from papa.config import missing_data, schema
+from papa.data import LOADERS, load_dataset
+from papa.data.datasets import register
 from papa.errors import PapaError
+from papa.fakedata import WRITERS
 from tests.helpers import tiny_experiment
 
+WITH_FOLDERS = [name for name, d in catalog.DATASETS.items() if d.folders]
 
-@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "imagenet", "vaihingen"])
+
+def test_every_dataset_is_declared_loaded_written_and_in_the_schema():
+    assert set(LOADERS) == set(catalog.DATASETS)
+    assert schema("experiment")["properties"]["data"]["properties"]["dataset"]["enum"] == list(catalog.DATASETS)
+    assert set(WRITERS) == set(WITH_FOLDERS)
+    assert all(d.missing for d in catalog.DATASETS.values() if d.folders)
+
+
+def test_a_loader_of_an_undeclared_dataset_is_refused_at_import():
+    with pytest.raises(LookupError, match="'mnist' is not declared in papa/catalog.py"):
+        register("mnist")
+    assert "mnist" not in LOADERS
+
+
+@pytest.mark.parametrize("dataset", WITH_FOLDERS)
 def test_missing_data_says_what_the_loader_says(tmp_path, dataset):
     exp = tiny_experiment(data={"dataset": dataset, "root": str(tmp_path / "nothing")})
     with pytest.raises(PapaError) as loading:
@@ -17,12 +36,9 @@ def test_missing_data_says_what_the_loader_says(tmp_path, dataset):
     assert missing_data(exp) == str(loading.value)
 
 
-@pytest.mark.parametrize(("dataset", "folders"), [
-    ("cifar10", ["cifar-10-batches-py"]), ("cifar100", ["cifar-100-python"]), ("imagenet", ["train", "val"]),
-    ("vaihingen", ["top"]),
-])
-def test_present_folders_pass(tmp_path, dataset, folders):
-    for name in folders:
+@pytest.mark.parametrize("dataset", WITH_FOLDERS)
+def test_present_folders_pass(tmp_path, dataset):
+    for name in catalog.DATASETS[dataset].folders:
         (tmp_path / name).mkdir()
     assert missing_data(tiny_experiment(data={"dataset": dataset, "root": str(tmp_path)})) is None
 
