@@ -163,7 +163,7 @@ def clear_outputs(out: Path, run: dict) -> list[str]:
 def write_history(out: Path, trainer: Trainer) -> None:
     """history.csv: one row per (epoch, member, phase) so far (the csv module: every stage pays for pandas'
     import otherwise)."""
-    rows, text = trainer.history.rows, io.StringIO()
+    rows, text = trainer.progress.history, io.StringIO()
     if not rows:  # stopped before the first epoch ended
         return
     writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
@@ -185,7 +185,7 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     if ckpt.exists():
         trainer.load_state(*load_tensors(ckpt), where=str(ckpt))
         if comm.is_main:
-            print(f"papa train: {out}: resumed from epoch {trainer.epoch + 1}, batch {trainer.batch}",
+            print(f"papa train: {out}: resumed from epoch {trainer.progress.epoch + 1}, batch {trainer.progress.batch}",
                   file=sys.stderr)
 
     def save_checkpoint(t: Trainer) -> None:
@@ -208,8 +208,8 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     if comm.is_main:  # history rows are the same on every process (scores are gathered)
         write_history(out, trainer)
         meta = {
-            "experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.epoch,
-            "steps": trainer.step, "population": comm.p, "model": exp["model"]["name"],
+            "experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.progress.epoch,
+            "steps": trainer.progress.step, "population": comm.p, "model": exp["model"]["name"],
             "engine": trainer.engine_name, "device": str(trainer.device), "processes": comm.world_size,
             "policies": [dataclasses.asdict(p) for p in trainer.all_policies], "config": exp,
             "split_sha256": split["sha256"],
