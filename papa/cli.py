@@ -50,9 +50,10 @@ def _train(a):
     if not trainer.comm.is_main:  # under torchrun, one summary for the job
         return
     phase = "swa" if trainer.swa is not None else "end"  # the members as saved: their SWA averages
-    last = [r for r in trainer.progress.history if r["epoch"] == trainer.progress.epoch and r["phase"] == phase]
+    at = trainer.progress
+    last = [r for r in at.history if r["epoch"] == at.epoch and r["phase"] == phase]
     mean = sum(r["val_accuracy"] for r in last) / max(len(last), 1)
-    print(f"{a.out}: trained {trainer.comm.p} members for {trainer.progress.epoch} epochs; mean val accuracy {mean:.2f}%")
+    print(f"{a.out}: trained {trainer.comm.p} members for {at.epoch} epochs; mean val accuracy {mean:.2f}%")
 
 
 def _soups(a):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from html import escape
 from itertools import groupby
 
-from papa.report.tables import CHANCE_MARK, Display
+from papa.report.display import CHANCE_MARK, Display
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #1f2328; margin: 1rem; }

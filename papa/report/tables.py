@@ -46,7 +46,6 @@ with a footnote.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -55,6 +54,8 @@ from tabulate import tabulate
 from papa.io import write_text
 from papa.report import paper
 from papa.report.aggregate import over_seeds
+from papa.report.display import CHANCE_MARK, PAPER_MARK, Display, Line
+from papa.report.html import page
 from papa.variants import VARIANTS
 
 
@@ -125,8 +126,6 @@ SPELLED = {
 """Headers as the tables show them, for the measures whose column keys abbreviate them."""
 ACCURACIES = {"mean", "ensemble", *SOUPS, *(f"{s}_repair" for s in SOUPS)}
 """Metrics that are accuracies (checked against chance level)."""
-CHANCE_MARK = "†"
-PAPER_MARK = "‡"  # a paper value with a note (papa/report/paper/<id>.csv's note column)
 HIGHLIGHT = {"main", "detailed"}
 CSV_COLUMNS = [
     "row",
@@ -290,27 +289,6 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
     return grid
 
 
-class Line(NamedTuple):
-    """One displayed row: a ``heading`` (the label alone, bold), ``ours`` or ``paper`` (the paper's values
-    under ours); each cell (text, best, at chance)."""
-
-    kind: str
-    label: str
-    cells: list[tuple[str, bool, bool]]
-
-
-class Display(NamedTuple):
-    """What a table shows, whatever the format: name and caption, headers, rows, notes and footnotes."""
-
-    name: str
-    caption: str
-    label_header: str
-    headers: list[tuple[str, str]]  # (group, measure) per column; group "" where the column has none
-    lines: list[Line]
-    notes: list[str]
-    footnotes: list[str]
-
-
 def header(table: dict, key: str) -> tuple[str, str]:
     """(group, measure) that column ``key`` shows, spelled out: ``PAPA-all Avg`` is (``PAPA-all``,
     ``Average soup``). Column keys follow the paper's own headers (the paper CSVs use them)."""
@@ -440,8 +418,6 @@ def render(
 ) -> None:
     """Write table ``table`` (a config entry) from the tidy ``frame`` as Markdown and CSV, and as an HTML
     page when ``html`` is given."""
-    from papa.report.html import page
-
     grid = cells(table, frame, variants, seeds)
     outputs = {md: lambda: markdown(table, grid, seeds), csv: lambda: grid.to_csv(index=False)}
     if html is not None:
