@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from papa.errors import PapaError
 from papa.io import write_atomic, write_json
 from papa.population import Population
+from papa.provenance import code_version
 from papa.swa import SWA
 
 
@@ -40,14 +41,14 @@ META_KEY = "papa"  # the safetensors header entry holding the metadata (as JSON)
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write ``tensors`` (contiguous CPU copies) to ``path`` and ``meta`` to its .json sidecar, each
-    atomically.
+    """Write ``tensors`` (contiguous CPU copies) to ``path`` and ``meta`` (with the library and code versions,
+    papa.provenance) to its .json sidecar, each atomically.
 
     Two files cannot be replaced together atomically, so ``meta`` also goes into the safetensors header:
     the tensors file alone is complete and consistent (a kill between the two renames leaves new tensors
     beside an old sidecar), and the sidecar is its readable copy."""
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    meta = {**meta, "versions": versions()}
+    meta = {**meta, "versions": versions(), "code": code_version()}
     header = {META_KEY: json.dumps(meta)}
     write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=header))
     write_json(sidecar_path(path), meta)

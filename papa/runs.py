@@ -28,6 +28,7 @@ from papa.metrics import accuracy, held_out_metrics, population_scores, summary
 from papa.models import available_models
 from papa.models.pretrained import pretrained_normalization
 from papa.population import Population
+from papa.provenance import code_version
 from papa.similarity import BETWEEN_NETWORKS, NETWORK_AND_SOUP, population_similarity, stages
 from papa.soups import SOUPS, make_soups
 from papa.train import Trainer
@@ -344,7 +345,7 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
         "experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"], "stages": names,
         **per_stage(s["members"]), "members": s["members"],
         "aligned": s["align"], "repaired": s["repair"], "repair_iters": s["repair_iters"], "test_images": n_test,
-        "population_sha256": run.digest,
+        "population_sha256": run.digest, "code": code_version(),
     }
     if s["members"] != "all":  # the all-pairs measure beside the configured one
         out |= {f"all_pairs_{k}": v for k, v in per_stage("all").items()}
@@ -383,6 +384,7 @@ def _evaluate(exp: dict, run: Run) -> dict:
     metrics["val_members"] = val
     metrics["num_classes"] = run.splits.num_classes  # the tables mark soups at chance level (100 / num_classes %)
     metrics["population_sha256"], metrics["soups_sha256"] = run.digest, file_digest(where)
+    metrics["code"] = code_version()  # the code that computed these numbers (papa.provenance)
     order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
              "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
              "greedy_soup_members", "soups_aligned", "val_members"]

@@ -4,7 +4,8 @@ Runs live at ``<results>/<experiment>/<variant>/seed<S>/`` (see docs/interfaces.
 of a metrics.json becomes a row (``mean``, ``min``, ``max``, ``std``, ``ensemble``, ``avg_soup``,
 ``greedy_soup``, ``greedy_soup_size``, ``avg_soup_repair``, ``greedy_soup_repair``, ``population``, ...);
 lists and identifiers stay in the JSON files. A nested mapping of numbers becomes dotted metrics: the
-``between_networks`` of a similarity.json gives ``between_networks.layer1``, ...
+``between_networks`` of a similarity.json gives ``between_networks.layer1``, ... Every row carries the ``code``
+version its file records (papa.provenance.describe; empty for files written before it was recorded).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import numpy as np
 import pandas as pd
 
 from papa.errors import PapaError
+from papa.provenance import describe
 
-COLUMNS = ["experiment", "variant", "seed", "metric", "value"]
+COLUMNS = ["experiment", "variant", "seed", "metric", "value", "code"]
 
 
 def run_dir(results: str | Path, experiment: str, variant: str, seed: int) -> Path:
@@ -54,6 +56,7 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     except json.JSONDecodeError as e:
         raise PapaError(f"{path}: malformed JSON ({e})") from None
     experiment, variant, seed = _identity(path, data)
+    code = describe(data.get("code"))
     flat = {}
     for key, value in data.items():
         if isinstance(value, dict):
@@ -61,7 +64,7 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
         else:
             flat[key] = value
     rows = [
-        (experiment, variant, seed, key, float(value))
+        (experiment, variant, seed, key, float(value), code)
         for key, value in flat.items()
         if key not in ("seed",) and isinstance(value, int | float) and not isinstance(value, bool)
     ]
@@ -76,7 +79,7 @@ def aggregate(paths: Iterable[str | Path]) -> pd.DataFrame:
     frame = pd.concat(frames, ignore_index=True)
     dup = frame.duplicated(["experiment", "variant", "seed", "metric"])
     if dup.any():
-        e, v, s, _, _ = frame[dup].iloc[0]
+        e, v, s = frame[dup].iloc[0][COLUMNS[:3]]
         raise PapaError(f"two metrics files for experiment {e!r}, variant {v!r}, seed {s}")
     return frame.sort_values(COLUMNS[:4], ignore_index=True)
 
@@ -111,12 +114,13 @@ def write(frame: pd.DataFrame, out: str | Path) -> Path:
 def load(path: str | Path) -> pd.DataFrame:
     """Read an aggregated CSV back (seed as int, value as float)."""
     try:
-        frame = pd.read_csv(path, dtype={"experiment": str, "variant": str, "metric": str})
+        frame = pd.read_csv(path, dtype={"experiment": str, "variant": str, "metric": str, "code": str})
     except FileNotFoundError:
         raise PapaError(f"{path}: aggregated metrics not found (run `papa aggregate` first)") from None
-    missing = set(COLUMNS) - set(frame.columns)
+    missing = set(COLUMNS[:5]) - set(frame.columns)
     if missing:
         raise PapaError(f"{path}: not an aggregated metrics file (missing columns {sorted(missing)})")
     frame["seed"] = frame["seed"].astype(int)
     frame["value"] = frame["value"].astype(float)
+    frame["code"] = frame["code"].fillna("").astype(str) if "code" in frame else ""
     return frame

@@ -145,6 +145,7 @@ CSV_COLUMNS = [
     "best",
     "classes",
     "chance",
+    "code",
 ]
 
 
@@ -194,9 +195,9 @@ def _fmt(x: float, decimals: int) -> str:
     return f"{x:.{decimals}f}"
 
 
-def _values(frame: pd.DataFrame, experiment: str, variant: str, metric: str) -> np.ndarray:
+def _rows(frame: pd.DataFrame, experiment: str, variant: str, metric: str) -> pd.DataFrame:
     sel = frame[(frame.experiment == experiment) & (frame.variant == variant) & (frame.metric == metric)]
-    return sel.sort_values("seed")["value"].to_numpy(dtype=float)
+    return sel.sort_values("seed")
 
 
 def mean_std(stats: dict, decimals: int) -> str:
@@ -212,8 +213,10 @@ def _cell(frame, experiment, variant, metric, table) -> dict:
     if metric in SOUPS and variant in table.get("repair", []):
         metric = f"{metric}_repair"
     decimals = table.get("decimals", 2)
-    get = lambda m: _values(frame, experiment, variant, m)  # noqa: E731
+    get = lambda m: _rows(frame, experiment, variant, m)["value"].to_numpy(dtype=float)  # noqa: E731
     stats = over_seeds(get(metric))
+    rows = _rows(frame, experiment, variant, metric)
+    code = "; ".join(sorted(set(rows["code"]) - {""})) if "code" in rows else ""  # the runs' code versions
     if metric == "mean" and table["layout"] == "range":
         lo, hi = get("min"), get("max")
         stats |= {"min": lo.min() if len(lo) else np.nan, "max": hi.max() if len(hi) else np.nan}
@@ -230,7 +233,7 @@ def _cell(frame, experiment, variant, metric, table) -> dict:
     classes = get("num_classes")
     classes = classes[0] if len(classes) else np.nan
     chance = metric in ACCURACIES and bool(stats["n"]) and at_chance(stats["mean"], classes)
-    return {"metric": metric, **stats, "text": text, "classes": classes, "chance": chance}
+    return {"metric": metric, **stats, "text": text, "classes": classes, "chance": chance, "code": code}
 
 
 def at_chance(accuracy: float, classes: float) -> bool:
@@ -271,7 +274,8 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
                 "variant": v,
             }
             if v is None:
-                cell = {"metric": metric, **over_seeds(np.array([])), "text": "", "classes": np.nan, "chance": False}
+                cell = {"metric": metric, **over_seeds(np.array([])), "text": "", "classes": np.nan, "chance": False,
+                        "code": ""}
             else:
                 cell = _cell(frame, experiment, v, row_metric(table, row, v, metric), table)
             at = (row["label"], header)
