@@ -1,47 +1,6 @@
-"""Tables rendered from the tidy metrics frame: Markdown and HTML for people, CSV for machines.
-
-A table entry of the config names a ``layout`` and lists ``rows`` ({label, experiment, variant?,
-group?}); the layout fixes the columns. Column keys, abbreviated as in the paper's own tables (the
-``column`` of our CSV and of the paper CSVs ``papa/report/paper/<id>.csv``, header ``row,column,value``,
-``row`` = the row ``label``); the Markdown and HTML spell them out (``header``: ``PAPA Avg`` reads
-``PAPA Average soup``, ``GreedySoup`` ``Greedy soup``, ``Mean`` ``Population mean``):
-
-- ``main`` (Table 1): ``Baseline Ensemble``, ``Baseline GreedySoup``, then ``<V> Ensemble`` and
-  ``<V> AvgSoup`` for V in ``PAPA``, ``PAPA-all``, ``PAPA-2``.
-- ``detailed`` (Tables 6-9): ``<V> Ens``, ``<V> Avg``, ``<V> Greed`` for every variant V
-  (``Baseline``, ``PAPA``, ``PAPA-all``, ``PAPA-2``).
-- ``range`` (Tables 12, 14-17): ``p``, ``mean [min, max]``, ``AvgSoup``, ``GreedySoup``; each row must
-  name its ``variant``.
-- ``greedy_sizes`` (Table 18): ``<V> GreedySoup`` for every variant V, cells ``k (out of p)``.
-- ``mean_soup`` (A.10, Table 2): ``<V> Mean`` (population mean) and ``<V> AvgSoup`` for every variant V.
-- ``segmentation`` (Tables 10, 11): ``Accuracy`` (pixel accuracy), the F1-scores ``Roads``, ``Buildings``,
-  ``Vegetation``, ``Trees``, ``Cars``, ``Clutter`` (the ISPRS classes impervious surfaces, building, low
-  vegetation, tree, car, clutter) and ``Average F1``; each row names its ``variant`` and its ``model``:
-  ``mean`` (the population mean: members' accuracies and per-class F1 averaged), ``ensemble``,
-  ``avg_soup`` or ``greedy_soup``.
-- ``side_by_side`` (Table 13): ``<C> Mean``, ``<C> Avg``, ``<C> Greed`` for every column group C, the rows'
-  ``columns`` values in order of appearance. Each config row (experiment, variant) fills its ``columns``
-  group of the displayed row named by its ``label``: config rows sharing a label make one table row.
-- ``similarity`` (Table 5): ``<M> Layer <k>`` for M in ``Between two networks``, ``Between one network and
-  AvgSoup`` and k = 1..4, from the runs' similarity.json (``papa similarity``); each row names its
-  ``variant``. The Markdown shows the paper's layout: the row label as a heading, then one line per M with
-  columns ``Layer 1`` .. ``Layer 4``.
-- ``datasets`` (Table 3): one row per method, one column per dataset: a row names its ``variant`` and
-  ``experiments: {<column header>: <experiment>}`` (instead of ``experiment``); cells are average soups.
-
-Columns of variants outside the table's ``variants`` (default: the config's) are left out; a row's own
-``variant`` fills only that variant's columns. The table's ``repair`` variants show the REPAIRed soups.
-
-Cells read ``x (y)``: the mean (sample standard deviation, ddof=1) over the config's seeds, or ``x`` for
-a single seed; ``mean [min, max]`` is the mean of the population means over seeds and the extremes over
-all members of all seeds; ``k (out of p)`` shows the mean greedy-soup size. A missing result reads ``—``.
-In ``main`` and ``detailed`` the best ensemble and the best soup of each row are bold. A paper ``value``
-is the cell's text as printed in the paper (e.g. ``95.2 (0.1)``, ``80.21 [80.05, 80.46]``,
-``1 (out of 10)``; CSV-quote fields holding commas); it is shown in a row ``<label> (paper)`` right
-under ours. A row's ``group`` starts a bold heading row when it changes (Table 1's dataset lines).
-An accuracy at chance level (``at_chance``; the runs' metrics.json give ``num_classes``) is marked ``†``,
-with a footnote.
-"""
+"""Tables rendered from the tidy metrics frame: Markdown and HTML for people, CSV for machines. A table entry of
+the config names a ``layout`` (``LAYOUTS``: its columns, {header: (variant or None for the row's own, metric)})
+and lists ``rows``; docs/interfaces.md describes every layout, the cells and the CSV."""
 
 from __future__ import annotations
 
@@ -84,7 +43,6 @@ SEGMENTATION = {
         ("Roads", "impervious_surfaces"), ("Buildings", "building"), ("Vegetation", "low_vegetation"),
         ("Trees", "tree"), ("Cars", "car"), ("Clutter", "clutter"), ("Average F1", "average"))},
 }
-SEGMENTATION_MODELS = ("mean", "ensemble", "avg_soup", "greedy_soup")
 SIDE_BY_SIDE = {"Mean": (None, "mean"), "Avg": (None, "avg_soup"), "Greed": (None, "greedy_soup")}
 SIMILARITY_MEASURES = {"Between two networks": "between_networks",
                        "Between one network and AvgSoup": "network_and_avg_soup"}

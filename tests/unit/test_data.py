@@ -21,7 +21,7 @@ from papa.data import (
     make_split,
     save_split,
 )
-from papa.data.augment import CIFAR_GRID, apply, eval_transform
+from papa.data.augment import apply, eval_transform
 from papa.data.datasets import ArrayDataset
 from papa.data.stream import FolderStream, eval_batches, make_stream
 from papa.errors import PapaError
@@ -31,6 +31,9 @@ CIFAR = {  # name: (folder, train files, test files, meta file, meta key, label 
                 "batches.meta", "label_names", "labels", 10),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels", 100),
 }
+
+CIFAR_GRID = {"mixup": [0, 0.5, 1.0], "label_smoothing": [0, 0.05, 0.1], "cutmix": [0, 0.5, 1.0],
+              "random_erasing": [0, 0.15, 0.35]}  # Section 4.1's grid (the schema's default augment.grid)
 
 
 def write_cifar(root, name: str, per_file: int = 20) -> np.ndarray:
