@@ -300,6 +300,6 @@ def check_averaging_fires(exp: dict, variant: str, steps_per_epoch: int | None =
 
 
 def missing_data(exp: dict) -> str | None:
-    """Why the experiment's dataset cannot be loaded, when its folders are not there (papa.catalog: a cheap
+    """Why the experiment's dataset cannot be loaded, when its files are not there (papa.catalog: a cheap
     check, without torch, for the workflow to fail before any job starts); None when they are."""
     return catalog.missing(exp["data"]["dataset"], exp["data"]["root"])

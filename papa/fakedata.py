@@ -52,7 +52,7 @@ def write_cifar(root: Path, name: str) -> str:
     """``<root>/cifar-10-batches-py/`` (or ``cifar-100-python/``), as the loader (papa.data.datasets) reads it."""
     fmt = CIFAR_FORMATS[name]
     meta_file, meta_key, _ = fmt.meta
-    base = Path(root) / DATASETS[name].folders[0]
+    base = Path(root) / DATASETS[name].paths[0]
     base.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(sum(map(ord, name)))
     parts = [(f, CIFAR_TRAIN // len(fmt.train_list)) for f, _ in fmt.train_list]
@@ -195,7 +195,7 @@ WRITERS = {
     "imagenet": lambda root, _options: write_imagenet(root),
     "vaihingen": _vaihingen,
 }
-"""Fake data of every dataset with folders (papa.catalog): writer(root, the loader options of the experiments
+"""Fake data of every dataset with paths (papa.catalog): writer(root, the loader options of the experiments
 reading it there) -> a line saying what was written (a test keeps the two the same)."""
 
 
@@ -208,7 +208,7 @@ def write_all(root: Path, configs: list[Path], hub_cache: Path | None = None) ->
     datasets, models = _needs(configs)
     done = []
     for (dataset, rel), options in sorted(datasets.items()):
-        if not DATASETS[dataset].folders:  # shipped with a package (digits): nothing to write
+        if not DATASETS[dataset].paths:  # shipped with a package (digits): nothing to write
             continue
         if dataset not in WRITERS:
             raise PapaError(f"fake-data: no writer for dataset {dataset!r} (papa.fakedata.WRITERS)")

@@ -1,24 +1,7 @@
 """Smoke scale (``scale: smoke`` in a config, or ``--config scale=smoke``): every experiment of any config,
-shrunk by one rule so that it runs end to end in seconds to minutes on a CPU while every code path and
-every scheduled event of the full run still happens. The rule (docs/smoke.md spells it out):
-
-- data: ``data.subset`` = 6 training items (before the validation split; for a dataset with its own
-  validation items, Vaihingen, its training tiles), 2 of its own validation items and 4 test items, evenly
-  spaced; at most 1 loader worker; a dataset drawing patches (a loader option ``epoch_size``) draws
-  2 batches per epoch, of at most 32 x 32 pixels (``patch_size``); every other image size is kept;
-- population size at most 3 (explicit per-member policies: the first 3), batch size at most 2, one seed;
-- REPAIR (in training, of the soups, for the similarity) on 1 batch; SWA's BatchNorm recomputation at
-  most one epoch;
-- epochs: the fewest (at least 2) for which every scheduled event fires at least once, with every period
-  in epochs (PAPA-all and PAPA-2 averaging, head-only epochs, warm restarts, an SWA start given in
-  epochs, SWA annealing) rescaled in proportion to the epochs (at least 1), and PAPA's push period (in
-  steps) capped at one smoke epoch: PAPA pushes, averaging inside the averaging window (with REPAIR,
-  alignment, genetic selection and mutations, which happen there), unfreezing, a warm restart and SWA's
-  start. Fractions of training (averaging windows, multistep milestones, an SWA start below 1) are kept;
-- architectures, pretrained weights, variants, averaging schemes, optimizers and augmentations are kept;
-- results go to ``<results>/smoke`` (the workflow puts reports and logs under ``reports/smoke`` and
-  ``logs/smoke``) and every table and figure caption starts with "Smoke scale".
-"""
+shrunk by one rule (docs/smoke.md spells it out, papa.variants says when things happen) so that it runs end to
+end in seconds to minutes on a CPU while every code path and every scheduled event of the full run still
+happens; results under ``<results>/smoke``, every caption starting with "Smoke scale"."""
 
 from __future__ import annotations
 

@@ -323,7 +323,7 @@ CIFAR_FORMATS = {
 
 def _load_cifar(name: str, root, verify_md5: bool, image_size: int | None) -> Splits:
     fmt = CIFAR_FORMATS[name]
-    base = catalog.require(name, root if root is not None else Path("data") / name) / catalog.DATASETS[name].folders[0]
+    base = catalog.require(name, root if root is not None else Path("data") / name) / catalog.DATASETS[name].paths[0]
     meta_file, meta_key, meta_md5 = fmt.meta
     files = [*fmt.train_list, *fmt.test_list, (meta_file, meta_md5)]
     for filename, md5 in files:

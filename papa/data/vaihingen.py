@@ -43,7 +43,7 @@ CLASSES = {
     "car": (255, 255, 0),
     "clutter": (255, 0, 0),
 }
-IMAGE_DIR, LABEL_DIRS = catalog.DATASETS["vaihingen"].folders[0], ("gts_for_participants", "gts_complete")
+IMAGE_DIR, LABEL_DIRS = catalog.DATASETS["vaihingen"].paths[0], ("gts_for_participants", "gts_complete")
 PATCH_SIZE, EPOCH_SIZE = catalog.DATASETS["vaihingen"].patch_size, 10000
 
 

@@ -29,12 +29,8 @@ def _per_variant(*measures: tuple[str, str], baseline: tuple[tuple[str, str], ..
 MAIN = _per_variant(("Ensemble", "ensemble"), ("AvgSoup", "avg_soup"),
                     baseline=(("Ensemble", "ensemble"), ("GreedySoup", "greedy_soup")))
 DETAILED = _per_variant(("Ens", "ensemble"), ("Avg", "avg_soup"), ("Greed", "greedy_soup"))
-RANGE = {
-    "p": (None, "population"),
-    "mean [min, max]": (None, "mean"),
-    "AvgSoup": (None, "avg_soup"),
-    "GreedySoup": (None, "greedy_soup"),
-}
+RANGE = {"p": (None, "population"), "mean [min, max]": (None, "mean"), "AvgSoup": (None, "avg_soup"),
+         "GreedySoup": (None, "greedy_soup")}
 GREEDY_SIZES = _per_variant(("GreedySoup", "greedy_soup_size"))
 MEAN_SOUP = _per_variant(("Mean", "mean"), ("AvgSoup", "avg_soup"))
 SEGMENTATION = {
@@ -53,58 +49,25 @@ SIMILARITY = {
     for k in range(1, SIMILARITY_STAGES + 1)
 }
 DATASETS = "datasets"
-LAYOUTS = {
-    "main": MAIN,
-    "detailed": DETAILED,
-    "range": RANGE,
-    "greedy_sizes": GREEDY_SIZES,
-    "mean_soup": MEAN_SOUP,
-    "segmentation": SEGMENTATION,
-    "side_by_side": SIDE_BY_SIDE,
-    "similarity": SIMILARITY,
-    DATASETS: {},  # the columns are the rows' ``experiments`` keys
-}
+LAYOUTS = {"main": MAIN, "detailed": DETAILED, "range": RANGE, "greedy_sizes": GREEDY_SIZES, "mean_soup": MEAN_SOUP,
+           "segmentation": SEGMENTATION, "side_by_side": SIDE_BY_SIDE, "similarity": SIMILARITY,
+           DATASETS: {}}  # datasets: the columns are the rows' ``experiments`` keys
 OWN_VARIANT = {"range", "similarity", "segmentation", "side_by_side", DATASETS}
 """Layouts whose rows must name their variant."""
 LABEL = "Model"
 """Header of the first (row label) column."""
 MISSING = "—"
 SOUPS = ("avg_soup", "greedy_soup")
-SPELLED = {
-    "Ens": "Ensemble",
-    "Avg": "Average soup",
-    "AvgSoup": "Average soup",
-    "Greed": "Greedy soup",
-    "GreedySoup": "Greedy soup",
-    "Mean": "Population mean",
-    "p": "Population size p",
-    "mean [min, max]": "Members: mean [min, max]",
-    "Between one network and AvgSoup": "Between one network and the average soup",
-}
+SPELLED = {"Ens": "Ensemble", "Avg": "Average soup", "AvgSoup": "Average soup", "Greed": "Greedy soup",
+           "GreedySoup": "Greedy soup", "Mean": "Population mean", "p": "Population size p",
+           "mean [min, max]": "Members: mean [min, max]",
+           "Between one network and AvgSoup": "Between one network and the average soup"}
 """Headers as the tables show them, for the measures whose column keys abbreviate them."""
 ACCURACIES = {"mean", "ensemble", *SOUPS, *(f"{s}_repair" for s in SOUPS)}
 """Metrics that are accuracies (checked against chance level)."""
 HIGHLIGHT = {"main", "detailed"}
-CSV_COLUMNS = [
-    "row",
-    "group",
-    "column",
-    "experiment",
-    "variant",
-    "metric",
-    "n",
-    "mean",
-    "std",
-    "min",
-    "max",
-    "text",
-    "paper",
-    "paper_note",
-    "best",
-    "classes",
-    "chance",
-    "code",
-]
+CSV_COLUMNS = ["row", "group", "column", "experiment", "variant", "metric", "n", "mean", "std", "min", "max", "text",
+               "paper", "paper_note", "best", "classes", "chance", "code"]
 
 
 def columns(table: dict, variants: list[str], row: dict | None = None) -> dict[str, tuple[str | None, str]]:

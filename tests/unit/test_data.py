@@ -119,7 +119,7 @@ def test_cifar_files_and_checksums_are_torchvisions(name):
     from papa.data.datasets import CIFAR_FORMATS
 
     fmt, layout = CIFAR_FORMATS[name], getattr(torchvision.datasets, name.upper())
-    assert DATASETS[name].folders == (layout.base_folder,)
+    assert DATASETS[name].paths == (layout.base_folder,)
     assert [list(f) for f in fmt.train_list] == layout.train_list
     assert [list(f) for f in fmt.test_list] == layout.test_list
     assert fmt.meta == (layout.meta["filename"], layout.meta["key"], layout.meta["md5"])

@@ -12,14 +12,14 @@ from papa.errors import PapaError
 from papa.fakedata import WRITERS
 from tests.helpers import tiny_experiment
 
-WITH_FOLDERS = [name for name, d in catalog.DATASETS.items() if d.folders]
+WITH_PATHS = [name for name, d in catalog.DATASETS.items() if d.paths]
 
 
 def test_every_dataset_is_declared_loaded_written_and_in_the_schema():
     assert set(LOADERS) == set(catalog.DATASETS)
     assert schema("experiment")["properties"]["data"]["properties"]["dataset"]["enum"] == list(catalog.DATASETS)
-    assert set(WRITERS) == set(WITH_FOLDERS)
-    assert all(d.missing for d in catalog.DATASETS.values() if d.folders)
+    assert set(WRITERS) == set(WITH_PATHS)
+    assert all(d.missing for d in catalog.DATASETS.values() if d.paths)
 
 
 def test_a_loader_of_an_undeclared_dataset_is_refused_at_import():
@@ -28,7 +28,7 @@ def test_a_loader_of_an_undeclared_dataset_is_refused_at_import():
     assert "mnist" not in LOADERS
 
 
-@pytest.mark.parametrize("dataset", WITH_FOLDERS)
+@pytest.mark.parametrize("dataset", WITH_PATHS)
 def test_missing_data_says_what_the_loader_says(tmp_path, dataset):
     exp = tiny_experiment(data={"dataset": dataset, "root": str(tmp_path / "nothing")})
     with pytest.raises(PapaError) as loading:
@@ -36,9 +36,9 @@ def test_missing_data_says_what_the_loader_says(tmp_path, dataset):
     assert missing_data(exp) == str(loading.value)
 
 
-@pytest.mark.parametrize("dataset", WITH_FOLDERS)
+@pytest.mark.parametrize("dataset", WITH_PATHS)
 def test_present_folders_pass(tmp_path, dataset):
-    for name in catalog.DATASETS[dataset].folders:
+    for name in catalog.DATASETS[dataset].paths:
         (tmp_path / name).mkdir()
     assert missing_data(tiny_experiment(data={"dataset": dataset, "root": str(tmp_path)})) is None
 
@@ -51,3 +51,12 @@ def test_imagenet_names_the_missing_part(tmp_path):
 
 def test_digits_is_embedded():
     assert missing_data(tiny_experiment()) is None
+
+
+def test_a_path_with_a_suffix_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(catalog.DATASETS, "uci", catalog.Dataset("uci", ("a.tra",), "no {name} at {path}"))
+    (tmp_path / "a.tra").mkdir()  # a folder is not the file
+    assert catalog.missing("uci", tmp_path) == f"no a.tra at {tmp_path / 'a.tra'}"
+    (tmp_path / "a.tra").rmdir()
+    (tmp_path / "a.tra").write_text("")
+    assert catalog.missing("uci", tmp_path) is None
