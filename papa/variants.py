@@ -1,21 +1,12 @@
-"""The variants, and when anything scheduled in a run happens: the one source that training, the config
-checks, smoke scale, the tables, the figures, the CLI and a test of the schemas read. No torch here: the
-Snakefile and ``papa render`` read it too.
+"""The variants, and when anything scheduled in a run happens: the one source that training, the config checks,
+smoke scale, the tables, the figures, the CLI and the schemas' test read. No torch: the Snakefile reads it too.
 
-A variant is a schedule and a scheme, chosen apart (as the authors' ``ema_alpha`` and ``method_comb``):
-
-- the schedule is its ``unit``: ``none`` (the baseline: members train independently), ``steps`` (every
-  ``averaging.<name>.every`` optimizer steps each member is pushed toward the mean: papa.averagers.Push) or
-  ``epochs`` (every ``every`` epochs, never after the last, the members are replaced by mixtures of members:
-  papa.averagers.Replace);
-- the scheme is what an averaging computes: the push's ``alpha``, or the mixing matrix of
-  ``averaging.<name>.scheme`` (papa.averaging.SCHEMES: PAPA-all's mean, PAPA-2's random pairs, ...).
-
-A new variant is one entry of VARIANTS plus its block under ``averaging`` in
-papa/schemas/experiment.schema.yaml (``$ref`` to the block of its unit) and its name in each schema's
-``$defs/variant`` enum; tests/unit/test_variants.py fails until all three agree. docs/architecture.md has the
-checklist.
-"""
+A variant is a schedule and a scheme, chosen apart (as the authors' ``ema_alpha`` and ``method_comb``). The
+schedule is its ``unit``: ``none`` (the baseline), ``steps`` (a push toward the mean every ``every`` optimizer
+steps: papa.averagers.Push) or ``epochs`` (members replaced by mixtures every ``every`` epochs, never after the
+last: papa.averagers.Replace). The scheme is what one averaging computes: the push's ``alpha``, or the mixing
+matrix of ``averaging.<name>.scheme`` (papa.averaging.SCHEMES). A new variant is one entry of VARIANTS plus its
+``averaging`` block in the experiment schema (tests/unit/test_variants.py; docs/architecture.md)."""
 
 from __future__ import annotations
 

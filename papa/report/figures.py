@@ -22,14 +22,9 @@ from papa.io import write_atomic
 from papa.report.aggregate import over_seeds
 from papa.variants import VARIANTS
 
-COMPARED = {
-    "mean": "Population mean",
-    "ensemble": "Ensemble",
-    "avg_soup": "Average soup",
-    "greedy_soup": "Greedy soup",
-}
-"""The measures of a ``variants`` figure, in the tables' order, with their legend labels."""
-MEASURE_COLORS = {"mean": "C0", "ensemble": "C1", "avg_soup": "C2", "greedy_soup": "C3"}
+COMPARED = {"mean": ("Population mean", "C0"), "ensemble": ("Ensemble", "C1"), "avg_soup": ("Average soup", "C2"),
+            "greedy_soup": ("Greedy soup", "C3")}
+"""The measures of a ``variants`` figure, in the tables' order, with their legend labels and colours."""
 ZOOM_NOTE = "axis zoomed to where the values differ; \u25bc: a value below it"
 
 
@@ -206,7 +201,7 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
     width = 0.8 / len(COMPARED)
     for ax, experiment in zip(axes, experiments, strict=True):
         values, points = [], []
-        for k, (metric, label) in enumerate(COMPARED.items()):
+        for k, (metric, (label, color)) in enumerate(COMPARED.items()):
             x = np.arange(len(shown)) + (k - (len(COMPARED) - 1) / 2) * width
             here = frame[(frame.experiment == experiment) & (frame.metric == metric)]
             seeds_of = [here[here.variant == v]["value"].to_numpy() for v in shown]
@@ -216,7 +211,6 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
             stats = [over_seeds(vals) for vals in seeds_of]
             mean = np.array([s["mean"] for s in stats])
             std = np.array([s["std"] if s["n"] > 1 else 0.0 for s in stats])
-            color = MEASURE_COLORS[metric]
             ax.errorbar(x, mean, yerr=std, fmt="o", ms=6, capsize=3, label=label, color=color)
             for xi, vals in zip(x, seeds_of, strict=True):
                 ax.plot([xi] * len(vals), vals, ".", ms=3, color=color, alpha=0.5)

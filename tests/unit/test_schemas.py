@@ -71,3 +71,11 @@ def test_without_jsonschema_configs_get_the_same_defaults_unchecked(monkeypatch,
         cfg._validator_class.cache_clear()
     with pytest.raises(cfg.PapaError, match="seeds"):
         cfg.validate(bad, "config", "test")
+
+
+def test_the_schemes_a_config_may_name_are_the_ones_averaging_builds():
+    """A scheme the schema accepts but papa.averaging cannot build would fail at the first averaging, hours in."""
+    from papa import config as cfg
+    from papa.averaging import SCHEMES
+
+    assert cfg.schema("experiment")["$defs"]["epochs"]["properties"]["scheme"]["enum"] == [*SCHEMES, "greedy"]
