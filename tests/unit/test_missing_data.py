@@ -2,6 +2,8 @@
 agree with the declaration, and the workflow's check before any job starts (papa.config.missing_data) says
 what the loader says when the data is not there, and nothing when it is."""
 
+from pathlib import Path
+
 import pytest
 
 from papa import catalog
@@ -37,9 +39,9 @@ def test_missing_data_says_what_the_loader_says(tmp_path, dataset):
 
 
 @pytest.mark.parametrize("dataset", WITH_PATHS)
-def test_present_folders_pass(tmp_path, dataset):
+def test_present_paths_pass(tmp_path, dataset):
     for name in catalog.DATASETS[dataset].paths:
-        (tmp_path / name).mkdir()
+        (tmp_path / name).touch() if Path(name).suffix else (tmp_path / name).mkdir()
     assert missing_data(tiny_experiment(data={"dataset": dataset, "root": str(tmp_path)})) is None
 
 
