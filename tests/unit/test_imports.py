@@ -73,3 +73,31 @@ def test_no_import_cycle_in_papa():
 def test_a_cycle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+LAYERS = {  # docs/architecture.md draws them; each imports only from the layers it names (and itself)
+    "foundation": ({"papa", "papa.errors", "papa.io", "papa.rng", "papa.provenance"}, set()),
+    "declarations": ({"papa.variants", "papa.catalog", "papa.config", "papa.smoke", "papa.schemas"}, {"foundation"}),
+    "data and models": ({"papa.data", "papa.models"}, {"foundation", "declarations"}),
+    "core": ({"papa.population", "papa.averaging", "papa.repair", "papa.alignment", "papa.soups", "papa.similarity",
+              "papa.forward", "papa.genetic", "papa.segmentation", "papa.metrics", "papa.swa"},
+             {"foundation", "data and models"}),
+    "training": ({"papa.build", "papa.engines", "papa.averagers", "papa.train", "papa.checkpoint", "papa.distributed"},
+                 {"foundation", "declarations", "data and models", "core"}),
+    "report": ({"papa.report"}, {"foundation", "declarations"}),
+    "commands": ({"papa.cli", "papa.__main__", "papa.runs", "papa.fakedata", "papa.bench"},
+                 {"foundation", "declarations", "data and models", "core", "training", "report"}),
+}
+
+
+def layer_of(name: str) -> str:
+    return next(layer for layer, (modules, _) in LAYERS.items()
+                if name in modules or any(name.startswith(f"{m}.") for m in modules - {"papa"}))
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    """The core math never imports training, configs or commands; data and models never the core; the reports
+    neither torch-using layer (they render without torch); the declarations only the foundation."""
+    wrong = [f"{m} -> {t}" for m in MODULES for t in imports(m)
+             if layer_of(t) != layer_of(m) and layer_of(t) not in LAYERS[layer_of(m)][1]]
+    assert wrong == []
