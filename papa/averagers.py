@@ -1,17 +1,10 @@
-"""How each variant averages during training (Algorithm 1): one small object per unit of papa.variants behind
-the interface the training loop calls (``due_after_step``/``push``, ``due_after_epoch``/``average``), reading
-and changing the run through a ``Context``. ``averager_for`` picks the object by the variant's unit.
-
-- ``Baseline`` (unit none): members train independently, nothing is averaged.
-- ``Push`` (unit steps; PAPA, §2.3): every ``every`` steps each member is pulled toward the population mean.
-- ``Replace`` (unit epochs; PAPA-all, PAPA-2 and the weightings of Table 14, the greedy soup included): every
-  ``every`` epochs (and after the first with ``from_start``) the members are replaced by mixtures of members,
-  then REPAIRed.
-- ``Genetic`` (the ablations of Tables 15-17): ``Replace`` with tournament and/or elitist selection.
-
-Gaussian mutations (``averaging.genetic.mutation_std``) and permutation alignment (``align``) apply to ``Push``
-and ``Replace`` alike. ``Progress.generation`` counts the averagings so far (mutations shrink as 1/g).
-"""
+"""How each variant averages during training (Algorithm 1): one object per unit of papa.variants (``averager_for``
+picks it) behind what the training loop calls (``due_after_step``/``push``, ``due_after_epoch``/``average``),
+reading and changing the run through a ``Context``: ``Baseline`` (none: nothing is averaged), ``Push`` (steps;
+PAPA, §2.3: each member pulled toward the mean), ``Replace`` (epochs; PAPA-all, PAPA-2 and Table 14's
+weightings: members replaced by mixtures, then REPAIRed) and ``Genetic`` (``Replace`` with the tournament and
+elitist selection of Tables 15-17). Mutations and permutation alignment (``align``) apply to ``Push`` and
+``Replace`` alike; ``Progress.generation`` counts the averagings so far (mutations shrink as 1/g)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
-"""Every dataset papa reads, declared once and without torch (the workflow checks the data before any job
-starts, and smoke scale shrinks configs, in processes that never import torch): what its loader reads under
-``data.root``, what it says when that is not there, and the default side of the patches it draws.
-
-Its loader (papa/data/) registers under the same name (``register`` refuses an undeclared one at import),
-``papa fake-data`` writes its paths (papa.fakedata.WRITERS) and the schema's ``data.dataset`` lists it:
+"""Every dataset papa reads, declared once and without torch (the workflow checks the data before any job starts,
+and smoke scale shrinks configs, without torch): what its loader reads under ``data.root``, its message when that
+is not there, the default side of the patches it draws. Its loader (papa/data/) registers under the same name,
+``papa fake-data`` writes its paths (papa.fakedata.WRITERS), the schema's ``data.dataset`` lists it:
 tests/unit/test_missing_data.py fails until all four agree (docs/architecture.md has the checklist)."""
 
 from __future__ import annotations

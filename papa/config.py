@@ -1,9 +1,6 @@
-"""Config files: YAML validated against JSON schemas (papa/schemas/), with defaults filled in.
-
-A config file (config/*.yaml) holds experiments; each experiment is ``defaults`` deep-merged with its
-own overrides and must satisfy experiment.schema.yaml. Every problem becomes one PapaError line that
-names the file and the offending key.
-"""
+"""Config files: YAML validated against JSON schemas (papa/schemas/), with defaults filled in. A config holds
+experiments, each ``defaults`` deep-merged with its own overrides and checked against experiment.schema.yaml;
+every problem becomes one PapaError line naming the file and the offending key."""
 
 from __future__ import annotations
 
@@ -23,6 +20,7 @@ from papa.variants import VARIANTS, averaging_epochs, first_push, swa_start_epoc
 
 if TYPE_CHECKING:
     import jsonschema
+
 
 @cache
 def schema(name: str) -> dict:

@@ -1,7 +1,6 @@
-"""The code version every output records (population, soups, metrics, similarity and the tables' CSV), so that a
-number can be followed to the exact code that made it: the git commit, and whether the code (``CODE``) had
-changes, when papa runs from a checkout; the installed package's version otherwise. No torch here: the tables'
-renderer records it too."""
+"""The code version every output records (population, soups, metrics, similarity, the tables' CSV), so that a
+number can be followed to the code that made it: the git commit and whether ``CODE`` had changes, when papa runs
+from a checkout; the package version otherwise. No torch: the tables' renderer reads it too."""
 
 from __future__ import annotations
 

@@ -13,12 +13,8 @@ from papa.errors import PapaError
 from papa.variants import VARIANTS, averaging_epochs, by_unit, first_push, swa_start_epoch
 
 SUBSET = {"train": 6, "val": 2, "test": 4}  # data.subset: items kept of each set
-MAX_BATCH = 2
-MAX_POPULATION = 3
-MAX_REPAIR_ITERS = 1
-MAX_WORKERS = 1
+MAX_BATCH, MAX_POPULATION, MAX_REPAIR_ITERS, MAX_WORKERS, MAX_PATCH = 2, 3, 1, 1, 32
 PATCH_STEPS = 2  # batches per epoch of a patch-drawing dataset
-MAX_PATCH = 32
 MIN_EPOCHS, MAX_EPOCHS = 2, 50
 CAPTION = "Smoke scale (a pipeline check on tiny data, not a result)"
 

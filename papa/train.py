@@ -1,9 +1,6 @@
-"""Algorithm 1: train a population with the baseline, PAPA, PAPA-all or PAPA-2.
-
-Every random draw comes from a generator derived from (run seed, purpose, member, epoch), so a run is
-reproducible and resumes from a checkpoint (population, optimizer, counters, history, and the global RNG
-state when stopped mid-epoch) to exactly the numbers of an uninterrupted run.
-"""
+"""Algorithm 1: train a population of one variant. Every random draw comes from a generator derived from (run
+seed, purpose, member, epoch), so a run is reproducible and resumes from a checkpoint (papa.checkpoint) to exactly
+the numbers of an uninterrupted run."""
 
 from __future__ import annotations
 

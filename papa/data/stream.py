@@ -1,18 +1,11 @@
-"""Training batches for a whole population: step s yields every member's batch stacked on a member axis.
-
-Member j sees the training indices in its own order (``rng.generator(seed, "order", j, epoch)``) and draws
-its augmentations from its own stream (``rng.generator(seed, "augment", j, epoch)``), so a member's data
-does not depend on the population size or on the other members' policies. One stream class per kind of
-dataset (``Splits.kind``, ``STREAMS``): in memory (``MemberStream``), ImageFolder trees (``FolderStream``) and
-whole tiles (``PatchStream``).
-
-Patches (segmentation; paper A.1.3, after Audebert et al.): an epoch of member j is ``epoch_size`` patches,
-each a training tile drawn uniformly and a position uniformly inside it, all from the member's ``order``
-generator; with the policy's ``flip`` every patch is flipped vertically and mirrored horizontally, each with
-probability 1/2, together with its labels (the member's ``augment`` generator). The rest of the policy
-(normalization, random erasing, mixup, CutMix, label smoothing) is ``regularize``, which gives per-pixel soft
-targets (B, K, H, W).
-"""
+"""Training batches for a whole population: step s yields every member's batch stacked on a member axis. Member
+j sees the training items in its own order (``rng.generator(seed, "order", j, epoch)``) and draws its
+augmentations from its own stream (``"augment"``), so its data depend neither on the population size nor on the
+others' policies. One stream class per kind of dataset (``Splits.kind``, ``STREAMS``): in memory
+(``MemberStream``), ImageFolder trees (``FolderStream``) and whole tiles (``PatchStream``: per member and epoch
+``epoch_size`` random patches, paper A.1.3 after Audebert et al.; a tile drawn uniformly, then a position in it,
+flipped and mirrored with the policy's ``flip``, labels alike; the rest of the policy gives per-pixel soft
+targets (B, K, H, W))."""
 
 from __future__ import annotations
 

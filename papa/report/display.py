@@ -1,5 +1,5 @@
-"""What a table shows, whatever the format (papa.report.tables builds it, and writes it as Markdown;
-papa.report.html as a page): rows of cells with their marks, headers, notes and footnotes."""
+"""What a table shows, whatever the format: papa.report.tables builds it and writes its Markdown,
+papa.report.html its page."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ class Line(NamedTuple):
 
 
 class Display(NamedTuple):
-    """What a table shows, whatever the format: name and caption, headers, rows, notes and footnotes."""
 
     name: str
     caption: str

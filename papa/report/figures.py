@@ -1,10 +1,7 @@
-"""Figures (PNG, matplotlib without a display): accuracy curves with the jumps at each averaging (the
-paper's Figure 2) and a per-variant comparison of the population, its ensemble and its soups.
-
-The accuracy axis spans the values being compared: a soup at chance level beside members at 97-99% would
-otherwise flatten every difference into one line, so such far-off values are left below the axis and
-marked on its edge with their numbers. Legends sit above the plots, in the tables' order.
-"""
+"""Figures (PNG, matplotlib without a display): accuracy curves with the jumps at each averaging (the paper's
+Figure 2) and a per-variant comparison of the population, its ensemble and its soups. The accuracy axis spans the
+values compared: a soup at chance beside members at 97-99% would flatten every difference, so such far-off values
+are left below the axis and marked on its edge with their numbers. Legends sit above, in the tables' order."""
 
 from __future__ import annotations
 
