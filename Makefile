@@ -40,7 +40,7 @@ test-unit: install
 # every config (paper and default) at smoke scale (scale: smoke, docs/smoke.md) on fake data, in a temporary dir: one
 # summary line per config (time, runs, tables rendered); SMOKE_ARGS="config/paper/table3.yaml --keep" for one
 smoke: install
-	$(VENV)/bin/python -m benchmarks.smoke $(SMOKE_ARGS)
+	$(VENV)/bin/python -m tests.smoke_configs $(SMOKE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check papa tests benchmarks

@@ -31,12 +31,12 @@ from papa.io import write_text
 HEADLINE_MODEL = "resnet18_cifar"
 COMPILE_GUESS_S = 150.0
 """Seconds a compiled sweep run is expected to take before one has been timed (ResNet-18's training step
-compiles in about a minute on a GPU machine's CPUs; several minutes on two busy cores)."""
+compiles in about a minute on a GPU server's CPUs; several minutes on two busy cores)."""
 EAGER_GUESS_S = 30.0
 AVERAGING_GUESS_S = 30.0
 
 GOALS = {"speedup": 5.0, "peak": 0.35, "averaging": 0.01, "trainer": 1.5}
-"""The issue's targets: stacked >= 5x the loop (headline model and population, bf16), >= 35% of the dense
+"""The targets: stacked >= 5x the loop (headline model and population, bf16), >= 35% of the dense
 bf16 peak, PAPA's push and PAPA-all's averaging < 1% of training, the trainer's epoch within 1.5x of the
 engine benchmark's rate."""
 

@@ -2,10 +2,10 @@
 # GPU speed in one command: the CUDA correctness tests, the engine sweep and the headline (epochs of the
 # real trainer on CIFAR-shaped data), everything written under OUT within 8 minutes.
 #
-#   bash benchmarks/gpu.sh OUT           on a GPU machine (the repository is found from this file's place)
+#   bash benchmarks/gpu.sh OUT           on a CUDA machine (the repository is found from this file's place)
 #   bash benchmarks/gpu.sh --quick OUT   the same steps on the CPU at tiny sizes (CI: tests/pipeline/test_gpu_script.py)
 #
-# Needs only what the GPU machine's image has: python3 with torch, torchvision, timm, pandas, pyyaml,
+# Needs only python3 with torch, torchvision, timm, pandas, pyyaml,
 # safetensors, tqdm and pytest (no jsonschema, no snakemake: configs then get their defaults unchecked, which
 # papa prints once). PYTHON picks the interpreter (default python3). OUT receives at most 6 files:
 #   gpu.log                     everything this script printed
@@ -15,7 +15,7 @@
 # Copy the results into benchmarks/ (benchmarks/README.md says what to update with them).
 set -uo pipefail
 
-# ---- sizes on a GPU (the issue's); the quick mode's are below --------------------------------------
+# ---- sizes on a GPU; the quick mode's are below ----------------------------------------------------
 MODELS="resnet18_cifar vgg16_bn"     # the sweep's models, CIFAR shapes (3x32x32, 10 classes)
 POPULATIONS="10 4 2 1"               # the sweep's population sizes
 ENGINES="loop stacked stacked+compile"  # every run with channels-last, in PRECISION
@@ -31,7 +31,7 @@ PYTEST_LIMIT_S=120                   # pytest -m gpu is stopped after this
 BUDGET_S=440                         # no measurement starts that would not end by then (from the start)
 LIMIT_S=470                          # the measurements are stopped here whatever runs (8 min = 480 s)
 SUFFIX=""
-# Expected on one H200 (16 CPU cores), from the step costs in benchmarks/README.md and GUIDE §4:
+# Expected on one H200 (16 CPU cores), from the step costs in benchmarks/README.md:
 #   pytest -m gpu .................................. 30-60 s
 #   sweep, 16 eager runs (process start ~3 s each) .. ~100 s
 #   sweep, ResNet-18 p=10 compiled ................. 60-120 s (torch.compile of the vmapped step)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from papa.errors import PapaError
-from papa.forward import Batches, device_of, eval_mode, inputs
+from papa.forward import Batches, device_of, eval_mode, hooked, inputs
 from papa.models.permutation import UNSUPPORTED, PermGroup, Tap
 from papa.population import Population
 
@@ -155,22 +155,14 @@ def correlations(
     batches_seen = 0
     with eval_mode(reference, *models):
         for x in inputs(batches, None, seed):
-            handles = _hooks(reference, taps, keep)
-            try:
+            with hooked(_hooks(reference, taps, keep)):
                 reference(x.to(device_of(reference)))
-            finally:
-                for h in handles:
-                    h.remove()
             for j, m in enumerate(models):
                 def accumulate(k: int, y: Tensor, j: int = j) -> None:
                     cross[j][k].add(_units(y).to(ref_units[k].device), ref_units[k])
 
-                handles = _hooks(m, taps, accumulate)
-                try:
+                with hooked(_hooks(m, taps, accumulate)):
                     m(x.to(device_of(m)))
-                finally:
-                    for h in handles:
-                        h.remove()
             ref_units.clear()
             batches_seen += 1
     if batches_seen == 0:

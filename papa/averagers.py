@@ -1,35 +1,52 @@
-"""How each variant averages during training (Algorithm 1): one small object per variant behind the interface
-the training loop calls (``due_after_step``/``push``, ``due_after_epoch``/``average``). ``averager_for`` is the
-only place that reads the variant's name.
-
-- ``Baseline``: members train independently, nothing is averaged.
-- ``Push`` (PAPA, §2.3): every ``every`` steps each member is pulled toward the population mean.
-- ``Replace`` (PAPA-all, PAPA-2 and the weightings of Table 14, the greedy soup included): every ``every``
-  epochs (and after the first with ``from_start``) the members are replaced by mixtures of members, then
-  REPAIRed.
-- ``Genetic`` (the ablations of Tables 15-17): ``Replace`` with tournament and/or elitist selection.
-
-Gaussian mutations (``averaging.genetic.mutation_std``) and permutation alignment (``align``) apply to ``Push``
-and ``Replace`` alike. ``generation`` counts the averagings so far (mutations shrink as 1/g); checkpoints keep it.
-"""
+"""How each variant averages during training (Algorithm 1): one object per unit of papa.variants (``averager_for``
+picks it) behind what the training loop calls (``due_after_step``/``push``, ``due_after_epoch``/``average``),
+reading and changing the run through a ``Context``: ``Baseline`` (none: nothing is averaged), ``Push`` (steps;
+PAPA, §2.3: each member pulled toward the mean), ``Replace`` (epochs; PAPA-all, PAPA-2 and Table 14's
+weightings: members replaced by mixtures, then REPAIRed) and ``Genetic`` (``Replace`` with the tournament and
+elitist selection of Tables 15-17). Mutations and permutation alignment (``align``) apply to ``Push`` and
+``Replace`` alike; ``Progress.generation`` counts the averagings so far (mutations shrink as 1/g)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from papa import averaging
 from papa.alignment import align_members_, permutation_spec
-from papa.build import align_data
+from papa.checkpoint import Progress
+from papa.data import FolderStream, MemberStream, PatchStream
+from papa.distributed import Distributed, Local
 from papa.errors import PapaError
+from papa.forward import Batches
 from papa.genetic import selection_matrix
-from papa.metrics import accuracy, population_scores
 from papa.population import Population
 from papa.repair import member_moments, repair_population_
 from papa.rng import generator
 from papa.soups import greedy_soup
+from papa.swa import SWA
+from papa.variants import VARIANTS, averages_after, pushes_after
+
+
+@dataclass
+class Context:
+    """What an averager reads and changes of a training run (papa.train.Trainer builds it once): the members
+    held by this process, their optimizer, training data and SWA averages, the run's progress, and how to score
+    networks on the validation split."""
+
+    pop: Population
+    comm: Local | Distributed  # the members held here, and the other processes' (torchrun)
+    optimizer: torch.optim.Optimizer
+    stream: MemberStream | FolderStream | PatchStream
+    swa: SWA | None
+    progress: Progress  # step, epoch and generation
+    seed: int
+    stacked: bool  # REPAIR's passes go through the vmapped engine
+    val_scores: Callable[[Population], list[tuple[float, float]]]  # every member's validation (accuracy, loss)
+    val_accuracy: Callable[[nn.Module], float]  # one network's validation accuracy
+    align_batches: Callable[[int | None], Batches]  # the first N (all: None) training images, for alignment
 
 
 @dataclass
@@ -37,14 +54,9 @@ class Baseline:
     """Independent members: nothing is ever due."""
 
     window: tuple[float, float] = (0.0, 1.0)  # the fraction of training during which averaging happens
-    generation: int = 0  # averagings so far
 
-    def check(self, trainer) -> None:
-        """Refuse, before training starts, settings the trainer's members cannot honour."""
-
-    def in_window(self, done: int, total: int) -> bool:
-        lo, hi = self.window
-        return lo * total < done <= hi * total
+    def check(self, ctx: Context) -> None:
+        """Refuse, before training starts, settings the run's members cannot honour."""
 
     def due_after_step(self, step: int, total: int) -> bool:
         return False
@@ -62,35 +74,32 @@ class _Averaging(Baseline):
     align_images: int | None = None
     mutation_std: float = 0.0
 
-    def check(self, trainer) -> None:
+    def check(self, ctx: Context) -> None:
         if self.align:
-            if trainer.comm.world_size > 1:
+            if ctx.comm.world_size > 1:
                 raise PapaError(f"averaging.{self.name}.align runs in a single process only")
-            permutation_spec(trainer.pop.template)  # fails now, not at the first averaging, on other models
+            permutation_spec(ctx.pop.template)  # fails now, not at the first averaging, on other models
 
-    def align_(self, t) -> None:
+    def align_(self, ctx: Context) -> None:
         """Permute every member's units to match member 0's (Appendix A.4), with the optimizer state that
         follows them (momentum, Adam moments), so each member computes and trains on exactly as before."""
-        companions = []
-        for key in sorted({k for st in t.optimizer.state.values() for k in st}):
-            stacked = {name: t.optimizer.state[p][key] for name, p in t.pop.params.items()
-                       if torch.is_tensor(t.optimizer.state.get(p, {}).get(key))
-                       and t.optimizer.state[p][key].shape == p.shape}
-            companions.append(stacked)
-        data = align_data(t.exp, t.splits, t.split, self.align_images, t.device)
-        align_members_(t.pop, data, reference=0, companions=companions)
+        state, companions = ctx.optimizer.state, []
+        for key in sorted({k for st in state.values() for k in st}):
+            companions.append({name: state[p][key] for name, p in ctx.pop.params.items()
+                               if torch.is_tensor(state.get(p, {}).get(key)) and state[p][key].shape == p.shape})
+        align_members_(ctx.pop, ctx.align_batches(self.align_images), reference=0, companions=companions)
 
-    def mutate_(self, t, gen: torch.Generator) -> None:
+    def mutate_(self, ctx: Context, gen: torch.Generator) -> None:
         """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (the ablations of Tables 15-17)."""
         if self.mutation_std <= 0:
             return
         seed = int(torch.randint(2**62, (), generator=gen))
         with torch.no_grad():
-            for i, j in enumerate(t.comm.members):  # one stream per member, wherever it is held
+            for i, j in enumerate(ctx.comm.members):  # one stream per member, wherever it is held
                 member_gen = generator(seed, "member", j)
-                for p in t.pop.params.values():
+                for p in ctx.pop.params.values():
                     noise = torch.randn(p.shape[1:], generator=member_gen, dtype=p.dtype).to(p.device)
-                    p[i].add_(noise, alpha=self.mutation_std / self.generation)
+                    p[i].add_(noise, alpha=self.mutation_std / ctx.progress.generation)
 
 
 @dataclass
@@ -104,16 +113,17 @@ class Push(_Averaging):
     lr0: float = 1.0
 
     def due_after_step(self, step: int, total: int) -> bool:
-        return step % self.every == 0 and self.in_window(step, total)
+        return pushes_after(step, total, self.every, self.window)
 
-    def push(self, t) -> None:
+    def push(self, ctx: Context, lr: float) -> None:
+        """The push after the current step, at learning rate ``lr``."""
         if self.align:
-            self.align_(t)
-        lr_ratio = t.lr / self.lr0 if self.scale_with_lr else 1.0
-        averaging.push_toward_average_(t.pop, self.alpha, lr_ratio, comm=t.comm)
-        self.generation += 1
+            self.align_(ctx)
+        lr_ratio = lr / self.lr0 if self.scale_with_lr else 1.0
+        averaging.push_toward_average_(ctx.pop, self.alpha, lr_ratio, comm=ctx.comm)
+        ctx.progress.generation += 1
         if self.mutation_std > 0:
-            self.mutate_(t, generator(t.seed, "mutate", t.step))
+            self.mutate_(ctx, generator(ctx.seed, "mutate", ctx.progress.step))
 
 
 @dataclass
@@ -133,67 +143,58 @@ class Replace(_Averaging):
     greedy_criterion: str = ">="
     mix_swa: bool = False
 
-    def check(self, trainer) -> None:
-        super().check(trainer)
-        if self.scheme == "greedy" and trainer.comm.world_size > 1:
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        if self.scheme == "greedy" and ctx.comm.world_size > 1:
             raise PapaError(f"averaging.{self.name}.scheme greedy runs in a single process only")
 
     def due_after_epoch(self, epoch: int, epochs: int) -> bool:
-        due = epoch % self.every == 0 or (self.from_start and epoch == 1)
-        return due and epoch < epochs and self.in_window(epoch, epochs)
+        return averages_after(epoch, epochs, self.every, self.from_start, self.window)
 
-    def val_scores(self, t) -> list[tuple[float, float]]:
-        """Every member's (validation accuracy, validation loss)."""
-        bs = t.exp["train"]["eval_batch_size"]
-        return population_scores(t.pop, t.splits.train, t.split["val"], bs, t.device)
-
-    def matrix(self, t, gen: torch.Generator) -> Tensor | None:
+    def matrix(self, ctx: Context, gen: torch.Generator) -> Tensor | None:
         """This generation's mixing matrix; None for PAPA-all's plain average. ``greedy``: every row the greedy
         soup's weights (Algorithm 3 on the validation split; the authors' greedy_soup method_comb)."""
         if self.scheme == "all":
             return None
         if self.scheme != "greedy":
-            return averaging.mixing_matrix(self.scheme, t.comm.p, gen)
-        bs = t.exp["train"]["eval_batch_size"]
+            return averaging.mixing_matrix(self.scheme, ctx.comm.p, gen)
+        scores = [acc for acc, _ in ctx.val_scores(ctx.pop)]
+        _, members = greedy_soup(ctx.pop, ctx.val_accuracy, self.greedy_criterion, scores=scores)
+        return averaging.greedy_matrix(members, ctx.comm.p)
 
-        def score(module) -> float:
-            return accuracy(module.to(t.device).eval(), t.splits.train, t.split["val"], bs, t.device)
-
-        scores = [acc for acc, _ in self.val_scores(t)]
-        _, members = greedy_soup(t.pop, score, self.greedy_criterion, scores=scores)
-        return averaging.greedy_matrix(members, t.comm.p)
-
-    def average(self, t) -> None:
-        self.generation += 1
-        gen = generator(t.seed, "average", t.epoch)
+    def average(self, ctx: Context) -> None:
+        """The averaging after the current epoch, with its REPAIR."""
+        comm = ctx.comm
+        ctx.progress.generation += 1
+        gen = generator(ctx.seed, "average", ctx.progress.epoch)
         if self.align:  # before REPAIR's moments: they are measured on the aligned members
-            self.align_(t)
+            self.align_(ctx)
 
         def batches(member, g):  # member j's own augmentation, a generator seeded 666 (Algorithm 5)
-            return t.stream.member_batches(member, g, self.repair_iters)
+            return ctx.stream.member_batches(member, g, self.repair_iters)
 
         if self.repair:
-            moments = t.comm.all_moments(member_moments(t.pop, batches, self.repair_iters, stacked=t.stacked,
-                                                        members=t.comm.members))
-        matrix = self.matrix(t, gen)
+            moments = comm.all_moments(member_moments(ctx.pop, batches, self.repair_iters, stacked=ctx.stacked,
+                                                      members=comm.members))
+        matrix = self.matrix(ctx, gen)
         uniform = matrix is None
         if uniform:
-            averaging.average_all_(t.pop, comm=t.comm)
-            matrix = averaging.mixing_matrix("all", t.comm.p)
+            averaging.average_all_(ctx.pop, comm=comm)
+            matrix = averaging.mixing_matrix("all", comm.p)
         else:
-            averaging.mix_(t.pop, matrix, t.comm)
+            averaging.mix_(ctx.pop, matrix, comm)
         if self.repair:
-            repair_population_(t.pop, matrix[t.comm.members], batches, moments, self.repair_iters,
-                               members=t.comm.members, stacked=t.stacked, layers=self.repair_layers)
-        if self.mix_swa and t.swa is not None and t.swa.count:
+            repair_population_(ctx.pop, matrix[comm.members], batches, moments, self.repair_iters,
+                               members=comm.members, stacked=ctx.stacked, layers=self.repair_layers)
+        if self.mix_swa and ctx.swa is not None and ctx.swa.count:
             # The members were replaced by mixtures of members: their SWA averages follow (the mixing is linear,
             # so each stays the running mean of its mixed lineage's iterates; REPAIR is not applied to them,
             # the final BatchNorm recomputation does that work).
             if uniform:
-                averaging.average_all_(t.swa.average, comm=t.comm)
+                averaging.average_all_(ctx.swa.average, comm=comm)
             else:
-                averaging.mix_(t.swa.average, matrix, t.comm)
-        self.mutate_(t, gen)
+                averaging.mix_(ctx.swa.average, matrix, comm)
+        self.mutate_(ctx, gen)
 
 
 @dataclass
@@ -206,40 +207,40 @@ class Genetic(Replace):
     tournament: bool = False
     elitism: bool = False
 
-    def check(self, trainer) -> None:
-        super().check(trainer)
-        if trainer.comm.world_size > 1:
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        if ctx.comm.world_size > 1:
             raise PapaError("the genetic-algorithm ablations (averaging.genetic) run in a single process only")
 
-    def matrix(self, t, gen: torch.Generator) -> Tensor:
-        losses = [loss for _, loss in self.val_scores(t)]
+    def matrix(self, ctx: Context, gen: torch.Generator) -> Tensor:
+        losses = [loss for _, loss in ctx.val_scores(ctx.pop)]
 
         def children_losses(rows: Tensor) -> list[float]:
             def plain(_member, g):
-                return t.stream.member_batches(None, g, self.repair_iters)
+                return ctx.stream.member_batches(None, g, self.repair_iters)
 
-            children = Population.from_modules([t.pop.module_from_state(t.pop.combine(r)) for r in rows])
+            children = Population.from_modules([ctx.pop.module_from_state(ctx.pop.combine(r)) for r in rows])
             if self.repair:
-                moments = member_moments(t.pop, plain, self.repair_iters, stacked=t.stacked)
+                moments = member_moments(ctx.pop, plain, self.repair_iters, stacked=ctx.stacked)
                 repair_population_(children, rows, plain, moments, self.repair_iters, members=[0] * len(rows),
                                    layers=self.repair_layers)
-            bs = t.exp["train"]["eval_batch_size"]
-            return [loss for _, loss in population_scores(children, t.splits.train, t.split["val"], bs, t.device)]
+            return [loss for _, loss in ctx.val_scores(children)]
 
         genetic = {"tournament": self.tournament, "elitism": self.elitism}
-        return selection_matrix(t.comm.p, losses, self.scheme, genetic, gen, children_losses)
+        return selection_matrix(ctx.comm.p, losses, self.scheme, genetic, gen, children_losses)
 
 
 def averager_for(variant: str, exp: dict) -> Baseline:
-    """The averaging of ``variant`` (baseline, papa, papa-all or papa-2) with ``exp``'s settings."""
-    a = exp["averaging"]
+    """The averaging of ``variant`` with ``exp``'s settings: by its unit (papa.variants), a ``Baseline``, a
+    ``Push`` or a ``Replace`` (``Genetic`` with the genetic ablations) reading ``averaging.<variant>``."""
+    a, unit = exp["averaging"], VARIANTS[variant].unit
     window = tuple(a["window"])
-    if variant == "baseline":
+    if unit == "none":
         return Baseline(window)
     cfg, genetic = a[variant], a["genetic"]
     common = {"window": window, "name": variant, "align": cfg["align"], "align_images": a["align_images"],
               "mutation_std": genetic["mutation_std"]}
-    if variant == "papa":
+    if unit == "steps":
         return Push(**common, alpha=cfg["alpha"], every=cfg["every"], scale_with_lr=cfg["scale_with_lr"],
                     lr0=exp["train"]["optimizer"]["lr"])
     swa = exp["train"]["swa"]

@@ -8,13 +8,13 @@ import math
 
 import torch
 
-from papa.config import swa_start_epoch
 from papa.data import FolderStream, MemberStream, PatchStream, Policy, draw_policies, eval_batches, make_stream
 from papa.engines import Engine, choose_engine
 from papa.errors import PapaError
 from papa.models import create_model
 from papa.population import Population
 from papa.rng import generator
+from papa.variants import swa_start_epoch
 
 
 def resolve_device(name: str) -> torch.device:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import platform
 import sys
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from safetensors.torch import save_file
 
 from papa.errors import PapaError
 from papa.io import write_atomic, write_json
+from papa.population import Population
+from papa.provenance import code_version
+from papa.swa import SWA
 
 
 def versions() -> dict[str, str]:
@@ -53,15 +57,15 @@ def tensors_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write ``tensors`` (contiguous CPU copies) to ``path`` and ``meta`` to its .json sidecar, each
-    atomically.
+    """Write ``tensors`` (contiguous CPU copies) to ``path`` and ``meta`` (with the library and code versions,
+    papa.provenance) to its .json sidecar, each atomically.
 
     Two files cannot be replaced together atomically, so ``meta`` also goes into the safetensors header:
     the tensors file alone is complete and consistent (a kill between the two renames leaves new tensors
     beside an old sidecar), and the sidecar is its readable copy. The header also holds the digest of the
     metadata and tensors (``tensors_digest``), checked by ``load_tensors``."""
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    meta = json.loads(json.dumps({**meta, "versions": versions()}))  # as load_tensors will read it back
+    meta = json.loads(json.dumps({**meta, "versions": versions(), "code": code_version()}))  # as load_tensors reads it
     meta[DIGEST_KEY] = tensors_digest(cpu, meta)
     header = {META_KEY: json.dumps(meta)}
     write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=header))
@@ -157,11 +161,43 @@ def first_difference(theirs, ours, key: str = "") -> tuple[str, object, object] 
     return None if theirs == ours else (key, theirs, ours)
 
 
-def trainer_state(trainer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Everything a resumed papa.train.Trainer needs: population, optimizer, scheduler, counters, history,
-    SWA averages and the RNG state of a mid-epoch stop, as tensors (safetensors) and JSON-able metadata."""
-    tensors = {f"pop.{k}": v for k, v in trainer.pop.state_dict().items()}
-    opt = trainer.optimizer.state_dict()
+@dataclass
+class Progress:
+    """How far a training run has come: its counters, history rows and, at a mid-epoch stop, the RNG states."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    batch: int = 0  # batches of the current epoch completed (non-zero only in a mid-epoch checkpoint)
+    generation: int = 0  # averagings so far (mutations shrink as 1/g)
+    history: list[dict] = field(default_factory=list)  # one row per (epoch, member, phase): history.csv
+    rng: torch.Tensor | None = None  # the global RNG state at a mid-epoch stop
+    cuda_rng: torch.Tensor | None = None  # and the CUDA device's, when training there
+
+    def record(self, phase: str, lr: float, val: list, test: list) -> None:
+        """Every member's validation and test scores ((accuracy, loss) each) at the end of this epoch."""
+        for j, ((va, vl), (ta, _)) in enumerate(zip(val, test, strict=True)):
+            self.history.append({"epoch": self.epoch, "member": j, "phase": phase, "lr": lr,
+                                 "val_accuracy": round(va, 4), "val_loss": round(vl, 6), "test_accuracy": round(ta, 4)})
+
+
+@dataclass
+class Resumable:
+    """What a checkpoint saves of a training run (papa.train.Trainer) and restores into it."""
+
+    run: dict  # variant, seed and experiment: a checkpoint of another run is refused
+    pop: Population
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    swa: SWA | None
+    progress: Progress
+
+
+def saved(state: Resumable) -> tuple[dict[str, torch.Tensor], dict]:
+    """Everything a resumed run needs: population, optimizer, scheduler, progress and SWA averages, as tensors
+    (safetensors) and JSON-able metadata."""
+    at = state.progress
+    tensors = {f"pop.{k}": v for k, v in state.pop.state_dict().items()}
+    opt = state.optimizer.state_dict()
     opt_meta = {}
     for idx, st in opt["state"].items():
         for key, value in st.items():
@@ -169,54 +205,47 @@ def trainer_state(trainer) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"opt.{idx}.{key}"] = value
             else:
                 opt_meta[f"{idx}.{key}"] = value
-    if trainer.rng_state is not None:
-        tensors["rng.global"] = trainer.rng_state
-    if trainer.cuda_rng_state is not None:
-        tensors["rng.cuda"] = trainer.cuda_rng_state
+    tensors |= {name: t for name, t in (("rng.global", at.rng), ("rng.cuda", at.cuda_rng)) if t is not None}
     swa_count = None
-    if trainer.swa is not None:
-        swa_tensors, swa_count = trainer.swa.state()
+    if state.swa is not None:
+        swa_tensors, swa_count = state.swa.state()
         tensors |= swa_tensors
     meta = {
-        "experiment": trainer.exp, "variant": trainer.variant, "seed": trainer.seed,
-        "epoch": trainer.epoch, "step": trainer.step, "batch": trainer.batch,
-        "generation": trainer.averager.generation, "scheduler": trainer.scheduler.state_dict(),
-        "param_groups": opt["param_groups"], "optimizer_scalars": opt_meta, "history": trainer.history.rows,
-        "swa_count": swa_count,
+        **state.run, "epoch": at.epoch, "step": at.step, "batch": at.batch, "generation": at.generation,
+        "scheduler": state.scheduler.state_dict(), "param_groups": opt["param_groups"],
+        "optimizer_scalars": opt_meta, "history": at.history, "swa_count": swa_count,
     }
     return tensors, meta
 
 
-def restore_trainer(trainer, tensors: dict[str, torch.Tensor], meta: dict, where: str = "checkpoint") -> None:
-    """Resume ``trainer`` from ``trainer_state``'s output; a checkpoint of another config, variant or seed is
-    refused, naming the first difference."""
-    run = {"variant": trainer.variant, "seed": trainer.seed, "experiment": trainer.exp}
-    found = first_difference({key: meta.get(key) for key in run}, run)
+def restore(state: Resumable, tensors: dict[str, torch.Tensor], meta: dict, where: str = "checkpoint") -> None:
+    """Resume ``state`` from ``saved``'s output; a checkpoint of another config, variant or seed is refused,
+    naming the first difference."""
+    found = first_difference({key: meta.get(key) for key in state.run}, state.run)
     if found is not None:
         key, theirs, ours = found
         raise PapaError(f"{where}: written by another run: {key}: the checkpoint has {theirs!r}, this run has "
                         f"{ours!r}; delete it to start over")
     try:
-        trainer.pop.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("pop.")})
+        state.pop.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("pop.")})
     except ValueError as e:
         raise PapaError(f"{where}: {e}") from None
-    state: dict[int, dict] = {}
+    opt: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("opt."):
             _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = value
+            opt.setdefault(int(idx), {})[key] = value
     for name, value in meta["optimizer_scalars"].items():
         idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    trainer.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    trainer.scheduler.load_state_dict(meta["scheduler"])
-    trainer.epoch, trainer.step, trainer.batch = meta["epoch"], meta["step"], meta["batch"]
-    trainer.averager.generation = meta["generation"]
-    trainer.history.rows = list(meta["history"])
-    trainer.rng_state = tensors.get("rng.global")
-    if trainer.swa is not None:
+        opt.setdefault(int(idx), {})[key] = value
+    state.optimizer.load_state_dict({"state": opt, "param_groups": meta["param_groups"]})
+    state.scheduler.load_state_dict(meta["scheduler"])
+    at = state.progress
+    at.epoch, at.step, at.batch, at.generation = meta["epoch"], meta["step"], meta["batch"], meta["generation"]
+    at.history = list(meta["history"])
+    at.rng, at.cuda_rng = tensors.get("rng.global"), tensors.get("rng.cuda")
+    if state.swa is not None:
         try:
-            trainer.swa.load_state({k: v for k, v in tensors.items() if k.startswith("swa.")}, meta["swa_count"])
+            state.swa.load_state({k: v for k, v in tensors.items() if k.startswith("swa.")}, meta["swa_count"])
         except (ValueError, KeyError, TypeError) as e:
             raise PapaError(f"{where}: {e}") from None
-    trainer.cuda_rng_state = tensors.get("rng.cuda")

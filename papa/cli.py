@@ -9,6 +9,7 @@ from pathlib import Path
 from papa.errors import DiskError, PapaError, one_line
 from papa.io import write_error
 from papa.report.cli import add_commands
+from papa.variants import VARIANTS
 
 
 def _experiment_args(p: argparse.ArgumentParser) -> None:
@@ -50,9 +51,10 @@ def _train(a):
     if not trainer.comm.is_main:  # under torchrun, one summary for the job
         return
     phase = "swa" if trainer.swa is not None else "end"  # the members as saved: their SWA averages
-    last = [r for r in trainer.history.rows if r["epoch"] == trainer.epoch and r["phase"] == phase]
+    at = trainer.progress
+    last = [r for r in at.history if r["epoch"] == at.epoch and r["phase"] == phase]
     mean = sum(r["val_accuracy"] for r in last) / max(len(last), 1)
-    print(f"{a.out}: trained {trainer.comm.p} members for {trainer.epoch} epochs; mean val accuracy {mean:.2f}%")
+    print(f"{a.out}: trained {trainer.comm.p} members for {at.epoch} epochs; mean val accuracy {mean:.2f}%")
 
 
 def _soups(a):
@@ -141,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="train one population (one variant, one seed)",
-                       description="Train a population with baseline, papa, papa-all or papa-2 (Algorithm 1).")
+                       description="Train a population of one variant (Algorithm 1).")
     _experiment_args(p)
-    p.add_argument("--variant", required=True, help="baseline, papa, papa-all or papa-2")
+    p.add_argument("--variant", required=True, help=f"one of {', '.join(VARIANTS)} (papa.variants)")
     p.add_argument("--seed", required=True, type=int,
                    help="run seed: every random draw of the run (inits, data orders, augmentations) derives from it")
     _split_arg(p)

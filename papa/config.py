@@ -1,9 +1,6 @@
-"""Config files: YAML validated against JSON schemas (papa/schemas/), with defaults filled in.
-
-A config file (config/*.yaml) holds experiments; each experiment is ``defaults`` deep-merged with its
-own overrides and must satisfy experiment.schema.yaml. Every problem becomes one PapaError line that
-names the file and the offending key.
-"""
+"""Config files: YAML validated against JSON schemas (papa/schemas/), with defaults filled in. A config holds
+experiments, each ``defaults`` deep-merged with its own overrides and checked against experiment.schema.yaml;
+every problem becomes one PapaError line naming the file and the offending key."""
 
 from __future__ import annotations
 
@@ -17,14 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from papa import smoke
+from papa import catalog, smoke
 from papa.errors import PapaError
 from papa.io import write_text
+from papa.variants import VARIANTS, averaging_epochs, first_push, swa_start_epoch
 
 if TYPE_CHECKING:
     import jsonschema
-
-VARIANTS = ("baseline", "papa", "papa-all", "papa-2")
 
 
 @cache
@@ -34,14 +30,20 @@ def schema(name: str) -> dict:
     return yaml.safe_load(text)
 
 
-def _resolve(sch: dict, root: dict) -> dict:
-    """``sch`` with its local ``$ref`` (``#/a/b``) followed: the schemas use no other kind."""
-    while "$ref" in sch:
-        target = root
-        for part in sch["$ref"].removeprefix("#/").split("/"):
-            target = target[part]
-        sch = target
-    return sch
+def resolve(sch: dict, root: dict) -> dict:
+    """``sch`` with its local ``$ref`` (``#/a/b``; the schemas use no other kind) followed. Keys beside the
+    ``$ref`` are laid over its target, ``properties`` one property at a time: a variant's averaging block sets
+    its own defaults over the shared block of its unit."""
+    if "$ref" not in sch:
+        return sch
+    target = root
+    for part in sch["$ref"].removeprefix("#/").split("/"):
+        target = target[part]
+    target, own = resolve(target, root), {k: v for k, v in sch.items() if k != "$ref"}
+    if "properties" in own:
+        own["properties"] = {k: {**target.get("properties", {}).get(k, {}), **v}
+                             for k, v in {**target.get("properties", {}), **own["properties"]}.items()}
+    return {**target, **own}
 
 
 def fill_defaults(instance: Any, sch: dict, root: dict | None = None) -> Any:
@@ -50,7 +52,7 @@ def fill_defaults(instance: Any, sch: dict, root: dict | None = None) -> Any:
     ``$ref``s: where the schemas keep their defaults (tests/pipeline/test_gpu_script.py checks that no default lies
     elsewhere). Nothing is checked here; ``validate`` does both."""
     root = sch if root is None else root
-    sch = _resolve(sch, root)
+    sch = resolve(sch, root)
     if isinstance(instance, dict):
         props = sch.get("properties", {})
         for key, sub in props.items():
@@ -265,15 +267,6 @@ def write_configs(files: dict[str, str]) -> None:
             write_text(path, text)
 
 
-def swa_start_epoch(exp: dict) -> int | None:
-    """The first SWA epoch (0-based; epochs before it run the regular schedule), or None without SWA."""
-    swa = exp["train"]["swa"]
-    if swa is None:
-        return None
-    start = swa["start"]
-    return round(start * exp["train"]["epochs"]) if start < 1 else int(start)
-
-
 def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
     """Experiment ``name`` of a loaded config: defaults merged with its overrides, validated (and at smoke scale
     shrunk, papa.smoke), with ``data.root`` resolved against ``data_root`` and ``name`` and ``scale`` added."""
@@ -306,70 +299,30 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
     return exp
 
 
-def averaging_epochs(exp: dict, variant: str) -> list[int]:
-    """The epochs after which PAPA-all / PAPA-2 average (1-based): every ``every``-th epoch but the last, and
-    the first with ``from_start``, inside ``averaging.window`` (papa.averagers.Replace.due_after_epoch; a test
-    keeps the two the same)."""
-    epochs, (lo, hi) = exp["train"]["epochs"], exp["averaging"]["window"]
-    every, from_start = exp["averaging"][variant]["every"], exp["averaging"][variant].get("from_start", False)
-    return [e for e in range(1, epochs)
-            if (e % every == 0 or (from_start and e == 1)) and lo * epochs < e <= hi * epochs]
-
-
-def first_push(exp: dict, steps_per_epoch: int) -> int | None:
-    """The first optimizer step after which PAPA pushes (papa.averagers.Push.due_after_step), None if none."""
-    total, (lo, hi) = exp["train"]["epochs"] * steps_per_epoch, exp["averaging"]["window"]
-    every = exp["averaging"]["papa"]["every"]
-    step = every * (int(lo * total) // every + 1)  # the first multiple of `every` past the window's start
-    return step if step <= min(hi * total, total) else None
-
-
 def check_averaging_fires(exp: dict, variant: str, steps_per_epoch: int | None = None, where: str = "") -> None:
-    """Refuse a PAPA-all / PAPA-2 experiment whose averaging can never happen (``every`` >= epochs, or a window
-    holding no averaging epoch) and, once the steps per epoch are known, a PAPA whose pushes never happen: such
-    a run would be the baseline under another name. Only the variant being trained is checked: an experiment
-    is shared by variants, and the others' settings do not matter to it."""
+    """Refuse an experiment whose averaging can never happen in ``variant``'s runs: an ``epochs`` variant whose
+    ``every`` reaches past the last epoch or whose window holds no averaging epoch, and, once the steps per epoch
+    are known, a ``steps`` variant that never pushes: such a run would be the baseline under another name. Only
+    the variant being trained is checked: an experiment is shared by variants, and the others' settings do not
+    matter to it."""
     prefix = f"{where + ': ' if where else ''}experiment {exp['name']!r}: "
-    a, epochs = exp["averaging"], exp["train"]["epochs"]
-    if variant in ("papa-all", "papa-2") and not averaging_epochs(exp, variant):
+    v, a, epochs = VARIANTS[variant], exp["averaging"], exp["train"]["epochs"]
+    if v.unit == "epochs" and not averaging_epochs(exp, variant):
         every = a[variant]["every"]
         if every >= epochs:
             raise PapaError(f"{prefix}averaging.{variant}.every: {every} >= train.epochs ({epochs}): {variant} "
                             "would never average (at the end of every k-th epoch, never after the last)")
         raise PapaError(f"{prefix}averaging.window: {a['window']} of {epochs} epochs holds no {variant} averaging "
                         f"(every {every} epochs, never after the last)")
-    if variant == "papa" and steps_per_epoch is not None and first_push(exp, steps_per_epoch) is None:
+    if v.unit == "steps" and steps_per_epoch is not None and first_push(exp, variant, steps_per_epoch) is None:
         total = epochs * steps_per_epoch
         lo, hi = a["window"]
-        raise PapaError(f"{prefix}averaging.papa.every: {a['papa']['every']} steps: PAPA would never push in "
-                        f"averaging.window {a['window']} (steps {int(lo * total) + 1}-{int(hi * total)} of {total})")
-
-
-# where each dataset's loader (papa.data) looks under data.root, and its message when that is not there; a
-# test keeps these the same as the loaders' own
-_DATA_LAYOUT = {
-    "cifar10": (["cifar-10-batches-py"], "CIFAR-10 not found: expected {} (python version archive, extracted)"),
-    "cifar100": (["cifar-100-python"], "CIFAR-100 not found: expected {} (python version archive, extracted)"),
-    "imagenet": (["train", "val"], "ImageNet {name} not found: expected an image folder tree at {} (<class>/<image>)"),
-    "vaihingen": (["top"], "Vaihingen not found: expected the tile folder {}"),
-}
+        raise PapaError(f"{prefix}averaging.{variant}.every: {a[variant]['every']} steps: {v.label} would never "
+                        f"push in averaging.window {a['window']} (steps {int(lo * total) + 1}-{int(hi * total)} of "
+                        f"{total})")
 
 
 def missing_data(exp: dict) -> str | None:
-    """Why the experiment's dataset cannot be loaded, when its folders are not there (a cheap check, without
-    torch, for the workflow to fail before any job starts); None when they are."""
-    layout = _DATA_LAYOUT.get(exp["data"]["dataset"])
-    if layout is None:  # digits: embedded in scikit-learn
-        return None
-    folders, message = layout
-    for name in folders:
-        path = Path(exp["data"]["root"]) / name
-        if not path.is_dir():
-            return message.format(path, name=name)
-    return None
-
-
-def check_variant(variant: str) -> str:
-    if variant not in VARIANTS:
-        raise PapaError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-    return variant
+    """Why the experiment's dataset cannot be loaded, when its files are not there (papa.catalog: a cheap
+    check, without torch, for the workflow to fail before any job starts); None when they are."""
+    return catalog.missing(exp["data"]["dataset"], exp["data"]["root"])

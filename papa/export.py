@@ -27,11 +27,15 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from papa.card import model_card
 from papa.checkpoint import load_tensors, versions
 from papa.errors import PapaError
+from papa.fold import fold_biases
 from papa.io import current_umask, file_digest
 from papa.models import TIMM_PREFIX, create_model
 from papa.population import Population
+from papa.rng import generator
+from papa.runs import input_spec, load_data
 from papa.soups import SOUPS
 
 SOUP = "greedy_soup_repair"
@@ -45,33 +49,9 @@ PROBE_SIDE = 64
 
 
 # what a network of a run takes in -------------------------------------------------------------------------------
-def input_spec(exp: dict, splits) -> dict:
-    """What a network of a run expects and returns, as papa.runs.load_data gave it to the run: ``input`` (dataset,
-    kind, channels, the side it was trained at, per-channel mean/std in [0, 1] pixel units, the resize
-    interpolation and the centre-crop fraction of evaluation) and ``classes`` (one name per logit).
-    population.json records it, so an export needs no data."""
-    test = splits.test
-    classes = [str(c) for c in getattr(test, "classes", ())] or [str(k) for k in range(splits.num_classes)]
-    size = int(splits.image_size)
-    if splits.kind == "folder":  # papa.data.datasets.folder_eval_transform: resize to 256/224 of the crop, crop
-        interpolation, crop = "bilinear", size / round(size * 256 / 224)
-    elif splits.kind == "segmentation":  # whole tiles, any size: no resize, no crop
-        interpolation, crop = None, 1.0
-    else:  # resized on the device only when data.image_size asks for it
-        interpolation, crop = (exp["data"].get("resize", "bilinear") if test.image_size else None), 1.0
-    return {
-        "input": {"dataset": splits.name, "kind": splits.kind, "channels": int(splits.in_channels),
-                  "size": [size, size], "mean": [float(v) for v in test.mean], "std": [float(v) for v in test.std],
-                  "interpolation": interpolation, "crop_pct": crop},
-        "classes": classes,
-    }
-
-
 def probe(spec: dict) -> torch.Tensor:
     """Two random images of the size ``spec`` says the network takes (at most PROBE_SIDE for one taking any
     size): what papa.fold runs the network on."""
-    from papa.rng import generator
-
     h, w = spec["input"]["size"]
     if spec["input"]["kind"] == "segmentation":
         h, w = min(h, PROBE_SIDE), min(w, PROBE_SIDE)
@@ -142,8 +122,6 @@ def run_spec(files: RunFiles) -> dict:
     if "input" in meta and "classes" in meta:
         data = {"input": meta["input"], "classes": meta["classes"]}
     else:
-        from papa.runs import load_data
-
         data = input_spec(exp, load_data(exp))
     return {"format": FORMAT, "library": "papa", "model": exp["model"]["name"], "kwargs": exp["model"]["kwargs"],
             **data}
@@ -199,8 +177,6 @@ def to_architecture(state: dict[str, torch.Tensor], spec: dict, where: str | Pat
     """A network of ``spec``'s architecture (eval mode) holding ``state`` (a soup's or a member's tensors), with the
     biases REPAIR gave its bias-free layers folded into the BatchNorms they feed where exact (papa.fold.fold_biases,
     on ``probe(spec)``), and the papa.fold.Fold saying which were folded and which kept."""
-    from papa.fold import fold_biases
-
     module, added = _module(architecture(spec), state, where)
     folded, fold = fold_biases(module, added, probe(spec).to(_dtype(state)))
     return folded.eval(), fold
@@ -324,8 +300,6 @@ def save(module: nn.Module, spec: dict, out: str | Path) -> None:
     description and model card as an export folder ``out`` (``write_folder``). The tensors are first loaded into
     a freshly built network of the architecture with ``strict=True``: what is written is what loads."""
     from safetensors.torch import save_file
-
-    from papa.card import model_card
 
     state = module.state_dict()
     stock = architecture(spec)

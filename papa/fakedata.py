@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from papa.catalog import DATASETS
 from papa.config import experiment, load_config
 from papa.data import vaihingen
 from papa.data.datasets import CIFAR_FORMATS
@@ -51,7 +52,7 @@ def write_cifar(root: Path, name: str) -> str:
     """``<root>/cifar-10-batches-py/`` (or ``cifar-100-python/``), as the loader (papa.data.datasets) reads it."""
     fmt = CIFAR_FORMATS[name]
     meta_file, meta_key, _ = fmt.meta
-    base = Path(root) / fmt.base_folder
+    base = Path(root) / DATASETS[name].paths[0]
     base.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(sum(map(ord, name)))
     parts = [(f, CIFAR_TRAIN // len(fmt.train_list)) for f, _ in fmt.train_list]
@@ -103,7 +104,6 @@ def write_vaihingen(root: Path, labelled: list[int], test: list[int], label_dirs
     tiles' in the first of ``label_dirs``, the ``test`` tiles' in the last."""
     from PIL import Image
 
-
     colours = np.array(list(CLASSES.values()), dtype=np.uint8)
     k = len(colours)
     for tile in sorted({*labelled, *test}):
@@ -129,7 +129,6 @@ def write_hub_weights(cache: Path, name: str) -> Path:
     import timm
     import torch
     from safetensors.torch import save_file
-
 
     cfg = timm_pretrained_cfg(name)
     repo_id = getattr(cfg, "hf_hub_id", None)
@@ -180,6 +179,26 @@ def default_configs(cwd: Path | None = None) -> list[Path]:
     return sorted([*base.glob("*.yaml"), *(base / "paper").glob("*.yaml")])
 
 
+def _vaihingen(root: Path, options: list[dict]) -> str:
+    """Every tile the ``options`` (of the experiments reading this root) name, in the label folders they name."""
+    labelled, test, dirs = set(), set(), list(vaihingen.LABEL_DIRS)
+    for o in options:
+        labelled |= {*o.get("train_tiles", vaihingen.TRAIN_TILES), *o.get("val_tiles", vaihingen.VAL_TILES)}
+        test |= set(o.get("test_tiles", vaihingen.TEST_TILES))
+        dirs = list(o.get("label_dirs", dirs))
+    return write_vaihingen(root, sorted(labelled), sorted(test), dirs)
+
+
+WRITERS = {
+    "cifar10": lambda root, _options: write_cifar(root, "cifar10"),
+    "cifar100": lambda root, _options: write_cifar(root, "cifar100"),
+    "imagenet": lambda root, _options: write_imagenet(root),
+    "vaihingen": _vaihingen,
+}
+"""Fake data of every dataset with paths (papa.catalog): writer(root, the loader options of the experiments
+reading it there) -> a line saying what was written (a test keeps the two the same)."""
+
+
 def write_all(root: Path, configs: list[Path], hub_cache: Path | None = None) -> list[str]:
     """Fake data for every dataset the ``configs`` use, under ``root`` (their data root), and with
     ``hub_cache`` fake weights of every timm model they warm-start from the hub cache; one line per item."""
@@ -189,19 +208,11 @@ def write_all(root: Path, configs: list[Path], hub_cache: Path | None = None) ->
     datasets, models = _needs(configs)
     done = []
     for (dataset, rel), options in sorted(datasets.items()):
-        where = Path(root) / rel
-        if dataset in ("cifar10", "cifar100"):
-            done.append(write_cifar(where, dataset))
-        elif dataset == "imagenet":
-            done.append(write_imagenet(where))
-        elif dataset == "vaihingen":
-            labelled, test, dirs = set(), set(), list(vaihingen.LABEL_DIRS)
-            for o in options:
-                labelled |= {*o.get("train_tiles", vaihingen.TRAIN_TILES), *o.get("val_tiles", vaihingen.VAL_TILES)}
-                test |= set(o.get("test_tiles", vaihingen.TEST_TILES))
-                dirs = list(o.get("label_dirs", dirs))
-            done.append(write_vaihingen(where, sorted(labelled), sorted(test), dirs))
-        # digits ships with scikit-learn: nothing to write
+        if not DATASETS[dataset].paths:  # shipped with a package (digits): nothing to write
+            continue
+        if dataset not in WRITERS:
+            raise PapaError(f"fake-data: no writer for dataset {dataset!r} (papa.fakedata.WRITERS)")
+        done.append(WRITERS[dataset](Path(root) / rel, options))
     write_text(Path(root) / "FAKE_DATA.txt", "Random data written by `papa fake-data` in the formats of the real "
                "datasets, for smoke runs (scale: smoke). Not CIFAR, ImageNet or Vaihingen.\n")
     if hub_cache is not None:

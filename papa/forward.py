@@ -1,5 +1,5 @@
 """Running plain modules forward over data, as REPAIR, alignment, similarity and evaluation do: the ``Batches``
-convention for their data, a module's device, and eval mode for a block of code."""
+convention for their data, a module's device, eval mode and hooks for a block of code."""
 
 from __future__ import annotations
 
@@ -34,6 +34,16 @@ def device_of(module: nn.Module) -> torch.device:
     """Where ``module``'s tensors are (the CPU for a module without any)."""
     t = next(itertools.chain(module.parameters(), module.buffers()), None)
     return torch.device("cpu") if t is None else t.device
+
+
+@contextlib.contextmanager
+def hooked(handles: list) -> Iterator[None]:
+    """Run a block with the hooks ``handles`` registered, removing them however it ends."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from papa.forward import Batches, eval_mode, inputs
+from papa.forward import Batches, eval_mode, hooked, inputs
 from papa.population import Population
 from papa.rng import derive_seed, seeded
 
@@ -136,12 +136,8 @@ def _find_layers(model: nn.Module, x: Tensor) -> list[_Layer]:
 
     handles = [m.register_forward_pre_hook(before) for m in model.modules()]
     handles += [m.register_forward_hook(after(n, m)) for n, m in model.named_modules() if _is_layer(m)]
-    try:
-        with eval_mode(model):
-            y = model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(handles), eval_mode(model):
+        y = model(x)
     for layer, out in pending:  # the last layer's output went nowhere near a BatchNorm
         layer.feeds_bn = False
         layer.is_output = out is y

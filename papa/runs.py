@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from papa import config as cfg
+from papa import variants
 from papa.alignment import permutation_spec
 from papa.build import align_data, build_engine, build_population, fixed_batches, loader_options, resolve_device
 from papa.checkpoint import load_tensors, read_meta, save_tensors, sidecar_path
@@ -23,12 +24,12 @@ from papa.data import Policy, load_dataset, load_split, make_split, make_stream,
 from papa.data.subset import subset_splits
 from papa.distributed import from_env
 from papa.errors import DiskError, PapaError
-from papa.export import input_spec
 from papa.io import file_digest, free_space, hold_lock, human_bytes, write_json, write_text
 from papa.metrics import accuracy, held_out_metrics, population_scores, summary
 from papa.models import available_models
 from papa.models.pretrained import pretrained_normalization
 from papa.population import Population
+from papa.provenance import code_version
 from papa.similarity import BETWEEN_NETWORKS, NETWORK_AND_SOUP, population_similarity, stages
 from papa.soups import SOUPS, make_soups
 from papa.train import Trainer
@@ -64,6 +65,28 @@ def load_data(exp: dict):
         for part in (splits, splits.train, splits.test):
             part.mean, part.std = stats
     return splits
+
+
+def input_spec(exp: dict, splits) -> dict:
+    """What a network of a run expects and returns, as papa.runs.load_data gave it to the run: ``input`` (dataset,
+    kind, channels, the side it was trained at, per-channel mean/std in [0, 1] pixel units, the resize
+    interpolation and the centre-crop fraction of evaluation) and ``classes`` (one name per logit).
+    population.json records it, so an export needs no data."""
+    test = splits.test
+    classes = [str(c) for c in getattr(test, "classes", ())] or [str(k) for k in range(splits.num_classes)]
+    size = int(splits.image_size)
+    if splits.kind == "folder":  # papa.data.datasets.folder_eval_transform: resize to 256/224 of the crop, crop
+        interpolation, crop = "bilinear", size / round(size * 256 / 224)
+    elif splits.kind == "segmentation":  # whole tiles, any size: no resize, no crop
+        interpolation, crop = None, 1.0
+    else:  # resized on the device only when data.image_size asks for it
+        interpolation, crop = (exp["data"].get("resize", "bilinear") if test.image_size else None), 1.0
+    return {
+        "input": {"dataset": splits.name, "kind": splits.kind, "channels": int(splits.in_channels),
+                  "size": [size, size], "mean": [float(v) for v in test.mean], "std": [float(v) for v in test.std],
+                  "interpolation": interpolation, "crop_pct": crop},
+        "classes": classes,
+    }
 
 
 def prepare(exp: dict, out: str | Path) -> dict:
@@ -105,7 +128,7 @@ def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: boo
     and everything made from it: soups, metrics, similarity), saying so on stderr: a directory never holds
     results of two trainings. Ctrl-C (SIGINT) stops like SIGTERM, after a checkpoint; a second Ctrl-C
     interrupts at once."""
-    cfg.check_variant(variant)
+    variants.check(variant)
     cfg.check_averaging_fires(exp, variant)
     comm = from_env(exp["population"]["size"], exp["train"]["device"])
     out = Path(out_dir)
@@ -200,7 +223,7 @@ def check_room(out: Path, needed: int, what: str, freed: int = 0) -> None:
 def write_history(out: Path, trainer: Trainer) -> None:
     """history.csv: one row per (epoch, member, phase) so far (the csv module: every stage pays for pandas'
     import otherwise)."""
-    rows, text = trainer.history.rows, io.StringIO()
+    rows, text = trainer.progress.history, io.StringIO()
     if not rows:  # stopped before the first epoch ended
         return
     writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
@@ -231,7 +254,8 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
                   file=sys.stderr)
     comm.barrier()
     if resumed and comm.is_main:
-        print(f"papa train: {out}: resumed from epoch {trainer.epoch + 1}, batch {trainer.batch}", file=sys.stderr)
+        print(f"papa train: {out}: resumed from epoch {trainer.progress.epoch + 1}, batch {trainer.progress.batch}",
+              file=sys.stderr)
 
     def save_checkpoint(t: Trainer) -> None:
         save_tensors(ckpt, *t.state())
@@ -253,8 +277,8 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     if comm.is_main:  # history rows are the same on every process (scores are gathered)
         write_history(out, trainer)
         meta = {
-            "experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.epoch,
-            "steps": trainer.step, "population": comm.p, "model": exp["model"]["name"],
+            "experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.progress.epoch,
+            "steps": trainer.progress.step, "population": comm.p, "model": exp["model"]["name"],
             "engine": trainer.engine_name, "device": str(trainer.device), "processes": comm.world_size,
             "policies": [dataclasses.asdict(p) for p in trainer.all_policies], "config": exp,
             "split_sha256": split["sha256"], **input_spec(exp, splits),
@@ -389,7 +413,7 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
         "experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"], "stages": names,
         **per_stage(s["members"]), "members": s["members"],
         "aligned": s["align"], "repaired": s["repair"], "repair_iters": s["repair_iters"], "test_images": n_test,
-        "population_sha256": run.digest,
+        "population_sha256": run.digest, "code": code_version(),
     }
     if s["members"] != "all":  # the all-pairs measure beside the configured one
         out |= {f"all_pairs_{k}": v for k, v in per_stage("all").items()}
@@ -428,6 +452,7 @@ def _evaluate(exp: dict, run: Run) -> dict:
     metrics["val_members"] = val
     metrics["num_classes"] = run.splits.num_classes  # the tables mark soups at chance level (100 / num_classes %)
     metrics["population_sha256"], metrics["soups_sha256"] = run.digest, file_digest(where)
+    metrics["code"] = code_version()  # the code that computed these numbers (papa.provenance)
     order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
              "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
              "greedy_soup_members", "soups_aligned", "val_members"]

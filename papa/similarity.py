@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from papa.alignment import align_population
 from papa.errors import PapaError
-from papa.forward import Batches, device_of, eval_mode, inputs, reusable
+from papa.forward import Batches, device_of, eval_mode, hooked, inputs, reusable
 from papa.models.resnet_cifar import CifarResNet
 from papa.population import Population
 from papa.repair import repair as repair_soup
@@ -42,16 +42,10 @@ def stages(model: nn.Module) -> list[str]:
 def _stage_outputs(model: nn.Module, names: list[str], x: Tensor) -> list[Tensor]:
     """Eval-mode outputs of the stages ``names`` on ``x``."""
     out: dict[str, Tensor] = {}
-    handles = [
-        model.get_submodule(n).register_forward_hook(lambda _, __, y, n=n: out.__setitem__(n, y.detach()))
-        for n in names
-    ]
-    try:
-        with eval_mode(model):
-            model(x.to(device_of(model)))
-    finally:
-        for h in handles:
-            h.remove()
+    handles = [model.get_submodule(n).register_forward_hook(lambda _, __, y, n=n: out.__setitem__(n, y.detach()))
+               for n in names]
+    with hooked(handles), eval_mode(model):
+        model(x.to(device_of(model)))
     return [out[n] for n in names]
 
 

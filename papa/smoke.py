@@ -1,39 +1,20 @@
 """Smoke scale (``scale: smoke`` in a config, or ``--config scale=smoke``): every experiment of any config,
-shrunk by one rule so that it runs end to end in seconds to minutes on a CPU while every code path and
-every scheduled event of the full run still happens. The rule (docs/smoke.md spells it out):
-
-- data: ``data.subset`` = 6 training items (before the validation split; for a dataset with its own
-  validation items, Vaihingen, its training tiles), 2 of its own validation items and 4 test items, evenly
-  spaced; at most 1 loader worker; a dataset drawing patches (a loader option ``epoch_size``) draws
-  2 batches per epoch, of at most 32 x 32 pixels (``patch_size``); every other image size is kept;
-- population size at most 3 (explicit per-member policies: the first 3), batch size at most 2, one seed;
-- REPAIR (in training, of the soups, for the similarity) on 1 batch; SWA's BatchNorm recomputation at
-  most one epoch;
-- epochs: the fewest (at least 2) for which every scheduled event fires at least once, with every period
-  in epochs (PAPA-all and PAPA-2 averaging, head-only epochs, warm restarts, an SWA start given in
-  epochs, SWA annealing) rescaled in proportion to the epochs (at least 1), and PAPA's push period (in
-  steps) capped at one smoke epoch: PAPA pushes, averaging inside the averaging window (with REPAIR,
-  alignment, genetic selection and mutations, which happen there), unfreezing, a warm restart and SWA's
-  start. Fractions of training (averaging windows, multistep milestones, an SWA start below 1) are kept;
-- architectures, pretrained weights, variants, averaging schemes, optimizers and augmentations are kept;
-- results go to ``<results>/smoke`` (the workflow puts reports and logs under ``reports/smoke`` and
-  ``logs/smoke``) and every table and figure caption starts with "Smoke scale".
-"""
+shrunk by one rule (docs/smoke.md spells it out, papa.variants says when things happen) so that it runs end to
+end in seconds to minutes on a CPU while every code path and every scheduled event of the full run still
+happens; results under ``<results>/smoke``, every caption starting with "Smoke scale"."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 
+from papa.catalog import DATASETS
 from papa.errors import PapaError
+from papa.variants import VARIANTS, averaging_epochs, by_unit, first_push, swa_start_epoch
 
 SUBSET = {"train": 6, "val": 2, "test": 4}  # data.subset: items kept of each set
-MAX_BATCH = 2
-MAX_POPULATION = 3
-MAX_REPAIR_ITERS = 1
-MAX_WORKERS = 1
+MAX_BATCH, MAX_POPULATION, MAX_REPAIR_ITERS, MAX_WORKERS, MAX_PATCH = 2, 3, 1, 1, 32
 PATCH_STEPS = 2  # batches per epoch of a patch-drawing dataset
-MAX_PATCH = 32
 MIN_EPOCHS, MAX_EPOCHS = 2, 50
 CAPTION = "Smoke scale (a pipeline check on tiny data, not a result)"
 
@@ -53,12 +34,6 @@ def _rescale(value: int, full: int, smoke: int) -> int:
     return 0 if value == 0 else max(1, round(value * smoke / full))
 
 
-# The datasets whose loader draws training patches (loader options ``epoch_size`` and ``patch_size``), with the
-# default patch side. Written out, not read from the loaders' signatures, so that loading a config at smoke scale
-# (the Snakefile, papa render and aggregate) imports no torch; a test compares it with the loaders.
-PATCH_DATASETS = {"vaihingen": 256}
-
-
 def _steps_per_epoch(exp: dict, patches: bool) -> int:
     """Training steps per epoch at smoke scale (the validation split held out of the subset, as papa prepare
     does, and the incomplete last batch dropped, as the streams do)."""
@@ -68,11 +43,6 @@ def _steps_per_epoch(exp: dict, patches: bool) -> int:
     n = SUBSET["train"]
     n_train = n - max(1, round(exp["data"]["val_fraction"] * n))
     return max(n_train // batch, 1)
-
-
-def _in_window(exp: dict, done: int, total: int) -> bool:  # papa.train.in_window
-    lo, hi = exp["averaging"]["window"]
-    return lo * total < done <= hi * total
 
 
 def _timed(full: dict, epochs: int, steps: int) -> dict:
@@ -92,37 +62,31 @@ def _timed(full: dict, epochs: int, steps: int) -> dict:
         if swa["bn_batches"] is not None:
             swa["bn_batches"] = min(swa["bn_batches"], steps)
     a = exp["averaging"]
-    for variant in ("papa-all", "papa-2"):
+    for variant in by_unit("epochs"):
         a[variant]["every"] = _rescale(a[variant]["every"], total, epochs)
-    a["papa"]["every"] = min(a["papa"]["every"], steps)
+    for variant in by_unit("steps"):
+        a[variant]["every"] = min(a[variant]["every"], steps)
     return exp
-
-
-def _swa_start(exp: dict) -> int | None:  # papa.config.swa_start_epoch (papa.config imports this module)
-    swa = exp["train"]["swa"]
-    if swa is None:
-        return None
-    return round(swa["start"] * exp["train"]["epochs"]) if swa["start"] < 1 else int(swa["start"])
 
 
 def events(exp: dict, steps: int | None) -> dict[str, str]:
     """The scheduled events that happen in a run of ``exp`` with ``steps`` steps per epoch (None: the full
-    run, whose steps per epoch depend on the data: PAPA's pushes are taken to happen), as {event: what}."""
+    run, whose steps per epoch depend on the data: pushes are taken to happen), as {event: what}."""
     t, a = exp["train"], exp["averaging"]
     epochs = t["epochs"]
-    swa_start = _swa_start(exp)
+    swa_start = swa_start_epoch(exp)
     found = {}
-    for variant in ("papa-all", "papa-2"):
-        every = a[variant]["every"]
-        due = [e for e in range(1, epochs) if e % every == 0 and _in_window(exp, e, epochs)]
-        what = f"averaging.{variant} every {every} of {epochs} epochs in the window {a['window']}"
+    for variant in by_unit("epochs"):
+        due = averaging_epochs(exp, variant)
+        what = f"averaging.{variant} every {a[variant]['every']} of {epochs} epochs in the window {a['window']}"
         if due:
             found[f"{variant} averaging"] = what
         if swa_start is not None and any(e > swa_start for e in due):  # after an SWA update (mix_averages)
             found[f"{variant} averaging during SWA"] = what + f" after the SWA start {swa_start}"
-    every, total = a["papa"]["every"], epochs * (steps or 1)
-    if steps is None or any(s % every == 0 and _in_window(exp, s, total) for s in range(1, total + 1)):
-        found["PAPA push"] = f"averaging.papa every {every} steps in the window {a['window']}"
+    for variant in by_unit("steps"):
+        if steps is None or first_push(exp, variant, steps) is not None:
+            found[f"{VARIANTS[variant].label} push"] = (f"averaging.{variant} every {a[variant]['every']} steps in "
+                                                        f"the window {a['window']}")
     if 0 < t["freeze_epochs"] < epochs:
         found["unfreeze"] = f"train.freeze_epochs {t['freeze_epochs']} of {epochs}"
     restart = t["schedule"]["restart_every"]
@@ -140,15 +104,16 @@ def scale_experiment(full: dict, where: str = "experiment") -> dict:
     d["subset"] = {k: min(v, (d["subset"] or {}).get(k, v)) for k, v in SUBSET.items()}
     d["num_workers"] = min(d["num_workers"], MAX_WORKERS)
     t["batch_size"] = min(t["batch_size"], MAX_BATCH)
-    patches = d["dataset"] in PATCH_DATASETS
+    default_patch = DATASETS[d["dataset"]].patch_size  # a dataset drawing patches (papa.catalog)
+    patches = default_patch is not None
     if patches:
         d["options"]["epoch_size"] = PATCH_STEPS * t["batch_size"]
-        d["options"]["patch_size"] = min(d["options"].get("patch_size", PATCH_DATASETS[d["dataset"]]), MAX_PATCH)
+        d["options"]["patch_size"] = min(d["options"].get("patch_size", default_patch), MAX_PATCH)
     p = min(exp["population"]["size"], MAX_POPULATION)
     exp["population"]["size"] = p
     if exp["augment"]["members"] is not None:
         exp["augment"]["members"] = exp["augment"]["members"][:p]
-    for section in (exp["averaging"]["papa-all"], exp["averaging"]["papa-2"], exp["soups"], exp["similarity"]):
+    for section in (*(exp["averaging"][v] for v in by_unit("epochs")), exp["soups"], exp["similarity"]):
         section["repair_iters"] = min(section["repair_iters"], MAX_REPAIR_ITERS)
     steps = _steps_per_epoch(exp, patches)
     wanted = events(full, None)

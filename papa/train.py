@@ -1,22 +1,19 @@
-"""Algorithm 1: train a population with the baseline, PAPA, PAPA-all or PAPA-2.
-
-Every random draw comes from a generator derived from (run seed, purpose, member, epoch), so a run is
-reproducible and resumes from a checkpoint (population, optimizer, counters, history, and the global RNG
-state when stopped mid-epoch) to exactly the numbers of an uninterrupted run.
-"""
+"""Algorithm 1: train a population of one variant. Every random draw comes from a generator derived from (run
+seed, purpose, member, epoch), so a run is reproducible and resumes from a checkpoint (papa.checkpoint) to exactly
+the numbers of an uninterrupted run."""
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from papa import swa
-from papa.averagers import averager_for
+from papa.averagers import Context, averager_for
 from papa.build import (
+    align_data,
     build_engine,
     build_optimizer,
     build_population,
@@ -25,15 +22,15 @@ from papa.build import (
     member_policies,
     resolve_device,
 )
-from papa.checkpoint import restore_trainer, trainer_state
-from papa.config import swa_start_epoch
+from papa.checkpoint import Progress, Resumable, restore, saved
 from papa.distributed import Local
 from papa.errors import PapaError
-from papa.metrics import population_scores
+from papa.metrics import accuracy, population_scores
 from papa.models.pretrained import head_keys
 from papa.population import Population
 from papa.repair import reset_batchnorm_
 from papa.rng import derive_seed, generator
+from papa.variants import swa_start_epoch
 
 # steps between two host reads of the training losses (see Trainer.read_losses)
 LOSS_READ_EVERY = 50
@@ -45,19 +42,6 @@ def _clock(seconds: float) -> str:
     """``seconds`` as h:mm:ss."""
     m, sec = divmod(round(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{sec:02d}"
-
-
-# history ---------------------------------------------------------------------------------------
-@dataclass
-class History:
-    rows: list[dict] = field(default_factory=list)
-
-    def record(self, epoch: int, phase: str, lr: float, val: list, test: list) -> None:
-        for j, ((va, vl), (ta, _)) in enumerate(zip(val, test, strict=True)):
-            self.rows.append(
-                {"epoch": epoch, "member": j, "phase": phase, "lr": lr,
-                 "val_accuracy": round(va, 4), "val_loss": round(vl, 6), "test_accuracy": round(ta, 4)}
-            )
 
 
 class Stopped(Exception):
@@ -88,41 +72,49 @@ class Trainer:
         precision = exp["train"]["precision"]  # bf16-cuda: bf16 autocast on CUDA only
         bf16 = precision == "bf16" or (precision == "bf16-cuda" and self.device.type == "cuda")
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
-        self.history = History()
-        self.epoch = 0  # epochs completed
-        self.step = 0  # optimizer steps completed
-        self.batch = 0  # batches of the current epoch completed (non-zero only in a mid-epoch checkpoint)
-        self.rng_state: Tensor | None = None  # global RNG state at a mid-epoch stop
-        self.cuda_rng_state: Tensor | None = None  # and the CUDA device's, when training there
+        self.progress = Progress()  # counters, history: what a checkpoint saves (papa.checkpoint)
         self.stop_signal: str | None = None  # set by a signal handler; honoured at the next step
         bar = sys.stderr.isatty() if progress is None else progress
-        self.progress = bar and self.comm.is_main  # the tqdm bar
+        self.show_bar = bar and self.comm.is_main  # the tqdm bar
         self.lines = not bar and self.comm.is_main  # else progress lines (Trainer.progress_line)
         self.last_loss: float | None = None  # population mean of the last loss read on the host
         self.clock = (time.monotonic(), 0)  # (start time, step then) of this process's training (fit resets it)
         self.last_line = self.clock[0]  # when the last progress line was written
         self.averager = averager_for(variant, exp)
-        self.averager.check(self)
+        self.context = Context(  # what the averager reads and changes
+            self.pop, self.comm, self.optimizer, self.stream, self.swa, self.progress, seed, self.stacked,
+            self.val_scores, self.val_accuracy, lambda images: align_data(exp, splits, split, images, self.device))
+        self.averager.check(self.context)
+        self.resumable = Resumable({"variant": variant, "seed": seed, "experiment": exp}, self.pop, self.optimizer,
+                                   self.scheduler, self.swa, self.progress)
 
     # pieces ----------------------------------------------------------------------------------
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def val_scores(self, pop: Population) -> list[tuple[float, float]]:
+        """Every member's (validation accuracy, validation loss) of ``pop``: the members held here, or others."""
+        return population_scores(pop, self.splits.train, self.split["val"], self.exp["train"]["eval_batch_size"],
+                                 self.device)
+
+    def val_accuracy(self, module) -> float:
+        """One network's validation accuracy."""
+        bs = self.exp["train"]["eval_batch_size"]
+        return accuracy(module.to(self.device).eval(), self.splits.train, self.split["val"], bs, self.device)
+
     def evaluate(self):
         """Every member's validation and test (accuracy, loss); each process scores the members it holds."""
-        bs = self.exp["train"]["eval_batch_size"]
-        val = population_scores(self.pop, self.splits.train, self.split["val"], bs, self.device)
-        test = population_scores(self.pop, self.splits.test, None, bs, self.device)
-        return self.comm.gather_scores(val), self.comm.gather_scores(test)
+        test = population_scores(self.pop, self.splits.test, None, self.exp["train"]["eval_batch_size"], self.device)
+        return self.comm.gather_scores(self.val_scores(self.pop)), self.comm.gather_scores(test)
 
     def push(self) -> None:
         """PAPA's push now (the loop calls it when the averager says it is due)."""
-        self.averager.push(self)
+        self.averager.push(self.context, self.lr)
 
     def average(self) -> None:
         """PAPA-all / PAPA-2 averaging now, with its REPAIR (the loop calls it at the epochs it is due)."""
-        self.averager.average(self)
+        self.averager.average(self.context)
 
     def freeze_body(self, frozen: bool) -> None:
         """Fine-tuning (§4.2, after Kumar et al.): only the classifier head trains while ``frozen``."""
@@ -133,61 +125,61 @@ class Trainer:
     # the loop --------------------------------------------------------------------------------
     def run_epoch(self, bar=None, checkpoint=None) -> None:
         """One epoch (or the rest of one, after a mid-epoch checkpoint), then evaluation and averaging."""
-        epochs, e = self.exp["train"]["epochs"], self.epoch
-        total_steps = epochs * self.stream.steps_per_epoch
+        at, epochs = self.progress, self.exp["train"]["epochs"]
+        e, total_steps = at.epoch, epochs * self.stream.steps_per_epoch
         torch.manual_seed(derive_seed(self.seed, "global", e))  # dropout and other module-internal draws
         self.freeze_body(e < self.exp["train"]["freeze_epochs"])
         self.pop.train()
         pending: list[Tensor] = []  # the losses of the steps since the host last read them
         for i, (x, targets) in enumerate(self.stream.epoch(e)):
-            if i < self.batch:  # resuming mid-epoch: replay the data stream up to where it stopped
+            if i < at.batch:  # resuming mid-epoch: replay the data stream up to where it stopped
                 continue
-            if i == self.batch and self.rng_state is not None:
+            if i == at.batch and at.rng is not None:
                 self.restore_rng()
             # None (not zero) gradients: a frozen parameter must get no weight decay or momentum step either
             self.optimizer.zero_grad(set_to_none=True)
             pending.append(self.engine(self.pop, x, targets, self.autocast).detach())
             self.optimizer.step()
             self.scheduler.step()
-            self.step, self.batch = self.step + 1, i + 1
+            at.step, at.batch = at.step + 1, i + 1
             if len(pending) == LOSS_READ_EVERY:
                 self.read_losses(pending, bar)
-            if self.averager.due_after_step(self.step, total_steps):
+            if self.averager.due_after_step(at.step, total_steps):
                 self.push()
-            if self.batch < self.stream.steps_per_epoch and self.stop_requested():
+            if at.batch < self.stream.steps_per_epoch and self.stop_requested():
                 self.stop_mid_epoch(pending, bar, checkpoint)
             if self.lines and time.monotonic() - self.last_line >= PROGRESS_LINE_SECONDS:
                 self.read_losses(pending, bar)
                 self.progress_line()
         self.read_losses(pending, bar)
-        self.batch, self.epoch = 0, self.epoch + 1
+        at.batch, at.epoch = 0, at.epoch + 1
         val, test = self.evaluate()
-        self.history.record(self.epoch, "end", self.lr, val, test)
+        at.record("end", self.lr, val, test)
         if self.swa is not None and e >= self.swa_start:
             self.swa.update(self.pop)  # the iterate SGD reached, before any averaging mixes it
-        if self.averager.due_after_epoch(self.epoch, epochs):
-            self.history.record(self.epoch, "before_avg", self.lr, val, test)
+        if self.averager.due_after_epoch(at.epoch, epochs):
+            at.record("before_avg", self.lr, val, test)
             self.average()
-            self.history.record(self.epoch, "after_avg", self.lr, *self.evaluate())
-        if self.swa is not None and self.epoch == epochs:
+            at.record("after_avg", self.lr, *self.evaluate())
+        if self.swa is not None and at.epoch == epochs:
             self.finish_swa()
-            self.history.record(self.epoch, "swa", self.lr, *self.evaluate())
+            at.record("swa", self.lr, *self.evaluate())
 
     def read_losses(self, pending: list[Tensor], bar=None) -> None:
-        """Read the losses of the last ``len(pending)`` steps (up to ``self.step``) on the host, raise on a
+        """Read the losses of the last ``len(pending)`` steps (up to the current step) on the host, raise on a
         non-finite one (train.check_finite) naming its member and step, and show the latest on the progress
         bar. Reading waits for the device to finish those steps, which is why it happens only every
         LOSS_READ_EVERY steps: a read per step would stop the host from queueing work ahead of a GPU."""
         if not pending:
             return
         host = torch.stack(pending).float().cpu()  # (steps, members)
-        first = self.step - len(pending) + 1  # pending[k] is step first + k (1-based)
+        first = self.progress.step - len(pending) + 1  # pending[k] is step first + k (1-based)
         pending.clear()
         bad = ~torch.isfinite(host)
         if self.exp["train"]["check_finite"] and bad.any():
             k, j = bad.nonzero()[0].tolist()
-            raise PapaError(f"non-finite loss ({host[k, j].item()}) for member {j} at epoch {self.epoch + 1}, "
-                            f"step {first + k}; the last good checkpoint is kept")
+            raise PapaError(f"non-finite loss ({host[k, j].item()}) for member {j} at epoch "
+                            f"{self.progress.epoch + 1}, step {first + k}; the last good checkpoint is kept")
         self.last_loss = host[-1].mean().item()
         if bar is not None:
             bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{self.lr:.2e}", refresh=False)
@@ -196,18 +188,18 @@ class Trainer:
         """One line on stderr (for logs, where a progress bar is unreadable): epoch, step, loss, learning rate,
         the members' mean validation accuracy after the last epoch, member-images per second, elapsed time and
         the time left at this pace."""
-        epochs, spe = self.exp["train"]["epochs"], self.stream.steps_per_epoch
+        at, epochs, spe = self.progress, self.exp["train"]["epochs"], self.stream.steps_per_epoch
         start, start_step = self.clock
         now = time.monotonic()
-        elapsed, done = now - start, self.step - start_step
+        elapsed, done = now - start, at.step - start_step
         total = epochs * spe
         rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (total - self.step) / rate if rate > 0 else None
-        val = [r["val_accuracy"] for r in self.history.rows if r["epoch"] == self.epoch and r["phase"] == "end"]
+        eta = (total - at.step) / rate if rate > 0 else None
+        val = [r["val_accuracy"] for r in at.history if r["epoch"] == at.epoch and r["phase"] == "end"]
         fields = [
             f"{self.exp['name']}/{self.variant}/seed{self.seed}",
-            f"epoch {self.epoch + (self.batch > 0)}/{epochs}" + (f" batch {self.batch}/{spe}" if self.batch else ""),
-            f"step {self.step}/{total}",
+            f"epoch {at.epoch + (at.batch > 0)}/{epochs}" + (f" batch {at.batch}/{spe}" if at.batch else ""),
+            f"step {at.step}/{total}",
             "loss " + ("-" if self.last_loss is None else f"{self.last_loss:.4f}"),
             f"lr {self.lr:.3g}",
             "val " + (f"{sum(val) / len(val):.2f}%" if val else "-"),
@@ -231,19 +223,21 @@ class Trainer:
     def stop_mid_epoch(self, pending: list[Tensor], bar, checkpoint) -> None:
         """Save a checkpoint holding the global RNG state after the current step, then raise Stopped."""
         self.read_losses(pending, bar)  # never checkpoint a diverged population
-        self.rng_state = torch.get_rng_state()
+        at = self.progress
+        at.rng = torch.get_rng_state()
         if self.device.type == "cuda":
-            self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
+            at.cuda_rng = torch.cuda.get_rng_state(self.device)
         if checkpoint is not None:
             checkpoint(self)
-        raise Stopped(f"stopped by {self.stop_signal} at epoch {self.epoch + 1}, batch {self.batch}")
+        raise Stopped(f"stopped by {self.stop_signal} at epoch {at.epoch + 1}, batch {at.batch}")
 
     def restore_rng(self) -> None:
         """Resuming mid-epoch: the global RNG state (and the CUDA one) of the step where the run stopped."""
-        torch.set_rng_state(self.rng_state)
-        if self.cuda_rng_state is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(self.cuda_rng_state, self.device)
-        self.rng_state = self.cuda_rng_state = None
+        at = self.progress
+        torch.set_rng_state(at.rng)
+        if at.cuda_rng is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(at.cuda_rng, self.device)
+        at.rng = at.cuda_rng = None
 
     def stop_requested(self) -> bool:
         """Whether a stop signal arrived, here or (under torchrun) at any other process: all processes
@@ -258,26 +252,26 @@ class Trainer:
         from tqdm.auto import tqdm
 
         epochs = self.exp["train"]["epochs"]
-        self.clock = (time.monotonic(), self.step)
+        self.clock = (time.monotonic(), self.progress.step)
         self.last_line = self.clock[0]
-        with tqdm(total=epochs, initial=self.epoch, disable=not self.progress, unit="epoch",
+        with tqdm(total=epochs, initial=self.progress.epoch, disable=not self.show_bar, unit="epoch",
                   desc=f"{self.exp['name']}/{self.variant}/seed{self.seed} p={self.pop.size}") as bar:
-            while self.epoch < epochs:
+            while self.progress.epoch < epochs:
                 self.run_epoch(bar, checkpoint)
                 bar.update(1)
                 if self.lines:
                     self.progress_line()
                 if checkpoint is not None:
                     checkpoint(self)
-                if self.epoch < epochs and self.stop_requested():
-                    raise Stopped(f"stopped by {self.stop_signal} after epoch {self.epoch}")
+                if self.progress.epoch < epochs and self.stop_requested():
+                    raise Stopped(f"stopped by {self.stop_signal} after epoch {self.progress.epoch}")
         return self.pop
 
     # checkpoints (papa.checkpoint) --------------------------------------------------------------
     def state(self) -> tuple[dict[str, Tensor], dict]:
         """Everything a resumed run needs, as tensors (safetensors) and JSON-able metadata."""
-        return trainer_state(self)
+        return saved(self.resumable)
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict, where: str = "checkpoint") -> None:
         """Resume from ``state()``; a checkpoint of another config, variant or seed is refused."""
-        restore_trainer(self, tensors, meta, where)
+        restore(self.resumable, tensors, meta, where)

@@ -84,13 +84,6 @@ class Policy:
 
 POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(Policy))
 
-# Section 4.1's grids; A.11/A.12 draw from continuous ranges instead, written {"uniform": [lo, hi]}
-CIFAR_GRID = {"mixup": [0, 0.5, 1.0], "label_smoothing": [0, 0.05, 0.1], "cutmix": [0, 0.5, 1.0],
-              "random_erasing": [0, 0.15, 0.35]}
-IMAGENET_GRID = {"mixup": [0, 0.2], "label_smoothing": [0, 0.1], "cutmix": [0, 1.0],
-                 "random_erasing": [0, 0.35]}
-
-
 def _draw(key: str, spec, generator: torch.Generator):
     if isinstance(spec, dict):
         bounds = spec.get("uniform")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from papa import catalog
 from papa.data.augment import autoaugment_policy, randaugment_transform
 from papa.errors import PapaError
 
@@ -101,13 +102,18 @@ class Splits:
     fixed_split: dict | None = None
 
 
-DATASETS: dict[str, Callable[..., Splits]] = {}
+LOADERS: dict[str, Callable[..., Splits]] = {}
 """Dataset loaders by name; each takes ``root`` (a path or None for its default) and keyword options."""
 
 
 def register(name: str):
+    """Register a loader under ``name``, a dataset declared in papa.catalog (refused otherwise)."""
+    if name not in catalog.DATASETS:
+        raise LookupError(f"dataset {name!r} is not declared in papa/catalog.py (what its loader reads, which "
+                          "the workflow checks before any job starts)")
+
     def add(loader: Callable[..., Splits]) -> Callable[..., Splits]:
-        DATASETS[name] = loader
+        LOADERS[name] = loader
         return loader
 
     return add
@@ -115,9 +121,9 @@ def register(name: str):
 
 def load_dataset(name: str, root: str | Path | None = None, **options) -> Splits:
     """Load a registered dataset; unknown names and options are PapaErrors listing what is accepted."""
-    if name not in DATASETS:
-        raise PapaError(f"unknown dataset {name!r}; expected one of {', '.join(sorted(DATASETS))}")
-    loader = DATASETS[name]
+    if name not in LOADERS:
+        raise PapaError(f"unknown dataset {name!r}; expected one of {', '.join(sorted(LOADERS))}")
+    loader = LOADERS[name]
     accepted = [p for p in inspect.signature(loader).parameters if p != "root"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -281,13 +287,13 @@ def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarra
 
 @dataclass(frozen=True)
 class _CifarFormat:
-    """One CIFAR "python version" archive as extracted: its folder, files (name, md5) and label keys. The
+    """One CIFAR "python version" archive as extracted (in the folder papa.catalog names): its files (name,
+    md5) and label keys. The
     names and checksums are torchvision's (``torchvision.datasets.CIFAR10`` / ``CIFAR100``, which a test
     compares them with), written out because importing torchvision costs every process that reads CIFAR
     ~3 s of CPU (it imports torch._dynamo)."""
 
     title: str
-    base_folder: str
     train_list: tuple[tuple[str, str], ...]
     test_list: tuple[tuple[str, str], ...]
     meta: tuple[str, str, str]  # file name, key of the class names, md5
@@ -299,7 +305,7 @@ class _CifarFormat:
 
 CIFAR_FORMATS = {
     "cifar10": _CifarFormat(
-        "CIFAR-10", "cifar-10-batches-py",
+        "CIFAR-10",
         (("data_batch_1", "c99cafc152244af753f735de768cd75f"), ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
          ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"), ("data_batch_4", "634d18415352ddfa80567beed471001a"),
          ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb")),
@@ -307,7 +313,7 @@ CIFAR_FORMATS = {
         ("batches.meta", "label_names", "5ff9c542aee3614f3951f8cda6e48888"),
         "labels", 10, CIFAR10_MEAN, CIFAR10_STD),
     "cifar100": _CifarFormat(
-        "CIFAR-100", "cifar-100-python",
+        "CIFAR-100",
         (("train", "16019d7e3df5f24257cddd939b257f8d"),),
         (("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
         ("meta", "fine_label_names", "7973b15100ade9c7d40fb424638fde48"),
@@ -317,9 +323,7 @@ CIFAR_FORMATS = {
 
 def _load_cifar(name: str, root, verify_md5: bool, image_size: int | None) -> Splits:
     fmt = CIFAR_FORMATS[name]
-    base = Path(root if root is not None else Path("data") / name) / fmt.base_folder
-    if not base.is_dir():
-        raise PapaError(f"{fmt.title} not found: expected {base} (python version archive, extracted)")
+    base = catalog.require(name, root if root is not None else Path("data") / name) / catalog.DATASETS[name].paths[0]
     meta_file, meta_key, meta_md5 = fmt.meta
     files = [*fmt.train_list, *fmt.test_list, (meta_file, meta_md5)]
     for filename, md5 in files:
@@ -366,8 +370,6 @@ def load_cifar100(root=None, verify_md5: bool = False, image_size: int | None = 
 def _image_folder(path: Path, title: str):
     from torchvision.datasets import ImageFolder
 
-    if not path.is_dir():
-        raise PapaError(f"{title} not found: expected an image folder tree at {path} (<class>/<image>)")
     try:
         return ImageFolder(str(path))
     except FileNotFoundError as e:  # no class folder, or a class folder without images
@@ -378,7 +380,7 @@ def _image_folder(path: Path, title: str):
 def load_imagenet(root=None, image_size: int = 224) -> Splits:
     """ImageNet as ImageFolder trees ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (default root
     ``data/imagenet``). ``image_size`` is the side of the crops a stream yields (224; tests use less)."""
-    base = Path(root if root is not None else Path("data") / "imagenet")
+    base = catalog.require("imagenet", root if root is not None else Path("data") / "imagenet")
     train = _image_folder(base / "train", "ImageNet train")
     val = _image_folder(base / "val", "ImageNet val")
     if train.classes != val.classes:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from papa import catalog
 from papa.data.datasets import Splits, register
 from papa.errors import PapaError
 
@@ -42,8 +43,8 @@ CLASSES = {
     "car": (255, 255, 0),
     "clutter": (255, 0, 0),
 }
-IMAGE_DIR, LABEL_DIRS = "top", ("gts_for_participants", "gts_complete")
-PATCH_SIZE, EPOCH_SIZE = 256, 10000
+IMAGE_DIR, LABEL_DIRS = catalog.DATASETS["vaihingen"].paths[0], ("gts_for_participants", "gts_complete")
+PATCH_SIZE, EPOCH_SIZE = catalog.DATASETS["vaihingen"].patch_size, 10000
 
 
 @dataclass
@@ -166,9 +167,7 @@ def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test
     if isinstance(label_dirs, str) or not label_dirs or not all(isinstance(d, str) and d for d in label_dirs):
         raise PapaError(f"Vaihingen option label_dirs: expected a non-empty list of folder names, found {label_dirs!r}")
     label_dirs = tuple(label_dirs)
-    base = Path(root if root is not None else Path("data") / "vaihingen")
-    if not (base / IMAGE_DIR).is_dir():
-        raise PapaError(f"Vaihingen not found: expected the tile folder {base / IMAGE_DIR}")
+    base = catalog.require("vaihingen", root if root is not None else Path("data") / "vaihingen")
     labelled = ids["train_tiles"] + ids["val_tiles"]
     train = [read_tile(base, t, label_dirs) for t in labelled]
     test = [read_tile(base, t, label_dirs) for t in ids["test_tiles"]]

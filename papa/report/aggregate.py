@@ -4,7 +4,8 @@ Runs live at ``<results>/<experiment>/<variant>/seed<S>/`` (see docs/interfaces.
 of a metrics.json becomes a row (``mean``, ``min``, ``max``, ``std``, ``ensemble``, ``avg_soup``,
 ``greedy_soup``, ``greedy_soup_size``, ``avg_soup_repair``, ``greedy_soup_repair``, ``population``, ...);
 lists and identifiers stay in the JSON files. A nested mapping of numbers becomes dotted metrics: the
-``between_networks`` of a similarity.json gives ``between_networks.layer1``, ...
+``between_networks`` of a similarity.json gives ``between_networks.layer1``, ... Every row carries the ``code``
+version its file records (papa.provenance.describe; empty for files written before it was recorded).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import pandas as pd
 
 from papa.errors import PapaError
 from papa.io import write_text
+from papa.provenance import describe
 
-COLUMNS = ["experiment", "variant", "seed", "metric", "value"]
+COLUMNS = ["experiment", "variant", "seed", "metric", "value", "code"]
 
 
 def run_dir(results: str | Path, experiment: str, variant: str, seed: int) -> Path:
@@ -65,6 +67,7 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
         found = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(data), "a number")
         raise PapaError(f"{path}: expected a JSON object of metrics, found {found}")
     experiment, variant, seed = _identity(path, data)
+    code = describe(data.get("code"))
     flat = {}
     for key, value in data.items():
         if isinstance(value, dict):
@@ -72,7 +75,7 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
         else:
             flat[key] = value
     rows = [
-        (experiment, variant, seed, key, float(value))
+        (experiment, variant, seed, key, float(value), code)
         for key, value in flat.items()
         if key not in ("seed",) and isinstance(value, int | float) and not isinstance(value, bool)
     ]
@@ -87,7 +90,7 @@ def aggregate(paths: Iterable[str | Path]) -> pd.DataFrame:
     frame = pd.concat(frames, ignore_index=True)
     dup = frame.duplicated(["experiment", "variant", "seed", "metric"])
     if dup.any():
-        e, v, s, _, _ = frame[dup].iloc[0]
+        e, v, s = frame[dup].iloc[0][COLUMNS[:3]]
         raise PapaError(f"two metrics files for experiment {e!r}, variant {v!r}, seed {s}")
     return frame.sort_values(COLUMNS[:4], ignore_index=True)
 
@@ -121,7 +124,10 @@ def write(frame: pd.DataFrame, out: str | Path) -> Path:
 def load(path: str | Path) -> pd.DataFrame:
     """Read an aggregated CSV back (seed as int, value as float)."""
     kinds = {"experiment": str, "variant": str, "seed": int, "metric": str, "value": float}
-    return read_csv(path, kinds, "aggregated metrics", "not found (run `papa aggregate` first)", rows=False)
+    frame = read_csv(path, kinds, "aggregated metrics", "not found (run `papa aggregate` first)", rows=False)
+    # older files have no code column
+    frame["code"] = frame["code"].astype(object).fillna("").astype(str) if "code" in frame else ""
+    return frame
 
 
 def read_csv(path: str | Path, kinds: dict[str, type], what: str, missing: str, rows: bool = True) -> pd.DataFrame:

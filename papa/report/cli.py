@@ -89,21 +89,15 @@ def _plot(a) -> None:
 
 def add_commands(subparsers) -> None:
     """Register ``aggregate``, ``render`` and ``plot`` on the ``papa`` subparsers."""
-    p = subparsers.add_parser(
-        "aggregate",
-        help="collect metrics.json files into one tidy CSV",
-        description="One row per experiment x variant x seed x metric (docs/interfaces.md).",
-    )
+    p = subparsers.add_parser("aggregate", help="collect metrics.json files into one tidy CSV",
+                              description="One row per experiment x variant x seed x metric (docs/interfaces.md).")
     p.add_argument("metrics", nargs="*", type=Path, help="metrics.json files")
     p.add_argument("--results", type=Path, help="also collect every <results>/*/*/seed*/metrics.json")
     p.add_argument("--out", required=True, type=Path, help="CSV to write")
     p.set_defaults(func=_aggregate)
 
-    p = subparsers.add_parser(
-        "render",
-        help="render one table of the config to Markdown, CSV and HTML",
-        description="Render a `tables` entry of the config from the aggregated metrics.",
-    )
+    p = subparsers.add_parser("render", help="render one table of the config to Markdown, CSV and HTML",
+                              description="Render a `tables` entry of the config from the aggregated metrics.")
     p.add_argument("--config", required=True, type=Path, help="config file (YAML)")
     p.add_argument("--table", required=True, help="table name in the config")
     p.add_argument("--metrics", required=True, type=Path, help="aggregated CSV from `papa aggregate`")
@@ -112,12 +106,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--html", type=Path, help="HTML page to write (default: beside the Markdown)")
     p.set_defaults(func=_render)
 
-    p = subparsers.add_parser(
-        "plot",
-        help="draw one figure of the config to PNG",
-        description="Draw a `figures` entry of the config: `curves` reads the runs' history.csv files "
-        "(given, or found under the config's results directory), `variants` the aggregated metrics.",
-    )
+    p = subparsers.add_parser("plot", help="draw one figure of the config to PNG",
+                              description="Draw a `figures` entry of the config: `curves` reads the runs' history.csv "
+                              "files (given, or found under the config's results directory), `variants` the "
+                              "aggregated metrics.")
     p.add_argument("--config", required=True, type=Path, help="config file (YAML)")
     p.add_argument("--figure", required=True, help="figure name in the config")
     p.add_argument("--metrics", type=Path, help="aggregated CSV from `papa aggregate` (variants figures)")

@@ -1,10 +1,7 @@
-"""Figures (PNG, matplotlib without a display): accuracy curves with the jumps at each averaging (the
-paper's Figure 2) and a per-variant comparison of the population, its ensemble and its soups.
-
-The accuracy axis spans the values being compared: a soup at chance level beside members at 97-99% would
-otherwise flatten every difference into one line, so such far-off values are left below the axis and
-marked on its edge with their numbers. Legends sit above the plots, in the tables' order.
-"""
+"""Figures (PNG, matplotlib without a display): accuracy curves with the jumps at each averaging (the paper's
+Figure 2) and a per-variant comparison of the population, its ensemble and its soups. The accuracy axis spans the
+values compared: a soup at chance beside members at 97-99% would flatten every difference, so such far-off values
+are left below the axis and marked on its edge with their numbers. Legends sit above, in the tables' order."""
 
 from __future__ import annotations
 
@@ -20,17 +17,11 @@ from matplotlib.transforms import blended_transform_factory
 from papa.errors import PapaError
 from papa.io import write_atomic
 from papa.report.aggregate import over_seeds, read_csv
-from papa.report.tables import VARIANT_NAMES
+from papa.variants import VARIANTS
 
-COLORS = {"baseline": "C0", "papa": "C1", "papa-all": "C2", "papa-2": "C3"}
-COMPARED = {
-    "mean": "Population mean",
-    "ensemble": "Ensemble",
-    "avg_soup": "Average soup",
-    "greedy_soup": "Greedy soup",
-}
-"""The measures of a ``variants`` figure, in the tables' order, with their legend labels."""
-MEASURE_COLORS = {"mean": "C0", "ensemble": "C1", "avg_soup": "C2", "greedy_soup": "C3"}
+COMPARED = {"mean": ("Population mean", "C0"), "ensemble": ("Ensemble", "C1"), "avg_soup": ("Average soup", "C2"),
+            "greedy_soup": ("Greedy soup", "C3")}
+"""The measures of a ``variants`` figure, in the tables' order, with their legend labels and colours."""
 ZOOM_NOTE = "axis zoomed to where the values differ; \u25bc: a value below it"
 
 
@@ -66,7 +57,7 @@ def curve_keys(figure: dict, variants: list[str]) -> dict[str, tuple[str, str]]:
     if figure.get("lines"):
         return {line["label"]: (line["experiment"], line["variant"]) for line in figure["lines"]}
     shown = figure.get("variants") or variants
-    return {VARIANT_NAMES[v]: (figure["experiment"], v) for v in _in_table_order(shown)}
+    return {VARIANTS[v].label: (figure["experiment"], v) for v in _in_table_order(shown)}
 
 
 def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figure:
@@ -79,8 +70,8 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
     experiment = figure.get("experiment") or figure.get("caption") or figure["name"]
     named = [line["label"] for line in figure.get("lines") or []]
     keys = named or _in_table_order({v for v, _ in histories})
-    colors = {k: f"C{i}" for i, k in enumerate(named)} or COLORS
-    labels = {k: k for k in named} or VARIANT_NAMES
+    colors = {k: f"C{i}" for i, k in enumerate(named)} or {k: v.color for k, v in VARIANTS.items()}
+    labels = {k: k for k in named} or {k: v.label for k, v in VARIANTS.items()}
     lines = {}
     for v in keys:
         paths = [p for (key, _), p in histories.items() if key == v]
@@ -144,7 +135,7 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
 
 def _in_table_order(variants) -> list[str]:
     """Variants in the tables' order: Baseline, PAPA, PAPA-all, PAPA-2."""
-    order = list(VARIANT_NAMES)
+    order = list(VARIANTS)
     return sorted(variants, key=order.index)
 
 
@@ -207,7 +198,7 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
     width = 0.8 / len(COMPARED)
     for ax, experiment in zip(axes, experiments, strict=True):
         values, points = [], []
-        for k, (metric, label) in enumerate(COMPARED.items()):
+        for k, (metric, (label, color)) in enumerate(COMPARED.items()):
             x = np.arange(len(shown)) + (k - (len(COMPARED) - 1) / 2) * width
             here = frame[(frame.experiment == experiment) & (frame.metric == metric)]
             seeds_of = [here[here.variant == v]["value"].to_numpy() for v in shown]
@@ -217,14 +208,13 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
             stats = [over_seeds(vals) for vals in seeds_of]
             mean = np.array([s["mean"] for s in stats])
             std = np.array([s["std"] if s["n"] > 1 else 0.0 for s in stats])
-            color = MEASURE_COLORS[metric]
             ax.errorbar(x, mean, yerr=std, fmt="o", ms=6, capsize=3, label=label, color=color)
             for xi, vals in zip(x, seeds_of, strict=True):
                 ax.plot([xi] * len(vals), vals, ".", ms=3, color=color, alpha=0.5)
             values += [*mean, *(mean - std), *(mean + std), *np.concatenate(seeds_of)]
             points += [(xi, m, color) for xi, m in zip(x, mean, strict=True)]
         zoomed = _focus(ax, values, points)
-        ax.set_xticks(np.arange(len(shown)), [VARIANT_NAMES[v] for v in shown])
+        ax.set_xticks(np.arange(len(shown)), [VARIANTS[v].label for v in shown])
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(experiment + (f" ({ZOOM_NOTE})" if zoomed else ""), fontsize="medium")
         ax.grid(axis="y", alpha=0.3)

@@ -1,16 +1,13 @@
-"""A table as a small self-contained HTML page (reports/<table>.html): what Snakemake's report shows inline.
-
-Columns of one variant (or column group) share a spanning header above their measures; the paper's
-values sit in an italic grey row under ours; best cells are bold and chance-level cells carry the
-footnote mark, as in the Markdown.
-"""
+"""A table as a small self-contained HTML page (reports/<table>.html), what Snakemake's report shows inline: the
+columns of one variant (or column group) under a spanning header, the paper's values in an italic grey row under
+ours, best cells bold and chance-level cells marked, as in the Markdown."""
 
 from __future__ import annotations
 
 from html import escape
 from itertools import groupby
 
-from papa.report.tables import CHANCE_MARK, Display
+from papa.report.display import CHANCE_MARK, Display
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #1f2328; margin: 1rem; }

@@ -1,52 +1,10 @@
-"""Tables rendered from the tidy metrics frame: Markdown and HTML for people, CSV for machines.
-
-A table entry of the config names a ``layout`` and lists ``rows`` ({label, experiment, variant?,
-group?}); the layout fixes the columns. Column keys, abbreviated as in the paper's own tables (the
-``column`` of our CSV and of the paper CSVs ``papa/report/paper/<id>.csv``, header ``row,column,value``,
-``row`` = the row ``label``); the Markdown and HTML spell them out (``header``: ``PAPA Avg`` reads
-``PAPA Average soup``, ``GreedySoup`` ``Greedy soup``, ``Mean`` ``Population mean``):
-
-- ``main`` (Table 1): ``Baseline Ensemble``, ``Baseline GreedySoup``, then ``<V> Ensemble`` and
-  ``<V> AvgSoup`` for V in ``PAPA``, ``PAPA-all``, ``PAPA-2``.
-- ``detailed`` (Tables 6-9): ``<V> Ens``, ``<V> Avg``, ``<V> Greed`` for every variant V
-  (``Baseline``, ``PAPA``, ``PAPA-all``, ``PAPA-2``).
-- ``range`` (Tables 12, 14-17): ``p``, ``mean [min, max]``, ``AvgSoup``, ``GreedySoup``; each row must
-  name its ``variant``.
-- ``greedy_sizes`` (Table 18): ``<V> GreedySoup`` for every variant V, cells ``k (out of p)``.
-- ``mean_soup`` (A.10, Table 2): ``<V> Mean`` (population mean) and ``<V> AvgSoup`` for every variant V.
-- ``segmentation`` (Tables 10, 11): ``Accuracy`` (pixel accuracy), the F1-scores ``Roads``, ``Buildings``,
-  ``Vegetation``, ``Trees``, ``Cars``, ``Clutter`` (the ISPRS classes impervious surfaces, building, low
-  vegetation, tree, car, clutter) and ``Average F1``; each row names its ``variant`` and its ``model``:
-  ``mean`` (the population mean: members' accuracies and per-class F1 averaged), ``ensemble``,
-  ``avg_soup`` or ``greedy_soup``.
-- ``side_by_side`` (Table 13): ``<C> Mean``, ``<C> Avg``, ``<C> Greed`` for every column group C, the rows'
-  ``columns`` values in order of appearance. Each config row (experiment, variant) fills its ``columns``
-  group of the displayed row named by its ``label``: config rows sharing a label make one table row.
-- ``similarity`` (Table 5): ``<M> Layer <k>`` for M in ``Between two networks``, ``Between one network and
-  AvgSoup`` and k = 1..4, from the runs' similarity.json (``papa similarity``); each row names its
-  ``variant``. The Markdown shows the paper's layout: the row label as a heading, then one line per M with
-  columns ``Layer 1`` .. ``Layer 4``.
-- ``datasets`` (Table 3): one row per method, one column per dataset: a row names its ``variant`` and
-  ``experiments: {<column header>: <experiment>}`` (instead of ``experiment``); cells are average soups.
-
-Columns of variants outside the table's ``variants`` (default: the config's) are left out; a row's own
-``variant`` fills only that variant's columns. The table's ``repair`` variants show the REPAIRed soups.
-
-Cells read ``x (y)``: the mean (sample standard deviation, ddof=1) over the config's seeds, or ``x`` for
-a single seed; ``mean [min, max]`` is the mean of the population means over seeds and the extremes over
-all members of all seeds; ``k (out of p)`` shows the mean greedy-soup size. A missing result reads ``—``.
-In ``main`` and ``detailed`` the best ensemble and the best soup of each row are bold. A paper ``value``
-is the cell's text as printed in the paper (e.g. ``95.2 (0.1)``, ``80.21 [80.05, 80.46]``,
-``1 (out of 10)``; CSV-quote fields holding commas); it is shown in a row ``<label> (paper)`` right
-under ours. A row's ``group`` starts a bold heading row when it changes (Table 1's dataset lines).
-An accuracy at chance level (``at_chance``; the runs' metrics.json give ``num_classes``) is marked ``†``,
-with a footnote.
-"""
+"""Tables rendered from the tidy metrics frame: Markdown and HTML for people, CSV for machines. A table entry of
+the config names a ``layout`` (``LAYOUTS``: its columns, {header: (variant or None for the row's own, metric)})
+and lists ``rows``; docs/interfaces.md describes every layout, the cells and the CSV."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -55,43 +13,32 @@ from tabulate import tabulate
 from papa.io import write_text
 from papa.report import paper
 from papa.report.aggregate import over_seeds
+from papa.report.display import CHANCE_MARK, PAPER_MARK, Display, Line
+from papa.report.html import page
+from papa.variants import VARIANTS
 
-VARIANT_NAMES = {"baseline": "Baseline", "papa": "PAPA", "papa-all": "PAPA-all", "papa-2": "PAPA-2"}
+
+def _per_variant(*measures: tuple[str, str], baseline: tuple[tuple[str, str], ...] = ()) -> dict:
+    """Columns ``<label> <measure>`` of every variant (papa.variants), in order: {header: (variant, metric)};
+    the variants that never average (the baseline) show ``baseline``'s measures instead, when given."""
+    return {f"{v.label} {name}": (v.name, metric) for v in VARIANTS.values()
+            for name, metric in (baseline if baseline and v.unit == "none" else measures)}
+
 
 # layout -> {column header: (variant or None for the row's own variant, metric)}
-MAIN = {
-    "Baseline Ensemble": ("baseline", "ensemble"),
-    "Baseline GreedySoup": ("baseline", "greedy_soup"),
-    **{
-        f"{VARIANT_NAMES[v]} {name}": (v, metric)
-        for v in ("papa", "papa-all", "papa-2")
-        for name, metric in (("Ensemble", "ensemble"), ("AvgSoup", "avg_soup"))
-    },
-}
-DETAILED = {
-    f"{VARIANT_NAMES[v]} {name}": (v, metric)
-    for v in VARIANT_NAMES
-    for name, metric in (("Ens", "ensemble"), ("Avg", "avg_soup"), ("Greed", "greedy_soup"))
-}
-RANGE = {
-    "p": (None, "population"),
-    "mean [min, max]": (None, "mean"),
-    "AvgSoup": (None, "avg_soup"),
-    "GreedySoup": (None, "greedy_soup"),
-}
-GREEDY_SIZES = {f"{VARIANT_NAMES[v]} GreedySoup": (v, "greedy_soup_size") for v in VARIANT_NAMES}
-MEAN_SOUP = {
-    f"{VARIANT_NAMES[v]} {name}": (v, metric)
-    for v in VARIANT_NAMES
-    for name, metric in (("Mean", "mean"), ("AvgSoup", "avg_soup"))
-}
+MAIN = _per_variant(("Ensemble", "ensemble"), ("AvgSoup", "avg_soup"),
+                    baseline=(("Ensemble", "ensemble"), ("GreedySoup", "greedy_soup")))
+DETAILED = _per_variant(("Ens", "ensemble"), ("Avg", "avg_soup"), ("Greed", "greedy_soup"))
+RANGE = {"p": (None, "population"), "mean [min, max]": (None, "mean"), "AvgSoup": (None, "avg_soup"),
+         "GreedySoup": (None, "greedy_soup")}
+GREEDY_SIZES = _per_variant(("GreedySoup", "greedy_soup_size"))
+MEAN_SOUP = _per_variant(("Mean", "mean"), ("AvgSoup", "avg_soup"))
 SEGMENTATION = {
     "Accuracy": (None, "accuracy"),
     **{header: (None, f"f1_{name}") for header, name in (
         ("Roads", "impervious_surfaces"), ("Buildings", "building"), ("Vegetation", "low_vegetation"),
         ("Trees", "tree"), ("Cars", "car"), ("Clutter", "clutter"), ("Average F1", "average"))},
 }
-SEGMENTATION_MODELS = ("mean", "ensemble", "avg_soup", "greedy_soup")
 SIDE_BY_SIDE = {"Mean": (None, "mean"), "Avg": (None, "avg_soup"), "Greed": (None, "greedy_soup")}
 SIMILARITY_MEASURES = {"Between two networks": "between_networks",
                        "Between one network and AvgSoup": "network_and_avg_soup"}
@@ -102,59 +49,25 @@ SIMILARITY = {
     for k in range(1, SIMILARITY_STAGES + 1)
 }
 DATASETS = "datasets"
-LAYOUTS = {
-    "main": MAIN,
-    "detailed": DETAILED,
-    "range": RANGE,
-    "greedy_sizes": GREEDY_SIZES,
-    "mean_soup": MEAN_SOUP,
-    "segmentation": SEGMENTATION,
-    "side_by_side": SIDE_BY_SIDE,
-    "similarity": SIMILARITY,
-    DATASETS: {},  # the columns are the rows' ``experiments`` keys
-}
+LAYOUTS = {"main": MAIN, "detailed": DETAILED, "range": RANGE, "greedy_sizes": GREEDY_SIZES, "mean_soup": MEAN_SOUP,
+           "segmentation": SEGMENTATION, "side_by_side": SIDE_BY_SIDE, "similarity": SIMILARITY,
+           DATASETS: {}}  # datasets: the columns are the rows' ``experiments`` keys
 OWN_VARIANT = {"range", "similarity", "segmentation", "side_by_side", DATASETS}
 """Layouts whose rows must name their variant."""
 LABEL = "Model"
 """Header of the first (row label) column."""
 MISSING = "—"
 SOUPS = ("avg_soup", "greedy_soup")
-SPELLED = {
-    "Ens": "Ensemble",
-    "Avg": "Average soup",
-    "AvgSoup": "Average soup",
-    "Greed": "Greedy soup",
-    "GreedySoup": "Greedy soup",
-    "Mean": "Population mean",
-    "p": "Population size p",
-    "mean [min, max]": "Members: mean [min, max]",
-    "Between one network and AvgSoup": "Between one network and the average soup",
-}
+SPELLED = {"Ens": "Ensemble", "Avg": "Average soup", "AvgSoup": "Average soup", "Greed": "Greedy soup",
+           "GreedySoup": "Greedy soup", "Mean": "Population mean", "p": "Population size p",
+           "mean [min, max]": "Members: mean [min, max]",
+           "Between one network and AvgSoup": "Between one network and the average soup"}
 """Headers as the tables show them, for the measures whose column keys abbreviate them."""
 ACCURACIES = {"mean", "ensemble", *SOUPS, *(f"{s}_repair" for s in SOUPS)}
 """Metrics that are accuracies (checked against chance level)."""
-CHANCE_MARK = "†"
-PAPER_MARK = "‡"  # a paper value with a note (papa/report/paper/<id>.csv's note column)
 HIGHLIGHT = {"main", "detailed"}
-CSV_COLUMNS = [
-    "row",
-    "group",
-    "column",
-    "experiment",
-    "variant",
-    "metric",
-    "n",
-    "mean",
-    "std",
-    "min",
-    "max",
-    "text",
-    "paper",
-    "paper_note",
-    "best",
-    "classes",
-    "chance",
-]
+CSV_COLUMNS = ["row", "group", "column", "experiment", "variant", "metric", "n", "mean", "std", "min", "max", "text",
+               "paper", "paper_note", "best", "classes", "chance", "code"]
 
 
 def columns(table: dict, variants: list[str], row: dict | None = None) -> dict[str, tuple[str | None, str]]:
@@ -203,9 +116,9 @@ def _fmt(x: float, decimals: int) -> str:
     return f"{x:.{decimals}f}"
 
 
-def _values(frame: pd.DataFrame, experiment: str, variant: str, metric: str) -> np.ndarray:
+def _rows(frame: pd.DataFrame, experiment: str, variant: str, metric: str) -> pd.DataFrame:
     sel = frame[(frame.experiment == experiment) & (frame.variant == variant) & (frame.metric == metric)]
-    return sel.sort_values("seed")["value"].to_numpy(dtype=float)
+    return sel.sort_values("seed")
 
 
 def mean_std(stats: dict, decimals: int) -> str:
@@ -221,8 +134,10 @@ def _cell(frame, experiment, variant, metric, table) -> dict:
     if metric in SOUPS and variant in table.get("repair", []):
         metric = f"{metric}_repair"
     decimals = table.get("decimals", 2)
-    get = lambda m: _values(frame, experiment, variant, m)  # noqa: E731
+    get = lambda m: _rows(frame, experiment, variant, m)["value"].to_numpy(dtype=float)  # noqa: E731
     stats = over_seeds(get(metric))
+    rows = _rows(frame, experiment, variant, metric)
+    code = "; ".join(sorted(set(rows["code"]) - {""})) if "code" in rows else ""  # the runs' code versions
     if metric == "mean" and table["layout"] == "range":
         lo, hi = get("min"), get("max")
         stats |= {"min": lo.min() if len(lo) else np.nan, "max": hi.max() if len(hi) else np.nan}
@@ -239,7 +154,7 @@ def _cell(frame, experiment, variant, metric, table) -> dict:
     classes = get("num_classes")
     classes = classes[0] if len(classes) else np.nan
     chance = metric in ACCURACIES and bool(stats["n"]) and at_chance(stats["mean"], classes)
-    return {"metric": metric, **stats, "text": text, "classes": classes, "chance": chance}
+    return {"metric": metric, **stats, "text": text, "classes": classes, "chance": chance, "code": code}
 
 
 def at_chance(accuracy: float, classes: float) -> bool:
@@ -280,7 +195,8 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
                 "variant": v,
             }
             if v is None:
-                cell = {"metric": metric, **over_seeds(np.array([])), "text": "", "classes": np.nan, "chance": False}
+                cell = {"metric": metric, **over_seeds(np.array([])), "text": "", "classes": np.nan, "chance": False,
+                        "code": ""}
             else:
                 cell = _cell(frame, experiment, v, row_metric(table, row, v, metric), table)
             at = (row["label"], header)
@@ -298,34 +214,13 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
     return grid
 
 
-class Line(NamedTuple):
-    """One displayed row: a ``heading`` (the label alone, bold), ``ours`` or ``paper`` (the paper's values
-    under ours); each cell (text, best, at chance)."""
-
-    kind: str
-    label: str
-    cells: list[tuple[str, bool, bool]]
-
-
-class Display(NamedTuple):
-    """What a table shows, whatever the format: name and caption, headers, rows, notes and footnotes."""
-
-    name: str
-    caption: str
-    label_header: str
-    headers: list[tuple[str, str]]  # (group, measure) per column; group "" where the column has none
-    lines: list[Line]
-    notes: list[str]
-    footnotes: list[str]
-
-
 def header(table: dict, key: str) -> tuple[str, str]:
     """(group, measure) that column ``key`` shows, spelled out: ``PAPA-all Avg`` is (``PAPA-all``,
     ``Average soup``). Column keys follow the paper's own headers (the paper CSVs use them)."""
     if table["layout"] == "side_by_side":
         groups = list(dict.fromkeys(r["columns"] for r in table["rows"]))
     elif table["layout"] in ("main", "detailed", "greedy_sizes", "mean_soup"):
-        groups = list(VARIANT_NAMES.values())
+        groups = [v.label for v in VARIANTS.values()]
     else:
         groups = []
     group, measure = next(((g, key[len(g) + 1:]) for g in sorted(groups, key=len, reverse=True)
@@ -398,7 +293,7 @@ def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
         notes.append("bold: best ensemble and best soup of each row")
     repaired = [v for v in table.get("repair", []) if v in set(grid["variant"].dropna())]
     if repaired and table["layout"] != "greedy_sizes":
-        notes.append(f"soups with REPAIR for {', '.join(VARIANT_NAMES[v] for v in repaired)}")
+        notes.append(f"soups with REPAIR for {', '.join(VARIANTS[v].label for v in repaired)}")
     headers = [header(table, key) for key in keys]
     return _display(table, grid, LABEL, headers, _lines(grid, keys), notes)
 
@@ -448,8 +343,6 @@ def render(
 ) -> None:
     """Write table ``table`` (a config entry) from the tidy ``frame`` as Markdown and CSV, and as an HTML
     page when ``html`` is given."""
-    from papa.report.html import page
-
     grid = cells(table, frame, variants, seeds)
     outputs = {md: lambda: markdown(table, grid, seeds), csv: lambda: grid.to_csv(index=False)}
     if html is not None:

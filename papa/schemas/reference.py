@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Iterator
 
+from papa.config import resolve as _resolve
 from papa.config import schema
 from papa.io import write_text
 
@@ -34,27 +35,17 @@ SECTIONS = {
 }
 
 
-def _resolve(node: dict, root: dict) -> dict:
-    """``node`` with a local ``$ref`` (``#/a/b``) replaced by its target, the node's own keys kept."""
-    ref = node.get("$ref")
-    if not ref:
-        return node
-    target = root
-    for part in ref.removeprefix("#/").split("/"):
-        target = target[part]
-    return {**_resolve(target, root), **{k: v for k, v in node.items() if k != "$ref"}}
-
-
-def _type(node: dict) -> str:
+def _type(node: dict, root: dict) -> str:
     if "enum" in node:
         return "one of " + ", ".join(f"`{v}`" for v in node["enum"])
     if "oneOf" in node:
-        return " or ".join(_type(alternative) for alternative in node["oneOf"])
+        return " or ".join(_type(alternative, root) for alternative in node["oneOf"])
     kinds = node.get("type", "")
     kinds = [kinds] if isinstance(kinds, str) else kinds
     text = " or ".join("null" if k == "null" else k for k in kinds)
-    if node.get("type") in ("array", ["array", "null"]) and "items" in node and "enum" in node["items"]:
-        text += " of " + ", ".join(f"`{v}`" for v in node["items"]["enum"])
+    items = _resolve(node.get("items", {}), root)
+    if node.get("type") in ("array", ["array", "null"]) and "enum" in items:
+        text += " of " + ", ".join(f"`{v}`" for v in items["enum"])
     bounds = [f"{name} {node[key]}" for key, name in (("minimum", "≥"), ("exclusiveMinimum", ">"),
                                                       ("maximum", "≤"), ("exclusiveMaximum", "<"))
               if key in node]
@@ -90,7 +81,7 @@ def rows(node: dict, root: dict, prefix: str = "") -> Iterator[tuple[str, str, s
             meaning += f" `<{placeholder}>`: one of " + ", ".join(f"`{n}`" for n in names) + "."
         if names[0] in required:
             meaning = f"*required*. {meaning}"
-        yield f"`{key}`", _type(child), _default(child), meaning
+        yield f"`{key}`", _type(child, root), _default(child), meaning
         yield from _nested(child, root, key)
     extra = node.get("additionalProperties")
     if isinstance(extra, dict) and ("properties" in extra or "$ref" in extra):

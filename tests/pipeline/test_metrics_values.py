@@ -27,6 +27,7 @@ from papa.data import Policy, load_split, make_stream
 from papa.data.augment import eval_transform
 from papa.models import create_model
 from papa.population import Population
+from papa.provenance import code_version
 from papa.repair import repair
 from tests.helpers import tiny_experiment
 
@@ -162,6 +163,14 @@ def test_written_file_is_what_evaluate_returned_with_its_identity(run):
     assert run.metrics == json.loads(json.dumps(run.returned))
     assert (run.metrics["experiment"], run.metrics["variant"], run.metrics["seed"]) == ("tiny", "papa", 1)
     assert run.metrics["population"] == P and run.metrics["soups_aligned"] is False
+
+
+def test_every_file_of_the_run_records_the_code_that_made_it(run):
+    code = code_version()
+    assert run.metrics["code"] == code
+    for name in ("population.json", "soups.json"):
+        assert json.loads((run.dir / name).read_text())["code"] == code
+        assert load_tensors(run.dir / name.replace(".json", ".safetensors"))[1]["code"] == code  # the header too
 
 
 def test_members_are_each_members_test_accuracy(run):
@@ -462,6 +471,7 @@ def test_similarity_json_is_the_mean_cosine_of_the_stage_outputs(resnet_run):
         assert (written["experiment"], written["variant"], written["seed"]) == ("tiny", "papa-2", 2)
         assert (written["stages"], written["aligned"], written["repaired"]) == (stages, align, repaired)
         assert (written["repair_iters"], written["test_images"]) == (2, 20)
+        assert written["code"] == code_version()
 
         members = Population.from_modules(modules)
         if align:

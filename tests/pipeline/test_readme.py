@@ -1,6 +1,6 @@
-"""The README and docs/: the library example runs as written, the quick start is two make targets, one
-section per way of running, reference material in one place (docs/, config/README.md) with every link
-resolving, and the license and citation files agree with the package."""
+"""The README and docs/: the README is short (at most 200 lines), its library example runs as written, the quick
+start is two make targets, one section per way of running, reference material in one place (docs/,
+config/README.md) with every link resolving, and the license and citation files agree with the package."""
 
 import re
 import tomllib
@@ -21,6 +21,10 @@ def python_blocks(text: str) -> list[str]:
 
 def headings(text: str, level: int = 2) -> list[str]:
     return re.findall(rf"^{'#' * level} (.+)$", text, flags=re.M)
+
+
+def test_readme_is_at_most_200_lines():
+    assert len(README.read_text().splitlines()) <= 200
 
 
 def test_readme_library_example_runs():
@@ -61,7 +65,8 @@ def test_readme_is_the_quick_start_then_one_section_per_way_of_running():
     assert sections.index("Quick start") < sections.index(ways[0])
 
 
-@pytest.mark.parametrize("name", ["troubleshooting.md", "decisions.md", "performance.md", "interfaces.md", "data.md"])
+@pytest.mark.parametrize("name", ["architecture.md", "library.md", "cluster.md", "smoke.md", "troubleshooting.md",
+                                  "decisions.md", "performance.md", "interfaces.md", "data.md"])
 def test_reference_material_has_one_copy_in_docs(name):
     """Each reference document lives in docs/ (the README links it and does not repeat it)."""
     doc = (REPO / "docs" / name).read_text()
@@ -126,9 +131,9 @@ def test_no_wording_about_who_wrote_the_software():
         assert not found, f"{path.relative_to(REPO)}: {found}"
 
 
-def test_what_is_in_the_box_names_every_module_and_folder():
-    """The README's layout lists every module and sub-package of papa/ and every folder of tests/."""
-    box = (REPO / "README.md").read_text().split("## What is in the box", 1)[1].split("```")[1]
+def test_where_things_are_names_every_module_and_folder():
+    """docs/architecture.md's layout lists every module and sub-package of papa/ and every folder of tests/."""
+    box = (REPO / "docs" / "architecture.md").read_text().split("## Where things are", 1)[1].split("```")[1]
     listed = set(re.findall(r"[\w.-]+\.py|[\w-]+/", box))
     for package in ("papa", "tests"):
         found = {p.name + "/" if p.is_dir() else p.name for p in (REPO / package).iterdir()

@@ -7,13 +7,13 @@ its paper CSV.
 
 CI smoke-runs every config, in two halves side by side (``HALF``: one per `make test` worker, tests/conftest.py),
 each half in order in its own working directory, so runs shared by several configs of a half train once. Of
-those configs CI trains a covering subset of the runs, chosen by one rule (``benchmarks.smoke.covering_runs``,
+those configs CI trains a covering subset of the runs, chosen by one rule (``tests.smoke_configs.covering_runs``,
 which `make smoke SMOKE_ARGS=--cover` applies to every config): runs an earlier config trained come free, then
 the run exercising the most things not yet exercised (a model, dataset, variant, averaging scheme, ablation,
-option or pipeline path: ``benchmarks.smoke.features``) is trained, until none adds one; a curves figure trains
+option or pipeline path: ``tests.smoke_configs.features``) is trained, until none adds one; a curves figure trains
 every run it plots; a config whose runs add nothing still trains its first run. Its tables are then rendered
 from the runs trained and, for each run not trained, a stand-in: the metrics of the nearest trained run (same
-experiment, else model and dataset, else dataset), relabelled (``benchmarks.smoke.stand_ins``). So every cell of
+experiment, else model and dataset, else dataset), relabelled (``tests.smoke_configs.stand_ins``). So every cell of
 every table is checked to render a value, every row and column finding its run, while the numbers in the cells of
 runs CI does not train are their stand-ins'; `make smoke` trains them all.
 
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import smoke
 from papa import config as cfg
 from papa.report import plan
+from tests import smoke_configs as smoke
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "config" / "paper"

@@ -129,7 +129,7 @@ def test_papa_all_aligns_members_and_their_momentum_before_averaging(tmp_path):
         t.run_epoch()  # no averaging (every 100 epochs)
     before = {k: v.clone() for k, v in aligned.pop.state_dict().items()}
     out = member_outputs(aligned)
-    aligned.averager.align_(aligned)
+    aligned.averager.align_(aligned.context)
     # member 0 is the reference; member 1 is permuted, computing the same function
     assert all(torch.equal(aligned.pop.state_dict()[k][0], v[0]) for k, v in before.items())
     assert not all(torch.equal(aligned.pop.state_dict()[k][1], v[1]) for k, v in before.items())

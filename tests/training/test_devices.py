@@ -2,7 +2,7 @@
 through the stacked forward and the benchmark.
 
 Each test runs on the CPU here and in CI, which checks the test itself, and again on CUDA where a GPU is
-present (marker ``gpu``; on a GPU machine: ``pytest -m gpu``). Convolutions run in full fp32 on CUDA
+present (marker ``gpu``; on a CUDA machine: ``pytest -m gpu``). Convolutions run in full fp32 on CUDA
 (TF32 off) so that float tolerances mean the same on both devices.
 """
 

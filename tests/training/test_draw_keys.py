@@ -184,7 +184,7 @@ def test_mutations_after_pushes_come_from_the_steps_key(monkeypatch, split_path)
     def recording(t):
         push(t)
         after.append(snapshot(t.pop.params))
-        steps.append(t.step)
+        steps.append(t.progress.step)
 
     monkeypatch.setattr(averaging, "push_toward_average_", pushing)
     monkeypatch.setattr(Trainer, "push", recording)

@@ -178,9 +178,9 @@ def test_finetune_config_runs_end_to_end_on_a_tiny_timm_model(tmp_path, one_thre
     run = tmp_path / "run"
     trainer = runs.train(exp, "papa-all", 1, tmp_path / "split.json", run, progress=False)
     assert trainer.stream.image_size == 40 and trainer.stream.mean == (0.5, 0.5, 0.5)  # test_resnet's cfg
-    rows = [r for r in trainer.history.rows if r["phase"] == "end"]
+    rows = [r for r in trainer.progress.history if r["phase"] == "end"]
     assert [r["lr"] for r in rows][-1] == pytest.approx(1e-6, rel=1e-3)  # cosine 1e-4 -> 1e-6
-    assert any(r["phase"] == "after_avg" for r in trainer.history.rows)  # averaged at epoch 2
+    assert any(r["phase"] == "after_avg" for r in trainer.progress.history)  # averaged at epoch 2
     runs.soups(exp, tmp_path / "split.json", run)
     metrics = runs.evaluate(exp, tmp_path / "split.json", run)
     assert json.loads((run / "metrics.json").read_text()) == metrics

@@ -121,7 +121,7 @@ def test_papa_all_and_papa_2_average_every_5_epochs(prepared):
     for variant in ("papa-all", "papa-2"):
         trainer = Trainer(exp, variant, 1, splits, split, progress=False)
         trainer.fit()
-        assert sorted({r["epoch"] for r in trainer.history.rows if r["phase"] == "after_avg"}) == [5, 10]
+        assert sorted({r["epoch"] for r in trainer.progress.history if r["phase"] == "after_avg"}) == [5, 10]
 
 
 def test_population_defaults_match_the_main_experiments():

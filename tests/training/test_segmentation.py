@@ -388,4 +388,4 @@ def test_vaihingen_training_resumes_to_the_same_population(tiles, tmp_path, one_
     resumed.fit()
     for name, t in whole.pop.state_dict().items():
         assert torch.equal(t, resumed.pop.state_dict()[name]), name
-    assert whole.history.rows == resumed.history.rows
+    assert whole.progress.history == resumed.progress.history

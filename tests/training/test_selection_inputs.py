@@ -123,7 +123,7 @@ def averaged_once(monkeypatch, exp, variant, splits, split, state) -> torch.Tens
     """The matrix of the averaging after epoch 1 of a run holding ``state``."""
     t = Trainer(exp, variant, SEED, splits, split, progress=False)
     t.pop.load_state_dict(state)
-    t.epoch = 1
+    t.progress.epoch = 1
     used, mix_ = [], averaging.mix_
     monkeypatch.setattr(averaging, "mix_", lambda pop, m, comm=None: used.append(torch.as_tensor(m)) or mix_(pop, m,
                                                                                                           comm))

@@ -12,11 +12,12 @@ from torch.optim.swa_utils import SWALR
 
 from papa.build import lr_factor
 from papa.checkpoint import load_tensors, save_tensors
-from papa.config import deep_merge, swa_start_epoch
+from papa.config import deep_merge
 from papa.population import Population
 from papa.repair import reset_batchnorm, reset_batchnorm_
 from papa.rng import generator
 from papa.train import Stopped, Trainer
+from papa.variants import swa_start_epoch
 from tests.conftest import small_cnn
 from tests.helpers import papa, tiny_experiment, write_config
 from tests.training.test_train import prepared
@@ -69,7 +70,7 @@ def test_swa_average_is_the_mean_of_the_swa_epochs_iterates(data, one_thread):
         torch.testing.assert_close(t, (swa_iterates[0][name] + swa_iterates[1][name]) / 2, rtol=1e-6, atol=1e-7)
         assert not torch.equal(t, swa_iterates[1][name])  # not simply the last iterate
     # the swapped-in members are evaluated and recorded as phase "swa" of the last epoch
-    phases = [r["phase"] for r in trainer.history.rows if r["epoch"] == 4]
+    phases = [r["phase"] for r in trainer.progress.history if r["epoch"] == 4]
     assert phases == ["end"] * 3 + ["swa"] * 3
 
 
@@ -194,14 +195,14 @@ def test_resume_mid_swa_epoch_is_bit_identical(data, tmp_path, variant, one_thre
     ckpt = tmp_path / "checkpoint.safetensors"
 
     def engine_then_signal(*args):
-        if first.step == 3 * first.stream.steps_per_epoch + 5:  # 6 steps into the second SWA epoch
+        if first.progress.step == 3 * first.stream.steps_per_epoch + 5:  # 6 steps into the second SWA epoch
             first.stop_signal = "SIGTERM"
         return engine(*args)
 
     first.engine = engine_then_signal
     with pytest.raises(Stopped):
         first.fit(checkpoint=lambda t: save_tensors(ckpt, *t.state()))
-    assert first.epoch == 3 and first.batch == 6 and first.swa.count == 1
+    assert first.progress.epoch == 3 and first.progress.batch == 6 and first.swa.count == 1
 
     resumed = Trainer(exp, variant, 1, *data, progress=False)
     resumed.load_state(*load_tensors(ckpt))
@@ -209,7 +210,7 @@ def test_resume_mid_swa_epoch_is_bit_identical(data, tmp_path, variant, one_thre
     resumed.fit()
     for name, t in whole.pop.state_dict().items():
         assert torch.equal(resumed.pop.state_dict()[name], t), name
-    assert resumed.history.rows == whole.history.rows
+    assert resumed.progress.history == whole.progress.history
 
 
 def test_table13_renders_in_the_papers_layout(tmp_path):

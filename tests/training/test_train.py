@@ -36,8 +36,8 @@ def test_digits_baseline_soup_collapses_while_papa_soups_match_their_population(
     for variant in ("baseline", "papa", "papa-all", "papa-2"):
         trainer = Trainer(exp, variant, 1, splits, split, progress=False)
         pop = trainer.fit()
-        members = [r["test_accuracy"] for r in trainer.history.rows
-                   if r["epoch"] == trainer.epoch and r["phase"] == "end"]
+        members = [r["test_accuracy"] for r in trainer.progress.history
+                   if r["epoch"] == trainer.progress.epoch and r["phase"] == "end"]
         soup = average_soup(pop).eval()
         results[variant] = (sum(members) / len(members), scores(predict(soup, splits.test), splits.test.labels)[0])
     mean, soup = results["baseline"]
@@ -94,12 +94,12 @@ def test_averaging_happens_every_k_epochs_inside_the_window_never_at_the_end(
     splits, split, _ = prepared(tmp_path, exp)
     trainer = Trainer(exp, variant, 1, splits, split, progress=False)
     trainer.fit()
-    after = sorted({r["epoch"] for r in trainer.history.rows if r["phase"] == "after_avg"})
-    before = sorted({r["epoch"] for r in trainer.history.rows if r["phase"] == "before_avg"})
+    after = sorted({r["epoch"] for r in trainer.progress.history if r["phase"] == "after_avg"})
+    before = sorted({r["epoch"] for r in trainer.progress.history if r["phase"] == "before_avg"})
     assert after == expected and before == expected
     # after PAPA-all every member is the same network
     for e in expected if variant == "papa-all" else []:
-        accs = {r["test_accuracy"] for r in trainer.history.rows if r["epoch"] == e and r["phase"] == "after_avg"}
+        accs = {r["test_accuracy"] for r in trainer.progress.history if r["epoch"] == e and r["phase"] == "after_avg"}
         assert len(accs) == 1
 
 
@@ -116,7 +116,7 @@ def test_genetic_ablations_select_parents_or_pair_children_then_mutate(tmp_path)
         trainer = Trainer(exp, "papa-2", 1, splits, split, progress=False)
         before = {n: t.detach().clone() for n, t in trainer.pop.tensors()}
         trainer.average()
-        assert trainer.averager.generation == 1
+        assert trainer.progress.generation == 1
         populations[std] = trainer.pop.state_dict()
     flat = lambda state, j: torch.cat([t[j].double().flatten() for t in state.values()])  # noqa: E731
     parents = [flat(before, j) for j in range(4)]
@@ -291,7 +291,7 @@ def test_stacked_engine_repairs_through_the_stacked_forward_with_the_loops_resul
     pops = {}
     for engine, trainer in trainers.items():
         trainer.pop.load_state_dict(start)
-        trainer.epoch = 1
+        trainer.progress.epoch = 1
         trainer.average()
         pops[engine] = trainer.pop
     for name, t in pops["loop"].tensors():
@@ -327,7 +327,7 @@ def test_losses_are_read_in_chunks_and_a_delayed_read_names_the_step_that_diverg
 
     def diverging(pop, x, targets, autocast):
         losses = engine(pop, x, targets, autocast)
-        if trainer.step == steps + 5:  # the 6th step of epoch 2 is global step steps + 6
+        if trainer.progress.step == steps + 5:  # the 6th step of epoch 2 is global step steps + 6
             losses = losses.clone()
             losses[1] = float("nan")
         return losses
@@ -335,4 +335,4 @@ def test_losses_are_read_in_chunks_and_a_delayed_read_names_the_step_that_diverg
     trainer.engine = diverging
     with pytest.raises(PapaError, match=rf"non-finite loss \(nan\) for member 1 at epoch 2, step {steps + 6};"):
         trainer.run_epoch()
-    assert trainer.step == steps + 8  # noticed at the read after the second chunk of 4 steps
+    assert trainer.progress.step == steps + 8  # noticed at the read after the second chunk of 4 steps

@@ -1,11 +1,12 @@
 """An averaging variant whose averaging can never happen is a config error naming the key (not a baseline run
-under another name), for the variant being trained only; papa.config's schedule is the averagers' own."""
+under another name), for the variant being trained only; papa.variants' schedule is the averagers' own."""
 
 import pytest
 
 from papa.averagers import averager_for
-from papa.config import averaging_epochs, check_averaging_fires, first_push
+from papa.config import check_averaging_fires
 from papa.errors import PapaError
+from papa.variants import averaging_epochs, first_push
 from tests.helpers import tiny_experiment
 
 
@@ -64,4 +65,4 @@ def test_config_first_push_is_the_averagers(every, window):
     averager, spe = averager_for("papa", e), 11
     total = 3 * spe
     due = [s for s in range(1, total + 1) if averager.due_after_step(s, total)]
-    assert first_push(e, spe) == (due[0] if due else None)
+    assert first_push(e, "papa", spe) == (due[0] if due else None)

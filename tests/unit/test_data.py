@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from papa.data import (
-    DATASETS,
+    LOADERS,
     MemberStream,
     Policy,
     draw_policies,
@@ -21,7 +21,7 @@ from papa.data import (
     make_split,
     save_split,
 )
-from papa.data.augment import CIFAR_GRID, apply, eval_transform
+from papa.data.augment import apply, eval_transform
 from papa.data.datasets import ArrayDataset
 from papa.data.stream import FolderStream, eval_batches, make_stream
 from papa.errors import PapaError
@@ -31,6 +31,9 @@ CIFAR = {  # name: (folder, train files, test files, meta file, meta key, label 
                 "batches.meta", "label_names", "labels", 10),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels", 100),
 }
+
+CIFAR_GRID = {"mixup": [0, 0.5, 1.0], "label_smoothing": [0, 0.05, 0.1], "cutmix": [0, 0.5, 1.0],
+              "random_erasing": [0, 0.15, 0.35]}  # Section 4.1's grid (the schema's default augment.grid)
 
 
 def write_cifar(root, name: str, per_file: int = 20) -> np.ndarray:
@@ -72,7 +75,7 @@ def items(x: torch.Tensor) -> torch.Tensor:
 
 # datasets ---------------------------------------------------------------------------------------------------
 def test_registry_and_unknown_names():
-    assert {"digits", "cifar10", "cifar100", "imagenet"} <= set(DATASETS)
+    assert {"digits", "cifar10", "cifar100", "imagenet"} <= set(LOADERS)
     with pytest.raises(PapaError, match="unknown dataset 'mnist'"):
         load_dataset("mnist")
     with pytest.raises(PapaError, match="no option 'flavour'"):
@@ -112,10 +115,11 @@ def test_cifar_archives_load(tmp_path, name):
 def test_cifar_files_and_checksums_are_torchvisions(name):
     import torchvision.datasets
 
+    from papa.catalog import DATASETS
     from papa.data.datasets import CIFAR_FORMATS
 
     fmt, layout = CIFAR_FORMATS[name], getattr(torchvision.datasets, name.upper())
-    assert fmt.base_folder == layout.base_folder
+    assert DATASETS[name].paths == (layout.base_folder,)
     assert [list(f) for f in fmt.train_list] == layout.train_list
     assert [list(f) for f in fmt.test_list] == layout.test_list
     assert fmt.meta == (layout.meta["filename"], layout.meta["key"], layout.meta["md5"])

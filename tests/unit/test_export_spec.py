@@ -1,4 +1,4 @@
-"""What population.json records of a run's input and classes (papa.export.input_spec), for every kind of dataset,
+"""What population.json records of a run's input and classes (papa.runs.input_spec), for every kind of dataset,
 read off the data exactly as the run's stream and evaluation prepare it."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 
 from papa import runs
 from papa.data.datasets import CIFAR100_MEAN, IMAGENET_MEAN, IMAGENET_STD
-from papa.export import input_spec, probe
+from papa.export import probe
+from papa.runs import input_spec
 from tests.helpers import tiny_experiment
 from tests.unit.test_data import _write_images, write_cifar
 from tests.vaihingen_tiles import OPTIONS, write_tiles

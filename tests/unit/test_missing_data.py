@@ -1,15 +1,36 @@
-"""The workflow's DAG-time data check (papa.config.missing_data, without torch) says what the dataset loaders
-themselves say when the data is not there, and nothing when it is."""
+"""Every dataset is declared once (papa.catalog, without torch): its loader, ``papa fake-data`` and the schema
+agree with the declaration, and the workflow's check before any job starts (papa.config.missing_data) says
+what the loader says when the data is not there, and nothing when it is."""
+
+from pathlib import Path
 
 import pytest
 
-from papa.config import missing_data
-from papa.data import load_dataset
+from papa import catalog
+from papa.config import missing_data, schema
+from papa.data import LOADERS, load_dataset
+from papa.data.datasets import register
 from papa.errors import PapaError
+from papa.fakedata import WRITERS
 from tests.helpers import tiny_experiment
 
+WITH_PATHS = [name for name, d in catalog.DATASETS.items() if d.paths]
 
-@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "imagenet", "vaihingen"])
+
+def test_every_dataset_is_declared_loaded_written_and_in_the_schema():
+    assert set(LOADERS) == set(catalog.DATASETS)
+    assert schema("experiment")["properties"]["data"]["properties"]["dataset"]["enum"] == list(catalog.DATASETS)
+    assert set(WRITERS) == set(WITH_PATHS)
+    assert all(d.missing for d in catalog.DATASETS.values() if d.paths)
+
+
+def test_a_loader_of_an_undeclared_dataset_is_refused_at_import():
+    with pytest.raises(LookupError, match="'mnist' is not declared in papa/catalog.py"):
+        register("mnist")
+    assert "mnist" not in LOADERS
+
+
+@pytest.mark.parametrize("dataset", WITH_PATHS)
 def test_missing_data_says_what_the_loader_says(tmp_path, dataset):
     exp = tiny_experiment(data={"dataset": dataset, "root": str(tmp_path / "nothing")})
     with pytest.raises(PapaError) as loading:
@@ -17,13 +38,10 @@ def test_missing_data_says_what_the_loader_says(tmp_path, dataset):
     assert missing_data(exp) == str(loading.value)
 
 
-@pytest.mark.parametrize(("dataset", "folders"), [
-    ("cifar10", ["cifar-10-batches-py"]), ("cifar100", ["cifar-100-python"]), ("imagenet", ["train", "val"]),
-    ("vaihingen", ["top"]),
-])
-def test_present_folders_pass(tmp_path, dataset, folders):
-    for name in folders:
-        (tmp_path / name).mkdir()
+@pytest.mark.parametrize("dataset", WITH_PATHS)
+def test_present_paths_pass(tmp_path, dataset):
+    for name in catalog.DATASETS[dataset].paths:
+        (tmp_path / name).touch() if Path(name).suffix else (tmp_path / name).mkdir()
     assert missing_data(tiny_experiment(data={"dataset": dataset, "root": str(tmp_path)})) is None
 
 
@@ -35,3 +53,12 @@ def test_imagenet_names_the_missing_part(tmp_path):
 
 def test_digits_is_embedded():
     assert missing_data(tiny_experiment()) is None
+
+
+def test_a_path_with_a_suffix_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(catalog.DATASETS, "uci", catalog.Dataset("uci", ("a.tra",), "no {name} at {path}"))
+    (tmp_path / "a.tra").mkdir()  # a folder is not the file
+    assert catalog.missing("uci", tmp_path) == f"no a.tra at {tmp_path / 'a.tra'}"
+    (tmp_path / "a.tra").rmdir()
+    (tmp_path / "a.tra").write_text("")
+    assert catalog.missing("uci", tmp_path) is None

@@ -25,6 +25,19 @@ def test_every_registered_model_has_an_input_spec():
     assert set(available_models()) == set(INPUTS)
 
 
+def test_every_module_that_registers_a_model_is_imported_by_the_package():
+    """A module of papa/models/ with an ``@register`` that papa.models does not import would leave its model
+    unknown, found only when a config names it."""
+    import sys
+    from pathlib import Path
+
+    import papa.models
+
+    folder = Path(papa.models.__file__).parent
+    registering = {p.stem for p in folder.glob("*.py") if "@register(" in p.read_text()}
+    assert registering and {m for m in registering if f"papa.models.{m}" not in sys.modules} == set()
+
+
 @pytest.mark.parametrize("name", sorted(INPUTS))
 def test_model_gives_logits(name):
     in_channels, size = INPUTS[name]

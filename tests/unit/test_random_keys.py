@@ -25,14 +25,14 @@ from torch import nn
 from papa import rng, runs
 from papa.build import build_population, member_policies
 from papa.data import ArrayDataset, MemberStream, Policy, draw_policies, load_dataset, load_split, make_split
-from papa.data.augment import CIFAR_GRID, apply, regularize
+from papa.data.augment import apply, regularize
 from papa.data.datasets import _digits_arrays, folder_train_transform, stratified_holdout
-from papa.data.patches import draw_patches
-from papa.data.stream import make_stream
+from papa.data.stream import draw_patches, make_stream
 from papa.models import create_model
 from papa.repair import reset_batchnorm
 from tests.helpers import REPO, tiny_experiment
 from tests.keys import PURPOSES, pinned, same, wrong_keys
+from tests.unit.test_data import CIFAR_GRID
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

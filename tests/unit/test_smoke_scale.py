@@ -109,15 +109,16 @@ def test_pushes_and_patches_fit_a_smoke_epoch():
 def test_patch_datasets_are_the_loaders_with_patch_options_and_their_default_side():
     import inspect
 
-    from papa.data import DATASETS
+    from papa.catalog import DATASETS
+    from papa.data import LOADERS
 
     found = {}
-    for name, loader in DATASETS.items():
+    for name, loader in LOADERS.items():
         params = inspect.signature(loader).parameters
         assert ("epoch_size" in params) == ("patch_size" in params), name
         if "patch_size" in params:
             found[name] = params["patch_size"].default
-    assert found == smoke.PATCH_DATASETS
+    assert found == {name: d.patch_size for name, d in DATASETS.items() if d.patch_size is not None}
 
 
 def test_a_config_at_smoke_scale_loads_without_torch(tmp_path):

@@ -1,6 +1,6 @@
 """`make smoke`: every paper config at smoke scale on fake data, through Snakemake, in a temporary directory.
 
-    python -m benchmarks.smoke [CONFIG ...] [--workdir DIR] [--cores N] [--cover] [--keep] [--keep-weights]
+    python -m tests.smoke_configs [CONFIG ...] [--workdir DIR] [--cores N] [--cover] [--keep] [--keep-weights]
 
 Writes fake data and fake pretrained weights (`papa fake-data`), then runs
 `snakemake --configfile CONFIG --config scale=smoke data_root=DIR` for each config (config/config.yaml and
@@ -11,7 +11,7 @@ every PAPA-all / PAPA-2 / SWA run's history shows its averaging / SWA phase. Onc
 weights (*.safetensors) of its experiments that no later config uses are deleted (``--keep-weights`` keeps them):
 full-size architectures make a run's population and soups hundreds of MB even at smoke scale. Exits non-zero
 when a config fails or is incomplete; its Snakemake log stays in the working directory. The checks are reused
-by the CI test (tests/pipeline/test_smoke.py).
+by the CI test (tests/pipeline/test_smoke.py). (papa/smoke.py is the rule that shrinks a config; this runs them.)
 """
 
 from __future__ import annotations
@@ -29,17 +29,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from papa.config import experiment, load_config
+from papa.report import paper, plan
+from papa.report.tables import cell_experiment, cell_variant, columns
+from papa.variants import VARIANTS
+
 REPO = Path(__file__).resolve().parents[1]
 # the default config too: the only one with figures
 CONFIGS = [REPO / "config" / "config.yaml", *sorted((REPO / "config" / "paper").glob("*.yaml"))]
 # the keys of every metrics.json (docs/interfaces.md), and those a segmentation run adds
 METRICS_KEYS = ("experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
                 "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
-                "greedy_soup_members", "soups_aligned", "val_members")
+                "greedy_soup_members", "soups_aligned", "val_members", "code")
 F1_MODELS = ("mean", "ensemble", "avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
 STEPS = ("prepare", "train", "soups", "similarity")
 SIMILARITY_KEYS = ("experiment", "variant", "seed", "stages", "between_networks", "network_and_avg_soup", "aligned",
-                   "repaired", "repair_iters", "test_images")
+                   "repaired", "repair_iters", "test_images", "code")
 
 
 def environment(hub: Path) -> dict[str, str]:
@@ -76,23 +81,17 @@ def papa(hub: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def smoke_config(config: Path, data: Path):
-    from papa.config import load_config
-
     return load_config(config, {"scale": "smoke", "data_root": str(data)})
 
 
 def run_dirs(work: Path, config: dict, pairs=None) -> list[Path]:
     """The run directories of ``pairs`` ((experiment, variant); default: every run the config trains)."""
-    from papa.report import plan
-
     pairs = plan.runs(config) if pairs is None else pairs
     return [work / config["results"] / e / v / f"seed{s}" for e, v in pairs for s in config["seeds"]]
 
 
 def metrics_problems(work: Path, config: dict, pairs=None) -> list[str]:
     """What is missing from the metrics.json (and similarity.json) of the runs: files, keys, finite numbers."""
-    from papa.report import plan
-
     problems = []
     for run in run_dirs(work, config, pairs):
         path = run / "metrics.json"
@@ -117,13 +116,10 @@ def metrics_problems(work: Path, config: dict, pairs=None) -> list[str]:
 
 def event_problems(work: Path, config: dict, pairs=None) -> list[str]:
     """Runs whose history.csv lacks an averaging (PAPA-all, PAPA-2) or the SWA phase their experiment has."""
-    from papa.config import experiment
-    from papa.report import plan
-
     problems = []
     for e, v in plan.runs(config) if pairs is None else pairs:
         exp = experiment(config, e)
-        wanted = {"after_avg"} if v in ("papa-all", "papa-2") else set()
+        wanted = {"after_avg"} if VARIANTS[v].unit == "epochs" else set()
         wanted |= {"swa"} if exp["train"]["swa"] is not None else set()
         for s in config["seeds"]:
             path = work / config["results"] / e / v / f"seed{s}" / "history.csv"
@@ -136,8 +132,6 @@ def event_problems(work: Path, config: dict, pairs=None) -> list[str]:
 
 def cell_runs(config: dict, table: dict) -> dict[tuple[str, str], tuple[str, str]]:
     """{(row label, column header): (experiment, variant)} of every cell of a table that shows a run."""
-    from papa.report.tables import cell_experiment, cell_variant, columns
-
     cells = {}
     for row in table["rows"]:
         for header, (variant, _) in columns(table, config["variants"], row).items():
@@ -149,8 +143,6 @@ def cell_runs(config: dict, table: dict) -> dict[tuple[str, str], tuple[str, str
 def table_problems(work: Path, config: dict, reports: Path | None = None) -> list[str]:
     """Cells of the paper's tables (papa/report/paper/<id>.csv) that a rendered table leaves without a value.
     Tables are read from ``reports`` (default reports/smoke)."""
-    from papa.report import paper
-
     reports = reports or work / "reports" / "smoke"
     problems = []
     for table in config["tables"]:
@@ -173,8 +165,6 @@ def stand_ins(work: Path, config: dict, pairs, out: Path) -> list[str]:
     similarity.json) under ``out``, relabelled as that run: the trained run of the same experiment, else of the
     same model and dataset, else of the same dataset, else the first. So the tables render every cell, which checks
     that every row and column of every layout finds its run; the numbers are the stand-in's. Returns the files."""
-    from papa.config import experiment
-    from papa.report import plan
 
     def traits(pair):
         exp = experiment(config, pair[0])
@@ -204,8 +194,6 @@ def stand_ins(work: Path, config: dict, pairs, out: Path) -> list[str]:
 def render_partial(work: Path, path: Path, config: dict, hub: Path, pairs) -> Path:
     """Aggregate the metrics of ``pairs``, with stand-ins for the runs not trained (``stand_ins``), and render every
     table of the config from them, with the commands the workflow's rules run; returns the folder."""
-    from papa.report import plan
-
     out = work / "partial" / path.stem
     metrics = [str(r / "metrics.json") for r in run_dirs(work, config, pairs)]
     shown = sorted(set(pairs) & set(plan.similarity_runs(config)))  # Table 5's cells: similarity.json, as the workflow
@@ -225,14 +213,8 @@ def render_partial(work: Path, path: Path, config: dict, hub: Path, pairs) -> Pa
 
 
 # the covering subset of runs (CI's smoke runs; --cover) -----------------------------------------------------
-FAMILY = {"baseline": "baseline", "papa": "push", "papa-all": "epoch", "papa-2": "epoch"}
-
-
 def run_features(config: dict, pair: tuple[str, str]) -> set[tuple]:
     """``features`` of one run of ``config``, with whether the config measures its similarity (Table 5)."""
-    from papa.config import experiment
-    from papa.report import plan
-
     return features(experiment(config, pair[0]), pair[1]) | {("similarity", pair in plan.similarity_runs(config))}
 
 
@@ -243,8 +225,6 @@ def covering_runs(configs: list[tuple[str, dict]]) -> dict[str, list[tuple[str, 
     experiments a later config uses first, then the config's order) until none adds one; a curves figure trains
     every run it plots; a config whose runs add nothing still trains its first run, so its tables and figures
     are rendered and checked."""
-    from papa.report import plan
-
     covered, trained, out = set(), set(), {}
     for k, (name, config) in enumerate(configs):
         runs = plan.runs(config)
@@ -279,11 +259,11 @@ def features(exp: dict, variant: str) -> set[tuple]:
     # the authors' options (issue 13): REPAIR's layers, the greedy criterion, resizing, the ResNet-20 variant
     out |= {("repair.layers", exp["repair"]["layers"]), ("greedy", exp["soups"]["greedy_criterion"]),
             ("resize", exp["data"]["resize"]), ("model.kwargs", repr(sorted(exp["model"]["kwargs"].items())))}
-    family = FAMILY[variant]  # the averaging code path: PAPA's pushes, or PAPA-all's and PAPA-2's epoch averaging
-    if variant != "baseline":
+    family = VARIANTS[variant].unit  # the averaging code path: pushes every few steps, or averaging every few epochs
+    if family != "none":
         out |= {("align", family, a[variant]["align"]), ("window", family, tuple(a["window"]) != (0.0, 1.0)),
                 ("mutations", family, a["genetic"]["mutation_std"] > 0)}
-    if family == "epoch":
+    if family == "epochs":
         g = a["genetic"]
         out |= {("scheme", variant, a[variant]["scheme"]), ("repair", variant, a[variant]["repair"]),
                 ("from_start", variant, a[variant]["from_start"]),
@@ -329,8 +309,6 @@ def run_config(work: Path, path: Path, data: Path, hub: Path, cores: int = 2, pa
                timeout: float | None = None) -> Summary:
     """Smoke-run one config through Snakemake and check what it produced: every run (its default target), or
     only the runs ``pairs`` ((experiment, variant)), whose tables are then rendered from those runs alone."""
-    from papa.report import plan
-
     config = smoke_config(path, data)
     runs = run_dirs(work, config, pairs)
     before = {r for r in runs if (r / "metrics.json").exists()}
@@ -370,8 +348,6 @@ def later_experiments(configs: list[dict], k: int) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from papa.report import plan
-
     parser = argparse.ArgumentParser(prog="make smoke", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="*", type=Path,
                         help="configs (default: config/config.yaml and config/paper/*.yaml)")

@@ -1,0 +1,51 @@
+"""Every dataset papa reads, declared once and without torch (the workflow checks the data before any job starts,
+and smoke scale shrinks configs, without torch): what its loader reads under ``data.root``, its message when that
+is not there, the default side of the patches it draws. Its loader (papa/data/) registers under the same name,
+``papa fake-data`` writes its paths (papa.fakedata.WRITERS), the schema's ``data.dataset`` lists it:
+tests/unit/test_missing_data.py fails until all four agree (docs/architecture.md has the checklist)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from papa.errors import PapaError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    paths: tuple[str, ...] = ()  # read under data.root, in order: folders, and files (names with a suffix)
+    missing: str = ""  # the loader's message when one is not there: {path} where, {name} which
+    patch_size: int | None = None  # the loader draws training patches (options patch_size, epoch_size): default side
+
+
+DATASETS = {d.name: d for d in (
+    Dataset("digits"),  # shipped with scikit-learn
+    Dataset("cifar10", ("cifar-10-batches-py",),
+            "CIFAR-10 not found: expected {path} (python version archive, extracted)"),
+    Dataset("cifar100", ("cifar-100-python",),
+            "CIFAR-100 not found: expected {path} (python version archive, extracted)"),
+    Dataset("imagenet", ("train", "val"),
+            "ImageNet {name} not found: expected an image folder tree at {path} (<class>/<image>)"),
+    Dataset("vaihingen", ("top",), "Vaihingen not found: expected the tile folder {path}", patch_size=256),
+)}
+
+
+def missing(name: str, root: str | Path) -> str | None:
+    """Why dataset ``name`` cannot be read under ``root``: the message for its first path that is not there;
+    None when all are."""
+    d = DATASETS[name]
+    for part in d.paths:
+        path = Path(root) / part
+        if not (path.is_file() if Path(part).suffix else path.is_dir()):
+            return d.missing.format(path=path, name=part)
+    return None
+
+
+def require(name: str, root: str | Path) -> Path:
+    """``root`` as a Path, once dataset ``name``'s paths are there; a PapaError saying which is not."""
+    problem = missing(name, root)
+    if problem is not None:
+        raise PapaError(problem)
+    return Path(root)

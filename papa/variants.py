@@ -1,0 +1,89 @@
+"""The variants, and when anything scheduled in a run happens: the one source that training, the config checks,
+smoke scale, the tables, the figures, the CLI and the schemas' test read. No torch: the Snakefile reads it too.
+
+A variant is a schedule and a scheme, chosen apart (as the authors' ``ema_alpha`` and ``method_comb``). The
+schedule is its ``unit``: ``none`` (the baseline), ``steps`` (a push toward the mean every ``every`` optimizer
+steps: papa.averagers.Push) or ``epochs`` (members replaced by mixtures every ``every`` epochs, never after the
+last: papa.averagers.Replace). The scheme is what one averaging computes: the push's ``alpha``, or the mixing
+matrix of ``averaging.<name>.scheme`` (papa.averaging.SCHEMES). A new variant is one entry of VARIANTS plus its
+``averaging`` block in the experiment schema (tests/unit/test_variants.py; docs/architecture.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from papa.errors import PapaError
+
+UNITS = ("none", "steps", "epochs")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # run directories (<results>/<experiment>/<name>/), `variants:` in configs, `averaging.<name>`
+    label: str  # tables, figures and messages
+    color: str  # its curves and markers in the figures (a matplotlib colour)
+    unit: str  # what its averaging period counts (UNITS)
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("baseline", "Baseline", "C0", "none"),
+    Variant("papa", "PAPA", "C1", "steps"),
+    Variant("papa-all", "PAPA-all", "C2", "epochs"),
+    Variant("papa-2", "PAPA-2", "C3", "epochs"),
+)}
+"""Every variant, in the order the tables and figures show them."""
+
+
+def check(name: str) -> Variant:
+    """The variant called ``name``; a PapaError naming the known ones otherwise."""
+    if name not in VARIANTS:
+        raise PapaError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def by_unit(unit: str) -> list[str]:
+    """The names of the variants whose averaging period counts ``unit``, in order."""
+    return [v.name for v in VARIANTS.values() if v.unit == unit]
+
+
+def in_window(window, done: int, total: int) -> bool:
+    """Whether ``done`` of ``total`` (steps or epochs) lies inside ``averaging.window`` (fractions of training):
+    the one window test of every averaging."""
+    lo, hi = window
+    return lo * total < done <= hi * total
+
+
+def averages_after(epoch: int, epochs: int, every: int, from_start: bool, window) -> bool:
+    """Whether an ``epochs`` variant averages after epoch ``epoch`` (1-based) of ``epochs``: every ``every``-th
+    epoch and, with ``from_start`` (the authors' mix_from_start), the first; never after the last; inside the
+    window."""
+    due = epoch % every == 0 or (from_start and epoch == 1)
+    return due and epoch < epochs and in_window(window, epoch, epochs)
+
+
+def pushes_after(step: int, total: int, every: int, window) -> bool:
+    """Whether a ``steps`` variant pushes after optimizer step ``step`` (1-based) of ``total``."""
+    return step % every == 0 and in_window(window, step, total)
+
+
+def averaging_epochs(exp: dict, variant: str) -> list[int]:
+    """The epochs after which ``variant`` (an ``epochs`` variant) averages in a run of ``exp``, 1-based."""
+    epochs, a = exp["train"]["epochs"], exp["averaging"][variant]
+    return [e for e in range(1, epochs)
+            if averages_after(e, epochs, a["every"], a["from_start"], exp["averaging"]["window"])]
+
+
+def first_push(exp: dict, variant: str, steps_per_epoch: int) -> int | None:
+    """The first optimizer step after which ``variant`` (a ``steps`` variant) pushes, None if it never does."""
+    total, every = exp["train"]["epochs"] * steps_per_epoch, exp["averaging"][variant]["every"]
+    return next((s for s in range(every, total + 1, every)
+                 if pushes_after(s, total, every, exp["averaging"]["window"])), None)
+
+
+def swa_start_epoch(exp: dict) -> int | None:
+    """The first SWA epoch (0-based; epochs before it run the regular schedule), or None without SWA."""
+    swa = exp["train"]["swa"]
+    if swa is None:
+        return None
+    start = swa["start"]
+    return round(start * exp["train"]["epochs"]) if start < 1 else int(start)
