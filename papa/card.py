@@ -6,6 +6,7 @@ from __future__ import annotations
 import yaml
 
 from papa.models import TIMM_PREFIX
+from papa.provenance import describe as describe_code
 
 PROJECT_LICENSE = "mit"
 PAPER_URL = "https://openreview.net/forum?id=cPDVjsOytS"
@@ -146,7 +147,8 @@ def model_card(spec: dict) -> str:
     if "test_f1_average" in n:
         rows.append(("Test mean F1", _percent(n["test_f1_average"])))
     table = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
-    code_versions = "".join(f"- {k}: {v}\n" for k, v in spec["versions"].items()) or "- not recorded\n"
+    code = describe_code(spec.get("code")) or "not recorded"
+    code_versions = f"- papa code: {code}\n" + "".join(f"- {k}: {v}\n" for k, v in spec["versions"].items())
     config = yaml.safe_dump(spec["config"], sort_keys=False).rstrip()
     return (
         "---\n" + yaml.safe_dump(front_matter(spec), sort_keys=False) + "---\n\n"

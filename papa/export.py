@@ -34,6 +34,7 @@ from papa.fold import fold_biases
 from papa.io import current_umask, file_digest
 from papa.models import TIMM_PREFIX, create_model
 from papa.population import Population
+from papa.provenance import code_version
 from papa.rng import generator
 from papa.runs import input_spec, load_data
 from papa.soups import SOUPS
@@ -226,7 +227,8 @@ def network(files: RunFiles, soup: str | None = None, member: int | None = None)
         "run": dict(files.digests),
         "config": files.exp,
         "versions": files.meta.get("versions", {}),
-        "exported_with": versions(),
+        "code": files.meta.get("code"),  # the code version that trained it (papa.provenance)
+        "exported_with": versions() | {"code": code_version()},
     }
     return folded.eval(), spec
 

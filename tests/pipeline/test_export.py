@@ -102,6 +102,9 @@ def test_exported_network_scores_the_test_accuracy_of_metrics_json(run, tmp_path
     for needle in ("`tiny`", "| Variant | papa |", "| Seed | 1 |", f"{expected:.2f}%", "std = [", "width=8",
                    "Transactions on Machine Learning Research", "  dataset: digits\n"):
         assert needle in card, needle
+    from papa.provenance import describe
+
+    assert spec["code"] == metrics["code"] and f"- papa code: {describe(metrics['code'])}\n" in card
 
 
 def test_load_soup_gives_the_soup_the_pipeline_evaluated(run):
