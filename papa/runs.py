@@ -303,7 +303,7 @@ def _soups(exp: dict, run: Run) -> dict:
     aligned = soups_aligned(exp, run.meta["variant"])
     align_batches = align_data(exp, run.splits, run.split, s["align_images"], run.device) if aligned else None
     made, members = make_soups(run.pop, val_accuracy, batches, s["repair_iters"], s["repair_seed"], align_batches,
-                               stacked=build_engine(exp, run.device, run.pop.size).stacked,
+                               stacked=build_engine(exp, run.device, run.pop, run.splits).stacked,
                                criterion=s["greedy_criterion"], layers=exp["repair"]["layers"])
     tensors = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
     info = {"greedy_soup_members": members, "aligned": aligned,
