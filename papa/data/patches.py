@@ -70,6 +70,10 @@ class PatchStream(MemberStream):
     def _epoch_draw(self) -> int:
         return self.steps_per_epoch * self.batch_size
 
+    @property
+    def _item_floats(self) -> int:
+        return self.images[0].shape[0] * self.patch ** 2
+
     def _cut(self, positions) -> tuple[Tensor, Tensor]:
         s = self.patch
         images = torch.stack([self.images[t][:, y:y + s, x:x + s] for t, y, x in positions])
