@@ -320,9 +320,11 @@ def check_averaging_fires(exp: dict, variant: str, steps_per_epoch: int | None =
                         f"averaging.window {a['window']} (steps {int(lo * total) + 1}-{int(hi * total)} of {total})")
 
 
-# where each dataset's loader (papa.data) looks under data.root, and its message when that is not there; a
-# test keeps these the same as the loaders' own
+# where each dataset's loader (papa.data) looks under data.root (folders, and files: names with a suffix), and
+# its message when that is not there; a test keeps these the same as the loaders' own
 _DATA_LAYOUT = {
+    "optdigits": (["optdigits.tra", "optdigits.tes"], "UCI optdigits not found: expected the file {} (UCI's "
+                  "comma-separated optdigits.tra and optdigits.tes)"),
     "cifar10": (["cifar-10-batches-py"], "CIFAR-10 not found: expected {} (python version archive, extracted)"),
     "cifar100": (["cifar-100-python"], "CIFAR-100 not found: expected {} (python version archive, extracted)"),
     "imagenet": (["train", "val"], "ImageNet {name} not found: expected an image folder tree at {} (<class>/<image>)"),
@@ -336,10 +338,10 @@ def missing_data(exp: dict) -> str | None:
     layout = _DATA_LAYOUT.get(exp["data"]["dataset"])
     if layout is None:  # digits: embedded in scikit-learn
         return None
-    folders, message = layout
-    for name in folders:
+    paths, message = layout
+    for name in paths:
         path = Path(exp["data"]["root"]) / name
-        if not path.is_dir():
+        if not (path.is_file() if Path(name).suffix else path.is_dir()):
             return message.format(path, name=name)
     return None
 

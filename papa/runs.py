@@ -381,6 +381,7 @@ def _evaluate(exp: dict, run: Run) -> dict:
     metrics["soups_aligned"] = bool(soup_meta.get("aligned", False))
     metrics["val_members"] = val
     metrics["num_classes"] = run.splits.num_classes  # the tables mark soups at chance level (100 / num_classes %)
+    metrics["data"] = run.splits.source or exp["data"]["dataset"]  # which data made these numbers
     metrics["population_sha256"], metrics["soups_sha256"] = run.digest, file_digest(where)
     order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
              "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
