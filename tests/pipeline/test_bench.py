@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,13 @@ def test_pipeline_benchmark_names_the_machine_as_papa_bench_does():
     from benchmarks import pipeline
 
     assert pipeline.machine() == f"{bench.device_name(torch.device('cpu'))}, {os.cpu_count()} logical CPUs"
+
+
+def test_pipeline_benchmark_points_the_run_at_a_data_root(tmp_path):
+    """A scratch directory holds no datasets: --data-root hands the config's data_root to Snakemake."""
+    from benchmarks import pipeline
+
+    plain = pipeline.command(Path("config/paper/a10.yaml"), "2", tmp_path)
+    assert "--config" not in plain and plain[plain.index("--cores") + 1] == "2"
+    given = pipeline.command(Path("config/paper/a10.yaml"), "2", tmp_path, Path("data"))
+    assert given[-2:] == ["--config", f"data_root={Path('data').resolve()}"]
