@@ -6,6 +6,7 @@ and FILE.md is rewritten as a table of every recorded line.
 
     python -m benchmarks.pipeline                             # config/config.yaml on every core
     python -m benchmarks.pipeline --label "after X" --record benchmarks/results-pipeline-cpu-amd-epyc.jsonl
+    python -m benchmarks.pipeline --config config/paper/a10.yaml --cores 2 --data-root data   # A.10, UCI's files
 
 Measure on an otherwise idle machine: the 1-minute load average before and after is recorded to show it.
 """
@@ -75,11 +76,18 @@ def step_times(workdir: Path) -> dict[str, dict]:
                    "cpu_s": round(sum(c for _, c in js), 1)} for step, js in sorted(jobs.items())}
 
 
-def run(config: Path, cores: str, workdir: Path) -> dict:
-    """Run the pipeline once in ``workdir`` and measure it."""
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def command(config: Path, cores: str, workdir: Path, data_root: Path | None = None) -> list[str]:
+    """The Snakemake command run in ``workdir``; ``data_root`` overrides the config's (the datasets' folder,
+    which a fresh scratch directory does not hold)."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
            "--cores", cores, "--configfile", str(config.resolve())]
+    return cmd + (["--config", f"data_root={Path(data_root).resolve()}"] if data_root is not None else [])
+
+
+def run(config: Path, cores: str, workdir: Path, data_root: Path | None = None) -> dict:
+    """Run the pipeline once in ``workdir`` and measure it."""
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = command(config, cores, workdir, data_root)
     load_before = os.getloadavg()[0]
     start = time.monotonic()
     log = workdir / "snakemake.log"
@@ -152,15 +160,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="append the result to FILE.jsonl and rewrite FILE.md")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="run in DIR (empty or new) and keep it, instead of a temporary directory")
+    parser.add_argument("--data-root", type=Path, metavar="DIR",
+                        help="the datasets' folder (the config's data_root, e.g. holding optdigits/ for A.10)")
     args = parser.parse_args(argv)
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         if any(args.keep.iterdir()):
             parser.error(f"--keep {args.keep}: not empty (the pipeline must start from fresh results)")
-        measured = run(args.config, args.cores, args.keep)
+        measured = run(args.config, args.cores, args.keep, args.data_root)
     else:
         with tempfile.TemporaryDirectory(prefix="papa-pipeline-") as tmp:
-            measured = run(args.config, args.cores, Path(tmp))
+            measured = run(args.config, args.cores, Path(tmp), args.data_root)
     config = args.config.resolve()
     row = {"date": time.strftime("%Y-%m-%d %H:%M"), "label": args.label, "commit": commit(),
            "config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else str(config),

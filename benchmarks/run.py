@@ -2,6 +2,9 @@
 
     python benchmarks/run.py --device cuda          # GPU: bf16, ResNet-18 at batch 64, plus compile
     python benchmarks/run.py --device cpu --quick   # CPU: ResNet-18 at a small batch and few steps
+    python benchmarks/run.py --device cpu --models logreg digits_cnn:width=16 --batch-sizes 1 8 64 --images 400
+
+A model is ``name[:key=value,...]`` (its keyword arguments, as a config's model.kwargs).
 
 Every configuration runs in its own ``python -m papa.cli bench`` process (a crash or out-of-memory
 becomes a table cell, and no run inherits another's caches). Raw JSON lines go next to the table.
@@ -48,17 +51,25 @@ def settings(model: str, device: str, quick: bool) -> dict:
     return {"batch_size": 16, "steps": steps, "warmup": 5, "populations": POPULATIONS}
 
 
+def model_spec(spec: str) -> tuple[str, list[str]]:
+    """``digits_cnn:width=16`` -> ("digits_cnn", ["width=16"]): the model and its ``--model-arg`` values."""
+    name, _, kwargs = spec.partition(":")
+    return name, [kv for kv in kwargs.split(",") if kv]
+
+
 def bench(model: str, p: int, engine: str, cfg: dict, args, profile: Path | None = None,
           timeout: float | None = None) -> dict:
     """One ``papa bench`` process for ``engine`` (``name[+cl][+bf16][+compile]``); its JSON line, with the
     process's wall time (``wall_s``: start-up and compilation included), or an ``error`` row. ``profile``:
     the file for the kernel table of one profiled step; ``timeout``: seconds before the run is stopped."""
     name, *flags = engine.split("+")
+    model, model_args = model_spec(model)
     cmd = [sys.executable, "-m", "papa.cli", "bench", "--model", model, "--population", str(p),
            "--batch-size", str(cfg["batch_size"]), "--steps", str(cfg["steps"]),
            "--warmup", str(cfg["warmup"]), "--repeats", str(args.repeats), "--engine", name,
            "--device", args.device, "--precision", "bf16" if "bf16" in flags else args.precision]
     cmd += ["--compile"] * ("compile" in flags) + ["--channels-last"] * ("cl" in flags or args.channels_last)
+    cmd += [arg for kv in model_args for arg in ("--model-arg", kv)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if profile is not None:
@@ -90,23 +101,38 @@ def fmt(value, digits: int = 1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
+def auto_engine(r: dict) -> str:
+    """What ``train.engine: auto`` trains a row's setting with (papa.engines.choose_engine), or – when the row
+    does not give the work of a member's step."""
+    from papa.engines import choose_engine
+
+    work = r.get("member_forward_gflop")
+    return "–" if work is None else choose_engine("auto", r["device"], r["population"], work)
+
+
 def table(rows: list[dict]) -> str:
     cols = ["model", "p", "batch", "engine", "images/s", "step ms", "× loop", "CPU ms", "× loop (CPU)",
-            "push ms", "push at every=10", "TFLOP/s", "% bf16 peak"]
+            "push ms", "push at every=10", "TFLOP/s", "% bf16 peak", "member fwd GFLOP", "auto"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    loop = {(r["model"], r["population"]): r for r in rows if r["label"] == "loop" and "error" not in r}
+
+    def key(r: dict) -> tuple:
+        return r["spec"], r["population"], r.get("batch_size")
+
+    loop = {key(r): r for r in rows if r["label"] == "loop" and "error" not in r}
     for r in rows:
         if "error" in r:
-            cells = [r["model"], r["population"], "", r["label"], f"error: {r['error']}"] + [""] * 8
+            cells = [r["spec"], r["population"], r.get("batch_size", ""), r["label"], f"error: {r['error']}"]
+            cells += [""] * 10
         else:
-            base = loop.get((r["model"], r["population"]), {})
-            peak, cpu, base_cpu = r["peak_fraction"], r.get("cpu_ms"), base.get("cpu_ms")
+            base = loop.get(key(r))  # None without a loop row to compare with
+            peak, cpu, base_cpu = r["peak_fraction"], r.get("cpu_ms"), base and base.get("cpu_ms")
             cells = [
-                r["model"], r["population"], r["batch_size"], r["label"], fmt(r["images_per_second"], 0),
+                r["spec"], r["population"], r["batch_size"], r["label"], fmt(r["images_per_second"], 0),
                 fmt(r["step_ms"], 2), fmt(base and r["images_per_second"] / base["images_per_second"], 2),
                 fmt(cpu, 2), fmt(cpu and base_cpu and base_cpu / cpu, 2),
                 fmt(r["averaging_ms"], 2), f"{fmt(100 * r['averaging_fraction_every10'], 2)}%",
                 fmt(r["tflops"], 2), fmt(peak and 100 * peak, 1),
+                "–" if r.get("member_forward_gflop") is None else f"{r['member_forward_gflop']:.3g}", auto_engine(r),
             ]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(out)
@@ -115,8 +141,11 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
-    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--models", nargs="+", default=MODELS, help="name[:key=value,...] (model keyword arguments)")
     parser.add_argument("--populations", nargs="+", type=int, help="override the per-model sizes")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, help="override the per-model batch size: sweep these")
+    parser.add_argument("--images", type=int, help="member-images per timed block: steps = max(5, IMAGES // batch) "
+                        "(default: the per-model number of steps)")
     parser.add_argument("--engines", nargs="+", help="engine[+compile][+cl] (default: per device)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--channels-last", action="store_true", help="channels-last for every engine")
@@ -135,15 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[tuple, dict] = {}
     for _ in range(args.rounds):
         for model in args.models:
-            cfg = settings(model, kind, args.quick)
-            for p in args.populations or cfg["populations"]:
-                for engine in engines:
-                    r = {**bench(model, p, engine, cfg, args), "label": engine}
-                    print(json.dumps(r), flush=True)
-                    key = (model, p, engine)
-                    speed = r.get("images_per_second", 0)
-                    if key not in best or speed > best[key].get("images_per_second", 0):
-                        best[key] = r
+            base = settings(model_spec(model)[0], kind, args.quick)
+            for batch in args.batch_sizes or [base["batch_size"]]:
+                cfg = {**base, "batch_size": batch}
+                if args.images:
+                    cfg["steps"] = max(5, args.images // batch)
+                for p in args.populations or cfg["populations"]:
+                    for engine in engines:
+                        r = {**bench(model, p, engine, cfg, args), "label": engine, "spec": model}
+                        r.setdefault("batch_size", batch)
+                        print(json.dumps(r), flush=True)
+                        key = (model, batch, p, engine)
+                        speed = r.get("images_per_second", 0)
+                        if key not in best or speed > best[key].get("images_per_second", 0):
+                            best[key] = r
     rows = list(best.values())
     ok = [r for r in rows if "error" not in r]
     if not ok:
@@ -165,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "loop engine at the same p; push: one PAPA push (lerp toward the mean) over the whole population, "
         "and its share of 10 training steps.",
         "- TFLOP/s from the forward + backward GFLOP per image counted by torch's FLOP counter ("
-        + ", ".join(sorted({f"{r['model']} {r['gflop_per_image']:.4g}" for r in ok}))
+        + ", ".join(sorted({f"{r['spec']} {r['gflop_per_image']:.4g}" for r in ok}))
         + "); % bf16 peak against the device's dense bf16 tensor-core peak (GPUs only, see README).",
         "",
         table(rows),

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from papa import averaging
-from papa.engines import Engine, choose_engine
+from papa.engines import Engine, choose_engine, forward_gflop
 from papa.io import write_text
 from papa.models import create_model
 from papa.population import Population
@@ -126,21 +126,24 @@ def run(*args, threads: int | None = None, **kwargs) -> dict:
 def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, steps: int = 20,
          engine: str = "auto", device: str = "auto", compile: bool = False, channels_last: bool = False,
          precision: str = "fp32", warmup: int = 3, repeats: int = 1, num_classes: int = 10,
-         seed: int = 0, profile: str | Path | None = None) -> dict:
+         seed: int = 0, profile: str | Path | None = None, model_kwargs: dict | None = None) -> dict:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     shape = INPUT_SHAPES.get(model, (3, 32, 32))
     torch.manual_seed(seed)
 
+    model_kwargs = dict(model_kwargs or {})
+
     def factory():
-        return create_model(model, num_classes=num_classes, in_channels=shape[0])
+        return create_model(model, num_classes=num_classes, in_channels=shape[0], **model_kwargs)
 
     pop = Population.from_factory(factory, population, seed=seed).to(dev).train()
     for t in pop.params.values():
         t.requires_grad_(t.is_floating_point())
     params = list(pop.params.values())
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    name = choose_engine(engine, dev, population)
+    member_gflop = forward_gflop(pop.template, pop.member_tensors(0), shape) * batch_size
+    name = choose_engine(engine, dev, population, member_gflop)
     if compile:
         # compiled graphs are cached per code object, which every Engine shares: start clean, so that a
         # sweep in one process never hits the recompile limit and silently falls back to eager
@@ -180,7 +183,8 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
     peak = bf16_peak_tflops(name_dev) if dev.type == "cuda" else None
     tflops = flop * images_per_second / 1e3
     return {
-        "model": model, "engine": name, "engine_requested": engine, "population": population,
+        "model": model, "model_kwargs": model_kwargs, "engine": name, "engine_requested": engine,
+        "population": population,
         "batch_size": batch_size, "steps": steps, "warmup": warmup, "repeats": repeats, "device": dev.type,
         "device_name": name_dev, "precision": precision, "compile": compile, "channels_last": channels_last,
         "threads": torch.get_num_threads(), "images_per_second": round(images_per_second, 1),
@@ -188,7 +192,8 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
         "cpu_ms": round(cpu_s * 1e3, 3),
         "averaging_ms": round(push_s * 1e3, 3),
         "averaging_fraction_every10": round(push_s / (10 * step_s), 5),
-        "warmup_s": round(warmup_s, 2), "gflop_per_image": round(flop, 4), "tflops": round(tflops, 4),
+        "warmup_s": round(warmup_s, 2), "gflop_per_image": float(f"{flop:.4g}"),
+        "member_forward_gflop": float(f"{member_gflop:.4g}"), "tflops": round(tflops, 4),
         "bf16_peak_tflops": peak, "peak_fraction": round(tflops / peak, 4) if peak else None,
         "torch": torch.__version__, **profiled,
     }

@@ -9,7 +9,7 @@ import math
 import torch
 
 from papa.data import FolderStream, MemberStream, PatchStream, Policy, draw_policies, eval_batches, make_stream
-from papa.engines import Engine, choose_engine
+from papa.engines import Engine, choose_engine, forward_gflop
 from papa.errors import PapaError
 from papa.models import create_model
 from papa.population import Population
@@ -54,10 +54,17 @@ def build_optimizer(exp: dict, pop: Population) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
 
 
-def build_engine(exp: dict, device: torch.device, p: int) -> Engine:
-    """``train.engine`` (``auto`` resolved for the device and population size) with its speed options."""
+def build_engine(exp: dict, device: torch.device, pop: Population, splits) -> Engine:
+    """``train.engine`` with its speed options, ``auto`` resolved by papa.engines.choose_engine for the device,
+    the population size and, when the choice depends on it, the work of one member's step: the forward GFLOP
+    of one image of the dataset's input size (on member 0's tensors) times the batch size."""
     t = exp["train"]
-    return Engine(choose_engine(t["engine"], device, p), compile=t["compile"], channels_last=t["channels_last"])
+    work = None
+    if choose_engine(t["engine"], device, pop.size, 0.0) != choose_engine(t["engine"], device, pop.size, math.inf):
+        shape = (splits.in_channels, splits.image_size, splits.image_size)
+        work = forward_gflop(pop.template, pop.member_tensors(0), shape) * t["batch_size"]
+    return Engine(choose_engine(t["engine"], device, pop.size, work), compile=t["compile"],
+                  channels_last=t["channels_last"])
 
 
 # the learning-rate schedule ------------------------------------------------------------------------

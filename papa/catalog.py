@@ -22,6 +22,8 @@ class Dataset:
 
 DATASETS = {d.name: d for d in (
     Dataset("digits"),  # shipped with scikit-learn
+    Dataset("optdigits", ("optdigits.tra", "optdigits.tes"),
+            "UCI optdigits not found: expected the file {path} (UCI's comma-separated .tra and .tes files)"),
     Dataset("cifar10", ("cifar-10-batches-py",),
             "CIFAR-10 not found: expected {path} (python version archive, extracted)"),
     Dataset("cifar100", ("cifar-100-python",),

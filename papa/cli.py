@@ -110,6 +110,16 @@ def _export(a):
               "it with papa.load_model")
 
 
+def _model_arg(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``papa bench --model-arg``, the value read as YAML (``width=16`` gives 16)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, found {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def _bench(a):
     import json
 
@@ -119,6 +129,7 @@ def _bench(a):
         model=a.model, population=a.population, batch_size=a.batch_size, steps=a.steps, engine=a.engine,
         device=a.device, compile=a.compile, channels_last=a.channels_last, precision=a.precision,
         warmup=a.warmup, repeats=a.repeats, threads=a.threads, profile=a.profile,
+        model_kwargs=dict(a.model_arg or []),
     )))
 
 
@@ -200,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time training steps of one engine on synthetic data (one JSON line)",
                        description="Member-images per second, step and PAPA-push time of a population.")
     p.add_argument("--model", default="digits_cnn", help="model name in the registry (default: digits_cnn)")
+    p.add_argument("--model-arg", action="append", type=_model_arg, metavar="KEY=VALUE",
+                   help="a keyword argument of the model, as a config's model.kwargs (repeatable; e.g. width=16)")
     p.add_argument("--population", type=int, default=4, help="members p (default: 4)")
     p.add_argument("--batch-size", type=int, default=16, help="images per member per step")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after the warm-up)")
@@ -207,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="timed blocks of --steps; the fastest is reported")
     p.add_argument("--engine", choices=["loop", "stacked", "auto"], default="auto",
                    help="loop: one member at a time; stacked: all members in one vmapped call; "
-                   "auto: stacked on CUDA, loop on CPU")
+                   "auto: as train.engine's auto (stacked on CUDA; on CPU stacked for small steps, else loop)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the step")
     p.add_argument("--channels-last", action="store_true", help="channels-last inputs (conv models)")

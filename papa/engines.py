@@ -15,6 +15,7 @@ convolutional models. ``choose_engine`` resolves ``engine: auto``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -33,11 +34,22 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
+def has_tied_tensors(module: torch.nn.Module) -> bool:
+    """Whether a parameter or buffer of ``module`` is registered under two names (e.g. an embedding shared
+    with the output layer)."""
+    return any(len(dict(named(remove_duplicate=False))) != len(dict(named()))
+               for named in (module.named_parameters, module.named_buffers))
+
+
 def member_loss_fn(template: torch.nn.Module) -> LossFn:
-    """``loss(params, buffers, x, targets)`` of one member, run through ``template``'s structure."""
+    """``loss(params, buffers, x, targets)`` of one member, run through ``template``'s structure.
+
+    ``functional_call`` re-ties tied tensors on every call, a search through the module that costs about as
+    much as a small model's forward pass; it is asked to only when the template has tied tensors."""
+    tied = has_tied_tensors(template)
 
     def member_loss(params: dict, buffers: dict, x: Tensor, targets: Tensor) -> Tensor:
-        return soft_cross_entropy(functional_call(template, {**params, **buffers}, (x,)), targets)
+        return soft_cross_entropy(functional_call(template, {**params, **buffers}, (x,), tie_weights=tied), targets)
 
     return member_loss
 
@@ -157,15 +169,66 @@ class Engine:
         return f"Engine({self.name!r}, compile={self.compile}, channels_last={self.channels_last})"
 
 
-def choose_engine(name: str, device: torch.device | str, population: int | None = None) -> str:
-    """Resolve ``auto`` (other names pass through).
+_WEIGHTED = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 
-    ``stacked`` on CUDA, where the loop's ~170 small kernel launches per member and step make it
-    launch-bound; ``loop`` on CPU, where both engines run the same compute-bound kernels and, at one
-    thread (the pipeline's setting), the loop was as fast or within noise in every measured case
-    (benchmarks/README.md); and ``loop`` for a single member, which leaves vmap nothing to batch."""
+
+def forward_gflop(model: torch.nn.Module, tensors: dict[str, Tensor], shape: tuple[int, ...]) -> float:
+    """Forward GFLOP of one image of ``shape`` (C, H, W) in the convolutions and linear layers of ``model`` run
+    with ``tensors`` (two per multiply-add: what dominates any network's compute), read from the layers' input
+    and output shapes in one forward pass of two zero images in evaluation mode without gradients: nothing
+    is changed, and it costs one small forward pass (a meta-device pass would import torch._dynamo, seconds
+    of CPU in processes that otherwise never do)."""
+    flop = 0
+
+    def count(module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
+        nonlocal flop
+        if isinstance(module, torch.nn.Linear):
+            flop += 2 * module.in_features * output.numel()
+        elif module.transposed:  # every input element meets (out_channels / groups) x kernel weights
+            flop += 2 * inputs[0].numel() * module.out_channels // module.groups * math.prod(module.kernel_size)
+        else:  # every output element sums (in_channels / groups) x kernel products
+            flop += 2 * output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+
+    device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, _WEIGHTED)]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            functional_call(model, tensors, (torch.zeros(2, *shape, device=device),))
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
+    return flop / 2 / 1e9
+
+
+CPU_STACKED_MAX_GFLOP = 0.04
+"""``auto`` on a CPU stacks the members when one member's step is at most this many forward GFLOP (forward_gflop
+per image x batch size). Below it a step is bound by per-call overhead (Python, dispatch, autograd), which the
+stacked engine pays once for all members and the loop once per member; above it the convolutions dominate, and
+the loop's separate convolutions run as fast as stacked grouped ones or faster on a CPU. Placed by the grid of
+benchmarks/README.md: up to 0.04 (the digits CNN at width 32 and batch 16, or width 16 and batch 64) the stacked
+engine was the faster one at every batch size and p measured, or even with the loop; at 0.08 and beyond the
+loop measured up to 1.3x faster."""
+
+
+def choose_engine(name: str, device: torch.device | str, population: int | None = None,
+                  member_gflop: float | None = None) -> str:
+    """Resolve ``auto`` (other names pass through) from the device type, the population size and
+    ``member_gflop``, the forward GFLOP of one member's step (forward_gflop per image x batch size): a function
+    of the config alone, never of a timing, so a config always trains with the same engine.
+
+    - one member: ``loop`` on any device (vmap over one member batches nothing);
+    - CUDA: ``stacked``, where the loop's ~170 small kernel launches per member and step make it
+      launch-bound;
+    - CPU: ``stacked`` for overhead-bound steps (``member_gflop`` <= CPU_STACKED_MAX_GFLOP: logistic
+      regression, small CNNs at small batches), else ``loop`` (also when the work is not given), where both
+      engines run the same compute-bound kernels and separate convolutions beat grouped ones."""
     if name != "auto":
         return name
     if population == 1:
         return "loop"
-    return "stacked" if torch.device(device).type == "cuda" else "loop"
+    if torch.device(device).type == "cuda":
+        return "stacked"
+    return "stacked" if member_gflop is not None and member_gflop <= CPU_STACKED_MAX_GFLOP else "loop"

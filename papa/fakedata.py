@@ -2,6 +2,8 @@
 pretrained weights in the Hugging Face hub cache layout, to run any config end to end (at smoke scale)
 before downloading anything or spending GPU hours.
 
+- UCI optdigits: ``optdigits.tra`` and ``optdigits.tes``, one image per line, 64 comma-separated counts 0-16
+  and the class 0-9, as UCI distributes them;
 - CIFAR-10 / CIFAR-100: the python-version archives (pickles, protocol 2, as released), extracted;
 - ImageNet: an ImageFolder tree of JPEGs (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``);
 - Vaihingen: IRRG TIFF tiles (``top/``) and colour-coded label TIFFs (``gts_for_participants/`` for the
@@ -26,7 +28,7 @@ import numpy as np
 from papa.catalog import DATASETS
 from papa.config import experiment, load_config
 from papa.data import vaihingen
-from papa.data.datasets import CIFAR_FORMATS
+from papa.data.datasets import CIFAR_FORMATS, OPTDIGITS_FILES
 from papa.data.vaihingen import CLASSES, IMAGE_DIR, tile_name
 from papa.errors import PapaError
 from papa.io import write_atomic, write_text
@@ -35,6 +37,7 @@ from papa.models.pretrained import FAKE_KEY, HUB_FILE, TIMM_CACHE, timm_pretrain
 FAKE_NOTE = "random weights written by papa fake-data, not pretrained ones"
 COMMIT = "fa4e" * 10  # the snapshot revision of every fake hub repository
 CIFAR_TRAIN, CIFAR_TEST = 50, 20  # images of each archive
+OPTDIGITS_TRAIN, OPTDIGITS_TEST = 60, 30  # lines of optdigits.tra and optdigits.tes
 IMAGENET_CLASSES, IMAGENET_TRAIN, IMAGENET_VAL = 10, 4, 2  # classes, images per class
 TILE_SIZES = ((64, 80), (72, 64), (80, 72))  # (height, width) of the Vaihingen tiles, in turn
 
@@ -45,6 +48,21 @@ def _images(rng: np.random.Generator, labels: np.ndarray, k: int, shape: tuple[i
     noise = rng.integers(-40, 41, size=(len(labels), *shape))
     return np.clip(tints[labels].reshape(len(labels), *[1] * (len(shape) - 1), shape[-1]) + noise, 0, 255).astype(
         np.uint8)
+
+
+# UCI optdigits --------------------------------------------------------------------------------------------
+def write_optdigits(root: Path) -> str:
+    """``<root>/optdigits.tra`` and ``<root>/optdigits.tes``: per line the 8x8 counts 0-16 of one image (a
+    pattern per class plus noise), comma-separated, then its class; every class in both files."""
+    rng = np.random.default_rng(sum(map(ord, "optdigits")))
+    patterns = np.random.default_rng(10).integers(0, 17, size=(10, 64))
+    for name, n in zip(OPTDIGITS_FILES, (OPTDIGITS_TRAIN, OPTDIGITS_TEST), strict=True):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        counts = np.clip(patterns[labels] + rng.integers(-3, 4, size=(n, 64)), 0, 16)
+        lines = [",".join(map(str, [*row, label])) for row, label in zip(counts.tolist(), labels.tolist(), strict=True)]
+        write_text(Path(root) / name, "\n".join(lines) + "\n")
+    return f"UCI optdigits ({OPTDIGITS_TRAIN} training, {OPTDIGITS_TEST} test images) in {root}"
 
 
 # CIFAR ----------------------------------------------------------------------------------------------------
@@ -190,6 +208,7 @@ def _vaihingen(root: Path, options: list[dict]) -> str:
 
 
 WRITERS = {
+    "optdigits": lambda root, _options: write_optdigits(root),
     "cifar10": lambda root, _options: write_cifar(root, "cifar10"),
     "cifar100": lambda root, _options: write_cifar(root, "cifar100"),
     "imagenet": lambda root, _options: write_imagenet(root),
@@ -214,7 +233,7 @@ def write_all(root: Path, configs: list[Path], hub_cache: Path | None = None) ->
             raise PapaError(f"fake-data: no writer for dataset {dataset!r} (papa.fakedata.WRITERS)")
         done.append(WRITERS[dataset](Path(root) / rel, options))
     write_text(Path(root) / "FAKE_DATA.txt", "Random data written by `papa fake-data` in the formats of the real "
-               "datasets, for smoke runs (scale: smoke). Not CIFAR, ImageNet or Vaihingen.\n")
+               "datasets, for smoke runs (scale: smoke). Not UCI optdigits, CIFAR, ImageNet or Vaihingen.\n")
     if hub_cache is not None:
         for name in sorted(models):
             done.append(f"timm/{name}: {FAKE_NOTE} in {write_hub_weights(hub_cache, name)}")

@@ -373,7 +373,7 @@ def _soups(exp: dict, run: Run) -> dict:
     aligned = soups_aligned(exp, run.meta["variant"])
     align_batches = align_data(exp, run.splits, run.split, s["align_images"], run.device) if aligned else None
     made, members = make_soups(run.pop, val_accuracy, batches, s["repair_iters"], s["repair_seed"], align_batches,
-                               stacked=build_engine(exp, run.device, run.pop.size).stacked,
+                               stacked=build_engine(exp, run.device, run.pop, run.splits).stacked,
                                criterion=s["greedy_criterion"], layers=exp["repair"]["layers"])
     tensors = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
     info = {"greedy_soup_members": members, "aligned": aligned,
@@ -451,6 +451,7 @@ def _evaluate(exp: dict, run: Run) -> dict:
     metrics["soups_aligned"] = bool(soup_meta.get("aligned", False))
     metrics["val_members"] = val
     metrics["num_classes"] = run.splits.num_classes  # the tables mark soups at chance level (100 / num_classes %)
+    metrics["data"] = run.splits.source or exp["data"]["dataset"]  # which data made these numbers
     metrics["population_sha256"], metrics["soups_sha256"] = run.digest, file_digest(where)
     metrics["code"] = code_version()  # the code that computed these numbers (papa.provenance)
     order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",

@@ -66,7 +66,7 @@ class Trainer:
         self.swa = swa.SWA(self.pop) if self.swa_start is not None else None
         spe = self.stream.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(exp, s, spe))
-        self.engine = build_engine(exp, self.device, self.pop.size)
+        self.engine = build_engine(exp, self.device, self.pop, splits)
         self.engine_name = self.engine.name
         self.stacked = self.engine.stacked  # REPAIR and BatchNorm passes go through the same vmap
         precision = exp["train"]["precision"]  # bf16-cuda: bf16 autocast on CUDA only

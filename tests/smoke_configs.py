@@ -40,7 +40,7 @@ CONFIGS = [REPO / "config" / "config.yaml", *sorted((REPO / "config" / "paper").
 # the keys of every metrics.json (docs/interfaces.md), and those a segmentation run adds
 METRICS_KEYS = ("experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
                 "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
-                "greedy_soup_members", "soups_aligned", "val_members", "code")
+                "greedy_soup_members", "soups_aligned", "val_members", "code", "data")
 F1_MODELS = ("mean", "ensemble", "avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
 STEPS = ("prepare", "train", "soups", "similarity")
 SIMILARITY_KEYS = ("experiment", "variant", "seed", "stages", "between_networks", "network_and_avg_soup", "aligned",

@@ -100,6 +100,7 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     fixed_split: dict | None = None
+    source: str = ""  # what the data are, in words (metrics.json's ``data``)
 
 
 LOADERS: dict[str, Callable[..., Splits]] = {}
@@ -141,8 +142,11 @@ def _array_splits(name: str, train: ArrayDataset, test: ArrayDataset, image_size
     return Splits(name, train, test, train.num_classes, c, image_size or h, "array", train.mean, train.std)
 
 
-# digits ---------------------------------------------------------------------------------------------------
+# digits (scikit-learn's bundled copy) and UCI optdigits (its own files) ------------------------------------
 DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED = 0.2, 0
+SCALINGS = ("standardize", "raw")
+OPTDIGITS_FILES = catalog.DATASETS["optdigits"].paths  # UCI's training (30 writers) and test (13 others) files
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
 
 def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -177,23 +181,100 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return raw.images, raw.target.astype(np.int64)
 
 
+def _check_scaling(scaling: str) -> None:
+    if scaling not in SCALINGS:
+        raise PapaError(f"scaling must be one of {', '.join(SCALINGS)}, found {scaling!r}")
+
+
+def _digit_images(values: np.ndarray, scaling: str) -> Tensor:
+    """uint8 (N, 1, 8, 8) images of 8x8 counts 0-16: ``standardize`` stores them as rint(v x 255 / 16) (0-255,
+    as the digits data always were; counts 9-16 land 1/16 below a linear map), ``raw`` as the counts
+    themselves (0-16), which normalization with mean 0 and std 1/255 hands to the model unchanged."""
+    scaled = np.rint(values * (255.0 / 16.0)) if scaling == "standardize" else values
+    return torch.from_numpy(np.asarray(scaled).astype(np.uint8)).unsqueeze(1)
+
+
+def _digit_splits(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], scaling: str,
+                  image_size: int | None, source: str) -> Splits:
+    """Splits of uint8 digit images (``_digit_images``) and labels: with ``standardize`` normalized by the mean
+    and std of the training pixels, with ``raw`` not at all (the model sees the counts 0-16)."""
+    if scaling == "standardize":
+        pixels = train[0].double() / 255.0
+        mean, std = (pixels.mean().item(),), (pixels.std().item(),)
+    else:
+        mean, std = (0.0,), (1.0 / 255.0,)
+    sets = [ArrayDataset(images, labels, 10, mean, std, name, DIGIT_CLASSES) for images, labels in (train, test)]
+    splits = _array_splits(name, *sets, image_size)
+    splits.source = f"{source}; inputs {'standardized (training mean/std)' if scaling == 'standardize' else 'raw 0-16'}"
+    return splits
+
+
 @register("digits")
-def load_digits(root=None, image_size: int | None = None) -> Splits:
-    """scikit-learn's bundled 8x8 digits (1797 images, 1 channel, 10 classes); values 0-16 scaled to 0-255.
+def load_digits(root=None, image_size: int | None = None, scaling: str = "standardize",
+                test_split_seed: int = DIGITS_SPLIT_SEED) -> Splits:
+    """scikit-learn's bundled 8x8 digits: UCI optdigits' 1,797 test images (13 writers; 1 channel, 10 classes).
     ``image_size`` resizes batches on the device (None: 8).
 
-    The test set is FIXED: 20% of every class drawn with seed 0 (``stratified_holdout``), whatever the run
-    seed, so every run is scored on the same 359 images. mean/std are measured on the train part."""
+    The test set is FIXED: 20% of every class drawn with ``test_split_seed`` (``stratified_holdout``; default
+    0), whatever the run seed, so every run is scored on the same 359 images; the split is random, so test
+    images share their writers with training ones. ``scaling``: ``standardize`` (default) maps the counts 0-16
+    to 0-255 and normalizes with the training pixels' mean/std; ``raw`` feeds the counts 0-16 as they are."""
+    _check_scaling(scaling)
+    if int(test_split_seed) != test_split_seed or test_split_seed < 0:
+        raise PapaError(f"digits: test_split_seed must be an integer >= 0, found {test_split_seed!r}")
     values, targets = _digits_arrays()
-    images = torch.from_numpy(np.rint(values * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-    labels = torch.from_numpy(targets)
-    train_idx, test_idx = stratified_holdout(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
-    pixels = images[train_idx].double() / 255.0
-    mean, std = (pixels.mean().item(),), (pixels.std().item(),)
-    classes = tuple(str(d) for d in range(10))
-    train = ArrayDataset(images[train_idx], labels[train_idx], 10, mean, std, "digits", classes)
-    test = ArrayDataset(images[test_idx], labels[test_idx], 10, mean, std, "digits", classes)
-    return _array_splits("digits", train, test, image_size)
+    images, labels = _digit_images(values, scaling), torch.from_numpy(targets)
+    train_idx, test_idx = stratified_holdout(labels, DIGITS_TEST_FRACTION, int(test_split_seed))
+    source = (f"scikit-learn's bundled digits (UCI optdigits' 1,797 test images), a random stratified "
+              f"{DIGITS_TEST_FRACTION:.0%} test split (seed {test_split_seed})")
+    return _digit_splits("digits", (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx]),
+                         scaling, image_size, source)
+
+
+def read_optdigits(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(counts (N, 8, 8) valued 0-16, labels (N,)) of one UCI optdigits file: one image per line, 64
+    comma-separated integers 0-16 (the 8x8 block counts, row by row), then the class 0-9."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PapaError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = line.split(",")
+        try:
+            row = [int(f) for f in fields]
+        except ValueError:
+            bad = next(f for f in fields if not f.strip().lstrip("-").isdigit())
+            raise PapaError(f"{path}: line {n}: {bad.strip()!r} is not an integer (expected 64 pixel counts 0-16 "
+                            "and the class 0-9, comma-separated)") from None
+        if len(row) != 65:
+            raise PapaError(f"{path}: line {n}: expected 65 comma-separated integers (64 pixel counts 0-16, then "
+                            f"the class 0-9), found {len(row)}")
+        if min(row[:64]) < 0 or max(row[:64]) > 16 or not 0 <= row[64] <= 9:
+            raise PapaError(f"{path}: line {n}: a pixel count outside 0-16 or a class outside 0-9")
+        rows.append(row)
+    if not rows:
+        raise PapaError(f"{path}: no images")
+    table = np.array(rows, dtype=np.int64)
+    return table[:, :64].reshape(-1, 8, 8), table[:, 64]
+
+
+@register("optdigits")
+def load_optdigits(root=None, image_size: int | None = None, scaling: str = "standardize") -> Splits:
+    """UCI's Optical Recognition of Handwritten Digits from its own files (default root ``data/optdigits``):
+    ``optdigits.tra``, 3,823 training images by 30 writers, and ``optdigits.tes``, 1,797 test images by 13
+    other writers (the copy scikit-learn bundles): the writer-disjoint split the UCI repository defines.
+    ``scaling`` and ``image_size`` as for ``digits``."""
+    _check_scaling(scaling)
+    base = catalog.require("optdigits", root if root is not None else Path("data") / "optdigits")
+    train, test = (read_optdigits(base / name) for name in OPTDIGITS_FILES)
+    (train_v, train_y), (test_v, test_y) = train, test
+    source = (f"UCI optdigits' own writer-disjoint split ({OPTDIGITS_FILES[0]}: {len(train_y):,} training images; "
+              f"{OPTDIGITS_FILES[1]}: {len(test_y):,} test images)")
+    return _digit_splits("optdigits", (_digit_images(train_v, scaling), torch.from_numpy(train_y)),
+                         (_digit_images(test_v, scaling), torch.from_numpy(test_y)), scaling, image_size, source)
 
 
 # CIFAR ----------------------------------------------------------------------------------------------------

@@ -69,6 +69,16 @@ def set_members(stream, train, batch_size: int, policies: Sequence[Policy], seed
     stream.base = base if base is not None else stream.policies[0].base()
 
 
+CHUNK_FLOATS = 1 << 24
+"""Input floats (all members together, 64 MiB) that MemberStream transforms at once when no policy draws."""
+
+
+def draws_nothing(policy: Policy) -> bool:
+    """Whether a policy transforms each image on its own without a random draw: no crop, flip, AutoAugment,
+    RandAugment, cutout, erasing, mixup or CutMix (label smoothing only rescales the targets)."""
+    return policy == Policy(label_smoothing=policy.label_smoothing)
+
+
 def _orders(indices: Tensor, generator: torch.Generator, count: int) -> Tensor:
     """``count`` items of ``indices``: back-to-back random permutations, all drawn before anything else."""
     reps = math.ceil(count / len(indices))
@@ -114,15 +124,43 @@ class MemberStream:
         """Items drawn per member and epoch: one whole permutation (its incomplete last batch is dropped)."""
         return len(self.indices)
 
+    @property
+    def _item_floats(self) -> int:
+        """Floats of one item as the model sees it (C x S x S)."""
+        _, c, h, w = self.images.shape
+        return c * (self.image_size ** 2 if self.image_size else h * w)
+
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``steps_per_epoch`` pairs (x (p, B, C, H, W) float32, targets (p, B, K) float32)."""
         n, b = self._epoch_draw, self.batch_size
         orders = [self._draw(rng.generator(self.seed, "order", j, epoch), n) for j in self.ids]
         augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
+        if self.per_batch is None and all(map(draws_nothing, self.policies)):
+            yield from self._fixed_epoch(orders)
+            return
         for s in range(self.steps_per_epoch):
             pairs = [self._batch(batch_policy(self, j, augment[j]), orders[j][s * b:(s + 1) * b], augment[j])
                      for j in range(self.size)]
             yield torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
+
+    def _fixed_epoch(self, orders: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of members whose policies draw nothing, transformed many steps at a time.
+
+        Such a policy maps each image on its own, with no random draw, so transforming the items of many
+        steps in one call gives every batch exactly (bitwise) what a call per step gives: only the per-step
+        calls' overhead is saved, which dominates at small batches (batch 1: a dozen small ops per member and
+        step). Chunks hold about CHUNK_FLOATS input floats for all members."""
+        b, steps = self.batch_size, self.steps_per_epoch
+        chunk = max(1, CHUNK_FLOATS // (self.size * b * self._item_floats))
+        generator = torch.Generator()  # never drawn from: these policies draw nothing
+        for start in range(0, steps, chunk):
+            stop = min(start + chunk, steps)
+            pairs = [self._batch(policy, order[start * b:stop * b], generator)
+                     for policy, order in zip(self.policies, orders, strict=True)]
+            # (steps, p, B, ...): every step's batch is one contiguous block, as torch.stack makes it
+            x = torch.stack([x.unflatten(0, (stop - start, b)) for x, _ in pairs], dim=1)
+            t = torch.stack([t.unflatten(0, (stop - start, b)) for _, t in pairs], dim=1)
+            yield from zip(x, t, strict=True)
 
     def member_batches(self, j: int | None, generator: torch.Generator, n: int,
                        batch_size: int | None = None) -> Iterator[Tensor]:
@@ -283,6 +321,10 @@ class PatchStream(MemberStream):
     @property
     def _epoch_draw(self) -> int:
         return self.steps_per_epoch * self.batch_size
+
+    @property
+    def _item_floats(self) -> int:
+        return self.images[0].shape[0] * self.patch ** 2
 
     def _cut(self, positions) -> tuple[Tensor, Tensor]:
         s = self.patch

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,29 @@ def test_benchmark_runner_sweeps_engine_options_into_a_table(tmp_path):
     assert "CPU ms" in out.read_text()
 
 
+def test_benchmark_grid_over_model_arguments_and_batch_sizes_shows_what_auto_picks(tmp_path):
+    """benchmarks/run.py sweeps batch sizes (steps = images per block / batch) for a model with keyword arguments
+    (`papa bench --model-arg`), and the table names the work of a member's step and the engine auto picks."""
+    from benchmarks import run as runner
+    from papa.engines import choose_engine
+
+    out = tmp_path / "grid.md"
+    assert runner.main(["--device", "cpu", "--models", "digits_cnn:width=4", "--batch-sizes", "1", "8",
+                        "--populations", "2", "--threads", "1", "--repeats", "1", "--images", "48", "--engines",
+                        "auto", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(r["spec"], r["model_kwargs"], r["batch_size"], r["steps"]) for r in rows] == [
+        ("digits_cnn:width=4", {"width": 4}, 1, 48), ("digits_cnn:width=4", {"width": 4}, 8, 6)]
+    # width 4: conv 1->4 and 4->8 (3x3, 8x8 pixels) and a 128->10 linear layer, two FLOPs per multiply-add
+    per_image = 2 * (9 * 4 * 64 + 9 * 4 * 8 * 64 + 128 * 10) / 1e9
+    for r in rows:
+        assert r["member_forward_gflop"] == pytest.approx(per_image * r["batch_size"], rel=1e-3)
+        assert r["engine"] == choose_engine("auto", "cpu", 2, r["member_forward_gflop"]) == "stacked"
+        assert r["gflop_per_image"] == pytest.approx(3 * per_image, rel=0.05)  # forward and backward
+    lines = [line for line in out.read_text().splitlines() if line.startswith("| digits_cnn:width=4")]
+    assert len(lines) == 2 and all(line.rstrip(" |").endswith("| stacked") for line in lines)
+
+
 def test_papa_bench_profile_writes_the_kernel_table_of_one_step(tmp_path, capsys):
     table = tmp_path / "kernels.txt"
     argv = ["bench", "--model", "digits_cnn", "--population", "2", "--batch-size", "4", "--steps", "1",
@@ -117,3 +141,13 @@ def test_pipeline_benchmark_names_the_machine_as_papa_bench_does():
     from benchmarks import pipeline
 
     assert pipeline.machine() == f"{bench.device_name(torch.device('cpu'))}, {os.cpu_count()} logical CPUs"
+
+
+def test_pipeline_benchmark_points_the_run_at_a_data_root(tmp_path):
+    """A scratch directory holds no datasets: --data-root hands the config's data_root to Snakemake."""
+    from benchmarks import pipeline
+
+    plain = pipeline.command(Path("config/paper/a10.yaml"), "2", tmp_path)
+    assert "--config" not in plain and plain[plain.index("--cores") + 1] == "2"
+    given = pipeline.command(Path("config/paper/a10.yaml"), "2", tmp_path, Path("data"))
+    assert given[-2:] == ["--config", f"data_root={Path('data').resolve()}"]

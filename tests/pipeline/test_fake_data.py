@@ -27,6 +27,7 @@ def _config(tmp_path: Path) -> Path:
     tiny = raw["experiments"]["tiny"]
     raw["experiments"] = {
         "c10": {**tiny, "data": {"dataset": "cifar10"}},
+        "uci": {**tiny, "data": {"dataset": "optdigits", "options": {"scaling": "raw"}}},
         "c100": {**tiny, "data": {"dataset": "cifar100", "root": "elsewhere/c100"}},
         "inet": {**tiny, "data": {"dataset": "imagenet"}},
         "tiles": {**tiny, "data": {"dataset": "vaihingen", "options": {"train_tiles": [1, 3], "val_tiles": [5],
@@ -47,7 +48,9 @@ def written(tmp_path_factory):
 def test_every_dataset_a_config_uses_is_written_where_it_looks(written):
     tmp, lines = written
     data = tmp / "data"
-    assert len(lines) == 5 and (data / "FAKE_DATA.txt").is_file()
+    assert len(lines) == 6 and (data / "FAKE_DATA.txt").is_file()
+    uci = load_dataset("optdigits", data / "optdigits", scaling="raw")
+    assert (len(uci.train), len(uci.test), uci.num_classes) == (fakedata.OPTDIGITS_TRAIN, fakedata.OPTDIGITS_TEST, 10)
     c10 = load_dataset("cifar10", data / "cifar10")
     assert (len(c10.train), len(c10.test), c10.num_classes) == (fakedata.CIFAR_TRAIN, fakedata.CIFAR_TEST, 10)
     assert c10.train.images.dtype == torch.uint8 and c10.train.images.shape[1:] == (3, 32, 32)

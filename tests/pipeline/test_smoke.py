@@ -36,12 +36,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "config" / "paper"
 # the paper's configs, and the default one (the only config with figures: the plot step)
 PATHS = {p.stem: p for p in PAPER.glob("*.yaml")} | {"config": ROOT / "config" / "config.yaml"}
-ORDER = ["a10", "table1", "table1_imagenet", "table1_finetune", "table3", "table5", "tables10-11", "table12",
-         "table13", "tables6-9", "table2", "table18", "tables14-17", "figure2", "config"]
+ORDER = ["a10", "a10-bundled", "a10-readings", "table1", "table1_imagenet", "table1_finetune", "table3", "table5",
+         "tables10-11", "table12", "table13", "tables6-9", "table2", "table18", "tables14-17", "figure2", "config"]
 # CI smoke-runs every config, in two halves side by side (one per `make test` worker: tests/conftest.py), each
 # in its own working directory: configs that share runs (an experiment of the same name) are in one half.
-HALF = {"a10": "a", "table1": "a", "table1_imagenet": "a", "table3": "a", "tables10-11": "a", "table13": "a",
-        "tables6-9": "a", "table2": "a", "table18": "a", "config": "a",
+HALF = {"a10": "a", "a10-bundled": "a", "a10-readings": "a", "table1": "a", "table1_imagenet": "a", "table3": "a",
+        "tables10-11": "a", "table13": "a", "tables6-9": "a", "table2": "a", "table18": "a", "config": "a",
         "table1_finetune": "b", "table5": "b", "table12": "b", "tables14-17": "b", "figure2": "b"}
 CI = [name for name in ORDER if name in HALF]
 

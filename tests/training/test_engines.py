@@ -22,7 +22,15 @@ from torch import nn
 from torch.func import vmap
 
 from papa import averaging
-from papa.engines import ENGINES, Engine, choose_engine, soft_cross_entropy, stacked_channels_last
+from papa.engines import (
+    CPU_STACKED_MAX_GFLOP,
+    ENGINES,
+    Engine,
+    choose_engine,
+    forward_gflop,
+    soft_cross_entropy,
+    stacked_channels_last,
+)
 from papa.population import Population
 
 P, B, CLASSES = 4, 8, 3
@@ -251,12 +259,85 @@ def test_engine_reuses_its_compiled_function_per_template():
 
 
 def test_choose_engine():
+    """``auto``: the loop for one member, stacked on CUDA, and on a CPU stacked exactly for steps of at most
+    CPU_STACKED_MAX_GFLOP forward GFLOP per member (the loop when the work is not given)."""
     assert choose_engine("loop", torch.device("cuda")) == "loop"
     assert choose_engine("stacked", torch.device("cpu")) == "stacked"
     assert choose_engine("auto", torch.device("cuda")) == "stacked"
-    assert choose_engine("auto", "cuda:0", population=10) == "stacked"
+    assert choose_engine("auto", "cuda:0", population=10, member_gflop=100.0) == "stacked"
     assert choose_engine("auto", "cuda", population=1) == "loop"
+    assert choose_engine("auto", "cpu", population=1, member_gflop=0.0) == "loop"
+    limit = CPU_STACKED_MAX_GFLOP
     assert choose_engine("auto", torch.device("cpu"), population=4) == "loop"
+    assert choose_engine("auto", "cpu", population=10, member_gflop=limit) == "stacked"
+    assert choose_engine("auto", "cpu", population=2, member_gflop=1e-6) == "stacked"
+    assert choose_engine("auto", "cpu", population=10, member_gflop=limit * 1.01) == "loop"
+
+
+def test_forward_flops_are_the_layers_multiply_adds_and_change_nothing():
+    """forward_gflop counts two FLOPs per multiply-add of every convolution (grouped, transposed) and linear
+    layer, as torch's FLOP counter does for these models, and leaves the tensors and the mode as they were."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from papa.models import create_model
+
+    logreg = Population.from_factory(lambda: create_model("logreg", 10, in_channels=1), 2)
+    assert forward_gflop(logreg.template, logreg.member_tensors(0), (1, 8, 8)) * 1e9 == 2 * 64 * 10
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ConvTranspose2d(8, 2, 2, stride=2), nn.Flatten(),
+                            nn.Linear(2 * 12 * 12, 5))
+    for model, shape in ((grouped, (4, 8, 8)), (create_model("digits_cnn", 10, in_channels=1), (1, 8, 8)),
+                         (create_model("resnet18_cifar", 10), (3, 32, 32))):
+        pop = Population.from_factory(lambda m=model: copy.deepcopy(m), 2).train()
+        before = {n: t.clone() for n, t in pop.tensors()}
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+        assert forward_gflop(pop.template, pop.member_tensors(1), shape) * 1e9 == counter.get_total_flops()
+        assert pop.template.training and all(torch.equal(t, before[n]) for n, t in pop.tensors())
+
+
+def test_build_engine_resolves_auto_from_the_config():
+    """The trainer's engine is a function of the config: A.10's logistic regression at batch 1 (overhead-bound)
+    is stacked on a CPU, a ResNet-18 at batch 8 loops there, an explicit engine is kept."""
+    from papa.build import build_engine
+    from papa.data import load_dataset
+    from papa.models import create_model
+    from tests.helpers import tiny_experiment
+
+    digits = load_dataset("digits")
+    for model, batch, expected in (("logreg", 1, "stacked"), ("resnet18_cifar", 8, "loop")):
+        exp = tiny_experiment(model={"name": model, "kwargs": {}}, population={"size": 10},
+                              train={"engine": "auto", "batch_size": batch})
+        pop = Population.from_factory(lambda m=model: create_model(m, 10, in_channels=1), 10)
+        assert build_engine(exp, torch.device("cpu"), pop, digits).name == expected
+        exp["train"]["engine"] = "loop" if expected == "stacked" else "stacked"
+        assert build_engine(exp, torch.device("cpu"), pop, digits).name == exp["train"]["engine"]
+
+
+class TiedNet(nn.Module):
+    """Two linear layers sharing one weight (as a language model ties its embedding and output layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_tied_weights_stay_tied_in_the_engines_and_untied_models_skip_the_search():
+    from papa.engines import has_tied_tensors, member_loss_fn
+
+    assert has_tied_tensors(TiedNet()) and not has_tied_tensors(bn_dropout_cnn())
+    pop = Population.from_factory(TiedNet, 2, seed=1)
+    assert "b.weight" not in pop.params  # one stacked tensor for the shared weight
+    x, t = torch.randn(5, 3), torch.softmax(torch.randn(5, 3), -1)
+    for j in range(2):
+        member = TiedNet()
+        member.load_state_dict({**pop.member_tensors(j), "b.weight": pop.params["a.weight"][j]})
+        expected = soft_cross_entropy(member(x), t)
+        got = member_loss_fn(pop.template)({n: v[j] for n, v in pop.params.items()}, {}, x, t)
+        torch.testing.assert_close(got, expected)
 
 
 def test_engine_autocast_is_applied():

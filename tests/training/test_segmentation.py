@@ -136,6 +136,18 @@ def test_patches_are_seeded_per_member_and_keep_labels_on_their_pixels():
     assert any(not torch.equal(a[0], b[0]) for a, b in zip(batches, flat, strict=True))
 
 
+def test_patches_of_policies_that_draw_nothing_are_cut_as_one_call_per_step_cuts_them(monkeypatch):
+    """Patch streams share MemberStream's many-steps-at-once path: the same patches, bitwise."""
+    from papa.data import stream as streams
+
+    policies = [Policy(), Policy(label_smoothing=0.1)]
+    fixed = list(make_stream_for(coded_tiles(), policies, seed=5).epoch(0))
+    monkeypatch.setattr(streams, "draws_nothing", lambda _: False)
+    per_step = list(make_stream_for(coded_tiles(), policies, seed=5).epoch(0))
+    assert len(fixed) == len(per_step) == 5
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(fixed, per_step, strict=True))
+
+
 def make_stream_for(data, policies, seed):
     from papa.data.datasets import Splits
 

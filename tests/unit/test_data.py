@@ -384,6 +384,38 @@ def test_stream_orders_shapes_and_reproducibility():
         MemberStream(data, train_idx, 500, [Policy()], seed=7)
 
 
+def test_policies_that_draw_nothing_are_transformed_many_steps_at_once(monkeypatch):
+    """Members whose policies draw nothing (label smoothing at most) get every batch of an epoch bitwise as one
+    call per step makes it, contiguous, also when the transform resizes, when the epoch is cut into several
+    chunks and for a rank's share of the members; any drawing policy keeps the call per step."""
+    from papa.data import stream as streams
+
+    rng = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.randint(0, 256, (70, 2, 5, 5), dtype=torch.uint8, generator=rng), torch.arange(70) % 4,
+                        4, (0.4, 0.5), (0.2, 0.3), "noise")
+    policies = [Policy(), Policy(label_smoothing=0.1), Policy()]
+    assert all(map(streams.draws_nothing, policies))
+    for p in (Policy(flip=True), Policy(crop_padding=1), Policy(mixup=0.2), Policy(cutmix=1.0), Policy(cutout=2),
+              Policy(random_erasing=0.1), Policy(randaugment="rand-m4-n1"), Policy(autoaugment="cifar10")):
+        assert not streams.draws_nothing(p)
+    for size, chunk in ((None, streams.CHUNK_FLOATS), (7, 3 * 4 * 2 * 49 * 5)):  # 5 steps a chunk of 16 steps
+        data.image_size = size
+        monkeypatch.setattr(streams, "CHUNK_FLOATS", chunk)
+        stream = MemberStream(data, range(3, 70), 4, policies, seed=3, member_ids=[0, 2, 5])
+        fixed = list(stream.epoch(1))
+        monkeypatch.setattr(streams, "draws_nothing", lambda _: False)
+        per_step = list(stream.epoch(1))
+        monkeypatch.undo()
+        assert len(fixed) == len(per_step) == 16 and same_batches(fixed, per_step)
+        assert all(x.is_contiguous() and t.is_contiguous() for x, t in fixed)
+        assert fixed[0][0].shape == (3, 4, 2, size or 5, size or 5)
+    with_flip = MemberStream(data, range(70), 4, [*policies[:2], Policy(flip=True)], seed=3)
+    calls = []
+    monkeypatch.setattr(with_flip, "_fixed_epoch", lambda orders: calls.append(orders))
+    next(with_flip.epoch(0))
+    assert calls == []
+
+
 def test_stream_augments_each_member_with_its_policy():
     data = ArrayDataset(torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8), torch.arange(64) % 4, 4,
                         (0.5,) * 3, (0.25,) * 3, "noise")

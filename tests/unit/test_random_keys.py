@@ -398,6 +398,7 @@ DRAW_SITES = {
     ("papa/repair.py", "_passes.randomness"): "test_repair_train_mode_randomness_of_batch_b_comes_from_its_own_key",
     ("papa/train.py", "Trainer.run_epoch"): "test_every_epoch_starts_the_global_rng_from_its_own_key",
     ("papa/train.py", "Trainer.finish_swa"): "test_swa_batchnorm_batches_come_from_the_run_seeds_key",
+    ("papa/data/stream.py", "MemberStream._fixed_epoch"): None,  # a generator the draw-free policies never draw from
     ("papa/averaging.py", "mixing_matrix"): None,  # an unseeded generator for the schemes that draw nothing
     ("papa/rng.py", "generator"): None,  # the key makers themselves
     ("papa/rng.py", "seeded"): None,
@@ -405,6 +406,7 @@ DRAW_SITES = {
     ("papa/bench.py", "_run"): None,  # benchmark inputs, no run's draw
     ("papa/export.py", "probe"): None,  # the input papa.fold traces and checks a fold on; changes no number
     ("papa/fakedata.py", "_images"): None,  # stand-in data written once by `papa fake-data`, no run's draw
+    ("papa/fakedata.py", "write_optdigits"): None,
     ("papa/fakedata.py", "write_cifar"): None,
     ("papa/fakedata.py", "write_imagenet"): None,
     ("papa/fakedata.py", "write_vaihingen"): None,
