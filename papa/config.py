@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from papa import catalog, smoke
+from papa import catalog, fidelity, smoke
 from papa.errors import PapaError
 from papa.io import write_text
 from papa.variants import VARIANTS, averaging_epochs, first_push, swa_start_epoch
@@ -94,9 +94,16 @@ def _message(error: jsonschema.ValidationError) -> str:
         return f"unknown key {', '.join(map(repr, extra))} (expected one of: {', '.join(allowed)})"
     if error.validator == "enum":
         return f"{error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
-    if error.validator == "oneOf" and error.context:
-        return min(error.context, key=lambda e: len(list(e.absolute_path))).message
     return error.message
+
+
+def _leaf(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """The error to show for a value matching none of a ``oneOf``'s choices: the deepest one (the choice the
+    value was meant for), a wrong type or an enum of plain values (for a mapping or list) last."""
+    if error.validator != "oneOf" or not error.context:
+        return error
+    return _leaf(min(error.context, key=lambda e: (-len(e.absolute_path), e.validator == "type" or (
+        e.validator == "enum" and isinstance(e.instance, dict | list)))))
 
 
 def check_finite(instance: Any, key: str = "") -> None:
@@ -123,7 +130,7 @@ def validate(instance: Any, name: str, where: str) -> Any:
         return instance
     errors = sorted(validator(sch).iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
-        e = errors[0]
+        e = _leaf(errors[0])
         raise PapaError(f"{where}: {_key_path(e)}: {_message(e)}")
     return instance
 
@@ -275,6 +282,7 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
         raise PapaError(f"{path}: unknown experiment {name!r} (defined: {known})")
     exp = deep_merge(config.get("defaults") or {}, config["experiments"][name] or {})
     exp = validate(exp, "experiment", f"{path}: experiment {name!r}")
+    exp["fidelity"] = fidelity.resolve(exp["fidelity"], f"{path}: experiment {name!r}: fidelity")
     lo, hi = exp["averaging"]["window"]
     if lo >= hi:
         raise PapaError(f"{path}: experiment {name!r}: averaging.window: start {lo} must be before end {hi}")

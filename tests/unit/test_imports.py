@@ -77,7 +77,8 @@ def test_a_cycle_is_found():
 
 LAYERS = {  # docs/architecture.md draws them; each imports only from the layers it names (and itself)
     "foundation": ({"papa", "papa.errors", "papa.io", "papa.rng", "papa.provenance"}, set()),
-    "declarations": ({"papa.variants", "papa.catalog", "papa.config", "papa.smoke", "papa.schemas"}, {"foundation"}),
+    "declarations": ({"papa.variants", "papa.fidelity", "papa.catalog", "papa.config", "papa.smoke", "papa.schemas"},
+                     {"foundation"}),
     "data and models": ({"papa.data", "papa.models"}, {"foundation", "declarations"}),
     "core": ({"papa.population", "papa.averaging", "papa.repair", "papa.alignment", "papa.soups", "papa.similarity",
               "papa.forward", "papa.genetic", "papa.segmentation", "papa.metrics", "papa.swa", "papa.fold"},

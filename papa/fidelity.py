@@ -1,0 +1,94 @@
+"""Where the paper's words and the authors' scripts (SamsungSAILMontreal/PAPA at 47ad83a, whose runs produced the
+published numbers) differ and papa can run both: each difference declared once, as an option of the experiment key
+``fidelity``. No torch: the config checks and the docs read it.
+
+``fidelity: paper`` (the default) runs the paper's reading, ``fidelity: authors`` every option the scripts'
+way; each option can also be set alone (``fidelity: {setting: paper, papa2_pairs: authors}``). papa.config
+resolves the mapping once per experiment: every option then holds ``paper`` or ``authors``, and training code
+asks ``fidelity.authors(exp, name)``. A new option is one entry of OPTIONS (the schema's ``fidelity`` block is
+checked against it by tests/unit/test_fidelity_switch.py) and the code that reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from papa.errors import PapaError
+
+SETTINGS = ("paper", "authors")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the key under ``fidelity``
+    paper: str  # what papa runs under ``paper``
+    authors: str  # what the scripts ran (with where), run under ``authors``
+    tables: str  # the paper's tables and figures it can move
+
+
+OPTIONS = {o.name: o for o in (
+    Option("papa2_pairs",
+           "PAPA-2's partners: p pairs drawn at random from all p(p-1)/2 distinct pairs",
+           "the first p pairs in lexicographic order (main.py:290-293): at p = 10, 9 of the 10 children contain "
+           "member 0",
+           "Tables 1-2, 6-9, 12, 14, 18"),
+    Option("averaging_epochs",
+           "PAPA-all and PAPA-2 average after epochs k, 2k, ... (and 1 with from_start)",
+           "after epochs 1, k+1, 2k+1, ... (the scripts' 0-based `epoch % k == 0`, main.py)",
+           "every table with PAPA-all or PAPA-2"),
+    Option("mixed_precision",
+           "train.precision's CUDA mixed precision is bf16 autocast",
+           "fp16 autocast with a GradScaler (torch.amp), as the scripts' --mixed_precision ran",
+           "every table trained on CUDA with mixed precision"),
+    Option("repair_fusion",
+           "REPAIR rescales and shifts every repaired layer's outputs exactly",
+           "REPAIR as the scripts' fusion computes it (the shift of bias-free layers dropped)",
+           "every table whose soups or averagings use REPAIR"),
+    Option("papa2_repair_data",
+           "REPAIR after PAPA-2's averaging measures each member's own augmented batches",
+           "it measures un-augmented batches",
+           "every table with PAPA-2"),
+    Option("soup_repair_data",
+           "soups' REPAIR measures un-augmented batches",
+           "it measures each member's own augmented batches (models/combined.py)",
+           "every table with REPAIRed soups"),
+    Option("alignment_target",
+           "averagings with align permute every member to member 0",
+           "PAPA-all aligns every member to the running soup, PAPA-2 within each pair",
+           "Tables 15-17"),
+    Option("finetune",
+           "fine-tuning normalizes with the pretrained network's statistics and trains the head alone first",
+           "CIFAR's normalization and no head-only epochs (the scripts' linear_prob_time never fires: main.py:163 "
+           "compares an integer epoch with 0.04)",
+           "Table 1's fine-tuning rows"),
+    Option("similarity_members",
+           "Table 5 aligns and REPAIRs the soups of every variant",
+           "it aligns and REPAIRs the baseline's only",
+           "Table 5"),
+    Option("elitism",
+           "the genetic ablations' elitism: children scored, then mutated; surviving parents averaged like the rest",
+           "children mutated before they are scored; surviving parents left as they are",
+           "Table 16"),
+)}
+
+
+def resolve(value: str | dict | None, where: str = "fidelity") -> dict[str, str]:
+    """The experiment's ``fidelity`` (a setting, or a mapping of ``setting`` and options) as a mapping holding
+    ``setting`` and every option's ``paper`` or ``authors``; a PapaError naming a value that is neither."""
+    value = {"setting": value} if isinstance(value, str) or value is None else dict(value)
+    setting = value.pop("setting", None) or "paper"
+    unknown = sorted(value.keys() - OPTIONS.keys())
+    if unknown:
+        raise PapaError(f"{where}: unknown option {', '.join(map(repr, unknown))} (expected setting or one of: "
+                        f"{', '.join(OPTIONS)})")
+    resolved = {"setting": setting, **{name: value.get(name) or setting for name in OPTIONS}}
+    bad = next(((k, v) for k, v in resolved.items() if v not in SETTINGS), None)
+    if bad is not None:
+        raise PapaError(f"{where}.{bad[0]}: {bad[1]!r} is not one of {', '.join(SETTINGS)}")
+    return resolved
+
+
+def authors(exp: dict, name: str) -> bool:
+    """Whether experiment ``exp`` (resolved by papa.config) runs option ``name`` the authors' way."""
+    if name not in OPTIONS:
+        raise LookupError(f"fidelity option {name!r} is not declared in papa/fidelity.py")
+    return resolve(exp.get("fidelity"))[name] == "authors"
