@@ -378,6 +378,7 @@ def test_configs_of_the_authors_runs_use_their_repair_greedy_schedule_and_precis
         assert exp["repair"]["layers"] == "conv" and exp["soups"]["greedy_criterion"] == ">"
         assert exp["averaging"]["papa-all"]["from_start"] and exp["averaging"]["papa-2"]["from_start"]
         assert exp["train"]["precision"] == ("fp32" if name == "table12" else "bf16-cuda")
+        assert set(exp["fidelity"].values()) == {"authors"}  # the scripts' behaviour, option by option
 
 
 @pytest.mark.parametrize("name", ["table3", "table13", "tables10-11", "a10", "a10-bundled", "a10-readings"])
@@ -387,6 +388,18 @@ def test_configs_without_the_authors_runs_keep_the_papers_algorithm(name):
     for e in config["experiments"]:
         exp = cfg.experiment(config, e)
         assert exp["soups"]["greedy_criterion"] == ">=" and not exp["averaging"]["papa-all"]["from_start"]
+        assert set(exp["fidelity"].values()) == {"paper"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_paper_config_says_which_fidelity_it_runs(path):
+    """Each paper config sets ``fidelity`` itself, with a comment saying why (the default would hide the choice)."""
+    raw = cfg.load_yaml(path)
+    assert "fidelity" in (raw.get("defaults") or {}) or all("fidelity" in (own or {})
+                                                           for own in raw["experiments"].values())
+    text = path.read_text()
+    comment = text[:text.index("fidelity:")].rstrip().splitlines()[-1]
+    assert comment.lstrip().startswith("#") and "fidelity" in comment
 
 
 def test_ablations_draw_from_the_authors_discrete_sets():
