@@ -60,3 +60,26 @@ def test_an_undeclared_option_is_a_programming_error():
         fidelity.authors({"fidelity": "paper"}, "nonesuch")
     with pytest.raises(PapaError, match="unknown option 'nonesuch'"):
         fidelity.resolve({"nonesuch": "paper"})
+
+
+def test_the_comparison_configs_hold_their_originals_apart_from_fidelity():
+    """config/compare/: digits-paper is the default config's digits experiment and optdigits-raw A.10's, so the
+    comparison measures the switch and nothing else."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+
+    def without(exp):
+        return {k: v for k, v in exp.items() if k not in ("name", "description", "fidelity")}
+
+    compare = config.load_config(root / "config/compare/fidelity-digits.yaml")
+    default = config.load_config(root / "config/config.yaml")
+    assert without(config.experiment(compare, "digits-paper")) == without(config.experiment(default, "digits"))
+    for name in compare["experiments"]:
+        exp = config.experiment(compare, name)
+        assert without(exp) == without(config.experiment(default, "digits"))
+        authors = [k for k, v in exp["fidelity"].items() if v == "authors" and k != "setting"]
+        assert name in ("digits-paper", "digits-authors") or authors == [name.removeprefix("digits-").replace("-", "_")]
+    a10, original = (config.load_config(root / f"config/{p}.yaml") for p in ("compare/fidelity-a10", "paper/a10"))
+    assert config.experiment(a10, "optdigits-raw") == config.experiment(original, "optdigits-raw")
+    uci = without(config.experiment(original, "optdigits-raw"))
+    assert without(config.experiment(a10, "optdigits-raw-authors")) == uci
