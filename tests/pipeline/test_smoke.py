@@ -27,6 +27,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import yaml
 
 from papa import config as cfg
 from papa.report import plan
@@ -124,18 +125,26 @@ def test_workflow_runs_a_config_at_smoke_scale_from_the_command_line(tmp_path):
     assert "reports/smoke/table1-finetune.md" in done.stdout and "results/metrics.csv" not in done.stdout
     # what the jobs read: the report's the config with the overrides written in, a run's its experiment's own
     assert "papa render --config results/smoke/table1_finetune.yaml " in done.stdout
-    written = cfg.load_yaml(tmp_path / "results" / "smoke" / "table1_finetune.yaml")
+    # a dry run writes nothing (tests/pipeline/test_workflow.py: a live run writes these files once it holds its
+    # lock); what it would write:
+    assert not (tmp_path / "results").exists()
+    overrides = {"scale": "smoke", "data_root": str(tmp_path / "fake")}
+    config, jobs, files = cfg.workflow_config([PAPER / "table1_finetune.yaml"], overrides)
+    paths, job_files = cfg.job_configs([PAPER / "table1_finetune.yaml"], overrides, config)
+    assert jobs == "results/smoke/table1_finetune.yaml"
+    written = yaml.safe_load(files[jobs])
     assert written["scale"] == "smoke" and written["data_root"] == str(tmp_path / "fake")
     own = "results/smoke/cifar100-convitti-ft-p5/config.yaml"
+    assert paths["cifar100-convitti-ft-p5"] == own
     assert f"papa train --config {own} --experiment cifar100-convitti-ft-p5 " in done.stdout
+    (tmp_path / own).parent.mkdir(parents=True)
+    (tmp_path / own).write_text(job_files[own])
     written = cfg.load_yaml(tmp_path / own)
     assert list(written["experiments"]) == ["cifar100-convitti-ft-p5"] and "tables" not in written
     assert written["scale"] == "smoke" and written["data_root"] == str(tmp_path / "fake")
     # the run's experiment as the whole config defines it
     assert (cfg.experiment(cfg.load_config(tmp_path / own), "cifar100-convitti-ft-p5")
-            == cfg.experiment(cfg.load_config(PAPER / "table1_finetune.yaml", {"scale": "smoke",
-                                                                                "data_root": str(tmp_path / "fake")}),
-                              "cifar100-convitti-ft-p5"))
+            == cfg.experiment(cfg.load_config(PAPER / "table1_finetune.yaml", overrides), "cifar100-convitti-ft-p5"))
 
 
 def test_workflow_refuses_a_bad_override(tmp_path):
