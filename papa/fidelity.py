@@ -61,8 +61,11 @@ OPTIONS = {o.name: o for o in (
            "compares an integer epoch with 0.04)",
            "Table 1's fine-tuning rows"),
     Option("similarity_members",
-           "Table 5 aligns and REPAIRs the soups of every variant",
-           "it aligns and REPAIRs the baseline's only",
+           "Table 5 aligns every variant's members to member 0 and REPAIRs its average soup (similarity.align, "
+           "similarity.repair)",
+           "only the baseline's: the scripts ran --permutation True --repair_soup True for the baseline alone "
+           "(scripts/paper_experiments.sh:153), PAPA-all and PAPA-2 unaligned with plain soups (:155, :157), and "
+           "cossim measures the members and soup each run ends with (main.py:408-412, models/combined.py:153-179)",
            "Table 5"),
     Option("elitism",
            "the genetic ablations' elitism: children scored, then mutated; surviving parents averaged like the rest",

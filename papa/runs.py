@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from papa import config as cfg
-from papa import variants
+from papa import fidelity, variants
 from papa.alignment import permutation_spec
 from papa.build import align_data, build_engine, build_population, fixed_batches, loader_options, resolve_device
 from papa.checkpoint import load_tensors, read_meta, save_tensors, sidecar_path
@@ -383,6 +383,19 @@ def _soups(exp: dict, run: Run) -> dict:
     return info
 
 
+def similarity_steps(exp: dict, variant: str) -> tuple[bool, bool]:
+    """Whether Table 5 aligns ``variant``'s members and REPAIRs its soup: ``similarity.align`` and
+    ``similarity.repair`` for every variant, or (fidelity option ``similarity_members: authors``) for the
+    baseline only, as the scripts measured it: only the baseline's runs were aligned and REPAIRed (PE:153,
+    ``--method_comb none --permutation True --repair_soup True --correlation_est True``; PAPA-all and PAPA-2 at
+    PE:155, 157 with ``--permutation False`` and the default ``--repair_soup False``), and ``cossim``
+    (models/combined.py:153-179, main.py:408-412) measures whatever members and soup the run ends with."""
+    s = exp["similarity"]
+    if variant != "baseline" and fidelity.authors(exp, "similarity_members"):
+        return False, False
+    return s["align"], s["repair"]
+
+
 def similarity(exp: dict, split_path, run_dir) -> dict:
     """Table 5 (Appendix A.5) for one run -> similarity.json: per ResNet stage, the mean cosine similarity (%)
     of the stage outputs on the test set between two members (``between_networks``) and between a member and
@@ -395,13 +408,14 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     names = stages(pop.template)
     if pop.size < 2:
         raise PapaError(f"{run.dir}: feature similarity needs a population of at least 2 members, found {pop.size}")
-    if s["align"]:
+    align, repair = similarity_steps(exp, run.meta["variant"])
+    if align:
         permutation_spec(pop.template)
     n_test = len(splits.test) if s["test_images"] is None else min(s["test_images"], len(splits.test))
     test = fixed_batches(exp, splits, splits.test, range(n_test), run.device)
     sims = population_similarity(
-        pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=s["align"],
-        repair=s["repair"], repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
+        pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=align,
+        repair=repair, repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
         layers=exp["repair"]["layers"],
     )
 
@@ -412,7 +426,7 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     out = {
         "experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"], "stages": names,
         **per_stage(s["members"]), "members": s["members"],
-        "aligned": s["align"], "repaired": s["repair"], "repair_iters": s["repair_iters"], "test_images": n_test,
+        "aligned": align, "repaired": repair, "repair_iters": s["repair_iters"], "test_images": n_test,
         "population_sha256": run.digest, "code": code_version(),
     }
     if s["members"] != "all":  # the all-pairs measure beside the configured one
