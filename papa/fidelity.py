@@ -48,9 +48,11 @@ OPTIONS = {o.name: o for o in (
            "it measures un-augmented batches",
            "every table with PAPA-2"),
     Option("soup_repair_data",
-           "soups' REPAIR measures un-augmented batches",
-           "it measures each member's own augmented batches (models/combined.py)",
-           "every table with REPAIRed soups"),
+           "soups' REPAIR measures members and soup alike on the base transform (crop, flip), no regularization",
+           "each member's moments on its own augmented and regularized batches (its dataset transform and "
+           "hyperparams[j]'s mixup, smoothing, CutMix), the soup's on un-augmented ones (models/combined.py:257, "
+           ":290 -> recombine/repair.py correct_neuron_stats_multiple with train_dset_out = [train_dset_noaug])",
+           "every table with REPAIRed soups (Tables 1, 2, 5, 6-9 baselines)"),
     Option("alignment_target",
            "averagings with align permute every member to member 0",
            "PAPA-all aligns every member to the running soup, PAPA-2 within each pair",
