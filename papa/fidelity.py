@@ -52,7 +52,8 @@ OPTIONS = {o.name: o for o in (
            "each member's moments on its own augmented and regularized batches (its dataset transform and "
            "hyperparams[j]'s mixup, smoothing, CutMix), the soup's on un-augmented ones (models/combined.py:257, "
            ":290 -> recombine/repair.py correct_neuron_stats_multiple with train_dset_out = [train_dset_noaug])",
-           "every table with REPAIRed soups (Tables 1, 2, 5, 6-9 baselines)"),
+           "the baselines' REPAIRed soups of Tables 1, 2 and 6-9 (not Table 5: papa similarity REPAIRs on "
+           "its own data)"),
     Option("alignment_target",
            "averagings with align permute every member to member 0",
            "PAPA-all aligns every member to the running soup, PAPA-2 within each pair",
