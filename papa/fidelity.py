@@ -48,9 +48,12 @@ OPTIONS = {o.name: o for o in (
            "it measures un-augmented batches",
            "every table with PAPA-2"),
     Option("soup_repair_data",
-           "soups' REPAIR measures un-augmented batches",
-           "it measures each member's own augmented batches (models/combined.py)",
-           "every table with REPAIRed soups"),
+           "soups' REPAIR measures members and soup alike on the base transform (crop, flip), no regularization",
+           "each member's moments on its own augmented and regularized batches (its dataset transform and "
+           "hyperparams[j]'s mixup, smoothing, CutMix), the soup's on un-augmented ones (models/combined.py:257, "
+           ":290 -> recombine/repair.py correct_neuron_stats_multiple with train_dset_out = [train_dset_noaug])",
+           "the baselines' REPAIRed soups of Tables 1, 2 and 6-9 (not Table 5: papa similarity REPAIRs on "
+           "its own data)"),
     Option("alignment_target",
            "averagings with align permute every member to member 0",
            "PAPA-all aligns every member to the running soup, PAPA-2 within each pair",
@@ -61,8 +64,11 @@ OPTIONS = {o.name: o for o in (
            "compares an integer epoch with 0.04)",
            "Table 1's fine-tuning rows"),
     Option("similarity_members",
-           "Table 5 aligns and REPAIRs the soups of every variant",
-           "it aligns and REPAIRs the baseline's only",
+           "Table 5 aligns every variant's members to member 0 and REPAIRs its average soup (similarity.align, "
+           "similarity.repair)",
+           "only the baseline's: the scripts ran --permutation True --repair_soup True for the baseline alone "
+           "(scripts/paper_experiments.sh:153), PAPA-all and PAPA-2 unaligned with plain soups (:155, :157), and "
+           "cossim measures the members and soup each run ends with (main.py:408-412, models/combined.py:153-179)",
            "Table 5"),
     Option("elitism",
            "the genetic ablations' elitism: children scored, then mutated; surviving parents averaged like the rest",

@@ -16,9 +16,17 @@ from pathlib import Path
 import torch
 
 from papa import config as cfg
-from papa import variants
+from papa import fidelity, variants
 from papa.alignment import permutation_spec
-from papa.build import align_data, build_engine, build_population, fixed_batches, loader_options, resolve_device
+from papa.build import (
+    align_data,
+    build_engine,
+    build_population,
+    fixed_batches,
+    loader_options,
+    member_policies,
+    resolve_device,
+)
 from papa.checkpoint import load_tensors, read_meta, save_tensors, sidecar_path
 from papa.data import Policy, load_dataset, load_split, make_split, make_stream, save_split
 from papa.data.subset import subset_splits
@@ -347,7 +355,9 @@ def soups(exp: dict, split_path, run_dir) -> dict:
     """papa.soups.make_soups of a trained run -> soups.safetensors: average and greedy soups (greedy on the
     validation split), each with and without REPAIR, of members permutation-aligned first with ``soups.align``
     (soups.json then says ``aligned``). REPAIR reads training data with the base transform only: the members'
-    own regularization (mixup, erasing...) would shift their moments away from those of clean inputs."""
+    own regularization (mixup, erasing...) would shift their moments away from those of clean inputs; with
+    ``fidelity.soup_repair_data: authors`` each member's moments come from its own augmented batches and the
+    soup's from un-augmented ones, as the scripts measured them (``repair_stream``)."""
     return _soups(exp, open_run(exp, split_path, run_dir))
 
 
@@ -357,18 +367,35 @@ def soups_and_metrics(exp: dict, split_path, run_dir) -> tuple[dict, dict]:
     return _soups(exp, run), _evaluate(exp, run)
 
 
+def repair_stream(exp: dict, run: Run):
+    """The training batches the soups' REPAIR reads, and whether each member reads its own policy's.
+
+    ``fidelity.soup_repair_data: paper``: members and soup alike read the base transform (crop, flip), no
+    regularization. ``authors``, as models/combined.py:257 and :290 call correct_neuron_stats_multiple
+    (train_dset_in = ``self.train_dset``, every member's own dataset transform, with ``hyperparams[j]``'s mixup,
+    label smoothing and CutMix; train_dset_out = ``[self.train_dset_noaug]``, no ``hyperparams_after``): member j's
+    moments are measured on its own augmented and regularized batches (the policies the run trained with,
+    ``member_policies`` of the run's seed), the soup on un-augmented ones (no crop, no flip). The images come from
+    REPAIR's generator (seed ``soups.repair_seed``) for every member, as in the paper's setting: the scripts'
+    ``same_repair=False`` left each member's shuffle to the unseeded global RNG."""
+    base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
+    own = fidelity.authors(exp, "soup_repair_data")
+    policies = member_policies(exp, run.meta["seed"]) if own else [base] * run.pop.size
+    stream = make_stream(run.splits, run.split["train"], exp["train"]["batch_size"], policies, 0, run.device,
+                         base=Policy() if own else base, **loader_options(exp, run.splits))
+    return stream, own
+
+
 def _soups(exp: dict, run: Run) -> dict:
     bs, s = exp["train"]["eval_batch_size"], exp["soups"]
 
     def val_accuracy(module) -> float:
         return accuracy(module.to(run.device).eval(), run.splits.train, run.split["val"], bs, run.device)
 
-    base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
-    stream = make_stream(run.splits, run.split["train"], exp["train"]["batch_size"], [base] * run.pop.size, 0,
-                         run.device, **loader_options(exp, run.splits))
+    stream, own = repair_stream(exp, run)
 
-    def batches(member, gen):
-        return stream.member_batches(None, gen, s["repair_iters"])
+    def batches(member, gen):  # member j's moments (member_moments), or None: the soup's (repair)
+        return stream.member_batches(member if own else None, gen, s["repair_iters"])
 
     aligned = soups_aligned(exp, run.meta["variant"])
     align_batches = align_data(exp, run.splits, run.split, s["align_images"], run.device) if aligned else None
@@ -383,6 +410,19 @@ def _soups(exp: dict, run: Run) -> dict:
     return info
 
 
+def similarity_steps(exp: dict, variant: str) -> tuple[bool, bool]:
+    """Whether Table 5 aligns ``variant``'s members and REPAIRs its soup: ``similarity.align`` and
+    ``similarity.repair`` for every variant, or (fidelity option ``similarity_members: authors``) for the
+    baseline only, as the scripts measured it: only the baseline's runs were aligned and REPAIRed (PE:153,
+    ``--method_comb none --permutation True --repair_soup True --correlation_est True``; PAPA-all and PAPA-2 at
+    PE:155, 157 with ``--permutation False`` and the default ``--repair_soup False``), and ``cossim``
+    (models/combined.py:153-179, main.py:408-412) measures whatever members and soup the run ends with."""
+    s = exp["similarity"]
+    if variant != "baseline" and fidelity.authors(exp, "similarity_members"):
+        return False, False
+    return s["align"], s["repair"]
+
+
 def similarity(exp: dict, split_path, run_dir) -> dict:
     """Table 5 (Appendix A.5) for one run -> similarity.json: per ResNet stage, the mean cosine similarity (%)
     of the stage outputs on the test set between two members (``between_networks``) and between a member and
@@ -395,13 +435,14 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     names = stages(pop.template)
     if pop.size < 2:
         raise PapaError(f"{run.dir}: feature similarity needs a population of at least 2 members, found {pop.size}")
-    if s["align"]:
+    align, repair = similarity_steps(exp, run.meta["variant"])
+    if align:
         permutation_spec(pop.template)
     n_test = len(splits.test) if s["test_images"] is None else min(s["test_images"], len(splits.test))
     test = fixed_batches(exp, splits, splits.test, range(n_test), run.device)
     sims = population_similarity(
-        pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=s["align"],
-        repair=s["repair"], repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
+        pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=align,
+        repair=repair, repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
         layers=exp["repair"]["layers"],
     )
 
@@ -412,7 +453,7 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     out = {
         "experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"], "stages": names,
         **per_stage(s["members"]), "members": s["members"],
-        "aligned": s["align"], "repaired": s["repair"], "repair_iters": s["repair_iters"], "test_images": n_test,
+        "aligned": align, "repaired": repair, "repair_iters": s["repair_iters"], "test_images": n_test,
         "population_sha256": run.digest, "code": code_version(),
     }
     if s["members"] != "all":  # the all-pairs measure beside the configured one

@@ -325,7 +325,7 @@ def test_runs_to_train():
     assert counts["table2"] == 4 + 4 * 4  # four long baselines, four p = 10 experiments x 4 variants
     assert counts["table3"] == 10 and counts["tables6-9"] == 96 and counts["table12"] == 12
     assert counts["table13"] == 12 and counts["tables14-17"] == 68 and counts["table18"] == 5
-    assert counts["a10"] == 2 and counts["table5"] == 4 and counts["figure2"] == 4
+    assert counts["a10"] == 2 and counts["table5"] == 4 and counts["figure2"] == 5
     assert counts["a10-bundled"] == 2 and counts["a10-readings"] == 16
 
 
