@@ -56,10 +56,13 @@ OPTIONS = {o.name: o for o in (
            "PAPA-all aligns every member to the running soup, PAPA-2 within each pair",
            "Tables 15-17"),
     Option("finetune",
-           "fine-tuning normalizes with the pretrained network's statistics and trains the head alone first",
-           "CIFAR's normalization and no head-only epochs (the scripts' linear_prob_time never fires: main.py:163 "
-           "compares an integer epoch with 0.04)",
-           "Table 1's fine-tuning rows"),
+           "fine-tuning normalizes with the pretrained network's mean/std (its timm pretrained_cfg) and trains the "
+           "head alone for the first train.freeze_epochs epochs, then every layer (§4.2)",
+           "the dataset's own normalization (CIFAR-100's mean/std, data/cifar100.py:8-10) and the head alone for "
+           "the whole run: main.py:159-161 freezes all but the classifier at epoch 0 (--linear_prob_time 0.04 > 0) "
+           "and main.py:163 unfreezes only when the integer epoch equals 0.04, which never happens; averaging "
+           "loads weights into the frozen networks (models/combined.py:146-150), so nothing unfreezes them",
+           "Table 1's fine-tuning rows (and Table 18's)"),
     Option("similarity_members",
            "Table 5 aligns and REPAIRs the soups of every variant",
            "it aligns and REPAIRs the baseline's only",

@@ -10,7 +10,7 @@ import time
 import torch
 from torch import Tensor
 
-from papa import swa
+from papa import fidelity, swa
 from papa.averagers import Context, averager_for
 from papa.build import (
     align_data,
@@ -42,6 +42,15 @@ def _clock(seconds: float) -> str:
     """``seconds`` as h:mm:ss."""
     m, sec = divmod(round(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{sec:02d}"
+
+
+def head_only(exp: dict, epoch: int) -> bool:
+    """Whether only the classifier head trains in (0-based) ``epoch``: the first ``train.freeze_epochs`` epochs
+    (§4.2, after Kumar et al.). With ``fidelity.finetune: authors`` every epoch once ``freeze_epochs`` is set,
+    as the scripts ran: main.py:159-161 freezes the body at epoch 0 when ``--linear_prob_time`` > 0 and
+    main.py:163 unfreezes it only when the integer epoch equals that fraction (0.04), which it never does."""
+    freeze = exp["train"]["freeze_epochs"]
+    return freeze > 0 if fidelity.authors(exp, "finetune") else epoch < freeze
 
 
 class Stopped(Exception):
@@ -128,7 +137,7 @@ class Trainer:
         at, epochs = self.progress, self.exp["train"]["epochs"]
         e, total_steps = at.epoch, epochs * self.stream.steps_per_epoch
         torch.manual_seed(derive_seed(self.seed, "global", e))  # dropout and other module-internal draws
-        self.freeze_body(e < self.exp["train"]["freeze_epochs"])
+        self.freeze_body(head_only(self.exp, e))
         self.pop.train()
         pending: list[Tensor] = []  # the losses of the steps since the host last read them
         for i, (x, targets) in enumerate(self.stream.epoch(e)):
