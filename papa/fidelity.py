@@ -36,9 +36,12 @@ OPTIONS = {o.name: o for o in (
            "after epochs 1, k+1, 2k+1, ... (the scripts' 0-based `epoch % k == 0`, main.py)",
            "every table with PAPA-all or PAPA-2"),
     Option("mixed_precision",
-           "train.precision's CUDA mixed precision is bf16 autocast",
-           "fp16 autocast with a GradScaler (torch.amp), as the scripts' --mixed_precision ran",
-           "every table trained on CUDA with mixed precision"),
+           "train.precision's mixed precision (bf16, bf16-cuda) is bf16 autocast with no loss scaling",
+           "on CUDA, fp16 autocast with one torch.amp.GradScaler (torch's defaults) shared by the population: the "
+           "summed loss scaled once, then each member stepped and the scale updated in member order, a member "
+           "skipped when its own gradients overflow (main.py:172-189, utils/utils.py:70-71; --mixed_precision "
+           "and --grad_scaler default to True, only the ESGD runs pass False); the CPU runs as under paper",
+           "every table trained on CUDA with mixed precision (all but Table 12)"),
     Option("repair_fusion",
            "REPAIR rescales and shifts every repaired layer's outputs exactly",
            "REPAIR as the scripts' fusion computes it (the shift of bias-free layers dropped)",
