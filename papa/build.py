@@ -8,8 +8,9 @@ import math
 
 import torch
 
+from papa import fidelity
 from papa.data import FolderStream, MemberStream, PatchStream, Policy, draw_policies, eval_batches, make_stream
-from papa.engines import Engine, choose_engine, forward_gflop
+from papa.engines import Engine, PopulationScaler, choose_engine, forward_gflop
 from papa.errors import PapaError
 from papa.models import create_model
 from papa.population import Population
@@ -65,6 +66,19 @@ def build_engine(exp: dict, device: torch.device, pop: Population, splits) -> En
         work = forward_gflop(pop.template, pop.member_tensors(0), shape) * t["batch_size"]
     return Engine(choose_engine(t["engine"], device, pop.size, work), compile=t["compile"],
                   channels_last=t["channels_last"])
+
+
+def build_precision(exp: dict, device: torch.device) -> tuple[torch.dtype | None, PopulationScaler | None]:
+    """``train.precision`` on ``device``: the autocast dtype (None: fp32) and the loss scaler (None: none).
+    ``bf16`` autocasts to bf16 on any device, ``bf16-cuda`` on CUDA only (fp32 on the CPU). With
+    ``fidelity.mixed_precision: authors`` a CUDA run's mixed precision is fp16 with a PopulationScaler, as the
+    scripts' --mixed_precision/--grad_scaler ran (main.py:172-189); the CPU runs as under ``paper``."""
+    precision, cuda = exp["train"]["precision"], device.type == "cuda"
+    if precision == "fp32" or (precision == "bf16-cuda" and not cuda):
+        return None, None
+    if cuda and fidelity.authors(exp, "mixed_precision"):
+        return torch.float16, PopulationScaler(device)
+    return torch.bfloat16, None
 
 
 # the learning-rate schedule ------------------------------------------------------------------------

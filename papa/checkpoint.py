@@ -190,6 +190,7 @@ class Resumable:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     swa: SWA | None
     progress: Progress
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (fidelity.mixed_precision: authors on CUDA)
 
 
 def saved(state: Resumable) -> tuple[dict[str, torch.Tensor], dict]:
@@ -215,6 +216,8 @@ def saved(state: Resumable) -> tuple[dict[str, torch.Tensor], dict]:
         "scheduler": state.scheduler.state_dict(), "param_groups": opt["param_groups"],
         "optimizer_scalars": opt_meta, "history": at.history, "swa_count": swa_count,
     }
+    if state.scaler is not None:  # scale and growth counter: plain numbers
+        meta["grad_scaler"] = state.scaler.state_dict()
     return tensors, meta
 
 
@@ -244,6 +247,11 @@ def restore(state: Resumable, tensors: dict[str, torch.Tensor], meta: dict, wher
     at.epoch, at.step, at.batch, at.generation = meta["epoch"], meta["step"], meta["batch"], meta["generation"]
     at.history = list(meta["history"])
     at.rng, at.cuda_rng = tensors.get("rng.global"), tensors.get("rng.cuda")
+    if state.scaler is not None:
+        if not isinstance(meta.get("grad_scaler"), dict):
+            raise PapaError(f"{where}: holds no loss scaler state, which this run's fp16 training needs; delete it "
+                            "to start over")
+        state.scaler.load_state_dict(meta["grad_scaler"])
     if state.swa is not None:
         try:
             state.swa.load_state({k: v for k, v in tensors.items() if k.startswith("swa.")}, meta["swa_count"])

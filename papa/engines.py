@@ -8,6 +8,9 @@ losses, shape (p,):
   (grouped) kernel. BatchNorm updates each member's stacked running statistics; dropout draws
   different masks per member (``randomness="different"``).
 
+``PopulationScaler`` is fp16 loss scaling over a population (``fidelity.mixed_precision: authors`` on CUDA):
+one torch.amp.GradScaler shared by the members, stepped member by member as the authors' scripts did.
+
 ``Engine`` adds the opt-in speed-ups: ``torch.compile`` of the step (compiled on the first call,
 then reused for every member, step and epoch) and channels-last inputs and conv weights for
 convolutional models. ``choose_engine`` resolves ``engine: auto``.
@@ -78,10 +81,12 @@ def _conv_weights_channels_last(params: dict[str, Tensor], dim: int) -> dict[str
 
 
 def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn: LossFn | None = None,
-              channels_last: bool = False) -> Tensor:
+              channels_last: bool = False, scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """One member at a time. Gradients are taken w.r.t. a detached view of each member's slice and
     copied into the stacked .grad, so a member's backward never touches the other members' tensors.
-    A parameter no member's loss uses gets ``.grad = None`` (the optimizer skips it), as in ``stacked``."""
+    A parameter no member's loss uses gets ``.grad = None`` (the optimizer skips it), as in ``stacked``.
+    ``scale`` (a GradScaler's ``scale``) multiplies each loss before its backward; the losses returned are
+    unscaled."""
     loss_fn = loss_fn or member_loss_fn(pop.template)
     trainable = [n for n, t in pop.params.items() if t.requires_grad]
     used = dict.fromkeys(trainable, False)
@@ -99,7 +104,8 @@ def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn:
             used_params = _conv_weights_channels_last(params, 4)
         with autocast():
             loss = loss_fn(used_params, buffers, xj, targets[j])
-        grads = torch.autograd.grad(loss, [params[n] for n in trainable], allow_unused=True)
+        grads = torch.autograd.grad(loss if scale is None else scale(loss), [params[n] for n in trainable],
+                                    allow_unused=True)
         for n, g in zip(trainable, grads, strict=True):
             if g is None:
                 pop.params[n].grad[j].zero_()
@@ -114,8 +120,9 @@ def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn:
 
 
 def stacked_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn: LossFn | None = None,
-                 channels_last: bool = False) -> Tensor:
-    """All members at once: vmap over the member axis of parameters, buffers and data."""
+                 channels_last: bool = False, scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """All members at once: vmap over the member axis of parameters, buffers and data. ``scale`` as in
+    ``loop_step`` (applied to the sum of the members' losses, as the scripts scaled theirs)."""
     loss_fn = loss_fn or vmap(member_loss_fn(pop.template), randomness="different")
     params = pop.params
     if channels_last and x.dim() == 5:
@@ -125,7 +132,8 @@ def stacked_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_
     # dropping the old gradients lets backward hand over its fresh ones instead of adding into zeros
     for t in pop.params.values():
         t.grad = None
-    losses.sum().backward()
+    total = losses.sum()
+    (total if scale is None else scale(total)).backward()
     return losses.detach()
 
 
@@ -161,12 +169,102 @@ class Engine:
         """Whether members run through one vmapped call (what REPAIR and BatchNorm passes follow too)."""
         return self.name == "stacked"
 
-    def __call__(self, pop: Population, x: Tensor, targets: Tensor, autocast) -> Tensor:
+    def __call__(self, pop: Population, x: Tensor, targets: Tensor, autocast,
+                 scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         return ENGINES[self.name](pop, x, targets, autocast, loss_fn=self.loss_fn(pop.template),
-                                  channels_last=self.channels_last)
+                                  channels_last=self.channels_last, scale=scale)
 
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, compile={self.compile}, channels_last={self.channels_last})"
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+class PopulationScaler(torch.amp.GradScaler):
+    """fp16 loss scaling as the authors' scripts ran it (main.py:172-189, utils/utils.py:70-71): one
+    ``GradScaler()`` with torch's defaults (scale 2**16, x2 after 2,000 clean updates, x0.5 on an overflow)
+    shared by the whole population, whose summed loss is scaled once; then, member by member in member order,
+    ``scaler.step(optimizer[l]); scaler.update()``. So each member's step is skipped only when its own
+    gradients hold an inf or NaN, the scale changes after every member (halved after an overflowing one, the
+    growth counter advancing p times per step), and a member's gradients are unscaled by the scale as it
+    stands when its turn comes: after an overflowing member the later members' gradients come out doubled for
+    that step, as they did in the scripts (their GradScaler unscales each optimizer with the current scale).
+
+    papa has one optimizer over the stacked tensors, so a skipped member is restored: its parameters and
+    optimizer state (momentum, Adam's moments; zeros where the state did not exist yet, which is what a
+    fresh state amounts to) are put back after the step. When every member overflows the optimizer does not
+    step at all. The one thing a stacked optimizer cannot hold per member is AdamW's step count: a member
+    skipped while others step counts that step in its bias correction (the scripts' own optimizer did not).
+    Under torchrun every rank sees every member's overflow flag, so all ranks keep the same scale."""
+
+    def __init__(self, device: torch.device | str):
+        super().__init__(torch.device(device).type)
+
+    def step_population(self, optimizer: torch.optim.Optimizer, pop: Population, comm) -> list[bool]:
+        """Unscale the stacked gradients member by member, step the members whose gradients are finite and
+        update the scale as the scripts' per-member step/update pairs did; every member's overflow flag (in
+        member order, all ranks') is returned."""
+        grads = [t.grad for t in pop.params.values() if t.grad is not None]
+        local = torch.zeros(pop.size, dtype=torch.bool, device=grads[0].device if grads else None)
+        for g in grads:
+            local |= ~torch.isfinite(g).flatten(1).all(1)
+        found = [bool(a) for a, _ in comm.gather_scores([(float(f), 0.0) for f in local.tolist()])]
+        scale, tracker = self.get_scale(), int(self.state_dict()["_growth_tracker"])
+        interval, growth, backoff = self.get_growth_interval(), self.get_growth_factor(), self.get_backoff_factor()
+        inverse = []
+        for overflow in found:  # scaler.step(optimizer[l]); scaler.update(), l = 0, 1, ...
+            inverse.append(1.0 / scale)
+            if overflow:
+                scale, tracker = scale * backoff, 0
+            else:
+                tracker += 1
+                if tracker == interval:  # grown only to a finite float32, as torch's update kernel does
+                    scale, tracker = (scale * growth if scale * growth <= _FLOAT32_MAX else scale), 0
+        self.update(scale)
+        self._growth_tracker.fill_(tracker)
+        mine = [found[j] for j in comm.members]
+        if grads:
+            inv = torch.tensor([inverse[j] for j in comm.members], dtype=torch.float32, device=grads[0].device)
+            for g in grads:
+                g.mul_(inv.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+        if all(mine):
+            return found
+        skipped = [k for k, f in enumerate(mine) if f]
+        if not skipped:
+            optimizer.step()
+            return found
+        kept = _member_slices(optimizer, pop, skipped)
+        for g in grads:
+            g[skipped] = 0
+        optimizer.step()
+        with torch.no_grad():
+            for t, rows in kept:
+                t[skipped] = rows
+            for t in _fresh_state(optimizer, pop, kept):
+                t[skipped] = 0
+        return found
+
+
+def _member_slices(optimizer: torch.optim.Optimizer, pop: Population, rows: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """Copies of ``rows`` (members) of every parameter with a gradient and of its per-member optimizer state."""
+    kept = []
+    for t in pop.params.values():
+        if t.grad is None:
+            continue
+        kept.append((t, t.detach()[rows].clone()))
+        for v in optimizer.state.get(t, {}).values():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == pop.size:
+                kept.append((v, v[rows].clone()))
+    return kept
+
+
+def _fresh_state(optimizer: torch.optim.Optimizer, pop: Population, kept: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+    """Per-member optimizer state tensors created by the step just taken (none were in ``kept``)."""
+    known = {id(t) for t, _ in kept}
+    return [v for t in pop.params.values() if t.grad is not None
+            for v in optimizer.state.get(t, {}).values()
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == pop.size and id(v) not in known]
 
 
 _WEIGHTED = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)

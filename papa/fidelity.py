@@ -36,9 +36,12 @@ OPTIONS = {o.name: o for o in (
            "after epochs 1, k+1, 2k+1, ... (the scripts' 0-based `epoch % k == 0`, main.py)",
            "every table with PAPA-all or PAPA-2"),
     Option("mixed_precision",
-           "train.precision's CUDA mixed precision is bf16 autocast",
-           "fp16 autocast with a GradScaler (torch.amp), as the scripts' --mixed_precision ran",
-           "every table trained on CUDA with mixed precision"),
+           "train.precision's mixed precision (bf16, bf16-cuda) is bf16 autocast with no loss scaling",
+           "on CUDA, fp16 autocast with one torch.amp.GradScaler (torch's defaults) shared by the population: the "
+           "summed loss scaled once, then each member stepped and the scale updated in member order, a member "
+           "skipped when its own gradients overflow (main.py:172-189, utils/utils.py:70-71; --mixed_precision "
+           "and --grad_scaler default to True, only the ESGD runs pass False); the CPU runs as under paper",
+           "every table trained on CUDA with mixed precision (all but Table 12)"),
     Option("repair_fusion",
            "REPAIR rescales and shifts every repaired layer's outputs exactly",
            "REPAIR as the scripts' fusion computes it (the shift of bias-free layers dropped)",
@@ -59,10 +62,13 @@ OPTIONS = {o.name: o for o in (
            "PAPA-all aligns every member to the running soup, PAPA-2 within each pair",
            "Tables 15-17"),
     Option("finetune",
-           "fine-tuning normalizes with the pretrained network's statistics and trains the head alone first",
-           "CIFAR's normalization and no head-only epochs (the scripts' linear_prob_time never fires: main.py:163 "
-           "compares an integer epoch with 0.04)",
-           "Table 1's fine-tuning rows"),
+           "fine-tuning normalizes with the pretrained network's mean/std (its timm pretrained_cfg) and trains the "
+           "head alone for the first train.freeze_epochs epochs, then every layer (§4.2)",
+           "the dataset's own normalization (CIFAR-100's mean/std, data/cifar100.py:8-10) and the head alone for "
+           "the whole run: main.py:159-161 freezes all but the classifier at epoch 0 (--linear_prob_time 0.04 > 0) "
+           "and main.py:163 unfreezes only when the integer epoch equals 0.04, which never happens; averaging "
+           "loads weights into the frozen networks (models/combined.py:146-150), so nothing unfreezes them",
+           "Table 1's fine-tuning rows (and Table 18's)"),
     Option("similarity_members",
            "Table 5 aligns every variant's members to member 0 and REPAIRs its average soup (similarity.align, "
            "similarity.repair)",

@@ -59,7 +59,8 @@ def load_experiment(config_path: str | Path, name: str | None) -> dict:
 
 def load_data(exp: dict):
     """The experiment's dataset, resized to ``data.image_size`` (``data.resize``: bilinear or bicubic) and, for a
-    pretrained timm model, normalized with the mean/std the model was pretrained with (its timm pretrained_cfg)."""
+    pretrained timm model, normalized with the mean/std the model was pretrained with (its timm pretrained_cfg);
+    with ``fidelity.finetune: authors`` with the dataset's own (CIFAR's), as the scripts' data/cifar100.py did."""
     d, m = exp["data"], exp["model"]
     options = {"image_size": d["image_size"]} if d["image_size"] else {}
     splits = load_dataset(d["dataset"], d["root"], **options, **d["options"])
@@ -68,7 +69,7 @@ def load_data(exp: dict):
     for part in (splits.train, splits.test):
         if hasattr(part, "resize"):  # in-memory arrays (folders crop and resize with their own transforms)
             part.resize = d.get("resize", "bilinear")
-    stats = pretrained_normalization(m["name"], m["pretrained"])
+    stats = None if fidelity.authors(exp, "finetune") else pretrained_normalization(m["name"], m["pretrained"])
     if stats is not None and len(stats[0]) == splits.in_channels:
         for part in (splits, splits.train, splits.test):
             part.mean, part.std = stats

@@ -10,13 +10,14 @@ import time
 import torch
 from torch import Tensor
 
-from papa import swa
+from papa import fidelity, swa
 from papa.averagers import Context, averager_for
 from papa.build import (
     align_data,
     build_engine,
     build_optimizer,
     build_population,
+    build_precision,
     build_stream,
     lr_factor,
     member_policies,
@@ -44,6 +45,15 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{sec:02d}"
 
 
+def head_only(exp: dict, epoch: int) -> bool:
+    """Whether only the classifier head trains in (0-based) ``epoch``: the first ``train.freeze_epochs`` epochs
+    (§4.2, after Kumar et al.). With ``fidelity.finetune: authors`` every epoch once ``freeze_epochs`` is set,
+    as the scripts ran: main.py:159-161 freezes the body at epoch 0 when ``--linear_prob_time`` > 0 and
+    main.py:163 unfreezes it only when the integer epoch equals that fraction (0.04), which it never does."""
+    freeze = exp["train"]["freeze_epochs"]
+    return freeze > 0 if fidelity.authors(exp, "finetune") else epoch < freeze
+
+
 class Stopped(Exception):
     """Training stopped on a signal after saving a checkpoint (the caller exits; a rerun resumes)."""
 
@@ -69,9 +79,9 @@ class Trainer:
         self.engine = build_engine(exp, self.device, self.pop, splits)
         self.engine_name = self.engine.name
         self.stacked = self.engine.stacked  # REPAIR and BatchNorm passes go through the same vmap
-        precision = exp["train"]["precision"]  # bf16-cuda: bf16 autocast on CUDA only
-        bf16 = precision == "bf16" or (precision == "bf16-cuda" and self.device.type == "cuda")
-        self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        dtype, self.scaler = build_precision(exp, self.device)  # bf16-cuda: autocast on CUDA only
+        self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype or torch.bfloat16,
+                                               enabled=dtype is not None)
         self.progress = Progress()  # counters, history: what a checkpoint saves (papa.checkpoint)
         self.stop_signal: str | None = None  # set by a signal handler; honoured at the next step
         bar = sys.stderr.isatty() if progress is None else progress
@@ -86,7 +96,7 @@ class Trainer:
             self.val_scores, self.val_accuracy, lambda images: align_data(exp, splits, split, images, self.device))
         self.averager.check(self.context)
         self.resumable = Resumable({"variant": variant, "seed": seed, "experiment": exp}, self.pop, self.optimizer,
-                                   self.scheduler, self.swa, self.progress)
+                                   self.scheduler, self.swa, self.progress, self.scaler)
 
     # pieces ----------------------------------------------------------------------------------
     @property
@@ -128,7 +138,7 @@ class Trainer:
         at, epochs = self.progress, self.exp["train"]["epochs"]
         e, total_steps = at.epoch, epochs * self.stream.steps_per_epoch
         torch.manual_seed(derive_seed(self.seed, "global", e))  # dropout and other module-internal draws
-        self.freeze_body(e < self.exp["train"]["freeze_epochs"])
+        self.freeze_body(head_only(self.exp, e))
         self.pop.train()
         pending: list[Tensor] = []  # the losses of the steps since the host last read them
         for i, (x, targets) in enumerate(self.stream.epoch(e)):
@@ -138,8 +148,12 @@ class Trainer:
                 self.restore_rng()
             # None (not zero) gradients: a frozen parameter must get no weight decay or momentum step either
             self.optimizer.zero_grad(set_to_none=True)
-            pending.append(self.engine(self.pop, x, targets, self.autocast).detach())
-            self.optimizer.step()
+            if self.scaler is None:
+                pending.append(self.engine(self.pop, x, targets, self.autocast).detach())
+                self.optimizer.step()
+            else:  # fp16 with loss scaling: a member's step is skipped when its gradients overflow
+                pending.append(self.engine(self.pop, x, targets, self.autocast, self.scaler.scale).detach())
+                self.scaler.step_population(self.optimizer, self.pop, self.comm)
             self.scheduler.step()
             at.step, at.batch = at.step + 1, i + 1
             if len(pending) == LOSS_READ_EVERY:

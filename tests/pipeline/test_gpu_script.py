@@ -242,6 +242,12 @@ def test_the_headline_is_the_paper_config_with_the_measured_settings_laid_over()
     assert exp["train"] | {"engine": "stacked", "compile": True, "precision": "bf16", "channels_last": True,
                            "device": "cuda", "batch_size": 64} == exp["train"]
     assert exp["averaging"]["papa-all"]["repair_iters"] == 2 and exp["augment"]["grid"]["cutmix"] == [0.0, 0.5, 1.0]
+    # the bf16 it measures and labels, even under fidelity: authors (fp16 with loss scaling there)
+    assert exp["fidelity"]["mixed_precision"] == "paper"
+    import torch
+
+    from papa.build import build_precision
+    assert build_precision(exp, torch.device("cuda")) == (torch.bfloat16, None)
     splits, split = headline.cifar_shaped_data(exp, 100, 10)
     assert splits.train.images.shape == (100, 3, 32, 32) and len(splits.test) == 10
     assert (len(split["train"]), len(split["val"])) == (98, 2)  # data.val_fraction = 2%
