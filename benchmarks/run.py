@@ -115,19 +115,22 @@ def table(rows: list[dict]) -> str:
             "push ms", "push at every=10", "TFLOP/s", "% bf16 peak", "member fwd GFLOP", "auto"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
+    def spec(r: dict) -> str:  # the model as given (with its kwargs); rows of other sweeps (gpu.py) name it only
+        return r.get("spec", r["model"])
+
     def key(r: dict) -> tuple:
-        return r["spec"], r["population"], r.get("batch_size")
+        return spec(r), r["population"], r.get("batch_size")
 
     loop = {key(r): r for r in rows if r["label"] == "loop" and "error" not in r}
     for r in rows:
         if "error" in r:
-            cells = [r["spec"], r["population"], r.get("batch_size", ""), r["label"], f"error: {r['error']}"]
+            cells = [spec(r), r["population"], r.get("batch_size", ""), r["label"], f"error: {r['error']}"]
             cells += [""] * 10
         else:
             base = loop.get(key(r))  # None without a loop row to compare with
             peak, cpu, base_cpu = r["peak_fraction"], r.get("cpu_ms"), base and base.get("cpu_ms")
             cells = [
-                r["spec"], r["population"], r["batch_size"], r["label"], fmt(r["images_per_second"], 0),
+                spec(r), r["population"], r["batch_size"], r["label"], fmt(r["images_per_second"], 0),
                 fmt(r["step_ms"], 2), fmt(base and r["images_per_second"] / base["images_per_second"], 2),
                 fmt(cpu, 2), fmt(cpu and base_cpu and base_cpu / cpu, 2),
                 fmt(r["averaging_ms"], 2), f"{fmt(100 * r['averaging_fraction_every10'], 2)}%",

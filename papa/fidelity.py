@@ -61,14 +61,18 @@ OPTIONS = {o.name: o for o in (
            "averagings with align permute every member to member 0",
            "PAPA-all aligns every member to the running soup, PAPA-2 within each pair",
            "Tables 15-17"),
-    Option("finetune",
-           "fine-tuning normalizes with the pretrained network's mean/std (its timm pretrained_cfg) and trains the "
-           "head alone for the first train.freeze_epochs epochs, then every layer (§4.2)",
-           "the dataset's own normalization (CIFAR-100's mean/std, data/cifar100.py:8-10) and the head alone for "
-           "the whole run: main.py:159-161 freezes all but the classifier at epoch 0 (--linear_prob_time 0.04 > 0) "
-           "and main.py:163 unfreezes only when the integer epoch equals 0.04, which never happens; averaging "
-           "loads weights into the frozen networks (models/combined.py:146-150), so nothing unfreezes them",
-           "Table 1's fine-tuning rows (and Table 18's)"),
+    Option("finetune_normalization",
+           "fine-tuning normalizes with the pretrained network's mean/std (its timm pretrained_cfg)",
+           "the dataset's own normalization (CIFAR-100's mean/std, data/cifar100.py:8-10)",
+           "Table 1's fine-tuning rows"),
+    Option("finetune_freeze",
+           "fine-tuning trains the head alone for the first train.freeze_epochs epochs, then every layer (§4.2)",
+           "the head alone for the whole run, as the published scripts are written: main.py:159-161 freezes all "
+           "but the classifier at epoch 0 (--linear_prob_time 0.04 > 0) and main.py:163 unfreezes only when the "
+           "integer epoch equals 0.04, which never happens; averaging loads weights into the frozen networks "
+           "(models/combined.py:146-150). Table 1's fine-tuning numbers (88-92% on CIFAR-100) are those of full "
+           "fine-tuning, which §5 says was done, so the paper configs keep `paper` for this option",
+           "Table 1's fine-tuning rows"),
     Option("similarity_members",
            "Table 5 aligns every variant's members to member 0 and REPAIRs its average soup (similarity.align, "
            "similarity.repair)",

@@ -88,7 +88,7 @@ def events(exp: dict, steps: int | None) -> dict[str, str]:
         if steps is None or first_push(exp, variant, steps) is not None:
             found[f"{VARIANTS[variant].label} push"] = (f"averaging.{variant} every {a[variant]['every']} steps in "
                                                         f"the window {a['window']}")
-    if 0 < t["freeze_epochs"] < epochs and not fidelity.authors(exp, "finetune"):  # the scripts never unfreeze
+    if 0 < t["freeze_epochs"] < epochs and not fidelity.authors(exp, "finetune_freeze"):  # the scripts never unfreeze
         found["unfreeze"] = f"train.freeze_epochs {t['freeze_epochs']} of {epochs}"
     restart = t["schedule"]["restart_every"]
     if restart and restart < epochs:

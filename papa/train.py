@@ -51,7 +51,7 @@ def head_only(exp: dict, epoch: int) -> bool:
     as the scripts ran: main.py:159-161 freezes the body at epoch 0 when ``--linear_prob_time`` > 0 and
     main.py:163 unfreezes it only when the integer epoch equals that fraction (0.04), which it never does."""
     freeze = exp["train"]["freeze_epochs"]
-    return freeze > 0 if fidelity.authors(exp, "finetune") else epoch < freeze
+    return freeze > 0 if fidelity.authors(exp, "finetune_freeze") else epoch < freeze
 
 
 class Stopped(Exception):

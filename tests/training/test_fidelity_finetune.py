@@ -1,7 +1,8 @@
-"""``fidelity.finetune``: fine-tuning as the authors' scripts ran it (SamsungSAILMontreal/PAPA at 47ad83a) against
-the paper's §4.2. The scripts normalize CIFAR with CIFAR's mean/std (data/cifar100.py), not the pretrained
-network's, and their linear probing freezes the body at epoch 0 (main.py:159-161) but never unfreezes it
-(main.py:163 compares the integer epoch with 0.04): the head alone trains for the whole run."""
+"""``fidelity.finetune_normalization`` and ``finetune_freeze``: fine-tuning as the authors' scripts are written
+(SamsungSAILMontreal/PAPA at 47ad83a) against the paper's §4.2. The scripts normalize CIFAR with CIFAR's mean/std
+(data/cifar100.py), not the pretrained network's, and their linear probing freezes the body at epoch 0
+(main.py:159-161) but never unfreezes it (main.py:163 compares the integer epoch with 0.04): the head alone trains
+for the whole run."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ EVA = "timm/eva02_tiny_patch14_224.mim_in22k"  # pretrained with CLIP's mean/std
 def test_pretrained_models_see_cifar_normalization_under_authors_only(tmp_path, setting):
     write_cifar(tmp_path, "cifar100", per_file=10)
     exp = {"data": {"dataset": "cifar100", "root": str(tmp_path), "image_size": None, "options": {}},
-           "model": {"name": EVA, "pretrained": TIMM_CACHE}, "fidelity": {"finetune": setting}}
+           "model": {"name": EVA, "pretrained": TIMM_CACHE}, "fidelity": {"finetune_normalization": setting}}
     splits = runs.load_data(exp)
     clip = pretrained_normalization(EVA, TIMM_CACHE)
     assert clip[0] != pytest.approx(CIFAR100_MEAN)  # the two readings differ for this model
@@ -38,7 +39,7 @@ def test_pretrained_models_see_cifar_normalization_under_authors_only(tmp_path, 
 def test_head_only_epochs_by_setting():
     exp = tiny_experiment(train={"epochs": 5, "freeze_epochs": 2})
     assert [head_only(exp, e) for e in range(5)] == [True, True, False, False, False]
-    exp["fidelity"]["finetune"] = "authors"
+    exp["fidelity"]["finetune_freeze"] = "authors"
     assert [head_only(exp, e) for e in range(5)] == [True] * 5  # frozen at epoch 0, never unfrozen
     exp["train"]["freeze_epochs"] = 0  # --linear_prob_time 0: no freezing at all
     assert not any(head_only(exp, e) for e in range(5))
@@ -47,7 +48,7 @@ def test_head_only_epochs_by_setting():
 def test_smoke_events_list_no_unfreeze_under_authors():
     exp = tiny_experiment(train={"epochs": 4, "freeze_epochs": 1})
     assert "unfreeze" in smoke.events(exp, 10)
-    exp["fidelity"]["finetune"] = "authors"
+    exp["fidelity"]["finetune_freeze"] = "authors"
     assert "unfreeze" not in smoke.events(exp, 10)
 
 
@@ -65,7 +66,7 @@ def test_the_body_stays_pretrained_for_the_whole_run_under_authors(tmp_path, set
         population={"size": 2},
         train={"epochs": 2, "freeze_epochs": 1, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 1e-3}},
         averaging={"papa-all": {"every": 1, "from_start": True, "repair": False}},
-        fidelity={"finetune": setting},
+        fidelity={"finetune_freeze": setting},
     )
     exp["model"]["kwargs"] = {}  # TINY's digits_cnn width
     splits = runs.load_data(exp)
