@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from papa import averaging
+from papa import averaging, fidelity
 from papa.alignment import align_members_, permutation_spec
 from papa.checkpoint import Progress
 from papa.data import FolderStream, MemberStream, PatchStream
@@ -142,6 +142,7 @@ class Replace(_Averaging):
     from_start: bool = False
     greedy_criterion: str = ">="
     mix_swa: bool = False
+    pairs: str = "random"  # PAPA-2's partners (papa.averaging.PAIRINGS; fidelity option papa2_pairs)
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
@@ -157,7 +158,7 @@ class Replace(_Averaging):
         if self.scheme == "all":
             return None
         if self.scheme != "greedy":
-            return averaging.mixing_matrix(self.scheme, ctx.comm.p, gen)
+            return averaging.mixing_matrix(self.scheme, ctx.comm.p, gen, self.pairs)
         scores = [acc for acc, _ in ctx.val_scores(ctx.pop)]
         _, members = greedy_soup(ctx.pop, ctx.val_accuracy, self.greedy_criterion, scores=scores)
         return averaging.greedy_matrix(members, ctx.comm.p)
@@ -227,7 +228,7 @@ class Genetic(Replace):
             return [loss for _, loss in ctx.val_scores(children)]
 
         genetic = {"tournament": self.tournament, "elitism": self.elitism}
-        return selection_matrix(ctx.comm.p, losses, self.scheme, genetic, gen, children_losses)
+        return selection_matrix(ctx.comm.p, losses, self.scheme, genetic, gen, children_losses, self.pairs)
 
 
 def averager_for(variant: str, exp: dict) -> Baseline:
@@ -247,7 +248,8 @@ def averager_for(variant: str, exp: dict) -> Baseline:
     replace = {"every": cfg["every"], "scheme": cfg["scheme"], "repair": cfg["repair"],
                "repair_iters": cfg["repair_iters"], "repair_layers": exp["repair"]["layers"],
                "from_start": cfg["from_start"], "greedy_criterion": exp["soups"]["greedy_criterion"],
-               "mix_swa": swa is not None and swa["mix_averages"]}
+               "mix_swa": swa is not None and swa["mix_averages"],
+               "pairs": "first" if fidelity.authors(exp, "papa2_pairs") else "random"}
     if genetic["tournament"] or genetic["elitism"]:
         return Genetic(**common, **replace, tournament=genetic["tournament"], elitism=genetic["elitism"])
     return Replace(**common, **replace)

@@ -27,10 +27,14 @@ class Option:
 
 OPTIONS = {o.name: o for o in (
     Option("papa2_pairs",
-           "PAPA-2's partners: p pairs drawn at random from all p(p-1)/2 distinct pairs",
-           "the first p pairs in lexicographic order (main.py:290-293): at p = 10, 9 of the 10 children contain "
-           "member 0",
-           "Tables 1-2, 6-9, 12, 14, 18"),
+           "PAPA-2's partners (and those of the pair-75 scheme and the genetic ablations' untournamented "
+           "children): p pairs drawn at random from all p(p-1)/2 distinct pairs",
+           "the first p pairs in lexicographic order, dealt to the members in a random order (main.py:290-293, "
+           "combinations(arange(p))[randperm(p)][:p]): at p = 10, 9 of the 10 children contain member 0; p <= 3 "
+           "uses every pair either way, p = 2 averages its one pair into both members (main.py:295); pair-75 keeps "
+           "a random one of each pair's two children (main.py:311)",
+           "every PAPA-2 cell: Tables 1-2, 5, 6-9, 10-11, 12, 14 (pair-half, pair-75), 16 (the rows without "
+           "tournament selection), 18 and Figure 2"),
     Option("averaging_epochs",
            "PAPA-all and PAPA-2 average after epochs k, 2k, ... (and 1 with from_start)",
            "after epochs 1, k+1, 2k+1, ... (the scripts' 0-based `epoch % k == 0`, main.py)",

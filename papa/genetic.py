@@ -51,19 +51,21 @@ def selection_matrix(
     genetic: dict,
     generator: torch.Generator,
     children_losses: Callable[[Tensor], Sequence[float]],
+    pairs: str = "random",
 ) -> Tensor:
     """The p x p mixing matrix of one generation with tournament and/or elitist selection.
 
     ``losses``: the parents' validation losses. ``children_losses(rows)``: the validation losses of the children
     ``rows`` (REPAIRed). Without elitism: p children. With elitism: ``n_children`` children and the p parents
     (identity rows) ranked by validation loss; the best ``ELITE_FRACTION`` of p first, then the next ranked up
-    to p, in a random order."""
+    to p, in a random order. ``pairs``: papa.averaging.draw_pairs' choice of partners without tournament
+    selection (with elitism the authors' children are every pair but for p > 13, where they are the first 6p)."""
     if scheme not in PAIR_WEIGHTS:
         raise PapaError(f"genetic selection needs a pair scheme ({', '.join(PAIR_WEIGHTS)}), not {scheme!r}")
     if p < 3 and genetic["tournament"]:
         raise PapaError("tournament selection needs at least 3 members")
     n = n_children(p, genetic["elitism"])
-    pairs = tournament_pairs(losses, n, generator) if genetic["tournament"] else draw_pairs(p, generator, n)
+    pairs = tournament_pairs(losses, n, generator) if genetic["tournament"] else draw_pairs(p, generator, n, pairs)
     children = child_rows(pairs, p, PAIR_WEIGHTS[scheme], generator)
     if not genetic["elitism"]:
         return children

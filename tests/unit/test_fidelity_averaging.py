@@ -1,0 +1,90 @@
+"""The fidelity options of PAPA-2's and PAPA-all's averagings (papa/fidelity.py) on small populations, with the
+exact outcome of the authors' scripts (SamsungSAILMontreal/PAPA at 47ad83a) and of the paper's reading: each test
+below fails under the other setting."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from papa import averaging, genetic
+from papa.averagers import Replace, averager_for
+from tests.helpers import tiny_experiment
+
+
+def first_pairs(p: int) -> set[tuple[int, int]]:
+    return set(itertools.islice(itertools.combinations(range(p), 2), p))
+
+
+def row_pairs(m: torch.Tensor) -> list[tuple[int, int]]:
+    return [tuple(sorted(torch.nonzero(row).flatten().tolist())) for row in m]
+
+
+# papa2_pairs ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [3, 4, 5, 10])
+def test_first_pairs_are_exactly_the_first_p_lexicographic_pairs_in_a_random_order(p):
+    orders = set()
+    for seed in range(20):
+        pairs = averaging.draw_pairs(p, torch.Generator().manual_seed(seed), pairs="first")
+        rows = [tuple(r) for r in pairs.tolist()]
+        assert len(rows) == p and set(rows) == first_pairs(p)  # each of them once, each (lower, higher)
+        orders.add(tuple(rows))
+    assert len(orders) > 1  # which member receives which child is drawn (the authors' randperm)
+
+
+def test_at_ten_members_nine_children_of_ten_contain_member_0():
+    m = averaging.mixing_matrix("pair-half", 10, torch.Generator().manual_seed(0), pairs="first")
+    assert sum(m[:, 0] > 0) == 9
+    assert sorted(row_pairs(m)) == [(0, j) for j in range(1, 10)] + [(1, 2)]
+
+
+def test_two_members_average_their_one_pair_twice():
+    pairs = averaging.draw_pairs(2, torch.Generator().manual_seed(0), pairs="first")
+    assert pairs.tolist() == [[0, 1], [0, 1]]
+
+
+def test_pair_75_keeps_a_random_child_of_each_first_pair():
+    heavy_first = []
+    for seed in range(20):
+        m = averaging.mixing_matrix("pair-75", 5, torch.Generator().manual_seed(seed), pairs="first")
+        assert set(row_pairs(m)) == first_pairs(5)
+        assert sorted(m.flatten()[m.flatten() > 0].tolist()) == [0.25] * 5 + [0.75] * 5
+        heavy_first += [bool(row[min(pair)] == 0.75) for row, pair in zip(m, row_pairs(m), strict=True)]
+    assert any(heavy_first) and not all(heavy_first)  # either child of the pair: random.randint(0, 1)
+
+
+@pytest.mark.parametrize("scheme", ["pair-half", "pair-75"])
+def test_the_experiments_averager_takes_the_first_pairs_only_under_authors(scheme):
+    p, ctx = 5, SimpleNamespace(comm=SimpleNamespace(p=5))
+    seen = {}
+    for setting in ("paper", "authors"):
+        exp = tiny_experiment(population={"size": p}, fidelity={"papa2_pairs": setting},
+                              averaging={"papa-2": {"scheme": scheme}})
+        averager = averager_for("papa-2", exp)
+        assert type(averager) is Replace
+        matrices = [averager.matrix(ctx, torch.Generator().manual_seed(e)) for e in range(30)]
+        seen[setting] = {pair for m in matrices for pair in row_pairs(m)}
+    assert seen["authors"] == first_pairs(p)
+    assert seen["paper"] == set(itertools.combinations(range(p), 2))  # every pair reachable: (2, 4) too
+
+
+def test_the_genetic_ablations_children_follow_the_option():
+    """Without tournament or elitism (the mutation rows) the authors' p children are the first p pairs; with
+    elitism and p <= 13 they are every pair, in both settings."""
+    p, losses = 5, [1.0, 2.0, 3.0, 4.0, 5.0]
+    for setting, expected in (("authors", first_pairs(p)), ("paper", set(itertools.combinations(range(p), 2)))):
+        exp = tiny_experiment(population={"size": p}, fidelity={"papa2_pairs": setting},
+                              averaging={"papa-2": {"scheme": "pair-half"}, "genetic": {"mutation_std": 0.01}})
+        assert averager_for("papa-2", exp).pairs == ("first" if setting == "authors" else "random")
+        seen = {pair for seed in range(30) for pair in row_pairs(genetic.selection_matrix(
+            p, losses, "pair-half", {"tournament": False, "elitism": False}, torch.Generator().manual_seed(seed),
+            lambda rows: [], pairs=averager_for("papa-2", exp).pairs))}
+        assert seen == expected
+    scored = []
+    genetic.selection_matrix(p, losses, "pair-half", {"tournament": False, "elitism": True},
+                             torch.Generator().manual_seed(0), lambda rows: scored.extend(rows) or [0.0] * len(rows),
+                             pairs="first")
+    assert sorted(row_pairs(torch.stack(scored))) == list(itertools.combinations(range(p), 2))
