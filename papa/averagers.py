@@ -27,7 +27,7 @@ from papa.repair import member_moments, repair_population_
 from papa.rng import generator
 from papa.soups import greedy_soup
 from papa.swa import SWA
-from papa.variants import VARIANTS, averages_after, pushes_after
+from papa.variants import VARIANTS, averages_after, pushes_after, zero_based
 
 
 @dataclass
@@ -143,6 +143,7 @@ class Replace(_Averaging):
     greedy_criterion: str = ">="
     mix_swa: bool = False
     pairs: str = "random"  # PAPA-2's partners (papa.averaging.PAIRINGS; fidelity option papa2_pairs)
+    zero_based: bool = False  # the scripts' averaging epochs (papa.variants.averages_after; averaging_epochs)
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
@@ -150,7 +151,7 @@ class Replace(_Averaging):
             raise PapaError(f"averaging.{self.name}.scheme greedy runs in a single process only")
 
     def due_after_epoch(self, epoch: int, epochs: int) -> bool:
-        return averages_after(epoch, epochs, self.every, self.from_start, self.window)
+        return averages_after(epoch, epochs, self.every, self.from_start, self.window, self.zero_based)
 
     def matrix(self, ctx: Context, gen: torch.Generator) -> Tensor | None:
         """This generation's mixing matrix; None for PAPA-all's plain average. ``greedy``: every row the greedy
@@ -249,7 +250,8 @@ def averager_for(variant: str, exp: dict) -> Baseline:
                "repair_iters": cfg["repair_iters"], "repair_layers": exp["repair"]["layers"],
                "from_start": cfg["from_start"], "greedy_criterion": exp["soups"]["greedy_criterion"],
                "mix_swa": swa is not None and swa["mix_averages"],
-               "pairs": "first" if fidelity.authors(exp, "papa2_pairs") else "random"}
+               "pairs": "first" if fidelity.authors(exp, "papa2_pairs") else "random",
+               "zero_based": zero_based(exp)}
     if genetic["tournament"] or genetic["elitism"]:
         return Genetic(**common, **replace, tournament=genetic["tournament"], elitism=genetic["elitism"])
     return Replace(**common, **replace)

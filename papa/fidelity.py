@@ -36,9 +36,14 @@ OPTIONS = {o.name: o for o in (
            "every PAPA-2 cell: Tables 1-2, 5, 6-9, 10-11, 12, 14 (pair-half, pair-75), 16 (the rows without "
            "tournament selection), 18 and Figure 2"),
     Option("averaging_epochs",
-           "PAPA-all and PAPA-2 average after epochs k, 2k, ... (and 1 with from_start)",
-           "after epochs 1, k+1, 2k+1, ... (the scripts' 0-based `epoch % k == 0`, main.py)",
-           "every table with PAPA-all or PAPA-2"),
+           "PAPA-all and PAPA-2 (and Table 14's schemes, the genetic ablations) average after epochs k, 2k, ... "
+           "(and 1 with from_start), never after the last, inside the window (lo E, hi E]",
+           "after epochs k+1, 2k+1, ... (and 1 with from_start, the scripts' mix_from_start, on in all their "
+           "runs), never after the last, inside the window [lo E, hi E] (main.py:217: 0-based `epoch % k == 0 and "
+           "(epoch > 0 or mix_from_start) and epoch+1 >= lo E and epoch+1 <= hi E`; utils/utils.py:60-61 scales "
+           "range_merge by EPOCHS; main.py:271, 299: no mixing at the last epoch): with k = 5 over 300 epochs, "
+           "1, 6, ..., 296, and Table 14's [0.75, 1] from 226 on (paper: 230)",
+           "every table with PAPA-all or PAPA-2: Tables 1-2, 5, 6-9, 10-11, 12, 13, 14, 15-17, 18, A.10 and Figure 2"),
     Option("mixed_precision",
            "train.precision's CUDA mixed precision is bf16 autocast",
            "fp16 autocast with a GradScaler (torch.amp), as the scripts' --mixed_precision ran",

@@ -10,8 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from papa import averaging, genetic
+from papa import averaging, genetic, smoke
 from papa.averagers import Replace, averager_for
+from papa.config import check_averaging_fires
+from papa.errors import PapaError
+from papa.variants import averaging_epochs, zero_based
 from tests.helpers import tiny_experiment
 
 
@@ -88,3 +91,48 @@ def test_the_genetic_ablations_children_follow_the_option():
                              torch.Generator().manual_seed(0), lambda rows: scored.extend(rows) or [0.0] * len(rows),
                              pairs="first")
     assert sorted(row_pairs(torch.stack(scored))) == list(itertools.combinations(range(p), 2))
+
+
+# averaging_epochs ----------------------------------------------------------------------------------------------
+def scheduled(setting: str, epochs: int, every: int, from_start: bool, window=(0.0, 1.0), variant="papa-2"):
+    return tiny_experiment(fidelity={"averaging_epochs": setting}, train={"epochs": epochs},
+                           averaging={"window": list(window), variant: {"every": every, "from_start": from_start}})
+
+
+@pytest.mark.parametrize(("epochs", "every", "from_start", "window", "authors", "paper"), [
+    (12, 5, True, (0.0, 1.0), [1, 6, 11], [1, 5, 10]),  # main.py's mix_from_start (on in all the authors' runs)
+    (12, 5, False, (0.0, 1.0), [6, 11], [5, 10]),
+    (11, 5, True, (0.0, 1.0), [1, 6], [1, 5, 10]),  # 11 is the last epoch: the scripts do not mix there (mix=False)
+    (10, 1, False, (0.5, 1.0), [5, 6, 7, 8, 9], [6, 7, 8, 9]),  # the window's lower bound is inclusive
+    (20, 5, True, (0.75, 1.0), [16], []),  # Table 14's [0.75, 1]: first averaging after epoch 0.75 E + 1
+    (20, 5, True, (0.5, 1.0), [11, 16], [15]),
+    (20, 5, True, (0.0, 0.25), [1], [1, 5]),
+    (20, 5, False, (0.0, 0.25), [], [5]),
+    (300, 5, True, (0.75, 1.0), list(range(226, 300, 5)), list(range(230, 300, 5))),
+])
+def test_the_scripts_average_after_epochs_1_k_plus_1_2k_plus_1(epochs, every, from_start, window, authors, paper):
+    for setting, expected in (("authors", authors), ("paper", paper)):
+        exp = scheduled(setting, epochs, every, from_start, window)
+        assert averaging_epochs(exp, "papa-2") == expected
+        averager = averager_for("papa-2", exp)  # the averager reads the same schedule
+        assert [e for e in range(1, epochs + 1) if averager.due_after_epoch(e, epochs)] == expected
+
+
+def test_an_averaging_the_scripts_never_reach_is_refused_under_authors():
+    paper, authors = scheduled("paper", 6, 5, False), scheduled("authors", 6, 5, False)
+    check_averaging_fires(paper, "papa-2")  # after epoch 5
+    with pytest.raises(PapaError, match=r"averaging\.papa-2\.every: 5 \+ 1 >= train\.epochs \(6\)"):
+        check_averaging_fires(authors, "papa-2")  # epoch 6 is the last
+    window = scheduled("authors", 20, 5, False, (0.0, 0.25))
+    with pytest.raises(PapaError, match=r"averaging\.window: "):
+        check_averaging_fires(window, "papa-2")
+    check_averaging_fires(scheduled("paper", 20, 5, False, (0.0, 0.25)), "papa-2")
+
+
+def test_smoke_scale_keeps_the_scripts_averaging():
+    """Smoke scale shrinks a run until its averagings still happen, counting them as the experiment does."""
+    for setting in ("paper", "authors"):
+        full = scheduled(setting, 300, 5, False, (0.75, 1.0), variant="papa-all")
+        small = smoke.scale_experiment(full)
+        assert averaging_epochs(small, "papa-all")
+        assert zero_based(small) == (setting == "authors")
