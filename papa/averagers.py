@@ -144,6 +144,7 @@ class Replace(_Averaging):
     mix_swa: bool = False
     pairs: str = "random"  # PAPA-2's partners (papa.averaging.PAIRINGS; fidelity option papa2_pairs)
     zero_based: bool = False  # the scripts' averaging epochs (papa.variants.averages_after; averaging_epochs)
+    plain_pair_repair: bool = False  # pair schemes REPAIR on un-augmented batches (fidelity papa2_repair_data)
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
@@ -172,8 +173,12 @@ class Replace(_Averaging):
         if self.align:  # before REPAIR's moments: they are measured on the aligned members
             self.align_(ctx)
 
+        plain = self.plain_pair_repair and self.scheme in averaging.PAIR_SCHEMES
+
         def batches(member, g):  # member j's own augmentation, a generator seeded 666 (Algorithm 5)
-            return ctx.stream.member_batches(member, g, self.repair_iters)
+            # plain: the base transform for every member, parents and child alike (the authors' pair REPAIR,
+            # recombine/permutations.py:69-75, measures train_dset_noaug)
+            return ctx.stream.member_batches(None if plain else member, g, self.repair_iters)
 
         if self.repair:
             moments = comm.all_moments(member_moments(ctx.pop, batches, self.repair_iters, stacked=ctx.stacked,
@@ -251,7 +256,7 @@ def averager_for(variant: str, exp: dict) -> Baseline:
                "from_start": cfg["from_start"], "greedy_criterion": exp["soups"]["greedy_criterion"],
                "mix_swa": swa is not None and swa["mix_averages"],
                "pairs": "first" if fidelity.authors(exp, "papa2_pairs") else "random",
-               "zero_based": zero_based(exp)}
+               "zero_based": zero_based(exp), "plain_pair_repair": fidelity.authors(exp, "papa2_repair_data")}
     if genetic["tournament"] or genetic["elitism"]:
         return Genetic(**common, **replace, tournament=genetic["tournament"], elitism=genetic["elitism"])
     return Replace(**common, **replace)

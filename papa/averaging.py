@@ -110,6 +110,9 @@ def push_toward_average_(pop: Population, alpha: float, lr_ratio: float = 1.0, c
         else:
             t.copy_(rounded(for_averaging(t).lerp(means[name].expand_as(t), weight), t.dtype))
     return pop
+PAIR_SCHEMES = ("pair-half", "pair-75")
+"""The schemes whose rows mix two members (PAPA-2 and Table 14's pair-75)."""
+
 PAIRINGS = ("random", "first")
 """How PAPA-2 picks its partners: ``random``, from all p(p-1)/2 pairs (the paper's "different random pairs");
 ``first``, from the first p pairs in lexicographic order only, as the authors' main.py:290-293 does."""

@@ -53,9 +53,14 @@ OPTIONS = {o.name: o for o in (
            "REPAIR as the scripts' fusion computes it (the shift of bias-free layers dropped)",
            "every table whose soups or averagings use REPAIR"),
     Option("papa2_repair_data",
-           "REPAIR after PAPA-2's averaging measures each member's own augmented batches",
-           "it measures un-augmented batches",
-           "every table with PAPA-2"),
+           "REPAIR after a pair averaging (PAPA-2, pair-75, the genetic ablations' survivors) measures the parents "
+           "and each child on the child's slot's own augmented batches (its augmentation and mixup, as PAPA-all's)",
+           "parents and child are measured on the same un-augmented training batches (recombine/permutations.py:"
+           "69-75: correct_neuron_stats on train_dset_noaug, no hyperparam, so no mixup either); PAPA-all's and "
+           "Table 14's many-/dirichlet/greedy REPAIR keeps the members' own augmentation in both settings "
+           "(permutations.py:133)",
+           "every PAPA-2 cell with REPAIR: Tables 1-2, 5, 6-9, 10-11, 12, 14 (pair-half, pair-75), 16, 18 and "
+           "Figure 2"),
     Option("soup_repair_data",
            "soups' REPAIR measures un-augmented batches",
            "it measures each member's own augmented batches (models/combined.py)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from papa.data.stream import MemberStream
 from tests.training.test_schedule_events import logreg, split_path, train  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,3 +20,27 @@ def test_a_run_averages_after_the_epochs_the_scripts_count(split_path, tmp_path,
                      averaging={"papa-2": {"every": 2, "repair": False, "from_start": from_start}})
         history = train(exp, "papa-2", split_path, tmp_path / setting)
         assert sorted(set(history[history.phase == "after_avg"].epoch)) == expected
+
+
+@pytest.mark.parametrize(("variant", "scheme"), [("papa-2", "pair-half"), ("papa-2", "pair-75"), ("papa-all", "all")])
+def test_pair_repair_reads_unaugmented_batches_under_authors(split_path, tmp_path, monkeypatch, variant, scheme):  # noqa: F811
+    """REPAIR after a pair averaging measures parents and children on the base transform (member None) under the
+    authors' setting, each member's own augmentation under the paper's; PAPA-all's REPAIR reads each member's own
+    augmentation in both (the scripts' correct_neuron_stats_multiple with the members' hyperparameters)."""
+    for setting in ("authors", "paper"):
+        read = []
+        original = MemberStream.member_batches
+
+        def recording(self, j, generator, n, batch_size=None, _original=original, _read=read):
+            _read.append(j)
+            return _original(self, j, generator, n, batch_size)
+
+        monkeypatch.setattr(MemberStream, "member_batches", recording)
+        exp = logreg(population={"size": 3}, train={"epochs": 3, "batch_size": 256},
+                     fidelity={"papa2_repair_data": setting},
+                     averaging={variant: {"every": 1, "repair": True, "repair_iters": 1, "scheme": scheme}})
+        train(exp, variant, split_path, tmp_path / setting)
+        monkeypatch.setattr(MemberStream, "member_batches", original)
+        assert len(read) >= 2 * 3 * 2  # two averagings, the three members' moments and their REPAIR
+        plain = setting == "authors" and variant == "papa-2"
+        assert set(read) == ({None} if plain else {0, 1, 2})
