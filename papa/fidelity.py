@@ -53,8 +53,8 @@ OPTIONS = {o.name: o for o in (
            "REPAIR as the scripts' fusion computes it (the shift of bias-free layers dropped)",
            "every table whose soups or averagings use REPAIR"),
     Option("papa2_repair_data",
-           "REPAIR after a pair averaging (PAPA-2, pair-75, the genetic ablations' survivors) measures the parents "
-           "and each child on the child's slot's own augmented batches (its augmentation and mixup, as PAPA-all's)",
+           "REPAIR after a pair averaging (PAPA-2, pair-75, the genetic ablations' survivors) measures each parent "
+           "on its own augmented batches and each child on its slot's (augmentation and mixup, as PAPA-all's)",
            "parents and child are measured on the same un-augmented training batches (recombine/permutations.py:"
            "69-75: correct_neuron_stats on train_dset_noaug, no hyperparam, so no mixup either); PAPA-all's and "
            "Table 14's many-/dirichlet/greedy REPAIR keeps the members' own augmentation in both settings "
@@ -79,9 +79,15 @@ OPTIONS = {o.name: o for o in (
            "it aligns and REPAIRs the baseline's only",
            "Table 5"),
     Option("elitism",
-           "the genetic ablations' elitism: children scored, then mutated; surviving parents averaged like the rest",
-           "children mutated before they are scored; surviving parents left as they are",
-           "Table 16"),
+           "the genetic ablations' elitism: the REPAIRed children are scored unmutated with the parents; then every "
+           "survivor (a surviving parent by its identity row) is mixed again, REPAIRed on its own augmented "
+           "batches and mutated",
+           "the REPAIRed children are mutated, then scored with unmutated copies of the parents, and the survivors "
+           "replace the members as they are: no second mixing, REPAIR or mutation, a surviving parent untouched "
+           "(main.py:313-337)",
+           "Table 16's elitist rows with mutations (\"pair-half, tournament, elitist, mutations\", \"tournament, "
+           "elitist, mutations, no-REPAIR\"); \"pair-half, tournament, elitist\" only by its surviving parents' "
+           "BatchNorm reset"),
 )}
 
 

@@ -3,9 +3,13 @@ epoch, and on which data, under the authors' scripts' setting and under the pape
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
+from papa import runs
 from papa.data.stream import MemberStream
+from tests.helpers import tiny_experiment
 from tests.training.test_schedule_events import logreg, split_path, train  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,3 +48,23 @@ def test_pair_repair_reads_unaugmented_batches_under_authors(split_path, tmp_pat
         assert len(read) >= 2 * 3 * 2  # two averagings, the three members' moments and their REPAIR
         plain = setting == "authors" and variant == "papa-2"
         assert set(read) == ({None} if plain else {0, 1, 2})
+
+
+def test_authors_elitism_trains_and_repairs_only_the_children(split_path, tmp_path, monkeypatch):  # noqa: F811
+    """Table 16's "tournament, elitist, mutations" row under authors on the digits CNN (BatchNorm buffers): one
+    REPAIR per generation, of the 10 children before they are scored; the survivors are not REPAIRed again."""
+    averagers = importlib.import_module("papa.averagers")
+    calls, original = [], averagers.repair_population_
+
+    def recording(pop, matrix, *args, **kwargs):
+        calls.append(len(matrix))
+        return original(pop, matrix, *args, **kwargs)
+
+    monkeypatch.setattr(averagers, "repair_population_", recording)
+    for setting, expected in (("authors", [10]), ("paper", [10, 5])):
+        calls.clear()
+        exp = tiny_experiment(population={"size": 5}, train={"epochs": 2}, fidelity={"elitism": setting},
+                              averaging={"papa-2": {"every": 1, "repair_iters": 1},
+                                         "genetic": {"tournament": True, "elitism": True, "mutation_std": 0.01}})
+        runs.train(exp, "papa-2", 1, split_path, tmp_path / setting, progress=False)
+        assert calls == expected

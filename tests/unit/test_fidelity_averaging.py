@@ -9,11 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
-from papa import averaging, genetic, smoke
-from papa.averagers import Replace, averager_for
+from papa import averaging, genetic, rng, smoke
+from papa.averagers import Context, Replace, averager_for
+from papa.checkpoint import Progress
 from papa.config import check_averaging_fires
+from papa.distributed import Local
 from papa.errors import PapaError
+from papa.population import Population
 from papa.variants import averaging_epochs, zero_based
 from tests.helpers import tiny_experiment
 
@@ -136,3 +140,54 @@ def test_smoke_scale_keeps_the_scripts_averaging():
         small = smoke.scale_experiment(full)
         assert averaging_epochs(small, "papa-all")
         assert zero_based(small) == (setting == "authors")
+
+
+# elitism -------------------------------------------------------------------------------------------------------
+def elitist_run(setting: str, children_win: bool):
+    """One elitist generation of 4 linear members (6 children, pair-half, mutations, no REPAIR) under ``setting``:
+    the members before and after, and the populations scored (the parents, then the children). The scores are
+    fixed: the parents' losses 0.1-0.4 and the children's 1.0-1.5, or 0.0-0.05 with ``children_win``."""
+    with rng.seeded(0):
+        pop = Population.from_modules([nn.Linear(3, 2) for _ in range(4)])
+    scored = []
+
+    def val_scores(members: Population):
+        scored.append({name: t.clone() for name, t in members.tensors()})
+        if len(scored) == 1:
+            return [(0.0, 0.1 * (i + 1)) for i in range(members.size)]
+        return [(0.0, (0.0 if children_win else 1.0) + 0.01 * i) for i in range(members.size)]
+
+    exp = tiny_experiment(population={"size": 4}, fidelity={"elitism": setting},
+                          averaging={"papa-2": {"scheme": "pair-half", "repair": False},
+                                     "genetic": {"elitism": True, "mutation_std": 0.5}})
+    averager = averager_for("papa-2", exp)
+    assert averager.elitism and averager.scripts_elitism == (setting == "authors")
+    ctx = Context(pop=pop, comm=Local(4), optimizer=None, stream=None, swa=None, progress=Progress(epoch=1),
+                  seed=3, stacked=False, val_scores=val_scores, val_accuracy=None, align_batches=None)
+    before = {name: t.clone() for name, t in pop.tensors()}
+    averager.average(ctx)
+    return before, {name: t.clone() for name, t in pop.tensors()}, scored
+
+
+def test_surviving_parents_are_left_as_they_are_under_authors():
+    """The four parents outrank the six children, so the four survivors are the parents: the scripts swap them
+    in as they are; the paper's reading mixes them by their identity rows and then mutates them."""
+    for setting in ("authors", "paper"):
+        before, after, _ = elitist_run(setting, children_win=False)
+        unchanged = all(torch.equal(before[name].sort(0).values, after[name].sort(0).values) for name in before)
+        assert unchanged == (setting == "authors")
+
+
+def test_children_are_mutated_before_they_are_scored_under_authors():
+    """The children outrank the parents: under authors the children scored are the mutated pair averages, and
+    the members become exactly the children scored (no second mutation); under paper the children are scored as
+    plain pair averages and the survivors mutated afterwards."""
+    for setting in ("authors", "paper"):
+        before, after, scored = elitist_run(setting, children_win=True)
+        assert len(scored) == 2 and torch.equal(scored[0]["weight"], before["weight"])  # parents, then children
+        children = scored[1]["weight"]  # (6, 2, 3): pair averages of the parents, mutated or not
+        plain = [(before["weight"][a] + before["weight"][b]) / 2 for a, b in itertools.combinations(range(4), 2)]
+        exact = [any(torch.allclose(child, avg, atol=1e-6) for avg in plain) for child in children]
+        assert not any(exact) if setting == "authors" else all(exact)
+        survivors_scored = [any(torch.equal(member, child) for child in children) for member in after["weight"]]
+        assert all(survivors_scored) == (setting == "authors")
