@@ -14,20 +14,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from papa import averaging
+from papa import averaging, fidelity
 from papa.alignment import align_members_, permutation_spec
 from papa.checkpoint import Progress
 from papa.data import FolderStream, MemberStream, PatchStream
 from papa.distributed import Distributed, Local
 from papa.errors import PapaError
 from papa.forward import Batches
-from papa.genetic import selection_matrix
+from papa.genetic import select
 from papa.population import Population
 from papa.repair import member_moments, repair_population_
 from papa.rng import generator
 from papa.soups import greedy_soup
 from papa.swa import SWA
-from papa.variants import VARIANTS, averages_after, pushes_after
+from papa.variants import VARIANTS, averages_after, pushes_after, zero_based
 
 
 @dataclass
@@ -89,15 +89,17 @@ class _Averaging(Baseline):
                                if torch.is_tensor(state.get(p, {}).get(key)) and state[p][key].shape == p.shape})
         align_members_(ctx.pop, ctx.align_batches(self.align_images), reference=0, companions=companions)
 
-    def mutate_(self, ctx: Context, gen: torch.Generator) -> None:
-        """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (the ablations of Tables 15-17)."""
+    def mutate_(self, ctx: Context, gen: torch.Generator, pop: Population | None = None) -> None:
+        """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (the ablations of Tables 15-17), of the
+        run's members or of ``pop`` (the authors' elitism mutates its children before they are scored)."""
         if self.mutation_std <= 0:
             return
         seed = int(torch.randint(2**62, (), generator=gen))
+        pop, members = (ctx.pop, ctx.comm.members) if pop is None else (pop, range(pop.size))
         with torch.no_grad():
-            for i, j in enumerate(ctx.comm.members):  # one stream per member, wherever it is held
+            for i, j in enumerate(members):  # one stream per member, wherever it is held
                 member_gen = generator(seed, "member", j)
-                for p in ctx.pop.params.values():
+                for p in pop.params.values():
                     noise = torch.randn(p.shape[1:], generator=member_gen, dtype=p.dtype).to(p.device)
                     p[i].add_(noise, alpha=self.mutation_std / ctx.progress.generation)
 
@@ -142,6 +144,9 @@ class Replace(_Averaging):
     from_start: bool = False
     greedy_criterion: str = ">="
     mix_swa: bool = False
+    pairs: str = "random"  # PAPA-2's partners (papa.averaging.PAIRINGS; fidelity option papa2_pairs)
+    zero_based: bool = False  # the scripts' averaging epochs (papa.variants.averages_after; averaging_epochs)
+    plain_pair_repair: bool = False  # pair schemes REPAIR on un-augmented batches (fidelity papa2_repair_data)
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
@@ -149,7 +154,7 @@ class Replace(_Averaging):
             raise PapaError(f"averaging.{self.name}.scheme greedy runs in a single process only")
 
     def due_after_epoch(self, epoch: int, epochs: int) -> bool:
-        return averages_after(epoch, epochs, self.every, self.from_start, self.window)
+        return averages_after(epoch, epochs, self.every, self.from_start, self.window, self.zero_based)
 
     def matrix(self, ctx: Context, gen: torch.Generator) -> Tensor | None:
         """This generation's mixing matrix; None for PAPA-all's plain average. ``greedy``: every row the greedy
@@ -157,21 +162,29 @@ class Replace(_Averaging):
         if self.scheme == "all":
             return None
         if self.scheme != "greedy":
-            return averaging.mixing_matrix(self.scheme, ctx.comm.p, gen)
+            return averaging.mixing_matrix(self.scheme, ctx.comm.p, gen, self.pairs)
         scores = [acc for acc, _ in ctx.val_scores(ctx.pop)]
         _, members = greedy_soup(ctx.pop, ctx.val_accuracy, self.greedy_criterion, scores=scores)
         return averaging.greedy_matrix(members, ctx.comm.p)
 
+    def next_generation(self, ctx: Context) -> torch.Generator:
+        """Count this averaging; the generator of its draws (partners, weights, selection, mutations)."""
+        ctx.progress.generation += 1
+        return generator(ctx.seed, "average", ctx.progress.epoch)
+
     def average(self, ctx: Context) -> None:
         """The averaging after the current epoch, with its REPAIR."""
         comm = ctx.comm
-        ctx.progress.generation += 1
-        gen = generator(ctx.seed, "average", ctx.progress.epoch)
+        gen = self.next_generation(ctx)
         if self.align:  # before REPAIR's moments: they are measured on the aligned members
             self.align_(ctx)
 
+        plain = self.plain_pair_repair and self.scheme in averaging.PAIR_SCHEMES
+
         def batches(member, g):  # member j's own augmentation, a generator seeded 666 (Algorithm 5)
-            return ctx.stream.member_batches(member, g, self.repair_iters)
+            # plain: the base transform for every member, parents and child alike (the authors' pair REPAIR,
+            # recombine/permutations.py:69-75, measures train_dset_noaug)
+            return ctx.stream.member_batches(None if plain else member, g, self.repair_iters)
 
         if self.repair:
             moments = comm.all_moments(member_moments(ctx.pop, batches, self.repair_iters, stacked=ctx.stacked,
@@ -202,18 +215,25 @@ class Genetic(Replace):
     """``Replace`` whose mixtures come from tournament and/or elitist selection (papa.genetic), judged by
     validation loss as the authors' code does. Elitism's children are scored after a REPAIR toward their
     parents' moments on unaugmented training batches (the authors' pair REPAIR reads un-augmented data); the
-    survivors are then mixed and REPAIRed like every averaging, each on its own augmented data."""
+    survivors are then mixed and REPAIRed like every averaging, each on its own augmented data, and mutated.
+    ``scripts_elitism`` (fidelity option elitism): the authors' order instead (main.py:308-337): the REPAIRed
+    children are mutated, then scored with the unmutated parents, and the survivors replace the members as they
+    are (a surviving parent is left untouched: not mixed, REPAIRed nor mutated again)."""
 
     tournament: bool = False
     elitism: bool = False
+    scripts_elitism: bool = False
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
         if ctx.comm.world_size > 1:
             raise PapaError("the genetic-algorithm ablations (averaging.genetic) run in a single process only")
 
-    def matrix(self, ctx: Context, gen: torch.Generator) -> Tensor:
+    def _select(self, ctx: Context, gen: torch.Generator, mutate: bool) -> tuple[Tensor, list[int], Population]:
+        """The generation's candidates, the survivors' indices among them and the children as scored (REPAIRed,
+        and mutated first when ``mutate``)."""
         losses = [loss for _, loss in ctx.val_scores(ctx.pop)]
+        made = []
 
         def children_losses(rows: Tensor) -> list[float]:
             def plain(_member, g):
@@ -224,10 +244,35 @@ class Genetic(Replace):
                 moments = member_moments(ctx.pop, plain, self.repair_iters, stacked=ctx.stacked)
                 repair_population_(children, rows, plain, moments, self.repair_iters, members=[0] * len(rows),
                                    layers=self.repair_layers)
+            if mutate:
+                self.mutate_(ctx, gen, children)
+            made.append(children)
             return [loss for _, loss in ctx.val_scores(children)]
 
         genetic = {"tournament": self.tournament, "elitism": self.elitism}
-        return selection_matrix(ctx.comm.p, losses, self.scheme, genetic, gen, children_losses)
+        candidates, chosen = select(ctx.comm.p, losses, self.scheme, genetic, gen, children_losses, self.pairs)
+        return candidates, chosen, (made[0] if made else None)
+
+    def matrix(self, ctx: Context, gen: torch.Generator) -> Tensor:
+        candidates, chosen, _ = self._select(ctx, gen, mutate=False)
+        return candidates[chosen]
+
+    def average(self, ctx: Context) -> None:
+        if not (self.elitism and self.scripts_elitism):
+            return super().average(ctx)
+        gen = self.next_generation(ctx)
+        if self.align:
+            self.align_(ctx)
+        candidates, chosen, children = self._select(ctx, gen, mutate=True)
+        n = children.size
+        with torch.no_grad():
+            made = children.state_dict()
+            survivors = {name: torch.stack([made[name][c] if c < n else t[c - n] for c in chosen])
+                         for name, t in ctx.pop.tensors()}
+            for name, t in ctx.pop.tensors():
+                t.copy_(survivors[name])
+        if self.mix_swa and ctx.swa is not None and ctx.swa.count:
+            averaging.mix_(ctx.swa.average, candidates[chosen], ctx.comm)
 
 
 def averager_for(variant: str, exp: dict) -> Baseline:
@@ -247,7 +292,10 @@ def averager_for(variant: str, exp: dict) -> Baseline:
     replace = {"every": cfg["every"], "scheme": cfg["scheme"], "repair": cfg["repair"],
                "repair_iters": cfg["repair_iters"], "repair_layers": exp["repair"]["layers"],
                "from_start": cfg["from_start"], "greedy_criterion": exp["soups"]["greedy_criterion"],
-               "mix_swa": swa is not None and swa["mix_averages"]}
+               "mix_swa": swa is not None and swa["mix_averages"],
+               "pairs": "first" if fidelity.authors(exp, "papa2_pairs") else "random",
+               "zero_based": zero_based(exp), "plain_pair_repair": fidelity.authors(exp, "papa2_repair_data")}
     if genetic["tournament"] or genetic["elitism"]:
-        return Genetic(**common, **replace, tournament=genetic["tournament"], elitism=genetic["elitism"])
+        return Genetic(**common, **replace, tournament=genetic["tournament"], elitism=genetic["elitism"],
+                       scripts_elitism=fidelity.authors(exp, "elitism"))
     return Replace(**common, **replace)

@@ -110,29 +110,47 @@ def push_toward_average_(pop: Population, alpha: float, lr_ratio: float = 1.0, c
         else:
             t.copy_(rounded(for_averaging(t).lerp(means[name].expand_as(t), weight), t.dtype))
     return pop
-def draw_pairs(p: int, generator: torch.Generator, n: int | None = None) -> Tensor:
+PAIR_SCHEMES = ("pair-half", "pair-75")
+"""The schemes whose rows mix two members (PAPA-2 and Table 14's pair-75)."""
+
+PAIRINGS = ("random", "first")
+"""How PAPA-2 picks its partners: ``random``, from all p(p-1)/2 pairs (the paper's "different random pairs");
+``first``, from the first p pairs in lexicographic order only, as the authors' main.py:290-293 does."""
+
+
+def draw_pairs(p: int, generator: torch.Generator, n: int | None = None, pairs: str = "random") -> Tensor:
     """PAPA-2's partners: an (n, 2) tensor (n = p by default), row i the two distinct members averaged into
     member i.
 
-    Rows are drawn without replacement from all p(p-1)/2 unordered pairs (uniformly, so every pair is
-    reachable); only when there are fewer pairs than rows (p = 2) do pairs repeat."""
+    ``pairs="random"``: rows are drawn without replacement from all p(p-1)/2 unordered pairs (uniformly, so every
+    pair is reachable). ``pairs="first"``: the rows are the first n pairs in lexicographic order, (0, 1), (0, 2),
+    ..., (0, p-1), (1, 2), ..., in a random order (the authors' ``combinations(arange(p))[randperm(n)][:n]``): at
+    p = 10, 9 of the 10 rows contain member 0. Either way, only when there are fewer pairs than rows (p = 2) do
+    pairs repeat."""
     if p < 2:
         raise ValueError("pair averaging needs at least 2 members")
+    if pairs not in PAIRINGS:
+        raise ValueError(f"unknown pairing {pairs!r}; expected one of {', '.join(PAIRINGS)}")
     n = p if n is None else n
-    pairs = torch.tensor(list(itertools.combinations(range(p), 2)), dtype=torch.long)
+    every = torch.tensor(list(itertools.combinations(range(p), 2)), dtype=torch.long)
+    if pairs == "first":
+        if n > len(every):  # p = 2: the authors average the one pair into both members
+            return every[torch.arange(n) % len(every)]
+        return every[:n][torch.randperm(n, generator=generator)]
     picks = []
     while len(picks) < n:
-        order = torch.randperm(len(pairs), generator=generator)
+        order = torch.randperm(len(every), generator=generator)
         picks.extend(order[: n - len(picks)].tolist())
-    return pairs[picks]
+    return every[picks]
 
 
-def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None) -> Tensor:
+def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None, pairs: str = "random") -> Tensor:
     """The p x p row-stochastic matrix of an averaging scheme (float64).
 
     - ``all``: every row uniform (PAPA-all).
-    - ``pair-half`` / ``pair-75``: row i weights a random pair (distinct pairs, see draw_pairs)
-      1/2 + 1/2, or 3/4 + 1/4 with the heavier member chosen at random (PAPA-2 is pair-half).
+    - ``pair-half`` / ``pair-75``: row i weights a random pair (distinct pairs from ``pairs``' choice, see
+      draw_pairs) 1/2 + 1/2, or 3/4 + 1/4 with the heavier member chosen at random (PAPA-2 is pair-half; the
+      authors' ``[random.randint(0, 1)]`` keeps either child of a pair-75 mix).
     - ``many-half`` / ``many-75``: member i keeps 1/2 (3/4) of itself, the other p-1 share the rest equally
       (identity plus uniform, as the authors' ``many_half``/``many_75``: recombine/permutations.py); not random.
     - ``dirichlet``: each row drawn from a flat Dirichlet distribution.
@@ -148,13 +166,13 @@ def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None)
     m = torch.zeros(p, p, dtype=torch.float64)
     rows = torch.arange(p)
     if scheme in ("pair-half", "pair-75"):
-        pairs = draw_pairs(p, generator)
+        partners = draw_pairs(p, generator, pairs=pairs)
         if scheme == "pair-75":
             flip = torch.rand(p, generator=generator) < 0.5
-            pairs = torch.where(flip[:, None], pairs.flip(1), pairs)
+            partners = torch.where(flip[:, None], partners.flip(1), partners)
         heavy = 0.5 if scheme == "pair-half" else 0.75
-        m[rows, pairs[:, 0]] += heavy
-        m[rows, pairs[:, 1]] += 1.0 - heavy
+        m[rows, partners[:, 0]] += heavy
+        m[rows, partners[:, 1]] += 1.0 - heavy
     elif scheme in ("many-half", "many-75"):
         if p < 2:
             raise ValueError(f"scheme {scheme!r} needs at least 2 members")

@@ -17,7 +17,7 @@ import yaml
 from papa import catalog, fidelity, smoke
 from papa.errors import PapaError
 from papa.io import write_text
-from papa.variants import VARIANTS, averaging_epochs, first_push, swa_start_epoch
+from papa.variants import VARIANTS, averaging_epochs, first_push, swa_start_epoch, zero_based
 
 if TYPE_CHECKING:
     import jsonschema
@@ -317,7 +317,11 @@ def check_averaging_fires(exp: dict, variant: str, steps_per_epoch: int | None =
     v, a, epochs = VARIANTS[variant], exp["averaging"], exp["train"]["epochs"]
     if v.unit == "epochs" and not averaging_epochs(exp, variant):
         every = a[variant]["every"]
-        if every >= epochs:
+        if not averaging_epochs(exp, variant, window=(0.0, 1.0)):
+            if zero_based(exp):  # fidelity averaging_epochs: authors
+                raise PapaError(f"{prefix}averaging.{variant}.every: {every} + 1 >= train.epochs ({epochs}): "
+                                f"{variant} would never average (after epochs k+1, 2k+1, ... as the authors' "
+                                "scripts count, never after the last)")
             raise PapaError(f"{prefix}averaging.{variant}.every: {every} >= train.epochs ({epochs}): {variant} "
                             "would never average (at the end of every k-th epoch, never after the last)")
         raise PapaError(f"{prefix}averaging.window: {a['window']} of {epochs} epochs holds no {variant} averaging "

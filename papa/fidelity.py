@@ -27,14 +27,23 @@ class Option:
 
 OPTIONS = {o.name: o for o in (
     Option("papa2_pairs",
-           "PAPA-2's partners: p pairs drawn at random from all p(p-1)/2 distinct pairs",
-           "the first p pairs in lexicographic order (main.py:290-293): at p = 10, 9 of the 10 children contain "
-           "member 0",
-           "Tables 1-2, 6-9, 12, 14, 18"),
+           "PAPA-2's partners (and those of the pair-75 scheme and the genetic ablations' untournamented "
+           "children): p pairs drawn at random from all p(p-1)/2 distinct pairs",
+           "the first p pairs in lexicographic order, dealt to the members in a random order (main.py:290-293, "
+           "combinations(arange(p))[randperm(p)][:p]): at p = 10, 9 of the 10 children contain member 0; p <= 3 "
+           "uses every pair either way, p = 2 averages its one pair into both members (main.py:295); pair-75 keeps "
+           "a random one of each pair's two children (main.py:311)",
+           "every PAPA-2 cell: Tables 1-2, 5, 6-9, 10-11, 12, 14 (pair-half, pair-75), 16 (the rows without "
+           "tournament selection), 18 and Figure 2"),
     Option("averaging_epochs",
-           "PAPA-all and PAPA-2 average after epochs k, 2k, ... (and 1 with from_start)",
-           "after epochs 1, k+1, 2k+1, ... (the scripts' 0-based `epoch % k == 0`, main.py)",
-           "every table with PAPA-all or PAPA-2"),
+           "PAPA-all and PAPA-2 (and Table 14's schemes, the genetic ablations) average after epochs k, 2k, ... "
+           "(and 1 with from_start), never after the last, inside the window (lo E, hi E]",
+           "after epochs k+1, 2k+1, ... (and 1 with from_start, the scripts' mix_from_start, on in all their "
+           "runs), never after the last, inside the window [lo E, hi E] (main.py:217: 0-based `epoch % k == 0 and "
+           "(epoch > 0 or mix_from_start) and epoch+1 >= lo E and epoch+1 <= hi E`; utils/utils.py:60-61 scales "
+           "range_merge by EPOCHS; main.py:271, 299: no mixing at the last epoch): with k = 5 over 300 epochs, "
+           "1, 6, ..., 296, and Table 14's [0.75, 1] from 226 on (paper: 230)",
+           "every table with PAPA-all or PAPA-2: Tables 1-2, 5, 6-9, 10-11, 12, 13, 14, 15-17, 18, A.10 and Figure 2"),
     Option("mixed_precision",
            "train.precision's mixed precision (bf16, bf16-cuda) is bf16 autocast with no loss scaling",
            "on CUDA, fp16 autocast with one torch.amp.GradScaler (torch's defaults) shared by the population: the "
@@ -47,9 +56,14 @@ OPTIONS = {o.name: o for o in (
            "REPAIR as the scripts' fusion computes it (the shift of bias-free layers dropped)",
            "every table whose soups or averagings use REPAIR"),
     Option("papa2_repair_data",
-           "REPAIR after PAPA-2's averaging measures each member's own augmented batches",
-           "it measures un-augmented batches",
-           "every table with PAPA-2"),
+           "REPAIR after a pair averaging (PAPA-2, pair-75, the genetic ablations' survivors) measures each parent "
+           "on its own augmented batches and each child on its slot's (augmentation and mixup, as PAPA-all's)",
+           "parents and child are measured on the same un-augmented training batches (recombine/permutations.py:"
+           "69-75: correct_neuron_stats on train_dset_noaug, no hyperparam, so no mixup either); PAPA-all's and "
+           "Table 14's many-/dirichlet/greedy REPAIR keeps the members' own augmentation in both settings "
+           "(permutations.py:133)",
+           "every PAPA-2 cell with REPAIR: Tables 1-2, 5, 6-9, 10-11, 12, 14 (pair-half, pair-75), 16, 18 and "
+           "Figure 2"),
     Option("soup_repair_data",
            "soups' REPAIR measures members and soup alike on the base transform (crop, flip), no regularization",
            "each member's moments on its own augmented and regularized batches (its dataset transform and "
@@ -81,9 +95,15 @@ OPTIONS = {o.name: o for o in (
            "cossim measures the members and soup each run ends with (main.py:408-412, models/combined.py:153-179)",
            "Table 5"),
     Option("elitism",
-           "the genetic ablations' elitism: children scored, then mutated; surviving parents averaged like the rest",
-           "children mutated before they are scored; surviving parents left as they are",
-           "Table 16"),
+           "the genetic ablations' elitism: the REPAIRed children are scored unmutated with the parents; then every "
+           "survivor (a surviving parent by its identity row) is mixed again, REPAIRed on its own augmented "
+           "batches and mutated",
+           "the REPAIRed children are mutated, then scored with unmutated copies of the parents, and the survivors "
+           "replace the members as they are: no second mixing, REPAIR or mutation, a surviving parent untouched "
+           "(main.py:313-337)",
+           "Table 16's elitist rows with mutations (\"pair-half, tournament, elitist, mutations\", \"tournament, "
+           "elitist, mutations, no-REPAIR\"); \"pair-half, tournament, elitist\" only by its surviving parents' "
+           "BatchNorm reset"),
 )}
 
 

@@ -44,6 +44,41 @@ def child_rows(pairs: Tensor, p: int, heavy: float, generator: torch.Generator) 
     return rows
 
 
+def select(
+    p: int,
+    losses: Sequence[float],
+    scheme: str,
+    genetic: dict,
+    generator: torch.Generator,
+    children_losses: Callable[[Tensor], Sequence[float]],
+    pairs: str = "random",
+) -> tuple[Tensor, list[int]]:
+    """One generation with tournament and/or elitist selection: the candidates' rows of weights over the p parents
+    (the children, then with elitism the parents' identity rows) and which candidate each of the p members
+    becomes.
+
+    ``losses``: the parents' validation losses. ``children_losses(rows)``: the validation losses of the children
+    ``rows`` (REPAIRed). Without elitism: p children, member i the i-th. With elitism: ``n_children`` children and
+    the p parents ranked by validation loss; the best ``ELITE_FRACTION`` of p first, then the next ranked up to p,
+    in a random order. ``pairs``: papa.averaging.draw_pairs' choice of partners without tournament selection
+    (with elitism the authors' children are every pair but for p > 13, where they are the first 6p)."""
+    if scheme not in PAIR_WEIGHTS:
+        raise PapaError(f"genetic selection needs a pair scheme ({', '.join(PAIR_WEIGHTS)}), not {scheme!r}")
+    if p < 3 and genetic["tournament"]:
+        raise PapaError("tournament selection needs at least 3 members")
+    n = n_children(p, genetic["elitism"])
+    partners = tournament_pairs(losses, n, generator) if genetic["tournament"] else draw_pairs(p, generator, n, pairs)
+    children = child_rows(partners, p, PAIR_WEIGHTS[scheme], generator)
+    if not genetic["elitism"]:
+        return children, list(range(p))
+    candidates = torch.cat([children, torch.eye(p, dtype=torch.float64)])  # the authors' order: children first
+    scores = torch.as_tensor([*children_losses(children), *losses], dtype=torch.float64)
+    ranked = torch.sort(scores, stable=True).indices.tolist()  # lowest loss first
+    n_elite = int(p * ELITE_FRACTION)
+    rest = [ranked[n_elite + k] for k in torch.randperm(p - n_elite, generator=generator).tolist()]
+    return candidates, ranked[:n_elite] + rest
+
+
 def selection_matrix(
     p: int,
     losses: Sequence[float],
@@ -51,25 +86,9 @@ def selection_matrix(
     genetic: dict,
     generator: torch.Generator,
     children_losses: Callable[[Tensor], Sequence[float]],
+    pairs: str = "random",
 ) -> Tensor:
-    """The p x p mixing matrix of one generation with tournament and/or elitist selection.
-
-    ``losses``: the parents' validation losses. ``children_losses(rows)``: the validation losses of the children
-    ``rows`` (REPAIRed). Without elitism: p children. With elitism: ``n_children`` children and the p parents
-    (identity rows) ranked by validation loss; the best ``ELITE_FRACTION`` of p first, then the next ranked up
-    to p, in a random order."""
-    if scheme not in PAIR_WEIGHTS:
-        raise PapaError(f"genetic selection needs a pair scheme ({', '.join(PAIR_WEIGHTS)}), not {scheme!r}")
-    if p < 3 and genetic["tournament"]:
-        raise PapaError("tournament selection needs at least 3 members")
-    n = n_children(p, genetic["elitism"])
-    pairs = tournament_pairs(losses, n, generator) if genetic["tournament"] else draw_pairs(p, generator, n)
-    children = child_rows(pairs, p, PAIR_WEIGHTS[scheme], generator)
-    if not genetic["elitism"]:
-        return children
-    candidates = torch.cat([children, torch.eye(p, dtype=torch.float64)])  # the authors' order: children first
-    scores = torch.as_tensor([*children_losses(children), *losses], dtype=torch.float64)
-    ranked = torch.sort(scores, stable=True).indices.tolist()  # lowest loss first
-    n_elite = int(p * ELITE_FRACTION)
-    rest = [ranked[n_elite + k] for k in torch.randperm(p - n_elite, generator=generator).tolist()]
-    return candidates[ranked[:n_elite] + rest]
+    """The p x p mixing matrix of one generation with tournament and/or elitist selection (``select``): row i the
+    weights of the candidate member i becomes."""
+    candidates, chosen = select(p, losses, scheme, genetic, generator, children_losses, pairs)
+    return candidates[chosen]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from papa import fidelity
 from papa.errors import PapaError
 
 UNITS = ("none", "steps", "epochs")
@@ -53,10 +54,19 @@ def in_window(window, done: int, total: int) -> bool:
     return lo * total < done <= hi * total
 
 
-def averages_after(epoch: int, epochs: int, every: int, from_start: bool, window) -> bool:
+def averages_after(epoch: int, epochs: int, every: int, from_start: bool, window, zero_based: bool = False) -> bool:
     """Whether an ``epochs`` variant averages after epoch ``epoch`` (1-based) of ``epochs``: every ``every``-th
     epoch and, with ``from_start`` (the authors' mix_from_start), the first; never after the last; inside the
-    window."""
+    window.
+
+    ``zero_based`` (fidelity option ``averaging_epochs``): the authors' scripts' test instead (main.py:217, on
+    the 0-based epoch e = epoch - 1: ``e % k == 0 and (e > 0 or mix_from_start) and e+1 >= lo*E and e+1 <= hi*E``),
+    that is after epochs k+1, 2k+1, ... (and 1 with ``from_start``), the window's bounds both inclusive; never
+    after the last either (main.py:271, 299: ``mix=epoch < EPOCHS - 1``)."""
+    if zero_based:
+        lo, hi = window
+        due = (epoch - 1) % every == 0 and (epoch > 1 or from_start)
+        return due and epoch < epochs and lo * epochs <= epoch <= hi * epochs
     due = epoch % every == 0 or (from_start and epoch == 1)
     return due and epoch < epochs and in_window(window, epoch, epochs)
 
@@ -66,11 +76,18 @@ def pushes_after(step: int, total: int, every: int, window) -> bool:
     return step % every == 0 and in_window(window, step, total)
 
 
-def averaging_epochs(exp: dict, variant: str) -> list[int]:
-    """The epochs after which ``variant`` (an ``epochs`` variant) averages in a run of ``exp``, 1-based."""
+def zero_based(exp: dict) -> bool:
+    """Whether ``exp`` counts its averaging epochs as the authors' scripts do (fidelity option averaging_epochs)."""
+    return fidelity.authors(exp, "averaging_epochs")
+
+
+def averaging_epochs(exp: dict, variant: str, window=None) -> list[int]:
+    """The epochs after which ``variant`` (an ``epochs`` variant) averages in a run of ``exp`` (with ``window``
+    instead of ``averaging.window`` if given), 1-based."""
     epochs, a = exp["train"]["epochs"], exp["averaging"][variant]
+    window = exp["averaging"]["window"] if window is None else window
     return [e for e in range(1, epochs)
-            if averages_after(e, epochs, a["every"], a["from_start"], exp["averaging"]["window"])]
+            if averages_after(e, epochs, a["every"], a["from_start"], window, zero_based(exp))]
 
 
 def first_push(exp: dict, variant: str, steps_per_epoch: int) -> int | None:

@@ -75,7 +75,7 @@ def test_genetic_elitism_in_training_scores_repaired_children_by_validation_loss
     exp = tiny_experiment(population={"size": 5}, train={"epochs": 2},
                           averaging={"papa-2": {"every": 1, "repair_iters": 2},
                                      "genetic": {"tournament": True, "elitism": True}})
-    scored = spy(monkeypatch, importlib.import_module("papa.averagers"), "selection_matrix")
+    scored = spy(monkeypatch, importlib.import_module("papa.averagers"), "select")
     children = spy(monkeypatch, importlib.import_module("papa.averagers"), "repair_population_")
     t = Trainer(exp, "papa-2", 1, runs.load_data(exp), runs.load_split(split_path), progress=False)
     assert isinstance(t.averager, Genetic)

@@ -376,7 +376,7 @@ DRAW_SITES = {
     ("papa/averagers.py", "_Averaging.mutate_"):
         "test_mutations_of_each_averaging_come_from_its_key_and_shrink_as_1_over_g",
     ("papa/averagers.py", "Push.push"): "test_mutations_after_pushes_come_from_the_steps_key",
-    ("papa/averagers.py", "Replace.average"): "test_each_averaging_mixes_with_the_matrix_of_its_own_epochs_key",
+    ("papa/averagers.py", "Replace.next_generation"): "test_each_averaging_mixes_with_the_matrix_of_its_own_epochs_key",
     ("papa/build.py", "member_policies"): "test_member_policies_are_drawn_from_the_run_seeds_key",
     ("papa/data/augment.py", "_beta"): "test_mixup_lambdas_are_beta_draws_of_the_members_generator",
     ("papa/data/augment.py", "autoaugment"): "test_augmentations_draw_everything_from_the_members_generator",
