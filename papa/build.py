@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from papa import fidelity
 from papa.data import FolderStream, MemberStream, PatchStream, Policy, draw_policies, eval_batches, make_stream
 from papa.engines import Engine, choose_engine, forward_gflop
 from papa.errors import PapaError
@@ -24,6 +25,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise PapaError("train.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+def repair_fusion(exp: dict) -> str:
+    """How the experiment's REPAIRs (averagings, soups, Table 5's) compute and fuse their correction
+    (papa.repair.FUSIONS): ``authors`` with ``fidelity.repair_fusion: authors``, else ``exact``."""
+    return "authors" if fidelity.authors(exp, "repair_fusion") else "exact"
 
 
 def build_population(exp: dict, splits, seed: int, members: list[int] | None = None) -> Population:
