@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from papa import averaging, fidelity
 from papa.alignment import align_members_, permutation_spec
+from papa.build import repair_fusion
 from papa.checkpoint import Progress
 from papa.data import FolderStream, MemberStream, PatchStream
 from papa.distributed import Distributed, Local
@@ -133,7 +134,8 @@ class Replace(_Averaging):
     """PAPA-all / PAPA-2: every ``every`` epochs (never after the last one; also after the first with
     ``from_start``, the authors' mix_from_start), the members are replaced by the rows of a ``scheme`` mixing
     matrix, then REPAIRed (the ``repair_layers`` of papa.repair.LAYER_SETS) on ``repair_iters`` batches of each
-    member's own augmented data. ``mix_swa``: members' SWA averages are mixed alike (train.swa.mix_averages).
+    member's own augmented data, computed and fused as ``repair_fusion`` says (papa.repair.FUSIONS). ``mix_swa``:
+    members' SWA averages are mixed alike (train.swa.mix_averages).
     ``greedy_criterion``: the ``greedy`` scheme's (papa.soups.GREEDY_CRITERIA)."""
 
     every: int = 5
@@ -141,6 +143,7 @@ class Replace(_Averaging):
     repair: bool = True
     repair_iters: int = 5
     repair_layers: str = "conv+linear"
+    repair_fusion: str = "exact"
     from_start: bool = False
     greedy_criterion: str = ">="
     mix_swa: bool = False
@@ -188,7 +191,7 @@ class Replace(_Averaging):
 
         if self.repair:
             moments = comm.all_moments(member_moments(ctx.pop, batches, self.repair_iters, stacked=ctx.stacked,
-                                                      members=comm.members))
+                                                      members=comm.members, fusion=self.repair_fusion))
         matrix = self.matrix(ctx, gen)
         uniform = matrix is None
         if uniform:
@@ -198,7 +201,8 @@ class Replace(_Averaging):
             averaging.mix_(ctx.pop, matrix, comm)
         if self.repair:
             repair_population_(ctx.pop, matrix[comm.members], batches, moments, self.repair_iters,
-                               members=comm.members, stacked=ctx.stacked, layers=self.repair_layers)
+                               members=comm.members, stacked=ctx.stacked, layers=self.repair_layers,
+                               fusion=self.repair_fusion)
         if self.mix_swa and ctx.swa is not None and ctx.swa.count:
             # The members were replaced by mixtures of members: their SWA averages follow (the mixing is linear,
             # so each stays the running mean of its mixed lineage's iterates; REPAIR is not applied to them,
@@ -241,9 +245,10 @@ class Genetic(Replace):
 
             children = Population.from_modules([ctx.pop.module_from_state(ctx.pop.combine(r)) for r in rows])
             if self.repair:
-                moments = member_moments(ctx.pop, plain, self.repair_iters, stacked=ctx.stacked)
+                moments = member_moments(ctx.pop, plain, self.repair_iters, stacked=ctx.stacked,
+                                         fusion=self.repair_fusion)
                 repair_population_(children, rows, plain, moments, self.repair_iters, members=[0] * len(rows),
-                                   layers=self.repair_layers)
+                                   layers=self.repair_layers, fusion=self.repair_fusion)
             if mutate:
                 self.mutate_(ctx, gen, children)
             made.append(children)
@@ -291,6 +296,7 @@ def averager_for(variant: str, exp: dict) -> Baseline:
     swa = exp["train"]["swa"]
     replace = {"every": cfg["every"], "scheme": cfg["scheme"], "repair": cfg["repair"],
                "repair_iters": cfg["repair_iters"], "repair_layers": exp["repair"]["layers"],
+               "repair_fusion": repair_fusion(exp),
                "from_start": cfg["from_start"], "greedy_criterion": exp["soups"]["greedy_criterion"],
                "mix_swa": swa is not None and swa["mix_averages"],
                "pairs": "first" if fidelity.authors(exp, "papa2_pairs") else "random",

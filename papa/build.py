@@ -27,6 +27,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def repair_fusion(exp: dict) -> str:
+    """How the experiment's REPAIRs (averagings, soups, Table 5's) compute and fuse their correction
+    (papa.repair.FUSIONS): ``authors`` with ``fidelity.repair_fusion: authors``, else ``exact``."""
+    return "authors" if fidelity.authors(exp, "repair_fusion") else "exact"
+
+
 def build_population(exp: dict, splits, seed: int, members: list[int] | None = None) -> Population:
     """``population.size`` members of ``model`` (only ``members`` of them: one process's share), trainable."""
     m = exp["model"]

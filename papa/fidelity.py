@@ -52,9 +52,22 @@ OPTIONS = {o.name: o for o in (
            "and --grad_scaler default to True, only the ESGD runs pass False); the CPU runs as under paper",
            "every table trained on CUDA with mixed precision (all but Table 12)"),
     Option("repair_fusion",
-           "REPAIR rescales and shifts every repaired layer's outputs exactly",
-           "REPAIR as the scripts' fusion computes it (the shift of bias-free layers dropped)",
-           "every table whose soups or averagings use REPAIR"),
+           "exact REPAIR (papa.repair): member moments in eval mode over all values; the averaged network repaired "
+           "layer by layer in eval mode so that each layer's output has the target mean and std, a bias-free "
+           "layer's shift kept (a bias added to a soup, or the running mean of the BatchNorm it feeds, rebuilt "
+           "after the rescale)",
+           "recombine/repair.py's fusion (47ad83a): member moments from TrackLayers in one train-mode pass, the "
+           "mean of batch means and the root of the mean unbiased batch variance (l.17-29, 80-99); the averaged "
+           "network in one train-mode pass through ResetLayers normalizing each batch to the targets, its "
+           "nn.BatchNorm2d statistics re-estimated in that pass (l.31-43, 202-208); fuse_conv_bn (l.216-236) "
+           "multiplies each weight by target std / sqrt(running var + 1e-5) and shifts only convolutions that have "
+           "a bias: a bias-free one's shift is dropped, and the BatchNorm it feeds keeps the target statistics it "
+           "saw (no reset after the fusion). Groups and dilation are kept (the fused state loads into the "
+           "original architecture, combined.py:146-150)",
+           "every REPAIR: PAPA-all and PAPA-2 rows with REPAIR (Tables 1-3, 5-18 and Figure 2, Table 1's "
+           "fine-tuning rows; not Table 1's ImageNet rows or A.10, which average without it), the REPAIRed "
+           "baseline soups of Tables 1-2 and 6-9, and Table 5's REPAIRed soup; on ResNet-18 and ResNet-20 every "
+           "convolution is bias-free, so each loses its shift"),
     Option("papa2_repair_data",
            "REPAIR after a pair averaging (PAPA-2, pair-75, the genetic ablations' survivors) measures each parent "
            "on its own augmented batches and each child on its slot's (augmentation and mixup, as PAPA-all's)",

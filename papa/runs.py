@@ -25,6 +25,7 @@ from papa.build import (
     fixed_batches,
     loader_options,
     member_policies,
+    repair_fusion,
     resolve_device,
 )
 from papa.checkpoint import load_tensors, read_meta, save_tensors, sidecar_path
@@ -403,7 +404,8 @@ def _soups(exp: dict, run: Run) -> dict:
     align_batches = align_data(exp, run.splits, run.split, s["align_images"], run.device) if aligned else None
     made, members = make_soups(run.pop, val_accuracy, batches, s["repair_iters"], s["repair_seed"], align_batches,
                                stacked=build_engine(exp, run.device, run.pop, run.splits).stacked,
-                               criterion=s["greedy_criterion"], layers=exp["repair"]["layers"])
+                               criterion=s["greedy_criterion"], layers=exp["repair"]["layers"],
+                               fusion=repair_fusion(exp))
     tensors = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
     info = {"greedy_soup_members": members, "aligned": aligned,
             "val_accuracy": {k: val_accuracy(m) for k, m in made.items()}}
@@ -445,7 +447,7 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     sims = population_similarity(
         pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=align,
         repair=repair, repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
-        layers=exp["repair"]["layers"],
+        layers=exp["repair"]["layers"], fusion=repair_fusion(exp),
     )
 
     def per_stage(measure: str) -> dict:

@@ -91,15 +91,15 @@ def cosine_similarity(model_a: nn.Module, model_b: nn.Module, batches: Batches, 
 
 def population_similarity(
     pop: Population, batches: Batches, align: bool = True, repair: bool = True, repair_iters: int = 5,
-    seed: int = 666, measure_batches: Batches | None = None, layers: str = "conv+linear",
+    seed: int = 666, measure_batches: Batches | None = None, layers: str = "conv+linear", fusion: str = "exact",
 ) -> dict[str, dict[str, list[float]]]:
     """Table 5's rows for one population: per stage, the mean cosine similarity (percent) over pairs of
     members (``"between two networks"``) and between each member and the average soup (``"between one network
     and AvgSoup"``). With ``align``, members are first aligned to member 0 by feature matching on ``batches``;
     with ``repair``, the soup is REPAIRed (``repair_iters`` batches) against the (aligned) members. The
     similarity is measured on ``measure_batches`` (default: ``batches``), e.g. test data. Returns both measures of
-    ``MEASURES``, each as {BETWEEN_NETWORKS: per stage, NETWORK_AND_SOUP: per stage}; ``layers``: REPAIR's
-    (papa.repair.LAYER_SETS)."""
+    ``MEASURES``, each as {BETWEEN_NETWORKS: per stage, NETWORK_AND_SOUP: per stage}; ``layers`` and ``fusion``:
+    REPAIR's (papa.repair.LAYER_SETS, FUSIONS)."""
     if pop.size < 2:
         raise ValueError("feature similarity needs a population of at least 2 members")
     batches = reusable(batches)
@@ -107,7 +107,7 @@ def population_similarity(
         pop = align_population(pop, batches, reference=0, seed=seed)
     soup = average_soup(pop)
     if repair:
-        soup = repair_soup(soup, pop, batches, iters=repair_iters, seed=seed, layers=layers)
+        soup = repair_soup(soup, pop, batches, iters=repair_iters, seed=seed, layers=layers, fusion=fusion)
     members = pop.to_modules()
     member_pairs = list(itertools.combinations(range(pop.size), 2))
     soup_pairs = [(j, pop.size) for j in range(pop.size)]

@@ -129,11 +129,13 @@ def aligned_greedy_soup(
 
 def make_soups(pop: Population, score: Callable[[nn.Module], float], repair_batches: Batches, iters: int = 5,
                seed: int = 666, align_batches: Batches | None = None, stacked: bool = False,
-               criterion: str = ">=", layers: str = "conv+linear") -> tuple[dict[str, nn.Module], list[int]]:
+               criterion: str = ">=", layers: str = "conv+linear", fusion: str = "exact",
+               ) -> tuple[dict[str, nn.Module], list[int]]:
     """The paper's four soups (``SOUPS``): the average soup and the greedy soup (greedy by ``score``, higher is
     better, e.g. validation accuracy, keeping a member by ``criterion``, see ``GREEDY_CRITERIA``), each also
     REPAIRed (the ``layers`` of papa.repair.LAYER_SETS) on ``iters`` batches of ``repair_batches`` (``seed``)
-    with the moments of the members it averages (measured vmapped with ``stacked``). Returns them and the
+    with the moments of the members it averages (measured vmapped with ``stacked``), computed and fused as
+    ``fusion`` says (papa.repair.FUSIONS). Returns them and the
     greedy soup's members, in the order added.
 
     A soup of one member is that member (the paper's "GreedySoup is just the best model", P:l.388): it is not
@@ -159,8 +161,9 @@ def make_soups(pop: Population, score: Callable[[nn.Module], float], repair_batc
         if int((weights > 0).sum()) == 1:
             return copy.deepcopy(soup)
         if id(of) not in moments:
-            moments[id(of)] = member_moments(of, repair_batches, iters, seed, stacked=stacked)
-        return repair(soup, of, repair_batches, iters, seed, weights=weights, moments=moments[id(of)], layers=layers)
+            moments[id(of)] = member_moments(of, repair_batches, iters, seed, stacked=stacked, fusion=fusion)
+        return repair(soup, of, repair_batches, iters, seed, weights=weights, moments=moments[id(of)], layers=layers,
+                      fusion=fusion)
 
     return {
         "avg_soup": avg,
