@@ -400,7 +400,7 @@ def test_every_paper_config_says_which_fidelity_it_runs(path):
     assert "fidelity" in (raw.get("defaults") or {}) or all("fidelity" in (own or {})
                                                            for own in raw["experiments"].values())
     text = path.read_text()
-    comment = text[:text.index("fidelity:")].rstrip().splitlines()[-1]
+    comment = text[:re.search(r"^ *fidelity:", text, re.MULTILINE).start()].rstrip().splitlines()[-1]
     assert comment.lstrip().startswith("#") and "fidelity" in comment
 
 
