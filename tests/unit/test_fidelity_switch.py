@@ -83,3 +83,10 @@ def test_the_comparison_configs_hold_their_originals_apart_from_fidelity():
     assert config.experiment(a10, "optdigits-raw") == config.experiment(original, "optdigits-raw")
     uci = without(config.experiment(original, "optdigits-raw"))
     assert without(config.experiment(a10, "optdigits-raw-authors")) == uci
+
+
+def test_the_differences_table_has_a_row_for_every_option():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "docs" / "decisions.md").read_text()
+    table = text[text.index("## Differences from the authors' code"):]
+    assert all(f"| `{name}` |" in table for name in fidelity.OPTIONS)
