@@ -74,8 +74,10 @@ OPTIONS = {o.name: o for o in (
     Option("papa2_repair_data",
            "REPAIR after a pair averaging (PAPA-2, pair-75, the genetic ablations' survivors) measures each parent "
            "on its own augmented batches and each child on its slot's (augmentation and mixup, as PAPA-all's)",
-           "parents and child are measured on the same un-augmented training batches (recombine/permutations.py:"
-           "69-75: correct_neuron_stats on train_dset_noaug, no hyperparam, so no mixup either); PAPA-all's and "
+           "parents and child are measured on the same training batches with the base transform, crop and flip "
+           "without regularization (recombine/permutations.py:69-75: correct_neuron_stats on train_dset_noaug, "
+           "which data/data.py:22 builds with the training transform and re=0, and no hyperparam, so no mixup "
+           "either); PAPA-all's and "
            "Table 14's many-/dirichlet/greedy REPAIR keeps the members' own augmentation in both settings "
            "(permutations.py:133)",
            "every PAPA-2 cell with REPAIR: Tables 1-2, 5, 6-9, 10-11, 12, 14 (pair-half, pair-75), 16, 18 and "
@@ -83,8 +85,9 @@ OPTIONS = {o.name: o for o in (
     Option("soup_repair_data",
            "soups' REPAIR measures members and soup alike on the base transform (crop, flip), no regularization",
            "each member's moments on its own augmented and regularized batches (its dataset transform and "
-           "hyperparams[j]'s mixup, smoothing, CutMix), the soup's on un-augmented ones (models/combined.py:257, "
-           ":290 -> recombine/repair.py correct_neuron_stats_multiple with train_dset_out = [train_dset_noaug])",
+           "hyperparams[j]'s mixup, smoothing, CutMix), the soup's on the base transform, crop and flip without "
+           "regularization (models/combined.py:257, :290 -> recombine/repair.py correct_neuron_stats_multiple "
+           "with train_dset_out = [train_dset_noaug]: data/data.py:22, the training transform with re=0)",
            "the baselines' REPAIRed soups of Tables 1, 2 and 6-9 (not Table 5: papa similarity REPAIRs on "
            "its own data)"),
     Option("alignment_target",
