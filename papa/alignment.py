@@ -13,8 +13,10 @@ method (papa.models.permutation; the registered ``vgg11_bn``, ``vgg16_bn``, ``re
 ``resnet20`` do, at any width or depth), see ``permutation_spec``.
 
 For populations, Appendix A.4: ``align_population`` aligns every member to one member (PAPA-all's
-ablation; ``align_members_`` does it in place, optimizer state included, during training). The aligned soups
-are in papa.soups.
+ablation; ``align_members_`` does it in place, optimizer state included, during training), or with
+``target="running-soup"`` each member to the average of those aligned before it (the authors' PAPA-all:
+models/combined.py:232-255); ``align_pairs`` aligns within pairs taken in order, each aligned member kept for the
+next pairs (the authors' PAPA-2: recombine/permutations.py:47-52). The aligned soups are in papa.soups.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from papa.errors import PapaError
-from papa.forward import Batches, device_of, eval_mode, hooked, inputs
+from papa.forward import Batches, device_of, eval_mode, hooked, inputs, reusable
 from papa.models.permutation import UNSUPPORTED, PermGroup, Tap
 from papa.population import Population
 
@@ -222,14 +224,43 @@ def permute_stacked_(stacked: dict[str, Tensor], spec: list[PermGroup], perms: d
                     t[j].copy_(t[j].index_select(axis, member_perms[g.name].to(t.device)))
 
 
+ALIGN_TARGETS = ("member", "running-soup")
+"""What ``align_members_`` aligns each member to: one ``member`` (the reference), or the ``running-soup``: the
+uniform average of the members aligned before it, the reference first and the others in index order."""
+
+
+def running_soup_permutations(
+    pop: Population, batches: Batches, order: Sequence[int] | None = None, seed: int = 666
+) -> dict[int, dict[str, Tensor]]:
+    """The permutations aligning each member to the running soup: ``order[0]`` (default member 0) is kept, each
+    next member is matched to the uniform average of the members before it in ``order``, as aligned. One pass
+    over ``batches`` per member after the first (each depends on the alignments before it)."""
+    order = list(range(pop.size)) if order is None else list(order)
+    if sorted(order) != list(range(pop.size)):
+        raise ValueError(f"order must be a permutation of the {pop.size} members, got {order}")
+    batches = reusable(batches)
+    aligned, perms = [pop.member(order[0])], {}
+    for j in order[1:]:
+        soup = Population.from_modules(aligned)
+        soup = soup.module_from_state(soup.combine(torch.full((soup.size,), 1.0 / soup.size, dtype=torch.float64)))
+        member = pop.member(j)
+        perms[j] = match(member, soup, batches, seed)
+        aligned.append(permute(member, perms[j]))
+    return perms
+
+
 def align_members_(
     pop: Population, batches: Batches, reference: int = 0, seed: int = 666,
-    companions: Sequence[dict[str, Tensor]] = (),
+    companions: Sequence[dict[str, Tensor]] = (), target: str = "member",
 ) -> dict[int, dict[str, Tensor]]:
     """``align_population`` in place: every member's units permuted to match member ``reference``'s (PAPA-all's
-    alignment, Appendix A.4). ``companions`` are further stacked tensors indexed like the members' parameters
-    (an optimizer's momentum), permuted alike so that training goes on as if nothing happened. Returns the
-    permutations applied, by member."""
+    alignment, Appendix A.4), or with ``target="running-soup"`` (``ALIGN_TARGETS``) to match the average of the
+    members aligned before it (``running_soup_permutations``, ``reference`` first, then the others in index
+    order). ``companions`` are further stacked tensors indexed like the members' parameters (an optimizer's
+    momentum), permuted alike so that training goes on as if nothing happened. Returns the permutations
+    applied, by member."""
+    if target not in ALIGN_TARGETS:
+        raise ValueError(f"unknown alignment target {target!r}; expected one of {', '.join(ALIGN_TARGETS)}")
     if not -pop.size <= reference < pop.size:
         raise IndexError(f"reference member {reference} out of range for a population of {pop.size}")
     reference %= pop.size
@@ -237,11 +268,33 @@ def align_members_(
     others = [j for j in range(pop.size) if j != reference]
     if not others:
         return {}
-    modules = pop.to_modules()
-    perms = dict(zip(others, match_many(modules[reference], [modules[j] for j in others], batches, seed),
-                     strict=True))
+    if target == "running-soup":
+        perms = running_soup_permutations(pop, batches, [reference, *others], seed)
+    else:
+        modules = pop.to_modules()
+        perms = dict(zip(others, match_many(modules[reference], [modules[j] for j in others], batches, seed),
+                         strict=True))
     for stacked in (pop.state_dict(), *companions):
         permute_stacked_(stacked, spec, perms)
     return perms
 
 
+def align_pairs(pop: Population, pairs: Sequence[tuple[int, int]], batches: Batches | None,
+                seed: int = 666) -> Population:
+    """The parents of pair-averaged children, as the authors' PAPA-2 aligns them (recombine/permutations.py:47-52):
+    pairs (a, b) taken in order, b's units permuted to match a's, and the permuted b kept in b's place for every
+    later pair (the scripts save it over b's checkpoint), so permutations accumulate. Returns the
+    2n parents: pair k's a (as it then stands) at 2k and its aligned b at 2k + 1. ``batches`` None: no
+    alignment, the members as they are. ``pop`` is unchanged."""
+    if batches is not None:
+        permutation_spec(pop.template)
+        batches = reusable(batches)
+    modules, parents = pop.to_modules(), []
+    for a, b in pairs:
+        a, b = int(a), int(b)
+        if a == b:
+            raise ValueError(f"a pair needs two distinct members, got ({a}, {b})")
+        if batches is not None:
+            modules[b] = align(modules[b], modules[a], batches, seed)
+        parents += [modules[a], modules[b]]
+    return Population.from_modules(parents)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from papa import averaging, fidelity
-from papa.alignment import align_members_, permutation_spec
+from papa.alignment import align_members_, align_pairs, permutation_spec
 from papa.build import repair_fusion
 from papa.checkpoint import Progress
 from papa.data import FolderStream, MemberStream, PatchStream
@@ -26,9 +26,9 @@ from papa.genetic import select
 from papa.population import Population
 from papa.repair import member_moments, repair_population_
 from papa.rng import generator
-from papa.soups import greedy_soup
+from papa.soups import greedy_alignment, greedy_soup
 from papa.swa import SWA
-from papa.variants import VARIANTS, averages_after, pushes_after, zero_based
+from papa.variants import VARIANTS, averages_after, pushes_after, scripts_last_epoch, zero_based
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Context:
     val_scores: Callable[[Population], list[tuple[float, float]]]  # every member's validation (accuracy, loss)
     val_accuracy: Callable[[nn.Module], float]  # one network's validation accuracy
     align_batches: Callable[[int | None], Batches]  # the first N (all: None) training images, for alignment
+    epochs: int = 0  # the run's epochs (Replace: the scripts' last-epoch averaging, fidelity averaging_epochs)
 
 
 @dataclass
@@ -74,6 +75,8 @@ class _Averaging(Baseline):
     align: bool = False
     align_images: int | None = None
     mutation_std: float = 0.0
+    # fidelity alignment_target: the scripts' targets (Replace: the running soup, within pairs; Push as paper)
+    scripts_alignment: bool = False
 
     def check(self, ctx: Context) -> None:
         if self.align:
@@ -81,14 +84,17 @@ class _Averaging(Baseline):
                 raise PapaError(f"averaging.{self.name}.align runs in a single process only")
             permutation_spec(ctx.pop.template)  # fails now, not at the first averaging, on other models
 
-    def align_(self, ctx: Context) -> None:
+    def align_(self, ctx: Context, target: str = "member") -> None:
         """Permute every member's units to match member 0's (Appendix A.4), with the optimizer state that
-        follows them (momentum, Adam moments), so each member computes and trains on exactly as before."""
+        follows them (momentum, Adam moments), so each member computes and trains on exactly as before.
+        ``scripts_alignment``: the optimizer state stays as it is (the scripts permute only networks), and with
+        ``target="running-soup"`` each member matches the average of those aligned before it."""
         state, companions = ctx.optimizer.state, []
-        for key in sorted({k for st in state.values() for k in st}):
+        for key in sorted({k for st in state.values() for k in st}) if not self.scripts_alignment else ():
             companions.append({name: state[p][key] for name, p in ctx.pop.params.items()
                                if torch.is_tensor(state.get(p, {}).get(key)) and state[p][key].shape == p.shape})
-        align_members_(ctx.pop, ctx.align_batches(self.align_images), reference=0, companions=companions)
+        align_members_(ctx.pop, ctx.align_batches(self.align_images), reference=0, companions=companions,
+                       target=target)
 
     def mutate_(self, ctx: Context, gen: torch.Generator, pop: Population | None = None) -> None:
         """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (the ablations of Tables 15-17), of the
@@ -155,9 +161,21 @@ class Replace(_Averaging):
         super().check(ctx)
         if self.scheme == "greedy" and ctx.comm.world_size > 1:
             raise PapaError(f"averaging.{self.name}.scheme greedy runs in a single process only")
+        if (self.scheme in averaging.PAIR_SCHEMES and ctx.comm.world_size > 1 and self.zero_based
+                and scripts_last_epoch(ctx.epochs, ctx.epochs, self.every, self.from_start, self.window)):
+            raise PapaError(f"averaging.{self.name}: the scripts' averaging after the last epoch (fidelity "
+                            "averaging_epochs: authors) runs in a single process only")
 
     def due_after_epoch(self, epoch: int, epochs: int) -> bool:
-        return averages_after(epoch, epochs, self.every, self.from_start, self.window, self.zero_based)
+        return averages_after(epoch, epochs, self.every, self.from_start, self.window, self.zero_based) or (
+            self.zero_based and scripts_last_epoch(epoch, epochs, self.every, self.from_start, self.window))
+
+    def last_epoch(self, ctx: Context) -> bool:
+        """Whether this averaging follows the run's last epoch, which only the scripts' test reaches (fidelity
+        averaging_epochs: main.py:217 fires there when (E - 1) % k == 0): nothing is mixed or REPAIRed then
+        (main.py:271, 299-311, ``mix=epoch < EPOCHS - 1``), but PAPA-2 still replaces each member by one unmerged
+        member of its pair, and mutations and elitism still run (main.py:313-337)."""
+        return 0 < ctx.epochs <= ctx.progress.epoch
 
     def matrix(self, ctx: Context, gen: torch.Generator) -> Tensor | None:
         """This generation's mixing matrix; None for PAPA-all's plain average. ``greedy``: every row the greedy
@@ -167,7 +185,13 @@ class Replace(_Averaging):
         if self.scheme != "greedy":
             return averaging.mixing_matrix(self.scheme, ctx.comm.p, gen, self.pairs)
         scores = [acc for acc, _ in ctx.val_scores(ctx.pop)]
-        _, members = greedy_soup(ctx.pop, ctx.val_accuracy, self.greedy_criterion, scores=scores)
+        if self.align and self.scripts_alignment:  # each member tried aligned to the greedy soup so far (the
+            # scripts' greedy_soup with perm_fn, models/combined.py:263-279): the members become those copies
+            aligned, members, _ = greedy_alignment(ctx.pop, ctx.val_accuracy, ctx.align_batches(self.align_images),
+                                                   scores=scores, criterion=self.greedy_criterion)
+            ctx.pop.load_state_dict(aligned.state_dict())
+        else:
+            _, members = greedy_soup(ctx.pop, ctx.val_accuracy, self.greedy_criterion, scores=scores)
         return averaging.greedy_matrix(members, ctx.comm.p)
 
     def next_generation(self, ctx: Context) -> torch.Generator:
@@ -176,22 +200,38 @@ class Replace(_Averaging):
         return generator(ctx.seed, "average", ctx.progress.epoch)
 
     def average(self, ctx: Context) -> None:
-        """The averaging after the current epoch, with its REPAIR."""
+        """The averaging after the current epoch, with its REPAIR.
+
+        ``scripts_alignment`` (with ``align``), as the scripts align (recombine/permutations.py:47-52, 103-106,
+        122-125): PAPA-2 and pair-75 within each pair in turn (``pair_average``); PAPA-all each member to the running
+        soup in member order and ``greedy`` to the greedy soup so far, both after REPAIR's moments are measured
+        on the unaligned members (permutations.py:133 passes ``nets``, never permuted for avg and greedy_soup,
+        so the soup's channels meet member j's moments unmatched for j > 0); many-half, many-75 and dirichlet
+        every member to member 0 as the paper does. The optimizer state is never permuted."""
         comm = ctx.comm
         gen = self.next_generation(ctx)
-        if self.align:  # before REPAIR's moments: they are measured on the aligned members
-            self.align_(ctx)
-
-        plain = self.plain_pair_repair and self.scheme in averaging.PAIR_SCHEMES
+        scripts = self.align and self.scripts_alignment
+        pairs = self.scheme in averaging.PAIR_SCHEMES
+        plain = self.plain_pair_repair and pairs
 
         def batches(member, g):  # member j's own augmentation, a generator seeded 666 (Algorithm 5)
             # plain: the base transform for every member, parents and child alike (the authors' pair REPAIR,
             # recombine/permutations.py:69-75, measures train_dset_noaug)
             return ctx.stream.member_batches(None if plain else member, g, self.repair_iters)
 
+        last = self.last_epoch(ctx)
+        if last or pairs and scripts:  # after the last epoch the scripts mix nothing else
+            if pairs:
+                self.pair_average(ctx, gen, batches, last)
+            self.mutate_(ctx, gen)
+            return
+        if self.align and not (scripts and self.scheme in ("all", "greedy")):
+            self.align_(ctx)  # before REPAIR's moments: they are measured on the aligned members
         if self.repair:
             moments = comm.all_moments(member_moments(ctx.pop, batches, self.repair_iters, stacked=ctx.stacked,
                                                       members=comm.members, fusion=self.repair_fusion))
+        if scripts and self.scheme == "all":
+            self.align_(ctx, target="running-soup")
         matrix = self.matrix(ctx, gen)
         uniform = matrix is None
         if uniform:
@@ -213,6 +253,39 @@ class Replace(_Averaging):
                 averaging.mix_(ctx.swa.average, matrix, comm)
         self.mutate_(ctx, gen)
 
+    def pair_average(self, ctx: Context, gen: torch.Generator, batches, last: bool = False) -> None:
+        """PAPA-2 and pair-75 as the scripts run them pair by pair (recombine/permutations.py:32-76, main.py:
+        308-311): each row's pair (a, b), a < b, with b aligned to a when ``scripts_alignment`` (``align_pairs``:
+        the alignments accumulate over the rows), mixed by the row's weights and REPAIRed toward the two parents'
+        moments. ``last``: nothing is mixed; member i becomes a or b of its pair, drawn from ``gen`` (the scripts'
+        ``[random.randint(0, 1)]``)."""
+        matrix = self.matrix(ctx, gen)
+        pairs = [tuple(row.nonzero().flatten().tolist()) for row in matrix]
+        aligned = ctx.align_batches(self.align_images) if self.align and self.scripts_alignment else None
+        parents = align_pairs(ctx.pop, pairs, aligned)
+        n = len(pairs)
+        if last:
+            second = (torch.rand(n, generator=gen) < 0.5).long()
+            ctx.pop.load_state_dict({name: t[2 * torch.arange(n) + second] for name, t in parents.tensors()})
+            matrix = torch.zeros_like(matrix)
+            matrix[torch.arange(n), torch.as_tensor(pairs)[torch.arange(n), second]] = 1.0
+        else:
+            rows = torch.zeros(n, 2 * n, dtype=torch.float64)
+            for k, (a, b) in enumerate(pairs):
+                rows[k, 2 * k], rows[k, 2 * k + 1] = matrix[k, a], matrix[k, b]
+            if self.repair:  # each parent on its own batches (its member's), as the members are measured
+                moments = member_moments(parents, batches, self.repair_iters, stacked=ctx.stacked,
+                                         members=[j for pair in pairs for j in pair], fusion=self.repair_fusion)
+            square = torch.eye(2 * n, dtype=torch.float64)
+            square[:n] = rows
+            averaging.mix_(parents, square)
+            ctx.pop.load_state_dict({name: t[:n] for name, t in parents.tensors()})
+            if self.repair:
+                repair_population_(ctx.pop, rows, batches, moments, self.repair_iters, stacked=ctx.stacked,
+                                   layers=self.repair_layers, fusion=self.repair_fusion)
+        if self.mix_swa and ctx.swa is not None and ctx.swa.count:
+            averaging.mix_(ctx.swa.average, matrix, ctx.comm)
+
 
 @dataclass
 class Genetic(Replace):
@@ -232,19 +305,23 @@ class Genetic(Replace):
         super().check(ctx)
         if ctx.comm.world_size > 1:
             raise PapaError("the genetic-algorithm ablations (averaging.genetic) run in a single process only")
+        if self.align and self.scripts_alignment:
+            raise PapaError(f"averaging.{self.name}.align with averaging.genetic: the scripts' pairwise alignment "
+                            "(fidelity alignment_target: authors) is not implemented for the genetic ablations")
 
     def _select(self, ctx: Context, gen: torch.Generator, mutate: bool) -> tuple[Tensor, list[int], Population]:
         """The generation's candidates, the survivors' indices among them and the children as scored (REPAIRed,
         and mutated first when ``mutate``)."""
         losses = [loss for _, loss in ctx.val_scores(ctx.pop)]
         made = []
+        last = self.last_epoch(ctx)  # the children are unmerged members, not REPAIRed (main.py:299-311)
 
         def children_losses(rows: Tensor) -> list[float]:
             def plain(_member, g):
                 return ctx.stream.member_batches(None, g, self.repair_iters)
 
             children = Population.from_modules([ctx.pop.module_from_state(ctx.pop.combine(r)) for r in rows])
-            if self.repair:
+            if self.repair and not last:
                 moments = member_moments(ctx.pop, plain, self.repair_iters, stacked=ctx.stacked,
                                          fusion=self.repair_fusion)
                 repair_population_(children, rows, plain, moments, self.repair_iters, members=[0] * len(rows),
@@ -255,7 +332,8 @@ class Genetic(Replace):
             return [loss for _, loss in ctx.val_scores(children)]
 
         genetic = {"tournament": self.tournament, "elitism": self.elitism}
-        candidates, chosen = select(ctx.comm.p, losses, self.scheme, genetic, gen, children_losses, self.pairs)
+        candidates, chosen = select(ctx.comm.p, losses, self.scheme, genetic, gen, children_losses, self.pairs,
+                                    heavy=1.0 if last else None)
         return candidates, chosen, (made[0] if made else None)
 
     def matrix(self, ctx: Context, gen: torch.Generator) -> Tensor:
@@ -263,6 +341,15 @@ class Genetic(Replace):
         return candidates[chosen]
 
     def average(self, ctx: Context) -> None:
+        if not (self.elitism and self.scripts_elitism) and self.last_epoch(ctx):
+            gen = self.next_generation(ctx)  # the candidates are unmerged members: each row picks one
+            rows = self.matrix(ctx, gen)
+            with torch.no_grad():
+                ctx.pop.load_state_dict({name: t[rows.argmax(1)] for name, t in ctx.pop.tensors()})
+            if self.mix_swa and ctx.swa is not None and ctx.swa.count:
+                averaging.mix_(ctx.swa.average, rows, ctx.comm)
+            self.mutate_(ctx, gen)
+            return None
         if not (self.elitism and self.scripts_elitism):
             return super().average(ctx)
         gen = self.next_generation(ctx)
@@ -289,7 +376,8 @@ def averager_for(variant: str, exp: dict) -> Baseline:
         return Baseline(window)
     cfg, genetic = a[variant], a["genetic"]
     common = {"window": window, "name": variant, "align": cfg["align"], "align_images": a["align_images"],
-              "mutation_std": genetic["mutation_std"]}
+              "mutation_std": genetic["mutation_std"],
+              "scripts_alignment": fidelity.authors(exp, "alignment_target") and unit == "epochs"}
     if unit == "steps":
         return Push(**common, alpha=cfg["alpha"], every=cfg["every"], scale_with_lr=cfg["scale_with_lr"],
                     lr0=exp["train"]["optimizer"]["lr"])

@@ -39,10 +39,13 @@ OPTIONS = {o.name: o for o in (
            "PAPA-all and PAPA-2 (and Table 14's schemes, the genetic ablations) average after epochs k, 2k, ... "
            "(and 1 with from_start), never after the last, inside the window (lo E, hi E]",
            "after epochs k+1, 2k+1, ... (and 1 with from_start, the scripts' mix_from_start, on in all their "
-           "runs), never after the last, inside the window [lo E, hi E] (main.py:217: 0-based `epoch % k == 0 and "
-           "(epoch > 0 or mix_from_start) and epoch+1 >= lo E and epoch+1 <= hi E`; utils/utils.py:60-61 scales "
-           "range_merge by EPOCHS; main.py:271, 299: no mixing at the last epoch): with k = 5 over 300 epochs, "
-           "1, 6, ..., 296, and Table 14's [0.75, 1] from 226 on (paper: 230)",
+           "runs), inside the window [lo E, hi E] (main.py:217: 0-based `epoch % k == 0 and (epoch > 0 or "
+           "mix_from_start) and epoch+1 >= lo E and epoch+1 <= hi E`; utils/utils.py:60-61 scales range_merge by "
+           "EPOCHS): with k = 5 over 300 epochs, 1, 6, ..., 296, and Table 14's [0.75, 1] from 226 on (paper: "
+           "230). When the test fires after the last epoch ((E-1) % k == 0, e.g. k = 1) nothing is mixed or "
+           "REPAIRed (main.py:271, 299-311, mix=False), but PAPA-2 and pair-75 replace each member by one unmerged "
+           "(aligned) member of its pair ([random.randint(0, 1)], drawn from the averaging generator), duplicates "
+           "and all, and mutations and elitism still run (main.py:313-337)",
            "every table with PAPA-all or PAPA-2: Tables 1-2, 5, 6-9, 10-11, 12, 13, 14, 15-17, 18, A.10 and Figure 2"),
     Option("mixed_precision",
            "train.precision's mixed precision (bf16, bf16-cuda) is bf16 autocast with no loss scaling",
@@ -71,8 +74,10 @@ OPTIONS = {o.name: o for o in (
     Option("papa2_repair_data",
            "REPAIR after a pair averaging (PAPA-2, pair-75, the genetic ablations' survivors) measures each parent "
            "on its own augmented batches and each child on its slot's (augmentation and mixup, as PAPA-all's)",
-           "parents and child are measured on the same un-augmented training batches (recombine/permutations.py:"
-           "69-75: correct_neuron_stats on train_dset_noaug, no hyperparam, so no mixup either); PAPA-all's and "
+           "parents and child are measured on the same training batches with the base transform, crop and flip "
+           "without regularization (recombine/permutations.py:69-75: correct_neuron_stats on train_dset_noaug, "
+           "which data/data.py:22 builds with the training transform and re=0, and no hyperparam, so no mixup "
+           "either); PAPA-all's and "
            "Table 14's many-/dirichlet/greedy REPAIR keeps the members' own augmentation in both settings "
            "(permutations.py:133)",
            "every PAPA-2 cell with REPAIR: Tables 1-2, 5, 6-9, 10-11, 12, 14 (pair-half, pair-75), 16, 18 and "
@@ -80,14 +85,24 @@ OPTIONS = {o.name: o for o in (
     Option("soup_repair_data",
            "soups' REPAIR measures members and soup alike on the base transform (crop, flip), no regularization",
            "each member's moments on its own augmented and regularized batches (its dataset transform and "
-           "hyperparams[j]'s mixup, smoothing, CutMix), the soup's on un-augmented ones (models/combined.py:257, "
-           ":290 -> recombine/repair.py correct_neuron_stats_multiple with train_dset_out = [train_dset_noaug])",
+           "hyperparams[j]'s mixup, smoothing, CutMix), the soup's on the base transform, crop and flip without "
+           "regularization (models/combined.py:257, :290 -> recombine/repair.py correct_neuron_stats_multiple "
+           "with train_dset_out = [train_dset_noaug]: data/data.py:22, the training transform with re=0)",
            "the baselines' REPAIRed soups of Tables 1, 2 and 6-9 (not Table 5: papa similarity REPAIRs on "
            "its own data)"),
     Option("alignment_target",
-           "averagings with align permute every member to member 0",
-           "PAPA-all aligns every member to the running soup, PAPA-2 within each pair",
-           "Tables 15-17"),
+           "averagings with align permute every member (and its optimizer state) to member 0 before REPAIR's moments "
+           "are measured and the members mixed",
+           "PAPA-2 and pair-75 pair by pair in the order of the children, the pair's second member aligned to its "
+           "first and kept so for the later pairs, so permutations accumulate (recombine/permutations.py:47-52, "
+           "save_model(model1, m1)); PAPA-all each member to the running soup in member order, the soup built from "
+           "aligned copies and REPAIRed toward the moments of the unpermuted members, so channels of members 1..p-1 "
+           "are mismatched (models/combined.py:232-255 via permutations.py:122-123, acc_list None; "
+           "permutations.py:133 passes the unaligned nets); greedy each member to the greedy soup so far, REPAIRed "
+           "alike (combined.py:263-291); many-half, many-75 and dirichlet to member 0 (permutations.py:103-106); "
+           "the optimizer state is never permuted. PAPA's push is aligned to member 0 in both settings (the "
+           "scripts' EMA path, main.py:199-212, never aligns); the genetic ablations refuse align under authors",
+           "Tables 15-17's alignment rows (ablation-align: PAPA-all and PAPA-2)"),
     Option("finetune_normalization",
            "fine-tuning normalizes with the pretrained network's mean/std (its timm pretrained_cfg)",
            "the dataset's own normalization (CIFAR-100's mean/std, data/cifar100.py:8-10)",

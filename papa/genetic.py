@@ -52,6 +52,7 @@ def select(
     generator: torch.Generator,
     children_losses: Callable[[Tensor], Sequence[float]],
     pairs: str = "random",
+    heavy: float | None = None,
 ) -> tuple[Tensor, list[int]]:
     """One generation with tournament and/or elitist selection: the candidates' rows of weights over the p parents
     (the children, then with elitism the parents' identity rows) and which candidate each of the p members
@@ -61,14 +62,16 @@ def select(
     ``rows`` (REPAIRed). Without elitism: p children, member i the i-th. With elitism: ``n_children`` children and
     the p parents ranked by validation loss; the best ``ELITE_FRACTION`` of p first, then the next ranked up to p,
     in a random order. ``pairs``: papa.averaging.draw_pairs' choice of partners without tournament selection
-    (with elitism the authors' children are every pair but for p > 13, where they are the first 6p)."""
+    (with elitism the authors' children are every pair but for p > 13, where they are the first 6p). ``heavy``:
+    the heavier parent's weight instead of the scheme's (1.0: each child one of its parents, unmerged, as the
+    scripts make them after the last epoch)."""
     if scheme not in PAIR_WEIGHTS:
         raise PapaError(f"genetic selection needs a pair scheme ({', '.join(PAIR_WEIGHTS)}), not {scheme!r}")
     if p < 3 and genetic["tournament"]:
         raise PapaError("tournament selection needs at least 3 members")
     n = n_children(p, genetic["elitism"])
     partners = tournament_pairs(losses, n, generator) if genetic["tournament"] else draw_pairs(p, generator, n, pairs)
-    children = child_rows(partners, p, PAIR_WEIGHTS[scheme], generator)
+    children = child_rows(partners, p, PAIR_WEIGHTS[scheme] if heavy is None else heavy, generator)
     if not genetic["elitism"]:
         return children, list(range(p))
     candidates = torch.cat([children, torch.eye(p, dtype=torch.float64)])  # the authors' order: children first

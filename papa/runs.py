@@ -360,7 +360,7 @@ def soups(exp: dict, split_path, run_dir) -> dict:
     (soups.json then says ``aligned``). REPAIR reads training data with the base transform only: the members'
     own regularization (mixup, erasing...) would shift their moments away from those of clean inputs; with
     ``fidelity.soup_repair_data: authors`` each member's moments come from its own augmented batches and the
-    soup's from un-augmented ones, as the scripts measured them (``repair_stream``)."""
+    soup's from the base transform, as the scripts measured them (``repair_stream``)."""
     return _soups(exp, open_run(exp, split_path, run_dir))
 
 
@@ -378,14 +378,17 @@ def repair_stream(exp: dict, run: Run):
     (train_dset_in = ``self.train_dset``, every member's own dataset transform, with ``hyperparams[j]``'s mixup,
     label smoothing and CutMix; train_dset_out = ``[self.train_dset_noaug]``, no ``hyperparams_after``): member j's
     moments are measured on its own augmented and regularized batches (the policies the run trained with,
-    ``member_policies`` of the run's seed), the soup on un-augmented ones (no crop, no flip). The images come from
+    ``member_policies`` of the run's seed), the soup on the base transform: the scripts' ``train_dset_noaug`` is
+    the training set with the training transform and no regularization (data/data.py:22 calls get_cifar10/100
+    and get_imagenet with re=0: random crop and flip, resized for timm models; RandomResizedCrop and flip on
+    ImageNet), not the test transform. The images come from
     REPAIR's generator (seed ``soups.repair_seed``) for every member, as in the paper's setting: the scripts'
     ``same_repair=False`` left each member's shuffle to the unseeded global RNG."""
     base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
     own = fidelity.authors(exp, "soup_repair_data")
     policies = member_policies(exp, run.meta["seed"]) if own else [base] * run.pop.size
     stream = make_stream(run.splits, run.split["train"], exp["train"]["batch_size"], policies, 0, run.device,
-                         base=Policy() if own else base, **loader_options(exp, run.splits))
+                         base=base, **loader_options(exp, run.splits))
     return stream, own
 
 

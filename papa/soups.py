@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from papa.alignment import align, permutation_spec
+from papa.alignment import align, permutation_spec, permute, running_soup_permutations
 from papa.averaging import subset_weights
 from papa.forward import Batches, eval_mode, reusable
 from papa.population import Population
@@ -73,14 +73,9 @@ def sequential_alignment(
 ) -> Population:
     """Every member aligned to the running average: ``order[0]`` (default member 0) is kept, each next member
     is aligned to the average of the (aligned) members before it. The result keeps member order."""
-    order = list(range(pop.size)) if order is None else list(order)
-    if sorted(order) != list(range(pop.size)):
-        raise ValueError(f"order must be a permutation of the {pop.size} members, got {order}")
-    batches = reusable(batches)
-    aligned: dict[int, nn.Module] = {order[0]: pop.member(order[0])}
-    for j in order[1:]:
-        aligned[j] = align(pop.member(j), _mean(list(aligned.values())), batches, seed)
-    return Population.from_modules([aligned[j] for j in range(pop.size)])
+    perms = running_soup_permutations(pop, batches, order, seed)
+    return Population.from_modules([permute(pop.member(j), perms[j]) if j in perms else pop.member(j)
+                                    for j in range(pop.size)])
 
 
 def aligned_average_soup(

@@ -93,7 +93,8 @@ class Trainer:
         self.averager = averager_for(variant, exp)
         self.context = Context(  # what the averager reads and changes
             self.pop, self.comm, self.optimizer, self.stream, self.swa, self.progress, seed, self.stacked,
-            self.val_scores, self.val_accuracy, lambda images: align_data(exp, splits, split, images, self.device))
+            self.val_scores, self.val_accuracy, lambda images: align_data(exp, splits, split, images, self.device),
+            exp["train"]["epochs"])
         self.averager.check(self.context)
         self.resumable = Resumable({"variant": variant, "seed": seed, "experiment": exp}, self.pop, self.optimizer,
                                    self.scheduler, self.swa, self.progress, self.scaler)

@@ -71,6 +71,16 @@ def averages_after(epoch: int, epochs: int, every: int, from_start: bool, window
     return due and epoch < epochs and in_window(window, epoch, epochs)
 
 
+def scripts_last_epoch(epoch: int, epochs: int, every: int, from_start: bool, window) -> bool:
+    """Whether the scripts' test (main.py:217, see ``averages_after``) fires after the last epoch ``epoch`` of
+    ``epochs``: (E - 1) % k == 0 (with k = 1 always) inside the window. The scripts then mix nothing (main.py:271,
+    299: ``mix=epoch < EPOCHS - 1``) but PAPA-2 still replaces each member by one member of its pair, and
+    mutations and elitism still run (papa.averagers.Replace.last_epoch)."""
+    lo, hi = window
+    due = (epoch - 1) % every == 0 and (epoch > 1 or from_start)
+    return epoch == epochs and due and lo * epochs <= epoch <= hi * epochs
+
+
 def pushes_after(step: int, total: int, every: int, window) -> bool:
     """Whether a ``steps`` variant pushes after optimizer step ``step`` (1-based) of ``total``."""
     return step % every == 0 and in_window(window, step, total)

@@ -1,6 +1,7 @@
 """fidelity option ``soup_repair_data``: the batches the soups' REPAIR reads. ``paper``: the base transform for
 members and soup alike; ``authors`` (models/combined.py:257): member j's own augmented and regularized batches
-(the policies it trained with) for its moments, un-augmented ones for the soup."""
+(the policies it trained with) for its moments, the base transform (crop, flip: the scripts' train_dset_noaug,
+data/data.py:22, is the training transform without random erasing) for the soup."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def test_soup_repair_reads_each_members_own_augmented_batches_under_authors(tmp_
     assert len({(p.mixup, p.random_erasing) for p in policies}) > 1  # the members' policies differ
     base = Policy(crop_padding=1, flip=True)
     own = make_stream(run.splits, run.split["train"], exp["train"]["batch_size"], policies, 0, run.device,
-                      base=Policy())
+                      base=base)
     plain = make_stream(run.splits, run.split["train"], exp["train"]["batch_size"], [base] * 3, 0, run.device)
     n = exp["soups"]["repair_iters"]
 
@@ -61,7 +62,11 @@ def test_soup_repair_reads_each_members_own_augmented_batches_under_authors(tmp_
         assert len(got) == n
         want = expected(own, member) if setting == "authors" else expected(plain, None)
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    if setting == "authors":  # members differ from one another and from the soup's un-augmented batches
+    soup = _read(batches, None)  # crop and flip, as train_dset_noaug: not the images as they are
+    bare = make_stream(run.splits, run.split["train"], exp["train"]["batch_size"], [Policy()] * 3, 0, run.device)
+    assert all(torch.equal(a, b) for a, b in zip(soup, expected(plain, None), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(soup, expected(bare, None), strict=True))
+    if setting == "authors":  # members differ from one another and from the soup's base-transform batches
         first = [_read(batches, m)[0] for m in (0, 1, 2, None)]
         assert not torch.equal(first[0], first[3])
         assert any(not torch.equal(first[i], first[j]) for i in range(3) for j in range(i))

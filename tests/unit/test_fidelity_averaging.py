@@ -118,8 +118,10 @@ def test_the_scripts_average_after_epochs_1_k_plus_1_2k_plus_1(epochs, every, fr
     for setting, expected in (("authors", authors), ("paper", paper)):
         exp = scheduled(setting, epochs, every, from_start, window)
         assert averaging_epochs(exp, "papa-2") == expected
-        averager = averager_for("papa-2", exp)  # the averager reads the same schedule
-        assert [e for e in range(1, epochs + 1) if averager.due_after_epoch(e, epochs)] == expected
+        averager = averager_for("papa-2", exp)  # the averager reads the same schedule, and under authors also
+        # visits the last epoch when the scripts' test fires there (it mixes nothing then: main.py:271, 299-311)
+        last = [epochs] if setting == "authors" and (epochs - 1) % every == 0 and window[1] == 1.0 else []
+        assert [e for e in range(1, epochs + 1) if averager.due_after_epoch(e, epochs)] == expected + last
 
 
 def test_an_averaging_the_scripts_never_reach_is_refused_under_authors():
