@@ -215,7 +215,7 @@ def _(w, t):
     return w.train(w.config({"averaging": {"window": [0.8, 0.2]}}))
 
 
-@case("unknown-dataset", "unknown name", "bad.yaml", "data.dataset", "'mnist' is not one of digits, cifar10")
+@case("unknown-dataset", "unknown name", "bad.yaml", "data.dataset", "'mnist' is not one of digits, optdigits, cifar10")
 def _(w, t):
     return w.prepare(w.config({"data": {"dataset": "mnist"}}))
 

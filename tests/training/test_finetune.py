@@ -16,6 +16,7 @@ from papa import config as cfg
 from papa import runs
 from papa.data import load_dataset, make_stream
 from papa.data.augment import Policy, eval_transform
+from papa.data.datasets import CIFAR100_MEAN
 from papa.data.stream import eval_batches
 from papa.errors import PapaError
 from papa.models import create_model
@@ -177,7 +178,9 @@ def test_finetune_config_runs_end_to_end_on_a_tiny_timm_model(tmp_path, one_thre
     runs.prepare(exp, tmp_path / "split.json")
     run = tmp_path / "run"
     trainer = runs.train(exp, "papa-all", 1, tmp_path / "split.json", run, progress=False)
-    assert trainer.stream.image_size == 40 and trainer.stream.mean == (0.5, 0.5, 0.5)  # test_resnet's cfg
+    # the config runs the scripts' CIFAR normalization (fidelity finetune_normalization: authors), not the
+    # pretrained network's (test_resnet's cfg: 0.5)
+    assert trainer.stream.image_size == 40 and trainer.stream.mean == pytest.approx(CIFAR100_MEAN)
     rows = [r for r in trainer.progress.history if r["phase"] == "end"]
     assert [r["lr"] for r in rows][-1] == pytest.approx(1e-6, rel=1e-3)  # cosine 1e-4 -> 1e-6
     assert any(r["phase"] == "after_avg" for r in trainer.progress.history)  # averaged at epoch 2
