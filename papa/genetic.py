@@ -82,16 +82,8 @@ def select(
     return candidates, ranked[:n_elite] + rest
 
 
-def selection_matrix(
-    p: int,
-    losses: Sequence[float],
-    scheme: str,
-    genetic: dict,
-    generator: torch.Generator,
-    children_losses: Callable[[Tensor], Sequence[float]],
-    pairs: str = "random",
-) -> Tensor:
-    """The p x p mixing matrix of one generation with tournament and/or elitist selection (``select``): row i the
-    weights of the candidate member i becomes."""
-    candidates, chosen = select(p, losses, scheme, genetic, generator, children_losses, pairs)
+def selection_matrix(*args, **kwargs) -> Tensor:
+    """The p x p mixing matrix of one generation with tournament and/or elitist selection: ``select``'s
+    arguments; row i the weights of the candidate member i becomes."""
+    candidates, chosen = select(*args, **kwargs)
     return candidates[chosen]
