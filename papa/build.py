@@ -10,7 +10,7 @@ import torch
 
 from papa import fidelity
 from papa.data import FolderStream, MemberStream, PatchStream, Policy, draw_policies, eval_batches, make_stream
-from papa.engines import Engine, PopulationScaler, choose_engine, forward_gflop
+from papa.engines import Engine, PopulationScaler, analytic_supported, choose_engine, forward_gflop
 from papa.errors import PapaError
 from papa.models import create_model
 from papa.population import Population
@@ -63,14 +63,22 @@ def build_optimizer(exp: dict, pop: Population) -> torch.optim.Optimizer:
 
 def build_engine(exp: dict, device: torch.device, pop: Population, splits) -> Engine:
     """``train.engine`` with its speed options, ``auto`` resolved by papa.engines.choose_engine for the device,
-    the population size and, when the choice depends on it, the work of one member's step: the forward GFLOP
-    of one image of the dataset's input size (on member 0's tensors) times the batch size."""
+    the population size, whether the analytic engine can train the model (logistic regression in fp32, not
+    compiled: train.compile compiles the autograd engines' step) and, when the choice depends on it, the work
+    of one member's step: the forward GFLOP of one image of the dataset's input size (on member 0's tensors)
+    times the batch size."""
     t = exp["train"]
+    analytic = analytic_supported(pop.template) and build_precision(exp, device)[0] is None and not t["compile"]
+    if t["engine"] == "analytic" and not analytic:
+        raise PapaError("train.engine: analytic trains logistic regression (model.name: logreg) in fp32 without "
+                        f"train.compile, not {exp['model']['name']} in {t['precision']}"
+                        f"{' with train.compile' if t['compile'] else ''}")
     work = None
-    if choose_engine(t["engine"], device, pop.size, 0.0) != choose_engine(t["engine"], device, pop.size, math.inf):
+    if choose_engine(t["engine"], device, pop.size, 0.0, analytic) != choose_engine(t["engine"], device, pop.size,
+                                                                                     math.inf, analytic):
         shape = (splits.in_channels, splits.image_size, splits.image_size)
         work = forward_gflop(pop.template, pop.member_tensors(0), shape) * t["batch_size"]
-    return Engine(choose_engine(t["engine"], device, pop.size, work), compile=t["compile"],
+    return Engine(choose_engine(t["engine"], device, pop.size, work, analytic), compile=t["compile"],
                   channels_last=t["channels_last"])
 
 

@@ -218,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps (after the warm-up)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--repeats", type=int, default=1, help="timed blocks of --steps; the fastest is reported")
-    p.add_argument("--engine", choices=["loop", "stacked", "auto"], default="auto",
-                   help="loop: one member at a time; stacked: all members in one vmapped call; "
-                   "auto: as train.engine's auto (stacked on CUDA; on CPU stacked for small steps, else loop)")
+    p.add_argument("--engine", choices=["loop", "stacked", "analytic", "auto"], default="auto",
+                   help="loop: one member at a time; stacked: all members in one vmapped call; analytic: "
+                   "logistic regression's gradient in closed form (logreg, fp32); auto: as train.engine's auto "
+                   "(analytic for logreg in fp32; else stacked on CUDA, on CPU stacked for small steps, else loop)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the step")
     p.add_argument("--channels-last", action="store_true", help="channels-last inputs (conv models)")

@@ -7,6 +7,10 @@ losses, shape (p,):
 - ``stacked``: all members in one ``torch.func.vmap`` call, which turns each layer into one batched
   (grouped) kernel. BatchNorm updates each member's stacked running statistics; dropout draws
   different masks per member (``randomness="different"``).
+- ``analytic``: logistic regression only (the ``logreg`` model in fp32), its softmax cross-entropy gradient
+  written out in closed form over the stacked members, without autograd. The same kernels as the stacked
+  engine's autograd in the same order, so the same bits; a batch-1 step costs a third of the stacked one
+  (docs/performance.md), where vmap's and autograd's per-call bookkeeping is the whole step.
 
 ``PopulationScaler`` is fp16 loss scaling over a population (``fidelity.mixed_precision: authors`` on CUDA):
 one torch.amp.GradScaler shared by the members, stepped member by member as the authors' scripts did.
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from papa.models.linear import LogisticRegression
 from papa.population import Population
 
 LossFn = Callable[[dict, dict, Tensor, Tensor], Tensor]
@@ -137,7 +142,36 @@ def stacked_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_
     return losses.detach()
 
 
-ENGINES: dict[str, Callable] = {"loop": loop_step, "stacked": stacked_step}
+def analytic_supported(template: torch.nn.Module) -> bool:
+    """Whether the ``analytic`` engine can train ``template``: logistic regression (one linear layer on the
+    flattened input, softmax cross-entropy in the loss)."""
+    return isinstance(template, LogisticRegression)
+
+
+def analytic_step(pop: Population, x: Tensor, targets: Tensor, autocast=None, *, loss_fn: LossFn | None = None,
+                  channels_last: bool = False, scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Logistic regression's step in closed form, for (p, B, ...) inputs and (p, B, K) soft targets (fp32, no loss
+    scaling: ``autocast``, ``loss_fn``, ``channels_last`` and ``scale`` are there for the engines' common call).
+
+    logits = x W^T + b per member; loss = -(targets * log_softmax(logits)).sum(K).mean(B). Backward: the mean
+    and the minus hand log_softmax the gradient -(1/B) targets; log_softmax's own backward op (the one autograd
+    calls, for the same bits) turns it into the logits' gradient g; then grad W = (x^T g)^T and grad b = the
+    sum of g over the batch, the products the stacked engine's linear backward computes."""
+    if not analytic_supported(pop.template):
+        raise ValueError(f"the analytic engine trains logistic regression only, not {type(pop.template).__name__}")
+    w, b = pop.params["linear.weight"], pop.params["linear.bias"]
+    with torch.no_grad():
+        x = x.flatten(2)
+        logits = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        logp = F.log_softmax(logits, dim=2)
+        losses = -(targets * logp).sum(2).mean(1)
+        g = torch._log_softmax_backward_data(targets * (-1.0 / x.shape[1]), logp, 2, logp.dtype)
+        w.grad = torch.bmm(x.transpose(1, 2), g).transpose(1, 2) if w.requires_grad else None
+        b.grad = g.sum(1) if b.requires_grad else None
+    return losses
+
+
+ENGINES: dict[str, Callable] = {"loop": loop_step, "stacked": stacked_step, "analytic": analytic_step}
 
 
 class Engine:
@@ -154,7 +188,9 @@ class Engine:
         self._template: torch.nn.Module | None = None
         self._loss_fn: LossFn | None = None
 
-    def loss_fn(self, template: torch.nn.Module) -> LossFn:
+    def loss_fn(self, template: torch.nn.Module) -> LossFn | None:
+        if self.name == "analytic":
+            return None
         if template is not self._template:
             fn = member_loss_fn(template)
             if self.name == "stacked":
@@ -166,8 +202,8 @@ class Engine:
 
     @property
     def stacked(self) -> bool:
-        """Whether members run through one vmapped call (what REPAIR and BatchNorm passes follow too)."""
-        return self.name == "stacked"
+        """Whether members run all at once (REPAIR and BatchNorm passes then go through one vmapped call too)."""
+        return self.name != "loop"
 
     def __call__(self, pop: Population, x: Tensor, targets: Tensor, autocast,
                  scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -312,11 +348,13 @@ loop measured up to 1.3x faster."""
 
 
 def choose_engine(name: str, device: torch.device | str, population: int | None = None,
-                  member_gflop: float | None = None) -> str:
-    """Resolve ``auto`` (other names pass through) from the device type, the population size and
-    ``member_gflop``, the forward GFLOP of one member's step (forward_gflop per image x batch size): a function
-    of the config alone, never of a timing, so a config always trains with the same engine.
+                  member_gflop: float | None = None, analytic: bool = False) -> str:
+    """Resolve ``auto`` (other names pass through) from the device type, the population size,
+    ``member_gflop``, the forward GFLOP of one member's step (forward_gflop per image x batch size), and
+    ``analytic``, whether the analytic engine can train the model (analytic_supported, in fp32): a function of
+    the config alone, never of a timing, so a config always trains with the same engine.
 
+    - logistic regression in fp32: ``analytic`` on any device (the stacked engine's bits, at a third of its cost);
     - one member: ``loop`` on any device (vmap over one member batches nothing);
     - CUDA: ``stacked``, where the loop's ~170 small kernel launches per member and step make it
       launch-bound;
@@ -325,6 +363,8 @@ def choose_engine(name: str, device: torch.device | str, population: int | None 
       engines run the same compute-bound kernels and separate convolutions beat grouped ones."""
     if name != "auto":
         return name
+    if analytic:
+        return "analytic"
     if population == 1:
         return "loop"
     if torch.device(device).type == "cuda":

@@ -34,6 +34,7 @@ from papa.engines import (
 from papa.population import Population
 
 P, B, CLASSES = 4, 8, 3
+GENERAL = ("loop", "stacked")  # the engines that train any model (analytic: logistic regression only)
 
 
 def bn_dropout_cnn() -> nn.Module:
@@ -190,7 +191,7 @@ def test_unused_parameters_get_no_gradient():
 
     results = {}
     x, tg = torch.randn(2, 3, 1, 2, 2), torch.softmax(torch.randn(2, 3, CLASSES), -1)
-    for name in ENGINES:
+    for name in GENERAL:
         pop = Population.from_factory(Partial, 2, seed=0)
         for t in pop.params.values():
             t.requires_grad_(True)
@@ -272,6 +273,9 @@ def test_choose_engine():
     assert choose_engine("auto", "cpu", population=10, member_gflop=limit) == "stacked"
     assert choose_engine("auto", "cpu", population=2, member_gflop=1e-6) == "stacked"
     assert choose_engine("auto", "cpu", population=10, member_gflop=limit * 1.01) == "loop"
+    for device, p in (("cpu", 10), ("cpu", 1), ("cuda", 10)):  # logistic regression in fp32, wherever it runs
+        assert choose_engine("auto", device, population=p, member_gflop=0.0, analytic=True) == "analytic"
+    assert choose_engine("stacked", "cpu", population=10, analytic=True) == "stacked"
 
 
 def test_forward_flops_are_the_layers_multiply_adds_and_change_nothing():
@@ -296,21 +300,83 @@ def test_forward_flops_are_the_layers_multiply_adds_and_change_nothing():
 
 
 def test_build_engine_resolves_auto_from_the_config():
-    """The trainer's engine is a function of the config: A.10's logistic regression at batch 1 (overhead-bound)
-    is stacked on a CPU, a ResNet-18 at batch 8 loops there, an explicit engine is kept."""
+    """The trainer's engine is a function of the config: A.10's logistic regression is analytic (stacked in bf16
+    or compiled), the digits CNN at batch 1 (overhead-bound) is stacked on a CPU, a ResNet-18 at batch 8 loops
+    there, an explicit engine is kept; the analytic engine asked for what it cannot train is one line."""
     from papa.build import build_engine
     from papa.data import load_dataset
+    from papa.errors import PapaError
     from papa.models import create_model
     from tests.helpers import tiny_experiment
 
     digits = load_dataset("digits")
-    for model, batch, expected in (("logreg", 1, "stacked"), ("resnet18_cifar", 8, "loop")):
+    cases = (("logreg", 1, {}, "analytic"), ("logreg", 1, {"precision": "bf16"}, "stacked"),
+             ("logreg", 4, {"compile": True}, "stacked"), ("digits_cnn", 1, {}, "stacked"),
+             ("resnet18_cifar", 8, {}, "loop"))
+    for model, batch, options, expected in cases:
         exp = tiny_experiment(model={"name": model, "kwargs": {}}, population={"size": 10},
-                              train={"engine": "auto", "batch_size": batch})
+                              train={"engine": "auto", "batch_size": batch, **options})
         pop = Population.from_factory(lambda m=model: create_model(m, 10, in_channels=1), 10)
-        assert build_engine(exp, torch.device("cpu"), pop, digits).name == expected
-        exp["train"]["engine"] = "loop" if expected == "stacked" else "stacked"
+        assert build_engine(exp, torch.device("cpu"), pop, digits).name == expected, (model, options)
+        exp["train"]["engine"] = "loop" if expected != "loop" else "stacked"
         assert build_engine(exp, torch.device("cpu"), pop, digits).name == exp["train"]["engine"]
+        exp["train"]["engine"] = "analytic"
+        if expected == "analytic":
+            assert build_engine(exp, torch.device("cpu"), pop, digits).name == "analytic"
+        else:
+            with pytest.raises(PapaError, match="analytic trains logistic regression"):
+                build_engine(exp, torch.device("cpu"), pop, digits)
+
+
+def logreg_population(p: int = P) -> Population:
+    from papa.models import create_model
+
+    pop = Population.from_factory(lambda: create_model("logreg", CLASSES, in_channels=1, image_size=4), p, seed=2)
+    for t in pop.params.values():
+        t.requires_grad_(True)
+    return pop
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd-momentum", "adamw"])
+def test_analytic_engine_is_the_stacked_engine_bit_for_bit(batch, optimizer):
+    """Logistic regression's closed-form step gives exactly the stacked engine's losses, gradients and so
+    parameters, step after step, for one-hot and soft targets (label smoothing, mixup) and raw 0-16 pixels."""
+    g = torch.Generator().manual_seed(batch)
+    data = []
+    for k in range(6):
+        x = torch.randint(0, 17, (P, batch, 1, 4, 4), generator=g).float()
+        y = torch.randint(0, CLASSES, (P, batch), generator=g)
+        soft = torch.softmax(3 * torch.randn(P, batch, CLASSES, generator=g), -1)
+        data.append((x, soft if k % 2 else F.one_hot(y, CLASSES).float()))
+    runs = {}
+    for name in ("stacked", "analytic"):
+        pop = logreg_population()
+        opt = make_optimizer(optimizer, pop)
+        losses, grads = [], []
+        for x, y in data:
+            opt.zero_grad(set_to_none=True)
+            losses.append(ENGINES[name](pop, x, y, contextlib.nullcontext))
+            grads.append({n: t.grad.clone() for n, t in pop.params.items()})
+            opt.step()
+        runs[name] = pop.params, losses, grads
+    (p_s, l_s, g_s), (p_a, l_a, g_a) = runs["stacked"], runs["analytic"]
+    assert all(torch.equal(a, b) for a, b in zip(l_s, l_a, strict=True))
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(g_s, g_a, strict=True) for n in a)
+    assert all(torch.equal(p_s[n], p_a[n]) for n in p_s)
+    assert not torch.equal(p_a["linear.weight"], logreg_population().params["linear.weight"])  # it trained
+
+
+def test_analytic_engine_skips_frozen_parameters_and_refuses_other_models():
+    """A parameter that does not train gets no gradient (as in the autograd engines); any model but logistic
+    regression is refused rather than trained with the wrong gradient."""
+    pop = logreg_population()
+    pop.params["linear.bias"].requires_grad_(False)
+    x, y = torch.randn(P, 2, 1, 4, 4), torch.softmax(torch.randn(P, 2, CLASSES), -1)
+    ENGINES["analytic"](pop, x, y, contextlib.nullcontext)
+    assert pop.params["linear.bias"].grad is None and pop.params["linear.weight"].grad is not None
+    with pytest.raises(ValueError, match="logistic regression only"):
+        ENGINES["analytic"](make_pop(), *batches(1)[0], contextlib.nullcontext)
 
 
 class TiedNet(nn.Module):
@@ -350,7 +416,7 @@ def test_engine_autocast_is_applied():
 
     pop = make_pop()
     x, t = batches(1)[0]
-    for name in ENGINES:
+    for name in GENERAL:
         seen.clear()
         ENGINES[name](copy.deepcopy(pop), x, t, autocast)
         assert seen
@@ -380,3 +446,26 @@ def test_engines_agree_on_the_fine_tuning_architectures(name, size, one_thread):
     assert stacked_grads.keys() == loop_grads.keys() and loop_grads
     for n, g in loop_grads.items():
         torch.testing.assert_close(stacked_grads[n], g, atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_trainer_runs_logistic_regression_analytic_with_the_stacked_engines_result(tmp_path):
+    """``engine: auto`` trains A.10's model with the analytic engine, and a PAPA-all run (averaging and all)
+    ends exactly where the same run on the stacked engine does: the choice changes the speed, not a number."""
+    from papa import runs
+    from papa.data import load_split
+    from papa.train import Trainer
+    from tests.helpers import tiny_experiment
+
+    split = tmp_path / "split.json"
+    runs.prepare(tiny_experiment(), split)
+    result = {}
+    for engine in ("auto", "stacked"):
+        exp = tiny_experiment(model={"name": "logreg"}, population={"size": 3},
+                              train={"engine": engine, "epochs": 2, "batch_size": 2},
+                              averaging={"papa-all": {"every": 1, "repair": False}})
+        exp["model"]["kwargs"] = {}
+        trainer = Trainer(exp, "papa-all", 4, runs.load_data(exp), load_split(split), progress=False)
+        trainer.fit()
+        result[trainer.engine_name] = trainer.pop.params
+    assert result.keys() == {"analytic", "stacked"}
+    assert all(torch.equal(result["analytic"][n], result["stacked"][n]) for n in result["stacked"])
