@@ -200,6 +200,30 @@ def test_torchrun_train_matches_the_single_process_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_analytic_engine_matches_the_single_process_run(tmp_path):
+    """Logistic regression (the analytic engine, A.10's model) with PAPA-all, p = 3 on 2 ranks, batch 4: each
+    rank's closed-form steps over its own members give the single-process population bit for bit."""
+    import yaml
+
+    config = write_config(tmp_path / "config.yaml", {"train": {"epochs": 2, "batch_size": 4, "engine": "auto"},
+                                                     "averaging": {"papa-all": {"every": 1, "repair": False}}})
+    raw = yaml.safe_load(config.read_text())
+    raw["experiments"]["tiny"]["model"] = {"name": "logreg", "kwargs": {}}
+    config.write_text(yaml.safe_dump(raw))
+    split = tmp_path / "split.json"
+    papa("prepare", "--config", str(config), "--out", str(split), check=True)
+    single, multi = tmp_path / "single", tmp_path / "torchrun"
+    common = ["--config", str(config), "--variant", "papa-all", "--seed", "1", "--split", str(split)]
+    papa("train", *common, "--out", str(single), check=True)
+    finished(torchrun("train", *common, "--out", str(multi), cwd=tmp_path))
+    side = {run: json.loads((run / "population.json").read_text()) for run in (single, multi)}
+    assert side[single]["engine"] == side[multi]["engine"] == "analytic" and side[multi]["processes"] == 2
+    got, expected = load_file(multi / "population.safetensors"), load_file(single / "population.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[n], t) for n, t in expected.items())
+    assert (multi / "history.csv").read_text() == (single / "history.csv").read_text()
+
+
+@pytest.mark.slow
 def test_torchrun_stops_on_sigterm_and_resumes_with_the_same_number_of_processes(tmp_path):
     """SIGTERM to torchrun (what SLURM sends) reaches both ranks, which agree on one step to stop at and
     checkpoint there; a single process refuses those checkpoints; the same torchrun command resumes to
