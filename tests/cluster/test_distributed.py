@@ -173,6 +173,18 @@ def prepared(tmp_path, epochs: int):
     return config, split
 
 
+def single_and_torchrun(tmp_path, config, variant: str) -> tuple:
+    """``papa train`` of ``variant`` (seed 1) with ``config`` in one process, then on 2 torchrun ranks: the two
+    run directories."""
+    split = tmp_path / "split.json"
+    papa("prepare", "--config", str(config), "--out", str(split), check=True)
+    single, multi = tmp_path / "single", tmp_path / "torchrun"
+    common = ["--config", str(config), "--variant", variant, "--seed", "1", "--split", str(split)]
+    papa("train", *common, "--out", str(single), check=True)
+    finished(torchrun("train", *common, "--out", str(multi), cwd=tmp_path))
+    return single, multi
+
+
 @pytest.mark.slow
 def test_torchrun_train_matches_the_single_process_run(tmp_path):
     """PAPA-2 with REPAIR, p = 3 on 2 ranks (members [0, 1] and [2]), 2 epochs, one averaging (PAPA's push
@@ -210,12 +222,7 @@ def test_torchrun_analytic_engine_matches_the_single_process_run(tmp_path):
     raw = yaml.safe_load(config.read_text())
     raw["experiments"]["tiny"]["model"] = {"name": "logreg", "kwargs": {}}
     config.write_text(yaml.safe_dump(raw))
-    split = tmp_path / "split.json"
-    papa("prepare", "--config", str(config), "--out", str(split), check=True)
-    single, multi = tmp_path / "single", tmp_path / "torchrun"
-    common = ["--config", str(config), "--variant", "papa-all", "--seed", "1", "--split", str(split)]
-    papa("train", *common, "--out", str(single), check=True)
-    finished(torchrun("train", *common, "--out", str(multi), cwd=tmp_path))
+    single, multi = single_and_torchrun(tmp_path, config, "papa-all")
     side = {run: json.loads((run / "population.json").read_text()) for run in (single, multi)}
     assert side[single]["engine"] == side[multi]["engine"] == "analytic" and side[multi]["processes"] == 2
     got, expected = load_file(multi / "population.safetensors"), load_file(single / "population.safetensors")
@@ -256,11 +263,6 @@ def test_torchrun_swa_with_papa_all_matches_the_single_process_run(tmp_path):
     held on the two ranks, and the final BatchNorm recomputation runs on each rank's own members."""
     swa = {"start": 1, "lr": 0.02, "anneal_epochs": 1, "bn_batches": 2}
     config = write_config(tmp_path / "config.yaml", {"train": {"epochs": 3, "swa": swa}})
-    split = tmp_path / "split.json"
-    papa("prepare", "--config", str(config), "--out", str(split), check=True)
-    single, multi = tmp_path / "single", tmp_path / "torchrun"
-    common = ["--config", str(config), "--variant", "papa-all", "--seed", "1", "--split", str(split)]
-    papa("train", *common, "--out", str(single), check=True)
-    finished(torchrun("train", *common, "--out", str(multi), cwd=tmp_path))
+    single, multi = single_and_torchrun(tmp_path, config, "papa-all")
     assert_same_population(multi, single)
     assert "swa" in (single / "history.csv").read_text()
