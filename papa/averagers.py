@@ -243,15 +243,19 @@ class Replace(_Averaging):
             repair_population_(ctx.pop, matrix[comm.members], batches, moments, self.repair_iters,
                                members=comm.members, stacked=ctx.stacked, layers=self.repair_layers,
                                fusion=self.repair_fusion)
-        if self.mix_swa and ctx.swa is not None and ctx.swa.count:
-            # The members were replaced by mixtures of members: their SWA averages follow (the mixing is linear,
-            # so each stays the running mean of its mixed lineage's iterates; REPAIR is not applied to them,
-            # the final BatchNorm recomputation does that work).
-            if uniform:
-                averaging.average_all_(ctx.swa.average, comm=comm)
-            else:
-                averaging.mix_(ctx.swa.average, matrix, comm)
+        self.mix_swa_(ctx, None if uniform else matrix)
         self.mutate_(ctx, gen)
+
+    def mix_swa_(self, ctx: Context, matrix: Tensor | None) -> None:
+        """With ``mix_swa``, the members' SWA averages mixed as the members just were (``matrix`` None: PAPA-all's
+        plain average). The mixing is linear, so each stays the running mean of its mixed lineage's iterates;
+        REPAIR is not applied to them, the final BatchNorm recomputation does that work."""
+        if not (self.mix_swa and ctx.swa is not None and ctx.swa.count):
+            return
+        if matrix is None:
+            averaging.average_all_(ctx.swa.average, comm=ctx.comm)
+        else:
+            averaging.mix_(ctx.swa.average, matrix, ctx.comm)
 
     def pair_average(self, ctx: Context, gen: torch.Generator, batches, last: bool = False) -> None:
         """PAPA-2 and pair-75 as the scripts run them pair by pair (recombine/permutations.py:32-76, main.py:
@@ -283,8 +287,7 @@ class Replace(_Averaging):
             if self.repair:
                 repair_population_(ctx.pop, rows, batches, moments, self.repair_iters, stacked=ctx.stacked,
                                    layers=self.repair_layers, fusion=self.repair_fusion)
-        if self.mix_swa and ctx.swa is not None and ctx.swa.count:
-            averaging.mix_(ctx.swa.average, matrix, ctx.comm)
+        self.mix_swa_(ctx, matrix)
 
 
 @dataclass
@@ -346,8 +349,7 @@ class Genetic(Replace):
             rows = self.matrix(ctx, gen)
             with torch.no_grad():
                 ctx.pop.load_state_dict({name: t[rows.argmax(1)] for name, t in ctx.pop.tensors()})
-            if self.mix_swa and ctx.swa is not None and ctx.swa.count:
-                averaging.mix_(ctx.swa.average, rows, ctx.comm)
+            self.mix_swa_(ctx, rows)
             self.mutate_(ctx, gen)
             return None
         if not (self.elitism and self.scripts_elitism):
@@ -363,8 +365,7 @@ class Genetic(Replace):
                          for name, t in ctx.pop.tensors()}
             for name, t in ctx.pop.tensors():
                 t.copy_(survivors[name])
-        if self.mix_swa and ctx.swa is not None and ctx.swa.count:
-            averaging.mix_(ctx.swa.average, candidates[chosen], ctx.comm)
+        self.mix_swa_(ctx, candidates[chosen])
 
 
 def averager_for(variant: str, exp: dict) -> Baseline:

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from papa import averaging
-from papa.engines import Engine, analytic_supported, choose_engine, forward_gflop
-from papa.errors import PapaError
+from papa.engines import Engine, analytic_allowed, choose_engine, forward_gflop
 from papa.io import write_text
 from papa.models import create_model
 from papa.population import Population
@@ -144,9 +143,7 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
     params = list(pop.params.values())
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
     member_gflop = forward_gflop(pop.template, pop.member_tensors(0), shape) * batch_size
-    analytic = analytic_supported(pop.template) and precision == "fp32" and not compile
-    if engine == "analytic" and not analytic:
-        raise PapaError("--engine analytic trains logistic regression (--model logreg) in fp32 without --compile")
+    analytic = analytic_allowed(engine, pop.template, precision == "fp32", compile)
     name = choose_engine(engine, dev, population, member_gflop, analytic)
     if compile:
         # compiled graphs are cached per code object, which every Engine shares: start clean, so that a

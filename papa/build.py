@@ -10,7 +10,7 @@ import torch
 
 from papa import fidelity
 from papa.data import FolderStream, MemberStream, PatchStream, Policy, draw_policies, eval_batches, make_stream
-from papa.engines import Engine, PopulationScaler, analytic_supported, choose_engine, forward_gflop
+from papa.engines import Engine, PopulationScaler, analytic_allowed, choose_engine, forward_gflop
 from papa.errors import PapaError
 from papa.models import create_model
 from papa.population import Population
@@ -68,11 +68,7 @@ def build_engine(exp: dict, device: torch.device, pop: Population, splits) -> En
     of one member's step: the forward GFLOP of one image of the dataset's input size (on member 0's tensors)
     times the batch size."""
     t = exp["train"]
-    analytic = analytic_supported(pop.template) and build_precision(exp, device)[0] is None and not t["compile"]
-    if t["engine"] == "analytic" and not analytic:
-        raise PapaError("train.engine: analytic trains logistic regression (model.name: logreg) in fp32 without "
-                        f"train.compile, not {exp['model']['name']} in {t['precision']}"
-                        f"{' with train.compile' if t['compile'] else ''}")
+    analytic = analytic_allowed(t["engine"], pop.template, build_precision(exp, device)[0] is None, t["compile"])
     work = None
     if choose_engine(t["engine"], device, pop.size, 0.0, analytic) != choose_engine(t["engine"], device, pop.size,
                                                                                      math.inf, analytic):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from papa.errors import PapaError
 from papa.models.linear import LogisticRegression
 from papa.population import Population
 
@@ -146,6 +147,17 @@ def analytic_supported(template: torch.nn.Module) -> bool:
     """Whether the ``analytic`` engine can train ``template``: logistic regression (one linear layer on the
     flattened input, softmax cross-entropy in the loss)."""
     return isinstance(template, LogisticRegression)
+
+
+def analytic_allowed(engine: str, template: torch.nn.Module, fp32: bool, compiled: bool) -> bool:
+    """Whether the analytic engine can train ``template`` as asked (logistic regression, in fp32, not compiled:
+    compilation is of the autograd engines' step); a PapaError when ``engine`` names it and it cannot."""
+    allowed = analytic_supported(template) and fp32 and not compiled
+    if engine == "analytic" and not allowed:
+        raise PapaError("engine analytic trains logistic regression (model logreg) in fp32 without compilation, "
+                        f"not {type(template).__name__}{'' if fp32 else ' in reduced precision'}"
+                        f"{' compiled' if compiled else ''}")
+    return allowed
 
 
 def analytic_step(pop: Population, x: Tensor, targets: Tensor, autocast=None, *, loss_fn: LossFn | None = None,
