@@ -1,22 +1,7 @@
-"""Permutation alignment by feature matching (Git Re-Basin's activation matching, Ainsworth et al., 2023).
-
-Hidden units of a network can be permuted without changing its function: permute a layer's output channels
-(with its BatchNorm) and the next layers' input channels alike. Averaging two independently trained networks
-only makes sense once their units correspond, so ``align(model, reference, batches)`` permutes ``model``'s
-units to match ``reference``'s: for each *permutation group* (a set of channels that must be permuted
-together) it runs both networks on the same inputs, correlates every unit of one with every unit of the
-other (channels of a convolution's output, every image position a sample) and solves the linear assignment
-that maximizes the total correlation (``scipy.optimize.linear_sum_assignment``).
-
-Alignment is architecture-specific (Appendix A.4): a model declares its groups with a ``permutation_groups()``
-method (papa.models.permutation; the registered ``vgg11_bn``, ``vgg16_bn``, ``resnet18_cifar`` and
-``resnet20`` do, at any width or depth), see ``permutation_spec``.
-
-For populations, Appendix A.4: ``align_population`` aligns every member to one member (PAPA-all's
-ablation; ``align_members_`` does it in place, optimizer state included, during training), or with
-``target="running-soup"`` each member to the average of those aligned before it (the authors' PAPA-all:
-models/combined.py:232-255); ``align_pairs`` aligns within pairs taken in order, each aligned member kept for the
-next pairs (the authors' PAPA-2: recombine/permutations.py:47-52). The aligned soups are in papa.soups.
+"""Permutation alignment by feature matching (Git Re-Basin's activation matching, Ainsworth et al., 2023; Appendix
+A.4): for each permutation group a model declares (papa.models.permutation), every unit of one network is correlated
+with every unit of the other on the same inputs (every image position a sample), and the assignment maximizing the
+total correlation is solved. ``align_members_`` and ``align_pairs`` align populations as PAPA-all and PAPA-2 do.
 """
 
 from __future__ import annotations
@@ -54,16 +39,12 @@ def _check_perms(spec: list[PermGroup], perms: dict[str, Tensor]) -> None:
 
 @torch.no_grad()
 def permute(model: nn.Module, perms: dict[str, Tensor]) -> nn.Module:
-    """A copy of ``model`` with group ``name``'s channel ``i`` taken from channel ``perms[name][i]``
-    (every tensor the group indexes, along its axis). Computes the same function as ``model``."""
+    """A copy of ``model`` (the same function) with group ``name``'s channel ``i`` taken from channel
+    ``perms[name][i]`` in every tensor the group indexes."""
     spec = permutation_spec(model)
     _check_perms(spec, perms)
-    out = copy.deepcopy(model)
-    state = out.state_dict()  # shares storage with ``out``'s tensors
-    for g in spec:
-        for name, axis in g.axes:
-            t = state[name]
-            t.copy_(t.index_select(axis, perms[g.name].to(t.device)))
+    out = copy.deepcopy(model)  # its state_dict shares storage with its tensors: permuted as a population of one
+    permute_stacked_({name: t.unsqueeze(0) for name, t in out.state_dict().items()}, spec, {0: perms})
     return out
 
 
@@ -83,54 +64,31 @@ def _units(y: Tensor) -> Tensor:
     return y.detach().transpose(0, 1).reshape(y.shape[1], -1).double()
 
 
-class _Cross:
-    """Running sums for the correlation between the units of two activations (float64)."""
+class _Sums:
+    """Running sums of per-batch statistics (float64) over ``n`` samples."""
 
     def __init__(self):
-        self.n = 0
-        self.sab: Tensor | None = None
-        self.sb = self.sbb = None
+        self.n, self.sums = 0, None
 
-    def add(self, b: Tensor, a: Tensor) -> None:
-        ab, sb, sbb = a @ b.T, b.sum(1), (b * b).sum(1)
-        if self.sab is None:
-            self.sab, self.sb, self.sbb = ab, sb, sbb
-        else:
-            self.sab += ab
-            self.sb += sb
-            self.sbb += sbb
-        self.n += b.shape[1]
+    def add(self, n: int, *sums: Tensor) -> None:
+        self.sums = sums if self.sums is None else tuple(s + t for s, t in zip(self.sums, sums, strict=True))
+        self.n += n
 
 
-class _Moments:
-    def __init__(self):
-        self.n, self.s, self.ss = 0, None, None
-
-    def add(self, a: Tensor) -> None:
-        s, ss = a.sum(1), (a * a).sum(1)
-        self.s, self.ss = (s, ss) if self.s is None else (self.s + s, self.ss + ss)
-        self.n += a.shape[1]
-
-
-def _correlation(ref: _Moments, cross: _Cross) -> Tensor:
+def _correlation(ref: _Sums, cross: _Sums) -> Tensor:
     """corr[i, j] between reference unit i and model unit j; 0 where either unit is constant."""
-    n = ref.n
-    mean_a, mean_b = ref.s / n, cross.sb / n
-    std_a = (ref.ss / n - mean_a**2).clamp_min(0).sqrt()
-    std_b = (cross.sbb / n - mean_b**2).clamp_min(0).sqrt()
-    cov = cross.sab / n - torch.outer(mean_a, mean_b)
+    (sa, saa), (sab, sb, sbb), n = ref.sums, cross.sums, ref.n
+    mean_a, mean_b = sa / n, sb / n
+    std_a = (saa / n - mean_a**2).clamp_min(0).sqrt()
+    std_b = (sbb / n - mean_b**2).clamp_min(0).sqrt()
+    cov = sab / n - torch.outer(mean_a, mean_b)
     denom = torch.outer(std_a, std_b)
     return torch.where(denom > 0, cov / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(cov))
 
 
 def _hooks(model: nn.Module, taps: list[Tap], on_output: Callable[[int, Tensor], None]) -> list:
-    handles = []
-    for k, tap in enumerate(taps):
-        def hook(_, __, y, k=k, relu=tap.relu):
-            on_output(k, F.relu(y) if relu else y)
-
-        handles.append(model.get_submodule(tap.module).register_forward_hook(hook))
-    return handles
+    return [model.get_submodule(tap.module).register_forward_hook(
+        lambda _, __, y, k=k, relu=tap.relu: on_output(k, F.relu(y) if relu else y)) for k, tap in enumerate(taps)]
 
 
 @torch.no_grad()
@@ -146,13 +104,13 @@ def correlations(
             raise PapaError("cannot align networks of different architectures")
     taps = sorted({t for g in spec for t in g.taps}, key=lambda t: (t.module, t.relu))
     index = {t: k for k, t in enumerate(taps)}
-    ref_moments = [_Moments() for _ in taps]
-    cross = [[_Cross() for _ in taps] for _ in models]
+    ref_moments = [_Sums() for _ in taps]
+    cross = [[_Sums() for _ in taps] for _ in models]
     ref_units: dict[int, Tensor] = {}
 
     def keep(k: int, y: Tensor) -> None:
-        ref_units[k] = _units(y)
-        ref_moments[k].add(ref_units[k])
+        a = ref_units[k] = _units(y)
+        ref_moments[k].add(a.shape[1], a.sum(1), (a * a).sum(1))
 
     batches_seen = 0
     with eval_mode(reference, *models):
@@ -161,7 +119,8 @@ def correlations(
                 reference(x.to(device_of(reference)))
             for j, m in enumerate(models):
                 def accumulate(k: int, y: Tensor, j: int = j) -> None:
-                    cross[j][k].add(_units(y).to(ref_units[k].device), ref_units[k])
+                    b = _units(y).to(ref_units[k].device)
+                    cross[j][k].add(b.shape[1], ref_units[k] @ b.T, b.sum(1), (b * b).sum(1))
 
                 with hooked(_hooks(m, taps, accumulate)):
                     m(x.to(device_of(m)))
@@ -169,12 +128,8 @@ def correlations(
             batches_seen += 1
     if batches_seen == 0:
         raise ValueError("permutation alignment got no batches")
-    out = []
-    for j in range(len(models)):
-        out.append({
-            g.name: sum(_correlation(ref_moments[index[t]], cross[j][index[t]]) for t in g.taps) for g in spec
-        })
-    return out
+    return [{g.name: sum(_correlation(ref_moments[index[t]], per_tap[index[t]]) for t in g.taps) for g in spec}
+            for per_tap in cross]
 
 
 def _assign(corr: Tensor) -> Tensor:
@@ -198,15 +153,13 @@ def match(model: nn.Module, reference: nn.Module, batches: Batches, seed: int = 
 
 
 def align(model: nn.Module, reference: nn.Module, batches: Batches, seed: int = 666) -> nn.Module:
-    """A copy of ``model`` whose hidden units are permuted to match ``reference``'s by feature matching on
-    ``batches`` (eval mode). It computes the same function as ``model``."""
+    """A copy of ``model`` (the same function) with its hidden units permuted to match ``reference``'s."""
     return permute(model, match(model, reference, batches, seed))
 
 
 # populations ----------------------------------------------------------------------------
 def align_population(pop: Population, batches: Batches, reference: int = 0, seed: int = 666) -> Population:
-    """A new population with every member aligned to member ``reference`` (which is kept as is); the data
-    is passed over once, running the reference and every other member on each batch."""
+    """A new population with every member aligned to member ``reference`` (kept as is), in one pass over the data."""
     out = Population.from_modules(pop.to_modules())
     align_members_(out, batches, reference, seed)
     return out
@@ -232,9 +185,9 @@ uniform average of the members aligned before it, the reference first and the ot
 def running_soup_permutations(
     pop: Population, batches: Batches, order: Sequence[int] | None = None, seed: int = 666
 ) -> dict[int, dict[str, Tensor]]:
-    """The permutations aligning each member to the running soup: ``order[0]`` (default member 0) is kept, each
-    next member is matched to the uniform average of the members before it in ``order``, as aligned. One pass
-    over ``batches`` per member after the first (each depends on the alignments before it)."""
+    """The permutations aligning each member to the running soup (the authors' PAPA-all, models/combined.py:232-255):
+    ``order[0]`` (default member 0) is kept, each next member matched to the uniform average of those before it in
+    ``order``, as aligned."""
     order = list(range(pop.size)) if order is None else list(order)
     if sorted(order) != list(range(pop.size)):
         raise ValueError(f"order must be a permutation of the {pop.size} members, got {order}")
@@ -253,12 +206,9 @@ def align_members_(
     pop: Population, batches: Batches, reference: int = 0, seed: int = 666,
     companions: Sequence[dict[str, Tensor]] = (), target: str = "member",
 ) -> dict[int, dict[str, Tensor]]:
-    """``align_population`` in place: every member's units permuted to match member ``reference``'s (PAPA-all's
-    alignment, Appendix A.4), or with ``target="running-soup"`` (``ALIGN_TARGETS``) to match the average of the
-    members aligned before it (``running_soup_permutations``, ``reference`` first, then the others in index
-    order). ``companions`` are further stacked tensors indexed like the members' parameters (an optimizer's
-    momentum), permuted alike so that training goes on as if nothing happened. Returns the permutations
-    applied, by member."""
+    """``align_population`` in place, aligning to ``target`` (``ALIGN_TARGETS``). ``companions`` are further stacked
+    tensors indexed like the members' parameters (an optimizer's momentum), permuted alike so that training goes on
+    as if nothing happened. Returns the permutations applied, by member."""
     if target not in ALIGN_TARGETS:
         raise ValueError(f"unknown alignment target {target!r}; expected one of {', '.join(ALIGN_TARGETS)}")
     if not -pop.size <= reference < pop.size:
@@ -282,10 +232,9 @@ def align_members_(
 def align_pairs(pop: Population, pairs: Sequence[tuple[int, int]], batches: Batches | None,
                 seed: int = 666) -> Population:
     """The parents of pair-averaged children, as the authors' PAPA-2 aligns them (recombine/permutations.py:47-52):
-    pairs (a, b) taken in order, b's units permuted to match a's, and the permuted b kept in b's place for every
-    later pair (the scripts save it over b's checkpoint), so permutations accumulate. Returns the
-    2n parents: pair k's a (as it then stands) at 2k and its aligned b at 2k + 1. ``batches`` None: no
-    alignment, the members as they are. ``pop`` is unchanged."""
+    pairs (a, b) taken in order, b's units permuted to match a's and kept in b's place for every later pair, so
+    permutations accumulate. Returns pair k's a (as it then stands) at 2k and its aligned b at 2k + 1; ``batches``
+    None: the members as they are."""
     if batches is not None:
         permutation_spec(pop.template)
         batches = reusable(batches)

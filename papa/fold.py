@@ -1,19 +1,9 @@
 """REPAIR's biases folded into the BatchNorms they feed: a repaired soup in its architecture's own tensors.
 
-REPAIR (papa.repair) gives every bias-free layer it rescales a bias b, so a soup of a ResNet has ``conv.bias``
-tensors the architecture lacks. Where the layer's output y goes into a BatchNorm and nowhere else, that BatchNorm
-sees y + b, and with running mean mu
-
-    BN(y + b; mu) = BN(y; mu - b)
-
-exactly in eval mode. In train mode the two agree as well: the batch mean absorbs b, so the output is the same,
-and the running mean the folded network updates stays exactly b below the unfolded one's (any momentum). The
-folded network is then the stock architecture: its state loads with ``strict=True``. A bias whose layer feeds
-no BatchNorm, or one that something else reads too, cannot be folded and is kept.
-
-Which BatchNorm takes which output is found by running the network once on a probe input: forward hooks give
-every layer's outputs and every BatchNorm's inputs, and the autograd graph of that pass tells whether anything
-else reads an output. The folded network is checked against the original on the probe before it is returned.
+REPAIR gives every bias-free layer it rescales a bias b (a ResNet soup gets ``conv.bias`` tensors its architecture
+lacks). Where the layer's output y goes into a BatchNorm with running mean mu and nowhere else, BN(y + b; mu) =
+BN(y; mu - b) exactly in eval mode, and in train mode too (the batch mean absorbs b, and the folded running mean
+stays exactly b below, at any momentum); the folded network loads into the stock architecture with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -27,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from papa.forward import eval_mode
+from papa.forward import eval_mode, hooked
 
 TOLERANCE = 1e-4
 """The largest logit difference (relative to the largest logit, at least 1) the folded network may show."""
@@ -72,43 +62,27 @@ def _readers(roots: list[Tensor]) -> Counter:
 
 def _channels_first(layer: nn.Module, y: Tensor) -> bool:
     """Whether ``layer``'s output channels are dim 1 of ``y``, the dim a BatchNorm normalizes."""
-    if isinstance(layer, nn.Linear):
-        return y.dim() == 2
-    return y.dim() == len(layer.kernel_size) + 2
+    return y.dim() == (2 if isinstance(layer, nn.Linear) else len(layer.kernel_size) + 2)
 
 
 def batchnorm_feeds(model: nn.Module, x: Tensor) -> dict[str, list[str] | None]:
     """For every convolution and linear layer that fires when ``model`` (eval mode) runs on ``x``: the
-    BatchNorms that its output goes into, each time it fires, when nothing else reads that output and those
-    BatchNorms take no other input; None where that is not so."""
+    BatchNorms that its output goes into, each time it fires, when nothing else reads that output (by the autograd
+    graph of the pass) and those BatchNorms take no other input; None where that is not so."""
     model = copy.deepcopy(model)  # hooks, and gradients on every parameter so every operation is recorded
     for p in model.parameters():
         p.requires_grad_(p.is_floating_point())
     outputs: dict[str, list[Tensor]] = {}
     inputs: dict[str, list[Tensor]] = {}
-
-    def layer_hook(name):
-        def hook(_module, _args, y):
-            outputs.setdefault(name, []).append(y)
-        return hook
-
-    def bn_hook(name):
-        def hook(_module, args):
-            inputs.setdefault(name, []).append(args[0] if args else None)
-        return hook
-
-    handles = [m.register_forward_hook(layer_hook(n)) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear | _ConvNd)]
-    handles += [m.register_forward_pre_hook(bn_hook(n)) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
-    try:
-        with torch.enable_grad(), eval_mode(model):
-            readers = _readers(_tensors(model(x)))
-    finally:
-        for h in handles:
-            h.remove()
-    fed_by: dict[str, set[str | None]] = {}  # BatchNorm -> the layers whose outputs it took (None: anything else)
-    for bn, xs in inputs.items():
-        fed_by[bn] = {next((n for n, ys in outputs.items() if any(t is y for y in ys)), None) for t in xs}
+    handles = [m.register_forward_hook(lambda _, __, y, n=n: outputs.setdefault(n, []).append(y))
+               for n, m in model.named_modules() if isinstance(m, nn.Linear | _ConvNd)]
+    handles += [m.register_forward_pre_hook(lambda _, a, n=n: inputs.setdefault(n, []).append(a[0] if a else None))
+                for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    with hooked(handles), torch.enable_grad(), eval_mode(model):
+        readers = _readers(_tensors(model(x)))
+    # BatchNorm -> the layers whose outputs it took (None: anything else)
+    fed_by = {bn: {next((n for n, ys in outputs.items() if any(t is y for y in ys)), None) for t in xs}
+              for bn, xs in inputs.items()}
     found: dict[str, list[str] | None] = {}
     for name, ys in outputs.items():
         layer = model.get_submodule(name)
@@ -126,8 +100,8 @@ def _logits(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def agrees(model: nn.Module, reference: nn.Module, x: Tensor, tol: float = TOLERANCE) -> tuple[bool, float]:
-    """Whether two networks give the same outputs on ``x`` in eval mode up to ``tol`` (relative to the largest
-    output, at least 1), and the largest difference."""
+    """Whether two networks' eval-mode outputs on ``x`` agree up to ``tol`` (relative to the largest output, at least
+    1), and the largest difference."""
     a, b = _logits(model, x), _logits(reference, x)
     if a.shape != b.shape:
         return False, float("inf")
@@ -149,11 +123,9 @@ def _agrees_in_float64(model: nn.Module, reference: nn.Module, x: Tensor) -> tup
 
 @torch.no_grad()
 def fold_biases(module: nn.Module, layers: list[str], x: Tensor) -> tuple[nn.Module, Fold]:
-    """A copy of ``module`` without the biases of ``layers`` (REPAIR's, which the architecture lacks), each folded
-    into the running mean of the BatchNorms its output alone feeds (see ``batchnorm_feeds``); a bias that cannot be
-    folded is kept. The copy's outputs on ``x`` are checked against ``module``'s (eval mode; in float64 too where
-    float32 rounding alone could explain a difference); should they differ, every bias is kept instead (the copy is
-    then ``module`` itself, copied) and ``Fold.note`` says why."""
+    """A copy of ``module`` without the biases of ``layers`` (REPAIR's), each folded into the running mean of the
+    BatchNorms its output alone feeds (``batchnorm_feeds``); a bias that cannot be folded is kept. Should the copy's
+    outputs on ``x`` differ from ``module``'s (``_agrees_in_float64``), every bias is kept, ``Fold.note`` saying why."""
     feeds = batchnorm_feeds(module, x) if layers else {}
     order = {name: k for k, name in enumerate(feeds)}
     layers = sorted(layers, key=lambda n: (order.get(n, len(order)), n))

@@ -25,9 +25,7 @@ def inputs(batches: Batches, member: int | None, seed: int) -> Iterator[Tensor]:
 
 def reusable(batches: Batches) -> Batches:
     """``batches`` made safe to pass over more than once: a one-shot iterator is kept in a list."""
-    if callable(batches) or iter(batches) is not batches:
-        return batches
-    return list(batches)
+    return batches if callable(batches) or iter(batches) is not batches else list(batches)
 
 
 def device_of(module: nn.Module) -> torch.device:
