@@ -53,10 +53,9 @@ def _readers(roots: list[Tensor]) -> Counter:
         if node in seen:
             continue
         seen.add(node)
-        for child, _ in node.next_functions:
-            if child is not None:
-                readers[child] += 1
-                stack.append(child)
+        children = [child for child, _ in node.next_functions if child is not None]
+        readers.update(children)
+        stack += children
     return readers
 
 

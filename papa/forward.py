@@ -19,8 +19,7 @@ is no member (a soup). The callable gets a fresh CPU generator seeded with the c
 def inputs(batches: Batches, member: int | None, seed: int) -> Iterator[Tensor]:
     """The input tensors of ``batches`` (for ``member``, with a generator seeded ``seed``, when callable)."""
     source = batches(member, torch.Generator().manual_seed(seed)) if callable(batches) else batches
-    for b in source:
-        yield b[0] if isinstance(b, tuple | list) else b
+    yield from (b[0] if isinstance(b, tuple | list) else b for b in source)
 
 
 def reusable(batches: Batches) -> Batches:

@@ -238,12 +238,11 @@ def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: 
     """Run every member over each batch of ``xs`` (slice j for member j) with ``buffers``, in eval mode or in train
     mode, where each tracking BatchNorm that ``averaged`` accepts (default all) gets the plain average of the batch
     statistics (momentum 1/(b+1) at batch b). Returns the number of batches and, for each of ``layers``, the
-    per-channel (mean, std) of its output, each (p, channels).
-
-    ``stacked``: one vmapped call per batch; otherwise member by member, each pass cut short once ``stop`` has fired
-    as often as in a full pass. ``seed``: batch b's train-mode randomness comes from its own key. ``per_batch``:
-    moments as ``_BatchAverage`` takes them. ``goals`` (one ``Moments`` per member): those layers' outputs are
-    replaced by ``_normalize`` to the goal (the authors' ResetLayer), the moments recorded being those before."""
+    per-channel (mean, std) of its output, each (p, channels). ``stacked``: one vmapped call per batch; otherwise
+    member by member, each pass cut short once ``stop`` has fired as often as in a full pass. ``seed``: batch b's
+    train-mode randomness comes from its own key. ``per_batch``: moments as ``_BatchAverage`` takes them. ``goals``
+    (one ``Moments`` per member): those layers' outputs are replaced by ``_normalize`` to the goal (the authors'
+    ResetLayer), the moments recorded being those before."""
     template = pop.template
     fired: list[tuple[str, int, Tensor, Tensor]] = []
     goal: dict[str, tuple[Tensor, Tensor]] = {}  # the current member's (stacked: all members', vmapped)
@@ -513,10 +512,8 @@ def repair_population_(pop: Population, matrix, batches: Batches, moments: list[
                        layers: str = "conv+linear", fusion: str = "exact") -> Population:
     """Repair, in place, a population just mixed by theta_i <- sum_j matrix[i, j] theta_j: member i gets the
     moments of the pre-mix members (``moments``, from ``member_moments(..., fusion=fusion)``) weighted by row i,
-    measured on ``batches(i, ...)``. When ``pop`` holds some members of a larger population (one rank's share),
-    ``matrix`` has one row per held member over all ``len(moments)`` members and ``members`` gives each held
-    member's index in the whole population. Members keep their architecture, so no bias is added (see ``_repair_``).
-    ``stacked``, ``layers`` and ``fusion`` as for ``repair``."""
+    measured on ``batches(i, ...)``. ``members``: each held member's index in the whole population when ``pop`` is
+    one rank's share (``matrix`` then has a row per held member over all ``len(moments)``). No bias is added."""
     _check_fusion(fusion)
     p, total = pop.size, len(moments)
     members = list(range(p)) if members is None else list(members)

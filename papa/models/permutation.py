@@ -49,10 +49,9 @@ class GroupBuilder:
 
     def produced_by(self, conv: str, bn: str) -> None:
         """``conv``'s output channels, through BatchNorm ``bn``."""
-        for name in (f"{conv}.weight", f"{conv}.bias"):
+        for name in (f"{conv}.weight", f"{conv}.bias", f"{bn}.weight", f"{bn}.bias", f"{bn}.running_mean",
+                     f"{bn}.running_var"):
             self._add(name, 0)
-        for leaf in ("weight", "bias", "running_mean", "running_var"):
-            self._add(f"{bn}.{leaf}", 0)
 
     def consumed_by(self, layer: str) -> None:
         """The input channels of conv or linear ``layer``."""
