@@ -1,8 +1,7 @@
-"""Every dataset papa reads, declared once and without torch (the workflow checks the data before any job starts,
-and smoke scale shrinks configs, without torch): what its loader reads under ``data.root``, its message when that
-is not there, the default side of the patches it draws. Its loader (papa/data/) registers under the same name,
-``papa fake-data`` writes its paths (papa.fakedata.WRITERS), the schema's ``data.dataset`` lists it:
-tests/unit/test_missing_data.py fails until all four agree (docs/architecture.md has the checklist)."""
+"""Every dataset papa reads, declared once and without torch (the workflow checks the data before any job starts):
+what its loader reads under ``data.root``, its message when that is not there, the default side of the patches it
+draws. Its loader (papa/data/), ``papa fake-data`` (papa.fakedata.WRITERS) and the schema's ``data.dataset`` must
+agree (tests/unit/test_missing_data.py; docs/architecture.md has the checklist)."""
 
 from __future__ import annotations
 
@@ -35,8 +34,7 @@ DATASETS = {d.name: d for d in (
 
 
 def missing(name: str, root: str | Path) -> str | None:
-    """Why dataset ``name`` cannot be read under ``root``: the message for its first path that is not there;
-    None when all are."""
+    """Why dataset ``name`` cannot be read under ``root``: the message for its first missing path, or None."""
     d = DATASETS[name]
     for part in d.paths:
         path = Path(root) / part
@@ -47,7 +45,6 @@ def missing(name: str, root: str | Path) -> str | None:
 
 def require(name: str, root: str | Path) -> Path:
     """``root`` as a Path, once dataset ``name``'s paths are there; a PapaError saying which is not."""
-    problem = missing(name, root)
-    if problem is not None:
+    if (problem := missing(name, root)) is not None:
         raise PapaError(problem)
     return Path(root)

@@ -1,20 +1,9 @@
-"""``papa fake-data``: small random datasets in exactly the on-disk formats the loaders read, and random
-pretrained weights in the Hugging Face hub cache layout, to run any config end to end (at smoke scale)
-before downloading anything or spending GPU hours.
-
-- UCI optdigits: ``optdigits.tra`` and ``optdigits.tes``, one image per line, 64 comma-separated counts 0-16
-  and the class 0-9, as UCI distributes them;
-- CIFAR-10 / CIFAR-100: the python-version archives (pickles, protocol 2, as released), extracted;
-- ImageNet: an ImageFolder tree of JPEGs (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``);
-- Vaihingen: IRRG TIFF tiles (``top/``) and colour-coded label TIFFs (``gts_for_participants/`` for the
-  training and validation tiles, ``gts_complete/`` for the test tiles), small tiles of a few dozen pixels;
-- timm models with ``pretrained: timm``: ``model.safetensors`` of random weights (the architecture's own
-  initialization, with its pretrained head) under ``models--timm--<name>/`` as huggingface_hub writes it,
-  marked in the safetensors metadata (``pretrained.FAKE_KEY``), so that loading one outside smoke scale warns.
-
-Images carry a class-dependent tint under the noise, so networks can learn something. Every dataset and
-model the given configs use is written where those configs look for it (``data.root`` under the data root).
-"""
+"""``papa fake-data``: small random datasets in exactly the on-disk formats the loaders read (UCI optdigits' text
+files, CIFAR's python-version pickles, an ImageFolder tree of JPEGs, Vaihingen's TIFF tiles and labels), and random
+pretrained weights in the Hugging Face hub cache layout (marked with ``pretrained.FAKE_KEY``, so that loading one
+outside smoke scale warns), to run any config end to end before downloading anything or spending GPU hours. Images
+carry a class-dependent tint under the noise, so networks can learn something; everything is written where the
+given configs look for it (``data.root`` under the data root)."""
 
 from __future__ import annotations
 
@@ -46,14 +35,13 @@ def _images(rng: np.random.Generator, labels: np.ndarray, k: int, shape: tuple[i
     """uint8 images (N, *shape) with channels last: a tint per class plus uniform noise."""
     tints = np.random.default_rng(k).integers(40, 216, size=(k, shape[-1]))
     noise = rng.integers(-40, 41, size=(len(labels), *shape))
-    return np.clip(tints[labels].reshape(len(labels), *[1] * (len(shape) - 1), shape[-1]) + noise, 0, 255).astype(
-        np.uint8)
+    tinted = tints[labels].reshape(len(labels), *[1] * (len(shape) - 1), shape[-1]) + noise
+    return np.clip(tinted, 0, 255).astype(np.uint8)
 
 
-# UCI optdigits --------------------------------------------------------------------------------------------
 def write_optdigits(root: Path) -> str:
-    """``<root>/optdigits.tra`` and ``<root>/optdigits.tes``: per line the 8x8 counts 0-16 of one image (a
-    pattern per class plus noise), comma-separated, then its class; every class in both files."""
+    """``<root>/optdigits.tra`` and ``.tes``: per line the 8x8 counts 0-16 of one image (a pattern per class plus
+    noise), comma-separated, then its class; every class in both files."""
     rng = np.random.default_rng(sum(map(ord, "optdigits")))
     patterns = np.random.default_rng(10).integers(0, 17, size=(10, 64))
     for name, n in zip(OPTDIGITS_FILES, (OPTDIGITS_TRAIN, OPTDIGITS_TEST), strict=True):
@@ -65,7 +53,6 @@ def write_optdigits(root: Path) -> str:
     return f"UCI optdigits ({OPTDIGITS_TRAIN} training, {OPTDIGITS_TEST} test images) in {root}"
 
 
-# CIFAR ----------------------------------------------------------------------------------------------------
 def write_cifar(root: Path, name: str) -> str:
     """``<root>/cifar-10-batches-py/`` (or ``cifar-100-python/``), as the loader (papa.data.datasets) reads it."""
     fmt = CIFAR_FORMATS[name]
@@ -96,11 +83,9 @@ def _write_pickle(path: Path, obj) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(pickle.dumps(obj, protocol=2)))
 
 
-# ImageNet -------------------------------------------------------------------------------------------------
 def write_imagenet(root: Path) -> str:
     """``<root>/train/<wnid>/*.JPEG`` and ``<root>/val/<wnid>/*.JPEG`` (an ImageFolder tree)."""
     from PIL import Image
-
     rng = np.random.default_rng(1)
     wnids = [f"n{10000000 + c:08d}" for c in range(IMAGENET_CLASSES)]
     for part, per_class in (("train", IMAGENET_TRAIN), ("val", IMAGENET_VAL)):
@@ -116,12 +101,10 @@ def write_imagenet(root: Path) -> str:
     return f"ImageNet ({IMAGENET_CLASSES} classes, {n_train} training, {n_val} validation JPEGs) in {root}"
 
 
-# Vaihingen ------------------------------------------------------------------------------------------------
 def write_vaihingen(root: Path, labelled: list[int], test: list[int], label_dirs: list[str]) -> str:
     """IRRG tiles ``<root>/top/top_mosaic_09cm_area<N>.tif`` and their colour-coded labels: the ``labelled``
     tiles' in the first of ``label_dirs``, the ``test`` tiles' in the last."""
     from PIL import Image
-
     colours = np.array(list(CLASSES.values()), dtype=np.uint8)
     k = len(colours)
     for tile in sorted({*labelled, *test}):
@@ -139,7 +122,6 @@ def write_vaihingen(root: Path, labelled: list[int], test: list[int], label_dirs
     return f"Vaihingen ({len(set(labelled))} labelled and {len(set(test) - set(labelled))} test tiles) in {root}"
 
 
-# pretrained weights ---------------------------------------------------------------------------------------
 def write_hub_weights(cache: Path, name: str) -> Path:
     """Random ``model.safetensors`` of timm model ``name`` (``arch.tag``) in the hub cache layout:
     ``models--<org>--<repo>/blobs/<sha256>``, ``snapshots/<commit>/model.safetensors`` linking to it,
@@ -147,7 +129,6 @@ def write_hub_weights(cache: Path, name: str) -> Path:
     import timm
     import torch
     from safetensors.torch import save_file
-
     cfg = timm_pretrained_cfg(name)
     repo_id = getattr(cfg, "hf_hub_id", None)
     if not repo_id or not timm.is_model(name):
@@ -171,11 +152,9 @@ def write_hub_weights(cache: Path, name: str) -> Path:
     return link
 
 
-# what the configs use -------------------------------------------------------------------------------------
 def _needs(configs: list[Path]) -> tuple[dict, set[str]]:
     """({(dataset, root relative to the data root): loader options}, {timm model names with pretrained: timm})
     of every experiment of ``configs``."""
-
     datasets: dict[tuple[str, str], list[dict]] = {}
     models = set()
     for path in configs:
@@ -207,6 +186,7 @@ def _vaihingen(root: Path, options: list[dict]) -> str:
     return write_vaihingen(root, sorted(labelled), sorted(test), dirs)
 
 
+# every dataset with paths (papa.catalog): writer(root, loader options of the experiments reading it there) -> a line
 WRITERS = {
     "optdigits": lambda root, _options: write_optdigits(root),
     "cifar10": lambda root, _options: write_cifar(root, "cifar10"),
@@ -214,14 +194,11 @@ WRITERS = {
     "imagenet": lambda root, _options: write_imagenet(root),
     "vaihingen": _vaihingen,
 }
-"""Fake data of every dataset with paths (papa.catalog): writer(root, the loader options of the experiments
-reading it there) -> a line saying what was written (a test keeps the two the same)."""
 
 
 def write_all(root: Path, configs: list[Path], hub_cache: Path | None = None) -> list[str]:
     """Fake data for every dataset the ``configs`` use, under ``root`` (their data root), and with
     ``hub_cache`` fake weights of every timm model they warm-start from the hub cache; one line per item."""
-
     if not configs:
         raise PapaError("fake-data: no config files (give --config FILE, or run in a checkout with config/)")
     datasets, models = _needs(configs)

@@ -1,12 +1,7 @@
-"""Per-member data augmentation and regularization, applied to whole batches on the images' device.
-
-Every random decision is made per sample (crop offset, flip, hole, erased box), except mixup/cutmix, which
-draw one lambda per batch as timm's Mixup does. torchvision's transforms applied to a batch tensor draw ONE
-decision for the whole batch (every image flipped or none), which is not augmentation; hence this module.
-
-All random numbers come from a CPU ``torch.Generator`` as small tensors and are then moved to the images'
-device, so a run draws the same numbers on CPU and GPU.
-"""
+"""Per-member data augmentation and regularization, applied to whole batches on the images' device. Every random
+decision is made per sample (torchvision's transforms draw one per batch tensor), except mixup/cutmix, which draw
+one lambda per batch as timm's Mixup does. All random numbers come from a CPU ``torch.Generator`` and are moved to
+the images' device, so a run draws the same numbers on CPU and GPU."""
 
 from __future__ import annotations
 
@@ -33,17 +28,12 @@ ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10
 
 @dataclass
 class Policy:
-    """One member's augmentations and regularizations (0 / False / '' = off).
-
-    mixup, cutmix: Beta(a, a) parameters (the paper's alpha for Mixup, lambda for CutMix); when both are on,
-    each batch uses one of them with probability 1/2. label_smoothing: epsilon. random_erasing: probability
-    per sample. crop_padding: random crop after zero padding (CIFAR: 4). flip: random horizontal flip.
-    cutout: side of one square hole per sample (DeVries & Taylor). autoaugment: torchvision AutoAugment
-    policy name ('cifar10', 'imagenet', 'svhn'; True means 'cifar10'), applied per sample on the CPU.
-    randaugment: a timm RandAugment config string (Wightman et al.), e.g. 'rand-m4-n1-mstd1.0-p1.0' (one
-    operation per image, magnitude 4 of 10 with std 1, always applied), per sample on the CPU.
-    """
-
+    """One member's augmentations and regularizations (0 / False / '' = off). mixup, cutmix: Beta(a, a) parameters
+    (the paper's alpha for Mixup, lambda for CutMix); when both are on, each batch uses one of them with
+    probability 1/2. random_erasing: probability per sample. crop_padding: random crop after zero padding (CIFAR:
+    4). cutout: side of one square hole per sample (DeVries & Taylor). autoaugment: torchvision AutoAugment policy
+    name (True means 'cifar10'). randaugment: a timm RandAugment config string (Wightman et al.), e.g.
+    'rand-m4-n1-mstd1.0-p1.0' (one operation per image, magnitude 4 of 10 with std 1, always applied)."""
     mixup: float = 0.0
     label_smoothing: float = 0.0
     cutmix: float = 0.0
@@ -84,12 +74,12 @@ class Policy:
 
 POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(Policy))
 
+
 def _draw(key: str, spec, generator: torch.Generator):
     if isinstance(spec, dict):
         bounds = spec.get("uniform")
         if set(spec) != {"uniform"} or not isinstance(bounds, list | tuple) or len(bounds) != 2:
-            raise PapaError(f"augmentation grid {key!r}: expected a list of values or "
-                            "{'uniform': [lo, hi]}")
+            raise PapaError(f"augmentation grid {key!r}: expected a list of values or {{'uniform': [lo, hi]}}")
         lo, hi = float(bounds[0]), float(bounds[1])
         return lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
     if not isinstance(spec, list | tuple) or not spec:
@@ -99,12 +89,9 @@ def _draw(key: str, spec, generator: torch.Generator):
 
 def draw_policies(grid: dict, p: int, generator: torch.Generator, base: dict | None = None) -> list[Policy]:
     """Each member's policy: ``base`` (fixed settings, e.g. crop and flip) plus its regularization from the grid.
-
-    The combinations of the listed values (the Cartesian product over the keys, in sorted key order) are
-    shuffled and dealt out, member i taking combination i modulo their number, as the authors' main.py does:
-    no two members share a combination while distinct ones remain. Keys given as {"uniform": [lo, hi]} are
-    then drawn for each member, member after member. The result depends only on the grid, p and the
-    generator's seed."""
+    The combinations of the listed values (Cartesian product over the sorted keys) are shuffled and dealt out,
+    member i taking combination i modulo their number, as the authors' main.py does; keys given as
+    {"uniform": [lo, hi]} are then drawn member after member."""
     for key in [*grid, *(base or {})]:
         if key not in POLICY_FIELDS:
             raise PapaError(f"unknown augmentation {key!r}; expected one of {', '.join(POLICY_FIELDS)}")
@@ -116,8 +103,7 @@ def draw_policies(grid: dict, p: int, generator: torch.Generator, base: dict | N
     order = torch.randperm(len(combos), generator=generator).tolist()
     policies = []
     for i in range(p):
-        values = dict(base or {})
-        values.update(zip(listed, combos[order[i % len(combos)]], strict=True))
+        values = dict(base or {}) | dict(zip(listed, combos[order[i % len(combos)]], strict=True))
         values.update({key: _draw(key, grid[key], generator) for key in sorted(grid) if key not in listed})
         policies.append(Policy(**values))
     return policies
@@ -125,7 +111,6 @@ def draw_policies(grid: dict, p: int, generator: torch.Generator, base: dict | N
 
 def autoaugment_policy(name: str):
     from torchvision.transforms import AutoAugmentPolicy
-
     policies = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET,
                 "svhn": AutoAugmentPolicy.SVHN}
     if name not in policies:
@@ -137,7 +122,6 @@ def randaugment_transform(config: str, image_size: int, mean):
     """timm's RandAugment for config string ``config`` on PIL images, with timm's hyperparameters for
     ``image_size`` (translations up to 45% of the side) and fill colour ``mean``."""
     from timm.data.auto_augment import rand_augment_transform
-
     # timm skips parts it cannot parse, so a typo would silently mean the defaults
     if not isinstance(config, str) or not RANDAUGMENT.fullmatch(config):
         raise PapaError(f"randaugment: expected a timm config string such as 'rand-m4-n1-mstd1.0-p1.0' "
@@ -152,14 +136,10 @@ def randaugment_transform(config: str, image_size: int, mean):
 
 # random numbers ---------------------------------------------------------------------------------------------
 def to_device(t: Tensor, device) -> Tensor:
-    """A tensor drawn on the host, on ``device``. Randomness is drawn on the host so that a seed gives the
-    same numbers on every device; a plain copy to a GPU would then make the host wait for all queued GPU
-    work at every draw, so it goes through pinned memory without blocking (torch's pinned-memory cache keeps
-    the buffer alive until the copy is done)."""
+    """A tensor drawn on the host, on ``device``: to a GPU through pinned memory without blocking (a plain copy
+    would wait for all queued GPU work at every draw; torch's pinned-memory cache keeps the buffer alive)."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _rand(generator: torch.Generator, *shape: int, device) -> Tensor:
@@ -178,8 +158,7 @@ def _beta(alpha: float, generator: torch.Generator) -> float:
 # per-sample geometric transforms on uint8 ---------------------------------------------------------------
 def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
     """Zero-pad by ``padding`` and crop back to the original size at a random offset per sample."""
-    b, _, h, w = images.shape
-    dev = images.device
+    (b, _, h, w), dev = images.shape, images.device
     offsets = to_device(torch.randint(2 * padding + 1, (2, b), generator=generator), dev)
     padded = F.pad(images, (padding,) * 4).permute(0, 2, 3, 1)  # (B, H', W', C) so indexing keeps C last
     rows = (offsets[0, :, None] + torch.arange(h, device=dev))[:, :, None]
@@ -194,10 +173,8 @@ def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def autoaugment(images: Tensor, policy: str, generator: torch.Generator) -> Tensor:
-    """torchvision's AutoAugment, one call per sample on the CPU (it draws from the global RNG, so that is
-    seeded from our generator inside a forked RNG state)."""
+    """torchvision's AutoAugment, one call per sample on the CPU (under the global RNG seeded from ``generator``)."""
     from torchvision.transforms import v2
-
     augment = v2.AutoAugment(autoaugment_policy(policy))
     with seeded_globals(_seed(generator)):
         out = torch.stack([augment(image) for image in images.cpu()])
@@ -205,11 +182,9 @@ def autoaugment(images: Tensor, policy: str, generator: torch.Generator) -> Tens
 
 
 def randaugment(images: Tensor, config: str, generator: torch.Generator, mean=(0.5, 0.5, 0.5)) -> Tensor:
-    """timm's RandAugment (``config``, see Policy) on uint8 (B, C, H, W), one call per sample on the CPU,
-    so every sample gets its own operations and magnitudes. timm draws from Python's ``random`` and numpy's
-    global RNG, seeded here from our generator (``seeded_globals``)."""
+    """timm's RandAugment (``config``, see Policy) on uint8 (B, C, H, W), one call per sample on the CPU (under
+    Python's and numpy's global RNGs seeded from ``generator``)."""
     from PIL import Image
-
     augment = randaugment_transform(config, images.shape[-1], mean)
     channels_last = images.cpu().permute(0, 2, 3, 1).numpy()
     gray = images.shape[1] == 1
@@ -220,8 +195,7 @@ def randaugment(images: Tensor, config: str, generator: torch.Generator, mean=(0
 
 
 def geometric(policy: Policy, images: Tensor, generator: torch.Generator, mean=(0.5, 0.5, 0.5)) -> Tensor:
-    """The per-sample uint8 transforms of a policy: crop, flip, AutoAugment, RandAugment (filling with
-    ``mean``)."""
+    """The per-sample uint8 transforms of a policy: crop, flip, AutoAugment, RandAugment (filling with ``mean``)."""
     if policy.crop_padding:
         images = random_crop(images, policy.crop_padding, generator)
     if policy.flip:
@@ -247,8 +221,8 @@ RESIZE_MODES = ("bilinear", "bicubic")
 
 def eval_transform(images: Tensor, mean, std, size: int | None = None, mode: str = "bilinear") -> Tensor:
     """uint8 (B, C, H, W) -> float32 normalized with per-channel mean/std (in [0, 1] pixel units), resized to
-    ``size`` x ``size`` when given (``mode``: bilinear or bicubic, antialiased when shrinking, as timm's eval
-    resize; the authors' fine-tuning resized CIFAR to 224 bicubic)."""
+    ``size`` x ``size`` when given (antialiased, as timm's eval resize; the authors' fine-tuning resized CIFAR to
+    224 bicubic)."""
     if mode not in RESIZE_MODES:
         raise PapaError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
     scale, shift = _affine(tuple(mean), tuple(std), images.device)
@@ -261,8 +235,7 @@ def eval_transform(images: Tensor, mean, std, size: int | None = None, mode: str
 
 def _box_mask(top: Tensor, left: Tensor, bottom: Tensor, right: Tensor, h: int, w: int) -> Tensor:
     """(B, 1, H, W) mask of the boxes [top, bottom) x [left, right) (one per sample)."""
-    r = torch.arange(h, device=top.device)[None, :, None]
-    c = torch.arange(w, device=top.device)[None, None, :]
+    r, c = torch.arange(h, device=top.device)[None, :, None], torch.arange(w, device=top.device)[None, None, :]
     inside = (r >= top[:, None, None]) & (r < bottom[:, None, None]) & (c >= left[:, None, None])
     return (inside & (c < right[:, None, None]))[:, None]
 
@@ -280,8 +253,7 @@ def cutout(x: Tensor, length: int, generator: torch.Generator) -> Tensor:
 def random_erasing(x: Tensor, probability: float, generator: torch.Generator) -> Tensor:
     """torchvision's RandomErasing (scale 0.02-0.33, ratio 0.3-3.3, value 0 after normalization, up to 10
     attempts to fit the box) with an independent decision and box per sample."""
-    b, _, h, w = x.shape
-    dev = x.device
+    (b, _, h, w), dev = x.shape, x.device
     erase = _rand(generator, b, device=dev) < probability
     lo, hi = ERASE_SCALE
     area = h * w * (lo + (hi - lo) * _rand(generator, b, ERASE_ATTEMPTS, device=dev))
@@ -315,23 +287,19 @@ def one_hot(labels: Tensor, num_classes: int) -> Tensor:
 
 
 def mix(policy: Policy, x: Tensor, labels: Tensor, num_classes: int, generator: torch.Generator):
-    """Mixup or CutMix with a random partner per sample, then label smoothing -> (x, soft targets (B, K)),
-    or (B, K, H, W) for per-pixel labels (B, H, W): then CutMix pastes the partner's labels with its box
-    instead of mixing whole-image targets by the box's area."""
+    """Mixup or CutMix with a random partner per sample, then label smoothing -> (x, soft targets (B, K)), or
+    (B, K, H, W) for per-pixel labels (B, H, W), where CutMix pastes the partner's labels with its box."""
     targets = one_hot(labels, num_classes)
-    dense = labels.dim() == 3
     if policy.mixup > 0 or policy.cutmix > 0:
-        if policy.mixup > 0 and policy.cutmix > 0:  # one of the two per batch, as timm's switch_prob=0.5
-            use_cutmix = torch.rand((), generator=generator).item() < 0.5
-        else:
-            use_cutmix = policy.cutmix > 0
+        both = policy.mixup > 0 and policy.cutmix > 0  # then one of the two per batch, as timm's switch_prob=0.5
+        use_cutmix = torch.rand((), generator=generator).item() < 0.5 if both else policy.cutmix > 0
         lam = _beta(policy.cutmix if use_cutmix else policy.mixup, generator)
         partner = to_device(torch.randperm(len(x), generator=generator), x.device)
         if use_cutmix:
             top, bottom, left, right = _cutmix_box(lam, x.shape[2], x.shape[3], generator)
             x = x.clone()
             x[:, :, top:bottom, left:right] = x[partner, :, top:bottom, left:right]
-            if dense:
+            if labels.dim() == 3:
                 targets = targets.clone()
                 targets[:, :, top:bottom, left:right] = targets[partner, :, top:bottom, left:right]
             else:
@@ -361,8 +329,7 @@ def regularize(policy: Policy, images: Tensor, labels: Tensor, num_classes: int,
 def apply(policy: Policy, images: Tensor, labels: Tensor, num_classes: int, mean, std,
           generator: torch.Generator, size: int | None = None, mode: str = "bilinear") -> tuple[Tensor, Tensor]:
     """A member's training batch: uint8 (B, C, H, W) and labels (B,) -> normalized float32 (B, C, S, S)
-    (S = ``size``, default H = W) and soft targets (B, K) whose rows sum to 1. The uint8 transforms run at
-    the stored resolution, the rest at the model's. (Segmentation patches are flipped with their labels by
-    their stream, which then calls ``regularize``.)"""
+    (S = ``size``, default H = W) and soft targets (B, K) whose rows sum to 1. The uint8 transforms run at the
+    stored resolution, the rest at the model's."""
     images = geometric(policy, images, generator, mean)
     return regularize(policy, images, labels, num_classes, mean, std, generator, size, mode)

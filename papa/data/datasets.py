@@ -1,9 +1,7 @@
-"""Datasets by name: ``load_dataset(name, root, **options)`` returns the train and test sets.
-
-Small datasets (digits, CIFAR) are held in memory as uint8 tensors (``ArrayDataset``), so they can live on
-the accelerator and be augmented there. ImageNet is an ImageFolder tree read from disk (``FolderDataset``).
-Nothing here downloads: a missing dataset is a ``PapaError`` naming the path that was expected.
-"""
+"""Datasets by name: ``load_dataset(name, root, **options)`` returns the train and test sets. Small datasets
+(digits, CIFAR) are held in memory as uint8 tensors (``ArrayDataset``) and augmented on the accelerator; ImageNet is
+an ImageFolder tree read from disk (``FolderDataset``). Nothing here downloads: a missing dataset is a ``PapaError``
+naming the path that was expected."""
 
 from __future__ import annotations
 
@@ -32,11 +30,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclass
 class ArrayDataset:
-    """Images held in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,).
-
-    ``mean``/``std`` are per-channel normalization constants in [0, 1] pixel units. ``image_size``: the side
-    the streams resize batches to on the device (e.g. a pretrained model's input size); None keeps H x W."""
-
+    """Images held in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,); ``mean``/``std`` per channel
+    in [0, 1] pixel units; ``image_size``: the side streams resize batches to on the device (None keeps H x W)."""
     images: Tensor
     labels: Tensor
     num_classes: int
@@ -52,8 +47,7 @@ class ArrayDataset:
             raise ValueError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} "
                              f"{tuple(self.images.shape)}")
         if self.labels.shape != (len(self.images),):
-            raise ValueError(f"{self.name}: {len(self.images)} images but labels of shape "
-                             f"{tuple(self.labels.shape)}")
+            raise ValueError(f"{self.name}: {len(self.images)} images but labels of shape {tuple(self.labels.shape)}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -62,7 +56,6 @@ class ArrayDataset:
 @dataclass
 class FolderDataset:
     """An ImageFolder tree read from disk; ``folder`` has no transform (streams attach their own)."""
-
     folder: object  # torchvision.datasets.ImageFolder, imported lazily
     num_classes: int
     mean: tuple[float, ...]
@@ -84,12 +77,10 @@ class FolderDataset:
 
 @dataclass
 class Splits:
-    """A dataset's train and test sets and what a model needs to know about them.
-
-    ``kind`` is 'array' (in memory, ArrayDataset), 'folder' (on disk, FolderDataset) or 'segmentation'
-    (whole tiles, papa.data.vaihingen.TileDataset). ``fixed_split``: the dataset's own validation split
-    ({'train', 'val'} indices into ``train``), which ``papa prepare`` writes instead of a random one."""
-
+    """A dataset's train and test sets and what a model needs to know about them. ``kind``: 'array'
+    (ArrayDataset), 'folder' (FolderDataset) or 'segmentation' (papa.data.vaihingen.TileDataset). ``fixed_split``:
+    the dataset's own validation split ({'train', 'val'} indices into ``train``), which ``papa prepare`` writes
+    instead of a random one."""
     name: str
     train: ArrayDataset | FolderDataset
     test: ArrayDataset | FolderDataset
@@ -103,8 +94,7 @@ class Splits:
     source: str = ""  # what the data are, in words (metrics.json's ``data``)
 
 
-LOADERS: dict[str, Callable[..., Splits]] = {}
-"""Dataset loaders by name; each takes ``root`` (a path or None for its default) and keyword options."""
+LOADERS: dict[str, Callable[..., Splits]] = {}  # loader(root, a path or None for its default, **options)
 
 
 def register(name: str):
@@ -116,7 +106,6 @@ def register(name: str):
     def add(loader: Callable[..., Splits]) -> Callable[..., Splits]:
         LOADERS[name] = loader
         return loader
-
     return add
 
 
@@ -124,17 +113,14 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Splits
     """Load a registered dataset; unknown names and options are PapaErrors listing what is accepted."""
     if name not in LOADERS:
         raise PapaError(f"unknown dataset {name!r}; expected one of {', '.join(sorted(LOADERS))}")
-    loader = LOADERS[name]
-    accepted = [p for p in inspect.signature(loader).parameters if p != "root"]
+    accepted = [p for p in inspect.signature(LOADERS[name]).parameters if p != "root"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise PapaError(f"dataset {name!r} has no option {unknown[0]!r}; "
-                        f"options: {', '.join(accepted) or 'none'}")
-    return loader(root, **options)
+        raise PapaError(f"dataset {name!r} has no option {unknown[0]!r}; options: {', '.join(accepted) or 'none'}")
+    return LOADERS[name](root, **options)
 
 
 def _array_splits(name: str, train: ArrayDataset, test: ArrayDataset, image_size: int | None = None) -> Splits:
-    """Splits of in-memory sets; ``image_size`` (None: the stored size) is the side the model sees."""
     _, c, h, _ = train.images.shape
     if image_size is not None and (int(image_size) != image_size or image_size < 1):
         raise PapaError(f"{name}: image_size must be a positive integer, found {image_size!r}")
@@ -146,7 +132,6 @@ def _array_splits(name: str, train: ArrayDataset, test: ArrayDataset, image_size
 DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED = 0.2, 0
 SCALINGS = ("standardize", "raw")
 OPTDIGITS_FILES = catalog.DATASETS["optdigits"].paths  # UCI's training (30 writers) and test (13 others) files
-DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
 
 def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -155,19 +140,14 @@ def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tens
     test = []
     for c in torch.unique(labels).tolist():
         members = torch.nonzero(labels == c).flatten()
-        k = round(fraction * len(members))
-        test.append(members[torch.randperm(len(members), generator=g)[:k]])
+        test.append(members[torch.randperm(len(members), generator=g)[:round(fraction * len(members))]])
     test = torch.cat(test).sort().values
-    is_test = torch.zeros(len(labels), dtype=torch.bool)
-    is_test[test] = True
-    return torch.nonzero(~is_test).flatten(), test
+    return torch.nonzero(~torch.isin(torch.arange(len(labels)), test)).flatten(), test
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """(images (1797, 8, 8) valued 0-16, labels) from the CSV scikit-learn ships.
-
-    The file is read directly because importing sklearn.datasets (which pulls in scipy) costs seconds in
-    every pipeline step; sklearn's own loader is the fallback should the file ever move."""
+    """(images (1797, 8, 8) valued 0-16, labels) from the CSV scikit-learn ships, read directly because importing
+    sklearn.datasets (and scipy) costs seconds per step; sklearn's loader is the fallback should the file move."""
     spec = importlib.util.find_spec("sklearn")
     csv = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
     if csv is not None and csv.is_file():
@@ -176,7 +156,6 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
         if table.shape == (1797, 65):
             return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits as sk_digits
-
     raw = sk_digits()
     return raw.images, raw.target.astype(np.int64)
 
@@ -187,23 +166,20 @@ def _check_scaling(scaling: str) -> None:
 
 
 def _digit_images(values: np.ndarray, scaling: str) -> Tensor:
-    """uint8 (N, 1, 8, 8) images of 8x8 counts 0-16: ``standardize`` stores them as rint(v x 255 / 16) (0-255,
-    as the digits data always were; counts 9-16 land 1/16 below a linear map), ``raw`` as the counts
-    themselves (0-16), which normalization with mean 0 and std 1/255 hands to the model unchanged."""
+    """uint8 (N, 1, 8, 8) images of counts 0-16: ``standardize`` stores rint(v x 255 / 16), ``raw`` the counts
+    themselves, which normalization with mean 0 and std 1/255 hands to the model unchanged."""
     scaled = np.rint(values * (255.0 / 16.0)) if scaling == "standardize" else values
     return torch.from_numpy(np.asarray(scaled).astype(np.uint8)).unsqueeze(1)
 
 
 def _digit_splits(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], scaling: str,
                   image_size: int | None, source: str) -> Splits:
-    """Splits of uint8 digit images (``_digit_images``) and labels: with ``standardize`` normalized by the mean
-    and std of the training pixels, with ``raw`` not at all (the model sees the counts 0-16)."""
     if scaling == "standardize":
         pixels = train[0].double() / 255.0
         mean, std = (pixels.mean().item(),), (pixels.std().item(),)
     else:
         mean, std = (0.0,), (1.0 / 255.0,)
-    sets = [ArrayDataset(images, labels, 10, mean, std, name, DIGIT_CLASSES) for images, labels in (train, test)]
+    sets = [ArrayDataset(images, labels, 10, mean, std, name, tuple("0123456789")) for images, labels in (train, test)]
     splits = _array_splits(name, *sets, image_size)
     splits.source = f"{source}; inputs {'standardized (training mean/std)' if scaling == 'standardize' else 'raw 0-16'}"
     return splits
@@ -213,12 +189,10 @@ def _digit_splits(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, T
 def load_digits(root=None, image_size: int | None = None, scaling: str = "standardize",
                 test_split_seed: int = DIGITS_SPLIT_SEED) -> Splits:
     """scikit-learn's bundled 8x8 digits: UCI optdigits' 1,797 test images (13 writers; 1 channel, 10 classes).
-    ``image_size`` resizes batches on the device (None: 8).
-
-    The test set is FIXED: 20% of every class drawn with ``test_split_seed`` (``stratified_holdout``; default
-    0), whatever the run seed, so every run is scored on the same 359 images; the split is random, so test
-    images share their writers with training ones. ``scaling``: ``standardize`` (default) maps the counts 0-16
-    to 0-255 and normalizes with the training pixels' mean/std; ``raw`` feeds the counts 0-16 as they are."""
+    The test set is FIXED whatever the run seed: 20% of every class drawn with ``test_split_seed``, so test images
+    share their writers with training ones. ``scaling``: ``standardize`` maps the counts 0-16 to 0-255 and
+    normalizes with the training pixels' mean/std, ``raw`` feeds the counts as they are. ``image_size`` resizes
+    batches on the device (None: 8)."""
     _check_scaling(scaling)
     if int(test_split_seed) != test_split_seed or test_split_seed < 0:
         raise PapaError(f"digits: test_split_seed must be an integer >= 0, found {test_split_seed!r}")
@@ -263,14 +237,12 @@ def read_optdigits(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @register("optdigits")
 def load_optdigits(root=None, image_size: int | None = None, scaling: str = "standardize") -> Splits:
-    """UCI's Optical Recognition of Handwritten Digits from its own files (default root ``data/optdigits``):
-    ``optdigits.tra``, 3,823 training images by 30 writers, and ``optdigits.tes``, 1,797 test images by 13
-    other writers (the copy scikit-learn bundles): the writer-disjoint split the UCI repository defines.
-    ``scaling`` and ``image_size`` as for ``digits``."""
+    """UCI optdigits from its own files (default root ``data/optdigits``): ``optdigits.tra``, 3,823 training images
+    by 30 writers, and ``optdigits.tes``, 1,797 test images by 13 others (the copy scikit-learn bundles), the
+    writer-disjoint split UCI defines. ``scaling`` and ``image_size`` as for ``digits``."""
     _check_scaling(scaling)
     base = catalog.require("optdigits", root if root is not None else Path("data") / "optdigits")
-    train, test = (read_optdigits(base / name) for name in OPTDIGITS_FILES)
-    (train_v, train_y), (test_v, test_y) = train, test
+    (train_v, train_y), (test_v, test_y) = (read_optdigits(base / name) for name in OPTDIGITS_FILES)
     source = (f"UCI optdigits' own writer-disjoint split ({OPTDIGITS_FILES[0]}: {len(train_y):,} training images; "
               f"{OPTDIGITS_FILES[1]}: {len(test_y):,} test images)")
     return _digit_splits("optdigits", (_digit_images(train_v, scaling), torch.from_numpy(train_y)),
@@ -287,18 +259,11 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
 
 def _numpy_globals() -> dict[tuple[str, str], object]:
     core = np._core if hasattr(np, "_core") else np.core
-    reconstruct = core.multiarray._reconstruct
-    frombuffer = core.numeric._frombuffer
-    return {
-        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
-        # protocol-5 pickles (Python 3's default) rebuild arrays from a buffer instead
-        ("numpy.core.numeric", "_frombuffer"): frombuffer,
-        ("numpy._core.numeric", "_frombuffer"): frombuffer,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _latin1_encode,
-    }
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
+    for package in ("numpy.core", "numpy._core"):  # protocol-5 pickles (Python 3's default) use _frombuffer
+        allowed[package + ".multiarray", "_reconstruct"] = core.multiarray._reconstruct
+        allowed[package + ".numeric", "_frombuffer"] = core.numeric._frombuffer
+    return allowed
 
 
 class ForbiddenGlobal(pickle.UnpicklingError):
@@ -307,7 +272,6 @@ class ForbiddenGlobal(pickle.UnpicklingError):
 
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: nothing we load runs pickled code."""
-
     allowed = _numpy_globals()
 
     def find_class(self, module: str, name: str):
@@ -333,11 +297,8 @@ def safe_unpickle(path: Path) -> object:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _str_keys(obj: object, path: Path) -> dict:
@@ -349,8 +310,7 @@ def _str_keys(obj: object, path: Path) -> dict:
 def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     batch = _str_keys(safe_unpickle(path), path)
     if "data" not in batch or label_key not in batch:
-        raise PapaError(f"corrupt archive {path}: expected keys 'data' and {label_key!r}, "
-                        f"found {sorted(batch)}")
+        raise PapaError(f"corrupt archive {path}: expected keys 'data' and {label_key!r}, found {sorted(batch)}")
     data = batch["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
@@ -368,12 +328,8 @@ def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarra
 
 @dataclass(frozen=True)
 class _CifarFormat:
-    """One CIFAR "python version" archive as extracted (in the folder papa.catalog names): its files (name,
-    md5) and label keys. The
-    names and checksums are torchvision's (``torchvision.datasets.CIFAR10`` / ``CIFAR100``, which a test
-    compares them with), written out because importing torchvision costs every process that reads CIFAR
-    ~3 s of CPU (it imports torch._dynamo)."""
-
+    """One CIFAR "python version" archive as extracted: its files (name, md5) and label keys. The names and
+    checksums are torchvision's (a test compares them), written out because importing torchvision costs ~3 s."""
     title: str
     train_list: tuple[tuple[str, str], ...]
     test_list: tuple[tuple[str, str], ...]
@@ -406,8 +362,7 @@ def _load_cifar(name: str, root, verify_md5: bool, image_size: int | None) -> Sp
     fmt = CIFAR_FORMATS[name]
     base = catalog.require(name, root if root is not None else Path("data") / name) / catalog.DATASETS[name].paths[0]
     meta_file, meta_key, meta_md5 = fmt.meta
-    files = [*fmt.train_list, *fmt.test_list, (meta_file, meta_md5)]
-    for filename, md5 in files:
+    for filename, md5 in [*fmt.train_list, *fmt.test_list, (meta_file, meta_md5)]:
         path = base / filename
         if not path.is_file():
             raise PapaError(f"{fmt.title} incomplete: expected file {path}")
@@ -416,14 +371,13 @@ def _load_cifar(name: str, root, verify_md5: bool, image_size: int | None) -> Sp
     meta_path = base / meta_file
     classes = _str_keys(safe_unpickle(meta_path), meta_path).get(meta_key)
     if not isinstance(classes, list) or len(classes) != fmt.num_classes:
-        raise PapaError(f"corrupt archive {meta_path}: expected {fmt.num_classes} names under "
-                        f"{meta_key!r}")
+        raise PapaError(f"corrupt archive {meta_path}: expected {fmt.num_classes} names under {meta_key!r}")
+    names = tuple(map(str, classes))
 
     def part(file_list) -> ArrayDataset:
         batches = [_read_batch(base / f, fmt.label_key, fmt.num_classes) for f, _ in file_list]
         images = torch.from_numpy(np.concatenate([d for d, _ in batches]).reshape(-1, 3, 32, 32))
         labels = torch.from_numpy(np.concatenate([lab for _, lab in batches]).astype(np.int64))
-        names = tuple(map(str, classes))
         return ArrayDataset(images, labels, fmt.num_classes, fmt.mean, fmt.std, name, names)
 
     return _array_splits(name, part(fmt.train_list), part(fmt.test_list), image_size)
@@ -431,12 +385,9 @@ def _load_cifar(name: str, root, verify_md5: bool, image_size: int | None) -> Sp
 
 @register("cifar10")
 def load_cifar10(root=None, verify_md5: bool = False, image_size: int | None = None) -> Splits:
-    """CIFAR-10 from ``<root>/cifar-10-batches-py`` (default root ``data/cifar10``).
-
-    ``verify_md5`` checks every file against torchvision's published checksums; it is off by default
-    because tests (and anyone subsetting the data) use archives that are valid but not the originals.
-    ``image_size`` (None: 32) is the side batches are resized to on the device, e.g. for a pretrained
-    model's input size; images stay stored at 32 x 32."""
+    """CIFAR-10 from ``<root>/cifar-10-batches-py`` (default root ``data/cifar10``). ``verify_md5`` checks every
+    file against torchvision's checksums (off: tests use valid archives that are not the originals).
+    ``image_size`` (None: 32) is the side batches are resized to on the device; images stay stored at 32 x 32."""
     return _load_cifar("cifar10", root, verify_md5, image_size)
 
 
@@ -450,7 +401,6 @@ def load_cifar100(root=None, verify_md5: bool = False, image_size: int | None = 
 # ImageNet -------------------------------------------------------------------------------------------------
 def _image_folder(path: Path, title: str):
     from torchvision.datasets import ImageFolder
-
     try:
         return ImageFolder(str(path))
     except FileNotFoundError as e:  # no class folder, or a class folder without images
@@ -462,15 +412,12 @@ def load_imagenet(root=None, image_size: int = 224) -> Splits:
     """ImageNet as ImageFolder trees ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (default root
     ``data/imagenet``). ``image_size`` is the side of the crops a stream yields (224; tests use less)."""
     base = catalog.require("imagenet", root if root is not None else Path("data") / "imagenet")
-    train = _image_folder(base / "train", "ImageNet train")
-    val = _image_folder(base / "val", "ImageNet val")
+    train, val = (_image_folder(base / part, f"ImageNet {part}") for part in ("train", "val"))
     if train.classes != val.classes:
-        differing = sorted(set(train.classes) ^ set(val.classes))[:3]
         raise PapaError(f"ImageNet: {base / 'train'} and {base / 'val'} have different class folders "
-                        f"(e.g. {', '.join(differing)})")
+                        f"(e.g. {', '.join(sorted(set(train.classes) ^ set(val.classes))[:3])})")
     k = len(train.classes)
-    train, val = (FolderDataset(f, k, IMAGENET_MEAN, IMAGENET_STD, "imagenet", image_size)
-                  for f in (train, val))
+    train, val = (FolderDataset(f, k, IMAGENET_MEAN, IMAGENET_STD, "imagenet", image_size) for f in (train, val))
     return Splits("imagenet", train, val, k, 3, image_size, "folder", IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -479,7 +426,6 @@ def folder_train_transform(image_size: int, flip: bool = True, autoaugment: str 
     """Per-image training transform on PIL images -> uint8 (C, H, W): RandomResizedCrop, flip, RandAugment
     (timm config string, filling with ``mean``), AutoAugment."""
     from torchvision.transforms import v2
-
     steps = [v2.RandomResizedCrop(image_size, antialias=True)]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
@@ -494,9 +440,5 @@ def folder_train_transform(image_size: int, flip: bool = True, autoaugment: str 
 def folder_eval_transform(image_size: int):
     """Resize to 256/224 of the crop, center crop -> uint8 (C, H, W); normalization happens on the device."""
     from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.Resize(round(image_size * 256 / 224), antialias=True),
-        v2.CenterCrop(image_size),
-        v2.PILToTensor(),
-    ])
+    return v2.Compose([v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size),
+                       v2.PILToTensor()])

@@ -14,32 +14,23 @@ from papa.rng import generator
 
 
 def make_split(n_train: int, val_fraction: float = 0.02, seed: int = 0) -> dict:
-    """Hold out round(val_fraction * n_train) items (at least 1, leaving at least 1 to train on).
-
-    Returns {'train': sorted indices, 'val': sorted indices, 'n', 'fraction', 'seed'}; the same arguments
-    give the same split on every machine."""
+    """Hold out round(val_fraction * n_train) items (at least 1, leaving at least 1 to train on): {'train', 'val'
+    (sorted indices), 'n', 'fraction', 'seed'}, the same on every machine."""
     if not 0.0 < val_fraction < 1.0:
         raise PapaError(f"validation fraction must be in (0, 1), found {val_fraction}")
     n_val = max(1, round(val_fraction * n_train))
     if n_train - n_val < 1:
         raise PapaError(f"cannot hold out a validation split from {n_train} training items")
     order = torch.randperm(n_train, generator=generator("validation-split", seed))
-    return {
-        "train": sorted(order[n_val:].tolist()),
-        "val": sorted(order[:n_val].tolist()),
-        "n": n_train,
-        "fraction": val_fraction,
-        "seed": seed,
-    }
+    return {"train": sorted(order[n_val:].tolist()), "val": sorted(order[:n_val].tolist()), "n": n_train,
+            "fraction": val_fraction, "seed": seed}
 
 
 def save_split(path: str | Path, split: dict, meta: dict) -> None:
-    """Write the split as JSON {'meta', 'train', 'val'} atomically: a crash never leaves a partial file.
-
-    ``meta`` (dataset name, ...) is stored with the split's n, fraction and seed."""
+    """Write the split atomically as JSON {'meta', 'train', 'val'}; ``meta`` (dataset name, ...) is stored with the
+    split's n, fraction and seed."""
     full_meta = {key: split[key] for key in ("n", "fraction", "seed") if key in split} | dict(meta)
-    text = json.dumps({"meta": full_meta, "train": list(split["train"]), "val": list(split["val"])})
-    write_text(path, text)  # atomic, with the permissions the umask allows
+    write_text(path, json.dumps({"meta": full_meta, "train": list(split["train"]), "val": list(split["val"])}))
 
 
 def _index_list(doc: dict, key: str, path: Path) -> list[int]:
@@ -50,10 +41,8 @@ def _index_list(doc: dict, key: str, path: Path) -> list[int]:
 
 
 def load_split(path: str | Path, expect_n: int | None = None) -> dict:
-    """Read and check a split file; returns {'train', 'val', 'meta'}.
-
-    ``expect_n`` is the size of the training set the split is applied to: the file must have been made for
-    it, and every index must fall inside it."""
+    """Read and check a split file: {'train', 'val', 'meta'}. ``expect_n``: the size of the training set it is
+    applied to, which the file must have been made for."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())

@@ -1,11 +1,8 @@
 """Training batches for a whole population: step s yields every member's batch stacked on a member axis. Member
-j sees the training items in its own order (``rng.generator(seed, "order", j, epoch)``) and draws its
-augmentations from its own stream (``"augment"``), so its data depend neither on the population size nor on the
-others' policies. One stream class per kind of dataset (``Splits.kind``, ``STREAMS``): in memory
-(``MemberStream``), ImageFolder trees (``FolderStream``) and whole tiles (``PatchStream``: per member and epoch
-``epoch_size`` random patches, paper A.1.3 after Audebert et al.; a tile drawn uniformly, then a position in it,
-flipped and mirrored with the policy's ``flip``, labels alike; the rest of the policy gives per-pixel soft
-targets (B, K, H, W))."""
+j sees the training items in its own order (``rng.generator(seed, "order", j, epoch)``) and draws its augmentations
+from its own stream (``"augment"``), so its data depend neither on the population size nor on the others' policies.
+One stream class per ``Splits.kind`` (``STREAMS``): in memory, ImageFolder trees, and whole tiles (random patches,
+paper A.1.3 after Audebert et al.)."""
 
 from __future__ import annotations
 
@@ -17,13 +14,7 @@ from torch import Tensor
 
 from papa import rng
 from papa.data.augment import Policy, apply, draw_policies, eval_transform, regularize, to_device
-from papa.data.datasets import (
-    ArrayDataset,
-    FolderDataset,
-    Splits,
-    folder_eval_transform,
-    folder_train_transform,
-)
+from papa.data.datasets import ArrayDataset, FolderDataset, Splits, folder_eval_transform, folder_train_transform
 from papa.data.vaihingen import TileDataset
 from papa.errors import PapaError
 from papa.rng import seeded_globals
@@ -49,49 +40,37 @@ def batch_policy(stream, j: int, generator: torch.Generator) -> Policy:
     return draw_policies(stream.per_batch, 1, generator, {"crop_padding": base.crop_padding, "flip": base.flip})[0]
 
 
-def _ids(member_ids, policies) -> list[int]:
-    """Each held member's index in the whole population: it names the member's random streams, so a rank
-    holding members 3 and 4 draws exactly what a single process holding all members draws for them."""
-    ids = list(range(len(policies))) if member_ids is None else [int(j) for j in member_ids]
-    if len(ids) != len(policies):
-        raise PapaError(f"{len(ids)} member ids for {len(policies)} policies")
-    return ids
-
-
 def set_members(stream, train, batch_size: int, policies: Sequence[Policy], seed: int, device, base: Policy | None,
                  per_batch: dict | None, member_ids: Sequence[int] | None) -> None:
-    """The attributes every stream shares: members, their policies and random streams, batch and device."""
+    """The attributes every stream shares. ``ids``: each held member's index in the whole population, which names
+    its random streams, so a rank holding members 3 and 4 draws exactly what one process holding all draws."""
     stream.per_batch = per_batch
-    stream.ids = _ids(member_ids, policies)
+    stream.ids = list(range(len(policies))) if member_ids is None else [int(j) for j in member_ids]
+    if len(stream.ids) != len(policies):
+        raise PapaError(f"{len(stream.ids)} member ids for {len(policies)} policies")
     stream.device = torch.device(device)
     stream.num_classes, stream.mean, stream.std = train.num_classes, train.mean, train.std
     stream.batch_size, stream.policies, stream.seed = batch_size, list(policies), seed
     stream.base = base if base is not None else stream.policies[0].base()
 
 
-CHUNK_FLOATS = 1 << 24
-"""Input floats (all members together, 64 MiB) that MemberStream transforms at once when no policy draws."""
+CHUNK_FLOATS = 1 << 24  # input floats (all members, 64 MiB) MemberStream transforms at once when no policy draws
 
 
 def draws_nothing(policy: Policy) -> bool:
-    """Whether a policy transforms each image on its own without a random draw: no crop, flip, AutoAugment,
-    RandAugment, cutout, erasing, mixup or CutMix (label smoothing only rescales the targets)."""
+    """Whether a policy transforms each image on its own without a random draw (label smoothing at most)."""
     return policy == Policy(label_smoothing=policy.label_smoothing)
 
 
 def _orders(indices: Tensor, generator: torch.Generator, count: int) -> Tensor:
     """``count`` items of ``indices``: back-to-back random permutations, all drawn before anything else."""
     reps = math.ceil(count / len(indices))
-    perms = [indices[torch.randperm(len(indices), generator=generator)] for _ in range(reps)]
-    return torch.cat(perms)[:count]
+    return torch.cat([indices[torch.randperm(len(indices), generator=generator)] for _ in range(reps)])[:count]
 
 
 class MemberStream:
-    """Batches of an in-memory dataset kept on ``device`` as uint8 and augmented there.
-
-    ``indices`` are the training items (the validation split left out). Every epoch has
-    ``steps_per_epoch = len(indices) // batch_size`` steps: the incomplete last batch is dropped so all
-    members' batches share one shape."""
+    """Batches of an in-memory dataset kept on ``device`` as uint8 and augmented there. ``indices`` are the training
+    items; an epoch drops the incomplete last batch so all members' batches share one shape."""
 
     def __init__(self, train: ArrayDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None,
@@ -111,22 +90,19 @@ class MemberStream:
         return len(self.indices) // self.batch_size
 
     def _batch(self, policy: Policy, idx: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        images, labels = self.images[idx], self.labels[idx]
-        return apply(policy, images, labels, self.num_classes, self.mean, self.std, generator, self.image_size,
-                     self.resize)
+        return apply(policy, self.images[idx], self.labels[idx], self.num_classes, self.mean, self.std, generator,
+                     self.image_size, self.resize)
 
     def _draw(self, generator: torch.Generator, count: int) -> Tensor:
         """``count`` training items in random order: what ``_batch`` takes, in slices of a batch."""
         return to_device(_orders(self.indices, generator, count), self.device)
 
     @property
-    def _epoch_draw(self) -> int:
-        """Items drawn per member and epoch: one whole permutation (its incomplete last batch is dropped)."""
+    def _epoch_draw(self) -> int:  # items drawn per member and epoch: one whole permutation
         return len(self.indices)
 
     @property
-    def _item_floats(self) -> int:
-        """Floats of one item as the model sees it (C x S x S)."""
+    def _item_floats(self) -> int:  # floats of one item as the model sees it
         _, c, h, w = self.images.shape
         return c * (self.image_size ** 2 if self.image_size else h * w)
 
@@ -144,12 +120,8 @@ class MemberStream:
             yield torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
 
     def _fixed_epoch(self, orders: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
-        """The batches of members whose policies draw nothing, transformed many steps at a time.
-
-        Such a policy maps each image on its own, with no random draw, so transforming the items of many
-        steps in one call gives every batch exactly (bitwise) what a call per step gives: only the per-step
-        calls' overhead is saved, which dominates at small batches (batch 1: a dozen small ops per member and
-        step). Chunks hold about CHUNK_FLOATS input floats for all members."""
+        """The batches of members whose policies draw nothing, transformed many steps (about CHUNK_FLOATS input
+        floats) at a time: bitwise what a call per step gives, without the per-step overhead of small batches."""
         b, steps = self.batch_size, self.steps_per_epoch
         chunk = max(1, CHUNK_FLOATS // (self.size * b * self._item_floats))
         generator = torch.Generator()  # never drawn from: these policies draw nothing
@@ -164,10 +136,9 @@ class MemberStream:
 
     def member_batches(self, j: int | None, generator: torch.Generator, n: int,
                        batch_size: int | None = None) -> Iterator[Tensor]:
-        """``n`` input batches for member j's policy (j=None: the base transform, no regularization).
-
-        The data order is drawn from ``generator`` before any augmentation, so members given generators with
-        the same seed (REPAIR's 666) see the same images, differently augmented."""
+        """``n`` input batches for member j's policy (j=None: the base transform, no regularization). The data order
+        is drawn from ``generator`` first, so members given generators with the same seed (REPAIR's 666) see the
+        same images, differently augmented."""
         b = batch_size or self.batch_size
         order = self._draw(generator, n * b)
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
@@ -208,12 +179,9 @@ class _EpochSampler(torch.utils.data.Sampler):
 
 
 class FolderStream:
-    """The MemberStream interface over an ImageFolder: one DataLoader per member decodes and crops on the
-    CPU (``num_workers`` each), the rest of the member's policy runs on ``device``.
-
-    Per-image transforms: RandomResizedCrop(image_size), flip if the policy flips, RandAugment and
-    AutoAugment if set;
-    ``crop_padding`` does not apply here."""
+    """The MemberStream interface over an ImageFolder: one DataLoader per member decodes and transforms each image
+    on the CPU (``num_workers`` each; ``folder_train_transform``, no ``crop_padding``), the rest of the member's
+    policy runs on ``device``."""
 
     def __init__(self, train: FolderDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, num_workers: int = 0,
@@ -240,19 +208,16 @@ class FolderStream:
         seeds = torch.randint(2**62, (len(order),), generator=generator)
         return list(zip(order.tolist(), seeds.tolist(), strict=True))
 
-    def _regularize(self, policy: Policy | int, images: Tensor, labels: Tensor, generator: torch.Generator):
+    def _regularize(self, policy: Policy, images: Tensor, labels: Tensor, generator: torch.Generator):
         # pinned host batches copy asynchronously; the rest of the policy then runs on the device
-        policy = self.policies[policy] if isinstance(policy, int) else policy
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         return regularize(policy, images, labels, self.num_classes, self.mean, self.std, generator)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``steps_per_epoch`` pairs (x (p, B, C, H, W) float32, targets (p, B, K) float32)."""
-        n = len(self.indices)
-        augment = []
+        augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
         for j, sampler in enumerate(self.samplers):
-            order = _orders(self.indices, rng.generator(self.seed, "order", self.ids[j], epoch), n)
-            augment.append(rng.generator(self.seed, "augment", self.ids[j], epoch))
+            order = _orders(self.indices, rng.generator(self.seed, "order", self.ids[j], epoch), len(self.indices))
             sampler.items = self._items(order, augment[j])
         for batches in zip(*self.loaders, strict=True):
             pairs = [self._regularize(batch_policy(self, j, augment[j]), *batch, augment[j])
@@ -278,18 +243,15 @@ def draw_patches(sizes: Sequence[tuple[int, int]], tiles: Tensor, patch: int, co
     among the tile's (H - patch + 1) x (W - patch + 1)."""
     choice = tiles[torch.randint(len(tiles), (count,), generator=generator)]
     u = torch.rand(count, 2, generator=generator, dtype=torch.float64)
-    out = []
-    for t, (uy, ux) in zip(choice.tolist(), u.tolist(), strict=True):
-        h, w = sizes[t]
-        out.append((t, int(uy * (h - patch + 1)), int(ux * (w - patch + 1))))
-    return out
+    return [(t, int(uy * (sizes[t][0] - patch + 1)), int(ux * (sizes[t][1] - patch + 1)))
+            for t, (uy, ux) in zip(choice.tolist(), u.tolist(), strict=True)]
 
 
 class PatchStream(MemberStream):
-    """The MemberStream interface over a TileDataset: tiles kept on ``device`` as uint8, patches cut and
-    augmented there. ``indices`` are the training tiles; ``steps_per_epoch = epoch_size // batch_size``.
-    ``epoch`` yields pairs (x (p, B, C, S, S) float32, targets (p, B, K, S, S) float32), and
-    ``member_batches`` gives every member the same patches for generators with the same seed."""
+    """The MemberStream interface over a TileDataset: tiles kept on ``device`` as uint8, ``epoch_size`` patches per
+    member and epoch cut and augmented there (a tile drawn uniformly, then a position in it; the policy's ``flip``
+    flips and mirrors the labels alike). ``indices`` are the training tiles; ``epoch`` yields pairs
+    (x (p, B, C, S, S) float32, per-pixel soft targets (p, B, K, S, S) float32)."""
 
     def __init__(self, train: TileDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None,
@@ -301,10 +263,9 @@ class PatchStream(MemberStream):
             raise PapaError(f"training tiles must be a non-empty subset of 0..{len(train) - 1}")
         if batch_size < 1 or batch_size > train.epoch_size:
             raise PapaError(f"batch size {batch_size} does not fit an epoch of {train.epoch_size} patches")
-        for p in policies:
-            if p.crop_padding or p.autoaugment:
-                raise PapaError("segmentation patches take no crop_padding or autoaugment (they would move the "
-                                "image away from its labels)")
+        if any(p.crop_padding or p.autoaugment for p in policies):
+            raise PapaError("segmentation patches take no crop_padding or autoaugment (they would move the "
+                            "image away from its labels)")
         set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
         self.images = [x.to(self.device) for x in train.images]
         self.labels = [y.to(self.device) for y in train.labels]
@@ -326,14 +287,10 @@ class PatchStream(MemberStream):
     def _item_floats(self) -> int:
         return self.images[0].shape[0] * self.patch ** 2
 
-    def _cut(self, positions) -> tuple[Tensor, Tensor]:
+    def _batch(self, policy: Policy, positions, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         s = self.patch
         images = torch.stack([self.images[t][:, y:y + s, x:x + s] for t, y, x in positions])
         labels = torch.stack([self.labels[t][y:y + s, x:x + s] for t, y, x in positions])
-        return images, labels
-
-    def _batch(self, policy: Policy, positions, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        images, labels = self._cut(positions)
         if policy.flip:
             flips = to_device(torch.rand(2, len(positions), generator=generator) < 0.5, self.device)
             for dim, flip in zip((-2, -1), flips, strict=True):  # vertical flip, then horizontal mirror
@@ -347,20 +304,9 @@ STREAMS = {"array": MemberStream, "folder": FolderStream, "segmentation": PatchS
 
 def make_stream(splits: Splits, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                 device: str | torch.device = "cpu", **options) -> MemberStream | FolderStream | PatchStream:
-    """The stream for ``splits.kind`` over ``splits.train``.
-
-    Options: ``base`` (the policy of member_batches(None, ...)), ``num_workers`` (folders only)."""
+    """The stream for ``splits.kind`` over ``splits.train``. Options: ``base`` (the policy of
+    member_batches(None, ...)), ``num_workers`` (folders only)."""
     return STREAMS[splits.kind](splits.train, indices, batch_size, policies, seed, device, **options)
-
-
-def _folder_eval(dataset: FolderDataset, idx: Tensor, batch_size: int, device: torch.device,
-                 num_workers: int):
-    # items are (index, 0): the eval transform draws nothing, the seed only satisfies _SeededImages
-    loader = torch.utils.data.DataLoader(
-        _SeededImages(dataset, folder_eval_transform(dataset.image_size)), batch_size=batch_size,
-        sampler=[(i, 0) for i in idx.tolist()], num_workers=num_workers, pin_memory=device.type == "cuda")
-    for images, labels in loader:
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -370,10 +316,13 @@ def eval_batches(dataset: ArrayDataset | FolderDataset, indices=None, batch_size
     batches for validation and test accuracy. The last batch may be smaller."""
     device = torch.device(device)
     idx = torch.arange(len(dataset)) if indices is None else torch.as_tensor(list(indices), dtype=torch.int64)
-    if isinstance(dataset, FolderDataset):
-        chunks = _folder_eval(dataset, idx, batch_size, device, num_workers)
+    if isinstance(dataset, FolderDataset):  # items (index, 0): the eval transform draws nothing
+        loader = torch.utils.data.DataLoader(
+            _SeededImages(dataset, folder_eval_transform(dataset.image_size)), batch_size=batch_size,
+            sampler=[(i, 0) for i in idx.tolist()], num_workers=num_workers, pin_memory=device.type == "cuda")
+        chunks = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
     else:
         chunks = ((dataset.images[c].to(device), dataset.labels[c].to(device)) for c in idx.split(batch_size))
+    mode = getattr(dataset, "resize", "bilinear")
     for images, labels in chunks:
-        mode = getattr(dataset, "resize", "bilinear")
         yield eval_transform(images, dataset.mean, dataset.std, dataset.image_size, mode), labels

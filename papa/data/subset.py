@@ -1,5 +1,5 @@
-"""A dataset cut down to some of its items (``data.subset``; smoke scale sets it): evenly spaced over each
-set, so an ImageFolder sorted by class keeps items of many classes, and the same items on every machine."""
+"""A dataset cut down to some of its items (``data.subset``; smoke scale sets it): evenly spaced over each set, so an
+ImageFolder sorted by class keeps items of many classes, and the same items on every machine."""
 
 from __future__ import annotations
 
@@ -16,13 +16,10 @@ def spaced(n: int, k: int | None) -> list[int]:
     """``k`` indices spread evenly over ``range(n)`` (the first and the last included); all for None or k >= n."""
     if k is None or k >= n:
         return list(range(n))
-    if k == 1:
-        return [0]
-    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+    return [0] if k == 1 else [round(i * (n - 1) / (k - 1)) for i in range(k)]
 
 
 def _take(dataset, indices: list[int]):
-    """A copy of ``dataset`` holding only ``indices``, in that order."""
     if isinstance(dataset, ArrayDataset):
         idx = torch.tensor(indices, dtype=torch.int64)
         return dataclasses.replace(dataset, images=dataset.images[idx], labels=dataset.labels[idx])

@@ -1,21 +1,12 @@
-"""ISPRS Vaihingen 2D semantic labeling (paper A.1.3): whole IRRG tiles and their colour-coded labels.
+"""ISPRS Vaihingen 2D semantic labeling (paper A.1.3): whole IRRG tiles and their colour-coded labels, as the ISPRS
+release unpacks under ``root`` (default ``data/vaihingen``): ``top/top_mosaic_09cm_area{N}.tif``, the IRRG tiles
+(3 channels, 8 bit); ``gts_for_participants/`` the (non-eroded) labels of the 16 labelled tiles, ``gts_complete/``
+those of the 17 test tiles (the full reference release), searched in that order (option ``label_dirs``).
 
-Layout under ``root`` (default ``data/vaihingen``), as the ISPRS release unpacks:
-
-- ``top/top_mosaic_09cm_area{N}.tif``: the IRRG orthophoto tiles (3 channels, 8 bit);
-- ``gts_for_participants/top_mosaic_09cm_area{N}.tif``: labels of the 16 labelled tiles;
-- ``gts_complete/top_mosaic_09cm_area{N}.tif``: labels of the 17 test tiles, from the full reference
-  release (``ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE``; a tile's label is looked up in
-  ``gts_for_participants`` first, then here; option ``label_dirs``). Non-eroded labels are used.
-
-The split (paper: 11 training, 5 validation, 17 test tiles, after Fatras et al., 2021, who list no tile
-ids) is the standard ISPRS one: the 16 labelled tiles are the training + validation tiles, the 17 others
-the test tiles. The 5 validation tiles are DeepNetsForEO's (Audebert et al., 2017) four held-out tiles
-(5, 15, 21, 30) plus tile 37. Every id list is a dataset option, so another split is one config line.
-
-The train set holds the training tiles followed by the validation tiles; ``Splits.fixed_split`` says which
-is which, so ``papa prepare`` writes that split instead of holding out a random 2%.
-"""
+The split (paper: 11 training, 5 validation, 17 test tiles, after Fatras et al., 2021, who list no tile ids) is the
+standard ISPRS one; the 5 validation tiles are DeepNetsForEO's (Audebert et al., 2017) four held-out tiles plus tile
+37. Every id list is a dataset option. The train set holds the training tiles, then the validation tiles
+(``Splits.fixed_split``, which ``papa prepare`` writes instead of a random 2%)."""
 
 from __future__ import annotations
 
@@ -35,25 +26,17 @@ VAL_TILES = (5, 15, 21, 30, 37)
 TEST_TILES = (2, 4, 6, 8, 10, 12, 14, 16, 20, 22, 24, 27, 29, 31, 33, 35, 38)
 
 # class name -> label colour (R, G, B), in class-index order
-CLASSES = {
-    "impervious_surfaces": (255, 255, 255),
-    "building": (0, 0, 255),
-    "low_vegetation": (0, 255, 255),
-    "tree": (0, 255, 0),
-    "car": (255, 255, 0),
-    "clutter": (255, 0, 0),
-}
+CLASSES = {"impervious_surfaces": (255, 255, 255), "building": (0, 0, 255), "low_vegetation": (0, 255, 255),
+           "tree": (0, 255, 0), "car": (255, 255, 0), "clutter": (255, 0, 0)}
 IMAGE_DIR, LABEL_DIRS = catalog.DATASETS["vaihingen"].paths[0], ("gts_for_participants", "gts_complete")
 PATCH_SIZE, EPOCH_SIZE = catalog.DATASETS["vaihingen"].patch_size, 10000
 
 
 @dataclass
 class TileDataset:
-    """Whole tiles: ``images`` uint8 (3, H, W) and ``labels`` int64 (H, W), one of each per tile.
-
-    A stream draws ``epoch_size`` random ``patch_size`` x ``patch_size`` patches per epoch and member;
-    evaluation runs on the whole tiles."""
-
+    """Whole tiles: ``images`` uint8 (3, H, W) and ``labels`` int64 (H, W), one of each per tile. A stream draws
+    ``epoch_size`` random ``patch_size`` x ``patch_size`` patches per epoch and member; evaluation runs on whole
+    tiles."""
     images: list[Tensor]
     labels: list[Tensor]
     tiles: tuple[int, ...]
@@ -74,10 +57,8 @@ def tile_name(tile: int) -> str:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """A 3-channel 8-bit image as uint8 (H, W, 3) (a palette image is expanded to its colours, which is
-    lossless); unreadable files are PapaErrors."""
+    """A 3-channel 8-bit image as uint8 (H, W, 3) (a palette image is expanded to its colours, losslessly)."""
     from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             if image.mode == "P":
@@ -90,8 +71,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def decode_labels(rgb: np.ndarray, where: str | Path = "labels") -> Tensor:
-    """Colour-coded labels uint8 (H, W, 3) -> class indices int64 (H, W); an unknown colour is an error
-    naming it and its first pixel."""
+    """Colour-coded labels uint8 (H, W, 3) -> class indices int64 (H, W)."""
     code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
     lookup = {(r << 16) | (g << 8) | b: k for k, (r, g, b) in enumerate(CLASSES.values())}
     keys = np.array(sorted(lookup))
@@ -115,8 +95,7 @@ def _label_path(base: Path, tile: int, label_dirs: tuple[str, ...]) -> Path:
 
 
 def read_tile(base: Path, tile: int, label_dirs: tuple[str, ...] = LABEL_DIRS) -> tuple[Tensor, Tensor]:
-    """(image uint8 (3, H, W), labels int64 (H, W)) of one tile, its label from the first of ``label_dirs``
-    that has it; missing files and size mismatches are PapaErrors."""
+    """(image uint8 (3, H, W), labels int64 (H, W)) of one tile, its label from the first of ``label_dirs`` with it."""
     image_path = base / IMAGE_DIR / tile_name(tile)
     if not image_path.is_file():
         raise PapaError(f"Vaihingen: tile {tile} not found: expected {image_path}")
@@ -129,8 +108,8 @@ def read_tile(base: Path, tile: int, label_dirs: tuple[str, ...] = LABEL_DIRS) -
 
 
 def channel_stats(images: list[Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (in [0, 1] pixel units) over all pixels of uint8 (C, H, W) images, summed
-    tile by tile in float64 (the tiles together would need gigabytes as doubles)."""
+    """Per-channel mean and std (in [0, 1] pixel units) over all pixels of uint8 (C, H, W) images, summed tile by
+    tile in float64 (all tiles at once would need gigabytes)."""
     n, total, squares = 0, 0.0, 0.0
     for x in images:
         v = x.flatten(1).double() / 255.0
@@ -151,10 +130,8 @@ def _tile_ids(name: str, tiles) -> tuple[int, ...]:
 def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test_tiles=TEST_TILES,
                    patch_size: int = PATCH_SIZE, epoch_size: int = EPOCH_SIZE, label_dirs=LABEL_DIRS) -> Splits:
     """Vaihingen tiles (see the module docstring): train = training + validation tiles, test = test tiles.
-
-    ``patch_size`` and ``epoch_size`` (patches per epoch and member) set the training stream (paper: 256,
-    10000); ``label_dirs`` are the folders searched for labels, in order. mean/std are measured on the
-    training tiles."""
+    ``patch_size`` and ``epoch_size`` (patches per epoch and member) set the training stream (paper: 256, 10000);
+    mean/std are measured on the training tiles."""
     ids = {name: _tile_ids(name, t) for name, t in
            (("train_tiles", train_tiles), ("val_tiles", val_tiles), ("test_tiles", test_tiles))}
     shared = set(ids["train_tiles"]) & set(ids["val_tiles"]) | set(ids["test_tiles"]) & {
@@ -168,20 +145,19 @@ def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test
         raise PapaError(f"Vaihingen option label_dirs: expected a non-empty list of folder names, found {label_dirs!r}")
     label_dirs = tuple(label_dirs)
     base = catalog.require("vaihingen", root if root is not None else Path("data") / "vaihingen")
-    labelled = ids["train_tiles"] + ids["val_tiles"]
+    labelled, n_train = ids["train_tiles"] + ids["val_tiles"], len(ids["train_tiles"])
     train = [read_tile(base, t, label_dirs) for t in labelled]
     test = [read_tile(base, t, label_dirs) for t in ids["test_tiles"]]
     small = [t for t, (x, _) in zip(ids["train_tiles"], train, strict=False) if min(x.shape[1:]) < patch_size]
     if small:
         raise PapaError(f"Vaihingen: tile {small[0]} is smaller than the {patch_size}x{patch_size} patches")
-    mean, std = channel_stats([x for x, _ in train[:len(ids["train_tiles"])]])
+    mean, std = channel_stats([x for x, _ in train[:n_train]])
     classes = tuple(CLASSES)
 
     def dataset(pairs, tiles) -> TileDataset:
         return TileDataset([x for x, _ in pairs], [y for _, y in pairs], tiles, len(classes), mean, std,
                            "vaihingen", classes, patch_size, epoch_size)
 
-    n_train = len(ids["train_tiles"])
     fixed = {"train": list(range(n_train)), "val": list(range(n_train, len(labelled)))}
     return Splits("vaihingen", dataset(train, labelled), dataset(test, ids["test_tiles"]), len(classes), 3,
                   patch_size, "segmentation", mean, std, fixed_split=fixed)
