@@ -1,9 +1,7 @@
-"""``papa fake-data``: small random datasets in exactly the on-disk formats the loaders read (UCI optdigits' text
-files, CIFAR's python-version pickles, an ImageFolder tree of JPEGs, Vaihingen's TIFF tiles and labels), and random
-pretrained weights in the Hugging Face hub cache layout (marked with ``pretrained.FAKE_KEY``, so that loading one
-outside smoke scale warns), to run any config end to end before downloading anything or spending GPU hours. Images
-carry a class-dependent tint under the noise, so networks can learn something; everything is written where the
-given configs look for it (``data.root`` under the data root)."""
+"""``papa fake-data``: small random datasets in exactly the on-disk formats the loaders read, and random pretrained
+weights in the Hugging Face hub cache layout (marked with ``pretrained.FAKE_KEY``: loading one outside smoke scale
+warns), where the given configs look for them, to run any config end to end before downloading anything. Images
+carry a class-dependent tint under the noise, so networks can learn something."""
 
 from __future__ import annotations
 
@@ -212,6 +210,5 @@ def write_all(root: Path, configs: list[Path], hub_cache: Path | None = None) ->
     write_text(Path(root) / "FAKE_DATA.txt", "Random data written by `papa fake-data` in the formats of the real "
                "datasets, for smoke runs (scale: smoke). Not UCI optdigits, CIFAR, ImageNet or Vaihingen.\n")
     if hub_cache is not None:
-        for name in sorted(models):
-            done.append(f"timm/{name}: {FAKE_NOTE} in {write_hub_weights(hub_cache, name)}")
+        done += [f"timm/{name}: {FAKE_NOTE} in {write_hub_weights(hub_cache, name)}" for name in sorted(models)]
     return done

@@ -75,16 +75,12 @@ class Policy:
 POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(Policy))
 
 
-def _draw(key: str, spec, generator: torch.Generator):
-    if isinstance(spec, dict):
-        bounds = spec.get("uniform")
-        if set(spec) != {"uniform"} or not isinstance(bounds, list | tuple) or len(bounds) != 2:
-            raise PapaError(f"augmentation grid {key!r}: expected a list of values or {{'uniform': [lo, hi]}}")
-        lo, hi = float(bounds[0]), float(bounds[1])
-        return lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
-    if not isinstance(spec, list | tuple) or not spec:
-        raise PapaError(f"augmentation grid {key!r}: expected a non-empty list of values, found {spec!r}")
-    return spec[int(torch.randint(len(spec), (), generator=generator))]
+def _uniform(key: str, spec: dict, generator: torch.Generator) -> float:
+    bounds = spec.get("uniform")
+    if set(spec) != {"uniform"} or not isinstance(bounds, list | tuple) or len(bounds) != 2:
+        raise PapaError(f"augmentation grid {key!r}: expected a list of values or {{'uniform': [lo, hi]}}")
+    lo, hi = float(bounds[0]), float(bounds[1])
+    return lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
 
 
 def draw_policies(grid: dict, p: int, generator: torch.Generator, base: dict | None = None) -> list[Policy]:
@@ -104,15 +100,14 @@ def draw_policies(grid: dict, p: int, generator: torch.Generator, base: dict | N
     policies = []
     for i in range(p):
         values = dict(base or {}) | dict(zip(listed, combos[order[i % len(combos)]], strict=True))
-        values.update({key: _draw(key, grid[key], generator) for key in sorted(grid) if key not in listed})
+        values.update({key: _uniform(key, grid[key], generator) for key in sorted(grid) if key not in listed})
         policies.append(Policy(**values))
     return policies
 
 
 def autoaugment_policy(name: str):
     from torchvision.transforms import AutoAugmentPolicy
-    policies = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET,
-                "svhn": AutoAugmentPolicy.SVHN}
+    policies = {name: getattr(AutoAugmentPolicy, name.upper()) for name in ("cifar10", "imagenet", "svhn")}
     if name not in policies:
         raise PapaError(f"unknown AutoAugment policy {name!r}; expected one of {', '.join(policies)}")
     return policies[name]
@@ -220,9 +215,8 @@ RESIZE_MODES = ("bilinear", "bicubic")
 
 
 def eval_transform(images: Tensor, mean, std, size: int | None = None, mode: str = "bilinear") -> Tensor:
-    """uint8 (B, C, H, W) -> float32 normalized with per-channel mean/std (in [0, 1] pixel units), resized to
-    ``size`` x ``size`` when given (antialiased, as timm's eval resize; the authors' fine-tuning resized CIFAR to
-    224 bicubic)."""
+    """uint8 (B, C, H, W) -> float32 normalized with per-channel mean/std (in [0, 1] pixel units), resized to ``size``
+    when given (antialiased, as timm's eval resize; the authors' fine-tuning resized CIFAR to 224 bicubic)."""
     if mode not in RESIZE_MODES:
         raise PapaError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
     scale, shift = _affine(tuple(mean), tuple(std), images.device)
@@ -328,8 +322,7 @@ def regularize(policy: Policy, images: Tensor, labels: Tensor, num_classes: int,
 @torch.no_grad()
 def apply(policy: Policy, images: Tensor, labels: Tensor, num_classes: int, mean, std,
           generator: torch.Generator, size: int | None = None, mode: str = "bilinear") -> tuple[Tensor, Tensor]:
-    """A member's training batch: uint8 (B, C, H, W) and labels (B,) -> normalized float32 (B, C, S, S)
-    (S = ``size``, default H = W) and soft targets (B, K) whose rows sum to 1. The uint8 transforms run at the
-    stored resolution, the rest at the model's."""
+    """A member's training batch: uint8 (B, C, H, W) and labels (B,) -> normalized float32 (B, C, S, S) and soft
+    targets (B, K); the uint8 transforms run at the stored resolution, the rest at the model's (S = ``size``)."""
     images = geometric(policy, images, generator, mean)
     return regularize(policy, images, labels, num_classes, mean, std, generator, size, mode)

@@ -1,10 +1,10 @@
-"""Datasets by name: ``load_dataset(name, root, **options)`` returns the train and test sets. Small datasets
-(digits, CIFAR) are held in memory as uint8 tensors (``ArrayDataset``) and augmented on the accelerator; ImageNet is
-an ImageFolder tree read from disk (``FolderDataset``). Nothing here downloads: a missing dataset is a ``PapaError``
-naming the path that was expected."""
+"""Datasets by name: ``load_dataset(name, root, **options)`` returns the train and test sets, small ones in memory as
+uint8 tensors (``ArrayDataset``, augmented on the accelerator), ImageNet as an ImageFolder tree (``FolderDataset``).
+Nothing here downloads: a missing dataset is a ``PapaError`` naming the path that was expected."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -77,10 +77,9 @@ class FolderDataset:
 
 @dataclass
 class Splits:
-    """A dataset's train and test sets and what a model needs to know about them. ``kind``: 'array'
-    (ArrayDataset), 'folder' (FolderDataset) or 'segmentation' (papa.data.vaihingen.TileDataset). ``fixed_split``:
-    the dataset's own validation split ({'train', 'val'} indices into ``train``), which ``papa prepare`` writes
-    instead of a random one."""
+    """A dataset's train and test sets and what a model needs to know about them. ``kind``: 'array', 'folder' or
+    'segmentation' (papa.data.vaihingen.TileDataset). ``fixed_split``: the dataset's own validation split
+    ({'train', 'val'} indices into ``train``), which ``papa prepare`` writes instead of a random one."""
     name: str
     train: ArrayDataset | FolderDataset
     test: ArrayDataset | FolderDataset
@@ -188,11 +187,9 @@ def _digit_splits(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, T
 @register("digits")
 def load_digits(root=None, image_size: int | None = None, scaling: str = "standardize",
                 test_split_seed: int = DIGITS_SPLIT_SEED) -> Splits:
-    """scikit-learn's bundled 8x8 digits: UCI optdigits' 1,797 test images (13 writers; 1 channel, 10 classes).
-    The test set is FIXED whatever the run seed: 20% of every class drawn with ``test_split_seed``, so test images
-    share their writers with training ones. ``scaling``: ``standardize`` maps the counts 0-16 to 0-255 and
-    normalizes with the training pixels' mean/std, ``raw`` feeds the counts as they are. ``image_size`` resizes
-    batches on the device (None: 8)."""
+    """scikit-learn's bundled 8x8 digits (UCI optdigits' 1,797 test images, 13 writers). The test set is fixed
+    whatever the run seed: 20% of every class drawn with ``test_split_seed`` (sharing writers with training).
+    ``scaling``: ``standardize`` (counts to 0-255, normalized with the training pixels' mean/std) or ``raw``."""
     _check_scaling(scaling)
     if int(test_split_seed) != test_split_seed or test_split_seed < 0:
         raise PapaError(f"digits: test_split_seed must be an integer >= 0, found {test_split_seed!r}")
@@ -358,7 +355,10 @@ CIFAR_FORMATS = {
 }
 
 
-def _load_cifar(name: str, root, verify_md5: bool, image_size: int | None) -> Splits:
+def _load_cifar(name: str, root=None, verify_md5: bool = False, image_size: int | None = None) -> Splits:
+    """CIFAR-10 (``<root>/cifar-10-batches-py``) or CIFAR-100 with fine labels (``<root>/cifar-100-python``), default
+    root ``data/<name>``. ``verify_md5`` checks every file against torchvision's checksums (off: tests use valid
+    archives that are not the originals)."""
     fmt = CIFAR_FORMATS[name]
     base = catalog.require(name, root if root is not None else Path("data") / name) / catalog.DATASETS[name].paths[0]
     meta_file, meta_key, meta_md5 = fmt.meta
@@ -383,19 +383,8 @@ def _load_cifar(name: str, root, verify_md5: bool, image_size: int | None) -> Sp
     return _array_splits(name, part(fmt.train_list), part(fmt.test_list), image_size)
 
 
-@register("cifar10")
-def load_cifar10(root=None, verify_md5: bool = False, image_size: int | None = None) -> Splits:
-    """CIFAR-10 from ``<root>/cifar-10-batches-py`` (default root ``data/cifar10``). ``verify_md5`` checks every
-    file against torchvision's checksums (off: tests use valid archives that are not the originals).
-    ``image_size`` (None: 32) is the side batches are resized to on the device; images stay stored at 32 x 32."""
-    return _load_cifar("cifar10", root, verify_md5, image_size)
-
-
-@register("cifar100")
-def load_cifar100(root=None, verify_md5: bool = False, image_size: int | None = None) -> Splits:
-    """CIFAR-100 (fine labels) from ``<root>/cifar-100-python`` (default root ``data/cifar100``);
-    ``verify_md5`` and ``image_size`` as for CIFAR-10."""
-    return _load_cifar("cifar100", root, verify_md5, image_size)
+for _cifar in CIFAR_FORMATS:
+    register(_cifar)(functools.partial(_load_cifar, _cifar))
 
 
 # ImageNet -------------------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 """Training batches for a whole population: step s yields every member's batch stacked on a member axis. Member
 j sees the training items in its own order (``rng.generator(seed, "order", j, epoch)``) and draws its augmentations
 from its own stream (``"augment"``), so its data depend neither on the population size nor on the others' policies.
-One stream class per ``Splits.kind`` (``STREAMS``): in memory, ImageFolder trees, and whole tiles (random patches,
-paper A.1.3 after Audebert et al.)."""
+One stream class per ``Splits.kind`` (``STREAMS``)."""
 
 from __future__ import annotations
 
@@ -136,9 +135,8 @@ class MemberStream:
 
     def member_batches(self, j: int | None, generator: torch.Generator, n: int,
                        batch_size: int | None = None) -> Iterator[Tensor]:
-        """``n`` input batches for member j's policy (j=None: the base transform, no regularization). The data order
-        is drawn from ``generator`` first, so members given generators with the same seed (REPAIR's 666) see the
-        same images, differently augmented."""
+        """``n`` input batches for member j's policy (j=None: the base transform). The order is drawn from
+        ``generator`` first, so generators with the same seed (REPAIR's 666) give every member the same images."""
         b = batch_size or self.batch_size
         order = self._draw(generator, n * b)
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
@@ -248,10 +246,9 @@ def draw_patches(sizes: Sequence[tuple[int, int]], tiles: Tensor, patch: int, co
 
 
 class PatchStream(MemberStream):
-    """The MemberStream interface over a TileDataset: tiles kept on ``device`` as uint8, ``epoch_size`` patches per
-    member and epoch cut and augmented there (a tile drawn uniformly, then a position in it; the policy's ``flip``
-    flips and mirrors the labels alike). ``indices`` are the training tiles; ``epoch`` yields pairs
-    (x (p, B, C, S, S) float32, per-pixel soft targets (p, B, K, S, S) float32)."""
+    """The MemberStream interface over a TileDataset (paper A.1.3, after Audebert et al.): tiles kept on ``device``,
+    ``epoch_size`` patches per member and epoch cut and augmented there (``flip`` flips and mirrors the labels
+    alike); ``indices`` are the training tiles, targets are per pixel (p, B, K, S, S)."""
 
     def __init__(self, train: TileDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None,

@@ -1,12 +1,9 @@
-"""ISPRS Vaihingen 2D semantic labeling (paper A.1.3): whole IRRG tiles and their colour-coded labels, as the ISPRS
-release unpacks under ``root`` (default ``data/vaihingen``): ``top/top_mosaic_09cm_area{N}.tif``, the IRRG tiles
-(3 channels, 8 bit); ``gts_for_participants/`` the (non-eroded) labels of the 16 labelled tiles, ``gts_complete/``
-those of the 17 test tiles (the full reference release), searched in that order (option ``label_dirs``).
-
-The split (paper: 11 training, 5 validation, 17 test tiles, after Fatras et al., 2021, who list no tile ids) is the
-standard ISPRS one; the 5 validation tiles are DeepNetsForEO's (Audebert et al., 2017) four held-out tiles plus tile
-37. Every id list is a dataset option. The train set holds the training tiles, then the validation tiles
-(``Splits.fixed_split``, which ``papa prepare`` writes instead of a random 2%)."""
+"""ISPRS Vaihingen 2D semantic labeling (paper A.1.3) as the ISPRS release unpacks under ``root`` (default
+``data/vaihingen``): IRRG tiles in ``top/``, non-eroded colour-coded labels in ``gts_for_participants/`` (the 16
+labelled tiles), then ``gts_complete/`` (the 17 test tiles; option ``label_dirs``). The split (paper: 11 training, 5
+validation, 17 test tiles, after Fatras et al., 2021, who list no ids) is the standard ISPRS one, validating on
+DeepNetsForEO's (Audebert et al., 2017) four held-out tiles plus tile 37; the train set holds the training, then the
+validation tiles (``Splits.fixed_split``, which ``papa prepare`` writes instead of a random 2%)."""
 
 from __future__ import annotations
 
@@ -34,9 +31,8 @@ PATCH_SIZE, EPOCH_SIZE = catalog.DATASETS["vaihingen"].patch_size, 10000
 
 @dataclass
 class TileDataset:
-    """Whole tiles: ``images`` uint8 (3, H, W) and ``labels`` int64 (H, W), one of each per tile. A stream draws
-    ``epoch_size`` random ``patch_size`` x ``patch_size`` patches per epoch and member; evaluation runs on whole
-    tiles."""
+    """Whole tiles: ``images`` uint8 (3, H, W), ``labels`` int64 (H, W). Streams draw ``epoch_size`` random patches
+    per epoch and member; evaluation runs on whole tiles."""
     images: list[Tensor]
     labels: list[Tensor]
     tiles: tuple[int, ...]
@@ -108,8 +104,7 @@ def read_tile(base: Path, tile: int, label_dirs: tuple[str, ...] = LABEL_DIRS) -
 
 
 def channel_stats(images: list[Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (in [0, 1] pixel units) over all pixels of uint8 (C, H, W) images, summed tile by
-    tile in float64 (all tiles at once would need gigabytes)."""
+    """Per-channel mean and std (in [0, 1] pixel units) of uint8 (C, H, W) images, summed tile by tile in float64."""
     n, total, squares = 0, 0.0, 0.0
     for x in images:
         v = x.flatten(1).double() / 255.0
@@ -129,13 +124,11 @@ def _tile_ids(name: str, tiles) -> tuple[int, ...]:
 @register("vaihingen")
 def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test_tiles=TEST_TILES,
                    patch_size: int = PATCH_SIZE, epoch_size: int = EPOCH_SIZE, label_dirs=LABEL_DIRS) -> Splits:
-    """Vaihingen tiles (see the module docstring): train = training + validation tiles, test = test tiles.
-    ``patch_size`` and ``epoch_size`` (patches per epoch and member) set the training stream (paper: 256, 10000);
-    mean/std are measured on the training tiles."""
-    ids = {name: _tile_ids(name, t) for name, t in
-           (("train_tiles", train_tiles), ("val_tiles", val_tiles), ("test_tiles", test_tiles))}
-    shared = set(ids["train_tiles"]) & set(ids["val_tiles"]) | set(ids["test_tiles"]) & {
-        *ids["train_tiles"], *ids["val_tiles"]}
+    """train = training + validation tiles, test = test tiles; ``patch_size`` and ``epoch_size`` (patches per epoch
+    and member) set the training stream (paper: 256, 10000); mean/std are the training tiles'."""
+    train_ids, val_ids, test_ids = (_tile_ids(name, t) for name, t in (
+        ("train_tiles", train_tiles), ("val_tiles", val_tiles), ("test_tiles", test_tiles)))
+    shared = set(train_ids) & set(val_ids) | set(test_ids) & {*train_ids, *val_ids}
     if shared:
         raise PapaError(f"Vaihingen: tiles {sorted(shared)} are in more than one of train/val/test")
     if type(patch_size) is not int or patch_size < 8 or type(epoch_size) is not int or epoch_size < 1:
@@ -145,10 +138,10 @@ def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test
         raise PapaError(f"Vaihingen option label_dirs: expected a non-empty list of folder names, found {label_dirs!r}")
     label_dirs = tuple(label_dirs)
     base = catalog.require("vaihingen", root if root is not None else Path("data") / "vaihingen")
-    labelled, n_train = ids["train_tiles"] + ids["val_tiles"], len(ids["train_tiles"])
+    labelled, n_train = train_ids + val_ids, len(train_ids)
     train = [read_tile(base, t, label_dirs) for t in labelled]
-    test = [read_tile(base, t, label_dirs) for t in ids["test_tiles"]]
-    small = [t for t, (x, _) in zip(ids["train_tiles"], train, strict=False) if min(x.shape[1:]) < patch_size]
+    test = [read_tile(base, t, label_dirs) for t in test_ids]
+    small = [t for t, (x, _) in zip(train_ids, train, strict=False) if min(x.shape[1:]) < patch_size]
     if small:
         raise PapaError(f"Vaihingen: tile {small[0]} is smaller than the {patch_size}x{patch_size} patches")
     mean, std = channel_stats([x for x, _ in train[:n_train]])
@@ -159,5 +152,5 @@ def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test
                            "vaihingen", classes, patch_size, epoch_size)
 
     fixed = {"train": list(range(n_train)), "val": list(range(n_train, len(labelled)))}
-    return Splits("vaihingen", dataset(train, labelled), dataset(test, ids["test_tiles"]), len(classes), 3,
+    return Splits("vaihingen", dataset(train, labelled), dataset(test, test_ids), len(classes), 3,
                   patch_size, "segmentation", mean, std, fixed_split=fixed)
