@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from papa.errors import DiskError, PapaError, one_line
-from papa.io import write_error
+from papa.io import need_file, write_error
 from papa.report.cli import add_commands
 from papa.variants import VARIANTS
 
@@ -21,19 +22,15 @@ def _split_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", required=True, type=Path, help="validation split file written by `papa prepare`")
 
 
-def _run_arg(p: argparse.ArgumentParser, holds: str) -> None:
+def _run_args(p: argparse.ArgumentParser, holds: str) -> None:
+    """The arguments of a command on a trained run: the experiment, its split and the run directory."""
+    _experiment_args(p)
+    _split_arg(p)
     p.add_argument("--run", required=True, type=Path, help=f"run directory holding {holds}")
-
-
-def _require(run: Path, name: str, step: str) -> None:
-    """Stop in one line when an earlier stage's output is missing, naming the stage to run first."""
-    if not (run / name).is_file():
-        raise PapaError(f"{run / name}: not found; run `{step}` on this run first")
 
 
 def _prepare(a):
     from papa import runs
-
     split = runs.prepare(runs.load_experiment(a.config, a.experiment), a.out)
     print(f"{a.out}: {len(split['train'])} training, {len(split['val'])} validation images")
 
@@ -41,7 +38,6 @@ def _prepare(a):
 def _train(a):
     from papa import runs
     from papa.train import Stopped
-
     exp = runs.load_experiment(a.config, a.experiment)
     try:
         trainer = runs.train(exp, a.variant, a.seed, a.split, a.out, progress=a.progress)
@@ -59,8 +55,7 @@ def _train(a):
 
 def _soups(a):
     from papa import runs
-
-    _require(a.run, "population.safetensors", "papa train")
+    need_file(a.run / "population.safetensors", "papa train")
     exp = runs.load_experiment(a.config, a.experiment)
     if a.evaluate:  # one process, the run loaded once: no second start-up, data load or device init
         info, metrics = runs.soups_and_metrics(exp, a.split, a.run)
@@ -73,23 +68,19 @@ def _soups(a):
 
 def _evaluate(a):
     from papa import runs
-
-    _require(a.run, "population.safetensors", "papa train")
-    _require(a.run, "soups.safetensors", "papa soups")
+    need_file(a.run / "population.safetensors", "papa train")
+    need_file(a.run / "soups.safetensors", "papa soups")
     _print_metrics(a.run, runs.evaluate(runs.load_experiment(a.config, a.experiment), a.split, a.run))
 
 
 def _print_metrics(run: Path, m: dict) -> None:
-    print(
-        f"{run}/metrics.json: members {m['mean']:.2f}% [{m['min']:.2f}, {m['max']:.2f}], ensemble "
-        f"{m['ensemble']:.2f}%, avg soup {m['avg_soup']:.2f}%, greedy soup {m['greedy_soup']:.2f}%"
-    )
+    print(f"{run}/metrics.json: members {m['mean']:.2f}% [{m['min']:.2f}, {m['max']:.2f}], ensemble "
+          f"{m['ensemble']:.2f}%, avg soup {m['avg_soup']:.2f}%, greedy soup {m['greedy_soup']:.2f}%")
 
 
 def _similarity(a):
     from papa import runs
-
-    _require(a.run, "population.safetensors", "papa train")
+    need_file(a.run / "population.safetensors", "papa train")
     s = runs.similarity(runs.load_experiment(a.config, a.experiment), a.split, a.run)
     cells = ", ".join(f"{k} {s['between_networks'][k]:.2f}% / {s['network_and_avg_soup'][k]:.2f}%" for k in s["stages"])
     print(f"{a.run}/similarity.json: between members / member and avg soup: {cells}")
@@ -97,7 +88,6 @@ def _similarity(a):
 
 def _export(a):
     from papa import export
-
     spec = export.export(a.run, a.out, soup=a.soup, member=a.member)
     n, b = spec["network"], spec["biases"]
     name = n["soup"] if n["member"] is None else f"member {n['member']}"
@@ -113,7 +103,6 @@ def _export(a):
 def _model_arg(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` of ``papa bench --model-arg``, the value read as YAML (``width=16`` gives 16)."""
     import yaml
-
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, found {text!r}")
@@ -121,10 +110,7 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 
 def _bench(a):
-    import json
-
     from papa import bench
-
     print(json.dumps(bench.run(
         model=a.model, population=a.population, batch_size=a.batch_size, steps=a.steps, engine=a.engine,
         device=a.device, compile=a.compile, channels_last=a.channels_last, precision=a.precision,
@@ -135,15 +121,13 @@ def _bench(a):
 
 def _fake_data(a):
     from papa import fakedata
-
     for line in fakedata.write_all(a.root, a.config or fakedata.default_configs(), a.hub_cache):
         print(line)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="papa", description="PopulAtion Parameter Averaging: train, average and evaluate populations."
-    )
+    parser = argparse.ArgumentParser(prog="papa", description="PopulAtion Parameter Averaging: train, average and "
+                                     "evaluate populations.")
     parser.add_argument("--version", action=_Version, help="print the installed version of papa and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -167,9 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("soups", help="build average and greedy soups, with and without REPAIR",
                        description="Average soup, greedy soup (on the validation split), each repaired or not.")
-    _experiment_args(p)
-    _split_arg(p)
-    _run_arg(p, "population.safetensors (from `papa train`)")
+    _run_args(p, "population.safetensors (from `papa train`)")
     p.add_argument("--evaluate", action="store_true",
                    help="then write metrics.json as `papa evaluate` does, in the same process (the pipeline's "
                    "soups job: one start-up and one data load per run instead of two)")
@@ -177,9 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="test accuracy of members, ensemble and soups -> metrics.json",
                        description="Write metrics.json for one trained population and its soups.")
-    _experiment_args(p)
-    _split_arg(p)
-    _run_arg(p, "population.safetensors and soups.safetensors (from `papa train` and `papa soups`)")
+    _run_args(p, "population.safetensors and soups.safetensors (from `papa train` and `papa soups`)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("similarity", help="feature similarity of members and soup per ResNet stage -> similarity.json",
@@ -187,9 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the training split), REPAIR the average soup, then per ResNet stage the mean cosine "
                        "similarity (%%) of the test-set stage outputs between two members and between a member "
                        "and the soup. Settings: the experiment's `similarity` entry.")
-    _experiment_args(p)
-    _split_arg(p)
-    _run_arg(p, "population.safetensors (from `papa train`)")
+    _run_args(p, "population.safetensors (from `papa train`)")
     p.set_defaults(func=_similarity)
 
     p = sub.add_parser("export", help="write one soup (or member) of a run as a standalone model folder",
@@ -256,7 +234,6 @@ class _Version(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         from importlib.metadata import version
-
         print(f"{parser.prog} {version('papa')}")
         parser.exit()
 

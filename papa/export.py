@@ -1,17 +1,9 @@
-"""One network of a run, usable without the run: ``papa export`` writes a soup (or a member) as a folder, and
-``load_soup`` / ``load_model`` give it back as a plain ``nn.Module``.
-
-The folder holds ``model.safetensors`` (the network under its architecture's own tensor names: REPAIR's biases
-folded into the BatchNorms they feed, papa.fold), ``config.json`` and ``README.md`` (the model card, papa.card).
-For a ``timm/<name>`` model the folder is what ``timm.models.save_for_hf`` writes (the layout of the Hugging Face
-Hub), so ``timm.create_model("local-dir:PATH", pretrained=True)`` reads it without papa; ``config.json`` then
-carries papa's description under ``papa``. For papa's own architectures ``config.json`` is that description:
-model name and keyword arguments, classes, the input size and normalization the run used.
-
-A bias that cannot be folded (no BatchNorm alone takes its layer's output) is kept, listed under
-``biases.kept``: ``load_model`` gives those layers a bias before loading (the stock architecture would refuse
-the tensor with ``strict=True``).
-"""
+"""``papa export`` writes one network of a run as a folder: ``model.safetensors`` (the architecture's own tensors,
+REPAIR's biases folded into the BatchNorms they feed, papa.fold), ``config.json`` (papa's description: model,
+kwargs, classes, input size and normalization) and ``README.md`` (papa.card). A timm model's folder is what
+``timm.models.save_for_hf`` writes (``timm.create_model("local-dir:PATH")`` reads it without papa), papa's
+description under ``papa``. A bias that cannot be folded is kept, listed under ``biases.kept``. ``load_soup`` /
+``load_model`` give a network back as a plain ``nn.Module``."""
 
 from __future__ import annotations
 
@@ -31,7 +23,7 @@ from papa.card import model_card
 from papa.checkpoint import load_tensors, versions
 from papa.errors import PapaError
 from papa.fold import fold_biases
-from papa.io import current_umask, file_digest
+from papa.io import current_umask, file_digest, need_file
 from papa.models import TIMM_PREFIX, create_model
 from papa.population import Population
 from papa.provenance import code_version
@@ -39,20 +31,15 @@ from papa.rng import generator
 from papa.runs import input_spec, load_data
 from papa.soups import SOUPS
 
-SOUP = "greedy_soup_repair"
-"""What ``papa export`` writes by default: the REPAIRed greedy soup."""
+SOUP = "greedy_soup_repair"  # what ``papa export`` writes by default
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 FILES = (WEIGHTS, CONFIG, CARD)
-FORMAT = 1
-"""The version of the ``papa`` description in config.json."""
-PROBE_SIDE = 64
-"""The side of the probe input for a network that takes any image size (U-Net): enough for its pools."""
+FORMAT = 1  # the version of the ``papa`` description in config.json
+PROBE_SIDE = 64  # the probe's side for a network taking any image size (U-Net): enough for its pools
 
 
-# what a network of a run takes in -------------------------------------------------------------------------------
 def probe(spec: dict) -> torch.Tensor:
-    """Two random images of the size ``spec`` says the network takes (at most PROBE_SIDE for one taking any
-    size): what papa.fold runs the network on."""
+    """Two random images of the network's input size (at most PROBE_SIDE): what papa.fold runs it on."""
     h, w = spec["input"]["size"]
     if spec["input"]["kind"] == "segmentation":
         h, w = min(h, PROBE_SIDE), min(w, PROBE_SIDE)
@@ -60,16 +47,13 @@ def probe(spec: dict) -> torch.Tensor:
 
 
 def architecture(spec: dict) -> nn.Module:
-    """A freshly built network of ``spec``'s architecture (random weights, eval mode)."""
     return create_model(spec["model"], num_classes=len(spec["classes"]), in_channels=spec["input"]["channels"],
                         **spec["kwargs"]).eval()
 
 
-# a run's files, checked ---------------------------------------------------------------------------------------
 @dataclass
 class RunFiles:
-    """A run's population, soups and metrics, each checked to come from the same training."""
-
+    """A run's population, soups and metrics, checked to come from the same training."""
     dir: Path
     meta: dict  # population.safetensors's metadata
     population: dict[str, torch.Tensor]  # stacked (p, ...)
@@ -83,21 +67,14 @@ class RunFiles:
         return self.meta["config"]
 
 
-def _need(path: Path, step: str) -> Path:
-    if not path.is_file():
-        raise PapaError(f"{path}: not found; run `{step}` on this run first")
-    return path
-
-
 def read_run(run_dir: str | Path) -> RunFiles:
-    """The files of a trained, souped and evaluated run; PapaError when one is missing, unreadable or stale (made
-    from another population or other soups than the ones beside it)."""
+    """The files of a trained, souped and evaluated run; PapaError when one is missing, unreadable or stale."""
     run = Path(run_dir)
     if not run.is_dir():
         raise PapaError(f"{run}: no such run directory")
-    population = _need(run / "population.safetensors", "papa train")
-    soups = _need(run / "soups.safetensors", "papa soups --evaluate")
-    metrics_path = _need(run / "metrics.json", "papa evaluate")
+    population = need_file(run / "population.safetensors", "papa train")
+    soups = need_file(run / "soups.safetensors", "papa soups --evaluate")
+    metrics_path = need_file(run / "metrics.json", "papa evaluate")
     tensors, meta = load_tensors(population)
     soup_tensors, soups_meta = load_tensors(soups)
     if not isinstance(meta.get("config"), dict):
@@ -117,8 +94,8 @@ def read_run(run_dir: str | Path) -> RunFiles:
 
 
 def run_spec(files: RunFiles) -> dict:
-    """The architecture of a run's networks (model name, kwargs) and what they take in (``input_spec``): from
-    population.json, or, for a run trained before population.json recorded it, from the dataset."""
+    """A run's model name, kwargs and ``input_spec``: from the population's metadata, or from the dataset for a
+    run trained before that recorded them."""
     exp, meta = files.exp, files.meta
     if "input" in meta and "classes" in meta:
         data = {"input": meta["input"], "classes": meta["classes"]}
@@ -126,23 +103,6 @@ def run_spec(files: RunFiles) -> dict:
         data = input_spec(exp, load_data(exp))
     return {"format": FORMAT, "library": "papa", "model": exp["model"]["name"], "kwargs": exp["model"]["kwargs"],
             **data}
-
-
-# one network of a run ---------------------------------------------------------------------------------------
-def _soup_state(files: RunFiles, soup: str) -> dict[str, torch.Tensor]:
-    if soup not in SOUPS:
-        raise PapaError(f"no soup {soup!r}; a run's soups are {', '.join(SOUPS)}")
-    state = {k[len(soup) + 1:]: v for k, v in files.soups.items() if k.startswith(f"{soup}.")}
-    if not state:
-        raise PapaError(f"{files.dir / 'soups.safetensors'}: no tensors for {soup}")
-    return state
-
-
-def _member_state(files: RunFiles, member: int) -> dict[str, torch.Tensor]:
-    p = int(files.meta.get("population") or next(iter(files.population.values())).shape[0])
-    if not 0 <= member < p:
-        raise PapaError(f"no member {member}: the population of {files.dir} has {p} members (0 to {p - 1})")
-    return {k: v[member] for k, v in files.population.items()}
 
 
 def _dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
@@ -164,42 +124,39 @@ def _module(stock: nn.Module, state: dict[str, torch.Tensor], where: Path) -> tu
     own = stock.state_dict()
     added = sorted(k.removesuffix(".bias") for k in state.keys() - own.keys()
                    if k.endswith(".bias") and _bias_free(stock, k.removesuffix(".bias")))
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys() - {f"{n}.bias" for n in added})
-    shapes = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        found = [f"{what} {names[:3]}" for what, names in
-                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if names]
+    problems = {"missing": sorted(own.keys() - state.keys()),
+                "unexpected": sorted(state.keys() - own.keys() - {f"{n}.bias" for n in added}),
+                "of another shape": sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)}
+    if any(problems.values()):
+        found = [f"{what} {names[:3]}" for what, names in problems.items() if names]
         raise PapaError(f"{where}: the tensors do not fit the run's architecture: {'; '.join(found)}")
     return Population.from_modules([stock]).module_from_state(state).eval(), added
 
 
 def to_architecture(state: dict[str, torch.Tensor], spec: dict, where: str | Path = "the network"):
-    """A network of ``spec``'s architecture (eval mode) holding ``state`` (a soup's or a member's tensors), with the
-    biases REPAIR gave its bias-free layers folded into the BatchNorms they feed where exact (papa.fold.fold_biases,
-    on ``probe(spec)``), and the papa.fold.Fold saying which were folded and which kept."""
+    """``spec``'s architecture (eval mode) holding ``state``, REPAIR's biases folded where exact
+    (papa.fold.fold_biases on ``probe(spec)``), and the papa.fold.Fold saying which were folded and which kept."""
     module, added = _module(architecture(spec), state, where)
     folded, fold = fold_biases(module, added, probe(spec).to(_dtype(state)))
     return folded.eval(), fold
 
 
 def describe(files: RunFiles, soup: str | None, member: int | None) -> dict:
-    """Which network of the run this is, and how well it did (metrics.json): config.json's ``network``."""
-    m, meta = files.metrics, files.meta
+    """config.json's ``network``: which network of the run this is, and how well it did (metrics.json)."""
+    m, meta, soups = files.metrics, files.meta, files.soups_meta
     segmentation = "f1_members" in m
     if member is not None:
-        members, key, val = [member], None, (m.get("val_members") or [None] * (member + 1))[member]
-        test = m["members"][member]
+        members, key, test = [member], None, m["members"][member]
+        val = (m.get("val_members") or [None] * (member + 1))[member]
     else:
-        p = len(m["members"])
-        members = list(files.soups_meta["greedy_soup_members"]) if soup.startswith("greedy") else list(range(p))
-        key, val, test = soup, files.soups_meta.get("val_accuracy", {}).get(soup), m[soup]
+        members = list(soups["greedy_soup_members"]) if soup.startswith("greedy") else list(range(len(m["members"])))
+        key, val, test = soup, soups.get("val_accuracy", {}).get(soup), m[soup]
     out = {
         "experiment": meta.get("experiment"), "variant": meta.get("variant"), "seed": meta.get("seed"),
         "population": len(m["members"]), "soup": key, "member": member, "members": members,
         # a one-member soup is that member, never REPAIRed (papa.soups.make_soups)
         "repaired": bool(key and key.endswith("_repair") and len(members) > 1),
-        "aligned": bool(key and files.soups_meta.get("aligned", False)),
+        "aligned": bool(key and soups.get("aligned", False)),
         "metric": "pixel accuracy" if segmentation else "accuracy",
         "test_accuracy": test, "val_accuracy": val,
     }
@@ -211,21 +168,27 @@ def describe(files: RunFiles, soup: str | None, member: int | None) -> dict:
 
 def network(files: RunFiles, soup: str | None = None, member: int | None = None) -> tuple[nn.Module, dict]:
     """Soup ``soup`` (default SOUP) or member ``member`` of a run as a plain module of its architecture (eval mode,
-    on the CPU), REPAIR's biases folded where exact (papa.fold), and config.json's description of it."""
+    on the CPU), REPAIR's biases folded where exact, and config.json's description of it."""
     if soup is not None and member is not None:
         raise PapaError("give a soup or a member, not both")
     if member is None:
-        soup = soup or SOUP
-        state, where = _soup_state(files, soup), files.dir / "soups.safetensors"
+        soup, where = soup or SOUP, files.dir / "soups.safetensors"
+        if soup not in SOUPS:
+            raise PapaError(f"no soup {soup!r}; a run's soups are {', '.join(SOUPS)}")
+        state = {k[len(soup) + 1:]: v for k, v in files.soups.items() if k.startswith(f"{soup}.")}
+        if not state:
+            raise PapaError(f"{where}: no tensors for {soup}")
     else:
-        state, where = _member_state(files, member), files.dir / "population.safetensors"
+        where = files.dir / "population.safetensors"
+        p = int(files.meta.get("population") or next(iter(files.population.values())).shape[0])
+        if not 0 <= member < p:
+            raise PapaError(f"no member {member}: the population of {files.dir} has {p} members (0 to {p - 1})")
+        state = {k: v[member] for k, v in files.population.items()}
     spec = run_spec(files)
     folded, fold = to_architecture(state, spec, where)
     spec |= {
         "biases": {"folded": fold.folded, "kept": fold.kept, "note": fold.note},
-        "network": describe(files, soup, member),
-        "run": dict(files.digests),
-        "config": files.exp,
+        "network": describe(files, soup, member), "run": dict(files.digests), "config": files.exp,
         "versions": files.meta.get("versions", {}),
         "code": files.meta.get("code"),  # the code version that trained it (papa.provenance)
         "exported_with": versions() | {"code": code_version()},
@@ -234,15 +197,12 @@ def network(files: RunFiles, soup: str | None = None, member: int | None = None)
 
 
 def load_soup(run_dir: str | Path, name: str = SOUP, device: str | torch.device = "cpu") -> nn.Module:
-    """Soup ``name`` (avg_soup, greedy_soup, avg_soup_repair or greedy_soup_repair; default the REPAIRed greedy soup)
-    of a run as a plain ``nn.Module`` of its architecture, in eval mode on ``device``: the network ``papa export``
-    writes. REPAIR's biases are folded into the BatchNorms they feed (the soup's outputs, to float rounding, in
-    eval and train mode); a bias that cannot be folded stays on its layer. Refused (PapaError) when the run's
-    soups or metrics are stale."""
+    """Soup ``name`` (avg_soup, greedy_soup, avg_soup_repair or greedy_soup_repair) of a run as a plain ``nn.Module``
+    in eval mode on ``device``: the network ``papa export`` writes (the soup's outputs, to float rounding). Refused
+    (PapaError) when the run's soups or metrics are stale."""
     return network(read_run(run_dir), soup=name)[0].to(device)
 
 
-# the folder ---------------------------------------------------------------------------------------------------
 def _is_export(path: Path) -> bool:
     """Whether ``path`` is a folder ``export`` may replace: empty, or an earlier export and nothing else."""
     if not path.is_dir() or path.is_symlink():
@@ -260,9 +220,8 @@ def _is_export(path: Path) -> bool:
 
 
 def write_folder(out: str | Path, fill: Callable[[Path], None]) -> None:
-    """Create folder ``out`` atomically: ``fill`` writes into a temporary sibling, which is renamed into place once
-    complete (an earlier export there is replaced; anything else there is refused, never removed). On failure
-    nothing is left but what was there before."""
+    """Create folder ``out`` atomically: ``fill`` writes into a temporary sibling, renamed into place once complete
+    (replacing an earlier export; anything else there is refused). On failure nothing is left but what was there."""
     out = Path(out)
     if out.exists() and not _is_export(out):
         raise PapaError(f"{out} exists and is not a papa export; give another --out, or remove it")
@@ -298,21 +257,17 @@ def _timm_data_config(spec: dict) -> dict:
 
 
 def save(module: nn.Module, spec: dict, out: str | Path) -> None:
-    """Write ``module`` (of ``spec``'s architecture, plus the biases ``spec['biases']['kept']`` names) with its
-    description and model card as an export folder ``out`` (``write_folder``). The tensors are first loaded into
-    a freshly built network of the architecture with ``strict=True``: what is written is what loads."""
+    """Write ``module`` (``spec``'s architecture plus the biases ``spec['biases']['kept']`` names), its description
+    and model card as export folder ``out``. The tensors go through a fresh network of the architecture with
+    ``strict=True``: what is written is what loads."""
     from safetensors.torch import save_file
-
     state = module.state_dict()
-    stock = architecture(spec)
-    add_biases(stock, spec["biases"]["kept"], state)
-    stock.to(_dtype(state))
+    stock = add_biases(architecture(spec), spec["biases"]["kept"], state).to(_dtype(state))
     stock.load_state_dict(state, strict=True)
 
     def fill(tmp: Path) -> None:
         if spec["model"].startswith(TIMM_PREFIX):
             from timm.models import save_for_hf
-
             try:
                 save_for_hf(stock, str(tmp), model_config={"papa": spec, "label_names": spec["classes"]},
                             safe_serialization=True, data_config=_timm_data_config(spec))
@@ -328,17 +283,16 @@ def save(module: nn.Module, spec: dict, out: str | Path) -> None:
 
 
 def export(run_dir: str | Path, out: str | Path, soup: str | None = None, member: int | None = None) -> dict:
-    """``papa export``: soup ``soup`` (default the REPAIRed greedy soup) or member ``member`` of a run as an export
-    folder ``out`` (see the module docstring). Returns the network's description (config.json's ``papa`` part)."""
+    """``papa export``: soup ``soup`` (default SOUP) or member ``member`` of a run as export folder ``out``. Returns
+    the network's description (config.json's ``papa`` part)."""
     module, spec = network(read_run(run_dir), soup, member)
     save(module, spec, out)
     return spec
 
 
-# reading an export back ------------------------------------------------------------------------------------------
 def add_biases(model: nn.Module, layers: list[str], state: dict[str, torch.Tensor]) -> nn.Module:
-    """Give each of ``layers`` (bias-free in ``model``'s architecture) a bias shaped as in ``state``, so that a state
-    keeping REPAIR's unfoldable biases loads with ``strict=True``."""
+    """Give each of ``layers`` (bias-free in ``model``) a bias shaped as in ``state``: a state keeping REPAIR's
+    unfoldable biases then loads with ``strict=True``."""
     for name in layers:
         try:
             layer = model.get_submodule(name)
@@ -365,27 +319,22 @@ def read_spec(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """The network of an export folder (``papa export``) as an ``nn.Module`` in eval mode on ``device``, its floating
-    tensors of ``dtype`` (default: as saved, float32 for what `papa export` writes): papa's own architectures from
-    the model name and kwargs in config.json, timm models through ``timm.create_model("local-dir:PATH")``; layers
-    keeping a bias REPAIR gave them get one; the weights load with ``strict=True``."""
+    """The network of an export folder as an ``nn.Module`` in eval mode on ``device``, its floating tensors of
+    ``dtype`` (default: as saved): papa's own architectures from config.json, timm models through
+    ``timm.create_model("local-dir:PATH")``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    path = Path(path)
-    spec = read_spec(path)
+    path, spec = Path(path), read_spec(path)
     try:
         state = load_file(str(path / WEIGHTS))
     except (OSError, SafetensorError) as e:
         raise PapaError(f"{path / WEIGHTS}: unreadable ({e})") from None
     if spec["model"].startswith(TIMM_PREFIX):
         import timm
-
         model = timm.create_model(f"local-dir:{path}", pretrained=False)
     else:
         model = architecture(spec)
-    add_biases(model, spec["biases"]["kept"], state)
-    model.to(dtype or _dtype(state))
+    add_biases(model, spec["biases"]["kept"], state).to(dtype or _dtype(state))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -1,7 +1,6 @@
-"""Atomic file output: a result appears under its final name only once it is complete, with the permissions
-the user's umask gives a new file (as ``open`` would), not mkstemp's private 0600. A write the file system
-refuses (full disk, quota, read-only) is an OSError naming the final path, which ``write_error`` turns into
-the one line the CLI prints. ``hold_lock``: an exclusive lock held while a process works in a directory."""
+"""File output: atomic writes (a result appears under its final name only once complete, with the permissions the
+umask gives, not mkstemp's 0600), the one line for a write the file system refuses (``write_error``), and
+``hold_lock``, an exclusive lock held while a process works in a directory."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from papa.errors import PapaError
@@ -29,14 +27,11 @@ def current_umask() -> int:
     return mask
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a unique temporary path beside ``path``; on success fsync it and rename it into place.
-
-    The temporary name is unique per call, so concurrent runs writing into one directory never share
-    a temporary file; on failure the temporary file is removed and ``path`` is left untouched. A failed system
-    call without a file name (a failed write(), as a full disk gives), naming the temporary file, or reported by
-    a writer in Rust (safetensors) is raised again as an OSError naming ``path``."""
+def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> None:
+    """``writer`` writes a unique temporary file beside ``path``, then fsynced and renamed into place; on failure
+    it is removed and ``path`` left untouched. A failed system call without a file name (a failed write(), as a
+    full disk gives), naming the temporary file, or reported by a writer in Rust (safetensors) is raised again as
+    an OSError naming ``path``."""
     path = Path(path)
     tmp = None
     try:
@@ -44,7 +39,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         tmp = Path(name)
-        yield tmp
+        writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())
@@ -60,17 +55,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def _os_error_code(e: BaseException) -> int | None:
-    """The errno of a failed system call: an OSError's, or the one a writer in Rust (safetensors) reports in its
-    own exception's message, as Rust's io::Error prints it: "... (os error 28)"."""
+    """An OSError's errno, or the one Rust's io::Error prints in a message: "... (os error 28)"."""
     if isinstance(e, OSError):
         return e.errno
     found = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, Exception) else None
     return int(found[1]) if found else None
-
-
-def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> None:
-    with atomic_path(path) as tmp:
-        writer(tmp)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -79,6 +68,13 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def need_file(path: Path, step: str) -> Path:
+    """``path``, or a PapaError naming the stage that writes it when it is missing."""
+    if not path.is_file():
+        raise PapaError(f"{path}: not found; run `{step}` on this run first")
+    return path
 
 
 def file_digest(path: str | Path) -> str:
@@ -97,25 +93,23 @@ def human_bytes(n: float) -> str:
     """``n`` bytes as ``0 B``, ``812 kB``, ``1.4 GB`` (powers of 1000)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 999.5 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" or n >= 99.5 else f"{n:.3g} {unit}"
+            break
         n /= 1000
-    raise AssertionError  # unreachable
+    return f"{n:.0f} {unit}" if unit == "B" or n >= 99.5 else f"{n:.3g} {unit}"
 
 
 def free_space(path: str | Path) -> int | None:
     """Bytes free for this user on the file system holding ``path`` (its nearest existing ancestor)."""
     path = Path(path).absolute()
     for folder in (path, *path.parents):
-        try:
+        with contextlib.suppress(OSError):
             return shutil.disk_usage(folder).free
-        except OSError:
-            continue
     return None
 
 
 def write_error(e: OSError) -> str | None:
-    """The one line for a write the file system refused (full disk, quota, file size limit, read-only,
-    permission), naming the path and, for the space errors, the space left; None for any other OSError."""
+    """The one line for a write the file system refused, naming the path and, for the space errors, the space
+    left; None for any other OSError."""
     reason = WRITE_ERRORS.get(e.errno)
     if reason is None:
         return None
@@ -128,12 +122,11 @@ def write_error(e: OSError) -> str | None:
 
 
 # one process at a time ----------------------------------------------------------------------------------
-@contextmanager
+@contextlib.contextmanager
 def hold_lock(path: str | Path, busy: str) -> Iterator[None]:
-    """Hold an exclusive lock (flock) on the file ``path`` while the block runs, with this process's id and host
-    written in it; the file goes when the block ends (and the folder holding it, when this call made it and it
-    is still empty). Another holder makes a PapaError: ``busy`` with ``{holder}`` filled in. The kernel drops
-    the lock when its holder exits, however it exits, so a lock file left by a killed process blocks nothing."""
+    """Hold an exclusive flock on the file ``path`` (holding this process's id and host) while the block runs; the
+    file goes when the block ends (and its folder, when this call made it and it is empty). Another holder makes a
+    PapaError: ``busy`` with ``{holder}`` filled in. The kernel drops the lock when its holder exits."""
     path = Path(path)
     made = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,18 +138,15 @@ def hold_lock(path: str | Path, busy: str) -> Iterator[None]:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise PapaError(busy.format(holder=holder)) from None
-        try:  # locked; still the file at ``path``, or one its holder removed as it finished? then try again
+        # locked; still the file at ``path``, or one its holder removed as it finished? then try again
+        with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
-        except FileNotFoundError:
-            pass
         os.close(fd)
     try:
-        try:  # who holds it, for the message above (the lock itself needs no room on the disk)
+        with contextlib.suppress(OSError):  # who holds it, for the message above (the lock needs no disk space)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        except OSError:
-            pass
         yield
     finally:
         path.unlink(missing_ok=True)  # while still locked: a process waiting on this file then tries again
