@@ -1,9 +1,6 @@
-"""Training-step throughput of a population: ``papa bench`` measures one engine on synthetic data.
-
-A step is what the trainer does per batch: forward and backward of every member (the engine) and one
-SGD step over the stacked parameters. Data are random images of the model's input shape with soft
-targets, made once on the device, so the numbers measure the model and engine, not data loading.
-"""
+"""``papa bench``: training-step throughput of a population with one engine. A step is the trainer's per batch
+(forward and backward of every member, one SGD step over the stacked parameters), on random images and soft
+targets made once on the device: the numbers measure the model and engine, not data loading."""
 
 from __future__ import annotations
 
@@ -21,28 +18,23 @@ from papa.io import write_text
 from papa.models import create_model
 from papa.population import Population
 
+# (channels, height, width) of models not made for 3x32x32 CIFAR images (the default)
 INPUT_SHAPES = {"digits_cnn": (1, 8, 8), "logreg": (1, 8, 8), "resnet50": (3, 224, 224)}
-"""(channels, height, width) of models not made for 3x32x32 CIFAR images (the default)."""
 
-BF16_PEAK_TFLOPS = {
-    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0,
-    "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
-}
-"""Dense bf16 tensor-core peaks (TFLOP/s per GPU, no sparsity) from NVIDIA's data sheets, matched as
-substrings of the CUDA device name in this order (an unqualified "H100" or "H200" is the SXM part, "GH200"
-matches "H200"). Any other device's peak is unknown (None): no fraction is reported rather than a guess."""
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0}
+"""Dense bf16 tensor-core peaks (TFLOP/s per GPU) from NVIDIA's data sheets, matched as substrings of the device
+name in this order (an unqualified "H100" or "H200" is the SXM part). Other devices: None, not a guess."""
 
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model from /proc/cpuinfo (the processor string elsewhere)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
@@ -53,7 +45,6 @@ def bf16_peak_tflops(name: str) -> float | None:
 def gflop_per_image(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
     """Forward + backward GFLOP of one image, counted by torch's FLOP counter on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
-
     m = copy.deepcopy(model).to("meta").train()
     x = torch.empty(2, *shape, device="meta")
     with FlopCounterMode(display=False) as counter:
@@ -66,16 +57,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
-"""Host-side calls that launch one GPU kernel each, as the profiler names them."""
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")  # one kernel each
 
 
 def profile_step(step, device: torch.device, rows: int = 30) -> tuple[str, dict]:
-    """One call of ``step`` under torch's profiler: the kernel table (operators and, on a GPU, its kernels,
-    the most device time first, CPU time on a CPU) and a summary of kernel launches and device-busy time."""
+    """One call of ``step`` under torch's profiler: the kernel table (the most device time first, CPU time on a
+    CPU) and a summary of kernel launches and device-busy time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
     _sync(device)
     start = time.perf_counter()
@@ -106,14 +95,11 @@ def _timed(fn, device: torch.device, calls: int) -> tuple[float, float]:
 
 
 def run(*args, threads: int | None = None, **kwargs) -> dict:
-    """Time ``repeats`` blocks of ``steps`` training steps (after ``warmup`` untimed ones) and a PAPA push,
-    with ``threads`` CPU threads (restored afterwards); with ``profile`` (a file), one more step runs under
-    torch's profiler and its kernel table is written there.
-
-    Returns a flat dict of the settings and measurements; ``step_ms`` is the fastest block's mean step,
-    the usual estimate on a shared machine where other work only ever slows a block down. ``cpu_ms`` is
-    the process CPU time per step (all threads): with one thread it hardly moves when other processes
-    compete for the cores, so it is the steadier figure for comparing engines on a busy machine."""
+    """Time ``repeats`` blocks of ``steps`` training steps (after ``warmup`` untimed ones) and a PAPA push, with
+    ``threads`` CPU threads (restored afterwards); with ``profile`` (a file), one more step runs under torch's
+    profiler and its kernel table is written there. Returns a flat dict of settings and measurements:
+    ``step_ms`` is the fastest block's mean step (other work only slows a block down), ``cpu_ms`` the process
+    CPU time per step, the steadier figure on a busy machine."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -131,17 +117,12 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
                        "cpu" if device == "auto" else device)
     shape = INPUT_SHAPES.get(model, (3, 32, 32))
     torch.manual_seed(seed)
-
     model_kwargs = dict(model_kwargs or {})
-
-    def factory():
-        return create_model(model, num_classes=num_classes, in_channels=shape[0], **model_kwargs)
-
-    pop = Population.from_factory(factory, population, seed=seed).to(dev).train()
+    pop = Population.from_factory(lambda: create_model(model, num_classes=num_classes, in_channels=shape[0],
+                                                       **model_kwargs), population, seed=seed).to(dev).train()
     for t in pop.params.values():
         t.requires_grad_(t.is_floating_point())
-    params = list(pop.params.values())
-    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(list(pop.params.values()), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     member_gflop = forward_gflop(pop.template, pop.member_tensors(0), shape) * batch_size
     analytic = analytic_allowed(engine, pop.template, precision == "fp32", compile)
     name = choose_engine(engine, dev, population, member_gflop, analytic)
@@ -172,27 +153,24 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
     step_s, cpu_s = blocks[0], min(cpu for _, cpu in timings)
     push_s = min(_timed(lambda: averaging.push_toward_average_(pop, 0.99), dev, 5)[0] for _ in range(repeats))
     flop = gflop_per_image(pop.template, shape)
-    profiled = {}
+    name_dev, profiled = device_name(dev), {}
     if profile is not None:
         table, profiled = profile_step(step, dev)
         head = (f"{model} p={population} batch={batch_size} {name} {precision} compile={compile} "
-                f"channels_last={channels_last} on {device_name(dev)}: one step {profiled['profile_wall_ms']:.2f} ms, "
+                f"channels_last={channels_last} on {name_dev}: one step {profiled['profile_wall_ms']:.2f} ms, "
                 f"{profiled['profile_launches']} kernel launches, device busy {profiled['profile_device_ms']:.2f} ms")
         write_text(profile, f"{head}\n{table}\n")
     images_per_second = population * batch_size / step_s
-    name_dev = device_name(dev)
     peak = bf16_peak_tflops(name_dev) if dev.type == "cuda" else None
     tflops = flop * images_per_second / 1e3
     return {
         "model": model, "model_kwargs": model_kwargs, "engine": name, "engine_requested": engine,
-        "population": population,
-        "batch_size": batch_size, "steps": steps, "warmup": warmup, "repeats": repeats, "device": dev.type,
-        "device_name": name_dev, "precision": precision, "compile": compile, "channels_last": channels_last,
-        "threads": torch.get_num_threads(), "images_per_second": round(images_per_second, 1),
-        "step_ms": round(step_s * 1e3, 3), "step_ms_median": round(blocks[len(blocks) // 2] * 1e3, 3),
-        "cpu_ms": round(cpu_s * 1e3, 3),
-        "averaging_ms": round(push_s * 1e3, 3),
-        "averaging_fraction_every10": round(push_s / (10 * step_s), 5),
+        "population": population, "batch_size": batch_size, "steps": steps, "warmup": warmup, "repeats": repeats,
+        "device": dev.type, "device_name": name_dev, "precision": precision, "compile": compile,
+        "channels_last": channels_last, "threads": torch.get_num_threads(),
+        "images_per_second": round(images_per_second, 1), "step_ms": round(step_s * 1e3, 3),
+        "step_ms_median": round(blocks[len(blocks) // 2] * 1e3, 3), "cpu_ms": round(cpu_s * 1e3, 3),
+        "averaging_ms": round(push_s * 1e3, 3), "averaging_fraction_every10": round(push_s / (10 * step_s), 5),
         "warmup_s": round(warmup_s, 2), "gflop_per_image": float(f"{flop:.4g}"),
         "member_forward_gflop": float(f"{member_gflop:.4g}"), "tflops": round(tflops, 4),
         "bf16_peak_tflops": peak, "peak_fraction": round(tflops / peak, 4) if peak else None,

@@ -1,10 +1,10 @@
 """From a validated experiment config to the objects of a run: device, population, optimizer, learning-rate
-schedule, engine, member policies and the fixed-order data that REPAIR and alignment read. Stateless: each
-function reads the config keys it names and returns one object."""
+schedule, engine, member policies and the fixed-order data that REPAIR and alignment read."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -28,8 +28,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def repair_fusion(exp: dict) -> str:
-    """How the experiment's REPAIRs (averagings, soups, Table 5's) compute and fuse their correction
-    (papa.repair.FUSIONS): ``authors`` with ``fidelity.repair_fusion: authors``, else ``exact``."""
+    """How the experiment's REPAIRs (averagings, soups, Table 5's) fuse their correction (papa.repair.FUSIONS)."""
     return "authors" if fidelity.authors(exp, "repair_fusion") else "exact"
 
 
@@ -38,10 +37,8 @@ def build_population(exp: dict, splits, seed: int, members: list[int] | None = N
     m = exp["model"]
 
     def factory():
-        return create_model(
-            m["name"], num_classes=splits.num_classes, in_channels=splits.in_channels,
-            pretrained=m["pretrained"], fake_ok=exp.get("scale") == "smoke", **m["kwargs"],
-        )
+        return create_model(m["name"], num_classes=splits.num_classes, in_channels=splits.in_channels,
+                            pretrained=m["pretrained"], fake_ok=exp.get("scale") == "smoke", **m["kwargs"])
 
     p = exp["population"]
     pop = Population.from_factory(factory, p["size"], seed=seed, same_init=p["same_init"], members=members)
@@ -54,28 +51,22 @@ def build_optimizer(exp: dict, pop: Population) -> torch.optim.Optimizer:
     o = exp["train"]["optimizer"]
     params = pop.parameters()
     if o["name"] == "sgd":
-        return torch.optim.SGD(
-            params, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0,
-            weight_decay=o["weight_decay"],
-        )
+        return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"],
+                               nesterov=o["nesterov"] and o["momentum"] > 0, weight_decay=o["weight_decay"])
     return torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
 
 
 def build_engine(exp: dict, device: torch.device, pop: Population, splits) -> Engine:
-    """``train.engine`` with its speed options, ``auto`` resolved by papa.engines.choose_engine for the device,
-    the population size, whether the analytic engine can train the model (logistic regression in fp32, not
-    compiled: train.compile compiles the autograd engines' step) and, when the choice depends on it, the work
-    of one member's step: the forward GFLOP of one image of the dataset's input size (on member 0's tensors)
-    times the batch size."""
+    """``train.engine`` with its speed options, ``auto`` resolved by papa.engines.choose_engine; the work of one
+    member's step (forward GFLOP of one image times the batch size) is measured only when the choice depends on it."""
     t = exp["train"]
     analytic = analytic_allowed(t["engine"], pop.template, build_precision(exp, device)[0] is None, t["compile"])
+    choose = partial(choose_engine, t["engine"], device, pop.size)
     work = None
-    if choose_engine(t["engine"], device, pop.size, 0.0, analytic) != choose_engine(t["engine"], device, pop.size,
-                                                                                     math.inf, analytic):
+    if choose(0.0, analytic) != choose(math.inf, analytic):
         shape = (splits.in_channels, splits.image_size, splits.image_size)
         work = forward_gflop(pop.template, pop.member_tensors(0), shape) * t["batch_size"]
-    return Engine(choose_engine(t["engine"], device, pop.size, work, analytic), compile=t["compile"],
-                  channels_last=t["channels_last"])
+    return Engine(choose(work, analytic), compile=t["compile"], channels_last=t["channels_last"])
 
 
 def build_precision(exp: dict, device: torch.device) -> tuple[torch.dtype | None, PopulationScaler | None]:
@@ -93,11 +84,9 @@ def build_precision(exp: dict, device: torch.device) -> tuple[torch.dtype | None
 
 # the learning-rate schedule ------------------------------------------------------------------------
 def lr_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based), updated every step (Algorithm 1).
-
-    With ``train.swa`` the regular schedule (still defined over ``train.epochs``) stops at the SWA start;
-    from there SWALR's annealing, once per epoch, takes the rate to the SWA rate over ``anneal_epochs``
-    epochs (linearly or with a half cosine), then holds it there."""
+    """Learning-rate multiplier at optimizer step ``step`` (0-based), updated every step (Algorithm 1). With
+    ``train.swa`` the regular schedule stops at the SWA start; from there SWALR's annealing, once per epoch,
+    takes the rate to the SWA rate over ``anneal_epochs`` epochs (linearly or with a half cosine), then holds it."""
     start = swa_start_epoch(exp)
     if start is None or step < start * steps_per_epoch:
         return schedule_factor(exp, step, steps_per_epoch)
@@ -111,11 +100,8 @@ def lr_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
 
 
 def schedule_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
-    """The regular schedule's learning-rate multiplier at optimizer step ``step``."""
-    s = exp["train"]["schedule"]
-    epochs, lr0 = exp["train"]["epochs"], exp["train"]["optimizer"]["lr"]
-    total = epochs * steps_per_epoch
-    floor = s["lr_min"] / lr0
+    s, epochs = exp["train"]["schedule"], exp["train"]["epochs"]
+    total, floor = epochs * steps_per_epoch, s["lr_min"] / exp["train"]["optimizer"]["lr"]
     if s["name"] == "constant":
         return 1.0
     if s["name"] == "multistep":
@@ -133,7 +119,7 @@ def schedule_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
 
 # members and data ------------------------------------------------------------------------------------
 def member_policies(exp: dict, seed: int) -> list[Policy]:
-    """Every member's augmentation and regularization: listed (``augment.members``), or drawn from the grid."""
+    """Every member's augmentation and regularization: listed (``augment.members``) or drawn from the grid."""
     a, p = exp["augment"], exp["population"]["size"]
     base = {"crop_padding": a["crop_padding"], "flip": a["flip"]}
     if a["members"] is not None:
@@ -150,8 +136,7 @@ def member_policies(exp: dict, seed: int) -> list[Policy]:
 
 def build_stream(exp: dict, splits, split: dict, policies: list[Policy], seed: int, device,
                  members: list[int]) -> MemberStream | FolderStream | PatchStream:
-    """The training batches of ``members``: each member's own data order and augmentation (``policies``), the
-    regularization redrawn every batch with ``augment.per_batch``."""
+    """The training batches of ``members``, each with its own data order and augmentation (``policies``)."""
     t, a = exp["train"], exp["augment"]
     if splits.kind != "segmentation" and len(split["train"]) < t["batch_size"]:
         raise PapaError(f"train.batch_size {t['batch_size']} exceeds the {len(split['train'])} training images")
@@ -161,13 +146,12 @@ def build_stream(exp: dict, splits, split: dict, policies: list[Policy], seed: i
 
 
 def loader_options(exp: dict, splits) -> dict:
-    """Stream and batch options of the dataset's kind: DataLoader workers for ImageFolder data."""
+    """DataLoader workers for ImageFolder data."""
     return {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
 
 
 def fixed_batches(exp: dict, splits, dataset, indices, device):
-    """Unaugmented batches of ``dataset``'s ``indices`` in a fixed order: a callable as REPAIR and
-    papa.alignment take."""
+    """Unaugmented batches of ``dataset``'s ``indices`` in a fixed order, as REPAIR and papa.alignment take them."""
     bs, options = exp["train"]["eval_batch_size"], loader_options(exp, splits)
     return lambda _member, _gen: eval_batches(dataset, indices, bs, device, **options)
 

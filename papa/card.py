@@ -19,13 +19,10 @@ BIBTEX = """@article{jolicoeurmartineau2024papa,
   year    = {2024},
   url     = {https://openreview.net/forum?id=cPDVjsOytS}
 }"""
-"""The paper to cite (CITATION.cff's preferred citation, as the README gives it)."""
 
 SOUP_NAMES = {"avg_soup": "average soup", "greedy_soup": "greedy soup"}
-PIXELS = {
-    "digits": "scikit-learn's 8x8 digits (`sklearn.datasets.load_digits`), values 0-16 divided by 16",
-}
-"""How a dataset's raw values become the [0, 1] pixels the normalization applies to, where it is not 8 bits / 255."""
+# how a dataset's raw values become the [0, 1] pixels the normalization applies to, where it is not 8 bits / 255
+PIXELS = {"digits": "scikit-learn's 8x8 digits (`sklearn.datasets.load_digits`), values 0-16 divided by 16"}
 
 
 def network_name(n: dict) -> str:
@@ -38,13 +35,12 @@ def network_name(n: dict) -> str:
 
 def _license(spec: dict) -> str:
     """The project's license for a network trained from scratch; for one fine-tuned from timm's pretrained weights,
-    those weights' license (timm's pretrained config), else 'other'."""
+    theirs (timm's pretrained config); else 'other'."""
     pretrained = spec["config"]["model"].get("pretrained")
     if pretrained is None:
         return PROJECT_LICENSE
     if str(pretrained) == "timm" and spec["model"].startswith(TIMM_PREFIX):
         from papa.models.pretrained import timm_pretrained_cfg
-
         cfg = timm_pretrained_cfg(spec["model"].removeprefix(TIMM_PREFIX))
         return getattr(cfg, "license", None) or "other"
     return "other"
@@ -57,12 +53,8 @@ def front_matter(spec: dict) -> dict:
     tags = ["papa", "model-soup", "weight-averaging", i["dataset"], n["variant"]]
     if n["repaired"]:
         tags.append("repair")
-    matter = {
-        "library_name": "timm" if spec["model"].startswith(TIMM_PREFIX) else "pytorch",
-        "license": _license(spec),
-        "pipeline_tag": task,
-        "tags": list(dict.fromkeys(tags)),
-    }
+    matter = {"library_name": "timm" if spec["model"].startswith(TIMM_PREFIX) else "pytorch",
+              "license": _license(spec), "pipeline_tag": task, "tags": list(dict.fromkeys(tags))}
     if n["test_accuracy"] is not None:
         matter["model-index"] = [{"name": name, "results": [{
             "task": {"type": task},

@@ -4,17 +4,15 @@ MAX_CHARS = 1000
 
 
 def one_line(text: str, limit: int = MAX_CHARS) -> str:
-    """``text`` as one printable line: every run of whitespace (newlines included) becomes one space, other
-    control characters are escaped, and an overlong text is cut with an ellipsis. Messages quote what they
-    failed to parse, which for a corrupt file can be arbitrary bytes."""
+    """``text`` as one printable line: whitespace runs become one space, other control characters are escaped and
+    an overlong text is cut with an ellipsis (messages may quote a corrupt file's bytes)."""
     flat = " ".join(text.split())
     flat = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in flat)
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 class PapaError(Exception):
-    """Bad input (config, data, checkpoint): the CLI prints the message alone, on one line, and exits
-    with ``status``."""
+    """Bad input (config, data, checkpoint): the CLI prints the message alone, on one line, and exits ``status``."""
 
     status = 2
 
@@ -23,7 +21,6 @@ class PapaError(Exception):
 
 
 class DiskError(PapaError):
-    """The file system cannot take what a command must write (a full disk, a quota, a read-only file system):
-    not bad input, so another exit status."""
+    """The file system cannot take what a command must write (full disk, quota, read-only): another exit status."""
 
     status = 4

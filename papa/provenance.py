@@ -1,9 +1,10 @@
-"""The code version every output records (population, soups, metrics, similarity, the tables' CSV), so that a
-number can be followed to the code that made it: the git commit and whether ``CODE`` had changes, when papa runs
-from a checkout; the package version otherwise. No torch: the tables' renderer reads it too."""
+"""The code version every output records, so that a number can be followed to the code that made it: the git
+commit and whether ``CODE`` had changes from a checkout, the package version otherwise. No torch (the tables'
+renderer reads it)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -16,17 +17,15 @@ CODE = ("papa", "workflow", "pyproject.toml", "uv.lock")  # what makes a result;
 
 @cache
 def code_version() -> dict:
-    """``{"commit": <sha>, "changed": <bool>}`` from a git checkout (git runs once per process; without git, or
-    should it fail or hang, the package version: provenance never stops a run), else ``{"version": <papa's>}``."""
+    """``{"commit": <sha>, "changed": <bool>}`` from a git checkout, else (or should git fail or hang: provenance
+    never stops a run) ``{"version": <papa's>}``."""
     if (CHECKOUT / ".git").exists():
         git = ["git", "--no-optional-locks", "-C", str(CHECKOUT)]  # no index lock: jobs run side by side
-        try:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
             head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
             status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", *CODE],
                                     capture_output=True, text=True, timeout=10, check=True)
             return {"commit": head.stdout.strip(), "changed": bool(status.stdout.strip())}
-        except (OSError, subprocess.SubprocessError):
-            pass
     return {"version": __version__}
 
 
