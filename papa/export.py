@@ -94,8 +94,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
 
 
 def run_spec(files: RunFiles) -> dict:
-    """A run's model name, kwargs and ``input_spec``: from the population's metadata, or from the dataset for a
-    run trained before that recorded them."""
+    """A run's model, kwargs and ``input_spec`` (from the dataset for a run whose metadata lacks them)."""
     exp, meta = files.exp, files.meta
     if "input" in meta and "classes" in meta:
         data = {"input": meta["input"], "classes": meta["classes"]}
@@ -283,16 +282,14 @@ def save(module: nn.Module, spec: dict, out: str | Path) -> None:
 
 
 def export(run_dir: str | Path, out: str | Path, soup: str | None = None, member: int | None = None) -> dict:
-    """``papa export``: soup ``soup`` (default SOUP) or member ``member`` of a run as export folder ``out``. Returns
-    the network's description (config.json's ``papa`` part)."""
+    """``papa export``: soup ``soup`` (default SOUP) or member ``member`` as folder ``out``; config.json's ``papa``."""
     module, spec = network(read_run(run_dir), soup, member)
     save(module, spec, out)
     return spec
 
 
 def add_biases(model: nn.Module, layers: list[str], state: dict[str, torch.Tensor]) -> nn.Module:
-    """Give each of ``layers`` (bias-free in ``model``) a bias shaped as in ``state``: a state keeping REPAIR's
-    unfoldable biases then loads with ``strict=True``."""
+    """Give each of ``layers`` (bias-free in ``model``) a bias shaped as in ``state``: ``state`` then loads strictly."""
     for name in layers:
         try:
             layer = model.get_submodule(name)
