@@ -1,8 +1,5 @@
-"""Model factory: ``create_model(name, num_classes)`` looks the name up in one registry.
-
-Names starting with ``timm/`` build any timm architecture (randomly initialized); the others are the
-architectures of the paper, registered by the modules imported below.
-"""
+"""Model factory: ``create_model(name, num_classes)`` looks the name up in one registry, filled by the modules
+imported below with the architectures of the paper; names starting with ``timm/`` build any timm architecture."""
 
 import inspect
 from pathlib import Path
@@ -25,11 +22,9 @@ def available_models() -> list[str]:
 
 
 def _timm_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
-    # imported here: timm (with torchvision) adds seconds to every CLI start that never uses it
-    import timm
+    import timm  # here: timm (with torchvision) adds seconds to every CLI start that never uses it
 
-    # checked up front: timm's own error is a RuntimeError that would look like a crash
-    if not timm.is_model(name):
+    if not timm.is_model(name):  # checked up front: timm's own error is a RuntimeError that looks like a crash
         raise PapaError(f"unknown timm model {name!r} (see timm.list_models())")
     try:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
@@ -43,27 +38,22 @@ def create_model(
 ) -> nn.Module:
     """Build model ``name`` giving logits of shape (N, num_classes) for ``in_channels``-channel images.
 
-    ``kwargs`` go to the architecture (e.g. ``width`` for ``digits_cnn``); ``pretrained`` is an optional
-    local safetensors file to warm-start from, or ``timm`` for a timm model's weights in the local Hugging
-    Face hub cache (see ``load_pretrained``; ``fake_ok``: no warning for ``papa fake-data`` weights, at smoke
-    scale). Bad names, arguments or weights raise ``PapaError``.
+    ``kwargs`` go to the architecture (e.g. ``width`` for ``digits_cnn``); ``pretrained``: warm-start from a local
+    safetensors file or, with ``timm``, the local Hugging Face hub cache (``load_pretrained``; ``fake_ok``: no
+    warning for ``papa fake-data`` weights, at smoke scale). Bad names, arguments or weights raise ``PapaError``.
     """
-    if name.startswith(TIMM_PREFIX):
-        factory = _timm_model
-        args = (name.removeprefix(TIMM_PREFIX), num_classes, in_channels)
+    timm_name = name.removeprefix(TIMM_PREFIX) if name.startswith(TIMM_PREFIX) else None
+    if timm_name is not None:
+        model = _timm_model(timm_name, num_classes, in_channels, **kwargs)
     elif name in MODELS:
-        factory = MODELS[name]
-        args = (num_classes, in_channels)
-        # a misspelled option in a config should be reported, not surface as a TypeError traceback
-        try:
-            inspect.signature(factory).bind(*args, **kwargs)
+        try:  # a misspelled option in a config is reported, not a TypeError traceback
+            inspect.signature(MODELS[name]).bind(num_classes, in_channels, **kwargs)
         except TypeError as err:
             raise PapaError(f"model {name!r}: {err}") from err
+        model = MODELS[name](num_classes, in_channels, **kwargs)
     else:
         known = ", ".join(available_models())
         raise PapaError(f"unknown model {name!r}; available: {known}, or timm/<name> for any timm model")
-    model = factory(*args, **kwargs)
     if pretrained is not None:
-        timm_name = name.removeprefix(TIMM_PREFIX) if name.startswith(TIMM_PREFIX) else None
         load_pretrained(model, pretrained, timm_name, fake_ok=fake_ok)
     return model

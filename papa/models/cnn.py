@@ -5,12 +5,10 @@ from torch import Tensor, nn
 from papa.models.registry import register
 
 
+@register("digits_cnn")
 class DigitsCNN(nn.Module):
-    """conv3x3(w) -> BN -> ReLU -> conv3x3(2w) -> BN -> ReLU -> maxpool 2 -> linear.
-
-    Both convolutions keep the spatial size, so the classifier sees ``2w x (s/2) x (s/2)`` features
-    (about 29k parameters for w=32 on 8x8 images): digits are small enough to keep positions.
-    """
+    """conv3x3(w) -> BN -> ReLU -> conv3x3(2w) -> BN -> ReLU -> maxpool 2 -> linear on all ``2w x (s/2) x (s/2)``
+    features (about 29k parameters for w=32 on 8x8 images): digits are small enough to keep positions."""
 
     def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, image_size: int = 8):
         super().__init__()
@@ -27,8 +25,3 @@ class DigitsCNN(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.pool(self.relu(self.bn2(self.conv2(x))))
         return self.linear(x.flatten(1))
-
-
-@register("digits_cnn")
-def digits_cnn(num_classes: int, in_channels: int = 1, width: int = 32, image_size: int = 8) -> DigitsCNN:
-    return DigitsCNN(num_classes, in_channels, width, image_size)

@@ -8,8 +8,7 @@ from papa.models.registry import register
 @register("resnet50")
 def resnet50(num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
     """torchvision's ResNet-50; extra keyword arguments (e.g. ``zero_init_residual``) go to torchvision."""
-    # imported here: torchvision adds seconds to every CLI start that never builds this model
-    import torchvision
+    import torchvision  # here: it adds seconds to every CLI start that never builds this model
 
     model = torchvision.models.resnet50(weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:

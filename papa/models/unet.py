@@ -1,11 +1,6 @@
-"""U-Net (Ronneberger et al., 2015) with BatchNorm, for the Vaihingen segmentation runs (paper A.1.3).
-
-Each level is two 3x3 conv-BN-ReLU; ``depth`` 2x2 max-pools on the way down, 2x2 transposed convolutions
-on the way up, skip connections concatenated, a 1x1 convolution to per-pixel logits (N, K, H, W). The
-convolutions are padded ("same"), and an input whose sides are not multiples of 2**depth is zero-padded
-(after normalization: the mean pixel) at the bottom and right and the logits cropped back, so whole tiles
-of any size go through in one forward pass.
-"""
+"""U-Net (Ronneberger et al., 2015) with BatchNorm, for the Vaihingen segmentation runs (paper A.1.3): per-pixel
+logits (N, K, H, W). Sides that are not multiples of 2**depth are zero-padded (after normalization: the mean pixel)
+at the bottom and right and the logits cropped back, so whole tiles of any size go through in one forward pass."""
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +10,11 @@ from papa.models.registry import register
 
 
 def double_conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-    )
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
 
+@register("unet")
 class UNet(nn.Module):
     """``width`` channels at full resolution, doubled at each of ``depth`` levels (64 and 4: the original)."""
 
@@ -44,16 +38,10 @@ class UNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         m = 2**self.depth
-        x = F.pad(x, (0, -w % m, 0, -h % m))
-        skips = [self.stem(x)]
+        skips = [self.stem(F.pad(x, (0, -w % m, 0, -h % m)))]
         for down in self.down:
             skips.append(down(skips[-1]))
         y = skips.pop()
         for up, merge in zip(self.up, self.merge, strict=True):
             y = merge(torch.cat([skips.pop(), up(y)], dim=-3))
         return self.head(y)[..., :h, :w]
-
-
-@register("unet")
-def unet(num_classes: int, in_channels: int = 3, width: int = 64, depth: int = 4) -> UNet:
-    return UNet(num_classes, in_channels, width, depth)
