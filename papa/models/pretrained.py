@@ -1,48 +1,37 @@
-"""Warm-starting a model from pretrained weights; nothing is ever downloaded.
-
-``pretrained`` is either a local safetensors file, or ``timm`` for a ``timm/<name>`` model: the
-``model.safetensors`` of the model's Hugging Face hub repository (its timm ``pretrained_cfg``) found in the
-local hub cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), the cache that
-``timm.create_model(name, pretrained=True)`` fills on a connected machine. Pickled ``.bin``/``.pth``
-weights are never loaded.
-"""
+"""Warm-starting a model from a local safetensors file, or (``timm``) from the ``model.safetensors`` of a timm
+model's Hugging Face hub repository in the local hub cache, which ``timm.create_model(name, pretrained=True)``
+fills on a connected machine. Nothing is ever downloaded, nothing pickled is loaded."""
 
 import os
 import sys
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from papa.errors import PapaError
 
-TIMM_CACHE = "timm"
-"""The ``model.pretrained`` value that loads a timm model's weights from the local Hugging Face hub cache."""
+TIMM_CACHE = "timm"  # the model.pretrained value for the hub cache
 HUB_FILE = "model.safetensors"
 FAKE_KEY = "papa_fake"  # safetensors metadata key marking the random weights `papa fake-data` writes
 
 
-def head_module(model: nn.Module) -> nn.Module:
-    """The classifier head: timm's ``get_classifier()``, else the last Linear."""
+def head_keys(model: nn.Module, kind: str = "state") -> list[str]:
+    """Names of the classifier head's state_dict entries (``kind='state'``) or of its parameters (``'params'``);
+    the head is timm's ``get_classifier()``, else the last Linear."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Module) or not list(head.parameters()):
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not linears:
             raise PapaError(f"{type(model).__name__} has no Linear classifier head")
         head = linears[-1]
-    return head
-
-
-def head_keys(model: nn.Module, kind: str = "state") -> list[str]:
-    """Names of the head's state_dict entries (``kind='state'``) or of its parameters (``'params'``)."""
-    head = head_module(model)
     prefix = next(n for n, m in model.named_modules() if m is head)
     names = head.state_dict().keys() if kind == "state" else (n for n, _ in head.named_parameters())
     return [f"{prefix}.{n}" if prefix else n for n in names]
 
 
-def _hub_cache() -> Path:
+def _hub_cache() -> Path:  # as huggingface_hub finds it, read when needed
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
     home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
@@ -60,8 +49,7 @@ def cached_timm_weights(name: str) -> Path:
     """The cached ``model.safetensors`` of timm model ``name``; PapaError naming what was looked for."""
     from huggingface_hub import try_to_load_from_cache
 
-    cfg = timm_pretrained_cfg(name)
-    repo = getattr(cfg, "hf_hub_id", None)
+    repo = getattr(timm_pretrained_cfg(name), "hf_hub_id", None)
     if not repo:
         raise PapaError(f"model.pretrained: timm: timm/{name} has no Hugging Face hub weights; export weights to a "
                         "safetensors file and set model.pretrained to its path")
@@ -78,10 +66,8 @@ _warned: set[Path] = set()
 
 
 def warn_if_fake(path: Path, fake_ok: bool) -> None:
-    """One warning line per process on stderr when ``path`` holds the random weights ``papa fake-data`` writes
-    (marked in its safetensors metadata) and the run is not at smoke scale (``fake_ok``)."""
-    from safetensors import safe_open
-
+    """One warning per process and file on stderr when ``path`` holds ``papa fake-data``'s random weights,
+    unless ``fake_ok`` (smoke scale)."""
     if fake_ok or path in _warned:
         return
     with safe_open(path, "pt") as f:
@@ -94,13 +80,12 @@ def warn_if_fake(path: Path, fake_ok: bool) -> None:
 
 def load_pretrained(model: nn.Module, source: str | Path, timm_name: str | None = None,
                     fake_ok: bool = False) -> nn.Module:
-    """Copy pretrained weights into ``model`` in place and return it.
+    """Copy pretrained weights from ``source`` (a safetensors file, or ``TIMM_CACHE`` with ``timm_name``) into
+    ``model`` in place and return it.
 
-    ``source`` is a safetensors file, or ``timm`` (``TIMM_CACHE``) with ``timm_name``, the timm model name.
     Every tensor outside the classifier head must be in the file with the model's shape and the file must hold
     nothing else, or a PapaError lists what does not fit. The head is loaded only when the file holds it with
-    the same shapes; otherwise (a new ``num_classes``) it keeps its fresh initialization. Fake weights (``papa
-    fake-data``) print a warning unless ``fake_ok`` (smoke scale).
+    the same shapes; otherwise (a new ``num_classes``) it keeps its fresh initialization.
     """
     if str(source) == TIMM_CACHE:
         if timm_name is None:
@@ -129,8 +114,7 @@ def load_pretrained(model: nn.Module, source: str | Path, timm_name: str | None 
         raise PapaError(f"pretrained weights {path} do not fit {type(model).__name__} outside its classifier head: "
                         f"{'; '.join(problems)}")
     keep = [k for k in own if k in head and k in weights and weights[k].shape == own[k].shape]
-    load_head = len(keep) == len(head)
-    model.load_state_dict({k: weights[k] for k in body + (keep if load_head else [])}, strict=False)
+    model.load_state_dict({k: weights[k] for k in body + (keep if len(keep) == len(head) else [])}, strict=False)
     return model
 
 

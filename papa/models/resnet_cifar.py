@@ -25,10 +25,9 @@ class ZeroPadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN pairs and a residual. When the shape changes, the shortcut is a 1x1 conv + BN
-    projection (He et al.'s option B, ``shortcut="projection"``): every tensor stays a plain conv/BN weight that
-    averaging and alignment handle alike. ``shortcut="zero-pad"`` is option A, the ResNet-20 of He et al.'s
-    CIFAR experiments, Cui et al.'s ESGD and the authors' code (models/resnet20.py)."""
+    """Two 3x3 conv-BN pairs and a residual. When the shape changes, the shortcut is a 1x1 conv + BN projection
+    (He et al.'s option B, ``"projection"``: plain weights that averaging and alignment handle alike) or option A
+    (``"zero-pad"``), as in He et al.'s CIFAR ResNet-20, Cui et al.'s ESGD and the authors' models/resnet20.py."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "projection"):
         super().__init__()
@@ -41,22 +40,18 @@ class BasicBlock(nn.Module):
         if (stride != 1 or in_planes != planes) and shortcut == "zero-pad":
             self.downsample = ZeroPadShortcut(in_planes, planes, stride)
         elif stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(planes))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class CifarResNet(nn.Module):
     """Stem conv3x3 + BN + ReLU, stages ``layer1..layerN`` (the first at stride 1, the others halving the
-    resolution), global average pool, linear ``fc``; names follow torchvision's ResNet. ``shortcut``: see
-    ``BasicBlock``; ``init``: PyTorch's default initialization, or ``kaiming`` (He normal, fan-in, on every conv
-    and linear weight, as the authors' ResNet-20 and Cui et al.)."""
+    resolution), global average pool, linear ``fc``; names follow torchvision's ResNet. ``init``: PyTorch's
+    default, or ``kaiming`` (He normal, fan-in, on every conv and linear weight, as the authors' ResNet-20)."""
 
     def __init__(self, blocks: list[int], widths: list[int], num_classes: int, in_channels: int = 3,
                  shortcut: str = "projection", init: str = "torch"):
@@ -70,8 +65,7 @@ class CifarResNet(nn.Module):
         in_planes = widths[0]
         for i, (count, planes) in enumerate(zip(blocks, widths, strict=True), start=1):
             first = BasicBlock(in_planes, planes, stride=1 if i == 1 else 2, shortcut=shortcut)
-            rest = [BasicBlock(planes, planes) for _ in range(count - 1)]
-            self.add_module(f"layer{i}", nn.Sequential(first, *rest))
+            self.add_module(f"layer{i}", nn.Sequential(first, *(BasicBlock(planes, planes) for _ in range(count - 1))))
             in_planes = planes
         self.num_stages = len(blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -88,10 +82,9 @@ class CifarResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
     def permutation_groups(self) -> list[PermGroup]:
-        """For alignment (papa.alignment). The residual stream is one group from the stem to the first
-        projection shortcut (stem conv/BN, every block's conv2/bn2, the blocks' conv1 inputs and the
-        projection's input), then one more per projection (its conv/BN, the stage's conv2/bn2 outputs, ... the
-        fc's input), matched on the stem's post-ReLU output and every block output together; each block's inner
+        """For alignment (papa.alignment). The residual stream is one group from the stem to the first projection,
+        then one per projection (their conv/BN outputs, the blocks' conv2/bn2 outputs and conv1 inputs, up to the
+        next projection's or the fc's input), matched on the post-ReLU stem and block outputs; each block's inner
         channels (conv1/bn1 out, conv2 in) are a group matched on post-ReLU bn1."""
         state, groups = self.state_dict(), []
         stream = GroupBuilder("stream:stem", self.conv1.out_channels, state)
@@ -110,8 +103,7 @@ class CifarResNet(nn.Module):
                 stream.consumed_by(f"{prefix}.conv1")
                 if isinstance(block.downsample, ZeroPadShortcut):
                     raise PapaError(f"{UNSUPPORTED} with projection shortcuts, not zero-padded ones ({prefix})")
-                if block.downsample is not None:
-                    ds = block.downsample
+                if (ds := block.downsample) is not None:
                     if not (len(ds) == 2 and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], nn.BatchNorm2d)):
                         raise PapaError(f"{UNSUPPORTED}: {prefix}.downsample is not a conv-BatchNorm projection")
                     stream.consumed_by(f"{prefix}.downsample.0")

@@ -25,12 +25,10 @@ class VGG(nn.Module):
             if item == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                conv = nn.Conv2d(channels, item, 3, padding=1, bias=False)
-                layers += [conv, nn.BatchNorm2d(item), nn.ReLU()]
+                layers += [nn.Conv2d(channels, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU()]
                 channels = item
         self.features = nn.Sequential(*layers)
-        # at 32x32 the map is already 1x1 here; pooling lets other sizes through unchanged
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(1)  # at 32x32 the map is already 1x1 here; other sizes get through
         self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -39,28 +37,21 @@ class VGG(nn.Module):
     def permutation_groups(self) -> list[PermGroup]:
         """For alignment (papa.alignment): one group per convolution (its output channels and BatchNorm, the
         next convolution's or the classifier's input channels), matched on its post-ReLU features."""
-        state, layers = self.state_dict(), list(self.features.named_children())
-        groups: list[PermGroup] = []
-        current: GroupBuilder | None = None
-        k = 0
-        while k < len(layers):
-            name, m = layers[k]
-            if isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
-                k += 1
+        state, groups, current = self.state_dict(), [], None
+        children = iter(self.features.named_children())
+        for name, conv in children:
+            if isinstance(conv, nn.MaxPool2d | nn.AvgPool2d):
                 continue
-            bn = layers[k + 1][1] if k + 1 < len(layers) else None
-            relu = layers[k + 2][1] if k + 2 < len(layers) else None
-            if not (isinstance(m, nn.Conv2d) and m.groups == 1 and isinstance(bn, nn.BatchNorm2d)
+            (bn_name, bn), (relu_name, relu) = next(children, ("", None)), next(children, ("", None))
+            if not (isinstance(conv, nn.Conv2d) and conv.groups == 1 and isinstance(bn, nn.BatchNorm2d)
                     and isinstance(relu, nn.ReLU)):
                 raise PapaError(f"{UNSUPPORTED}: VGG features.{name} is not a conv-BatchNorm-ReLU block")
-            conv, bn_name, relu_name = (f"features.{layers[k + d][0]}" for d in range(3))
             if current is not None:
-                current.consumed_by(conv)
+                current.consumed_by(f"features.{name}")
                 groups.append(current.build())
-            current = GroupBuilder(conv, m.out_channels, state)
-            current.produced_by(conv, bn_name)
-            current.taps.append(Tap(relu_name))  # post-ReLU features
-            k += 3
+            current = GroupBuilder(f"features.{name}", conv.out_channels, state)
+            current.produced_by(f"features.{name}", f"features.{bn_name}")
+            current.taps.append(Tap(f"features.{relu_name}"))  # post-ReLU features
         if current is None or not isinstance(self.classifier, nn.Linear):
             raise PapaError(f"{UNSUPPORTED}: VGG without convolutions or a linear classifier")
         current.consumed_by("classifier")
