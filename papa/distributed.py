@@ -1,20 +1,10 @@
 """Where a population's members live: all in this process (``Local``), or spread over the ranks of a
-torch.distributed job (``Distributed``, for `torchrun`). The averaging math is papa.averaging's in both
-cases; these classes only supply its communication (every member's mean, and the members that a mixing
-matrix's rows read) and gather scores, REPAIR moments and the final population.
-
-Under torchrun rank r holds the contiguous block ``block(p, world_size, r)`` of members. Communication is in
-tensors only (nothing is pickled):
-- The mean of every tensor over all p members: each rank sums its members' tensors into one flat buffer per
-  dtype (float64 for integer buffers), and one all-reduce makes it the sum over all p members.
-- The members a mixing matrix's rows read (PAPA-2, the weightings of Table 14): the matrix is the same on
-  every rank, so every rank knows which members each rank's rows need; each rank sends every peer the
-  members it needs from it as one byte buffer (all tensors of those members, bit-exact) in one batch of
-  point-to-point operations.
-- REPAIR moments, scores and the final population: fixed-size tensors, padded to the largest block,
-  gathered (all_gather; gather to rank 0 for the population).
-
-Scalar control messages (scores, the stop flag) go through a gloo group, so they never wait on a GPU.
+torch.distributed job (``Distributed``, for `torchrun`), rank r holding the contiguous ``block(p, world_size,
+r)``. The averaging math is papa.averaging's either way; these classes supply its communication and gather
+scores, REPAIR moments and the final population, in tensors only (nothing is pickled): every member's mean is
+one all-reduce of per-dtype flat sums (float64 for integer buffers); the members a mixing matrix's rows read
+(PAPA-2, Table 14; the matrix is the same on every rank) go point to point as one bit-exact byte buffer per
+peer; everything else is padded to the largest block and gathered.
 """
 
 from __future__ import annotations
@@ -48,18 +38,14 @@ def _check_world(world: int, p: int) -> None:
 
 
 class Local:
-    """The whole population in one process, on ``device``."""
+    """The whole population in one process, on ``device``; the interface that ``Distributed`` shares."""
 
-    rank, world_size = 0, 1
+    rank, world_size, is_main = 0, 1, True
 
     def __init__(self, p: int, device: torch.device | str = "cpu"):
         self.p = p
         self.members = list(range(p))
         self.device = torch.device(device)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def means(self, pop: Population) -> dict[str, Tensor]:
         """Every tensor's mean over all p members."""
@@ -67,16 +53,15 @@ class Local:
 
     def sources(self, pop: Population, matrix: Tensor) -> tuple[Tensor, Callable[[str], Tensor]]:
         """The rows of the p x p ``matrix`` for the members held here, over the members they read, and those
-        members' stacked tensors by name: here, the whole matrix and the population itself."""
-        tensors = pop.state_dict()
-        return matrix, tensors.__getitem__
+        members' stacked tensors by name."""
+        return matrix, pop.state_dict().__getitem__
 
     def all_moments(self, local: list) -> list:
-        """Every member's REPAIR moments, given those of the members held here."""
+        """Every member's REPAIR moments (layer -> (mean, std)), given those of the members held here."""
         return local
 
     def gather_scores(self, local: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        """Every member's (accuracy, loss), given those of the members held here (all ranks get all)."""
+        """Every member's (accuracy, loss) on every rank, given those of the members held here."""
         return local
 
     def gather_state(self, pop: Population) -> dict[str, Tensor] | None:
@@ -95,8 +80,7 @@ class Local:
 
 
 def from_env(p: int, device: str = "auto") -> Local | Distributed:
-    """``Distributed`` when launched by torchrun (WORLD_SIZE > 1), else ``Local``. ``device`` is the
-    config's train.device: CUDA means NCCL and one GPU per process, the CPU means gloo."""
+    """``Distributed`` when launched by torchrun (WORLD_SIZE > 1), else ``Local``; ``device``: train.device."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return Distributed.from_env(p, device)
     return Local(p, resolve_device(device))
@@ -120,8 +104,8 @@ class _Layout:
         if local:
             idx = torch.tensor(local, device=pop.device)
             for (*_, offset, nbytes), (_, t) in zip(self.slots, pop.tensors(), strict=True):
-                rows = t.index_select(0, idx).reshape(len(local), -1)
-                buf[: len(local), offset:offset + nbytes] = rows.view(torch.uint8)
+                flat = t.index_select(0, idx).reshape(len(local), -1)
+                buf[: len(local), offset:offset + nbytes] = flat.view(torch.uint8)
         return buf
 
     def unpack(self, buf: Tensor) -> dict[str, Tensor]:
@@ -132,15 +116,13 @@ class _Layout:
 
 
 class Distributed:
-    """The members of rank ``dist.get_rank()`` in a job of ``dist.get_world_size()`` processes.
-
-    Needs an initialized default process group (``from_env`` makes one); ``device`` is where this rank's
-    members live."""
+    """The members of rank ``dist.get_rank()`` in a job of ``dist.get_world_size()`` processes, on ``device``.
+    Needs an initialized default process group (``from_env`` makes one)."""
 
     def __init__(self, p: int, device: torch.device):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         _check_world(self.world_size, p)
-        self.p = p
+        self.p, self.is_main = p, self.rank == 0
         self.blocks = [block(p, self.world_size, r) for r in range(self.world_size)]
         self.members = self.blocks[self.rank]
         self.owner = [r for r, b in enumerate(self.blocks) for _ in b]
@@ -148,7 +130,8 @@ class Distributed:
         self.device = torch.device(device)
         nccl = dist.get_backend() == "nccl"
         self.comm_device = self.device if nccl else torch.device("cpu")
-        self.control = dist.new_group(backend="gloo") if nccl else None  # CPU scalars without a GPU sync
+        # scalar control messages are CPU tensors: through this gloo group under NCCL, else the default one
+        self.control = dist.new_group(backend="gloo") if nccl else None
 
     @classmethod
     def from_env(cls, p: int, device: str = "auto") -> Distributed:
@@ -171,14 +154,7 @@ class Distributed:
             dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
         return cls(p, dev)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    # what papa.averaging needs -----------------------------------------------------------------------
     def means(self, pop: Population) -> dict[str, Tensor]:
-        """Every tensor's mean over all p members: local sums, one all-reduce per dtype (float64 for
-        integer buffers)."""
         groups: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
         for name, t in pop.tensors():
             s = for_averaging(t).sum(0)
@@ -198,31 +174,24 @@ class Distributed:
 
     @torch.no_grad()
     def sources(self, pop: Population, matrix: Tensor) -> tuple[Tensor, Callable[[str], Tensor]]:
-        """The held members' rows of the p x p ``matrix`` (identical on every rank) over the members they
-        read, and those members' stacked tensors by name, fetched from the ranks that hold them."""
-        layout = _Layout(pop)
-        start = self.members[0]
-        needs = self._needs(matrix, self.rank)
-        ops, received = [], {}
+        layout, start, needs = _Layout(pop), self.members[0], self._needs(matrix, self.rank)
+        ops, received = [], []
         for peer in range(self.world_size):
             if peer == self.rank:
                 continue
-            give = [j - start for j in self._needs(matrix, peer) if self.owner[j] == self.rank]
-            if give:
+            if give := [j - start for j in self._needs(matrix, peer) if self.owner[j] == self.rank]:
                 ops.append(dist.P2POp(dist.isend, layout.pack(pop, give).to(self.comm_device), peer))
-            take = [j for j in needs if self.owner[j] == peer]
-            if take:
+            if take := [j for j in needs if self.owner[j] == peer]:
                 buf = torch.empty(len(take), layout.nbytes, dtype=torch.uint8, device=self.comm_device)
                 ops.append(dist.P2POp(dist.irecv, buf, peer))
-                received[peer] = (take, buf)
+                received.append((take, buf))
         if ops:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
         remote = {}  # global id -> that member's tensors
-        for take, buf in received.values():
+        for take, buf in received:
             views = layout.unpack(buf.to(pop.device))
-            for i, j in enumerate(take):
-                remote[j] = {name: v[i] for name, v in views.items()}
+            remote.update({j: {name: v[i] for name, v in views.items()} for i, j in enumerate(take)})
         held = pop.state_dict()
 
         def source(name: str) -> Tensor:
@@ -231,7 +200,6 @@ class Distributed:
 
         return matrix[self.members][:, needs], source
 
-    # gathering -------------------------------------------------------------------------------------
     def _all_gather_rows(self, rows: Tensor, group=None) -> list[Tensor]:
         """Each rank's (held members, ...) tensor, padded to the largest block for the collective."""
         padded = torch.zeros(self.most, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
@@ -241,7 +209,6 @@ class Distributed:
         return [o[: len(b)] for o, b in zip(out, self.blocks, strict=True)]
 
     def all_moments(self, local: list) -> list:
-        """Every member's REPAIR moments (layer -> (mean, std)), given those of the members held here."""
         names = list(local[0])
         shapes = [local[0][n][0].shape for n in names]
         home = local[0][names[0]][0].device
@@ -251,21 +218,16 @@ class Distributed:
         for rows in self._all_gather_rows(flat.to(self.comm_device)):
             for row in rows.to(home):
                 parts = iter(row.split([s.numel() for s in shapes for _ in range(2)]))
-                out.append({n: (next(parts).view(s), next(parts).view(s)) for n, s in zip(names, shapes,
-                                                                                          strict=True)})
+                out.append({n: (next(parts).view(s), next(parts).view(s)) for n, s in zip(names, shapes, strict=True)})
         return out
 
     def gather_scores(self, local: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        """Every member's (accuracy, loss) on every rank, in member order (float64: exact)."""
-        rows = torch.tensor(local, dtype=torch.float64).view(len(local), 2)
-        if self.control is None:
-            rows = rows.to(self.comm_device)
+        rows = torch.tensor(local, dtype=torch.float64).view(len(local), 2)  # float64: exact
         gathered = self._all_gather_rows(rows, group=self.control)
         return [(float(a), float(b)) for rows in gathered for a, b in rows.cpu().tolist()]
 
     @torch.no_grad()
     def gather_state(self, pop: Population) -> dict[str, Tensor] | None:
-        """The whole stacked population (bit-exact copies) on rank 0, None elsewhere."""
         layout = _Layout(pop)
         buf = layout.pack(pop, list(range(pop.size)), rows=self.most).to(self.comm_device)
         out = [torch.empty_like(buf) for _ in range(self.world_size)] if self.is_main else None
@@ -275,10 +237,8 @@ class Distributed:
         views = [layout.unpack(o[: len(b)]) for o, b in zip(out, self.blocks, strict=True)]
         return {name: torch.cat([v[name] for v in views]) for name, _ in pop.tensors()}
 
-    # control ---------------------------------------------------------------------------------------
     def anyone(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any rank (all ranks get the same answer)."""
-        t = torch.tensor([int(flag)], device="cpu" if self.control is not None else self.comm_device)
+        t = torch.tensor([int(flag)], device="cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
 
@@ -286,6 +246,5 @@ class Distributed:
         dist.barrier()
 
     def close(self) -> None:
-        """Leave the job (destroys the process groups)."""
         if dist.is_initialized():
             dist.destroy_process_group()
