@@ -43,9 +43,7 @@ class Local:
     rank, world_size, is_main = 0, 1, True
 
     def __init__(self, p: int, device: torch.device | str = "cpu"):
-        self.p = p
-        self.members = list(range(p))
-        self.device = torch.device(device)
+        self.p, self.members, self.device = p, list(range(p)), torch.device(device)
 
     def means(self, pop: Population) -> dict[str, Tensor]:
         """Every tensor's mean over all p members."""

@@ -80,13 +80,10 @@ def warn_if_fake(path: Path, fake_ok: bool) -> None:
 
 def load_pretrained(model: nn.Module, source: str | Path, timm_name: str | None = None,
                     fake_ok: bool = False) -> nn.Module:
-    """Copy pretrained weights from ``source`` (a safetensors file, or ``TIMM_CACHE`` with ``timm_name``) into
-    ``model`` in place and return it.
-
-    Every tensor outside the classifier head must be in the file with the model's shape and the file must hold
-    nothing else, or a PapaError lists what does not fit. The head is loaded only when the file holds it with
-    the same shapes; otherwise (a new ``num_classes``) it keeps its fresh initialization.
-    """
+    """Copy the weights of ``source`` (a safetensors file, or ``TIMM_CACHE`` with ``timm_name``) into ``model``, in
+    place. Every tensor outside the classifier head must be in the file with the model's shape, and nothing else,
+    or a PapaError lists what does not fit; the head is loaded only when it fits too (else, for a new
+    ``num_classes``, it keeps its fresh initialization)."""
     if str(source) == TIMM_CACHE:
         if timm_name is None:
             raise PapaError("model.pretrained: timm applies to timm/<name> models only")
