@@ -26,14 +26,12 @@ if TYPE_CHECKING:
 @cache
 def schema(name: str) -> dict:
     """A schema shipped with the package: 'config' or 'experiment'."""
-    text = resources.files("papa.schemas").joinpath(f"{name}.schema.yaml").read_text()
-    return yaml.safe_load(text)
+    return yaml.safe_load(resources.files("papa.schemas").joinpath(f"{name}.schema.yaml").read_text())
 
 
 def resolve(sch: dict, root: dict) -> dict:
-    """``sch`` with its local ``$ref`` (``#/a/b``; the schemas use no other kind) followed. Keys beside the
-    ``$ref`` are laid over its target, ``properties`` one property at a time: a variant's averaging block sets
-    its own defaults over the shared block of its unit."""
+    """``sch`` with its local ``$ref`` (``#/a/b``, the only kind) followed, the keys beside it laid over its target,
+    ``properties`` one by one (a variant's averaging block sets its defaults over its unit's shared block)."""
     if "$ref" not in sch:
         return sch
     target = root
@@ -47,10 +45,8 @@ def resolve(sch: dict, root: dict) -> dict:
 
 
 def fill_defaults(instance: Any, sch: dict, root: dict | None = None) -> Any:
-    """Write every missing property's ``default`` into ``instance``, in place and recursively (into the
-    defaults just written too), following ``properties``, ``additionalProperties``, ``items`` and local
-    ``$ref``s: where the schemas keep their defaults (tests/pipeline/test_gpu_script.py checks that no default lies
-    elsewhere). Nothing is checked here; ``validate`` does both."""
+    """Write every missing property's ``default`` into ``instance``, in place and recursively (into the defaults
+    just written too), following ``properties``, ``additionalProperties``, ``items`` and local ``$ref``s."""
     root = sch if root is None else root
     sch = resolve(sch, root)
     if isinstance(instance, dict):
@@ -83,10 +79,6 @@ def _validator_class():
     return jsonschema.Draft202012Validator
 
 
-def _key_path(error: jsonschema.ValidationError) -> str:
-    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
-
-
 def _message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
@@ -107,8 +99,8 @@ def _leaf(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
 
 
 def check_finite(instance: Any, key: str = "") -> None:
-    """Refuse NaN and infinity anywhere in a config (YAML's ``.nan``, ``.inf``): a JSON-schema bound never
-    refuses NaN (every comparison with it is false), and no setting means either."""
+    """Refuse NaN and infinity anywhere in a config (YAML's ``.nan``, ``.inf``): no setting means either, and a
+    JSON-schema bound never refuses NaN."""
     if isinstance(instance, float) and not math.isfinite(instance):
         raise PapaError(f"{key or '(top level)'}: {instance} is not a finite number")
     items = instance.items() if isinstance(instance, dict) else enumerate(instance) if isinstance(
@@ -126,12 +118,11 @@ def validate(instance: Any, name: str, where: str) -> Any:
         raise PapaError(f"{where}: {e}") from None
     fill_defaults(instance, sch)
     validator = _validator_class()
-    if validator is None:
-        return instance
-    errors = sorted(validator(sch).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator(sch).iter_errors(instance), key=lambda e: list(e.absolute_path)) if validator else []
     if errors:
         e = _leaf(errors[0])
-        raise PapaError(f"{where}: {_key_path(e)}: {_message(e)}")
+        key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise PapaError(f"{where}: {key}: {_message(e)}")
     return instance
 
 
@@ -170,12 +161,6 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _mapping(raw: Any, path: str | Path) -> dict:
-    if not isinstance(raw, dict):
-        raise PapaError(f"{path}: expected a mapping at the top level, found {type(raw).__name__}")
-    return raw
-
-
 def _yaml_leaves(value: Any) -> Any:
     """Snakemake reads a list or mapping given with ``--config`` with YAML's base loader, which leaves every
     leaf a string ('[1, 2]' -> ['1', '2']): read the leaves as YAML values."""
@@ -208,7 +193,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
 
 
 def _raw_config(path: str | Path, overrides: dict | None) -> dict:
-    raw = _mapping(load_yaml(path), path)
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise PapaError(f"{path}: expected a mapping at the top level, found {type(raw).__name__}")
     return with_overrides(raw, overrides, path) if overrides else raw
 
 
@@ -222,12 +209,9 @@ def _checked(raw: dict, path: str | Path) -> dict:
 
 
 def workflow_config(configfiles: list, overrides: dict) -> tuple[dict, str, dict[str, str]]:
-    """The config of a Snakemake run, the config file its report jobs read, and the files to write for them
-    ({path: text}; ``write_configs`` writes them once the run holds its lock, never in a dry run).
-
-    Exactly one config file (``--configfile``); ``overrides`` are Snakemake's ``--config KEY=VALUE`` (top-level
-    keys), validated like the file. Without overrides the jobs read the file itself. With them, they read the
-    file with the overrides written in: ``<results>/<file name>`` (at smoke scale ``<results>/smoke/...``)."""
+    """The config of a Snakemake run (one ``--configfile``, ``overrides`` from ``--config KEY=VALUE``), the config
+    file its report jobs read (the file itself, or with overrides ``<results>/<file name>`` with them written in),
+    and the files to write for them ({path: text}, for ``write_configs``)."""
     if len(configfiles) != 1:
         raise PapaError(f"give exactly one config file (--configfile FILE), found {len(configfiles)}")
     path = Path(configfiles[0])
@@ -247,12 +231,9 @@ REPORT_KEYS = ("description", "tables", "figures")
 
 
 def job_configs(configfiles: list, overrides: dict, config: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """{experiment: the config file its ``papa`` jobs read}, and the files to write for them ({path: text}, as
-    ``workflow_config``'s): ``<results>/<experiment>/config.yaml``, the config's top-level keys (with the
-    ``--config`` overrides written in) and that experiment alone. The path depends on the experiment, not on the
-    config file, so a run that several configs share (Table 1's in Tables 6-9 and 18) is not trained again when
-    another config names it: the workflow reruns a step when the experiment's settings change (its
-    ``settings`` param), not the file name."""
+    """{experiment: the config file its ``papa`` jobs read}, and the files to write for them ({path: text}):
+    ``<results>/<experiment>/config.yaml`` (a path of the experiment, not of the config file: a run several configs
+    share is trained once), the config's top-level keys (overrides written in) and that experiment alone."""
     path = Path(configfiles[0])
     raw = _raw_config(path, overrides)
     top = {k: v for k, v in raw.items() if k not in (*REPORT_KEYS, "experiments")}
@@ -267,8 +248,7 @@ def job_configs(configfiles: list, overrides: dict, config: dict) -> tuple[dict[
 
 def write_configs(files: dict[str, str]) -> None:
     """Write the workflow's config files ({path: text}), each only when its content changes (its mtime then
-    stays). The workflow calls this only while it holds its run lock: a dry run, or a run refused because
-    another one is going, never changes what a running one's jobs read."""
+    stays); the workflow calls it only while it holds its run lock."""
     for path, text in files.items():
         if not Path(path).is_file() or Path(path).read_bytes() != text.encode():
             write_text(path, text)
@@ -280,25 +260,24 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
     if name not in config["experiments"]:
         known = ", ".join(sorted(config["experiments"]))
         raise PapaError(f"{path}: unknown experiment {name!r} (defined: {known})")
-    exp = deep_merge(config.get("defaults") or {}, config["experiments"][name] or {})
-    exp = validate(exp, "experiment", f"{path}: experiment {name!r}")
-    exp["fidelity"] = fidelity.resolve(exp["fidelity"], f"{path}: experiment {name!r}: fidelity")
+    where = f"{path}: experiment {name!r}"
+    exp = validate(deep_merge(config.get("defaults") or {}, config["experiments"][name] or {}), "experiment", where)
+    exp["fidelity"] = fidelity.resolve(exp["fidelity"], f"{where}: fidelity")
     lo, hi = exp["averaging"]["window"]
     if lo >= hi:
-        raise PapaError(f"{path}: experiment {name!r}: averaging.window: start {lo} must be before end {hi}")
+        raise PapaError(f"{where}: averaging.window: start {lo} must be before end {hi}")
     swa = exp["train"]["swa"]
     if swa is not None:
         start, epochs = swa["start"], exp["train"]["epochs"]
         if start >= 1 and start != int(start):
-            raise PapaError(f"{path}: experiment {name!r}: train.swa.start: {start} is neither a fraction below 1 "
-                            "nor a whole number of epochs")
+            raise PapaError(f"{where}: train.swa.start: {start} is neither a fraction below 1 nor a whole number of "
+                            "epochs")
         first = swa_start_epoch(exp)
         if not 0 < first < epochs:
-            raise PapaError(f"{path}: experiment {name!r}: train.swa.start: SWA would start after {first} of "
-                            f"{epochs} epochs; it needs at least one epoch before it and one during it")
+            raise PapaError(f"{where}: train.swa.start: SWA would start after {first} of {epochs} epochs; it needs at "
+                            "least one epoch before it and one during it")
     if config.get("scale") == "smoke":
-        exp = validate(smoke.scale_experiment(exp, f"{path}: experiment {name!r}"), "experiment",
-                       f"{path}: experiment {name!r} at smoke scale")
+        exp = validate(smoke.scale_experiment(exp, where), "experiment", f"{where} at smoke scale")
     data = exp["data"]
     root = Path(data["root"] or data["dataset"])
     data["root"] = str(root if root.is_absolute() else Path(config["data_root"]) / root)
@@ -308,11 +287,8 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
 
 
 def check_averaging_fires(exp: dict, variant: str, steps_per_epoch: int | None = None, where: str = "") -> None:
-    """Refuse an experiment whose averaging can never happen in ``variant``'s runs: an ``epochs`` variant whose
-    ``every`` reaches past the last epoch or whose window holds no averaging epoch, and, once the steps per epoch
-    are known, a ``steps`` variant that never pushes: such a run would be the baseline under another name. Only
-    the variant being trained is checked: an experiment is shared by variants, and the others' settings do not
-    matter to it."""
+    """Refuse a run of ``variant`` that would never average (the baseline under another name): an ``epochs``
+    variant with no averaging epoch, or (steps per epoch known) a ``steps`` variant that never pushes."""
     prefix = f"{where + ': ' if where else ''}experiment {exp['name']!r}: "
     v, a, epochs = VARIANTS[variant], exp["averaging"], exp["train"]["epochs"]
     if v.unit == "epochs" and not averaging_epochs(exp, variant):

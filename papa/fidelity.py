@@ -1,12 +1,7 @@
 """Where the paper's words and the authors' scripts (SamsungSAILMontreal/PAPA at 47ad83a, whose runs produced the
-published numbers) differ and papa can run both: each difference declared once, as an option of the experiment key
-``fidelity``. No torch: the config checks and the docs read it.
-
-``fidelity: paper`` (the default) runs the paper's reading, ``fidelity: authors`` every option the scripts'
-way; each option can also be set alone (``fidelity: {setting: paper, papa2_pairs: authors}``). papa.config
-resolves the mapping once per experiment: every option then holds ``paper`` or ``authors``, and training code
-asks ``fidelity.authors(exp, name)``. A new option is one entry of OPTIONS (the schema's ``fidelity`` block is
-checked against it by tests/unit/test_fidelity_switch.py) and the code that reads it."""
+published numbers) differ and papa can run both: each difference one ``Option`` of the experiment key ``fidelity``
+(``paper``, the default; ``authors``; or per option, ``{setting: paper, papa2_pairs: authors}``), which papa.config
+resolves once per experiment; training code asks ``authors(exp, name)``. No torch (docs/architecture.md)."""
 
 from __future__ import annotations
 

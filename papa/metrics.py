@@ -16,8 +16,7 @@ from papa.soups import logit_ensemble
 
 @torch.no_grad()
 def predict(fn: Callable[[Tensor], Tensor], data, indices=None, batch_size: int = 500, device="cpu") -> Tensor:
-    """Logits of ``fn`` (a module in eval mode, or any callable) on ``data`` (optionally restricted to
-    ``indices``), gathered on the CPU."""
+    """Logits of ``fn`` (a module in eval mode, or any callable) on ``data`` (or its ``indices``), on the CPU."""
     return torch.cat([fn(x).float().cpu() for x, _ in eval_batches(data, indices, batch_size, device)])
 
 
@@ -51,8 +50,7 @@ def member_logits(pop, data, indices=None, batch_size: int = 500, device="cpu") 
 
 
 def member_confusions(pop, data: TileDataset, indices=None, device="cpu", ensemble: bool = False):
-    """``tile_confusions`` of every member (in eval mode; the population's mode is restored), plus their
-    logit ensemble last with ``ensemble``."""
+    """``tile_confusions`` of every member in eval mode, plus their logit ensemble last with ``ensemble``."""
     with eval_mode(pop.template):
         return tile_confusions([lambda x, j=j: pop.forward(j, x) for j in range(pop.size)], data, indices, device,
                                ensemble=ensemble)

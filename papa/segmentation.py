@@ -1,10 +1,6 @@
-"""Segmentation scores on whole tiles: overall pixel accuracy and per-class F1 from confusion matrices.
-
-As the paper (A.1.3), models are applied directly to each whole validation or test tile: one forward pass
-per tile (the U-Net pads sides that are not multiples of its stride and crops the logits back), no sliding
-window. Counts are summed over all pixels of all tiles before any ratio is taken, as the ISPRS benchmark
-and Audebert et al. score; the full (non-eroded) labels are used.
-"""
+"""Segmentation scores on whole tiles: overall pixel accuracy and per-class F1 from confusion matrices. As the paper
+(A.1.3), one forward pass per whole validation or test tile, no sliding window; counts are summed over all pixels of
+all tiles before any ratio (as the ISPRS benchmark and Audebert et al. score), on the full (non-eroded) labels."""
 
 from __future__ import annotations
 
@@ -49,12 +45,11 @@ def f1_dict(conf: Tensor, classes: Sequence[str]) -> dict[str, float]:
 @torch.no_grad()
 def tile_confusions(fns: Sequence[Callable[[Tensor], Tensor]], data: TileDataset, indices=None, device="cpu",
                     ensemble: bool = False) -> tuple[list[Tensor], list[float]]:
-    """Each ``fn``'s confusion matrix and mean per-pixel cross-entropy over the tiles ``indices`` (default
-    all), one whole tile at a time; with ``ensemble`` the logit-average ensemble of the fns comes last."""
+    """Each ``fn``'s confusion matrix and mean per-pixel cross-entropy over the tiles ``indices`` (default all);
+    with ``ensemble`` the logit-average ensemble of the fns comes last."""
     device = torch.device(device)
     tiles = range(len(data)) if indices is None else [int(i) for i in indices]
-    k = data.num_classes
-    n = len(fns) + int(ensemble)
+    k, n = data.num_classes, len(fns) + int(ensemble)
     confs = [torch.zeros(k, k, dtype=torch.int64) for _ in range(n)]
     losses, pixels = [0.0] * n, 0
     for i in tiles:

@@ -1,7 +1,6 @@
-"""Smoke scale (``scale: smoke`` in a config, or ``--config scale=smoke``): every experiment of any config,
-shrunk by one rule (docs/smoke.md spells it out, papa.variants says when things happen) so that it runs end to
-end in seconds to minutes on a CPU while every code path and every scheduled event of the full run still
-happens; results under ``<results>/smoke``, every caption starting with "Smoke scale"."""
+"""Smoke scale (``scale: smoke``, or ``--config scale=smoke``): every experiment shrunk by one rule (docs/smoke.md)
+to run end to end in seconds to minutes on a CPU while every code path and every scheduled event of the full run
+still happens; results under ``<results>/smoke``, every caption starting with "Smoke scale"."""
 
 from __future__ import annotations
 
@@ -30,33 +29,28 @@ def scale_config(config: dict) -> dict:
 
 
 def _rescale(value: int, full: int, smoke: int) -> int:
-    """A period of ``value`` epochs out of ``full``, in a run of ``smoke`` epochs: proportional, at least 1
-    (0, "never", stays 0)."""
+    """A period of ``value`` of ``full`` epochs in a run of ``smoke``: proportional, at least 1 (0, never, stays 0)."""
     return 0 if value == 0 else max(1, round(value * smoke / full))
 
 
 def _steps_per_epoch(exp: dict, patches: bool) -> int:
     """Training steps per epoch at smoke scale (the validation split held out of the subset, as papa prepare
     does, and the incomplete last batch dropped, as the streams do)."""
-    batch = exp["train"]["batch_size"]
     if patches:
         return PATCH_STEPS
     n = SUBSET["train"]
-    n_train = n - max(1, round(exp["data"]["val_fraction"] * n))
-    return max(n_train // batch, 1)
+    return max((n - max(1, round(exp["data"]["val_fraction"] * n))) // exp["train"]["batch_size"], 1)
 
 
 def _timed(full: dict, epochs: int, steps: int) -> dict:
     """``full`` with its periods rescaled to ``epochs`` smoke epochs of ``steps`` steps."""
     exp = copy.deepcopy(full)
-    total = full["train"]["epochs"]
-    t = exp["train"]
+    total, t = full["train"]["epochs"], exp["train"]
     t["epochs"] = epochs
     t["freeze_epochs"] = _rescale(t["freeze_epochs"], total, epochs)
     if t["schedule"]["restart_every"]:
         t["schedule"]["restart_every"] = _rescale(t["schedule"]["restart_every"], total, epochs)
-    if t["swa"] is not None:
-        swa = t["swa"]
+    if (swa := t["swa"]) is not None:
         if swa["start"] >= 1:
             swa["start"] = _rescale(int(swa["start"]), total, epochs)
         swa["anneal_epochs"] = _rescale(swa["anneal_epochs"], total, epochs)
@@ -74,8 +68,7 @@ def events(exp: dict, steps: int | None) -> dict[str, str]:
     """The scheduled events that happen in a run of ``exp`` with ``steps`` steps per epoch (None: the full
     run, whose steps per epoch depend on the data: pushes are taken to happen), as {event: what}."""
     t, a = exp["train"], exp["averaging"]
-    epochs = t["epochs"]
-    swa_start = swa_start_epoch(exp)
+    epochs, swa_start = t["epochs"], swa_start_epoch(exp)
     found = {}
     for variant in by_unit("epochs"):
         due = averaging_epochs(exp, variant)

@@ -1,12 +1,6 @@
-"""Collect every run's metrics.json into one tidy frame: one row per experiment x variant x seed x metric.
-
-Runs live at ``<results>/<experiment>/<variant>/seed<S>/`` (see docs/interfaces.md). Every numeric scalar
-of a metrics.json becomes a row (``mean``, ``min``, ``max``, ``std``, ``ensemble``, ``avg_soup``,
-``greedy_soup``, ``greedy_soup_size``, ``avg_soup_repair``, ``greedy_soup_repair``, ``population``, ...);
-lists and identifiers stay in the JSON files. A nested mapping of numbers becomes dotted metrics: the
-``between_networks`` of a similarity.json gives ``between_networks.layer1``, ... Every row carries the ``code``
-version its file records (papa.provenance.describe; empty for files written before it was recorded).
-"""
+"""Every run's metrics.json (and similarity.json) as one tidy frame: one row per experiment x variant x seed x
+metric (docs/interfaces.md). Each numeric scalar is a row, a nested mapping of numbers gives dotted metrics
+(``between_networks.layer1``), and every row carries its file's ``code`` version (papa.provenance.describe)."""
 
 from __future__ import annotations
 
@@ -41,9 +35,8 @@ def run_of(path: str | Path) -> tuple[str, str, int] | None:
 
 def _identity(path: Path, data: dict) -> tuple[str, str, int]:
     """(experiment, variant, seed) from the JSON keys, else from the run directory's path."""
-    from_path = run_of(path) or (None, None, None)
     keys = ("experiment", "variant", "seed")
-    ident = tuple(data.get(k, default) for k, default in zip(keys, from_path, strict=True))
+    ident = tuple(data.get(k, default) for k, default in zip(keys, run_of(path) or (None,) * 3, strict=True))
     if None in ident:
         raise PapaError(f"{path}: cannot tell experiment/variant/seed (not in the file nor its path)")
     for key, value, kind in zip(keys, ident, (str, str, int), strict=True):
@@ -77,7 +70,7 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     rows = [
         (experiment, variant, seed, key, float(value), code)
         for key, value in flat.items()
-        if key not in ("seed",) and isinstance(value, int | float) and not isinstance(value, bool)
+        if key != "seed" and isinstance(value, int | float) and not isinstance(value, bool)
     ]
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -101,18 +94,12 @@ def find_metrics(results: str | Path) -> list[Path]:
 
 
 def over_seeds(values) -> dict:
-    """What the reports show of one metric over seeds: ``n``, ``mean``, ``std`` (the sample standard
-    deviation, ddof = 1: the seeds are a sample of the runs one could make; NaN for fewer than two), ``min``
-    and ``max`` (NaN when there is no value)."""
+    """``n``, ``mean``, ``std``, ``min``, ``max`` of one metric over seeds (NaN where undefined); the std is the
+    sample one (ddof = 1): the seeds are a sample of the runs one could make."""
     values = np.asarray(values, dtype=float)
     n = len(values)
-    return {
-        "n": n,
-        "mean": values.mean() if n else np.nan,
-        "std": values.std(ddof=1) if n > 1 else np.nan,
-        "min": values.min() if n else np.nan,
-        "max": values.max() if n else np.nan,
-    }
+    return {"n": n, "mean": values.mean() if n else np.nan, "std": values.std(ddof=1) if n > 1 else np.nan,
+            "min": values.min() if n else np.nan, "max": values.max() if n else np.nan}
 
 
 def write(frame: pd.DataFrame, out: str | Path) -> Path:
@@ -125,17 +112,14 @@ def load(path: str | Path) -> pd.DataFrame:
     """Read an aggregated CSV back (seed as int, value as float)."""
     kinds = {"experiment": str, "variant": str, "seed": int, "metric": str, "value": float}
     frame = read_csv(path, kinds, "aggregated metrics", "not found (run `papa aggregate` first)", rows=False)
-    # older files have no code column
-    frame["code"] = frame["code"].astype(object).fillna("").astype(str) if "code" in frame else ""
+    frame["code"] = frame["code"].astype(object).fillna("").astype(str) if "code" in frame else ""  # older: none
     return frame
 
 
 def read_csv(path: str | Path, kinds: dict[str, type], what: str, missing: str, rows: bool = True) -> pd.DataFrame:
-    """A CSV file papa wrote (metrics.csv, history.csv), checked first, each problem one PapaError line: UTF-8 text,
-    complete (papa ends every line with a newline: a file cut short is refused, never read up to its cut), a
-    header with the columns of ``kinds`` ({column: int, float or str}), data rows unless ``rows`` is False,
-    every row as long as the header, and each value of its column's kind (float: a number, or empty for NaN).
-    ``missing``: what to say when the file is not there."""
+    """A CSV file papa wrote (metrics.csv, history.csv), checked first, each problem one PapaError line: UTF-8,
+    complete (every line ends with a newline), the columns of ``kinds`` ({column: int, float or str}; an empty
+    float is NaN), data rows unless ``rows`` is False. ``missing``: what to say when the file is not there."""
     path = Path(path)
     try:
         data = path.read_bytes()

@@ -51,8 +51,7 @@ def _render(a) -> None:
 
 
 def _histories(figure: dict, config: dict, files: list[Path]) -> dict[tuple[str, int], Path]:
-    """(curve, seed) -> history.csv of a curves figure (a curve: a variant, or a ``lines`` label): the given
-    files, else the config's results."""
+    """(curve, seed) -> history.csv of a curves figure: the given files, else those of the config's results."""
     from papa.report import aggregate, figures
 
     curves = figures.curve_keys(figure, config["variants"])
@@ -61,11 +60,8 @@ def _histories(figure: dict, config: dict, files: list[Path]) -> dict[tuple[str,
     if files:
         runs = {p: aggregate.run_of(p) for p in files}
         return {(key[r[:2]], r[2]): p for p, r in runs.items() if r and r[:2] in key}
-    return {
-        (k, s): aggregate.run_dir(config["results"], *run, s) / "history.csv"
-        for run, k in key.items()
-        for s in config["seeds"]
-    }
+    return {(k, s): aggregate.run_dir(config["results"], *run, s) / "history.csv" for run, k in key.items()
+            for s in config["seeds"]}
 
 
 def _plot(a) -> None:

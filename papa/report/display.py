@@ -19,7 +19,6 @@ class Line(NamedTuple):
 
 
 class Display(NamedTuple):
-
     name: str
     caption: str
     label_header: str

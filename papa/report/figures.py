@@ -1,7 +1,6 @@
 """Figures (PNG, matplotlib without a display): accuracy curves with the jumps at each averaging (the paper's
-Figure 2) and a per-variant comparison of the population, its ensemble and its soups. The accuracy axis spans the
-values compared: a soup at chance beside members at 97-99% would flatten every difference, so such far-off values
-are left below the axis and marked on its edge with their numbers. Legends sit above, in the tables' order."""
+Figure 2) and a per-variant comparison of the population, its ensemble and its soups. The accuracy axis spans where
+the values differ (``focus``): a soup at chance beside members at 97-99% is marked on its bottom edge instead."""
 
 from __future__ import annotations
 
@@ -19,23 +18,21 @@ from papa.io import write_atomic
 from papa.report.aggregate import over_seeds, read_csv
 from papa.variants import VARIANTS
 
+# the measures of a ``variants`` figure, in the tables' order: (legend label, colour)
 COMPARED = {"mean": ("Population mean", "C0"), "ensemble": ("Ensemble", "C1"), "avg_soup": ("Average soup", "C2"),
             "greedy_soup": ("Greedy soup", "C3")}
-"""The measures of a ``variants`` figure, in the tables' order, with their legend labels and colours."""
 ZOOM_NOTE = "axis zoomed to where the values differ; \u25bc: a value below it"
 
 
 def read_history(path: str | Path, metric: str = "test_accuracy") -> pd.DataFrame:
-    """A run's history.csv (papa.train.History), checked for the columns a curve reads (epoch, phase and
-    ``metric``) by papa.report.aggregate.read_csv: a file cut short, empty or unreadable is refused in one line."""
-    kinds = {"epoch": int, "phase": str, metric: float}
-    return read_csv(path, kinds, "a history", "not found (train this run first)")
+    """A run's history.csv (papa.train.History), checked for the columns a curve reads."""
+    return read_csv(path, {"epoch": int, "phase": str, metric: float}, "a history", "not found (train this run first)")
 
 
 def trajectory(history: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
-    """Population mean of ``metric`` along training: one point per epoch, or two (``before_avg`` then
-    ``after_avg``) at epochs that end with an averaging, and a last ``swa`` point where the members became
-    their SWA averages (train.swa). Columns: epoch, phase, value."""
+    """Population mean of ``metric`` along training (columns epoch, phase, value): one point per epoch, two
+    (``before_avg``, ``after_avg``) at an averaging, and a last ``swa`` point where the members became their SWA
+    averages."""
     mean = history.groupby(["epoch", "phase"], sort=True)[metric].mean()
     points = []
     for epoch, phases in mean.groupby(level="epoch"):
@@ -51,9 +48,8 @@ def curves(figure: dict, histories: dict[tuple[str, int], Path], out: str | Path
 
 
 def curve_keys(figure: dict, variants: list[str]) -> dict[str, tuple[str, str]]:
-    """The curves of a ``curves`` figure: legend label -> (experiment, variant). One experiment's variants
-    (``experiment``, ``variants``), or ``lines`` naming runs of different experiments (the paper's Figure 2
-    overlays PAPA-all with and without REPAIR, two experiments, with PAPA-2)."""
+    """The curves of a ``curves`` figure: legend label -> (experiment, variant). One experiment's variants, or
+    ``lines`` naming runs of different experiments (Figure 2 overlays PAPA-all with and without REPAIR)."""
     if figure.get("lines"):
         return {line["label"]: (line["experiment"], line["variant"]) for line in figure["lines"]}
     shown = figure.get("variants") or variants
@@ -61,11 +57,9 @@ def curve_keys(figure: dict, variants: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figure:
-    """Figure 2: per-epoch population mean accuracy of each curve (mean over seeds, shaded spread);
-    averaging epochs show a vertical jump, and a second panel shows each jump (after - before).
-    ``histories`` maps (curve, seed) to the run's history.csv, a curve being a variant of ``experiment`` or a
-    ``lines`` label. The accuracy axis spans where the curves differ (``focus``); points far below it are
-    marked at its bottom edge with their values."""
+    """Figure 2: per-epoch population mean accuracy of each curve (mean over seeds, shaded spread), and a second
+    panel with each averaging's jump (after - before). ``histories``: (curve, seed) -> the run's history.csv, a
+    curve being a variant of ``experiment`` or a ``lines`` label."""
     metric = figure.get("metric", "test_accuracy")
     experiment = figure.get("experiment") or figure.get("caption") or figure["name"]
     named = [line["label"] for line in figure.get("lines") or []]
@@ -81,8 +75,7 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
         both = both.groupby(["epoch", "phase"], sort=False)["value"]
         spread = both.std(ddof=1).fillna(0.0).to_numpy() if len(paths) > 1 else 0.0
         lines[v] = both.mean().reset_index().assign(spread=spread)
-    jumps = {v: _jumps(t) for v, t in lines.items()}
-    jumps = {v: j for v, j in jumps.items() if len(j)}
+    jumps = {v: j for v, t in lines.items() if len(j := _jumps(t))}
     fig = Figure(figsize=(7, 6.8 if jumps else 4.6), layout="constrained")
     rows = 2 if jumps else 1
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False, height_ratios=[2, 1][:rows])
@@ -92,20 +85,17 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
         color = colors[v]
         if len(t) == 1:  # a marker, side by side with the other variants' (equal values would hide each other)
             x = t["epoch"] + (i - (len(lines) - 1) / 2) * 0.06
-            ax.errorbar(x, t["value"], yerr=t["spread"], fmt="o", ms=6, capsize=3, color=color,
-                        label=labels[v])
+            ax.errorbar(x, t["value"], yerr=t["spread"], fmt="o", ms=6, capsize=3, color=color, label=labels[v])
         else:
             ax.plot(t["epoch"], t["value"], label=labels[v], lw=1.5, color=color)
             low, high = t["value"] - t["spread"], t["value"] + t["spread"]
             ax.fill_between(t["epoch"], low, high, color=color, alpha=0.15, lw=0)
-        after = t[t["phase"] == "after_avg"]
-        ax.plot(after["epoch"], after["value"], "o", ms=3.5, color=color)
-        swa = t[t["phase"] == "swa"]
-        ax.plot(swa["epoch"], swa["value"], "s", ms=5, color=color)
+        for phase, marker, size in (("after_avg", "o", 3.5), ("swa", "s", 5)):
+            at = t[t["phase"] == phase]
+            ax.plot(at["epoch"], at["value"], marker, ms=size, color=color)
     points = [(x, y, colors[v]) for v, t in lines.items() for x, y in zip(t["epoch"], t["value"], strict=True)]
     zoomed = _focus(ax, [y for _, y, _ in points], points)
-    name = "test" if metric == "test_accuracy" else "validation"
-    ax.set_ylabel(f"mean {name} accuracy (%)")
+    ax.set_ylabel(f"mean {'test' if metric == 'test_accuracy' else 'validation'} accuracy (%)")
     notes = ["dots: right after averaging"] if jumps else []
     if any((t["phase"] == "swa").any() for t in lines.values()):
         notes.append("squares: the SWA averages")
@@ -135,14 +125,12 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
 
 def _in_table_order(variants) -> list[str]:
     """Variants in the tables' order: Baseline, PAPA, PAPA-all, PAPA-2."""
-    order = list(VARIANTS)
-    return sorted(variants, key=order.index)
+    return sorted(variants, key=list(VARIANTS).index)
 
 
 def focus(values) -> tuple[float, float] | None:
-    """The value range worth an axis: without the few values (fewer than half) that sit far below the rest,
-    when the gap to them exceeds the spread of the rest (a soup at chance level beside accuracies of
-    97-99%); None to keep every value. The cut is the one with the largest gap relative to that spread."""
+    """The value range worth an axis: without the few values (fewer than half) far below the rest, cut where the gap
+    relative to the spread above it is largest and exceeds 1; None to keep every value."""
     v = np.sort(np.asarray([x for x in values if np.isfinite(x)], dtype=float))
     best, cut = 1.0, None
     for k in range(1, (len(v) + 1) // 2):
@@ -179,17 +167,14 @@ def _jumps(t: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"epoch": wide.index, "jump": (wide["after_avg"] - wide["before_avg"]).to_numpy()})
 
 
-def compare(
-    figure: dict, frame: pd.DataFrame, seeds: list[int], variants: list[str], out: str | Path
-) -> None:
+def compare(figure: dict, frame: pd.DataFrame, seeds: list[int], variants: list[str], out: str | Path) -> None:
     """Write ``compare_figure`` to ``out`` (PNG)."""
     _save(compare_figure(figure, frame, seeds, variants), out)
 
 
 def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants: list[str]) -> Figure:
-    """Population mean, ensemble, average and greedy soup of each variant, one panel per experiment:
-    mean over seeds with the standard deviation as error bar, each seed as a small dot. Each panel's axis
-    spans where the values differ (``focus``); means far below it are marked at its bottom edge."""
+    """Population mean, ensemble, average and greedy soup of each variant, one panel per experiment: mean over
+    seeds with the standard deviation as error bar, each seed as a small dot."""
     shown = figure.get("variants") or variants
     experiments = figure["experiments"]
     frame = frame[frame.seed.isin(seeds)]
@@ -203,8 +188,7 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
             here = frame[(frame.experiment == experiment) & (frame.metric == metric)]
             seeds_of = [here[here.variant == v]["value"].to_numpy() for v in shown]
             if not any(len(vals) for vals in seeds_of):
-                name = figure["name"]
-                raise PapaError(f"figure {name!r}: no {metric!r} results for experiment {experiment!r}")
+                raise PapaError(f"figure {figure['name']!r}: no {metric!r} results for experiment {experiment!r}")
             stats = [over_seeds(vals) for vals in seeds_of]
             mean = np.array([s["mean"] for s in stats])
             std = np.array([s["std"] if s["n"] > 1 else 0.0 for s in stats])

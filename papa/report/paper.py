@@ -1,11 +1,6 @@
-"""Values reported in the paper, shipped as data: ``papa/report/paper/<id>.csv``.
-
-Each file has the header ``row,column,value`` (or ``row,column,value,note``): ``row`` is a table row's ``label``
-in the config, ``column`` a column header of the table's layout (see papa.report.tables), ``value`` the cell's
-text as printed in the paper (e.g. ``95.2 (0.1)``, ``80.21 [80.05, 80.46]``, ``1 (out of 10)``), and ``note``
-(optional, may be empty) one sentence shown as a footnote of a marked value, e.g. why a printed value cannot be
-a target (no correct run can reach it).
-"""
+"""Values reported in the paper, shipped as ``papa/report/paper/<id>.csv``: header ``row,column,value[,note]``,
+``row`` a table row's ``label`` in the config, ``column`` a column header of its layout (papa.report.tables),
+``value`` the cell as printed (``95.2 (0.1)``, ``1 (out of 10)``), ``note`` (optional) a footnote to the value."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""What a config renders and which runs that needs: the workflow's targets, checked up front.
-
-Only runs that some table or figure shows are trained: each (experiment, variant) pair a table row or
-figure uses, for every seed of the config. A config with no tables and no figures trains every
-experiment x variant x seed.
-"""
+"""What a config renders and which runs that needs, checked up front: the (experiment, variant) pairs some table or
+figure shows, for every seed (every experiment x variant x seed for a config with neither)."""
 
 from __future__ import annotations
 
@@ -33,24 +29,17 @@ def figure_runs(figure: dict, variants: list[str]) -> set[tuple[str, str]]:
 
 def similarity_runs(config: dict) -> list[tuple[str, str]]:
     """(experiment, variant) pairs whose similarity.json a ``similarity`` table shows, sorted."""
-    pairs = set()
-    for table in config["tables"]:
-        if table["layout"] == "similarity":
-            pairs |= table_runs(table, config["variants"])
-    return sorted(pairs)
+    return sorted(set().union(*(table_runs(t, config["variants"]) for t in config["tables"]
+                                if t["layout"] == "similarity")))
 
 
 def runs(config: dict) -> list[tuple[str, str]]:
     """Every (experiment, variant) pair to train, sorted."""
     variants = config["variants"]
-    pairs = set()
-    for table in config["tables"]:
-        pairs |= table_runs(table, variants)
-    for figure in config["figures"]:
-        pairs |= figure_runs(figure, variants)
     if not config["tables"] and not config["figures"]:
-        pairs = {(e, v) for e in config["experiments"] for v in variants}
-    return sorted(pairs)
+        return sorted({(e, v) for e in config["experiments"] for v in variants})
+    return sorted(set().union(*(table_runs(t, variants) for t in config["tables"]),
+                              *(figure_runs(f, variants) for f in config["figures"])))
 
 
 def check(config: dict, where: str = "config") -> None:
@@ -90,9 +79,8 @@ def check(config: dict, where: str = "config") -> None:
             if table["layout"] in OWN_VARIANT and "variant" not in row:
                 raise PapaError(f"{where}: {key}.variant: required by the {table['layout']} layout")
             if (table["layout"] == "segmentation") != ("model" in row):
-                raise PapaError(f"{where}: {key}.model: " + ("required by the segmentation layout"
-                                                             if "model" not in row else
-                                                             "only the segmentation layout takes it"))
+                raise PapaError(f"{where}: {key}.model: " + ("only the segmentation layout takes it" if "model" in row
+                                                             else "required by the segmentation layout"))
             if row.get("variant", variants[0]) not in variants:
                 raise PapaError(f"{where}: {key}.variant: {row['variant']!r} is not in the config's variants")
         if table.get("paper") and table["paper"] not in paper.available():

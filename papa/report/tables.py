@@ -33,38 +33,28 @@ RANGE = {"p": (None, "population"), "mean [min, max]": (None, "mean"), "AvgSoup"
          "GreedySoup": (None, "greedy_soup")}
 GREEDY_SIZES = _per_variant(("GreedySoup", "greedy_soup_size"))
 MEAN_SOUP = _per_variant(("Mean", "mean"), ("AvgSoup", "avg_soup"))
-SEGMENTATION = {
-    "Accuracy": (None, "accuracy"),
-    **{header: (None, f"f1_{name}") for header, name in (
-        ("Roads", "impervious_surfaces"), ("Buildings", "building"), ("Vegetation", "low_vegetation"),
-        ("Trees", "tree"), ("Cars", "car"), ("Clutter", "clutter"), ("Average F1", "average"))},
-}
+SEGMENTATION = {"Accuracy": (None, "accuracy"), **{header: (None, f"f1_{name}") for header, name in (
+    ("Roads", "impervious_surfaces"), ("Buildings", "building"), ("Vegetation", "low_vegetation"), ("Trees", "tree"),
+    ("Cars", "car"), ("Clutter", "clutter"), ("Average F1", "average"))}}
 SIDE_BY_SIDE = {"Mean": (None, "mean"), "Avg": (None, "avg_soup"), "Greed": (None, "greedy_soup")}
 SIMILARITY_MEASURES = {"Between two networks": "between_networks",
                        "Between one network and AvgSoup": "network_and_avg_soup"}
 SIMILARITY_STAGES = 4
-SIMILARITY = {
-    f"{title} Layer {k}": (None, f"{key}.layer{k}")
-    for title, key in SIMILARITY_MEASURES.items()
-    for k in range(1, SIMILARITY_STAGES + 1)
-}
+SIMILARITY = {f"{title} Layer {k}": (None, f"{key}.layer{k}") for title, key in SIMILARITY_MEASURES.items()
+              for k in range(1, SIMILARITY_STAGES + 1)}
 DATASETS = "datasets"
 LAYOUTS = {"main": MAIN, "detailed": DETAILED, "range": RANGE, "greedy_sizes": GREEDY_SIZES, "mean_soup": MEAN_SOUP,
            "segmentation": SEGMENTATION, "side_by_side": SIDE_BY_SIDE, "similarity": SIMILARITY,
            DATASETS: {}}  # datasets: the columns are the rows' ``experiments`` keys
-OWN_VARIANT = {"range", "similarity", "segmentation", "side_by_side", DATASETS}
-"""Layouts whose rows must name their variant."""
-LABEL = "Model"
-"""Header of the first (row label) column."""
+OWN_VARIANT = {"range", "similarity", "segmentation", "side_by_side", DATASETS}  # their rows name their variant
+LABEL = "Model"  # header of the row label column
 MISSING = "—"
 SOUPS = ("avg_soup", "greedy_soup")
 SPELLED = {"Ens": "Ensemble", "Avg": "Average soup", "AvgSoup": "Average soup", "Greed": "Greedy soup",
            "GreedySoup": "Greedy soup", "Mean": "Population mean", "p": "Population size p",
            "mean [min, max]": "Members: mean [min, max]",
-           "Between one network and AvgSoup": "Between one network and the average soup"}
-"""Headers as the tables show them, for the measures whose column keys abbreviate them."""
-ACCURACIES = {"mean", "ensemble", *SOUPS, *(f"{s}_repair" for s in SOUPS)}
-"""Metrics that are accuracies (checked against chance level)."""
+           "Between one network and AvgSoup": "Between one network and the average soup"}  # abbreviated column keys
+ACCURACIES = {"mean", "ensemble", *SOUPS, *(f"{s}_repair" for s in SOUPS)}  # checked against chance level
 HIGHLIGHT = {"main", "detailed"}
 CSV_COLUMNS = ["row", "group", "column", "experiment", "variant", "metric", "n", "mean", "std", "min", "max", "text",
                "paper", "paper_note", "best", "classes", "chance", "code"]
@@ -112,10 +102,6 @@ def row_metric(table: dict, row: dict, variant: str, metric: str) -> str:
     return model if metric == "accuracy" else f"{model}_{metric}"
 
 
-def _fmt(x: float, decimals: int) -> str:
-    return f"{x:.{decimals}f}"
-
-
 def _rows(frame: pd.DataFrame, experiment: str, variant: str, metric: str) -> pd.DataFrame:
     sel = frame[(frame.experiment == experiment) & (frame.variant == variant) & (frame.metric == metric)]
     return sel.sort_values("seed")
@@ -125,8 +111,8 @@ def mean_std(stats: dict, decimals: int) -> str:
     """``x (y)`` for several seeds, ``x`` for one."""
     if not stats["n"]:
         return MISSING
-    text = _fmt(stats["mean"], decimals)
-    return text if stats["n"] == 1 else f"{text} ({_fmt(stats['std'], decimals)})"
+    text = f"{stats['mean']:.{decimals}f}"
+    return text if stats["n"] == 1 else f"{text} ({stats['std']:.{decimals}f})"
 
 
 def _cell(frame, experiment, variant, metric, table) -> dict:
@@ -141,13 +127,12 @@ def _cell(frame, experiment, variant, metric, table) -> dict:
     if metric == "mean" and table["layout"] == "range":
         lo, hi = get("min"), get("max")
         stats |= {"min": lo.min() if len(lo) else np.nan, "max": hi.max() if len(hi) else np.nan}
-        lo_hi = f"[{_fmt(stats['min'], decimals)}, {_fmt(stats['max'], decimals)}]"
-        text = f"{_fmt(stats['mean'], decimals)} {lo_hi}" if stats["n"] else MISSING
+        text = (f"{stats['mean']:.{decimals}f} [{stats['min']:.{decimals}f}, {stats['max']:.{decimals}f}]"
+                if stats["n"] else MISSING)
     elif metric == "population":
         text = MISSING if not stats["n"] else f"{stats['mean']:g}"
     elif metric == "greedy_soup_size":
-        p = get("population")
-        k = stats["mean"]
+        k, p = stats["mean"], get("population")
         text = MISSING if not stats["n"] else f"{k:.{0 if k == round(k) else 1}f} (out of {p.max():g})"
     else:
         text = mean_std(stats, decimals)
@@ -187,13 +172,8 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
         for header, (variant, metric) in columns(table, variants, row).items():
             experiment = cell_experiment(row, header)
             v = cell_variant(row, variant) if experiment is not None else None
-            base = {
-                "row": row["label"],
-                "group": row.get("group"),
-                "column": header,
-                "experiment": experiment,
-                "variant": v,
-            }
+            base = {"row": row["label"], "group": row.get("group"), "column": header, "experiment": experiment,
+                    "variant": v}
             if v is None:
                 cell = {"metric": metric, **over_seeds(np.array([])), "text": "", "classes": np.nan, "chance": False,
                         "code": ""}
@@ -209,8 +189,8 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
         labels = {x: i for i, x in enumerate(dict.fromkeys(r["label"] for r in table["rows"]))}
         order = {h: i for i, h in enumerate(columns(table, variants))}
         keys = {"_row": grid["row"].map(labels), "_column": grid["column"].map(order)}
-        grid = grid.assign(**keys).sort_values(list(keys), kind="stable").drop(columns=list(keys))
-        grid = grid.reset_index(drop=True)
+        grid = grid.assign(**keys).sort_values(list(keys), kind="stable")
+        return grid.drop(columns=list(keys)).reset_index(drop=True)
     return grid
 
 
@@ -304,11 +284,9 @@ def _display(table, grid, label_header, headers, lines, notes) -> Display:
     footnotes = []
     marked = grid[grid["chance"]]
     if len(marked):
-        chance = ", ".join(f"{100 / k:.3g}% for {k:g} classes"
-                           for k in sorted(marked["classes"].unique()))
+        chance = ", ".join(f"{100 / k:.3g}% for {k:g} classes" for k in sorted(marked["classes"].unique()))
         footnotes.append(f"{CHANCE_MARK} at chance level (1/classes: {chance})")
-    for note in dict.fromkeys(grid["paper_note"].dropna()):
-        footnotes.append(f"{PAPER_MARK} paper value: {note}")
+    footnotes += [f"{PAPER_MARK} paper value: {note}" for note in dict.fromkeys(grid["paper_note"].dropna())]
     return Display(table["name"], table.get("caption") or "", label_header, headers, lines, notes, footnotes)
 
 
@@ -332,15 +310,8 @@ def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
     return "\n\n".join([title, text, "; ".join(shown.notes) + ".", *shown.footnotes]) + "\n"
 
 
-def render(
-    table: dict,
-    frame: pd.DataFrame,
-    variants: list[str],
-    seeds: list[int],
-    md: str | Path,
-    csv: str | Path,
-    html: str | Path | None = None,
-) -> None:
+def render(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int], md: str | Path, csv: str | Path,
+           html: str | Path | None = None) -> None:
     """Write table ``table`` (a config entry) from the tidy ``frame`` as Markdown and CSV, and as an HTML
     page when ``html`` is given."""
     grid = cells(table, frame, variants, seeds)

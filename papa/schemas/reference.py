@@ -1,8 +1,5 @@
-"""The config reference, config/README.md: every key of a config file and of an experiment, with its type,
-default and meaning, generated from the schemas so that it cannot drift from them.
-
-    python -m papa.schemas.reference config/README.md     # rewrite it after changing a schema
-"""
+"""The config reference, config/README.md: every key of a config file and of an experiment (type, default,
+meaning), generated from the schemas: ``python -m papa.schemas.reference config/README.md`` after changing one."""
 
 from __future__ import annotations
 
@@ -24,14 +21,9 @@ choose, `[]` for each item of a list.
 """
 
 SECTIONS = {
-    "config": (
-        "Config file",
-        "The top level of a config file (`config/config.yaml`, `config/paper/*.yaml`).",
-    ),
-    "experiment": (
-        "Experiment",
-        "The keys of one experiment, `experiments.<name>` (deep-merged over `defaults`, which takes the same keys).",
-    ),
+    "config": ("Config file", "The top level of a config file (`config/config.yaml`, `config/paper/*.yaml`)."),
+    "experiment": ("Experiment", "The keys of one experiment, `experiments.<name>` (deep-merged over `defaults`, "
+                   "which takes the same keys)."),
 }
 
 
@@ -41,8 +33,7 @@ def _type(node: dict, root: dict) -> str:
     if "oneOf" in node:
         return " or ".join(_type(alternative, root) for alternative in node["oneOf"])
     kinds = node.get("type", "")
-    kinds = [kinds] if isinstance(kinds, str) else kinds
-    text = " or ".join("null" if k == "null" else k for k in kinds)
+    text = kinds if isinstance(kinds, str) else " or ".join(kinds)
     items = _resolve(node.get("items", {}), root)
     if node.get("type") in ("array", ["array", "null"]) and "enum" in items:
         text += " of " + ", ".join(f"`{v}`" for v in items["enum"])
@@ -50,12 +41,6 @@ def _type(node: dict, root: dict) -> str:
                                                       ("maximum", "≤"), ("exclusiveMaximum", "<"))
               if key in node]
     return text + (f" ({', '.join(bounds)})" if bounds else "")
-
-
-def _default(node: dict) -> str:
-    if "default" not in node:
-        return ""
-    return f"`{json.dumps(node['default'])}`"
 
 
 def _shared(properties: dict) -> list[tuple[list[str], dict]]:
@@ -81,7 +66,7 @@ def rows(node: dict, root: dict, prefix: str = "") -> Iterator[tuple[str, str, s
             meaning += f" `<{placeholder}>`: one of " + ", ".join(f"`{n}`" for n in names) + "."
         if names[0] in required:
             meaning = f"*required*. {meaning}"
-        yield f"`{key}`", _type(child, root), _default(child), meaning
+        yield f"`{key}`", _type(child, root), f"`{json.dumps(child['default'])}`" if "default" in child else "", meaning
         yield from _nested(child, root, key)
     extra = node.get("additionalProperties")
     if isinstance(extra, dict) and ("properties" in extra or "$ref" in extra):
@@ -115,11 +100,10 @@ def reference() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    text = reference()
     if argv:
-        write_text(argv[0], text)
+        write_text(argv[0], reference())
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(reference())
 
 
 if __name__ == "__main__":
