@@ -99,8 +99,7 @@ def _leaf(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
 
 
 def check_finite(instance: Any, key: str = "") -> None:
-    """Refuse NaN and infinity anywhere in a config (YAML's ``.nan``, ``.inf``): no setting means either, and a
-    JSON-schema bound never refuses NaN."""
+    """Refuse NaN and infinity anywhere in a config: no setting means either, and no JSON-schema bound refuses NaN."""
     if isinstance(instance, float) and not math.isfinite(instance):
         raise PapaError(f"{key or '(top level)'}: {instance} is not a finite number")
     items = instance.items() if isinstance(instance, dict) else enumerate(instance) if isinstance(
@@ -187,8 +186,7 @@ def with_overrides(raw: dict, overrides: dict, path: str | Path) -> dict:
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:
-    """Read and validate a config file (with top-level ``overrides``, see ``with_overrides``), and every
-    experiment in it; at ``scale: smoke`` the config is shrunk by papa.smoke's rule."""
+    """Read and validate a config file (with top-level ``overrides``, see ``with_overrides``) and its experiments."""
     return _checked(_raw_config(path, overrides), path)
 
 
@@ -247,8 +245,7 @@ def job_configs(configfiles: list, overrides: dict, config: dict) -> tuple[dict[
 
 
 def write_configs(files: dict[str, str]) -> None:
-    """Write the workflow's config files ({path: text}), each only when its content changes (its mtime then
-    stays); the workflow calls it only while it holds its run lock."""
+    """Write the workflow's config files ({path: text}) whose content changed (the others keep their mtime)."""
     for path, text in files.items():
         if not Path(path).is_file() or Path(path).read_bytes() != text.encode():
             write_text(path, text)
@@ -311,6 +308,5 @@ def check_averaging_fires(exp: dict, variant: str, steps_per_epoch: int | None =
 
 
 def missing_data(exp: dict) -> str | None:
-    """Why the experiment's dataset cannot be loaded, when its files are not there (papa.catalog: a cheap
-    check, without torch, for the workflow to fail before any job starts); None when they are."""
+    """Why the experiment's dataset files are missing (papa.catalog: cheap, no torch), or None when they are there."""
     return catalog.missing(exp["data"]["dataset"], exp["data"]["root"])

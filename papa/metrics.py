@@ -57,8 +57,7 @@ def member_confusions(pop, data: TileDataset, indices=None, device="cpu", ensemb
 
 
 def population_scores(pop, data, indices=None, batch_size: int = 500, device="cpu") -> list[tuple[float, float]]:
-    """Each member's (accuracy in percent, mean cross-entropy) on ``data``: per image, or per pixel of whole
-    tiles for a segmentation dataset (papa.segmentation)."""
+    """Each member's (accuracy in percent, mean cross-entropy) on ``data``: per image, or per pixel of whole tiles."""
     if not isinstance(data, TileDataset):
         labels = labels_of(data, indices)
         return [scores(z, labels) for z in member_logits(pop, data, indices, batch_size, device)]

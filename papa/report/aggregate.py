@@ -67,11 +67,8 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
             flat |= {f"{key}.{k}": v for k, v in value.items()}
         else:
             flat[key] = value
-    rows = [
-        (experiment, variant, seed, key, float(value), code)
-        for key, value in flat.items()
-        if key != "seed" and isinstance(value, int | float) and not isinstance(value, bool)
-    ]
+    rows = [(experiment, variant, seed, key, float(value), code) for key, value in flat.items()
+            if key != "seed" and isinstance(value, int | float) and not isinstance(value, bool)]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from papa.errors import PapaError
+
 
 def _load(config_path: Path) -> dict:
     from papa.config import load_config
@@ -15,8 +17,6 @@ def _load(config_path: Path) -> dict:
 
 
 def _entry(config: dict, kind: str, name: str, config_path: Path) -> dict:
-    from papa.errors import PapaError
-
     for entry in config[kind]:
         if entry["name"] == name:
             return entry
@@ -25,7 +25,6 @@ def _entry(config: dict, kind: str, name: str, config_path: Path) -> dict:
 
 
 def _aggregate(a) -> None:
-    from papa.errors import PapaError
     from papa.report import aggregate
 
     paths = list(a.metrics)
@@ -65,7 +64,6 @@ def _histories(figure: dict, config: dict, files: list[Path]) -> dict[tuple[str,
 
 
 def _plot(a) -> None:
-    from papa.errors import PapaError
     from papa.report import aggregate, figures
 
     config = _load(a.config)

@@ -61,10 +61,9 @@ def check(config: dict, where: str = "config") -> None:
         for j, row in enumerate(table["rows"]):
             key = f"tables.{i}.rows.{j}"
             wide = table["layout"] == "side_by_side"
-            if wide and "columns" not in row:
-                raise PapaError(f"{where}: {key}.columns: required by the side_by_side layout")
-            if not wide and "columns" in row:
-                raise PapaError(f"{where}: {key}.columns: only the side_by_side layout has column groups")
+            if wide != ("columns" in row):
+                raise PapaError(f"{where}: {key}.columns: " + ("required by the side_by_side layout" if wide else
+                                                               "only the side_by_side layout has column groups"))
             cell = (row["label"], row.get("columns"))
             if cell in labels:
                 what = f"{row['label']!r} with columns {row['columns']!r}" if wide else repr(row["label"])

@@ -195,8 +195,7 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
 
 
 def header(table: dict, key: str) -> tuple[str, str]:
-    """(group, measure) that column ``key`` shows, spelled out: ``PAPA-all Avg`` is (``PAPA-all``,
-    ``Average soup``). Column keys follow the paper's own headers (the paper CSVs use them)."""
+    """(group, measure) of column ``key`` spelled out: ``PAPA-all Avg`` is (``PAPA-all``, ``Average soup``)."""
     if table["layout"] == "side_by_side":
         groups = list(dict.fromkeys(r["columns"] for r in table["rows"]))
     elif table["layout"] in ("main", "detailed", "greedy_sizes", "mean_soup"):
@@ -312,8 +311,7 @@ def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
 
 def render(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int], md: str | Path, csv: str | Path,
            html: str | Path | None = None) -> None:
-    """Write table ``table`` (a config entry) from the tidy ``frame`` as Markdown and CSV, and as an HTML
-    page when ``html`` is given."""
+    """Write table ``table`` (a config entry) from ``frame`` as Markdown, CSV and (given ``html``) an HTML page."""
     grid = cells(table, frame, variants, seeds)
     outputs = {md: lambda: markdown(table, grid, seeds), csv: lambda: grid.to_csv(index=False)}
     if html is not None:
