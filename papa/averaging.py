@@ -1,13 +1,8 @@
 """Averaging a population in place: PAPA's push, PAPA-all, PAPA-2 and the weightings of Table 14.
 
-Every averaging is a row-stochastic p x p mixing matrix M applied along the member axis,
-theta_i <- sum_j M[i, j] theta_j. ``mixing_matrix`` builds M for each scheme; ``mix_`` applies any M.
-The common cases have cheaper in-place forms (a mean written back, a lerp toward the mean).
-
-``comm``: where the members live (papa.distributed). By default all of them are in ``pop``; under torchrun
-``pop`` holds one process's share and ``comm`` supplies the communication (the mean over all members, the
-members a matrix's rows read), while the math stays here.
-"""
+Every averaging is a row-stochastic p x p mixing matrix M along the member axis, theta_i <- sum_j M[i, j] theta_j
+(``mixing_matrix`` builds it, ``mix_`` applies it); the common cases have cheaper in-place forms. ``comm``: where
+the members live (papa.distributed); under torchrun ``pop`` holds one process's share and ``comm`` communicates."""
 
 from __future__ import annotations
 
@@ -19,9 +14,14 @@ from torch import Tensor
 from papa.population import Population, for_averaging, rounded
 
 SCHEMES = ("all", "pair-half", "pair-75", "many-half", "many-75", "dirichlet")
-"""Averaging schemes: PAPA-all, PAPA-2 (pair-half) and the ablation weightings of Table 14. Table 14's
-"GreedySoup" row (the config's scheme ``greedy``: every member replaced by the population's greedy soup) depends
+"""PAPA-all, PAPA-2 (pair-half) and the weightings of Table 14. Its "GreedySoup" row (scheme ``greedy``) depends
 on the members' validation accuracy, so papa.averagers builds its matrix with ``greedy_matrix``."""
+
+PAIR_SCHEMES = ("pair-half", "pair-75")  # rows mixing two members (PAPA-2 and Table 14's pair-75)
+
+PAIRINGS = ("random", "first")
+"""How PAPA-2 picks its partners: ``random``, from all p(p-1)/2 pairs (the paper's "different random pairs");
+``first``, from the first p pairs in lexicographic order only, as the authors' main.py:290-293 does."""
 
 
 def _check_weights(weights, p: int, device) -> Tensor:
@@ -48,11 +48,8 @@ def _pairs(m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
 
 @torch.no_grad()
 def mix_(pop: Population, matrix: Tensor, comm=None) -> Population:
-    """Replace member i by sum_j matrix[i, j] * member j, for every parameter and buffer.
-
-    Pair matrices (PAPA-2 and pair-75) gather the two partners with index_select into one scratch buffer
-    reused for every tensor, instead of a p x p contraction per tensor. Integer buffers are mixed in
-    float64 and rounded so that they stay integers."""
+    """Replace member i by sum_j matrix[i, j] * member j (integer buffers in float64, rounded). Pair matrices gather
+    the two partners into one scratch buffer reused for every tensor instead of a p x p contraction per tensor."""
     p = pop.size if comm is None else comm.p
     m = torch.as_tensor(matrix, dtype=torch.float64).cpu()
     if m.shape != (p, p):
@@ -69,7 +66,7 @@ def mix_(pop: Population, matrix: Tensor, comm=None) -> Population:
             continue
         first, second, wa, wb = pairs
         flat, members = t.view(t.shape[0], -1), members.reshape(members.shape[0], -1)
-        if scratch.get(t.dtype) is None or scratch[t.dtype].numel() < flat.numel():
+        if t.dtype not in scratch:  # sized for the largest tensor
             scratch[t.dtype] = torch.empty(max(x.numel() for _, x in pop.tensors()), dtype=t.dtype, device=t.device)
         a = scratch[t.dtype][: flat.numel()].view_as(flat)
         torch.index_select(members, 0, first, out=a)
@@ -93,11 +90,8 @@ def average_all_(pop: Population, weights=None, comm=None) -> Population:
 
 @torch.no_grad()
 def push_toward_average_(pop: Population, alpha: float, lr_ratio: float = 1.0, comm=None) -> Population:
-    """PAPA (§2.3): theta_j <- alpha' * theta_j + (1 - alpha') * mean(theta), for every member j, where
-    1 - alpha' = (1 - alpha) * lr_ratio (capped at 1): the push weakens with the learning rate when
-    ``lr_ratio`` is lr_t / lr_0, as in the paper.
-
-    alpha = 1 leaves the population unchanged, alpha = 0 (at lr_ratio 1) is PAPA-all."""
+    """PAPA (§2.3): theta_j <- alpha' * theta_j + (1 - alpha') * mean(theta), where 1 - alpha' = (1 - alpha) *
+    lr_ratio (capped at 1; lr_t / lr_0 in the paper). alpha = 1 changes nothing, alpha = 0 is PAPA-all."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     weight = min((1.0 - alpha) * lr_ratio, 1.0)  # of the mean
@@ -110,23 +104,13 @@ def push_toward_average_(pop: Population, alpha: float, lr_ratio: float = 1.0, c
         else:
             t.copy_(rounded(for_averaging(t).lerp(means[name].expand_as(t), weight), t.dtype))
     return pop
-PAIR_SCHEMES = ("pair-half", "pair-75")
-"""The schemes whose rows mix two members (PAPA-2 and Table 14's pair-75)."""
-
-PAIRINGS = ("random", "first")
-"""How PAPA-2 picks its partners: ``random``, from all p(p-1)/2 pairs (the paper's "different random pairs");
-``first``, from the first p pairs in lexicographic order only, as the authors' main.py:290-293 does."""
 
 
 def draw_pairs(p: int, generator: torch.Generator, n: int | None = None, pairs: str = "random") -> Tensor:
     """PAPA-2's partners: an (n, 2) tensor (n = p by default), row i the two distinct members averaged into
-    member i.
-
-    ``pairs="random"``: rows are drawn without replacement from all p(p-1)/2 unordered pairs (uniformly, so every
-    pair is reachable). ``pairs="first"``: the rows are the first n pairs in lexicographic order, (0, 1), (0, 2),
-    ..., (0, p-1), (1, 2), ..., in a random order (the authors' ``combinations(arange(p))[randperm(n)][:n]``): at
-    p = 10, 9 of the 10 rows contain member 0. Either way, only when there are fewer pairs than rows (p = 2) do
-    pairs repeat."""
+    member i. ``random``: rows drawn without replacement from all p(p-1)/2 pairs. ``first``: the first n pairs in
+    lexicographic order, (0, 1), (0, 2), ..., in a random order (the authors' ``combinations(arange(p))[randperm(n)]
+    [:n]``: at p = 10, 9 of the 10 rows contain member 0). Pairs repeat only when there are fewer than n (p = 2)."""
     if p < 2:
         raise ValueError("pair averaging needs at least 2 members")
     if pairs not in PAIRINGS:
@@ -145,16 +129,11 @@ def draw_pairs(p: int, generator: torch.Generator, n: int | None = None, pairs: 
 
 
 def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None, pairs: str = "random") -> Tensor:
-    """The p x p row-stochastic matrix of an averaging scheme (float64).
-
-    - ``all``: every row uniform (PAPA-all).
-    - ``pair-half`` / ``pair-75``: row i weights a random pair (distinct pairs from ``pairs``' choice, see
-      draw_pairs) 1/2 + 1/2, or 3/4 + 1/4 with the heavier member chosen at random (PAPA-2 is pair-half; the
-      authors' ``[random.randint(0, 1)]`` keeps either child of a pair-75 mix).
-    - ``many-half`` / ``many-75``: member i keeps 1/2 (3/4) of itself, the other p-1 share the rest equally
-      (identity plus uniform, as the authors' ``many_half``/``many_75``: recombine/permutations.py); not random.
-    - ``dirichlet``: each row drawn from a flat Dirichlet distribution.
-    """
+    """The p x p row-stochastic matrix (float64) of a scheme: ``all``, uniform rows (PAPA-all); ``pair-half`` /
+    ``pair-75``, row i weights a pair (``draw_pairs``) 1/2 + 1/2, or 3/4 + 1/4 with the heavier member at random (the
+    authors' ``[random.randint(0, 1)]``); ``many-half`` / ``many-75``, member i keeps 1/2 (3/4) of itself and the
+    other p-1 share the rest (the authors' ``many_half``/``many_75``, recombine/permutations.py); ``dirichlet``,
+    each row a flat Dirichlet draw."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown averaging scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
     if scheme in ("all", "many-half", "many-75"):
@@ -163,25 +142,23 @@ def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None,
         return torch.full((p, p), 1.0 / p, dtype=torch.float64)
     if generator is None:
         raise ValueError(f"scheme {scheme!r} is random and needs a generator")
-    m = torch.zeros(p, p, dtype=torch.float64)
-    rows = torch.arange(p)
-    if scheme in ("pair-half", "pair-75"):
+    m, rows = torch.zeros(p, p, dtype=torch.float64), torch.arange(p)
+    heavy = 0.5 if scheme.endswith("half") else 0.75
+    if scheme in PAIR_SCHEMES:
         partners = draw_pairs(p, generator, pairs=pairs)
         if scheme == "pair-75":
             flip = torch.rand(p, generator=generator) < 0.5
             partners = torch.where(flip[:, None], partners.flip(1), partners)
-        heavy = 0.5 if scheme == "pair-half" else 0.75
         m[rows, partners[:, 0]] += heavy
         m[rows, partners[:, 1]] += 1.0 - heavy
-    elif scheme in ("many-half", "many-75"):
-        if p < 2:
-            raise ValueError(f"scheme {scheme!r} needs at least 2 members")
-        heavy = 0.5 if scheme == "many-half" else 0.75
-        m[:] = (1.0 - heavy) / (p - 1)
-        m[rows, rows] = heavy
-    else:  # dirichlet: normalized exponentials are a flat Dirichlet draw
+    elif scheme == "dirichlet":  # normalized exponentials are a flat Dirichlet draw
         e = -torch.log(torch.rand(p, p, generator=generator, dtype=torch.float64).clamp_min(1e-300))
         m = e / e.sum(1, keepdim=True)
+    else:
+        if p < 2:
+            raise ValueError(f"scheme {scheme!r} needs at least 2 members")
+        m[:] = (1.0 - heavy) / (p - 1)
+        m[rows, rows] = heavy
     return m
 
 
@@ -198,12 +175,8 @@ def greedy_matrix(members: list[int], p: int) -> Tensor:
 
 
 def pair_average_(pop: Population, generator: torch.Generator) -> Tensor:
-    """PAPA-2: member i becomes the average of a random pair of distinct members.
-
-    Returns the mixing matrix used (row i: the weights that made member i)."""
-    m = mixing_matrix("pair-half", pop.size, generator)
-    mix_(pop, m)
-    return m
+    """PAPA-2: member i becomes the average of a random pair of distinct members; returns the mixing matrix."""
+    return weighted_average_(pop, "pair-half", generator)
 
 
 def weighted_average_(pop: Population, scheme: str, generator: torch.Generator | None = None) -> Tensor:

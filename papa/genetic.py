@@ -1,9 +1,8 @@
-"""Genetic-algorithm ablations of Tables 15-17 (ESGD-style), as the authors ran them (main.py): children are
-pairs of parents drawn either uniformly among distinct pairs or, with tournament selection, with probability
-proportional to 1 / validation loss; with elitism, min(6p, p(p-1)/2) children are made, REPAIRed and ranked
-with their parents by validation loss, and the best p survive (the best 60% first, the next ranked in a random
-order: the authors' "random" survivors are drawn from exactly those ranks). The paper shows they hurt; they
-exist to reproduce that."""
+"""Genetic-algorithm ablations of Tables 15-17 (ESGD-style), as the authors ran them (main.py): children are pairs
+of parents drawn uniformly among distinct pairs or, with tournament selection, with probability proportional to
+1 / validation loss; with elitism, min(6p, p(p-1)/2) children are made, REPAIRed and ranked with their parents by
+validation loss, and the best p survive (the best 60% first, the next ranked in a random order). The paper shows
+they hurt; they exist to reproduce that."""
 
 from __future__ import annotations
 
@@ -44,27 +43,18 @@ def child_rows(pairs: Tensor, p: int, heavy: float, generator: torch.Generator) 
     return rows
 
 
-def select(
-    p: int,
-    losses: Sequence[float],
-    scheme: str,
-    genetic: dict,
-    generator: torch.Generator,
-    children_losses: Callable[[Tensor], Sequence[float]],
-    pairs: str = "random",
-    heavy: float | None = None,
-) -> tuple[Tensor, list[int]]:
+def select(p: int, losses: Sequence[float], scheme: str, genetic: dict, generator: torch.Generator,
+           children_losses: Callable[[Tensor], Sequence[float]], pairs: str = "random",
+           heavy: float | None = None) -> tuple[Tensor, list[int]]:
     """One generation with tournament and/or elitist selection: the candidates' rows of weights over the p parents
-    (the children, then with elitism the parents' identity rows) and which candidate each of the p members
-    becomes.
+    (the children, then with elitism the parents' identity rows) and which candidate each member becomes.
 
-    ``losses``: the parents' validation losses. ``children_losses(rows)``: the validation losses of the children
-    ``rows`` (REPAIRed). Without elitism: p children, member i the i-th. With elitism: ``n_children`` children and
-    the p parents ranked by validation loss; the best ``ELITE_FRACTION`` of p first, then the next ranked up to p,
-    in a random order. ``pairs``: papa.averaging.draw_pairs' choice of partners without tournament selection
-    (with elitism the authors' children are every pair but for p > 13, where they are the first 6p). ``heavy``:
-    the heavier parent's weight instead of the scheme's (1.0: each child one of its parents, unmerged, as the
-    scripts make them after the last epoch)."""
+    ``losses``: the parents' validation losses; ``children_losses(rows)``: the (REPAIRed) children's. Without
+    elitism: p children, member i the i-th. With elitism: ``n_children`` children and the p parents ranked by
+    loss, the best ``ELITE_FRACTION`` of p first, then the next ranked up to p in a random order. ``pairs``:
+    draw_pairs' choice of partners without tournament selection (with elitism the authors' children are every pair
+    but for p > 13, where they are the first 6p). ``heavy``: the heavier parent's weight instead of the scheme's
+    (1.0: each child one of its parents, unmerged, as the scripts make them after the last epoch)."""
     if scheme not in PAIR_WEIGHTS:
         raise PapaError(f"genetic selection needs a pair scheme ({', '.join(PAIR_WEIGHTS)}), not {scheme!r}")
     if p < 3 and genetic["tournament"]:
@@ -83,7 +73,6 @@ def select(
 
 
 def selection_matrix(*args, **kwargs) -> Tensor:
-    """The p x p mixing matrix of one generation with tournament and/or elitist selection: ``select``'s
-    arguments; row i the weights of the candidate member i becomes."""
+    """The p x p mixing matrix of ``select(*args, **kwargs)``: row i the weights of the candidate member i becomes."""
     candidates, chosen = select(*args, **kwargs)
     return candidates[chosen]

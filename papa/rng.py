@@ -12,26 +12,21 @@ import torch
 
 
 def derive_seed(*keys: object) -> int:
-    """A stable 63-bit seed from any keys (run seed, member index, purpose...).
-
-    Python's hash() is salted per process, so a cryptographic digest of the keys' repr is used instead:
-    the same keys give the same seed on every machine and every run.
-    """
+    """A stable 63-bit seed from any keys (run seed, member index, purpose...): a digest of their repr, the same
+    on every machine and run (Python's hash() is salted per process)."""
     digest = hashlib.sha256(repr(keys).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
 def generator(*keys: object, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch.Generator seeded from `keys` (see derive_seed)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(*keys))
-    return g
+    """A torch.Generator seeded from ``keys`` (see derive_seed)."""
+    return torch.Generator(device=device).manual_seed(derive_seed(*keys))
 
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run a block (such as a module constructor, which draws from the global RNG) under `seed`,
-    restoring the global CPU and CUDA RNG states afterwards."""
+    """Run a block (such as a module constructor, which draws from the global RNG) under ``seed``, restoring the
+    global CPU and CUDA RNG states afterwards."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -40,8 +35,8 @@ def seeded(seed: int) -> Iterator[None]:
 
 @contextmanager
 def seeded_globals(seed: int):
-    """Run library code that draws from the global RNGs (torch, ``random``, numpy) under ``seed``, then put
-    the callers' RNG states back: the draws then come from our generator and disturb nothing else."""
+    """Run library code that draws from the global RNGs (torch, ``random``, numpy) under ``seed``, then put the
+    callers' RNG states back, so those draws disturb nothing else."""
     py, npy = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):

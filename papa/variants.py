@@ -1,12 +1,9 @@
-"""The variants, and when anything scheduled in a run happens: the one source that training, the config checks,
-smoke scale, the tables, the figures, the CLI and the schemas' test read. No torch: the Snakefile reads it too.
-
-A variant is a schedule and a scheme, chosen apart (as the authors' ``ema_alpha`` and ``method_comb``). The
-schedule is its ``unit``: ``none`` (the baseline), ``steps`` (a push toward the mean every ``every`` optimizer
-steps: papa.averagers.Push) or ``epochs`` (members replaced by mixtures every ``every`` epochs, never after the
-last: papa.averagers.Replace). The scheme is what one averaging computes: the push's ``alpha``, or the mixing
-matrix of ``averaging.<name>.scheme`` (papa.averaging.SCHEMES). A new variant is one entry of VARIANTS plus its
-``averaging`` block in the experiment schema (tests/unit/test_variants.py; docs/architecture.md)."""
+"""The variants, and when anything scheduled in a run happens: the one source training, the config checks, the
+tables, figures, CLI and schemas read (no torch: the Snakefile reads it too). A variant is a schedule, its ``unit``
+(``none``; ``steps``: a push toward the mean every ``every`` steps, papa.averagers.Push; ``epochs``: members
+replaced by mixtures every ``every`` epochs, papa.averagers.Replace), and a scheme (the push's ``alpha`` or
+``averaging.<name>.scheme``). A new variant is one entry of VARIANTS plus its ``averaging`` block in the experiment
+schema (tests/unit/test_variants.py; docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -43,42 +40,37 @@ def check(name: str) -> Variant:
 
 
 def by_unit(unit: str) -> list[str]:
-    """The names of the variants whose averaging period counts ``unit``, in order."""
     return [v.name for v in VARIANTS.values() if v.unit == unit]
 
 
 def in_window(window, done: int, total: int) -> bool:
-    """Whether ``done`` of ``total`` (steps or epochs) lies inside ``averaging.window`` (fractions of training):
-    the one window test of every averaging."""
+    """Whether ``done`` of ``total`` (steps or epochs) lies inside ``averaging.window`` (fractions of training)."""
     lo, hi = window
     return lo * total < done <= hi * total
+
+
+def _scripts_due(epoch: int, epochs: int, every: int, from_start: bool, window) -> bool:
+    """The scripts' test (main.py:217) on the 0-based epoch e = epoch - 1: ``e % k == 0 and (e > 0 or
+    mix_from_start) and e+1 >= lo*E and e+1 <= hi*E``, the window's bounds both inclusive."""
+    lo, hi = window
+    return (epoch - 1) % every == 0 and (epoch > 1 or from_start) and lo * epochs <= epoch <= hi * epochs
 
 
 def averages_after(epoch: int, epochs: int, every: int, from_start: bool, window, zero_based: bool = False) -> bool:
     """Whether an ``epochs`` variant averages after epoch ``epoch`` (1-based) of ``epochs``: every ``every``-th
     epoch and, with ``from_start`` (the authors' mix_from_start), the first; never after the last; inside the
-    window.
-
-    ``zero_based`` (fidelity option ``averaging_epochs``): the authors' scripts' test instead (main.py:217, on
-    the 0-based epoch e = epoch - 1: ``e % k == 0 and (e > 0 or mix_from_start) and e+1 >= lo*E and e+1 <= hi*E``),
-    that is after epochs k+1, 2k+1, ... (and 1 with ``from_start``), the window's bounds both inclusive; never
-    after the last either (main.py:271, 299: ``mix=epoch < EPOCHS - 1``)."""
+    window. ``zero_based`` (fidelity option ``averaging_epochs``): the scripts' test instead (``_scripts_due``:
+    after epochs k+1, 2k+1, ..., and 1 with ``from_start``), never after the last either (main.py:271, 299)."""
     if zero_based:
-        lo, hi = window
-        due = (epoch - 1) % every == 0 and (epoch > 1 or from_start)
-        return due and epoch < epochs and lo * epochs <= epoch <= hi * epochs
+        return _scripts_due(epoch, epochs, every, from_start, window) and epoch < epochs
     due = epoch % every == 0 or (from_start and epoch == 1)
     return due and epoch < epochs and in_window(window, epoch, epochs)
 
 
 def scripts_last_epoch(epoch: int, epochs: int, every: int, from_start: bool, window) -> bool:
-    """Whether the scripts' test (main.py:217, see ``averages_after``) fires after the last epoch ``epoch`` of
-    ``epochs``: (E - 1) % k == 0 (with k = 1 always) inside the window. The scripts then mix nothing (main.py:271,
-    299: ``mix=epoch < EPOCHS - 1``) but PAPA-2 still replaces each member by one member of its pair, and
-    mutations and elitism still run (papa.averagers.Replace.last_epoch)."""
-    lo, hi = window
-    due = (epoch - 1) % every == 0 and (epoch > 1 or from_start)
-    return epoch == epochs and due and lo * epochs <= epoch <= hi * epochs
+    """Whether the scripts' test fires after the last epoch ``epoch`` of ``epochs`` ((E - 1) % k == 0 inside the
+    window), where they mix nothing but still pair, mutate and select (papa.averagers.Replace.last_epoch)."""
+    return _scripts_due(epoch, epochs, every, from_start, window) and epoch == epochs
 
 
 def pushes_after(step: int, total: int, every: int, window) -> bool:
@@ -92,8 +84,8 @@ def zero_based(exp: dict) -> bool:
 
 
 def averaging_epochs(exp: dict, variant: str, window=None) -> list[int]:
-    """The epochs after which ``variant`` (an ``epochs`` variant) averages in a run of ``exp`` (with ``window``
-    instead of ``averaging.window`` if given), 1-based."""
+    """The epochs (1-based) after which ``variant`` (an ``epochs`` variant) averages in a run of ``exp`` (with
+    ``window`` instead of ``averaging.window`` if given)."""
     epochs, a = exp["train"]["epochs"], exp["averaging"][variant]
     window = exp["averaging"]["window"] if window is None else window
     return [e for e in range(1, epochs)
@@ -112,5 +104,4 @@ def swa_start_epoch(exp: dict) -> int | None:
     swa = exp["train"]["swa"]
     if swa is None:
         return None
-    start = swa["start"]
-    return round(start * exp["train"]["epochs"]) if start < 1 else int(start)
+    return round(swa["start"] * exp["train"]["epochs"]) if swa["start"] < 1 else int(swa["start"])
