@@ -1,10 +1,6 @@
-"""How each variant averages during training (Algorithm 1): one object per unit of papa.variants (``averager_for``
-picks it) behind what the training loop calls (``due_after_step``/``push``, ``due_after_epoch``/``average``),
-reading and changing the run through a ``Context``: ``Baseline`` (none: nothing is averaged), ``Push`` (steps;
-PAPA, §2.3: each member pulled toward the mean), ``Replace`` (epochs; PAPA-all, PAPA-2 and Table 14's
-weightings: members replaced by mixtures, then REPAIRed) and ``Genetic`` (``Replace`` with the tournament and
-elitist selection of Tables 15-17). Mutations and permutation alignment (``align``) apply to ``Push`` and
-``Replace`` alike; ``Progress.generation`` counts the averagings so far (mutations shrink as 1/g)."""
+"""How each variant averages during training (Algorithm 1), one class per unit of papa.variants (``averager_for``
+picks it): ``Baseline`` (nothing), ``Push`` (steps; PAPA, §2.3), ``Replace`` (epochs; PAPA-all, PAPA-2, Table 14's
+weightings, then REPAIR) and ``Genetic`` (``Replace`` with the selection of Tables 15-17)."""
 
 from __future__ import annotations
 
@@ -33,9 +29,7 @@ from papa.variants import VARIANTS, averages_after, pushes_after, scripts_last_e
 
 @dataclass
 class Context:
-    """What an averager reads and changes of a training run (papa.train.Trainer builds it once): the members
-    held by this process, their optimizer, training data and SWA averages, the run's progress, and how to score
-    networks on the validation split."""
+    """What an averager reads and changes of a training run (papa.train.Trainer builds it once)."""
 
     pop: Population
     comm: Local | Distributed  # the members held here, and the other processes' (torchrun)
@@ -49,6 +43,13 @@ class Context:
     val_accuracy: Callable[[nn.Module], float]  # one network's validation accuracy
     align_batches: Callable[[int | None], Batches]  # the first N (all: None) training images, for alignment
     epochs: int = 0  # the run's epochs (Replace: the scripts' last-epoch averaging, fidelity averaging_epochs)
+
+
+def _mix(pop: Population, matrix: Tensor | None, comm) -> None:  # matrix None: PAPA-all's plain average
+    if matrix is None:
+        averaging.average_all_(pop, comm=comm)
+    else:
+        averaging.mix_(pop, matrix, comm)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Baseline:
 
 @dataclass
 class _Averaging(Baseline):
-    """What every averaging variant shares: alignment before averaging, mutations after it."""
+    """Alignment before averaging, mutations after it (``Progress.generation`` counts the averagings)."""
 
     name: str = ""  # the variant's key under averaging:
     align: bool = False
@@ -85,20 +86,20 @@ class _Averaging(Baseline):
             permutation_spec(ctx.pop.template)  # fails now, not at the first averaging, on other models
 
     def align_(self, ctx: Context, target: str = "member") -> None:
-        """Permute every member's units to match member 0's (Appendix A.4), with the optimizer state that
-        follows them (momentum, Adam moments), so each member computes and trains on exactly as before.
-        ``scripts_alignment``: the optimizer state stays as it is (the scripts permute only networks), and with
-        ``target="running-soup"`` each member matches the average of those aligned before it."""
-        state, companions = ctx.optimizer.state, []
-        for key in sorted({k for st in state.values() for k in st}) if not self.scripts_alignment else ():
-            companions.append({name: state[p][key] for name, p in ctx.pop.params.items()
-                               if torch.is_tensor(state.get(p, {}).get(key)) and state[p][key].shape == p.shape})
+        """Permute every member's units to match member 0's (Appendix A.4), with the optimizer state that follows
+        them (momentum, Adam moments). ``scripts_alignment``: the optimizer state stays (the scripts permute only
+        networks), and ``target="running-soup"`` matches each member to the average of those aligned before it."""
+        state = ctx.optimizer.state
+        keys = () if self.scripts_alignment else sorted({k for st in state.values() for k in st})
+        companions = [{name: state[p][key] for name, p in ctx.pop.params.items()
+                       if torch.is_tensor(state.get(p, {}).get(key)) and state[p][key].shape == p.shape}
+                      for key in keys]
         align_members_(ctx.pop, ctx.align_batches(self.align_images), reference=0, companions=companions,
                        target=target)
 
     def mutate_(self, ctx: Context, gen: torch.Generator, pop: Population | None = None) -> None:
-        """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (the ablations of Tables 15-17), of the
-        run's members or of ``pop`` (the authors' elitism mutates its children before they are scored)."""
+        """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (Tables 15-17), of the members or of ``pop``
+        (the authors' elitism mutates its children before they are scored)."""
         if self.mutation_std <= 0:
             return
         seed = int(torch.randint(2**62, (), generator=gen))
@@ -125,24 +126,20 @@ class Push(_Averaging):
         return pushes_after(step, total, self.every, self.window)
 
     def push(self, ctx: Context, lr: float) -> None:
-        """The push after the current step, at learning rate ``lr``."""
         if self.align:
             self.align_(ctx)
         lr_ratio = lr / self.lr0 if self.scale_with_lr else 1.0
         averaging.push_toward_average_(ctx.pop, self.alpha, lr_ratio, comm=ctx.comm)
         ctx.progress.generation += 1
-        if self.mutation_std > 0:
-            self.mutate_(ctx, generator(ctx.seed, "mutate", ctx.progress.step))
+        self.mutate_(ctx, generator(ctx.seed, "mutate", ctx.progress.step))
 
 
 @dataclass
 class Replace(_Averaging):
-    """PAPA-all / PAPA-2: every ``every`` epochs (never after the last one; also after the first with
-    ``from_start``, the authors' mix_from_start), the members are replaced by the rows of a ``scheme`` mixing
-    matrix, then REPAIRed (the ``repair_layers`` of papa.repair.LAYER_SETS) on ``repair_iters`` batches of each
-    member's own augmented data, computed and fused as ``repair_fusion`` says (papa.repair.FUSIONS). ``mix_swa``:
-    members' SWA averages are mixed alike (train.swa.mix_averages).
-    ``greedy_criterion``: the ``greedy`` scheme's (papa.soups.GREEDY_CRITERIA)."""
+    """PAPA-all / PAPA-2: every ``every`` epochs (never after the last; also after the first with ``from_start``,
+    the authors' mix_from_start), the members are replaced by the rows of a ``scheme`` mixing matrix, then
+    REPAIRed (papa.repair's ``repair_layers`` and ``repair_fusion``) on ``repair_iters`` batches of each member's
+    own augmented data. ``mix_swa``: the members' SWA averages are mixed alike."""
 
     every: int = 5
     scheme: str = "all"
@@ -151,7 +148,7 @@ class Replace(_Averaging):
     repair_layers: str = "conv+linear"
     repair_fusion: str = "exact"
     from_start: bool = False
-    greedy_criterion: str = ">="
+    greedy_criterion: str = ">="  # the ``greedy`` scheme's (papa.soups.GREEDY_CRITERIA)
     mix_swa: bool = False
     pairs: str = "random"  # PAPA-2's partners (papa.averaging.PAIRINGS; fidelity option papa2_pairs)
     zero_based: bool = False  # the scripts' averaging epochs (papa.variants.averages_after; averaging_epochs)
@@ -172,14 +169,13 @@ class Replace(_Averaging):
 
     def last_epoch(self, ctx: Context) -> bool:
         """Whether this averaging follows the run's last epoch, which only the scripts' test reaches (fidelity
-        averaging_epochs: main.py:217 fires there when (E - 1) % k == 0): nothing is mixed or REPAIRed then
-        (main.py:271, 299-311, ``mix=epoch < EPOCHS - 1``), but PAPA-2 still replaces each member by one unmerged
-        member of its pair, and mutations and elitism still run (main.py:313-337)."""
+        averaging_epochs: main.py:217): nothing is mixed or REPAIRed then (main.py:271, 299-311), but PAPA-2 still
+        replaces each member by one member of its pair, and mutations and elitism still run (main.py:313-337)."""
         return 0 < ctx.epochs <= ctx.progress.epoch
 
     def matrix(self, ctx: Context, gen: torch.Generator) -> Tensor | None:
         """This generation's mixing matrix; None for PAPA-all's plain average. ``greedy``: every row the greedy
-        soup's weights (Algorithm 3 on the validation split; the authors' greedy_soup method_comb)."""
+        soup's weights (Algorithm 3 on the validation split)."""
         if self.scheme == "all":
             return None
         if self.scheme != "greedy":
@@ -202,21 +198,18 @@ class Replace(_Averaging):
     def average(self, ctx: Context) -> None:
         """The averaging after the current epoch, with its REPAIR.
 
-        ``scripts_alignment`` (with ``align``), as the scripts align (recombine/permutations.py:47-52, 103-106,
-        122-125): PAPA-2 and pair-75 within each pair in turn (``pair_average``); PAPA-all each member to the running
-        soup in member order and ``greedy`` to the greedy soup so far, both after REPAIR's moments are measured
-        on the unaligned members (permutations.py:133 passes ``nets``, never permuted for avg and greedy_soup,
-        so the soup's channels meet member j's moments unmatched for j > 0); many-half, many-75 and dirichlet
-        every member to member 0 as the paper does. The optimizer state is never permuted."""
+        ``scripts_alignment`` (with ``align``) aligns as the scripts do (recombine/permutations.py:47-52, 103-106,
+        122-125): PAPA-2 and pair-75 within each pair (``pair_average``); PAPA-all each member to the running soup
+        and ``greedy`` to the greedy soup so far, both after REPAIR's moments are measured on the unaligned
+        members (permutations.py:133); the other schemes every member to member 0, as the paper does."""
         comm = ctx.comm
         gen = self.next_generation(ctx)
         scripts = self.align and self.scripts_alignment
         pairs = self.scheme in averaging.PAIR_SCHEMES
         plain = self.plain_pair_repair and pairs
 
-        def batches(member, g):  # member j's own augmentation, a generator seeded 666 (Algorithm 5)
-            # plain: the base transform for every member, parents and child alike (the authors' pair REPAIR,
-            # recombine/permutations.py:69-75, measures train_dset_noaug)
+        def batches(member, g):  # member j's own augmentation, a generator seeded 666 (Algorithm 5); plain: the
+            # base transform for every member (the authors' pair REPAIR, recombine/permutations.py:69-75)
             return ctx.stream.member_batches(None if plain else member, g, self.repair_iters)
 
         last = self.last_epoch(ctx)
@@ -233,36 +226,26 @@ class Replace(_Averaging):
         if scripts and self.scheme == "all":
             self.align_(ctx, target="running-soup")
         matrix = self.matrix(ctx, gen)
-        uniform = matrix is None
-        if uniform:
-            averaging.average_all_(ctx.pop, comm=comm)
-            matrix = averaging.mixing_matrix("all", comm.p)
-        else:
-            averaging.mix_(ctx.pop, matrix, comm)
+        _mix(ctx.pop, matrix, comm)
         if self.repair:
-            repair_population_(ctx.pop, matrix[comm.members], batches, moments, self.repair_iters,
+            rows = averaging.mixing_matrix("all", comm.p) if matrix is None else matrix
+            repair_population_(ctx.pop, rows[comm.members], batches, moments, self.repair_iters,
                                members=comm.members, stacked=ctx.stacked, layers=self.repair_layers,
                                fusion=self.repair_fusion)
-        self.mix_swa_(ctx, None if uniform else matrix)
+        self.mix_swa_(ctx, matrix)
         self.mutate_(ctx, gen)
 
     def mix_swa_(self, ctx: Context, matrix: Tensor | None) -> None:
-        """With ``mix_swa``, the members' SWA averages mixed as the members just were (``matrix`` None: PAPA-all's
-        plain average). The mixing is linear, so each stays the running mean of its mixed lineage's iterates;
-        REPAIR is not applied to them, the final BatchNorm recomputation does that work."""
-        if not (self.mix_swa and ctx.swa is not None and ctx.swa.count):
-            return
-        if matrix is None:
-            averaging.average_all_(ctx.swa.average, comm=ctx.comm)
-        else:
-            averaging.mix_(ctx.swa.average, matrix, ctx.comm)
+        """With ``mix_swa``, the members' SWA averages mixed as the members just were (linear: each stays the
+        running mean of its lineage's iterates; the final BatchNorm recomputation stands in for REPAIR)."""
+        if self.mix_swa and ctx.swa is not None and ctx.swa.count:
+            _mix(ctx.swa.average, matrix, ctx.comm)
 
     def pair_average(self, ctx: Context, gen: torch.Generator, batches, last: bool = False) -> None:
         """PAPA-2 and pair-75 as the scripts run them pair by pair (recombine/permutations.py:32-76, main.py:
-        308-311): each row's pair (a, b), a < b, with b aligned to a when ``scripts_alignment`` (``align_pairs``:
-        the alignments accumulate over the rows), mixed by the row's weights and REPAIRed toward the two parents'
-        moments. ``last``: nothing is mixed; member i becomes a or b of its pair, drawn from ``gen`` (the scripts'
-        ``[random.randint(0, 1)]``)."""
+        308-311): each row's pair (a, b), a < b, with b aligned to a when ``scripts_alignment`` (the alignments
+        accumulate over the rows), mixed by the row's weights and REPAIRed toward the two parents' moments.
+        ``last``: nothing is mixed; member i becomes a or b of its pair, drawn from ``gen``."""
         matrix = self.matrix(ctx, gen)
         pairs = [tuple(row.nonzero().flatten().tolist()) for row in matrix]
         aligned = ctx.align_batches(self.align_images) if self.align and self.scripts_alignment else None
@@ -292,13 +275,10 @@ class Replace(_Averaging):
 
 @dataclass
 class Genetic(Replace):
-    """``Replace`` whose mixtures come from tournament and/or elitist selection (papa.genetic), judged by
-    validation loss as the authors' code does. Elitism's children are scored after a REPAIR toward their
-    parents' moments on unaugmented training batches (the authors' pair REPAIR reads un-augmented data); the
-    survivors are then mixed and REPAIRed like every averaging, each on its own augmented data, and mutated.
-    ``scripts_elitism`` (fidelity option elitism): the authors' order instead (main.py:308-337): the REPAIRed
-    children are mutated, then scored with the unmutated parents, and the survivors replace the members as they
-    are (a surviving parent is left untouched: not mixed, REPAIRed nor mutated again)."""
+    """``Replace`` whose mixtures come from tournament and/or elitist selection by validation loss (papa.genetic).
+    Elitism's children are scored after a REPAIR on un-augmented batches; the survivors are then mixed, REPAIRed and
+    mutated like every averaging. ``scripts_elitism`` (fidelity option elitism), the authors' order (main.py:308-337):
+    the REPAIRed children are mutated, scored with the parents, and the survivors replace the members as they are."""
 
     tournament: bool = False
     elitism: bool = False
@@ -313,8 +293,7 @@ class Genetic(Replace):
                             "(fidelity alignment_target: authors) is not implemented for the genetic ablations")
 
     def _select(self, ctx: Context, gen: torch.Generator, mutate: bool) -> tuple[Tensor, list[int], Population]:
-        """The generation's candidates, the survivors' indices among them and the children as scored (REPAIRed,
-        and mutated first when ``mutate``)."""
+        """The candidates, the survivors' indices among them and the children as scored."""
         losses = [loss for _, loss in ctx.val_scores(ctx.pop)]
         made = []
         last = self.last_epoch(ctx)  # the children are unmerged members, not REPAIRed (main.py:299-311)
@@ -344,7 +323,9 @@ class Genetic(Replace):
         return candidates[chosen]
 
     def average(self, ctx: Context) -> None:
-        if not (self.elitism and self.scripts_elitism) and self.last_epoch(ctx):
+        if not (self.elitism and self.scripts_elitism):
+            if not self.last_epoch(ctx):
+                return super().average(ctx)
             gen = self.next_generation(ctx)  # the candidates are unmerged members: each row picks one
             rows = self.matrix(ctx, gen)
             with torch.no_grad():
@@ -352,25 +333,19 @@ class Genetic(Replace):
             self.mix_swa_(ctx, rows)
             self.mutate_(ctx, gen)
             return None
-        if not (self.elitism and self.scripts_elitism):
-            return super().average(ctx)
         gen = self.next_generation(ctx)
         if self.align:
             self.align_(ctx)
         candidates, chosen, children = self._select(ctx, gen, mutate=True)
-        n = children.size
-        with torch.no_grad():
-            made = children.state_dict()
-            survivors = {name: torch.stack([made[name][c] if c < n else t[c - n] for c in chosen])
-                         for name, t in ctx.pop.tensors()}
-            for name, t in ctx.pop.tensors():
-                t.copy_(survivors[name])
+        n, made = children.size, children.state_dict()
+        with torch.no_grad():  # a surviving parent is left as it is: not mixed, REPAIRed nor mutated again
+            ctx.pop.load_state_dict({name: torch.stack([made[name][c] if c < n else t[c - n] for c in chosen])
+                                     for name, t in ctx.pop.tensors()})
         self.mix_swa_(ctx, candidates[chosen])
 
 
 def averager_for(variant: str, exp: dict) -> Baseline:
-    """The averaging of ``variant`` with ``exp``'s settings: by its unit (papa.variants), a ``Baseline``, a
-    ``Push`` or a ``Replace`` (``Genetic`` with the genetic ablations) reading ``averaging.<variant>``."""
+    """The averaging of ``variant`` (by its unit, papa.variants) with ``exp``'s ``averaging.<variant>``."""
     a, unit = exp["averaging"], VARIANTS[variant].unit
     window = tuple(a["window"])
     if unit == "none":

@@ -1,8 +1,6 @@
-"""Model soups (Wortsman et al., 2022) and the logit ensemble: a population in, plain modules out.
-
-``make_soups`` is the paper's recipe: the average soup and the greedy soup, each also REPAIRed, optionally of
-permutation-aligned members (Appendix A.4: each member aligned to the soup built so far before it is added).
-"""
+"""Model soups (Wortsman et al., 2022) and the logit ensemble: a population in, plain modules out. ``make_soups``
+is the paper's recipe: the average and greedy soups, each also REPAIRed, optionally of permutation-aligned members
+(Appendix A.4)."""
 
 from __future__ import annotations
 
@@ -19,7 +17,11 @@ from papa.population import Population
 from papa.repair import member_moments, repair
 
 SOUPS = ("avg_soup", "greedy_soup", "avg_soup_repair", "greedy_soup_repair")
-"""The four soups of ``make_soups``, under the names soups.safetensors and metrics.json use."""
+"""The four soups of ``make_soups``, named as in soups.safetensors and metrics.json."""
+
+GREEDY_CRITERIA = (">=", ">")
+"""When the greedy soup keeps a member: its score does not decrease (``>=``, Algorithm 3 of the paper), or it
+strictly increases (``>``, the authors' code: models/combined.py ``if train_or_val_acc_new > train_or_val_acc``)."""
 
 
 def average_soup(pop: Population, weights=None) -> nn.Module:
@@ -28,22 +30,16 @@ def average_soup(pop: Population, weights=None) -> nn.Module:
     return pop.module_from_state(pop.combine(w))
 
 
-def _mean(modules: list[nn.Module]) -> nn.Module:
-    return average_soup(Population.from_modules(modules))
-
-
-GREEDY_CRITERIA = (">=", ">")
-"""When the greedy soup keeps a member: its score does not decrease (``>=``, Algorithm 3 of the paper), or it
-strictly increases (``>``, the authors' code: models/combined.py ``if train_or_val_acc_new > train_or_val_acc``)."""
+def _scores(pop: Population, score: Callable[[nn.Module], float]) -> list[float]:
+    return [float(score(pop.member(j))) for j in range(pop.size)]
 
 
 def _greedy(scores: Sequence[float], score: Callable[[nn.Module], float],
             soup_of: Callable[[list[int], nn.Module | None], nn.Module],
             criterion: str = ">=") -> tuple[list[int], nn.Module | None]:
-    """Algorithm 3's loop: members sorted by ``scores`` (higher is better, ties in member order), the best
-    first; each next member j is tried as the soup ``soup_of(members, current soup or None)`` and kept when
-    the soup's score passes ``criterion`` (``GREEDY_CRITERIA``) against the best so far. Returns the members
-    kept, in the order added, and the last soup kept (None: the best alone)."""
+    """Algorithm 3's loop: members by decreasing ``scores`` (ties in member order); each next member j is tried as
+    the soup ``soup_of(members, current soup or None)`` and kept when its score passes ``criterion`` against the
+    best so far. Returns the members kept, in the order added, and the last soup kept (None: the best alone)."""
     if criterion not in GREEDY_CRITERIA:
         raise ValueError(f"greedy criterion must be one of {', '.join(GREEDY_CRITERIA)}, got {criterion!r}")
     order = sorted(range(len(scores)), key=lambda j: -scores[j])
@@ -59,30 +55,26 @@ def _greedy(scores: Sequence[float], score: Callable[[nn.Module], float],
 
 def greedy_soup(pop: Population, score: Callable[[nn.Module], float], criterion: str = ">=",
                 scores: Sequence[float] | None = None) -> tuple[nn.Module, list[int]]:
-    """Greedy soup, Algorithm 3 (see ``_greedy``). Returns the soup and the indices of the members it
-    averages, in the order they were added. ``scores``: the members' scores when the caller has them."""
-    if scores is None:
-        scores = [float(score(pop.member(j))) for j in range(pop.size)]
+    """Greedy soup, Algorithm 3: the soup and its members, in the order added. ``scores``: the members' scores
+    when the caller has them."""
+    scores = _scores(pop, score) if scores is None else scores
     included, _ = _greedy(scores, score, lambda members, _: average_soup(pop, subset_weights(pop.size, members)),
                           criterion)
     return average_soup(pop, subset_weights(pop.size, included)), included
 
 
-def sequential_alignment(
-    pop: Population, batches: Batches, order: Sequence[int] | None = None, seed: int = 666
-) -> Population:
-    """Every member aligned to the running average: ``order[0]`` (default member 0) is kept, each next member
-    is aligned to the average of the (aligned) members before it. The result keeps member order."""
+def sequential_alignment(pop: Population, batches: Batches, order: Sequence[int] | None = None,
+                         seed: int = 666) -> Population:
+    """Every member aligned to the running average: ``order[0]`` (default member 0) is kept, each next member is
+    aligned to the average of the (aligned) members before it. The result keeps member order."""
     perms = running_soup_permutations(pop, batches, order, seed)
     return Population.from_modules([permute(pop.member(j), perms[j]) if j in perms else pop.member(j)
                                     for j in range(pop.size)])
 
 
-def aligned_average_soup(
-    pop: Population, batches: Batches, order: Sequence[int] | None = None, seed: int = 666
-) -> nn.Module:
-    """The average soup of ``sequential_alignment(pop, batches, order)``: members in member order unless
-    ``order`` is given (e.g. by decreasing validation accuracy)."""
+def aligned_average_soup(pop: Population, batches: Batches, order: Sequence[int] | None = None,
+                         seed: int = 666) -> nn.Module:
+    """The average soup of ``sequential_alignment(pop, batches, order)``."""
     return average_soup(sequential_alignment(pop, batches, order, seed))
 
 
@@ -90,23 +82,18 @@ def greedy_alignment(
     pop: Population, score: Callable[[nn.Module], float], batches: Batches, seed: int = 666,
     scores: Sequence[float] | None = None, criterion: str = ">=",
 ) -> tuple[Population, list[int], nn.Module]:
-    """Appendix A.4's aligned greedy soup: ``greedy_soup``, but every next member is aligned to the current
-    soup (the best member at first) before it is tried.
-
-    Returns the population of aligned members (each as aligned when it was tried, the best unchanged), the
-    indices of the soup's members in the order they were added, and the soup (the uniform average of those
-    aligned members): REPAIR the soup against the aligned population, not the original one. ``scores``:
-    the members' scores when the caller already has them (saves evaluating each member again)."""
+    """Appendix A.4's aligned greedy soup: ``greedy_soup``, but every next member is aligned to the current soup
+    (the best member at first) before it is tried. Returns the aligned members (each as aligned when tried), the
+    soup's members in the order added, and the soup: REPAIR it against the aligned population, not the original."""
     batches = reusable(batches)
-    if scores is None:
-        scores = [float(score(pop.member(j))) for j in range(pop.size)]
+    scores = _scores(pop, score) if scores is None else scores
     aligned: dict[int, nn.Module] = {}
 
     def soup_of(members: list[int], soup: nn.Module | None) -> nn.Module:
         first, j = members[0], members[-1]
         aligned.setdefault(first, pop.member(first))
         aligned[j] = align(pop.member(j), aligned[first] if soup is None else soup, batches, seed)
-        return _mean([aligned[i] for i in members])
+        return average_soup(Population.from_modules([aligned[i] for i in members]))
 
     included, soup = _greedy(scores, score, soup_of, criterion)
     aligned.setdefault(included[0], pop.member(included[0]))
@@ -114,35 +101,25 @@ def greedy_alignment(
     return Population.from_modules([aligned[j] for j in range(pop.size)]), included, soup
 
 
-def aligned_greedy_soup(
-    pop: Population, score: Callable[[nn.Module], float], batches: Batches, seed: int = 666
-) -> tuple[nn.Module, list[int]]:
+def aligned_greedy_soup(pop: Population, score: Callable[[nn.Module], float], batches: Batches,
+                        seed: int = 666) -> tuple[nn.Module, list[int]]:
     """The greedy soup with permutation alignment (``greedy_alignment`` without the aligned population)."""
     _, included, soup = greedy_alignment(pop, score, batches, seed)
     return soup, included
 
 
 def make_soups(pop: Population, score: Callable[[nn.Module], float], repair_batches: Batches, iters: int = 5,
-               seed: int = 666, align_batches: Batches | None = None, stacked: bool = False,
-               criterion: str = ">=", layers: str = "conv+linear", fusion: str = "exact",
-               ) -> tuple[dict[str, nn.Module], list[int]]:
-    """The paper's four soups (``SOUPS``): the average soup and the greedy soup (greedy by ``score``, higher is
-    better, e.g. validation accuracy, keeping a member by ``criterion``, see ``GREEDY_CRITERIA``), each also
-    REPAIRed (the ``layers`` of papa.repair.LAYER_SETS) on ``iters`` batches of ``repair_batches`` (``seed``)
-    with the moments of the members it averages (measured vmapped with ``stacked``), computed and fused as
-    ``fusion`` says (papa.repair.FUSIONS). Returns them and the
-    greedy soup's members, in the order added.
-
-    A soup of one member is that member (the paper's "GreedySoup is just the best model", P:l.388): it is not
-    REPAIRed, so no BatchNorm statistic is rebuilt either (the authors REPAIR a soup only when it averages more
-    than one network, models/combined.py ``if self.args.repair_soup and n > 1``).
-
-    With ``align_batches`` the members are permutation-aligned first (Appendix A.4), sorted by ``score``: each
-    is aligned to the soup built so far (the running average for the average soup, the current greedy soup
-    for the greedy soup) before it is added, and REPAIR takes its targets from the aligned members."""
+               seed: int = 666, align_batches: Batches | None = None, stacked: bool = False, criterion: str = ">=",
+               layers: str = "conv+linear", fusion: str = "exact") -> tuple[dict[str, nn.Module], list[int]]:
+    """The paper's four soups (``SOUPS``), the average and greedy soups (by ``score``, higher is better), each also
+    REPAIRed (papa.repair's ``layers`` and ``fusion``) on ``iters`` batches of ``repair_batches`` with the moments
+    of the members it averages; and the greedy soup's members, in the order added. A soup of one member is that
+    member, not REPAIRed (P:l.388; models/combined.py ``if self.args.repair_soup and n > 1``). With
+    ``align_batches`` the members, by decreasing score, are each aligned to the soup built so far (Appendix A.4)
+    and REPAIR takes its targets from the aligned members."""
     if align_batches is not None:
         permutation_spec(pop.template)  # a one-line error on architectures alignment does not support
-        scores = [float(score(pop.member(j))) for j in range(pop.size)]
+        scores = _scores(pop, score)
         avg_pop = sequential_alignment(pop, align_batches, sorted(range(pop.size), key=lambda j: -scores[j]))
         greedy_pop, members, greedy = greedy_alignment(pop, score, align_batches, scores=scores,
                                                        criterion=criterion)
@@ -160,23 +137,19 @@ def make_soups(pop: Population, score: Callable[[nn.Module], float], repair_batc
         return repair(soup, of, repair_batches, iters, seed, weights=weights, moments=moments[id(of)], layers=layers,
                       fusion=fusion)
 
-    return {
-        "avg_soup": avg,
-        "greedy_soup": greedy,
-        "avg_soup_repair": repaired(avg, avg_pop, subset_weights(pop.size, range(pop.size))),
-        "greedy_soup_repair": repaired(greedy, greedy_pop, subset_weights(pop.size, members)),
-    }, members
+    return {"avg_soup": avg, "greedy_soup": greedy,
+            "avg_soup_repair": repaired(avg, avg_pop, subset_weights(pop.size, range(pop.size))),
+            "greedy_soup_repair": repaired(greedy, greedy_pop, subset_weights(pop.size, members))}, members
 
 
 def logit_ensemble(logits: Sequence[Tensor]) -> Tensor:
-    """The ensemble's logits from its members' logits (one tensor per member, same shape): their mean.
-    The ensemble of every reported number (metrics.json, whole-tile segmentation scores) is this one; averaged
-    probabilities or a majority vote would rank some inputs differently."""
+    """The ensemble's logits, the mean of its members' (one tensor each, same shape): the ensemble of every
+    reported number (averaged probabilities or a majority vote would rank some inputs differently)."""
     return torch.stack(list(logits)).mean(0)
 
 
 @torch.no_grad()
 def ensemble_logits(pop: Population, x: Tensor) -> Tensor:
-    """The logit-average ensemble (``logit_ensemble``) of the members in eval mode on ``x``."""
+    """The logit-average ensemble of the members in eval mode on ``x``."""
     with eval_mode(pop.template):
         return logit_ensemble([pop.forward(j, x) for j in range(pop.size)])

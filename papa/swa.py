@@ -1,12 +1,7 @@
-"""Stochastic weight averaging for a population (Izmailov et al., 2018; paper A.11).
-
-Each member keeps the equal-weight running mean of its end-of-epoch iterates during the SWA phase, as one
-stacked tensor per parameter (torch.optim.swa_utils' multi-tensor SWA update over the member axis). At the
-end the members are replaced by their averages and their BatchNorm statistics recomputed on training data
-(papa.repair.reset_batchnorm_, update_bn's cumulative average), for all members at once.
-
-The learning rate follows SWALR (papa.build.lr_factor, beside the regular schedule).
-"""
+"""Stochastic weight averaging for a population (Izmailov et al., 2018; paper A.11): each member keeps the running
+mean of its end-of-epoch iterates during the SWA phase, one stacked tensor per parameter (torch.optim.swa_utils'
+multi-tensor update over the member axis); at the end the members become their averages and their BatchNorm
+statistics are recomputed (papa.repair.reset_batchnorm_). The learning rate follows SWALR (papa.build.lr_factor)."""
 
 from __future__ import annotations
 
@@ -18,11 +13,9 @@ from papa.population import Population
 
 
 class SWA:
-    """Every member's running average of its parameters (buffers are recomputed, not averaged, as in
-    ``AveragedModel(use_buffers=False)`` followed by ``update_bn``).
-
-    ``average`` is a Population holding the averages as its parameters (no buffers), so the communicator's
-    averaging and mixing apply to it as to the members."""
+    """Every member's running average of its parameters (buffers are recomputed, not averaged, as with
+    ``AveragedModel(use_buffers=False)`` and ``update_bn``). ``average`` is a Population holding the averages as
+    its parameters, so the communicator's averaging and mixing apply to it as to the members."""
 
     def __init__(self, pop: Population):
         with torch.no_grad():
@@ -48,14 +41,14 @@ class SWA:
     def state(self) -> tuple[dict[str, Tensor], int]:
         return {f"swa.{n}": t for n, t in self.average.params.items()}, self.count
 
+    @torch.no_grad()
     def load_state(self, tensors: dict[str, Tensor], count: int) -> None:
-        own = {f"swa.{n}": t for n, t in self.average.params.items()}
+        own, _ = self.state()
         missing = own.keys() - tensors.keys()
         if missing:
             raise ValueError(f"SWA averages missing for {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for key, t in own.items():
-                if tensors[key].shape != t.shape:
-                    raise ValueError(f"{key}: expected shape {tuple(t.shape)}, found {tuple(tensors[key].shape)}")
-                t.copy_(tensors[key])
+        for key, t in own.items():
+            if tensors[key].shape != t.shape:
+                raise ValueError(f"{key}: expected shape {tuple(t.shape)}, found {tuple(tensors[key].shape)}")
+            t.copy_(tensors[key])
         self.count = count
