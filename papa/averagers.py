@@ -190,6 +190,11 @@ class Replace(_Averaging):
             _, members = greedy_soup(ctx.pop, ctx.val_accuracy, self.greedy_criterion, scores=scores)
         return averaging.greedy_matrix(members, ctx.comm.p)
 
+    def batches(self, ctx: Context, plain: bool) -> Callable:
+        """REPAIR's batches of member j: its own augmentation with a generator seeded 666 (Algorithm 5); ``plain``:
+        the base transform for every member (the authors' pair REPAIR, recombine/permutations.py:69-75)."""
+        return lambda member, g: ctx.stream.member_batches(None if plain else member, g, self.repair_iters)
+
     def next_generation(self, ctx: Context) -> torch.Generator:
         """Count this averaging; the generator of its draws (partners, weights, selection, mutations)."""
         ctx.progress.generation += 1
@@ -206,12 +211,7 @@ class Replace(_Averaging):
         gen = self.next_generation(ctx)
         scripts = self.align and self.scripts_alignment
         pairs = self.scheme in averaging.PAIR_SCHEMES
-        plain = self.plain_pair_repair and pairs
-
-        def batches(member, g):  # member j's own augmentation, a generator seeded 666 (Algorithm 5); plain: the
-            # base transform for every member (the authors' pair REPAIR, recombine/permutations.py:69-75)
-            return ctx.stream.member_batches(None if plain else member, g, self.repair_iters)
-
+        batches = self.batches(ctx, self.plain_pair_repair and pairs)
         last = self.last_epoch(ctx)
         if last or pairs and scripts:  # after the last epoch the scripts mix nothing else
             if pairs:
@@ -297,11 +297,9 @@ class Genetic(Replace):
         losses = [loss for _, loss in ctx.val_scores(ctx.pop)]
         made = []
         last = self.last_epoch(ctx)  # the children are unmerged members, not REPAIRed (main.py:299-311)
+        plain = self.batches(ctx, plain=True)
 
         def children_losses(rows: Tensor) -> list[float]:
-            def plain(_member, g):
-                return ctx.stream.member_batches(None, g, self.repair_iters)
-
             children = Population.from_modules([ctx.pop.module_from_state(ctx.pop.combine(r)) for r in rows])
             if self.repair and not last:
                 moments = member_moments(ctx.pop, plain, self.repair_iters, stacked=ctx.stacked,

@@ -23,13 +23,12 @@ class Variant:
     unit: str  # what its averaging period counts (UNITS)
 
 
-VARIANTS = {v.name: v for v in (
+VARIANTS = {v.name: v for v in (  # in the order the tables and figures show them
     Variant("baseline", "Baseline", "C0", "none"),
     Variant("papa", "PAPA", "C1", "steps"),
     Variant("papa-all", "PAPA-all", "C2", "epochs"),
     Variant("papa-2", "PAPA-2", "C3", "epochs"),
 )}
-"""Every variant, in the order the tables and figures show them."""
 
 
 def check(name: str) -> Variant:
