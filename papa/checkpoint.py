@@ -23,11 +23,9 @@ from papa.swa import SWA
 
 
 def versions() -> dict[str, str]:
-    """Versions of the libraries that shape a result (read from package metadata: importing timm and
-    torchvision just for their version strings would cost seconds per run)."""
-    names = ("papa", "torch", "torchvision", "timm", "safetensors", "numpy")
+    """Versions of the libraries that shape a result, from package metadata (importing timm takes seconds)."""
     found = {}
-    for name in names:
+    for name in ("papa", "torch", "torchvision", "timm", "safetensors", "numpy"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -39,15 +37,13 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-META_KEY = "papa"  # the safetensors header entry holding the metadata (as JSON; the only entry: safetensors
-# writes the entries of its header's metadata in an arbitrary order, and a file's bytes must not vary)
+# the header's one metadata entry, the metadata as JSON (safetensors writes several in an arbitrary order)
+META_KEY = "papa"
 DIGEST_KEY = "content_sha256"  # the metadata's last key: tensors_digest of the rest of the file
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
-    """SHA-256 of what a tensors file holds: its metadata (as JSON) and every tensor's name, dtype, shape and
-    bytes, by name. safetensors carries no checksum: this one, written into the metadata in the header, makes
-    the file check itself when it is read (``load_tensors``)."""
+    """SHA-256 of a file's metadata (as JSON) and tensors (name, dtype, shape, bytes): safetensors has no checksum."""
     digest = hashlib.sha256(json.dumps(meta).encode())
     for name in sorted(tensors):
         t = tensors[name]
@@ -57,13 +53,9 @@ def tensors_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write ``tensors`` (contiguous CPU copies) to ``path`` and ``meta`` (with the library and code versions,
-    papa.provenance) to its .json sidecar, each atomically.
-
-    Two files cannot be replaced together atomically, so ``meta`` also goes into the safetensors header:
-    the tensors file alone is complete and consistent (a kill between the two renames leaves new tensors
-    beside an old sidecar), and the sidecar is its readable copy. The header also holds the digest of the
-    metadata and tensors (``tensors_digest``), checked by ``load_tensors``."""
+    """Write ``tensors`` to ``path`` and ``meta`` (with the library and code versions) to its .json sidecar,
+    each atomically. Two files cannot be replaced together atomically, so ``meta`` and its digest also go into
+    the header: the tensors file alone is complete, the sidecar its readable copy."""
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = json.loads(json.dumps({**meta, "versions": versions(), "code": code_version()}))  # as load_tensors reads it
     meta[DIGEST_KEY] = tensors_digest(cpu, meta)
@@ -72,22 +64,23 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
     write_json(sidecar_path(path), meta)
 
 
-def _header(path: Path) -> dict:
+def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
+    """The header metadata and (when ``tensors``) the tensors of an existing file; PapaError when unreadable."""
+    if not path.exists():
+        raise PapaError(f"{path}: checkpoint not found")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
+            names = f.keys() if tensors else []
+            return f.metadata() or {}, {name: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PapaError(f"{path}: corrupt or truncated checkpoint ({msg})") from None
 
 
 def read_meta(path: str | Path) -> dict:
-    """The metadata in a tensors file's header, without reading (or checking) its tensors; PapaError when the
-    file is missing, unreadable or holds none."""
+    """The metadata in a tensors file's header, without reading (or checking) its tensors."""
     path = Path(path)
-    if not path.exists():
-        raise PapaError(f"{path}: checkpoint not found")
-    header = _header(path)
+    header, _ = _read(path, tensors=False)
     try:
         meta = json.loads(header[META_KEY])
     except (KeyError, json.JSONDecodeError) as e:
@@ -101,7 +94,6 @@ _UNCHECKED: set[Path] = set()  # files without a digest already warned about
 
 
 def _unchecked(path: Path) -> None:
-    """Warn, once per file, that a file written before files carried a digest cannot be checked."""
     if path.resolve() not in _UNCHECKED:
         _UNCHECKED.add(path.resolve())
         print(f"papa: warning: {path} carries no digest (written by an earlier papa): its bytes cannot be "
@@ -109,21 +101,12 @@ def _unchecked(path: Path) -> None:
 
 
 def load_tensors(path: str | Path, remedy: str = "make it again") -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint: its tensors and the metadata in its header (the sidecar for files written
-    without one); any missing, truncated or corrupt part is a PapaError. Bytes that differ from those written
-    (the digest in the header) are refused as corrupt, the message ending with ``remedy``. A file written
-    before files carried a digest loads unchecked, with a warning."""
+    """A tensors file's tensors and the metadata in its header (in the sidecar for files written without);
+    any missing, truncated or corrupt part is a PapaError, bytes that do not match the digest ending with
+    ``remedy``. A file written before files carried a digest loads unchecked, with a warning."""
     path = Path(path)
     side = sidecar_path(path)
-    if not path.exists():
-        raise PapaError(f"{path}: checkpoint not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header, names = f.metadata() or {}, f.keys()
-            tensors = {name: f.get_tensor(name) for name in names}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PapaError(f"{path}: corrupt or truncated checkpoint ({msg})") from None
+    header, tensors = _read(path, tensors=True)
     if META_KEY in header:
         try:
             meta = json.loads(header[META_KEY])
@@ -148,16 +131,12 @@ def load_tensors(path: str | Path, remedy: str = "make it again") -> tuple[dict[
     return tensors, meta
 
 
-# a trainer's state --------------------------------------------------------------------------------
 def first_difference(theirs, ours, key: str = "") -> tuple[str, object, object] | None:
-    """The first key path (``experiment.population.size``) at which two nested dicts differ, with both
-    values; ``None`` where they are equal."""
+    """The first key path (``experiment.population.size``) at which two nested dicts differ, with both values."""
     if isinstance(theirs, dict) and isinstance(ours, dict):
-        for k in [*ours, *(k for k in theirs if k not in ours)]:
-            found = first_difference(theirs.get(k), ours.get(k), f"{key}.{k}" if key else str(k))
-            if found is not None:
-                return found
-        return None
+        found = (first_difference(theirs.get(k), ours.get(k), f"{key}.{k}" if key else str(k))
+                 for k in [*ours, *(k for k in theirs if k not in ours)])
+        return next((f for f in found if f is not None), None)
     return None if theirs == ours else (key, theirs, ours)
 
 
@@ -194,23 +173,15 @@ class Resumable:
 
 
 def saved(state: Resumable) -> tuple[dict[str, torch.Tensor], dict]:
-    """Everything a resumed run needs: population, optimizer, scheduler, progress and SWA averages, as tensors
-    (safetensors) and JSON-able metadata."""
-    at = state.progress
+    """Everything a resumed run needs, as tensors and JSON-able metadata."""
+    at, opt = state.progress, state.optimizer.state_dict()
+    flat = {f"{idx}.{key}": value for idx, st in opt["state"].items() for key, value in st.items()}
     tensors = {f"pop.{k}": v for k, v in state.pop.state_dict().items()}
-    opt = state.optimizer.state_dict()
-    opt_meta = {}
-    for idx, st in opt["state"].items():
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"opt.{idx}.{key}"] = value
-            else:
-                opt_meta[f"{idx}.{key}"] = value
+    tensors |= {f"opt.{name}": value for name, value in flat.items() if torch.is_tensor(value)}
+    opt_meta = {name: value for name, value in flat.items() if not torch.is_tensor(value)}
     tensors |= {name: t for name, t in (("rng.global", at.rng), ("rng.cuda", at.cuda_rng)) if t is not None}
-    swa_count = None
-    if state.swa is not None:
-        swa_tensors, swa_count = state.swa.state()
-        tensors |= swa_tensors
+    swa_tensors, swa_count = state.swa.state() if state.swa is not None else ({}, None)
+    tensors |= swa_tensors
     meta = {
         **state.run, "epoch": at.epoch, "step": at.step, "batch": at.batch, "generation": at.generation,
         "scheduler": state.scheduler.state_dict(), "param_groups": opt["param_groups"],
@@ -222,8 +193,7 @@ def saved(state: Resumable) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def restore(state: Resumable, tensors: dict[str, torch.Tensor], meta: dict, where: str = "checkpoint") -> None:
-    """Resume ``state`` from ``saved``'s output; a checkpoint of another config, variant or seed is refused,
-    naming the first difference."""
+    """Resume ``state`` from ``saved``'s output; another run's checkpoint is refused, naming the first difference."""
     found = first_difference({key: meta.get(key) for key in state.run}, state.run)
     if found is not None:
         key, theirs, ours = found
@@ -233,12 +203,9 @@ def restore(state: Resumable, tensors: dict[str, torch.Tensor], meta: dict, wher
         state.pop.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("pop.")})
     except ValueError as e:
         raise PapaError(f"{where}: {e}") from None
+    flat = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")} | meta["optimizer_scalars"]
     opt: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("opt."):
-            _, idx, key = name.split(".", 2)
-            opt.setdefault(int(idx), {})[key] = value
-    for name, value in meta["optimizer_scalars"].items():
+    for name, value in flat.items():
         idx, key = name.split(".", 1)
         opt.setdefault(int(idx), {})[key] = value
     state.optimizer.load_state_dict({"state": opt, "param_groups": meta["param_groups"]})
