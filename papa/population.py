@@ -14,8 +14,7 @@ from papa.rng import derive_seed, seeded
 
 def for_averaging(t: Tensor) -> Tensor:
     """The values an average is computed from: a floating tensor as it is, an integer buffer (BatchNorm's
-    num_batches_tracked) in float64. With ``rounded`` this is the one rule for integer buffers: averaged like
-    the weights, then rounded, so they stay integers."""
+    num_batches_tracked) in float64, to be averaged like the weights and then ``rounded``."""
     return t if t.is_floating_point() else t.double()
 
 
@@ -24,33 +23,17 @@ def rounded(value: Tensor, dtype: torch.dtype) -> Tensor:
     return value if dtype.is_floating_point else value.round().to(dtype)
 
 
-def _set_tensor(module: nn.Module, name: str, value: Tensor, is_param: bool) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    if is_param:
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=value.is_floating_point())
-    else:
-        owner._buffers[leaf] = value
-
-
 class Population:
-    """p members of one architecture stored as one set of stacked tensors.
-
-    ``params[name]`` and ``buffers[name]`` have shape ``(p, *shape)``: averaging a population is then a
-    reduction over axis 0, and one optimizer over the stacked parameters trains every member at once.
-    ``template`` is a module of the same architecture that gives structure to functional calls; its own
-    tensors are never read.
-    """
+    """p members of one architecture: ``params[name]`` and ``buffers[name]`` have shape ``(p, *shape)``, so
+    averaging is a reduction over axis 0 and one optimizer trains every member at once. ``template`` gives
+    structure to functional calls; its own tensors are never read."""
 
     def __init__(self, template: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor]):
         sizes = {t.shape[0] for t in [*params.values(), *buffers.values()]}
         if len(sizes) != 1:
             raise ValueError(f"stacked tensors disagree on the population size: {sorted(sizes)}")
-        self.template = template
-        self.params = params
-        self.buffers = buffers
+        self.template, self.params, self.buffers = template, params, buffers
 
-    # construction ---------------------------------------------------------------------------------
     @classmethod
     def from_modules(cls, modules: Iterable[nn.Module]) -> Population:
         """Stack the parameters and buffers of modules sharing one architecture (copies them)."""
@@ -58,8 +41,7 @@ class Population:
         if not modules:
             raise ValueError("a population needs at least one member")
         first = modules[0]
-        pnames = [n for n, _ in first.named_parameters()]
-        bnames = [n for n, _ in first.named_buffers()]
+        pnames, bnames = [n for n, _ in first.named_parameters()], [n for n, _ in first.named_buffers()]
         for k, m in enumerate(modules[1:], start=1):
             if [n for n, _ in m.named_parameters()] != pnames or [n for n, _ in m.named_buffers()] != bnames:
                 raise ValueError(f"member {k} does not have the architecture of member 0")
@@ -73,11 +55,9 @@ class Population:
         cls, factory: Callable[[], nn.Module], size: int, seed: int = 0, same_init: bool = False,
         members: Iterable[int] | None = None,
     ) -> Population:
-        """Build ``size`` members with ``factory()``; member j is initialized from its own seed
-        (derived from ``seed`` and j), or every member from member 0's seed when ``same_init``.
-
-        ``members``: build only these members of the population (one rank's share), each from its own
-        seed, so that a population split over processes starts exactly as the whole one."""
+        """Build ``size`` members with ``factory()``, member j from its own seed (derived from ``seed`` and j), or
+        all from member 0's when ``same_init``. ``members``: build only these (one rank's share), each from its
+        own seed, so that a population split over processes starts exactly as the whole one."""
         if size < 1:
             raise ValueError(f"population size must be at least 1, got {size}")
         modules = []
@@ -86,14 +66,13 @@ class Population:
                 modules.append(factory())
         return cls.from_modules(modules)
 
-    # inspection -----------------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        return next(iter({**self.params, **self.buffers}.values())).shape[0]
+        return next(self.tensors())[1].shape[0]
 
     @property
     def device(self) -> torch.device:
-        return next(iter({**self.params, **self.buffers}.values())).device
+        return next(self.tensors())[1].device
 
     def tensors(self) -> Iterator[tuple[str, Tensor]]:
         """Every stacked parameter and buffer, parameters first."""
@@ -113,10 +92,8 @@ class Population:
         own = self.state_dict()
         missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
         if missing or unexpected:
-            raise ValueError(
-                f"population state does not match the architecture: missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}"
-            )
+            raise ValueError(f"population state does not match the architecture: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
         for name, t in own.items():
             if state[name].shape != t.shape:
                 raise ValueError(f"{name}: expected shape {tuple(t.shape)}, found {tuple(state[name].shape)}")
@@ -124,13 +101,16 @@ class Population:
             for name, t in own.items():
                 t.copy_(state[name])
 
-    # members as modules ---------------------------------------------------------------------------
     def module_from_state(self, state: dict[str, Tensor]) -> nn.Module:
         """A standalone module of the population's architecture holding copies of ``state``."""
         module = copy.deepcopy(self.template)
         for name, t in state.items():
-            # anything that is not a known buffer is a parameter: REPAIR may add biases to soups
-            _set_tensor(module, name, t.detach().clone(), name not in self.buffers)
+            owner_name, _, leaf = name.rpartition(".")
+            owner, value = module.get_submodule(owner_name), t.detach().clone()
+            if name in self.buffers:
+                owner._buffers[leaf] = value
+            else:  # anything that is not a known buffer is a parameter: REPAIR may add biases to soups
+                owner._parameters[leaf] = nn.Parameter(value, requires_grad=value.is_floating_point())
         return module
 
     def member(self, j: int) -> nn.Module:
@@ -143,16 +123,12 @@ class Population:
         return [self.member(j) for j in range(self.size)]
 
     def combine(self, weights: Tensor) -> dict[str, Tensor]:
-        """The weighted sum of members, sum_j weights[j] * theta_j, for every tensor.
-
-        Integer buffers (BatchNorm's num_batches_tracked) are combined in float64 and rounded, so they
-        stay integers."""
+        """The weighted sum of members, sum_j weights[j] * theta_j, for every tensor (integer buffers rounded)."""
         w = torch.as_tensor(weights, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             return {name: rounded(torch.tensordot(w.to(for_averaging(t).dtype), for_averaging(t), dims=1), t.dtype)
                     for name, t in self.tensors()}
 
-    # functional forward ---------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Population:
         self.template.train(mode)
         return self
@@ -171,17 +147,13 @@ class Population:
         return functional_call(self.template, self.member_tensors(j), args, kwargs)
 
     def forward_all(self, x: Tensor) -> Tensor:
-        """Every member on its own input at once: ``x[j]`` goes through member j (one vmapped call, so
-        each layer runs as one batched kernel). Dropout draws different masks per member."""
-
-        def member(params, buffers, xj):
-            return functional_call(self.template, {**params, **buffers}, (xj,))
-
-        return vmap(member, randomness="different")(self.params, self.buffers, x)
+        """Every member on its own input at once: ``x[j]`` goes through member j (one vmapped call, so each layer
+        runs as one batched kernel). Dropout draws different masks per member."""
+        members = vmap(lambda p, b, xj: functional_call(self.template, {**p, **b}, (xj,)), randomness="different")
+        return members(self.params, self.buffers, x)
 
     def parameters(self) -> list[Tensor]:
-        """The stacked parameters, for one optimizer over all members (SGD and AdamW are elementwise,
-        so this is exactly p independent optimizers)."""
+        """The stacked parameters: one optimizer over them is p independent ones (SGD and AdamW are elementwise)."""
         return list(self.params.values())
 
     def requires_grad_(self, requires_grad: bool = True) -> Population:
