@@ -1,6 +1,5 @@
-"""Algorithm 1: train a population of one variant. Every random draw comes from a generator derived from (run
-seed, purpose, member, epoch), so a run is reproducible and resumes from a checkpoint (papa.checkpoint) to exactly
-the numbers of an uninterrupted run."""
+"""Algorithm 1: train a population of one variant. Every random draw comes from a generator keyed by (run seed,
+purpose, member, epoch), so a run resumed from a checkpoint ends with exactly the numbers of an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -33,23 +32,19 @@ from papa.repair import reset_batchnorm_
 from papa.rng import derive_seed, generator
 from papa.variants import swa_start_epoch
 
-# steps between two host reads of the training losses (see Trainer.read_losses)
-LOSS_READ_EVERY = 50
-# off a terminal (Snakemake and SLURM jobs) a progress line per epoch, and within an epoch at least this often
-PROGRESS_LINE_SECONDS = 120.0
+LOSS_READ_EVERY = 50  # steps between two host reads of the training losses (Trainer.read_losses)
+PROGRESS_LINE_SECONDS = 120.0  # off a terminal, a progress line per epoch and within one at least this often
 
 
-def _clock(seconds: float) -> str:
-    """``seconds`` as h:mm:ss."""
+def _clock(seconds: float) -> str:  # h:mm:ss
     m, sec = divmod(round(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{sec:02d}"
 
 
 def head_only(exp: dict, epoch: int) -> bool:
-    """Whether only the classifier head trains in (0-based) ``epoch``: the first ``train.freeze_epochs`` epochs
-    (§4.2, after Kumar et al.). With ``fidelity.finetune: authors`` every epoch once ``freeze_epochs`` is set,
-    as the scripts ran: main.py:159-161 freezes the body at epoch 0 when ``--linear_prob_time`` > 0 and
-    main.py:163 unfreezes it only when the integer epoch equals that fraction (0.04), which it never does."""
+    """Whether only the classifier head trains in (0-based) ``epoch``: the first ``train.freeze_epochs`` (§4.2,
+    after Kumar et al.), or with ``fidelity.finetune: authors`` every epoch once set, as main.py:159-163 froze the
+    body and unfroze it only when the integer epoch equals ``--linear_prob_time`` (0.04): never."""
     freeze = exp["train"]["freeze_epochs"]
     return freeze > 0 if fidelity.authors(exp, "finetune_freeze") else epoch < freeze
 
@@ -72,24 +67,23 @@ class Trainer:
         self.policies = [self.all_policies[j] for j in self.comm.members]
         self.stream = build_stream(exp, splits, split, self.policies, seed, self.device, self.comm.members)
         self.optimizer = build_optimizer(exp, self.pop)
-        self.swa_start = swa_start_epoch(exp)  # papa.config checked that it leaves epochs before and during SWA
+        self.swa_start = swa_start_epoch(exp)
         self.swa = swa.SWA(self.pop) if self.swa_start is not None else None
         spe = self.stream.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(exp, s, spe))
         self.engine = build_engine(exp, self.device, self.pop, splits)
-        self.engine_name = self.engine.name
-        self.stacked = self.engine.stacked  # REPAIR and BatchNorm passes go through the same vmap
+        self.engine_name, self.stacked = self.engine.name, self.engine.stacked  # REPAIR, BatchNorm: the same vmap
         dtype, self.scaler = build_precision(exp, self.device)  # bf16-cuda: autocast on CUDA only
         self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype or torch.bfloat16,
                                                enabled=dtype is not None)
-        self.progress = Progress()  # counters, history: what a checkpoint saves (papa.checkpoint)
+        self.progress = Progress()  # counters, history: what a checkpoint saves
         self.stop_signal: str | None = None  # set by a signal handler; honoured at the next step
         bar = sys.stderr.isatty() if progress is None else progress
-        self.show_bar = bar and self.comm.is_main  # the tqdm bar
-        self.lines = not bar and self.comm.is_main  # else progress lines (Trainer.progress_line)
+        self.show_bar = bar and self.comm.is_main  # the tqdm bar, else progress lines
+        self.lines = not bar and self.comm.is_main
         self.last_loss: float | None = None  # population mean of the last loss read on the host
         self.clock = (time.monotonic(), 0)  # (start time, step then) of this process's training (fit resets it)
-        self.last_line = self.clock[0]  # when the last progress line was written
+        self.last_line = self.clock[0]
         self.averager = averager_for(variant, exp)
         self.context = Context(  # what the averager reads and changes
             self.pop, self.comm, self.optimizer, self.stream, self.swa, self.progress, seed, self.stacked,
@@ -99,18 +93,16 @@ class Trainer:
         self.resumable = Resumable({"variant": variant, "seed": seed, "experiment": exp}, self.pop, self.optimizer,
                                    self.scheduler, self.swa, self.progress, self.scaler)
 
-    # pieces ----------------------------------------------------------------------------------
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def val_scores(self, pop: Population) -> list[tuple[float, float]]:
-        """Every member's (validation accuracy, validation loss) of ``pop``: the members held here, or others."""
+        """Every member's (validation accuracy, validation loss) of ``pop``."""
         return population_scores(pop, self.splits.train, self.split["val"], self.exp["train"]["eval_batch_size"],
                                  self.device)
 
     def val_accuracy(self, module) -> float:
-        """One network's validation accuracy."""
         bs = self.exp["train"]["eval_batch_size"]
         return accuracy(module.to(self.device).eval(), self.splits.train, self.split["val"], bs, self.device)
 
@@ -120,20 +112,19 @@ class Trainer:
         return self.comm.gather_scores(self.val_scores(self.pop)), self.comm.gather_scores(test)
 
     def push(self) -> None:
-        """PAPA's push now (the loop calls it when the averager says it is due)."""
+        """PAPA's push now."""
         self.averager.push(self.context, self.lr)
 
     def average(self) -> None:
-        """PAPA-all / PAPA-2 averaging now, with its REPAIR (the loop calls it at the epochs it is due)."""
+        """PAPA-all / PAPA-2 averaging now, with its REPAIR."""
         self.averager.average(self.context)
 
     def freeze_body(self, frozen: bool) -> None:
-        """Fine-tuning (§4.2, after Kumar et al.): only the classifier head trains while ``frozen``."""
+        """Only the classifier head trains while ``frozen`` (``head_only``)."""
         head = set(head_keys(self.pop.template, "params"))
         for name, t in self.pop.params.items():
             t.requires_grad_(t.is_floating_point() and (name in head or not frozen))
 
-    # the loop --------------------------------------------------------------------------------
     def run_epoch(self, bar=None, checkpoint=None) -> None:
         """One epoch (or the rest of one, after a mid-epoch checkpoint), then evaluation and averaging."""
         at, epochs = self.progress, self.exp["train"]["epochs"]
@@ -181,10 +172,9 @@ class Trainer:
             at.record("swa", self.lr, *self.evaluate())
 
     def read_losses(self, pending: list[Tensor], bar=None) -> None:
-        """Read the losses of the last ``len(pending)`` steps (up to the current step) on the host, raise on a
-        non-finite one (train.check_finite) naming its member and step, and show the latest on the progress
-        bar. Reading waits for the device to finish those steps, which is why it happens only every
-        LOSS_READ_EVERY steps: a read per step would stop the host from queueing work ahead of a GPU."""
+        """Read the losses of the last ``len(pending)`` steps on the host, raise on a non-finite one
+        (train.check_finite) and show the latest on the bar. A read waits for the device, hence only every
+        LOSS_READ_EVERY steps: the host keeps queueing work ahead of a GPU."""
         if not pending:
             return
         host = torch.stack(pending).float().cpu()  # (steps, members)
@@ -200,35 +190,27 @@ class Trainer:
             bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{self.lr:.2e}", refresh=False)
 
     def progress_line(self) -> None:
-        """One line on stderr (for logs, where a progress bar is unreadable): epoch, step, loss, learning rate,
-        the members' mean validation accuracy after the last epoch, member-images per second, elapsed time and
-        the time left at this pace."""
+        """One line on stderr for logs, where a progress bar is unreadable."""
         at, epochs, spe = self.progress, self.exp["train"]["epochs"], self.stream.steps_per_epoch
-        start, start_step = self.clock
-        now = time.monotonic()
-        elapsed, done = now - start, at.step - start_step
-        total = epochs * spe
+        (start, start_step), now = self.clock, time.monotonic()
+        elapsed, done, total = now - start, at.step - start_step, epochs * spe
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - at.step) / rate if rate > 0 else None
         val = [r["val_accuracy"] for r in at.history if r["epoch"] == at.epoch and r["phase"] == "end"]
         fields = [
             f"{self.exp['name']}/{self.variant}/seed{self.seed}",
             f"epoch {at.epoch + (at.batch > 0)}/{epochs}" + (f" batch {at.batch}/{spe}" if at.batch else ""),
-            f"step {at.step}/{total}",
-            "loss " + ("-" if self.last_loss is None else f"{self.last_loss:.4f}"),
-            f"lr {self.lr:.3g}",
-            "val " + (f"{sum(val) / len(val):.2f}%" if val else "-"),
+            f"step {at.step}/{total}", "loss " + ("-" if self.last_loss is None else f"{self.last_loss:.4f}"),
+            f"lr {self.lr:.3g}", "val " + (f"{sum(val) / len(val):.2f}%" if val else "-"),
             f"{rate * self.exp['train']['batch_size'] * self.comm.p:.0f} img/s",
-            f"elapsed {_clock(elapsed)}",
-            "ETA " + ("-" if eta is None else _clock(eta)),
+            f"elapsed {_clock(elapsed)}", "ETA " + ("-" if eta is None else _clock(eta)),
         ]
         print("papa train: " + ", ".join(fields), file=sys.stderr, flush=True)
         self.last_line = now
 
     def finish_swa(self) -> None:
-        """The members become their SWA averages; BatchNorm statistics are then recomputed on training data
-        (update_bn): ``bn_batches`` batches (default one epoch) of each member's own training stream, the
-        same images for all members (one seed), all members at once with the stacked engine."""
+        """The members become their SWA averages, then their BatchNorm statistics are recomputed (update_bn) on
+        ``bn_batches`` batches (default one epoch) of each member's own stream, the same images for all."""
         n = self.exp["train"]["swa"]["bn_batches"] or self.stream.steps_per_epoch
         self.swa.swap_into(self.pop)
         streams = [self.stream.member_batches(j, generator(self.seed, "swa-batchnorm"), n) for j in self.comm.members]
@@ -236,7 +218,7 @@ class Trainer:
         reset_batchnorm_(self.pop, batches, stacked=self.stacked)
 
     def stop_mid_epoch(self, pending: list[Tensor], bar, checkpoint) -> None:
-        """Save a checkpoint holding the global RNG state after the current step, then raise Stopped."""
+        """Save a checkpoint holding the global RNG state after this step, then raise Stopped."""
         self.read_losses(pending, bar)  # never checkpoint a diverged population
         at = self.progress
         at.rng = torch.get_rng_state()
@@ -247,7 +229,7 @@ class Trainer:
         raise Stopped(f"stopped by {self.stop_signal} at epoch {at.epoch + 1}, batch {at.batch}")
 
     def restore_rng(self) -> None:
-        """Resuming mid-epoch: the global RNG state (and the CUDA one) of the step where the run stopped."""
+        """Resuming mid-epoch: the global (and CUDA) RNG state of the step where the run stopped."""
         at = self.progress
         torch.set_rng_state(at.rng)
         if at.cuda_rng is not None and self.device.type == "cuda":
@@ -255,12 +237,10 @@ class Trainer:
         at.rng = at.cuda_rng = None
 
     def stop_requested(self) -> bool:
-        """Whether a stop signal arrived, here or (under torchrun) at any other process: all processes
-        then stop after the same step, so their checkpoints agree."""
-        if self.comm.anyone(self.stop_signal is not None):
+        """Whether a stop signal arrived here or at any other process: all stop after the same step."""
+        if stop := self.comm.anyone(self.stop_signal is not None):
             self.stop_signal = self.stop_signal or "a signal to another process"
-            return True
-        return False
+        return stop
 
     def fit(self, checkpoint=None) -> Population:
         """Train to the last epoch; ``checkpoint(trainer)`` is called after every epoch and on a stop."""
@@ -282,9 +262,8 @@ class Trainer:
                     raise Stopped(f"stopped by {self.stop_signal} after epoch {self.progress.epoch}")
         return self.pop
 
-    # checkpoints (papa.checkpoint) --------------------------------------------------------------
     def state(self) -> tuple[dict[str, Tensor], dict]:
-        """Everything a resumed run needs, as tensors (safetensors) and JSON-able metadata."""
+        """Everything a resumed run needs, as tensors and JSON-able metadata (papa.checkpoint)."""
         return saved(self.resumable)
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict, where: str = "checkpoint") -> None:
