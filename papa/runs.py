@@ -1,6 +1,5 @@
-"""The pipeline's stages over run directories, each reading and writing the files documented in
-docs/interfaces.md with one library call in between: prepare (validation split), train (population +
-history), soups, similarity, evaluate (metrics.json)."""
+"""The pipeline's stages over run directories, each reading and writing the files of docs/interfaces.md: prepare
+(validation split), train (population + history), soups, similarity, evaluate (metrics.json)."""
 
 from __future__ import annotations
 
@@ -59,9 +58,8 @@ def load_experiment(config_path: str | Path, name: str | None) -> dict:
 
 
 def load_data(exp: dict):
-    """The experiment's dataset, resized to ``data.image_size`` (``data.resize``: bilinear or bicubic) and, for a
-    pretrained timm model, normalized with the mean/std the model was pretrained with (its timm pretrained_cfg);
-    with ``fidelity.finetune: authors`` with the dataset's own (CIFAR's), as the scripts' data/cifar100.py did."""
+    """The experiment's dataset, resized to ``data.image_size`` and, for a pretrained timm model, normalized with
+    its pretraining mean/std (with ``fidelity.finetune: authors`` the dataset's own, as data/cifar100.py did)."""
     d, m = exp["data"], exp["model"]
     options = {"image_size": d["image_size"]} if d["image_size"] else {}
     splits = load_dataset(d["dataset"], d["root"], **options, **d["options"])
@@ -79,10 +77,8 @@ def load_data(exp: dict):
 
 
 def input_spec(exp: dict, splits) -> dict:
-    """What a network of a run expects and returns, as papa.runs.load_data gave it to the run: ``input`` (dataset,
-    kind, channels, the side it was trained at, per-channel mean/std in [0, 1] pixel units, the resize
-    interpolation and the centre-crop fraction of evaluation) and ``classes`` (one name per logit).
-    population.json records it, so an export needs no data."""
+    """What a run's network expects (``input``, mean/std in [0, 1] pixel units) and returns (``classes``, one per
+    logit), as load_data gave it; population.json records it, so an export needs no data."""
     test = splits.test
     classes = [str(c) for c in getattr(test, "classes", ())] or [str(k) for k in range(splits.num_classes)]
     size = int(splits.image_size)
@@ -92,53 +88,39 @@ def input_spec(exp: dict, splits) -> dict:
         interpolation, crop = None, 1.0
     else:  # resized on the device only when data.image_size asks for it
         interpolation, crop = (exp["data"].get("resize", "bilinear") if test.image_size else None), 1.0
-    return {
-        "input": {"dataset": splits.name, "kind": splits.kind, "channels": int(splits.in_channels),
-                  "size": [size, size], "mean": [float(v) for v in test.mean], "std": [float(v) for v in test.std],
-                  "interpolation": interpolation, "crop_pct": crop},
-        "classes": classes,
-    }
+    return {"input": {"dataset": splits.name, "kind": splits.kind, "channels": int(splits.in_channels),
+                      "size": [size, size], "mean": [float(v) for v in test.mean], "std": [float(v) for v in test.std],
+                      "interpolation": interpolation, "crop_pct": crop},
+            "classes": classes}
 
 
 def prepare(exp: dict, out: str | Path) -> dict:
-    """Hold out the validation split (paper: 2% of the training set, or the dataset's own validation set,
-    e.g. Vaihingen's 5 tiles) and save it as an index file."""
-    splits = load_data(exp)
-    d = exp["data"]
+    """Hold out the validation split (paper: 2% of the training set, or the dataset's own, e.g. Vaihingen's 5
+    tiles) and save it as an index file."""
+    splits, d = load_data(exp), exp["data"]
+    meta = {"dataset": d["dataset"], "n": len(splits.train)}
     if splits.fixed_split is not None:
-        split = dict(splits.fixed_split)
-        meta = {"dataset": d["dataset"], "n": len(splits.train), "fixed": True}
+        split, meta["fixed"] = dict(splits.fixed_split), True
     else:
         split = make_split(len(splits.train), d["val_fraction"], d["split_seed"])
-        meta = {"dataset": d["dataset"], "n": len(splits.train), "fraction": d["val_fraction"],
-                "seed": d["split_seed"]}
+        meta |= {"fraction": d["val_fraction"], "seed": d["split_seed"]}
     save_split(out, split, meta)
     return split
 
 
 CHECKPOINT = "checkpoint.safetensors"
+LOCK = ".papa-train.lock"  # in the run directory, locked by the `papa train` working there
+# what `papa train` writes, then what the later stages make from it (docs/interfaces.md)
+TRAINED = ("population.safetensors", "population.json", "history.csv")
+DOWNSTREAM = ("soups.safetensors", "soups.json", "metrics.json", "similarity.json")
+RUN_KEYS = ("experiment", "variant", "seed")
 
 
 def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: bool | None = None) -> Trainer:
-    """Train one population and write population.safetensors (+ .json) and history.csv under ``out_dir``.
-
-    A checkpoint (``checkpoint.safetensors`` + .json) is written atomically after every epoch and when
-    SIGTERM or SIGUSR1 arrives (what SLURM sends before a kill or requeue); running the same command
-    again resumes from it. It is removed once the final outputs exist.
-
-    Under torchrun the members are spread over the processes (papa.distributed): each process writes its
-    own ``checkpoint.rank<r>.safetensors`` (a resume needs the same number of processes), and rank 0
-    gathers the population and writes the outputs.
-
-    One training at a time in a run directory: the process (rank 0) holds a lock on ``LOCK`` there for the
-    whole training, and a second ``papa train`` into the same directory stops in one line naming the holder.
-    Nothing is removed before the checkpoint (when resuming) and the identity of any earlier outputs have been
-    checked, and training refuses to start on a file system without room for its next file (``check_room``).
-
-    Training into a directory that holds outputs of an earlier training first removes them (the population
-    and everything made from it: soups, metrics, similarity), saying so on stderr: a directory never holds
-    results of two trainings. Ctrl-C (SIGINT) stops like SIGTERM, after a checkpoint; a second Ctrl-C
-    interrupts at once."""
+    """Train one population and write population.safetensors (+ .json) and history.csv under ``out_dir``,
+    checkpointing after every epoch and on SIGTERM, SIGUSR1 or Ctrl-C (a second one interrupts at once) so that
+    the same command resumes; under torchrun, one checkpoint per process. Rank 0 holds ``LOCK`` throughout and
+    removes an earlier training's outputs of the same run, refusing another run's (docs/decisions.md)."""
     variants.check(variant)
     cfg.check_averaging_fires(exp, variant)
     comm = from_env(exp["population"]["size"], exp["train"]["device"])
@@ -153,17 +135,14 @@ def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: boo
         comm.close()
 
 
-LOCK = ".papa-train.lock"  # in the run directory, locked by the `papa train` working there
-
-
 def _checkpoint(out: Path, comm) -> Path:
-    """This process's checkpoint path, after checking that any checkpoints found there were written by a
-    run of the same number of processes, all at the same point."""
-    names = [CHECKPOINT] if comm.world_size == 1 else [f"checkpoint.rank{r}.safetensors"
-                                                         for r in range(comm.world_size)]
+    """This process's checkpoint path, once any checkpoints there are known to come from a run of as many
+    processes, all stopped at the same point."""
+    n = comm.world_size
+    names = [CHECKPOINT] if n == 1 else [f"checkpoint.rank{r}.safetensors" for r in range(n)]
     found = {f.name for f in out.glob("checkpoint*.safetensors")}
     if found and found != set(names):
-        raise PapaError(f"{out}: checkpoints {sorted(found)} were not written by a run of {comm.world_size} "
+        raise PapaError(f"{out}: checkpoints {sorted(found)} were not written by a run of {n} "
                         "process(es); resume with as many processes as wrote them, or delete them to start over")
     if len(found) > 1:
         points = set()
@@ -174,20 +153,12 @@ def _checkpoint(out: Path, comm) -> Path:
             except (OSError, ValueError, KeyError):
                 raise PapaError(f"{out / name}: incomplete checkpoint; delete the checkpoints to start over") from None
         if len(points) > 1:
-            raise PapaError(f"{out}: the processes' checkpoints stopped at different points; delete them to start "
-                            "over")
+            raise PapaError(f"{out}: the processes' checkpoints stopped at different points; delete them to start over")
     return out / names[comm.rank]
 
 
-# what `papa train` writes, then what the later stages make from it (docs/interfaces.md)
-TRAINED = ("population.safetensors", "population.json", "history.csv")
-DOWNSTREAM = ("soups.safetensors", "soups.json", "metrics.json", "similarity.json")
-RUN_KEYS = ("experiment", "variant", "seed")
-
-
 def _identity(out: Path, name: str) -> dict | None:
-    """(experiment, variant, seed) of the training that wrote ``out/name`` (a population's header or sidecar, a
-    metrics or similarity file), None when it cannot be read there."""
+    """(experiment, variant, seed) of the training that wrote ``out/name``, None when unreadable."""
     try:
         meta = read_meta(out / name) if name.endswith(".safetensors") else json.loads((out / name).read_bytes())
     except (OSError, ValueError, PapaError):
@@ -198,13 +169,9 @@ def _identity(out: Path, name: str) -> dict | None:
 
 
 def earlier_outputs(out: Path, run: dict, keep: tuple[str, ...] = ()) -> list[str]:
-    """The outputs of an earlier training of the same run (``run``: experiment, variant and seed) in run
-    directory ``out`` that training it again removes (all but ``keep``), in the order to remove them (downstream
-    first: a crash in between leaves nothing orphaned). Outputs of another run are refused, never removed (a
-    mistyped --out must not delete someone's results): every file that records its run (the population's
-    header, population.json, metrics.json, similarity.json) must name this one, and at least one must when
-    there are outputs beside a history.csv (which records none). Checkpoints are not outputs (a resume needs
-    them, and one of another run is refused by Trainer.load_state)."""
+    """The outputs in ``out`` of an earlier training of ``run`` that training it again removes (all but ``keep``),
+    downstream first so that a crash leaves nothing orphaned. Another run's are refused: every file that records
+    a run must name this one, and one must (history.csv records none). Checkpoints are not outputs."""
     found = [n for n in (*DOWNSTREAM, *TRAINED) if (out / n).is_file()]
     named = {n: ident for n in ("population.safetensors", "population.json", "metrics.json", "similarity.json")
              if n in found and (ident := _identity(out, n)) is not None}
@@ -221,10 +188,8 @@ def earlier_outputs(out: Path, run: dict, keep: tuple[str, ...] = ()) -> list[st
 
 
 def check_room(out: Path, needed: int, what: str, freed: int = 0) -> None:
-    """Refuse to train on a file system with less room than the next file training must write (``needed``
-    bytes, ``what``), counting the ``freed`` bytes of the earlier outputs it will remove first: a run that cannot
-    save its checkpoint would train until then for nothing (and, under a scheduler's retries, again and
-    again)."""
+    """Refuse to train where the next file training writes (``what``, ``needed`` bytes) would not fit, counting
+    the ``freed`` bytes of the earlier outputs it removes first: that training would be for nothing."""
     free = free_space(out)
     if free is not None and free + freed < needed:
         raise DiskError(f"{out}: no room to train: {human_bytes(free)} free on its file system, but {what} takes "
@@ -232,8 +197,7 @@ def check_room(out: Path, needed: int, what: str, freed: int = 0) -> None:
 
 
 def write_history(out: Path, trainer: Trainer) -> None:
-    """history.csv: one row per (epoch, member, phase) so far (the csv module: every stage pays for pandas'
-    import otherwise)."""
+    """history.csv: one row per (epoch, member, phase) so far (csv, not pandas: its import is slow)."""
     rows, text = trainer.progress.history, io.StringIO()
     if not rows:  # stopped before the first epoch ended
         return
@@ -247,8 +211,7 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     trainer = Trainer(exp, variant, seed, splits, split, progress=progress, comm=comm)
     cfg.check_averaging_fires(exp, variant, trainer.stream.steps_per_epoch)
     ckpt = _checkpoint(out, comm)
-    resumed = ckpt.exists()
-    if resumed:  # checked (bytes, run, config) before anything in the directory is touched
+    if resumed := ckpt.exists():  # checked (bytes, run, config) before anything in the directory is touched
         trainer.load_state(*load_tensors(ckpt, f"delete {ckpt.name} and {sidecar_path(ckpt).name} to start this "
                                                "run over"), where=str(ckpt))
     if comm.is_main:
@@ -305,10 +268,8 @@ def load_population(exp: dict, splits, path: str | Path, device="cpu") -> tuple[
     """A trained population, checked against the experiment's architecture and population size."""
     tensors, meta = load_tensors(path, "run `papa train` on this run again")
     if meta.get("model") != exp["model"]["name"] or meta.get("population") != exp["population"]["size"]:
-        raise PapaError(
-            f"{path}: checkpoint holds {meta.get('population')} x {meta.get('model')}, but experiment "
-            f"{exp['name']!r} expects {exp['population']['size']} x {exp['model']['name']}"
-        )
+        raise PapaError(f"{path}: checkpoint holds {meta.get('population')} x {meta.get('model')}, but experiment "
+                        f"{exp['name']!r} expects {exp['population']['size']} x {exp['model']['name']}")
     with torch.random.fork_rng():
         pop = build_population(exp, splits, seed=0)
     try:
@@ -320,8 +281,7 @@ def load_population(exp: dict, splits, path: str | Path, device="cpu") -> tuple[
 
 @dataclasses.dataclass
 class Run:
-    """A trained run, each part checked: its directory, device, data, validation split, population and the
-    population's sidecar."""
+    """A trained run, each part checked."""
 
     dir: Path
     device: torch.device
@@ -333,34 +293,26 @@ class Run:
 
 
 def open_run(exp: dict, split_path, run_dir) -> Run:
-    """A trained run, refused in one line when ``split_path`` is not the split its population was trained
-    with (that split's digest is in the population's metadata)."""
+    """A trained run, refused when ``split_path`` is not the split its population was trained with."""
     run = Path(run_dir)
-    device = resolve_device(exp["train"]["device"])
-    splits = load_data(exp)
-    split = load_split(split_path, expect_n=len(splits.train))
-    population = run / "population.safetensors"
+    device, splits = resolve_device(exp["train"]["device"]), load_data(exp)
+    split, population = load_split(split_path, expect_n=len(splits.train)), run / "population.safetensors"
     pop, meta = load_population(exp, splits, population, device)
-    trained_with = meta.get("split_sha256")
-    if trained_with is not None and trained_with != file_digest(split_path):
+    if meta.get("split_sha256") not in (None, file_digest(split_path)):
         raise PapaError(f"{split_path} and {population} come from different trainings: the population was trained "
                         "with another validation split; rerun `papa train` (or give its split)")
     return Run(run, device, splits, split, pop, meta, file_digest(population))
 
 
 def soups_aligned(exp: dict, variant: str) -> bool:
-    """Whether ``soups.align`` applies to ``variant``'s soups."""
     align = exp["soups"]["align"]
     return align if isinstance(align, bool) else variant in align
 
 
 def soups(exp: dict, split_path, run_dir) -> dict:
     """papa.soups.make_soups of a trained run -> soups.safetensors: average and greedy soups (greedy on the
-    validation split), each with and without REPAIR, of members permutation-aligned first with ``soups.align``
-    (soups.json then says ``aligned``). REPAIR reads training data with the base transform only: the members'
-    own regularization (mixup, erasing...) would shift their moments away from those of clean inputs; with
-    ``fidelity.soup_repair_data: authors`` each member's moments come from its own augmented batches and the
-    soup's from the base transform, as the scripts measured them (``repair_stream``)."""
+    validation split), each with and without REPAIR (on ``repair_stream``), of members permutation-aligned first
+    with ``soups.align`` (soups.json then says ``aligned``)."""
     return _soups(exp, open_run(exp, split_path, run_dir))
 
 
@@ -371,19 +323,12 @@ def soups_and_metrics(exp: dict, split_path, run_dir) -> tuple[dict, dict]:
 
 
 def repair_stream(exp: dict, run: Run):
-    """The training batches the soups' REPAIR reads, and whether each member reads its own policy's.
-
-    ``fidelity.soup_repair_data: paper``: members and soup alike read the base transform (crop, flip), no
-    regularization. ``authors``, as models/combined.py:257 and :290 call correct_neuron_stats_multiple
-    (train_dset_in = ``self.train_dset``, every member's own dataset transform, with ``hyperparams[j]``'s mixup,
-    label smoothing and CutMix; train_dset_out = ``[self.train_dset_noaug]``, no ``hyperparams_after``): member j's
-    moments are measured on its own augmented and regularized batches (the policies the run trained with,
-    ``member_policies`` of the run's seed), the soup on the base transform: the scripts' ``train_dset_noaug`` is
-    the training set with the training transform and no regularization (data/data.py:22 calls get_cifar10/100
-    and get_imagenet with re=0: random crop and flip, resized for timm models; RandomResizedCrop and flip on
-    ImageNet), not the test transform. The images come from
-    REPAIR's generator (seed ``soups.repair_seed``) for every member, as in the paper's setting: the scripts'
-    ``same_repair=False`` left each member's shuffle to the unseeded global RNG."""
+    """The training batches the soups' REPAIR reads, and whether each member reads its own policy's:
+    ``fidelity.soup_repair_data: paper``, the base transform (crop, flip, no regularization) for all; ``authors``,
+    as models/combined.py:257 and :290 call correct_neuron_stats_multiple, member j its own augmented, regularized
+    batches and the soup ``train_dset_noaug`` (data/data.py:22: the training transform, re=0). The images come
+    from REPAIR's generator for every member, where the scripts' ``same_repair=False`` left each member's shuffle
+    to the unseeded global RNG."""
     base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
     own = fidelity.authors(exp, "soup_repair_data")
     policies = member_policies(exp, run.meta["seed"]) if own else [base] * run.pop.size
@@ -418,25 +363,19 @@ def _soups(exp: dict, run: Run) -> dict:
 
 
 def similarity_steps(exp: dict, variant: str) -> tuple[bool, bool]:
-    """Whether Table 5 aligns ``variant``'s members and REPAIRs its soup: ``similarity.align`` and
-    ``similarity.repair`` for every variant, or (fidelity option ``similarity_members: authors``) for the
-    baseline only, as the scripts measured it: only the baseline's runs were aligned and REPAIRed (PE:153,
-    ``--method_comb none --permutation True --repair_soup True --correlation_est True``; PAPA-all and PAPA-2 at
-    PE:155, 157 with ``--permutation False`` and the default ``--repair_soup False``), and ``cossim``
-    (models/combined.py:153-179, main.py:408-412) measures whatever members and soup the run ends with."""
-    s = exp["similarity"]
+    """Whether Table 5 aligns ``variant``'s members and REPAIRs its soup: ``similarity.align`` and ``.repair``
+    for every variant, or (``fidelity.similarity_members: authors``) for the baseline only, as the scripts did
+    (PE:153 with ``--permutation True --repair_soup True``; PAPA-all and PAPA-2 at PE:155, 157 with
+    ``--permutation False`` and the default ``--repair_soup False``; cossim, models/combined.py:153-179)."""
     if variant != "baseline" and fidelity.authors(exp, "similarity_members"):
         return False, False
-    return s["align"], s["repair"]
+    return exp["similarity"]["align"], exp["similarity"]["repair"]
 
 
 def similarity(exp: dict, split_path, run_dir) -> dict:
-    """Table 5 (Appendix A.5) for one run -> similarity.json: per ResNet stage, the mean cosine similarity (%)
-    of the stage outputs on the test set between two members (``between_networks``) and between a member and
-    the average soup (``network_and_avg_soup``), after aligning the members to member 0 by feature matching
-    on the training split and REPAIRing the soup (``similarity`` settings of the experiment). Averaged over
-    every pair (``similarity.members: all``) or members 0 and 1 only (``first-two``, the authors' measure; the
-    all-pairs measure is then written beside it, under ``all_pairs_*``)."""
+    """Table 5 (Appendix A.5) for one run -> similarity.json: per ResNet stage, the mean cosine similarity (%) of
+    test-set stage outputs between two members and between a member and the average soup (``similarity_steps``),
+    over every pair (``similarity.members: all``) or members 0 and 1 (``first-two``, all pairs then beside it)."""
     run = open_run(exp, split_path, run_dir)
     s, pop, splits = exp["similarity"], run.pop, run.splits
     names = stages(pop.template)
@@ -490,18 +429,16 @@ def _evaluate(exp: dict, run: Run) -> dict:
     bs = exp["train"]["eval_batch_size"]
     test = held_out_metrics(run.pop, soups, run.splits.test, bs, run.device)
     val = [a for a, _ in population_scores(run.pop, run.splits.train, run.split["val"], bs, run.device)]
+    members = soup_meta["greedy_soup_members"]
     metrics = {
         "experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"],
         "population": run.pop.size, **summary(test["members"]), **test,
+        "greedy_soup_size": len(members), "greedy_soup_members": members,
+        "soups_aligned": bool(soup_meta.get("aligned", False)), "val_members": val,
+        "num_classes": run.splits.num_classes,  # the tables mark soups at chance level (100 / num_classes %)
+        "data": run.splits.source or exp["data"]["dataset"],  # which data made these numbers
+        "population_sha256": run.digest, "soups_sha256": file_digest(where), "code": code_version(),
     }
-    metrics["greedy_soup_size"] = len(soup_meta["greedy_soup_members"])
-    metrics["greedy_soup_members"] = soup_meta["greedy_soup_members"]
-    metrics["soups_aligned"] = bool(soup_meta.get("aligned", False))
-    metrics["val_members"] = val
-    metrics["num_classes"] = run.splits.num_classes  # the tables mark soups at chance level (100 / num_classes %)
-    metrics["data"] = run.splits.source or exp["data"]["dataset"]  # which data made these numbers
-    metrics["population_sha256"], metrics["soups_sha256"] = run.digest, file_digest(where)
-    metrics["code"] = code_version()  # the code that computed these numbers (papa.provenance)
     order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
              "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
              "greedy_soup_members", "soups_aligned", "val_members"]
