@@ -172,7 +172,8 @@ class Distributed:
 
     @torch.no_grad()
     def sources(self, pop: Population, matrix: Tensor) -> tuple[Tensor, Callable[[str], Tensor]]:
-        layout, start, needs = _Layout(pop), self.members[0], self._needs(matrix, self.rank)
+        layout, start = _Layout(pop), self.members[0]
+        needs = self._needs(matrix, self.rank)
         ops, received = [], []
         for peer in range(self.world_size):
             if peer == self.rank:

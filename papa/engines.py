@@ -216,7 +216,9 @@ class PopulationScaler(torch.amp.GradScaler):
             else:
                 tracker += 1
                 if tracker == interval:  # grown only to a finite float32, as torch's update kernel does
-                    scale, tracker = (scale * growth if scale * growth <= torch.finfo(torch.float32).max else scale), 0
+                    if scale * growth <= torch.finfo(torch.float32).max:
+                        scale *= growth
+                    tracker = 0
         self.update(scale)
         self._growth_tracker.fill_(tracker)
         mine = [found[j] for j in comm.members]

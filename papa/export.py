@@ -171,7 +171,8 @@ def network(files: RunFiles, soup: str | None = None, member: int | None = None)
     if soup is not None and member is not None:
         raise PapaError("give a soup or a member, not both")
     if member is None:
-        soup, where = soup or SOUP, files.dir / "soups.safetensors"
+        soup = soup or SOUP
+        where = files.dir / "soups.safetensors"
         if soup not in SOUPS:
             raise PapaError(f"no soup {soup!r}; a run's soups are {', '.join(SOUPS)}")
         state = {k[len(soup) + 1:]: v for k, v in files.soups.items() if k.startswith(f"{soup}.")}

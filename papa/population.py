@@ -106,7 +106,8 @@ class Population:
         module = copy.deepcopy(self.template)
         for name, t in state.items():
             owner_name, _, leaf = name.rpartition(".")
-            owner, value = module.get_submodule(owner_name), t.detach().clone()
+            owner = module.get_submodule(owner_name)
+            value = t.detach().clone()
             if name in self.buffers:
                 owner._buffers[leaf] = value
             else:  # anything that is not a known buffer is a parameter: REPAIR may add biases to soups

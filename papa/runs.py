@@ -296,7 +296,8 @@ def open_run(exp: dict, split_path, run_dir) -> Run:
     """A trained run, refused when ``split_path`` is not the split its population was trained with."""
     run = Path(run_dir)
     device, splits = resolve_device(exp["train"]["device"]), load_data(exp)
-    split, population = load_split(split_path, expect_n=len(splits.train)), run / "population.safetensors"
+    split = load_split(split_path, expect_n=len(splits.train))
+    population = run / "population.safetensors"
     pop, meta = load_population(exp, splits, population, device)
     if meta.get("split_sha256") not in (None, file_digest(split_path)):
         raise PapaError(f"{split_path} and {population} come from different trainings: the population was trained "
