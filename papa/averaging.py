@@ -136,11 +136,9 @@ def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None,
     each row a flat Dirichlet draw."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown averaging scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
-    if scheme in ("all", "many-half", "many-75"):
-        generator = generator or torch.Generator()  # deterministic schemes draw nothing
     if scheme == "all":
         return torch.full((p, p), 1.0 / p, dtype=torch.float64)
-    if generator is None:
+    if generator is None and scheme not in ("many-half", "many-75"):  # the other schemes draw
         raise ValueError(f"scheme {scheme!r} is random and needs a generator")
     m, rows = torch.zeros(p, p, dtype=torch.float64), torch.arange(p)
     heavy = 0.5 if scheme.endswith("half") else 0.75

@@ -399,7 +399,6 @@ DRAW_SITES = {
     ("papa/train.py", "Trainer.run_epoch"): "test_every_epoch_starts_the_global_rng_from_its_own_key",
     ("papa/train.py", "Trainer.finish_swa"): "test_swa_batchnorm_batches_come_from_the_run_seeds_key",
     ("papa/data/stream.py", "MemberStream._fixed_epoch"): None,  # a generator the draw-free policies never draw from
-    ("papa/averaging.py", "mixing_matrix"): None,  # an unseeded generator for the schemes that draw nothing
     ("papa/rng.py", "generator"): None,  # the key makers themselves
     ("papa/rng.py", "seeded"): None,
     ("papa/rng.py", "seeded_globals"): None,
