@@ -28,7 +28,7 @@ from papa.models import TIMM_PREFIX, create_model
 from papa.population import Population
 from papa.provenance import code_version
 from papa.rng import generator
-from papa.runs import input_spec, load_data
+from papa.runs import input_spec, load_data, soup_state
 from papa.soups import SOUPS
 
 SOUP = "greedy_soup_repair"  # what ``papa export`` writes by default
@@ -175,9 +175,7 @@ def network(files: RunFiles, soup: str | None = None, member: int | None = None)
         where = files.dir / "soups.safetensors"
         if soup not in SOUPS:
             raise PapaError(f"no soup {soup!r}; a run's soups are {', '.join(SOUPS)}")
-        state = {k[len(soup) + 1:]: v for k, v in files.soups.items() if k.startswith(f"{soup}.")}
-        if not state:
-            raise PapaError(f"{where}: no tensors for {soup}")
+        state = soup_state(files.soups, soup, where)
     else:
         where = files.dir / "population.safetensors"
         p = int(files.meta.get("population") or next(iter(files.population.values())).shape[0])

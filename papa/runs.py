@@ -415,18 +415,22 @@ def evaluate(exp: dict, split_path, run_dir) -> dict:
     return _evaluate(exp, open_run(exp, split_path, run_dir))
 
 
+def soup_state(tensors: dict, name: str, where) -> dict:
+    """Soup ``name``'s tensors from soups.safetensors's ``tensors`` (``<soup>.<tensor>``, as ``soups`` writes them)."""
+    state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+    if not state:
+        raise PapaError(f"{where}: no tensors for {name}")
+    return state
+
+
 def _evaluate(exp: dict, run: Run) -> dict:
     where = run.dir / "soups.safetensors"
     tensors, soup_meta = load_tensors(where, "run `papa soups` on this run again")
     if soup_meta.get("population_sha256") != run.digest:
         raise PapaError(f"{where} and {run.dir / 'population.safetensors'} come from different trainings: the soups "
                         "were made from another population; run `papa soups` on this run again")
-    soups = {}
-    for name in SOUPS:
-        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
-        if not state:
-            raise PapaError(f"{where}: no tensors for {name}")
-        soups[name] = run.pop.module_from_state(state).to(run.device).eval()
+    soups = {name: run.pop.module_from_state(soup_state(tensors, name, where)).to(run.device).eval()
+             for name in SOUPS}
     bs = exp["train"]["eval_batch_size"]
     test = held_out_metrics(run.pop, soups, run.splits.test, bs, run.device)
     val = [a for a, _ in population_scores(run.pop, run.splits.train, run.split["val"], bs, run.device)]

@@ -11,6 +11,7 @@ import socket
 
 import pytest
 
+from papa.checkpoint import load_tensors, save_tensors
 from papa.cli import main
 from papa.io import file_digest, hold_lock
 from papa.runs import LOCK
@@ -94,6 +95,21 @@ def test_evaluate_refuses_soups_of_another_training(setup, tmp_path, capsys):
         f"papa evaluate: error: {b / 'soups.safetensors'} and {b / 'population.safetensors'} come from different "
         "trainings: the soups were made from another population; run `papa soups` on this run again")
     assert not (b / "metrics.json").exists()
+
+
+def test_evaluate_refuses_soups_that_lack_a_soup(setup, tmp_path, capsys):
+    """soups.safetensors of this population, but one soup's tensors gone (a hand-edited or foreign file)."""
+    _, config, split = setup
+    out = tmp_path / "a"
+    train(config, split, out)
+    assert run("soups", "--config", config, "--split", split, "--run", out) == 0
+    tensors, meta = load_tensors(out / "soups.safetensors")
+    save_tensors(out / "soups.safetensors", {k: v for k, v in tensors.items() if not k.startswith("avg_soup.")},
+                 meta)
+    capsys.readouterr()
+    assert run("evaluate", "--config", config, "--split", split, "--run", out) == 2
+    assert error_line(capsys) == f"papa evaluate: error: {out / 'soups.safetensors'}: no tensors for avg_soup"
+    assert not (out / "metrics.json").exists()
 
 
 def test_soups_and_evaluate_refuse_a_split_the_population_was_not_trained_with(setup, tmp_path, capsys):
