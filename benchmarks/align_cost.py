@@ -8,8 +8,6 @@ Times one training step of the population (loop engine, batch 64, 32x32 inputs, 
 over the first N images for each N, then fits align(N) = a + b N and prints the largest N with
 align(N) <= every x step. Prints one JSON line."""
 
-from __future__ import annotations
-
 import argparse
 import json
 import platform

@@ -6,8 +6,6 @@ Prints one JSON line per (operation, implementation) with milliseconds per call 
 The alternatives live here only to be measured; every one is checked against papa.averaging first.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import time

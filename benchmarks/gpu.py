@@ -12,8 +12,6 @@ When a target is missed, torch's kernel tables of one step of each engine (the h
 population) go to ``OUT/profile-<device>.txt``.
 """
 
-from __future__ import annotations
-
 import argparse
 import datetime
 import json

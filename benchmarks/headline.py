@@ -6,8 +6,6 @@ settings and sizes laid over it before validation. Its data are CIFAR-shaped ran
 (``cifar_shaped_data``), because no dataset can be downloaded where this runs.
 """
 
-from __future__ import annotations
-
 import gc
 import time
 from pathlib import Path

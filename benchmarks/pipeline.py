@@ -11,8 +11,6 @@ and FILE.md is rewritten as a table of every recorded line.
 Measure on an otherwise idle machine: the 1-minute load average before and after is recorded to show it.
 """
 
-from __future__ import annotations
-
 import argparse
 import csv
 import json

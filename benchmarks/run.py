@@ -10,8 +10,6 @@ Every configuration runs in its own ``python -m papa.cli bench`` process (a cras
 becomes a table cell, and no run inherits another's caches). Raw JSON lines go next to the table.
 """
 
-from __future__ import annotations
-
 import argparse
 import datetime
 import json

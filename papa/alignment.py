@@ -4,8 +4,6 @@ with every unit of the other on the same inputs (every image position a sample),
 total correlation is solved. ``align_members_`` and ``align_pairs`` align populations as PAPA-all and PAPA-2 do.
 """
 
-from __future__ import annotations
-
 import copy
 from collections.abc import Callable, Sequence
 

@@ -2,8 +2,6 @@
 picks it): ``Baseline`` (nothing), ``Push`` (steps; PAPA, §2.3), ``Replace`` (epochs; PAPA-all, PAPA-2, Table 14's
 weightings, then REPAIR) and ``Genetic`` (``Replace`` with the selection of Tables 15-17)."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -4,8 +4,6 @@ Every averaging is a row-stochastic p x p mixing matrix M along the member axis,
 (``mixing_matrix`` builds it, ``mix_`` applies it); the common cases have cheaper in-place forms. ``comm``: where
 the members live (papa.distributed); under torchrun ``pop`` holds one process's share and ``comm`` communicates."""
 
-from __future__ import annotations
-
 import itertools
 
 import torch

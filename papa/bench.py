@@ -2,8 +2,6 @@
 (forward and backward of every member, one SGD step over the stacked parameters), on random images and soft
 targets made once on the device: the numbers measure the model and engine, not data loading."""
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import platform

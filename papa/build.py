@@ -1,8 +1,6 @@
 """From a validated experiment config to the objects of a run: device, population, optimizer, learning-rate
 schedule, engine, member policies and the fixed-order data that REPAIR and alignment read."""
 
-from __future__ import annotations
-
 import math
 from functools import partial
 

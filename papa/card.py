@@ -1,8 +1,6 @@
 """The model card of an exported network (README.md of the export folder): Markdown with the YAML front matter
 the Hugging Face Hub reads (library, license, tags, the test accuracy as a model-index result)."""
 
-from __future__ import annotations
-
 import yaml
 
 from papa.models import TIMM_PREFIX

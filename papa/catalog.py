@@ -3,8 +3,6 @@ what its loader reads under ``data.root``, its message when that is not there, t
 draws. Its loader (papa/data/), ``papa fake-data`` (papa.fakedata.WRITERS) and the schema's ``data.dataset`` must
 agree (tests/unit/test_missing_data.py; docs/architecture.md has the checklist)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from pathlib import Path
 

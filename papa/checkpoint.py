@@ -1,8 +1,6 @@
 """Populations, modules and a trainer's state on disk: safetensors for tensors plus a JSON sidecar. Nothing is
 pickled."""
 
-from __future__ import annotations
-
 import hashlib
 import json
 import platform

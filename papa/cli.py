@@ -1,7 +1,5 @@
 """The ``papa`` command: one small subcommand per pipeline stage, each a thin call into the library."""
 
-from __future__ import annotations
-
 import argparse
 import json
 import sys

@@ -2,8 +2,6 @@
 experiments, each ``defaults`` deep-merged with its own overrides and checked against experiment.schema.yaml;
 every problem becomes one PapaError line naming the file and the offending key."""
 
-from __future__ import annotations
-
 import copy
 import math
 import sys
@@ -79,7 +77,7 @@ def _validator_class():
     return jsonschema.Draft202012Validator
 
 
-def _message(error: jsonschema.ValidationError) -> str:
+def _message(error: "jsonschema.ValidationError") -> str:
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
@@ -89,7 +87,7 @@ def _message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-def _leaf(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+def _leaf(error: "jsonschema.ValidationError") -> "jsonschema.ValidationError":
     """The error to show for a value matching none of a ``oneOf``'s choices: the deepest one (the choice the
     value was meant for), a wrong type or an enum of plain values (for a mapping or list) last."""
     if error.validator != "oneOf" or not error.context:

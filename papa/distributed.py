@@ -7,11 +7,10 @@ one all-reduce of per-dtype flat sums (float64 for integer buffers); the members
 peer; everything else is padded to the largest block and gathered.
 """
 
-from __future__ import annotations
-
 import math
 import os
 from collections.abc import Callable
+from typing import Self
 
 import torch
 import torch.distributed as dist
@@ -77,7 +76,7 @@ class Local:
         pass
 
 
-def from_env(p: int, device: str = "auto") -> Local | Distributed:
+def from_env(p: int, device: str = "auto") -> "Local | Distributed":
     """``Distributed`` when launched by torchrun (WORLD_SIZE > 1), else ``Local``; ``device``: train.device."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return Distributed.from_env(p, device)
@@ -132,7 +131,7 @@ class Distributed:
         self.control = dist.new_group(backend="gloo") if nccl else None
 
     @classmethod
-    def from_env(cls, p: int, device: str = "auto") -> Distributed:
+    def from_env(cls, p: int, device: str = "auto") -> Self:
         """Join the job torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL with one
         GPU per process (cuda:LOCAL_RANK) when training runs on CUDA, gloo on the CPU otherwise."""
         world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))

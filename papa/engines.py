@@ -6,8 +6,6 @@ stacked engine's kernels in its order, so the same bits at a third of the cost (
 ``PopulationScaler``: fp16 loss scaling (``fidelity.mixed_precision: authors``); ``Engine``: the opt-in
 ``torch.compile`` and channels-last layouts; ``choose_engine`` resolves ``auto``."""
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 

@@ -5,8 +5,6 @@ kwargs, classes, input size and normalization) and ``README.md`` (papa.card). A 
 description under ``papa``. A bias that cannot be folded is kept, listed under ``biases.kept``. ``load_soup`` /
 ``load_model`` give a network back as a plain ``nn.Module``."""
 
-from __future__ import annotations
-
 import json
 import os
 import shutil

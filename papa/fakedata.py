@@ -3,8 +3,6 @@ weights in the Hugging Face hub cache layout (marked with ``pretrained.FAKE_KEY`
 warns), where the given configs look for them, to run any config end to end before downloading anything. Images
 carry a class-dependent tint under the noise, so networks can learn something."""
 
-from __future__ import annotations
-
 import hashlib
 import os
 import pickle

@@ -3,8 +3,6 @@ published numbers) differ and papa can run both: each difference one ``Option`` 
 (``paper``, the default; ``authors``; or per option, ``{setting: paper, papa2_pairs: authors}``), which papa.config
 resolves once per experiment; training code asks ``authors(exp, name)``. No torch (docs/architecture.md)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 from papa.errors import PapaError

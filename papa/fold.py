@@ -6,8 +6,6 @@ BN(y; mu - b) exactly in eval mode, and in train mode too (the batch mean absorb
 stays exactly b below, at any momentum); the folded network loads into the stock architecture with ``strict=True``.
 """
 
-from __future__ import annotations
-
 import copy
 from collections import Counter
 from dataclasses import dataclass, field

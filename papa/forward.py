@@ -1,8 +1,6 @@
 """Running plain modules forward over data, as REPAIR, alignment, similarity and evaluation do: the ``Batches``
 convention for their data, a module's device, eval mode and hooks for a block of code."""
 
-from __future__ import annotations
-
 import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator

@@ -4,8 +4,6 @@ of parents drawn uniformly among distinct pairs or, with tournament selection, w
 validation loss, and the best p survive (the best 60% first, the next ranked in a random order). The paper shows
 they hurt; they exist to reproduce that."""
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 
 import torch

@@ -2,8 +2,6 @@
 umask gives, not mkstemp's 0600), the one line for a write the file system refuses (``write_error``), and
 ``hold_lock``, an exclusive lock held while a process works in a directory."""
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import fcntl

@@ -1,7 +1,5 @@
 """Accuracy of members, ensembles and soups on held-out data, and the test metrics of metrics.json."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 import torch

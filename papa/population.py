@@ -1,9 +1,8 @@
 """A population: p members of one architecture, every parameter and buffer stacked on a member axis."""
 
-from __future__ import annotations
-
 import copy
 from collections.abc import Callable, Iterable, Iterator
+from typing import Self
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +34,7 @@ class Population:
         self.template, self.params, self.buffers = template, params, buffers
 
     @classmethod
-    def from_modules(cls, modules: Iterable[nn.Module]) -> Population:
+    def from_modules(cls, modules: Iterable[nn.Module]) -> Self:
         """Stack the parameters and buffers of modules sharing one architecture (copies them)."""
         modules = list(modules)
         if not modules:
@@ -54,7 +53,7 @@ class Population:
     def from_factory(
         cls, factory: Callable[[], nn.Module], size: int, seed: int = 0, same_init: bool = False,
         members: Iterable[int] | None = None,
-    ) -> Population:
+    ) -> Self:
         """Build ``size`` members with ``factory()``, member j from its own seed (derived from ``seed`` and j), or
         all from member 0's when ``same_init``. ``members``: build only these (one rank's share), each from its
         own seed, so that a population split over processes starts exactly as the whole one."""
@@ -130,14 +129,14 @@ class Population:
             return {name: rounded(torch.tensordot(w.to(for_averaging(t).dtype), for_averaging(t), dims=1), t.dtype)
                     for name, t in self.tensors()}
 
-    def train(self, mode: bool = True) -> Population:
+    def train(self, mode: bool = True) -> Self:
         self.template.train(mode)
         return self
 
-    def eval(self) -> Population:
+    def eval(self) -> Self:
         return self.train(False)
 
-    def to(self, device: str | torch.device) -> Population:
+    def to(self, device: str | torch.device) -> Self:
         self.template.to(device)
         self.params = {n: t.to(device) for n, t in self.params.items()}
         self.buffers = {n: t.to(device) for n, t in self.buffers.items()}
@@ -157,7 +156,7 @@ class Population:
         """The stacked parameters: one optimizer over them is p independent ones (SGD and AdamW are elementwise)."""
         return list(self.params.values())
 
-    def requires_grad_(self, requires_grad: bool = True) -> Population:
+    def requires_grad_(self, requires_grad: bool = True) -> Self:
         for t in self.params.values():
             t.requires_grad_(requires_grad and t.is_floating_point())
         return self

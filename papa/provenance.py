@@ -2,8 +2,6 @@
 commit and whether ``CODE`` had changes from a checkout, the package version otherwise. No torch (the tables'
 renderer reads it)."""
 
-from __future__ import annotations
-
 import contextlib
 import subprocess
 from functools import cache

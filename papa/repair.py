@@ -4,8 +4,6 @@ E[X] = sum_i w_i E[X_i] and std(X) = sum_i w_i std(X_i) over its members, measur
 populations (a repaired soup is a population of one); the BatchNorm reset (Algorithm 5) is the same pass in train mode.
 """
 
-from __future__ import annotations
-
 import contextlib
 import itertools
 import sys

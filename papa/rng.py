@@ -1,7 +1,5 @@
 """Seeded random streams owned by a run: every draw in the library comes from one of these."""
 
-from __future__ import annotations
-
 import hashlib
 import random
 from collections.abc import Iterator

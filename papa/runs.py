@@ -1,8 +1,6 @@
 """The pipeline's stages over run directories, each reading and writing the files of docs/interfaces.md: prepare
 (validation split), train (population + history), soups, similarity, evaluate (metrics.json)."""
 
-from __future__ import annotations
-
 import contextlib
 import csv
 import dataclasses

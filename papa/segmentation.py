@@ -2,8 +2,6 @@
 (A.1.3), one forward pass per whole validation or test tile, no sliding window; counts are summed over all pixels of
 all tiles before any ratio (as the ISPRS benchmark and Audebert et al. score), on the full (non-eroded) labels."""
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 
 import torch

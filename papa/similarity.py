@@ -3,8 +3,6 @@ ResNet stage outputs, averaged over inputs, in percent. As in the paper, the mem
 to member 0 and the average soup REPAIRed, so that features are compared unit for unit.
 """
 
-from __future__ import annotations
-
 import itertools
 from collections.abc import Sequence
 

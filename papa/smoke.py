@@ -2,8 +2,6 @@
 to run end to end in seconds to minutes on a CPU while every code path and every scheduled event of the full run
 still happens; results under ``<results>/smoke``, every caption starting with "Smoke scale"."""
 
-from __future__ import annotations
-
 import copy
 from pathlib import Path
 

@@ -2,8 +2,6 @@
 is the paper's recipe: the average and greedy soups, each also REPAIRed, optionally of permutation-aligned members
 (Appendix A.4)."""
 
-from __future__ import annotations
-
 import copy
 from collections.abc import Callable, Sequence
 

@@ -3,8 +3,6 @@ mean of its end-of-epoch iterates during the SWA phase, one stacked tensor per p
 multi-tensor update over the member axis); at the end the members become their averages and their BatchNorm
 statistics are recomputed (papa.repair.reset_batchnorm_). The learning rate follows SWALR (papa.build.lr_factor)."""
 
-from __future__ import annotations
-
 import torch
 from torch import Tensor
 from torch.optim.swa_utils import get_swa_multi_avg_fn

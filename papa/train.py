@@ -1,8 +1,6 @@
 """Algorithm 1: train a population of one variant. Every random draw comes from a generator keyed by (run seed,
 purpose, member, epoch), so a run resumed from a checkpoint ends with exactly the numbers of an uninterrupted one."""
 
-from __future__ import annotations
-
 import sys
 import time
 

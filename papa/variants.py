@@ -5,8 +5,6 @@ replaced by mixtures every ``every`` epochs, papa.averagers.Replace), and a sche
 ``averaging.<name>.scheme``). A new variant is one entry of VARIANTS plus its ``averaging`` block in the experiment
 schema (tests/unit/test_variants.py; docs/architecture.md)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 from papa import fidelity

@@ -1,13 +1,12 @@
 """Tiny configs and runners shared by the training, CLI and reliability tests."""
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Self
 
 import yaml
 
@@ -65,7 +64,7 @@ class SmallDisk:
         self.path, self.size = path, size
         self.tmpfs = False
 
-    def __enter__(self) -> SmallDisk:
+    def __enter__(self) -> Self:
         self.path.mkdir(parents=True, exist_ok=True)
         if os.environ.get("PAPA_TESTS_NO_TMPFS"):
             return self

@@ -3,8 +3,6 @@ one-line slip would give. A test that pins a draw recomputes it from its key spe
 reproduces the draw while none of ``wrong_keys(key)`` does: dropping or changing any component of the key (the
 seed, the purpose, the member, the epoch or step) then fails the test."""
 
-from __future__ import annotations
-
 import itertools
 
 PURPOSES = ("validation-split", "init", "policies", "order", "augment", "global", "average", "mutate", "member",

@@ -14,8 +14,6 @@ when a config fails or is incomplete; its Snakemake log stays in the working dir
 by the CI test (tests/pipeline/test_smoke.py). (papa/smoke.py is the rule that shrinks a config; this runs them.)
 """
 
-from __future__ import annotations
-
 import argparse
 import csv
 import json

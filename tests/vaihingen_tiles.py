@@ -1,7 +1,5 @@
 """Tiny Vaihingen trees in the real ISPRS layout (IRRG TIFF tiles and colour-coded label TIFFs)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import numpy as np

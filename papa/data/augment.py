@@ -3,8 +3,6 @@ decision is made per sample (torchvision's transforms draw one per batch tensor)
 one lambda per batch as timm's Mixup does. All random numbers come from a CPU ``torch.Generator`` and are moved to
 the images' device, so a run draws the same numbers on CPU and GPU."""
 
-from __future__ import annotations
-
 import dataclasses
 import itertools
 import math
@@ -64,7 +62,7 @@ class Policy:
         if self.randaugment:
             randaugment_transform(self.randaugment, 32, (0.5, 0.5, 0.5))
 
-    def base(self) -> Policy:
+    def base(self) -> "Policy":
         """The plain transform every member shares (crop, flip) without any regularization."""
         return Policy(crop_padding=self.crop_padding, flip=self.flip)
 

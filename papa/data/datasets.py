@@ -2,8 +2,6 @@
 uint8 tensors (``ArrayDataset``, augmented on the accelerator), ImageNet as an ImageFolder tree (``FolderDataset``).
 Nothing here downloads: a missing dataset is a ``PapaError`` naming the path that was expected."""
 
-from __future__ import annotations
-
 import functools
 import gzip
 import hashlib

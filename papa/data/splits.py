@@ -1,8 +1,6 @@
 """The held-out validation split: 2% of the training set (paper, A.1.1), used to rank members for greedy
 soups. It is made once per dataset and seed, written to JSON, and read back by every later step."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 

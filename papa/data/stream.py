@@ -3,8 +3,6 @@ j sees the training items in its own order (``rng.generator(seed, "order", j, ep
 from its own stream (``"augment"``), so its data depend neither on the population size nor on the others' policies.
 One stream class per ``Splits.kind`` (``STREAMS``)."""
 
-from __future__ import annotations
-
 import math
 from collections.abc import Iterator, Sequence
 

@@ -1,8 +1,6 @@
 """A dataset cut down to some of its items (``data.subset``; smoke scale sets it): evenly spaced over each set, so an
 ImageFolder sorted by class keeps items of many classes, and the same items on every machine."""
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 

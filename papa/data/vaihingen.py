@@ -5,8 +5,6 @@ validation, 17 test tiles, after Fatras et al., 2021, who list no ids) is the st
 DeepNetsForEO's (Audebert et al., 2017) four held-out tiles plus tile 37; the train set holds the training, then the
 validation tiles (``Splits.fixed_split``, which ``papa prepare`` writes instead of a random 2%)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -2,8 +2,6 @@
 models declare ``group_matcher``: a model with a ``permutation_groups()`` method returns its groups, in forward
 order, built with ``GroupBuilder``."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 from torch import Tensor

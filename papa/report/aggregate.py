@@ -2,8 +2,6 @@
 metric (docs/interfaces.md). Each numeric scalar is a row, a nested mapping of numbers gives dotted metrics
 (``between_networks.layer1``), and every row carries its file's ``code`` version (papa.provenance.describe)."""
 
-from __future__ import annotations
-
 import csv
 import io
 import json

@@ -1,7 +1,5 @@
 """The report subcommands of ``papa``: aggregate, render, plot."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from papa.errors import PapaError

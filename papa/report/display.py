@@ -1,8 +1,6 @@
 """What a table shows, whatever the format: papa.report.tables builds it and writes its Markdown,
 papa.report.html its page."""
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 CHANCE_MARK = "†"  # an accuracy at chance level

@@ -2,8 +2,6 @@
 Figure 2) and a per-variant comparison of the population, its ensemble and its soups. The accuracy axis spans where
 the values differ (``focus``): a soup at chance beside members at 97-99% is marked on its bottom edge instead."""
 
-from __future__ import annotations
-
 from itertools import groupby
 from pathlib import Path
 

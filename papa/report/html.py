@@ -2,8 +2,6 @@
 columns of one variant (or column group) under a spanning header, the paper's values in an italic grey row under
 ours, best cells bold and chance-level cells marked, as in the Markdown."""
 
-from __future__ import annotations
-
 from html import escape
 from itertools import groupby
 

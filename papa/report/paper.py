@@ -2,8 +2,6 @@
 ``row`` a table row's ``label`` in the config, ``column`` a column header of its layout (papa.report.tables),
 ``value`` the cell as printed (``95.2 (0.1)``, ``1 (out of 10)``), ``note`` (optional) a footnote to the value."""
 
-from __future__ import annotations
-
 import csv
 import io
 from importlib import resources

@@ -1,8 +1,6 @@
 """What a config renders and which runs that needs, checked up front: the (experiment, variant) pairs some table or
 figure shows, for every seed (every experiment x variant x seed for a config with neither)."""
 
-from __future__ import annotations
-
 from papa.errors import PapaError
 from papa.report import paper
 from papa.report.tables import DATASETS, OWN_VARIANT, cell_experiment, cell_variant, columns, row_experiments

@@ -2,8 +2,6 @@
 the config names a ``layout`` (``LAYOUTS``: its columns, {header: (variant or None for the row's own, metric)})
 and lists ``rows``; docs/interfaces.md describes every layout, the cells and the CSV."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import numpy as np

@@ -1,8 +1,6 @@
 """The config reference, config/README.md: every key of a config file and of an experiment (type, default,
 meaning), generated from the schemas: ``python -m papa.schemas.reference config/README.md`` after changing one."""
 
-from __future__ import annotations
-
 import json
 import sys
 from collections.abc import Iterator

@@ -2,8 +2,6 @@
 on 2 gloo ranks matches papa.averaging on the whole population, for blocks of unequal size; and
 `torchrun --nproc-per-node 2 -m papa.cli train` gives the population of the single-process run."""
 
-from __future__ import annotations
-
 import json
 import os
 import signal

@@ -4,8 +4,6 @@ expected vs found), a non-zero exit, no traceback, and no output file left behin
 CASES is what the troubleshooting section of the README lists; ``test_every_kind_of_bad_input_is_tried``
 counts them against the kinds the issue names."""
 
-from __future__ import annotations
-
 import csv
 import hashlib
 import json

@@ -3,8 +3,6 @@ soups --evaluate on digits): the exported network scores metrics.json's test acc
 torch, and bad input (no such run, soup or member; stale soups or metrics; an --out that is no export) is one
 line, exit status 2 and nothing written."""
 
-from __future__ import annotations
-
 import json
 import shutil
 from pathlib import Path

@@ -6,8 +6,6 @@ Members start from one initialization and are then perturbed, as fine-tuned or P
 one another: the average of two unrelated random networks collapses its features to almost nothing, and REPAIR
 then divides by (almost) zero."""
 
-from __future__ import annotations
-
 import pytest
 import torch
 from safetensors.torch import load_file

@@ -1,8 +1,6 @@
 """`papa fake-data`: random datasets in the real on-disk formats, read by the real loaders, and random weights
 in the Hugging Face hub cache layout, marked fake (a warning outside smoke scale)."""
 
-from __future__ import annotations
-
 import pickle
 from pathlib import Path
 

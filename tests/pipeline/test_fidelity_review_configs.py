@@ -1,8 +1,6 @@
 """The review's two config-level differences (fidelity-review.md N5, N7), closed in the paper configs:
 Table 13's baseline soups are plain, as in the ablation setting it follows, and Figure 2 draws PAPA too."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pandas as pd

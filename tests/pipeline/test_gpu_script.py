@@ -3,8 +3,6 @@ import only the packages the script needs; the logic that fits it into its time 
 targets; and what makes the path need nothing more (configs without jsonschema).
 """
 
-from __future__ import annotations
-
 import json
 import os
 import re

@@ -10,8 +10,6 @@ member into a fresh model of the registry, scores it on the test images with pla
 the soups from the stacked tensors; only REPAIR itself (tested on its own in test_repair.py) comes from the
 library."""
 
-from __future__ import annotations
-
 import json
 import statistics
 from dataclasses import dataclass

@@ -5,8 +5,6 @@ an experiment name used by several configs must mean the same experiment everywh
 name), and the transcribed paper values must line up with the tables that show them.
 """
 
-from __future__ import annotations
-
 import copy
 import re
 from collections import defaultdict

@@ -21,8 +21,6 @@ runs CI does not train are their stand-ins'; `make smoke` trains them all.
 variant, averaging scheme, ablation and pipeline path of the configs.
 """
 
-from __future__ import annotations
-
 from functools import cache
 from pathlib import Path
 

@@ -1,8 +1,6 @@
 """Alignment and feature similarity in the pipeline: aligned soups (soups.align), PAPA-all with alignment
 (averaging.papa-all.align), `papa similarity` -> similarity.json, Table 5's layout, table5.yaml's DAG."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 

@@ -6,8 +6,6 @@ present (marker ``gpu``; on a CUDA machine: ``pytest -m gpu``). Convolutions run
 (TF32 off) so that float tolerances mean the same on both devices.
 """
 
-from __future__ import annotations
-
 import contextlib
 
 import pytest

@@ -15,8 +15,6 @@ true key reproduces each draw, every key with a component dropped, changed or sw
 
 tests/unit/test_random_keys.py pins the draws of the pieces (streams, splits, REPAIR's train-mode randomness)."""
 
-from __future__ import annotations
-
 import importlib
 import itertools
 from pathlib import Path

@@ -9,8 +9,6 @@ order differs, so engines agree in distribution only; that case is covered by th
 independence test.)
 """
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import shutil

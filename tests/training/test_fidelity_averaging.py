@@ -1,8 +1,6 @@
 """The fidelity options of the averagings (papa/fidelity.py) in whole training runs: what happens after which
 epoch, and on which data, under the authors' scripts' setting and under the paper's."""
 
-from __future__ import annotations
-
 import importlib
 
 import pytest

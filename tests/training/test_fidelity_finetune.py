@@ -4,8 +4,6 @@
 (main.py:159-161) but never unfreezes it (main.py:163 compares the integer epoch with 0.04): the head alone trains
 for the whole run."""
 
-from __future__ import annotations
-
 import pytest
 import torch
 

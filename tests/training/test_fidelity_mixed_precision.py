@@ -3,8 +3,6 @@ against papa's bf16 autocast. On CUDA only: the CPU trains as under ``paper``. T
 here with torch.amp.GradScaler on the CPU, checked against the scripts' own loop (one scaler, one summed loss, then
 ``scaler.step(optimizer[l]); scaler.update()`` per member) and through a checkpoint."""
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import warnings

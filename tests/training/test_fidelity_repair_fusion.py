@@ -2,8 +2,6 @@
 genetic ablations' children), the soups of `papa soups` and Table 5's REPAIRed soup. ``paper``: papa's exact REPAIR;
 ``authors``: the scripts' fusion (papa.repair._repair_authors_, member moments in train mode)."""
 
-from __future__ import annotations
-
 import importlib
 
 import pytest

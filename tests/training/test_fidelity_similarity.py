@@ -1,8 +1,6 @@
 """fidelity option ``similarity_members``: Table 5 aligns and REPAIRs every variant (paper) or the baseline's
 runs only (authors: the scripts ran --permutation True --repair_soup True for the baseline alone)."""
 
-from __future__ import annotations
-
 import pytest
 
 from papa import runs

@@ -3,8 +3,6 @@ members and soup alike; ``authors`` (models/combined.py:257): member j's own aug
 (the policies it trained with) for its moments, the base transform (crop, flip: the scripts' train_dset_noaug,
 data/data.py:22, is the training transform without random erasing) for the soup."""
 
-from __future__ import annotations
-
 import pytest
 import torch
 

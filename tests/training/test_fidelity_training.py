@@ -2,8 +2,6 @@
 genetic selection of Table 16, REPAIR's layer set and greedy criterion reaching the trainer, bf16 only on CUDA,
 and bicubic resizing."""
 
-from __future__ import annotations
-
 import importlib
 from pathlib import Path
 

@@ -2,8 +2,6 @@
 local Hugging Face hub cache, CIFAR batches resized to the model's input size, the pretrained model's
 normalization, and Table 1's fine-tuning recipe run end to end on a tiny timm model."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 

@@ -2,8 +2,6 @@
 (/work/shared/reference/papa-paper.txt) that fixes the number, checks the value a config that says nothing
 gets, and checks that the value reaches what a run does (not only the schema)."""
 
-from __future__ import annotations
-
 import math
 
 import pytest

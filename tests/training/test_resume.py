@@ -2,8 +2,6 @@
 again ends bit for bit where an uninterrupted run ends; outputs appear only when complete; concurrent runs
 never share temporary files; nothing we load runs pickled code."""
 
-from __future__ import annotations
-
 import json
 import os
 import re

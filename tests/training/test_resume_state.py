@@ -8,8 +8,6 @@ A stop is what SLURM asks for: SIGUSR1 delivered to this process while the data 
 `papa train`'s stage (runs.train) checkpoints and raises Stopped, the same call resumes, and the population,
 its sidecar and history.csv must equal those of an uninterrupted run byte for byte."""
 
-from __future__ import annotations
-
 import json
 import os
 import signal

@@ -9,8 +9,6 @@ optimizer step through torch's global optimizer hooks (the step count, the learn
 parameters it moved), and calls of the library functions the trainer uses (papa.averaging, papa.repair,
 papa.swa) through counting wrappers, plus the history.csv a run writes."""
 
-from __future__ import annotations
-
 import importlib
 import inspect
 import math

@@ -2,8 +2,6 @@
 colour decoding, the fixed split, patch sampling, per-pixel targets and loss, the U-Net, accuracy and F1
 math, one tiny train + soups + evaluate, Tables 10-11 rendering, and one-line errors for bad data."""
 
-from __future__ import annotations
-
 import contextlib
 import json
 

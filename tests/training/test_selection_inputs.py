@@ -15,8 +15,6 @@ training split (and the test set) it is the worst. So:
 A linear model's mixture of members computes the same mixture of their logits, so every expected selection is
 recomputed here from the members' logits with plain tensor code."""
 
-from __future__ import annotations
-
 import copy
 from pathlib import Path
 

@@ -2,8 +2,6 @@
 learning rate follows SWALR, BatchNorm statistics are recomputed after the swap, PAPA-all's window and
 mixing of the averages, bit-identical resume."""
 
-from __future__ import annotations
-
 import re
 
 import pytest

@@ -1,8 +1,6 @@
 """DART-style populations (paper §4.5.2, Table 3): timm RandAugment m=4 n=1 as a member policy, drawn per
 sample from the run's generator."""
 
-from __future__ import annotations
-
 import random
 
 import numpy as np

@@ -1,7 +1,5 @@
 """The data package: datasets in their real on-disk formats, the validation split, augmentation, streams."""
 
-from __future__ import annotations
-
 import json
 import os
 import pickle

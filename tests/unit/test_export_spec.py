@@ -1,8 +1,6 @@
 """What population.json records of a run's input and classes (papa.runs.input_spec), for every kind of dataset,
 read off the data exactly as the run's stream and evaluation prepare it."""
 
-from __future__ import annotations
-
 import pytest
 
 from papa import runs

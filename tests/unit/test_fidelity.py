@@ -1,8 +1,6 @@
 """What the authors ran (fidelity review, issue 13): the Table 14 weightings, one-member soups, the greedy
 criterion, the policy deal, REPAIR's layer set, the genetic selection rules and the option-A ResNet-20."""
 
-from __future__ import annotations
-
 import itertools
 
 import pytest

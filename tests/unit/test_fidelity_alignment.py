@@ -4,8 +4,6 @@ each pair in turn (recombine/permutations.py:47-52), PAPA-all each member to the
 the unpermuted members (models/combined.py:232-255, permutations.py:133), and an averaging after the last epoch
 mixes nothing but swaps in unmerged pair members (main.py:271, 299-311). Each test fails under ``paper``."""
 
-from __future__ import annotations
-
 import copy
 
 import pytest

@@ -2,8 +2,6 @@
 exact outcome of the authors' scripts (SamsungSAILMontreal/PAPA at 47ad83a) and of the paper's reading: each test
 below fails under the other setting."""
 
-from __future__ import annotations
-
 import itertools
 from types import SimpleNamespace
 

@@ -4,8 +4,6 @@ eps 1e-5 that drops a bias-free convolution's shift, no BatchNorm reset afterwar
 
 The reference below does it by hand with torch's own BatchNorm2d modules, as the scripts did."""
 
-from __future__ import annotations
-
 import copy
 
 import pytest

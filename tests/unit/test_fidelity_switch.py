@@ -1,8 +1,6 @@
 """The ``fidelity`` switch (papa/fidelity.py): declared once, checked against the schema, resolved once per
 experiment, each option settable alone."""
 
-from __future__ import annotations
-
 import pytest
 
 from papa import config, fidelity

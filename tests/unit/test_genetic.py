@@ -4,8 +4,6 @@ p = 13 on) and keeps the int(0.6 p) best candidates in rank order (the authors' 
 rounded 1.8 would keep 2, at p = 4 a ceiling 3), then the next ranked up to p in a random order. What the ranks
 are made of (validation cross-entropies) is checked in tests/training/test_selection_inputs.py."""
 
-from __future__ import annotations
-
 import itertools
 from collections import Counter
 

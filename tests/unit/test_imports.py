@@ -2,8 +2,6 @@
 function (those exist to keep torch out of the commands that do not need it, never to dodge a cycle) and under
 TYPE_CHECKING."""
 
-from __future__ import annotations
-
 import ast
 from pathlib import Path
 

@@ -6,8 +6,6 @@ Integer buffers are mixed in float64 and rounded to the nearest integer (Python'
 to even). The counts below make every mixture land strictly between two integers, most of them above the
 half, so truncation (or flooring) gives another answer; each test checks that it would."""
 
-from __future__ import annotations
-
 import socket
 
 import pytest

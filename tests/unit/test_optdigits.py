@@ -1,8 +1,6 @@
 """UCI optdigits read from its own files (optdigits.tra / optdigits.tes, as `papa fake-data` writes them), the
 input scaling of both digit datasets (raw counts 0-16 or standardized) and the bundled copy's split seed."""
 
-from __future__ import annotations
-
 import numpy as np
 import pytest
 import torch

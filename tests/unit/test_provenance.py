@@ -2,8 +2,6 @@
 changes in a checkout, the package version otherwise, never a failed run for want of git; and a table cell of
 the rendered CSV names the code versions of the runs behind it."""
 
-from __future__ import annotations
-
 import json
 import subprocess
 

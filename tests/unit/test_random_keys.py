@@ -10,8 +10,6 @@ Each test recomputes the draw from its key spelled out and checks that every wro
 component dropped, changed or swapped) gives another draw. ``test_every_key_making_call_is_pinned`` keeps the list
 of the library's key-making calls complete: a new one fails it until its key is pinned."""
 
-from __future__ import annotations
-
 import ast
 from pathlib import Path
 from types import SimpleNamespace

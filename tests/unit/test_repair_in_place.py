@@ -7,8 +7,6 @@ raised ``cannot repair a population in place``. Both code paths (member by membe
 vmap) are checked.
 """
 
-from __future__ import annotations
-
 import pytest
 import torch
 

@@ -13,8 +13,6 @@ took the validation loss from 4.45 to thousands: degenerate statistics of 2 imag
 exact even there, and that REPAIR says on stderr when it measures so few images.
 """
 
-from __future__ import annotations
-
 import copy
 import importlib
 

@@ -2,8 +2,6 @@
 and a config read without jsonschema (a machine that has only torch and its like: benchmarks/gpu.sh) gets the
 same defaults, unchecked, with one warning."""
 
-from __future__ import annotations
-
 import copy
 import sys
 

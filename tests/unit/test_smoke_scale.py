@@ -5,8 +5,6 @@ config and check what it must keep (architectures, image sizes, variants, scheme
 and what it must shrink, then the overrides, the subset of a dataset and the workflow's handling of both.
 """
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 

@@ -10,8 +10,6 @@ REPAIRed soups for the table's ``repair`` variants, bold for the best ensemble a
 values are irregular (the mean is not the median, the sample std is not the population one, the extremes over
 all members are not the means of the per-seed extremes), and a seed outside the config's is on disk too."""
 
-from __future__ import annotations
-
 import json
 import random
 import statistics
