@@ -50,10 +50,8 @@ class Population:
         return cls(copy.deepcopy(first), params, buffers)
 
     @classmethod
-    def from_factory(
-        cls, factory: Callable[[], nn.Module], size: int, seed: int = 0, same_init: bool = False,
-        members: Iterable[int] | None = None,
-    ) -> Self:
+    def from_factory(cls, factory: Callable[[], nn.Module], size: int, seed: int = 0, same_init: bool = False,
+                     members: Iterable[int] | None = None) -> Self:
         """Build ``size`` members with ``factory()``, member j from its own seed (derived from ``seed`` and j), or
         all from member 0's when ``same_init``. ``members``: build only these (one rank's share), each from its
         own seed, so that a population split over processes starts exactly as the whole one."""
@@ -74,7 +72,6 @@ class Population:
         return next(self.tensors())[1].device
 
     def tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Every stacked parameter and buffer, parameters first."""
         yield from self.params.items()
         yield from self.buffers.items()
 
@@ -83,7 +80,6 @@ class Population:
         return {n: t[j] for n, t in self.tensors()}
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The stacked tensors under their module names (what checkpoints store)."""
         return dict(self.tensors())
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -114,7 +110,6 @@ class Population:
         return module
 
     def member(self, j: int) -> nn.Module:
-        """A standalone copy of member j."""
         if not -self.size <= j < self.size:
             raise IndexError(f"member {j} out of range for a population of {self.size}")
         return self.module_from_state(self.member_tensors(j))
