@@ -1,6 +1,6 @@
-"""Populations, modules and a trainer's state on disk: safetensors for tensors plus a JSON sidecar. Nothing is
-pickled."""
+"""Populations, modules and a trainer's state on disk: safetensors plus a JSON sidecar; nothing is pickled."""
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -22,12 +22,10 @@ from papa.swa import SWA
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that shape a result, from package metadata (importing timm takes seconds)."""
-    found = {}
-    for name in ("papa", "torch", "torchvision", "timm", "safetensors", "numpy"):
-        try:
+    found = dict.fromkeys(("papa", "torch", "torchvision", "timm", "safetensors", "numpy"), "unknown")
+    for name in found:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "unknown"
     return {**found, "python": platform.python_version()}
 
 
@@ -35,8 +33,7 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-# the header's one metadata entry, the metadata as JSON (safetensors writes several in an arbitrary order)
-META_KEY = "papa"
+META_KEY = "papa"  # the header's one metadata entry, the metadata as JSON (safetensors writes several in any order)
 DIGEST_KEY = "content_sha256"  # the metadata's last key: tensors_digest of the rest of the file
 
 
@@ -57,13 +54,11 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = json.loads(json.dumps({**meta, "versions": versions(), "code": code_version()}))  # as load_tensors reads it
     meta[DIGEST_KEY] = tensors_digest(cpu, meta)
-    header = {META_KEY: json.dumps(meta)}
-    write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=header))
+    write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata={META_KEY: json.dumps(meta)}))
     write_json(sidecar_path(path), meta)
 
 
 def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
-    """The header metadata and (when ``tensors``) the tensors of an existing file; PapaError when unreadable."""
     if not path.exists():
         raise PapaError(f"{path}: checkpoint not found")
     try:
@@ -103,29 +98,27 @@ def load_tensors(path: str | Path, remedy: str = "make it again") -> tuple[dict[
     any missing, truncated or corrupt part is a PapaError, bytes that do not match the digest ending with
     ``remedy``. A file written before files carried a digest loads unchecked, with a warning."""
     path = Path(path)
-    side = sidecar_path(path)
     header, tensors = _read(path, tensors=True)
-    if META_KEY in header:
+    if META_KEY not in header:  # written before the header held the metadata
+        _unchecked(path)
+        if not (side := sidecar_path(path)).exists():
+            raise PapaError(f"{side}: checkpoint sidecar not found (incomplete checkpoint?)")
         try:
-            meta = json.loads(header[META_KEY])
-        except json.JSONDecodeError as e:
-            raise PapaError(f"{path}: corrupt checkpoint metadata ({e})") from None
-        if not isinstance(meta, dict):
-            raise PapaError(f"{path}: corrupt checkpoint metadata (not a JSON object)")
-        recorded = meta.pop(DIGEST_KEY, None)
-        if recorded is None:
-            _unchecked(path)
-        elif tensors_digest(tensors, meta) != recorded:
-            raise PapaError(f"{path}: corrupt: its bytes do not match what was written (the SHA-256 recorded in "
-                            f"its header); {remedy}")
-        return tensors, meta
-    _unchecked(path)
-    if not side.exists():
-        raise PapaError(f"{side}: checkpoint sidecar not found (incomplete checkpoint?)")
+            return tensors, json.loads(side.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PapaError(f"{side}: corrupt checkpoint sidecar ({e})") from None
     try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PapaError(f"{side}: corrupt checkpoint sidecar ({e})") from None
+        meta = json.loads(header[META_KEY])
+    except json.JSONDecodeError as e:
+        raise PapaError(f"{path}: corrupt checkpoint metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise PapaError(f"{path}: corrupt checkpoint metadata (not a JSON object)")
+    recorded = meta.pop(DIGEST_KEY, None)
+    if recorded is None:
+        _unchecked(path)
+    elif tensors_digest(tensors, meta) != recorded:
+        raise PapaError(f"{path}: corrupt: its bytes do not match what was written (the SHA-256 recorded in "
+                        f"its header); {remedy}")
     return tensors, meta
 
 
@@ -176,15 +169,13 @@ def saved(state: Resumable) -> tuple[dict[str, torch.Tensor], dict]:
     flat = {f"{idx}.{key}": value for idx, st in opt["state"].items() for key, value in st.items()}
     tensors = {f"pop.{k}": v for k, v in state.pop.state_dict().items()}
     tensors |= {f"opt.{name}": value for name, value in flat.items() if torch.is_tensor(value)}
-    opt_meta = {name: value for name, value in flat.items() if not torch.is_tensor(value)}
     tensors |= {name: t for name, t in (("rng.global", at.rng), ("rng.cuda", at.cuda_rng)) if t is not None}
     swa_tensors, swa_count = state.swa.state() if state.swa is not None else ({}, None)
     tensors |= swa_tensors
-    meta = {
-        **state.run, "epoch": at.epoch, "step": at.step, "batch": at.batch, "generation": at.generation,
-        "scheduler": state.scheduler.state_dict(), "param_groups": opt["param_groups"],
-        "optimizer_scalars": opt_meta, "history": at.history, "swa_count": swa_count,
-    }
+    meta = {**state.run, "epoch": at.epoch, "step": at.step, "batch": at.batch, "generation": at.generation,
+            "scheduler": state.scheduler.state_dict(), "param_groups": opt["param_groups"],
+            "optimizer_scalars": {name: value for name, value in flat.items() if not torch.is_tensor(value)},
+            "history": at.history, "swa_count": swa_count}
     if state.scaler is not None:  # scale and growth counter: plain numbers
         meta["grad_scaler"] = state.scaler.state_dict()
     return tensors, meta
@@ -192,8 +183,7 @@ def saved(state: Resumable) -> tuple[dict[str, torch.Tensor], dict]:
 
 def restore(state: Resumable, tensors: dict[str, torch.Tensor], meta: dict, where: str = "checkpoint") -> None:
     """Resume ``state`` from ``saved``'s output; another run's checkpoint is refused, naming the first difference."""
-    found = first_difference({key: meta.get(key) for key in state.run}, state.run)
-    if found is not None:
+    if (found := first_difference({key: meta.get(key) for key in state.run}, state.run)) is not None:
         key, theirs, ours = found
         raise PapaError(f"{where}: written by another run: {key}: the checkpoint has {theirs!r}, this run has "
                         f"{ours!r}; delete it to start over")
