@@ -110,11 +110,9 @@ class Trainer:
         return self.comm.gather_scores(self.val_scores(self.pop)), self.comm.gather_scores(test)
 
     def push(self) -> None:
-        """PAPA's push now."""
         self.averager.push(self.context, self.lr)
 
     def average(self) -> None:
-        """PAPA-all / PAPA-2 averaging now, with its REPAIR."""
         self.averager.average(self.context)
 
     def freeze_body(self, frozen: bool) -> None:
@@ -134,10 +132,12 @@ class Trainer:
         for i, (x, targets) in enumerate(self.stream.epoch(e)):
             if i < at.batch:  # resuming mid-epoch: replay the data stream up to where it stopped
                 continue
-            if i == at.batch and at.rng is not None:
-                self.restore_rng()
-            # None (not zero) gradients: a frozen parameter must get no weight decay or momentum step either
-            self.optimizer.zero_grad(set_to_none=True)
+            if i == at.batch and at.rng is not None:  # the global (and CUDA) RNG state of the step it stopped after
+                torch.set_rng_state(at.rng)
+                if at.cuda_rng is not None and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(at.cuda_rng, self.device)
+                at.rng = at.cuda_rng = None
+            self.optimizer.zero_grad(set_to_none=True)  # None: a frozen parameter gets no weight decay or momentum step
             if self.scaler is None:
                 pending.append(self.engine(self.pop, x, targets, self.autocast).detach())
                 self.optimizer.step()
@@ -195,14 +195,12 @@ class Trainer:
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - at.step) / rate if rate > 0 else None
         val = [r["val_accuracy"] for r in at.history if r["epoch"] == at.epoch and r["phase"] == "end"]
-        fields = [
-            f"{self.exp['name']}/{self.variant}/seed{self.seed}",
-            f"epoch {at.epoch + (at.batch > 0)}/{epochs}" + (f" batch {at.batch}/{spe}" if at.batch else ""),
-            f"step {at.step}/{total}", "loss " + ("-" if self.last_loss is None else f"{self.last_loss:.4f}"),
-            f"lr {self.lr:.3g}", "val " + (f"{sum(val) / len(val):.2f}%" if val else "-"),
-            f"{rate * self.exp['train']['batch_size'] * self.comm.p:.0f} img/s",
-            f"elapsed {_clock(elapsed)}", "ETA " + ("-" if eta is None else _clock(eta)),
-        ]
+        fields = [f"{self.exp['name']}/{self.variant}/seed{self.seed}",
+                  f"epoch {at.epoch + (at.batch > 0)}/{epochs}" + (f" batch {at.batch}/{spe}" if at.batch else ""),
+                  f"step {at.step}/{total}", "loss " + ("-" if self.last_loss is None else f"{self.last_loss:.4f}"),
+                  f"lr {self.lr:.3g}", "val " + (f"{sum(val) / len(val):.2f}%" if val else "-"),
+                  f"{rate * self.exp['train']['batch_size'] * self.comm.p:.0f} img/s",
+                  f"elapsed {_clock(elapsed)}", "ETA " + ("-" if eta is None else _clock(eta))]
         print("papa train: " + ", ".join(fields), file=sys.stderr, flush=True)
         self.last_line = now
 
@@ -225,14 +223,6 @@ class Trainer:
         if checkpoint is not None:
             checkpoint(self)
         raise Stopped(f"stopped by {self.stop_signal} at epoch {at.epoch + 1}, batch {at.batch}")
-
-    def restore_rng(self) -> None:
-        """Resuming mid-epoch: the global (and CUDA) RNG state of the step where the run stopped."""
-        at = self.progress
-        torch.set_rng_state(at.rng)
-        if at.cuda_rng is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(at.cuda_rng, self.device)
-        at.rng = at.cuda_rng = None
 
     def stop_requested(self) -> bool:
         """Whether a stop signal arrived here or at any other process: all stop after the same step."""
@@ -261,9 +251,7 @@ class Trainer:
         return self.pop
 
     def state(self) -> tuple[dict[str, Tensor], dict]:
-        """Everything a resumed run needs, as tensors and JSON-able metadata (papa.checkpoint)."""
         return saved(self.resumable)
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict, where: str = "checkpoint") -> None:
-        """Resume from ``state()``; a checkpoint of another config, variant or seed is refused."""
         restore(self.resumable, tensors, meta, where)
