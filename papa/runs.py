@@ -1,5 +1,4 @@
-"""The pipeline's stages over run directories, each reading and writing the files of docs/interfaces.md: prepare
-(validation split), train (population + history), soups, similarity, evaluate (metrics.json)."""
+"""The pipeline's stages over run directories: prepare, train, soups, similarity, evaluate (docs/interfaces.md)."""
 
 import contextlib
 import csv
@@ -78,7 +77,6 @@ def input_spec(exp: dict, splits) -> dict:
     """What a run's network expects (``input``, mean/std in [0, 1] pixel units) and returns (``classes``, one per
     logit), as load_data gave it; population.json records it, so an export needs no data."""
     test = splits.test
-    classes = [str(c) for c in getattr(test, "classes", ())] or [str(k) for k in range(splits.num_classes)]
     size = int(splits.image_size)
     if splits.kind == "folder":  # papa.data.datasets.folder_eval_transform: resize to 256/224 of the crop, crop
         interpolation, crop = "bilinear", size / round(size * 256 / 224)
@@ -89,12 +87,11 @@ def input_spec(exp: dict, splits) -> dict:
     return {"input": {"dataset": splits.name, "kind": splits.kind, "channels": int(splits.in_channels),
                       "size": [size, size], "mean": [float(v) for v in test.mean], "std": [float(v) for v in test.std],
                       "interpolation": interpolation, "crop_pct": crop},
-            "classes": classes}
+            "classes": [str(c) for c in getattr(test, "classes", ())] or [str(k) for k in range(splits.num_classes)]}
 
 
 def prepare(exp: dict, out: str | Path) -> dict:
-    """Hold out the validation split (paper: 2% of the training set, or the dataset's own, e.g. Vaihingen's 5
-    tiles) and save it as an index file."""
+    """Save the validation split: 2% of the training set held out (paper), or the dataset's own (Vaihingen: 5 tiles)."""
     splits, d = load_data(exp), exp["data"]
     meta = {"dataset": d["dataset"], "n": len(splits.train)}
     if splits.fixed_split is not None:
@@ -134,24 +131,23 @@ def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: boo
 
 
 def _checkpoint(out: Path, comm) -> Path:
-    """This process's checkpoint path, once any checkpoints there are known to come from a run of as many
-    processes, all stopped at the same point."""
+    """This process's checkpoint path, once those there are known to be as many processes', stopped at one point."""
     n = comm.world_size
     names = [CHECKPOINT] if n == 1 else [f"checkpoint.rank{r}.safetensors" for r in range(n)]
     found = {f.name for f in out.glob("checkpoint*.safetensors")}
     if found and found != set(names):
         raise PapaError(f"{out}: checkpoints {sorted(found)} were not written by a run of {n} "
                         "process(es); resume with as many processes as wrote them, or delete them to start over")
-    if len(found) > 1:
-        points = set()
-        for name in names:
-            try:
-                meta = json.loads(sidecar_path(out / name).read_text())
-                points.add((meta["epoch"], meta["step"], meta["batch"]))
-            except (OSError, ValueError, KeyError):
-                raise PapaError(f"{out / name}: incomplete checkpoint; delete the checkpoints to start over") from None
-        if len(points) > 1:
-            raise PapaError(f"{out}: the processes' checkpoints stopped at different points; delete them to start over")
+
+    def stopped_at(name: str) -> tuple[int, int, int]:
+        try:
+            meta = json.loads(sidecar_path(out / name).read_text())
+            return meta["epoch"], meta["step"], meta["batch"]
+        except (OSError, ValueError, KeyError):
+            raise PapaError(f"{out / name}: incomplete checkpoint; delete the checkpoints to start over") from None
+
+    if len(found) > 1 and len({stopped_at(name) for name in names}) > 1:
+        raise PapaError(f"{out}: the processes' checkpoints stopped at different points; delete them to start over")
     return out / names[comm.rank]
 
 
@@ -213,9 +209,8 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
         trainer.load_state(*load_tensors(ckpt, f"delete {ckpt.name} and {sidecar_path(ckpt).name} to start this "
                                                "run over"), where=str(ckpt))
     if comm.is_main:
-        # a resumed run keeps the history.csv of its epochs so far (rewritten with its next checkpoint)
         earlier = earlier_outputs(out, {"experiment": exp["name"], "variant": variant, "seed": seed},
-                                  keep=("history.csv",) if resumed else ())
+                                  keep=("history.csv",) if resumed else ())  # rewritten with the next checkpoint
         needed, what = (ckpt.stat().st_size, "its next checkpoint") if resumed else (
             sum(t.numel() * t.element_size() for t in trainer.pop.state_dict().values()), "the population")
         check_room(out, needed, what, freed=sum((out / name).stat().st_size for name in earlier))
@@ -224,10 +219,10 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
         if earlier:
             print(f"papa train: {out}: removed the outputs of an earlier training ({', '.join(earlier)})",
                   file=sys.stderr)
+        if resumed:
+            print(f"papa train: {out}: resumed from epoch {trainer.progress.epoch + 1}, batch {trainer.progress.batch}",
+                  file=sys.stderr)
     comm.barrier()
-    if resumed and comm.is_main:
-        print(f"papa train: {out}: resumed from epoch {trainer.progress.epoch + 1}, batch {trainer.progress.batch}",
-              file=sys.stderr)
 
     def save_checkpoint(t: Trainer) -> None:
         save_tensors(ckpt, *t.state())
@@ -248,13 +243,11 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     state = comm.gather_state(trainer.pop)
     if comm.is_main:  # history rows are the same on every process (scores are gathered)
         write_history(out, trainer)
-        meta = {
-            "experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.progress.epoch,
-            "steps": trainer.progress.step, "population": comm.p, "model": exp["model"]["name"],
-            "engine": trainer.engine_name, "device": str(trainer.device), "processes": comm.world_size,
-            "policies": [dataclasses.asdict(p) for p in trainer.all_policies], "config": exp,
-            "split_sha256": split["sha256"], **input_spec(exp, splits),
-        }
+        meta = {"experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.progress.epoch,
+                "steps": trainer.progress.step, "population": comm.p, "model": exp["model"]["name"],
+                "engine": trainer.engine_name, "device": str(trainer.device), "processes": comm.world_size,
+                "policies": [dataclasses.asdict(p) for p in trainer.all_policies], "config": exp,
+                "split_sha256": split["sha256"], **input_spec(exp, splits)}
         save_tensors(out / "population.safetensors", state, meta)
     comm.barrier()  # the outputs exist before any checkpoint goes
     ckpt.unlink(missing_ok=True)
@@ -309,9 +302,12 @@ def soups_aligned(exp: dict, variant: str) -> bool:
 
 
 def soups(exp: dict, split_path, run_dir) -> dict:
-    """papa.soups.make_soups of a trained run -> soups.safetensors: average and greedy soups (greedy on the
-    validation split), each with and without REPAIR (on ``repair_stream``), of members permutation-aligned first
-    with ``soups.align`` (soups.json then says ``aligned``)."""
+    """papa.soups.make_soups of a trained run -> soups.safetensors: average and greedy soups (greedy on the validation
+    split), each with and without REPAIR, of members permutation-aligned first with ``soups.align`` (soups.json then
+    says ``aligned``). REPAIR reads training batches: with ``fidelity.soup_repair_data: paper``, all of the base
+    transform (crop, flip); ``authors``, member j its own augmented, regularized ones and the soup ``train_dset_noaug``
+    (the training transform, re=0), as models/combined.py:257, :290 and data/data.py:22. Their images come from REPAIR's
+    generator (the scripts' ``same_repair=False`` left each member's to the unseeded global RNG)."""
     return _soups(exp, open_run(exp, split_path, run_dir))
 
 
@@ -321,28 +317,16 @@ def soups_and_metrics(exp: dict, split_path, run_dir) -> tuple[dict, dict]:
     return _soups(exp, run), _evaluate(exp, run)
 
 
-def repair_stream(exp: dict, run: Run):
-    """The training batches the soups' REPAIR reads, and whether each member reads its own policy's:
-    ``fidelity.soup_repair_data: paper``, the base transform (crop, flip, no regularization) for all; ``authors``,
-    as models/combined.py:257 and :290 call correct_neuron_stats_multiple, member j its own augmented, regularized
-    batches and the soup ``train_dset_noaug`` (data/data.py:22: the training transform, re=0). The images come
-    from REPAIR's generator for every member, where the scripts' ``same_repair=False`` left each member's shuffle
-    to the unseeded global RNG."""
+def _soups(exp: dict, run: Run) -> dict:
+    bs, s = exp["train"]["eval_batch_size"], exp["soups"]
     base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
     own = fidelity.authors(exp, "soup_repair_data")
     policies = member_policies(exp, run.meta["seed"]) if own else [base] * run.pop.size
     stream = make_stream(run.splits, run.split["train"], exp["train"]["batch_size"], policies, 0, run.device,
                          base=base, **loader_options(exp, run.splits))
-    return stream, own
-
-
-def _soups(exp: dict, run: Run) -> dict:
-    bs, s = exp["train"]["eval_batch_size"], exp["soups"]
 
     def val_accuracy(module) -> float:
         return accuracy(module.to(run.device).eval(), run.splits.train, run.split["val"], bs, run.device)
-
-    stream, own = repair_stream(exp, run)
 
     def batches(member, gen):  # member j's moments (member_moments), or None: the soup's (repair)
         return stream.member_batches(member if own else None, gen, s["repair_iters"])
@@ -385,22 +369,18 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
         permutation_spec(pop.template)
     n_test = len(splits.test) if s["test_images"] is None else min(s["test_images"], len(splits.test))
     test = fixed_batches(exp, splits, splits.test, range(n_test), run.device)
-    sims = population_similarity(
-        pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=align,
-        repair=repair, repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"], measure_batches=test,
-        layers=exp["repair"]["layers"], fusion=repair_fusion(exp),
-    )
+    sims = population_similarity(pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=align,
+                                 repair=repair, repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"],
+                                 measure_batches=test, layers=exp["repair"]["layers"], fusion=repair_fusion(exp))
 
     def per_stage(measure: str) -> dict:
         return {"between_networks": dict(zip(names, sims[measure][BETWEEN_NETWORKS], strict=True)),
                 "network_and_avg_soup": dict(zip(names, sims[measure][NETWORK_AND_SOUP], strict=True))}
 
-    out = {
-        "experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"], "stages": names,
-        **per_stage(s["members"]), "members": s["members"],
-        "aligned": align, "repaired": repair, "repair_iters": s["repair_iters"], "test_images": n_test,
-        "population_sha256": run.digest, "code": code_version(),
-    }
+    out = {"experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"], "stages": names,
+           **per_stage(s["members"]), "members": s["members"], "aligned": align, "repaired": repair,
+           "repair_iters": s["repair_iters"], "test_images": n_test, "population_sha256": run.digest,
+           "code": code_version()}
     if s["members"] != "all":  # the all-pairs measure beside the configured one
         out |= {f"all_pairs_{k}": v for k, v in per_stage("all").items()}
     write_json(run.dir / "similarity.json", out)
@@ -408,8 +388,7 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
 
 
 def evaluate(exp: dict, split_path, run_dir) -> dict:
-    """Test accuracies of members, their logit ensemble and the four soups → metrics.json (per-class F1 too
-    for a segmentation dataset)."""
+    """Test accuracies of members, logit ensemble and four soups (per-class F1 too for segmentation) → metrics.json."""
     return _evaluate(exp, open_run(exp, split_path, run_dir))
 
 
@@ -433,15 +412,12 @@ def _evaluate(exp: dict, run: Run) -> dict:
     test = held_out_metrics(run.pop, soups, run.splits.test, bs, run.device)
     val = [a for a, _ in population_scores(run.pop, run.splits.train, run.split["val"], bs, run.device)]
     members = soup_meta["greedy_soup_members"]
-    metrics = {
-        "experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"],
-        "population": run.pop.size, **summary(test["members"]), **test,
-        "greedy_soup_size": len(members), "greedy_soup_members": members,
-        "soups_aligned": bool(soup_meta.get("aligned", False)), "val_members": val,
-        "num_classes": run.splits.num_classes,  # the tables mark soups at chance level (100 / num_classes %)
-        "data": run.splits.source or exp["data"]["dataset"],  # which data made these numbers
-        "population_sha256": run.digest, "soups_sha256": file_digest(where), "code": code_version(),
-    }
+    metrics = {"experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"],
+               "population": run.pop.size, **summary(test["members"]), **test, "greedy_soup_size": len(members),
+               "greedy_soup_members": members, "soups_aligned": bool(soup_meta.get("aligned", False)),
+               "val_members": val, "num_classes": run.splits.num_classes,  # soups at chance: 100 / num_classes %
+               "data": run.splits.source or exp["data"]["dataset"],  # which data made these numbers
+               "population_sha256": run.digest, "soups_sha256": file_digest(where), "code": code_version()}
     order = ["experiment", "variant", "seed", "population", "members", "mean", "min", "max", "std", "ensemble",
              "avg_soup", "greedy_soup", "greedy_soup_size", "avg_soup_repair", "greedy_soup_repair",
              "greedy_soup_members", "soups_aligned", "val_members"]
