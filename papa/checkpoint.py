@@ -40,8 +40,7 @@ DIGEST_KEY = "content_sha256"  # the metadata's last key: tensors_digest of the 
 def tensors_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
     """SHA-256 of a file's metadata (as JSON) and tensors (name, dtype, shape, bytes): safetensors has no checksum."""
     digest = hashlib.sha256(json.dumps(meta).encode())
-    for name in sorted(tensors):
-        t = tensors[name]
+    for name, t in sorted(tensors.items()):
         digest.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
         digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()

@@ -112,10 +112,9 @@ RUN_KEYS = ("experiment", "variant", "seed")
 
 
 def train(exp: dict, variant: str, seed: int, split_path, out_dir, progress: bool | None = None) -> Trainer:
-    """Train one population and write population.safetensors (+ .json) and history.csv under ``out_dir``,
-    checkpointing after every epoch and on SIGTERM, SIGUSR1 or Ctrl-C (a second one interrupts at once) so that
-    the same command resumes; under torchrun, one checkpoint per process. Rank 0 holds ``LOCK`` throughout and
-    removes an earlier training's outputs of the same run, refusing another run's (docs/decisions.md)."""
+    """Train one population and write population.safetensors (+ .json) and history.csv under ``out_dir``, checkpointing
+    after every epoch and on SIGTERM, SIGUSR1 or Ctrl-C (a second one interrupts at once) so that the same command
+    resumes. An earlier training's outputs of the same run are removed, another run's refused (docs/decisions.md)."""
     variants.check(variant)
     cfg.check_averaging_fires(exp, variant)
     comm = from_env(exp["population"]["size"], exp["train"]["device"])
@@ -372,17 +371,15 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     sims = population_similarity(pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=align,
                                  repair=repair, repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"],
                                  measure_batches=test, layers=exp["repair"]["layers"], fusion=repair_fusion(exp))
-
-    def per_stage(measure: str) -> dict:
-        return {"between_networks": dict(zip(names, sims[measure][BETWEEN_NETWORKS], strict=True)),
-                "network_and_avg_soup": dict(zip(names, sims[measure][NETWORK_AND_SOUP], strict=True))}
-
+    per_stage = {measure: {"between_networks": dict(zip(names, rows[BETWEEN_NETWORKS], strict=True)),
+                           "network_and_avg_soup": dict(zip(names, rows[NETWORK_AND_SOUP], strict=True))}
+                 for measure, rows in sims.items()}
     out = {"experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"], "stages": names,
-           **per_stage(s["members"]), "members": s["members"], "aligned": align, "repaired": repair,
+           **per_stage[s["members"]], "members": s["members"], "aligned": align, "repaired": repair,
            "repair_iters": s["repair_iters"], "test_images": n_test, "population_sha256": run.digest,
            "code": code_version()}
     if s["members"] != "all":  # the all-pairs measure beside the configured one
-        out |= {f"all_pairs_{k}": v for k, v in per_stage("all").items()}
+        out |= {f"all_pairs_{k}": v for k, v in per_stage["all"].items()}
     write_json(run.dir / "similarity.json", out)
     return out
 
