@@ -406,8 +406,7 @@ def load_imagenet(root=None, image_size: int = 224) -> Splits:
 
 def folder_train_transform(image_size: int, flip: bool = True, autoaugment: str = "", randaugment: str = "",
                            mean=IMAGENET_MEAN):
-    """Per-image training transform on PIL images -> uint8 (C, H, W): RandomResizedCrop, flip, RandAugment
-    (timm config string, filling with ``mean``), AutoAugment."""
+    """Per-image training transform on PIL images -> uint8 (C, H, W); RandAugment fills with ``mean``."""
     from torchvision.transforms import v2
     steps = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip() if flip else None,
              randaugment_transform(randaugment, image_size, mean) if randaugment else None, v2.PILToTensor(),

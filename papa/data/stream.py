@@ -213,8 +213,7 @@ class FolderStream:
 
 def draw_patches(sizes: Sequence[tuple[int, int]], tiles: Tensor, patch: int, count: int,
                  generator: torch.Generator) -> list[tuple[int, int, int]]:
-    """``count`` (tile, top, left) patch positions: a tile of ``tiles`` uniformly, then a position uniformly
-    among the tile's (H - patch + 1) x (W - patch + 1)."""
+    """``count`` (tile, top, left) patch positions: a tile of ``tiles``, then a position in it, each uniformly."""
     choice = tiles[torch.randint(len(tiles), (count,), generator=generator)]
     u = torch.rand(count, 2, generator=generator, dtype=torch.float64)
     return [(t, int(uy * (sizes[t][0] - patch + 1)), int(ux * (sizes[t][1] - patch + 1)))
