@@ -54,7 +54,6 @@ def write_cifar(root: Path, name: str) -> str:
     fmt = CIFAR_FORMATS[name]
     meta_file, meta_key, _ = fmt.meta
     base = Path(root) / DATASETS[name].paths[0]
-    base.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(sum(map(ord, name)))
     parts = [(f, CIFAR_TRAIN // len(fmt.train_list)) for f, _ in fmt.train_list]
     parts += [(f, CIFAR_TEST) for f, _ in fmt.test_list]
@@ -87,7 +86,6 @@ def write_imagenet(root: Path) -> str:
     for part, per_class in (("train", IMAGENET_TRAIN), ("val", IMAGENET_VAL)):
         for c, wnid in enumerate(wnids):
             folder = Path(root) / part / wnid
-            folder.mkdir(parents=True, exist_ok=True)
             for j in range(per_class):
                 h, w = (int(v) for v in rng.integers(48, 97, size=2))
                 image = _images(rng, np.array([c]), IMAGENET_CLASSES, (h, w, 3))[0]
@@ -112,16 +110,14 @@ def write_vaihingen(root: Path, labelled: list[int], test: list[int], label_dirs
         image = _images(rng, classes.reshape(-1), k, (3,)).reshape(h, w, 3)
         folder = label_dirs[0] if tile in labelled else label_dirs[-1]
         for sub, pixels in ((IMAGE_DIR, image), (folder, colours[classes])):
-            path = Path(root) / sub / tile_name(tile)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda tmp, a=pixels: Image.fromarray(a, "RGB").save(tmp, format="TIFF"))
+            write_atomic(Path(root) / sub / tile_name(tile),
+                         lambda tmp, a=pixels: Image.fromarray(a, "RGB").save(tmp, format="TIFF"))
     return f"Vaihingen ({len(set(labelled))} labelled and {len(set(test) - set(labelled))} test tiles) in {root}"
 
 
 def write_hub_weights(cache: Path, name: str) -> Path:
-    """Random ``model.safetensors`` of timm model ``name`` (``arch.tag``) in the hub cache layout:
-    ``models--<org>--<repo>/blobs/<sha256>``, ``snapshots/<commit>/model.safetensors`` linking to it,
-    ``refs/main`` naming the commit."""
+    """Random ``model.safetensors`` of timm model ``name`` (``arch.tag``) in the hub cache layout: the blob named
+    by its sha256, a snapshot's link to it and the ref naming the snapshot."""
     import timm
     import torch
     from safetensors.torch import save_file
@@ -134,11 +130,9 @@ def write_hub_weights(cache: Path, name: str) -> Path:
         model = timm.create_model(name, pretrained=False)  # the pretrained config's head (num_classes)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
     staged = repo / "blobs" / "incoming.safetensors"
     write_atomic(staged, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", FAKE_KEY: FAKE_NOTE}))
-    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
-    blob = repo / "blobs" / digest
+    blob = repo / "blobs" / hashlib.sha256(staged.read_bytes()).hexdigest()
     os.replace(staged, blob)
     link = repo / "snapshots" / COMMIT / HUB_FILE
     link.parent.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,11 @@ ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10
 
 @dataclass
 class Policy:
-    """One member's augmentations and regularizations (0 / False / '' = off). mixup, cutmix: Beta(a, a) parameters
-    (the paper's alpha for Mixup, lambda for CutMix); when both are on, each batch uses one of them with
-    probability 1/2. random_erasing: probability per sample. crop_padding: random crop after zero padding (CIFAR:
-    4). cutout: side of one square hole per sample (DeVries & Taylor). autoaugment: torchvision AutoAugment policy
-    name (True means 'cifar10'). randaugment: a timm RandAugment config string (Wightman et al.), e.g.
-    'rand-m4-n1-mstd1.0-p1.0' (one operation per image, magnitude 4 of 10 with std 1, always applied)."""
+    """One member's augmentations and regularizations (0 / False / '' = off). mixup, cutmix: Beta(a, a) parameters (the
+    paper's alpha for Mixup, lambda for CutMix; with both, see mix). random_erasing: probability per sample.
+    crop_padding: random crop after zero padding (CIFAR: 4). cutout: side of one square hole per sample (DeVries &
+    Taylor). autoaugment: torchvision AutoAugment policy name. randaugment: a timm RandAugment config string (Wightman
+    et al.), e.g. 'rand-m4-n1-mstd1.0-p1.0' (one operation per image, magnitude 4 of 10 with std 1, always applied)."""
     mixup: float = 0.0
     label_smoothing: float = 0.0
     cutmix: float = 0.0
@@ -83,24 +82,19 @@ def _uniform(key: str, spec: dict, generator: torch.Generator) -> float:
 
 def draw_policies(grid: dict, p: int, generator: torch.Generator, base: dict | None = None) -> list[Policy]:
     """Each member's policy: ``base`` (fixed settings, e.g. crop and flip) plus its regularization from the grid.
-    The combinations of the listed values (Cartesian product over the sorted keys) are shuffled and dealt out,
-    member i taking combination i modulo their number, as the authors' main.py does; keys given as
-    {"uniform": [lo, hi]} are then drawn member after member."""
-    for key in [*grid, *(base or {})]:
-        if key not in POLICY_FIELDS:
-            raise PapaError(f"unknown augmentation {key!r}; expected one of {', '.join(POLICY_FIELDS)}")
+    The combinations of the listed values are shuffled and dealt out, member i taking combination i modulo their
+    number, as the authors' main.py does; keys given as {"uniform": [lo, hi]} are then drawn member after member."""
+    if unknown := [key for key in [*grid, *(base or {})] if key not in POLICY_FIELDS]:
+        raise PapaError(f"unknown augmentation {unknown[0]!r}; expected one of {', '.join(POLICY_FIELDS)}")
     listed = [key for key in sorted(grid) if not isinstance(grid[key], dict)]
     for key in listed:
         if not isinstance(grid[key], list | tuple) or not grid[key]:
             raise PapaError(f"augmentation grid {key!r}: expected a non-empty list of values, found {grid[key]!r}")
     combos = list(itertools.product(*(grid[key] for key in listed)))
     order = torch.randperm(len(combos), generator=generator).tolist()
-    policies = []
-    for i in range(p):
-        values = dict(base or {}) | dict(zip(listed, combos[order[i % len(combos)]], strict=True))
-        values.update({key: _uniform(key, grid[key], generator) for key in sorted(grid) if key not in listed})
-        policies.append(Policy(**values))
-    return policies
+    uniform = [key for key in sorted(grid) if key not in listed]
+    return [Policy(**(dict(base or {}) | dict(zip(listed, combos[order[i % len(combos)]], strict=True))
+                      | {key: _uniform(key, grid[key], generator) for key in uniform})) for i in range(p)]
 
 
 def autoaugment_policy(name: str):
@@ -112,8 +106,7 @@ def autoaugment_policy(name: str):
 
 
 def randaugment_transform(config: str, image_size: int, mean):
-    """timm's RandAugment for config string ``config`` on PIL images, with timm's hyperparameters for
-    ``image_size`` (translations up to 45% of the side) and fill colour ``mean``."""
+    """timm's RandAugment on PIL images, with timm's hyperparameters for ``image_size`` and fill colour ``mean``."""
     from timm.data.auto_augment import rand_augment_transform
     # timm skips parts it cannot parse, so a typo would silently mean the defaults
     if not isinstance(config, str) or not RANDAUGMENT.fullmatch(config):
@@ -175,8 +168,7 @@ def autoaugment(images: Tensor, policy: str, generator: torch.Generator) -> Tens
 
 
 def randaugment(images: Tensor, config: str, generator: torch.Generator, mean=(0.5, 0.5, 0.5)) -> Tensor:
-    """timm's RandAugment (``config``, see Policy) on uint8 (B, C, H, W), one call per sample on the CPU (under
-    Python's and numpy's global RNGs seeded from ``generator``)."""
+    """timm's RandAugment (see Policy), one call per sample on the CPU under global RNGs seeded from ``generator``."""
     from PIL import Image
     augment = randaugment_transform(config, images.shape[-1], mean)
     channels_last = images.cpu().permute(0, 2, 3, 1).numpy()
@@ -237,9 +229,8 @@ def cutout(x: Tensor, length: int, generator: torch.Generator) -> Tensor:
     dataset mean after normalization (DeVries & Taylor)."""
     b, _, h, w = x.shape
     centre = to_device(torch.stack([torch.randint(size, (b,), generator=generator) for size in (h, w)]), x.device)
-    top, left = (centre[0] - length // 2).clamp(0, h), (centre[1] - length // 2).clamp(0, w)
-    bottom, right = (centre[0] + length // 2).clamp(0, h), (centre[1] + length // 2).clamp(0, w)
-    return x.masked_fill(_box_mask(top, left, bottom, right, h, w), 0.0)
+    lo, hi = centre - length // 2, centre + length // 2  # the mask clips the box at the border
+    return x.masked_fill(_box_mask(lo[0], lo[1], hi[0], hi[1], h, w), 0.0)
 
 
 def random_erasing(x: Tensor, probability: float, generator: torch.Generator) -> Tensor:
@@ -267,9 +258,7 @@ def _cutmix_box(lam: float, h: int, w: int, generator: torch.Generator) -> tuple
     ratio = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(h * ratio), int(w * ratio)
     cy, cx = int(torch.randint(h, (), generator=generator)), int(torch.randint(w, (), generator=generator))
-    top, bottom = min(max(cy - cut_h // 2, 0), h), min(max(cy + cut_h // 2, 0), h)
-    left, right = min(max(cx - cut_w // 2, 0), w), min(max(cx + cut_w // 2, 0), w)
-    return top, bottom, left, right
+    return max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
 
 
 def one_hot(labels: Tensor, num_classes: int) -> Tensor:

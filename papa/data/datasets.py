@@ -111,8 +111,7 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Splits
     if name not in LOADERS:
         raise PapaError(f"unknown dataset {name!r}; expected one of {', '.join(sorted(LOADERS))}")
     accepted = [p for p in inspect.signature(LOADERS[name]).parameters if p != "root"]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
+    if unknown := sorted(set(options) - set(accepted)):
         raise PapaError(f"dataset {name!r} has no option {unknown[0]!r}; options: {', '.join(accepted) or 'none'}")
     return LOADERS[name](root, **options)
 
@@ -134,11 +133,8 @@ OPTDIGITS_FILES = catalog.DATASETS["optdigits"].paths  # UCI's training (30 writ
 def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Sorted (train, test) indices holding out round(fraction * n_c) items of every class c."""
     g = torch.Generator().manual_seed(seed)
-    test = []
-    for c in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == c).flatten()
-        test.append(members[torch.randperm(len(members), generator=g)[:round(fraction * len(members))]])
-    test = torch.cat(test).sort().values
+    members = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist()]
+    test = torch.cat([m[torch.randperm(len(m), generator=g)[:round(fraction * len(m))]] for m in members]).sort().values
     return torch.nonzero(~torch.isin(torch.arange(len(labels)), test)).flatten(), test
 
 
@@ -410,18 +406,12 @@ def load_imagenet(root=None, image_size: int = 224) -> Splits:
 
 def folder_train_transform(image_size: int, flip: bool = True, autoaugment: str = "", randaugment: str = "",
                            mean=IMAGENET_MEAN):
-    """Per-image training transform on PIL images -> uint8 (C, H, W): RandomResizedCrop, flip, RandAugment
-    (timm config string, filling with ``mean``), AutoAugment."""
+    """Per-image training transform on PIL images -> uint8 (C, H, W); RandAugment fills with ``mean``."""
     from torchvision.transforms import v2
-    steps = [v2.RandomResizedCrop(image_size, antialias=True)]
-    if flip:
-        steps.append(v2.RandomHorizontalFlip())
-    if randaugment:
-        steps.append(randaugment_transform(randaugment, image_size, mean))
-    steps.append(v2.PILToTensor())
-    if autoaugment:
-        steps.append(v2.AutoAugment(autoaugment_policy(autoaugment)))
-    return v2.Compose(steps)
+    steps = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip() if flip else None,
+             randaugment_transform(randaugment, image_size, mean) if randaugment else None, v2.PILToTensor(),
+             v2.AutoAugment(autoaugment_policy(autoaugment)) if autoaugment else None]
+    return v2.Compose([step for step in steps if step is not None])
 
 
 def folder_eval_transform(image_size: int):

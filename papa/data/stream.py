@@ -77,6 +77,8 @@ class MemberStream:
         self.images = train.images.to(self.device)  # moved once; indexing happens on the device
         self.labels = train.labels.to(self.device)
         self.image_size, self.resize = train.image_size, train.resize
+        _, c, h, w = train.images.shape
+        self._item_floats = c * (self.image_size ** 2 if self.image_size else h * w)  # one item's floats at the model
 
     @property
     def size(self) -> int:
@@ -94,19 +96,10 @@ class MemberStream:
         """``count`` training items in random order: what ``_batch`` takes, in slices of a batch."""
         return to_device(_orders(self.indices, generator, count), self.device)
 
-    @property
-    def _epoch_draw(self) -> int:  # items drawn per member and epoch: one whole permutation
-        return len(self.indices)
-
-    @property
-    def _item_floats(self) -> int:  # floats of one item as the model sees it
-        _, c, h, w = self.images.shape
-        return c * (self.image_size ** 2 if self.image_size else h * w)
-
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``steps_per_epoch`` pairs (x (p, B, C, H, W) float32, targets (p, B, K) float32)."""
-        n, b = self._epoch_draw, self.batch_size
-        orders = [self._draw(rng.generator(self.seed, "order", j, epoch), n) for j in self.ids]
+        b = self.batch_size
+        orders = [self._draw(rng.generator(self.seed, "order", j, epoch), self.steps_per_epoch * b) for j in self.ids]
         augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
         if self.per_batch is None and all(map(draws_nothing, self.policies)):
             yield from self._fixed_epoch(orders)
@@ -161,19 +154,6 @@ class _SeededImages(torch.utils.data.Dataset):
             return self.transform(image), label
 
 
-class _EpochSampler(torch.utils.data.Sampler):
-    """The (index, seed) items of the current epoch; refilled in place so persistent workers survive."""
-
-    def __init__(self):
-        self.items: list[tuple[int, int]] = []
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
 class FolderStream:
     """The MemberStream interface over an ImageFolder: one DataLoader per member decodes and transforms each image
     on the CPU (``num_workers`` each; ``folder_train_transform``, no ``crop_padding``), the rest of the member's
@@ -185,7 +165,7 @@ class FolderStream:
         self.indices = _check(len(train), indices, batch_size, policies)
         set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
         self.train, self.num_workers = train, num_workers
-        self.samplers = [_EpochSampler() for _ in self.policies]
+        self.samplers = [[] for _ in self.policies]  # (index, seed) items, refilled in place for the persistent workers
         self.loaders = [self._loader(policy, sampler, persistent=num_workers > 0)
                         for policy, sampler in zip(self.policies, self.samplers, strict=True)]
 
@@ -214,7 +194,7 @@ class FolderStream:
         augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
         for j, sampler in enumerate(self.samplers):
             order = _orders(self.indices, rng.generator(self.seed, "order", self.ids[j], epoch), len(self.indices))
-            sampler.items = self._items(order, augment[j])
+            sampler[:] = self._items(order, augment[j])
         for batches in zip(*self.loaders, strict=True):
             pairs = [self._regularize(batch_policy(self, j, augment[j]), *batch, augment[j])
                      for j, batch in enumerate(batches)]
@@ -227,16 +207,13 @@ class FolderStream:
         order = _orders(self.indices, generator, n * b)
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
         policy = self.base if j is None else self.policies[self.ids.index(j)]
-        sampler = _EpochSampler()
-        sampler.items = self._items(order, augment)
-        for images, labels in self._loader(policy, sampler, persistent=False, batch_size=b):
+        for images, labels in self._loader(policy, self._items(order, augment), persistent=False, batch_size=b):
             yield self._regularize(policy, images, labels, augment)[0]
 
 
 def draw_patches(sizes: Sequence[tuple[int, int]], tiles: Tensor, patch: int, count: int,
                  generator: torch.Generator) -> list[tuple[int, int, int]]:
-    """``count`` (tile, top, left) patch positions: a tile of ``tiles`` uniformly, then a position uniformly
-    among the tile's (H - patch + 1) x (W - patch + 1)."""
+    """``count`` (tile, top, left) patch positions: a tile of ``tiles``, then a position in it, each uniformly."""
     choice = tiles[torch.randint(len(tiles), (count,), generator=generator)]
     u = torch.rand(count, 2, generator=generator, dtype=torch.float64)
     return [(t, int(uy * (sizes[t][0] - patch + 1)), int(ux * (sizes[t][1] - patch + 1)))
@@ -266,6 +243,7 @@ class PatchStream(MemberStream):
         self.labels = [y.to(self.device) for y in train.labels]
         self.sizes = [tuple(y.shape) for y in train.labels]
         self.patch, self.epoch_size = train.patch_size, train.epoch_size
+        self._item_floats = self.images[0].shape[0] * self.patch ** 2
 
     @property
     def steps_per_epoch(self) -> int:
@@ -273,14 +251,6 @@ class PatchStream(MemberStream):
 
     def _draw(self, generator: torch.Generator, count: int) -> list[tuple[int, int, int]]:
         return draw_patches(self.sizes, self.indices, self.patch, count, generator)
-
-    @property
-    def _epoch_draw(self) -> int:
-        return self.steps_per_epoch * self.batch_size
-
-    @property
-    def _item_floats(self) -> int:
-        return self.images[0].shape[0] * self.patch ** 2
 
     def _batch(self, policy: Policy, positions, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         s = self.patch

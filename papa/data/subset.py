@@ -23,8 +23,7 @@ def _take(dataset, indices: list[int]):
         return dataclasses.replace(dataset, images=dataset.images[idx], labels=dataset.labels[idx])
     if isinstance(dataset, FolderDataset):
         folder = copy.copy(dataset.folder)
-        folder.samples = [dataset.folder.samples[i] for i in indices]
-        folder.imgs = folder.samples
+        folder.samples = folder.imgs = [dataset.folder.samples[i] for i in indices]
         folder.targets = [dataset.folder.targets[i] for i in indices]
         return dataclasses.replace(dataset, folder=folder)
     if isinstance(dataset, TileDataset):

@@ -1,9 +1,8 @@
 """ISPRS Vaihingen 2D semantic labeling (paper A.1.3) as the ISPRS release unpacks under ``root`` (default
 ``data/vaihingen``): IRRG tiles in ``top/``, non-eroded colour-coded labels in ``gts_for_participants/`` (the 16
-labelled tiles), then ``gts_complete/`` (the 17 test tiles; option ``label_dirs``). The split (paper: 11 training, 5
-validation, 17 test tiles, after Fatras et al., 2021, who list no ids) is the standard ISPRS one, validating on
-DeepNetsForEO's (Audebert et al., 2017) four held-out tiles plus tile 37; the train set holds the training, then the
-validation tiles (``Splits.fixed_split``, which ``papa prepare`` writes instead of a random 2%)."""
+labelled tiles), then ``gts_complete/`` (the 17 test tiles; option ``label_dirs``). The split (docs/decisions.md;
+Fatras et al., 2021, list no ids) validates on DeepNetsForEO's (Audebert et al., 2017) four held-out tiles plus tile
+37; the train set holds the training, then the validation tiles (``Splits.fixed_split``)."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,21 +78,16 @@ def decode_labels(rgb: np.ndarray, where: str | Path = "labels") -> Tensor:
     return torch.from_numpy(values[pos])
 
 
-def _label_path(base: Path, tile: int, label_dirs: tuple[str, ...]) -> Path:
-    for folder in label_dirs:
-        path = base / folder / tile_name(tile)
-        if path.is_file():
-            return path
-    others = f" (or in {', '.join(f'{d}/' for d in label_dirs[1:])})" if len(label_dirs) > 1 else ""
-    raise PapaError(f"Vaihingen: no label for tile {tile}: expected {base / label_dirs[0] / tile_name(tile)}{others}")
-
-
 def read_tile(base: Path, tile: int, label_dirs: tuple[str, ...] = LABEL_DIRS) -> tuple[Tensor, Tensor]:
     """(image uint8 (3, H, W), labels int64 (H, W)) of one tile, its label from the first of ``label_dirs`` with it."""
     image_path = base / IMAGE_DIR / tile_name(tile)
     if not image_path.is_file():
         raise PapaError(f"Vaihingen: tile {tile} not found: expected {image_path}")
-    label_path = _label_path(base, tile, label_dirs)
+    label_paths = [base / folder / tile_name(tile) for folder in label_dirs]
+    label_path = next((path for path in label_paths if path.is_file()), None)
+    if label_path is None:
+        others = f" (or in {', '.join(f'{d}/' for d in label_dirs[1:])})" if len(label_dirs) > 1 else ""
+        raise PapaError(f"Vaihingen: no label for tile {tile}: expected {label_paths[0]}{others}")
     image, rgb = read_rgb(image_path), read_rgb(label_path)
     if image.shape != rgb.shape:
         raise PapaError(f"Vaihingen tile {tile}: image {image.shape[1]}x{image.shape[0]} but label "
@@ -126,8 +120,7 @@ def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test
     and member) set the training stream (paper: 256, 10000); mean/std are the training tiles'."""
     train_ids, val_ids, test_ids = (_tile_ids(name, t) for name, t in (
         ("train_tiles", train_tiles), ("val_tiles", val_tiles), ("test_tiles", test_tiles)))
-    shared = set(train_ids) & set(val_ids) | set(test_ids) & {*train_ids, *val_ids}
-    if shared:
+    if shared := set(train_ids) & set(val_ids) | set(test_ids) & {*train_ids, *val_ids}:
         raise PapaError(f"Vaihingen: tiles {sorted(shared)} are in more than one of train/val/test")
     if type(patch_size) is not int or patch_size < 8 or type(epoch_size) is not int or epoch_size < 1:
         raise PapaError(f"Vaihingen: patch_size must be an integer >= 8 and epoch_size >= 1, found {patch_size} "
@@ -139,16 +132,11 @@ def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test
     labelled, n_train = train_ids + val_ids, len(train_ids)
     train = [read_tile(base, t, label_dirs) for t in labelled]
     test = [read_tile(base, t, label_dirs) for t in test_ids]
-    small = [t for t, (x, _) in zip(train_ids, train, strict=False) if min(x.shape[1:]) < patch_size]
-    if small:
+    if small := [t for t, (x, _) in zip(train_ids, train, strict=False) if min(x.shape[1:]) < patch_size]:
         raise PapaError(f"Vaihingen: tile {small[0]} is smaller than the {patch_size}x{patch_size} patches")
     mean, std = channel_stats([x for x, _ in train[:n_train]])
-    classes = tuple(CLASSES)
-
-    def dataset(pairs, tiles) -> TileDataset:
-        return TileDataset([x for x, _ in pairs], [y for _, y in pairs], tiles, len(classes), mean, std,
-                           "vaihingen", classes, patch_size, epoch_size)
-
+    sets = [TileDataset([x for x, _ in pairs], [y for _, y in pairs], tiles, len(CLASSES), mean, std, "vaihingen",
+                        tuple(CLASSES), patch_size, epoch_size)
+            for pairs, tiles in ((train, labelled), (test, test_ids))]
     fixed = {"train": list(range(n_train)), "val": list(range(n_train, len(labelled)))}
-    return Splits("vaihingen", dataset(train, labelled), dataset(test, test_ids), len(classes), 3,
-                  patch_size, "segmentation", mean, std, fixed_split=fixed)
+    return Splits("vaihingen", *sets, len(CLASSES), 3, patch_size, "segmentation", mean, std, fixed_split=fixed)
