@@ -92,8 +92,7 @@ class _Averaging(Baseline):
         companions = [{name: state[p][key] for name, p in ctx.pop.params.items()
                        if torch.is_tensor(state.get(p, {}).get(key)) and state[p][key].shape == p.shape}
                       for key in keys]
-        align_members_(ctx.pop, ctx.align_batches(self.align_images), reference=0, companions=companions,
-                       target=target)
+        align_members_(ctx.pop, ctx.align_batches(self.align_images), reference=0, companions=companions, target=target)
 
     def mutate_(self, ctx: Context, gen: torch.Generator, pop: Population | None = None) -> None:
         """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (Tables 15-17), of the members or of ``pop``
@@ -126,18 +125,16 @@ class Push(_Averaging):
     def push(self, ctx: Context, lr: float) -> None:
         if self.align:
             self.align_(ctx)
-        lr_ratio = lr / self.lr0 if self.scale_with_lr else 1.0
-        averaging.push_toward_average_(ctx.pop, self.alpha, lr_ratio, comm=ctx.comm)
+        averaging.push_toward_average_(ctx.pop, self.alpha, lr / self.lr0 if self.scale_with_lr else 1.0, comm=ctx.comm)
         ctx.progress.generation += 1
         self.mutate_(ctx, generator(ctx.seed, "mutate", ctx.progress.step))
 
 
 @dataclass
 class Replace(_Averaging):
-    """PAPA-all / PAPA-2: every ``every`` epochs (never after the last; also after the first with ``from_start``,
-    the authors' mix_from_start), the members are replaced by the rows of a ``scheme`` mixing matrix, then
-    REPAIRed (papa.repair's ``repair_layers`` and ``repair_fusion``) on ``repair_iters`` batches of each member's
-    own augmented data. ``mix_swa``: the members' SWA averages are mixed alike."""
+    """PAPA-all / PAPA-2: every ``every`` epochs (papa.variants.averages_after), the members are replaced by the rows
+    of a ``scheme`` mixing matrix, then REPAIRed (papa.repair) on ``repair_iters`` batches of each member's own
+    augmented data. ``mix_swa``: the members' SWA averages are mixed alike."""
 
     every: int = 5
     scheme: str = "all"
@@ -199,12 +196,11 @@ class Replace(_Averaging):
         return generator(ctx.seed, "average", ctx.progress.epoch)
 
     def average(self, ctx: Context) -> None:
-        """The averaging after the current epoch, with its REPAIR.
-
-        ``scripts_alignment`` (with ``align``) aligns as the scripts do (recombine/permutations.py:47-52, 103-106,
-        122-125): PAPA-2 and pair-75 within each pair (``pair_average``); PAPA-all each member to the running soup
-        and ``greedy`` to the greedy soup so far, both after REPAIR's moments are measured on the unaligned
-        members (permutations.py:133); the other schemes every member to member 0, as the paper does."""
+        """The averaging after the current epoch, with its REPAIR. ``scripts_alignment`` (with ``align``) aligns as the
+        scripts do (recombine/permutations.py:47-52, 103-106, 122-125): PAPA-2 and pair-75 within each pair
+        (``pair_average``); PAPA-all each member to the running soup and ``greedy`` to the greedy soup so far, both
+        after REPAIR's moments are measured on the unaligned members (permutations.py:133); the other schemes every
+        member to member 0, as the paper does."""
         comm = ctx.comm
         gen = self.next_generation(ctx)
         scripts = self.align and self.scripts_alignment
@@ -252,18 +248,13 @@ class Replace(_Averaging):
         if last:
             second = (torch.rand(n, generator=gen) < 0.5).long()
             ctx.pop.load_state_dict({name: t[2 * torch.arange(n) + second] for name, t in parents.tensors()})
-            matrix = torch.zeros_like(matrix)
-            matrix[torch.arange(n), torch.as_tensor(pairs)[torch.arange(n), second]] = 1.0
-        else:
-            rows = torch.zeros(n, 2 * n, dtype=torch.float64)
-            for k, (a, b) in enumerate(pairs):
-                rows[k, 2 * k], rows[k, 2 * k + 1] = matrix[k, a], matrix[k, b]
+            matrix = torch.eye(len(matrix), dtype=torch.float64)[torch.as_tensor(pairs)[torch.arange(n), second]]
+        else:  # row k: pair k's weights on parents 2k and 2k + 1
+            rows = torch.block_diag(*matrix.gather(1, torch.as_tensor(pairs)).unsqueeze(1))
             if self.repair:  # each parent on its own batches (its member's), as the members are measured
                 moments = member_moments(parents, batches, self.repair_iters, stacked=ctx.stacked,
                                          members=[j for pair in pairs for j in pair], fusion=self.repair_fusion)
-            square = torch.eye(2 * n, dtype=torch.float64)
-            square[:n] = rows
-            averaging.mix_(parents, square)
+            averaging.mix_(parents, torch.cat([rows, torch.eye(2 * n, dtype=torch.float64)[n:]]))
             ctx.pop.load_state_dict({name: t[:n] for name, t in parents.tensors()})
             if self.repair:
                 repair_population_(ctx.pop, rows, batches, moments, self.repair_iters, stacked=ctx.stacked,

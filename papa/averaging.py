@@ -17,31 +17,12 @@ on the members' validation accuracy, so papa.averagers builds its matrix with ``
 
 PAIR_SCHEMES = ("pair-half", "pair-75")  # rows mixing two members (PAPA-2 and Table 14's pair-75)
 
-PAIRINGS = ("random", "first")
-"""How PAPA-2 picks its partners: ``random``, from all p(p-1)/2 pairs (the paper's "different random pairs");
-``first``, from the first p pairs in lexicographic order only, as the authors' main.py:290-293 does."""
-
-
-def _check_weights(weights, p: int, device) -> Tensor:
-    w = torch.as_tensor(weights, dtype=torch.float64, device=device).flatten()
-    if w.numel() != p:
-        raise ValueError(f"expected {p} weights, got {w.numel()}")
-    if (w < 0).any() or not torch.isclose(w.sum(), torch.ones((), dtype=w.dtype, device=device)):
-        raise ValueError(f"weights must be non-negative and sum to 1, got {w.tolist()}")
-    return w
+PAIRINGS = ("random", "first")  # how PAPA-2 picks its partners (draw_pairs)
 
 
 def member_means(pop: Population) -> dict[str, Tensor]:
     """Every tensor's mean over the members, shape (1, ...) (float64 for integer buffers)."""
     return {name: for_averaging(t).mean(0, keepdim=True) for name, t in pop.tensors()}
-
-
-def _pairs(m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """(first, second, w_first, w_second) when every row of ``m`` mixes at most two members, else None."""
-    if m.shape[1] < 2 or (m > 0).sum(1).max() > 2:
-        return None
-    top = m.topk(2, dim=1)
-    return top.indices[:, 0], top.indices[:, 1], top.values[:, 0], top.values[:, 1]
 
 
 @torch.no_grad()
@@ -54,15 +35,14 @@ def mix_(pop: Population, matrix: Tensor, comm=None) -> Population:
         raise ValueError(f"mixing matrix must be {p}x{p}, got {tuple(m.shape)}")
     rows, source = (m, pop.state_dict().__getitem__) if comm is None else comm.sources(pop, m)
     rows = rows.to(pop.device)  # (held members, members they read)
-    pairs = _pairs(rows)
+    top = rows.topk(2, dim=1) if rows.shape[1] >= 2 and (rows > 0).sum(1).max() <= 2 else None  # pair rows
     scratch: dict[torch.dtype, Tensor] = {}
     for name, t in pop.tensors():
         members = source(name)
-        if not t.is_floating_point() or pairs is None:
-            t.copy_(rounded(torch.tensordot(rows.to(for_averaging(t).dtype), for_averaging(members), dims=1),
-                            t.dtype))
+        if not t.is_floating_point() or top is None:
+            t.copy_(rounded(torch.tensordot(rows.to(for_averaging(t).dtype), for_averaging(members), dims=1), t.dtype))
             continue
-        first, second, wa, wb = pairs
+        (first, second), (wa, wb) = top.indices.unbind(1), top.values.unbind(1)
         flat, members = t.view(t.shape[0], -1), members.reshape(members.shape[0], -1)
         if t.dtype not in scratch:  # sized for the largest tensor
             scratch[t.dtype] = torch.empty(max(x.numel() for _, x in pop.tensors()), dtype=t.dtype, device=t.device)
@@ -79,7 +59,12 @@ def average_all_(pop: Population, weights=None, comm=None) -> Population:
     """PAPA-all: every member becomes the (weighted) population average."""
     if weights is not None:
         p = pop.size if comm is None else comm.p
-        return mix_(pop, _check_weights(weights, p, "cpu").expand(p, -1), comm)
+        w = torch.as_tensor(weights, dtype=torch.float64, device="cpu").flatten()
+        if w.numel() != p:
+            raise ValueError(f"expected {p} weights, got {w.numel()}")
+        if (w < 0).any() or not torch.isclose(w.sum(), w.new_ones(())):
+            raise ValueError(f"weights must be non-negative and sum to 1, got {w.tolist()}")
+        return mix_(pop, w.expand(p, -1), comm)
     means = member_means(pop) if comm is None else comm.means(pop)
     for name, t in pop.tensors():
         t.copy_(rounded(means[name], t.dtype).expand_as(t))
@@ -106,9 +91,9 @@ def push_toward_average_(pop: Population, alpha: float, lr_ratio: float = 1.0, c
 
 def draw_pairs(p: int, generator: torch.Generator, n: int | None = None, pairs: str = "random") -> Tensor:
     """PAPA-2's partners: an (n, 2) tensor (n = p by default), row i the two distinct members averaged into
-    member i. ``random``: rows drawn without replacement from all p(p-1)/2 pairs. ``first``: the first n pairs in
-    lexicographic order, (0, 1), (0, 2), ..., in a random order (the authors' ``combinations(arange(p))[randperm(n)]
-    [:n]``: at p = 10, 9 of the 10 rows contain member 0). Pairs repeat only when there are fewer than n (p = 2)."""
+    member i. ``random``: rows drawn without replacement from all p(p-1)/2 pairs (the paper's "different random
+    pairs"). ``first``: the first n pairs in lexicographic order, in a random order (main.py:290-293: at p = 10, 9
+    of the 10 rows contain member 0). Pairs repeat only when there are fewer than n (p = 2)."""
     if p < 2:
         raise ValueError("pair averaging needs at least 2 members")
     if pairs not in PAIRINGS:
@@ -121,8 +106,7 @@ def draw_pairs(p: int, generator: torch.Generator, n: int | None = None, pairs: 
         return every[:n][torch.randperm(n, generator=generator)]
     picks = []
     while len(picks) < n:
-        order = torch.randperm(len(every), generator=generator)
-        picks.extend(order[: n - len(picks)].tolist())
+        picks.extend(torch.randperm(len(every), generator=generator)[: n - len(picks)].tolist())
     return every[picks]
 
 

@@ -2,9 +2,7 @@
 ``.grad`` of every trainable parameter and returning the per-member losses, shape (p,). ``loop``: one member at a
 time (the reference, as the official code does); ``stacked``: all members in one ``vmap`` call (BatchNorm statistics
 and dropout masks per member); ``analytic``: logistic regression in fp32, the gradient in closed form with the
-stacked engine's kernels in its order, so the same bits at a third of the cost (docs/performance.md).
-``PopulationScaler``: fp16 loss scaling (``fidelity.mixed_precision: authors``); ``Engine``: the opt-in
-``torch.compile`` and channels-last layouts; ``choose_engine`` resolves ``auto``."""
+stacked engine's kernels in its order, so the same bits at a third of the cost (docs/performance.md)."""
 
 import math
 from collections.abc import Callable
@@ -15,6 +13,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from papa.errors import PapaError
+from papa.forward import eval_mode
 from papa.models.linear import LogisticRegression
 from papa.population import Population
 
@@ -37,11 +36,8 @@ def member_loss_fn(template: torch.nn.Module) -> LossFn:
     """``loss(params, buffers, x, targets)`` of one member, run through ``template``'s structure. Tied tensors are
     re-tied (a search costing about a small model's forward pass) only when the template has them."""
     tied = has_tied_tensors(template)
-
-    def member_loss(params: dict, buffers: dict, x: Tensor, targets: Tensor) -> Tensor:
-        return soft_cross_entropy(functional_call(template, {**params, **buffers}, (x,), tie_weights=tied), targets)
-
-    return member_loss
+    return lambda params, buffers, x, targets: soft_cross_entropy(
+        functional_call(template, {**params, **buffers}, (x,), tie_weights=tied), targets)
 
 
 def stacked_channels_last(x: Tensor) -> Tensor:
@@ -55,8 +51,7 @@ def _conv_weights_channels_last(params: dict[str, Tensor], dim: int) -> dict[str
     that their grouped view is), gradients flowing through. A convolution stays channels-last only when its weight is
     too, and then the BatchNorm and max-pooling after it take their faster channels-last kernels."""
     if dim == 4:
-        return {n: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-                for n, t in params.items()}
+        return {n: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for n, t in params.items()}
     return {n: t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if t.dim() == 5 else t
             for n, t in params.items()}
 
@@ -68,20 +63,18 @@ def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn:
     its backward; the losses returned are unscaled."""
     loss_fn = loss_fn or member_loss_fn(pop.template)
     trainable = [n for n, t in pop.params.items() if t.requires_grad]
-    used = dict.fromkeys(trainable, False)
     for n in trainable:
         if pop.params[n].grad is None:
             pop.params[n].grad = torch.empty_like(pop.params[n])  # every member's slice is written below
-    losses = []
+    used, losses = set(), []
     for j in range(pop.size):
         params = {n: t[j].detach().requires_grad_(t.requires_grad) for n, t in pop.params.items()}
-        buffers = {n: b[j] for n, b in pop.buffers.items()}
         xj, used_params = x[j], params
         if channels_last and x.dim() == 5:
             xj = xj.contiguous(memory_format=torch.channels_last)
             used_params = _conv_weights_channels_last(params, 4)
         with autocast():
-            loss = loss_fn(used_params, buffers, xj, targets[j])
+            loss = loss_fn(used_params, {n: b[j] for n, b in pop.buffers.items()}, xj, targets[j])
         grads = torch.autograd.grad(loss if scale is None else scale(loss), [params[n] for n in trainable],
                                     allow_unused=True)
         for n, g in zip(trainable, grads, strict=True):
@@ -89,11 +82,10 @@ def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn:
                 pop.params[n].grad[j].zero_()
             else:
                 pop.params[n].grad[j].copy_(g)
-                used[n] = True
+                used.add(n)
         losses.append(loss.detach())
-    for n, u in used.items():
-        if not u:
-            pop.params[n].grad = None
+    for n in set(trainable) - used:
+        pop.params[n].grad = None
     return torch.stack(losses)
 
 
@@ -136,8 +128,7 @@ def analytic_step(pop: Population, x: Tensor, targets: Tensor, autocast=None, *,
     w, b = pop.params["linear.weight"], pop.params["linear.bias"]
     with torch.no_grad():
         x = x.flatten(2)
-        logits = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
-        logp = F.log_softmax(logits, dim=2)
+        logp = F.log_softmax(torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)), dim=2)
         losses = -(targets * logp).sum(2).mean(1)
         g = torch._log_softmax_backward_data(targets * (-1.0 / x.shape[1]), logp, 2, logp.dtype)
         w.grad = torch.bmm(x.transpose(1, 2), g).transpose(1, 2) if w.requires_grad else None
@@ -156,8 +147,8 @@ class Engine:
         if name not in ENGINES:
             raise ValueError(f"unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
         self.name, self.compile, self.channels_last = name, compile, channels_last
-        self._template: torch.nn.Module | None = None
-        self._loss_fn: LossFn | None = None
+        self.stacked = name != "loop"  # members all at once (REPAIR and BatchNorm passes then one vmapped call too)
+        self._template, self._loss_fn = None, None  # the last template and its member loss
 
     def loss_fn(self, template: torch.nn.Module) -> LossFn | None:
         if self.name == "analytic":
@@ -170,11 +161,6 @@ class Engine:
                 fn = torch.compile(fn)
             self._template, self._loss_fn = template, fn
         return self._loss_fn
-
-    @property
-    def stacked(self) -> bool:
-        """Whether members run all at once (REPAIR and BatchNorm passes then go through one vmapped call too)."""
-        return self.name != "loop"
 
     def __call__(self, pop: Population, x: Tensor, targets: Tensor, autocast,
                  scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -197,8 +183,7 @@ class PopulationScaler(torch.amp.GradScaler):
         super().__init__(torch.device(device).type)
 
     def step_population(self, optimizer: torch.optim.Optimizer, pop: Population, comm) -> list[bool]:
-        """Unscale, step the members whose gradients are finite and update the scale as the scripts' per-member
-        step/update pairs did; returns every member's overflow flag (all ranks')."""
+        """Unscale, step the members without overflow, update the scale; every member's overflow flag (all ranks')."""
         grads = [t.grad for t in pop.params.values() if t.grad is not None]
         local = torch.zeros(pop.size, dtype=torch.bool, device=grads[0].device if grads else None)
         for g in grads:
@@ -267,13 +252,10 @@ def forward_gflop(model: torch.nn.Module, tensors: dict[str, Tensor], shape: tup
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
     hooks = [m.register_forward_hook(count) for m in model.modules()
              if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
-    training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             functional_call(model, tensors, (torch.zeros(2, *shape, device=device),))
     finally:
-        model.train(training)
         for h in hooks:
             h.remove()
     return flop / 2 / 1e9
@@ -287,15 +269,13 @@ when stacked); above it the loop's separate convolutions are as fast or faster. 
 
 def choose_engine(name: str, device: torch.device | str, population: int | None = None,
                   member_gflop: float | None = None, analytic: bool = False) -> str:
-    """Resolve ``auto`` from the config alone, never a timing: ``analytic`` when it can train the model; ``loop``
-    for one member; ``stacked`` on CUDA (the loop is launch-bound); on CPU ``stacked`` when ``member_gflop``
-    (forward_gflop per image x batch size) is at most CPU_STACKED_MAX_GFLOP, else ``loop``."""
+    """Resolve ``auto`` from the config alone, never a timing (on CUDA the loop is launch-bound). ``member_gflop``:
+    forward_gflop per image x batch size."""
     if name != "auto":
         return name
     if analytic:
         return "analytic"
     if population == 1:
         return "loop"
-    if torch.device(device).type == "cuda":
-        return "stacked"
-    return "stacked" if member_gflop is not None and member_gflop <= CPU_STACKED_MAX_GFLOP else "loop"
+    cheap = member_gflop is not None and member_gflop <= CPU_STACKED_MAX_GFLOP
+    return "stacked" if torch.device(device).type == "cuda" or cheap else "loop"

@@ -1,8 +1,7 @@
-"""Genetic-algorithm ablations of Tables 15-17 (ESGD-style), as the authors ran them (main.py): children are pairs
-of parents drawn uniformly among distinct pairs or, with tournament selection, with probability proportional to
-1 / validation loss; with elitism, min(6p, p(p-1)/2) children are made, REPAIRed and ranked with their parents by
-validation loss, and the best p survive (the best 60% first, the next ranked in a random order). The paper shows
-they hurt; they exist to reproduce that."""
+"""Genetic-algorithm ablations of Tables 15-17 (ESGD-style) as the authors ran them (main.py): each child mixes a
+pair of parents; with elitism, min(6p, p(p-1)/2) children are REPAIRed and ranked with their parents by validation
+loss, and the best p survive (the best 60% first, the next ranked in a random order). The paper shows they hurt;
+they exist to reproduce that."""
 
 from collections.abc import Callable, Sequence
 
@@ -45,14 +44,12 @@ def select(p: int, losses: Sequence[float], scheme: str, genetic: dict, generato
            children_losses: Callable[[Tensor], Sequence[float]], pairs: str = "random",
            heavy: float | None = None) -> tuple[Tensor, list[int]]:
     """One generation with tournament and/or elitist selection: the candidates' rows of weights over the p parents
-    (the children, then with elitism the parents' identity rows) and which candidate each member becomes.
-
-    ``losses``: the parents' validation losses; ``children_losses(rows)``: the (REPAIRed) children's. Without
-    elitism: p children, member i the i-th. With elitism: ``n_children`` children and the p parents ranked by
-    loss, the best ``ELITE_FRACTION`` of p first, then the next ranked up to p in a random order. ``pairs``:
-    draw_pairs' choice of partners without tournament selection (with elitism the authors' children are every pair
-    but for p > 13, where they are the first 6p). ``heavy``: the heavier parent's weight instead of the scheme's
-    (1.0: each child one of its parents, unmerged, as the scripts make them after the last epoch)."""
+    (the children, then with elitism the parents' identity rows) and which candidate each member becomes (without
+    elitism member i the i-th child). ``losses``: the parents' validation losses; ``children_losses(rows)``: the
+    (REPAIRed) children's. ``pairs``: draw_pairs' choice of partners without tournament selection (with elitism the
+    authors' children are every pair but for p > 13, where they are the first 6p). ``heavy``: the heavier parent's
+    weight instead of the scheme's (1.0: each child one of its parents, unmerged, as the scripts make them after the
+    last epoch)."""
     if scheme not in PAIR_WEIGHTS:
         raise PapaError(f"genetic selection needs a pair scheme ({', '.join(PAIR_WEIGHTS)}), not {scheme!r}")
     if p < 3 and genetic["tournament"]:

@@ -12,8 +12,7 @@ import torch
 def derive_seed(*keys: object) -> int:
     """A stable 63-bit seed from any keys (run seed, member index, purpose...): a digest of their repr, the same
     on every machine and run (Python's hash() is salted per process)."""
-    digest = hashlib.sha256(repr(keys).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
 
 
 def generator(*keys: object, device: str | torch.device = "cpu") -> torch.Generator:

@@ -1,6 +1,5 @@
-"""Model soups (Wortsman et al., 2022) and the logit ensemble: a population in, plain modules out. ``make_soups``
-is the paper's recipe: the average and greedy soups, each also REPAIRed, optionally of permutation-aligned members
-(Appendix A.4)."""
+"""Model soups (Wortsman et al., 2022) and the logit ensemble: a population in, plain modules out; ``make_soups``
+is the paper's recipe."""
 
 import copy
 from collections.abc import Callable, Sequence
@@ -76,10 +75,9 @@ def aligned_average_soup(pop: Population, batches: Batches, order: Sequence[int]
     return average_soup(sequential_alignment(pop, batches, order, seed))
 
 
-def greedy_alignment(
-    pop: Population, score: Callable[[nn.Module], float], batches: Batches, seed: int = 666,
-    scores: Sequence[float] | None = None, criterion: str = ">=",
-) -> tuple[Population, list[int], nn.Module]:
+def greedy_alignment(pop: Population, score: Callable[[nn.Module], float], batches: Batches, seed: int = 666,
+                     scores: Sequence[float] | None = None,
+                     criterion: str = ">=") -> tuple[Population, list[int], nn.Module]:
     """Appendix A.4's aligned greedy soup: ``greedy_soup``, but every next member is aligned to the current soup
     (the best member at first) before it is tried. Returns the aligned members (each as aligned when tried), the
     soup's members in the order added, and the soup: REPAIR it against the aligned population, not the original."""
@@ -119,8 +117,7 @@ def make_soups(pop: Population, score: Callable[[nn.Module], float], repair_batc
         permutation_spec(pop.template)  # a one-line error on architectures alignment does not support
         scores = _scores(pop, score)
         avg_pop = sequential_alignment(pop, align_batches, sorted(range(pop.size), key=lambda j: -scores[j]))
-        greedy_pop, members, greedy = greedy_alignment(pop, score, align_batches, scores=scores,
-                                                       criterion=criterion)
+        greedy_pop, members, greedy = greedy_alignment(pop, score, align_batches, scores=scores, criterion=criterion)
     else:
         avg_pop = greedy_pop = pop
         greedy, members = greedy_soup(pop, score, criterion)

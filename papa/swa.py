@@ -11,14 +11,11 @@ from papa.population import Population
 
 
 class SWA:
-    """Every member's running average of its parameters (buffers are recomputed, not averaged, as with
-    ``AveragedModel(use_buffers=False)`` and ``update_bn``). ``average`` is a Population holding the averages as
-    its parameters, so the communicator's averaging and mixing apply to it as to the members."""
+    """Every member's running average of its parameters (buffers are recomputed, as AveragedModel's
+    ``use_buffers=False`` and ``update_bn`` do); ``average``, a Population, is mixed as the members are."""
 
     def __init__(self, pop: Population):
-        with torch.no_grad():
-            params = {n: t.detach().clone() for n, t in pop.params.items()}
-        self.average = Population(pop.template, params, {})
+        self.average = Population(pop.template, {n: t.detach().clone() for n, t in pop.params.items()}, {})
         self.count = 0  # iterates averaged so far
         self._update = get_swa_multi_avg_fn()
 
@@ -26,8 +23,7 @@ class SWA:
     def update(self, pop: Population) -> None:
         """Add the members' current parameters to their running means (the first update copies them)."""
         names = [n for n, t in pop.params.items() if t.is_floating_point()]
-        self._update([self.average.params[n] for n in names], [pop.params[n].detach() for n in names],
-                     self.count)
+        self._update([self.average.params[n] for n in names], [pop.params[n].detach() for n in names], self.count)
         self.count += 1
 
     @torch.no_grad()
@@ -42,8 +38,7 @@ class SWA:
     @torch.no_grad()
     def load_state(self, tensors: dict[str, Tensor], count: int) -> None:
         own, _ = self.state()
-        missing = own.keys() - tensors.keys()
-        if missing:
+        if missing := own.keys() - tensors.keys():
             raise ValueError(f"SWA averages missing for {sorted(missing)[:3]}")
         for key, t in own.items():
             if tensors[key].shape != t.shape:

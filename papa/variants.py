@@ -54,10 +54,9 @@ def _scripts_due(epoch: int, epochs: int, every: int, from_start: bool, window) 
 
 
 def averages_after(epoch: int, epochs: int, every: int, from_start: bool, window, zero_based: bool = False) -> bool:
-    """Whether an ``epochs`` variant averages after epoch ``epoch`` (1-based) of ``epochs``: every ``every``-th
-    epoch and, with ``from_start`` (the authors' mix_from_start), the first; never after the last; inside the
-    window. ``zero_based`` (fidelity option ``averaging_epochs``): the scripts' test instead (``_scripts_due``:
-    after epochs k+1, 2k+1, ..., and 1 with ``from_start``), never after the last either (main.py:271, 299)."""
+    """Whether an ``epochs`` variant averages after epoch ``epoch`` (1-based) of ``epochs``: every ``every``-th and,
+    with ``from_start`` (the authors' mix_from_start), the first, inside the window; ``zero_based`` (fidelity
+    averaging_epochs): the scripts' test, after epochs k+1, 2k+1, ...; never after the last (main.py:271, 299)."""
     if zero_based:
         return _scripts_due(epoch, epochs, every, from_start, window) and epoch < epochs
     due = epoch % every == 0 or (from_start and epoch == 1)
@@ -98,7 +97,6 @@ def first_push(exp: dict, variant: str, steps_per_epoch: int) -> int | None:
 
 def swa_start_epoch(exp: dict) -> int | None:
     """The first SWA epoch (0-based; epochs before it run the regular schedule), or None without SWA."""
-    swa = exp["train"]["swa"]
-    if swa is None:
+    if (swa := exp["train"]["swa"]) is None:
         return None
     return round(swa["start"] * exp["train"]["epochs"]) if swa["start"] < 1 else int(swa["start"])
