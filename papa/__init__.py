@@ -20,7 +20,6 @@ _EXPORTS = {
                    "greedy_alignment", "greedy_soup", "make_soups", "sequential_alignment"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
 __all__ = sorted(_MODULE_OF)
 
 

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -83,13 +84,13 @@ def profile_step(step, device: torch.device, rows: int = 30) -> tuple[str, dict]
 
 
 def _timed(fn, device: torch.device, calls: int) -> tuple[float, float]:
-    """Mean wall and process-CPU seconds per call of ``fn`` over ``calls`` calls."""
+    """Wall and process-CPU seconds of ``calls`` calls of ``fn``."""
     _sync(device)
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
         fn()
     _sync(device)
-    return (time.perf_counter() - start) / calls, (time.process_time() - cpu) / calls
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def run(*args, threads: int | None = None, **kwargs) -> dict:
@@ -117,9 +118,7 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
     model_kwargs = dict(model_kwargs or {})
     pop = Population.from_factory(lambda: create_model(model, num_classes=num_classes, in_channels=shape[0],
                                                        **model_kwargs), population, seed=seed).to(dev).train()
-    for t in pop.params.values():
-        t.requires_grad_(t.is_floating_point())
-    optimizer = torch.optim.SGD(list(pop.params.values()), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(pop.requires_grad_().parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     member_gflop = forward_gflop(pop.template, pop.member_tensors(0), shape) * batch_size
     analytic = analytic_allowed(engine, pop.template, precision == "fp32", compile)
     name = choose_engine(engine, dev, population, member_gflop, analytic)
@@ -128,11 +127,8 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
         # sweep in one process never hits the recompile limit and silently falls back to eager
         torch._dynamo.reset()
     step_fn = Engine(name, compile=compile, channels_last=channels_last)
-    bf16 = precision == "bf16"
-
-    def autocast():
-        return torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
+    autocast = (partial(torch.autocast, dev.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext)
     x = torch.randn(population, batch_size, *shape, device=dev)
     targets = torch.softmax(torch.randn(population, batch_size, num_classes, device=dev), -1)
 
@@ -140,15 +136,11 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
         step_fn(pop, x, targets, autocast)
         optimizer.step()
 
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    _sync(dev)
-    warmup_s = time.perf_counter() - start
+    warmup_s = _timed(step, dev, warmup)[0]
     timings = [_timed(step, dev, steps) for _ in range(repeats)]
-    blocks = sorted(wall for wall, _ in timings)
-    step_s, cpu_s = blocks[0], min(cpu for _, cpu in timings)
-    push_s = min(_timed(lambda: averaging.push_toward_average_(pop, 0.99), dev, 5)[0] for _ in range(repeats))
+    blocks = sorted(wall / steps for wall, _ in timings)
+    step_s, cpu_s = blocks[0], min(cpu for _, cpu in timings) / steps
+    push_s = min(_timed(lambda: averaging.push_toward_average_(pop, 0.99), dev, 5)[0] for _ in range(repeats)) / 5
     flop = gflop_per_image(pop.template, shape)
     name_dev, profiled = device_name(dev), {}
     if profile is not None:

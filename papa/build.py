@@ -17,7 +17,6 @@ from papa.variants import swa_start_epoch
 
 
 def resolve_device(name: str) -> torch.device:
-    """``train.device``: ``auto`` is CUDA when available, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -32,15 +31,11 @@ def repair_fusion(exp: dict) -> str:
 
 def build_population(exp: dict, splits, seed: int, members: list[int] | None = None) -> Population:
     """``population.size`` members of ``model`` (only ``members`` of them: one process's share), trainable."""
-    m = exp["model"]
-
-    def factory():
-        return create_model(m["name"], num_classes=splits.num_classes, in_channels=splits.in_channels,
-                            pretrained=m["pretrained"], fake_ok=exp.get("scale") == "smoke", **m["kwargs"])
-
-    p = exp["population"]
-    pop = Population.from_factory(factory, p["size"], seed=seed, same_init=p["same_init"], members=members)
-    return pop.requires_grad_()
+    m, p = exp["model"], exp["population"]
+    return Population.from_factory(
+        lambda: create_model(m["name"], num_classes=splits.num_classes, in_channels=splits.in_channels,
+                             pretrained=m["pretrained"], fake_ok=exp.get("scale") == "smoke", **m["kwargs"]),
+        p["size"], seed=seed, same_init=p["same_init"], members=members).requires_grad_()
 
 
 def build_optimizer(exp: dict, pop: Population) -> torch.optim.Optimizer:
@@ -89,11 +84,8 @@ def lr_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
     if start is None or step < start * steps_per_epoch:
         return schedule_factor(exp, step, steps_per_epoch)
     swa, lr0 = exp["train"]["swa"], exp["train"]["optimizer"]["lr"]
-    if swa["anneal_epochs"] == 0:
-        w = 1.0
-    else:
-        t = min((step // steps_per_epoch - start) / swa["anneal_epochs"], 1.0)
-        w = t if swa["anneal"] == "linear" else (1.0 - math.cos(math.pi * t)) / 2.0
+    t = min((step // steps_per_epoch - start) / swa["anneal_epochs"], 1.0) if swa["anneal_epochs"] else 1.0
+    w = t if swa["anneal"] == "linear" else (1.0 - math.cos(math.pi * t)) / 2.0
     return (1.0 - w) * schedule_factor(exp, start * steps_per_epoch, steps_per_epoch) + w * swa["lr"] / lr0
 
 
@@ -144,7 +136,6 @@ def build_stream(exp: dict, splits, split: dict, policies: list[Policy], seed: i
 
 
 def loader_options(exp: dict, splits) -> dict:
-    """DataLoader workers for ImageFolder data."""
     return {"num_workers": exp["data"]["num_workers"]} if splits.kind == "folder" else {}
 
 

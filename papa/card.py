@@ -27,8 +27,7 @@ def network_name(n: dict) -> str:
     """'greedy soup with REPAIR', 'member 2'."""
     if n["member"] is not None:
         return f"member {n['member']}"
-    base = n["soup"].removesuffix("_repair")
-    return SOUP_NAMES[base] + (" with REPAIR" if n["soup"].endswith("_repair") else "")
+    return SOUP_NAMES[n["soup"].removesuffix("_repair")] + (" with REPAIR" if n["soup"].endswith("_repair") else "")
 
 
 def _license(spec: dict) -> str:
@@ -48,9 +47,7 @@ def front_matter(spec: dict) -> dict:
     n, i = spec["network"], spec["input"]
     task = "image-segmentation" if i["kind"] == "segmentation" else "image-classification"
     name = f"{n['experiment']}-{n['variant']}-seed{n['seed']}-" + (n["soup"] or f"member{n['member']}")
-    tags = ["papa", "model-soup", "weight-averaging", i["dataset"], n["variant"]]
-    if n["repaired"]:
-        tags.append("repair")
+    tags = ["papa", "model-soup", "weight-averaging", i["dataset"], n["variant"]] + ["repair"] * n["repaired"]
     matter = {"library_name": "timm" if spec["model"].startswith(TIMM_PREFIX) else "pytorch",
               "license": _license(spec), "pipeline_tag": task, "tags": list(dict.fromkeys(tags))}
     if n["test_accuracy"] is not None:

@@ -21,7 +21,6 @@ def _split_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser, holds: str) -> None:
-    """The arguments of a command on a trained run: the experiment, its split and the run directory."""
     _experiment_args(p)
     _split_arg(p)
     p.add_argument("--run", required=True, type=Path, help=f"run directory holding {holds}")
@@ -109,12 +108,8 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 def _bench(a):
     from papa import bench
-    print(json.dumps(bench.run(
-        model=a.model, population=a.population, batch_size=a.batch_size, steps=a.steps, engine=a.engine,
-        device=a.device, compile=a.compile, channels_last=a.channels_last, precision=a.precision,
-        warmup=a.warmup, repeats=a.repeats, threads=a.threads, profile=a.profile,
-        model_kwargs=dict(a.model_arg or []),
-    )))
+    options = {k: v for k, v in vars(a).items() if k not in ("command", "func", "model_arg")}
+    print(json.dumps(bench.run(**options, model_kwargs=dict(a.model_arg or []))))
 
 
 def _fake_data(a):

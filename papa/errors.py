@@ -1,9 +1,7 @@
 """The one exception type users see: a problem with their input, reported as one line."""
 
-MAX_CHARS = 1000
 
-
-def one_line(text: str, limit: int = MAX_CHARS) -> str:
+def one_line(text: str, limit: int = 1000) -> str:
     """``text`` as one printable line: whitespace runs become one space, other control characters are escaped and
     an overlong text is cut with an ellipsis (messages may quote a corrupt file's bytes)."""
     flat = " ".join(text.split())
@@ -13,7 +11,6 @@ def one_line(text: str, limit: int = MAX_CHARS) -> str:
 
 class PapaError(Exception):
     """Bad input (config, data, checkpoint): the CLI prints the message alone, on one line, and exits ``status``."""
-
     status = 2
 
     def __str__(self) -> str:
@@ -22,5 +19,4 @@ class PapaError(Exception):
 
 class DiskError(PapaError):
     """The file system cannot take what a command must write (full disk, quota, read-only): another exit status."""
-
     status = 4

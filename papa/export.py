@@ -5,11 +5,12 @@ kwargs, classes, input size and normalization) and ``README.md`` (papa.card). A 
 description under ``papa``. A bias that cannot be folded is kept, listed under ``biases.kept``. ``load_soup`` /
 ``load_model`` give a network back as a plain ``nn.Module``."""
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,6 @@ from papa.soups import SOUPS
 
 SOUP = "greedy_soup_repair"  # what ``papa export`` writes by default
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
-FILES = (WEIGHTS, CONFIG, CARD)
 FORMAT = 1  # the version of the ``papa`` description in config.json
 PROBE_SIDE = 64  # the probe's side for a network taking any image size (U-Net): enough for its pools
 
@@ -59,10 +59,6 @@ class RunFiles:
     soups_meta: dict
     metrics: dict
     digests: dict[str, str]
-
-    @property
-    def exp(self) -> dict:
-        return self.meta["config"]
 
 
 def read_run(run_dir: str | Path) -> RunFiles:
@@ -93,17 +89,13 @@ def read_run(run_dir: str | Path) -> RunFiles:
 
 def run_spec(files: RunFiles) -> dict:
     """A run's model, kwargs and ``input_spec`` (from the dataset for a run whose metadata lacks them)."""
-    exp, meta = files.exp, files.meta
-    if "input" in meta and "classes" in meta:
-        data = {"input": meta["input"], "classes": meta["classes"]}
-    else:
-        data = input_spec(exp, load_data(exp))
+    meta, exp = files.meta, files.meta["config"]
+    data = meta if "input" in meta and "classes" in meta else input_spec(exp, load_data(exp))
     return {"format": FORMAT, "library": "papa", "model": exp["model"]["name"], "kwargs": exp["model"]["kwargs"],
-            **data}
+            "input": data["input"], "classes": data["classes"]}
 
 
 def _dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
-    """The dtype of a state's floating tensors (float32 when it has none)."""
     return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
 
 
@@ -134,31 +126,30 @@ def to_architecture(state: dict[str, torch.Tensor], spec: dict, where: str | Pat
     """``spec``'s architecture (eval mode) holding ``state``, REPAIR's biases folded where exact
     (papa.fold.fold_biases on ``probe(spec)``), and the papa.fold.Fold saying which were folded and which kept."""
     module, added = _module(architecture(spec), state, where)
-    folded, fold = fold_biases(module, added, probe(spec).to(_dtype(state)))
-    return folded.eval(), fold
+    return fold_biases(module, added, probe(spec).to(_dtype(state)))  # a copy of module: in eval mode
 
 
 def describe(files: RunFiles, soup: str | None, member: int | None) -> dict:
-    """config.json's ``network``: which network of the run this is, and how well it did (metrics.json)."""
+    """config.json's ``network``: which network of the run this is (a member when ``soup`` is None), how well it did."""
     m, meta, soups = files.metrics, files.meta, files.soups_meta
     segmentation = "f1_members" in m
     if member is not None:
-        members, key, test = [member], None, m["members"][member]
+        members, test = [member], m["members"][member]
         val = (m.get("val_members") or [None] * (member + 1))[member]
     else:
         members = list(soups["greedy_soup_members"]) if soup.startswith("greedy") else list(range(len(m["members"])))
-        key, val, test = soup, soups.get("val_accuracy", {}).get(soup), m[soup]
+        val, test = soups.get("val_accuracy", {}).get(soup), m[soup]
     out = {
         "experiment": meta.get("experiment"), "variant": meta.get("variant"), "seed": meta.get("seed"),
-        "population": len(m["members"]), "soup": key, "member": member, "members": members,
+        "population": len(m["members"]), "soup": soup, "member": member, "members": members,
         # a one-member soup is that member, never REPAIRed (papa.soups.make_soups)
-        "repaired": bool(key and key.endswith("_repair") and len(members) > 1),
-        "aligned": bool(key and soups.get("aligned", False)),
+        "repaired": bool(soup and soup.endswith("_repair") and len(members) > 1),
+        "aligned": bool(soup and soups.get("aligned", False)),
         "metric": "pixel accuracy" if segmentation else "accuracy",
         "test_accuracy": test, "val_accuracy": val,
     }
     if segmentation:
-        f1 = m["f1_members"][member]["average"] if member is not None else m.get(f"{key}_f1_average")
+        f1 = m["f1_members"][member]["average"] if member is not None else m.get(f"{soup}_f1_average")
         out["test_f1_average"] = f1
     return out
 
@@ -182,14 +173,13 @@ def network(files: RunFiles, soup: str | None = None, member: int | None = None)
         state = {k: v[member] for k, v in files.population.items()}
     spec = run_spec(files)
     folded, fold = to_architecture(state, spec, where)
-    spec |= {
+    return folded, spec | {
         "biases": {"folded": fold.folded, "kept": fold.kept, "note": fold.note},
-        "network": describe(files, soup, member), "run": dict(files.digests), "config": files.exp,
+        "network": describe(files, soup, member), "run": dict(files.digests), "config": files.meta["config"],
         "versions": files.meta.get("versions", {}),
         "code": files.meta.get("code"),  # the code version that trained it (papa.provenance)
         "exported_with": versions() | {"code": code_version()},
     }
-    return folded.eval(), spec
 
 
 def load_soup(run_dir: str | Path, name: str = SOUP, device: str | torch.device = "cpu") -> nn.Module:
@@ -206,7 +196,7 @@ def _is_export(path: Path) -> bool:
     names = {p.name for p in path.iterdir()}
     if not names:
         return True
-    if not names <= set(FILES) or CONFIG not in names:
+    if not names <= {WEIGHTS, CONFIG, CARD} or CONFIG not in names:
         return False
     try:
         config = json.loads((path / CONFIG).read_text())
@@ -215,8 +205,9 @@ def _is_export(path: Path) -> bool:
     return isinstance(config, dict) and (config.get("library") == "papa" or isinstance(config.get("papa"), dict))
 
 
-def write_folder(out: str | Path, fill: Callable[[Path], None]) -> None:
-    """Create folder ``out`` atomically: ``fill`` writes into a temporary sibling, renamed into place once complete
+@contextlib.contextmanager
+def write_folder(out: str | Path) -> Iterator[Path]:
+    """Create folder ``out`` atomically: the block writes into a temporary sibling, renamed into place once complete
     (replacing an earlier export; anything else there is refused). On failure nothing is left but what was there."""
     out = Path(out)
     if out.exists() and not _is_export(out):
@@ -225,7 +216,7 @@ def write_folder(out: str | Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     old = None
     try:
-        fill(tmp)
+        yield tmp
         for f in tmp.iterdir():
             with open(f, "rb+") as handle:
                 os.fsync(handle.fileno())
@@ -260,8 +251,7 @@ def save(module: nn.Module, spec: dict, out: str | Path) -> None:
     state = module.state_dict()
     stock = add_biases(architecture(spec), spec["biases"]["kept"], state).to(_dtype(state))
     stock.load_state_dict(state, strict=True)
-
-    def fill(tmp: Path) -> None:
+    with write_folder(out) as tmp:
         if spec["model"].startswith(TIMM_PREFIX):
             from timm.models import save_for_hf
             try:
@@ -274,8 +264,6 @@ def save(module: nn.Module, spec: dict, out: str | Path) -> None:
             save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
             (tmp / CONFIG).write_text(json.dumps(spec, indent=2) + "\n")
         (tmp / CARD).write_text(model_card(spec))
-
-    write_folder(out, fill)
 
 
 def export(run_dir: str | Path, out: str | Path, soup: str | None = None, member: int | None = None) -> dict:

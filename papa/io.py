@@ -69,7 +69,6 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def need_file(path: Path, step: str) -> Path:
-    """``path``, or a PapaError naming the stage that writes it when it is missing."""
     if not path.is_file():
         raise PapaError(f"{path}: not found; run `{step}` on this run first")
     return path
