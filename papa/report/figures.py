@@ -22,11 +22,6 @@ COMPARED = {"mean": ("Population mean", "C0"), "ensemble": ("Ensemble", "C1"), "
 ZOOM_NOTE = "axis zoomed to where the values differ; \u25bc: a value below it"
 
 
-def read_history(path: str | Path, metric: str = "test_accuracy") -> pd.DataFrame:
-    """A run's history.csv (papa.train.History), checked for the columns a curve reads."""
-    return read_csv(path, {"epoch": int, "phase": str, metric: float}, "a history", "not found (train this run first)")
-
-
 def trajectory(history: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
     """Population mean of ``metric`` along training (columns epoch, phase, value): one point per epoch, two
     (``before_avg``, ``after_avg``) at an averaging, and a last ``swa`` point where the members became their SWA
@@ -59,6 +54,7 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
     panel with each averaging's jump (after - before). ``histories``: (curve, seed) -> the run's history.csv, a
     curve being a variant of ``experiment`` or a ``lines`` label."""
     metric = figure.get("metric", "test_accuracy")
+    kinds = {"epoch": int, "phase": str, metric: float}  # the columns of history.csv (papa.train.History) it reads
     experiment = figure.get("experiment") or figure.get("caption") or figure["name"]
     named = [line["label"] for line in figure.get("lines") or []]
     keys = named or _in_table_order({v for v, _ in histories})
@@ -69,8 +65,8 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
         paths = [p for (key, _), p in histories.items() if key == v]
         if not paths:
             raise PapaError(f"figure {figure['name']!r}: no history for {v!r}")
-        both = pd.concat(trajectory(read_history(p, metric), metric) for p in paths)
-        both = both.groupby(["epoch", "phase"], sort=False)["value"]
+        both = pd.concat(trajectory(read_csv(p, kinds, "a history", "not found (train this run first)"), metric)
+                         for p in paths).groupby(["epoch", "phase"], sort=False)["value"]
         spread = both.std(ddof=1).fillna(0.0).to_numpy() if len(paths) > 1 else 0.0
         lines[v] = both.mean().reset_index().assign(spread=spread)
     jumps = {v: j for v, t in lines.items() if len(j := _jumps(t))}
@@ -94,13 +90,9 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
     points = [(x, y, colors[v]) for v, t in lines.items() for x, y in zip(t["epoch"], t["value"], strict=True)]
     zoomed = _focus(ax, [y for _, y, _ in points], points)
     ax.set_ylabel(f"mean {'test' if metric == 'test_accuracy' else 'validation'} accuracy (%)")
-    notes = ["dots: right after averaging"] if jumps else []
-    if any((t["phase"] == "swa").any() for t in lines.values()):
-        notes.append("squares: the SWA averages")
-    if single:
-        notes.append("one epoch: one point per variant")
-    if zoomed:
-        notes.append(ZOOM_NOTE)
+    swa = any((t["phase"] == "swa").any() for t in lines.values())
+    notes = [note for note, shown in (("dots: right after averaging", jumps), ("squares: the SWA averages", swa),
+                                      ("one epoch: one point per variant", single), (ZOOM_NOTE, zoomed)) if shown]
     ax.set_title(f"{experiment}: population mean accuracy" + (f"\n({'; '.join(notes)})" if notes else ""),
                  fontsize="medium")
     ax.grid(alpha=0.3)

@@ -41,9 +41,7 @@ def _head(shown: Display) -> str:
 
 def _cell(text: str, best: bool, chance: bool) -> str:
     body = f"<strong>{escape(text)}</strong>" if best else escape(text)
-    if chance:
-        return f'<td class="chance" title="at chance level">{body}{CHANCE_MARK}</td>'
-    return f"<td>{body}</td>"
+    return f'<td class="chance" title="at chance level">{body}{CHANCE_MARK}</td>' if chance else f"<td>{body}</td>"
 
 
 def _row(line) -> str:
