@@ -25,8 +25,7 @@ def _aggregate(a) -> None:
         raise PapaError("no metrics files given (pass files, or --results DIR to collect them)")
     frame = aggregate.aggregate(paths)
     aggregate.write(frame, a.out)
-    runs = frame.groupby(["experiment", "variant", "seed"]).ngroups
-    print(f"{a.out}: {len(frame)} rows from {runs} runs")
+    print(f"{a.out}: {len(frame)} rows from {frame.groupby(['experiment', 'variant', 'seed']).ngroups} runs")
 
 
 def _render(a) -> None:

@@ -45,7 +45,6 @@ LAYOUTS = {"main": MAIN, "detailed": DETAILED, "range": RANGE, "greedy_sizes": G
            "segmentation": SEGMENTATION, "side_by_side": SIDE_BY_SIDE, "similarity": SIMILARITY,
            DATASETS: {}}  # datasets: the columns are the rows' ``experiments`` keys
 OWN_VARIANT = {"range", "similarity", "segmentation", "side_by_side", DATASETS}  # their rows name their variant
-LABEL = "Model"  # header of the row label column
 MISSING = "—"
 SOUPS = ("avg_soup", "greedy_soup")
 SPELLED = {"Ens": "Ensemble", "Avg": "Average soup", "AvgSoup": "Average soup", "Greed": "Greedy soup",
@@ -62,11 +61,10 @@ def columns(table: dict, variants: list[str], row: dict | None = None) -> dict[s
     """The layout's columns kept for this table: {header: (variant or None, metric)}; in ``side_by_side``
     those of ``row``'s column group (every group's without a row)."""
     if table["layout"] == "side_by_side":
-        groups = [row["columns"]] if row is not None else list(dict.fromkeys(r["columns"] for r in table["rows"]))
+        groups = [row["columns"]] if row is not None else [r["columns"] for r in table["rows"]]
         return {f"{g} {h}": vm for g in groups for h, vm in SIDE_BY_SIDE.items()}
     if table["layout"] == DATASETS:
-        headers = dict.fromkeys(h for r in table["rows"] for h in r.get("experiments", {}))
-        return {h: (None, "avg_soup") for h in headers}
+        return {h: (None, "avg_soup") for r in table["rows"] for h in r.get("experiments", {})}
     keep = table.get("variants") or variants
     return {h: (v, m) for h, (v, m) in LAYOUTS[table["layout"]].items() if v is None or v in keep}
 
@@ -84,9 +82,7 @@ def cell_experiment(row: dict, header: str) -> str | None:
 def cell_variant(row: dict, variant: str | None) -> str | None:
     """The variant a cell shows: the column's, the row's own (``range``), or None (left empty)."""
     own = row.get("variant")
-    if variant is None:
-        return own
-    return variant if own is None or own == variant else None
+    return own if variant is None else (variant if own in (None, variant) else None)
 
 
 def row_metric(table: dict, row: dict, variant: str, metric: str) -> str:
@@ -102,10 +98,9 @@ def row_metric(table: dict, row: dict, variant: str, metric: str) -> str:
 def _cell(frame, experiment, variant, metric, table) -> dict:
     """The stats and text of one cell (``metric``: its metrics.json key, ``row_metric``)."""
     run = frame[(frame.experiment == experiment) & (frame.variant == variant)]
-    rows = lambda m: run[run.metric == m].sort_values("seed")  # noqa: E731
-    get = lambda m: rows(m)["value"].to_numpy(dtype=float)  # noqa: E731
+    get = lambda m: run[run.metric == m].sort_values("seed")["value"].to_numpy(dtype=float)  # noqa: E731
     stats, d = over_seeds(get(metric)), table.get("decimals", 2)
-    code = "; ".join(sorted(set(rows(metric)["code"]) - {""})) if "code" in frame else ""  # the runs' code versions
+    code = "; ".join(sorted(set(run.code[run.metric == metric]) - {""})) if "code" in frame else ""  # the runs' code
     spans = metric == "mean" and table["layout"] == "range"  # with [min, max] over the members of all seeds
     if spans:
         lo, hi = get("min"), get("max")
@@ -186,11 +181,10 @@ def _shown(cells: pd.DataFrame) -> list[tuple[str, bool, bool]]:
 
 def _paper_line(label: str, cells: pd.DataFrame) -> list[Line]:
     """The paper's row under ours, when the paper gives any of its cells; a value with a note is marked."""
-    values, notes = cells["paper"], cells["paper_note"]
-    if not values.map(lambda v: isinstance(v, str)).any():
+    if not any(isinstance(v, str) for v in cells["paper"]):
         return []
     shown = [(v + (PAPER_MARK if isinstance(n, str) else "") if isinstance(v, str) else "", False, False)
-             for v, n in zip(values, notes, strict=True)]
+             for v, n in zip(cells["paper"], cells["paper_note"], strict=True)]
     return [Line("paper", f"{label} (paper)", shown)]
 
 
@@ -236,7 +230,7 @@ def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
                  "(all, or first-two: members 0 and 1 as the authors measured)"]
     else:
         keys = list(columns(table, []) if layout == "side_by_side" else dict.fromkeys(grid["column"]))
-        label_header, headers, lines = LABEL, [header(table, key) for key in keys], _lines(grid, keys)
+        label_header, headers, lines = "Model", [header(table, key) for key in keys], _lines(grid, keys)
         what = {"greedy_sizes": "Greedy-soup size k of p members",
                 "segmentation": "Test pixel accuracy and F1-scores (%) on whole tiles"}.get(layout, "Test accuracy (%)")
         notes = [f"{what}; {over}"]
