@@ -64,12 +64,11 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     if not isinstance(data, dict):
         found = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(data), "a number")
         raise PapaError(f"{path}: expected a JSON object of metrics, found {found}")
-    experiment, variant, seed = _identity(path, data)
-    code = describe(data.get("code"))
+    ident, code = _identity(path, data), describe(data.get("code"))
     flat = {}
     for key, value in data.items():
         flat |= {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
-    rows = [(experiment, variant, seed, key, float(value), code) for key, value in flat.items()
+    rows = [(*ident, key, float(value), code) for key, value in flat.items()
             if key != "seed" and isinstance(value, int | float) and not isinstance(value, bool)]
     return pd.DataFrame(rows, columns=COLUMNS)
 

@@ -192,8 +192,7 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(experiment + (f" ({ZOOM_NOTE})" if zoomed else ""), fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(COMPARED),
-               frameon=False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(COMPARED), frameon=False)
     return fig
 
 

@@ -42,13 +42,10 @@ def check(config: dict, where: str = "config") -> None:
     for kind in ("tables", "figures"):
         for i, entry in enumerate(config[kind]):
             key = f"{kind}.{i}"
-            name = entry["name"]
-            if name in names:
-                raise PapaError(f"{where}: {key}.name: {name!r} already names {names[name]}")
-            names[name] = key
-            for v in entry.get("variants") or []:
-                if v not in variants:
-                    raise PapaError(f"{where}: {key}.variants: {v!r} is not in the config's variants")
+            if (first := names.setdefault(entry["name"], key)) != key:
+                raise PapaError(f"{where}: {key}.name: {entry['name']!r} already names {first}")
+            if unknown := [v for v in entry.get("variants") or [] if v not in variants]:
+                raise PapaError(f"{where}: {key}.variants: {unknown[0]!r} is not in the config's variants")
     for i, table in enumerate(config["tables"]):
         labels, wide, by_column = set(), table["layout"] == "side_by_side", table["layout"] == DATASETS
         for j, row in enumerate(table["rows"]):
