@@ -46,7 +46,7 @@ def curve_keys(figure: dict, variants: list[str]) -> dict[str, tuple[str, str]]:
     if figure.get("lines"):
         return {line["label"]: (line["experiment"], line["variant"]) for line in figure["lines"]}
     shown = figure.get("variants") or variants
-    return {VARIANTS[v].label: (figure["experiment"], v) for v in _in_table_order(shown)}
+    return {VARIANTS[v].label: (figure["experiment"], v) for v in sorted(shown, key=list(VARIANTS).index)}
 
 
 def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figure:
@@ -57,7 +57,7 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
     kinds = {"epoch": int, "phase": str, metric: float}  # the columns of history.csv (papa.train.History) it reads
     experiment = figure.get("experiment") or figure.get("caption") or figure["name"]
     named = [line["label"] for line in figure.get("lines") or []]
-    keys = named or _in_table_order({v for v, _ in histories})
+    keys = named or sorted({v for v, _ in histories}, key=list(VARIANTS).index)  # variants in the tables' order
     colors = {k: f"C{i}" for i, k in enumerate(named)} or {k: v.color for k, v in VARIANTS.items()}
     labels = {k: k for k in named} or {k: v.label for k, v in VARIANTS.items()}
     lines = {}
@@ -111,11 +111,6 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
         axes[-1, 0].set_xticks([epoch])
     fig.legend(loc="outside upper center", ncols=len(lines), frameon=False)
     return fig
-
-
-def _in_table_order(variants) -> list[str]:
-    """Variants in the tables' order: Baseline, PAPA, PAPA-all, PAPA-2."""
-    return sorted(variants, key=list(VARIANTS).index)
 
 
 def focus(values) -> tuple[float, float] | None:
