@@ -24,8 +24,7 @@ ZOOM_NOTE = "axis zoomed to where the values differ; \u25bc: a value below it"
 
 def trajectory(history: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
     """Population mean of ``metric`` along training (columns epoch, phase, value): one point per epoch, two
-    (``before_avg``, ``after_avg``) at an averaging, and a last ``swa`` point where the members became their SWA
-    averages."""
+    (``before_avg``, ``after_avg``) at an averaging, a last ``swa`` one where the members became their SWA averages."""
     mean = history.groupby(["epoch", "phase"], sort=True)[metric].mean()
     points = []
     for epoch, phases in mean.groupby(level="epoch"):
@@ -117,12 +116,9 @@ def focus(values) -> tuple[float, float] | None:
     """The value range worth an axis: without the few values (fewer than half) far below the rest, cut where the gap
     relative to the spread above it is largest and exceeds 1; None to keep every value."""
     v = np.sort(np.asarray([x for x in values if np.isfinite(x)], dtype=float))
-    best, cut = 1.0, None
-    for k in range(1, (len(v) + 1) // 2):
-        ratio = (v[k] - v[k - 1]) / max(v[-1] - v[k], 1e-9)
-        if ratio > best:
-            best, cut = ratio, k
-    return None if cut is None else (float(v[cut]), float(v[-1]))
+    ratios = {k: (v[k] - v[k - 1]) / max(v[-1] - v[k], 1e-9) for k in range(1, (len(v) + 1) // 2)}
+    cut = max(ratios, key=ratios.get, default=None)  # the first of the largest
+    return None if cut is None or ratios[cut] <= 1 else (float(v[cut]), float(v[-1]))
 
 
 def _focus(ax, values, points) -> bool:

@@ -202,28 +202,20 @@ def _lines(grid: pd.DataFrame, keys: list[str]) -> list[Line]:
     return lines
 
 
-def _similarity_lines(grid: pd.DataFrame) -> list[Line]:
-    """Table 5's layout: per row a heading, then one line per measure (and its paper line) over the layers."""
-    layers = [f"Layer {k}" for k in range(1, SIMILARITY_STAGES + 1)]
-    lines = []
-    for label, row in grid.groupby("row", sort=False):
-        row = row.set_index("column")
-        lines.append(Line("heading", label, [("", False, False)] * len(layers)))
-        for key in SIMILARITY_MEASURES:
-            cells = row.loc[[f"{key} {layer}" for layer in layers]]
-            title = SPELLED.get(key, key)
-            lines += [Line("ours", title, _shown(cells)), *_paper_line(title, cells)]
-    return lines
-
-
 def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
     """What table ``table`` shows of a ``cells`` frame."""
     layout = table["layout"]
     spread = "mean" if layout == "greedy_sizes" else "mean (standard deviation)"
     over = f"{spread} over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    if layout == "similarity":
-        label_header, headers = "Layer", [("", f"Layer {k}") for k in range(1, SIMILARITY_STAGES + 1)]
-        lines = _similarity_lines(grid)
+    if layout == "similarity":  # Table 5: per row a heading, then one line per measure over the layers
+        layers = [f"Layer {k}" for k in range(1, SIMILARITY_STAGES + 1)]
+        label_header, headers, lines = "Layer", [("", layer) for layer in layers], []
+        for label, row in grid.groupby("row", sort=False):
+            lines.append(Line("heading", label, [("", False, False)] * len(layers)))
+            for key in SIMILARITY_MEASURES:
+                cells = row.set_index("column").loc[[f"{key} {layer}" for layer in layers]]
+                title = SPELLED.get(key, key)
+                lines += [Line("ours", title, _shown(cells)), *_paper_line(title, cells)]
         notes = [f"Cosine similarity (%) of the ResNet stage outputs on the test set; {over}",
                  "members permutation-aligned to member 0 (feature matching) and the average soup REPAIRed first",
                  "averaged over the pairs of members and the members the experiment's similarity.members names "
