@@ -79,8 +79,7 @@ def aggregate(paths: Iterable[str | Path]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     frame = pd.concat(frames, ignore_index=True)
-    dup = frame.duplicated(["experiment", "variant", "seed", "metric"])
-    if dup.any():
+    if (dup := frame.duplicated(COLUMNS[:4])).any():
         e, v, s = frame[dup].iloc[0][COLUMNS[:3]]
         raise PapaError(f"two metrics files for experiment {e!r}, variant {v!r}, seed {s}")
     return frame.sort_values(COLUMNS[:4], ignore_index=True)
@@ -125,8 +124,7 @@ def read_csv(path: str | Path, kinds: dict[str, type], what: str, missing: str, 
     if not text.endswith("\n"):
         raise PapaError(f"{path}: cut short: its last line is incomplete (a copy or write stopped part-way)")
     header, *body = csv.reader(io.StringIO(text))
-    absent = [c for c in kinds if c not in header]
-    if absent:
+    if absent := [c for c in kinds if c not in header]:
         raise PapaError(f"{path}: not {what}: no column {', '.join(map(repr, absent))} (found "
                         f"{', '.join(map(repr, header))})")
     if rows and not body:

@@ -55,8 +55,7 @@ def _plot(a) -> None:
     config, figure = _load(a.config, "figures", a.figure)
     out = a.out or Path("reports") / f"{a.figure}.png"
     if figure["kind"] == "curves":
-        histories = _histories(figure, config, a.histories)
-        if not histories:
+        if not (histories := _histories(figure, config, a.histories)):
             raise PapaError(f"figure {a.figure!r}: none of the history files is of a run it plots")
         figures.curves(figure, histories, out)
     elif a.metrics is None:

@@ -61,8 +61,7 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
     labels = {k: k for k in named} or {k: v.label for k, v in VARIANTS.items()}
     lines = {}
     for v in keys:
-        paths = [p for (key, _), p in histories.items() if key == v]
-        if not paths:
+        if not (paths := [p for (key, _), p in histories.items() if key == v]):
             raise PapaError(f"figure {figure['name']!r}: no history for {v!r}")
         both = pd.concat(trajectory(read_csv(p, kinds, "a history", "not found (train this run first)"), metric)
                          for p in paths).groupby(["epoch", "phase"], sort=False)["value"]
@@ -70,8 +69,7 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
         lines[v] = both.mean().reset_index().assign(spread=spread)
     jumps = {v: j for v, t in lines.items() if len(j := _jumps(t))}
     fig = Figure(figsize=(7, 6.8 if jumps else 4.6), layout="constrained")
-    rows = 2 if jumps else 1
-    axes = fig.subplots(rows, 1, sharex=True, squeeze=False, height_ratios=[2, 1][:rows])
+    axes = fig.subplots(2 if jumps else 1, 1, sharex=True, squeeze=False, height_ratios=[2, 1] if jumps else [2])
     ax = axes[0, 0]
     single = all(len(t) == 1 for t in lines.values())  # a one-epoch run: one point per variant, no curve
     for i, (v, t) in enumerate(lines.items()):
@@ -124,8 +122,7 @@ def focus(values) -> tuple[float, float] | None:
 def _focus(ax, values, points) -> bool:
     """Limit the y-axis of ``ax`` to ``focus(values)`` (padded) and mark the points (x, y, colour) below it
     with a triangle on the bottom edge and their value; whether it zoomed."""
-    kept = focus(values)
-    if kept is None:
+    if (kept := focus(values)) is None:
         return False
     lo, hi = kept
     pad = max(0.12 * (hi - lo), 0.25)
@@ -171,8 +168,7 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
             if not any(len(vals) for vals in seeds_of):
                 raise PapaError(f"figure {figure['name']!r}: no {metric!r} results for experiment {experiment!r}")
             stats = [over_seeds(vals) for vals in seeds_of]
-            mean = np.array([s["mean"] for s in stats])
-            std = np.array([s["std"] if s["n"] > 1 else 0.0 for s in stats])
+            mean, std = np.array([(s["mean"], s["std"] if s["n"] > 1 else 0.0) for s in stats]).T
             ax.errorbar(x, mean, yerr=std, fmt="o", ms=6, capsize=3, label=label, color=color)
             for xi, vals in zip(x, seeds_of, strict=True):
                 ax.plot([xi] * len(vals), vals, ".", ms=3, color=color, alpha=0.5)

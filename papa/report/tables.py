@@ -166,10 +166,9 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
 
 def header(table: dict, key: str) -> tuple[str, str]:
     """(group, measure) of column ``key`` spelled out: ``PAPA-all Avg`` is (``PAPA-all``, ``Average soup``)."""
+    groups = [] if table["layout"] in OWN_VARIANT else [v.label for v in VARIANTS.values()]  # columns per variant
     if table["layout"] == "side_by_side":
         groups = [r["columns"] for r in table["rows"]]
-    else:
-        groups = [] if table["layout"] in OWN_VARIANT else [v.label for v in VARIANTS.values()]  # columns per variant
     group, measure = next(((g, key[len(g) + 1:]) for g in sorted(groups, key=len, reverse=True)
                            if key.startswith(f"{g} ")), ("", key))
     return group, "Greedy soup size" if table["layout"] == "greedy_sizes" else SPELLED.get(measure, measure)
@@ -181,25 +180,9 @@ def _shown(cells: pd.DataFrame) -> list[tuple[str, bool, bool]]:
 
 def _paper_line(label: str, cells: pd.DataFrame) -> list[Line]:
     """The paper's row under ours, when the paper gives any of its cells; a value with a note is marked."""
-    if not any(isinstance(v, str) for v in cells["paper"]):
-        return []
     shown = [(v + (PAPER_MARK if isinstance(n, str) else "") if isinstance(v, str) else "", False, False)
              for v, n in zip(cells["paper"], cells["paper_note"], strict=True)]
-    return [Line("paper", f"{label} (paper)", shown)]
-
-
-def _lines(grid: pd.DataFrame, keys: list[str]) -> list[Line]:
-    """Rows of the grid (columns ``keys``), each followed by the paper's; a heading where the group changes."""
-    lines, group = [], None
-    for label, row in grid.groupby("row", sort=False):
-        # side_by_side: a label may lack a column group, whose cells stay empty
-        row = row.set_index("column").reindex(keys).fillna({"text": "", "best": False, "chance": False})
-        if isinstance(row["group"].iloc[0], str) and row["group"].iloc[0] != group:
-            group = row["group"].iloc[0]
-            lines.append(Line("heading", group, [("", False, False)] * len(keys)))
-        lines.append(Line("ours", label, _shown(row)))
-        lines += _paper_line(label, row)
-    return lines
+    return [Line("paper", f"{label} (paper)", shown)] if any(isinstance(v, str) for v in cells["paper"]) else []
 
 
 def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
@@ -220,9 +203,16 @@ def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
                  "members permutation-aligned to member 0 (feature matching) and the average soup REPAIRed first",
                  "averaged over the pairs of members and the members the experiment's similarity.members names "
                  "(all, or first-two: members 0 and 1 as the authors measured)"]
-    else:
+    else:  # each row of the grid followed by the paper's, a heading where the group changes
         keys = list(columns(table, []) if layout == "side_by_side" else dict.fromkeys(grid["column"]))
-        label_header, headers, lines = "Model", [header(table, key) for key in keys], _lines(grid, keys)
+        label_header, headers, lines, group = "Model", [header(table, key) for key in keys], [], None
+        for label, row in grid.groupby("row", sort=False):
+            # side_by_side: a label may lack a column group, whose cells stay empty
+            row = row.set_index("column").reindex(keys).fillna({"text": "", "best": False, "chance": False})
+            if isinstance(row["group"].iloc[0], str) and row["group"].iloc[0] != group:
+                group = row["group"].iloc[0]
+                lines.append(Line("heading", group, [("", False, False)] * len(keys)))
+            lines += [Line("ours", label, _shown(row)), *_paper_line(label, row)]
         what = {"greedy_sizes": "Greedy-soup size k of p members",
                 "segmentation": "Test pixel accuracy and F1-scores (%) on whole tiles"}.get(layout, "Test accuracy (%)")
         notes = [f"{what}; {over}"]
@@ -235,11 +225,8 @@ def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
             notes.append(f"soups with REPAIR for {', '.join(VARIANTS[v].label for v in repaired)}")
     if table.get("paper"):
         notes.append(f"rows '(paper)': values reported in the paper ({table['paper']})")
-    footnotes = []
-    marked = grid[grid["chance"]]
-    if len(marked):
-        chance = ", ".join(f"{100 / k:.3g}% for {k:g} classes" for k in sorted(marked["classes"].unique()))
-        footnotes.append(f"{CHANCE_MARK} at chance level (1/classes: {chance})")
+    chance = ", ".join(f"{100 / k:.3g}% for {k:g} classes" for k in sorted(grid[grid["chance"]]["classes"].unique()))
+    footnotes = [f"{CHANCE_MARK} at chance level (1/classes: {chance})"] if chance else []
     footnotes += [f"{PAPER_MARK} paper value: {note}" for note in dict.fromkeys(grid["paper_note"].dropna())]
     return Display(table["name"], table.get("caption") or "", label_header, headers, lines, notes, footnotes)
 
