@@ -43,29 +43,32 @@ def _identity(path: Path, data: dict) -> tuple[str, str, int]:
     return ident
 
 
+def _text(path: Path, missing: str) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PapaError(f"{path}: {missing}") from None
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise PapaError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+
+
 def read_metrics(path: str | Path) -> pd.DataFrame:
     """The tidy rows of one metrics.json."""
     path = Path(path)
     try:
-        data = json.loads(path.read_bytes().decode())
-    except FileNotFoundError:
-        raise PapaError(f"{path}: metrics file not found") from None
-    except UnicodeDecodeError as e:
-        raise PapaError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        data = json.loads(_text(path, "metrics file not found"))
     except json.JSONDecodeError as e:
         raise PapaError(f"{path}: malformed JSON ({e})") from None
     if not isinstance(data, dict):
         found = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(data), "a number")
         raise PapaError(f"{path}: expected a JSON object of metrics, found {found}")
-    experiment, variant, seed = _identity(path, data)
-    code = describe(data.get("code"))
+    ident, code = _identity(path, data), describe(data.get("code"))
     flat = {}
     for key, value in data.items():
-        if isinstance(value, dict):
-            flat |= {f"{key}.{k}": v for k, v in value.items()}
-        else:
-            flat[key] = value
-    rows = [(experiment, variant, seed, key, float(value), code) for key, value in flat.items()
+        flat |= {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
+    rows = [(*ident, key, float(value), code) for key, value in flat.items()
             if key != "seed" and isinstance(value, int | float) and not isinstance(value, bool)]
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -76,8 +79,7 @@ def aggregate(paths: Iterable[str | Path]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     frame = pd.concat(frames, ignore_index=True)
-    dup = frame.duplicated(["experiment", "variant", "seed", "metric"])
-    if dup.any():
+    if (dup := frame.duplicated(COLUMNS[:4])).any():
         e, v, s = frame[dup].iloc[0][COLUMNS[:3]]
         raise PapaError(f"two metrics files for experiment {e!r}, variant {v!r}, seed {s}")
     return frame.sort_values(COLUMNS[:4], ignore_index=True)
@@ -116,35 +118,27 @@ def read_csv(path: str | Path, kinds: dict[str, type], what: str, missing: str, 
     complete (every line ends with a newline), the columns of ``kinds`` ({column: int, float or str}; an empty
     float is NaN), data rows unless ``rows`` is False. ``missing``: what to say when the file is not there."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise PapaError(f"{path}: {what} {missing}") from None
-    try:
-        text = data.decode()
-    except UnicodeDecodeError as e:
-        raise PapaError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+    text = _text(path, f"{what} {missing}")
     if not text.strip():
         raise PapaError(f"{path}: empty file, expected {what} (CSV)")
     if not text.endswith("\n"):
         raise PapaError(f"{path}: cut short: its last line is incomplete (a copy or write stopped part-way)")
     header, *body = csv.reader(io.StringIO(text))
-    absent = [c for c in kinds if c not in header]
-    if absent:
+    if absent := [c for c in kinds if c not in header]:
         raise PapaError(f"{path}: not {what}: no column {', '.join(map(repr, absent))} (found "
                         f"{', '.join(map(repr, header))})")
     if rows and not body:
         raise PapaError(f"{path}: no rows, only a header")
+    numeric = {c: k for c, k in kinds.items() if k is not str}
     for line, row in enumerate(body, 2):
         if len(row) != len(header):
             raise PapaError(f"{path}: line {line} has {len(row)} fields, the header {len(header)}")
-        for column, kind in kinds.items():
+        for column, kind in numeric.items():
             value = row[header.index(column)]
             try:
-                if kind is not str and not (kind is float and value == ""):
+                if not (kind is float and value == ""):
                     kind(value)
             except ValueError:
                 raise PapaError(f"{path}: line {line}: {column}: {value!r} is not "
                                 f"{'an integer' if kind is int else 'a number'}") from None
-    return pd.read_csv(io.StringIO(text), dtype={c: k for c, k in kinds.items() if k is str}).astype(
-        {c: k for c, k in kinds.items() if k is not str})
+    return pd.read_csv(io.StringIO(text), dtype={c: str for c in kinds if c not in numeric}).astype(numeric)

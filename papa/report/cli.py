@@ -5,42 +5,32 @@ from pathlib import Path
 from papa.errors import PapaError
 
 
-def _load(config_path: Path) -> dict:
+def _load(config_path: Path, kind: str, name: str) -> tuple[dict, dict]:
+    """The config, checked, and its ``kind`` (tables or figures) entry named ``name``."""
     from papa.config import load_config
     from papa.report import plan
-
     config = load_config(config_path)
     plan.check(config, str(config_path))
-    return config
-
-
-def _entry(config: dict, kind: str, name: str, config_path: Path) -> dict:
     for entry in config[kind]:
         if entry["name"] == name:
-            return entry
+            return config, entry
     known = ", ".join(e["name"] for e in config[kind]) or "none"
     raise PapaError(f"{config_path}: no {kind[:-1]} named {name!r} (defined: {known})")
 
 
 def _aggregate(a) -> None:
     from papa.report import aggregate
-
-    paths = list(a.metrics)
-    if a.results:
-        paths += aggregate.find_metrics(a.results)
+    paths = [*a.metrics, *(aggregate.find_metrics(a.results) if a.results else [])]
     if not paths:
         raise PapaError("no metrics files given (pass files, or --results DIR to collect them)")
     frame = aggregate.aggregate(paths)
     aggregate.write(frame, a.out)
-    runs = frame.groupby(["experiment", "variant", "seed"]).ngroups
-    print(f"{a.out}: {len(frame)} rows from {runs} runs")
+    print(f"{a.out}: {len(frame)} rows from {frame.groupby(['experiment', 'variant', 'seed']).ngroups} runs")
 
 
 def _render(a) -> None:
     from papa.report import aggregate, tables
-
-    config = _load(a.config)
-    table = _entry(config, "tables", a.table, a.config)
+    config, table = _load(a.config, "tables", a.table)
     md = a.md or Path("reports") / f"{a.table}.md"
     csv, html = a.csv or md.with_suffix(".csv"), a.html or md.with_suffix(".html")
     tables.render(table, aggregate.load(a.metrics), config["variants"], config["seeds"], md, csv, html)
@@ -50,7 +40,6 @@ def _render(a) -> None:
 def _histories(figure: dict, config: dict, files: list[Path]) -> dict[tuple[str, int], Path]:
     """(curve, seed) -> history.csv of a curves figure: the given files, else those of the config's results."""
     from papa.report import aggregate, figures
-
     curves = figures.curve_keys(figure, config["variants"])
     # a variants figure keys its curves by variant (curves_figure orders and colours them), a lines one by label
     key = {run: label if figure.get("lines") else run[1] for label, run in curves.items()}
@@ -63,18 +52,15 @@ def _histories(figure: dict, config: dict, files: list[Path]) -> dict[tuple[str,
 
 def _plot(a) -> None:
     from papa.report import aggregate, figures
-
-    config = _load(a.config)
-    figure = _entry(config, "figures", a.figure, a.config)
+    config, figure = _load(a.config, "figures", a.figure)
     out = a.out or Path("reports") / f"{a.figure}.png"
     if figure["kind"] == "curves":
-        histories = _histories(figure, config, a.histories)
-        if not histories:
+        if not (histories := _histories(figure, config, a.histories)):
             raise PapaError(f"figure {a.figure!r}: none of the history files is of a run it plots")
         figures.curves(figure, histories, out)
+    elif a.metrics is None:
+        raise PapaError(f"figure {a.figure!r} ({figure['kind']}) needs --metrics")
     else:
-        if a.metrics is None:
-            raise PapaError(f"figure {a.figure!r} ({figure['kind']}) needs --metrics")
         figures.compare(figure, aggregate.load(a.metrics), config["seeds"], config["variants"], out)
     print(f"{out}: figure {a.figure!r} ({figure['kind']})")
 

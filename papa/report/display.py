@@ -1,5 +1,4 @@
-"""What a table shows, whatever the format: papa.report.tables builds it and writes its Markdown,
-papa.report.html its page."""
+"""What a table shows in any format: papa.report.tables builds it and writes its Markdown, papa.report.html its page."""
 
 from typing import NamedTuple
 

@@ -22,15 +22,9 @@ COMPARED = {"mean": ("Population mean", "C0"), "ensemble": ("Ensemble", "C1"), "
 ZOOM_NOTE = "axis zoomed to where the values differ; \u25bc: a value below it"
 
 
-def read_history(path: str | Path, metric: str = "test_accuracy") -> pd.DataFrame:
-    """A run's history.csv (papa.train.History), checked for the columns a curve reads."""
-    return read_csv(path, {"epoch": int, "phase": str, metric: float}, "a history", "not found (train this run first)")
-
-
 def trajectory(history: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
     """Population mean of ``metric`` along training (columns epoch, phase, value): one point per epoch, two
-    (``before_avg``, ``after_avg``) at an averaging, and a last ``swa`` point where the members became their SWA
-    averages."""
+    (``before_avg``, ``after_avg``) at an averaging, a last ``swa`` one where the members became their SWA averages."""
     mean = history.groupby(["epoch", "phase"], sort=True)[metric].mean()
     points = []
     for epoch, phases in mean.groupby(level="epoch"):
@@ -51,7 +45,7 @@ def curve_keys(figure: dict, variants: list[str]) -> dict[str, tuple[str, str]]:
     if figure.get("lines"):
         return {line["label"]: (line["experiment"], line["variant"]) for line in figure["lines"]}
     shown = figure.get("variants") or variants
-    return {VARIANTS[v].label: (figure["experiment"], v) for v in _in_table_order(shown)}
+    return {VARIANTS[v].label: (figure["experiment"], v) for v in sorted(shown, key=list(VARIANTS).index)}
 
 
 def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figure:
@@ -59,24 +53,23 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
     panel with each averaging's jump (after - before). ``histories``: (curve, seed) -> the run's history.csv, a
     curve being a variant of ``experiment`` or a ``lines`` label."""
     metric = figure.get("metric", "test_accuracy")
+    kinds = {"epoch": int, "phase": str, metric: float}  # the columns of history.csv (papa.train.History) it reads
     experiment = figure.get("experiment") or figure.get("caption") or figure["name"]
     named = [line["label"] for line in figure.get("lines") or []]
-    keys = named or _in_table_order({v for v, _ in histories})
+    keys = named or sorted({v for v, _ in histories}, key=list(VARIANTS).index)  # variants in the tables' order
     colors = {k: f"C{i}" for i, k in enumerate(named)} or {k: v.color for k, v in VARIANTS.items()}
     labels = {k: k for k in named} or {k: v.label for k, v in VARIANTS.items()}
     lines = {}
     for v in keys:
-        paths = [p for (key, _), p in histories.items() if key == v]
-        if not paths:
+        if not (paths := [p for (key, _), p in histories.items() if key == v]):
             raise PapaError(f"figure {figure['name']!r}: no history for {v!r}")
-        both = pd.concat(trajectory(read_history(p, metric), metric) for p in paths)
-        both = both.groupby(["epoch", "phase"], sort=False)["value"]
+        both = pd.concat(trajectory(read_csv(p, kinds, "a history", "not found (train this run first)"), metric)
+                         for p in paths).groupby(["epoch", "phase"], sort=False)["value"]
         spread = both.std(ddof=1).fillna(0.0).to_numpy() if len(paths) > 1 else 0.0
         lines[v] = both.mean().reset_index().assign(spread=spread)
     jumps = {v: j for v, t in lines.items() if len(j := _jumps(t))}
     fig = Figure(figsize=(7, 6.8 if jumps else 4.6), layout="constrained")
-    rows = 2 if jumps else 1
-    axes = fig.subplots(rows, 1, sharex=True, squeeze=False, height_ratios=[2, 1][:rows])
+    axes = fig.subplots(2 if jumps else 1, 1, sharex=True, squeeze=False, height_ratios=[2, 1] if jumps else [2])
     ax = axes[0, 0]
     single = all(len(t) == 1 for t in lines.values())  # a one-epoch run: one point per variant, no curve
     for i, (v, t) in enumerate(lines.items()):
@@ -94,13 +87,9 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
     points = [(x, y, colors[v]) for v, t in lines.items() for x, y in zip(t["epoch"], t["value"], strict=True)]
     zoomed = _focus(ax, [y for _, y, _ in points], points)
     ax.set_ylabel(f"mean {'test' if metric == 'test_accuracy' else 'validation'} accuracy (%)")
-    notes = ["dots: right after averaging"] if jumps else []
-    if any((t["phase"] == "swa").any() for t in lines.values()):
-        notes.append("squares: the SWA averages")
-    if single:
-        notes.append("one epoch: one point per variant")
-    if zoomed:
-        notes.append(ZOOM_NOTE)
+    swa = any((t["phase"] == "swa").any() for t in lines.values())
+    notes = [note for note, shown in (("dots: right after averaging", jumps), ("squares: the SWA averages", swa),
+                                      ("one epoch: one point per variant", single), (ZOOM_NOTE, zoomed)) if shown]
     ax.set_title(f"{experiment}: population mean accuracy" + (f"\n({'; '.join(notes)})" if notes else ""),
                  fontsize="medium")
     ax.grid(alpha=0.3)
@@ -121,28 +110,19 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
     return fig
 
 
-def _in_table_order(variants) -> list[str]:
-    """Variants in the tables' order: Baseline, PAPA, PAPA-all, PAPA-2."""
-    return sorted(variants, key=list(VARIANTS).index)
-
-
 def focus(values) -> tuple[float, float] | None:
     """The value range worth an axis: without the few values (fewer than half) far below the rest, cut where the gap
     relative to the spread above it is largest and exceeds 1; None to keep every value."""
     v = np.sort(np.asarray([x for x in values if np.isfinite(x)], dtype=float))
-    best, cut = 1.0, None
-    for k in range(1, (len(v) + 1) // 2):
-        ratio = (v[k] - v[k - 1]) / max(v[-1] - v[k], 1e-9)
-        if ratio > best:
-            best, cut = ratio, k
-    return None if cut is None else (float(v[cut]), float(v[-1]))
+    ratios = {k: (v[k] - v[k - 1]) / max(v[-1] - v[k], 1e-9) for k in range(1, (len(v) + 1) // 2)}
+    cut = max(ratios, key=ratios.get, default=None)  # the first of the largest
+    return None if cut is None or ratios[cut] <= 1 else (float(v[cut]), float(v[-1]))
 
 
 def _focus(ax, values, points) -> bool:
     """Limit the y-axis of ``ax`` to ``focus(values)`` (padded) and mark the points (x, y, colour) below it
     with a triangle on the bottom edge and their value; whether it zoomed."""
-    kept = focus(values)
-    if kept is None:
+    if (kept := focus(values)) is None:
         return False
     lo, hi = kept
     pad = max(0.12 * (hi - lo), 0.25)
@@ -188,8 +168,7 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
             if not any(len(vals) for vals in seeds_of):
                 raise PapaError(f"figure {figure['name']!r}: no {metric!r} results for experiment {experiment!r}")
             stats = [over_seeds(vals) for vals in seeds_of]
-            mean = np.array([s["mean"] for s in stats])
-            std = np.array([s["std"] if s["n"] > 1 else 0.0 for s in stats])
+            mean, std = np.array([(s["mean"], s["std"] if s["n"] > 1 else 0.0) for s in stats]).T
             ax.errorbar(x, mean, yerr=std, fmt="o", ms=6, capsize=3, label=label, color=color)
             for xi, vals in zip(x, seeds_of, strict=True):
                 ax.plot([xi] * len(vals), vals, ".", ms=3, color=color, alpha=0.5)
@@ -200,8 +179,7 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(experiment + (f" ({ZOOM_NOTE})" if zoomed else ""), fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(COMPARED),
-               frameon=False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(COMPARED), frameon=False)
     return fig
 
 

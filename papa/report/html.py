@@ -41,9 +41,7 @@ def _head(shown: Display) -> str:
 
 def _cell(text: str, best: bool, chance: bool) -> str:
     body = f"<strong>{escape(text)}</strong>" if best else escape(text)
-    if chance:
-        return f'<td class="chance" title="at chance level">{body}{CHANCE_MARK}</td>'
-    return f"<td>{body}</td>"
+    return f'<td class="chance" title="at chance level">{body}{CHANCE_MARK}</td>' if chance else f"<td>{body}</td>"
 
 
 def _row(line) -> str:
@@ -60,9 +58,7 @@ def page(shown: Display) -> str:
     title = f"<strong>{name}</strong>" + (f": {escape(shown.caption)}" if shown.caption else "")
     body = "\n".join(_row(line) for line in shown.lines)
     notes = "".join(f'<p class="footnote">{escape(f)}</p>\n' for f in shown.footnotes)
-    return (
-        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{name}</title>\n'
-        f"<style>{STYLE}</style>\n</head>\n<body>\n<p class=\"title\">{title}</p>\n"
-        f"<table>\n<thead>\n{_head(shown)}\n</thead>\n<tbody>\n{body}\n</tbody>\n</table>\n"
-        f'<p class="notes">{escape("; ".join(shown.notes))}.</p>\n{notes}</body>\n</html>\n'
-    )
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{name}</title>\n'
+            f"<style>{STYLE}</style>\n</head>\n<body>\n<p class=\"title\">{title}</p>\n"
+            f"<table>\n<thead>\n{_head(shown)}\n</thead>\n<tbody>\n{body}\n</tbody>\n</table>\n"
+            f'<p class="notes">{escape("; ".join(shown.notes))}.</p>\n{notes}</body>\n</html>\n')

@@ -8,16 +8,12 @@ from importlib import resources
 
 from papa.errors import PapaError
 
-HEADER = ["row", "column", "value"]
-NOTE = "note"
-
 
 def available() -> list[str]:
     """Ids of the shipped paper tables."""
     folder = resources.files("papa.report").joinpath("paper")
-    if not folder.is_dir():
-        return []
-    return sorted(f.name.removesuffix(".csv") for f in folder.iterdir() if f.name.endswith(".csv"))
+    files = folder.iterdir() if folder.is_dir() else []
+    return sorted(f.name.removesuffix(".csv") for f in files if f.name.endswith(".csv"))
 
 
 def _text(table_id: str) -> tuple[str, str]:
@@ -46,8 +42,8 @@ def parse(text: str, where: str) -> dict[tuple[str, str], str]:
 def _read(text: str, where: str) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], str]]:
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
-    if header not in (HEADER, [*HEADER, NOTE]):
-        raise PapaError(f"{where}: header must be {','.join(HEADER)} (or with ,{NOTE}), found {header}")
+    if header not in (["row", "column", "value"], ["row", "column", "value", "note"]):
+        raise PapaError(f"{where}: header must be row,column,value (or with ,note), found {header}")
     out, noted = {}, {}
     for n, record in enumerate(reader, start=2):
         if not record:

@@ -8,21 +8,16 @@ from papa.report.tables import DATASETS, OWN_VARIANT, cell_experiment, cell_vari
 
 def table_runs(table: dict, variants: list[str]) -> set[tuple[str, str]]:
     """(experiment, variant) pairs whose metrics fill a table."""
-    return {
-        (e, v)
-        for row in table["rows"]
-        for header, (variant, _) in columns(table, variants, row).items()
-        if (v := cell_variant(row, variant)) is not None and (e := cell_experiment(row, header)) is not None
-    }
+    return {(e, v) for row in table["rows"] for header, (variant, _) in columns(table, variants, row).items()
+            if (v := cell_variant(row, variant)) is not None and (e := cell_experiment(row, header)) is not None}
 
 
 def figure_runs(figure: dict, variants: list[str]) -> set[tuple[str, str]]:
     """(experiment, variant) pairs a figure plots."""
     if figure.get("lines"):
         return {(line["experiment"], line["variant"]) for line in figure["lines"]}
-    shown = figure.get("variants") or variants
     experiments = figure.get("experiments") or [figure["experiment"]]
-    return {(e, v) for e in experiments for v in shown}
+    return {(e, v) for e in experiments for v in figure.get("variants") or variants}
 
 
 def similarity_runs(config: dict) -> list[tuple[str, str]]:
@@ -47,18 +42,14 @@ def check(config: dict, where: str = "config") -> None:
     for kind in ("tables", "figures"):
         for i, entry in enumerate(config[kind]):
             key = f"{kind}.{i}"
-            name = entry["name"]
-            if name in names:
-                raise PapaError(f"{where}: {key}.name: {name!r} already names {names[name]}")
-            names[name] = key
-            for v in entry.get("variants") or []:
-                if v not in variants:
-                    raise PapaError(f"{where}: {key}.variants: {v!r} is not in the config's variants")
+            if (first := names.setdefault(entry["name"], key)) != key:
+                raise PapaError(f"{where}: {key}.name: {entry['name']!r} already names {first}")
+            if unknown := [v for v in entry.get("variants") or [] if v not in variants]:
+                raise PapaError(f"{where}: {key}.variants: {unknown[0]!r} is not in the config's variants")
     for i, table in enumerate(config["tables"]):
-        labels = set()
+        labels, wide, by_column = set(), table["layout"] == "side_by_side", table["layout"] == DATASETS
         for j, row in enumerate(table["rows"]):
             key = f"tables.{i}.rows.{j}"
-            wide = table["layout"] == "side_by_side"
             if wide != ("columns" in row):
                 raise PapaError(f"{where}: {key}.columns: " + ("required by the side_by_side layout" if wide else
                                                                "only the side_by_side layout has column groups"))
@@ -67,7 +58,6 @@ def check(config: dict, where: str = "config") -> None:
                 what = f"{row['label']!r} with columns {row['columns']!r}" if wide else repr(row["label"])
                 raise PapaError(f"{where}: {key}.label: {what} repeats in table {table['name']!r}")
             labels.add(cell)
-            by_column = table["layout"] == DATASETS
             if by_column != ("experiments" in row) or "experiment" in row and "experiments" in row:
                 wanted = "experiments (a {column: experiment} mapping)" if by_column else "experiment"
                 raise PapaError(f"{where}: {key}: the {table['layout']} layout takes {wanted}")

@@ -45,7 +45,6 @@ LAYOUTS = {"main": MAIN, "detailed": DETAILED, "range": RANGE, "greedy_sizes": G
            "segmentation": SEGMENTATION, "side_by_side": SIDE_BY_SIDE, "similarity": SIMILARITY,
            DATASETS: {}}  # datasets: the columns are the rows' ``experiments`` keys
 OWN_VARIANT = {"range", "similarity", "segmentation", "side_by_side", DATASETS}  # their rows name their variant
-LABEL = "Model"  # header of the row label column
 MISSING = "—"
 SOUPS = ("avg_soup", "greedy_soup")
 SPELLED = {"Ens": "Ensemble", "Avg": "Average soup", "AvgSoup": "Average soup", "Greed": "Greedy soup",
@@ -62,11 +61,10 @@ def columns(table: dict, variants: list[str], row: dict | None = None) -> dict[s
     """The layout's columns kept for this table: {header: (variant or None, metric)}; in ``side_by_side``
     those of ``row``'s column group (every group's without a row)."""
     if table["layout"] == "side_by_side":
-        groups = [row["columns"]] if row is not None else list(dict.fromkeys(r["columns"] for r in table["rows"]))
+        groups = [row["columns"]] if row is not None else [r["columns"] for r in table["rows"]]
         return {f"{g} {h}": vm for g in groups for h, vm in SIDE_BY_SIDE.items()}
     if table["layout"] == DATASETS:
-        headers = dict.fromkeys(h for r in table["rows"] for h in r.get("experiments", {}))
-        return {h: (None, "avg_soup") for h in headers}
+        return {h: (None, "avg_soup") for r in table["rows"] for h in r.get("experiments", {})}
     keep = table.get("variants") or variants
     return {h: (v, m) for h, (v, m) in LAYOUTS[table["layout"]].items() if v is None or v in keep}
 
@@ -84,58 +82,41 @@ def cell_experiment(row: dict, header: str) -> str | None:
 def cell_variant(row: dict, variant: str | None) -> str | None:
     """The variant a cell shows: the column's, the row's own (``range``), or None (left empty)."""
     own = row.get("variant")
-    if variant is None:
-        return own
-    return variant if own is None or own == variant else None
+    return own if variant is None else (variant if own in (None, variant) else None)
 
 
 def row_metric(table: dict, row: dict, variant: str, metric: str) -> str:
     """The metrics.json key of a cell: the column's metric, or for ``segmentation`` the row's model's
-    (``<model>`` for accuracy, ``<model>_f1_<class>``), REPAIRed where the table says so."""
+    (``<model>`` for accuracy, ``<model>_f1_<class>``), a soup REPAIRed where the table says so."""
+    repaired = lambda m: f"{m}_repair" if m in SOUPS and variant in table.get("repair", []) else m  # noqa: E731
     if table["layout"] != "segmentation":
-        return metric
-    model = row["model"]
-    if model in SOUPS and variant in table.get("repair", []):
-        model = f"{model}_repair"
+        return repaired(metric)
+    model = repaired(row["model"])
     return model if metric == "accuracy" else f"{model}_{metric}"
 
 
-def _rows(frame: pd.DataFrame, experiment: str, variant: str, metric: str) -> pd.DataFrame:
-    sel = frame[(frame.experiment == experiment) & (frame.variant == variant) & (frame.metric == metric)]
-    return sel.sort_values("seed")
-
-
-def mean_std(stats: dict, decimals: int) -> str:
-    """``x (y)`` for several seeds, ``x`` for one."""
-    if not stats["n"]:
-        return MISSING
-    text = f"{stats['mean']:.{decimals}f}"
-    return text if stats["n"] == 1 else f"{text} ({stats['std']:.{decimals}f})"
-
-
 def _cell(frame, experiment, variant, metric, table) -> dict:
-    """The stats and text of one cell."""
-    if metric in SOUPS and variant in table.get("repair", []):
-        metric = f"{metric}_repair"
-    decimals = table.get("decimals", 2)
-    get = lambda m: _rows(frame, experiment, variant, m)["value"].to_numpy(dtype=float)  # noqa: E731
-    stats = over_seeds(get(metric))
-    rows = _rows(frame, experiment, variant, metric)
-    code = "; ".join(sorted(set(rows["code"]) - {""})) if "code" in rows else ""  # the runs' code versions
-    if metric == "mean" and table["layout"] == "range":
+    """The stats and text of one cell (``metric``: its metrics.json key, ``row_metric``)."""
+    run = frame[(frame.experiment == experiment) & (frame.variant == variant)]
+    get = lambda m: run[run.metric == m].sort_values("seed")["value"].to_numpy(dtype=float)  # noqa: E731
+    stats, d = over_seeds(get(metric)), table.get("decimals", 2)
+    code = "; ".join(sorted(set(run.code[run.metric == metric]) - {""})) if "code" in frame else ""  # the runs' code
+    spans = metric == "mean" and table["layout"] == "range"  # with [min, max] over the members of all seeds
+    if spans:
         lo, hi = get("min"), get("max")
         stats |= {"min": lo.min() if len(lo) else np.nan, "max": hi.max() if len(hi) else np.nan}
-        text = (f"{stats['mean']:.{decimals}f} [{stats['min']:.{decimals}f}, {stats['max']:.{decimals}f}]"
-                if stats["n"] else MISSING)
+    if not stats["n"]:
+        text = MISSING
+    elif spans:
+        text = f"{stats['mean']:.{d}f} [{stats['min']:.{d}f}, {stats['max']:.{d}f}]"
     elif metric == "population":
-        text = MISSING if not stats["n"] else f"{stats['mean']:g}"
+        text = f"{stats['mean']:g}"
     elif metric == "greedy_soup_size":
-        k, p = stats["mean"], get("population")
-        text = MISSING if not stats["n"] else f"{k:.{0 if k == round(k) else 1}f} (out of {p.max():g})"
-    else:
-        text = mean_std(stats, decimals)
-    classes = get("num_classes")
-    classes = classes[0] if len(classes) else np.nan
+        k = stats["mean"]
+        text = f"{k:.{0 if k == round(k) else 1}f} (out of {get('population').max():g})"
+    else:  # x (y) over several seeds, x for one
+        text = f"{stats['mean']:.{d}f}" + (f" ({stats['std']:.{d}f})" if stats["n"] > 1 else "")
+    classes = next(iter(get("num_classes")), np.nan)
     chance = metric in ACCURACIES and bool(stats["n"]) and at_chance(stats["mean"], classes)
     return {"metric": metric, **stats, "text": text, "classes": classes, "chance": chance, "code": code}
 
@@ -153,17 +134,15 @@ def _best(cells: list[dict]) -> None:
     """Mark the best ensemble and the best soup of one row."""
     for group in (("ensemble",), tuple(m for s in SOUPS for m in (s, f"{s}_repair"))):
         scored = [c for c in cells if c["metric"] in group and c["n"]]
-        if scored:
-            top = max(c["mean"] for c in scored)
-            for c in scored:
-                c["best"] = c["mean"] == top
+        top = max((c["mean"] for c in scored), default=None)
+        for c in scored:
+            c["best"] = c["mean"] == top
 
 
 def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int]) -> pd.DataFrame:
     """One record per (row, column): the machine-readable table (columns ``CSV_COLUMNS``)."""
     frame = frame[frame.seed.isin(seeds)]
-    reported = paper.values(table["paper"]) if table.get("paper") else {}
-    noted = paper.notes(table["paper"]) if table.get("paper") else {}
+    reported, noted = (paper.values(table["paper"]), paper.notes(table["paper"])) if table.get("paper") else ({}, {})
     records = []
     for row in table["rows"]:
         row_cells = []
@@ -172,39 +151,27 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
             v = cell_variant(row, variant) if experiment is not None else None
             base = {"row": row["label"], "group": row.get("group"), "column": header, "experiment": experiment,
                     "variant": v}
-            if v is None:
-                cell = {"metric": metric, **over_seeds(np.array([])), "text": "", "classes": np.nan, "chance": False,
-                        "code": ""}
-            else:
-                cell = _cell(frame, experiment, v, row_metric(table, row, v, metric), table)
+            cell = (_cell(frame, experiment, v, row_metric(table, row, v, metric), table) if v is not None else
+                    {"metric": metric, **over_seeds([]), "text": "", "classes": np.nan, "chance": False, "code": ""})
             at = (row["label"], header)
             row_cells.append(base | cell | {"paper": reported.get(at), "paper_note": noted.get(at), "best": False})
         if table["layout"] in HIGHLIGHT:
             _best(row_cells)
         records += row_cells
-    grid = pd.DataFrame(records, columns=CSV_COLUMNS)
     if table["layout"] == "side_by_side":  # one displayed row per label, its groups in the table's order
-        labels = {x: i for i, x in enumerate(dict.fromkeys(r["label"] for r in table["rows"]))}
-        order = {h: i for i, h in enumerate(columns(table, variants))}
-        keys = {"_row": grid["row"].map(labels), "_column": grid["column"].map(order)}
-        grid = grid.assign(**keys).sort_values(list(keys), kind="stable")
-        return grid.drop(columns=list(keys)).reset_index(drop=True)
-    return grid
+        labels, order = list(dict.fromkeys(r["label"] for r in table["rows"])), list(columns(table, variants))
+        records.sort(key=lambda r: (labels.index(r["row"]), order.index(r["column"])))
+    return pd.DataFrame(records, columns=CSV_COLUMNS)
 
 
 def header(table: dict, key: str) -> tuple[str, str]:
     """(group, measure) of column ``key`` spelled out: ``PAPA-all Avg`` is (``PAPA-all``, ``Average soup``)."""
+    groups = [] if table["layout"] in OWN_VARIANT else [v.label for v in VARIANTS.values()]  # columns per variant
     if table["layout"] == "side_by_side":
-        groups = list(dict.fromkeys(r["columns"] for r in table["rows"]))
-    elif table["layout"] in ("main", "detailed", "greedy_sizes", "mean_soup"):
-        groups = [v.label for v in VARIANTS.values()]
-    else:
-        groups = []
+        groups = [r["columns"] for r in table["rows"]]
     group, measure = next(((g, key[len(g) + 1:]) for g in sorted(groups, key=len, reverse=True)
                            if key.startswith(f"{g} ")), ("", key))
-    if table["layout"] == "greedy_sizes":
-        return group, "Greedy soup size"
-    return group, SPELLED.get(measure, measure)
+    return group, "Greedy soup size" if table["layout"] == "greedy_sizes" else SPELLED.get(measure, measure)
 
 
 def _shown(cells: pd.DataFrame) -> list[tuple[str, bool, bool]]:
@@ -213,92 +180,62 @@ def _shown(cells: pd.DataFrame) -> list[tuple[str, bool, bool]]:
 
 def _paper_line(label: str, cells: pd.DataFrame) -> list[Line]:
     """The paper's row under ours, when the paper gives any of its cells; a value with a note is marked."""
-    values, notes = cells["paper"], cells["paper_note"]
-    if not values.map(lambda v: isinstance(v, str)).any():
-        return []
     shown = [(v + (PAPER_MARK if isinstance(n, str) else "") if isinstance(v, str) else "", False, False)
-             for v, n in zip(values, notes, strict=True)]
-    return [Line("paper", f"{label} (paper)", shown)]
-
-
-def _lines(grid: pd.DataFrame, keys: list[str]) -> list[Line]:
-    """Rows of the grid (columns ``keys``), each followed by the paper's; a heading where the group changes."""
-    lines, group = [], None
-    for label, row in grid.groupby("row", sort=False):
-        # side_by_side: a label may lack a column group, whose cells stay empty
-        row = row.set_index("column").reindex(keys).fillna({"text": "", "best": False, "chance": False})
-        if isinstance(row["group"].iloc[0], str) and row["group"].iloc[0] != group:
-            group = row["group"].iloc[0]
-            lines.append(Line("heading", group, [("", False, False)] * len(keys)))
-        lines.append(Line("ours", label, _shown(row)))
-        lines += _paper_line(label, row)
-    return lines
-
-
-def _similarity_lines(grid: pd.DataFrame) -> list[Line]:
-    """Table 5's layout: per row a heading, then one line per measure (and its paper line) over the layers."""
-    layers = [f"Layer {k}" for k in range(1, SIMILARITY_STAGES + 1)]
-    lines = []
-    for label, row in grid.groupby("row", sort=False):
-        row = row.set_index("column")
-        lines.append(Line("heading", label, [("", False, False)] * len(layers)))
-        for key in SIMILARITY_MEASURES:
-            cells = row.loc[[f"{key} {layer}" for layer in layers]]
-            title = SPELLED.get(key, key)
-            lines += [Line("ours", title, _shown(cells)), *_paper_line(title, cells)]
-    return lines
+             for v, n in zip(cells["paper"], cells["paper_note"], strict=True)]
+    return [Line("paper", f"{label} (paper)", shown)] if any(isinstance(v, str) for v in cells["paper"]) else []
 
 
 def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
     """What table ``table`` shows of a ``cells`` frame."""
-    if table["layout"] == "similarity":
-        layers = [("", f"Layer {k}") for k in range(1, SIMILARITY_STAGES + 1)]
-        notes = [f"Cosine similarity (%) of the ResNet stage outputs on the test set; {_seeds_text(seeds)}",
+    layout = table["layout"]
+    spread = "mean" if layout == "greedy_sizes" else "mean (standard deviation)"
+    over = f"{spread} over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    if layout == "similarity":  # Table 5: per row a heading, then one line per measure over the layers
+        layers = [f"Layer {k}" for k in range(1, SIMILARITY_STAGES + 1)]
+        label_header, headers, lines = "Layer", [("", layer) for layer in layers], []
+        for label, row in grid.groupby("row", sort=False):
+            lines.append(Line("heading", label, [("", False, False)] * len(layers)))
+            for key in SIMILARITY_MEASURES:
+                cells = row.set_index("column").loc[[f"{key} {layer}" for layer in layers]]
+                title = SPELLED.get(key, key)
+                lines += [Line("ours", title, _shown(cells)), *_paper_line(title, cells)]
+        notes = [f"Cosine similarity (%) of the ResNet stage outputs on the test set; {over}",
                  "members permutation-aligned to member 0 (feature matching) and the average soup REPAIRed first",
                  "averaged over the pairs of members and the members the experiment's similarity.members names "
                  "(all, or first-two: members 0 and 1 as the authors measured)"]
-        return _display(table, grid, "Layer", layers, _similarity_lines(grid), notes)
-    keys = list(columns(table, []) if table["layout"] == "side_by_side" else dict.fromkeys(grid["column"]))
-    what = {"greedy_sizes": "greedy-soup size k of p members",
-            "segmentation": "test pixel accuracy and F1-scores (%) on whole tiles"}.get(table["layout"],
-                                                                                       "test accuracy (%)")
-    spread = "mean (standard deviation)" if table["layout"] != "greedy_sizes" else "mean"
-    notes = [f"{what[0].upper()}{what[1:]}; {_seeds_text(seeds, spread)}"]
-    if table["layout"] == "range":
-        notes.append("[min, max] over the members of all seeds")
-    if table["layout"] in HIGHLIGHT:
-        notes.append("bold: best ensemble and best soup of each row")
-    repaired = [v for v in table.get("repair", []) if v in set(grid["variant"].dropna())]
-    if repaired and table["layout"] != "greedy_sizes":
-        notes.append(f"soups with REPAIR for {', '.join(VARIANTS[v].label for v in repaired)}")
-    headers = [header(table, key) for key in keys]
-    return _display(table, grid, LABEL, headers, _lines(grid, keys), notes)
-
-
-def _display(table, grid, label_header, headers, lines, notes) -> Display:
+    else:  # each row of the grid followed by the paper's, a heading where the group changes
+        keys = list(columns(table, []) if layout == "side_by_side" else dict.fromkeys(grid["column"]))
+        label_header, headers, lines, group = "Model", [header(table, key) for key in keys], [], None
+        for label, row in grid.groupby("row", sort=False):
+            # side_by_side: a label may lack a column group, whose cells stay empty
+            row = row.set_index("column").reindex(keys).fillna({"text": "", "best": False, "chance": False})
+            if isinstance(row["group"].iloc[0], str) and row["group"].iloc[0] != group:
+                group = row["group"].iloc[0]
+                lines.append(Line("heading", group, [("", False, False)] * len(keys)))
+            lines += [Line("ours", label, _shown(row)), *_paper_line(label, row)]
+        what = {"greedy_sizes": "Greedy-soup size k of p members",
+                "segmentation": "Test pixel accuracy and F1-scores (%) on whole tiles"}.get(layout, "Test accuracy (%)")
+        notes = [f"{what}; {over}"]
+        if layout == "range":
+            notes.append("[min, max] over the members of all seeds")
+        if layout in HIGHLIGHT:
+            notes.append("bold: best ensemble and best soup of each row")
+        repaired = [v for v in table.get("repair", []) if v in set(grid["variant"].dropna())]
+        if repaired and layout != "greedy_sizes":
+            notes.append(f"soups with REPAIR for {', '.join(VARIANTS[v].label for v in repaired)}")
     if table.get("paper"):
-        notes = [*notes, f"rows '(paper)': values reported in the paper ({table['paper']})"]
-    footnotes = []
-    marked = grid[grid["chance"]]
-    if len(marked):
-        chance = ", ".join(f"{100 / k:.3g}% for {k:g} classes" for k in sorted(marked["classes"].unique()))
-        footnotes.append(f"{CHANCE_MARK} at chance level (1/classes: {chance})")
+        notes.append(f"rows '(paper)': values reported in the paper ({table['paper']})")
+    chance = ", ".join(f"{100 / k:.3g}% for {k:g} classes" for k in sorted(grid[grid["chance"]]["classes"].unique()))
+    footnotes = [f"{CHANCE_MARK} at chance level (1/classes: {chance})"] if chance else []
     footnotes += [f"{PAPER_MARK} paper value: {note}" for note in dict.fromkeys(grid["paper_note"].dropna())]
     return Display(table["name"], table.get("caption") or "", label_header, headers, lines, notes, footnotes)
-
-
-def _seeds_text(seeds: list[int], spread: str = "mean (standard deviation)") -> str:
-    return f"{spread} over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
 
 
 def markdown(table: dict, grid: pd.DataFrame, seeds: list[int]) -> str:
     """The Markdown table (with its title, notes and footnotes) of a ``cells`` frame."""
     shown = display(table, grid, seeds)
-
-    def cell(text: str, best: bool, chance: bool) -> str:
-        return (f"**{text}**" if best else text) + (CHANCE_MARK if chance else "")
-
-    body = [[f"**{line.label}**" if line.kind == "heading" else line.label, *(cell(*c) for c in line.cells)]
+    body = [[f"**{line.label}**" if line.kind == "heading" else line.label,
+             *((f"**{t}**" if best else t) + (CHANCE_MARK if chance else "") for t, best, chance in line.cells)]
             for line in shown.lines]
     headers = [f"{group} {measure}" if group else measure for group, measure in shown.headers]
     text = tabulate(body, headers=[shown.label_header, *headers], tablefmt="pipe", disable_numparse=True,
@@ -311,8 +248,7 @@ def render(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[in
            html: str | Path | None = None) -> None:
     """Write table ``table`` (a config entry) from ``frame`` as Markdown, CSV and (given ``html``) an HTML page."""
     grid = cells(table, frame, variants, seeds)
-    outputs = {md: lambda: markdown(table, grid, seeds), csv: lambda: grid.to_csv(index=False)}
+    write_text(md, markdown(table, grid, seeds))
+    write_text(csv, grid.to_csv(index=False))
     if html is not None:
-        outputs[html] = lambda: page(display(table, grid, seeds))
-    for path, text in outputs.items():
-        write_text(path, text())
+        write_text(html, page(display(table, grid, seeds)))
