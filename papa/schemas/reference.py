@@ -65,18 +65,14 @@ def rows(node: dict, root: dict, prefix: str = "") -> Iterator[tuple[str, str, s
         if names[0] in required:
             meaning = f"*required*. {meaning}"
         yield f"`{key}`", _type(child, root), f"`{json.dumps(child['default'])}`" if "default" in child else "", meaning
-        yield from _nested(child, root, key)
+        if "properties" in child or isinstance(child.get("additionalProperties"), dict):
+            yield from rows(child, root, f"{key}.")
+        items = child.get("items")
+        if isinstance(items, dict) and "properties" in _resolve(items, root):
+            yield from rows(items, root, f"{key}[].")
     extra = node.get("additionalProperties")
     if isinstance(extra, dict) and ("properties" in extra or "$ref" in extra):
         yield from rows(extra, root, f"{prefix}<name>.")
-
-
-def _nested(node: dict, root: dict, key: str) -> Iterator[tuple[str, str, str, str]]:
-    if "properties" in node or isinstance(node.get("additionalProperties"), dict):
-        yield from rows(node, root, f"{key}.")
-    items = node.get("items")
-    if isinstance(items, dict) and "properties" in _resolve(items, root):
-        yield from rows(items, root, f"{key}[].")
 
 
 def undocumented(name: str) -> list[str]:
@@ -96,13 +92,8 @@ def reference() -> str:
     return "\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv:
-        write_text(argv[0], reference())
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        write_text(sys.argv[1], reference())
     else:
         sys.stdout.write(reference())
-
-
-if __name__ == "__main__":
-    main()
