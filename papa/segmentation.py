@@ -45,7 +45,6 @@ def tile_confusions(fns: Sequence[Callable[[Tensor], Tensor]], data: TileDataset
                     ensemble: bool = False) -> tuple[list[Tensor], list[float]]:
     """Each ``fn``'s confusion matrix and mean per-pixel cross-entropy over the tiles ``indices`` (default all);
     with ``ensemble`` the logit-average ensemble of the fns comes last."""
-    device = torch.device(device)
     tiles = range(len(data)) if indices is None else [int(i) for i in indices]
     k, n = data.num_classes, len(fns) + int(ensemble)
     confs = [torch.zeros(k, k, dtype=torch.int64) for _ in range(n)]
