@@ -1,6 +1,5 @@
-"""Config files: YAML validated against JSON schemas (papa/schemas/), with defaults filled in. A config holds
-experiments, each ``defaults`` deep-merged with its own overrides and checked against experiment.schema.yaml;
-every problem becomes one PapaError line naming the file and the offending key."""
+"""Config files: YAML validated against JSON schemas (papa/schemas/), defaults filled in; each experiment is the
+config's ``defaults`` deep-merged with its own keys. Every problem is one PapaError line naming the file and key."""
 
 import copy
 import math

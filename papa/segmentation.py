@@ -26,8 +26,7 @@ def pixel_accuracy(conf: Tensor) -> float:
 
 
 def f1_scores(conf: Tensor) -> Tensor:
-    """Per-class F1 in percent, 2 TP / (2 TP + FP + FN) (float64); 0 for a class neither present nor
-    predicted (scikit-learn's zero_division=0)."""
+    """Per-class F1 in percent (float64), 2 TP / (2 TP + FP + FN); 0 for a class neither present nor predicted."""
     c = conf.double()
     tp = c.diag()
     denominator = c.sum(0) + c.sum(1)  # (TP + FP) + (TP + FN)

@@ -41,21 +41,16 @@ def _type(node: dict, root: dict) -> str:
     return text + (f" ({', '.join(bounds)})" if bounds else "")
 
 
-def _shared(properties: dict) -> list[tuple[list[str], dict]]:
-    """The properties as (names, schema) groups: siblings that refer to one shared definition (``$ref``)
-    form one group, written once as ``<definition>`` (``resources.<job>.threads``, not five times)."""
-    groups: dict[str, tuple[list[str], dict]] = {}
-    for name, child in properties.items():
-        ref = child.get("$ref") if set(child) == {"$ref"} else None
-        groups.setdefault(ref or f"\0{name}", ([], child))[0].append(name)
-    return list(groups.values())
-
-
 def rows(node: dict, root: dict, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
-    """(key, type, default, meaning) of every property under ``node``, depth first, in schema order."""
+    """(key, type, default, meaning) of every property under ``node``, depth first, in schema order; siblings that
+    refer to one shared definition (``$ref``) are one row, ``<definition>`` (``resources.<job>.threads``, not five)."""
     node = _resolve(node, root)
     required = set(node.get("required", []))
-    for names, child in _shared(node.get("properties", {})):
+    groups: dict[str, tuple[list[str], dict]] = {}  # (names, schema) by shared definition
+    for name, child in node.get("properties", {}).items():
+        ref = child.get("$ref") if set(child) == {"$ref"} else None
+        groups.setdefault(ref or f"\0{name}", ([], child))[0].append(name)
+    for names, child in groups.values():
         placeholder = child.get("$ref", "").rsplit("/", 1)[-1] if len(names) > 1 else ""
         child = _resolve(child, root)
         key = f"{prefix}<{placeholder}>" if placeholder else f"{prefix}{names[0]}"
