@@ -1,14 +1,14 @@
-"""Config files: YAML validated against JSON schemas (papa/schemas/), with defaults filled in. A config holds
-experiments, each ``defaults`` deep-merged with its own overrides and checked against experiment.schema.yaml;
-every problem becomes one PapaError line naming the file and the offending key."""
+"""Config files: YAML validated against JSON schemas (papa/schemas/), defaults filled in; each experiment is the
+config's ``defaults`` deep-merged with its own keys. Every problem is one PapaError line naming the file and key."""
 
 import copy
 import math
 import sys
-from functools import cache
+from functools import cache, reduce
 from importlib import resources
+from operator import getitem
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
@@ -16,9 +16,6 @@ from papa import catalog, fidelity, smoke
 from papa.errors import PapaError
 from papa.io import write_text
 from papa.variants import VARIANTS, averaging_epochs, first_push, swa_start_epoch, zero_based
-
-if TYPE_CHECKING:
-    import jsonschema
 
 
 @cache
@@ -32,10 +29,8 @@ def resolve(sch: dict, root: dict) -> dict:
     ``properties`` one by one (a variant's averaging block sets its defaults over its unit's shared block)."""
     if "$ref" not in sch:
         return sch
-    target = root
-    for part in sch["$ref"].removeprefix("#/").split("/"):
-        target = target[part]
-    target, own = resolve(target, root), {k: v for k, v in sch.items() if k != "$ref"}
+    target = resolve(reduce(getitem, sch["$ref"].removeprefix("#/").split("/"), root), root)
+    own = {k: v for k, v in sch.items() if k != "$ref"}
     if "properties" in own:
         own["properties"] = {k: {**target.get("properties", {}).get(k, {}), **v}
                              for k, v in {**target.get("properties", {}), **own["properties"]}.items()}
@@ -77,7 +72,7 @@ def _validator_class():
     return jsonschema.Draft202012Validator
 
 
-def _message(error: "jsonschema.ValidationError") -> str:
+def _message(error) -> str:
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
@@ -87,7 +82,7 @@ def _message(error: "jsonschema.ValidationError") -> str:
     return error.message
 
 
-def _leaf(error: "jsonschema.ValidationError") -> "jsonschema.ValidationError":
+def _leaf(error):
     """The error to show for a value matching none of a ``oneOf``'s choices: the deepest one (the choice the
     value was meant for), a wrong type or an enum of plain values (for a mapping or list) last."""
     if error.validator != "oneOf" or not error.context:
@@ -96,23 +91,20 @@ def _leaf(error: "jsonschema.ValidationError") -> "jsonschema.ValidationError":
         e.validator == "enum" and isinstance(e.instance, dict | list)))))
 
 
-def check_finite(instance: Any, key: str = "") -> None:
+def check_finite(instance: Any, where: str, key: str = "") -> None:
     """Refuse NaN and infinity anywhere in a config: no setting means either, and no JSON-schema bound refuses NaN."""
     if isinstance(instance, float) and not math.isfinite(instance):
-        raise PapaError(f"{key or '(top level)'}: {instance} is not a finite number")
+        raise PapaError(f"{where}: {key or '(top level)'}: {instance} is not a finite number")
     items = instance.items() if isinstance(instance, dict) else enumerate(instance) if isinstance(
         instance, list) else ()
     for k, value in items:
-        check_finite(value, f"{key}.{k}" if key else str(k))
+        check_finite(value, where, f"{key}.{k}" if key else str(k))
 
 
 def validate(instance: Any, name: str, where: str) -> Any:
     """Fill defaults into ``instance`` in place and validate it against schema ``name``; PapaError on failure."""
     sch = schema(name)
-    try:
-        check_finite(instance)
-    except PapaError as e:
-        raise PapaError(f"{where}: {e}") from None
+    check_finite(instance, where)
     fill_defaults(instance, sch)
     validator = _validator_class()
     errors = sorted(validator(sch).iter_errors(instance), key=lambda e: list(e.absolute_path)) if validator else []
@@ -151,10 +143,8 @@ def deep_merge(base: dict, override: dict) -> dict:
     """``override`` laid over ``base``: nested dicts merge, everything else replaces."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = deep_merge(out[key], value) if nested else copy.deepcopy(value)
     return out
 
 
@@ -173,11 +163,7 @@ def with_overrides(raw: dict, overrides: dict, path: str | Path) -> dict:
     KEY=VALUE``; a mapping merges into the file's), validated like the file: the file alone first, then with
     the overrides, whose errors name them (``table1.yaml with --config scale=tiny: scale: ...``)."""
     validate(copy.deepcopy(raw), "config", str(path))
-    merged = {**raw}
-    for key, value in overrides.items():
-        value = _yaml_leaves(value) if isinstance(value, list | dict) else value
-        merged[key] = deep_merge(raw[key], value) if isinstance(value, dict) and isinstance(raw.get(key), dict) \
-            else value
+    merged = deep_merge(raw, {k: _yaml_leaves(v) if isinstance(v, list | dict) else v for k, v in overrides.items()})
     given = " ".join(f"{k}={v}" for k, v in overrides.items())
     validate(copy.deepcopy(merged), "config", f"{path} with --config {given}")
     return merged
@@ -251,18 +237,16 @@ def write_configs(files: dict[str, str]) -> None:
 
 def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
     """Experiment ``name`` of a loaded config: defaults merged with its overrides, validated (and at smoke scale
-    shrunk, papa.smoke), with ``data.root`` resolved against ``data_root`` and ``name`` and ``scale`` added."""
+    shrunk, papa.smoke), a relative ``data.root`` resolved against ``data_root``, ``name`` and ``scale`` added."""
     if name not in config["experiments"]:
-        known = ", ".join(sorted(config["experiments"]))
-        raise PapaError(f"{path}: unknown experiment {name!r} (defined: {known})")
+        raise PapaError(f"{path}: unknown experiment {name!r} (defined: {', '.join(sorted(config['experiments']))})")
     where = f"{path}: experiment {name!r}"
     exp = validate(deep_merge(config.get("defaults") or {}, config["experiments"][name] or {}), "experiment", where)
     exp["fidelity"] = fidelity.resolve(exp["fidelity"], f"{where}: fidelity")
     lo, hi = exp["averaging"]["window"]
     if lo >= hi:
         raise PapaError(f"{where}: averaging.window: start {lo} must be before end {hi}")
-    swa = exp["train"]["swa"]
-    if swa is not None:
+    if (swa := exp["train"]["swa"]) is not None:
         start, epochs = swa["start"], exp["train"]["epochs"]
         if start >= 1 and start != int(start):
             raise PapaError(f"{where}: train.swa.start: {start} is neither a fraction below 1 nor a whole number of "
@@ -273,9 +257,7 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
                             "least one epoch before it and one during it")
     if config.get("scale") == "smoke":
         exp = validate(smoke.scale_experiment(exp, where), "experiment", f"{where} at smoke scale")
-    data = exp["data"]
-    root = Path(data["root"] or data["dataset"])
-    data["root"] = str(root if root.is_absolute() else Path(config["data_root"]) / root)
+    exp["data"]["root"] = str(Path(config["data_root"]) / (exp["data"]["root"] or exp["data"]["dataset"]))
     exp["name"] = name
     exp["scale"] = config.get("scale", "full")
     return exp

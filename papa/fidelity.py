@@ -19,18 +19,16 @@ class Option:
 
 
 OPTIONS = {o.name: o for o in (
-    Option("papa2_pairs",
-           "PAPA-2's partners (and those of the pair-75 scheme and the genetic ablations' untournamented "
-           "children): p pairs drawn at random from all p(p-1)/2 distinct pairs",
+    Option("papa2_pairs", "PAPA-2's partners (and those of the pair-75 scheme and the genetic ablations' "
+           "untournamented children): p pairs drawn at random from all p(p-1)/2 distinct pairs",
            "the first p pairs in lexicographic order, dealt to the members in a random order (main.py:290-293, "
            "combinations(arange(p))[randperm(p)][:p]): at p = 10, 9 of the 10 children contain member 0; p <= 3 "
            "uses every pair either way, p = 2 averages its one pair into both members (main.py:295); pair-75 keeps "
            "a random one of each pair's two children (main.py:311)",
            "every PAPA-2 cell: Tables 1-2, 5, 6-9, 10-11, 12, 14 (pair-half, pair-75), 16 (the rows without "
            "tournament selection), 18 and Figure 2"),
-    Option("averaging_epochs",
-           "PAPA-all and PAPA-2 (and Table 14's schemes, the genetic ablations) average after epochs k, 2k, ... "
-           "(and 1 with from_start), never after the last, inside the window (lo E, hi E]",
+    Option("averaging_epochs", "PAPA-all and PAPA-2 (and Table 14's schemes, the genetic ablations) average after "
+           "epochs k, 2k, ... (and 1 with from_start), never after the last, inside the window (lo E, hi E]",
            "after epochs k+1, 2k+1, ... (and 1 with from_start, the scripts' mix_from_start, on in all their "
            "runs), inside the window [lo E, hi E] (main.py:217: 0-based `epoch % k == 0 and (epoch > 0 or "
            "mix_from_start) and epoch+1 >= lo E and epoch+1 <= hi E`; utils/utils.py:60-61 scales range_merge by "
@@ -47,11 +45,10 @@ OPTIONS = {o.name: o for o in (
            "skipped when its own gradients overflow (main.py:172-189, utils/utils.py:70-71; --mixed_precision "
            "and --grad_scaler default to True, only the ESGD runs pass False); the CPU runs as under paper",
            "every table trained on CUDA with mixed precision (all but Table 12)"),
-    Option("repair_fusion",
-           "exact REPAIR (papa.repair): member moments in eval mode over all values; the averaged network repaired "
-           "layer by layer in eval mode so that each layer's output has the target mean and std, a bias-free "
-           "layer's shift kept (a bias added to a soup, or the running mean of the BatchNorm it feeds, rebuilt "
-           "after the rescale)",
+    Option("repair_fusion", "exact REPAIR (papa.repair): member moments in eval mode over all values; the averaged "
+           "network repaired layer by layer in eval mode so that each layer's output has the target mean and std, a "
+           "bias-free layer's shift kept (a bias added to a soup, or the running mean of the BatchNorm it feeds, "
+           "rebuilt after the rescale)",
            "recombine/repair.py's fusion (47ad83a): member moments from TrackLayers in one train-mode pass, the "
            "mean of batch means and the root of the mean unbiased batch variance (l.17-29, 80-99); the averaged "
            "network in one train-mode pass through ResetLayers normalizing each batch to the targets, its "
@@ -83,9 +80,8 @@ OPTIONS = {o.name: o for o in (
            "with train_dset_out = [train_dset_noaug]: data/data.py:22, the training transform with re=0)",
            "the baselines' REPAIRed soups of Tables 1, 2 and 6-9 (not Table 5: papa similarity REPAIRs on "
            "its own data)"),
-    Option("alignment_target",
-           "averagings with align permute every member (and its optimizer state) to member 0 before REPAIR's moments "
-           "are measured and the members mixed",
+    Option("alignment_target", "averagings with align permute every member (and its optimizer state) to member 0 "
+           "before REPAIR's moments are measured and the members mixed",
            "PAPA-2 and pair-75 pair by pair in the order of the children, the pair's second member aligned to its "
            "first and kept so for the later pairs, so permutations accumulate (recombine/permutations.py:47-52, "
            "save_model(model1, m1)); PAPA-all each member to the running soup in member order, the soup built from "
@@ -108,17 +104,15 @@ OPTIONS = {o.name: o for o in (
            "(models/combined.py:146-150). Table 1's fine-tuning numbers (88-92% on CIFAR-100) are those of full "
            "fine-tuning, which §5 says was done, so the paper configs keep `paper` for this option",
            "Table 1's fine-tuning rows"),
-    Option("similarity_members",
-           "Table 5 aligns every variant's members to member 0 and REPAIRs its average soup (similarity.align, "
-           "similarity.repair)",
+    Option("similarity_members", "Table 5 aligns every variant's members to member 0 and REPAIRs its average soup "
+           "(similarity.align, similarity.repair)",
            "only the baseline's: the scripts ran --permutation True --repair_soup True for the baseline alone "
            "(scripts/paper_experiments.sh:153), PAPA-all and PAPA-2 unaligned with plain soups (:155, :157), and "
            "cossim measures the members and soup each run ends with (main.py:408-412, models/combined.py:153-179)",
            "Table 5"),
-    Option("elitism",
-           "the genetic ablations' elitism: the REPAIRed children are scored unmutated with the parents; then every "
-           "survivor (a surviving parent by its identity row) is mixed again, REPAIRed on its own augmented "
-           "batches and mutated",
+    Option("elitism", "the genetic ablations' elitism: the REPAIRed children are scored unmutated with the parents; "
+           "then every survivor (a surviving parent by its identity row) is mixed again, REPAIRed on its own "
+           "augmented batches and mutated",
            "the REPAIRed children are mutated, then scored with unmutated copies of the parents, and the survivors "
            "replace the members as they are: no second mixing, REPAIR or mutation, a surviving parent untouched "
            "(main.py:313-337)",
@@ -133,14 +127,13 @@ def resolve(value: str | dict | None, where: str = "fidelity") -> dict[str, str]
     ``setting`` and every option's ``paper`` or ``authors``; a PapaError naming a value that is neither."""
     value = {"setting": value} if isinstance(value, str) or value is None else dict(value)
     setting = value.pop("setting", None) or "paper"
-    unknown = sorted(value.keys() - OPTIONS.keys())
-    if unknown:
+    if unknown := sorted(value.keys() - OPTIONS.keys()):
         raise PapaError(f"{where}: unknown option {', '.join(map(repr, unknown))} (expected setting or one of: "
                         f"{', '.join(OPTIONS)})")
     resolved = {"setting": setting, **{name: value.get(name) or setting for name in OPTIONS}}
-    bad = next(((k, v) for k, v in resolved.items() if v not in SETTINGS), None)
-    if bad is not None:
-        raise PapaError(f"{where}.{bad[0]}: {bad[1]!r} is not one of {', '.join(SETTINGS)}")
+    for key, v in resolved.items():
+        if v not in SETTINGS:
+            raise PapaError(f"{where}.{key}: {v!r} is not one of {', '.join(SETTINGS)}")
     return resolved
 
 

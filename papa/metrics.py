@@ -30,8 +30,7 @@ def scores(logits: Tensor, labels: Tensor) -> tuple[float, float]:
 
 
 def summary(accuracies) -> dict[str, float]:
-    """``mean``, ``min``, ``max`` and ``std`` of the members' accuracies, as metrics.json reports them: the std
-    is the population standard deviation (ddof = 0, the members are the whole population), not the sample one."""
+    """The members' accuracies' mean, min, max and std; the std with ddof = 0 (the members are the population)."""
     acc = torch.as_tensor(list(accuracies), dtype=torch.float64)
     return {"mean": acc.mean().item(), "min": acc.min().item(), "max": acc.max().item(),
             "std": acc.std(correction=0).item()}

@@ -26,8 +26,7 @@ def pixel_accuracy(conf: Tensor) -> float:
 
 
 def f1_scores(conf: Tensor) -> Tensor:
-    """Per-class F1 in percent, 2 TP / (2 TP + FP + FN) (float64); 0 for a class neither present nor
-    predicted (scikit-learn's zero_division=0)."""
+    """Per-class F1 in percent (float64), 2 TP / (2 TP + FP + FN); 0 for a class neither present nor predicted."""
     c = conf.double()
     tp = c.diag()
     denominator = c.sum(0) + c.sum(1)  # (TP + FP) + (TP + FN)
@@ -45,7 +44,6 @@ def tile_confusions(fns: Sequence[Callable[[Tensor], Tensor]], data: TileDataset
                     ensemble: bool = False) -> tuple[list[Tensor], list[float]]:
     """Each ``fn``'s confusion matrix and mean per-pixel cross-entropy over the tiles ``indices`` (default all);
     with ``ensemble`` the logit-average ensemble of the fns comes last."""
-    device = torch.device(device)
     tiles = range(len(data)) if indices is None else [int(i) for i in indices]
     k, n = data.num_classes, len(fns) + int(ensemble)
     confs = [torch.zeros(k, k, dtype=torch.int64) for _ in range(n)]

@@ -26,11 +26,6 @@ def scale_config(config: dict) -> dict:
     return config
 
 
-def _rescale(value: int, full: int, smoke: int) -> int:
-    """A period of ``value`` of ``full`` epochs in a run of ``smoke``: proportional, at least 1 (0, never, stays 0)."""
-    return 0 if value == 0 else max(1, round(value * smoke / full))
-
-
 def _steps_per_epoch(exp: dict, patches: bool) -> int:
     """Training steps per epoch at smoke scale (the validation split held out of the subset, as papa prepare
     does, and the incomplete last batch dropped, as the streams do)."""
@@ -44,19 +39,21 @@ def _timed(full: dict, epochs: int, steps: int) -> dict:
     """``full`` with its periods rescaled to ``epochs`` smoke epochs of ``steps`` steps."""
     exp = copy.deepcopy(full)
     total, t = full["train"]["epochs"], exp["train"]
+
+    def rescale(period: int | None) -> int | None:  # proportional, at least 1 (0 or None, never, stays)
+        return max(1, round(period * epochs / total)) if period else period
     t["epochs"] = epochs
-    t["freeze_epochs"] = _rescale(t["freeze_epochs"], total, epochs)
-    if t["schedule"]["restart_every"]:
-        t["schedule"]["restart_every"] = _rescale(t["schedule"]["restart_every"], total, epochs)
+    t["freeze_epochs"] = rescale(t["freeze_epochs"])
+    t["schedule"]["restart_every"] = rescale(t["schedule"]["restart_every"])
     if (swa := t["swa"]) is not None:
         if swa["start"] >= 1:
-            swa["start"] = _rescale(int(swa["start"]), total, epochs)
-        swa["anneal_epochs"] = _rescale(swa["anneal_epochs"], total, epochs)
+            swa["start"] = rescale(int(swa["start"]))
+        swa["anneal_epochs"] = rescale(swa["anneal_epochs"])
         if swa["bn_batches"] is not None:
             swa["bn_batches"] = min(swa["bn_batches"], steps)
     a = exp["averaging"]
     for variant in by_unit("epochs"):
-        a[variant]["every"] = _rescale(a[variant]["every"], total, epochs)
+        a[variant]["every"] = rescale(a[variant]["every"])
     for variant in by_unit("steps"):
         a[variant]["every"] = min(a[variant]["every"], steps)
     return exp
@@ -81,8 +78,7 @@ def events(exp: dict, steps: int | None) -> dict[str, str]:
                                                         f"the window {a['window']}")
     if 0 < t["freeze_epochs"] < epochs and not fidelity.authors(exp, "finetune_freeze"):  # the scripts never unfreeze
         found["unfreeze"] = f"train.freeze_epochs {t['freeze_epochs']} of {epochs}"
-    restart = t["schedule"]["restart_every"]
-    if restart and restart < epochs:
+    if (restart := t["schedule"]["restart_every"]) and restart < epochs:
         found["warm restart"] = f"train.schedule.restart_every {restart} of {epochs} epochs"
     if swa_start is not None and 0 < swa_start < epochs:
         found["SWA start"] = f"train.swa.start {t['swa']['start']} of {epochs} epochs"
@@ -101,8 +97,7 @@ def scale_experiment(full: dict, where: str = "experiment") -> dict:
     if patches:
         d["options"]["epoch_size"] = PATCH_STEPS * t["batch_size"]
         d["options"]["patch_size"] = min(d["options"].get("patch_size", default_patch), MAX_PATCH)
-    p = min(exp["population"]["size"], MAX_POPULATION)
-    exp["population"]["size"] = p
+    exp["population"]["size"] = p = min(exp["population"]["size"], MAX_POPULATION)
     if exp["augment"]["members"] is not None:
         exp["augment"]["members"] = exp["augment"]["members"][:p]
     for section in (*(exp["averaging"][v] for v in by_unit("epochs")), exp["soups"], exp["similarity"]):

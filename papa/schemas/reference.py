@@ -41,21 +41,16 @@ def _type(node: dict, root: dict) -> str:
     return text + (f" ({', '.join(bounds)})" if bounds else "")
 
 
-def _shared(properties: dict) -> list[tuple[list[str], dict]]:
-    """The properties as (names, schema) groups: siblings that refer to one shared definition (``$ref``)
-    form one group, written once as ``<definition>`` (``resources.<job>.threads``, not five times)."""
-    groups: dict[str, tuple[list[str], dict]] = {}
-    for name, child in properties.items():
-        ref = child.get("$ref") if set(child) == {"$ref"} else None
-        groups.setdefault(ref or f"\0{name}", ([], child))[0].append(name)
-    return list(groups.values())
-
-
 def rows(node: dict, root: dict, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
-    """(key, type, default, meaning) of every property under ``node``, depth first, in schema order."""
+    """(key, type, default, meaning) of every property under ``node``, depth first, in schema order; siblings that
+    refer to one shared definition (``$ref``) are one row, ``<definition>`` (``resources.<job>.threads``, not five)."""
     node = _resolve(node, root)
     required = set(node.get("required", []))
-    for names, child in _shared(node.get("properties", {})):
+    groups: dict[str, tuple[list[str], dict]] = {}  # (names, schema) by shared definition
+    for name, child in node.get("properties", {}).items():
+        ref = child.get("$ref") if set(child) == {"$ref"} else None
+        groups.setdefault(ref or f"\0{name}", ([], child))[0].append(name)
+    for names, child in groups.values():
         placeholder = child.get("$ref", "").rsplit("/", 1)[-1] if len(names) > 1 else ""
         child = _resolve(child, root)
         key = f"{prefix}<{placeholder}>" if placeholder else f"{prefix}{names[0]}"
@@ -65,18 +60,14 @@ def rows(node: dict, root: dict, prefix: str = "") -> Iterator[tuple[str, str, s
         if names[0] in required:
             meaning = f"*required*. {meaning}"
         yield f"`{key}`", _type(child, root), f"`{json.dumps(child['default'])}`" if "default" in child else "", meaning
-        yield from _nested(child, root, key)
+        if "properties" in child or isinstance(child.get("additionalProperties"), dict):
+            yield from rows(child, root, f"{key}.")
+        items = child.get("items")
+        if isinstance(items, dict) and "properties" in _resolve(items, root):
+            yield from rows(items, root, f"{key}[].")
     extra = node.get("additionalProperties")
     if isinstance(extra, dict) and ("properties" in extra or "$ref" in extra):
         yield from rows(extra, root, f"{prefix}<name>.")
-
-
-def _nested(node: dict, root: dict, key: str) -> Iterator[tuple[str, str, str, str]]:
-    if "properties" in node or isinstance(node.get("additionalProperties"), dict):
-        yield from rows(node, root, f"{key}.")
-    items = node.get("items")
-    if isinstance(items, dict) and "properties" in _resolve(items, root):
-        yield from rows(items, root, f"{key}[].")
 
 
 def undocumented(name: str) -> list[str]:
@@ -96,13 +87,8 @@ def reference() -> str:
     return "\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv:
-        write_text(argv[0], reference())
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        write_text(sys.argv[1], reference())
     else:
         sys.stdout.write(reference())
-
-
-if __name__ == "__main__":
-    main()
