@@ -1,5 +1,7 @@
 """VGG with BatchNorm for 32x32 CIFAR images: 3x3 convolutions, five max-pools, a 512-d feature."""
 
+from functools import partial
+
 from torch import Tensor, nn
 
 from papa.errors import PapaError
@@ -59,11 +61,5 @@ class VGG(nn.Module):
         return groups
 
 
-@register("vgg11_bn")
-def vgg11_bn(num_classes: int, in_channels: int = 3) -> VGG:
-    return VGG(CONFIGS["vgg11"], num_classes, in_channels)
-
-
-@register("vgg16_bn")
-def vgg16_bn(num_classes: int, in_channels: int = 3) -> VGG:
-    return VGG(CONFIGS["vgg16"], num_classes, in_channels)
+vgg11_bn = register("vgg11_bn")(partial(VGG, CONFIGS["vgg11"]))
+vgg16_bn = register("vgg16_bn")(partial(VGG, CONFIGS["vgg16"]))
