@@ -103,8 +103,7 @@ class _Layout:
 
     def unpack(self, buf: Tensor) -> dict[str, Tensor]:
         """Views of a (k, nbytes) buffer as stacked (k, ...) tensors."""
-        k = buf.shape[0]
-        return {name: buf[:, offset:offset + nbytes].view(dtype).view(k, *shape)
+        return {name: buf[:, offset:offset + nbytes].view(dtype).view(len(buf), *shape)
                 for name, dtype, shape, offset, nbytes in self.slots}
 
 

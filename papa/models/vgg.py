@@ -8,12 +8,6 @@ from papa.errors import PapaError
 from papa.models.permutation import UNSUPPORTED, GroupBuilder, PermGroup, Tap
 from papa.models.registry import register
 
-# output channels of each 3x3 convolution; "M" is a 2x2 max-pool
-CONFIGS = {
-    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-}
-
 
 class VGG(nn.Module):
     """``features`` is a flat Sequential of conv, BN, ReLU (and pools), as in torchvision, so every conv
@@ -61,5 +55,7 @@ class VGG(nn.Module):
         return groups
 
 
-vgg11_bn = register("vgg11_bn")(partial(VGG, CONFIGS["vgg11"]))
-vgg16_bn = register("vgg16_bn")(partial(VGG, CONFIGS["vgg16"]))
+# output channels of each 3x3 convolution; "M" is a 2x2 max-pool
+vgg11_bn = register("vgg11_bn")(partial(VGG, [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]))
+vgg16_bn = register("vgg16_bn")(partial(VGG, [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                                              512, 512, 512, "M"]))
