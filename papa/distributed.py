@@ -1,13 +1,10 @@
-"""Where a population's members live: all in this process (``Local``), or spread over the ranks of a
-torch.distributed job (``Distributed``, for `torchrun`), rank r holding the contiguous ``block(p, world_size,
-r)``. The averaging math is papa.averaging's either way; these classes supply its communication and gather
-scores, REPAIR moments and the final population, in tensors only (nothing is pickled): every member's mean is
-one all-reduce of per-dtype flat sums (float64 for integer buffers); the members a mixing matrix's rows read
-(PAPA-2, Table 14; the matrix is the same on every rank) go point to point as one bit-exact byte buffer per
-peer; everything else is padded to the largest block and gathered.
-"""
+"""Where a population's members live: all in this process (``Local``), or spread over the ranks of a torch.distributed
+job (``Distributed``, for `torchrun`), rank r holding the contiguous ``block(p, world_size, r)``. The averaging math
+is papa.averaging's either way; these classes supply its communication and gather scores, REPAIR moments and the
+final population, as tensors, never pickled: every member's mean is one all-reduce of per-dtype flat sums (float64
+for integer buffers); the members a mixing matrix's rows read (PAPA-2, Table 14; the matrix is the same on every
+rank) go point to point as one bit-exact byte buffer per peer; the rest is padded to the largest block and gathered."""
 
-import math
 import os
 from collections.abc import Callable
 from typing import Self
@@ -92,23 +89,21 @@ class _Layout:
         for name, t in pop.tensors():
             nbytes = t[0].numel() * t.element_size()
             self.slots.append((name, t.dtype, t.shape[1:], offset, nbytes))
-            offset += math.ceil(nbytes / _ALIGN) * _ALIGN
+            offset += nbytes + -nbytes % _ALIGN
         self.nbytes = max(offset, _ALIGN)
 
     def pack(self, pop: Population, local: list[int], rows: int | None = None) -> Tensor:
         """Members ``local`` (positions in ``pop``) as a (rows, nbytes) uint8 buffer (zero padded)."""
         buf = torch.zeros(rows or len(local), self.nbytes, dtype=torch.uint8, device=pop.device)
-        if local:
-            idx = torch.tensor(local, device=pop.device)
-            for (*_, offset, nbytes), (_, t) in zip(self.slots, pop.tensors(), strict=True):
-                flat = t.index_select(0, idx).reshape(len(local), -1)
-                buf[: len(local), offset:offset + nbytes] = flat.view(torch.uint8)
+        idx = torch.tensor(local, device=pop.device)
+        for (*_, offset, nbytes), (_, t) in zip(self.slots, pop.tensors(), strict=True):
+            flat = t.index_select(0, idx).reshape(len(local), -1)
+            buf[: len(local), offset:offset + nbytes] = flat.view(torch.uint8)
         return buf
 
     def unpack(self, buf: Tensor) -> dict[str, Tensor]:
         """Views of a (k, nbytes) buffer as stacked (k, ...) tensors."""
-        k = buf.shape[0]
-        return {name: buf[:, offset:offset + nbytes].view(dtype).view(k, *shape)
+        return {name: buf[:, offset:offset + nbytes].view(dtype).view(len(buf), *shape)
                 for name, dtype, shape, offset, nbytes in self.slots}
 
 
@@ -119,12 +114,11 @@ class Distributed:
     def __init__(self, p: int, device: torch.device):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         _check_world(self.world_size, p)
-        self.p, self.is_main = p, self.rank == 0
+        self.p, self.is_main, self.device = p, self.rank == 0, torch.device(device)
         self.blocks = [block(p, self.world_size, r) for r in range(self.world_size)]
         self.members = self.blocks[self.rank]
         self.owner = [r for r, b in enumerate(self.blocks) for _ in b]
         self.most = max(len(b) for b in self.blocks)  # rows of every padded gather
-        self.device = torch.device(device)
         nccl = dist.get_backend() == "nccl"
         self.comm_device = self.device if nccl else torch.device("cpu")
         # scalar control messages are CPU tensors: through this gloo group under NCCL, else the default one
@@ -152,17 +146,14 @@ class Distributed:
         return cls(p, dev)
 
     def means(self, pop: Population) -> dict[str, Tensor]:
-        groups: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
-        for name, t in pop.tensors():
-            s = for_averaging(t).sum(0)
-            groups.setdefault(s.dtype, []).append((name, s))
+        sums = {name: for_averaging(t).sum(0) for name, t in pop.tensors()}
         means = {}
-        for sums in groups.values():
-            flat = torch.cat([s.flatten() for _, s in sums]).to(self.comm_device)
+        for dtype in dict.fromkeys(s.dtype for s in sums.values()):
+            names = [name for name, s in sums.items() if s.dtype == dtype]
+            flat = torch.cat([sums[name].flatten() for name in names]).to(self.comm_device)
             dist.all_reduce(flat)
-            flat = flat.to(pop.device).div_(self.p)
-            for (name, s), m in zip(sums, flat.split([s.numel() for _, s in sums]), strict=True):
-                means[name] = m.view_as(s)
+            parts = flat.to(pop.device).div_(self.p).split([sums[name].numel() for name in names])
+            means.update({name: m.view_as(sums[name]) for name, m in zip(names, parts, strict=True)})
         return means
 
     def _needs(self, matrix: Tensor, rank: int) -> list[int]:
@@ -171,7 +162,7 @@ class Distributed:
 
     @torch.no_grad()
     def sources(self, pop: Population, matrix: Tensor) -> tuple[Tensor, Callable[[str], Tensor]]:
-        layout, start = _Layout(pop), self.members[0]
+        layout, start, held = _Layout(pop), self.members[0], pop.state_dict()
         needs = self._needs(matrix, self.rank)
         ops, received = [], []
         for peer in range(self.world_size):
@@ -186,17 +177,11 @@ class Distributed:
         if ops:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
-        remote = {}  # global id -> that member's tensors
+        rows = {j: (held, j - start) for j in needs if self.owner[j] == self.rank}  # global id -> (tensors, row)
         for take, buf in received:
             views = layout.unpack(buf.to(pop.device))
-            remote.update({j: {name: v[i] for name, v in views.items()} for i, j in enumerate(take)})
-        held = pop.state_dict()
-
-        def source(name: str) -> Tensor:
-            return torch.stack([held[name][j - start] if self.owner[j] == self.rank else remote[j][name]
-                                for j in needs])
-
-        return matrix[self.members][:, needs], source
+            rows.update({j: (views, i) for i, j in enumerate(take)})
+        return matrix[self.members][:, needs], lambda name: torch.stack([t[name][i] for t, i in map(rows.get, needs)])
 
     def _all_gather_rows(self, rows: Tensor, group=None) -> list[Tensor]:
         """Each rank's (held members, ...) tensor, padded to the largest block for the collective."""
@@ -208,21 +193,17 @@ class Distributed:
 
     def all_moments(self, local: list) -> list:
         names = list(local[0])
-        shapes = [local[0][n][0].shape for n in names]
-        home = local[0][names[0]][0].device
+        shapes = [local[0][n][0].shape for n in names]  # of each layer's mean and std, sent in turn as float64
         flat = torch.stack([torch.cat([x.flatten().double() for n in names for x in moments[n]])
                             for moments in local])
-        out = []
-        for rows in self._all_gather_rows(flat.to(self.comm_device)):
-            for row in rows.to(home):
-                parts = iter(row.split([s.numel() for s in shapes for _ in range(2)]))
-                out.append({n: (next(parts).view(s), next(parts).view(s)) for n, s in zip(names, shapes, strict=True)})
-        return out
+        rows = torch.cat(self._all_gather_rows(flat.to(self.comm_device))).to(local[0][names[0]][0].device)
+        sizes = [2 * s.numel() for s in shapes]
+        return [{n: part.view(2, *s).unbind() for n, s, part in zip(names, shapes, row.split(sizes), strict=True)}
+                for row in rows]
 
     def gather_scores(self, local: list[tuple[float, float]]) -> list[tuple[float, float]]:
         rows = torch.tensor(local, dtype=torch.float64).view(len(local), 2)  # float64: exact
-        gathered = self._all_gather_rows(rows, group=self.control)
-        return [(float(a), float(b)) for rows in gathered for a, b in rows.cpu().tolist()]
+        return [tuple(row) for row in torch.cat(self._all_gather_rows(rows, group=self.control)).tolist()]
 
     @torch.no_grad()
     def gather_state(self, pop: Population) -> dict[str, Tensor] | None:

@@ -21,9 +21,8 @@ def available_models() -> list[str]:
     return sorted(MODELS)
 
 
-def _timm_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+def _timm_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
     import timm  # here: timm (with torchvision) adds seconds to every CLI start that never uses it
-
     if not timm.is_model(name):  # checked up front: timm's own error is a RuntimeError that looks like a crash
         raise PapaError(f"unknown timm model {name!r} (see timm.list_models())")
     try:
@@ -32,16 +31,12 @@ def _timm_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> 
         raise PapaError(f"timm model {name!r}: {err}") from None
 
 
-def create_model(
-    name: str, num_classes: int, in_channels: int = 3, pretrained: str | Path | None = None, fake_ok: bool = False,
-    **kwargs
-) -> nn.Module:
-    """Build model ``name`` giving logits of shape (N, num_classes) for ``in_channels``-channel images.
-
-    ``kwargs`` go to the architecture (e.g. ``width`` for ``digits_cnn``); ``pretrained``: warm-start from a local
-    safetensors file or, with ``timm``, the local Hugging Face hub cache (``load_pretrained``; ``fake_ok``: no
-    warning for ``papa fake-data`` weights, at smoke scale). Bad names, arguments or weights raise ``PapaError``.
-    """
+def create_model(name: str, num_classes: int, in_channels: int = 3, pretrained: str | Path | None = None,
+                 fake_ok: bool = False, **kwargs) -> nn.Module:
+    """Build model ``name`` giving logits of shape (N, num_classes) for ``in_channels``-channel images. ``kwargs``
+    go to the architecture (e.g. ``width`` for ``digits_cnn``); ``pretrained``: warm-start from a local safetensors
+    file or, with ``timm``, the local Hugging Face hub cache (``load_pretrained``; ``fake_ok``: no warning for
+    ``papa fake-data`` weights, at smoke scale). Bad names, arguments or weights raise ``PapaError``."""
     timm_name = name.removeprefix(TIMM_PREFIX) if name.startswith(TIMM_PREFIX) else None
     if timm_name is not None:
         model = _timm_model(timm_name, num_classes, in_channels, **kwargs)

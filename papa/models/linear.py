@@ -5,17 +5,13 @@ from torch import Tensor, nn
 from papa.models.registry import register
 
 
+@register("logreg")
 class LogisticRegression(nn.Module):
     """Flatten the image, then one linear layer giving the logits (softmax lives in the loss)."""
 
-    def __init__(self, num_classes: int, in_features: int):
+    def __init__(self, num_classes: int, in_channels: int = 1, image_size: int = 8):
         super().__init__()
-        self.linear = nn.Linear(in_features, num_classes)
+        self.linear = nn.Linear(in_channels * image_size**2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x.flatten(1))
-
-
-@register("logreg")
-def logreg(num_classes: int, in_channels: int = 1, image_size: int = 8) -> LogisticRegression:
-    return LogisticRegression(num_classes, in_channels * image_size**2)

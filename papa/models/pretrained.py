@@ -15,6 +15,7 @@ from papa.errors import PapaError
 TIMM_CACHE = "timm"  # the model.pretrained value for the hub cache
 HUB_FILE = "model.safetensors"
 FAKE_KEY = "papa_fake"  # safetensors metadata key marking the random weights `papa fake-data` writes
+_warned: set[Path] = set()  # the files warn_if_fake warned about
 
 
 def head_keys(model: nn.Module, kind: str = "state") -> list[str]:
@@ -41,14 +42,12 @@ def _hub_cache() -> Path:  # as huggingface_hub finds it, read when needed
 def timm_pretrained_cfg(name: str):
     """timm's pretrained config of ``name`` (``arch`` or ``arch.tag``), or None when it has none."""
     from timm.models import get_pretrained_cfg
-
     return get_pretrained_cfg(name)
 
 
 def cached_timm_weights(name: str) -> Path:
     """The cached ``model.safetensors`` of timm model ``name``; PapaError naming what was looked for."""
     from huggingface_hub import try_to_load_from_cache
-
     repo = getattr(timm_pretrained_cfg(name), "hf_hub_id", None)
     if not repo:
         raise PapaError(f"model.pretrained: timm: timm/{name} has no Hugging Face hub weights; export weights to a "
@@ -62,20 +61,15 @@ def cached_timm_weights(name: str) -> Path:
     return Path(found)
 
 
-_warned: set[Path] = set()
-
-
 def warn_if_fake(path: Path, fake_ok: bool) -> None:
-    """One warning per process and file on stderr when ``path`` holds ``papa fake-data``'s random weights,
-    unless ``fake_ok`` (smoke scale)."""
+    """Warn once per process and file when ``path`` holds ``papa fake-data``'s random weights, unless ``fake_ok``."""
     if fake_ok or path in _warned:
         return
     with safe_open(path, "pt") as f:
-        fake = FAKE_KEY in (f.metadata() or {})
-    if fake:
-        _warned.add(path)
-        print(f"papa: warning: {path} holds random weights written by `papa fake-data`, not pretrained ones; "
-              "results are meaningless outside smoke scale (scale: smoke)", file=sys.stderr)
+        if FAKE_KEY in (f.metadata() or {}):
+            _warned.add(path)
+            print(f"papa: warning: {path} holds random weights written by `papa fake-data`, not pretrained ones; "
+                  "results are meaningless outside smoke scale (scale: smoke)", file=sys.stderr)
 
 
 def load_pretrained(model: nn.Module, source: str | Path, timm_name: str | None = None,

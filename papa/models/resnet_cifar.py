@@ -37,11 +37,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU()
         self.downsample = None
-        if (stride != 1 or in_planes != planes) and shortcut == "zero-pad":
-            self.downsample = ZeroPadShortcut(in_planes, planes, stride)
-        elif stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(planes))
+        if stride != 1 or in_planes != planes:
+            self.downsample = ZeroPadShortcut(in_planes, planes, stride) if shortcut == "zero-pad" else nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))

@@ -1,16 +1,12 @@
 """VGG with BatchNorm for 32x32 CIFAR images: 3x3 convolutions, five max-pools, a 512-d feature."""
 
+from functools import partial
+
 from torch import Tensor, nn
 
 from papa.errors import PapaError
 from papa.models.permutation import UNSUPPORTED, GroupBuilder, PermGroup, Tap
 from papa.models.registry import register
-
-# output channels of each 3x3 convolution; "M" is a 2x2 max-pool
-CONFIGS = {
-    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-}
 
 
 class VGG(nn.Module):
@@ -59,11 +55,7 @@ class VGG(nn.Module):
         return groups
 
 
-@register("vgg11_bn")
-def vgg11_bn(num_classes: int, in_channels: int = 3) -> VGG:
-    return VGG(CONFIGS["vgg11"], num_classes, in_channels)
-
-
-@register("vgg16_bn")
-def vgg16_bn(num_classes: int, in_channels: int = 3) -> VGG:
-    return VGG(CONFIGS["vgg16"], num_classes, in_channels)
+# output channels of each 3x3 convolution; "M" is a 2x2 max-pool
+vgg11_bn = register("vgg11_bn")(partial(VGG, [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]))
+vgg16_bn = register("vgg16_bn")(partial(VGG, [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                                              512, 512, 512, "M"]))
