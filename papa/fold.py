@@ -36,9 +36,7 @@ def _tensors(out) -> list[Tensor]:
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
-    if isinstance(out, list | tuple):
-        return [t for o in out for t in _tensors(o)]
-    return []
+    return [t for o in out for t in _tensors(o)] if isinstance(out, list | tuple) else []
 
 
 def _readers(roots: list[Tensor]) -> Counter:
@@ -47,13 +45,11 @@ def _readers(roots: list[Tensor]) -> Counter:
     readers: Counter = Counter(t.grad_fn for t in roots if t.grad_fn is not None)
     stack, seen = list(readers), set()
     while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        children = [child for child, _ in node.next_functions if child is not None]
-        readers.update(children)
-        stack += children
+        if (node := stack.pop()) not in seen:
+            seen.add(node)
+            children = [child for child, _ in node.next_functions if child is not None]
+            readers.update(children)
+            stack += children
     return readers
 
 
@@ -82,10 +78,9 @@ def batchnorm_feeds(model: nn.Module, x: Tensor) -> dict[str, list[str] | None]:
               for bn, xs in inputs.items()}
     found: dict[str, list[str] | None] = {}
     for name, ys in outputs.items():
-        layer = model.get_submodule(name)
         bns = sorted(bn for bn, sources in fed_by.items() if name in sources)
-        alone = all(sources == {name} for bn, sources in fed_by.items() if bn in bns)
-        each = all(y.grad_fn is not None and readers[y.grad_fn] == 1 and _channels_first(layer, y)
+        alone = all(fed_by[bn] == {name} for bn in bns)
+        each = all(y.grad_fn is not None and readers[y.grad_fn] == 1 and _channels_first(model.get_submodule(name), y)
                    and any(any(t is y for t in inputs[bn]) for bn in bns) for y in ys)
         found[name] = bns if bns and alone and each else None
     return found
@@ -134,10 +129,9 @@ def fold_biases(module: nn.Module, layers: list[str], x: Tensor) -> tuple[nn.Mod
             fold.kept.append(name)
             continue
         bias = layer.bias.detach().double()
-        for bn_name in bns:
-            bn = out.get_submodule(bn_name)
-            if bn.running_mean is not None:  # without running statistics a BatchNorm ignores any shift
-                bn.running_mean.copy_((bn.running_mean.double() - bias.to(bn.running_mean.device)).to(bn.running_mean))
+        for mean in (out.get_submodule(bn).running_mean for bn in bns):
+            if mean is not None:  # without running statistics a BatchNorm ignores any shift
+                mean.copy_((mean.double() - bias.to(mean.device)).to(mean))
         layer.bias = None
         fold.folded[name] = bns
     if fold.folded:
