@@ -75,8 +75,9 @@ def _check_weights(weights, p: int) -> Tensor:
 
 
 # layers ---------------------------------------------------------------------------------------------
-def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear | _ConvNd)
+LAYER_SETS = {"conv": (_ConvNd,), "conv+linear": (_ConvNd, nn.Linear)}
+"""``repair.layers``: the layers REPAIR rescales. ``conv`` is the authors' REPAIR (recombine/repair.py wraps
+Conv2d layers only); ``conv+linear`` also rescales hidden linear layers (transformer blocks, MLPs)."""
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _find_layers(model: nn.Module, x: Tensor) -> list[_Layer]:
     itself, every time it fires."""
     found: dict[str, _Layer] = {}
     pending: list[tuple[_Layer, Tensor]] = []
-    names = {m: n for n, m in model.named_modules() if _is_layer(m)}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, LAYER_SETS["conv+linear"])}
 
     def after(module: nn.Module, _, output):
         layer = found.setdefault(names[module], _Layer(names[module], module))
@@ -118,11 +119,6 @@ def _find_layers(model: nn.Module, x: Tensor) -> list[_Layer]:
         if not isinstance(layer.module.weight, nn.Parameter):
             raise ValueError(f"REPAIR cannot rescale {layer.name}: its weight is computed (parametrized)")
     return list(found.values())
-
-
-LAYER_SETS = {"conv": (_ConvNd,), "conv+linear": (_ConvNd, nn.Linear)}
-"""``repair.layers``: the layers REPAIR rescales. ``conv`` is the authors' REPAIR (recombine/repair.py wraps
-Conv2d layers only); ``conv+linear`` also rescales hidden linear layers (transformer blocks, MLPs)."""
 
 
 def _preactivations(pop: Population, xs: list, targets: list[Moments], kinds: str,
@@ -194,8 +190,7 @@ def _normalize(y: Tensor, dim: int, mean: Tensor, std: Tensor) -> Tensor:
 
 # passes over every member ----------------------------------------------------------------------
 class _Stop(BaseException):
-    """Ends a forward pass once the layer being repaired has fired; a BaseException, so that a model's own
-    ``except Exception`` does not swallow it."""
+    """Ends a pass once the layer being repaired has fired; a BaseException, which ``except Exception`` lets through."""
 
 
 def _tracking_bns(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -237,8 +232,7 @@ def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: 
     def member(params, bufs, x, goals_j):
         # under vmap the hooks see one member's output; the statistics leave vmap as the outputs
         fired.clear()
-        goal.clear()
-        goal.update(goals_j)
+        goal.update(goals_j)  # every key: each call's goals are those of the same layers
         with contextlib.suppress(_Stop):
             functional_call(template, {**params, **bufs}, (x,))
         return [(mean, m2) for _, _, mean, m2 in fired]
@@ -344,7 +338,7 @@ def member_moments(pop: Population, batches: Batches, iters: int = 5, seed: int 
     members = list(range(pop.size)) if members is None else list(members)
     xs = _data(batches, members, iters, seed, pop.device, stacked)
     buffers = {n: b.clone() for n, b in pop.buffers.items()}
-    layers = [n for n, m in pop.template.named_modules() if _is_layer(m)]
+    layers = [n for n, m in pop.template.named_modules() if isinstance(m, LAYER_SETS["conv+linear"])]
     authors = fusion == "authors"
     if authors:
         _clear_batchnorm_(pop, buffers)
@@ -382,11 +376,10 @@ def _scale_outputs_(m: nn.Module, w: Tensor, scale: Tensor) -> None:
 def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stacked: bool, add_biases: bool,
              kinds: str) -> None:
     """Repair every member i in place toward ``targets[i]``: y <- s (y - mean) + target mean, s = target std / std,
-    layer by layer in forward order, each layer measured in eval mode after the layers before it are rescaled and
-    the BatchNorm statistics rebuilt on them, so its moments match the targets exactly (Algorithm 4's train-mode
-    pass, ``_repair_authors_``, leaves residual error). A bias-free layer that feeds a BatchNorm is only rescaled
-    (the rebuilt running mean absorbs its shift exactly); any other bias-free layer gets a bias with ``add_biases``
-    (a soup), and is left alone without (members keep their architecture and their optimizer's tensors)."""
+    layer by layer in forward order, each measured in eval mode after the layers before it are rescaled and the
+    BatchNorm statistics rebuilt, so its moments match the targets exactly (``_repair_authors_`` leaves residual
+    error). A bias-free layer feeding a BatchNorm is only rescaled (the rebuilt running mean absorbs its shift); any
+    other gets a bias with ``add_biases`` (a soup) and is left alone without (docs/decisions.md)."""
     layers = _preactivations(pop, xs, targets, kinds,
                              lambda layer: add_biases or layer.feeds_bn or f"{layer.name}.bias" in pop.params)
     for layer in layers:
