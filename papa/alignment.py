@@ -64,8 +64,7 @@ def _plus(sums: tuple | None, *new) -> tuple:
 
 
 def _correlation(ref: tuple, cross: tuple) -> Tensor:
-    """corr[i, j] between reference unit i and model unit j, from the sums (n, a, a^2) and (ab, b, b^2) over n
-    samples; 0 where either unit is constant."""
+    """corr[i, j] of reference unit i and model unit j from the sums (n, a, aa), (ab, b, bb); 0 for a constant unit."""
     (n, sa, saa), (sab, sb, sbb) = ref, cross
     mean_a, mean_b = sa / n, sb / n
     std_a = (saa / n - mean_a**2).clamp_min(0).sqrt()
@@ -121,7 +120,6 @@ def correlations(reference: nn.Module, models: Sequence[nn.Module], batches: Bat
 
 def _assign(corr: Tensor) -> Tensor:
     from scipy.optimize import linear_sum_assignment
-
     rows, cols = linear_sum_assignment(corr.cpu().numpy(), maximize=True)
     return torch.as_tensor(cols, dtype=torch.long)[torch.as_tensor(rows).argsort()]
 

@@ -6,6 +6,7 @@ BN(y; mu - b) exactly in eval mode, and in train mode too (the batch mean absorb
 stays exactly b below, at any momentum); the folded network loads into the stock architecture with ``strict=True``.
 """
 
+import contextlib
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
@@ -101,23 +102,12 @@ def agrees(model: nn.Module, reference: nn.Module, x: Tensor, tol: float = TOLER
     return diff <= tol * max(1.0, float(b.abs().max())), diff
 
 
-def _agrees_in_float64(model: nn.Module, reference: nn.Module, x: Tensor) -> tuple[bool, float]:
-    """``agrees``, and where float32 rounding alone could explain a difference, ``agrees`` of float64 copies (the
-    folded running means stay rounded to their stored precision)."""
-    found = agrees(model, reference, x)
-    if found[0] or x.dtype == torch.float64:
-        return found
-    try:
-        return agrees(copy.deepcopy(model).double(), copy.deepcopy(reference).double(), x.double())
-    except (RuntimeError, TypeError):  # a model that cannot run in float64
-        return found
-
-
 @torch.no_grad()
 def fold_biases(module: nn.Module, layers: list[str], x: Tensor) -> tuple[nn.Module, Fold]:
     """A copy of ``module`` without the biases of ``layers`` (REPAIR's), each folded into the running mean of the
     BatchNorms its output alone feeds (``batchnorm_feeds``); a bias that cannot be folded is kept. Should the copy's
-    outputs on ``x`` differ from ``module``'s (``_agrees_in_float64``), every bias is kept, ``Fold.note`` saying why."""
+    outputs on ``x`` differ from ``module``'s (``agrees``, in float64 too where float32 rounding alone could explain
+    it), every bias is kept, ``Fold.note`` saying why."""
     feeds = batchnorm_feeds(module, x) if layers else {}
     order = {name: k for k, name in enumerate(feeds)}
     layers = sorted(layers, key=lambda n: (order.get(n, len(order)), n))
@@ -135,7 +125,10 @@ def fold_biases(module: nn.Module, layers: list[str], x: Tensor) -> tuple[nn.Mod
         layer.bias = None
         fold.folded[name] = bns
     if fold.folded:
-        same, diff = _agrees_in_float64(out, module, x)
+        same, diff = agrees(out, module, x)
+        if not same and x.dtype != torch.float64:  # float64 copies (the folded running means stay rounded)
+            with contextlib.suppress(RuntimeError, TypeError):  # a model that cannot run in float64 keeps the answer
+                same, diff = agrees(copy.deepcopy(out).double(), copy.deepcopy(module).double(), x.double())
         if not same:
             return copy.deepcopy(module), Fold(kept=layers, note=f"folding changed the outputs (by up to {diff:.3g} "
                                                 "on a probe input); every bias kept")

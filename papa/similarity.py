@@ -81,8 +81,7 @@ def population_similarity(pop: Population, batches: Batches, align: bool = True,
     between a member and the average soup (``NETWORK_AND_SOUP``), over every pair of members and every member
     (``"all"``), or members 0 and 1 and member 0 (``"first-two"``, the authors' correlation_est: models/combined.py
     ``cossim``). With ``align``, members are first aligned to member 0 on ``batches``; with ``repair``, the soup is
-    REPAIRed (``repair_iters`` batches, ``layers``, ``fusion``). Measured on ``measure_batches`` (default:
-    ``batches``)."""
+    REPAIRed on them. Measured on ``measure_batches`` (default: ``batches``)."""
     if pop.size < 2:
         raise ValueError("feature similarity needs a population of at least 2 members")
     batches = reusable(batches)
