@@ -25,7 +25,11 @@ def permutation_spec(model: nn.Module) -> list[PermGroup]:
 
 
 # applying permutations ----------------------------------------------------------------------------
-def _check_perms(spec: list[PermGroup], perms: dict[str, Tensor]) -> None:
+@torch.no_grad()
+def permute(model: nn.Module, perms: dict[str, Tensor]) -> nn.Module:
+    """A copy of ``model`` (the same function) with group ``name``'s channel ``i`` taken from channel
+    ``perms[name][i]`` in every tensor the group indexes."""
+    spec = permutation_spec(model)
     names = {g.name for g in spec}
     if perms.keys() != names:
         raise ValueError(f"permutations for {sorted(perms)[:3]}... do not match the groups {sorted(names)[:3]}...")
@@ -33,14 +37,6 @@ def _check_perms(spec: list[PermGroup], perms: dict[str, Tensor]) -> None:
         p = perms[g.name]
         if p.shape != (g.size,) or not torch.equal(p.sort().values.cpu(), torch.arange(g.size)):
             raise ValueError(f"{g.name}: not a permutation of {g.size} channels")
-
-
-@torch.no_grad()
-def permute(model: nn.Module, perms: dict[str, Tensor]) -> nn.Module:
-    """A copy of ``model`` (the same function) with group ``name``'s channel ``i`` taken from channel
-    ``perms[name][i]`` in every tensor the group indexes."""
-    spec = permutation_spec(model)
-    _check_perms(spec, perms)
     out = copy.deepcopy(model)  # its state_dict shares storage with its tensors: permuted as a population of one
     permute_stacked_({name: t.unsqueeze(0) for name, t in out.state_dict().items()}, spec, {0: perms})
     return out
@@ -62,20 +58,14 @@ def _units(y: Tensor) -> Tensor:
     return y.detach().transpose(0, 1).reshape(y.shape[1], -1).double()
 
 
-class _Sums:
-    """Running sums of per-batch statistics (float64) over ``n`` samples."""
-
-    def __init__(self):
-        self.n, self.sums = 0, None
-
-    def add(self, n: int, *sums: Tensor) -> None:
-        self.sums = sums if self.sums is None else tuple(s + t for s, t in zip(self.sums, sums, strict=True))
-        self.n += n
+def _plus(sums: tuple | None, *new) -> tuple:
+    """Running sums of per-batch statistics: ``new`` added to ``sums`` (None before the first batch)."""
+    return new if sums is None else tuple(s + t for s, t in zip(sums, new, strict=True))
 
 
-def _correlation(ref: _Sums, cross: _Sums) -> Tensor:
-    """corr[i, j] between reference unit i and model unit j; 0 where either unit is constant."""
-    (sa, saa), (sab, sb, sbb), n = ref.sums, cross.sums, ref.n
+def _correlation(ref: tuple, cross: tuple) -> Tensor:
+    """corr[i, j] of reference unit i and model unit j from the sums (n, a, aa), (ab, b, bb); 0 for a constant unit."""
+    (n, sa, saa), (sab, sb, sbb) = ref, cross
     mean_a, mean_b = sa / n, sb / n
     std_a = (saa / n - mean_a**2).clamp_min(0).sqrt()
     std_b = (sbb / n - mean_b**2).clamp_min(0).sqrt()
@@ -90,25 +80,23 @@ def _hooks(model: nn.Module, taps: list[Tap], on_output: Callable[[int, Tensor],
 
 
 @torch.no_grad()
-def correlations(
-    reference: nn.Module, models: Sequence[nn.Module], batches: Batches, seed: int = 666
-) -> list[dict[str, Tensor]]:
+def correlations(reference: nn.Module, models: Sequence[nn.Module], batches: Batches,
+                 seed: int = 666) -> list[dict[str, Tensor]]:
     """For each of ``models``, every group's (reference units x model units) correlation matrix, summed over
     the group's taps, from one eval-mode pass over ``batches`` (the reference runs once per batch)."""
     spec = permutation_spec(reference)
-    for m in models:
-        # names and sizes only: a REPAIRed soup has conv biases that its members lack
-        if [(g.name, g.size) for g in permutation_spec(m)] != [(g.name, g.size) for g in spec]:
-            raise PapaError("cannot align networks of different architectures")
+    groups = [(g.name, g.size) for g in spec]  # names and sizes only: a REPAIRed soup has conv biases its members lack
+    if any([(g.name, g.size) for g in permutation_spec(m)] != groups for m in models):
+        raise PapaError("cannot align networks of different architectures")
     taps = sorted({t for g in spec for t in g.taps}, key=lambda t: (t.module, t.relu))
     index = {t: k for k, t in enumerate(taps)}
-    ref_moments = [_Sums() for _ in taps]
-    cross = [[_Sums() for _ in taps] for _ in models]
+    ref_sums: list[tuple | None] = [None] * len(taps)
+    cross: list[list[tuple | None]] = [[None] * len(taps) for _ in models]
     ref_units: dict[int, Tensor] = {}
 
     def keep(k: int, y: Tensor) -> None:
         a = ref_units[k] = _units(y)
-        ref_moments[k].add(a.shape[1], a.sum(1), (a * a).sum(1))
+        ref_sums[k] = _plus(ref_sums[k], a.shape[1], a.sum(1), (a * a).sum(1))
 
     batches_seen = 0
     with eval_mode(reference, *models):
@@ -118,7 +106,7 @@ def correlations(
             for j, m in enumerate(models):
                 def accumulate(k: int, y: Tensor, j: int = j) -> None:
                     b = _units(y).to(ref_units[k].device)
-                    cross[j][k].add(b.shape[1], ref_units[k] @ b.T, b.sum(1), (b * b).sum(1))
+                    cross[j][k] = _plus(cross[j][k], ref_units[k] @ b.T, b.sum(1), (b * b).sum(1))
 
                 with hooked(_hooks(m, taps, accumulate)):
                     m(x.to(device_of(m)))
@@ -126,20 +114,18 @@ def correlations(
             batches_seen += 1
     if batches_seen == 0:
         raise ValueError("permutation alignment got no batches")
-    return [{g.name: sum(_correlation(ref_moments[index[t]], per_tap[index[t]]) for t in g.taps) for g in spec}
+    return [{g.name: sum(_correlation(ref_sums[index[t]], per_tap[index[t]]) for t in g.taps) for g in spec}
             for per_tap in cross]
 
 
 def _assign(corr: Tensor) -> Tensor:
     from scipy.optimize import linear_sum_assignment
-
     rows, cols = linear_sum_assignment(corr.cpu().numpy(), maximize=True)
     return torch.as_tensor(cols, dtype=torch.long)[torch.as_tensor(rows).argsort()]
 
 
-def match_many(
-    reference: nn.Module, models: Sequence[nn.Module], batches: Batches, seed: int = 666
-) -> list[dict[str, Tensor]]:
+def match_many(reference: nn.Module, models: Sequence[nn.Module], batches: Batches,
+               seed: int = 666) -> list[dict[str, Tensor]]:
     """``match`` for several models against one reference, in one pass over the data."""
     return [{name: _assign(c) for name, c in corr.items()} for corr in correlations(reference, models, batches, seed)]
 
@@ -170,8 +156,7 @@ def permute_stacked_(stacked: dict[str, Tensor], spec: list[PermGroup], perms: d
     for j, member_perms in perms.items():
         for g in spec:
             for name, axis in g.axes:
-                t = stacked.get(name)
-                if t is not None:
+                if (t := stacked.get(name)) is not None:
                     t[j].copy_(t[j].index_select(axis, member_perms[g.name].to(t.device)))
 
 
@@ -180,9 +165,8 @@ ALIGN_TARGETS = ("member", "running-soup")
 uniform average of the members aligned before it, the reference first and the others in index order."""
 
 
-def running_soup_permutations(
-    pop: Population, batches: Batches, order: Sequence[int] | None = None, seed: int = 666
-) -> dict[int, dict[str, Tensor]]:
+def running_soup_permutations(pop: Population, batches: Batches, order: Sequence[int] | None = None,
+                              seed: int = 666) -> dict[int, dict[str, Tensor]]:
     """The permutations aligning each member to the running soup (the authors' PAPA-all, models/combined.py:232-255):
     ``order[0]`` (default member 0) is kept, each next member matched to the uniform average of those before it in
     ``order``, as aligned."""
@@ -200,10 +184,9 @@ def running_soup_permutations(
     return perms
 
 
-def align_members_(
-    pop: Population, batches: Batches, reference: int = 0, seed: int = 666,
-    companions: Sequence[dict[str, Tensor]] = (), target: str = "member",
-) -> dict[int, dict[str, Tensor]]:
+def align_members_(pop: Population, batches: Batches, reference: int = 0, seed: int = 666,
+                   companions: Sequence[dict[str, Tensor]] = (),
+                   target: str = "member") -> dict[int, dict[str, Tensor]]:
     """``align_population`` in place, aligning to ``target`` (``ALIGN_TARGETS``). ``companions`` are further stacked
     tensors indexed like the members' parameters (an optimizer's momentum), permuted alike so that training goes on
     as if nothing happened. Returns the permutations applied, by member."""

@@ -6,6 +6,7 @@ BN(y; mu - b) exactly in eval mode, and in train mode too (the batch mean absorb
 stays exactly b below, at any momentum); the folded network loads into the stock architecture with ``strict=True``.
 """
 
+import contextlib
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,9 +37,7 @@ def _tensors(out) -> list[Tensor]:
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
-    if isinstance(out, list | tuple):
-        return [t for o in out for t in _tensors(o)]
-    return []
+    return [t for o in out for t in _tensors(o)] if isinstance(out, list | tuple) else []
 
 
 def _readers(roots: list[Tensor]) -> Counter:
@@ -47,13 +46,11 @@ def _readers(roots: list[Tensor]) -> Counter:
     readers: Counter = Counter(t.grad_fn for t in roots if t.grad_fn is not None)
     stack, seen = list(readers), set()
     while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        children = [child for child, _ in node.next_functions if child is not None]
-        readers.update(children)
-        stack += children
+        if (node := stack.pop()) not in seen:
+            seen.add(node)
+            children = [child for child, _ in node.next_functions if child is not None]
+            readers.update(children)
+            stack += children
     return readers
 
 
@@ -82,10 +79,9 @@ def batchnorm_feeds(model: nn.Module, x: Tensor) -> dict[str, list[str] | None]:
               for bn, xs in inputs.items()}
     found: dict[str, list[str] | None] = {}
     for name, ys in outputs.items():
-        layer = model.get_submodule(name)
         bns = sorted(bn for bn, sources in fed_by.items() if name in sources)
-        alone = all(sources == {name} for bn, sources in fed_by.items() if bn in bns)
-        each = all(y.grad_fn is not None and readers[y.grad_fn] == 1 and _channels_first(layer, y)
+        alone = all(fed_by[bn] == {name} for bn in bns)
+        each = all(y.grad_fn is not None and readers[y.grad_fn] == 1 and _channels_first(model.get_submodule(name), y)
                    and any(any(t is y for t in inputs[bn]) for bn in bns) for y in ys)
         found[name] = bns if bns and alone and each else None
     return found
@@ -106,23 +102,12 @@ def agrees(model: nn.Module, reference: nn.Module, x: Tensor, tol: float = TOLER
     return diff <= tol * max(1.0, float(b.abs().max())), diff
 
 
-def _agrees_in_float64(model: nn.Module, reference: nn.Module, x: Tensor) -> tuple[bool, float]:
-    """``agrees``, and where float32 rounding alone could explain a difference, ``agrees`` of float64 copies (the
-    folded running means stay rounded to their stored precision)."""
-    found = agrees(model, reference, x)
-    if found[0] or x.dtype == torch.float64:
-        return found
-    try:
-        return agrees(copy.deepcopy(model).double(), copy.deepcopy(reference).double(), x.double())
-    except (RuntimeError, TypeError):  # a model that cannot run in float64
-        return found
-
-
 @torch.no_grad()
 def fold_biases(module: nn.Module, layers: list[str], x: Tensor) -> tuple[nn.Module, Fold]:
     """A copy of ``module`` without the biases of ``layers`` (REPAIR's), each folded into the running mean of the
     BatchNorms its output alone feeds (``batchnorm_feeds``); a bias that cannot be folded is kept. Should the copy's
-    outputs on ``x`` differ from ``module``'s (``_agrees_in_float64``), every bias is kept, ``Fold.note`` saying why."""
+    outputs on ``x`` differ from ``module``'s (``agrees``, in float64 too where float32 rounding alone could explain
+    it), every bias is kept, ``Fold.note`` saying why."""
     feeds = batchnorm_feeds(module, x) if layers else {}
     order = {name: k for k, name in enumerate(feeds)}
     layers = sorted(layers, key=lambda n: (order.get(n, len(order)), n))
@@ -134,14 +119,16 @@ def fold_biases(module: nn.Module, layers: list[str], x: Tensor) -> tuple[nn.Mod
             fold.kept.append(name)
             continue
         bias = layer.bias.detach().double()
-        for bn_name in bns:
-            bn = out.get_submodule(bn_name)
-            if bn.running_mean is not None:  # without running statistics a BatchNorm ignores any shift
-                bn.running_mean.copy_((bn.running_mean.double() - bias.to(bn.running_mean.device)).to(bn.running_mean))
+        for mean in (out.get_submodule(bn).running_mean for bn in bns):
+            if mean is not None:  # without running statistics a BatchNorm ignores any shift
+                mean.copy_((mean.double() - bias.to(mean.device)).to(mean))
         layer.bias = None
         fold.folded[name] = bns
     if fold.folded:
-        same, diff = _agrees_in_float64(out, module, x)
+        same, diff = agrees(out, module, x)
+        if not same and x.dtype != torch.float64:  # float64 copies (the folded running means stay rounded)
+            with contextlib.suppress(RuntimeError, TypeError):  # a model that cannot run in float64 keeps the answer
+                same, diff = agrees(copy.deepcopy(out).double(), copy.deepcopy(module).double(), x.double())
         if not same:
             return copy.deepcopy(module), Fold(kept=layers, note=f"folding changed the outputs (by up to {diff:.3g} "
                                                 "on a probe input); every bias kept")

@@ -5,6 +5,7 @@ populations (a repaired soup is a population of one); the BatchNorm reset (Algor
 """
 
 import contextlib
+import functools
 import itertools
 import sys
 from collections.abc import Callable, Iterable
@@ -31,10 +32,10 @@ def _freeze(batches: Batches, iters: int) -> Batches:
 
 
 def _data(batches: Batches, members: list[int | None], iters: int, seed: int, device, stacked: bool) -> list:
-    """Every member's first ``iters`` batches, batch by batch: a (p, B, ...) tensor each when ``stacked``, else a
-    list of p inputs."""
+    """Every member's first ``iters`` batches, batch by batch: (p, B, ...) tensors when ``stacked``, else lists."""
     if iters < 1:
         raise ValueError(f"REPAIR needs at least one batch, got iters={iters}")
+    batches = _freeze(batches, iters)
     per_member = [[x.to(device) for x in itertools.islice(inputs(batches, j, seed), iters)] for j in members]
     if not per_member[0]:
         raise ValueError("REPAIR got no batches")
@@ -56,12 +57,11 @@ def _warn_if_few_images(xs: list) -> None:
     """One warning line per process when REPAIR's batches ``xs`` hold fewer than ``MIN_IMAGES`` images per network."""
     global _warned_few_images
     n = sum(len(x[0]) for x in xs)  # x: member 0's batch first, stacked or not
-    if n >= MIN_IMAGES or _warned_few_images:
-        return
-    _warned_few_images = True
-    print(f"papa: warning: REPAIR measured {n} image(s) per network, fewer than {MIN_IMAGES}: its rescale factors "
-          "and rebuilt BatchNorm statistics are unreliable at this size (fine for a smoke check, not for results; "
-          "use more or larger REPAIR batches)", file=sys.stderr)
+    if n < MIN_IMAGES and not _warned_few_images:
+        _warned_few_images = True
+        print(f"papa: warning: REPAIR measured {n} image(s) per network, fewer than {MIN_IMAGES}: its rescale "
+              "factors and rebuilt BatchNorm statistics are unreliable at this size (fine for a smoke check, not for "
+              "results; use more or larger REPAIR batches)", file=sys.stderr)
 
 
 def _check_weights(weights, p: int) -> Tensor:
@@ -75,14 +75,9 @@ def _check_weights(weights, p: int) -> Tensor:
 
 
 # layers ---------------------------------------------------------------------------------------------
-def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear | _ConvNd)
-
-
-def _channel_dim(layer: nn.Module, y: Tensor) -> int:
-    if isinstance(layer, nn.Linear):
-        return y.dim() - 1
-    return 1 if y.dim() == len(layer.kernel_size) + 2 else 0  # 0: an unbatched convolution
+LAYER_SETS = {"conv": (_ConvNd,), "conv+linear": (_ConvNd, nn.Linear)}
+"""``repair.layers``: the layers REPAIR rescales. ``conv`` is the authors' REPAIR (recombine/repair.py wraps
+Conv2d layers only); ``conv+linear`` also rescales hidden linear layers (transformer blocks, MLPs)."""
 
 
 @dataclass
@@ -101,7 +96,7 @@ def _find_layers(model: nn.Module, x: Tensor) -> list[_Layer]:
     itself, every time it fires."""
     found: dict[str, _Layer] = {}
     pending: list[tuple[_Layer, Tensor]] = []
-    names = {m: n for n, m in model.named_modules() if _is_layer(m)}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, LAYER_SETS["conv+linear"])}
 
     def after(module: nn.Module, _, output):
         layer = found.setdefault(names[module], _Layer(names[module], module))
@@ -126,17 +121,11 @@ def _find_layers(model: nn.Module, x: Tensor) -> list[_Layer]:
     return list(found.values())
 
 
-LAYER_SETS = {"conv": (_ConvNd,), "conv+linear": (_ConvNd, nn.Linear)}
-"""``repair.layers``: the layers REPAIR rescales. ``conv`` is the authors' REPAIR (recombine/repair.py wraps
-Conv2d layers only); ``conv+linear`` also rescales hidden linear layers (transformer blocks, MLPs)."""
-
-
 def _preactivations(pop: Population, xs: list, targets: list[Moments], kinds: str,
                     keep: Callable[[_Layer], bool] = lambda layer: True) -> list[_Layer]:
     """The layers REPAIR rescales (those of ``keep``): every layer of kind ``kinds`` (``LAYER_SETS``) found on member
     0 except the one producing the model's output. Logits are not pre-activations (A.2); matching their std would
-    inflate the averaged classifier's confidence, and the official REPAIR leaves the classifier alone too. Warns
-    when ``xs`` holds fewer than ``MIN_IMAGES`` images per network."""
+    inflate the averaged classifier's confidence, and the official REPAIR leaves the classifier alone too."""
     _warn_if_few_images(xs)
     if kinds not in LAYER_SETS:
         raise ValueError(f"repair layers must be one of {', '.join(LAYER_SETS)}, got {kinds!r}")
@@ -150,8 +139,6 @@ def _preactivations(pop: Population, xs: list, targets: list[Moments], kinds: st
 
 def _chunk_moments(y: Tensor, dim: int) -> tuple[int, Tensor, Tensor]:
     """(count, mean, sum of squared deviations) per channel ``dim`` of one output, in float64."""
-    if y.dim() == 1 and dim == 0:  # one sample of a linear layer: nothing to reduce over
-        y, dim = y.unsqueeze(0), 1
     dims = [d for d in range(y.dim()) if d != dim]
     n = y.numel() // y.shape[dim]
     mean = y.sum(dims, dtype=torch.float64) / n
@@ -162,44 +149,29 @@ def _chunk_moments(y: Tensor, dim: int) -> tuple[int, Tensor, Tensor]:
     return n, mean, m2 - n * (mean - centre.double()) ** 2
 
 
-class _Welford:
-    """Per-channel count, mean and sum of squared deviations, merged across chunks (Chan et al.) in float64.
-    Elementwise, so the statistics may carry a leading member axis."""
-
-    def __init__(self):
-        self.n, self.mean, self.m2 = 0, None, None
-
-    def merge(self, n: int, mean: Tensor, m2: Tensor) -> None:
-        if self.n == 0:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.n * n / total)
-        self.n = total
-
-    def result(self) -> tuple[Tensor, Tensor]:
-        return self.mean, (self.m2 / self.n).clamp_min(0).sqrt()
+def _welford(chunks: list[tuple[int, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of a layer's ``_chunk_moments``, merged one by one (Chan et al.) in float64;
+    elementwise, so the statistics may carry a leading member axis."""
+    n, mean, m2 = 0, None, None
+    for k, mean_k, m2_k in chunks:
+        if n:
+            delta = mean_k - mean
+            mean_k = mean + delta * (k / (n + k))
+            m2_k = m2 + m2_k + delta**2 * (n * k / (n + k))
+        n, mean, m2 = n + k, mean_k, m2_k
+    return mean, (m2 / n).clamp_min(0).sqrt()
 
 
-class _BatchAverage:
-    """Per-channel statistics as a BatchNorm's running buffers hold them after a reset with momentum None (the
+def _batch_average(chunks: list[tuple[int, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Per-channel (mean, std) as a BatchNorm's running buffers hold them after a reset with momentum None (the
     authors' TrackLayer and ResetLayer, recombine/repair.py:17-43, 86-89): the plain average over firings of each
-    batch's mean and of its unbiased variance; ``result`` gives the mean and the square root of that variance
-    (recombine/repair.py:24)."""
-
-    def __init__(self):
-        self.count, self.mean, self.var = 0, None, None
-
-    def merge(self, n: int, mean: Tensor, m2: Tensor) -> None:
-        var = m2 / max(n - 1, 1)
-        self.count += 1
-        self.mean = mean if self.mean is None else self.mean + (mean - self.mean) / self.count
-        self.var = var if self.var is None else self.var + (var - self.var) / self.count
-
-    def result(self) -> tuple[Tensor, Tensor]:
-        return self.mean, self.var.clamp_min(0).sqrt()
+    batch's mean and of its unbiased variance, whose square root is the std (recombine/repair.py:24)."""
+    mean = var = None
+    for count, (n, mean_b, m2) in enumerate(chunks, 1):
+        var_b = m2 / max(n - 1, 1)
+        mean = mean_b if mean is None else mean + (mean_b - mean) / count
+        var = var_b if var is None else var + (var_b - var) / count
+    return mean, var.clamp_min(0).sqrt()
 
 
 BN_EPS = 1e-5
@@ -209,8 +181,6 @@ BN_EPS = 1e-5
 def _normalize(y: Tensor, dim: int, mean: Tensor, std: Tensor) -> Tensor:
     """What a train-mode BatchNorm with weight ``std`` and bias ``mean`` (eps ``BN_EPS``) makes of ``y``: each
     batch's channels ``dim`` normalized by their own (biased) moments, then given ``mean`` and ``std``."""
-    if y.dim() == 1 and dim == 0:
-        return _normalize(y.unsqueeze(0), 1, mean, std).squeeze(0)
     dims = [d for d in range(y.dim()) if d != dim]
     shape = [-1 if d == dim else 1 for d in range(y.dim())]
     mu = y.mean(dims, keepdim=True)
@@ -220,8 +190,7 @@ def _normalize(y: Tensor, dim: int, mean: Tensor, std: Tensor) -> Tensor:
 
 # passes over every member ----------------------------------------------------------------------
 class _Stop(BaseException):
-    """Ends a forward pass once the layer being repaired has fired; a BaseException, so that a model's own
-    ``except Exception`` does not swallow it."""
+    """Ends a pass once the layer being repaired has fired; a BaseException, which ``except Exception`` lets through."""
 
 
 def _tracking_bns(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -231,27 +200,26 @@ def _tracking_bns(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
 @torch.no_grad()
 def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: bool, *, train: bool = False,
             layers: Iterable[str] = (), stop: _Layer | None = None, seed: int | None = None,
-            per_batch: bool = False, goals: list[Moments] | None = None,
+            goals: list[Moments] | None = None,
             averaged: Callable[[nn.Module], bool] | None = None) -> tuple[int, dict]:
     """Run every member over each batch of ``xs`` (slice j for member j) with ``buffers``, in eval mode or in train
     mode, where each tracking BatchNorm that ``averaged`` accepts (default all) gets the plain average of the batch
-    statistics (momentum 1/(b+1) at batch b). Returns the number of batches and, for each of ``layers``, the
-    per-channel (mean, std) of its output, each (p, channels). ``stacked``: one vmapped call per batch; otherwise
-    member by member, each pass cut short once ``stop`` has fired as often as in a full pass. ``seed``: batch b's
-    train-mode randomness comes from its own key. ``per_batch``: moments as ``_BatchAverage`` takes them. ``goals``
-    (one ``Moments`` per member): those layers' outputs are replaced by ``_normalize`` to the goal (the authors'
+    statistics. Returns the number of batches and, for each of ``layers``, the per-channel (mean, std) of its output,
+    each (p, channels): by ``_welford`` in eval mode, by ``_batch_average`` (the authors' TrackLayer) in train mode.
+    ``stacked``: one vmapped call per batch; otherwise member by member, each pass cut short once ``stop`` has fired
+    as often as in a full pass. ``seed``: batch b's train-mode randomness comes from its own key. ``goals`` (one
+    ``Moments`` per member): those layers' outputs are replaced by ``_normalize`` to the goal (the authors'
     ResetLayer), the moments recorded being those before."""
     template = pop.template
     fired: list[tuple[str, int, Tensor, Tensor]] = []
     goal: dict[str, tuple[Tensor, Tensor]] = {}  # the current member's (stacked: all members', vmapped)
 
-    def hook_for(name: str):
-        def hook(module, _, y):
-            dim = _channel_dim(module, y)
-            fired.append((name, *_chunk_moments(y, dim)))
-            return _normalize(y, dim, *goal[name]) if name in goal else None
-
-        return hook
+    def hook(name: str, module: nn.Module, _, y: Tensor) -> Tensor | None:
+        z = y.unsqueeze(0) if y.dim() == 1 else y  # one sample of a linear layer: a batch of one
+        # the channels: a linear layer's last dim, a convolution's dim 1 (0 when unbatched)
+        dim = z.dim() - 1 if isinstance(module, nn.Linear) else 1 if z.dim() == len(module.kernel_size) + 2 else 0
+        fired.append((name, *_chunk_moments(z, dim)))
+        return _normalize(z, dim, *goal[name]).reshape_as(y) if name in goal else None
 
     calls = 0
 
@@ -264,8 +232,7 @@ def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: 
     def member(params, bufs, x, goals_j):
         # under vmap the hooks see one member's output; the statistics leave vmap as the outputs
         fired.clear()
-        goal.clear()
-        goal.update(goals_j)
+        goal.update(goals_j)  # every key: each call's goals are those of the same layers
         with contextlib.suppress(_Stop):
             functional_call(template, {**params, **bufs}, (x,))
         return [(mean, m2) for _, _, mean, m2 in fired]
@@ -275,13 +242,12 @@ def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: 
 
     bns = [m for _, m in _tracking_bns(template) if averaged is None or averaged(m)] if train else []
     momenta = [m.momentum for m in bns]
-    handles = [template.get_submodule(name).register_forward_hook(hook_for(name)) for name in layers]
+    handles = [template.get_submodule(name).register_forward_hook(functools.partial(hook, name)) for name in layers]
     if stop is not None and not stacked:
         handles.append(template.get_submodule(stop.name).register_forward_hook(stopper))
-    stats: dict[str, _Welford | _BatchAverage] = {}
-    accumulator = _BatchAverage if per_batch else _Welford
-    stacked_goals = {} if not goals else {
-        name: tuple(torch.stack([g[name][k] for g in goals]).to(pop.device) for k in range(2)) for name in goals[0]}
+    stats: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
+    stacked_goals = {name: tuple(torch.stack([g[name][k] for g in goals]).to(pop.device) for k in range(2))
+                     for name in goals[0]} if goals else {}
     seen = 0
     try:
         with hooked(handles), eval_mode(template, train=train):
@@ -297,20 +263,19 @@ def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: 
                     for j in range(pop.size):
                         calls = 0
                         params, bufs = ({n: t[j] for n, t in d.items()} for d in (pop.params, buffers))
-                        goals_j = {n: (m[j], sd[j]) for n, (m, sd) in stacked_goals.items()}
                         with randomness(b):
-                            member(params, bufs, x[j], goals_j)
+                            member(params, bufs, x[j], {n: (m[j], sd[j]) for n, (m, sd) in stacked_goals.items()})
                         each.append(list(fired))
                     firings = [(same[0][0], same[0][1], torch.stack([f[2] for f in same]),
                                 torch.stack([f[3] for f in same])) for same in zip(*each, strict=True)]
                 for name, n, mean, m2 in firings:
-                    stats.setdefault(name, accumulator()).merge(n, mean, m2)
+                    stats.setdefault(name, []).append((n, mean, m2))
                 seen += 1
     finally:
         for m, momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum
         goal.clear()
-    return seen, {n: s.result() for n, s in stats.items()}
+    return seen, {n: (_batch_average if train else _welford)(s) for n, s in stats.items()}
 
 
 @torch.no_grad()
@@ -341,8 +306,7 @@ def _clear_batchnorm_(pop: Population, buffers: dict[str, Tensor],
 
 
 def reset_batchnorm(module: nn.Module, batches_iter: Iterable, seed: int | None = None) -> nn.Module:
-    """``reset_batchnorm_`` for one module, in place (as torch's update_bn): every BatchNorm's running statistics
-    recomputed as the plain average over ``batches_iter`` of train-mode batch statistics."""
+    """``reset_batchnorm_`` for one module, in place (as torch's update_bn)."""
     one = Population.from_modules([module])
     xs = [[x.to(one.device)] for x in inputs(batches_iter, None, 0)]
     if not xs:  # checked before the reset, which would otherwise leave mean 0 and variance 1
@@ -356,8 +320,7 @@ def reset_batchnorm(module: nn.Module, batches_iter: Iterable, seed: int | None 
 
 # REPAIR (Algorithm 4) ------------------------------------------------------------------------------
 FUSIONS = ("exact", "authors")
-"""How REPAIR computes and fuses its correction: ``_repair_``, or as recombine/repair.py at 47ad83a does,
-``_repair_authors_``."""
+"""How REPAIR computes and fuses its correction: ``_repair_``, or ``_repair_authors_`` (recombine/repair.py)."""
 
 
 def _check_fusion(fusion: str) -> None:
@@ -373,16 +336,15 @@ def member_moments(pop: Population, batches: Batches, iters: int = 5, seed: int 
     authors' TrackLayers measured them (recombine/repair.py:17-29, 84-99), in one train-mode pass, per batch."""
     _check_fusion(fusion)
     members = list(range(pop.size)) if members is None else list(members)
-    xs = _data(_freeze(batches, iters), members, iters, seed, pop.device, stacked)
+    xs = _data(batches, members, iters, seed, pop.device, stacked)
     buffers = {n: b.clone() for n, b in pop.buffers.items()}
-    layers = [n for n, m in pop.template.named_modules() if _is_layer(m)]
+    layers = [n for n, m in pop.template.named_modules() if isinstance(m, LAYER_SETS["conv+linear"])]
     authors = fusion == "authors"
     if authors:
         _clear_batchnorm_(pop, buffers)
     else:
         reset_batchnorm_(pop, xs, buffers, seed, stacked)
-    stats = _passes(pop, buffers, xs, stacked, train=authors, layers=layers, seed=seed if authors else None,
-                    per_batch=authors)[1]
+    stats = _passes(pop, buffers, xs, stacked, train=authors, layers=layers, seed=seed if authors else None)[1]
     return [{n: (mean[j], std[j]) for n, (mean, std) in stats.items()} for j in range(pop.size)]
 
 
@@ -395,9 +357,8 @@ def _targets(moments: list[Moments], weights: Tensor) -> Moments:
         raise ValueError("members' moments cover different layers")
     out = {}
     for name in names:
-        means, stds = zip(*(m[name] for m in moments), strict=True)
-        w = weights.to(means[0].device)
-        out[name] = (torch.tensordot(w, torch.stack(means), 1), torch.tensordot(w, torch.stack(stds), 1))
+        means, stds = (torch.stack(t) for t in zip(*(m[name] for m in moments), strict=True))
+        out[name] = tuple(torch.tensordot(weights.to(means.device), t, 1) for t in (means, stds))
     return out
 
 
@@ -413,19 +374,16 @@ def _scale_outputs_(m: nn.Module, w: Tensor, scale: Tensor) -> None:
 
 @torch.no_grad()
 def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stacked: bool, add_biases: bool,
-             kinds: str = "conv+linear") -> None:
+             kinds: str) -> None:
     """Repair every member i in place toward ``targets[i]``: y <- s (y - mean) + target mean, s = target std / std,
-    layer by layer in forward order, each layer measured in eval mode after the layers before it are rescaled and
-    the BatchNorm statistics rebuilt on them, so its moments match the targets exactly (Algorithm 4's train-mode
-    pass, ``_repair_authors_``, leaves residual error). A bias-free layer that feeds a BatchNorm is only rescaled
-    (the rebuilt running mean absorbs its shift exactly); any other bias-free layer gets a bias with ``add_biases``
-    (a soup), and is left alone without (members keep their architecture and their optimizer's tensors)."""
+    layer by layer in forward order, each measured in eval mode after the layers before it are rescaled and the
+    BatchNorm statistics rebuilt, so its moments match the targets exactly (``_repair_authors_`` leaves residual
+    error). A bias-free layer feeding a BatchNorm is only rescaled (the rebuilt running mean absorbs its shift); any
+    other gets a bias with ``add_biases`` (a soup) and is left alone without (docs/decisions.md)."""
     layers = _preactivations(pop, xs, targets, kinds,
                              lambda layer: add_biases or layer.feeds_bn or f"{layer.name}.bias" in pop.params)
-    has_bn = bool(_tracking_bns(pop.template))
     for layer in layers:
-        if has_bn:
-            reset_batchnorm_(pop, xs, seed=seed, stacked=stacked, stop=layer)
+        reset_batchnorm_(pop, xs, seed=seed, stacked=stacked, stop=layer)  # nothing to do without BatchNorms
         mean, std = _passes(pop, pop.buffers, xs, stacked, layers=[layer.name], stop=layer)[1][layer.name]
         weight, bias = pop.params[f"{layer.name}.weight"], pop.params.get(f"{layer.name}.bias")
         new_biases = []
@@ -442,8 +400,7 @@ def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stack
         if new_biases:  # never drop the shift of a bias-free layer: give it a bias
             pop.params[f"{layer.name}.bias"] = torch.stack(new_biases).to(weight.dtype)
             pop.template.get_submodule(layer.name).bias = nn.Parameter(pop.params[f"{layer.name}.bias"][0].clone())
-    if has_bn:
-        reset_batchnorm_(pop, xs, seed=seed, stacked=stacked)
+    reset_batchnorm_(pop, xs, seed=seed, stacked=stacked)
 
 
 def _reset_by_authors(bn: nn.Module) -> bool:
@@ -453,8 +410,7 @@ def _reset_by_authors(bn: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _repair_authors_(pop: Population, xs: list, targets: list[Moments], seed: int, stacked: bool,
-                     kinds: str = "conv+linear") -> None:
+def _repair_authors_(pop: Population, xs: list, targets: list[Moments], seed: int, stacked: bool, kinds: str) -> None:
     """Repair every member i in place toward ``targets[i]`` as the authors' correct_neuron_stats_multiple fuses it
     (recombine/repair.py:151-236 at 47ad83a), generalized from Conv2d to the layers of ``kinds``. One train-mode pass
     replaces every layer's output by its per-batch normalization to the target (a ResetLayer, l.31-43) while taking
@@ -466,7 +422,7 @@ def _repair_authors_(pop: Population, xs: list, targets: list[Moments], seed: in
     goals = [{layer.name: target[layer.name] for layer in layers} for target in targets]
     _clear_batchnorm_(pop, pop.buffers, only=_reset_by_authors)
     stats = _passes(pop, pop.buffers, xs, stacked, train=True, layers=[layer.name for layer in layers], seed=seed,
-                    per_batch=True, goals=goals, averaged=_reset_by_authors)[1]
+                    goals=goals, averaged=_reset_by_authors)[1]
     for layer in layers:
         running_mean, running_std = stats[layer.name]
         weight, bias = pop.params[f"{layer.name}.weight"], pop.params.get(f"{layer.name}.bias")
@@ -519,6 +475,6 @@ def repair_population_(pop: Population, matrix, batches: Batches, moments: list[
     if m.shape != (p, total) or len(members) != p:
         raise ValueError(f"mixing matrix must be {p}x{total} (held members x all members), got {tuple(m.shape)}")
     targets = [_targets(moments, _check_weights(m[i], total)) for i in range(p)]
-    xs = _data(_freeze(batches, iters), members, iters, seed, pop.device, stacked)
+    xs = _data(batches, members, iters, seed, pop.device, stacked)
     _repair_any_(pop, xs, targets, seed, stacked, add_biases=False, kinds=layers, fusion=fusion)
     return pop

@@ -48,15 +48,13 @@ def stage_features(model: nn.Module, batches: Batches, seed: int = 666) -> list[
     return [torch.cat(per_stage) for per_stage in zip(*outputs, strict=True)]
 
 
-def pairwise_similarity(
-    models: Sequence[nn.Module], pairs: Sequence[tuple[int, int]], batches: Batches, seed: int = 666
-) -> list[list[float]]:
+def pairwise_similarity(models: Sequence[nn.Module], pairs: Sequence[tuple[int, int]], batches: Batches,
+                        seed: int = 666) -> list[list[float]]:
     """For each pair (i, j) of ``models``, per stage, the mean over inputs of the cosine similarity of the
     flattened stage outputs of models i and j, in percent (a zero vector has similarity 0), in one pass."""
     names = stages(models[0])
-    for m in models[1:]:
-        if stages(m) != names:
-            raise PapaError("cannot compare the features of networks with different stages")
+    if any(stages(m) != names for m in models[1:]):
+        raise PapaError("cannot compare the features of networks with different stages")
     sums = torch.zeros(len(pairs), len(names), dtype=torch.float64)
     n = 0
     for x in inputs(batches, None, seed):
@@ -76,16 +74,14 @@ def cosine_similarity(model_a: nn.Module, model_b: nn.Module, batches: Batches, 
     return pairwise_similarity([model_a, model_b], [(0, 1)], batches, seed)[0]
 
 
-def population_similarity(
-    pop: Population, batches: Batches, align: bool = True, repair: bool = True, repair_iters: int = 5,
-    seed: int = 666, measure_batches: Batches | None = None, layers: str = "conv+linear", fusion: str = "exact",
-) -> dict[str, dict[str, list[float]]]:
+def population_similarity(pop: Population, batches: Batches, align: bool = True, repair: bool = True,
+                          repair_iters: int = 5, seed: int = 666, measure_batches: Batches | None = None,
+                          layers: str = "conv+linear", fusion: str = "exact") -> dict[str, dict[str, list[float]]]:
     """Table 5's rows for one population, per stage: the mean similarity between members (``BETWEEN_NETWORKS``) and
     between a member and the average soup (``NETWORK_AND_SOUP``), over every pair of members and every member
     (``"all"``), or members 0 and 1 and member 0 (``"first-two"``, the authors' correlation_est: models/combined.py
     ``cossim``). With ``align``, members are first aligned to member 0 on ``batches``; with ``repair``, the soup is
-    REPAIRed (``repair_iters`` batches, ``layers``, ``fusion``). Measured on ``measure_batches`` (default:
-    ``batches``)."""
+    REPAIRed on them. Measured on ``measure_batches`` (default: ``batches``)."""
     if pop.size < 2:
         raise ValueError("feature similarity needs a population of at least 2 members")
     batches = reusable(batches)

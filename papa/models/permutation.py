@@ -39,11 +39,10 @@ class GroupBuilder:
         self.axes: list[tuple[str, int]] = []
 
     def _add(self, name: str, axis: int) -> None:
-        if name not in self.state:  # absent bias, affine-free or stat-free BatchNorm
-            return
-        if self.state[name].shape[axis] != self.size:
-            raise PapaError(f"{name}: axis {axis} has {self.state[name].shape[axis]} channels, expected {self.size}")
-        self.axes.append((name, axis))
+        if name in self.state:  # else an absent bias, an affine-free or stat-free BatchNorm
+            if (channels := self.state[name].shape[axis]) != self.size:
+                raise PapaError(f"{name}: axis {axis} has {channels} channels, expected {self.size}")
+            self.axes.append((name, axis))
 
     def produced_by(self, conv: str, bn: str) -> None:
         """``conv``'s output channels, through BatchNorm ``bn``."""
