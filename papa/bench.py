@@ -139,7 +139,8 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
     warmup_s = _timed(step, dev, warmup)[0]
     timings = [_timed(step, dev, steps) for _ in range(repeats)]
     blocks = sorted(wall / steps for wall, _ in timings)
-    step_s, cpu_s = blocks[0], min(cpu for _, cpu in timings) / steps
+    step_s = blocks[0]
+    cpu_s = min(cpu for _, cpu in timings) / steps
     push_s = min(_timed(lambda: averaging.push_toward_average_(pop, 0.99), dev, 5)[0] for _ in range(repeats)) / 5
     flop = gflop_per_image(pop.template, shape)
     name_dev, profiled = device_name(dev), {}

@@ -64,7 +64,8 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     if not isinstance(data, dict):
         found = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(data), "a number")
         raise PapaError(f"{path}: expected a JSON object of metrics, found {found}")
-    ident, code = _identity(path, data), describe(data.get("code"))
+    ident = _identity(path, data)
+    code = describe(data.get("code"))
     flat = {}
     for key, value in data.items():
         flat |= {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}

@@ -88,18 +88,20 @@ def cell_variant(row: dict, variant: str | None) -> str | None:
 def row_metric(table: dict, row: dict, variant: str, metric: str) -> str:
     """The metrics.json key of a cell: the column's metric, or for ``segmentation`` the row's model's
     (``<model>`` for accuracy, ``<model>_f1_<class>``), a soup REPAIRed where the table says so."""
-    repaired = lambda m: f"{m}_repair" if m in SOUPS and variant in table.get("repair", []) else m  # noqa: E731
-    if table["layout"] != "segmentation":
-        return repaired(metric)
-    model = repaired(row["model"])
-    return model if metric == "accuracy" else f"{model}_{metric}"
+    model = row["model"] if table["layout"] == "segmentation" else metric
+    if model in SOUPS and variant in table.get("repair", []):
+        model = f"{model}_repair"
+    if table["layout"] != "segmentation" or metric == "accuracy":
+        return model
+    return f"{model}_{metric}"
 
 
 def _cell(frame, experiment, variant, metric, table) -> dict:
     """The stats and text of one cell (``metric``: its metrics.json key, ``row_metric``)."""
     run = frame[(frame.experiment == experiment) & (frame.variant == variant)]
     get = lambda m: run[run.metric == m].sort_values("seed")["value"].to_numpy(dtype=float)  # noqa: E731
-    stats, d = over_seeds(get(metric)), table.get("decimals", 2)
+    stats = over_seeds(get(metric))
+    d = table.get("decimals", 2)
     code = "; ".join(sorted(set(run.code[run.metric == metric]) - {""})) if "code" in frame else ""  # the runs' code
     spans = metric == "mean" and table["layout"] == "range"  # with [min, max] over the members of all seeds
     if spans:
@@ -159,7 +161,8 @@ def cells(table: dict, frame: pd.DataFrame, variants: list[str], seeds: list[int
             _best(row_cells)
         records += row_cells
     if table["layout"] == "side_by_side":  # one displayed row per label, its groups in the table's order
-        labels, order = list(dict.fromkeys(r["label"] for r in table["rows"])), list(columns(table, variants))
+        labels = list(dict.fromkeys(r["label"] for r in table["rows"]))
+        order = list(columns(table, variants))
         records.sort(key=lambda r: (labels.index(r["row"]), order.index(r["column"])))
     return pd.DataFrame(records, columns=CSV_COLUMNS)
 
