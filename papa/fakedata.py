@@ -131,7 +131,8 @@ def write_hub_weights(cache: Path, name: str) -> Path:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
     staged = repo / "blobs" / "incoming.safetensors"
-    write_atomic(staged, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", FAKE_KEY: FAKE_NOTE}))
+    # one metadata key: safetensors writes its metadata map in a per-process hash order, so two keys give two files
+    write_atomic(staged, lambda tmp: save_file(state, str(tmp), metadata={FAKE_KEY: FAKE_NOTE}))
     blob = repo / "blobs" / hashlib.sha256(staged.read_bytes()).hexdigest()
     os.replace(staged, blob)
     link = repo / "snapshots" / COMMIT / HUB_FILE

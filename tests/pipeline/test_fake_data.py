@@ -111,3 +111,10 @@ def test_fake_data_cli(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "missing.yaml" in bad.stderr
     with pytest.raises(PapaError, match="no config files"):
         fakedata.write_all(tmp_path / "d", [], None)
+
+
+def test_fake_weights_are_the_same_bytes_every_time(tmp_path):
+    """The blob is named by its SHA-256: the same model's fake weights must be the same file on every write."""
+    blobs = {fakedata.write_hub_weights(tmp_path / str(i), TINY_TIMM.removeprefix("timm/")).resolve().read_bytes()
+             for i in range(6)}
+    assert len(blobs) == 1
