@@ -195,7 +195,9 @@ def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
     over = f"{spread} over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
     if layout == "similarity":  # Table 5: per row a heading, then one line per measure over the layers
         layers = [f"Layer {k}" for k in range(1, SIMILARITY_STAGES + 1)]
-        label_header, headers, lines = "Layer", [("", layer) for layer in layers], []
+        label_header = "Layer"
+        headers = [("", layer) for layer in layers]
+        lines = []
         for label, row in grid.groupby("row", sort=False):
             lines.append(Line("heading", label, [("", False, False)] * len(layers)))
             for key in SIMILARITY_MEASURES:
@@ -208,7 +210,9 @@ def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
                  "(all, or first-two: members 0 and 1 as the authors measured)"]
     else:  # each row of the grid followed by the paper's, a heading where the group changes
         keys = list(columns(table, []) if layout == "side_by_side" else dict.fromkeys(grid["column"]))
-        label_header, headers, lines, group = "Model", [header(table, key) for key in keys], [], None
+        label_header = "Model"
+        headers = [header(table, key) for key in keys]
+        lines, group = [], None
         for label, row in grid.groupby("row", sort=False):
             # side_by_side: a label may lack a column group, whose cells stay empty
             row = row.set_index("column").reindex(keys).fillna({"text": "", "best": False, "chance": False})
