@@ -1,8 +1,7 @@
 """REPAIR for p networks (Appendix A.3, Algorithms 4 and 5): every convolution and linear layer of an averaged
 network is rescaled so that, per output channel (dim 1 of a convolution's output, the last dim of a linear layer's),
 E[X] = sum_i w_i E[X_i] and std(X) = sum_i w_i std(X_i) over its members, measured on the same batches. Written over
-populations (a repaired soup is a population of one); the BatchNorm reset (Algorithm 5) is the same pass in train mode.
-"""
+populations (a repaired soup: a population of one); the BatchNorm reset (Algorithm 5) is the same pass in train mode."""
 
 import contextlib
 import functools
@@ -54,7 +53,6 @@ _warned_few_images = False
 
 
 def _warn_if_few_images(xs: list) -> None:
-    """One warning line per process when REPAIR's batches ``xs`` hold fewer than ``MIN_IMAGES`` images per network."""
     global _warned_few_images
     n = sum(len(x[0]) for x in xs)  # x: member 0's batch first, stacked or not
     if n < MIN_IMAGES and not _warned_few_images:
@@ -74,6 +72,11 @@ def _check_weights(weights, p: int) -> Tensor:
     return w
 
 
+def _check_choice(what: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"repair {what} must be one of {', '.join(choices)}, got {value!r}")
+
+
 # layers ---------------------------------------------------------------------------------------------
 LAYER_SETS = {"conv": (_ConvNd,), "conv+linear": (_ConvNd, nn.Linear)}
 """``repair.layers``: the layers REPAIR rescales. ``conv`` is the authors' REPAIR (recombine/repair.py wraps
@@ -91,9 +94,8 @@ class _Layer:
 
 @torch.no_grad()
 def _find_layers(model: nn.Module, x: Tensor) -> list[_Layer]:
-    """The convolution and linear layers that fire on ``x`` (eval mode), in the order they first fire. A layer feeds
-    a BatchNorm when the next module to start after it is a BatchNorm whose input is that layer's output tensor
-    itself, every time it fires."""
+    """The convolution and linear layers firing on ``x`` (eval mode), in order of first firing. A layer feeds a
+    BatchNorm if, every time it fires, the next module to start is a BatchNorm taking its very output tensor."""
     found: dict[str, _Layer] = {}
     pending: list[tuple[_Layer, Tensor]] = []
     names = {m: n for n, m in model.named_modules() if isinstance(m, LAYER_SETS["conv+linear"])}
@@ -127,12 +129,10 @@ def _preactivations(pop: Population, xs: list, targets: list[Moments], kinds: st
     0 except the one producing the model's output. Logits are not pre-activations (A.2); matching their std would
     inflate the averaged classifier's confidence, and the official REPAIR leaves the classifier alone too."""
     _warn_if_few_images(xs)
-    if kinds not in LAYER_SETS:
-        raise ValueError(f"repair layers must be one of {', '.join(LAYER_SETS)}, got {kinds!r}")
+    _check_choice("layers", kinds, LAYER_SETS)
     layers = [layer for layer in _find_layers(pop.member(0), xs[0][0])
               if not layer.is_output and isinstance(layer.module, LAYER_SETS[kinds]) and keep(layer)]
-    missing = [layer.name for layer in layers if layer.name not in targets[0]]
-    if missing:
+    if missing := [layer.name for layer in layers if layer.name not in targets[0]]:
         raise ValueError(f"no member moments for layers {missing[:3]}")
     return layers
 
@@ -202,14 +202,13 @@ def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: 
             layers: Iterable[str] = (), stop: _Layer | None = None, seed: int | None = None,
             goals: list[Moments] | None = None,
             averaged: Callable[[nn.Module], bool] | None = None) -> tuple[int, dict]:
-    """Run every member over each batch of ``xs`` (slice j for member j) with ``buffers``, in eval mode or in train
-    mode, where each tracking BatchNorm that ``averaged`` accepts (default all) gets the plain average of the batch
-    statistics. Returns the number of batches and, for each of ``layers``, the per-channel (mean, std) of its output,
-    each (p, channels): by ``_welford`` in eval mode, by ``_batch_average`` (the authors' TrackLayer) in train mode.
-    ``stacked``: one vmapped call per batch; otherwise member by member, each pass cut short once ``stop`` has fired
-    as often as in a full pass. ``seed``: batch b's train-mode randomness comes from its own key. ``goals`` (one
-    ``Moments`` per member): those layers' outputs are replaced by ``_normalize`` to the goal (the authors'
-    ResetLayer), the moments recorded being those before."""
+    """Run every member j over slice j of each batch of ``xs`` with ``buffers``, in eval mode or in ``train`` mode,
+    where each tracking BatchNorm ``averaged`` accepts (default all) averages its batch statistics. Returns the number
+    of batches and each of ``layers``' per-channel output (mean, std), (p, channels) each: by ``_welford`` in eval
+    mode, by ``_batch_average`` (the authors' TrackLayer) in train mode. ``stacked``: one vmapped call per batch, else
+    member by member, each pass cut short once ``stop`` has fired as often as in a full pass. ``seed``: batch b's
+    train-mode randomness comes from its own key. ``goals`` (one ``Moments`` per member): those layers' outputs are
+    ``_normalize``d to the goal (the authors' ResetLayer), the moments recorded being those before."""
     template = pop.template
     fired: list[tuple[str, int, Tensor, Tensor]] = []
     goal: dict[str, tuple[Tensor, Tensor]] = {}  # the current member's (stacked: all members', vmapped)
@@ -274,7 +273,6 @@ def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: 
     finally:
         for m, momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum
-        goal.clear()
     return seen, {n: (_batch_average if train else _welford)(s) for n, s in stats.items()}
 
 
@@ -293,16 +291,15 @@ def reset_batchnorm_(pop: Population, batches: Iterable, buffers: dict[str, Tens
 
 def _clear_batchnorm_(pop: Population, buffers: dict[str, Tensor],
                       only: Callable[[nn.Module], bool] | None = None) -> bool:
-    """Reset the statistics in ``buffers`` of every tracking BatchNorm (those ``only`` accepts) to mean 0, variance
-    1, no batch tracked; whether there was any."""
-    bns = [(n, m) for n, m in _tracking_bns(pop.template) if only is None or only(m)]
-    for name, _ in bns:
+    """Reset the statistics in ``buffers`` of the tracking BatchNorms ``only`` accepts (default all); whether any."""
+    names = [n for n, m in _tracking_bns(pop.template) if only is None or only(m)]
+    for name in names:
         key = f"{name}." if name else ""
         buffers[f"{key}running_mean"].zero_()
         buffers[f"{key}running_var"].fill_(1.0)
         if f"{key}num_batches_tracked" in buffers:
             buffers[f"{key}num_batches_tracked"].zero_()
-    return bool(bns)
+    return bool(names)
 
 
 def reset_batchnorm(module: nn.Module, batches_iter: Iterable, seed: int | None = None) -> nn.Module:
@@ -323,18 +320,13 @@ FUSIONS = ("exact", "authors")
 """How REPAIR computes and fuses its correction: ``_repair_``, or ``_repair_authors_`` (recombine/repair.py)."""
 
 
-def _check_fusion(fusion: str) -> None:
-    if fusion not in FUSIONS:
-        raise ValueError(f"repair fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
-
-
 def member_moments(pop: Population, batches: Batches, iters: int = 5, seed: int = 666, stacked: bool = False,
                    members: list[int] | None = None, fusion: str = "exact") -> list[Moments]:
     """Each member's per-channel output moments of every convolution and linear layer, in eval mode on its own
     first ``iters`` batches (``batches(members[i], ...)`` for the i-th held member; default: its position), after
     rebuilding its BatchNorm statistics on them (on copies: ``pop`` is unchanged). ``fusion="authors"``: as the
     authors' TrackLayers measured them (recombine/repair.py:17-29, 84-99), in one train-mode pass, per batch."""
-    _check_fusion(fusion)
+    _check_choice("fusion", fusion, FUSIONS)
     members = list(range(pop.size)) if members is None else list(members)
     xs = _data(batches, members, iters, seed, pop.device, stacked)
     buffers = {n: b.clone() for n, b in pop.buffers.items()}
@@ -450,7 +442,7 @@ def repair(model: nn.Module, pop: Population, batches: Batches, iters: int = 5, 
     eval mode on the first ``iters`` batches (``batches(target, ...)`` when callable). A bias-free layer gets a bias,
     the only state added. ``moments``: precomputed ``member_moments(pop, ..., fusion=fusion)`` (else measured here,
     vmapped with ``stacked``). ``layers``: ``LAYER_SETS``; ``fusion``: ``FUSIONS``."""
-    _check_fusion(fusion)
+    _check_choice("fusion", fusion, FUSIONS)
     w = _check_weights(weights, pop.size)
     batches = _freeze(batches, iters)
     if moments is None:
@@ -468,7 +460,7 @@ def repair_population_(pop: Population, matrix, batches: Batches, moments: list[
     moments of the pre-mix members (``moments``, from ``member_moments(..., fusion=fusion)``) weighted by row i,
     measured on ``batches(i, ...)``. ``members``: each held member's index in the whole population when ``pop`` is
     one rank's share (``matrix`` then has a row per held member over all ``len(moments)``). No bias is added."""
-    _check_fusion(fusion)
+    _check_choice("fusion", fusion, FUSIONS)
     p, total = pop.size, len(moments)
     members = list(range(p)) if members is None else list(members)
     m = torch.as_tensor(matrix, dtype=torch.float64).cpu()
