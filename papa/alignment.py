@@ -1,8 +1,7 @@
 """Permutation alignment by feature matching (Git Re-Basin's activation matching, Ainsworth et al., 2023; Appendix
 A.4): for each permutation group a model declares (papa.models.permutation), every unit of one network is correlated
 with every unit of the other on the same inputs (every image position a sample), and the assignment maximizing the
-total correlation is solved. ``align_members_`` and ``align_pairs`` align populations as PAPA-all and PAPA-2 do.
-"""
+total correlation is solved. ``align_members_`` and ``align_pairs`` align populations as PAPA-all and PAPA-2 do."""
 
 import copy
 from collections.abc import Callable, Sequence

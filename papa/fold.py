@@ -3,8 +3,7 @@
 REPAIR gives every bias-free layer it rescales a bias b (a ResNet soup gets ``conv.bias`` tensors its architecture
 lacks). Where the layer's output y goes into a BatchNorm with running mean mu and nowhere else, BN(y + b; mu) =
 BN(y; mu - b) exactly in eval mode, and in train mode too (the batch mean absorbs b, and the folded running mean
-stays exactly b below, at any momentum); the folded network loads into the stock architecture with ``strict=True``.
-"""
+stays exactly b below, at any momentum); the folded network loads into the stock architecture with ``strict=True``."""
 
 import contextlib
 import copy
@@ -93,8 +92,8 @@ def _logits(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def agrees(model: nn.Module, reference: nn.Module, x: Tensor, tol: float = TOLERANCE) -> tuple[bool, float]:
-    """Whether two networks' eval-mode outputs on ``x`` agree up to ``tol`` (relative to the largest output, at least
-    1), and the largest difference."""
+    """Whether two networks' eval-mode outputs on ``x`` agree up to ``tol`` (relative to the largest, at least 1),
+    and the largest difference."""
     a, b = _logits(model, x), _logits(reference, x)
     if a.shape != b.shape:
         return False, float("inf")

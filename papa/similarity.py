@@ -1,7 +1,6 @@
 """Feature similarity between networks (Appendix A.5, Table 5): the cosine similarity of two networks' flattened
 ResNet stage outputs, averaged over inputs, in percent. As in the paper, the members are first permutation-aligned
-to member 0 and the average soup REPAIRed, so that features are compared unit for unit.
-"""
+to member 0 and the average soup REPAIRed, so that features are compared unit for unit."""
 
 import itertools
 from collections.abc import Sequence
@@ -95,6 +94,6 @@ def population_similarity(pop: Population, batches: Batches, align: bool = True,
     measure = batches if measure_batches is None else measure_batches
     sims = pairwise_similarity([*pop.to_modules(), soup], member_pairs + soup_pairs, measure, seed)
     sims = torch.tensor(sims, dtype=torch.float64)  # float64 as pairwise_similarity computes them
-    first_pair, k = member_pairs.index((0, 1)), len(member_pairs)  # sims[k:]: each member with the soup
+    k = len(member_pairs)  # sims[0]: members 0 and 1 (the first combination); sims[k:]: each member with the soup
     return {"all": {BETWEEN_NETWORKS: sims[:k].mean(0).tolist(), NETWORK_AND_SOUP: sims[k:].mean(0).tolist()},
-            "first-two": {BETWEEN_NETWORKS: sims[first_pair].tolist(), NETWORK_AND_SOUP: sims[k].tolist()}}
+            "first-two": {BETWEEN_NETWORKS: sims[0].tolist(), NETWORK_AND_SOUP: sims[k].tolist()}}

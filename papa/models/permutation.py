@@ -1,6 +1,5 @@
-"""The vocabulary in which a model declares its permutation structure for alignment (papa.alignment), as timm
-models declare ``group_matcher``: a model with a ``permutation_groups()`` method returns its groups, in forward
-order, built with ``GroupBuilder``."""
+"""How a model declares its permutation structure for alignment (papa.alignment), as timm models declare
+``group_matcher``: its ``permutation_groups()`` method returns them, in forward order, built with ``GroupBuilder``."""
 
 from dataclasses import dataclass
 
