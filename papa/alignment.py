@@ -73,9 +73,9 @@ def _correlation(ref: tuple, cross: tuple) -> Tensor:
     return torch.where(denom > 0, cov / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(cov))
 
 
-def _hooks(model: nn.Module, taps: list[Tap], on_output: Callable[[int, Tensor], None]) -> list:
+def _hooks(model: nn.Module, taps: list[Tap], on_output: Callable[[Tap, Tensor], None]) -> list:
     return [model.get_submodule(tap.module).register_forward_hook(
-        lambda _, __, y, k=k, relu=tap.relu: on_output(k, F.relu(y) if relu else y)) for k, tap in enumerate(taps)]
+        lambda _, __, y, tap=tap: on_output(tap, F.relu(y) if tap.relu else y)) for tap in taps]
 
 
 @torch.no_grad()
@@ -88,14 +88,13 @@ def correlations(reference: nn.Module, models: Sequence[nn.Module], batches: Bat
     if any([(g.name, g.size) for g in permutation_spec(m)] != groups for m in models):
         raise PapaError("cannot align networks of different architectures")
     taps = sorted({t for g in spec for t in g.taps}, key=lambda t: (t.module, t.relu))
-    index = {t: k for k, t in enumerate(taps)}
-    ref_sums: list[tuple | None] = [None] * len(taps)
-    cross: list[list[tuple | None]] = [[None] * len(taps) for _ in models]
-    ref_units: dict[int, Tensor] = {}
+    ref_sums: dict[Tap, tuple] = {}
+    cross: list[dict[Tap, tuple]] = [{} for _ in models]
+    ref_units: dict[Tap, Tensor] = {}
 
-    def keep(k: int, y: Tensor) -> None:
-        a = ref_units[k] = _units(y)
-        ref_sums[k] = _plus(ref_sums[k], a.shape[1], a.sum(1), (a * a).sum(1))
+    def keep(t: Tap, y: Tensor) -> None:
+        a = ref_units[t] = _units(y)
+        ref_sums[t] = _plus(ref_sums.get(t), a.shape[1], a.sum(1), (a * a).sum(1))
 
     batches_seen = 0
     with eval_mode(reference, *models):
@@ -103,9 +102,9 @@ def correlations(reference: nn.Module, models: Sequence[nn.Module], batches: Bat
             with hooked(_hooks(reference, taps, keep)):
                 reference(x.to(device_of(reference)))
             for j, m in enumerate(models):
-                def accumulate(k: int, y: Tensor, j: int = j) -> None:
-                    b = _units(y).to(ref_units[k].device)
-                    cross[j][k] = _plus(cross[j][k], ref_units[k] @ b.T, b.sum(1), (b * b).sum(1))
+                def accumulate(t: Tap, y: Tensor, j: int = j) -> None:
+                    b = _units(y).to(ref_units[t].device)
+                    cross[j][t] = _plus(cross[j].get(t), ref_units[t] @ b.T, b.sum(1), (b * b).sum(1))
 
                 with hooked(_hooks(m, taps, accumulate)):
                     m(x.to(device_of(m)))
@@ -113,8 +112,7 @@ def correlations(reference: nn.Module, models: Sequence[nn.Module], batches: Bat
             batches_seen += 1
     if batches_seen == 0:
         raise ValueError("permutation alignment got no batches")
-    return [{g.name: sum(_correlation(ref_sums[index[t]], per_tap[index[t]]) for t in g.taps) for g in spec}
-            for per_tap in cross]
+    return [{g.name: sum(_correlation(ref_sums[t], per_tap[t]) for t in g.taps) for g in spec} for per_tap in cross]
 
 
 def _assign(corr: Tensor) -> Tensor:
