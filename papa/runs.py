@@ -154,11 +154,9 @@ def _identity(out: Path, name: str) -> dict | None:
     """(experiment, variant, seed) of the training that wrote ``out/name``, None when unreadable."""
     try:
         meta = read_meta(out / name) if name.endswith(".safetensors") else json.loads((out / name).read_bytes())
-    except (OSError, ValueError, PapaError):
+        return {key: meta[key] for key in RUN_KEYS}
+    except (OSError, ValueError, PapaError, KeyError, TypeError):  # unreadable, not an object, or a key missing
         return None
-    if not isinstance(meta, dict) or any(key not in meta for key in RUN_KEYS):
-        return None
-    return {key: meta[key] for key in RUN_KEYS}
 
 
 def earlier_outputs(out: Path, run: dict, keep: tuple[str, ...] = ()) -> list[str]:
@@ -207,9 +205,9 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     if resumed := ckpt.exists():  # checked (bytes, run, config) before anything in the directory is touched
         trainer.load_state(*load_tensors(ckpt, f"delete {ckpt.name} and {sidecar_path(ckpt).name} to start this "
                                                "run over"), where=str(ckpt))
+    run = {"experiment": exp["name"], "variant": variant, "seed": seed}
     if comm.is_main:
-        earlier = earlier_outputs(out, {"experiment": exp["name"], "variant": variant, "seed": seed},
-                                  keep=("history.csv",) if resumed else ())  # rewritten with the next checkpoint
+        earlier = earlier_outputs(out, run, keep=("history.csv",) if resumed else ())  # the next checkpoint rewrites it
         needed, what = (ckpt.stat().st_size, "its next checkpoint") if resumed else (
             sum(t.numel() * t.element_size() for t in trainer.pop.state_dict().values()), "the population")
         check_room(out, needed, what, freed=sum((out / name).stat().st_size for name in earlier))
@@ -242,11 +240,10 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     state = comm.gather_state(trainer.pop)
     if comm.is_main:  # history rows are the same on every process (scores are gathered)
         write_history(out, trainer)
-        meta = {"experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.progress.epoch,
-                "steps": trainer.progress.step, "population": comm.p, "model": exp["model"]["name"],
-                "engine": trainer.engine_name, "device": str(trainer.device), "processes": comm.world_size,
-                "policies": [dataclasses.asdict(p) for p in trainer.all_policies], "config": exp,
-                "split_sha256": split["sha256"], **input_spec(exp, splits)}
+        meta = {**run, "epochs": trainer.progress.epoch, "steps": trainer.progress.step, "population": comm.p,
+                "model": exp["model"]["name"], "engine": trainer.engine_name, "device": str(trainer.device),
+                "processes": comm.world_size, "policies": [dataclasses.asdict(p) for p in trainer.all_policies],
+                "config": exp, "split_sha256": split["sha256"], **input_spec(exp, splits)}
         save_tensors(out / "population.safetensors", state, meta)
     comm.barrier()  # the outputs exist before any checkpoint goes
     ckpt.unlink(missing_ok=True)
@@ -272,7 +269,6 @@ def load_population(exp: dict, splits, path: str | Path, device="cpu") -> tuple[
 @dataclasses.dataclass
 class Run:
     """A trained run, each part checked."""
-
     dir: Path
     device: torch.device
     splits: object
