@@ -78,12 +78,11 @@ def input_spec(exp: dict, splits) -> dict:
     logit), as load_data gave it; population.json records it, so an export needs no data."""
     test = splits.test
     size = int(splits.image_size)
+    interpolation, crop = None, 1.0  # no resize, no crop: segmentation's whole tiles (any size), arrays at their own
     if splits.kind == "folder":  # papa.data.datasets.folder_eval_transform: resize to 256/224 of the crop, crop
         interpolation, crop = "bilinear", size / round(size * 256 / 224)
-    elif splits.kind == "segmentation":  # whole tiles, any size: no resize, no crop
-        interpolation, crop = None, 1.0
-    else:  # resized on the device only when data.image_size asks for it
-        interpolation, crop = (exp["data"].get("resize", "bilinear") if test.image_size else None), 1.0
+    elif splits.kind != "segmentation" and test.image_size:  # arrays resized on the device to data.image_size
+        interpolation = exp["data"].get("resize", "bilinear")
     return {"input": {"dataset": splits.name, "kind": splits.kind, "channels": int(splits.in_channels),
                       "size": [size, size], "mean": [float(v) for v in test.mean], "std": [float(v) for v in test.std],
                       "interpolation": interpolation, "crop_pct": crop},

@@ -115,7 +115,6 @@ class Trainer:
         self.averager.average(self.context)
 
     def freeze_body(self, frozen: bool) -> None:
-        """Only the classifier head trains while ``frozen`` (``head_only``)."""
         head = set(head_keys(self.pop.template, "params"))
         for name, t in self.pop.params.items():
             t.requires_grad_(t.is_floating_point() and (name in head or not frozen))
