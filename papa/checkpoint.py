@@ -122,8 +122,7 @@ def load_tensors(path: str | Path, remedy: str = "make it again") -> tuple[dict[
 def first_difference(theirs, ours, key: str = "") -> tuple[str, object, object] | None:
     """The first key path (``experiment.population.size``) at which two nested dicts differ, with both values."""
     if isinstance(theirs, dict) and isinstance(ours, dict):
-        found = (first_difference(theirs.get(k), ours.get(k), f"{key}.{k}" if key else str(k))
-                 for k in [*ours, *(k for k in theirs if k not in ours)])
+        found = (first_difference(theirs.get(k), ours.get(k), f"{key}.{k}" if key else str(k)) for k in ours | theirs)
         return next((f for f in found if f is not None), None)
     return None if theirs == ours else (key, theirs, ours)
 
