@@ -47,9 +47,8 @@ def tensors_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write ``tensors`` to ``path`` and ``meta`` (with the library and code versions) to its .json sidecar,
-    each atomically. Two files cannot be replaced together atomically, so ``meta`` and its digest also go into
-    the header: the tensors file alone is complete, the sidecar its readable copy."""
+    """Write ``tensors`` to ``path`` and ``meta`` (+ library and code versions) to its .json sidecar, each atomically;
+    as two files cannot be replaced together, ``meta`` and its digest go in its header too: that file alone is whole."""
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = json.loads(json.dumps({**meta, "versions": versions(), "code": code_version()}))  # as load_tensors reads it
     meta[DIGEST_KEY] = tensors_digest(cpu, meta)
@@ -93,9 +92,8 @@ def _unchecked(path: Path) -> None:
 
 
 def load_tensors(path: str | Path, remedy: str = "make it again") -> tuple[dict[str, torch.Tensor], dict]:
-    """A tensors file's tensors and the metadata in its header (in the sidecar for files written without);
-    any missing, truncated or corrupt part is a PapaError, bytes that do not match the digest ending with
-    ``remedy``. A file written before files carried a digest loads unchecked, with a warning."""
+    """A tensors file's tensors and its header's metadata (else the sidecar's); a missing, truncated or corrupt part is
+    a PapaError, ending with ``remedy`` for bytes that fail the digest. A file without a digest loads with a warning."""
     path = Path(path)
     header, tensors = _read(path, tensors=True)
     if META_KEY not in header:  # written before the header held the metadata
@@ -124,8 +122,7 @@ def load_tensors(path: str | Path, remedy: str = "make it again") -> tuple[dict[
 def first_difference(theirs, ours, key: str = "") -> tuple[str, object, object] | None:
     """The first key path (``experiment.population.size``) at which two nested dicts differ, with both values."""
     if isinstance(theirs, dict) and isinstance(ours, dict):
-        found = (first_difference(theirs.get(k), ours.get(k), f"{key}.{k}" if key else str(k))
-                 for k in [*ours, *(k for k in theirs if k not in ours)])
+        found = (first_difference(theirs.get(k), ours.get(k), f"{key}.{k}" if key else str(k)) for k in ours | theirs)
         return next((f for f in found if f is not None), None)
     return None if theirs == ours else (key, theirs, ours)
 
@@ -133,7 +130,6 @@ def first_difference(theirs, ours, key: str = "") -> tuple[str, object, object] 
 @dataclass
 class Progress:
     """How far a training run has come: its counters, history rows and, at a mid-epoch stop, the RNG states."""
-
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     batch: int = 0  # batches of the current epoch completed (non-zero only in a mid-epoch checkpoint)
@@ -152,7 +148,6 @@ class Progress:
 @dataclass
 class Resumable:
     """What a checkpoint saves of a training run (papa.train.Trainer) and restores into it."""
-
     run: dict  # variant, seed and experiment: a checkpoint of another run is refused
     pop: Population
     optimizer: torch.optim.Optimizer

@@ -52,9 +52,8 @@ class Population:
     @classmethod
     def from_factory(cls, factory: Callable[[], nn.Module], size: int, seed: int = 0, same_init: bool = False,
                      members: Iterable[int] | None = None) -> Self:
-        """Build ``size`` members with ``factory()``, member j from its own seed (derived from ``seed`` and j), or
-        all from member 0's when ``same_init``. ``members``: build only these (one rank's share), each from its
-        own seed, so that a population split over processes starts exactly as the whole one."""
+        """``size`` members of ``factory()``, member j from its own seed (from ``seed`` and j; all from member 0's if
+        ``same_init``); ``members``: only these (a rank's share), so that a split population starts as the whole one."""
         if size < 1:
             raise ValueError(f"population size must be at least 1, got {size}")
         modules = []

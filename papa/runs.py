@@ -78,12 +78,11 @@ def input_spec(exp: dict, splits) -> dict:
     logit), as load_data gave it; population.json records it, so an export needs no data."""
     test = splits.test
     size = int(splits.image_size)
+    interpolation, crop = None, 1.0  # no resize, no crop: segmentation's whole tiles (any size), arrays at their own
     if splits.kind == "folder":  # papa.data.datasets.folder_eval_transform: resize to 256/224 of the crop, crop
         interpolation, crop = "bilinear", size / round(size * 256 / 224)
-    elif splits.kind == "segmentation":  # whole tiles, any size: no resize, no crop
-        interpolation, crop = None, 1.0
-    else:  # resized on the device only when data.image_size asks for it
-        interpolation, crop = (exp["data"].get("resize", "bilinear") if test.image_size else None), 1.0
+    elif splits.kind != "segmentation" and test.image_size:  # arrays resized on the device to data.image_size
+        interpolation = exp["data"].get("resize", "bilinear")
     return {"input": {"dataset": splits.name, "kind": splits.kind, "channels": int(splits.in_channels),
                       "size": [size, size], "mean": [float(v) for v in test.mean], "std": [float(v) for v in test.std],
                       "interpolation": interpolation, "crop_pct": crop},
@@ -154,11 +153,9 @@ def _identity(out: Path, name: str) -> dict | None:
     """(experiment, variant, seed) of the training that wrote ``out/name``, None when unreadable."""
     try:
         meta = read_meta(out / name) if name.endswith(".safetensors") else json.loads((out / name).read_bytes())
-    except (OSError, ValueError, PapaError):
+        return {key: meta[key] for key in RUN_KEYS}
+    except (OSError, ValueError, PapaError, KeyError, TypeError):  # unreadable, not an object, or a key missing
         return None
-    if not isinstance(meta, dict) or any(key not in meta for key in RUN_KEYS):
-        return None
-    return {key: meta[key] for key in RUN_KEYS}
 
 
 def earlier_outputs(out: Path, run: dict, keep: tuple[str, ...] = ()) -> list[str]:
@@ -207,9 +204,9 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     if resumed := ckpt.exists():  # checked (bytes, run, config) before anything in the directory is touched
         trainer.load_state(*load_tensors(ckpt, f"delete {ckpt.name} and {sidecar_path(ckpt).name} to start this "
                                                "run over"), where=str(ckpt))
+    run = {"experiment": exp["name"], "variant": variant, "seed": seed}
     if comm.is_main:
-        earlier = earlier_outputs(out, {"experiment": exp["name"], "variant": variant, "seed": seed},
-                                  keep=("history.csv",) if resumed else ())  # rewritten with the next checkpoint
+        earlier = earlier_outputs(out, run, keep=("history.csv",) if resumed else ())  # the next checkpoint rewrites it
         needed, what = (ckpt.stat().st_size, "its next checkpoint") if resumed else (
             sum(t.numel() * t.element_size() for t in trainer.pop.state_dict().values()), "the population")
         check_room(out, needed, what, freed=sum((out / name).stat().st_size for name in earlier))
@@ -242,11 +239,10 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     state = comm.gather_state(trainer.pop)
     if comm.is_main:  # history rows are the same on every process (scores are gathered)
         write_history(out, trainer)
-        meta = {"experiment": exp["name"], "variant": variant, "seed": seed, "epochs": trainer.progress.epoch,
-                "steps": trainer.progress.step, "population": comm.p, "model": exp["model"]["name"],
-                "engine": trainer.engine_name, "device": str(trainer.device), "processes": comm.world_size,
-                "policies": [dataclasses.asdict(p) for p in trainer.all_policies], "config": exp,
-                "split_sha256": split["sha256"], **input_spec(exp, splits)}
+        meta = {**run, "epochs": trainer.progress.epoch, "steps": trainer.progress.step, "population": comm.p,
+                "model": exp["model"]["name"], "engine": trainer.engine_name, "device": str(trainer.device),
+                "processes": comm.world_size, "policies": [dataclasses.asdict(p) for p in trainer.all_policies],
+                "config": exp, "split_sha256": split["sha256"], **input_spec(exp, splits)}
         save_tensors(out / "population.safetensors", state, meta)
     comm.barrier()  # the outputs exist before any checkpoint goes
     ckpt.unlink(missing_ok=True)
@@ -272,7 +268,6 @@ def load_population(exp: dict, splits, path: str | Path, device="cpu") -> tuple[
 @dataclasses.dataclass
 class Run:
     """A trained run, each part checked."""
-
     dir: Path
     device: torch.device
     splits: object

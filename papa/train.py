@@ -40,9 +40,8 @@ def _clock(seconds: float) -> str:  # h:mm:ss
 
 
 def head_only(exp: dict, epoch: int) -> bool:
-    """Whether only the classifier head trains in (0-based) ``epoch``: the first ``train.freeze_epochs`` (§4.2,
-    after Kumar et al.), or with ``fidelity.finetune: authors`` every epoch once set, as main.py:159-163 froze the
-    body and unfroze it only when the integer epoch equals ``--linear_prob_time`` (0.04): never."""
+    """Whether only the head trains in (0-based) ``epoch``: the first ``train.freeze_epochs`` (§4.2, Kumar et al.), or
+    all once set by ``fidelity.finetune: authors`` (main.py:159-163 unfroze at epoch --linear_prob_time=0.04: never)."""
     freeze = exp["train"]["freeze_epochs"]
     return freeze > 0 if fidelity.authors(exp, "finetune_freeze") else epoch < freeze
 
@@ -116,7 +115,6 @@ class Trainer:
         self.averager.average(self.context)
 
     def freeze_body(self, frozen: bool) -> None:
-        """Only the classifier head trains while ``frozen`` (``head_only``)."""
         head = set(head_keys(self.pop.template, "params"))
         for name, t in self.pop.params.items():
             t.requires_grad_(t.is_floating_point() and (name in head or not frozen))
@@ -170,9 +168,8 @@ class Trainer:
             at.record("swa", self.lr, *self.evaluate())
 
     def read_losses(self, pending: list[Tensor], bar=None) -> None:
-        """Read the losses of the last ``len(pending)`` steps on the host, raise on a non-finite one
-        (train.check_finite) and show the latest on the bar. A read waits for the device, hence only every
-        LOSS_READ_EVERY steps: the host keeps queueing work ahead of a GPU."""
+        """Read the last ``len(pending)`` steps' losses on the host, raise on a non-finite one (train.check_finite),
+        show the latest on the bar. A read waits for the device, hence only every LOSS_READ_EVERY steps."""
         if not pending:
             return
         host = torch.stack(pending).float().cpu()  # (steps, members)
