@@ -116,8 +116,7 @@ def write_vaihingen(root: Path, labelled: list[int], test: list[int], label_dirs
 
 
 def write_hub_weights(cache: Path, name: str) -> Path:
-    """Random ``model.safetensors`` of timm model ``name`` (``arch.tag``) in the hub cache layout: the blob named
-    by its sha256, a snapshot's link to it and the ref naming the snapshot."""
+    """Random ``model.safetensors`` of timm model ``name`` (``arch.tag``) in the hub cache layout."""
     import timm
     import torch
     from safetensors.torch import save_file
@@ -144,8 +143,7 @@ def write_hub_weights(cache: Path, name: str) -> Path:
 
 
 def _needs(configs: list[Path]) -> tuple[dict, set[str]]:
-    """({(dataset, root relative to the data root): loader options}, {timm model names with pretrained: timm})
-    of every experiment of ``configs``."""
+    """({(dataset, root relative to the data root): loader options}, {timm models with pretrained: timm})."""
     datasets: dict[tuple[str, str], list[dict]] = {}
     models = set()
     for path in configs:

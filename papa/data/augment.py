@@ -163,8 +163,7 @@ def autoaugment(images: Tensor, policy: str, generator: torch.Generator) -> Tens
     from torchvision.transforms import v2
     augment = v2.AutoAugment(autoaugment_policy(policy))
     with seeded_globals(_seed(generator)):
-        out = torch.stack([augment(image) for image in images.cpu()])
-    return out.to(images.device)
+        return torch.stack([augment(image) for image in images.cpu()]).to(images.device)
 
 
 def randaugment(images: Tensor, config: str, generator: torch.Generator, mean=(0.5, 0.5, 0.5)) -> Tensor:

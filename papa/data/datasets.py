@@ -287,11 +287,6 @@ def safe_unpickle(path: Path) -> object:
         raise PapaError(f"corrupt archive {path}: {type(e).__name__}: {e}") from None
 
 
-def _md5(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
-
-
 def _str_keys(obj: object, path: Path) -> dict:
     if not isinstance(obj, dict):
         raise PapaError(f"corrupt archive {path}: expected a dict, found {type(obj).__name__}")
@@ -360,7 +355,7 @@ def _load_cifar(name: str, root=None, verify_md5: bool = False, image_size: int 
         path = base / filename
         if not path.is_file():
             raise PapaError(f"{fmt.title} incomplete: expected file {path}")
-        if verify_md5 and _md5(path) != md5:
+        if verify_md5 and hashlib.md5(path.read_bytes()).hexdigest() != md5:
             raise PapaError(f"{fmt.title} checksum mismatch: {path} (expected md5 {md5})")
     meta_path = base / meta_file
     classes = _str_keys(safe_unpickle(meta_path), meta_path).get(meta_key)

@@ -66,16 +66,15 @@ def read_rgb(path: Path) -> np.ndarray:
 def decode_labels(rgb: np.ndarray, where: str | Path = "labels") -> Tensor:
     """Colour-coded labels uint8 (H, W, 3) -> class indices int64 (H, W)."""
     code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
-    lookup = {(r << 16) | (g << 8) | b: k for k, (r, g, b) in enumerate(CLASSES.values())}
-    keys = np.array(sorted(lookup))
-    pos = np.searchsorted(keys, code).clip(0, len(keys) - 1)
-    known = keys[pos] == code
+    colours = np.array([(r << 16) | (g << 8) | b for r, g, b in CLASSES.values()])
+    classes = np.argsort(colours)  # the classes in the order of their colour codes
+    pos = np.searchsorted(colours[classes], code).clip(0, len(classes) - 1)
+    known = colours[classes[pos]] == code
     if not known.all():
         y, x = np.argwhere(~known)[0]
         raise PapaError(f"{where}: unknown label colour {tuple(int(c) for c in rgb[y, x])} at pixel (x={x}, y={y}); "
                         f"expected one of {', '.join(f'{n} {c}' for n, c in CLASSES.items())}")
-    values = np.array([lookup[k] for k in keys])
-    return torch.from_numpy(values[pos])
+    return torch.from_numpy(classes[pos])
 
 
 def read_tile(base: Path, tile: int, label_dirs: tuple[str, ...] = LABEL_DIRS) -> tuple[Tensor, Tensor]:
