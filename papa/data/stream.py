@@ -32,8 +32,7 @@ def batch_policy(stream, j: int, generator: torch.Generator) -> Policy:
     member's own augmentation stream, so one network sees every regularization (the paper's Table 2)."""
     if stream.per_batch is None:
         return stream.policies[j]
-    base = stream.policies[j].base()
-    return draw_policies(stream.per_batch, 1, generator, {"crop_padding": base.crop_padding, "flip": base.flip})[0]
+    return draw_policies(stream.per_batch, 1, generator, stream.policies[j].base().as_dict())[0]
 
 
 def set_members(stream, train, batch_size: int, policies: Sequence[Policy], seed: int, device, base: Policy | None,
@@ -252,8 +251,7 @@ STREAMS = {"array": MemberStream, "folder": FolderStream, "segmentation": PatchS
 
 def make_stream(splits: Splits, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                 device: str | torch.device = "cpu", **options) -> MemberStream | FolderStream | PatchStream:
-    """The stream for ``splits.kind`` over ``splits.train``; options ``base`` (member_batches(None)'s policy),
-    ``num_workers`` (folders only)."""
+    """The stream for ``splits.kind`` over ``splits.train``; options ``base``, ``num_workers`` (folders only)."""
     return STREAMS[splits.kind](splits.train, indices, batch_size, policies, seed, device, **options)
 
 
