@@ -20,8 +20,7 @@ from papa.rng import seeded_globals
 
 # timm RandAugment config strings: magnitude, layers, probability, magnitude std/max, increasing, weights
 RANDAUGMENT = re.compile(r"rand(-(mstd|mmax|inc|m|n|p|w)\d+(\.\d+)?)*")
-# torchvision RandomErasing's defaults
-ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10
+ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10  # torchvision RandomErasing's defaults
 
 
 @dataclass

@@ -129,8 +129,7 @@ def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test
     label_dirs = tuple(label_dirs)
     base = catalog.require("vaihingen", root if root is not None else Path("data") / "vaihingen")
     labelled, n_train = train_ids + val_ids, len(train_ids)
-    train = [read_tile(base, t, label_dirs) for t in labelled]
-    test = [read_tile(base, t, label_dirs) for t in test_ids]
+    train, test = ([read_tile(base, t, label_dirs) for t in ids] for ids in (labelled, test_ids))
     if small := [t for t, (x, _) in zip(train_ids, train, strict=False) if min(x.shape[1:]) < patch_size]:
         raise PapaError(f"Vaihingen: tile {small[0]} is smaller than the {patch_size}x{patch_size} patches")
     mean, std = channel_stats([x for x, _ in train[:n_train]])
