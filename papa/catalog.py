@@ -1,7 +1,6 @@
-"""Every dataset papa reads, declared once and without torch (the workflow checks the data before any job starts):
-what its loader reads under ``data.root``, its message when that is not there, the default side of the patches it
-draws. Its loader (papa/data/), ``papa fake-data`` (papa.fakedata.WRITERS) and the schema's ``data.dataset`` must
-agree (tests/unit/test_missing_data.py; docs/architecture.md has the checklist)."""
+"""Every dataset papa reads, declared once and without torch (the workflow checks the data before any job starts).
+Its loader (papa/data/), ``papa fake-data`` (papa.fakedata.WRITERS) and the schema's ``data.dataset`` must agree
+(tests/unit/test_missing_data.py; docs/architecture.md has the checklist)."""
 
 from dataclasses import dataclass
 from pathlib import Path

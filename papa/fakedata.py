@@ -36,8 +36,7 @@ def _images(rng: np.random.Generator, labels: np.ndarray, k: int, shape: tuple[i
 
 
 def write_optdigits(root: Path) -> str:
-    """``<root>/optdigits.tra`` and ``.tes``: per line the 8x8 counts 0-16 of one image (a pattern per class plus
-    noise), comma-separated, then its class; every class in both files."""
+    """``<root>/optdigits.tra`` and ``.tes`` (as read_optdigits reads): a pattern per class plus noise."""
     rng = np.random.default_rng(sum(map(ord, "optdigits")))
     patterns = np.random.default_rng(10).integers(0, 17, size=(10, 64))
     for name, n in zip(OPTDIGITS_FILES, (OPTDIGITS_TRAIN, OPTDIGITS_TEST), strict=True):
@@ -96,8 +95,7 @@ def write_imagenet(root: Path) -> str:
 
 
 def write_vaihingen(root: Path, labelled: list[int], test: list[int], label_dirs: list[str]) -> str:
-    """IRRG tiles ``<root>/top/top_mosaic_09cm_area<N>.tif`` and their colour-coded labels: the ``labelled``
-    tiles' in the first of ``label_dirs``, the ``test`` tiles' in the last."""
+    """IRRG tiles and colour-coded labels: ``labelled`` tiles' in the first of ``label_dirs``, the rest in the last."""
     from PIL import Image
     colours = np.array(list(CLASSES.values()), dtype=np.uint8)
     k = len(colours)
@@ -116,13 +114,11 @@ def write_vaihingen(root: Path, labelled: list[int], test: list[int], label_dirs
 
 
 def write_hub_weights(cache: Path, name: str) -> Path:
-    """Random ``model.safetensors`` of timm model ``name`` (``arch.tag``) in the hub cache layout: the blob named
-    by its sha256, a snapshot's link to it and the ref naming the snapshot."""
+    """Random ``model.safetensors`` of timm model ``name`` (``arch.tag``) in the hub cache layout."""
     import timm
     import torch
     from safetensors.torch import save_file
-    cfg = timm_pretrained_cfg(name)
-    repo_id = getattr(cfg, "hf_hub_id", None)
+    repo_id = getattr(timm_pretrained_cfg(name), "hf_hub_id", None)
     if not repo_id or not timm.is_model(name):
         raise PapaError(f"fake-data: timm/{name} has no Hugging Face hub weights to stand in for")
     with torch.random.fork_rng():
@@ -144,8 +140,7 @@ def write_hub_weights(cache: Path, name: str) -> Path:
 
 
 def _needs(configs: list[Path]) -> tuple[dict, set[str]]:
-    """({(dataset, root relative to the data root): loader options}, {timm model names with pretrained: timm})
-    of every experiment of ``configs``."""
+    """({(dataset, root relative to the data root): loader options}, {timm models with pretrained: timm})."""
     datasets: dict[tuple[str, str], list[dict]] = {}
     models = set()
     for path in configs:

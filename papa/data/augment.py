@@ -20,8 +20,7 @@ from papa.rng import seeded_globals
 
 # timm RandAugment config strings: magnitude, layers, probability, magnitude std/max, increasing, weights
 RANDAUGMENT = re.compile(r"rand(-(mstd|mmax|inc|m|n|p|w)\d+(\.\d+)?)*")
-# torchvision RandomErasing's defaults
-ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10
+ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10  # torchvision RandomErasing's defaults
 
 
 @dataclass
@@ -163,8 +162,7 @@ def autoaugment(images: Tensor, policy: str, generator: torch.Generator) -> Tens
     from torchvision.transforms import v2
     augment = v2.AutoAugment(autoaugment_policy(policy))
     with seeded_globals(_seed(generator)):
-        out = torch.stack([augment(image) for image in images.cpu()])
-    return out.to(images.device)
+        return torch.stack([augment(image) for image in images.cpu()]).to(images.device)
 
 
 def randaugment(images: Tensor, config: str, generator: torch.Generator, mean=(0.5, 0.5, 0.5)) -> Tensor:
@@ -225,8 +223,7 @@ def _box_mask(top: Tensor, left: Tensor, bottom: Tensor, right: Tensor, h: int, 
 
 
 def cutout(x: Tensor, length: int, generator: torch.Generator) -> Tensor:
-    """One length x length hole per sample centred anywhere (clipped at the border), filled with 0, the
-    dataset mean after normalization (DeVries & Taylor)."""
+    """One length x length hole per sample, centred anywhere, of 0: the mean after normalization (DeVries & Taylor)."""
     b, _, h, w = x.shape
     centre = to_device(torch.stack([torch.randint(size, (b,), generator=generator) for size in (h, w)]), x.device)
     lo, hi = centre - length // 2, centre + length // 2  # the mask clips the box at the border
@@ -234,8 +231,7 @@ def cutout(x: Tensor, length: int, generator: torch.Generator) -> Tensor:
 
 
 def random_erasing(x: Tensor, probability: float, generator: torch.Generator) -> Tensor:
-    """torchvision's RandomErasing (scale 0.02-0.33, ratio 0.3-3.3, value 0 after normalization, up to 10
-    attempts to fit the box) with an independent decision and box per sample."""
+    """torchvision's RandomErasing (its defaults; value 0, the mean after normalization), deciding per sample."""
     (b, _, h, w), dev = x.shape, x.device
     erase = _rand(generator, b, device=dev) < probability
     lo, hi = ERASE_SCALE

@@ -75,16 +75,15 @@ class FolderDataset:
 
 @dataclass
 class Splits:
-    """A dataset's train and test sets and what a model needs to know about them. ``kind``: 'array', 'folder' or
-    'segmentation' (papa.data.vaihingen.TileDataset). ``fixed_split``: the dataset's own validation split
-    ({'train', 'val'} indices into ``train``), which ``papa prepare`` writes instead of a random one."""
+    """A dataset's train and test sets and what a model needs to know about them. ``fixed_split``: its own
+    validation split ({'train', 'val'} indices into ``train``), which papa prepare writes instead of a random one."""
     name: str
     train: ArrayDataset | FolderDataset
     test: ArrayDataset | FolderDataset
     num_classes: int
     in_channels: int
     image_size: int
-    kind: str
+    kind: str  # 'array', 'folder' or 'segmentation' (papa.data.vaihingen.TileDataset)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     fixed_split: dict | None = None
@@ -159,8 +158,8 @@ def _check_scaling(scaling: str) -> None:
 
 
 def _digit_images(values: np.ndarray, scaling: str) -> Tensor:
-    """uint8 (N, 1, 8, 8) images of counts 0-16: ``standardize`` stores rint(v x 255 / 16), ``raw`` the counts
-    themselves, which normalization with mean 0 and std 1/255 hands to the model unchanged."""
+    """uint8 (N, 1, 8, 8) images of counts 0-16: ``standardize`` stores rint(v x 255 / 16) (normalized with the
+    training pixels' mean/std), ``raw`` the counts, which normalization with mean 0 and std 1/255 leaves unchanged."""
     scaled = np.rint(values * (255.0 / 16.0)) if scaling == "standardize" else values
     return torch.from_numpy(np.asarray(scaled).astype(np.uint8)).unsqueeze(1)
 
@@ -182,8 +181,7 @@ def _digit_splits(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, T
 def load_digits(root=None, image_size: int | None = None, scaling: str = "standardize",
                 test_split_seed: int = DIGITS_SPLIT_SEED) -> Splits:
     """scikit-learn's bundled 8x8 digits (UCI optdigits' 1,797 test images, 13 writers). The test set is fixed
-    whatever the run seed: 20% of every class drawn with ``test_split_seed`` (sharing writers with training).
-    ``scaling``: ``standardize`` (counts to 0-255, normalized with the training pixels' mean/std) or ``raw``."""
+    whatever the run seed: 20% of every class drawn with ``test_split_seed`` (sharing writers with training)."""
     _check_scaling(scaling)
     if int(test_split_seed) != test_split_seed or test_split_seed < 0:
         raise PapaError(f"digits: test_split_seed must be an integer >= 0, found {test_split_seed!r}")
@@ -228,9 +226,8 @@ def read_optdigits(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @register("optdigits")
 def load_optdigits(root=None, image_size: int | None = None, scaling: str = "standardize") -> Splits:
-    """UCI optdigits from its own files (default root ``data/optdigits``): ``optdigits.tra``, 3,823 training images
-    by 30 writers, and ``optdigits.tes``, 1,797 test images by 13 others (the copy scikit-learn bundles), the
-    writer-disjoint split UCI defines. ``scaling`` and ``image_size`` as for ``digits``."""
+    """UCI optdigits from its own files (default root ``data/optdigits``), split by writer as UCI defines: 3,823
+    training and 1,797 test images (the copy scikit-learn bundles). ``scaling`` and ``image_size`` as for ``digits``."""
     _check_scaling(scaling)
     base = catalog.require("optdigits", root if root is not None else Path("data") / "optdigits")
     (train_v, train_y), (test_v, test_y) = (read_optdigits(base / name) for name in OPTDIGITS_FILES)
@@ -285,11 +282,6 @@ def safe_unpickle(path: Path) -> object:
             from None
     except Exception as e:  # a truncated or corrupt pickle raises many types; all mean a bad file
         raise PapaError(f"corrupt archive {path}: {type(e).__name__}: {e}") from None
-
-
-def _md5(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _str_keys(obj: object, path: Path) -> dict:
@@ -350,9 +342,8 @@ CIFAR_FORMATS = {
 
 
 def _load_cifar(name: str, root=None, verify_md5: bool = False, image_size: int | None = None) -> Splits:
-    """CIFAR-10 (``<root>/cifar-10-batches-py``) or CIFAR-100 with fine labels (``<root>/cifar-100-python``), default
-    root ``data/<name>``. ``verify_md5`` checks every file against torchvision's checksums (off: tests use valid
-    archives that are not the originals)."""
+    """CIFAR-10 or CIFAR-100 (fine labels) in papa.catalog's folder under ``root`` (default ``data/<name>``).
+    ``verify_md5`` checks every file against torchvision's checksums (off: tests use non-original archives)."""
     fmt = CIFAR_FORMATS[name]
     base = catalog.require(name, root if root is not None else Path("data") / name) / catalog.DATASETS[name].paths[0]
     meta_file, meta_key, meta_md5 = fmt.meta
@@ -360,7 +351,7 @@ def _load_cifar(name: str, root=None, verify_md5: bool = False, image_size: int 
         path = base / filename
         if not path.is_file():
             raise PapaError(f"{fmt.title} incomplete: expected file {path}")
-        if verify_md5 and _md5(path) != md5:
+        if verify_md5 and hashlib.md5(path.read_bytes()).hexdigest() != md5:
             raise PapaError(f"{fmt.title} checksum mismatch: {path} (expected md5 {md5})")
     meta_path = base / meta_file
     classes = _str_keys(safe_unpickle(meta_path), meta_path).get(meta_key)
@@ -392,8 +383,7 @@ def _image_folder(path: Path, title: str):
 
 @register("imagenet")
 def load_imagenet(root=None, image_size: int = 224) -> Splits:
-    """ImageNet as ImageFolder trees ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (default root
-    ``data/imagenet``). ``image_size`` is the side of the crops a stream yields (224; tests use less)."""
+    """ImageNet as ImageFolder trees ``<root>/{train,val}/<class>/*`` (default root ``data/imagenet``)."""
     base = catalog.require("imagenet", root if root is not None else Path("data") / "imagenet")
     train, val = (_image_folder(base / part, f"ImageNet {part}") for part in ("train", "val"))
     if train.classes != val.classes:

@@ -25,8 +25,7 @@ def make_split(n_train: int, val_fraction: float = 0.02, seed: int = 0) -> dict:
 
 
 def save_split(path: str | Path, split: dict, meta: dict) -> None:
-    """Write the split atomically as JSON {'meta', 'train', 'val'}; ``meta`` (dataset name, ...) is stored with the
-    split's n, fraction and seed."""
+    """Write the split atomically as JSON {'meta': ``meta`` and the split's n, fraction, seed, 'train', 'val'}."""
     full_meta = {key: split[key] for key in ("n", "fraction", "seed") if key in split} | dict(meta)
     write_text(path, json.dumps({"meta": full_meta, "train": list(split["train"]), "val": list(split["val"])}))
 
@@ -39,8 +38,7 @@ def _index_list(doc: dict, key: str, path: Path) -> list[int]:
 
 
 def load_split(path: str | Path, expect_n: int | None = None) -> dict:
-    """Read and check a split file: {'train', 'val', 'meta'}. ``expect_n``: the size of the training set it is
-    applied to, which the file must have been made for."""
+    """Read and check a split file: {'train', 'val', 'meta'}; ``expect_n``: the training set size it was made for."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())

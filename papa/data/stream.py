@@ -1,7 +1,6 @@
 """Training batches for a whole population: step s yields every member's batch stacked on a member axis. Member
 j sees the training items in its own order (``rng.generator(seed, "order", j, epoch)``) and draws its augmentations
-from its own stream (``"augment"``), so its data depend neither on the population size nor on the others' policies.
-One stream class per ``Splits.kind`` (``STREAMS``)."""
+from its own stream (``"augment"``), so its data depend neither on the population size nor on the others' policies."""
 
 import math
 from collections.abc import Iterator, Sequence
@@ -33,8 +32,7 @@ def batch_policy(stream, j: int, generator: torch.Generator) -> Policy:
     member's own augmentation stream, so one network sees every regularization (the paper's Table 2)."""
     if stream.per_batch is None:
         return stream.policies[j]
-    base = stream.policies[j].base()
-    return draw_policies(stream.per_batch, 1, generator, {"crop_padding": base.crop_padding, "flip": base.flip})[0]
+    return draw_policies(stream.per_batch, 1, generator, stream.policies[j].base().as_dict())[0]
 
 
 def set_members(stream, train, batch_size: int, policies: Sequence[Policy], seed: int, device, base: Policy | None,
@@ -48,6 +46,7 @@ def set_members(stream, train, batch_size: int, policies: Sequence[Policy], seed
     stream.device = torch.device(device)
     stream.num_classes, stream.mean, stream.std = train.num_classes, train.mean, train.std
     stream.batch_size, stream.policies, stream.seed = batch_size, list(policies), seed
+    stream.size = len(stream.policies)
     stream.base = base if base is not None else stream.policies[0].base()
 
 
@@ -79,21 +78,13 @@ class MemberStream:
         self.image_size, self.resize = train.image_size, train.resize
         _, c, h, w = train.images.shape
         self._item_floats = c * (self.image_size ** 2 if self.image_size else h * w)  # one item's floats at the model
-
-    @property
-    def size(self) -> int:
-        return len(self.policies)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.indices) // self.batch_size
+        self.steps_per_epoch = len(self.indices) // batch_size
 
     def _batch(self, policy: Policy, idx: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return apply(policy, self.images[idx], self.labels[idx], self.num_classes, self.mean, self.std, generator,
                      self.image_size, self.resize)
 
     def _draw(self, generator: torch.Generator, count: int) -> Tensor:
-        """``count`` training items in random order: what ``_batch`` takes, in slices of a batch."""
         return to_device(_orders(self.indices, generator, count), self.device)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -137,8 +128,7 @@ class MemberStream:
 
 
 class _SeededImages(torch.utils.data.Dataset):
-    """Items are (index, seed): the image's random transform runs under its own seed, so a sample's crop
-    does not depend on which worker loads it or on the number of workers."""
+    """Items are (index, seed): each image's random transform runs under its own seed, whichever worker loads it."""
 
     def __init__(self, dataset: FolderDataset, transform):
         self.folder, self.transform = dataset.folder, transform
@@ -155,9 +145,8 @@ class _SeededImages(torch.utils.data.Dataset):
 
 
 class FolderStream:
-    """The MemberStream interface over an ImageFolder: one DataLoader per member decodes and transforms each image
-    on the CPU (``num_workers`` each; ``folder_train_transform``, no ``crop_padding``), the rest of the member's
-    policy runs on ``device``."""
+    """The MemberStream interface over an ImageFolder: a DataLoader per member (``num_workers`` each) decodes and
+    transforms images on the CPU (``folder_train_transform``, no ``crop_padding``), the rest runs on ``device``."""
 
     def __init__(self, train: FolderDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, num_workers: int = 0,
@@ -165,12 +154,10 @@ class FolderStream:
         self.indices = _check(len(train), indices, batch_size, policies)
         set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
         self.train, self.num_workers = train, num_workers
+        self.steps_per_epoch = len(self.indices) // batch_size
         self.samplers = [[] for _ in self.policies]  # (index, seed) items, refilled in place for the persistent workers
         self.loaders = [self._loader(policy, sampler, persistent=num_workers > 0)
                         for policy, sampler in zip(self.policies, self.samplers, strict=True)]
-
-    size = MemberStream.size
-    steps_per_epoch = MemberStream.steps_per_epoch
 
     def _loader(self, policy: Policy, sampler, persistent: bool, batch_size: int | None = None):
         transform = folder_train_transform(self.train.image_size, policy.flip, policy.autoaugment,
@@ -190,7 +177,6 @@ class FolderStream:
         return regularize(policy, images, labels, self.num_classes, self.mean, self.std, generator)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``steps_per_epoch`` pairs (x (p, B, C, H, W) float32, targets (p, B, K) float32)."""
         augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
         for j, sampler in enumerate(self.samplers):
             order = _orders(self.indices, rng.generator(self.seed, "order", self.ids[j], epoch), len(self.indices))
@@ -202,7 +188,6 @@ class FolderStream:
 
     def member_batches(self, j: int | None, generator: torch.Generator, n: int,
                        batch_size: int | None = None) -> Iterator[Tensor]:
-        """As MemberStream.member_batches."""
         b = batch_size or self.batch_size
         order = _orders(self.indices, generator, n * b)
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
@@ -244,10 +229,7 @@ class PatchStream(MemberStream):
         self.sizes = [tuple(y.shape) for y in train.labels]
         self.patch, self.epoch_size = train.patch_size, train.epoch_size
         self._item_floats = self.images[0].shape[0] * self.patch ** 2
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.epoch_size // self.batch_size
+        self.steps_per_epoch = self.epoch_size // batch_size
 
     def _draw(self, generator: torch.Generator, count: int) -> list[tuple[int, int, int]]:
         return draw_patches(self.sizes, self.indices, self.patch, count, generator)
@@ -269,16 +251,14 @@ STREAMS = {"array": MemberStream, "folder": FolderStream, "segmentation": PatchS
 
 def make_stream(splits: Splits, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                 device: str | torch.device = "cpu", **options) -> MemberStream | FolderStream | PatchStream:
-    """The stream for ``splits.kind`` over ``splits.train``. Options: ``base`` (the policy of
-    member_batches(None, ...)), ``num_workers`` (folders only)."""
+    """The stream for ``splits.kind`` over ``splits.train``; options ``base``, ``num_workers`` (folders only)."""
     return STREAMS[splits.kind](splits.train, indices, batch_size, policies, seed, device, **options)
 
 
 @torch.no_grad()
 def eval_batches(dataset: ArrayDataset | FolderDataset, indices=None, batch_size: int = 500,
                  device: str | torch.device = "cpu", num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """(x normalized float32, labels) over ``indices`` (default: all) in order, with no augmentation: the
-    batches for validation and test accuracy. The last batch may be smaller."""
+    """Unaugmented (x normalized float32, labels) over ``indices`` (default: all) in order; the last may be smaller."""
     device = torch.device(device)
     idx = torch.arange(len(dataset)) if indices is None else torch.as_tensor(list(indices), dtype=torch.int64)
     if isinstance(dataset, FolderDataset):  # items (index, 0): the eval transform draws nothing

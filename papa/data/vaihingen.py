@@ -66,16 +66,15 @@ def read_rgb(path: Path) -> np.ndarray:
 def decode_labels(rgb: np.ndarray, where: str | Path = "labels") -> Tensor:
     """Colour-coded labels uint8 (H, W, 3) -> class indices int64 (H, W)."""
     code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
-    lookup = {(r << 16) | (g << 8) | b: k for k, (r, g, b) in enumerate(CLASSES.values())}
-    keys = np.array(sorted(lookup))
-    pos = np.searchsorted(keys, code).clip(0, len(keys) - 1)
-    known = keys[pos] == code
+    colours = np.array([(r << 16) | (g << 8) | b for r, g, b in CLASSES.values()])
+    classes = np.argsort(colours)  # the classes in the order of their colour codes
+    pos = np.searchsorted(colours[classes], code).clip(0, len(classes) - 1)
+    known = colours[classes[pos]] == code
     if not known.all():
         y, x = np.argwhere(~known)[0]
         raise PapaError(f"{where}: unknown label colour {tuple(int(c) for c in rgb[y, x])} at pixel (x={x}, y={y}); "
                         f"expected one of {', '.join(f'{n} {c}' for n, c in CLASSES.items())}")
-    values = np.array([lookup[k] for k in keys])
-    return torch.from_numpy(values[pos])
+    return torch.from_numpy(classes[pos])
 
 
 def read_tile(base: Path, tile: int, label_dirs: tuple[str, ...] = LABEL_DIRS) -> tuple[Tensor, Tensor]:
@@ -130,8 +129,7 @@ def load_vaihingen(root=None, train_tiles=TRAIN_TILES, val_tiles=VAL_TILES, test
     label_dirs = tuple(label_dirs)
     base = catalog.require("vaihingen", root if root is not None else Path("data") / "vaihingen")
     labelled, n_train = train_ids + val_ids, len(train_ids)
-    train = [read_tile(base, t, label_dirs) for t in labelled]
-    test = [read_tile(base, t, label_dirs) for t in test_ids]
+    train, test = ([read_tile(base, t, label_dirs) for t in ids] for ids in (labelled, test_ids))
     if small := [t for t, (x, _) in zip(train_ids, train, strict=False) if min(x.shape[1:]) < patch_size]:
         raise PapaError(f"Vaihingen: tile {small[0]} is smaller than the {patch_size}x{patch_size} patches")
     mean, std = channel_stats([x for x, _ in train[:n_train]])
