@@ -200,9 +200,8 @@ REPORT_KEYS = ("description", "tables", "figures")  # top-level keys a job's con
 
 
 def job_configs(configfiles: list, overrides: dict, config: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """{experiment: the config file its ``papa`` jobs read}, and the files to write for them ({path: text}):
-    ``<results>/<experiment>/config.yaml`` (a path of the experiment, not of the config file: a run several configs
-    share is trained once), the config's top-level keys (overrides written in) and that experiment alone."""
+    """{experiment: its ``papa`` jobs' config, ``<results>/<experiment>/config.yaml`` (one run trained once for the
+    configs sharing it)} and those files {path: text}: the top-level keys (overrides written in), that experiment."""
     path = Path(configfiles[0])
     raw = _raw_config(path, overrides)
     top = {k: v for k, v in raw.items() if k not in (*REPORT_KEYS, "experiments")}
@@ -223,8 +222,7 @@ def write_configs(files: dict[str, str]) -> None:
 
 
 def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
-    """Experiment ``name`` of a loaded config: defaults merged with its overrides, validated (and at smoke scale
-    shrunk, papa.smoke), a relative ``data.root`` resolved against ``data_root``, ``name`` and ``scale`` added."""
+    """Experiment ``name`` of a loaded config: ``defaults`` merged with its keys, validated, shrunk at smoke scale."""
     if name not in config["experiments"]:
         raise PapaError(f"{path}: unknown experiment {name!r} (defined: {', '.join(sorted(config['experiments']))})")
     where = f"{path}: experiment {name!r}"

@@ -122,8 +122,7 @@ OPTIONS = {o.name: o for o in (
 
 
 def resolve(value: str | dict | None, where: str = "fidelity") -> dict[str, str]:
-    """The experiment's ``fidelity`` (a setting, or a mapping of ``setting`` and options) as a mapping holding
-    ``setting`` and every option's ``paper`` or ``authors``; a PapaError naming a value that is neither."""
+    """An experiment's ``fidelity`` (a setting, or ``setting`` and options) as ``setting`` and every option's value."""
     value = {"setting": value} if isinstance(value, str) or value is None else dict(value)
     setting = value.pop("setting", None) or "paper"
     if unknown := sorted(value.keys() - OPTIONS.keys()):

@@ -70,10 +70,9 @@ def accuracy(module, data, indices=None, batch_size: int = 500, device="cpu") ->
 
 
 def held_out_metrics(pop, soups: dict, test, batch_size: int = 500, device="cpu") -> dict:
-    """metrics.json's test scores: every member's accuracy (``members``), their logit ensemble's and each
-    soup's (by name). For a segmentation dataset, pixel accuracies under the same keys plus per-class F1 (A.8):
-    ``f1_members`` (one {class: F1, 'average': mean F1} per member) and scalar keys ``<model>_f1_<class>`` and
-    ``<model>_f1_average`` for model = mean (over members), ensemble and each soup."""
+    """metrics.json's test scores: every member's accuracy (``members``), their logit ensemble's and each soup's (by
+    name). For a segmentation dataset, pixel accuracies plus per-class F1 (A.8): ``f1_members`` (each member's
+    ``f1_dict``), ``<model>_f1_<class>`` and ``<model>_f1_average`` for model = mean (over members), ensemble, soups."""
     if not isinstance(test, TileDataset):
         labels = labels_of(test)
         logits = member_logits(pop, test, None, batch_size, device)
