@@ -38,8 +38,7 @@ def resolve(sch: dict, root: dict) -> dict:
 
 
 def fill_defaults(instance: Any, sch: dict, root: dict | None = None) -> Any:
-    """Write every missing property's ``default`` into ``instance``, in place and recursively (into the defaults
-    just written too), following ``properties``, ``additionalProperties``, ``items`` and local ``$ref``s."""
+    """Write every missing property's ``default`` into ``instance``, in place, recursively (into those written too)."""
     root = sch if root is None else root
     sch = resolve(sch, root)
     if isinstance(instance, dict):
@@ -95,10 +94,9 @@ def check_finite(instance: Any, where: str, key: str = "") -> None:
     """Refuse NaN and infinity anywhere in a config: no setting means either, and no JSON-schema bound refuses NaN."""
     if isinstance(instance, float) and not math.isfinite(instance):
         raise PapaError(f"{where}: {key or '(top level)'}: {instance} is not a finite number")
-    items = instance.items() if isinstance(instance, dict) else enumerate(instance) if isinstance(
-        instance, list) else ()
-    for k, value in items:
-        check_finite(value, where, f"{key}.{k}" if key else str(k))
+    if isinstance(instance, dict | list):
+        for k, value in instance.items() if isinstance(instance, dict) else enumerate(instance):
+            check_finite(value, where, f"{key}.{k}" if key else str(k))
 
 
 def validate(instance: Any, name: str, where: str) -> Any:
@@ -107,9 +105,9 @@ def validate(instance: Any, name: str, where: str) -> Any:
     check_finite(instance, where)
     fill_defaults(instance, sch)
     validator = _validator_class()
-    errors = sorted(validator(sch).iter_errors(instance), key=lambda e: list(e.absolute_path)) if validator else []
-    if errors:
-        e = _leaf(errors[0])
+    errors = validator(sch).iter_errors(instance) if validator else ()
+    if (first := min(errors, key=lambda e: list(e.absolute_path), default=None)) is not None:
+        e = _leaf(first)
         key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
         raise PapaError(f"{where}: {key}: {_message(e)}")
     return instance
@@ -119,19 +117,16 @@ def load_yaml(path: str | Path) -> Any:
     path = Path(path)
     try:
         data = path.read_bytes()
+        return yaml.safe_load(data.decode())
     except FileNotFoundError:
         raise PapaError(f"{path}: config file not found") from None
     except OSError as e:
         raise PapaError(f"{path}: cannot read config ({e.strerror})") from None
-    try:
-        text = data.decode()
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
         raise PapaError(f"{path}: not UTF-8 text: byte {data[e.start]:#04x} at line {line}, column {column} (save "
                         "the file as UTF-8)") from None
-    try:
-        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -159,9 +154,8 @@ def _yaml_leaves(value: Any) -> Any:
 
 
 def with_overrides(raw: dict, overrides: dict, path: str | Path) -> dict:
-    """A config file's content ``raw`` with top-level keys set from ``overrides`` (Snakemake's ``--config
-    KEY=VALUE``; a mapping merges into the file's), validated like the file: the file alone first, then with
-    the overrides, whose errors name them (``table1.yaml with --config scale=tiny: scale: ...``)."""
+    """A config file's ``raw`` content with top-level ``overrides`` (``--config KEY=VALUE``; a mapping merges into the
+    file's), validated alone first, then merged (``table1.yaml with --config scale=tiny: scale: ...``)."""
     validate(copy.deepcopy(raw), "config", str(path))
     merged = deep_merge(raw, {k: _yaml_leaves(v) if isinstance(v, list | dict) else v for k, v in overrides.items()})
     given = " ".join(f"{k}={v}" for k, v in overrides.items())
@@ -171,7 +165,12 @@ def with_overrides(raw: dict, overrides: dict, path: str | Path) -> dict:
 
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:
     """Read and validate a config file (with top-level ``overrides``, see ``with_overrides``) and its experiments."""
-    return _checked(_raw_config(path, overrides), path)
+    config = validate(copy.deepcopy(_raw_config(path, overrides)), "config", str(path))
+    if config["scale"] == "smoke":
+        smoke.scale_config(config)
+    for name in config["experiments"]:
+        experiment(config, name, path)
+    return config
 
 
 def _raw_config(path: str | Path, overrides: dict | None) -> dict:
@@ -181,41 +180,28 @@ def _raw_config(path: str | Path, overrides: dict | None) -> dict:
     return with_overrides(raw, overrides, path) if overrides else raw
 
 
-def _checked(raw: dict, path: str | Path) -> dict:
-    config = validate(copy.deepcopy(raw), "config", str(path))
-    if config["scale"] == "smoke":
-        smoke.scale_config(config)
-    for name in config["experiments"]:
-        experiment(config, name, path)
-    return config
-
-
 def workflow_config(configfiles: list, overrides: dict) -> tuple[dict, str, dict[str, str]]:
-    """The config of a Snakemake run (one ``--configfile``, ``overrides`` from ``--config KEY=VALUE``), the config
-    file its report jobs read (the file itself, or with overrides ``<results>/<file name>`` with them written in),
-    and the files to write for them ({path: text}, for ``write_configs``)."""
+    """The config of a Snakemake run (one ``--configfile``, ``overrides`` from ``--config``), the config file its
+    report jobs read (the file, or ``<results>/<file name>`` with the overrides written in) and the files to write."""
     if len(configfiles) != 1:
         raise PapaError(f"give exactly one config file (--configfile FILE), found {len(configfiles)}")
     path = Path(configfiles[0])
-    raw = _raw_config(path, overrides)
-    config = _checked(raw, path)
+    config = load_config(path, overrides)
     if not overrides:
         return config, str(path), {}
     given = " ".join(f"{k}={v}" for k, v in overrides.items())
     text = f"# {path} with --config {given} (written by the workflow; edit {path} instead)\n" + yaml.safe_dump(
-        raw, sort_keys=False, allow_unicode=True)
+        _raw_config(path, overrides), sort_keys=False, allow_unicode=True)
     jobs = str(Path(config["results"]) / path.name)
     return config, jobs, {jobs: text}
 
 
-# the top-level keys a job's config leaves out: the report's, and the description of the whole config
-REPORT_KEYS = ("description", "tables", "figures")
+REPORT_KEYS = ("description", "tables", "figures")  # top-level keys a job's config leaves out (the report's)
 
 
 def job_configs(configfiles: list, overrides: dict, config: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """{experiment: the config file its ``papa`` jobs read}, and the files to write for them ({path: text}):
-    ``<results>/<experiment>/config.yaml`` (a path of the experiment, not of the config file: a run several configs
-    share is trained once), the config's top-level keys (overrides written in) and that experiment alone."""
+    """{experiment: its ``papa`` jobs' config, ``<results>/<experiment>/config.yaml`` (one run trained once for the
+    configs sharing it)} and those files {path: text}: the top-level keys (overrides written in), that experiment."""
     path = Path(configfiles[0])
     raw = _raw_config(path, overrides)
     top = {k: v for k, v in raw.items() if k not in (*REPORT_KEYS, "experiments")}
@@ -236,8 +222,7 @@ def write_configs(files: dict[str, str]) -> None:
 
 
 def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
-    """Experiment ``name`` of a loaded config: defaults merged with its overrides, validated (and at smoke scale
-    shrunk, papa.smoke), a relative ``data.root`` resolved against ``data_root``, ``name`` and ``scale`` added."""
+    """Experiment ``name`` of a loaded config: ``defaults`` merged with its keys, validated, shrunk at smoke scale."""
     if name not in config["experiments"]:
         raise PapaError(f"{path}: unknown experiment {name!r} (defined: {', '.join(sorted(config['experiments']))})")
     where = f"{path}: experiment {name!r}"
@@ -251,8 +236,7 @@ def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
         if start >= 1 and start != int(start):
             raise PapaError(f"{where}: train.swa.start: {start} is neither a fraction below 1 nor a whole number of "
                             "epochs")
-        first = swa_start_epoch(exp)
-        if not 0 < first < epochs:
+        if not 0 < (first := swa_start_epoch(exp)) < epochs:
             raise PapaError(f"{where}: train.swa.start: SWA would start after {first} of {epochs} epochs; it needs at "
                             "least one epoch before it and one during it")
     if config.get("scale") == "smoke":

@@ -67,9 +67,8 @@ OPTIONS = {o.name: o for o in (
            "parents and child are measured on the same training batches with the base transform, crop and flip "
            "without regularization (recombine/permutations.py:69-75: correct_neuron_stats on train_dset_noaug, "
            "which data/data.py:22 builds with the training transform and re=0, and no hyperparam, so no mixup "
-           "either); PAPA-all's and "
-           "Table 14's many-/dirichlet/greedy REPAIR keeps the members' own augmentation in both settings "
-           "(permutations.py:133)",
+           "either); PAPA-all's and Table 14's many-/dirichlet/greedy REPAIR keeps the members' own augmentation in "
+           "both settings (permutations.py:133)",
            "every PAPA-2 cell with REPAIR: Tables 1-2, 5, 6-9, 10-11, 12, 14 (pair-half, pair-75), 16, 18 and "
            "Figure 2"),
     Option("soup_repair_data",
@@ -123,8 +122,7 @@ OPTIONS = {o.name: o for o in (
 
 
 def resolve(value: str | dict | None, where: str = "fidelity") -> dict[str, str]:
-    """The experiment's ``fidelity`` (a setting, or a mapping of ``setting`` and options) as a mapping holding
-    ``setting`` and every option's ``paper`` or ``authors``; a PapaError naming a value that is neither."""
+    """An experiment's ``fidelity`` (a setting, or ``setting`` and options) as ``setting`` and every option's value."""
     value = {"setting": value} if isinstance(value, str) or value is None else dict(value)
     setting = value.pop("setting", None) or "paper"
     if unknown := sorted(value.keys() - OPTIONS.keys()):

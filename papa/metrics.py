@@ -70,23 +70,21 @@ def accuracy(module, data, indices=None, batch_size: int = 500, device="cpu") ->
 
 
 def held_out_metrics(pop, soups: dict, test, batch_size: int = 500, device="cpu") -> dict:
-    """metrics.json's test scores: every member's accuracy (``members``), their logit ensemble's and each
-    soup's (by name). For a segmentation dataset, pixel accuracies under the same keys plus per-class F1 (A.8):
-    ``f1_members`` (one {class: F1, 'average': mean F1} per member) and scalar keys ``<model>_f1_<class>`` and
-    ``<model>_f1_average`` for model = mean (over members), ensemble and each soup."""
+    """metrics.json's test scores: every member's accuracy (``members``), their logit ensemble's and each soup's (by
+    name). For a segmentation dataset, pixel accuracies plus per-class F1 (A.8): ``f1_members`` (each member's
+    ``f1_dict``), ``<model>_f1_<class>`` and ``<model>_f1_average`` for model = mean (over members), ensemble, soups."""
     if not isinstance(test, TileDataset):
         labels = labels_of(test)
         logits = member_logits(pop, test, None, batch_size, device)
         return {"members": [scores(z, labels)[0] for z in logits],
                 "ensemble": scores(logit_ensemble(logits), labels)[0],
                 **{name: scores(predict(m, test, None, batch_size, device), labels)[0] for name, m in soups.items()}}
-    confs, _ = member_confusions(pop, test, None, device, ensemble=True)
-    soup_confs = dict(zip(soups, tile_confusions(list(soups.values()), test, None, device)[0], strict=True))
-    member_f1 = [f1_dict(c, test.classes) for c in confs[:-1]]
+    *members, ensemble = member_confusions(pop, test, None, device, ensemble=True)[0]
+    soup_confs = tile_confusions(list(soups.values()), test, None, device)[0]
+    models = {"ensemble": ensemble, **dict(zip(soups, soup_confs, strict=True))}
+    member_f1 = [f1_dict(c, test.classes) for c in members]
     f1 = {"mean": {k: sum(m[k] for m in member_f1) / len(member_f1) for k in member_f1[0]},
-          "ensemble": f1_dict(confs[-1], test.classes),
-          **{name: f1_dict(c, test.classes) for name, c in soup_confs.items()}}
-    return {"members": [pixel_accuracy(c) for c in confs[:-1]], "ensemble": pixel_accuracy(confs[-1]),
-            **{name: pixel_accuracy(c) for name, c in soup_confs.items()},
+          **{name: f1_dict(c, test.classes) for name, c in models.items()}}
+    return {"members": [pixel_accuracy(c) for c in members], **{name: pixel_accuracy(c) for name, c in models.items()},
             "classes": list(test.classes), "f1_members": member_f1,
             **{f"{model}_f1_{k}": v for model, values in f1.items() for k, v in values.items()}}

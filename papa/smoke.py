@@ -66,9 +66,8 @@ def events(exp: dict, steps: int | None) -> dict[str, str]:
     epochs, swa_start = t["epochs"], swa_start_epoch(exp)
     found = {}
     for variant in by_unit("epochs"):
-        due = averaging_epochs(exp, variant)
         what = f"averaging.{variant} every {a[variant]['every']} of {epochs} epochs in the window {a['window']}"
-        if due:
+        if due := averaging_epochs(exp, variant):
             found[f"{variant} averaging"] = what
         if swa_start is not None and any(e > swa_start for e in due):  # after an SWA update (mix_averages)
             found[f"{variant} averaging during SWA"] = what + f" after the SWA start {swa_start}"
@@ -107,8 +106,7 @@ def scale_experiment(full: dict, where: str = "experiment") -> dict:
     for epochs in range(MIN_EPOCHS, MAX_EPOCHS + 1):
         timed = _timed(exp, epochs, steps)
         found = events(timed, steps)
-        missed = [event for event in wanted if event not in found]
-        if not missed:
+        if not (missed := [event for event in wanted if event not in found]):
             return timed
     raise PapaError(f"{where}: at smoke scale, no number of epochs up to {MAX_EPOCHS} keeps every scheduled event of "
                     f"the full run: {missed[0]} ({wanted[missed[0]]})")
