@@ -185,8 +185,7 @@ class Distributed:
 
     def _all_gather_rows(self, rows: Tensor, group=None) -> list[Tensor]:
         """Each rank's (held members, ...) tensor, padded to the largest block for the collective."""
-        padded = torch.zeros(self.most, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
-        padded[: rows.shape[0]] = rows
+        padded = torch.cat([rows, rows.new_zeros(self.most - len(rows), *rows.shape[1:])])
         out = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(out, padded, group=group)
         return [o[: len(b)] for o, b in zip(out, self.blocks, strict=True)]
