@@ -1,6 +1,4 @@
-"""How each variant averages during training (Algorithm 1), one class per unit of papa.variants (``averager_for``
-picks it): ``Baseline`` (nothing), ``Push`` (steps; PAPA, §2.3), ``Replace`` (epochs; PAPA-all, PAPA-2, Table 14's
-weightings, then REPAIR) and ``Genetic`` (``Replace`` with the selection of Tables 15-17)."""
+"""Each variant's averaging in training (Algorithm 1): a class per unit of papa.variants, picked by ``averager_for``."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
