@@ -1,6 +1,4 @@
-"""How each variant averages during training (Algorithm 1), one class per unit of papa.variants (``averager_for``
-picks it): ``Baseline`` (nothing), ``Push`` (steps; PAPA, §2.3), ``Replace`` (epochs; PAPA-all, PAPA-2, Table 14's
-weightings, then REPAIR) and ``Genetic`` (``Replace`` with the selection of Tables 15-17)."""
+"""Each variant's averaging in training (Algorithm 1): a class per unit of papa.variants, picked by ``averager_for``."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,8 +93,7 @@ class _Averaging(Baseline):
         align_members_(ctx.pop, ctx.align_batches(self.align_images), reference=0, companions=companions, target=target)
 
     def mutate_(self, ctx: Context, gen: torch.Generator, pop: Population | None = None) -> None:
-        """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (Tables 15-17), of the members or of ``pop``
-        (the authors' elitism mutates its children before they are scored)."""
+        """Gaussian mutations N(0, (std/g)^2) after the g-th averaging (Tables 15-17), of the members or of ``pop``."""
         if self.mutation_std <= 0:
             return
         seed = int(torch.randint(2**62, (), generator=gen))
@@ -111,8 +108,7 @@ class _Averaging(Baseline):
 
 @dataclass
 class Push(_Averaging):
-    """PAPA: every ``every`` steps, theta_j <- alpha' theta_j + (1 - alpha') mean, where 1 - alpha' is
-    (1 - alpha) scaled by lr_t / lr_0 (``scale_with_lr``, as in the paper)."""
+    """PAPA (§2.3): every ``every`` steps, papa.averaging.push_toward_average_ with lr_t / lr_0 if ``scale_with_lr``."""
 
     alpha: float = 0.99
     every: int = 10
@@ -132,9 +128,8 @@ class Push(_Averaging):
 
 @dataclass
 class Replace(_Averaging):
-    """PAPA-all / PAPA-2: every ``every`` epochs (papa.variants.averages_after), the members are replaced by the rows
-    of a ``scheme`` mixing matrix, then REPAIRed (papa.repair) on ``repair_iters`` batches of each member's own
-    augmented data. ``mix_swa``: the members' SWA averages are mixed alike."""
+    """PAPA-all / PAPA-2 every ``every`` epochs (papa.variants.averages_after): the members become a ``scheme`` matrix's
+    rows, REPAIRed on ``repair_iters`` batches of their own augmented data; ``mix_swa``: SWA averages alike."""
 
     every: int = 5
     scheme: str = "all"
@@ -169,8 +164,7 @@ class Replace(_Averaging):
         return 0 < ctx.epochs <= ctx.progress.epoch
 
     def matrix(self, ctx: Context, gen: torch.Generator) -> Tensor | None:
-        """This generation's mixing matrix; None for PAPA-all's plain average. ``greedy``: every row the greedy
-        soup's weights (Algorithm 3 on the validation split)."""
+        """This generation's mixing matrix (None: PAPA-all); ``greedy``: all rows the greedy soup's (Algorithm 3)."""
         if self.scheme == "all":
             return None
         if self.scheme != "greedy":
@@ -196,11 +190,10 @@ class Replace(_Averaging):
         return generator(ctx.seed, "average", ctx.progress.epoch)
 
     def average(self, ctx: Context) -> None:
-        """The averaging after the current epoch, with its REPAIR. ``scripts_alignment`` (with ``align``) aligns as the
-        scripts do (recombine/permutations.py:47-52, 103-106, 122-125): PAPA-2 and pair-75 within each pair
-        (``pair_average``); PAPA-all each member to the running soup and ``greedy`` to the greedy soup so far, both
-        after REPAIR's moments are measured on the unaligned members (permutations.py:133); the other schemes every
-        member to member 0, as the paper does."""
+        """The averaging after the current epoch, with its REPAIR. With ``align``, ``scripts_alignment`` aligns as the
+        scripts (recombine/permutations.py:47-52, 103-106, 122-125): PAPA-2 and pair-75 within pairs (``pair_average``),
+        PAPA-all each member to the running soup and ``greedy`` to the greedy soup so far, both after REPAIR's moments
+        are taken on the unaligned members (permutations.py:133); other schemes, as the paper, all to member 0."""
         comm = ctx.comm
         gen = self.next_generation(ctx)
         scripts = self.align and self.scripts_alignment
@@ -236,10 +229,9 @@ class Replace(_Averaging):
             _mix(ctx.swa.average, matrix, ctx.comm)
 
     def pair_average(self, ctx: Context, gen: torch.Generator, batches, last: bool = False) -> None:
-        """PAPA-2 and pair-75 as the scripts run them pair by pair (recombine/permutations.py:32-76, main.py:
-        308-311): each row's pair (a, b), a < b, with b aligned to a when ``scripts_alignment`` (the alignments
-        accumulate over the rows), mixed by the row's weights and REPAIRed toward the two parents' moments.
-        ``last``: nothing is mixed; member i becomes a or b of its pair, drawn from ``gen``."""
+        """PAPA-2 and pair-75 pair by pair, as the scripts (recombine/permutations.py:32-76, main.py:308-311): row i's
+        pair (a, b), a < b, b aligned to a with ``scripts_alignment`` (alignments accumulating over the rows), mixed
+        by the row's weights, REPAIRed toward the parents' moments. ``last``: unmixed, member i is a or b (``gen``)."""
         matrix = self.matrix(ctx, gen)
         pairs = [tuple(row.nonzero().flatten().tolist()) for row in matrix]
         aligned = ctx.align_batches(self.align_images) if self.align and self.scripts_alignment else None
@@ -310,24 +302,23 @@ class Genetic(Replace):
         return candidates[chosen]
 
     def average(self, ctx: Context) -> None:
-        if not (self.elitism and self.scripts_elitism):
-            if not self.last_epoch(ctx):
-                return super().average(ctx)
-            gen = self.next_generation(ctx)  # the candidates are unmerged members: each row picks one
+        scripts = self.elitism and self.scripts_elitism
+        if not scripts and not self.last_epoch(ctx):
+            return super().average(ctx)
+        gen = self.next_generation(ctx)
+        if not scripts:  # after the last epoch the candidates are unmerged members: each row picks one
             rows = self.matrix(ctx, gen)
-            with torch.no_grad():
-                ctx.pop.load_state_dict({name: t[rows.argmax(1)] for name, t in ctx.pop.tensors()})
+            ctx.pop.load_state_dict({name: t[rows.argmax(1)] for name, t in ctx.pop.tensors()})
             self.mix_swa_(ctx, rows)
             self.mutate_(ctx, gen)
             return None
-        gen = self.next_generation(ctx)
         if self.align:
             self.align_(ctx)
         candidates, chosen, children = self._select(ctx, gen, mutate=True)
         n, made = children.size, children.state_dict()
-        with torch.no_grad():  # a surviving parent is left as it is: not mixed, REPAIRed nor mutated again
-            ctx.pop.load_state_dict({name: torch.stack([made[name][c] if c < n else t[c - n] for c in chosen])
-                                     for name, t in ctx.pop.tensors()})
+        # a surviving parent is left as it is: not mixed, REPAIRed nor mutated again
+        ctx.pop.load_state_dict({name: torch.stack([made[name][c] if c < n else t[c - n] for c in chosen])
+                                 for name, t in ctx.pop.tensors()})
         self.mix_swa_(ctx, candidates[chosen])
 
 

@@ -1,8 +1,7 @@
-"""Averaging a population in place: PAPA's push, PAPA-all, PAPA-2 and the weightings of Table 14.
-
-Every averaging is a row-stochastic p x p mixing matrix M along the member axis, theta_i <- sum_j M[i, j] theta_j
-(``mixing_matrix`` builds it, ``mix_`` applies it); the common cases have cheaper in-place forms. ``comm``: where
-the members live (papa.distributed); under torchrun ``pop`` holds one process's share and ``comm`` communicates."""
+"""Averaging a population in place: PAPA's push, PAPA-all, PAPA-2 and the weightings of Table 14. Each is a
+row-stochastic p x p mixing matrix M along the member axis, theta_i <- sum_j M[i, j] theta_j (``mixing_matrix`` builds
+it, ``mix_`` applies it; the common cases have cheaper in-place forms). ``comm``: where the members live
+(papa.distributed); under torchrun ``pop`` holds one process's share and ``comm`` communicates."""
 
 import itertools
 
@@ -111,11 +110,10 @@ def draw_pairs(p: int, generator: torch.Generator, n: int | None = None, pairs: 
 
 
 def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None, pairs: str = "random") -> Tensor:
-    """The p x p row-stochastic matrix (float64) of a scheme: ``all``, uniform rows (PAPA-all); ``pair-half`` /
-    ``pair-75``, row i weights a pair (``draw_pairs``) 1/2 + 1/2, or 3/4 + 1/4 with the heavier member at random (the
-    authors' ``[random.randint(0, 1)]``); ``many-half`` / ``many-75``, member i keeps 1/2 (3/4) of itself and the
-    other p-1 share the rest (the authors' ``many_half``/``many_75``, recombine/permutations.py); ``dirichlet``,
-    each row a flat Dirichlet draw."""
+    """The p x p row-stochastic matrix (float64) of ``scheme``: ``all``, uniform rows (PAPA-all); ``pair-half`` /
+    ``pair-75``, row i 1/2 + 1/2 on a pair (``draw_pairs``), or 3/4 + 1/4, the heavier at random (the authors'
+    ``[random.randint(0, 1)]``); ``many-half`` / ``many-75``, member i keeps 1/2 (3/4) of itself, the others share the
+    rest (recombine/permutations.py's ``many_half``/``many_75``); ``dirichlet``, flat Dirichlet rows."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown averaging scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
     if scheme == "all":

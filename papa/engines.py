@@ -1,8 +1,7 @@
-"""Training engines: one optimizer step's forward and backward passes over the members, overwriting the stacked
-``.grad`` of every trainable parameter and returning the per-member losses, shape (p,). ``loop``: one member at a
-time (the reference, as the official code does); ``stacked``: all members in one ``vmap`` call (BatchNorm statistics
-and dropout masks per member); ``analytic``: logistic regression in fp32, the gradient in closed form with the
-stacked engine's kernels in its order, so the same bits at a third of the cost (docs/performance.md)."""
+"""Training engines: one optimizer step's passes, overwriting every trainable parameter's stacked ``.grad`` and
+returning the members' losses (p,). ``loop``: one member at a time (the reference, as the official code); ``stacked``:
+all in one ``vmap`` call (BatchNorm statistics, dropout masks per member); ``analytic``: logistic regression in fp32,
+closed-form gradient with the stacked kernels in their order: same bits, a third of the cost (docs/performance.md)."""
 
 import math
 from collections.abc import Callable
@@ -21,8 +20,7 @@ LossFn = Callable[[dict, dict, Tensor, Tensor], Tensor]
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy against soft targets (mixup, CutMix, label smoothing): classes on dim 1, so (B, K) logits,
-    or (B, K, H, W) per-pixel logits averaged over pixels too."""
+    """Soft-target cross-entropy (mixup, CutMix, label smoothing) of (B, K) or per-pixel (B, K, H, W) logits."""
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
@@ -41,15 +39,13 @@ def member_loss_fn(template: torch.nn.Module) -> LossFn:
 
 
 def stacked_channels_last(x: Tensor) -> Tensor:
-    """A (p, B, C, H, W) batch laid out in memory as (B, H, W, p, C): vmap's grouped convolution reads it as a
-    (B, p*C, H, W) view that is then already channels-last, so no copy is made."""
+    """(p, B, C, H, W) stored as (B, H, W, p, C): vmap's grouped conv reads a channels-last (B, p*C, H, W) view."""
     return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
 
 
 def _conv_weights_channels_last(params: dict[str, Tensor], dim: int) -> dict[str, Tensor]:
-    """Copies of the ``dim``-dimensional (conv) weights in channels-last layout (stacked ones: (p, O, kh, kw, C), so
-    that their grouped view is), gradients flowing through. A convolution stays channels-last only when its weight is
-    too, and then the BatchNorm and max-pooling after it take their faster channels-last kernels."""
+    """The ``dim``-dimensional (conv) weights copied channels-last (stacked: (p, O, kh, kw, C), so their grouped view
+    is), gradients flowing through: only then do a convolution and the BatchNorm and pooling after it stay so."""
     if dim == 4:
         return {n: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for n, t in params.items()}
     return {n: t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if t.dim() == 5 else t
@@ -58,9 +54,8 @@ def _conv_weights_channels_last(params: dict[str, Tensor], dim: int) -> dict[str
 
 def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn: LossFn | None = None,
               channels_last: bool = False, scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """One member at a time, its gradients taken w.r.t. a detached view of its slice and copied into the stacked
-    .grad (``None`` where no member's loss uses a parameter). ``scale`` (a GradScaler's) multiplies each loss before
-    its backward; the losses returned are unscaled."""
+    """One member at a time, its gradients w.r.t. a detached view of its slice copied into the stacked .grad (None
+    where no member's loss uses a parameter). ``scale`` (a GradScaler's) scales each loss for its backward only."""
     loss_fn = loss_fn or member_loss_fn(pop.template)
     trainable = [n for n, t in pop.params.items() if t.requires_grad]
     for n in trainable:
@@ -91,8 +86,7 @@ def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn:
 
 def stacked_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn: LossFn | None = None,
                  channels_last: bool = False, scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """All members at once: vmap over the member axis of parameters, buffers and data. ``scale`` as in
-    ``loop_step``, applied to the sum of the members' losses (as the scripts scaled theirs)."""
+    """All members in one vmap; ``scale`` (see ``loop_step``) on the summed loss, as the scripts scaled theirs."""
     loss_fn = loss_fn or vmap(member_loss_fn(pop.template), randomness="different")
     params = pop.params
     if channels_last and x.dim() == 5:
@@ -119,10 +113,9 @@ def analytic_allowed(engine: str, template: torch.nn.Module, fp32: bool, compile
 
 def analytic_step(pop: Population, x: Tensor, targets: Tensor, autocast=None, *, loss_fn: LossFn | None = None,
                   channels_last: bool = False, scale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """Logistic regression's step in closed form, for (p, B, ...) inputs and (p, B, K) soft targets (fp32, no loss
-    scaling: the other arguments are the engines' common call). The loss's mean and minus hand log_softmax the
-    gradient -(1/B) targets; log_softmax's own backward op (autograd's, for the same bits) turns it into the
-    logits' gradient g; then grad W = (x^T g)^T and grad b = g summed over the batch, as the linear backward."""
+    """Logistic regression's step in closed form, (p, B, ...) inputs and (p, B, K) soft targets (fp32, unscaled; the
+    other arguments are the engines' common call): log_softmax gets the gradient -(1/B) targets, its own backward op
+    (autograd's, for the same bits) gives the logits' g; grad W = (x^T g)^T and grad b = g summed over the batch."""
     if not isinstance(pop.template, LogisticRegression):
         raise ValueError(f"the analytic engine trains logistic regression only, not {type(pop.template).__name__}")
     w, b = pop.params["linear.weight"], pop.params["linear.bias"]
@@ -140,8 +133,7 @@ ENGINES: dict[str, Callable] = {"loop": loop_step, "stacked": stacked_step, "ana
 
 
 class Engine:
-    """A configured engine, called like the step functions. With ``compile``, the member loss (vmapped for
-    ``stacked``) is compiled on the first call and reused as long as the population's template stays the same."""
+    """A configured step function; ``compile`` compiles the member loss (vmapped for ``stacked``) once per template."""
 
     def __init__(self, name: str, compile: bool = False, channels_last: bool = False):
         if name not in ENGINES:
@@ -173,11 +165,10 @@ class Engine:
 
 class PopulationScaler(torch.amp.GradScaler):
     """fp16 loss scaling as the authors' scripts ran it (main.py:172-189, utils/utils.py:70-71): one default
-    ``GradScaler()`` for the population's summed loss, then member by member ``scaler.step(optimizer[l]);
-    scaler.update()``: a member's step is skipped only when its own gradients overflow, and each member's are
-    unscaled by the scale as it stands at its turn (doubled after an overflowing member, as in the scripts).
-    With one optimizer over the stacked tensors, a skipped member's parameters and optimizer state are put back
-    after the step (AdamW's step count still counts it). All ranks see every member's overflow flag."""
+    ``GradScaler()`` for the summed loss, then per member ``scaler.step(optimizer[l]); scaler.update()``: a member's
+    step is skipped only when its own gradients overflow, each unscaled by the scale at its turn (doubled after an
+    overflowing member, as in the scripts). With one optimizer over the stacked tensors, a skipped member's parameters
+    and optimizer state are put back after the step (AdamW's step count still counts it). All ranks see every flag."""
 
     def __init__(self, device: torch.device | str):
         super().__init__(torch.device(device).type)
@@ -205,10 +196,9 @@ class PopulationScaler(torch.amp.GradScaler):
         self.update(scale)
         self._growth_tracker.fill_(tracker)
         mine = [found[j] for j in comm.members]
-        if grads:
-            inv = torch.tensor([inverse[j] for j in comm.members], dtype=torch.float32, device=grads[0].device)
-            for g in grads:
-                g.mul_(inv.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+        inv = torch.tensor([inverse[j] for j in comm.members], dtype=torch.float32, device=local.device)
+        for g in grads:
+            g.mul_(inv.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
         if all(mine):
             return found
         skipped = [k for k, f in enumerate(mine) if f]
@@ -262,9 +252,8 @@ def forward_gflop(model: torch.nn.Module, tensors: dict[str, Tensor], shape: tup
 
 
 CPU_STACKED_MAX_GFLOP = 0.04
-"""``auto`` on a CPU stacks the members up to this many forward GFLOP per member step (overhead-bound, paid once
-when stacked); above it the loop's separate convolutions are as fast or faster. From benchmarks/README.md's grid
-(stacked never slower up to 0.04, the loop up to 1.3x faster from 0.08)."""
+"""``auto`` on a CPU stacks members up to this many forward GFLOP per member step (overhead-bound, paid once stacked);
+above, the loop is as fast or faster (benchmarks/README.md: stacked never slower to 0.04, loop up to 1.3x from 0.08)."""
 
 
 def choose_engine(name: str, device: torch.device | str, population: int | None = None,

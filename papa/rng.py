@@ -10,8 +10,7 @@ import torch
 
 
 def derive_seed(*keys: object) -> int:
-    """A stable 63-bit seed from any keys (run seed, member index, purpose...): a digest of their repr, the same
-    on every machine and run (Python's hash() is salted per process)."""
+    """A stable 63-bit seed from any keys: a digest of their repr, the same on every machine (hash() is salted)."""
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
 
 
@@ -22,8 +21,7 @@ def generator(*keys: object, device: str | torch.device = "cpu") -> torch.Genera
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run a block (such as a module constructor, which draws from the global RNG) under ``seed``, restoring the
-    global CPU and CUDA RNG states afterwards."""
+    """Run a block (a module constructor, say) under ``seed``, then restore the global CPU and CUDA RNG states."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -32,8 +30,7 @@ def seeded(seed: int) -> Iterator[None]:
 
 @contextmanager
 def seeded_globals(seed: int):
-    """Run library code that draws from the global RNGs (torch, ``random``, numpy) under ``seed``, then put the
-    callers' RNG states back, so those draws disturb nothing else."""
+    """Run library code drawing from the global torch, ``random`` and numpy RNGs under ``seed``; restore them after."""
     py, npy = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):

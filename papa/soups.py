@@ -1,5 +1,4 @@
-"""Model soups (Wortsman et al., 2022) and the logit ensemble: a population in, plain modules out; ``make_soups``
-is the paper's recipe."""
+"""Model soups (Wortsman et al., 2022; ``make_soups``: the paper's recipe) and the logit ensemble of a population."""
 
 import copy
 from collections.abc import Callable, Sequence
@@ -52,8 +51,7 @@ def _greedy(scores: Sequence[float], score: Callable[[nn.Module], float],
 
 def greedy_soup(pop: Population, score: Callable[[nn.Module], float], criterion: str = ">=",
                 scores: Sequence[float] | None = None) -> tuple[nn.Module, list[int]]:
-    """Greedy soup, Algorithm 3: the soup and its members, in the order added. ``scores``: the members' scores
-    when the caller has them."""
+    """Greedy soup, Algorithm 3: the soup and its members, in the order added (``scores``: the members', if known)."""
     scores = _scores(pop, score) if scores is None else scores
     included, _ = _greedy(scores, score, lambda members, _: average_soup(pop, subset_weights(pop.size, members)),
                           criterion)
@@ -62,8 +60,7 @@ def greedy_soup(pop: Population, score: Callable[[nn.Module], float], criterion:
 
 def sequential_alignment(pop: Population, batches: Batches, order: Sequence[int] | None = None,
                          seed: int = 666) -> Population:
-    """Every member aligned to the running average: ``order[0]`` (default member 0) is kept, each next member is
-    aligned to the average of the (aligned) members before it. The result keeps member order."""
+    """Members aligned in ``order`` (default 0, 1, ...), each to the average of those before it; member order kept."""
     perms = running_soup_permutations(pop, batches, order, seed)
     return Population.from_modules([permute(pop.member(j), perms[j]) if j in perms else pop.member(j)
                                     for j in range(pop.size)])
@@ -107,12 +104,11 @@ def aligned_greedy_soup(pop: Population, score: Callable[[nn.Module], float], ba
 def make_soups(pop: Population, score: Callable[[nn.Module], float], repair_batches: Batches, iters: int = 5,
                seed: int = 666, align_batches: Batches | None = None, stacked: bool = False, criterion: str = ">=",
                layers: str = "conv+linear", fusion: str = "exact") -> tuple[dict[str, nn.Module], list[int]]:
-    """The paper's four soups (``SOUPS``), the average and greedy soups (by ``score``, higher is better), each also
-    REPAIRed (papa.repair's ``layers`` and ``fusion``) on ``iters`` batches of ``repair_batches`` with the moments
-    of the members it averages; and the greedy soup's members, in the order added. A soup of one member is that
-    member, not REPAIRed (P:l.388; models/combined.py ``if self.args.repair_soup and n > 1``). With
-    ``align_batches`` the members, by decreasing score, are each aligned to the soup built so far (Appendix A.4)
-    and REPAIR takes its targets from the aligned members."""
+    """The paper's four soups (``SOUPS``): the average and greedy soups (by ``score``, higher is better), each also
+    REPAIRed on ``iters`` batches of ``repair_batches`` with the moments of the members it averages; and the greedy
+    soup's members, in the order added. A soup of one member is that member, not REPAIRed (P:l.388; models/combined.py
+    ``if self.args.repair_soup and n > 1``). With ``align_batches``, the members by decreasing score are each aligned to
+    the soup so far (Appendix A.4), and REPAIR targets the aligned members."""
     if align_batches is not None:
         permutation_spec(pop.template)  # a one-line error on architectures alignment does not support
         scores = _scores(pop, score)

@@ -1,9 +1,8 @@
-"""The variants, and when anything scheduled in a run happens: the one source training, the config checks, the
-tables, figures, CLI and schemas read (no torch: the Snakefile reads it too). A variant is a schedule, its ``unit``
-(``none``; ``steps``: a push toward the mean every ``every`` steps, papa.averagers.Push; ``epochs``: members
-replaced by mixtures every ``every`` epochs, papa.averagers.Replace), and a scheme (the push's ``alpha`` or
-``averaging.<name>.scheme``). A new variant is one entry of VARIANTS plus its ``averaging`` block in the experiment
-schema (tests/unit/test_variants.py; docs/architecture.md)."""
+"""The variants and when anything scheduled in a run happens: the one source training, config checks, tables, figures,
+CLI and schemas read (no torch: the Snakefile reads it too). A variant is a schedule, its ``unit`` (``none``; ``steps``:
+a push toward the mean every ``every`` steps, papa.averagers.Push; ``epochs``: members replaced by mixtures every
+``every`` epochs, papa.averagers.Replace), and a scheme (the push's ``alpha`` or ``averaging.<name>.scheme``). A new
+variant: a VARIANTS entry and an ``averaging`` block in the experiment schema (docs/architecture.md)."""
 
 from dataclasses import dataclass
 
@@ -42,15 +41,12 @@ def by_unit(unit: str) -> list[str]:
 
 def in_window(window, done: int, total: int) -> bool:
     """Whether ``done`` of ``total`` (steps or epochs) lies inside ``averaging.window`` (fractions of training)."""
-    lo, hi = window
-    return lo * total < done <= hi * total
+    return window[0] * total < done <= window[1] * total
 
 
 def _scripts_due(epoch: int, epochs: int, every: int, from_start: bool, window) -> bool:
-    """The scripts' test (main.py:217) on the 0-based epoch e = epoch - 1: ``e % k == 0 and (e > 0 or
-    mix_from_start) and e+1 >= lo*E and e+1 <= hi*E``, the window's bounds both inclusive."""
-    lo, hi = window
-    return (epoch - 1) % every == 0 and (epoch > 1 or from_start) and lo * epochs <= epoch <= hi * epochs
+    """main.py:217's test, e = epoch - 1: ``e % k == 0 and (e > 0 or mix_from_start) and lo*E <= e+1 <= hi*E``."""
+    return (epoch - 1) % every == 0 and (epoch > 1 or from_start) and window[0] * epochs <= epoch <= window[1] * epochs
 
 
 def averages_after(epoch: int, epochs: int, every: int, from_start: bool, window, zero_based: bool = False) -> bool:
@@ -80,8 +76,7 @@ def zero_based(exp: dict) -> bool:
 
 
 def averaging_epochs(exp: dict, variant: str, window=None) -> list[int]:
-    """The epochs (1-based) after which ``variant`` (an ``epochs`` variant) averages in a run of ``exp`` (with
-    ``window`` instead of ``averaging.window`` if given)."""
+    """The epochs (1-based) after which ``variant`` (``epochs`` unit) averages in ``exp`` (``window``: an override)."""
     epochs, a = exp["train"]["epochs"], exp["averaging"][variant]
     window = exp["averaging"]["window"] if window is None else window
     return [e for e in range(1, epochs)
