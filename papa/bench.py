@@ -95,9 +95,8 @@ def _timed(fn, device: torch.device, calls: int) -> tuple[float, float]:
 
 def run(*args, threads: int | None = None, **kwargs) -> dict:
     """Time ``repeats`` blocks of ``steps`` training steps (after ``warmup`` untimed ones) and a PAPA push on
-    ``threads`` CPU threads; ``profile``: a file for the profiler's kernel table of one more step. ``step_ms`` is the
-    fastest block's mean step (other work only slows a block down), ``cpu_ms`` the process CPU time per step (the
-    steadier figure on a busy machine)."""
+    ``threads`` CPU threads; ``profile``: a file for the kernel table of one more step. ``step_ms`` is the fastest
+    block's mean step (other work only slows a block), ``cpu_ms`` the process CPU time per step (steadier when busy)."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -42,11 +42,10 @@ def build_optimizer(exp: dict, pop: Population) -> torch.optim.Optimizer:
     """One optimizer over the stacked parameters: SGD and AdamW are elementwise, so this is exactly p
     independent optimizers (and keeps each member's momentum across averaging)."""
     o = exp["train"]["optimizer"]
-    params = pop.parameters()
     if o["name"] == "sgd":
-        return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"],
+        return torch.optim.SGD(pop.parameters(), lr=o["lr"], momentum=o["momentum"],
                                nesterov=o["nesterov"] and o["momentum"] > 0, weight_decay=o["weight_decay"])
-    return torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+    return torch.optim.AdamW(pop.parameters(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
 
 
 def build_engine(exp: dict, device: torch.device, pop: Population, splits) -> Engine:
@@ -63,10 +62,9 @@ def build_engine(exp: dict, device: torch.device, pop: Population, splits) -> En
 
 
 def build_precision(exp: dict, device: torch.device) -> tuple[torch.dtype | None, PopulationScaler | None]:
-    """``train.precision`` on ``device``: the autocast dtype (None: fp32) and the loss scaler (None: none).
-    ``bf16`` autocasts to bf16 on any device, ``bf16-cuda`` on CUDA only (fp32 on the CPU). With
-    ``fidelity.mixed_precision: authors`` a CUDA run's mixed precision is fp16 with a PopulationScaler, as the
-    scripts' --mixed_precision/--grad_scaler ran (main.py:172-189); the CPU runs as under ``paper``."""
+    """``train.precision`` on ``device``: the autocast dtype (None: fp32) and the loss scaler (None: none). Under
+    ``fidelity.mixed_precision: authors`` CUDA runs fp16 with a PopulationScaler, as the scripts' --mixed_precision/
+    --grad_scaler ran (main.py:172-189; docs/decisions.md)."""
     precision, cuda = exp["train"]["precision"], device.type == "cuda"
     if precision == "fp32" or (precision == "bf16-cuda" and not cuda):
         return None, None
@@ -77,9 +75,8 @@ def build_precision(exp: dict, device: torch.device) -> tuple[torch.dtype | None
 
 # the learning-rate schedule ------------------------------------------------------------------------
 def lr_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based), updated every step (Algorithm 1). With
-    ``train.swa`` the regular schedule stops at the SWA start; from there SWALR's annealing, once per epoch,
-    takes the rate to the SWA rate over ``anneal_epochs`` epochs (linearly or with a half cosine), then holds it."""
+    """Learning-rate multiplier at optimizer step ``step`` (0-based), updated every step (Algorithm 1); from the SWA
+    start, SWALR's annealing to the SWA rate, once per epoch (docs/decisions.md)."""
     start = swa_start_epoch(exp)
     if start is None or step < start * steps_per_epoch:
         return schedule_factor(exp, step, steps_per_epoch)

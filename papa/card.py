@@ -124,13 +124,11 @@ def model_card(spec: dict) -> str:
         aligned = ", each permutation-aligned to the soup before it was added" if n["aligned"] else ""
         what = (f"The {network_name(n)}: {avg}{aligned}" + (", then REPAIRed" if n["repaired"] else "")
                 + ("" if len(n["members"]) > 1 else " (a one-member soup is that member, not REPAIRed)") + ".")
-    rows = [
-        ("Experiment", f"`{n['experiment']}`"), ("Variant", n["variant"]), ("Seed", n["seed"]),
-        ("Population", f"p = {n['population']}"), ("Network", f"`{n['soup'] or 'member'}`: {what}"),
-        ("REPAIR", "yes" if n["repaired"] else "no"), ("Architecture", arch),
-        (f"Test {n['metric']}", f"{_percent(n['test_accuracy'])} (metrics.json of the run)"),
-        (f"Validation {n['metric']}", _percent(n["val_accuracy"])),
-    ]
+    rows = [("Experiment", f"`{n['experiment']}`"), ("Variant", n["variant"]), ("Seed", n["seed"]),
+            ("Population", f"p = {n['population']}"), ("Network", f"`{n['soup'] or 'member'}`: {what}"),
+            ("REPAIR", "yes" if n["repaired"] else "no"), ("Architecture", arch),
+            (f"Test {n['metric']}", f"{_percent(n['test_accuracy'])} (metrics.json of the run)"),
+            (f"Validation {n['metric']}", _percent(n["val_accuracy"]))]
     if "test_f1_average" in n:
         rows.append(("Test mean F1", _percent(n["test_f1_average"])))
     table = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)

@@ -121,7 +121,8 @@ def _fake_data(a):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="papa", description="PopulAtion Parameter Averaging: train, average and "
                                      "evaluate populations.")
-    parser.add_argument("--version", action=_Version, help="print the installed version of papa and exit")
+    parser.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS,
+                        help="print the installed version of papa and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="load the dataset and save the 2%% validation split",
@@ -222,9 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
 class _Version(argparse.Action):
     """``--version``: the installed package's version (importlib.metadata, read only when asked)."""
 
-    def __init__(self, option_strings, dest, help=None):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
-
     def __call__(self, parser, namespace, values, option_string=None):
         from importlib.metadata import version
         print(f"{parser.prog} {version('papa')}")
@@ -242,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"papa {args.command}: error: {e}", file=sys.stderr)
         return e.status
     except OSError as e:  # the machine refused a write: the path, and the space left
-        line = write_error(e)
-        if line is None:
+        if (line := write_error(e)) is None:
             raise
         print(f"papa {args.command}: error: {one_line(line)}", file=sys.stderr)
         return DiskError.status

@@ -4,8 +4,7 @@
 def one_line(text: str, limit: int = 1000) -> str:
     """``text`` as one printable line: whitespace runs become one space, other control characters are escaped and
     an overlong text is cut with an ellipsis (messages may quote a corrupt file's bytes)."""
-    flat = " ".join(text.split())
-    flat = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in flat)
+    flat = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(text.split()))
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 

@@ -1,9 +1,6 @@
-"""``papa export`` writes one network of a run as a folder: ``model.safetensors`` (the architecture's own tensors,
-REPAIR's biases folded into the BatchNorms they feed, papa.fold), ``config.json`` (papa's description: model,
-kwargs, classes, input size and normalization) and ``README.md`` (papa.card). A timm model's folder is what
-``timm.models.save_for_hf`` writes (``timm.create_model("local-dir:PATH")`` reads it without papa), papa's
-description under ``papa``. A bias that cannot be folded is kept, listed under ``biases.kept``. ``load_soup`` /
-``load_model`` give a network back as a plain ``nn.Module``."""
+"""``papa export``: one network of a run as a folder, ``model.safetensors`` (REPAIR's biases folded, papa.fold),
+``config.json`` (timm's ``save_for_hf`` for a timm model, papa's description under ``papa``) and ``README.md``
+(papa.card); ``load_soup`` / ``load_model`` give a network back as a plain ``nn.Module`` (docs/interfaces.md)."""
 
 import contextlib
 import json
@@ -100,16 +97,12 @@ def _dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 def _bias_free(model: nn.Module, name: str) -> bool:
-    try:
-        layer = model.get_submodule(name)
-    except AttributeError:
-        return False
+    layer = dict(model.named_modules(remove_duplicate=False)).get(name)
     return isinstance(layer, nn.Linear | _ConvNd) and layer.bias is None
 
 
 def _module(stock: nn.Module, state: dict[str, torch.Tensor], where: Path) -> tuple[nn.Module, list[str]]:
-    """``stock``'s architecture holding ``state``, and the layers ``state`` gives a bias the architecture lacks
-    (REPAIR's); any other difference is a PapaError."""
+    """``stock`` holding ``state``, and the layers ``state`` gives a bias ``stock`` lacks (REPAIR's); else PapaError."""
     own = stock.state_dict()
     added = sorted(k.removesuffix(".bias") for k in state.keys() - own.keys()
                    if k.endswith(".bias") and _bias_free(stock, k.removesuffix(".bias")))
@@ -139,15 +132,12 @@ def describe(files: RunFiles, soup: str | None, member: int | None) -> dict:
     else:
         members = list(soups["greedy_soup_members"]) if soup.startswith("greedy") else list(range(len(m["members"])))
         val, test = soups.get("val_accuracy", {}).get(soup), m[soup]
-    out = {
-        "experiment": meta.get("experiment"), "variant": meta.get("variant"), "seed": meta.get("seed"),
-        "population": len(m["members"]), "soup": soup, "member": member, "members": members,
-        # a one-member soup is that member, never REPAIRed (papa.soups.make_soups)
-        "repaired": bool(soup and soup.endswith("_repair") and len(members) > 1),
-        "aligned": bool(soup and soups.get("aligned", False)),
-        "metric": "pixel accuracy" if segmentation else "accuracy",
-        "test_accuracy": test, "val_accuracy": val,
-    }
+    out = {"experiment": meta.get("experiment"), "variant": meta.get("variant"), "seed": meta.get("seed"),
+           "population": len(m["members"]), "soup": soup, "member": member, "members": members,
+           # a one-member soup is that member, never REPAIRed (papa.soups.make_soups)
+           "repaired": bool(soup and soup.endswith("_repair") and len(members) > 1),
+           "aligned": bool(soup and soups.get("aligned", False)),
+           "metric": "pixel accuracy" if segmentation else "accuracy", "test_accuracy": test, "val_accuracy": val}
     if segmentation:
         f1 = m["f1_members"][member]["average"] if member is not None else m.get(f"{soup}_f1_average")
         out["test_f1_average"] = f1
@@ -183,9 +173,8 @@ def network(files: RunFiles, soup: str | None = None, member: int | None = None)
 
 
 def load_soup(run_dir: str | Path, name: str = SOUP, device: str | torch.device = "cpu") -> nn.Module:
-    """Soup ``name`` (avg_soup, greedy_soup, avg_soup_repair or greedy_soup_repair) of a run as a plain ``nn.Module``
-    in eval mode on ``device``: the network ``papa export`` writes (the soup's outputs, to float rounding). Refused
-    (PapaError) when the run's soups or metrics are stale."""
+    """Soup ``name`` (one of papa.soups.SOUPS) of a run as a plain ``nn.Module`` in eval mode on ``device``: what
+    ``papa export`` writes (the soup's outputs to float rounding); PapaError when its soups or metrics are stale."""
     return network(read_run(run_dir), soup=name)[0].to(device)
 
 
@@ -194,10 +183,8 @@ def _is_export(path: Path) -> bool:
     if not path.is_dir() or path.is_symlink():
         return False
     names = {p.name for p in path.iterdir()}
-    if not names:
-        return True
-    if not names <= {WEIGHTS, CONFIG, CARD} or CONFIG not in names:
-        return False
+    if CONFIG not in names or not names <= {WEIGHTS, CONFIG, CARD}:
+        return not names  # no earlier export: only an empty folder may go
     try:
         config = json.loads((path / CONFIG).read_text())
     except (OSError, ValueError):
@@ -244,9 +231,8 @@ def _timm_data_config(spec: dict) -> dict:
 
 
 def save(module: nn.Module, spec: dict, out: str | Path) -> None:
-    """Write ``module`` (``spec``'s architecture plus the biases ``spec['biases']['kept']`` names), its description
-    and model card as export folder ``out``. The tensors go through a fresh network of the architecture with
-    ``strict=True``: what is written is what loads."""
+    """Write ``module`` (``spec``'s architecture plus the biases ``spec['biases']['kept']`` names), its description and
+    model card as export folder ``out``, through a fresh network loaded with ``strict=True``: what is written loads."""
     from safetensors.torch import save_file
     state = module.state_dict()
     stock = add_biases(architecture(spec), spec["biases"]["kept"], state).to(_dtype(state))
@@ -301,9 +287,8 @@ def read_spec(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """The network of an export folder as an ``nn.Module`` in eval mode on ``device``, its floating tensors of
-    ``dtype`` (default: as saved): papa's own architectures from config.json, timm models through
-    ``timm.create_model("local-dir:PATH")``."""
+    """The network of an export folder as an ``nn.Module`` in eval mode on ``device``, floating tensors of ``dtype``
+    (default: as saved): papa's architectures from config.json, timm's by ``timm.create_model("local-dir:PATH")``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     path, spec = Path(path), read_spec(path)

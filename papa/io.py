@@ -1,6 +1,5 @@
-"""File output: atomic writes (a result appears under its final name only once complete, with the permissions the
-umask gives, not mkstemp's 0600), the one line for a write the file system refuses (``write_error``), and
-``hold_lock``, an exclusive lock held while a process works in a directory."""
+"""File output: atomic writes (under the final name only once complete, with the umask's permissions, not mkstemp's
+0600), ``write_error``'s one line for a refused write, and ``hold_lock`` for a process working in a directory."""
 
 import contextlib
 import errno
@@ -26,10 +25,9 @@ def current_umask() -> int:
 
 
 def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> None:
-    """``writer`` writes a unique temporary file beside ``path``, then fsynced and renamed into place; on failure
-    it is removed and ``path`` left untouched. A failed system call without a file name (a failed write(), as a
-    full disk gives), naming the temporary file, or reported by a writer in Rust (safetensors) is raised again as
-    an OSError naming ``path``."""
+    """``writer`` writes a unique temporary file beside ``path``, then fsynced and renamed into place (removed on
+    failure, ``path`` untouched). A failed system call naming no file (a failed write(), as a full disk gives) or the
+    temporary file, or reported by a writer in Rust (safetensors), is raised again as an OSError naming ``path``."""
     path = Path(path)
     tmp = None
     try:
@@ -105,8 +103,7 @@ def free_space(path: str | Path) -> int | None:
 
 
 def write_error(e: OSError) -> str | None:
-    """The one line for a write the file system refused, naming the path and, for the space errors, the space
-    left; None for any other OSError."""
+    """The one line for a write the file system refused: the path and, for lack of space, the space left; else None."""
     reason = WRITE_ERRORS.get(e.errno)
     if reason is None:
         return None
