@@ -19,7 +19,6 @@ COLUMNS = ["experiment", "variant", "seed", "metric", "value", "code"]
 
 
 def run_dir(results: str | Path, experiment: str, variant: str, seed: int) -> Path:
-    """The directory of one population run."""
     return Path(results) / experiment / variant / f"seed{seed}"
 
 
@@ -87,7 +86,6 @@ def aggregate(paths: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def find_metrics(results: str | Path) -> list[Path]:
-    """Every ``<results>/*/*/seed*/metrics.json`` and ``similarity.json``."""
     return sorted(p for name in ("metrics.json", "similarity.json") for p in Path(results).glob(f"*/*/seed*/{name}"))
 
 
@@ -115,9 +113,8 @@ def load(path: str | Path) -> pd.DataFrame:
 
 
 def read_csv(path: str | Path, kinds: dict[str, type], what: str, missing: str, rows: bool = True) -> pd.DataFrame:
-    """A CSV file papa wrote (metrics.csv, history.csv), checked first, each problem one PapaError line: UTF-8,
-    complete (every line ends with a newline), the columns of ``kinds`` ({column: int, float or str}; an empty
-    float is NaN), data rows unless ``rows`` is False. ``missing``: what to say when the file is not there."""
+    """A CSV file papa wrote (metrics.csv, history.csv), checked first, each problem one PapaError line. ``kinds``:
+    {column: int, float or str} (an empty float is NaN); ``missing``: what to say when the file is not there."""
     path = Path(path)
     text = _text(path, f"{what} {missing}")
     if not text.strip():
