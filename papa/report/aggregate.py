@@ -90,8 +90,7 @@ def find_metrics(results: str | Path) -> list[Path]:
 
 
 def over_seeds(values) -> dict:
-    """``n``, ``mean``, ``std``, ``min``, ``max`` of one metric over seeds (NaN where undefined); the std is the
-    sample one (ddof = 1): the seeds are a sample of the runs one could make."""
+    """Stats over seeds, NaN where undefined; the std is the sample one: seeds sample the runs one could make."""
     values = np.asarray(values, dtype=float)
     n = len(values)
     return {"n": n, "mean": values.mean() if n else np.nan, "std": values.std(ddof=1) if n > 1 else np.nan,
@@ -105,11 +104,10 @@ def write(frame: pd.DataFrame, out: str | Path) -> Path:
 
 
 def load(path: str | Path) -> pd.DataFrame:
-    """Read an aggregated CSV back (seed as int, value as float)."""
+    """Read an aggregated CSV back (seed as int, value as float, code "" where an older file has none)."""
     kinds = {"experiment": str, "variant": str, "seed": int, "metric": str, "value": float}
     frame = read_csv(path, kinds, "aggregated metrics", "not found (run `papa aggregate` first)", rows=False)
-    frame["code"] = frame["code"].astype(object).fillna("").astype(str) if "code" in frame else ""  # older: none
-    return frame
+    return frame.assign(code=frame["code"].astype(object).fillna("").astype(str) if "code" in frame else "")
 
 
 def read_csv(path: str | Path, kinds: dict[str, type], what: str, missing: str, rows: bool = True) -> pd.DataFrame:

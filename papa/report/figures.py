@@ -137,10 +137,7 @@ def _focus(ax, values, points) -> bool:
 
 
 def _jumps(t: pd.DataFrame) -> pd.DataFrame:
-    wide = t.pivot(index="epoch", columns="phase", values="value")
-    if "after_avg" not in wide:
-        return pd.DataFrame(columns=["epoch", "jump"])
-    wide = wide.dropna(subset=["after_avg", "before_avg"])
+    wide = t.pivot(index="epoch", columns="phase", values="value").reindex(columns=["before_avg", "after_avg"]).dropna()
     return pd.DataFrame({"epoch": wide.index, "jump": (wide["after_avg"] - wide["before_avg"]).to_numpy()})
 
 
