@@ -19,7 +19,6 @@ COLUMNS = ["experiment", "variant", "seed", "metric", "value", "code"]
 
 
 def run_dir(results: str | Path, experiment: str, variant: str, seed: int) -> Path:
-    """The directory of one population run."""
     return Path(results) / experiment / variant / f"seed{seed}"
 
 
@@ -87,13 +86,11 @@ def aggregate(paths: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def find_metrics(results: str | Path) -> list[Path]:
-    """Every ``<results>/*/*/seed*/metrics.json`` and ``similarity.json``."""
     return sorted(p for name in ("metrics.json", "similarity.json") for p in Path(results).glob(f"*/*/seed*/{name}"))
 
 
 def over_seeds(values) -> dict:
-    """``n``, ``mean``, ``std``, ``min``, ``max`` of one metric over seeds (NaN where undefined); the std is the
-    sample one (ddof = 1): the seeds are a sample of the runs one could make."""
+    """Stats over seeds, NaN where undefined; the std is the sample one: seeds sample the runs one could make."""
     values = np.asarray(values, dtype=float)
     n = len(values)
     return {"n": n, "mean": values.mean() if n else np.nan, "std": values.std(ddof=1) if n > 1 else np.nan,
@@ -107,17 +104,15 @@ def write(frame: pd.DataFrame, out: str | Path) -> Path:
 
 
 def load(path: str | Path) -> pd.DataFrame:
-    """Read an aggregated CSV back (seed as int, value as float)."""
+    """Read an aggregated CSV back (seed as int, value as float, code "" where an older file has none)."""
     kinds = {"experiment": str, "variant": str, "seed": int, "metric": str, "value": float}
     frame = read_csv(path, kinds, "aggregated metrics", "not found (run `papa aggregate` first)", rows=False)
-    frame["code"] = frame["code"].astype(object).fillna("").astype(str) if "code" in frame else ""  # older: none
-    return frame
+    return frame.assign(code=frame["code"].astype(object).fillna("").astype(str) if "code" in frame else "")
 
 
 def read_csv(path: str | Path, kinds: dict[str, type], what: str, missing: str, rows: bool = True) -> pd.DataFrame:
-    """A CSV file papa wrote (metrics.csv, history.csv), checked first, each problem one PapaError line: UTF-8,
-    complete (every line ends with a newline), the columns of ``kinds`` ({column: int, float or str}; an empty
-    float is NaN), data rows unless ``rows`` is False. ``missing``: what to say when the file is not there."""
+    """A CSV file papa wrote (metrics.csv, history.csv), checked first, each problem one PapaError line. ``kinds``:
+    {column: int, float or str} (an empty float is NaN); ``missing``: what to say when the file is not there."""
     path = Path(path)
     text = _text(path, f"{what} {missing}")
     if not text.strip():

@@ -6,14 +6,12 @@ from papa.errors import PapaError
 
 
 def _load(config_path: Path, kind: str, name: str) -> tuple[dict, dict]:
-    """The config, checked, and its ``kind`` (tables or figures) entry named ``name``."""
     from papa.config import load_config
     from papa.report import plan
     config = load_config(config_path)
     plan.check(config, str(config_path))
-    for entry in config[kind]:
-        if entry["name"] == name:
-            return config, entry
+    if entry := next((e for e in config[kind] if e["name"] == name), None):
+        return config, entry
     known = ", ".join(e["name"] for e in config[kind]) or "none"
     raise PapaError(f"{config_path}: no {kind[:-1]} named {name!r} (defined: {known})")
 
@@ -44,8 +42,7 @@ def _histories(figure: dict, config: dict, files: list[Path]) -> dict[tuple[str,
     # a variants figure keys its curves by variant (curves_figure orders and colours them), a lines one by label
     key = {run: label if figure.get("lines") else run[1] for label, run in curves.items()}
     if files:
-        runs = {p: aggregate.run_of(p) for p in files}
-        return {(key[r[:2]], r[2]): p for p, r in runs.items() if r and r[:2] in key}
+        return {(key[r[:2]], r[2]): p for p in files if (r := aggregate.run_of(p)) and r[:2] in key}
     return {(k, s): aggregate.run_dir(config["results"], *run, s) / "history.csv" for run, k in key.items()
             for s in config["seeds"]}
 

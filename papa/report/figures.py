@@ -35,7 +35,6 @@ def trajectory(history: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataF
 
 
 def curves(figure: dict, histories: dict[tuple[str, int], Path], out: str | Path) -> None:
-    """Write ``curves_figure`` to ``out`` (PNG)."""
     _save(curves_figure(figure, histories), out)
 
 
@@ -138,15 +137,11 @@ def _focus(ax, values, points) -> bool:
 
 
 def _jumps(t: pd.DataFrame) -> pd.DataFrame:
-    wide = t.pivot(index="epoch", columns="phase", values="value")
-    if "after_avg" not in wide:
-        return pd.DataFrame(columns=["epoch", "jump"])
-    wide = wide.dropna(subset=["after_avg", "before_avg"])
+    wide = t.pivot(index="epoch", columns="phase", values="value").reindex(columns=["before_avg", "after_avg"]).dropna()
     return pd.DataFrame({"epoch": wide.index, "jump": (wide["after_avg"] - wide["before_avg"]).to_numpy()})
 
 
 def compare(figure: dict, frame: pd.DataFrame, seeds: list[int], variants: list[str], out: str | Path) -> None:
-    """Write ``compare_figure`` to ``out`` (PNG)."""
     _save(compare_figure(figure, frame, seeds, variants), out)
 
 
@@ -167,8 +162,7 @@ def compare_figure(figure: dict, frame: pd.DataFrame, seeds: list[int], variants
             seeds_of = [here[here.variant == v]["value"].to_numpy() for v in shown]
             if not any(len(vals) for vals in seeds_of):
                 raise PapaError(f"figure {figure['name']!r}: no {metric!r} results for experiment {experiment!r}")
-            stats = [over_seeds(vals) for vals in seeds_of]
-            mean, std = np.array([(s["mean"], s["std"] if s["n"] > 1 else 0.0) for s in stats]).T
+            mean, std = np.array([(s["mean"], s["std"] if s["n"] > 1 else 0.0) for s in map(over_seeds, seeds_of)]).T
             ax.errorbar(x, mean, yerr=std, fmt="o", ms=6, capsize=3, label=label, color=color)
             for xi, vals in zip(x, seeds_of, strict=True):
                 ax.plot([xi] * len(vals), vals, ".", ms=3, color=color, alpha=0.5)

@@ -1,6 +1,5 @@
-"""A table as a small self-contained HTML page (reports/<table>.html), what Snakemake's report shows inline: the
-columns of one variant (or column group) under a spanning header, the paper's values in an italic grey row under
-ours, best cells bold and chance-level cells marked, as in the Markdown."""
+"""A table as a small self-contained HTML page (reports/<table>.html), what Snakemake's report shows inline: grouped
+column headers, the paper's values in a grey row under ours, best and chance-level cells marked as in the Markdown."""
 
 from html import escape
 from itertools import groupby

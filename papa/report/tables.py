@@ -23,7 +23,6 @@ def _per_variant(*measures: tuple[str, str], baseline: tuple[tuple[str, str], ..
             for name, metric in (baseline if baseline and v.unit == "none" else measures)}
 
 
-# layout -> {column header: (variant or None for the row's own variant, metric)}
 MAIN = _per_variant(("Ensemble", "ensemble"), ("AvgSoup", "avg_soup"),
                     baseline=(("Ensemble", "ensemble"), ("GreedySoup", "greedy_soup")))
 DETAILED = _per_variant(("Ens", "ensemble"), ("Avg", "avg_soup"), ("Greed", "greedy_soup"))
@@ -70,7 +69,6 @@ def columns(table: dict, variants: list[str], row: dict | None = None) -> dict[s
 
 
 def row_experiments(row: dict) -> list[str]:
-    """Every experiment a row shows."""
     return list(row["experiments"].values()) if "experiments" in row else [row["experiment"]]
 
 
@@ -105,8 +103,7 @@ def _cell(frame, experiment, variant, metric, table) -> dict:
     code = "; ".join(sorted(set(run.code[run.metric == metric]) - {""})) if "code" in frame else ""  # the runs' code
     spans = metric == "mean" and table["layout"] == "range"  # with [min, max] over the members of all seeds
     if spans:
-        lo, hi = get("min"), get("max")
-        stats |= {"min": lo.min() if len(lo) else np.nan, "max": hi.max() if len(hi) else np.nan}
+        stats |= {"min": over_seeds(get("min"))["min"], "max": over_seeds(get("max"))["max"]}
     if not stats["n"]:
         text = MISSING
     elif spans:
@@ -177,15 +174,14 @@ def header(table: dict, key: str) -> tuple[str, str]:
     return group, "Greedy soup size" if table["layout"] == "greedy_sizes" else SPELLED.get(measure, measure)
 
 
-def _shown(cells: pd.DataFrame) -> list[tuple[str, bool, bool]]:
-    return [(c.text, bool(c.best), bool(c.chance)) for c in cells.itertuples()]
-
-
-def _paper_line(label: str, cells: pd.DataFrame) -> list[Line]:
-    """The paper's row under ours, when the paper gives any of its cells; a value with a note is marked."""
-    shown = [(v + (PAPER_MARK if isinstance(n, str) else "") if isinstance(v, str) else "", False, False)
-             for v, n in zip(cells["paper"], cells["paper_note"], strict=True)]
-    return [Line("paper", f"{label} (paper)", shown)] if any(isinstance(v, str) for v in cells["paper"]) else []
+def _lines(label: str, cells: pd.DataFrame) -> list[Line]:
+    """Our row, and the paper's under it when the paper gives any of its cells; a value with a note is marked."""
+    ours = Line("ours", label, [(c.text, bool(c.best), bool(c.chance)) for c in cells.itertuples()])
+    if not any(isinstance(v, str) for v in cells["paper"]):
+        return [ours]
+    reported = [(v + (PAPER_MARK if isinstance(n, str) else "") if isinstance(v, str) else "", False, False)
+                for v, n in zip(cells["paper"], cells["paper_note"], strict=True)]
+    return [ours, Line("paper", f"{label} (paper)", reported)]
 
 
 def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
@@ -193,33 +189,31 @@ def display(table: dict, grid: pd.DataFrame, seeds: list[int]) -> Display:
     layout = table["layout"]
     spread = "mean" if layout == "greedy_sizes" else "mean (standard deviation)"
     over = f"{spread} over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    label_header = "Layer" if layout == "similarity" else "Model"
+    lines = []
     if layout == "similarity":  # Table 5: per row a heading, then one line per measure over the layers
         layers = [f"Layer {k}" for k in range(1, SIMILARITY_STAGES + 1)]
-        label_header = "Layer"
         headers = [("", layer) for layer in layers]
-        lines = []
         for label, row in grid.groupby("row", sort=False):
             lines.append(Line("heading", label, [("", False, False)] * len(layers)))
             for key in SIMILARITY_MEASURES:
                 cells = row.set_index("column").loc[[f"{key} {layer}" for layer in layers]]
-                title = SPELLED.get(key, key)
-                lines += [Line("ours", title, _shown(cells)), *_paper_line(title, cells)]
+                lines += _lines(SPELLED.get(key, key), cells)
         notes = [f"Cosine similarity (%) of the ResNet stage outputs on the test set; {over}",
                  "members permutation-aligned to member 0 (feature matching) and the average soup REPAIRed first",
                  "averaged over the pairs of members and the members the experiment's similarity.members names "
                  "(all, or first-two: members 0 and 1 as the authors measured)"]
     else:  # each row of the grid followed by the paper's, a heading where the group changes
         keys = list(columns(table, []) if layout == "side_by_side" else dict.fromkeys(grid["column"]))
-        label_header = "Model"
         headers = [header(table, key) for key in keys]
-        lines, group = [], None
+        group = None
         for label, row in grid.groupby("row", sort=False):
             # side_by_side: a label may lack a column group, whose cells stay empty
             row = row.set_index("column").reindex(keys).fillna({"text": "", "best": False, "chance": False})
             if isinstance(row["group"].iloc[0], str) and row["group"].iloc[0] != group:
                 group = row["group"].iloc[0]
                 lines.append(Line("heading", group, [("", False, False)] * len(keys)))
-            lines += [Line("ours", label, _shown(row)), *_paper_line(label, row)]
+            lines += _lines(label, row)
         what = {"greedy_sizes": "Greedy-soup size k of p members",
                 "segmentation": "Test pixel accuracy and F1-scores (%) on whole tiles"}.get(layout, "Test accuracy (%)")
         notes = [f"{what}; {over}"]
