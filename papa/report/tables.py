@@ -174,13 +174,19 @@ def header(table: dict, key: str) -> tuple[str, str]:
     return group, "Greedy soup size" if table["layout"] == "greedy_sizes" else SPELLED.get(measure, measure)
 
 
+def _paper_text(value, note) -> str:
+    """A paper cell as shown: empty where the paper gives no value, marked where the value has a note."""
+    if not isinstance(value, str):
+        return ""
+    return value + PAPER_MARK if isinstance(note, str) else value
+
+
 def _lines(label: str, cells: pd.DataFrame) -> list[Line]:
     """Our row, and the paper's under it when the paper gives any of its cells; a value with a note is marked."""
     ours = Line("ours", label, [(c.text, bool(c.best), bool(c.chance)) for c in cells.itertuples()])
     if not any(isinstance(v, str) for v in cells["paper"]):
         return [ours]
-    reported = [(v + (PAPER_MARK if isinstance(n, str) else "") if isinstance(v, str) else "", False, False)
-                for v, n in zip(cells["paper"], cells["paper_note"], strict=True)]
+    reported = [(_paper_text(v, n), False, False) for v, n in zip(cells["paper"], cells["paper_note"], strict=True)]
     return [ours, Line("paper", f"{label} (paper)", reported)]
 
 
