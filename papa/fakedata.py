@@ -16,7 +16,7 @@ from papa.data import vaihingen
 from papa.data.datasets import CIFAR_FORMATS, OPTDIGITS_FILES
 from papa.data.vaihingen import CLASSES, IMAGE_DIR, tile_name
 from papa.errors import PapaError
-from papa.io import write_atomic, write_text
+from papa.io import file_digest, write_atomic, write_text
 from papa.models.pretrained import FAKE_KEY, HUB_FILE, TIMM_CACHE, timm_pretrained_cfg
 
 FAKE_NOTE = "random weights written by papa fake-data, not pretrained ones"
@@ -129,7 +129,7 @@ def write_hub_weights(cache: Path, name: str) -> Path:
     staged = repo / "blobs" / "incoming.safetensors"
     # one metadata key: safetensors writes its metadata map in a per-process hash order, so two keys give two files
     write_atomic(staged, lambda tmp: save_file(state, str(tmp), metadata={FAKE_KEY: FAKE_NOTE}))
-    blob = repo / "blobs" / hashlib.sha256(staged.read_bytes()).hexdigest()
+    blob = repo / "blobs" / file_digest(staged)
     os.replace(staged, blob)
     link = repo / "snapshots" / COMMIT / HUB_FILE
     link.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@ Nothing here downloads: a missing dataset is a ``PapaError`` naming the path tha
 
 import functools
 import gzip
-import hashlib
 import importlib.util
 import inspect
 import io
@@ -20,6 +19,7 @@ from torch import Tensor
 from papa import catalog
 from papa.data.augment import autoaugment_policy, randaugment_transform
 from papa.errors import PapaError
+from papa.io import file_digest
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -351,7 +351,7 @@ def _load_cifar(name: str, root=None, verify_md5: bool = False, image_size: int 
         path = base / filename
         if not path.is_file():
             raise PapaError(f"{fmt.title} incomplete: expected file {path}")
-        if verify_md5 and hashlib.md5(path.read_bytes()).hexdigest() != md5:
+        if verify_md5 and file_digest(path, "md5") != md5:
             raise PapaError(f"{fmt.title} checksum mismatch: {path} (expected md5 {md5})")
     meta_path = base / meta_file
     classes = _str_keys(safe_unpickle(meta_path), meta_path).get(meta_key)
