@@ -47,7 +47,9 @@ def check(config: dict, where: str = "config") -> None:
             if unknown := [v for v in entry.get("variants") or [] if v not in variants]:
                 raise PapaError(f"{where}: {key}.variants: {unknown[0]!r} is not in the config's variants")
     for i, table in enumerate(config["tables"]):
-        labels, wide, by_column = set(), table["layout"] == "side_by_side", table["layout"] == DATASETS
+        wide = table["layout"] == "side_by_side"
+        by_column = table["layout"] == DATASETS
+        labels = set()
         for j, row in enumerate(table["rows"]):
             key = f"tables.{i}.rows.{j}"
             if wide != ("columns" in row):
