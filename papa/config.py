@@ -165,7 +165,12 @@ def with_overrides(raw: dict, overrides: dict, path: str | Path) -> dict:
 
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:
     """Read and validate a config file (with top-level ``overrides``, see ``with_overrides``) and its experiments."""
-    config = validate(copy.deepcopy(_raw_config(path, overrides)), "config", str(path))
+    return _checked(_raw_config(path, overrides), path)
+
+
+def _checked(raw: dict, path: str | Path) -> dict:
+    """A config file's content validated (a copy, ``raw`` left as read), shrunk at smoke scale, experiments checked."""
+    config = validate(copy.deepcopy(raw), "config", str(path))
     if config["scale"] == "smoke":
         smoke.scale_config(config)
     for name in config["experiments"]:
@@ -186,12 +191,13 @@ def workflow_config(configfiles: list, overrides: dict) -> tuple[dict, str, dict
     if len(configfiles) != 1:
         raise PapaError(f"give exactly one config file (--configfile FILE), found {len(configfiles)}")
     path = Path(configfiles[0])
-    config = load_config(path, overrides)
+    raw = _raw_config(path, overrides)
+    config = _checked(raw, path)
     if not overrides:
         return config, str(path), {}
     given = " ".join(f"{k}={v}" for k, v in overrides.items())
     text = f"# {path} with --config {given} (written by the workflow; edit {path} instead)\n" + yaml.safe_dump(
-        _raw_config(path, overrides), sort_keys=False, allow_unicode=True)
+        raw, sort_keys=False, allow_unicode=True)
     jobs = str(Path(config["results"]) / path.name)
     return config, jobs, {jobs: text}
 
