@@ -13,6 +13,8 @@ from papa.averaging import (
     push_toward_average_,
     weighted_average_,
 )
+from papa.population import Population
+from tests.conftest import small_cnn
 
 
 def snapshot(pop):
@@ -134,6 +136,49 @@ def test_pair_fast_path_equals_the_contraction(pop4, scheme):
     for name, t in pop4.params.items():
         assert torch.allclose(t, torch.tensordot(m.float(), before[name], dims=1), atol=1e-6)
     assert torch.allclose(pop4.buffers["1.running_mean"], torch.tensordot(m.float(), before["1.running_mean"], dims=1))
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_mix_equals_the_contraction_for_every_scheme_and_size(scheme, p):
+    """Whichever path ``mix_`` takes (pair rows gathered, or the contraction), member i becomes sum_j M[i, j] member j:
+    at p = 3 the ``many`` rows have three non-zero weights, at p = 2 every scheme's rows have two."""
+    pop = Population.from_factory(small_cnn, p, seed=1)
+    before = snapshot(pop)
+    m = mixing_matrix(scheme, p, torch.Generator().manual_seed(p))
+    mix_(pop, m)
+    for name, t in pop.params.items():
+        assert torch.allclose(t, torch.tensordot(m.float(), before[name], dims=1), atol=1e-6), name
+
+
+@pytest.mark.parametrize(("alpha", "lr_ratio", "weight"), [(0.9, 0.5, 0.05), (0.9, 20.0, 1.0), (0.5, 3.0, 1.0)])
+def test_the_push_follows_the_learning_rate_and_stops_at_the_mean(pop4, alpha, lr_ratio, weight):
+    """PAPA's push with lr_t / lr_0: the mean's weight is (1 - alpha) lr_ratio, capped at 1 (PAPA-all)."""
+    before = snapshot(pop4)
+    push_toward_average_(pop4, alpha, lr_ratio)
+    for name, t in pop4.params.items():
+        assert torch.allclose(t, (1 - weight) * before[name] + weight * before[name].mean(0), atol=1e-6), name
+
+
+def test_weights_may_leave_members_out(pop4):
+    before = snapshot(pop4)
+    average_all_(pop4, [0.5, 0.0, 0.5, 0.0])
+    for name, t in pop4.params.items():
+        assert torch.allclose(t, ((before[name][0] + before[name][2]) / 2).expand_as(t), atol=1e-6), name
+
+
+@pytest.mark.parametrize("scheme", ["pair-half", "pair-75", "dirichlet"])
+def test_a_random_scheme_without_a_generator_is_refused(scheme):
+    """A random scheme never falls back to torch's global RNG: every draw comes from a run's generator."""
+    with pytest.raises(ValueError, match=f"scheme {scheme!r} is random and needs a generator"):
+        mixing_matrix(scheme, 4)
+
+
+@pytest.mark.parametrize(("scheme", "own"), [("many-half", 0.5), ("many-75", 0.75)])
+def test_the_many_schemes_from_two_members(scheme, own):
+    assert mixing_matrix(scheme, 2).tolist() == [[own, 1 - own], [1 - own, own]]
+    with pytest.raises(ValueError, match=f"scheme {scheme!r} needs at least 2 members"):
+        mixing_matrix(scheme, 1)
 
 
 # the distributions of the random schemes (Table 14, PAPA-2) ---------------------------------------------------

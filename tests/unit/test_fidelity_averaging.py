@@ -106,6 +106,7 @@ def scheduled(setting: str, epochs: int, every: int, from_start: bool, window=(0
     (12, 5, False, (0.0, 1.0), [6, 11], [5, 10]),
     (11, 5, True, (0.0, 1.0), [1, 6], [1, 5, 10]),  # 11 is the last epoch: the scripts do not mix there (mix=False)
     (10, 1, False, (0.5, 1.0), [5, 6, 7, 8, 9], [6, 7, 8, 9]),  # the window's lower bound is inclusive
+    (4, 1, False, (0.0, 1.0), [2, 3], [1, 2, 3]),  # without mix_from_start the scripts skip only e = 0
     (20, 5, True, (0.75, 1.0), [16], []),  # Table 14's [0.75, 1]: first averaging after epoch 0.75 E + 1
     (20, 5, True, (0.5, 1.0), [11, 16], [15]),
     (20, 5, True, (0.0, 0.25), [1], [1, 5]),

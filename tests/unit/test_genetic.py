@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from papa import genetic
+from papa.errors import PapaError
 
 
 @pytest.mark.parametrize(("p", "n"), [(2, 1), (3, 3), (4, 6), (5, 10), (12, 66), (13, 78), (14, 84), (20, 120)])
@@ -80,3 +81,39 @@ def test_tournament_prefers_low_losses_and_never_pairs_a_parent_with_itself():
     for a, b in itertools.combinations(range(4), 2):
         expected = w[a] * w[b] * (1 / (1 - w[a]) + 1 / (1 - w[b]))
         assert counts[(a, b)] / len(pairs) == pytest.approx(expected.item(), abs=0.025), (a, b)
+
+
+@pytest.mark.parametrize(("scheme", "heavy"), [("pair-half", 0.5), ("pair-75", 0.75)])
+def test_each_child_weighs_its_two_parents_by_the_scheme(scheme, heavy):
+    """A child row of ``pair-75`` puts 3/4 on one parent and 1/4 on the other, the heavier one at random."""
+    heavier = Counter()
+    for seed in range(40):
+        rows, chosen = genetic.select(5, [1.0] * 5, scheme, {"tournament": False, "elitism": False},
+                                      torch.Generator().manual_seed(seed), lambda rows: [1.0] * len(rows))
+        assert chosen == list(range(5)) and rows.shape == (5, 5)
+        for row in rows:
+            weights = sorted(row[row > 0].tolist())
+            assert weights == pytest.approx(sorted([heavy, 1.0 - heavy]))
+            heavier[int(row.argmax() == row.nonzero().flatten().max())] += 1
+    if heavy != 0.5:  # the later parent of a pair is the heavier about half the time
+        assert 0.35 < heavier[1] / (heavier[0] + heavier[1]) < 0.65
+
+
+def test_tournament_needs_three_members():
+    rows, chosen = genetic.select(3, [1.0, 2.0, 3.0], "pair-half", {"tournament": True, "elitism": False},
+                                  torch.Generator().manual_seed(0), lambda rows: [1.0] * len(rows))
+    assert rows.shape == (3, 3) and chosen == [0, 1, 2]
+    with pytest.raises(PapaError, match="tournament selection needs at least 3 members"):
+        genetic.select(2, [1.0, 2.0], "pair-half", {"tournament": True, "elitism": False},
+                       torch.Generator().manual_seed(0), lambda rows: [1.0] * len(rows))
+
+
+def test_a_child_tied_with_a_parent_ranks_first():
+    """Candidates of equal loss keep the authors' order, children before parents (their sort is stable): with every
+    loss equal, the int(0.6 p) elite are the first children, mixtures of two parents."""
+    p = 5
+    for seed in range(5):
+        candidates, chosen = genetic.select(p, [1.0] * p, "pair-half", {"tournament": False, "elitism": True},
+                                            torch.Generator().manual_seed(seed), lambda rows: [1.0] * len(rows))
+        assert chosen[:3] == [0, 1, 2]
+        assert [int((candidates[c] > 0).sum()) for c in chosen[:3]] == [2, 2, 2]

@@ -61,6 +61,7 @@ def test_swa_start_is_a_fraction_or_an_epoch():
     assert swa_start_epoch(tiny_experiment()) is None
     assert swa_start_epoch(tiny_experiment(train={"epochs": 10, "swa": {"start": 0.75, "lr": 0.1}})) == 8
     assert swa_start_epoch(tiny_experiment(train={"epochs": 10, "swa": {"start": 4, "lr": 0.1}})) == 4
+    assert swa_start_epoch(tiny_experiment(train={"epochs": 10, "swa": {"start": 1, "lr": 0.1}})) == 1  # an epoch
 
 
 def test_smoke_scale_seeks_the_averaging_that_from_start_adds():
