@@ -264,6 +264,19 @@ def test_aligned_greedy_soup_aligns_each_member_to_the_soup_before_trying_it():
     assert greedy_soup(pop, score)[1] == [1]
 
 
+def test_aligned_greedy_soup_is_the_best_member_alone_or_the_last_soup_kept():
+    xs = data()
+    a, b = net("resnet20", 1, xs), net("resnet20", 2, xs)
+    pop = Population.from_modules([a, b])
+    x = data(1, 8, seed=5)[0]
+    target = outputs(a, x)
+    soup, included = aligned_greedy_soup(pop, lambda m: -float(((outputs(m, x) - target) ** 2).mean()), xs)
+    assert included == [0] and same_tensors(soup, a)  # B, aligned, moves the soup away from A: A alone
+    aligned_pop, included, soup = greedy_alignment(pop, lambda m: 1.0, xs)  # ties: B kept
+    assert included == [0, 1] and same_tensors(soup, average_soup(aligned_pop))
+    assert not same_tensors(soup, a)
+
+
 def test_aligned_greedy_soup_keeps_ties_in_member_order():
     xs = data()
     a = net("resnet20", 1, xs)
