@@ -95,6 +95,34 @@ def test_aggregate_rejects_duplicates_and_unknown_runs(tmp_path):
         aggregate.read_metrics(loose)
 
 
+def test_a_run_is_read_from_the_last_three_folders_of_its_path():
+    assert aggregate.run_of("exp/papa-2/seed3/metrics.json") == ("exp", "papa-2", 3)
+    assert aggregate.run_of("results/exp/papa/seed12/similarity.json") == ("exp", "papa", 12)
+    for path in ("papa/seed3/metrics.json", "exp/papa/seedx/metrics.json", "exp/papa/run3/metrics.json"):
+        assert aggregate.run_of(path) is None
+
+
+@pytest.mark.parametrize(("values", "std"), [([], np.nan), ([2.0], np.nan), ([1.0, 3.0], 2**0.5), ([1, 2, 3], 1.0)])
+def test_the_std_over_seeds_is_the_sample_one_from_two_seeds_on(values, std):
+    stats = aggregate.over_seeds(values)
+    assert stats["n"] == len(values)
+    assert stats["std"] == pytest.approx(std, nan_ok=True)
+
+
+def test_a_csv_problem_names_its_line_and_an_empty_number_is_nan(tmp_path):
+    kinds = {"epoch": int, "loss": float}
+    path = tmp_path / "h.csv"
+    path.write_text("epoch,loss\n1,0.5\n2,\n")
+    frame = aggregate.read_csv(path, kinds, "history", "not found")
+    assert frame["epoch"].tolist() == [1, 2] and np.isnan(frame["loss"][1])
+    path.write_text("epoch,loss\n1,0.5\n,0.4\n")
+    with pytest.raises(PapaError, match=r"h\.csv: line 3: epoch: '' is not an integer"):
+        aggregate.read_csv(path, kinds, "history", "not found")
+    path.write_text("epoch,loss\n1,0.5\n2,0.4,9\n")
+    with pytest.raises(PapaError, match=r"h\.csv: line 3 has 3 fields, the header 2"):
+        aggregate.read_csv(path, kinds, "history", "not found")
+
+
 def test_main_cells_are_mean_and_sample_std(frame):
     grid = tables.cells(table("main"), frame, VARIANTS, SEEDS)
     assert list(grid["column"]) == list(tables.MAIN)
