@@ -236,6 +236,25 @@ def test_split_fraction_disjoint_deterministic(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["digits.json"]  # no temp file left behind
 
 
+def test_split_bounds(tmp_path):
+    assert len(make_split(2, 0.5)["train"]) == 1  # one item left to train on is enough
+    for n, fraction in ((1, 0.5), (3, 0.99)):
+        with pytest.raises(PapaError, match=f"cannot hold out a validation split from {n} training items"):
+            make_split(n, fraction)
+    for fraction in (0.0, 1.0):
+        with pytest.raises(PapaError, match=r"validation fraction must be in \(0, 1\)"):
+            make_split(10, fraction)
+    path = tmp_path / "split.json"
+    save_split(path, {"train": [0, 1], "val": [2]}, {"n": 3})
+    assert load_split(path, expect_n=3)["val"] == [2]  # the last index is inside
+    for train, val, problem in (([0, 1], [3], r"indices outside 0\.\.2"), ([0, -1], [2], "outside"),
+                                ([0, 0], [2], "repeated"), ([0], [2, 2], "repeated"),
+                                ([0, True], [2], "'train' must be a list of integers")):
+        save_split(path, {"train": train, "val": val}, {"n": 3})
+        with pytest.raises(PapaError, match=problem):
+            load_split(path)
+
+
 def test_split_file_problems(tmp_path):
     path = tmp_path / "split.json"
     with pytest.raises(PapaError, match="split file not found"):

@@ -47,6 +47,23 @@ def test_architecture_mismatch_is_rejected():
         pop.load_state_dict(state)
 
 
+def test_members_are_indexed_as_a_sequence_and_sizes_checked():
+    pop = Population.from_factory(small_cnn, 2)
+    assert torch.equal(pop.member(-2)[0].weight, pop.member(0)[0].weight)
+    for j in (2, -3):
+        with pytest.raises(IndexError, match=f"member {j} out of range for a population of 2"):
+            pop.member(j)
+    assert Population.from_factory(small_cnn, 1).size == 1
+    with pytest.raises(ValueError, match="population size must be at least 1, got 0"):
+        Population.from_factory(small_cnn, 0)
+    with pytest.raises(ValueError, match="member 2 does not have the architecture of member 0"):
+        Population.from_modules([small_cnn(), small_cnn(), small_cnn(bn=False)])
+    pop.requires_grad_(False)
+    assert not any(t.requires_grad for t in pop.params.values())
+    pop.requires_grad_()
+    assert all(t.requires_grad for t in pop.params.values())
+
+
 def test_forward_in_train_mode_updates_the_members_own_statistics():
     pop = Population.from_factory(small_cnn, 3, seed=0).train()
     before = pop.buffers["1.running_mean"].clone()
