@@ -127,6 +127,44 @@ def test_when_folding_would_change_the_outputs_every_bias_is_kept(x):
     assert agrees(folded, soup, x) == (True, 0.0)
 
 
+class Const(nn.Module):
+    def __init__(self, *values: float):
+        super().__init__()
+        self.register_buffer("out", torch.tensor(values))
+
+    def forward(self, x):
+        return self.out
+
+
+def test_outputs_agree_up_to_the_tolerance_times_the_largest_at_least_one(x):
+    """Powers of two, so every bound is met exactly: 8 + 1/16 agrees with 8 at tol 1/128 (1/128 * 8), not at less;
+    below 1 the bound is tol itself."""
+    assert agrees(Const(8.0, 8.0625), Const(8.0, 8.0), x, tol=2**-7) == (True, 0.0625)
+    assert agrees(Const(8.0, 8.0625), Const(8.0, 8.0), x, tol=2**-8)[0] is False
+    assert agrees(Const(0.25 + 2**-7), Const(0.25), x, tol=2**-7)[0] is True
+    assert agrees(Const(0.25 + 2**-6), Const(0.25), x, tol=2**-7)[0] is False
+    assert agrees(Const(1.0, 2.0), Const(1.0), x) == (False, float("inf"))
+
+
+def test_a_fold_that_only_float32_rounding_disturbs_is_made(x):
+    """A bias of 1e7 against running mean 1e7 + 2: the unfolded network rounds 1e7 + y to whole numbers in float32,
+    the folded one does not (its running mean is 2), so they disagree in float32, agree in float64, and the bias is
+    folded."""
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(1e7)
+        model[1].running_mean.fill_(1e7 + 2)
+        model[1].running_var.fill_(1e-2)
+    assert agrees(copy.deepcopy(model), model, x)[0] is True
+    stripped = copy.deepcopy(model)
+    stripped[1].running_mean.fill_(2.0)
+    stripped[0].bias = None
+    assert agrees(stripped, model, x)[0] is False  # float32 rounding alone
+    folded, fold = fold_biases(model, ["0"], x)
+    assert fold.folded == {"0": ["1"]} and fold.kept == [] and folded[0].bias is None
+    assert folded[1].running_mean.tolist() == [2.0, 2.0]
+
+
 def test_a_repaired_soup_of_bias_free_convolutions_folds_into_the_stock_architecture():
     """The issue's case: REPAIR gives a two-conv network's soup conv biases the stock model lacks; folded, the soup
     loads into a freshly built network with strict=True and gives the soup's logits."""
