@@ -102,3 +102,8 @@ def test_similarity_refuses_other_architectures_and_small_populations():
         cosine_similarity(vgg, vgg, data(1, 2))
     with pytest.raises(ValueError, match="at least 2"):
         population_similarity(Population.from_modules([create_model("resnet20", 10)]), data(1, 2))
+    with pytest.raises(ValueError, match="feature similarity got no batches"):
+        cosine_similarity(net("resnet20", 1, data()), net("resnet20", 2, data()), [])
+    two = Population.from_modules([net("resnet20", 1, data()), net("resnet20", 2, data())])
+    sims = population_similarity(two, data(1, 2), align=False, repair=False)["all"]  # two members: one pair
+    assert len(sims[BETWEEN_NETWORKS]) == len(sims[NETWORK_AND_SOUP]) == 3
