@@ -28,9 +28,7 @@ def pixel_accuracy(conf: Tensor) -> float:
 def f1_scores(conf: Tensor) -> Tensor:
     """Per-class F1 in percent (float64), 2 TP / (2 TP + FP + FN); 0 for a class neither present nor predicted."""
     c = conf.double()
-    tp = c.diag()
-    denominator = c.sum(0) + c.sum(1)  # (TP + FP) + (TP + FN)
-    return torch.where(denominator > 0, 200.0 * tp / denominator.clamp_min(1), torch.zeros_like(tp))
+    return 200.0 * c.diag() / (c.sum(0) + c.sum(1)).clamp_min(1)  # (TP + FP) + (TP + FN); TP = 0 where it is 0
 
 
 def f1_dict(conf: Tensor, classes: Sequence[str]) -> dict[str, float]:
