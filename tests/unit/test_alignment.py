@@ -164,6 +164,29 @@ def test_alignment_preserves_the_function_of_independent_networks(name):
     torch.testing.assert_close(outputs(aligned, x), outputs(b, x), rtol=1e-4, atol=1e-5)
 
 
+def test_correlations_are_pearson_over_every_position_of_every_image():
+    """A group's matrix is the sum over its taps of the correlation of reference unit i with model unit j, every
+    position of every image a sample: the running sums over batches give torch.corrcoef of all of them at once."""
+    xs = data()
+    a, b = net("resnet20", 1, xs), net("resnet20", 2, xs)
+
+    def units(model: nn.Module, module: str, relu: bool) -> torch.Tensor:
+        out = []
+        handle = model.get_submodule(module).register_forward_hook(lambda _, __, y: out.append(y.relu() if relu else y))
+        with torch.no_grad():
+            for x in xs:
+                model(x)
+        handle.remove()
+        y = torch.cat(out)
+        return y.transpose(0, 1).reshape(y.shape[1], -1).double()
+
+    corr = correlations(a, [b], xs)[0]
+    for group in permutation_spec(a):
+        expected = sum(torch.corrcoef(torch.cat([units(a, t.module, t.relu), units(b, t.module, t.relu)]))
+                       [: group.size, group.size:].nan_to_num() for t in group.taps)  # a constant unit: 0
+        torch.testing.assert_close(corr[group.name], expected, rtol=1e-6, atol=1e-9)
+
+
 def test_matching_maximizes_the_total_correlation():
     xs = data()
     a, b = net("resnet20", 1, xs), net("resnet20", 2, xs)
@@ -222,6 +245,12 @@ def test_align_population_aligns_every_member_to_the_reference():
     assert same_tensors(pop.member(1), copies[0])  # the population is untouched
     to_second = align_population(pop, xs, reference=1)
     assert all(same_tensors(to_second.member(j), copies[0]) for j in range(3))
+    to_last = align_population(pop, xs, reference=-1)  # indexed as a sequence: -1 is the last member
+    assert all(same_tensors(to_last.member(j), copies[1]) for j in range(3))
+    assert all(same_tensors(align_population(pop, xs, reference=-3).member(j), a) for j in range(3))
+    for reference in (3, -4):
+        with pytest.raises(IndexError, match=f"reference member {reference} out of range for a population of 3"):
+            align_population(pop, xs, reference=reference)
 
 
 def test_aligned_average_soup_of_shuffled_copies_is_the_network():
