@@ -201,7 +201,7 @@ def test_similarity_measures_are_spelled_out(tmp_path):
 @pytest.mark.parametrize(("accuracy", "classes", "chance"), [
     (9.75, 10, True), (11.98, 10, True), (15.5, 10, False), (41.2, 10, False), (98.0, 10, False),
     (1.0, 100, True), (1.9, 100, True), (2.5, 100, False), (0.1, 1000, True), (52.0, 2, True), (60.0, 2, False),
-    (10.0, float("nan"), False),
+    (10.0, float("nan"), False), (15.0, 10, True), (15.02, 10, False), (50.0, 0, False),  # 15: the bound itself
 ])
 def test_chance_level(accuracy, classes, chance):
     assert tables.at_chance(accuracy, classes) is chance
@@ -231,6 +231,27 @@ def test_a_soup_at_chance_level_is_marked(tmp_path):
     html = (tmp_path / "t.html").read_text()
     assert '<td class="chance" title="at chance level">9.70 (0.10)†</td>' in html
     assert "at chance level (1/classes: 10% for 10 classes)" in html
+
+
+def test_each_layout_notes_what_its_cells_hold(frame, monkeypatch):
+    """The notes under a table: bold marks only where cells are highlighted, the range's meaning, which soups were
+    REPAIRed; a paper value with a note is marked and the note given as a footnote."""
+    def notes(layout, **kw):
+        t = table(layout, **kw)
+        return tables.display(t, tables.cells(t, frame, VARIANTS, SEEDS), SEEDS).notes
+
+    main, ranged = notes("main"), notes("range", rows=[{"label": "PAPA", "experiment": "exp", "variant": "papa"}])
+    assert "bold: best ensemble and best soup of each row" in main and not any("[min, max]" in n for n in main)
+    assert "[min, max] over the members of all seeds" in ranged and not any("bold" in n for n in ranged)
+    assert "soups with REPAIR for Baseline" in notes("detailed", repair=["baseline"])
+    assert not any("REPAIR" in n for n in notes("detailed"))
+    text = "row,column,value\nCNN,PAPA AvgSoup,94.8\n"
+    monkeypatch.setattr(paper, "values", lambda _: paper.parse(text, "test.csv"))
+    monkeypatch.setattr(paper, "notes", lambda _: {("CNN", "PAPA AvgSoup"): "a re-run"})
+    t = table("main", paper="table1")
+    shown = tables.display(t, tables.cells(t, frame, VARIANTS, SEEDS), SEEDS)
+    assert f"{tables.PAPER_MARK} paper value: a re-run" in shown.footnotes
+    assert any(f"94.8{tables.PAPER_MARK}" in str(line) for line in shown.lines)
 
 
 def test_html_page_shows_the_table_with_the_papers_rows(frame, tmp_path, monkeypatch):
