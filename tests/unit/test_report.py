@@ -202,6 +202,7 @@ def test_similarity_measures_are_spelled_out(tmp_path):
     (9.75, 10, True), (11.98, 10, True), (15.5, 10, False), (41.2, 10, False), (98.0, 10, False),
     (1.0, 100, True), (1.9, 100, True), (2.5, 100, False), (0.1, 1000, True), (52.0, 2, True), (60.0, 2, False),
     (10.0, float("nan"), False), (15.0, 10, True), (15.02, 10, False), (50.0, 0, False),  # 15: the bound itself
+    (55.5, 2, False),
 ])
 def test_chance_level(accuracy, classes, chance):
     assert tables.at_chance(accuracy, classes) is chance
@@ -252,6 +253,16 @@ def test_each_layout_notes_what_its_cells_hold(frame, monkeypatch):
     shown = tables.display(t, tables.cells(t, frame, VARIANTS, SEEDS), SEEDS)
     assert f"{tables.PAPER_MARK} paper value: a re-run" in shown.footnotes
     assert any(f"94.8{tables.PAPER_MARK}" in str(line) for line in shown.lines)
+
+
+def test_one_seed_keeps_every_digit_and_similarity_has_four_stages(frame):
+    """A one-seed cell is a bare number, which the Markdown table must not reformat (81.00 stays 81.00); the
+    similarity layout has a column per ResNet stage and measure."""
+    t = table("main")
+    text = tables.markdown(t, tables.cells(t, frame, VARIANTS, [1]), [1])
+    assert re.search(r"\| +81\.00 +\|", text)
+    assert list(tables.columns(table("similarity"), VARIANTS)) == [
+        f"{measure} Layer {k}" for measure in tables.SIMILARITY_MEASURES for k in (1, 2, 3, 4)]
 
 
 def test_html_page_shows_the_table_with_the_papers_rows(frame, tmp_path, monkeypatch):
