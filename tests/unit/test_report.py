@@ -265,6 +265,23 @@ def test_one_seed_keeps_every_digit_and_similarity_has_four_stages(frame):
         f"{measure} Layer {k}" for measure in tables.SIMILARITY_MEASURES for k in (1, 2, 3, 4)]
 
 
+def test_rows_keep_the_tables_order_and_a_group_is_its_longest_name(frame):
+    """Rows are shown in the table's order, not sorted; side by side, a column belongs to the longest group name
+    it starts with ("SWA long Average soup" to "SWA long", not "SWA")."""
+    rows = [{"label": "PAPA", "experiment": "exp", "variant": "papa"},
+            {"label": "Baseline", "experiment": "exp", "variant": "baseline"}]
+    t = table("range", rows=rows)
+    shown = tables.display(t, tables.cells(t, frame, VARIANTS, SEEDS), SEEDS)
+    assert [line.label for line in shown.lines] == ["PAPA", "Baseline"]
+    t = table("similarity", rows=rows)  # a heading per row, in the same order
+    shown = tables.display(t, tables.cells(t, frame, VARIANTS, SEEDS), SEEDS)
+    assert [line.label for line in shown.lines if line.kind == "heading"] == ["PAPA", "Baseline"]
+    t = table("side_by_side", rows=[{"label": "CNN", "experiment": "exp", "variant": "papa", "columns": c}
+                                    for c in ("SWA", "SWA long")])
+    assert tables.header(t, "SWA long Avg") == ("SWA long", "Average soup")
+    assert tables.header(t, "SWA Avg") == ("SWA", "Average soup")
+
+
 def test_html_page_shows_the_table_with_the_papers_rows(frame, tmp_path, monkeypatch):
     """The HTML page holds the whole table: grouped headers, our row, the paper's row under it, the notes."""
     text = "row,column,value\nCNN,Baseline Ensemble,95.2 (0.1)\nCNN,PAPA AvgSoup,94.8\n"
