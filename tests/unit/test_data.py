@@ -13,6 +13,7 @@ from papa.data import (
     LOADERS,
     MemberStream,
     Policy,
+    augment,
     draw_policies,
     load_dataset,
     load_split,
@@ -341,6 +342,57 @@ def test_random_erasing_probability():
     x, _ = _apply(Policy(cutout=4), images[:100], torch.zeros(100).long())
     holes = (x == 0).flatten(1).sum(1)
     assert holes.max() == 16 and holes.min() >= 4 and len(torch.unique(holes)) > 1  # clipped at the borders
+
+
+def test_random_crop_is_the_padded_image_at_the_drawn_offsets():
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = augment.random_crop(images, 2, torch.Generator().manual_seed(4))
+    offsets = torch.randint(5, (2, 6), generator=torch.Generator().manual_seed(4))  # the same draw
+    padded = torch.nn.functional.pad(images, (2,) * 4)
+    for i, (top, left) in enumerate(offsets.T.tolist()):
+        assert torch.equal(out[i], padded[i, :, top:top + 8, left:left + 8])
+
+
+def test_random_erasing_boxes_follow_torchvisions_scale_and_ratio():
+    """Every sample erased (probability 1): one box of 2-33% of the image with height / width in [0.3, 3.3] (up to
+    rounding to whole pixels), never the whole height or width, of mean area near (0.02 + 0.33) / 2."""
+    x = torch.full((2000, 1, 32, 32), 5.0)
+    out = augment.random_erasing(x, 1.0, torch.Generator().manual_seed(0))
+    rows, cols = (out == 0).any(3)[:, 0], (out == 0).any(2)[:, 0]  # (B, 32) each: where the box is
+    eh, ew = rows.sum(1).double(), cols.sum(1).double()
+    area = (out == 0).flatten(1).sum(1).double()
+    assert torch.equal(area, eh * ew) and (eh > 0).all() and (eh < 32).all() and (ew < 32).all()
+    assert ((area >= 0.02 * 1024 - eh - ew) & (area <= 0.33 * 1024 + eh + ew + 1)).all()
+    aspect = eh / ew
+    assert ((aspect >= 0.3 * (1 - 1 / ew) - 1 / ew) & (aspect <= 3.3 * (1 + 1 / ew) + 1 / ew)).all()
+    assert (area / 1024).mean().item() == pytest.approx(0.175, abs=0.02)
+    assert (aspect < 1).double().mean().item() == pytest.approx(0.5, abs=0.1)  # log-uniform: as often wide as tall
+
+
+def test_cutmix_boxes_cover_one_minus_lambda_and_cutout_as_devries_and_taylor():
+    """A CutMix box for lambda = 3/4 on 32 x 32 is 16 x 16 unless clipped at a border; a cutout hole of side 3 is
+    the DeVries & Taylor code's [c - 1, c + 1) square, 2 x 2 away from the borders."""
+    g = torch.Generator().manual_seed(0)
+    sides = [(bottom - top, right - left) for top, bottom, left, right in
+             (augment._cutmix_box(0.75, 32, 32, g) for _ in range(200))]
+    assert max(max(s) for s in sides) == 16 and (16, 16) in sides
+    holes = (augment.cutout(torch.ones(200, 1, 16, 16), 3, g) == 0).flatten(1).sum(1)
+    assert holes.max() == 4 and set(holes.tolist()) <= {1, 2, 4}
+
+
+@pytest.mark.parametrize("fields", [{"mixup": -1}, {"cutmix": -0.5}, {"label_smoothing": 1.0},
+                                    {"random_erasing": 1.5}, {"crop_padding": 1.5}, {"crop_padding": -1},
+                                    {"cutout": -2}])
+def test_a_policy_refuses_each_value_out_of_range(fields):
+    with pytest.raises(PapaError, match="must be"):
+        Policy(**fields)
+
+
+@pytest.mark.parametrize("grid", [{"mixup": []}, {"mixup": 0.5}, {"mixup": {"uniform": [0.1]}},
+                                  {"mixup": {"uniform": [0.1, 0.2], "seed": 1}}])
+def test_a_grid_refuses_what_it_cannot_draw_from(grid):
+    with pytest.raises(PapaError, match="augmentation grid 'mixup'"):
+        augment.draw_policies(grid, 2, torch.Generator().manual_seed(0))
 
 
 def test_autoaugment_per_sample_and_reproducible():
