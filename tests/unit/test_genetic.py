@@ -83,13 +83,18 @@ def test_tournament_prefers_low_losses_and_never_pairs_a_parent_with_itself():
         assert counts[(a, b)] / len(pairs) == pytest.approx(expected.item(), abs=0.025), (a, b)
 
 
+def equal_losses(rows: torch.Tensor) -> list[float]:
+    """The children's validation losses, all equal."""
+    return [1.0] * len(rows)
+
+
 @pytest.mark.parametrize(("scheme", "heavy"), [("pair-half", 0.5), ("pair-75", 0.75)])
 def test_each_child_weighs_its_two_parents_by_the_scheme(scheme, heavy):
     """A child row of ``pair-75`` puts 3/4 on one parent and 1/4 on the other, the heavier one at random."""
     heavier = Counter()
     for seed in range(40):
         rows, chosen = genetic.select(5, [1.0] * 5, scheme, {"tournament": False, "elitism": False},
-                                      torch.Generator().manual_seed(seed), lambda rows: [1.0] * len(rows))
+                                      torch.Generator().manual_seed(seed), equal_losses)
         assert chosen == list(range(5)) and rows.shape == (5, 5)
         for row in rows:
             weights = sorted(row[row > 0].tolist())
@@ -101,11 +106,11 @@ def test_each_child_weighs_its_two_parents_by_the_scheme(scheme, heavy):
 
 def test_tournament_needs_three_members():
     rows, chosen = genetic.select(3, [1.0, 2.0, 3.0], "pair-half", {"tournament": True, "elitism": False},
-                                  torch.Generator().manual_seed(0), lambda rows: [1.0] * len(rows))
+                                  torch.Generator().manual_seed(0), equal_losses)
     assert rows.shape == (3, 3) and chosen == [0, 1, 2]
     with pytest.raises(PapaError, match="tournament selection needs at least 3 members"):
         genetic.select(2, [1.0, 2.0], "pair-half", {"tournament": True, "elitism": False},
-                       torch.Generator().manual_seed(0), lambda rows: [1.0] * len(rows))
+                       torch.Generator().manual_seed(0), equal_losses)
 
 
 def test_a_child_tied_with_a_parent_ranks_first():
@@ -114,6 +119,6 @@ def test_a_child_tied_with_a_parent_ranks_first():
     p = 5
     for seed in range(5):
         candidates, chosen = genetic.select(p, [1.0] * p, "pair-half", {"tournament": False, "elitism": True},
-                                            torch.Generator().manual_seed(seed), lambda rows: [1.0] * len(rows))
+                                            torch.Generator().manual_seed(seed), equal_losses)
         assert chosen[:3] == [0, 1, 2]
         assert [int((candidates[c] > 0).sum()) for c in chosen[:3]] == [2, 2, 2]
