@@ -37,11 +37,18 @@ def test_replace_that_fires_passes():
     check_averaging_fires(exp(10, (0.5, 1.0), **{"papa-2": {"every": 3}}), "papa-2")  # epochs 6 and 9
 
 
+def test_an_empty_window_is_refused_when_the_experiment_loads():
+    with pytest.raises(PapaError, match=r"averaging\.window: start 0.5 must be before end 0.5$"):
+        exp(window=(0.5, 0.5))
+    assert exp(window=(0.5, 0.51))["averaging"]["window"] == [0.5, 0.51]
+
+
 def test_push_that_never_fires_names_the_key():
     e = exp(2, (0.0, 1.0), papa={"every": 50})
     check_averaging_fires(e, "papa")  # steps per epoch unknown (the workflow's DAG check): not judged
     check_averaging_fires(e, "papa", steps_per_epoch=25)  # step 50 = the last: fires
-    with pytest.raises(PapaError, match=r"averaging\.papa\.every: 50 steps: PAPA would never push"):
+    with pytest.raises(PapaError, match=r"averaging\.papa\.every: 50 steps: PAPA would never push in "
+                       r"averaging\.window \[0\.0, 1\.0\] \(steps 1-48 of 48\)$"):
         check_averaging_fires(e, "papa", steps_per_epoch=24)
     with pytest.raises(PapaError, match=r"averaging\.papa\.every"):
         check_averaging_fires(exp(4, (0.5, 0.7), papa={"every": 25}), "papa", steps_per_epoch=25)  # 51-70

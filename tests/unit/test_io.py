@@ -20,7 +20,7 @@ import torch
 from papa.checkpoint import DIGEST_KEY, load_tensors, save_tensors
 from papa.data.splits import save_split
 from papa.errors import PapaError
-from papa.io import file_digest, hold_lock, human_bytes, write_error, write_json, write_text
+from papa.io import file_digest, hold_lock, human_bytes, write_atomic, write_error, write_json, write_text
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])
@@ -51,6 +51,20 @@ def test_rewriting_a_file_keeps_the_umasks_permissions(tmp_path, umask):
     write_text(tmp_path / "a.txt", "new")
     assert mode(tmp_path / "a.txt") == 0o666 & ~umask
     assert os.umask(umask) == umask  # reading the umask left it as it was
+
+
+def test_a_write_makes_its_folders_and_a_failing_writer_leaves_nothing(tmp_path):
+    write_json(tmp_path / "new" / "deeper" / "m.json", {"b": 1, "a": [1]})
+    assert (tmp_path / "new" / "deeper" / "m.json").read_text() == '{\n  "b": 1,\n  "a": [\n    1\n  ]\n}\n'
+
+    def failing(tmp):
+        tmp.write_text("half")
+        raise ValueError("the writer's own error")
+
+    write_text(tmp_path / "kept.txt", "old")
+    with pytest.raises(ValueError, match="the writer's own error"):
+        write_atomic(tmp_path / "kept.txt", failing)
+    assert (tmp_path / "kept.txt").read_text() == "old" and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
@@ -98,6 +112,7 @@ def test_write_errors_are_one_line_and_other_oserrors_are_not_theirs(tmp_path):
         f"{tmp_path / 'x'}: disk quota exceeded (")
     assert write_error(OSError(errno.EIO, "Input/output error", "/x")) is None
     assert human_bytes(0) == "0 B" and human_bytes(1234) == "1.23 kB" and human_bytes(5.6e9) == "5.6 GB"
+    assert human_bytes(999) == "999 B" and human_bytes(1000) == "1 kB" and human_bytes(812_300) == "812 kB"
 
 
 # tensor files check themselves -----------------------------------------------------------------------------
@@ -149,10 +164,11 @@ def test_a_file_written_before_digests_loads_with_a_warning(tmp_path, capsys):
 
 
 # one process at a time ---------------------------------------------------------------------------------------
-def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path):
-    lock = tmp_path / "run" / ".lock"
+def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path, umask):
+    lock = tmp_path / "runs" / "run" / ".lock"
     with hold_lock(lock, "busy: {holder}"):
         assert lock.read_text() == f"process {os.getpid()} on {socket.gethostname()}\n"
+        assert mode(lock) == 0o666 & ~umask
         fd = os.open(lock, os.O_RDWR)  # another open file description: flock treats it as another process
         try:
             with pytest.raises(BlockingIOError):
