@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from papa.checkpoint import DIGEST_KEY, load_tensors, save_tensors
+from papa.checkpoint import DIGEST_KEY, first_difference, load_tensors, read_meta, save_tensors
 from papa.data.splits import save_split
 from papa.errors import PapaError
 from papa.io import file_digest, hold_lock, human_bytes, write_atomic, write_error, write_json, write_text
@@ -161,6 +161,37 @@ def test_a_file_written_before_digests_loads_with_a_warning(tmp_path, capsys):
     assert meta == {"seed": 1} and torch.equal(tensors["w"], torch.ones(2))
     assert capsys.readouterr().err == (f"papa: warning: {path} carries no digest (written by an earlier papa): its "
                                        "bytes cannot be checked\n")
+
+
+def test_a_file_without_metadata_in_its_header_reads_its_sidecar_and_bad_metadata_is_named(tmp_path, capsys):
+    """Older files kept their metadata only in the .json sidecar: a missing or corrupt sidecar is named, never a
+    traceback; metadata in the header that is not a JSON object is refused as corrupt."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "older.safetensors"
+    save_file({"w": torch.ones(2)}, str(path))
+    with pytest.raises(PapaError, match=r"older\.json: checkpoint sidecar not found \(incomplete checkpoint\?\)$"):
+        load_tensors(path)
+    (tmp_path / "older.json").write_text("{")
+    with pytest.raises(PapaError, match=r"older\.json: corrupt checkpoint sidecar \(Expecting"):
+        load_tensors(path)
+    (tmp_path / "older.json").write_text('{"seed": 1}')
+    assert load_tensors(path)[1] == {"seed": 1} and "carries no digest" in capsys.readouterr().err
+    with pytest.raises(PapaError, match=r"older\.safetensors: no readable metadata in its header \(KeyError\)$"):
+        read_meta(path)
+    for bad, why in (("{", r"corrupt checkpoint metadata \(Expecting"), ("[1]", r"corrupt checkpoint metadata \(not")):
+        save_file({"w": torch.ones(2)}, str(path), metadata={"papa": bad})
+        with pytest.raises(PapaError, match=why):
+            load_tensors(path)
+        with pytest.raises(PapaError, match="no readable metadata in its header"):
+            read_meta(path)
+
+
+def test_first_difference_is_the_first_key_path_whose_values_differ():
+    assert first_difference({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == ("a.c", 2, 3)
+    assert first_difference({"swa": None}, {"swa": {"start": 0.75}}) == ("swa", None, {"start": 0.75})
+    assert first_difference({}, {"seed": 2}) == ("seed", None, 2)
+    assert first_difference({"a": {"b": [1, 2]}}, {"a": {"b": [1, 2]}}) is None
 
 
 # one process at a time ---------------------------------------------------------------------------------------
