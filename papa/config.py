@@ -78,6 +78,8 @@ def _message(error) -> str:
         return f"unknown key {', '.join(map(repr, extra))} (expected one of: {', '.join(allowed)})"
     if error.validator == "enum":
         return f"{error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+    if error.validator == "anyOf" and all(choice.keys() == {"required"} for choice in error.validator_value):
+        return f"needs one of the keys {', '.join(repr(k) for c in error.validator_value for k in c['required'])}"
     return error.message
 
 

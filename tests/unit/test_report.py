@@ -610,6 +610,10 @@ def test_plan_check_names_the_key(entries, message):
             "tables.0.rows.0",
         ),
         ({"figures": [{"name": "f", "kind": "curves"}]}, "figures.0: 'experiment' is a required property"),
+        (
+            {"tables": [{"name": "t", "layout": "main", "rows": [{"label": "x"}]}]},
+            "tables.0.rows.0: needs one of the keys 'experiment', 'experiments'$",
+        ),
         ({"resources": {"train": {"gpus": 1}}}, "resources.train: unknown key 'gpus'"),
     ],
 )
