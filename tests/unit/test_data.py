@@ -22,7 +22,8 @@ from papa.data import (
 )
 from papa.data.augment import apply, eval_transform
 from papa.data.datasets import ArrayDataset
-from papa.data.stream import FolderStream, eval_batches, make_stream
+from papa.data.stream import FolderStream, PatchStream, eval_batches, make_stream
+from papa.data.vaihingen import TileDataset
 from papa.errors import PapaError
 
 CIFAR = {  # name: (folder, train files, test files, meta file, meta key, label key, classes)
@@ -451,6 +452,38 @@ def test_stream_orders_shapes_and_reproducibility():
     assert torch.equal(two[0], batches[0][0][:2])
     with pytest.raises(PapaError, match="batch size 500"):
         MemberStream(data, train_idx, 500, [Policy()], seed=7)
+
+
+def test_streams_refuse_items_and_batch_sizes_they_cannot_serve():
+    data, one = tiny_dataset(), [Policy()]
+    assert MemberStream(data, [0, 199], 1, one, seed=0).steps_per_epoch == 2  # the bounds and a batch of one
+    assert MemberStream(data, range(4), 4, one, seed=0).steps_per_epoch == 1  # a batch of every item
+    for indices, batch, message in (([0, 200], 1, r"training indices outside 0\.\.199"),
+                                    ([-1, 0], 1, r"training indices outside 0\.\.199"),
+                                    (range(4), 5, "batch size 5 does not fit 4 training items"),
+                                    (range(4), 0, "batch size 0 does not fit 4 training items"),
+                                    ([], 1, "batch size 1 does not fit 0 training items")):
+        with pytest.raises(PapaError, match=message):
+            MemberStream(data, indices, batch, one, seed=0)
+    with pytest.raises(PapaError, match="a stream needs at least one member policy"):
+        MemberStream(data, range(4), 1, [], seed=0)
+    tiles = TileDataset([torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2, [torch.zeros(8, 8, dtype=torch.int64)] * 2,
+                        (1, 2), 6, (0.5,) * 3, (0.25,) * 3, "tiles", tuple("abcdef"), patch_size=4, epoch_size=6)
+    assert PatchStream(tiles, [0, 1], 6, one, seed=0).steps_per_epoch == 1  # a batch of the whole epoch
+    assert PatchStream(tiles, [1], 4, one, seed=0).steps_per_epoch == 1  # the incomplete last batch dropped
+    assert PatchStream(tiles, [0], 1, one, seed=0).steps_per_epoch == 6
+    for indices, batch, policy, message in (
+            ([], 1, Policy(), r"training tiles must be a non-empty subset of 0\.\.1"),
+            ([2], 1, Policy(), r"training tiles must be a non-empty subset of 0\.\.1"),
+            ([-1], 1, Policy(), r"training tiles must be a non-empty subset of 0\.\.1"),
+            ([0], 7, Policy(), "batch size 7 does not fit an epoch of 6 patches"),
+            ([0], 0, Policy(), "batch size 0 does not fit an epoch of 6 patches"),
+            ([0], 1, Policy(crop_padding=2), "take no crop_padding or autoaugment"),
+            ([0], 1, Policy(autoaugment=True), "take no crop_padding or autoaugment")):
+        with pytest.raises(PapaError, match=message):
+            PatchStream(tiles, indices, batch, [policy], seed=0)
+    with pytest.raises(PapaError, match="a stream needs at least one member policy"):
+        PatchStream(tiles, [0], 1, [], seed=0)
 
 
 def test_policies_that_draw_nothing_are_transformed_many_steps_at_once(monkeypatch):
