@@ -164,6 +164,16 @@ def test_each_member_and_epoch_draw_their_order_and_augmentation_from_their_own_
                                 actual[:1]), wrong
 
 
+def test_per_batch_policies_are_drawn_for_members_whose_own_policies_draw_nothing():
+    """``per_batch`` draws each batch's policy even when the members' fixed policies draw nothing (the streams
+    transform those many steps at once only without ``per_batch``)."""
+    data, indices, batch, seed, plain = _noise_dataset(), torch.arange(4, 40), 8, 7, [Policy()] * 2
+    batches = list(MemberStream(data, indices, batch, plain, seed, per_batch=GRID).epoch(0))
+    for j in range(2):
+        expected = _member_epoch(data, indices, batch, plain[j], (seed, "order", j, 0), (seed, "augment", j, 0), GRID)
+        assert same(expected, [(x[j], t[j]) for x, t in batches])
+
+
 @pytest.mark.parametrize("ids", [None, [4, 1, 6]])
 def test_member_batches_draw_the_order_then_an_augmentation_seed_from_the_callers_generator(ids):
     """REPAIR's and SWA's batches (member_batches): the items from the caller's generator first, so that every
