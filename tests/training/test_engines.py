@@ -24,6 +24,7 @@ from papa.engines import (
     CPU_STACKED_MAX_GFLOP,
     ENGINES,
     Engine,
+    _conv_weights_channels_last,
     choose_engine,
     forward_gflop,
     soft_cross_entropy,
@@ -215,6 +216,18 @@ def test_stacked_channels_last_layout():
     # the grouped convolution's (B, p*C, H, W) view is channels-last without a copy
     view = y.movedim(0, 1).reshape(B, P * 3, 5, 5)
     assert view.data_ptr() == y.data_ptr() and view.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_conv_weights_are_copied_channels_last_and_the_rest_passed_as_they_are():
+    bias, linear = torch.randn(6), torch.randn(6, 6)
+    member = _conv_weights_channels_last({"w": torch.randn(6, 3, 3, 3), "b": bias, "fc": linear}, 4)
+    assert member["w"].is_contiguous(memory_format=torch.channels_last) and member["b"] is bias
+    assert member["fc"] is linear
+    w = torch.randn(P, 6, 3, 3, 3)
+    stacked = _conv_weights_channels_last({"w": w, "b": bias}, 5)
+    grouped = stacked["w"].reshape(P * 6, 3, 3, 3)  # the grouped convolution's view, without a copy
+    assert torch.equal(stacked["w"], w) and stacked["b"] is bias
+    assert grouped.data_ptr() == stacked["w"].data_ptr() and grouped.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_bf16_autocast_on_cpu():
