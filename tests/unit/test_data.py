@@ -22,7 +22,7 @@ from papa.data import (
 )
 from papa.data.augment import apply, eval_transform
 from papa.data.datasets import ArrayDataset
-from papa.data.stream import FolderStream, PatchStream, eval_batches, make_stream
+from papa.data.stream import FolderStream, PatchStream, draw_patches, eval_batches, make_stream
 from papa.data.vaihingen import TileDataset
 from papa.errors import PapaError
 
@@ -452,6 +452,25 @@ def test_stream_orders_shapes_and_reproducibility():
     assert torch.equal(two[0], batches[0][0][:2])
     with pytest.raises(PapaError, match="batch size 500"):
         MemberStream(data, train_idx, 500, [Policy()], seed=7)
+
+
+def test_patches_are_drawn_anywhere_inside_the_training_tiles_and_cut_there():
+    sizes = [(10, 12), (7, 9)]  # (height, width), not square: rows and columns have their own range
+    positions = draw_patches(sizes, torch.tensor([0, 1]), 4, 3000, torch.Generator().manual_seed(0))
+    for t, (h, w) in enumerate(sizes):
+        mine = [(y, x) for tile, y, x in positions if tile == t]
+        assert 1300 < len(mine) < 1700  # a tile, then a position in it, each uniformly
+        assert {y for y, _ in mine} == set(range(h - 4 + 1)) and {x for _, x in mine} == set(range(w - 4 + 1))
+    assert {t for t, _, _ in draw_patches(sizes, torch.tensor([1]), 4, 50, torch.Generator())} == {1}
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    labels = [torch.randint(0, 6, (h, w), generator=g) for h, w in sizes]
+    tiles = TileDataset(images, labels, (1, 2), 6, (0.0,) * 3, (1.0,) * 3, "tiles", tuple("abcdef"), 4, 6)
+    cut = [(0, 6, 8), (1, 3, 0), (0, 0, 5)]
+    x, targets = PatchStream(tiles, [0, 1], 3, [Policy()], seed=0)._batch(Policy(), cut, torch.Generator())
+    for k, (t, y, left) in enumerate(cut):
+        torch.testing.assert_close(x[k], images[t][:, y:y + 4, left:left + 4] / 255.0)
+        assert torch.equal(targets[k].argmax(0), labels[t][y:y + 4, left:left + 4])
 
 
 def test_streams_refuse_items_and_batch_sizes_they_cannot_serve():
