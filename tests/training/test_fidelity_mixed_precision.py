@@ -119,6 +119,29 @@ def test_an_inf_step_is_skipped_and_the_scale_halves():
     assert scaler.get_scale() == 2.0 ** 16 / 2 ** P  # halved at every member's update
 
 
+def test_a_member_skipped_under_adamw_keeps_its_parameters_and_moments_and_its_step_counts():
+    """Member 1 overflows at both steps: its parameters stay, its moments are zero where this step made them and
+    untouched after, while the others move; AdamW's step count (one number for all members) counts the step."""
+    pop = Population.from_modules(_members()).requires_grad_()
+    opt = torch.optim.AdamW(pop.parameters(), lr=0.1, weight_decay=1e-2)
+    scaler = PopulationScaler("cpu")
+    for step in range(2):
+        x, targets = _batch(step)
+        opt.zero_grad(set_to_none=True)
+        ENGINES["stacked"](pop, x, targets, contextlib.nullcontext, scale=scaler.scale)
+        pop.params["0.weight"].grad[1, 0, 0] = float("inf")
+        before = {n: t.clone() for n, t in pop.params.items()}
+        moments = {n: {k: opt.state[t][k][1].clone() for k in ("exp_avg", "exp_avg_sq")}
+                   for n, t in pop.params.items() if opt.state.get(t)}
+        assert scaler.step_population(opt, pop, Local(P)) == [False, True, False]
+        for n, t in pop.params.items():
+            assert torch.equal(t[1], before[n][1]) and not torch.equal(t[0], before[n][0])
+            state = opt.state[t]
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(state[k][1], moments[n][k] if step else torch.zeros_like(t[1])), (n, k)
+            assert state["step"].dim() == 0 and state["step"].item() == step + 1
+
+
 def _force_scaler(monkeypatch, state: dict) -> None:
     """The authors' CUDA path on the CPU: fp16 autocast, a PopulationScaler starting from ``state``."""
     def precision(exp, device):
