@@ -92,6 +92,22 @@ def test_events_that_need_more_epochs_get_them():
     assert swa_epochs["train"]["swa"]["start"] < swa_epochs["train"]["epochs"]
 
 
+def test_an_event_is_one_that_happens_inside_the_run():
+    """Unfreezing, a warm restart and the SWA start are events only when they fall after the first epoch begins
+    and before the last ends; under ``fidelity.finetune_freeze: authors`` the body never unfreezes."""
+    def found(train: dict, **experiment) -> set[str]:
+        raw = {"experiments": {"x": {"train": {"epochs": 6, **train}, **experiment}}}
+        return set(smoke.events(cfg.experiment(cfg.validate(raw, "config", "test"), "x", "test"), None))
+
+    assert "unfreeze" in found({"freeze_epochs": 5})
+    assert "unfreeze" not in found({"freeze_epochs": 6}) | found({"freeze_epochs": 0})
+    assert "unfreeze" not in found({"freeze_epochs": 2}, fidelity={"finetune_freeze": "authors"})
+    assert "warm restart" in found({"schedule": {"restart_every": 5}})
+    assert "warm restart" not in found({"schedule": {"restart_every": 6}})
+    assert "SWA start" in found({"swa": {"start": 1, "lr": 0.05}})
+    assert "SWA start" in found({"swa": {"start": 0.75, "lr": 0.05}})
+
+
 def test_pushes_and_patches_fit_a_smoke_epoch():
     exp = _smoke(averaging={"papa": {"every": 50}})
     assert exp["averaging"]["papa"]["every"] == _steps(exp)
@@ -249,13 +265,14 @@ def test_periods_are_rescaled_by_rounding_at_sizes_where_floor_and_ceiling_disag
     assert exp["averaging"]["papa-all"]["every"] == 1 and exp["averaging"]["papa-2"]["every"] == 2
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("fraction", [0.02, 0.4, 0.42])
-def test_the_smoke_push_period_is_the_steps_of_a_smoke_epoch_as_training_counts_them(fraction):
+def test_the_smoke_push_period_is_the_steps_of_a_smoke_epoch_as_training_counts_them(fraction, batch):
     """PAPA's push period is capped at the steps of one smoke epoch, counted as training will: the validation split
     held out of the 6 items (round(f * 6), at least 1: 2.4 -> 2 and 2.52 -> 3, where a ceiling or a floor would
     hold out another count), the incomplete last batch dropped."""
     from papa.data import make_split
 
-    exp = _smoke(data={"val_fraction": fraction}, averaging={"papa": {"every": 50}})
+    exp = _smoke(data={"val_fraction": fraction}, train={"batch_size": batch}, averaging={"papa": {"every": 50}})
     steps = len(make_split(smoke.SUBSET["train"], fraction)["train"]) // exp["train"]["batch_size"]
     assert exp["averaging"]["papa"]["every"] == steps == _steps(exp)
