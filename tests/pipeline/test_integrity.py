@@ -161,6 +161,26 @@ def test_papa_train_writes_progress_lines_off_a_terminal(setup, tmp_path, capsys
     assert ", val -," not in end  # the epoch's validation accuracy
 
 
+def test_a_progress_line_reports_the_rate_and_time_left_since_training_started_here(monkeypatch, capsys):
+    """Rate and ETA count only the steps since this process started (a resumed run's earlier steps are not its);
+    images per second are the population's; the validation accuracy is the mean over the last epoch's members."""
+    from types import SimpleNamespace
+
+    import papa.train
+    from papa.checkpoint import Progress
+
+    rows = [{"epoch": e, "phase": phase, "val_accuracy": acc}
+            for e, phase, acc in ((1, "end", 80.0), (1, "end", 90.0), (1, "before_avg", 10.0), (0, "end", 5.0))]
+    trainer = SimpleNamespace(progress=Progress(epoch=1, step=30, batch=5, history=rows), variant="papa", seed=3,
+                              exp={"name": "e", "train": {"epochs": 4, "batch_size": 8}}, lr=0.1, last_loss=0.5,
+                              stream=SimpleNamespace(steps_per_epoch=10), comm=SimpleNamespace(p=2), clock=(100.0, 10))
+    monkeypatch.setattr(papa.train.time, "monotonic", lambda: 140.0)  # 20 steps in 40 s: 0.5 step/s
+    papa.train.Trainer.progress_line(trainer)
+    assert capsys.readouterr().err == ("papa train: e/papa/seed3, epoch 2/4 batch 5/10, step 30/40, loss 0.5000, "
+                                       "lr 0.1, val 85.00%, 8 img/s, elapsed 0:00:40, ETA 0:00:20\n")
+    assert trainer.last_line == 140.0 and papa.train._clock(3725.4) == "1:02:05"
+
+
 def test_training_into_another_runs_directory_is_refused(setup, tmp_path, capsys):
     """A mistyped --out never deletes another run's results: one line, and they stay."""
     _, config, split = setup
