@@ -142,6 +142,18 @@ def test_a_member_skipped_under_adamw_keeps_its_parameters_and_moments_and_its_s
             assert state["step"].dim() == 0 and state["step"].item() == step + 1
 
 
+def test_the_scale_never_grows_past_the_largest_finite_float32():
+    """As torch's update kernel: a growth that would overflow float32 (2**127 -> 2**128) leaves the scale as it is."""
+    pop = Population.from_modules(_members()).requires_grad_()
+    opt = torch.optim.SGD(pop.parameters(), lr=0.1)
+    scaler, _ = _scalers(interval=1)
+    scaler.scale(torch.ones(()))  # made lazily, then set: the gradients below stay unscaled (finite)
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0 ** 127})
+    ENGINES["stacked"](pop, *_batch(0), contextlib.nullcontext)
+    assert scaler.step_population(opt, pop, Local(P)) == [False] * P
+    assert scaler.get_scale() == 2.0 ** 127 and scaler.state_dict()["_growth_tracker"] == 0
+
+
 def _force_scaler(monkeypatch, state: dict) -> None:
     """The authors' CUDA path on the CPU: fp16 autocast, a PopulationScaler starting from ``state``."""
     def precision(exp, device):
