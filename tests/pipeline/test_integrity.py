@@ -161,6 +161,20 @@ def test_papa_train_writes_progress_lines_off_a_terminal(setup, tmp_path, capsys
     assert ", val -," not in end  # the epoch's validation accuracy
 
 
+def test_room_to_train_counts_the_space_the_earlier_outputs_free(tmp_path, monkeypatch):
+    """Training refuses to start when its next file would not fit in the free space plus what it removes first."""
+    from papa import runs
+    from papa.errors import DiskError
+
+    monkeypatch.setattr(runs, "free_space", lambda path: 600)
+    runs.check_room(tmp_path, 1000, "the population", freed=400)  # fits exactly
+    with pytest.raises(DiskError, match=r"no room to train: 600 B free on its file system, but the population takes "
+                                        r"1 kB; free some space"):
+        runs.check_room(tmp_path, 1000, "the population", freed=399)
+    monkeypatch.setattr(runs, "free_space", lambda path: None)  # unknown: not judged
+    runs.check_room(tmp_path, 10**15, "the population")
+
+
 def test_a_progress_line_reports_the_rate_and_time_left_since_training_started_here(monkeypatch, capsys):
     """Rate and ETA count only the steps since this process started (a resumed run's earlier steps are not its);
     images per second are the population's; the validation accuracy is the mean over the last epoch's members."""
