@@ -146,9 +146,9 @@ def test_the_scale_never_grows_past_the_largest_finite_float32():
     """As torch's update kernel: a growth that would overflow float32 (2**127 -> 2**128) leaves the scale as it is."""
     pop = Population.from_modules(_members()).requires_grad_()
     opt = torch.optim.SGD(pop.parameters(), lr=0.1)
-    scaler, _ = _scalers(interval=1)
+    scaler = PopulationScaler("cpu")
     scaler.scale(torch.ones(()))  # made lazily, then set: the gradients below stay unscaled (finite)
-    scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0 ** 127})
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0 ** 127, "growth_interval": 1})
     ENGINES["stacked"](pop, *_batch(0), contextlib.nullcontext)
     assert scaler.step_population(opt, pop, Local(P)) == [False] * P
     assert scaler.get_scale() == 2.0 ** 127 and scaler.state_dict()["_growth_tracker"] == 0

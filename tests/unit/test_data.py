@@ -454,6 +454,12 @@ def test_stream_orders_shapes_and_reproducibility():
         MemberStream(data, train_idx, 500, [Policy()], seed=7)
 
 
+def tile_dataset(images: list, labels: list) -> TileDataset:
+    """Tiles of 6 classes (mean 0, std 1), cut into 4 x 4 patches, 6 per epoch."""
+    return TileDataset(images, labels, tuple(range(1, len(images) + 1)), 6, (0.0,) * 3, (1.0,) * 3, "tiles",
+                       tuple("abcdef"), patch_size=4, epoch_size=6)
+
+
 def test_patches_are_drawn_anywhere_inside_the_training_tiles_and_cut_there():
     sizes = [(10, 12), (7, 9)]  # (height, width), not square: rows and columns have their own range
     positions = draw_patches(sizes, torch.tensor([0, 1]), 4, 3000, torch.Generator().manual_seed(0))
@@ -465,7 +471,7 @@ def test_patches_are_drawn_anywhere_inside_the_training_tiles_and_cut_there():
     g = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
     labels = [torch.randint(0, 6, (h, w), generator=g) for h, w in sizes]
-    tiles = TileDataset(images, labels, (1, 2), 6, (0.0,) * 3, (1.0,) * 3, "tiles", tuple("abcdef"), 4, 6)
+    tiles = tile_dataset(images, labels)
     cut = [(0, 6, 8), (1, 3, 0), (0, 0, 5)]
     x, targets = PatchStream(tiles, [0, 1], 3, [Policy()], seed=0)._batch(Policy(), cut, torch.Generator())
     for k, (t, y, left) in enumerate(cut):
@@ -486,8 +492,7 @@ def test_streams_refuse_items_and_batch_sizes_they_cannot_serve():
             MemberStream(data, indices, batch, one, seed=0)
     with pytest.raises(PapaError, match="a stream needs at least one member policy"):
         MemberStream(data, range(4), 1, [], seed=0)
-    tiles = TileDataset([torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2, [torch.zeros(8, 8, dtype=torch.int64)] * 2,
-                        (1, 2), 6, (0.5,) * 3, (0.25,) * 3, "tiles", tuple("abcdef"), patch_size=4, epoch_size=6)
+    tiles = tile_dataset([torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2, [torch.zeros(8, 8, dtype=torch.int64)] * 2)
     assert PatchStream(tiles, [0, 1], 6, one, seed=0).steps_per_epoch == 1  # a batch of the whole epoch
     assert PatchStream(tiles, [1], 4, one, seed=0).steps_per_epoch == 1  # the incomplete last batch dropped
     assert PatchStream(tiles, [0], 1, one, seed=0).steps_per_epoch == 6

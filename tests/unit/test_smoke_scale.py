@@ -15,7 +15,7 @@ import yaml
 from papa import config as cfg
 from papa import smoke
 from papa.errors import PapaError
-from tests.helpers import write_config
+from tests.helpers import tiny_experiment, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted([*(ROOT / "config" / "paper").glob("*.yaml"), ROOT / "config" / "config.yaml"])
@@ -96,8 +96,7 @@ def test_an_event_is_one_that_happens_inside_the_run():
     """Unfreezing, a warm restart and the SWA start are events only when they fall after the first epoch begins
     and before the last ends; under ``fidelity.finetune_freeze: authors`` the body never unfreezes."""
     def found(train: dict, **experiment) -> set[str]:
-        raw = {"experiments": {"x": {"train": {"epochs": 6, **train}, **experiment}}}
-        return set(smoke.events(cfg.experiment(cfg.validate(raw, "config", "test"), "x", "test"), None))
+        return set(smoke.events(tiny_experiment(train={"epochs": 6, **train}, **experiment), None))
 
     assert "unfreeze" in found({"freeze_epochs": 5})
     assert "unfreeze" not in found({"freeze_epochs": 6}) | found({"freeze_epochs": 0})
