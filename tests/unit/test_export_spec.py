@@ -1,6 +1,8 @@
 """What population.json records of a run's input and classes (papa.runs.input_spec), for every kind of dataset,
 read off the data exactly as the run's stream and evaluation prepare it."""
 
+import re
+
 import pytest
 
 from papa import runs
@@ -57,3 +59,26 @@ def test_segmentation_takes_whole_tiles(tmp_path):
     assert (i["kind"], i["channels"], i["size"], i["interpolation"]) == ("segmentation", 3, [32, 32], None)
     assert spec["classes"][0] == "impervious_surfaces" and len(spec["classes"]) == 6
     assert tuple(probe(spec).shape) == (2, 3, 32, 32)
+
+
+def test_tensors_that_do_not_fit_the_architecture_are_one_error_naming_them():
+    """A bias REPAIR gave a bias-free layer is taken (and folded); any other tensor the stock architecture lacks, or
+    lacks room for, is named, up to three of each kind, in one error."""
+    import torch
+
+    from papa.errors import PapaError
+    from papa.export import architecture, to_architecture
+
+    spec = _spec() | {"model": "digits_cnn", "kwargs": {"width": 4}}
+    does_not_fit = "run: the tensors do not fit the run's architecture: "
+    state = architecture(spec).state_dict()
+    _, fold = to_architecture(state | {"conv1.bias": torch.zeros(4)}, spec)
+    assert fold.folded == {"conv1": ["bn1"]} and fold.kept == []
+    for bad, named in [
+        ({k: v for k, v in state.items() if k != "linear.weight"}, "missing ['linear.weight']"),
+        (state | {"nope.bias": torch.zeros(4)}, "unexpected ['nope.bias']"),  # no such layer
+        (state | {"relu.bias": torch.zeros(4)}, "unexpected ['relu.bias']"),  # a layer with no weight to repair
+        (state | {"linear.bias": torch.zeros(3)}, "of another shape ['linear.bias']"),
+    ]:
+        with pytest.raises(PapaError, match=f"^{re.escape(does_not_fit + named)}$"):
+            to_architecture(bad, spec, "run")
