@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from papa import averaging, runs
-from papa.averagers import Genetic, Replace, averager_for
+from papa.averagers import Genetic, averager_for
 from papa.data import eval_batches
 from papa.data.augment import eval_transform
 from papa.train import Trainer
@@ -56,17 +56,6 @@ def test_greedy_averaging_replaces_every_member_by_the_greedy_soup(monkeypatch, 
         before = history[(history.phase == "before_avg") & (history.epoch == k + 1)]
         assert int(before.val_accuracy.to_numpy().argmax()) in kept  # the greedy soup starts from the best
         assert torch.equal(torch.as_tensor(repairs[k][0][1]), matrix)
-
-
-def test_greedy_averaging_refuses_several_processes():
-    class Comm:
-        world_size = 2
-
-    class T:
-        comm = Comm()
-
-    with pytest.raises(Exception, match="single process"):
-        Replace(name="papa-all", scheme="greedy").check(T())
 
 
 def test_genetic_elitism_in_training_scores_repaired_children_by_validation_loss(monkeypatch, split_path, tmp_path):

@@ -192,3 +192,36 @@ def test_children_are_mutated_before_they_are_scored_under_authors():
         assert not any(exact) if setting == "authors" else all(exact)
         survivors_scored = [any(torch.equal(member, child) for child in children) for member in after["weight"]]
         assert all(survivors_scored) == (setting == "authors")
+
+
+@pytest.mark.parametrize(("variant", "averaging", "fidelity", "world", "refused"), [
+    ("papa-all", {"papa-all": {"align": True}}, {}, 2, r"averaging\.papa-all\.align runs in a single process only"),
+    ("papa", {"papa": {"align": True}}, {}, 2, r"averaging\.papa\.align runs in a single process only"),
+    ("papa-all", {"papa-all": {"scheme": "greedy"}}, {}, 2, r"averaging\.papa-all\.scheme greedy runs in a single "),
+    ("papa-2", {"genetic": {"tournament": True}}, {}, 2, "the genetic-algorithm ablations .* single process only"),
+    ("papa-2", {"papa-2": {"align": True}, "genetic": {"elitism": True}}, {"alignment_target": "authors"}, 1,
+     r"averaging\.papa-2\.align with averaging\.genetic: the scripts' pairwise alignment"),
+    ("papa-2", {"papa-2": {"every": 2}}, {"averaging_epochs": "authors"}, 2,  # (5 - 1) % 2 == 0: the scripts' test
+     r"averaging\.papa-2: the scripts' averaging after the last epoch .* single process only"),
+    # accepted: the scripts' alignment target without alignment, or the paper's with it; a last epoch not due
+    ("papa-2", {"genetic": {"elitism": True}}, {"alignment_target": "authors"}, 1, None),
+    ("papa-2", {"papa-2": {"align": True}, "genetic": {"elitism": True}}, {}, 1, None),
+    ("papa-all", {"papa-all": {"align": True}}, {}, 1, None),
+    ("papa-all", {"papa-all": {"scheme": "greedy"}}, {}, 1, None),
+    ("papa-2", {"papa-2": {"every": 2}}, {"averaging_epochs": "authors"}, 1, None),
+    ("papa-2", {"papa-2": {"every": 3}}, {"averaging_epochs": "authors"}, 2, None),
+    ("papa-2", {"papa-2": {"every": 2}}, {}, 2, None),
+])
+def test_settings_one_process_or_the_paper_alone_supports_are_refused_before_training(variant, averaging, fidelity,
+                                                                                       world, refused):
+    exp = tiny_experiment(population={"size": 4}, train={"epochs": 5}, averaging=averaging, fidelity=fidelity)
+    from papa.models.resnet_cifar import CifarResNet
+
+    with rng.seeded(0):  # a one-block ResNet: a network alignment supports
+        pop = Population.from_modules([CifarResNet([1], [4], 2, 3)] * 2)
+    ctx = SimpleNamespace(comm=SimpleNamespace(world_size=world), pop=pop, epochs=5)
+    if refused is None:
+        averager_for(variant, exp).check(ctx)
+    else:
+        with pytest.raises(PapaError, match=refused):
+            averager_for(variant, exp).check(ctx)
