@@ -166,6 +166,18 @@ def test_cifar_wrong_shapes_and_lengths(tmp_path):
     (base / "test").write_bytes(pickle.dumps({**good, "fine_labels": good["fine_labels"][:-1]}, protocol=2))
     with pytest.raises(PapaError, match="20 images but 19 labels"):
         load_dataset("cifar100", tmp_path)
+    for key in ("data", "fine_labels"):  # either key missing
+        (base / "test").write_bytes(pickle.dumps({k: v for k, v in good.items() if k != key}, protocol=2))
+        with pytest.raises(PapaError, match=r"corrupt archive .*test: expected keys 'data' and 'fine_labels', "
+                                            r"found \[.*\]$") as err:
+            load_dataset("cifar100", tmp_path)
+        assert f"'{key}'" not in str(err.value).split("found")[1]
+    (base / "test").write_bytes(pickle.dumps(good, protocol=2))
+    meta = pickle.loads((base / "meta").read_bytes(), encoding="latin1")
+    for names in (meta["fine_label_names"][:-1], "c" * 100, None):  # 99 names; 100 characters; nothing
+        (base / "meta").write_bytes(pickle.dumps({"fine_label_names": names}, protocol=2))
+        with pytest.raises(PapaError, match="corrupt archive .*meta: expected 100 names under 'fine_label_names'"):
+            load_dataset("cifar100", tmp_path)
 
 
 class _Exploit:
