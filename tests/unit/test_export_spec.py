@@ -61,6 +61,14 @@ def test_segmentation_takes_whole_tiles(tmp_path):
     assert tuple(probe(spec).shape) == (2, 3, 32, 32)
 
 
+def test_the_probe_of_a_network_taking_whole_tiles_is_at_most_64_pixels_a_side():
+    """papa.fold checks the folded network on two random images: of the input size, or for a segmentation network
+    (which takes any size) at most PROBE_SIDE a side, so a large training patch costs no more."""
+    big = {"channels": 3, "size": [256, 48]}
+    assert tuple(probe({"input": big | {"kind": "segmentation"}}).shape) == (2, 3, 64, 48)
+    assert tuple(probe({"input": big | {"kind": "array"}}).shape) == (2, 3, 256, 48)
+
+
 def test_tensors_that_do_not_fit_the_architecture_are_one_error_naming_them():
     """A bias REPAIR gave a bias-free layer is taken (and folded); any other tensor the stock architecture lacks, or
     lacks room for, is named, up to three of each kind, in one error."""

@@ -199,6 +199,8 @@ def test_after_the_last_epoch_mutations_still_run_and_papa_all_mixes_nothing():
     averager = averager_for("papa-all", last_epoch_experiment("authors", "papa-all"))
     averager.average(context(pop, None, epoch=6, epochs=6))
     assert all(torch.equal(before[n], t) for n, t in pop.tensors())
+    averager.average(context(pop, None, epoch=1, epochs=1))  # a one-epoch run: its first epoch is its last
+    assert all(torch.equal(before[n], t) for n, t in pop.tensors())
     exp = last_epoch_experiment("authors", "papa-all")
     exp["averaging"]["genetic"]["mutation_std"] = 0.1
     averager_for("papa-all", exp).average(context(pop, None, epoch=6, epochs=6))
