@@ -32,6 +32,10 @@ CIFAR = {  # name: (folder, train files, test files, meta file, meta key, label 
     "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels", 100),
 }
 
+# the authors' per-channel mean and std: data/cifar10.py:8-10 (8-bit values / 255) and data/cifar100.py:8-9
+AUTHORS_NORMALIZATION = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+                         "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+
 CIFAR_GRID = {"mixup": [0, 0.5, 1.0], "label_smoothing": [0, 0.05, 0.1], "cutmix": [0, 0.5, 1.0],
               "random_erasing": [0, 0.15, 0.35]}  # Section 4.1's grid (the schema's default augment.grid)
 
@@ -107,6 +111,9 @@ def test_cifar_archives_load(tmp_path, name):
     assert splits.train.labels.tolist() == [i % k for i in range(n_train)]
     assert np.array_equal(splits.train.images[0].numpy(), first)
     assert splits.train.classes[:2] == ("class0", "class1")
+    mean, std = AUTHORS_NORMALIZATION[name]
+    assert splits.mean == pytest.approx(mean, abs=1e-6) and splits.std == pytest.approx(std, abs=1e-6)
+    assert splits.train.mean == splits.mean and splits.test.std == splits.std
     with pytest.raises(PapaError, match="checksum mismatch"):  # generated files are not the originals
         load_dataset(name, tmp_path, verify_md5=True)
 
