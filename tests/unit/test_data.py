@@ -86,6 +86,18 @@ def test_registry_and_unknown_names():
         load_dataset("digits", flavour=1)
 
 
+def test_array_images_and_sizes_that_are_not_what_the_streams_take_are_refused():
+    labels = torch.zeros(2, dtype=torch.int64)
+    for images in (torch.zeros(2, 1, 8, 8), torch.zeros(2, 8, 8, dtype=torch.uint8)):  # float; no channel axis
+        with pytest.raises(ValueError, match=r"^x: images must be uint8 \(N, C, H, W\), got torch\.(float32|uint8) "):
+            ArrayDataset(images, labels, 10, (0.0,), (1.0,), "x")
+    with pytest.raises(ValueError, match=r"^x: 2 images but labels of shape \(3,\)$"):
+        ArrayDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(3), 10, (0.0,), (1.0,), "x")
+    for size in (0, 2.5):
+        with pytest.raises(PapaError, match=f"^digits: image_size must be a positive integer, found {size}$"):
+            load_dataset("digits", image_size=size)
+
+
 def test_digits_fixed_stratified_test_split():
     splits = load_dataset("digits")
     again = load_dataset("digits")
