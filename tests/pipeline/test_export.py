@@ -84,6 +84,8 @@ def test_exported_network_scores_the_test_accuracy_of_metrics_json(run, tmp_path
     n = spec["network"]
     assert (n["experiment"], n["variant"], n["seed"], n["population"]) == ("tiny", "papa", 1, 2)
     assert n["test_accuracy"] == expected
+    if which[:1] == ["--member"]:  # its validation accuracy, as measured for the greedy soup
+        assert n["val_accuracy"] == metrics["val_members"][1] is not None
     if key == "avg_soup_repair" and which[:1] != ["--member"]:
         assert n["members"] == [0, 1] and n["repaired"]
         # REPAIR gave both convolutions a bias; both are folded into their BatchNorms
