@@ -55,8 +55,13 @@ def _a_config_that_is_no_mapping(out):
     _folder(out, ["papa"])
 
 
+def _a_config_that_is_no_json(out):
+    _folder(out, {})
+    (out / CONFIG).write_text("{not json")
+
+
 @pytest.mark.parametrize("there", [_a_file, _a_link_to_an_export, _notes_beside_an_export, _another_librarys_model,
-                                   _a_config_that_is_no_mapping])
+                                   _a_config_that_is_no_mapping, _a_config_that_is_no_json])
 def test_anything_else_at_out_is_refused_and_left_as_it_was(tmp_path, there):
     out = tmp_path / "export"
     there(out)
@@ -71,3 +76,22 @@ def test_an_export_of_another_format_is_not_read(tmp_path, config):
     (tmp_path / CONFIG).write_text(json.dumps(config))
     with pytest.raises(PapaError, match=rf"config\.json: not written by `papa export` \(format {FORMAT}\)$"):
         read_spec(tmp_path)
+
+
+def test_an_export_makes_the_folders_above_it(tmp_path):
+    out = tmp_path / "exports" / "cifar10" / "papa"
+    _write(out)
+    assert read_spec(out) == {"library": "papa", "format": FORMAT}
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_failed_export_leaves_what_was_there_and_raises_its_own_error(tmp_path, earlier):
+    out = tmp_path / "export"
+    if earlier:
+        _write(out)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="^disk on fire$"), write_folder(out) as tmp:
+        (tmp / WEIGHTS).write_text("half")
+        raise RuntimeError("disk on fire")
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == (["export"] if earlier else [])
