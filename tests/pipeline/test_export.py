@@ -83,7 +83,7 @@ def test_exported_network_scores_the_test_accuracy_of_metrics_json(run, tmp_path
     spec = export.read_spec(out)
     n = spec["network"]
     assert (n["experiment"], n["variant"], n["seed"], n["population"]) == ("tiny", "papa", 1, 2)
-    assert n["test_accuracy"] == expected
+    assert n["test_accuracy"] == expected and n["aligned"] is False  # the run did not align its members
     if which[:1] == ["--member"]:  # its validation accuracy, as measured for the greedy soup
         assert n["val_accuracy"] == metrics["val_members"][1] is not None
     if key == "avg_soup_repair" and which[:1] != ["--member"]:
@@ -105,6 +105,16 @@ def test_exported_network_scores_the_test_accuracy_of_metrics_json(run, tmp_path
     from papa.provenance import describe
 
     assert spec["code"] == metrics["code"] and f"- papa code: {describe(metrics['code'])}\n" in card
+
+
+def test_load_model_gives_the_dtype_asked_for(run, tmp_path):
+    export.export(run, tmp_path / "export")
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    model, wide = papa.load_model(tmp_path / "export"), papa.load_model(tmp_path / "export", dtype=torch.float64)
+    assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    assert {t.dtype for t in wide.state_dict().values() if t.is_floating_point()} == {torch.float64}
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x.double()).float(), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_load_soup_gives_the_soup_the_pipeline_evaluated(run):
