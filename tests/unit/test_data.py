@@ -185,6 +185,11 @@ def test_cifar_wrong_shapes_and_lengths(tmp_path):
     (base / "test").write_bytes(pickle.dumps({**good, "fine_labels": good["fine_labels"][:-1]}, protocol=2))
     with pytest.raises(PapaError, match="20 images but 19 labels"):
         load_dataset("cifar100", tmp_path)
+    for wrong in (-1, 100):  # a label below or above the classes'
+        labels = [wrong, *good["fine_labels"][1:]]
+        (base / "test").write_bytes(pickle.dumps({**good, "fine_labels": labels}, protocol=2))
+        with pytest.raises(PapaError, match=r"corrupt archive .*test: labels outside 0\.\.99$"):
+            load_dataset("cifar100", tmp_path)
     for key in ("data", "fine_labels"):  # either key missing
         (base / "test").write_bytes(pickle.dumps({k: v for k, v in good.items() if k != key}, protocol=2))
         with pytest.raises(PapaError, match=r"corrupt archive .*test: expected keys 'data' and 'fine_labels', "
