@@ -600,3 +600,16 @@ def test_member_batches_share_data_across_members():
     mixed = next(stream.member_batches(2, gen(), 1))
     assert not torch.equal(items(mixed), first[0])
     assert len(list(stream.member_batches(None, gen(), 10))) == 10  # more than one epoch of data
+
+
+def test_each_loader_reads_data_slash_its_name_without_a_root(tmp_path, monkeypatch):
+    """Without data.root a dataset is read from data/<name> below the working directory, as docs/data.md says."""
+    from papa import fakedata
+
+    monkeypatch.chdir(tmp_path)
+    write_cifar(tmp_path / "data" / "cifar10", "cifar10")
+    fakedata.write_optdigits(tmp_path / "data" / "optdigits")
+    for part in ("train", "val"):
+        _write_images(tmp_path / "data" / "imagenet" / part / "cat", 1)
+    assert len(load_dataset("cifar10").test) == 20 and len(load_dataset("optdigits").test) == fakedata.OPTDIGITS_TEST
+    assert load_dataset("imagenet").train.classes == ("cat",)
