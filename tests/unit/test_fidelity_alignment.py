@@ -89,6 +89,22 @@ def test_the_running_soup_target_matches_each_member_to_the_average_before_it():
 
 # averagers --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("setting", ["authors", "paper"])
+def test_the_greedy_scheme_tries_each_member_aligned_to_the_greedy_soup_under_authors(setting):
+    """Three exact permutations, member 0 the best: under authors the greedy averaging tries each member aligned to
+    the greedy soup so far (models/combined.py:263-279), and the members become those aligned copies, all member
+    0's network; under paper they were aligned to member 0 before (``align_``) and the matrix leaves them be."""
+    xs = data()
+    a = net("resnet20", 1, xs)
+    pop = Population.from_modules([a, *shuffled_copies(a, 2)])
+    averager = averager_for("papa-all", experiment(setting, "papa-all", scheme="greedy"))
+    ctx = context(pop, xs)
+    ctx.val_scores = lambda members: [(90.0 - j, 0.0) for j in range(members.size)]
+    ctx.val_accuracy = lambda soup: 90.0  # every soup ties with the best member: all are kept (>=)
+    assert torch.equal(averager.matrix(ctx, generator(0)), torch.full((3, 3), 1 / 3, dtype=torch.float64))
+    assert all(same_tensors(pop.member(j), a) for j in range(3)) == (setting == "authors")
+
+
+@pytest.mark.parametrize("setting", ["authors", "paper"])
 def test_papa_2_children_follow_the_order_of_the_pairs(setting):
     """Three exact permutations of one network: under paper every member is first aligned to member 0, so every
     child is member 0's network; under authors a child is its pair's first member as it then stands (the pair
