@@ -164,6 +164,25 @@ def test_papa_all_repairs_the_aligned_soup_toward_the_unpermuted_members(setting
     assert not close(pop.member(0), a, atol=1e-3)
 
 
+def test_alignment_permutes_adams_moments_with_the_weights_and_leaves_the_rest_of_the_state():
+    """Under paper the optimizer state shaped like a weight follows its permutation (Adam's two moments here, set
+    to the weight and its square); the step count and a weight without state are left as they are."""
+    xs = data()
+    a = net("resnet20", 1, xs)
+    pop = Population.from_modules([a, *shuffled_copies(a, 2)])
+    optimizer = torch.optim.AdamW(list(pop.params.values()))
+    *stateful, bare = pop.params.values()
+    for p in stateful:
+        optimizer.state[p].update(step=torch.tensor(3.0), exp_avg=p.detach().clone(), exp_avg_sq=p.detach() ** 2)
+    averager_for("papa-all", experiment("paper", "papa-all")).align_(context(pop, xs, optimizer=optimizer))
+    assert all(same_tensors(pop.member(j), a) for j in range(3))  # aligned: each member is a again
+    for p in stateful:
+        state = optimizer.state[p]
+        assert torch.equal(state["exp_avg"], p) and torch.equal(state["exp_avg_sq"], p**2)
+        assert torch.equal(state["step"], torch.tensor(3.0))
+    assert bare not in optimizer.state
+
+
 def test_genetic_ablations_refuse_the_scripts_alignment():
     exp = tiny_experiment(population={"size": 3}, fidelity={"alignment_target": "authors"},
                           averaging={"papa-2": {"align": True}, "genetic": {"tournament": True}})
@@ -194,10 +213,16 @@ def test_the_scripts_test_fires_after_the_last_epoch_when_its_index_is_a_multipl
 
 @pytest.mark.parametrize("scheme", ["pair-half", "pair-75"])
 def test_after_the_last_epoch_each_member_becomes_one_unmerged_member_of_its_pair(scheme):
-    pop = linear_population()
+    """Exact permutations of one network, under the scripts' alignment target but with align off: each member
+    becomes one member of its pair as it is (aligned, it would be member 0's network)."""
+    xs = data()
+    a = net("resnet20", 1, xs)
+    pop = Population.from_modules([a, *shuffled_copies(a, 3)])
     before = [pop.member(j) for j in range(4)]
-    averager = averager_for("papa-2", last_epoch_experiment("authors", scheme=scheme))
-    ctx = context(pop, None, epoch=6, epochs=6)
+    exp = last_epoch_experiment("authors", scheme=scheme)
+    exp["fidelity"]["alignment_target"] = "authors"
+    averager = averager_for("papa-2", exp)
+    ctx = context(pop, xs, epoch=6, epochs=6)
     ctx.stream = None  # nothing is REPAIRed: reading training data would fail
     averager.average(ctx)
     gen = generator(3, "average", 6)
