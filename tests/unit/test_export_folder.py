@@ -95,3 +95,13 @@ def test_a_failed_export_leaves_what_was_there_and_raises_its_own_error(tmp_path
         raise RuntimeError("disk on fire")
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir()] == (["export"] if earlier else [])
+
+
+def test_an_export_gets_the_umasks_permissions(tmp_path):
+    """Not mkdtemp's private 0700 and 0600: the folder 0777 and its files 0666, less the umask, as any new file."""
+    from papa.io import current_umask
+
+    out = tmp_path / "export"
+    _write(out)
+    assert out.stat().st_mode & 0o7777 == 0o777 & ~current_umask()
+    assert (out / CONFIG).stat().st_mode & 0o7777 == 0o666 & ~current_umask()

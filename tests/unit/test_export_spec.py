@@ -90,3 +90,23 @@ def test_tensors_that_do_not_fit_the_architecture_are_one_error_naming_them():
     ]:
         with pytest.raises(PapaError, match=f"^{re.escape(does_not_fit + named)}$"):
             to_architecture(bad, spec, "run")
+
+
+def test_a_one_member_soup_is_not_called_repaired_and_a_run_without_alignment_not_aligned():
+    """config.json's description of a soup from what metrics.json and the soups' metadata say; a one-member greedy
+    soup is that member (papa.soups never REPAIRs it); a member of a run whose metrics predate ``val_members`` has no
+    validation accuracy."""
+    from types import SimpleNamespace
+
+    from papa.export import describe
+
+    metrics = {"members": [90.0, 80.0, 70.0], "greedy_soup_repair": 90.0, "avg_soup_repair": 50.0}
+    files = SimpleNamespace(metrics=metrics, meta={"experiment": "e", "variant": "papa", "seed": 1},
+                            soups_meta={"greedy_soup_members": [0], "val_accuracy": {"greedy_soup_repair": 88.0}})
+    greedy = describe(files, "greedy_soup_repair", None)
+    assert greedy["members"] == [0] and greedy["repaired"] is greedy["aligned"] is False
+    assert greedy["val_accuracy"] == 88.0
+    average = describe(files, "avg_soup_repair", None)
+    assert (average["members"], average["repaired"], average["val_accuracy"]) == ([0, 1, 2], True, None)
+    member = describe(files, None, 2)
+    assert (member["members"], member["test_accuracy"], member["val_accuracy"]) == ([2], 70.0, None)
