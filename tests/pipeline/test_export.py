@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import papa
 from papa import export, runs
 from papa.checkpoint import load_tensors, save_tensors
+from papa.errors import PapaError
 from papa.soups import SOUPS
 from tests.helpers import REPO, tiny_experiment, write_config
 from tests.helpers import papa as papa_cli
@@ -115,6 +116,20 @@ def test_load_model_gives_the_dtype_asked_for(run, tmp_path):
     assert {t.dtype for t in wide.state_dict().values() if t.is_floating_point()} == {torch.float64}
     with torch.no_grad():
         torch.testing.assert_close(wide(x.double()).float(), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["drop", "add"])
+def test_load_model_refuses_weights_that_do_not_fit_the_architecture(run, tmp_path, change):
+    out = tmp_path / "export"
+    export.export(run, out)
+    tensors = load_file(out / "model.safetensors")
+    if change == "drop":
+        del tensors["linear.weight"]
+    else:
+        tensors["extra.weight"] = torch.zeros(2)
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(PapaError, match=r"model\.safetensors: does not fit digits_cnn \(Error\(s\) in loading"):
+        papa.load_model(out)
 
 
 def test_load_soup_gives_the_soup_the_pipeline_evaluated(run):
