@@ -73,6 +73,15 @@ def test_cifar_archives_are_python_pickles_as_released(written):
     assert raw[:2] == b"\x80\x02"  # pickle protocol 2
     batch = pickle.loads(raw)
     assert batch["data"].shape == (fakedata.CIFAR_TRAIN // 5, 3072) and batch["data"].dtype.name == "uint8"
+    # the keys of the released archives, CIFAR-100's superclasses included
+    assert set(batch) == {"batch_label", "labels", "data", "filenames"}
+    assert set(pickle.loads((base / "batches.meta").read_bytes())) == {"label_names", "num_cases_per_batch",
+                                                                       "num_vis"}
+    c100 = written[0] / "data" / "elsewhere" / "c100" / "cifar-100-python"
+    for part in ("train", "test"):
+        assert set(pickle.loads((c100 / part).read_bytes())) == {"batch_label", "fine_labels", "coarse_labels",
+                                                                  "data", "filenames"}
+    assert set(pickle.loads((c100 / "meta").read_bytes())) == {"fine_label_names", "coarse_label_names"}
 
 
 def test_fake_weights_load_from_the_hub_cache_and_warn_outside_smoke_scale(written, monkeypatch, capsys):
