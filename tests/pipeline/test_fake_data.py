@@ -127,3 +127,12 @@ def test_fake_weights_are_the_same_bytes_every_time(tmp_path):
     blobs = {fakedata.write_hub_weights(tmp_path / str(i), TINY_TIMM.removeprefix("timm/")).resolve().read_bytes()
              for i in range(6)}
     assert len(blobs) == 1
+
+
+def test_without_configs_it_reads_every_config_of_the_checkout_it_runs_in(monkeypatch):
+    from tests.helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    configs = fakedata.default_configs()
+    assert Path("config/config.yaml") in configs and Path("config/paper/a10.yaml") in configs
+    assert configs == sorted(p.relative_to(REPO) for p in fakedata.default_configs(REPO))
