@@ -21,10 +21,9 @@ from papa.data.augment import autoaugment_policy, randaugment_transform
 from papa.errors import PapaError
 from papa.io import file_digest
 
-# The authors' normalizations (data/cifar10.py:8-10, cifar100.py:8-9, imagenet.py:8-9). CIFAR-10's std is theirs, the
-# widely copied (51.59, 50.85, 51.26) / 255, not the std of CIFAR-10's pixels, (0.247, 0.243, 0.262).
-CIFAR10_MEAN, CIFAR10_STD = (tuple(v / 255 for v in (125.307, 122.961, 113.8575)),
-                             tuple(v / 255 for v in (51.5865, 50.847, 51.255)))
+# the authors' (data/cifar10.py:8-10 as 8-bit values / 255, cifar100.py:8-9, imagenet.py:8-9); CIFAR-10's std is not
+# the std of its pixels (0.247, 0.243, 0.262) but the widely copied value their scripts used
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
