@@ -20,8 +20,7 @@ from papa.rng import seeded_globals
 
 # timm RandAugment config strings: magnitude, layers, probability, magnitude std/max, increasing, weights
 RANDAUGMENT = re.compile(r"rand(-(mstd|mmax|inc|m|n|p|w)\d+(\.\d+)?)*")
-# the authors' random erasing (timm's RandomErasing, utils/random_erasing.py:40-52; torchvision's has 0.33 and 3.3)
-ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 1 / 3), (0.3, 1 / 0.3), 10
+ERASE_SCALE, ERASE_RATIO, ERASE_ATTEMPTS = (0.02, 0.33), (0.3, 3.3), 10  # torchvision RandomErasing's defaults
 
 
 @dataclass
@@ -232,7 +231,7 @@ def cutout(x: Tensor, length: int, generator: torch.Generator) -> Tensor:
 
 
 def random_erasing(x: Tensor, probability: float, generator: torch.Generator) -> Tensor:
-    """The authors' RandomErasing (mode const: value 0, the mean after normalization; one box), per sample."""
+    """torchvision's RandomErasing (its defaults; value 0, the mean after normalization), deciding per sample."""
     (b, _, h, w), dev = x.shape, x.device
     erase = _rand(generator, b, device=dev) < probability
     lo, hi = ERASE_SCALE
