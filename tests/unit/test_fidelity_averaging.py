@@ -203,7 +203,7 @@ def test_children_are_mutated_before_they_are_scored_under_authors():
      r"averaging\.papa-2\.align with averaging\.genetic: the scripts' pairwise alignment"),
     ("papa-2", {"papa-2": {"every": 2}}, {"averaging_epochs": "authors"}, 2,  # (5 - 1) % 2 == 0: the scripts' test
      r"averaging\.papa-2: the scripts' averaging after the last epoch .* single process only"),
-    # accepted: the scripts' alignment target without alignment, or the paper's with it; a last epoch not due
+    # accepted: the scripts' alignment target without align, the paper's with it, one process, no last-epoch test
     ("papa-2", {"genetic": {"elitism": True}}, {"alignment_target": "authors"}, 1, None),
     ("papa-2", {"papa-2": {"align": True}, "genetic": {"elitism": True}}, {}, 1, None),
     ("papa-all", {"papa-all": {"align": True}}, {}, 1, None),
@@ -214,9 +214,9 @@ def test_children_are_mutated_before_they_are_scored_under_authors():
 ])
 def test_settings_one_process_or_the_paper_alone_supports_are_refused_before_training(variant, averaging, fidelity,
                                                                                        world, refused):
-    exp = tiny_experiment(population={"size": 4}, train={"epochs": 5}, averaging=averaging, fidelity=fidelity)
     from papa.models.resnet_cifar import CifarResNet
 
+    exp = tiny_experiment(population={"size": 4}, train={"epochs": 5}, averaging=averaging, fidelity=fidelity)
     with rng.seeded(0):  # a one-block ResNet: a network alignment supports
         pop = Population.from_modules([CifarResNet([1], [4], 2, 3)] * 2)
     ctx = SimpleNamespace(comm=SimpleNamespace(world_size=world), pop=pop, epochs=5)
