@@ -13,7 +13,7 @@ from papa.data import load_dataset
 from papa.errors import PapaError
 from papa.models import create_model
 from papa.models import pretrained as pretrained_module
-from tests.helpers import papa, write_config
+from tests.helpers import REPO, papa, write_config
 
 TINY_TIMM = "timm/test_resnet.r160_in1k"
 
@@ -130,8 +130,6 @@ def test_fake_weights_are_the_same_bytes_every_time(tmp_path):
 
 
 def test_without_configs_it_reads_every_config_of_the_checkout_it_runs_in(monkeypatch):
-    from tests.helpers import REPO
-
     monkeypatch.chdir(REPO)
     configs = fakedata.default_configs()
     assert Path("config/config.yaml") in configs and Path("config/paper/a10.yaml") in configs

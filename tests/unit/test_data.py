@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from papa import fakedata
 from papa.data import (
     LOADERS,
     MemberStream,
@@ -21,7 +22,7 @@ from papa.data import (
     save_split,
 )
 from papa.data.augment import apply, eval_transform
-from papa.data.datasets import ArrayDataset
+from papa.data.datasets import ArrayDataset, _digits_arrays
 from papa.data.stream import FolderStream, PatchStream, draw_patches, eval_batches, make_stream
 from papa.data.vaihingen import TileDataset
 from papa.errors import PapaError
@@ -101,9 +102,7 @@ def test_array_images_and_sizes_that_are_not_what_the_streams_take_are_refused()
 def test_the_digits_read_from_scikit_learns_csv_are_its_load_digits():
     """The loader reads the CSV scikit-learn ships instead of importing sklearn.datasets (seconds per step): the same
     1,797 images, labels and order as sklearn.datasets.load_digits."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    from papa.data.datasets import _digits_arrays
+    from sklearn.datasets import load_digits as sklearn_digits  # seconds to import: only here
 
     images, labels = _digits_arrays()
     expected = sklearn_digits()
@@ -617,8 +616,6 @@ def test_member_batches_share_data_across_members():
 
 def test_each_loader_reads_data_slash_its_name_without_a_root(tmp_path, monkeypatch):
     """Without data.root a dataset is read from data/<name> below the working directory, as docs/data.md says."""
-    from papa import fakedata
-
     monkeypatch.chdir(tmp_path)
     write_cifar(tmp_path / "data" / "cifar10", "cifar10")
     fakedata.write_optdigits(tmp_path / "data" / "optdigits")

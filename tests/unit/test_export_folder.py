@@ -8,6 +8,7 @@ import pytest
 
 from papa.errors import PapaError
 from papa.export import CARD, CONFIG, FORMAT, WEIGHTS, read_spec, write_folder
+from papa.io import current_umask
 
 
 def _folder(path, config, *extra: str):
@@ -99,8 +100,6 @@ def test_a_failed_export_leaves_what_was_there_and_raises_its_own_error(tmp_path
 
 def test_an_export_gets_the_umasks_permissions(tmp_path):
     """Not mkdtemp's private 0700 and 0600: the folder 0777 and its files 0666, less the umask, as any new file."""
-    from papa.io import current_umask
-
     out = tmp_path / "export"
     _write(out)
     assert out.stat().st_mode & 0o7777 == 0o777 & ~current_umask()

@@ -2,12 +2,15 @@
 read off the data exactly as the run's stream and evaluation prepare it."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from papa import runs
 from papa.data.datasets import CIFAR100_MEAN, IMAGENET_MEAN, IMAGENET_STD
-from papa.export import probe
+from papa.errors import PapaError
+from papa.export import architecture, describe, probe, to_architecture
 from papa.runs import input_spec
 from tests.helpers import tiny_experiment
 from tests.unit.test_data import _write_images, write_cifar
@@ -72,11 +75,6 @@ def test_the_probe_of_a_network_taking_whole_tiles_is_at_most_64_pixels_a_side()
 def test_tensors_that_do_not_fit_the_architecture_are_one_error_naming_them():
     """A bias REPAIR gave a bias-free layer is taken (and folded); any other tensor the stock architecture lacks, or
     lacks room for, is named, up to three of each kind, in one error."""
-    import torch
-
-    from papa.errors import PapaError
-    from papa.export import architecture, to_architecture
-
     spec = _spec() | {"model": "digits_cnn", "kwargs": {"width": 4}}
     does_not_fit = "run: the tensors do not fit the run's architecture: "
     state = architecture(spec).state_dict()
@@ -96,10 +94,6 @@ def test_a_one_member_soup_is_not_called_repaired_and_a_run_without_alignment_no
     """config.json's description of a soup from what metrics.json and the soups' metadata say; a one-member greedy
     soup is that member (papa.soups never REPAIRs it); a member of a run whose metrics predate ``val_members`` has no
     validation accuracy."""
-    from types import SimpleNamespace
-
-    from papa.export import describe
-
     metrics = {"members": [90.0, 80.0, 70.0], "greedy_soup_repair": 90.0, "avg_soup_repair": 50.0}
     files = SimpleNamespace(metrics=metrics, meta={"experiment": "e", "variant": "papa", "seed": 1},
                             soups_meta={"greedy_soup_members": [0], "val_accuracy": {"greedy_soup_repair": 88.0}})

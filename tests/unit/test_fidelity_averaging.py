@@ -15,6 +15,7 @@ from papa.checkpoint import Progress
 from papa.config import check_averaging_fires
 from papa.distributed import Local
 from papa.errors import PapaError
+from papa.models.resnet_cifar import CifarResNet
 from papa.population import Population
 from papa.variants import averaging_epochs, zero_based
 from tests.helpers import tiny_experiment
@@ -214,8 +215,6 @@ def test_children_are_mutated_before_they_are_scored_under_authors():
 ])
 def test_settings_one_process_or_the_paper_alone_supports_are_refused_before_training(variant, averaging, fidelity,
                                                                                        world, refused):
-    from papa.models.resnet_cifar import CifarResNet
-
     exp = tiny_experiment(population={"size": 4}, train={"epochs": 5}, averaging=averaging, fidelity=fidelity)
     with rng.seeded(0):  # a one-block ResNet: a network alignment supports
         pop = Population.from_modules([CifarResNet([1], [4], 2, 3)] * 2)
