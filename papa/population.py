@@ -44,9 +44,8 @@ class Population:
         for k, m in enumerate(modules[1:], start=1):
             if [n for n, _ in m.named_parameters()] != pnames or [n for n, _ in m.named_buffers()] != bnames:
                 raise ValueError(f"member {k} does not have the architecture of member 0")
-        with torch.no_grad():
-            params = {n: torch.stack([m.get_parameter(n).detach() for m in modules]) for n in pnames}
-            buffers = {n: torch.stack([m.get_buffer(n).detach() for m in modules]) for n in bnames}
+        params = {n: torch.stack([m.get_parameter(n).detach() for m in modules]) for n in pnames}
+        buffers = {n: torch.stack([m.get_buffer(n).detach() for m in modules]) for n in bnames}
         return cls(copy.deepcopy(first), params, buffers)
 
     @classmethod
