@@ -163,7 +163,7 @@ def _digit_images(values: np.ndarray, scaling: str) -> Tensor:
     """uint8 (N, 1, 8, 8) images of counts 0-16: ``standardize`` stores rint(v x 255 / 16) (normalized with the
     training pixels' mean/std), ``raw`` the counts, which normalization with mean 0 and std 1/255 leaves unchanged."""
     scaled = np.rint(values * (255.0 / 16.0)) if scaling == "standardize" else values
-    return torch.from_numpy(np.asarray(scaled).astype(np.uint8)).unsqueeze(1)
+    return torch.from_numpy(scaled.astype(np.uint8)).unsqueeze(1)
 
 
 def _digit_splits(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], scaling: str,
@@ -271,29 +271,27 @@ class _ArrayUnpickler(pickle.Unpickler):
             raise ForbiddenGlobal(f"{module}.{name}") from None
 
 
-def safe_unpickle(path: Path) -> object:
-    """Read a CIFAR python archive (Python 2 pickles, hence latin1) without running pickled code."""
+def safe_unpickle(path: Path) -> dict:
+    """Read a CIFAR python archive (Python 2 pickles, hence latin1) without running pickled code: its dict, with
+    bytes keys decoded."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise PapaError(f"cannot read {path}: {e.strerror}") from None
     try:
-        return _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
+        obj = _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
     except ForbiddenGlobal as e:
         raise PapaError(f"refusing to load {path}: it references {e}, which a CIFAR archive never needs") \
             from None
     except Exception as e:  # a truncated or corrupt pickle raises many types; all mean a bad file
         raise PapaError(f"corrupt archive {path}: {type(e).__name__}: {e}") from None
-
-
-def _str_keys(obj: object, path: Path) -> dict:
     if not isinstance(obj, dict):
         raise PapaError(f"corrupt archive {path}: expected a dict, found {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
 def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    batch = _str_keys(safe_unpickle(path), path)
+    batch = safe_unpickle(path)
     if "data" not in batch or label_key not in batch:
         raise PapaError(f"corrupt archive {path}: expected keys 'data' and {label_key!r}, found {sorted(batch)}")
     data = batch["data"]
@@ -356,7 +354,7 @@ def _load_cifar(name: str, root=None, verify_md5: bool = False, image_size: int 
         if verify_md5 and file_digest(path, "md5") != md5:
             raise PapaError(f"{fmt.title} checksum mismatch: {path} (expected md5 {md5})")
     meta_path = base / meta_file
-    classes = _str_keys(safe_unpickle(meta_path), meta_path).get(meta_key)
+    classes = safe_unpickle(meta_path).get(meta_key)
     if not isinstance(classes, list) or len(classes) != fmt.num_classes:
         raise PapaError(f"corrupt archive {meta_path}: expected {fmt.num_classes} names under {meta_key!r}")
     names = tuple(map(str, classes))

@@ -13,7 +13,6 @@ from papa.data.augment import Policy, apply, draw_policies, eval_transform, regu
 from papa.data.datasets import ArrayDataset, FolderDataset, Splits, folder_eval_transform, folder_train_transform
 from papa.data.vaihingen import TileDataset
 from papa.errors import PapaError
-from papa.rng import seeded_globals
 
 
 def _check(n_data: int, indices, batch_size: int, policies: Sequence[Policy]) -> Tensor:
@@ -140,7 +139,7 @@ class _SeededImages(torch.utils.data.Dataset):
         index, seed = item
         path, label = self.folder.samples[index]
         image = self.folder.loader(path)
-        with seeded_globals(seed):  # torchvision draws from torch's RNG, timm's RandAugment from random/numpy
+        with rng.seeded_globals(seed):  # torchvision draws from torch's RNG, timm's RandAugment from random/numpy
             return self.transform(image), label
 
 
