@@ -1,6 +1,7 @@
 """The data package: datasets in their real on-disk formats, the validation split, augmentation, streams."""
 
 import json
+import math
 import os
 import pickle
 
@@ -402,20 +403,51 @@ def test_random_crop_is_the_padded_image_at_the_drawn_offsets():
         assert torch.equal(out[i], padded[i, :, top:top + 8, left:left + 8])
 
 
-def test_random_erasing_boxes_follow_torchvisions_scale_and_ratio():
-    """Every sample erased (probability 1): one box of 2-33% of the image with height / width in [0.3, 3.3] (up to
-    rounding to whole pixels), never the whole height or width, of mean area near (0.02 + 0.33) / 2."""
+def test_random_erasing_boxes_follow_the_authors_scale_and_ratio():
+    """Every sample erased (probability 1): one box of 2-33.3% of the image with height / width in [0.3, 1 / 0.3] (up
+    to rounding to whole pixels), never the whole height or width, of mean area near (0.02 + 1 / 3) / 2."""
     x = torch.full((2000, 1, 32, 32), 5.0)
     out = augment.random_erasing(x, 1.0, torch.Generator().manual_seed(0))
     rows, cols = (out == 0).any(3)[:, 0], (out == 0).any(2)[:, 0]  # (B, 32) each: where the box is
     eh, ew = rows.sum(1).double(), cols.sum(1).double()
     area = (out == 0).flatten(1).sum(1).double()
     assert torch.equal(area, eh * ew) and (eh > 0).all() and (eh < 32).all() and (ew < 32).all()
-    assert ((area >= 0.02 * 1024 - eh - ew) & (area <= 0.33 * 1024 + eh + ew + 1)).all()
+    assert ((area >= 0.02 * 1024 - eh - ew) & (area <= 1024 / 3 + eh + ew + 1)).all()
     aspect = eh / ew
-    assert ((aspect >= 0.3 * (1 - 1 / ew) - 1 / ew) & (aspect <= 3.3 * (1 + 1 / ew) + 1 / ew)).all()
-    assert (area / 1024).mean().item() == pytest.approx(0.175, abs=0.02)
+    assert ((aspect >= 0.3 * (1 - 1 / ew) - 1 / ew) & (aspect <= (1 + 1 / ew) / 0.3 + 1 / ew)).all()
+    assert (area / 1024).mean().item() == pytest.approx(0.177, abs=0.02)
     assert (aspect < 1).double().mean().item() == pytest.approx(0.5, abs=0.1)  # log-uniform: as often wide as tall
+
+
+@pytest.mark.parametrize(("h", "w", "probability"), [(32, 32, 1.0), (5, 40, 0.6)])
+def test_random_erasing_is_the_authors_timm_loop_on_the_same_uniforms(h, w, probability):
+    """Each sample's box is the one the authors' RandomErasing (timm's, utils/random_erasing.py: mode const, one box,
+    area uniform in [0.02, 1/3] of the image, log-aspect uniform in [log 0.3, log(1 / 0.3)], the first of 10
+    attempts that fits strictly inside, a corner uniform over the places it fits) draws from the same uniforms,
+    written here as their loop; a sample whose 10 attempts all fail is left alone. 5 x 40 makes most boxes fail."""
+    b = 300
+    x = torch.full((b, 2, h, w), 5.0)
+    out = augment.random_erasing(x, probability, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)  # the same draws, in random_erasing's order
+    u_erase, u_area, u_aspect, u_top, u_left = (torch.rand(shape, generator=g).tolist()
+                                                for shape in ((b,), (b, 10), (b, 10), (b,), (b,)))
+    log_aspect = (math.log(0.3), math.log(1 / 0.3))
+    failed = 0
+    for i in range(b):
+        expected = torch.full((2, h, w), 5.0)
+        for attempt in range(10):
+            target_area = (0.02 + (1 / 3 - 0.02) * u_area[i][attempt]) * h * w
+            aspect = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * u_aspect[i][attempt])
+            eh, ew = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+            if eh < h and ew < w:
+                if u_erase[i] < probability:
+                    top, left = math.floor(u_top[i] * (h - eh + 1)), math.floor(u_left[i] * (w - ew + 1))
+                    expected[:, top:top + eh, left:left + ew] = 0.0
+                break
+        else:
+            failed += 1
+        assert torch.equal(out[i], expected), i
+    assert failed > 0 if h == 5 else failed == 0
 
 
 def test_cutmix_boxes_cover_one_minus_lambda_and_cutout_as_devries_and_taylor():
