@@ -207,7 +207,7 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     if comm.is_main:
         earlier = earlier_outputs(out, run, keep=("history.csv",) if resumed else ())  # the next checkpoint rewrites it
         needed, what = (ckpt.stat().st_size, "its next checkpoint") if resumed else (
-            sum(t.numel() * t.element_size() for t in trainer.pop.state_dict().values()), "the population")
+            sum(t.nbytes for t in trainer.pop.state_dict().values()), "the population")
         check_room(out, needed, what, freed=sum((out / name).stat().st_size for name in earlier))
         for name in earlier:
             (out / name).unlink()
