@@ -13,7 +13,6 @@ import torch
 
 from papa import config as cfg
 from papa import fidelity, variants
-from papa.alignment import permutation_spec
 from papa.build import (
     align_data,
     build_engine,
@@ -208,7 +207,7 @@ def _train(exp: dict, variant: str, seed: int, splits, split: dict, out: Path, p
     if comm.is_main:
         earlier = earlier_outputs(out, run, keep=("history.csv",) if resumed else ())  # the next checkpoint rewrites it
         needed, what = (ckpt.stat().st_size, "its next checkpoint") if resumed else (
-            sum(t.numel() * t.element_size() for t in trainer.pop.state_dict().values()), "the population")
+            sum(t.nbytes for t in trainer.pop.state_dict().values()), "the population")
         check_room(out, needed, what, freed=sum((out / name).stat().st_size for name in earlier))
         for name in earlier:
             (out / name).unlink()
@@ -359,8 +358,6 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     if pop.size < 2:
         raise PapaError(f"{run.dir}: feature similarity needs a population of at least 2 members, found {pop.size}")
     align, repair = similarity_steps(exp, run.meta["variant"])
-    if align:
-        permutation_spec(pop.template)
     n_test = len(splits.test) if s["test_images"] is None else min(s["test_images"], len(splits.test))
     test = fixed_batches(exp, splits, splits.test, range(n_test), run.device)
     sims = population_similarity(pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=align,
