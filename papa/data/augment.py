@@ -267,27 +267,27 @@ def one_hot(labels: Tensor, num_classes: int) -> Tensor:
 
 
 def mix(policy: Policy, x: Tensor, labels: Tensor, num_classes: int, generator: torch.Generator):
-    """Mixup or CutMix with a random partner per sample, then label smoothing -> (x, soft targets (B, K)), or
+    """Mixup or CutMix of sample i with sample B - 1 - i (the batch reversed: timm's Mixup in batch mode, the
+    authors' utils/mixup.py; batches come in random order), then label smoothing -> (x, soft targets (B, K)), or
     (B, K, H, W) for per-pixel labels (B, H, W), where CutMix pastes the partner's labels with its box."""
     targets = one_hot(labels, num_classes)
     if policy.mixup > 0 or policy.cutmix > 0:
         both = policy.mixup > 0 and policy.cutmix > 0  # then one of the two per batch, as timm's switch_prob=0.5
         use_cutmix = torch.rand((), generator=generator).item() < 0.5 if both else policy.cutmix > 0
         lam = _beta(policy.cutmix if use_cutmix else policy.mixup, generator)
-        partner = to_device(torch.randperm(len(x), generator=generator), x.device)
         if use_cutmix:
             top, bottom, left, right = _cutmix_box(lam, x.shape[2], x.shape[3], generator)
             x = x.clone()
-            x[:, :, top:bottom, left:right] = x[partner, :, top:bottom, left:right]
+            x[:, :, top:bottom, left:right] = x.flip(0)[:, :, top:bottom, left:right]
             if labels.dim() == 3:
                 targets = targets.clone()
-                targets[:, :, top:bottom, left:right] = targets[partner, :, top:bottom, left:right]
+                targets[:, :, top:bottom, left:right] = targets.flip(0)[:, :, top:bottom, left:right]
             else:
                 lam = 1.0 - (bottom - top) * (right - left) / (x.shape[2] * x.shape[3])  # the box actually cut
-                targets = lam * targets + (1.0 - lam) * targets[partner]
+                targets = lam * targets + (1.0 - lam) * targets.flip(0)
         else:
-            x = lam * x + (1.0 - lam) * x[partner]
-            targets = lam * targets + (1.0 - lam) * targets[partner]
+            x = lam * x + (1.0 - lam) * x.flip(0)
+            targets = lam * targets + (1.0 - lam) * targets.flip(0)
     if policy.label_smoothing > 0:
         targets = targets * (1.0 - policy.label_smoothing) + policy.label_smoothing / num_classes
     return x, targets

@@ -384,6 +384,21 @@ def test_cutmix_lambda_is_the_area_actually_kept():
         assert torch.allclose(t.sum(1), torch.ones(16))
 
 
+def test_mixup_and_cutmix_pair_each_sample_with_its_mirror_in_the_batch():
+    """Sample i is mixed with sample B - 1 - i, as timm's Mixup in batch mode mixes x with x.flip(0) (the authors'
+    utils/mixup.py): a batch of 7 pairs 0 with 6, 1 with 5, 2 with 4, and leaves 3 with itself."""
+    images, labels, _ = _distinct_constant_images(7)
+    mirror = torch.eye(7)[6 - labels]
+    for policy in (Policy(mixup=0.5), Policy(cutmix=1.0)):
+        partners_seen = False
+        for seed in range(4):
+            _, t = _apply(policy, images, labels, k=7, seed=seed)
+            assert ((t > 0) <= ((torch.eye(7) + mirror) > 0)).all()  # only itself and its mirror
+            assert torch.allclose(t[3], torch.eye(7)[3])
+            partners_seen |= bool((t * mirror).sum(1)[[0, 1, 2, 4, 5, 6]].gt(0).all())
+        assert partners_seen
+
+
 def test_random_erasing_probability():
     images = torch.full((4000, 1, 16, 16), 200, dtype=torch.uint8)
     x, _ = _apply(Policy(random_erasing=0.35), images, torch.zeros(4000).long())
