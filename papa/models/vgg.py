@@ -10,8 +10,9 @@ from papa.models.registry import register
 
 
 class VGG(nn.Module):
-    """``features`` is a flat Sequential of conv, BN, ReLU (and pools), as in torchvision, so every conv
-    is directly followed by its BN; ``classifier`` is one linear layer on the pooled 512-d feature."""
+    """``features`` is a flat Sequential of conv (with a bias, as the authors' models/vgg.py and torchvision's), BN,
+    ReLU (and pools), so every conv is directly followed by its BN; ``classifier`` is one linear layer on the pooled
+    512-d feature."""
 
     def __init__(self, config: list[int | str], num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -21,7 +22,7 @@ class VGG(nn.Module):
             if item == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(channels, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU()]
+                layers += [nn.Conv2d(channels, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU()]
                 channels = item
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)  # at 32x32 the map is already 1x1 here; other sizes get through

@@ -20,7 +20,7 @@ from papa.soups import make_soups
 FAMILIES = {
     "digits_cnn": ("digits_cnn", {"width": 4}, 1, 8, "conv+linear", 2),  # config/config.yaml
     "logreg": ("logreg", {}, 1, 8, "conv+linear", 0),  # config/paper/a10.yaml: the logits only, nothing to repair
-    "vgg-bn": ("vgg11_bn", {}, 3, 32, "conv", 8),
+    "vgg-bn": ("vgg11_bn", {}, 3, 32, "conv", 0),  # its convolutions have biases: REPAIR adds none
     "resnet18-cifar": ("resnet18_cifar", {}, 3, 8, "conv", 20),
     "resnet20": ("resnet20", {"shortcut": "zero-pad", "init": "kaiming"}, 3, 8, "conv", 19),  # table12.yaml
     "resnet50": ("resnet50", {}, 3, 32, "conv", 53),

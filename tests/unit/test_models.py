@@ -99,6 +99,20 @@ def test_resnet20_is_the_cifar_resnet20():
     assert [len(getattr(model, f"layer{i}")) for i in (1, 2, 3)] == [3, 3, 3]
 
 
+@pytest.mark.parametrize(("name", "config"), [
+    ("vgg11_bn", [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]),
+    ("vgg16_bn", [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"])])
+def test_vgg_is_the_authors_vgg_with_biased_convolutions(name, config):
+    """The authors' models/vgg.py (kuangliu's CIFAR VGG): 3x3 convolutions with a bias (nn.Conv2d's default), each
+    followed by a BatchNorm and a ReLU, and one linear classifier on the 512-d feature."""
+    model = create_model(name, num_classes=10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(conv.bias is not None for conv in convs)
+    widths = [c for c in config if c != "M"]
+    expected = sum(i * o * 9 + o + 2 * o for i, o in zip([3, *widths[:-1]], widths, strict=True)) + 512 * 10 + 10
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
 def test_pretrained_loads_backbone_and_reinitializes_a_new_head(tmp_path):
     source = create_model("resnet20", num_classes=10)
     path = tmp_path / "resnet20.safetensors"
