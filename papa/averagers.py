@@ -57,7 +57,7 @@ class Baseline:
     def check(self, ctx: Context) -> None:
         """Refuse, before training starts, settings the run's members cannot honour."""
 
-    def due_after_step(self, step: int, total: int) -> bool:
+    def due_after_step(self, step: int, total: int, epoch_steps: int | None = None) -> bool:
         return False
 
     def due_after_epoch(self, epoch: int, epochs: int) -> bool:
@@ -115,8 +115,8 @@ class Push(_Averaging):
     scale_with_lr: bool = True
     lr0: float = 1.0
 
-    def due_after_step(self, step: int, total: int) -> bool:
-        return pushes_after(step, total, self.every, self.window)
+    def due_after_step(self, step: int, total: int, epoch_steps: int | None = None) -> bool:
+        return pushes_after(step, total, self.every, self.window, epoch_steps)
 
     def push(self, ctx: Context, lr: float) -> None:
         if self.align:

@@ -38,6 +38,12 @@ OPTIONS = {o.name: o for o in (
            "(aligned) member of its pair ([random.randint(0, 1)], drawn from the averaging generator), duplicates "
            "and all, and mutations and elitism still run (main.py:313-337)",
            "every table with PAPA-all or PAPA-2: Tables 1-2, 5, 6-9, 10-11, 12, 13, 14, 15-17, 18, A.10 and Figure 2"),
+    Option("push_steps", "PAPA pushes after every `every`-th optimizer step of the run (step % every == 0, the "
+           "step counted from 1 over all epochs: Algorithm 1's n_total)",
+           "after the 1st, (every+1)-th, ... step of every epoch: main.py:169, 200 test `i % ema_every_k == 0` with i "
+           "the step's 0-based index within its epoch, so the count starts again at each epoch (at 766 steps an "
+           "epoch and every 10, 77 pushes an epoch, the last 6 steps before the next epoch's first)",
+           "every PAPA row: Tables 1-3, 5-9, 12, 15-17 and Figure 2"),
     Option("mixed_precision",
            "train.precision's mixed precision (bf16, bf16-cuda) is bf16 autocast with no loss scaling",
            "on CUDA, fp16 autocast with one torch.amp.GradScaler (torch's defaults) shared by the population: the "

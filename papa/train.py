@@ -28,7 +28,7 @@ from papa.models.pretrained import head_keys
 from papa.population import Population
 from papa.repair import reset_batchnorm_
 from papa.rng import derive_seed, generator
-from papa.variants import swa_start_epoch
+from papa.variants import push_epoch_steps, swa_start_epoch
 
 LOSS_READ_EVERY = 50  # steps between two host reads of the training losses (Trainer.read_losses)
 PROGRESS_LINE_SECONDS = 120.0  # off a terminal, a progress line per epoch and within one at least this often
@@ -123,6 +123,7 @@ class Trainer:
         """One epoch (or the rest of one, after a mid-epoch checkpoint), then evaluation and averaging."""
         at, epochs = self.progress, self.exp["train"]["epochs"]
         e, total_steps = at.epoch, epochs * self.stream.steps_per_epoch
+        epoch_steps = push_epoch_steps(self.exp, self.stream.steps_per_epoch)  # the scripts' push count, or None
         torch.manual_seed(derive_seed(self.seed, "global", e))  # dropout and other module-internal draws
         self.freeze_body(head_only(self.exp, e))
         self.pop.train()
@@ -146,7 +147,7 @@ class Trainer:
             at.step, at.batch = at.step + 1, i + 1
             if len(pending) == LOSS_READ_EVERY:
                 self.read_losses(pending, bar)
-            if self.averager.due_after_step(at.step, total_steps):
+            if self.averager.due_after_step(at.step, total_steps, epoch_steps):
                 self.push()
             if at.batch < self.stream.steps_per_epoch and self.stop_requested():
                 self.stop_mid_epoch(pending, bar, checkpoint)

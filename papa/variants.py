@@ -65,9 +65,16 @@ def scripts_last_epoch(epoch: int, epochs: int, every: int, from_start: bool, wi
     return _scripts_due(epoch, epochs, every, from_start, window) and epoch == epochs
 
 
-def pushes_after(step: int, total: int, every: int, window) -> bool:
-    """Whether a ``steps`` variant pushes after optimizer step ``step`` (1-based) of ``total``."""
-    return step % every == 0 and in_window(window, step, total)
+def pushes_after(step: int, total: int, every: int, window, epoch_steps: int | None = None) -> bool:
+    """Whether a ``steps`` variant pushes after optimizer step ``step`` (1-based) of ``total``; with ``epoch_steps``
+    (fidelity push_steps), the scripts' count: the step's 0-based index within its epoch of ``epoch_steps``."""
+    counted = step if epoch_steps is None else (step - 1) % epoch_steps
+    return counted % every == 0 and in_window(window, step, total)
+
+
+def push_epoch_steps(exp: dict, steps_per_epoch: int) -> int | None:
+    """``pushes_after``'s ``epoch_steps`` for ``exp``: the epoch's steps when it counts the pushes as the scripts do."""
+    return steps_per_epoch if fidelity.authors(exp, "push_steps") else None
 
 
 def zero_based(exp: dict) -> bool:
@@ -86,8 +93,9 @@ def averaging_epochs(exp: dict, variant: str, window=None) -> list[int]:
 def first_push(exp: dict, variant: str, steps_per_epoch: int) -> int | None:
     """The first optimizer step after which ``variant`` (a ``steps`` variant) pushes, None if it never does."""
     total, every = exp["train"]["epochs"] * steps_per_epoch, exp["averaging"][variant]["every"]
-    return next((s for s in range(every, total + 1, every)
-                 if pushes_after(s, total, every, exp["averaging"]["window"])), None)
+    epoch_steps = push_epoch_steps(exp, steps_per_epoch)
+    return next((s for s in range(1, total + 1)
+                 if pushes_after(s, total, every, exp["averaging"]["window"], epoch_steps)), None)
 
 
 def swa_start_epoch(exp: dict) -> int | None:

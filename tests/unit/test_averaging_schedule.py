@@ -6,7 +6,7 @@ import pytest
 from papa.averagers import averager_for
 from papa.config import check_averaging_fires
 from papa.errors import PapaError
-from papa.variants import averaging_epochs, first_push
+from papa.variants import averaging_epochs, first_push, push_epoch_steps
 from tests.helpers import tiny_experiment
 
 
@@ -67,9 +67,11 @@ def test_config_schedule_is_the_averagers(variant, epochs, every, window, from_s
 
 @pytest.mark.parametrize("every", [1, 3, 10, 40])
 @pytest.mark.parametrize("window", [(0.0, 1.0), (0.25, 0.75), (0.5, 1.0), (0.9, 1.0), (0.33, 0.34)])
-def test_config_first_push_is_the_averagers(every, window):
+@pytest.mark.parametrize("push_steps", ["paper", "authors"])
+def test_config_first_push_is_the_averagers(every, window, push_steps):
     e = exp(3, window, papa={"every": every})
+    e["fidelity"]["push_steps"] = push_steps
     averager, spe = averager_for("papa", e), 11
     total = 3 * spe
-    due = [s for s in range(1, total + 1) if averager.due_after_step(s, total)]
+    due = [s for s in range(1, total + 1) if averager.due_after_step(s, total, push_epoch_steps(e, spe))]
     assert first_push(e, "papa", spe) == (due[0] if due else None)

@@ -5,7 +5,17 @@ import pytest
 
 from papa import smoke
 from papa.errors import PapaError
-from papa.variants import UNITS, VARIANTS, averaging_epochs, by_unit, check, first_push, in_window, swa_start_epoch
+from papa.variants import (
+    UNITS,
+    VARIANTS,
+    averaging_epochs,
+    by_unit,
+    check,
+    first_push,
+    in_window,
+    pushes_after,
+    swa_start_epoch,
+)
 from tests.helpers import tiny_experiment
 
 
@@ -55,6 +65,26 @@ def test_averaging_epochs(epochs, every, window, from_start, expected):
 ])
 def test_first_push(epochs, spe, every, window, expected):
     assert first_push(exp(epochs, window, papa={"every": every}), "papa", spe) == expected
+
+
+def test_the_scripts_push_count_starts_again_each_epoch():
+    """``epoch_steps`` (fidelity push_steps): the step's 0-based index within its epoch is tested, as main.py:200's
+    ``i % ema_every_k == 0``; without, the run's 1-based step."""
+    assert [s for s in range(1, 34) if pushes_after(s, 33, 4, (0.0, 1.0))] == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert [s for s in range(1, 34) if pushes_after(s, 33, 4, (0.0, 1.0), 11)] == [1, 5, 9, 12, 16, 20, 23, 27, 31]
+    assert [s for s in range(1, 34) if pushes_after(s, 33, 4, (0.5, 1.0), 11)] == [20, 23, 27, 31]
+
+
+@pytest.mark.parametrize(("epochs", "spe", "every", "window", "expected"), [
+    (3, 11, 10, (0.0, 1.0), 1),
+    (3, 11, 40, (0.0, 1.0), 1),  # more than an epoch: the first step of each epoch
+    (3, 11, 10, (0.5, 1.0), 22),  # past step 16.5: index 10 of the second epoch, step 22
+    (3, 10, 10, (0.34, 0.36), None),
+])
+def test_first_push_as_the_scripts_count(epochs, spe, every, window, expected):
+    e = exp(epochs, window, papa={"every": every})
+    e["fidelity"]["push_steps"] = "authors"
+    assert first_push(e, "papa", spe) == expected
 
 
 def test_swa_start_is_a_fraction_or_an_epoch():
