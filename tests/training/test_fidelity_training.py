@@ -84,6 +84,29 @@ def test_config_options_reach_the_averager():
     assert (default.repair_layers, default.greedy_criterion, default.from_start) == ("conv+linear", ">=", False)
 
 
+@pytest.mark.parametrize("window", [(0.0, 1.0), (0.25, 0.75)])
+def test_push_steps_authors_pushes_as_the_scripts_count(monkeypatch, split_path, tmp_path, window):
+    """``fidelity.push_steps: authors``: PAPA pushes after the 1st, 5th and 9th step of every epoch of 11 with f = 4
+    (main.py:169, 200: the step's 0-based index within its epoch a multiple of f), inside the window; ``paper``
+    after every 4th step of the run."""
+    pushed = {}
+    original = Trainer.push
+
+    def push(trainer, *args, **kwargs):
+        pushed.setdefault(trainer.exp["fidelity"]["push_steps"], []).append(trainer.progress.step)
+        return original(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "push", push)
+    for setting in ("paper", "authors"):
+        exp = tiny_experiment(population={"size": 2}, train={"epochs": 3, "batch_size": 128},
+                              fidelity={"push_steps": setting},
+                              averaging={"window": list(window), "papa": {"every": 4, "alpha": 0.9}})
+        runs.train(exp, "papa", 1, split_path, tmp_path / setting, progress=False)
+    lo, hi = window[0] * 33, window[1] * 33  # 3 epochs of 1408 // 128 = 11 steps
+    assert pushed["authors"] == [s for e in range(3) for s in (11 * e + 1, 11 * e + 5, 11 * e + 9) if lo < s <= hi]
+    assert pushed["paper"] == [s for s in range(4, 34, 4) if lo < s <= hi]
+
+
 def test_repair_layers_reach_repair_during_training(monkeypatch, split_path, tmp_path):
     exp = tiny_experiment(train={"epochs": 2}, repair={"layers": "conv"},
                           averaging={"papa-all": {"every": 1, "repair_iters": 2}})

@@ -153,22 +153,6 @@ def test_papa_pushes_every_f_steps_across_epochs(events, split_path, tmp_path, e
     assert alphas == pytest.approx([1 - 0.1 * f for f in scale], rel=0, abs=1e-12)
 
 
-@pytest.mark.parametrize("window", [(0.0, 1.0), (0.25, 0.75)])
-def test_papa_pushes_as_the_scripts_count_under_fidelity_push_steps(events, split_path, tmp_path, window):
-    """``fidelity.push_steps: authors``: after the 1st, 5th, 9th step of every epoch of 11 (main.py:169, 200: the
-    step's 0-based index within its epoch a multiple of f = 4), inside the window, as strong as the paper's."""
-    exp = logreg(population={"size": 2}, train={"epochs": 3, "batch_size": 128}, fidelity={"push_steps": "authors"},
-                 averaging={"window": list(window), "papa": {"every": 4, "alpha": 0.9}})
-    events.watch(averaging, "push_toward_average_")
-    train(exp, "papa", split_path, tmp_path)
-    spe, lo, hi = N_TRAIN // 128, window[0] * 33, window[1] * 33
-    expected = [e * spe + i + 1 for e in range(3) for i in (0, 4, 8) if lo < e * spe + i + 1 <= hi]
-    assert events.steps == 3 * spe == 33
-    assert events.at("push_toward_average_") == expected
-    alphas = [1 - min((1 - a["alpha"]) * a["lr_ratio"], 1) for a in events.args("push_toward_average_")]
-    assert alphas == pytest.approx([1 - 0.1 * cosine(exp, s, 33) for s in expected], rel=0, abs=1e-12)
-
-
 @pytest.mark.parametrize("variant", ["papa-all", "papa-2"])
 def test_epoch_averaging_that_could_never_happen_is_refused(split_path, tmp_path, variant):
     """Every 5th epoch of 5 would be after the last, when nothing trains: the run would be the baseline under
