@@ -129,7 +129,7 @@ def build_stream(exp: dict, splits, split: dict, policies: list[Policy], seed: i
         raise PapaError(f"train.batch_size {t['batch_size']} exceeds the {len(split['train'])} training images")
     per_batch = a["grid"] if a["per_batch"] and a["enabled"] else None
     return make_stream(splits, split["train"], t["batch_size"], policies, seed, device, per_batch=per_batch,
-                       member_ids=members, **loader_options(exp, splits))
+                       member_ids=members, keep_last=fidelity.authors(exp, "last_batch"), **loader_options(exp, splits))
 
 
 def loader_options(exp: dict, splits) -> dict:

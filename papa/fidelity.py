@@ -44,6 +44,13 @@ OPTIONS = {o.name: o for o in (
            "the step's 0-based index within its epoch, so the count starts again at each epoch (at 766 steps an "
            "epoch and every 10, 77 pushes an epoch, the last 6 steps before the next epoch's first)",
            "every PAPA row: Tables 1-3, 5-9, 12, 15-17 and Figure 2"),
+    Option("last_batch", "an epoch is floor(n / B) full batches of every member's own order; the n mod B items "
+           "at the end of the order go unused in that epoch (each epoch draws a new order)",
+           "ceil(n / B) steps an epoch, the last of n mod B images (the DataLoader's default drop_last=False, "
+           "models/combined.py:51; main.py:145, 167 step len(data_loader) times an epoch, and the cosine counts "
+           "EPOCHS x that many steps, combined.py:96-98): CIFAR at batch 64, 766 steps of which the last has 40 images",
+           "every trained cell, slightly: the steps per epoch, the cosine's length and PAPA's pushes of Tables 1-3, "
+           "5-9, 12-18 and Figure 2 (A.10 trains at batch 1: nothing is left over)"),
     Option("mixed_precision",
            "train.precision's mixed precision (bf16, bf16-cuda) is bf16 autocast with no loss scaling",
            "on CUDA, fp16 autocast with one torch.amp.GradScaler (torch's defaults) shared by the population: the "

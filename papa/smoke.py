@@ -28,11 +28,12 @@ def scale_config(config: dict) -> dict:
 
 def _steps_per_epoch(exp: dict, patches: bool) -> int:
     """Training steps per epoch at smoke scale (the validation split held out of the subset, as papa prepare
-    does, and the incomplete last batch dropped, as the streams do)."""
+    does, and the incomplete last batch dropped or kept, as the streams do: fidelity.last_batch)."""
     if patches:
         return PATCH_STEPS
-    n = SUBSET["train"]
-    return max((n - max(1, round(exp["data"]["val_fraction"] * n))) // exp["train"]["batch_size"], 1)
+    n, b = SUBSET["train"], exp["train"]["batch_size"]
+    n -= max(1, round(exp["data"]["val_fraction"] * n))
+    return -(-n // b) if fidelity.authors(exp, "last_batch") else max(n // b, 1)
 
 
 def _timed(full: dict, epochs: int, steps: int) -> dict:

@@ -35,9 +35,10 @@ def batch_policy(stream, j: int, generator: torch.Generator) -> Policy:
 
 
 def set_members(stream, train, batch_size: int, policies: Sequence[Policy], seed: int, device, base: Policy | None,
-                 per_batch: dict | None, member_ids: Sequence[int] | None) -> None:
+                 per_batch: dict | None, member_ids: Sequence[int] | None, items: int, keep_last: bool) -> None:
     """The attributes every stream shares. ``ids``: each held member's index in the whole population, which names
-    its random streams, so a rank holding members 3 and 4 draws exactly what one process holding all draws."""
+    its random streams, so a rank holding members 3 and 4 draws exactly what one process holding all draws.
+    ``items``: what an epoch draws from (training items, or patches)."""
     stream.per_batch = per_batch
     stream.ids = list(range(len(policies))) if member_ids is None else [int(j) for j in member_ids]
     if len(stream.ids) != len(policies):
@@ -47,6 +48,9 @@ def set_members(stream, train, batch_size: int, policies: Sequence[Policy], seed
     stream.batch_size, stream.policies, stream.seed = batch_size, list(policies), seed
     stream.size = len(stream.policies)
     stream.base = base if base is not None else stream.policies[0].base()
+    # an epoch: the ``items`` in full batches, and with ``keep_last`` one more of the rest (fidelity.last_batch)
+    stream.items_per_epoch = items if keep_last else items - items % batch_size
+    stream.steps_per_epoch = -(-stream.items_per_epoch // batch_size)
 
 
 CHUNK_FLOATS = 1 << 24  # input floats (all members, 64 MiB) MemberStream transforms at once when no policy draws
@@ -57,6 +61,11 @@ def draws_nothing(policy: Policy) -> bool:
     return policy == Policy(label_smoothing=policy.label_smoothing)
 
 
+def _stacked(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Every member's (inputs, targets) of one step stacked on a member axis."""
+    return torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
+
+
 def _orders(indices: Tensor, generator: torch.Generator, count: int) -> Tensor:
     """``count`` items of ``indices``: back-to-back random permutations, all drawn before anything else."""
     reps = math.ceil(count / len(indices))
@@ -65,19 +74,19 @@ def _orders(indices: Tensor, generator: torch.Generator, count: int) -> Tensor:
 
 class MemberStream:
     """Batches of an in-memory dataset kept on ``device`` as uint8 and augmented there. ``indices`` are the training
-    items; an epoch drops the incomplete last batch so all members' batches share one shape."""
+    items; an epoch drops the incomplete last batch, or with ``keep_last`` ends with it (every member's of one size)."""
 
     def __init__(self, train: ArrayDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None,
-                 member_ids: Sequence[int] | None = None):
+                 member_ids: Sequence[int] | None = None, keep_last: bool = False):
         self.indices = _check(len(train), indices, batch_size, policies)
-        set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
+        set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids, len(self.indices),
+                    keep_last)
         self.images = train.images.to(self.device)  # moved once; indexing happens on the device
         self.labels = train.labels.to(self.device)
         self.image_size, self.resize = train.image_size, train.resize
         _, c, h, w = train.images.shape
         self._item_floats = c * (self.image_size ** 2 if self.image_size else h * w)  # one item's floats at the model
-        self.steps_per_epoch = len(self.indices) // batch_size
 
     def _batch(self, policy: Policy, idx: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return apply(policy, self.images[idx], self.labels[idx], self.num_classes, self.mean, self.std, generator,
@@ -89,20 +98,19 @@ class MemberStream:
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``steps_per_epoch`` pairs (x (p, B, C, H, W) float32, targets (p, B, K) float32)."""
         b = self.batch_size
-        orders = [self._draw(rng.generator(self.seed, "order", j, epoch), self.steps_per_epoch * b) for j in self.ids]
+        orders = [self._draw(rng.generator(self.seed, "order", j, epoch), self.items_per_epoch) for j in self.ids]
         augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
         if self.per_batch is None and all(map(draws_nothing, self.policies)):
             yield from self._fixed_epoch(orders)
             return
         for s in range(self.steps_per_epoch):
-            pairs = [self._batch(batch_policy(self, j, augment[j]), orders[j][s * b:(s + 1) * b], augment[j])
-                     for j in range(self.size)]
-            yield torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
+            yield _stacked([self._batch(batch_policy(self, j, augment[j]), orders[j][s * b:(s + 1) * b], augment[j])
+                            for j in range(self.size)])
 
     def _fixed_epoch(self, orders: list[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
         """The batches of members whose policies draw nothing, transformed many steps (about CHUNK_FLOATS input
         floats) at a time: bitwise what a call per step gives, without the per-step overhead of small batches."""
-        b, steps = self.batch_size, self.steps_per_epoch
+        b, steps = self.batch_size, self.items_per_epoch // self.batch_size  # the full batches
         chunk = max(1, CHUNK_FLOATS // (self.size * b * self._item_floats))
         generator = torch.Generator()  # never drawn from: these policies draw nothing
         for start in range(0, steps, chunk):
@@ -113,6 +121,9 @@ class MemberStream:
             x = torch.stack([x.unflatten(0, (stop - start, b)) for x, _ in pairs], dim=1)
             t = torch.stack([t.unflatten(0, (stop - start, b)) for _, t in pairs], dim=1)
             yield from zip(x, t, strict=True)
+        if steps < self.steps_per_epoch:  # the last, incomplete batch
+            yield _stacked([self._batch(policy, order[steps * b:], generator) for policy, order in
+                            zip(self.policies, orders, strict=True)])
 
     def member_batches(self, j: int | None, generator: torch.Generator, n: int,
                        batch_size: int | None = None) -> Iterator[Tensor]:
@@ -149,11 +160,11 @@ class FolderStream:
 
     def __init__(self, train: FolderDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, num_workers: int = 0,
-                 per_batch: dict | None = None, member_ids: Sequence[int] | None = None):
+                 per_batch: dict | None = None, member_ids: Sequence[int] | None = None, keep_last: bool = False):
         self.indices = _check(len(train), indices, batch_size, policies)
-        set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
-        self.train, self.num_workers = train, num_workers
-        self.steps_per_epoch = len(self.indices) // batch_size
+        set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids, len(self.indices),
+                    keep_last)
+        self.train, self.num_workers, self.keep_last = train, num_workers, keep_last
         self.samplers = [[] for _ in self.policies]  # (index, seed) items, refilled in place for the persistent workers
         self.loaders = [self._loader(policy, sampler, persistent=num_workers > 0)
                         for policy, sampler in zip(self.policies, self.samplers, strict=True)]
@@ -163,7 +174,7 @@ class FolderStream:
                                            policy.randaugment, self.mean)
         return torch.utils.data.DataLoader(
             _SeededImages(self.train, transform), batch_size=batch_size or self.batch_size, sampler=sampler,
-            drop_last=True, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            drop_last=not self.keep_last, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=persistent)
 
     def _items(self, order: Tensor, generator: torch.Generator) -> list[tuple[int, int]]:
@@ -181,9 +192,8 @@ class FolderStream:
             order = _orders(self.indices, rng.generator(self.seed, "order", self.ids[j], epoch), len(self.indices))
             sampler[:] = self._items(order, augment[j])
         for batches in zip(*self.loaders, strict=True):
-            pairs = [self._regularize(batch_policy(self, j, augment[j]), *batch, augment[j])
-                     for j, batch in enumerate(batches)]
-            yield torch.stack([x for x, _ in pairs]), torch.stack([t for _, t in pairs])
+            yield _stacked([self._regularize(batch_policy(self, j, augment[j]), *batch, augment[j])
+                            for j, batch in enumerate(batches)])
 
     def member_batches(self, j: int | None, generator: torch.Generator, n: int,
                        batch_size: int | None = None) -> Iterator[Tensor]:
@@ -211,7 +221,7 @@ class PatchStream(MemberStream):
 
     def __init__(self, train: TileDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None,
-                 member_ids: Sequence[int] | None = None):
+                 member_ids: Sequence[int] | None = None, keep_last: bool = False):
         self.indices = torch.as_tensor(list(indices), dtype=torch.int64)
         if not policies:
             raise PapaError("a stream needs at least one member policy")
@@ -222,13 +232,13 @@ class PatchStream(MemberStream):
         if any(p.crop_padding or p.autoaugment for p in policies):
             raise PapaError("segmentation patches take no crop_padding or autoaugment (they would move the "
                             "image away from its labels)")
-        set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids)
+        set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids, train.epoch_size,
+                    keep_last)
         self.images = [x.to(self.device) for x in train.images]
         self.labels = [y.to(self.device) for y in train.labels]
         self.sizes = [tuple(y.shape) for y in train.labels]
-        self.patch, self.epoch_size = train.patch_size, train.epoch_size
+        self.patch = train.patch_size
         self._item_floats = self.images[0].shape[0] * self.patch ** 2
-        self.steps_per_epoch = self.epoch_size // batch_size
 
     def _draw(self, generator: torch.Generator, count: int) -> list[tuple[int, int, int]]:
         return draw_patches(self.sizes, self.indices, self.patch, count, generator)
@@ -250,7 +260,8 @@ STREAMS = {"array": MemberStream, "folder": FolderStream, "segmentation": PatchS
 
 def make_stream(splits: Splits, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                 device: str | torch.device = "cpu", **options) -> MemberStream | FolderStream | PatchStream:
-    """The stream for ``splits.kind`` over ``splits.train``; options ``base``, ``num_workers`` (folders only)."""
+    """The stream for ``splits.kind`` over ``splits.train``; options ``base``, ``per_batch``, ``member_ids``,
+    ``keep_last`` and ``num_workers`` (folders only)."""
     return STREAMS[splits.kind](splits.train, indices, batch_size, policies, seed, device, **options)
 
 

@@ -102,9 +102,26 @@ def test_push_steps_authors_pushes_as_the_scripts_count(monkeypatch, split_path,
                               fidelity={"push_steps": setting},
                               averaging={"window": list(window), "papa": {"every": 4, "alpha": 0.9}})
         runs.train(exp, "papa", 1, split_path, tmp_path / setting, progress=False)
-    lo, hi = window[0] * 33, window[1] * 33  # 3 epochs of 1408 // 128 = 11 steps
+    lo, hi = window[0] * 33, window[1] * 33  # 3 epochs of 1409 // 128 = 11 steps
     assert pushed["authors"] == [s for e in range(3) for s in (11 * e + 1, 11 * e + 5, 11 * e + 9) if lo < s <= hi]
     assert pushed["paper"] == [s for s in range(4, 34, 4) if lo < s <= hi]
+
+
+def test_last_batch_authors_trains_every_image_of_each_epoch(split_path):
+    """``fidelity.last_batch: authors``: the 1409 training images at batch 100 are 15 steps an epoch, the last of
+    9 (the scripts' DataLoader), and the cosine counts those steps; ``paper``: 14 steps of 100."""
+    from papa.build import lr_factor
+
+    assert len(runs.load_split(split_path)["train"]) == 1409
+    for setting, steps, sizes in (("paper", 14, [100] * 14), ("authors", 15, [100] * 14 + [9])):
+        exp = tiny_experiment(population={"size": 2}, train={"epochs": 2, "batch_size": 100},
+                              fidelity={"last_batch": setting})
+        t = Trainer(exp, "baseline", 1, runs.load_data(exp), runs.load_split(split_path), progress=False)
+        engine, seen = t.engine, []
+        t.engine = lambda pop, x, *rest, engine=engine, seen=seen: seen.append(x.shape[:2]) or engine(pop, x, *rest)
+        t.fit()
+        assert seen == [(2, b) for b in sizes * 2] and t.progress.step == 2 * steps
+        assert t.scheduler.lr_lambdas[0](7) == lr_factor(exp, 7, steps) != lr_factor(exp, 7, 29 - steps)
 
 
 def test_repair_layers_reach_repair_during_training(monkeypatch, split_path, tmp_path):

@@ -258,6 +258,8 @@ def test_image_folder_loads_and_streams(tmp_path):
     assert len(batches) == 2 and batches[0][0].shape == (2, 3, 3, 8, 8) and batches[0][1].shape == (2, 3, 2)
     assert same_batches(batches, again)
     assert next(stream.member_batches(None, torch.Generator().manual_seed(666), 1)).shape == (3, 3, 8, 8)
+    last = make_stream(splits, range(7), 3, policies, seed=1, keep_last=True)  # fidelity.last_batch: authors
+    assert last.steps_per_epoch == 3 and [x.shape[1] for x, _ in last.epoch(0)] == [3, 3, 1]
     x, labels = zip(*eval_batches(splits.test, batch_size=3), strict=True)
     assert [t.shape for t in x] == [(3, 3, 8, 8), (1, 3, 8, 8)] and torch.cat(labels).tolist() == [0, 0, 1, 1]
 
@@ -549,6 +551,24 @@ def test_stream_orders_shapes_and_reproducibility():
         MemberStream(data, train_idx, 500, [Policy()], seed=7)
 
 
+@pytest.mark.parametrize("policy", [Policy(), Policy(flip=True)], ids=["draws-nothing", "draws"])
+def test_keep_last_ends_each_epoch_with_the_incomplete_batch(policy):
+    """``keep_last`` (fidelity.last_batch: authors, the scripts' DataLoader): ceil(n / B) steps an epoch, every
+    training item once per member, the last batch of n mod B items; the full batches are those of the paper's
+    setting, which leaves the order's last n mod B items out of the epoch."""
+    data, train_idx = tiny_dataset(), list(range(10, 200))  # 190 items: 11 batches of 16 and 14 left over
+    dropped = MemberStream(data, train_idx, 16, [policy] * 3, seed=7)
+    kept = MemberStream(data, train_idx, 16, [policy] * 3, seed=7, keep_last=True)
+    assert (dropped.steps_per_epoch, kept.steps_per_epoch) == (11, 12)
+    full, every = list(dropped.epoch(2)), list(kept.epoch(2))
+    assert [x.shape[1] for x, _ in every] == [16] * 11 + [14] and every[-1][1].shape == (3, 14, 10)
+    assert same_batches(full, every[:11])
+    if policy == Policy():
+        seen = torch.cat([items(x) for x, _ in every], dim=1)
+        assert all(sorted(seen[j].tolist()) == train_idx for j in range(3))
+    assert MemberStream(data, range(32), 16, [policy], seed=0, keep_last=True).steps_per_epoch == 2  # none left
+
+
 def tile_dataset(images: list, labels: list) -> TileDataset:
     """Tiles of 6 classes (mean 0, std 1), cut into 4 x 4 patches, 6 per epoch."""
     return TileDataset(images, labels, tuple(range(1, len(images) + 1)), 6, (0.0,) * 3, (1.0,) * 3, "tiles",
@@ -591,6 +611,8 @@ def test_streams_refuse_items_and_batch_sizes_they_cannot_serve():
     assert PatchStream(tiles, [0, 1], 6, one, seed=0).steps_per_epoch == 1  # a batch of the whole epoch
     assert PatchStream(tiles, [1], 4, one, seed=0).steps_per_epoch == 1  # the incomplete last batch dropped
     assert PatchStream(tiles, [0], 1, one, seed=0).steps_per_epoch == 6
+    last = PatchStream(tiles, [1], 4, one, seed=0, keep_last=True)  # and kept (fidelity.last_batch)
+    assert last.steps_per_epoch == 2 and [x.shape[1] for x, _ in last.epoch(0)] == [4, 2]
     for indices, batch, policy, message in (
             ([], 1, Policy(), r"training tiles must be a non-empty subset of 0\.\.1"),
             ([2], 1, Policy(), r"training tiles must be a non-empty subset of 0\.\.1"),
@@ -619,17 +641,19 @@ def test_policies_that_draw_nothing_are_transformed_many_steps_at_once(monkeypat
     for p in (Policy(flip=True), Policy(crop_padding=1), Policy(mixup=0.2), Policy(cutmix=1.0), Policy(cutout=2),
               Policy(random_erasing=0.1), Policy(randaugment="rand-m4-n1"), Policy(autoaugment="cifar10")):
         assert not streams.draws_nothing(p)
-    for size, chunk in ((None, streams.CHUNK_FLOATS), (7, 3 * 4 * 2 * 49 * 5)):  # 5 steps a chunk of 16 steps
+    for size, chunk, keep_last in ((None, streams.CHUNK_FLOATS, False), (7, 3 * 4 * 2 * 49 * 5, False),
+                                   (7, 3 * 4 * 2 * 49 * 5, True)):  # 5 steps a chunk of 16 (67 items), 3 left
         data.image_size = size
         monkeypatch.setattr(streams, "CHUNK_FLOATS", chunk)
-        stream = MemberStream(data, range(3, 70), 4, policies, seed=3, member_ids=[0, 2, 5])
+        stream = MemberStream(data, range(3, 70), 4, policies, seed=3, member_ids=[0, 2, 5], keep_last=keep_last)
         fixed = list(stream.epoch(1))
         monkeypatch.setattr(streams, "draws_nothing", lambda _: False)
         per_step = list(stream.epoch(1))
         monkeypatch.undo()
-        assert len(fixed) == len(per_step) == 16 and same_batches(fixed, per_step)
+        assert len(fixed) == len(per_step) == 16 + keep_last and same_batches(fixed, per_step)
         assert all(x.is_contiguous() and t.is_contiguous() for x, t in fixed)
         assert fixed[0][0].shape == (3, 4, 2, size or 5, size or 5)
+        assert fixed[-1][0].shape[1] == (3 if keep_last else 4)
     with_flip = MemberStream(data, range(70), 4, [*policies[:2], Policy(flip=True)], seed=3)
     calls = []
     monkeypatch.setattr(with_flip, "_fixed_epoch", lambda orders: calls.append(orders))

@@ -14,6 +14,7 @@ import yaml
 
 from papa import config as cfg
 from papa import smoke
+from papa.data import ArrayDataset, Policy
 from papa.errors import PapaError
 from tests.helpers import tiny_experiment, write_config
 
@@ -264,14 +265,20 @@ def test_periods_are_rescaled_by_rounding_at_sizes_where_floor_and_ceiling_disag
     assert exp["averaging"]["papa-all"]["every"] == 1 and exp["averaging"]["papa-2"]["every"] == 2
 
 
+@pytest.mark.parametrize("last_batch", ["paper", "authors"])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("fraction", [0.02, 0.4, 0.42])
-def test_the_smoke_push_period_is_the_steps_of_a_smoke_epoch_as_training_counts_them(fraction, batch):
+def test_the_smoke_push_period_is_the_steps_of_a_smoke_epoch_as_training_counts_them(fraction, batch, last_batch):
     """PAPA's push period is capped at the steps of one smoke epoch, counted as training will: the validation split
     held out of the 6 items (round(f * 6), at least 1: 2.4 -> 2 and 2.52 -> 3, where a ceiling or a floor would
-    hold out another count), the incomplete last batch dropped."""
+    hold out another count), the incomplete last batch dropped or, with ``fidelity.last_batch: authors``, kept."""
     from papa.data import make_split
+    from papa.data.stream import MemberStream
 
-    exp = _smoke(data={"val_fraction": fraction}, train={"batch_size": batch}, averaging={"papa": {"every": 50}})
-    steps = len(make_split(smoke.SUBSET["train"], fraction)["train"]) // exp["train"]["batch_size"]
-    assert exp["averaging"]["papa"]["every"] == steps == _steps(exp)
+    exp = _smoke(data={"val_fraction": fraction}, train={"batch_size": batch}, averaging={"papa": {"every": 50}},
+                 fidelity={"last_batch": last_batch})
+    train = make_split(smoke.SUBSET["train"], fraction)["train"]
+    stream = MemberStream(ArrayDataset(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), torch.zeros(6, dtype=torch.int64),
+                                       2, (0.0,), (1.0,), "six"), train, batch, [Policy()], seed=0,
+                          keep_last=last_batch == "authors")
+    assert exp["averaging"]["papa"]["every"] == stream.steps_per_epoch == _steps(exp)
