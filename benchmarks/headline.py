@@ -17,6 +17,7 @@ from papa.bench import bf16_peak_tflops, device_name, gflop_per_image
 from papa.data import ArrayDataset, Splits, make_split
 from papa.data.datasets import CIFAR10_MEAN, CIFAR10_STD
 from papa.train import Trainer
+from papa.variants import push_epoch_steps, pushes_after
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_CONFIG = REPO / "config" / "paper" / "table1.yaml"
@@ -85,7 +86,9 @@ def time_epochs(exp: dict, data: tuple[Splits, dict], epochs: int, variant: str 
         times.append(_timed(trainer.run_epoch, device))
     eval_s = _timed(trainer.evaluate, device)
     p, steps, batch = trainer.pop.size, trainer.stream.steps_per_epoch, t["batch_size"]
-    images = p * steps * batch
+    images = p * trainer.stream.items_per_epoch  # with fidelity.last_batch, the last step's batch is short
+    every, epoch_steps = exp["averaging"]["papa"]["every"], push_epoch_steps(exp, steps)
+    pushes = sum(pushes_after(s, steps, every, (0.0, 1.0), epoch_steps) for s in range(1, steps + 1))
     gflop = gflop_per_image(trainer.pop.template, (splits.in_channels, splits.image_size, splits.image_size))
     name = device_name(device)
     peak = bf16_peak_tflops(name) if device.type == "cuda" else None
@@ -96,8 +99,8 @@ def time_epochs(exp: dict, data: tuple[Splits, dict], epochs: int, variant: str 
         "population": p, "batch_size": batch, "engine": trainer.engine_name, "compile": t["compile"],
         "channels_last": t["channels_last"], "precision": t["precision"], "device": device.type,
         "device_name": name, "train_images": len(split["train"]), "test_images": len(splits.test),
-        "steps_per_epoch": steps, "pushes_per_epoch": steps // exp["averaging"]["papa"]["every"]
-        if variant == "papa" else 0, "epochs_timed": len(times), "first_epoch_s": round(times[0], 3),
+        "steps_per_epoch": steps, "pushes_per_epoch": pushes if variant == "papa" else 0,
+        "epochs_timed": len(times), "first_epoch_s": round(times[0], 3),
         "epoch_s": round(times[-1], 3), "eval_s": round(eval_s, 3),
         "images_per_second": round(images / times[-1], 1),
         "train_images_per_second": round(images / max(times[-1] - eval_s, 1e-9), 1),

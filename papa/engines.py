@@ -149,8 +149,8 @@ class Engine:
             fn = member_loss_fn(template)
             if self.name == "stacked":
                 fn = vmap(fn, randomness="different")
-            if self.compile:
-                fn = torch.compile(fn)
+            if self.compile:  # static shapes: an epoch's short last batch (fidelity.last_batch) compiles a graph
+                fn = torch.compile(fn, dynamic=False)  # of its own once, and the full batches keep theirs
             self._template, self._loss_fn = template, fn
         return self._loss_fn
 

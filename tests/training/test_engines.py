@@ -261,6 +261,27 @@ def test_compiled_engine_matches_eager_and_compiles_once(name):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_a_compiled_step_gives_each_batch_size_a_static_graph():
+    """An epoch's short last batch (fidelity.last_batch) under torch.compile: the compiled step's losses are eager's
+    at every batch size, each size is compiled once into a graph specialized to it (no symbolic batch size), and a
+    full batch after a short one reuses its graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    engines = {Engine("stacked", compile=True): make_pop(), Engine("stacked"): make_pop()}  # same members
+    for pop in engines.values():
+        pop.template[3].eval()  # dropout off: the compiled graph draws its masks otherwise
+    (x, t), = batches(1)
+    for size in (B, B - 1, B - 2, B):
+        torch.testing.assert_close(*(engine(pop, x[:, :size], t[:, :size], contextlib.nullcontext).detach()
+                                     for engine, pop in engines.items()))
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+
+
 def test_engine_reuses_its_compiled_function_per_template():
     engine = Engine("stacked", compile=False)
     a, b = make_pop(), make_pop()
