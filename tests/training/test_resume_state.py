@@ -27,7 +27,7 @@ from tests.helpers import tiny_experiment
 pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions lose with threads on busy cores
 
 OUTPUTS = ("population.safetensors", "population.json", "history.csv")
-STEPS = 5  # per epoch: 1408 training images in batches of 256
+STEPS = 5  # per epoch: 1409 training images in batches of 256 (a sixth of 129 with fidelity.last_batch: authors)
 
 
 def dropout_cnn(num_classes: int, in_channels: int = 1, width: int = 4) -> nn.Module:
@@ -49,6 +49,8 @@ RUNS = {
         "train": {"epochs": 4, "freeze_epochs": 1, "optimizer": {"name": "adamw", "lr": 0.01},
                   "schedule": {"restart_every": 2}, "swa": {"start": 2, "lr": 0.005, "anneal_epochs": 1}},
         "averaging": {"papa-all": {"every": 1, "repair_iters": 2}}}),
+    "papa-authors-last-batch": ("papa", {"averaging": {"papa": {"every": 2, "alpha": 0.8}},
+                                         "fidelity": {"last_batch": "authors", "push_steps": "authors"}}),
 }
 # (run, epoch, batch): the signal arrives while batch ``batch`` (0-based) of epoch ``epoch`` (0-based) is drawn
 STOPS = [
@@ -59,7 +61,14 @@ STOPS = [
     ("papa-all-swa-adamw-finetune", 0, STEPS - 1),  # the end of the frozen epoch
     ("papa-all-swa-adamw-finetune", 2, STEPS - 1),  # the first SWA update and an averaging of the SWA averages
     ("papa-all-swa-adamw-finetune", 3, 1),  # mid-epoch during SWA, after a warm restart
+    ("papa-authors-last-batch", 1, STEPS - 1),  # right after a push (steps 1, 3, 5 of 6), the short batch to come
+    ("papa-authors-last-batch", 0, STEPS),  # after it: the epoch's end
 ]
+
+
+def steps(name: str) -> int:
+    """A run's steps per epoch."""
+    return STEPS + (RUNS[name][1].get("fidelity", {}).get("last_batch") == "authors")
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +125,9 @@ def test_stop_and_resume_is_bit_identical(references, split_path, tmp_path, monk
     with pytest.raises(Stopped):
         runs.train(exp, variant, 1, split_path, out, progress=False)
     meta = json.loads((out / "checkpoint.json").read_text())
-    boundary = batch == STEPS - 1
+    boundary = batch == steps(name) - 1
     assert (meta["epoch"], meta["batch"]) == ((epoch + 1, 0) if boundary else (epoch, batch + 1))
-    assert meta["step"] == epoch * STEPS + batch + 1
+    assert meta["step"] == epoch * steps(name) + batch + 1
     assert not [f for f in OUTPUTS[:2] if (out / f).exists()]  # history.csv holds the finished epochs so far
     monkeypatch.undo()
 
@@ -131,7 +140,7 @@ def test_stop_and_resume_is_bit_identical(references, split_path, tmp_path, monk
 
 def test_the_runs_exercise_the_state_they_claim(references, split_path):
     """The reference runs do what the stops rely on: dropout acts in training, PAPA-all averages after every
-    epoch but the last, the SWA run ends with its SWA phase."""
+    epoch but the last, the SWA run ends with its SWA phase, the authors' last batch makes 6 steps an epoch."""
     import pandas as pd
 
     model = dropout_cnn(10)
@@ -146,3 +155,5 @@ def test_the_runs_exercise_the_state_they_claim(references, split_path):
     history = pd.read_csv(references("papa-all-swa-adamw-finetune") / "history.csv")
     assert sorted(set(history[history.phase == "after_avg"].epoch)) == [1, 2, 3]
     assert list(history[history.phase == "swa"].epoch) == [4, 4]
+    meta = json.loads((references("papa-authors-last-batch") / "population.json").read_text())
+    assert meta["steps"] == 3 * steps("papa-authors-last-batch") == 18
