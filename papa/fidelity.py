@@ -50,7 +50,7 @@ OPTIONS = {o.name: o for o in (
            "models/combined.py:51; main.py:145, 167 step len(data_loader) times an epoch, and the cosine counts "
            "EPOCHS x that many steps, combined.py:96-98): CIFAR at batch 64, 766 steps of which the last has 40 images",
            "every trained cell, slightly: the steps per epoch, the cosine's length and PAPA's pushes of Tables 1-3, "
-           "5-9, 12-18 and Figure 2 (A.10 trains at batch 1: nothing is left over)"),
+           "5-18 and Figure 2 (not A.10: its batch of 1 leaves nothing over)"),
     Option("mixed_precision",
            "train.precision's mixed precision (bf16, bf16-cuda) is bf16 autocast with no loss scaling",
            "on CUDA, fp16 autocast with one torch.amp.GradScaler (torch's defaults) shared by the population: the "
