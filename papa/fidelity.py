@@ -47,8 +47,8 @@ OPTIONS = {o.name: o for o in (
     Option("last_batch", "an epoch is floor(n / B) full batches of every member's own order; the n mod B items "
            "at the end of the order go unused in that epoch (each epoch draws a new order)",
            "ceil(n / B) steps an epoch, the last of n mod B images (the DataLoader's default drop_last=False, "
-           "models/combined.py:51; main.py:145, 167 step len(data_loader) times an epoch, and the cosine counts "
-           "EPOCHS x that many steps, combined.py:96-98): CIFAR at batch 64, 766 steps of which the last has 40 images",
+           "models/combined.py:51; main.py:145, 169 step len(data_loader) times an epoch, and the cosine counts "
+           "EPOCHS x that many steps, combined.py:97, 112): CIFAR at batch 64, 766 steps, the last of 40 images",
            "every trained cell, slightly: the steps per epoch, the cosine's length and PAPA's pushes of Tables 1-3, "
            "5-18 and Figure 2 (not A.10: its batch of 1 leaves nothing over)"),
     Option("mixed_precision",
