@@ -121,6 +121,19 @@ def member_policies(exp: dict, seed: int) -> list[Policy]:
     return draw_policies(a["grid"], p, generator(seed, "policies"), base)
 
 
+def base_policy(exp: dict) -> Policy:
+    """The crop and flip every member's images pass (augment.crop_padding, augment.flip), without regularization."""
+    return Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
+
+
+def validation_view(exp: dict, splits, gen: torch.Generator) -> dict:
+    """How one scoring of the validation split sees its images (papa.metrics' ``view``): as evaluation does, or
+    with ``fidelity.val_images: authors`` through ``base_policy``, drawn from ``gen`` (the scoring's own)."""
+    if splits.kind == "segmentation" or not fidelity.authors(exp, "val_images"):
+        return {}
+    return {"augment": base_policy(exp), "generator": gen}
+
+
 def build_stream(exp: dict, splits, split: dict, policies: list[Policy], seed: int, device,
                  members: list[int]) -> MemberStream | FolderStream | PatchStream:
     """The training batches of ``members``, each with its own data order and augmentation (``policies``)."""

@@ -51,6 +51,16 @@ OPTIONS = {o.name: o for o in (
            "EPOCHS x that many steps, combined.py:97, 112): CIFAR at batch 64, 766 steps, the last of 40 images",
            "every trained cell, slightly: the steps per epoch, the cosine's length and PAPA's pushes of Tables 1-3, "
            "5-18 and Figure 2 (not A.10: its batch of 1 leaves nothing over)"),
+    Option("val_images", "the validation split is scored on the evaluation transform (no crop, no flip): the same "
+           "images at every scoring",
+           "on the training split's base transform, crop and flip (arrays: augment.crop_padding and augment.flip; "
+           "folders: RandomResizedCrop and flip), drawn again at every scoring, as the scripts cut the split out "
+           "of train_dset_noaug (data/data.py:22, 37-38; data/cifar10.py:12-14, data/imagenet.py:12-13); their "
+           "draws came from the unseeded global RNG, these from a generator keyed by the run seed and the "
+           "scoring (in training its epoch and order within it); segmentation tiles are scored whole either way "
+           "(no script)",
+           "every greedy soup (Tables 1, 2, 5-9, 12, 14-18), Table 14's greedy scheme, Table 16's tournament and "
+           "elitism, Table 18's sizes; nothing where augment has no crop and no flip (digits, A.10)"),
     Option("mixed_precision",
            "train.precision's mixed precision (bf16, bf16-cuda) is bf16 autocast with no loss scaling",
            "on CUDA, fp16 autocast with one torch.amp.GradScaler (torch's defaults) shared by the population: the "

@@ -13,9 +13,10 @@ from papa.soups import logit_ensemble
 
 
 @torch.no_grad()
-def predict(fn: Callable[[Tensor], Tensor], data, indices=None, batch_size: int = 500, device="cpu") -> Tensor:
-    """Logits of ``fn`` (a module in eval mode, or any callable) on ``data`` (or its ``indices``), on the CPU."""
-    return torch.cat([fn(x).float().cpu() for x, _ in eval_batches(data, indices, batch_size, device)])
+def predict(fn: Callable[[Tensor], Tensor], data, indices=None, batch_size: int = 500, device="cpu", **view) -> Tensor:
+    """Logits of ``fn`` (a module in eval mode, or any callable) on ``data`` (or its ``indices``), on the CPU;
+    ``view``: eval_batches' ``augment`` and ``generator``, here and below."""
+    return torch.cat([fn(x).float().cpu() for x, _ in eval_batches(data, indices, batch_size, device, **view)])
 
 
 def labels_of(data, indices=None) -> Tensor:
@@ -36,11 +37,11 @@ def summary(accuracies) -> dict[str, float]:
             "std": acc.std(correction=0).item()}
 
 
-def member_logits(pop, data, indices=None, batch_size: int = 500, device="cpu") -> list[Tensor]:
+def member_logits(pop, data, indices=None, batch_size: int = 500, device="cpu", **view) -> list[Tensor]:
     """Each member's logits (eval mode) on ``data``; one pass over the data serves every member."""
     out = [[] for _ in range(pop.size)]
     with torch.no_grad(), eval_mode(pop.template):
-        for x, _ in eval_batches(data, indices, batch_size, device):
+        for x, _ in eval_batches(data, indices, batch_size, device, **view):
             for j in range(pop.size):
                 out[j].append(pop.forward(j, x).float().cpu())
     return [torch.cat(chunks) for chunks in out]
@@ -53,20 +54,21 @@ def member_confusions(pop, data: TileDataset, indices=None, device="cpu", ensemb
                                ensemble=ensemble)
 
 
-def population_scores(pop, data, indices=None, batch_size: int = 500, device="cpu") -> list[tuple[float, float]]:
+def population_scores(pop, data, indices=None, batch_size: int = 500, device="cpu",
+                      **view) -> list[tuple[float, float]]:
     """Each member's (accuracy in percent, mean cross-entropy) on ``data``: per image, or per pixel of whole tiles."""
     if not isinstance(data, TileDataset):
         labels = labels_of(data, indices)
-        return [scores(z, labels) for z in member_logits(pop, data, indices, batch_size, device)]
+        return [scores(z, labels) for z in member_logits(pop, data, indices, batch_size, device, **view)]
     confs, losses = member_confusions(pop, data, indices, device)
     return [(pixel_accuracy(c), loss) for c, loss in zip(confs, losses, strict=True)]
 
 
-def accuracy(module, data, indices=None, batch_size: int = 500, device="cpu") -> float:
+def accuracy(module, data, indices=None, batch_size: int = 500, device="cpu", **view) -> float:
     """Accuracy in percent of ``module`` (in eval mode) on ``data``: per image, or per pixel of whole tiles."""
     if isinstance(data, TileDataset):
         return pixel_accuracy(tile_confusions([module], data, indices, device)[0][0])
-    return scores(predict(module, data, indices, batch_size, device), labels_of(data, indices))[0]
+    return scores(predict(module, data, indices, batch_size, device, **view), labels_of(data, indices))[0]
 
 
 def held_out_metrics(pop, soups: dict, test, batch_size: int = 500, device="cpu") -> dict:

@@ -4,6 +4,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import signal
 import sys
@@ -15,6 +16,7 @@ from papa import config as cfg
 from papa import fidelity, variants
 from papa.build import (
     align_data,
+    base_policy,
     build_engine,
     build_population,
     fixed_batches,
@@ -22,9 +24,10 @@ from papa.build import (
     member_policies,
     repair_fusion,
     resolve_device,
+    validation_view,
 )
 from papa.checkpoint import load_tensors, read_meta, save_tensors, sidecar_path
-from papa.data import Policy, load_dataset, load_split, make_split, make_stream, save_split
+from papa.data import load_dataset, load_split, make_split, make_stream, save_split
 from papa.data.subset import subset_splits
 from papa.distributed import from_env
 from papa.errors import DiskError, PapaError
@@ -34,6 +37,7 @@ from papa.models import available_models
 from papa.models.pretrained import pretrained_normalization
 from papa.population import Population
 from papa.provenance import code_version
+from papa.rng import generator
 from papa.similarity import BETWEEN_NETWORKS, NETWORK_AND_SOUP, population_similarity, stages
 from papa.soups import SOUPS, make_soups
 from papa.train import Trainer
@@ -311,15 +315,17 @@ def soups_and_metrics(exp: dict, split_path, run_dir) -> tuple[dict, dict]:
 
 
 def _soups(exp: dict, run: Run) -> dict:
-    bs, s = exp["train"]["eval_batch_size"], exp["soups"]
-    base = Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
+    bs, s, seed = exp["train"]["eval_batch_size"], exp["soups"], run.meta["seed"]
+    base = base_policy(exp)
     own = fidelity.authors(exp, "soup_repair_data")
-    policies = member_policies(exp, run.meta["seed"]) if own else [base] * run.pop.size
+    policies = member_policies(exp, seed) if own else [base] * run.pop.size
     stream = make_stream(run.splits, run.split["train"], exp["train"]["batch_size"], policies, 0, run.device,
                          base=base, **loader_options(exp, run.splits))
+    scorings = itertools.count(1)
 
-    def val_accuracy(module) -> float:
-        return accuracy(module.to(run.device).eval(), run.splits.train, run.split["val"], bs, run.device)
+    def val_accuracy(module) -> float:  # the n-th scoring's images from the key (seed, "soups-validation", n)
+        view = validation_view(exp, run.splits, generator(seed, "soups-validation", next(scorings)))
+        return accuracy(module.to(run.device).eval(), run.splits.train, run.split["val"], bs, run.device, **view)
 
     def batches(member, gen):  # member j's moments (member_moments), or None: the soup's (repair)
         return stream.member_batches(member if own else None, gen, s["repair_iters"])
@@ -399,7 +405,8 @@ def _evaluate(exp: dict, run: Run) -> dict:
              for name in SOUPS}
     bs = exp["train"]["eval_batch_size"]
     test = held_out_metrics(run.pop, soups, run.splits.test, bs, run.device)
-    val = [a for a, _ in population_scores(run.pop, run.splits.train, run.split["val"], bs, run.device)]
+    view = validation_view(exp, run.splits, generator(run.meta["seed"], "evaluate-validation"))
+    val = [a for a, _ in population_scores(run.pop, run.splits.train, run.split["val"], bs, run.device, **view)]
     members = soup_meta["greedy_soup_members"]
     metrics = {"experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"],
                "population": run.pop.size, **summary(test["members"]), **test, "greedy_soup_size": len(members),

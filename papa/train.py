@@ -19,6 +19,7 @@ from papa.build import (
     lr_factor,
     member_policies,
     resolve_device,
+    validation_view,
 )
 from papa.checkpoint import Progress, Resumable, restore, saved
 from papa.distributed import Local
@@ -74,6 +75,7 @@ class Trainer:
         self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype or torch.bfloat16,
                                                enabled=dtype is not None)
         self.progress = Progress()  # counters, history: what a checkpoint saves
+        self.val_draws = 0  # validation scorings since this epoch's steps (val_view)
         self.stop_signal: str | None = None  # set by a signal handler; honoured at the next step
         bar = sys.stderr.isatty() if progress is None else progress
         self.show_bar = bar and self.comm.is_main  # the tqdm bar, else progress lines
@@ -94,14 +96,22 @@ class Trainer:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def val_view(self) -> dict:
+        """The images of the next validation scoring (``build.validation_view``): the n-th scoring after epoch
+        e's steps draws from the key (seed, "validation", e, n), whether or not the run was resumed."""
+        self.val_draws += 1
+        return validation_view(self.exp, self.splits,
+                               generator(self.seed, "validation", self.progress.epoch, self.val_draws))
+
     def val_scores(self, pop: Population) -> list[tuple[float, float]]:
         """Every member's (validation accuracy, validation loss) of ``pop``."""
         return population_scores(pop, self.splits.train, self.split["val"], self.exp["train"]["eval_batch_size"],
-                                 self.device)
+                                 self.device, **self.val_view())
 
     def val_accuracy(self, module) -> float:
         bs = self.exp["train"]["eval_batch_size"]
-        return accuracy(module.to(self.device).eval(), self.splits.train, self.split["val"], bs, self.device)
+        return accuracy(module.to(self.device).eval(), self.splits.train, self.split["val"], bs, self.device,
+                        **self.val_view())
 
     def evaluate(self):
         """Every member's validation and test (accuracy, loss); each process scores the members it holds."""
@@ -125,6 +135,7 @@ class Trainer:
         e, total_steps = at.epoch, epochs * self.stream.steps_per_epoch
         epoch_steps = push_epoch_steps(self.exp, self.stream.steps_per_epoch)  # the scripts' push count, or None
         torch.manual_seed(derive_seed(self.seed, "global", e))  # dropout and other module-internal draws
+        self.val_draws = 0
         self.freeze_body(head_only(self.exp, e))
         self.pop.train()
         pending: list[Tensor] = []  # the losses of the steps since the host last read them

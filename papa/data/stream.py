@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from papa import rng
-from papa.data.augment import Policy, apply, draw_policies, eval_transform, regularize, to_device
+from papa.data.augment import Policy, apply, draw_policies, eval_transform, geometric, regularize, to_device
 from papa.data.datasets import ArrayDataset, FolderDataset, Splits, folder_eval_transform, folder_train_transform
 from papa.data.vaihingen import TileDataset
 from papa.errors import PapaError
@@ -267,17 +267,25 @@ def make_stream(splits: Splits, indices, batch_size: int, policies: Sequence[Pol
 
 @torch.no_grad()
 def eval_batches(dataset: ArrayDataset | FolderDataset, indices=None, batch_size: int = 500,
-                 device: str | torch.device = "cpu", num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """Unaugmented (x normalized float32, labels) over ``indices`` (default: all) in order; the last may be smaller."""
+                 device: str | torch.device = "cpu", num_workers: int = 0, augment: Policy | None = None,
+                 generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x normalized float32, labels) over ``indices`` (default: all) in order, the last batch maybe smaller:
+    unaugmented, or with ``augment`` through its crop and flip (folders: RandomResizedCrop and its flip) drawn from
+    ``generator`` (``fidelity.val_images: authors``)."""
     device = torch.device(device)
     idx = torch.arange(len(dataset)) if indices is None else torch.as_tensor(list(indices), dtype=torch.int64)
-    if isinstance(dataset, FolderDataset):  # items (index, 0): the eval transform draws nothing
+    if isinstance(dataset, FolderDataset):  # items (index, seed): seed 0 for the eval transform, which draws nothing
+        seeds = [0] * len(idx) if augment is None else torch.randint(2**62, (len(idx),), generator=generator).tolist()
+        transform = folder_eval_transform(dataset.image_size) if augment is None else \
+            folder_train_transform(dataset.image_size, augment.flip)
         loader = torch.utils.data.DataLoader(
-            _SeededImages(dataset, folder_eval_transform(dataset.image_size)), batch_size=batch_size,
-            sampler=[(i, 0) for i in idx.tolist()], num_workers=num_workers, pin_memory=device.type == "cuda")
+            _SeededImages(dataset, transform), batch_size=batch_size, num_workers=num_workers,
+            sampler=list(zip(idx.tolist(), seeds, strict=True)), pin_memory=device.type == "cuda")
         chunks = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
     else:
         chunks = ((dataset.images[c].to(device), dataset.labels[c].to(device)) for c in idx.split(batch_size))
+        if augment is not None:
+            chunks = ((geometric(augment.base(), images, generator), labels) for images, labels in chunks)
     mode = getattr(dataset, "resize", "bilinear")
     for images, labels in chunks:
         yield eval_transform(images, dataset.mean, dataset.std, dataset.image_size, mode), labels

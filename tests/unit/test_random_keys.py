@@ -406,6 +406,10 @@ DRAW_SITES = {
     ("papa/repair.py", "_passes.randomness"): "test_repair_train_mode_randomness_of_batch_b_comes_from_its_own_key",
     ("papa/train.py", "Trainer.run_epoch"): "test_every_epoch_starts_the_global_rng_from_its_own_key",
     ("papa/train.py", "Trainer.finish_swa"): "test_swa_batchnorm_batches_come_from_the_run_seeds_key",
+    ("papa/train.py", "Trainer.val_view"): "test_training_scores_the_validation_split_from_each_epochs_scoring_keys",
+    ("papa/runs.py", "_soups.val_accuracy"):
+        "test_the_soups_job_scores_each_candidate_and_metrics_from_their_own_keys",
+    ("papa/runs.py", "_evaluate"): "test_the_soups_job_scores_each_candidate_and_metrics_from_their_own_keys",
     ("papa/data/stream.py", "MemberStream._fixed_epoch"): None,  # a generator the draw-free policies never draw from
     ("papa/rng.py", "generator"): None,  # the key makers themselves
     ("papa/rng.py", "seeded"): None,
