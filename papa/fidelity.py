@@ -57,8 +57,9 @@ OPTIONS = {o.name: o for o in (
            "folders: RandomResizedCrop and flip), drawn again at every scoring, as the scripts cut the split out "
            "of train_dset_noaug (data/data.py:22, 37-38; data/cifar10.py:12-14, data/imagenet.py:12-13); their "
            "draws came from the unseeded global RNG, these from a generator keyed by the run seed and the "
-           "scoring (in training its epoch and order within it); segmentation tiles are scored whole either way "
-           "(no script)",
+           "scoring (in training its epoch and order within it), one draw for the members scored together where the "
+           "scripts evaluated each member in a loop of its own (models/combined.py:222); segmentation tiles are "
+           "scored whole either way (no script)",
            "every greedy soup (Tables 1, 2, 5-9, 12, 14-18), Table 14's greedy scheme, Table 16's tournament and "
            "elitism, Table 18's sizes; nothing where augment has no crop and no flip (digits, A.10)"),
     Option("mixed_precision",
