@@ -105,10 +105,15 @@ def schedule_factor(exp: dict, step: int, steps_per_epoch: int) -> float:
 
 
 # members and data ------------------------------------------------------------------------------------
+def base_policy(exp: dict) -> Policy:
+    """The crop and flip every member's images pass (augment.crop_padding, augment.flip), without regularization."""
+    return Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
+
+
 def member_policies(exp: dict, seed: int) -> list[Policy]:
     """Every member's augmentation and regularization: listed (``augment.members``) or drawn from the grid."""
     a, p = exp["augment"], exp["population"]["size"]
-    base = {"crop_padding": a["crop_padding"], "flip": a["flip"]}
+    base = base_policy(exp).as_dict()
     if a["members"] is not None:
         if len(a["members"]) != p:
             raise PapaError(f"augment.members lists {len(a['members'])} policies for a population of {p}")
@@ -119,11 +124,6 @@ def member_policies(exp: dict, seed: int) -> list[Policy]:
     if not a["enabled"]:
         return [Policy(**base) for _ in range(p)]
     return draw_policies(a["grid"], p, generator(seed, "policies"), base)
-
-
-def base_policy(exp: dict) -> Policy:
-    """The crop and flip every member's images pass (augment.crop_padding, augment.flip), without regularization."""
-    return Policy(crop_padding=exp["augment"]["crop_padding"], flip=exp["augment"]["flip"])
 
 
 def validation_view(exp: dict, splits, gen: torch.Generator) -> dict:
