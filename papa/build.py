@@ -155,6 +155,17 @@ def fixed_batches(exp: dict, splits, dataset, indices, device):
     return lambda _member, _gen: eval_batches(dataset, indices, bs, device, **options)
 
 
-def align_data(exp: dict, splits, split: dict, images: int | None, device):
-    """Feature-matching data (Appendix A.4): the first ``images`` training-split images (all when None)."""
-    return fixed_batches(exp, splits, splits.train, list(split["train"])[:images], device)
+def align_data(exp: dict, splits, split: dict, images: int | None, device, gen: torch.Generator | None):
+    """Feature-matching data (Appendix A.4): the first ``images`` training-split images (all when None); with
+    ``fidelity.alignment_images: authors`` and ``gen`` (the alignment's own), at every matching ``images`` drawn at
+    random from ``gen`` through ``base_policy``, as the scripts' shuffled ``train_dset_noaug``."""
+    train = list(split["train"])
+    if gen is None or splits.kind == "segmentation" or not fidelity.authors(exp, "alignment_images"):
+        return fixed_batches(exp, splits, splits.train, train[:images], device)
+    bs, options, view = exp["train"]["eval_batch_size"], loader_options(exp, splits), base_policy(exp)
+
+    def batches(_member, _gen):  # gen, not the caller's fixed seed: each matching draws the next images
+        order = torch.randperm(len(train), generator=gen)[:images].tolist()
+        return eval_batches(splits.train, [train[i] for i in order], bs, device, augment=view, generator=gen,
+                            **options)
+    return batches

@@ -62,6 +62,19 @@ OPTIONS = {o.name: o for o in (
            "scored whole either way (no script)",
            "every greedy soup (Tables 1, 2, 5-9, 12, 14-18), Table 14's greedy scheme, Table 16's tournament and "
            "elitism, Table 18's sizes; nothing where augment has no crop and no flip (digits, A.10)"),
+    Option("alignment_images", "permutation alignment (feature matching, Appendix A.4) correlates the first "
+           "align_images training-split images (all when null), unaugmented, in order: the same images at every "
+           "matching",
+           "the training split shuffled through its base transform, crop and flip (arrays: augment.crop_padding and "
+           "augment.flip; folders: RandomResizedCrop and flip), drawn again for every matching, as the scripts fed "
+           "corr_matching train_dset_noaug with shuffle=True (recombine/permutations.py:47-50, 93-95; data/data.py:22) "
+           "and n_iter_matching 9999 batches, the whole split (main.py:110): align_images N takes N images drawn at "
+           "random. Their draws came from the unseeded global RNG, once per layer (recombine/corr_matching.py:14-16 "
+           "makes a shuffled DataLoader for each layer's correlation); these from a generator keyed by the run seed "
+           "and the alignment (in training its step), one draw per matching for all its layers; segmentation tiles "
+           "as under paper (no script)",
+           "aligned soups (Tables 1, 6-9), Tables 15-17's alignment rows, Table 5's aligned baseline; where augment "
+           "has no crop and no flip only the images' order and, with align_images N, which N"),
     Option("mixed_precision",
            "train.precision's mixed precision (bf16, bf16-cuda) is bf16 autocast with no loss scaling",
            "on CUDA, fp16 autocast with one torch.amp.GradScaler (torch's defaults) shared by the population: the "

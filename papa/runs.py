@@ -8,6 +8,7 @@ import itertools
 import json
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -331,7 +332,8 @@ def _soups(exp: dict, run: Run) -> dict:
         return stream.member_batches(member if own else None, gen, s["repair_iters"])
 
     aligned = soups_aligned(exp, run.meta["variant"])
-    align_batches = align_data(exp, run.splits, run.split, s["align_images"], run.device) if aligned else None
+    align_batches = align_data(exp, run.splits, run.split, s["align_images"], run.device,
+                               generator(seed, "soups-alignment")) if aligned else None
     made, members = make_soups(run.pop, val_accuracy, batches, s["repair_iters"], s["repair_seed"], align_batches,
                                stacked=build_engine(exp, run.device, run.pop, run.splits).stacked,
                                criterion=s["greedy_criterion"], layers=exp["repair"]["layers"],
@@ -366,9 +368,11 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     align, repair = similarity_steps(exp, run.meta["variant"])
     n_test = len(splits.test) if s["test_images"] is None else min(s["test_images"], len(splits.test))
     test = fixed_batches(exp, splits, splits.test, range(n_test), run.device)
-    sims = population_similarity(pop, align_data(exp, splits, run.split, s["align_images"], run.device), align=align,
-                                 repair=repair, repair_iters=s["repair_iters"], seed=exp["soups"]["repair_seed"],
-                                 measure_batches=test, layers=exp["repair"]["layers"], fusion=repair_fusion(exp))
+    data = partial(align_data, exp, splits, run.split, s["align_images"], run.device)  # REPAIR's: the fixed images
+    sims = population_similarity(pop, data(None), align=align, repair=repair, repair_iters=s["repair_iters"],
+                                 seed=exp["soups"]["repair_seed"], measure_batches=test, layers=exp["repair"]["layers"],
+                                 fusion=repair_fusion(exp),
+                                 align_batches=data(generator(run.meta["seed"], "similarity-alignment")))
     per_stage = {measure: {"between_networks": dict(zip(names, rows[BETWEEN_NETWORKS], strict=True)),
                            "network_and_avg_soup": dict(zip(names, rows[NETWORK_AND_SOUP], strict=True))}
                  for measure, rows in sims.items()}

@@ -75,17 +75,18 @@ def cosine_similarity(model_a: nn.Module, model_b: nn.Module, batches: Batches, 
 
 def population_similarity(pop: Population, batches: Batches, align: bool = True, repair: bool = True,
                           repair_iters: int = 5, seed: int = 666, measure_batches: Batches | None = None,
-                          layers: str = "conv+linear", fusion: str = "exact") -> dict[str, dict[str, list[float]]]:
+                          layers: str = "conv+linear", fusion: str = "exact",
+                          align_batches: Batches | None = None) -> dict[str, dict[str, list[float]]]:
     """Table 5's rows for one population, per stage: the mean similarity between members (``BETWEEN_NETWORKS``) and
     between a member and the average soup (``NETWORK_AND_SOUP``), over every pair of members and every member
     (``"all"``), or members 0 and 1 and member 0 (``"first-two"``, the authors' correlation_est: models/combined.py
     ``cossim``). With ``align``, members are first aligned to member 0 on ``batches``; with ``repair``, the soup is
-    REPAIRed on them. Measured on ``measure_batches`` (default: ``batches``)."""
+    REPAIRed on them. Aligned on ``align_batches`` and measured on ``measure_batches`` (default: ``batches``)."""
     if pop.size < 2:
         raise ValueError("feature similarity needs a population of at least 2 members")
     batches = reusable(batches)
     if align:
-        pop = align_population(pop, batches, reference=0, seed=seed)
+        pop = align_population(pop, batches if align_batches is None else align_batches, reference=0, seed=seed)
     soup = average_soup(pop)
     if repair:
         soup = repair_soup(soup, pop, batches, iters=repair_iters, seed=seed, layers=layers, fusion=fusion)

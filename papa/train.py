@@ -86,7 +86,7 @@ class Trainer:
         self.averager = averager_for(variant, exp)
         self.context = Context(  # what the averager reads and changes
             self.pop, self.comm, self.optimizer, self.stream, self.swa, self.progress, seed, self.stacked,
-            self.val_scores, self.val_accuracy, lambda images: align_data(exp, splits, split, images, self.device),
+            self.val_scores, self.val_accuracy, self.align_batches,
             exp["train"]["epochs"])
         self.averager.check(self.context)
         self.resumable = Resumable({"variant": variant, "seed": seed, "experiment": exp}, self.pop, self.optimizer,
@@ -102,6 +102,12 @@ class Trainer:
         self.val_draws += 1
         return validation_view(self.exp, self.splits,
                                generator(self.seed, "validation", self.progress.epoch, self.val_draws))
+
+    def align_batches(self, images: int | None):
+        """Feature matching's images (``build.align_data``): the alignment at step t draws from the key
+        (seed, "alignment", t) under ``fidelity.alignment_images: authors``."""
+        return align_data(self.exp, self.splits, self.split, images, self.device,
+                          generator(self.seed, "alignment", self.progress.step))
 
     def val_scores(self, pop: Population) -> list[tuple[float, float]]:
         """Every member's (validation accuracy, validation loss) of ``pop``."""

@@ -6,7 +6,8 @@ seed, the purpose, the member, the epoch or step) then fails the test."""
 import itertools
 
 PURPOSES = ("validation-split", "init", "policies", "order", "augment", "global", "average", "mutate", "member",
-            "swa-batchnorm", "repair-batchnorm", "validation", "soups-validation", "evaluate-validation")
+            "swa-batchnorm", "repair-batchnorm", "validation", "soups-validation", "evaluate-validation",
+            "alignment", "soups-alignment", "similarity-alignment")
 """Every purpose the library names in a key (tests/unit/test_random_keys.py checks the library names no other)."""
 
 

@@ -142,7 +142,7 @@ def test_papa_all_aligns_members_and_their_momentum_before_averaging(tmp_path):
     assert diff.mean() < 0.03 and diff.max() < 0.5, (diff.mean().item(), diff.max().item())
 
     # averaging with align: every member becomes the average of the members aligned to member 0
-    data = align_data(aligned.exp, aligned.splits, aligned.split, 64, "cpu")
+    data = align_data(aligned.exp, aligned.splits, aligned.split, 64, "cpu", None)
     expected = average_soup(align_population(aligned.pop, data)).state_dict()
     unaligned = average_soup(aligned.pop).state_dict()
     aligned.average()

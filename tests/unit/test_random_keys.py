@@ -410,6 +410,9 @@ DRAW_SITES = {
     ("papa/runs.py", "_soups.val_accuracy"):
         "test_the_soups_job_scores_each_candidate_and_metrics_from_their_own_keys",
     ("papa/runs.py", "_evaluate"): "test_the_soups_job_scores_each_candidate_and_metrics_from_their_own_keys",
+    ("papa/train.py", "Trainer.align_batches"): "test_training_alignment_draws_from_the_key_of_its_step",
+    ("papa/runs.py", "_soups"): "test_the_soups_job_and_similarity_align_from_their_own_keys",
+    ("papa/runs.py", "similarity"): "test_the_soups_job_and_similarity_align_from_their_own_keys",
     ("papa/data/stream.py", "MemberStream._fixed_epoch"): None,  # a generator the draw-free policies never draw from
     ("papa/rng.py", "generator"): None,  # the key makers themselves
     ("papa/rng.py", "seeded"): None,
