@@ -41,13 +41,6 @@ class Context:
     epochs: int = 0  # the run's epochs (Replace: the scripts' last-epoch averaging, fidelity averaging_epochs)
 
 
-def _mix(pop: Population, matrix: Tensor | None, comm) -> None:  # matrix None: PAPA-all's plain average
-    if matrix is None:
-        averaging.average_all_(pop, comm=comm)
-    else:
-        averaging.mix_(pop, matrix, comm)
-
-
 @dataclass
 class Baseline:
     """Independent members: nothing is ever due."""
@@ -213,7 +206,7 @@ class Replace(_Averaging):
         if scripts and self.scheme == "all":
             self.align_(ctx, target="running-soup")
         matrix = self.matrix(ctx, gen)
-        _mix(ctx.pop, matrix, comm)
+        averaging.mix_or_average_(ctx.pop, matrix, comm)
         if self.repair:
             rows = averaging.mixing_matrix("all", comm.p) if matrix is None else matrix
             repair_population_(ctx.pop, rows[comm.members], batches, moments, self.repair_iters,
@@ -226,7 +219,7 @@ class Replace(_Averaging):
         """With ``mix_swa``, the members' SWA averages mixed as the members just were (linear: each stays the
         running mean of its lineage's iterates; the final BatchNorm recomputation stands in for REPAIR)."""
         if self.mix_swa and ctx.swa is not None and ctx.swa.count:
-            _mix(ctx.swa.average, matrix, ctx.comm)
+            averaging.mix_or_average_(ctx.swa.average, matrix, ctx.comm)
 
     def pair_average(self, ctx: Context, gen: torch.Generator, batches, last: bool = False) -> None:
         """PAPA-2 and pair-75 pair by pair, as the scripts (recombine/permutations.py:32-76, main.py:308-311): row i's

@@ -160,8 +160,13 @@ def pair_average_(pop: Population, generator: torch.Generator) -> Tensor:
 def weighted_average_(pop: Population, scheme: str, generator: torch.Generator | None = None) -> Tensor:
     """Average with any scheme of ``SCHEMES``; returns the mixing matrix used."""
     m = mixing_matrix(scheme, pop.size, generator)
-    if scheme == "all":
-        average_all_(pop)
-    else:
-        mix_(pop, m)
+    mix_or_average_(pop, None if scheme == "all" else m)
     return m
+
+
+def mix_or_average_(pop: Population, matrix: Tensor | None, comm=None) -> None:
+    """``mix_`` by ``matrix``, or where it is None (PAPA-all) ``average_all_``."""
+    if matrix is None:
+        average_all_(pop, comm=comm)
+    else:
+        mix_(pop, matrix, comm)

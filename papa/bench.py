@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from papa import averaging
+from papa.build import resolve_device
 from papa.engines import Engine, analytic_allowed, choose_engine, forward_gflop
 from papa.io import write_text
 from papa.models import create_model
@@ -110,8 +111,7 @@ def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, s
          engine: str = "auto", device: str = "auto", compile: bool = False, channels_last: bool = False,
          precision: str = "fp32", warmup: int = 3, repeats: int = 1, num_classes: int = 10,
          seed: int = 0, profile: str | Path | None = None, model_kwargs: dict | None = None) -> dict:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     shape = INPUT_SHAPES.get(model, (3, 32, 32))
     torch.manual_seed(seed)
     model_kwargs = dict(model_kwargs or {})

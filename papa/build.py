@@ -20,7 +20,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise PapaError("train.device is 'cuda' but no CUDA device is available")
+        raise PapaError("device 'cuda' (train.device, or papa bench --device) but no CUDA device is available")
     return torch.device(name)
 
 

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from papa import __version__
 from papa.errors import DiskError, PapaError, one_line
 from papa.io import need_file, write_error
 from papa.report.cli import add_commands
@@ -121,7 +122,7 @@ def _fake_data(a):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="papa", description="PopulAtion Parameter Averaging: train, average and "
                                      "evaluate populations.")
-    parser.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS,
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the installed version of papa and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -218,15 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
     return parser
-
-
-class _Version(argparse.Action):
-    """``--version``: the installed package's version (importlib.metadata, read only when asked)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        from importlib.metadata import version
-        print(f"{parser.prog} {version('papa')}")
-        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:

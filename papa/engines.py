@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from papa.errors import PapaError
-from papa.forward import eval_mode
+from papa.forward import eval_mode, hooked
 from papa.models.linear import LogisticRegression
 from papa.population import Population
 
@@ -242,12 +242,8 @@ def forward_gflop(model: torch.nn.Module, tensors: dict[str, Tensor], shape: tup
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
     hooks = [m.register_forward_hook(count) for m in model.modules()
              if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
-    try:
-        with eval_mode(model), torch.no_grad():
-            functional_call(model, tensors, (torch.zeros(2, *shape, device=device),))
-    finally:
-        for h in hooks:
-            h.remove()
+    with hooked(hooks), eval_mode(model), torch.no_grad():
+        functional_call(model, tensors, (torch.zeros(2, *shape, device=device),))
     return flop / 2 / 1e9
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -74,14 +76,18 @@ def read_run(run_dir: str | Path) -> RunFiles:
     if soups_meta.get("population_sha256") != digests["population_sha256"]:
         raise PapaError(f"{soups} is stale: made from another population than {population}; run `papa soups "
                         "--evaluate` on this run again")
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except (OSError, ValueError) as e:
-        raise PapaError(f"{metrics_path}: unreadable ({e})") from None
+    metrics = _read_json(metrics_path)
     if not isinstance(metrics, dict) or any(metrics.get(k) != v for k, v in digests.items()):
         raise PapaError(f"{metrics_path} is stale: computed from another population or other soups than the ones "
                         f"in {run}; run `papa evaluate` on this run again")
     return RunFiles(run, meta, tensors, soup_tensors, soups_meta, metrics, digests)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PapaError(f"{path}: unreadable ({e})") from None
 
 
 def run_spec(files: RunFiles) -> dict:
@@ -233,7 +239,6 @@ def _timm_data_config(spec: dict) -> dict:
 def save(module: nn.Module, spec: dict, out: str | Path) -> None:
     """Write ``module`` (``spec``'s architecture plus the biases ``spec['biases']['kept']`` names), its description and
     model card as export folder ``out``, through a fresh network loaded with ``strict=True``: what is written loads."""
-    from safetensors.torch import save_file
     state = module.state_dict()
     stock = add_biases(architecture(spec), spec["biases"]["kept"], state).to(_dtype(state))
     stock.load_state_dict(state, strict=True)
@@ -276,10 +281,7 @@ def read_spec(path: str | Path) -> dict:
     config_path = Path(path) / CONFIG
     if not config_path.is_file():
         raise PapaError(f"{path}: not a papa export (no {CONFIG})")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise PapaError(f"{config_path}: unreadable ({e})") from None
+    config = _read_json(config_path)
     spec = config.get("papa", config) if isinstance(config, dict) else None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise PapaError(f"{config_path}: not written by `papa export` (format {FORMAT})")
@@ -289,8 +291,6 @@ def read_spec(path: str | Path) -> dict:
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """The network of an export folder as an ``nn.Module`` in eval mode on ``device``, floating tensors of ``dtype``
     (default: as saved): papa's architectures from config.json, timm's by ``timm.create_model("local-dir:PATH")``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     path, spec = Path(path), read_spec(path)
     try:
         state = load_file(str(path / WEIGHTS))

@@ -125,11 +125,10 @@ class MemberStream:
             yield _stacked([self._batch(policy, order[steps * b:], generator) for policy, order in
                             zip(self.policies, orders, strict=True)])
 
-    def member_batches(self, j: int | None, generator: torch.Generator, n: int,
-                       batch_size: int | None = None) -> Iterator[Tensor]:
+    def member_batches(self, j: int | None, generator: torch.Generator, n: int) -> Iterator[Tensor]:
         """``n`` input batches for member j's policy (j=None: the base transform). The order is drawn from
         ``generator`` first, so generators with the same seed (REPAIR's 666) give every member the same images."""
-        b = batch_size or self.batch_size
+        b = self.batch_size
         order = self._draw(generator, n * b)
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
         policy = self.base if j is None else self.policies[self.ids.index(j)]
@@ -169,11 +168,11 @@ class FolderStream:
         self.loaders = [self._loader(policy, sampler, persistent=num_workers > 0)
                         for policy, sampler in zip(self.policies, self.samplers, strict=True)]
 
-    def _loader(self, policy: Policy, sampler, persistent: bool, batch_size: int | None = None):
+    def _loader(self, policy: Policy, sampler, persistent: bool):
         transform = folder_train_transform(self.train.image_size, policy.flip, policy.autoaugment,
                                            policy.randaugment, self.mean)
         return torch.utils.data.DataLoader(
-            _SeededImages(self.train, transform), batch_size=batch_size or self.batch_size, sampler=sampler,
+            _SeededImages(self.train, transform), batch_size=self.batch_size, sampler=sampler,
             drop_last=not self.keep_last, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=persistent)
 
@@ -195,13 +194,11 @@ class FolderStream:
             yield _stacked([self._regularize(batch_policy(self, j, augment[j]), *batch, augment[j])
                             for j, batch in enumerate(batches)])
 
-    def member_batches(self, j: int | None, generator: torch.Generator, n: int,
-                       batch_size: int | None = None) -> Iterator[Tensor]:
-        b = batch_size or self.batch_size
-        order = _orders(self.indices, generator, n * b)
+    def member_batches(self, j: int | None, generator: torch.Generator, n: int) -> Iterator[Tensor]:
+        order = _orders(self.indices, generator, n * self.batch_size)
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
         policy = self.base if j is None else self.policies[self.ids.index(j)]
-        for images, labels in self._loader(policy, self._items(order, augment), persistent=False, batch_size=b):
+        for images, labels in self._loader(policy, self._items(order, augment), persistent=False):
             yield self._regularize(policy, images, labels, augment)[0]
 
 

@@ -226,9 +226,9 @@ def record_member_batches(monkeypatch) -> list[tuple]:
     """Every MemberStream.member_batches call: (member, the caller's generator's seed, batches)."""
     calls, original = [], MemberStream.member_batches
 
-    def recording(stream, j, generator, n, batch_size=None):
+    def recording(stream, j, generator, n):
         calls.append((j, generator.initial_seed(), n))
-        return original(stream, j, generator, n, batch_size)
+        return original(stream, j, generator, n)
 
     monkeypatch.setattr(MemberStream, "member_batches", recording)
     return calls

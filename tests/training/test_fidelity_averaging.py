@@ -33,9 +33,9 @@ def test_pair_repair_reads_unaugmented_batches_under_authors(split_path, tmp_pat
         read = []
         original = MemberStream.member_batches
 
-        def recording(self, j, generator, n, batch_size=None, _original=original, _read=read):
+        def recording(self, j, generator, n, _original=original, _read=read):
             _read.append(j)
-            return _original(self, j, generator, n, batch_size)
+            return _original(self, j, generator, n)
 
         monkeypatch.setattr(MemberStream, "member_batches", recording)
         exp = logreg(population={"size": 3}, train={"epochs": 3, "batch_size": 256},

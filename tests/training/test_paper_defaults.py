@@ -42,9 +42,9 @@ def record_member_batches(monkeypatch) -> list[tuple]:
     calls = []
     original = MemberStream.member_batches
 
-    def recording(self, j, generator, n, batch_size=None):
+    def recording(self, j, generator, n):
         calls.append((j, generator.initial_seed(), n))
-        return original(self, j, generator, n, batch_size)
+        return original(self, j, generator, n)
 
     monkeypatch.setattr(MemberStream, "member_batches", recording)
     return calls

@@ -218,9 +218,9 @@ def test_repair_during_training_draws_its_batches_only_at_averaging(events, spli
     drawn = []
     original = MemberStream.member_batches
 
-    def recording(stream, j, generator, n, batch_size=None):
+    def recording(stream, j, generator, n):
         drawn.append((events.steps, j, n))
-        return original(stream, j, generator, n, batch_size)
+        return original(stream, j, generator, n)
 
     monkeypatch.setattr(MemberStream, "member_batches", recording)
     exp = logreg(population={"size": 3}, train={"epochs": 4, "batch_size": 256},

@@ -37,7 +37,7 @@ class Stream:
     def __init__(self, xs):
         self.xs = xs
 
-    def member_batches(self, j, g, n, batch_size=None):
+    def member_batches(self, j, g, n):
         return iter(self.xs[:n])
 
 
