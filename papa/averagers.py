@@ -17,7 +17,7 @@ from papa.forward import Batches
 from papa.genetic import select
 from papa.population import Population
 from papa.repair import member_moments, repair_population_
-from papa.rng import generator
+from papa.rng import derive_seed, generator
 from papa.soups import greedy_alignment, greedy_soup
 from papa.swa import SWA
 from papa.variants import VARIANTS, averages_after, pushes_after, scripts_last_epoch, zero_based
@@ -136,6 +136,7 @@ class Replace(_Averaging):
     pairs: str = "random"  # PAPA-2's partners (papa.averaging.PAIRINGS; fidelity option papa2_pairs)
     zero_based: bool = False  # the scripts' averaging epochs (papa.variants.averages_after; averaging_epochs)
     plain_pair_repair: bool = False  # pair schemes REPAIR on un-augmented batches (fidelity papa2_repair_data)
+    scripts_repair_images: bool = False  # REPAIR's images drawn as the scripts' (fidelity repair_images)
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
@@ -177,6 +178,12 @@ class Replace(_Averaging):
         the base transform for every member (the authors' pair REPAIR, recombine/permutations.py:69-75)."""
         return lambda member, g: ctx.stream.member_batches(None if plain else member, g, self.repair_iters)
 
+    def repair_seed(self, ctx: Context) -> int:
+        """The seed of this averaging's REPAIR batches: Algorithm 5's 666, or with ``scripts_repair_images`` one of
+        the key (seed, "repair-images", e), as the scripts drew new images for every REPAIR (recombine/repair.py:111,
+        169)."""
+        return derive_seed(ctx.seed, "repair-images", ctx.progress.epoch) if self.scripts_repair_images else 666
+
     def next_generation(self, ctx: Context) -> torch.Generator:
         """Count this averaging; the generator of its draws (partners, weights, selection, mutations)."""
         ctx.progress.generation += 1
@@ -192,6 +199,7 @@ class Replace(_Averaging):
         scripts = self.align and self.scripts_alignment
         pairs = self.scheme in averaging.PAIR_SCHEMES
         batches = self.batches(ctx, self.plain_pair_repair and pairs)
+        seed, own = self.repair_seed(ctx), self.scripts_repair_images and not pairs  # pairs: one draw (same_repair)
         last = self.last_epoch(ctx)
         if last or pairs and scripts:  # after the last epoch the scripts mix nothing else
             if pairs:
@@ -201,17 +209,17 @@ class Replace(_Averaging):
         if self.align and not (scripts and self.scheme in ("all", "greedy")):
             self.align_(ctx)  # before REPAIR's moments: they are measured on the aligned members
         if self.repair:
-            moments = comm.all_moments(member_moments(ctx.pop, batches, self.repair_iters, stacked=ctx.stacked,
-                                                      members=comm.members, fusion=self.repair_fusion))
+            moments = comm.all_moments(member_moments(ctx.pop, batches, self.repair_iters, seed, ctx.stacked,
+                                                      comm.members, fusion=self.repair_fusion, own_images=own))
         if scripts and self.scheme == "all":
             self.align_(ctx, target="running-soup")
         matrix = self.matrix(ctx, gen)
         averaging.mix_or_average_(ctx.pop, matrix, comm)
         if self.repair:
             rows = averaging.mixing_matrix("all", comm.p) if matrix is None else matrix
-            repair_population_(ctx.pop, rows[comm.members], batches, moments, self.repair_iters,
+            repair_population_(ctx.pop, rows[comm.members], batches, moments, self.repair_iters, seed,
                                members=comm.members, stacked=ctx.stacked, layers=self.repair_layers,
-                               fusion=self.repair_fusion)
+                               fusion=self.repair_fusion, own_images=own)
         self.mix_swa_(ctx, matrix)
         self.mutate_(ctx, gen)
 
@@ -237,13 +245,13 @@ class Replace(_Averaging):
         else:  # row k: pair k's weights on parents 2k and 2k + 1
             rows = torch.block_diag(*matrix.gather(1, torch.as_tensor(pairs)).unsqueeze(1))
             if self.repair:  # each parent on its own batches (its member's), as the members are measured
-                moments = member_moments(parents, batches, self.repair_iters, stacked=ctx.stacked,
-                                         members=[j for pair in pairs for j in pair], fusion=self.repair_fusion)
+                moments = member_moments(parents, batches, self.repair_iters, self.repair_seed(ctx), ctx.stacked,
+                                         [j for pair in pairs for j in pair], fusion=self.repair_fusion)
             averaging.mix_(parents, torch.cat([rows, torch.eye(2 * n, dtype=torch.float64)[n:]]))
             ctx.pop.load_state_dict({name: t[:n] for name, t in parents.tensors()})
             if self.repair:
-                repair_population_(ctx.pop, rows, batches, moments, self.repair_iters, stacked=ctx.stacked,
-                                   layers=self.repair_layers, fusion=self.repair_fusion)
+                repair_population_(ctx.pop, rows, batches, moments, self.repair_iters, self.repair_seed(ctx),
+                                   stacked=ctx.stacked, layers=self.repair_layers, fusion=self.repair_fusion)
         self.mix_swa_(ctx, matrix)
 
 
@@ -276,9 +284,10 @@ class Genetic(Replace):
         def children_losses(rows: Tensor) -> list[float]:
             children = Population.from_modules([ctx.pop.module_from_state(ctx.pop.combine(r)) for r in rows])
             if self.repair and not last:
-                moments = member_moments(ctx.pop, plain, self.repair_iters, stacked=ctx.stacked,
+                seed = self.repair_seed(ctx)  # the scripts' children: pair REPAIRs, one draw each (same_repair)
+                moments = member_moments(ctx.pop, plain, self.repair_iters, seed, ctx.stacked,
                                          fusion=self.repair_fusion)
-                repair_population_(children, rows, plain, moments, self.repair_iters, members=[0] * len(rows),
+                repair_population_(children, rows, plain, moments, self.repair_iters, seed, members=[0] * len(rows),
                                    layers=self.repair_layers, fusion=self.repair_fusion)
             if mutate:
                 self.mutate_(ctx, gen, children)
@@ -335,7 +344,8 @@ def averager_for(variant: str, exp: dict) -> Baseline:
                "from_start": cfg["from_start"], "greedy_criterion": exp["soups"]["greedy_criterion"],
                "mix_swa": swa is not None and swa["mix_averages"],
                "pairs": "first" if fidelity.authors(exp, "papa2_pairs") else "random",
-               "zero_based": zero_based(exp), "plain_pair_repair": fidelity.authors(exp, "papa2_repair_data")}
+               "zero_based": zero_based(exp), "plain_pair_repair": fidelity.authors(exp, "papa2_repair_data"),
+               "scripts_repair_images": fidelity.authors(exp, "repair_images")}
     if genetic["tournament"] or genetic["elitism"]:
         return Genetic(**common, **replace, tournament=genetic["tournament"], elitism=genetic["elitism"],
                        scripts_elitism=fidelity.authors(exp, "elitism"))

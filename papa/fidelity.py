@@ -116,6 +116,22 @@ OPTIONS = {o.name: o for o in (
            "with train_dset_out = [train_dset_noaug]: data/data.py:22, the training transform with re=0)",
            "the baselines' REPAIRed soups of Tables 1, 2 and 6-9 (not Table 5: papa similarity REPAIRs on "
            "its own data)"),
+    Option("repair_images", "REPAIR measures every network on the same images, as Algorithms 4-5's one SEED = "
+           "666 for every network (soups.repair_seed for the soups): the members whose moments are averaged and the "
+           "network repaired see one order and one set of crops, each through its own policy, the same at every "
+           "averaging",
+           "PAPA-all's, Table 14's many-half, many-75, dirichlet and greedy, and the soups' REPAIR (correct_"
+           "neuron_stats_multiple, same_repair=False: recombine/repair.py:151-172, called at permutations.py:133, "
+           "combined.py:257, :290) measure every parent and every network repaired on a DataLoader of its own, "
+           "shuffled and cropped by the global RNG where it then stands (repair.py:84): each network its own images, "
+           "new at every averaging; the pair REPAIR (correct_neuron_stats, same_repair=True: PAPA-2, pair-75, the "
+           "genetic ablations' children, permutations.py:69-75) gives its parents and child one draw, new at every "
+           "call (repair.py:111-113). Their draws came from the unseeded global RNG; these from the key (seed, "
+           "\"repair-images\", e) of averaging e, network k of a multiple REPAIR from derive_seed(that seed, "
+           "\"repair-images\", role, k), the soups' from soups.repair_seed alike (a member measured once for both "
+           "soups); Table 5's REPAIR as under paper (no script)",
+           "every REPAIR of PAPA-all, PAPA-2, Table 14's schemes and the genetic ablations (Tables 1-3, 5-18 and "
+           "Figure 2), the REPAIRed baseline soups of Tables 1, 2 and 6-9"),
     Option("alignment_target", "averagings with align permute every member (and its optimizer state) to member 0 "
            "before REPAIR's moments are measured and the members mixed",
            "PAPA-2 and pair-75 pair by pair in the order of the children, the pair's second member aligned to its "

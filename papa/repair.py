@@ -30,12 +30,17 @@ def _freeze(batches: Batches, iters: int) -> Batches:
     return batches if callable(batches) else list(itertools.islice(batches, iters))
 
 
-def _data(batches: Batches, members: list[int | None], iters: int, seed: int, device, stacked: bool) -> list:
-    """Every member's first ``iters`` batches, batch by batch: (p, B, ...) tensors when ``stacked``, else lists."""
+def _data(batches: Batches, members: list[int | None], iters: int, seed: int, device, stacked: bool,
+          role: str | None = None) -> list:
+    """Every member's first ``iters`` batches, batch by batch: (p, B, ...) tensors when ``stacked``, else lists. Each
+    member's come from ``seed`` (callable ``batches``: the same images for all), or with ``role`` (``"member"``, whose
+    moments are taken, or ``"repaired"``) from a seed of its own, derive_seed(seed, "repair-images", role, j)."""
     if iters < 1:
         raise ValueError(f"REPAIR needs at least one batch, got iters={iters}")
     batches = _freeze(batches, iters)
-    per_member = [[x.to(device) for x in itertools.islice(inputs(batches, j, seed), iters)] for j in members]
+    seeds = [seed if role is None else derive_seed(seed, "repair-images", role, j) for j in members]
+    per_member = [[x.to(device) for x in itertools.islice(inputs(batches, j, s), iters)]
+                  for j, s in zip(members, seeds, strict=True)]
     if not per_member[0]:
         raise ValueError("REPAIR got no batches")
     if len({len(xs) for xs in per_member}) > 1 or stacked and any(len({x.shape for x in same}) > 1
@@ -321,14 +326,15 @@ FUSIONS = ("exact", "authors")
 
 
 def member_moments(pop: Population, batches: Batches, iters: int = 5, seed: int = 666, stacked: bool = False,
-                   members: list[int] | None = None, fusion: str = "exact") -> list[Moments]:
+                   members: list[int] | None = None, fusion: str = "exact", own_images: bool = False) -> list[Moments]:
     """Each member's per-channel output moments of every convolution and linear layer, in eval mode on its own
     first ``iters`` batches (``batches(members[i], ...)`` for the i-th held member; default: its position), after
     rebuilding its BatchNorm statistics on them (on copies: ``pop`` is unchanged). ``fusion="authors"``: as the
-    authors' TrackLayers measured them (recombine/repair.py:17-29, 84-99), in one train-mode pass, per batch."""
+    authors' TrackLayers measured them (recombine/repair.py:17-29, 84-99), in one train-mode pass, per batch.
+    ``own_images``: each member's batches drawn with a seed of its own (``_data``), not all with ``seed``."""
     _check_choice("fusion", fusion, FUSIONS)
     members = list(range(pop.size)) if members is None else list(members)
-    xs = _data(batches, members, iters, seed, pop.device, stacked)
+    xs = _data(batches, members, iters, seed, pop.device, stacked, "member" if own_images else None)
     buffers = {n: b.clone() for n, b in pop.buffers.items()}
     layers = [n for n, m in pop.template.named_modules() if isinstance(m, LAYER_SETS["conv+linear"])]
     authors = fusion == "authors"
@@ -436,30 +442,32 @@ def _repair_any_(pop: Population, xs: list, targets: list[Moments], seed: int, s
 
 def repair(model: nn.Module, pop: Population, batches: Batches, iters: int = 5, seed: int = 666, weights=None,
            target: int | None = None, moments: list[Moments] | None = None, stacked: bool = False,
-           layers: str = "conv+linear", fusion: str = "exact") -> nn.Module:
+           layers: str = "conv+linear", fusion: str = "exact", own_images: bool = False) -> nn.Module:
     """A repaired copy of ``model`` (usually a soup of ``pop``): every convolution and linear layer gets the
     ``weights``-weighted average (default uniform) of the members' per-channel output mean and std, measured in
     eval mode on the first ``iters`` batches (``batches(target, ...)`` when callable). A bias-free layer gets a bias,
     the only state added. ``moments``: precomputed ``member_moments(pop, ..., fusion=fusion)`` (else measured here,
-    vmapped with ``stacked``). ``layers``: ``LAYER_SETS``; ``fusion``: ``FUSIONS``."""
+    vmapped with ``stacked``). ``layers``: ``LAYER_SETS``; ``fusion``: ``FUSIONS``. ``own_images``: the members and
+    the model each measured on a draw of its own (``_data``), as the scripts' same_repair=False."""
     _check_choice("fusion", fusion, FUSIONS)
     w = _check_weights(weights, pop.size)
     batches = _freeze(batches, iters)
     if moments is None:
-        moments = member_moments(pop, batches, iters, seed, stacked=stacked, fusion=fusion)
+        moments = member_moments(pop, batches, iters, seed, stacked=stacked, fusion=fusion, own_images=own_images)
     one = Population.from_modules([model])
-    xs = _data(batches, [target], iters, seed, one.device, stacked=False)
+    xs = _data(batches, [target], iters, seed, one.device, False, "repaired" if own_images else None)
     _repair_any_(one, xs, [_targets(moments, w)], seed, stacked=False, add_biases=True, kinds=layers, fusion=fusion)
     return one.member(0)
 
 
 def repair_population_(pop: Population, matrix, batches: Batches, moments: list[Moments], iters: int = 5,
                        seed: int = 666, members: list[int] | None = None, stacked: bool = False,
-                       layers: str = "conv+linear", fusion: str = "exact") -> Population:
+                       layers: str = "conv+linear", fusion: str = "exact", own_images: bool = False) -> Population:
     """Repair, in place, a population just mixed by theta_i <- sum_j matrix[i, j] theta_j: member i gets the
     moments of the pre-mix members (``moments``, from ``member_moments(..., fusion=fusion)``) weighted by row i,
     measured on ``batches(i, ...)``. ``members``: each held member's index in the whole population when ``pop`` is
-    one rank's share (``matrix`` then has a row per held member over all ``len(moments)``). No bias is added."""
+    one rank's share (``matrix`` then has a row per held member over all ``len(moments)``). No bias is added.
+    ``own_images``: each member measured on a draw of its own (``_data``)."""
     _check_choice("fusion", fusion, FUSIONS)
     p, total = pop.size, len(moments)
     members = list(range(p)) if members is None else list(members)
@@ -467,6 +475,6 @@ def repair_population_(pop: Population, matrix, batches: Batches, moments: list[
     if m.shape != (p, total) or len(members) != p:
         raise ValueError(f"mixing matrix must be {p}x{total} (held members x all members), got {tuple(m.shape)}")
     targets = [_targets(moments, _check_weights(m[i], total)) for i in range(p)]
-    xs = _data(batches, members, iters, seed, pop.device, stacked)
+    xs = _data(batches, members, iters, seed, pop.device, stacked, "repaired" if own_images else None)
     _repair_any_(pop, xs, targets, seed, stacked, add_biases=False, kinds=layers, fusion=fusion)
     return pop

@@ -337,7 +337,7 @@ def _soups(exp: dict, run: Run) -> dict:
     made, members = make_soups(run.pop, val_accuracy, batches, s["repair_iters"], s["repair_seed"], align_batches,
                                stacked=build_engine(exp, run.device, run.pop, run.splits).stacked,
                                criterion=s["greedy_criterion"], layers=exp["repair"]["layers"],
-                               fusion=repair_fusion(exp))
+                               fusion=repair_fusion(exp), own_images=fidelity.authors(exp, "repair_images"))
     tensors = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
     info = {"greedy_soup_members": members, "aligned": aligned,
             "val_accuracy": {k: val_accuracy(m) for k, m in made.items()}}

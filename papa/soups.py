@@ -103,12 +103,14 @@ def aligned_greedy_soup(pop: Population, score: Callable[[nn.Module], float], ba
 
 def make_soups(pop: Population, score: Callable[[nn.Module], float], repair_batches: Batches, iters: int = 5,
                seed: int = 666, align_batches: Batches | None = None, stacked: bool = False, criterion: str = ">=",
-               layers: str = "conv+linear", fusion: str = "exact") -> tuple[dict[str, nn.Module], list[int]]:
+               layers: str = "conv+linear", fusion: str = "exact",
+               own_images: bool = False) -> tuple[dict[str, nn.Module], list[int]]:
     """The paper's four soups (``SOUPS``): the average and greedy soups (by ``score``, higher is better), each also
     REPAIRed on ``iters`` batches of ``repair_batches`` with the moments of the members it averages; and the greedy
     soup's members, in the order added. A soup of one member is that member, not REPAIRed (P:l.388; models/combined.py
     ``if self.args.repair_soup and n > 1``). With ``align_batches``, the members by decreasing score are each aligned to
-    the soup so far (Appendix A.4), and REPAIR targets the aligned members."""
+    the soup so far (Appendix A.4), and REPAIR targets the aligned members. ``own_images``: REPAIR measures each
+    member (once for both soups) and each soup on a draw of its own (papa.repair.member_moments)."""
     if align_batches is not None:
         permutation_spec(pop.template)  # a one-line error on architectures alignment does not support
         scores = _scores(pop, score)
@@ -124,9 +126,10 @@ def make_soups(pop: Population, score: Callable[[nn.Module], float], repair_batc
         if int((weights > 0).sum()) == 1:
             return copy.deepcopy(soup)
         if id(of) not in moments:
-            moments[id(of)] = member_moments(of, repair_batches, iters, seed, stacked=stacked, fusion=fusion)
+            moments[id(of)] = member_moments(of, repair_batches, iters, seed, stacked=stacked, fusion=fusion,
+                                             own_images=own_images)
         return repair(soup, of, repair_batches, iters, seed, weights=weights, moments=moments[id(of)], layers=layers,
-                      fusion=fusion)
+                      fusion=fusion, own_images=own_images)
 
     return {"avg_soup": avg, "greedy_soup": greedy,
             "avg_soup_repair": repaired(avg, avg_pop, subset_weights(pop.size, range(pop.size))),

@@ -7,7 +7,7 @@ import itertools
 
 PURPOSES = ("validation-split", "init", "policies", "order", "augment", "global", "average", "mutate", "member",
             "swa-batchnorm", "repair-batchnorm", "validation", "soups-validation", "evaluate-validation",
-            "alignment", "soups-alignment", "similarity-alignment")
+            "alignment", "soups-alignment", "similarity-alignment", "repair-images")
 """Every purpose the library names in a key (tests/unit/test_random_keys.py checks the library names no other)."""
 
 

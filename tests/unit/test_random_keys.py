@@ -410,6 +410,8 @@ DRAW_SITES = {
     ("papa/runs.py", "_soups.val_accuracy"):
         "test_the_soups_job_scores_each_candidate_and_metrics_from_their_own_keys",
     ("papa/runs.py", "_evaluate"): "test_the_soups_job_scores_each_candidate_and_metrics_from_their_own_keys",
+    ("papa/repair.py", "_data"): "test_own_images_give_each_network_the_seed_of_its_role_and_index",
+    ("papa/averagers.py", "Replace.repair_seed"): "test_training_repairs_draw_from_each_averagings_key",
     ("papa/train.py", "Trainer.align_batches"): "test_training_alignment_draws_from_the_key_of_its_step",
     ("papa/runs.py", "_soups"): "test_the_soups_job_and_similarity_align_from_their_own_keys",
     ("papa/runs.py", "similarity"): "test_the_soups_job_and_similarity_align_from_their_own_keys",
