@@ -148,6 +148,14 @@ OPTIONS = {o.name: o for o in (
            "fine-tuning normalizes with the pretrained network's mean/std (its timm pretrained_cfg)",
            "the dataset's own normalization (CIFAR-100's mean/std, data/cifar100.py:8-10)",
            "Table 1's fine-tuning rows"),
+    Option("finetune_resize",
+           "fine-tuning resizes CIFAR's 32-pixel images to the model's 224 on their values (data.resize, antialiased: "
+           "PIL's kernels), keeping bicubic's overshoot below 0 and above 255",
+           "as the scripts resized the uint8 PIL image before ToTensor (data/cifar100.py:16, 26: T.Resize(224, "
+           "BICUBIC)): PIL's two passes, horizontal then vertical, each rounded to whole levels and clipped to "
+           "0-255, then normalized (within one level of PIL in 0.02% of pixels: PIL's fixed-point arithmetic); "
+           "wherever in-memory images are resized to data.image_size",
+           "Table 1's fine-tuning rows"),
     Option("finetune_freeze",
            "fine-tuning trains the head alone for the first train.freeze_epochs epochs, then every layer (§4.2)",
            "the head alone for the whole run, as the published scripts are written: main.py:159-161 freezes all "

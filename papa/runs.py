@@ -69,6 +69,7 @@ def load_data(exp: dict):
     for part in (splits.train, splits.test):
         if hasattr(part, "resize"):  # in-memory arrays (folders crop and resize with their own transforms)
             part.resize = d.get("resize", "bilinear")
+            part.resize_pixels = fidelity.authors(exp, "finetune_resize")
     own = fidelity.authors(exp, "finetune_normalization")  # the dataset's statistics, as the scripts normalized
     stats = None if own else pretrained_normalization(m["name"], m["pretrained"])
     if stats is not None and len(stats[0]) == splits.in_channels:

@@ -204,15 +204,24 @@ def _affine(mean: tuple, std: tuple, device: torch.device) -> tuple[Tensor, Tens
 RESIZE_MODES = ("bilinear", "bicubic")
 
 
-def eval_transform(images: Tensor, mean, std, size: int | None = None, mode: str = "bilinear") -> Tensor:
+def eval_transform(images: Tensor, mean, std, size: int | None = None, mode: str = "bilinear",
+                   pixels: bool = False) -> Tensor:
     """uint8 (B, C, H, W) -> float32 normalized with per-channel mean/std (in [0, 1] pixel units), resized to ``size``
-    when given (antialiased, as timm's eval resize; the authors' fine-tuning resized CIFAR to 224 bicubic)."""
+    when given (antialiased, as timm's eval resize; the authors' fine-tuning resized CIFAR to 224 bicubic). ``pixels``:
+    resized as PIL resizes a uint8 image (the scripts' T.Resize before ToTensor, fidelity.finetune_resize): a
+    horizontal then a vertical pass, each rounded to whole levels and clipped to 0-255, then normalized."""
     if mode not in RESIZE_MODES:
         raise PapaError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
     scale, shift = _affine(tuple(mean), tuple(std), images.device)
+    resize = size is not None and tuple(images.shape[-2:]) != (size, size)
+    if resize and pixels:
+        x = images.float()
+        for shape in ((x.shape[-2], size), (size, size)):
+            x = F.interpolate(x, size=shape, mode=mode, align_corners=False, antialias=True).clamp(0, 255).round()
+        return x * scale + shift
     x = images.float() * scale + shift
     # interpolation weights sum to 1, so resizing after the per-channel affine map equals resizing before it
-    if size is not None and tuple(x.shape[-2:]) != (size, size):
+    if resize:
         x = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=True)
     return x
 
@@ -294,10 +303,12 @@ def mix(policy: Policy, x: Tensor, labels: Tensor, num_classes: int, generator: 
 
 
 def regularize(policy: Policy, images: Tensor, labels: Tensor, num_classes: int, mean, std,
-               generator: torch.Generator, size: int | None = None, mode: str = "bilinear") -> tuple[Tensor, Tensor]:
+               generator: torch.Generator, size: int | None = None, mode: str = "bilinear",
+               pixels: bool = False) -> tuple[Tensor, Tensor]:
     """Everything after the geometric transforms: normalize and resize to ``size`` (the model's input, with
-    ``mode``), then cutout, erasing, mixup/cutmix (at the model's resolution), smoothing."""
-    x = eval_transform(images, mean, std, size, mode)
+    ``mode`` and ``pixels``: ``eval_transform``), then cutout, erasing, mixup/cutmix (at the model's resolution),
+    smoothing."""
+    x = eval_transform(images, mean, std, size, mode, pixels)
     if policy.cutout:
         x = cutout(x, policy.cutout, generator)
     if policy.random_erasing:
@@ -307,8 +318,9 @@ def regularize(policy: Policy, images: Tensor, labels: Tensor, num_classes: int,
 
 @torch.no_grad()
 def apply(policy: Policy, images: Tensor, labels: Tensor, num_classes: int, mean, std,
-          generator: torch.Generator, size: int | None = None, mode: str = "bilinear") -> tuple[Tensor, Tensor]:
+          generator: torch.Generator, size: int | None = None, mode: str = "bilinear",
+          pixels: bool = False) -> tuple[Tensor, Tensor]:
     """A member's training batch: uint8 (B, C, H, W) and labels (B,) -> normalized float32 (B, C, S, S) and soft
     targets (B, K); the uint8 transforms run at the stored resolution, the rest at the model's (S = ``size``)."""
     images = geometric(policy, images, generator, mean)
-    return regularize(policy, images, labels, num_classes, mean, std, generator, size, mode)
+    return regularize(policy, images, labels, num_classes, mean, std, generator, size, mode, pixels)

@@ -41,6 +41,7 @@ class ArrayDataset:
     classes: tuple[str, ...] = ()
     image_size: int | None = None
     resize: str = "bilinear"  # how batches are resized to image_size (papa.data.augment.RESIZE_MODES)
+    resize_pixels: bool = False  # resized as PIL resizes uint8 pixels (augment.eval_transform's ``pixels``)
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:

@@ -84,13 +84,13 @@ class MemberStream:
                     keep_last)
         self.images = train.images.to(self.device)  # moved once; indexing happens on the device
         self.labels = train.labels.to(self.device)
-        self.image_size, self.resize = train.image_size, train.resize
+        self.image_size, self.resize, self.resize_pixels = train.image_size, train.resize, train.resize_pixels
         _, c, h, w = train.images.shape
         self._item_floats = c * (self.image_size ** 2 if self.image_size else h * w)  # one item's floats at the model
 
     def _batch(self, policy: Policy, idx: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return apply(policy, self.images[idx], self.labels[idx], self.num_classes, self.mean, self.std, generator,
-                     self.image_size, self.resize)
+                     self.image_size, self.resize, self.resize_pixels)
 
     def _draw(self, generator: torch.Generator, count: int) -> Tensor:
         return to_device(_orders(self.indices, generator, count), self.device)
@@ -283,6 +283,6 @@ def eval_batches(dataset: ArrayDataset | FolderDataset, indices=None, batch_size
         chunks = ((dataset.images[c].to(device), dataset.labels[c].to(device)) for c in idx.split(batch_size))
         if augment is not None:
             chunks = ((geometric(augment.base(), images, generator), labels) for images, labels in chunks)
-    mode = getattr(dataset, "resize", "bilinear")
+    mode, pixels = getattr(dataset, "resize", "bilinear"), getattr(dataset, "resize_pixels", False)
     for images, labels in chunks:
-        yield eval_transform(images, dataset.mean, dataset.std, dataset.image_size, mode), labels
+        yield eval_transform(images, dataset.mean, dataset.std, dataset.image_size, mode, pixels), labels

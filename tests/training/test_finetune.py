@@ -179,6 +179,7 @@ def test_finetune_config_runs_end_to_end_on_a_tiny_timm_model(tmp_path, one_thre
     # the config runs the scripts' CIFAR normalization (fidelity finetune_normalization: authors), not the
     # pretrained network's (test_resnet's cfg: 0.5)
     assert trainer.stream.image_size == 40 and trainer.stream.mean == pytest.approx(CIFAR100_MEAN)
+    assert trainer.stream.resize_pixels  # and resizes as PIL resized the uint8 image (finetune_resize: authors)
     rows = [r for r in trainer.progress.history if r["phase"] == "end"]
     assert [r["lr"] for r in rows][-1] == pytest.approx(1e-6, rel=1e-3)  # cosine 1e-4 -> 1e-6
     assert any(r["phase"] == "after_avg" for r in trainer.progress.history)  # averaged at epoch 2
