@@ -244,14 +244,15 @@ class Replace(_Averaging):
             matrix = torch.eye(len(matrix), dtype=torch.float64)[torch.as_tensor(pairs)[torch.arange(n), second]]
         else:  # row k: pair k's weights on parents 2k and 2k + 1
             rows = torch.block_diag(*matrix.gather(1, torch.as_tensor(pairs)).unsqueeze(1))
+            seed = self.repair_seed(ctx)  # parents and children: one draw (the scripts' same_repair)
             if self.repair:  # each parent on its own batches (its member's), as the members are measured
-                moments = member_moments(parents, batches, self.repair_iters, self.repair_seed(ctx), ctx.stacked,
+                moments = member_moments(parents, batches, self.repair_iters, seed, ctx.stacked,
                                          [j for pair in pairs for j in pair], fusion=self.repair_fusion)
             averaging.mix_(parents, torch.cat([rows, torch.eye(2 * n, dtype=torch.float64)[n:]]))
             ctx.pop.load_state_dict({name: t[:n] for name, t in parents.tensors()})
             if self.repair:
-                repair_population_(ctx.pop, rows, batches, moments, self.repair_iters, self.repair_seed(ctx),
-                                   stacked=ctx.stacked, layers=self.repair_layers, fusion=self.repair_fusion)
+                repair_population_(ctx.pop, rows, batches, moments, self.repair_iters, seed, stacked=ctx.stacked,
+                                   layers=self.repair_layers, fusion=self.repair_fusion)
         self.mix_swa_(ctx, matrix)
 
 
