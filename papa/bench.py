@@ -94,7 +94,10 @@ def _timed(fn, device: torch.device, calls: int) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def run(*args, threads: int | None = None, **kwargs) -> dict:
+def run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, steps: int = 20,
+        engine: str = "auto", device: str = "auto", compile: bool = False, channels_last: bool = False,
+        precision: str = "fp32", warmup: int = 3, repeats: int = 1, num_classes: int = 10, seed: int = 0,
+        profile: str | Path | None = None, model_kwargs: dict | None = None, threads: int | None = None) -> dict:
     """Time ``repeats`` blocks of ``steps`` training steps (after ``warmup`` untimed ones) and a PAPA push on
     ``threads`` CPU threads; ``profile``: a file for the kernel table of one more step. ``step_ms`` is the fastest
     block's mean step (other work only slows a block), ``cpu_ms`` the process CPU time per step (steadier when busy)."""
@@ -102,66 +105,60 @@ def run(*args, threads: int | None = None, **kwargs) -> dict:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(*args, **kwargs)
+        dev = resolve_device(device)
+        shape = INPUT_SHAPES.get(model, (3, 32, 32))
+        torch.manual_seed(seed)
+        model_kwargs = dict(model_kwargs or {})
+        pop = Population.from_factory(lambda: create_model(model, num_classes=num_classes, in_channels=shape[0],
+                                                           **model_kwargs), population, seed=seed).to(dev).train()
+        optimizer = torch.optim.SGD(pop.requires_grad_().parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+        member_gflop = forward_gflop(pop.template, pop.member_tensors(0), shape) * batch_size
+        analytic = analytic_allowed(engine, pop.template, precision == "fp32", compile)
+        name = choose_engine(engine, dev, population, member_gflop, analytic)
+        if compile:
+            # compiled graphs are cached per code object, which every Engine shares: start clean, so that a
+            # sweep in one process never hits the recompile limit and silently falls back to eager
+            torch._dynamo.reset()
+        step_fn = Engine(name, compile=compile, channels_last=channels_last)
+        autocast = (partial(torch.autocast, dev.type, dtype=torch.bfloat16) if precision == "bf16"
+                    else contextlib.nullcontext)
+        x = torch.randn(population, batch_size, *shape, device=dev)
+        targets = torch.softmax(torch.randn(population, batch_size, num_classes, device=dev), -1)
+
+        def step():
+            step_fn(pop, x, targets, autocast)
+            optimizer.step()
+
+        warmup_s = _timed(step, dev, warmup)[0]
+        timings = [_timed(step, dev, steps) for _ in range(repeats)]
+        blocks = sorted(wall / steps for wall, _ in timings)
+        step_s = blocks[0]
+        cpu_s = min(cpu for _, cpu in timings) / steps
+        push_s = min(_timed(lambda: averaging.push_toward_average_(pop, 0.99), dev, 5)[0] for _ in range(repeats)) / 5
+        flop = gflop_per_image(pop.template, shape)
+        name_dev, profiled = device_name(dev), {}
+        if profile is not None:
+            table, profiled = profile_step(step, dev)
+            head = (f"{model} p={population} batch={batch_size} {name} {precision} compile={compile} "
+                    f"channels_last={channels_last} on {name_dev}: one step {profiled['profile_wall_ms']:.2f} ms, "
+                    f"{profiled['profile_launches']} kernel launches, device busy "
+                    f"{profiled['profile_device_ms']:.2f} ms")
+            write_text(profile, f"{head}\n{table}\n")
+        images_per_second = population * batch_size / step_s
+        peak = bf16_peak_tflops(name_dev) if dev.type == "cuda" else None
+        tflops = flop * images_per_second / 1e3
+        return {
+            "model": model, "model_kwargs": model_kwargs, "engine": name, "engine_requested": engine,
+            "population": population, "batch_size": batch_size, "steps": steps, "warmup": warmup, "repeats": repeats,
+            "device": dev.type, "device_name": name_dev, "precision": precision, "compile": compile,
+            "channels_last": channels_last, "threads": torch.get_num_threads(),
+            "images_per_second": round(images_per_second, 1), "step_ms": round(step_s * 1e3, 3),
+            "step_ms_median": round(blocks[len(blocks) // 2] * 1e3, 3), "cpu_ms": round(cpu_s * 1e3, 3),
+            "averaging_ms": round(push_s * 1e3, 3), "averaging_fraction_every10": round(push_s / (10 * step_s), 5),
+            "warmup_s": round(warmup_s, 2), "gflop_per_image": float(f"{flop:.4g}"),
+            "member_forward_gflop": float(f"{member_gflop:.4g}"), "tflops": round(tflops, 4),
+            "bf16_peak_tflops": peak, "peak_fraction": round(tflops / peak, 4) if peak else None,
+            "torch": torch.__version__, **profiled,
+        }
     finally:
         torch.set_num_threads(previous)
-
-
-def _run(model: str = "digits_cnn", population: int = 4, batch_size: int = 16, steps: int = 20,
-         engine: str = "auto", device: str = "auto", compile: bool = False, channels_last: bool = False,
-         precision: str = "fp32", warmup: int = 3, repeats: int = 1, num_classes: int = 10,
-         seed: int = 0, profile: str | Path | None = None, model_kwargs: dict | None = None) -> dict:
-    dev = resolve_device(device)
-    shape = INPUT_SHAPES.get(model, (3, 32, 32))
-    torch.manual_seed(seed)
-    model_kwargs = dict(model_kwargs or {})
-    pop = Population.from_factory(lambda: create_model(model, num_classes=num_classes, in_channels=shape[0],
-                                                       **model_kwargs), population, seed=seed).to(dev).train()
-    optimizer = torch.optim.SGD(pop.requires_grad_().parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    member_gflop = forward_gflop(pop.template, pop.member_tensors(0), shape) * batch_size
-    analytic = analytic_allowed(engine, pop.template, precision == "fp32", compile)
-    name = choose_engine(engine, dev, population, member_gflop, analytic)
-    if compile:
-        # compiled graphs are cached per code object, which every Engine shares: start clean, so that a
-        # sweep in one process never hits the recompile limit and silently falls back to eager
-        torch._dynamo.reset()
-    step_fn = Engine(name, compile=compile, channels_last=channels_last)
-    autocast = (partial(torch.autocast, dev.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext)
-    x = torch.randn(population, batch_size, *shape, device=dev)
-    targets = torch.softmax(torch.randn(population, batch_size, num_classes, device=dev), -1)
-
-    def step():
-        step_fn(pop, x, targets, autocast)
-        optimizer.step()
-
-    warmup_s = _timed(step, dev, warmup)[0]
-    timings = [_timed(step, dev, steps) for _ in range(repeats)]
-    blocks = sorted(wall / steps for wall, _ in timings)
-    step_s = blocks[0]
-    cpu_s = min(cpu for _, cpu in timings) / steps
-    push_s = min(_timed(lambda: averaging.push_toward_average_(pop, 0.99), dev, 5)[0] for _ in range(repeats)) / 5
-    flop = gflop_per_image(pop.template, shape)
-    name_dev, profiled = device_name(dev), {}
-    if profile is not None:
-        table, profiled = profile_step(step, dev)
-        head = (f"{model} p={population} batch={batch_size} {name} {precision} compile={compile} "
-                f"channels_last={channels_last} on {name_dev}: one step {profiled['profile_wall_ms']:.2f} ms, "
-                f"{profiled['profile_launches']} kernel launches, device busy {profiled['profile_device_ms']:.2f} ms")
-        write_text(profile, f"{head}\n{table}\n")
-    images_per_second = population * batch_size / step_s
-    peak = bf16_peak_tflops(name_dev) if dev.type == "cuda" else None
-    tflops = flop * images_per_second / 1e3
-    return {
-        "model": model, "model_kwargs": model_kwargs, "engine": name, "engine_requested": engine,
-        "population": population, "batch_size": batch_size, "steps": steps, "warmup": warmup, "repeats": repeats,
-        "device": dev.type, "device_name": name_dev, "precision": precision, "compile": compile,
-        "channels_last": channels_last, "threads": torch.get_num_threads(),
-        "images_per_second": round(images_per_second, 1), "step_ms": round(step_s * 1e3, 3),
-        "step_ms_median": round(blocks[len(blocks) // 2] * 1e3, 3), "cpu_ms": round(cpu_s * 1e3, 3),
-        "averaging_ms": round(push_s * 1e3, 3), "averaging_fraction_every10": round(push_s / (10 * step_s), 5),
-        "warmup_s": round(warmup_s, 2), "gflop_per_image": float(f"{flop:.4g}"),
-        "member_forward_gflop": float(f"{member_gflop:.4g}"), "tflops": round(tflops, 4),
-        "bf16_peak_tflops": peak, "peak_fraction": round(tflops / peak, 4) if peak else None,
-        "torch": torch.__version__, **profiled,
-    }
