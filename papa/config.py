@@ -37,7 +37,7 @@ def resolve(sch: dict, root: dict) -> dict:
     return {**target, **own}
 
 
-def fill_defaults(instance: Any, sch: dict, root: dict | None = None) -> Any:
+def fill_defaults(instance: Any, sch: dict, root: dict | None = None) -> None:
     """Write every missing property's ``default`` into ``instance``, in place, recursively (into those written too)."""
     root = sch if root is None else root
     sch = resolve(sch, root)
@@ -55,7 +55,6 @@ def fill_defaults(instance: Any, sch: dict, root: dict | None = None) -> Any:
     elif isinstance(instance, list) and isinstance(sch.get("items"), dict):
         for item in instance:
             fill_defaults(item, sch["items"], root)
-    return instance
 
 
 @cache
