@@ -17,13 +17,12 @@ MIN_EPOCHS, MAX_EPOCHS = 2, 50
 CAPTION = "Smoke scale (a pipeline check on tiny data, not a result)"
 
 
-def scale_config(config: dict) -> dict:
+def scale_config(config: dict) -> None:
     """The config-level part of the rule, in place: one seed, results under <results>/smoke, captions."""
     config["seeds"] = config["seeds"][:1]
     config["results"] = str(Path(config["results"]) / "smoke")
     for entry in (*config["tables"], *config["figures"]):
         entry["caption"] = f"{CAPTION}. {entry['caption']}".rstrip(". ") + "."
-    return config
 
 
 def _steps_per_epoch(exp: dict, patches: bool) -> int:
