@@ -60,7 +60,7 @@ def _sync(device: torch.device) -> None:
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")  # one kernel each
 
 
-def profile_step(step, device: torch.device, rows: int = 30) -> tuple[str, dict]:
+def profile_step(step, device: torch.device) -> tuple[str, dict]:
     """One call of ``step`` under torch's profiler: the kernel table (the most device time first, CPU time on a
     CPU) and a summary of kernel launches and device-busy time."""
     from torch.autograd import DeviceType
@@ -81,7 +81,7 @@ def profile_step(step, device: torch.device, rows: int = 30) -> tuple[str, dict]
                                        and not getattr(e, "is_user_annotation", False)) / 1e3, 3),
     }
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return events.table(sort_by=sort, row_limit=rows), summary
+    return events.table(sort_by=sort, row_limit=30), summary
 
 
 def _timed(fn, device: torch.device, calls: int) -> tuple[float, float]:
