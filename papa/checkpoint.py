@@ -205,4 +205,4 @@ def restore(state: Resumable, tensors: dict[str, torch.Tensor], meta: dict, wher
         try:
             state.swa.load_state({k: v for k, v in tensors.items() if k.startswith("swa.")}, meta["swa_count"])
         except (ValueError, KeyError, TypeError) as e:
-            raise PapaError(f"{where}: {e}") from None
+            raise PapaError(f"{where}: SWA averages: {e}") from None
