@@ -142,9 +142,6 @@ class _SeededImages(torch.utils.data.Dataset):
     def __init__(self, dataset: FolderDataset, transform):
         self.folder, self.transform = dataset.folder, transform
 
-    def __len__(self) -> int:
-        return len(self.folder.samples)
-
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int]:
         index, seed = item
         path, label = self.folder.samples[index]
