@@ -15,10 +15,8 @@ from papa.data.vaihingen import TileDataset
 from papa.errors import PapaError
 
 
-def _check(n_data: int, indices, batch_size: int, policies: Sequence[Policy]) -> Tensor:
+def _check(n_data: int, indices, batch_size: int) -> Tensor:
     idx = torch.as_tensor(list(indices), dtype=torch.int64)
-    if not policies:
-        raise PapaError("a stream needs at least one member policy")
     if len(idx) and (idx.min() < 0 or idx.max() >= n_data):
         raise PapaError(f"training indices outside 0..{n_data - 1}")
     if batch_size < 1 or len(idx) < batch_size:
@@ -39,6 +37,8 @@ def set_members(stream, train, batch_size: int, policies: Sequence[Policy], seed
     """The attributes every stream shares. ``ids``: each held member's index in the whole population, which names
     its random streams, so a rank holding members 3 and 4 draws exactly what one process holding all draws.
     ``items``: what an epoch draws from (training items, or patches)."""
+    if not policies:
+        raise PapaError("a stream needs at least one member policy")
     stream.per_batch = per_batch
     stream.ids = list(range(len(policies))) if member_ids is None else [int(j) for j in member_ids]
     if len(stream.ids) != len(policies):
@@ -79,7 +79,7 @@ class MemberStream:
     def __init__(self, train: ArrayDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None,
                  member_ids: Sequence[int] | None = None, keep_last: bool = False):
-        self.indices = _check(len(train), indices, batch_size, policies)
+        self.indices = _check(len(train), indices, batch_size)
         set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids, len(self.indices),
                     keep_last)
         self.images = train.images.to(self.device)  # moved once; indexing happens on the device
@@ -157,7 +157,7 @@ class FolderStream:
     def __init__(self, train: FolderDataset, indices, batch_size: int, policies: Sequence[Policy], seed: int,
                  device: str | torch.device = "cpu", base: Policy | None = None, num_workers: int = 0,
                  per_batch: dict | None = None, member_ids: Sequence[int] | None = None, keep_last: bool = False):
-        self.indices = _check(len(train), indices, batch_size, policies)
+        self.indices = _check(len(train), indices, batch_size)
         set_members(self, train, batch_size, policies, seed, device, base, per_batch, member_ids, len(self.indices),
                     keep_last)
         self.train, self.num_workers, self.keep_last = train, num_workers, keep_last
@@ -217,8 +217,6 @@ class PatchStream(MemberStream):
                  device: str | torch.device = "cpu", base: Policy | None = None, per_batch: dict | None = None,
                  member_ids: Sequence[int] | None = None, keep_last: bool = False):
         self.indices = torch.as_tensor(list(indices), dtype=torch.int64)
-        if not policies:
-            raise PapaError("a stream needs at least one member policy")
         if not len(self.indices) or self.indices.min() < 0 or self.indices.max() >= len(train):
             raise PapaError(f"training tiles must be a non-empty subset of 0..{len(train) - 1}")
         if batch_size < 1 or batch_size > train.epoch_size:
