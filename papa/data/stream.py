@@ -150,6 +150,11 @@ class _SeededImages(torch.utils.data.Dataset):
             return self.transform(image), label
 
 
+def _items(order: Tensor, generator: torch.Generator) -> list[tuple[int, int]]:
+    seeds = torch.randint(2**62, (len(order),), generator=generator)
+    return list(zip(order.tolist(), seeds.tolist(), strict=True))
+
+
 class FolderStream:
     """The MemberStream interface over an ImageFolder: a DataLoader per member (``num_workers`` each) decodes and
     transforms images on the CPU (``folder_train_transform``, no ``crop_padding``), the rest runs on ``device``."""
@@ -173,10 +178,6 @@ class FolderStream:
             drop_last=not self.keep_last, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=persistent)
 
-    def _items(self, order: Tensor, generator: torch.Generator) -> list[tuple[int, int]]:
-        seeds = torch.randint(2**62, (len(order),), generator=generator)
-        return list(zip(order.tolist(), seeds.tolist(), strict=True))
-
     def _regularize(self, policy: Policy, images: Tensor, labels: Tensor, generator: torch.Generator):
         # pinned host batches copy asynchronously; the rest of the policy then runs on the device
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
@@ -186,7 +187,7 @@ class FolderStream:
         augment = [rng.generator(self.seed, "augment", j, epoch) for j in self.ids]
         for j, sampler in enumerate(self.samplers):
             order = _orders(self.indices, rng.generator(self.seed, "order", self.ids[j], epoch), len(self.indices))
-            sampler[:] = self._items(order, augment[j])
+            sampler[:] = _items(order, augment[j])
         for batches in zip(*self.loaders, strict=True):
             yield _stacked([self._regularize(batch_policy(self, j, augment[j]), *batch, augment[j])
                             for j, batch in enumerate(batches)])
@@ -195,7 +196,7 @@ class FolderStream:
         order = _orders(self.indices, generator, n * self.batch_size)
         augment = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
         policy = self.base if j is None else self.policies[self.ids.index(j)]
-        for images, labels in self._loader(policy, self._items(order, augment), persistent=False):
+        for images, labels in self._loader(policy, _items(order, augment), persistent=False):
             yield self._regularize(policy, images, labels, augment)[0]
 
 
@@ -267,12 +268,12 @@ def eval_batches(dataset: ArrayDataset | FolderDataset, indices=None, batch_size
     device = torch.device(device)
     idx = torch.arange(len(dataset)) if indices is None else torch.as_tensor(list(indices), dtype=torch.int64)
     if isinstance(dataset, FolderDataset):  # items (index, seed): seed 0 for the eval transform, which draws nothing
-        seeds = [0] * len(idx) if augment is None else torch.randint(2**62, (len(idx),), generator=generator).tolist()
+        items = [(i, 0) for i in idx.tolist()] if augment is None else _items(idx, generator)
         transform = folder_eval_transform(dataset.image_size) if augment is None else \
             folder_train_transform(dataset.image_size, augment.flip)
         loader = torch.utils.data.DataLoader(
             _SeededImages(dataset, transform), batch_size=batch_size, num_workers=num_workers,
-            sampler=list(zip(idx.tolist(), seeds, strict=True)), pin_memory=device.type == "cuda")
+            sampler=items, pin_memory=device.type == "cuda")
         chunks = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
     else:
         chunks = ((dataset.images[c].to(device), dataset.labels[c].to(device)) for c in idx.split(batch_size))
