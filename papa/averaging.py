@@ -109,6 +109,19 @@ def draw_pairs(p: int, generator: torch.Generator, n: int | None = None, pairs: 
     return every[picks]
 
 
+def child_rows(pairs: Tensor, p: int, heavy: float, generator: torch.Generator | None) -> Tensor:
+    """One row of weights over the p parents per pair: a random one of the two parents weighs ``heavy`` (without
+    ``generator``, the first), the other 1 - ``heavy``."""
+    n = len(pairs)
+    if generator is not None:
+        flip = torch.rand(n, generator=generator) < 0.5
+        pairs = torch.where(flip[:, None], pairs.flip(1), pairs)
+    rows = torch.zeros(n, p, dtype=torch.float64)
+    rows[torch.arange(n), pairs[:, 0]] += heavy
+    rows[torch.arange(n), pairs[:, 1]] += 1.0 - heavy
+    return rows
+
+
 def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None, pairs: str = "random") -> Tensor:
     """The p x p row-stochastic matrix (float64) of ``scheme``: ``all``, uniform rows (PAPA-all); ``pair-half`` /
     ``pair-75``, row i 1/2 + 1/2 on a pair (``draw_pairs``), or 3/4 + 1/4, the heavier at random (the authors'
@@ -120,24 +133,15 @@ def mixing_matrix(scheme: str, p: int, generator: torch.Generator | None = None,
         return torch.full((p, p), 1.0 / p, dtype=torch.float64)
     if generator is None and scheme not in ("many-half", "many-75"):  # the other schemes draw
         raise ValueError(f"scheme {scheme!r} is random and needs a generator")
-    m, rows = torch.zeros(p, p, dtype=torch.float64), torch.arange(p)
     heavy = 0.5 if scheme.endswith("half") else 0.75
     if scheme in PAIR_SCHEMES:
-        partners = draw_pairs(p, generator, pairs=pairs)
-        if scheme == "pair-75":
-            flip = torch.rand(p, generator=generator) < 0.5
-            partners = torch.where(flip[:, None], partners.flip(1), partners)
-        m[rows, partners[:, 0]] += heavy
-        m[rows, partners[:, 1]] += 1.0 - heavy
-    elif scheme == "dirichlet":  # normalized exponentials are a flat Dirichlet draw
+        return child_rows(draw_pairs(p, generator, pairs=pairs), p, heavy, generator if scheme == "pair-75" else None)
+    if scheme == "dirichlet":  # normalized exponentials are a flat Dirichlet draw
         e = -torch.log(torch.rand(p, p, generator=generator, dtype=torch.float64).clamp_min(1e-300))
-        m = e / e.sum(1, keepdim=True)
-    else:
-        if p < 2:
-            raise ValueError(f"scheme {scheme!r} needs at least 2 members")
-        m[:] = (1.0 - heavy) / (p - 1)
-        m[rows, rows] = heavy
-    return m
+        return e / e.sum(1, keepdim=True)
+    if p < 2:
+        raise ValueError(f"scheme {scheme!r} needs at least 2 members")
+    return torch.full((p, p), (1.0 - heavy) / (p - 1), dtype=torch.float64).fill_diagonal_(heavy)
 
 
 def subset_weights(p: int, members: list[int]) -> Tensor:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from papa.averaging import draw_pairs
+from papa.averaging import child_rows, draw_pairs
 from papa.errors import PapaError
 
 PAIR_WEIGHTS = {"pair-half": 0.5, "pair-75": 0.75}
@@ -24,17 +24,6 @@ def tournament_pairs(losses: Sequence[float], n: int, generator: torch.Generator
 def n_children(p: int, elitism: bool) -> int:
     """Children per generation: p, or with elitism min(6p, p(p-1)/2) (the authors' 6p capped at the distinct pairs)."""
     return min(CHILDREN_PER_PARENT * p, p * (p - 1) // 2) if elitism else p
-
-
-def child_rows(pairs: Tensor, p: int, heavy: float, generator: torch.Generator) -> Tensor:
-    """One row of weights over the p parents per pair: a random one of the two parents weighs ``heavy``."""
-    n = len(pairs)
-    flip = torch.rand(n, generator=generator) < 0.5
-    pairs = torch.where(flip[:, None], pairs.flip(1), pairs)
-    rows = torch.zeros(n, p, dtype=torch.float64)
-    rows[torch.arange(n), pairs[:, 0]] += heavy
-    rows[torch.arange(n), pairs[:, 1]] += 1.0 - heavy
-    return rows
 
 
 def select(p: int, losses: Sequence[float], scheme: str, genetic: dict, generator: torch.Generator,
