@@ -38,15 +38,6 @@ def _stage_outputs(model: nn.Module, names: list[str], x: Tensor) -> list[Tensor
     return [out[n] for n in names]
 
 
-def stage_features(model: nn.Module, batches: Batches, seed: int = 666) -> list[Tensor]:
-    """Per stage, the eval-mode stage outputs on all of ``batches``, concatenated: (N, C, H, W) each."""
-    names = stages(model)
-    outputs = [_stage_outputs(model, names, x) for x in inputs(batches, None, seed)]
-    if not outputs:
-        raise ValueError("feature similarity got no batches")
-    return [torch.cat(per_stage) for per_stage in zip(*outputs, strict=True)]
-
-
 def pairwise_similarity(models: Sequence[nn.Module], pairs: Sequence[tuple[int, int]], batches: Batches,
                         seed: int = 666) -> list[list[float]]:
     """For each pair (i, j) of ``models``, per stage, the mean over inputs of the cosine similarity of the
