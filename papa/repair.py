@@ -384,7 +384,9 @@ def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stack
         reset_batchnorm_(pop, xs, seed=seed, stacked=stacked, stop=layer)  # nothing to do without BatchNorms
         mean, std = _passes(pop, pop.buffers, xs, stacked, layers=[layer.name], stop=layer)[1][layer.name]
         weight, bias = pop.params[f"{layer.name}.weight"], pop.params.get(f"{layer.name}.bias")
-        new_biases = []
+        if bias is None and add_biases:  # never drop the shift of a bias-free layer: give it a bias, zero until set
+            bias = pop.params[f"{layer.name}.bias"] = torch.zeros_like(mean, dtype=weight.dtype)
+            pop.template.get_submodule(layer.name).bias = nn.Parameter(bias[0].clone())
         for i, target in enumerate(targets):
             target_mean, target_std = (t.to(mean.device) for t in target[layer.name])
             # A channel with (numerically) no spread is a dead unit: scaling it up would only amplify rounding.
@@ -393,11 +395,6 @@ def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stack
             _scale_outputs_(layer.module, weight[i], scale)
             if bias is not None:
                 bias[i].copy_(scale * (bias[i].double() - mean[i]) + target_mean)
-            elif add_biases:
-                new_biases.append(scale * (torch.zeros_like(mean[i]) - mean[i]) + target_mean)
-        if new_biases:  # never drop the shift of a bias-free layer: give it a bias
-            pop.params[f"{layer.name}.bias"] = torch.stack(new_biases).to(weight.dtype)
-            pop.template.get_submodule(layer.name).bias = nn.Parameter(pop.params[f"{layer.name}.bias"][0].clone())
     reset_batchnorm_(pop, xs, seed=seed, stacked=stacked)
 
 
