@@ -72,11 +72,11 @@ def need_file(path: Path, step: str) -> Path:
     return path
 
 
-def file_digest(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes (hex), read in chunks: what binds a run's later outputs to the files they were
-    made from."""
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """The SHA-256 (or ``algorithm``) of a file's bytes (hex), read in chunks: what binds a run's later outputs to the
+    files they were made from."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 # the machine refusing a write ------------------------------------------------------------------------------
