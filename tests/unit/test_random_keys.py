@@ -419,7 +419,7 @@ DRAW_SITES = {
     ("papa/rng.py", "generator"): None,  # the key makers themselves
     ("papa/rng.py", "seeded"): None,
     ("papa/rng.py", "seeded_globals"): None,
-    ("papa/bench.py", "_run"): None,  # benchmark inputs, no run's draw
+    ("papa/bench.py", "run"): None,  # benchmark inputs, no run's draw
     ("papa/export.py", "probe"): None,  # the input papa.fold traces and checks a fold on; changes no number
     ("papa/fakedata.py", "_images"): None,  # stand-in data written once by `papa fake-data`, no run's draw
     ("papa/fakedata.py", "write_optdigits"): None,
