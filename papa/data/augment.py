@@ -133,13 +133,14 @@ def _rand(generator: torch.Generator, *shape: int, device) -> Tensor:
     return to_device(torch.rand(shape, generator=generator), device)
 
 
-def _seed(generator: torch.Generator) -> int:
+def draw_seed(generator: torch.Generator) -> int:
+    """A 62-bit seed drawn from ``generator``: the one seed of a generator or RNG made for one batch's draws."""
     return int(torch.randint(2**62, (), generator=generator))
 
 
 def _beta(alpha: float, generator: torch.Generator) -> float:
     # torch's Beta cannot take a generator; a numpy stream seeded from ours keeps every draw reproducible
-    return float(np.random.default_rng(_seed(generator)).beta(alpha, alpha))
+    return float(np.random.default_rng(draw_seed(generator)).beta(alpha, alpha))
 
 
 # per-sample geometric transforms on uint8 ---------------------------------------------------------------
@@ -163,7 +164,7 @@ def autoaugment(images: Tensor, policy: str, generator: torch.Generator) -> Tens
     """torchvision's AutoAugment, one call per sample on the CPU (under the global RNG seeded from ``generator``)."""
     from torchvision.transforms import v2
     augment = v2.AutoAugment(autoaugment_policy(policy))
-    with seeded_globals(_seed(generator)):
+    with seeded_globals(draw_seed(generator)):
         return torch.stack([augment(image) for image in images.cpu()]).to(images.device)
 
 
@@ -173,7 +174,7 @@ def randaugment(images: Tensor, config: str, generator: torch.Generator, mean=(0
     augment = randaugment_transform(config, images.shape[-1], mean)
     channels_last = images.cpu().permute(0, 2, 3, 1).numpy()
     gray = images.shape[1] == 1
-    with seeded_globals(_seed(generator)):
+    with seeded_globals(draw_seed(generator)):
         out = [np.asarray(augment(Image.fromarray(a[..., 0] if gray else a))) for a in channels_last]
     out = torch.from_numpy(np.stack(out))
     return (out[:, None] if gray else out.permute(0, 3, 1, 2)).contiguous().to(images.device)

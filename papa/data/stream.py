@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from papa import rng
-from papa.data.augment import Policy, _seed, apply, draw_policies, eval_transform, geometric, regularize, to_device
+from papa.data.augment import Policy, apply, draw_policies, draw_seed, eval_transform, geometric, regularize, to_device
 from papa.data.datasets import ArrayDataset, FolderDataset, Splits, folder_eval_transform, folder_train_transform
 from papa.data.vaihingen import TileDataset
 from papa.errors import PapaError
@@ -130,7 +130,7 @@ class MemberStream:
         ``generator`` first, so generators with the same seed (REPAIR's 666) give every member the same images."""
         b = self.batch_size
         order = self._draw(generator, n * b)
-        augment = torch.Generator().manual_seed(_seed(generator))
+        augment = torch.Generator().manual_seed(draw_seed(generator))
         policy = self.base if j is None else self.policies[self.ids.index(j)]
         for i in range(n):
             yield self._batch(policy, order[i * b:(i + 1) * b], augment)[0]
@@ -194,7 +194,7 @@ class FolderStream:
 
     def member_batches(self, j: int | None, generator: torch.Generator, n: int) -> Iterator[Tensor]:
         order = _orders(self.indices, generator, n * self.batch_size)
-        augment = torch.Generator().manual_seed(_seed(generator))
+        augment = torch.Generator().manual_seed(draw_seed(generator))
         policy = self.base if j is None else self.policies[self.ids.index(j)]
         for images, labels in self._loader(policy, _items(order, augment), persistent=False):
             yield self._regularize(policy, images, labels, augment)[0]
