@@ -128,7 +128,7 @@ def _find_layers(model: nn.Module, x: Tensor) -> list[_Layer]:
     return list(found.values())
 
 
-def _preactivations(pop: Population, xs: list, targets: list[Moments], kinds: str,
+def _preactivations(pop: Population, xs: list, targets: Moments, kinds: str,
                     keep: Callable[[_Layer], bool] = lambda layer: True) -> list[_Layer]:
     """The layers REPAIR rescales (those of ``keep``): every layer of kind ``kinds`` (``LAYER_SETS``) found on member
     0 except the one producing the model's output. Logits are not pre-activations (A.2); matching their std would
@@ -137,7 +137,7 @@ def _preactivations(pop: Population, xs: list, targets: list[Moments], kinds: st
     _check_choice("layers", kinds, LAYER_SETS)
     layers = [layer for layer in _find_layers(pop.member(0), xs[0][0])
               if not layer.is_output and isinstance(layer.module, LAYER_SETS[kinds]) and keep(layer)]
-    if missing := [layer.name for layer in layers if layer.name not in targets[0]]:
+    if missing := [layer.name for layer in layers if layer.name not in targets]:
         raise ValueError(f"no member moments for layers {missing[:3]}")
     return layers
 
@@ -205,14 +205,14 @@ def _tracking_bns(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
 @torch.no_grad()
 def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: bool, *, train: bool = False,
             layers: Iterable[str] = (), stop: _Layer | None = None, seed: int | None = None,
-            goals: list[Moments] | None = None,
+            goals: Moments | None = None,
             averaged: Callable[[nn.Module], bool] | None = None) -> tuple[int, dict]:
     """Run every member j over slice j of each batch of ``xs`` with ``buffers``, in eval mode or in ``train`` mode,
     where each tracking BatchNorm ``averaged`` accepts (default all) averages its batch statistics. Returns the number
     of batches and each of ``layers``' per-channel output (mean, std), (p, channels) each: by ``_welford`` in eval
     mode, by ``_batch_average`` (the authors' TrackLayer) in train mode. ``stacked``: one vmapped call per batch, else
     member by member, each pass cut short once ``stop`` has fired as often as in a full pass. ``seed``: batch b's
-    train-mode randomness comes from its own key. ``goals`` (one ``Moments`` per member): those layers' outputs are
+    train-mode randomness comes from its own key. ``goals`` (every member's, stacked): those layers' outputs are
     ``_normalize``d to the goal (the authors' ResetLayer), the moments recorded being those before."""
     template = pop.template
     fired: list[tuple[str, int, Tensor, Tensor]] = []
@@ -250,8 +250,7 @@ def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: 
     if stop is not None and not stacked:
         handles.append(template.get_submodule(stop.name).register_forward_hook(stopper))
     stats: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
-    stacked_goals = {name: tuple(torch.stack([g[name][k] for g in goals]).to(pop.device) for k in range(2))
-                     for name in goals[0]} if goals else {}
+    goals = goals or {}
     seen = 0
     try:
         with hooked(handles), eval_mode(template, train=train):
@@ -260,7 +259,7 @@ def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: 
                     m.momentum = 1.0 / (b + 1)  # not None, whose num_batches_tracked vmap cannot read
                 if stacked:
                     with randomness(b):
-                        out = vmap(member, randomness="different")(pop.params, buffers, x, stacked_goals)
+                        out = vmap(member, randomness="different")(pop.params, buffers, x, goals)
                     firings = [(name, n, mean, m2) for (name, n, _, _), (mean, m2) in zip(fired, out, strict=True)]
                 else:
                     each = []
@@ -268,7 +267,7 @@ def _passes(pop: Population, buffers: dict[str, Tensor], xs: Iterable, stacked: 
                         calls = 0
                         params, bufs = ({n: t[j] for n, t in d.items()} for d in (pop.params, buffers))
                         with randomness(b):
-                            member(params, bufs, x[j], {n: (m[j], sd[j]) for n, (m, sd) in stacked_goals.items()})
+                            member(params, bufs, x[j], {n: (m[j], sd[j]) for n, (m, sd) in goals.items()})
                         each.append(list(fired))
                     firings = [(same[0][0], same[0][1], torch.stack([f[2] for f in same]),
                                 torch.stack([f[3] for f in same])) for same in zip(*each, strict=True)]
@@ -360,20 +359,24 @@ def _targets(moments: list[Moments], weights: Tensor) -> Moments:
     return out
 
 
-def _scale_outputs_(m: nn.Module, w: Tensor, scale: Tensor) -> None:
-    """Multiply layer ``m``'s output channels by ``scale`` in its weight ``w`` (in place)."""
-    if isinstance(m, _ConvNd) and m.transposed:  # weight (in, out / groups, ...), grouped along dim 0
-        g, in_per_group = m.groups, w.shape[0] // m.groups
-        factor = scale.view(g, 1, -1).expand(g, in_per_group, -1).reshape(w.shape[0], w.shape[1])
-    else:  # weight (out, ...) for Linear and Conv, whatever the groups, dilation or stride
+def _rescale_(pop: Population, layer: _Layer, scale: Tensor, mean: Tensor, target_mean: Tensor) -> None:
+    """Turn every member i's ``layer`` output y into scale[i] (y - mean[i]) + target_mean[i] per output channel, in
+    place: its weight's output channels multiplied by the scale, its bias (if it has one) set to match."""
+    m, w, bias = layer.module, pop.params[f"{layer.name}.weight"], pop.params.get(f"{layer.name}.bias")
+    if isinstance(m, _ConvNd) and m.transposed:  # weight (p, in, out / groups, ...), grouped along dim 1
+        g, in_per_group = m.groups, w.shape[1] // m.groups
+        factor = scale.view(-1, g, 1, w.shape[2]).expand(-1, g, in_per_group, -1).reshape(w.shape[:3])
+    else:  # weight (p, out, ...) for Linear and Conv, whatever the groups, dilation or stride
         factor = scale
     w.mul_(factor.view(*factor.shape, *[1] * (w.dim() - factor.dim())).to(w.dtype))
+    if bias is not None:
+        bias.copy_(target_mean + scale * (bias.double() - mean))
 
 
 @torch.no_grad()
-def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stacked: bool, add_biases: bool,
+def _repair_(pop: Population, xs: list, targets: Moments, seed: int, stacked: bool, add_biases: bool,
              kinds: str) -> None:
-    """Repair every member i in place toward ``targets[i]``: y <- s (y - mean) + target mean, s = target std / std,
+    """Repair every member i in place toward its ``targets``: y <- s (y - mean) + target mean, s = target std / std,
     layer by layer in forward order, each measured in eval mode after the layers before it are rescaled and the
     BatchNorm statistics rebuilt, so its moments match the targets exactly (``_repair_authors_`` leaves residual
     error). A bias-free layer feeding a BatchNorm is only rescaled (the rebuilt running mean absorbs its shift); any
@@ -387,14 +390,10 @@ def _repair_(pop: Population, xs: list, targets: list[Moments], seed: int, stack
         if bias is None and add_biases:  # never drop the shift of a bias-free layer: give it a bias, zero until set
             bias = pop.params[f"{layer.name}.bias"] = torch.zeros_like(mean, dtype=weight.dtype)
             pop.template.get_submodule(layer.name).bias = nn.Parameter(bias[0].clone())
-        for i, target in enumerate(targets):
-            target_mean, target_std = (t.to(mean.device) for t in target[layer.name])
-            # A channel with (numerically) no spread is a dead unit: scaling it up would only amplify rounding.
-            dead = std[i] <= 1e-6 * torch.sqrt(mean[i] ** 2 + std[i] ** 2)
-            scale = torch.where(dead, torch.ones_like(std[i]), target_std / std[i])
-            _scale_outputs_(layer.module, weight[i], scale)
-            if bias is not None:
-                bias[i].copy_(scale * (bias[i].double() - mean[i]) + target_mean)
+        target_mean, target_std = targets[layer.name]
+        # A channel with (numerically) no spread is a dead unit: scaling it up would only amplify rounding.
+        dead = std <= 1e-6 * torch.sqrt(mean**2 + std**2)
+        _rescale_(pop, layer, torch.where(dead, torch.ones_like(std), target_std / std), mean, target_mean)
     reset_batchnorm_(pop, xs, seed=seed, stacked=stacked)
 
 
@@ -405,8 +404,8 @@ def _reset_by_authors(bn: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _repair_authors_(pop: Population, xs: list, targets: list[Moments], seed: int, stacked: bool, kinds: str) -> None:
-    """Repair every member i in place toward ``targets[i]`` as the authors' correct_neuron_stats_multiple fuses it
+def _repair_authors_(pop: Population, xs: list, targets: Moments, seed: int, stacked: bool, kinds: str) -> None:
+    """Repair every member i in place toward its ``targets`` as the authors' correct_neuron_stats_multiple fuses it
     (recombine/repair.py:151-236 at 47ad83a), generalized from Conv2d to the layers of ``kinds``. One train-mode pass
     replaces every layer's output by its per-batch normalization to the target (a ResetLayer, l.31-43) while taking
     its running moments and every nn.BatchNorm2d's statistics afresh (l.86-99); then each layer is fused
@@ -414,23 +413,19 @@ def _repair_authors_(pop: Population, xs: list, targets: list[Moments], seed: in
     there is one) target mean + g (bias - running mean). No BatchNorm is rebuilt after; each layer keeps its groups,
     dilation and padding (which the authors' rebuilt nn.Conv2d loses)."""
     layers = _preactivations(pop, xs, targets, kinds)
-    goals = [{layer.name: target[layer.name] for layer in layers} for target in targets]
+    goals = {layer.name: targets[layer.name] for layer in layers}
     _clear_batchnorm_(pop, pop.buffers, only=_reset_by_authors)
     stats = _passes(pop, pop.buffers, xs, stacked, train=True, layers=[layer.name for layer in layers], seed=seed,
                     goals=goals, averaged=_reset_by_authors)[1]
     for layer in layers:
-        running_mean, running_std = stats[layer.name]
-        weight, bias = pop.params[f"{layer.name}.weight"], pop.params.get(f"{layer.name}.bias")
-        for i, target in enumerate(targets):
-            target_mean, target_std = (t.to(running_mean.device) for t in target[layer.name])
-            gain = target_std / torch.sqrt(running_std[i] ** 2 + BN_EPS)
-            _scale_outputs_(layer.module, weight[i], gain)
-            if bias is not None:
-                bias[i].copy_((target_mean + gain * (bias[i].double() - running_mean[i])).to(bias.dtype))
+        (running_mean, running_std), (target_mean, target_std) = stats[layer.name], targets[layer.name]
+        _rescale_(pop, layer, target_std / torch.sqrt(running_std**2 + BN_EPS), running_mean, target_mean)
 
 
 def _repair_any_(pop: Population, xs: list, targets: list[Moments], seed: int, stacked: bool, add_biases: bool,
                  kinds: str, fusion: str) -> None:
+    targets = {name: tuple(torch.stack([t[name][k] for t in targets]).to(pop.device) for k in range(2))
+               for name in targets[0]}  # every member's, (p, channels) each
     if fusion == "authors":
         _repair_authors_(pop, xs, targets, seed, stacked, kinds)
     else:
