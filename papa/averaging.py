@@ -3,8 +3,6 @@ row-stochastic p x p mixing matrix M along the member axis, theta_i <- sum_j M[i
 it, ``mix_`` applies it; the common cases have cheaper in-place forms). ``comm``: where the members live
 (papa.distributed); under torchrun ``pop`` holds one process's share and ``comm`` communicates."""
 
-import itertools
-
 import torch
 from torch import Tensor
 
@@ -98,7 +96,7 @@ def draw_pairs(p: int, generator: torch.Generator, n: int | None = None, pairs: 
     if pairs not in PAIRINGS:
         raise ValueError(f"unknown pairing {pairs!r}; expected one of {', '.join(PAIRINGS)}")
     n = p if n is None else n
-    every = torch.tensor(list(itertools.combinations(range(p), 2)), dtype=torch.long)
+    every = torch.combinations(torch.arange(p), 2)  # in lexicographic order
     if pairs == "first":
         if n > len(every):  # p = 2: the authors average the one pair into both members
             return every[torch.arange(n) % len(every)]
