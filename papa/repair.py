@@ -146,12 +146,11 @@ def _chunk_moments(y: Tensor, dim: int) -> tuple[int, Tensor, Tensor]:
     """(count, mean, sum of squared deviations) per channel ``dim`` of one output, in float64."""
     dims = [d for d in range(y.dim()) if d != dim]
     n = y.numel() // y.shape[dim]
-    mean = y.sum(dims, dtype=torch.float64) / n
-    shape = [-1 if d == dim else 1 for d in range(y.dim())]
+    mean = y.sum(dims, dtype=torch.float64, keepdim=True) / n
     # Centre in y's dtype, so the temporary is no bigger than y, then correct for the rounded centre.
     centre = mean.to(y.dtype)
-    m2 = ((y - centre.view(shape)) ** 2).sum(dims, dtype=torch.float64)
-    return n, mean, m2 - n * (mean - centre.double()) ** 2
+    m2 = ((y - centre) ** 2).sum(dims, dtype=torch.float64, keepdim=True)
+    return n, mean.flatten(), (m2 - n * (mean - centre.double()) ** 2).flatten()
 
 
 def _welford(chunks: list[tuple[int, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -187,10 +186,9 @@ def _normalize(y: Tensor, dim: int, mean: Tensor, std: Tensor) -> Tensor:
     """What a train-mode BatchNorm with weight ``std`` and bias ``mean`` (eps ``BN_EPS``) makes of ``y``: each
     batch's channels ``dim`` normalized by their own (biased) moments, then given ``mean`` and ``std``."""
     dims = [d for d in range(y.dim()) if d != dim]
-    shape = [-1 if d == dim else 1 for d in range(y.dim())]
     mu = y.mean(dims, keepdim=True)
     var = y.var(dims, correction=0, keepdim=True)
-    return (y - mu) / torch.sqrt(var + BN_EPS) * std.to(y.dtype).view(shape) + mean.to(y.dtype).view(shape)
+    return (y - mu) / torch.sqrt(var + BN_EPS) * std.to(y.dtype).view_as(mu) + mean.to(y.dtype).view_as(mu)
 
 
 # passes over every member ----------------------------------------------------------------------
