@@ -343,18 +343,17 @@ def member_moments(pop: Population, batches: Batches, iters: int = 5, seed: int 
     return [{n: (mean[j], std[j]) for n, (mean, std) in stats.items()} for j in range(pop.size)]
 
 
-def _targets(moments: list[Moments], weights: Tensor) -> Moments:
-    """The weighted average of the members' means and, separately, of their stds."""
-    if len(moments) != weights.numel():
-        raise ValueError(f"got moments for {len(moments)} members, expected {weights.numel()}")
+def _targets(moments: list[Moments], rows: Tensor, device: torch.device) -> Moments:
+    """The weighted average of the members' means and, separately, of their stds, for each row of weights: (rows,
+    channels) each, on ``device``."""
+    if len(moments) != rows.shape[1]:
+        raise ValueError(f"got moments for {len(moments)} members, expected {rows.shape[1]}")
     names = moments[0].keys()
     if any(m.keys() != names for m in moments):
         raise ValueError("members' moments cover different layers")
-    out = {}
-    for name in names:
-        means, stds = (torch.stack(t) for t in zip(*(m[name] for m in moments), strict=True))
-        out[name] = tuple(torch.tensordot(weights.to(means.device), t, 1) for t in (means, stds))
-    return out
+    stacked = {name: [torch.stack(t) for t in zip(*(m[name] for m in moments), strict=True)] for name in names}
+    return {name: tuple(torch.stack([torch.tensordot(w.to(t.device), t, 1) for w in rows]).to(device) for t in both)
+            for name, both in stacked.items()}
 
 
 def _rescale_(pop: Population, layer: _Layer, scale: Tensor, mean: Tensor, target_mean: Tensor) -> None:
@@ -420,10 +419,8 @@ def _repair_authors_(pop: Population, xs: list, targets: Moments, seed: int, sta
         _rescale_(pop, layer, target_std / torch.sqrt(running_std**2 + BN_EPS), running_mean, target_mean)
 
 
-def _repair_any_(pop: Population, xs: list, targets: list[Moments], seed: int, stacked: bool, add_biases: bool,
+def _repair_any_(pop: Population, xs: list, targets: Moments, seed: int, stacked: bool, add_biases: bool,
                  kinds: str, fusion: str) -> None:
-    targets = {name: tuple(torch.stack([t[name][k] for t in targets]).to(pop.device) for k in range(2))
-               for name in targets[0]}  # every member's, (p, channels) each
     if fusion == "authors":
         _repair_authors_(pop, xs, targets, seed, stacked, kinds)
     else:
@@ -446,7 +443,8 @@ def repair(model: nn.Module, pop: Population, batches: Batches, iters: int = 5, 
         moments = member_moments(pop, batches, iters, seed, stacked=stacked, fusion=fusion, own_images=own_images)
     one = Population.from_modules([model])
     xs = _data(batches, [target], iters, seed, one.device, False, "repaired" if own_images else None)
-    _repair_any_(one, xs, [_targets(moments, w)], seed, stacked=False, add_biases=True, kinds=layers, fusion=fusion)
+    targets = _targets(moments, w[None], one.device)
+    _repair_any_(one, xs, targets, seed, stacked=False, add_biases=True, kinds=layers, fusion=fusion)
     return one.member(0)
 
 
@@ -464,7 +462,7 @@ def repair_population_(pop: Population, matrix, batches: Batches, moments: list[
     m = torch.as_tensor(matrix, dtype=torch.float64).cpu()
     if m.shape != (p, total) or len(members) != p:
         raise ValueError(f"mixing matrix must be {p}x{total} (held members x all members), got {tuple(m.shape)}")
-    targets = [_targets(moments, _check_weights(m[i], total)) for i in range(p)]
+    targets = _targets(moments, torch.stack([_check_weights(m[i], total) for i in range(p)]), pop.device)
     xs = _data(batches, members, iters, seed, pop.device, stacked, "repaired" if own_images else None)
     _repair_any_(pop, xs, targets, seed, stacked, add_biases=False, kinds=layers, fusion=fusion)
     return pop
