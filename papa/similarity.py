@@ -39,7 +39,7 @@ def _stage_outputs(model: nn.Module, names: list[str], x: Tensor) -> list[Tensor
 
 
 def pairwise_similarity(models: Sequence[nn.Module], pairs: Sequence[tuple[int, int]], batches: Batches,
-                        seed: int = 666) -> list[list[float]]:
+                        seed: int = 666) -> Tensor:
     """For each pair (i, j) of ``models``, per stage, the mean over inputs of the cosine similarity of the
     flattened stage outputs of models i and j, in percent (a zero vector has similarity 0), in one pass."""
     names = stages(models[0])
@@ -56,12 +56,12 @@ def pairwise_similarity(models: Sequence[nn.Module], pairs: Sequence[tuple[int, 
         n += x.shape[0]
     if n == 0:
         raise ValueError("feature similarity got no batches")
-    return (100.0 * sums / n).tolist()
+    return 100.0 * sums / n
 
 
 def cosine_similarity(model_a: nn.Module, model_b: nn.Module, batches: Batches, seed: int = 666) -> list[float]:
     """``pairwise_similarity`` of two networks, as they are (no alignment)."""
-    return pairwise_similarity([model_a, model_b], [(0, 1)], batches, seed)[0]
+    return pairwise_similarity([model_a, model_b], [(0, 1)], batches, seed)[0].tolist()
 
 
 def population_similarity(pop: Population, batches: Batches, align: bool = True, repair: bool = True,
@@ -85,7 +85,6 @@ def population_similarity(pop: Population, batches: Batches, align: bool = True,
     soup_pairs = [(j, pop.size) for j in range(pop.size)]
     measure = batches if measure_batches is None else measure_batches
     sims = pairwise_similarity([*pop.to_modules(), soup], member_pairs + soup_pairs, measure, seed)
-    sims = torch.tensor(sims, dtype=torch.float64)  # float64 as pairwise_similarity computes them
     k = len(member_pairs)  # sims[0]: members 0 and 1 (the first combination); sims[k:]: each member with the soup
     return {"all": {BETWEEN_NETWORKS: sims[:k].mean(0).tolist(), NETWORK_AND_SOUP: sims[k:].mean(0).tolist()},
             "first-two": {BETWEEN_NETWORKS: sims[0].tolist(), NETWORK_AND_SOUP: sims[k].tolist()}}
