@@ -23,9 +23,7 @@ _ALIGN = 16  # bytes: every tensor's slot in a member buffer starts aligned, so 
 
 def block(p: int, world_size: int, rank: int) -> list[int]:
     """The members rank ``rank`` holds: contiguous blocks whose sizes differ by at most one (any p)."""
-    base, extra = divmod(p, world_size)
-    start = rank * base + min(rank, extra)
-    return list(range(start, start + base + (rank < extra)))
+    return torch.arange(p).tensor_split(world_size)[rank].tolist()
 
 
 def _check_world(world: int, p: int) -> None:
