@@ -261,8 +261,7 @@ def load_population(exp: dict, splits, path: str | Path, device="cpu") -> tuple[
     if meta.get("model") != exp["model"]["name"] or meta.get("population") != exp["population"]["size"]:
         raise PapaError(f"{path}: checkpoint holds {meta.get('population')} x {meta.get('model')}, but experiment "
                         f"{exp['name']!r} expects {exp['population']['size']} x {exp['model']['name']}")
-    with torch.random.fork_rng():
-        pop = build_population(exp, splits, seed=0)
+    pop = build_population(exp, splits, seed=0)
     try:
         pop.load_state_dict(tensors)
     except ValueError as e:
