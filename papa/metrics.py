@@ -39,12 +39,10 @@ def summary(accuracies) -> dict[str, float]:
 
 def member_logits(pop, data, indices=None, batch_size: int = 500, device="cpu", **view) -> list[Tensor]:
     """Each member's logits (eval mode) on ``data``; one pass over the data serves every member."""
-    out = [[] for _ in range(pop.size)]
     with torch.no_grad(), eval_mode(pop.template):
-        for x, _ in eval_batches(data, indices, batch_size, device, **view):
-            for j in range(pop.size):
-                out[j].append(pop.forward(j, x).float().cpu())
-    return [torch.cat(chunks) for chunks in out]
+        batches = [[pop.forward(j, x).float().cpu() for j in range(pop.size)]
+                   for x, _ in eval_batches(data, indices, batch_size, device, **view)]
+    return [torch.cat([logits[j] for logits in batches]) for j in range(pop.size)]
 
 
 def member_confusions(pop, data: TileDataset, indices=None, device="cpu", ensemble: bool = False):
