@@ -289,14 +289,13 @@ def mix(policy: Policy, x: Tensor, labels: Tensor, num_classes: int, generator: 
             top, bottom, left, right = _cutmix_box(lam, x.shape[2], x.shape[3], generator)
             x = x.clone()
             x[:, :, top:bottom, left:right] = x.flip(0)[:, :, top:bottom, left:right]
-            if labels.dim() == 3:
-                targets = targets.clone()
-                targets[:, :, top:bottom, left:right] = targets.flip(0)[:, :, top:bottom, left:right]
-            else:
-                lam = 1.0 - (bottom - top) * (right - left) / (x.shape[2] * x.shape[3])  # the box actually cut
-                targets = lam * targets + (1.0 - lam) * targets.flip(0)
+            lam = 1.0 - (bottom - top) * (right - left) / (x.shape[2] * x.shape[3])  # the box actually cut
         else:
             x = lam * x + (1.0 - lam) * x.flip(0)
+        if use_cutmix and labels.dim() == 3:
+            targets = targets.clone()
+            targets[:, :, top:bottom, left:right] = targets.flip(0)[:, :, top:bottom, left:right]
+        else:
             targets = lam * targets + (1.0 - lam) * targets.flip(0)
     if policy.label_smoothing > 0:
         targets = targets * (1.0 - policy.label_smoothing) + policy.label_smoothing / num_classes
