@@ -266,10 +266,9 @@ class _ArrayUnpickler(pickle.Unpickler):
     allowed = _numpy_globals()
 
     def find_class(self, module: str, name: str):
-        try:
-            return self.allowed[(module, name)]
-        except KeyError:
-            raise ForbiddenGlobal(f"{module}.{name}") from None
+        if (found := self.allowed.get((module, name))) is None:
+            raise ForbiddenGlobal(f"{module}.{name}")
+        return found
 
 
 def safe_unpickle(path: Path) -> dict:
