@@ -73,7 +73,7 @@ def warn_if_fake(path: Path, fake_ok: bool) -> None:
 
 
 def load_pretrained(model: nn.Module, source: str | Path, timm_name: str | None = None,
-                    fake_ok: bool = False) -> nn.Module:
+                    fake_ok: bool = False) -> None:
     """Copy the weights of ``source`` (a safetensors file, or ``TIMM_CACHE`` with ``timm_name``) into ``model``, in
     place. Every tensor outside the classifier head must be in the file with the model's shape, and nothing else,
     or a PapaError lists what does not fit; the head is loaded only when it fits too (else, for a new
@@ -106,7 +106,6 @@ def load_pretrained(model: nn.Module, source: str | Path, timm_name: str | None 
                         f"{'; '.join(problems)}")
     keep = [k for k in own if k in head and k in weights and weights[k].shape == own[k].shape]
     model.load_state_dict({k: weights[k] for k in body + (keep if len(keep) == len(head) else [])}, strict=False)
-    return model
 
 
 def pretrained_normalization(name: str, pretrained) -> tuple[tuple, tuple] | None:
