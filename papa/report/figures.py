@@ -64,8 +64,7 @@ def curves_figure(figure: dict, histories: dict[tuple[str, int], Path]) -> Figur
             raise PapaError(f"figure {figure['name']!r}: no history for {v!r}")
         both = pd.concat(trajectory(read_csv(p, kinds, "a history", "not found (train this run first)"), metric)
                          for p in paths).groupby(["epoch", "phase"], sort=False)["value"]
-        spread = both.std(ddof=1).fillna(0.0).to_numpy() if len(paths) > 1 else 0.0
-        lines[v] = both.mean().reset_index().assign(spread=spread)
+        lines[v] = both.mean().reset_index().assign(spread=both.std(ddof=1).fillna(0.0).to_numpy())
     jumps = {v: j for v, t in lines.items() if len(j := _jumps(t))}
     fig = Figure(figsize=(7, 6.8 if jumps else 4.6), layout="constrained")
     axes = fig.subplots(2 if jumps else 1, 1, sharex=True, squeeze=False, height_ratios=[2, 1] if jumps else [2])
