@@ -239,9 +239,7 @@ def _timm_data_config(spec: dict) -> dict:
 def save(module: nn.Module, spec: dict, out: str | Path) -> None:
     """Write ``module`` (``spec``'s architecture plus the biases ``spec['biases']['kept']`` names), its description and
     model card as export folder ``out``, through a fresh network loaded with ``strict=True``: what is written loads."""
-    state = module.state_dict()
-    stock = add_biases(architecture(spec), spec["biases"]["kept"], state).to(_dtype(state))
-    stock.load_state_dict(state, strict=True)
+    stock = loaded(architecture(spec), spec, module.state_dict())
     with write_folder(out) as tmp:
         if spec["model"].startswith(TIMM_PREFIX):
             from timm.models import save_for_hf
@@ -264,15 +262,17 @@ def export(run_dir: str | Path, out: str | Path, soup: str | None = None, member
     return spec
 
 
-def add_biases(model: nn.Module, layers: list[str], state: dict[str, torch.Tensor]) -> nn.Module:
-    """Give each of ``layers`` (bias-free in ``model``) a bias shaped as in ``state``: ``state`` then loads strictly."""
-    for name in layers:
+def loaded(model: nn.Module, spec: dict, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> nn.Module:
+    """``model`` holding ``state``, loaded strictly in ``dtype`` (default: ``state``'s) once each layer
+    ``spec['biases']['kept']`` names (bias-free in ``model``) has a bias shaped as in ``state``."""
+    for name in spec["biases"]["kept"]:
         try:
             layer = model.get_submodule(name)
         except AttributeError:
             raise PapaError(f"the export keeps a bias for layer {name!r}, which its architecture lacks") from None
         if getattr(layer, "bias", None) is None and f"{name}.bias" in state:
             layer.bias = nn.Parameter(torch.zeros_like(state[f"{name}.bias"]))
+    model.to(dtype or _dtype(state)).load_state_dict(state, strict=True)
     return model
 
 
@@ -301,9 +301,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model = timm.create_model(f"local-dir:{path}", pretrained=False)
     else:
         model = architecture(spec)
-    add_biases(model, spec["biases"]["kept"], state).to(dtype or _dtype(state))
     try:
-        model.load_state_dict(state, strict=True)
+        loaded(model, spec, state, dtype)
     except RuntimeError as e:
         raise PapaError(f"{path / WEIGHTS}: does not fit {spec['model']} ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
