@@ -25,11 +25,9 @@ def scale_config(config: dict) -> None:
         entry["caption"] = f"{CAPTION}. {entry['caption']}".rstrip(". ") + "."
 
 
-def _steps_per_epoch(exp: dict, patches: bool) -> int:
-    """Training steps per epoch at smoke scale (the validation split held out of the subset, as papa prepare
-    does, and the incomplete last batch dropped or kept, as the streams do: fidelity.last_batch)."""
-    if patches:
-        return PATCH_STEPS
+def _steps_per_epoch(exp: dict) -> int:
+    """Training steps per epoch at smoke scale of a dataset of items (the validation split held out of the subset, as
+    papa prepare does, and the incomplete last batch dropped or kept, as the streams do: fidelity.last_batch)."""
     n, b = SUBSET["train"], exp["train"]["batch_size"]
     n -= max(1, round(exp["data"]["val_fraction"] * n))
     return -(-n // b) if fidelity.authors(exp, "last_batch") else max(n // b, 1)
@@ -92,8 +90,7 @@ def scale_experiment(full: dict, where: str = "experiment") -> dict:
     d["num_workers"] = min(d["num_workers"], MAX_WORKERS)
     t["batch_size"] = min(t["batch_size"], MAX_BATCH)
     default_patch = DATASETS[d["dataset"]].patch_size  # a dataset drawing patches (papa.catalog)
-    patches = default_patch is not None
-    if patches:
+    if default_patch is not None:
         d["options"]["epoch_size"] = PATCH_STEPS * t["batch_size"]
         d["options"]["patch_size"] = min(d["options"].get("patch_size", default_patch), MAX_PATCH)
     exp["population"]["size"] = p = min(exp["population"]["size"], MAX_POPULATION)
@@ -101,7 +98,7 @@ def scale_experiment(full: dict, where: str = "experiment") -> dict:
         exp["augment"]["members"] = exp["augment"]["members"][:p]
     for section in (*(exp["averaging"][v] for v in by_unit("epochs")), exp["soups"], exp["similarity"]):
         section["repair_iters"] = min(section["repair_iters"], MAX_REPAIR_ITERS)
-    steps = _steps_per_epoch(exp, patches)
+    steps = PATCH_STEPS if default_patch is not None else _steps_per_epoch(exp)
     wanted = events(full, None)
     for epochs in range(MIN_EPOCHS, MAX_EPOCHS + 1):
         timed = _timed(exp, epochs, steps)

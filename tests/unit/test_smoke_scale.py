@@ -30,8 +30,7 @@ def _pairs(path: Path):
 
 
 def _steps(exp: dict) -> int:
-    patches = "epoch_size" in exp["data"]["options"]
-    return smoke._steps_per_epoch(exp, patches)
+    return smoke.PATCH_STEPS if "epoch_size" in exp["data"]["options"] else smoke._steps_per_epoch(exp)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
