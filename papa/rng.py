@@ -14,9 +14,9 @@ def derive_seed(*keys: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
 
 
-def generator(*keys: object, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch.Generator seeded from ``keys`` (see derive_seed)."""
-    return torch.Generator(device=device).manual_seed(derive_seed(*keys))
+def generator(*keys: object) -> torch.Generator:
+    """A CPU torch.Generator seeded from ``keys`` (see derive_seed)."""
+    return torch.Generator().manual_seed(derive_seed(*keys))
 
 
 @contextmanager
