@@ -18,7 +18,7 @@ from papa.genetic import select
 from papa.population import Population
 from papa.repair import member_moments, repair_population_
 from papa.rng import derive_seed, generator
-from papa.soups import greedy_alignment, greedy_soup
+from papa.soups import average_soup, greedy_alignment, greedy_soup
 from papa.swa import SWA
 from papa.variants import VARIANTS, averages_after, pushes_after, scripts_last_epoch, zero_based
 
@@ -283,7 +283,7 @@ class Genetic(Replace):
         plain = self.batches(ctx, plain=True)
 
         def children_losses(rows: Tensor) -> list[float]:
-            children = Population.from_modules([ctx.pop.module_from_state(ctx.pop.combine(r)) for r in rows])
+            children = Population.from_modules([average_soup(ctx.pop, r) for r in rows])
             if self.repair and not last:
                 seed = self.repair_seed(ctx)  # the scripts' children: pair REPAIRs, one draw each (same_repair)
                 moments = member_moments(ctx.pop, plain, self.repair_iters, seed, ctx.stacked,
