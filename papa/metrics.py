@@ -78,7 +78,7 @@ def held_out_metrics(pop, soups: dict, test, batch_size: int = 500, device="cpu"
         logits = member_logits(pop, test, None, batch_size, device)
         return {"members": [scores(z, labels)[0] for z in logits],
                 "ensemble": scores(logit_ensemble(logits), labels)[0],
-                **{name: scores(predict(m, test, None, batch_size, device), labels)[0] for name, m in soups.items()}}
+                **{name: accuracy(m, test, None, batch_size, device) for name, m in soups.items()}}
     *members, ensemble = member_confusions(pop, test, None, device, ensemble=True)[0]
     soup_confs = tile_confusions(list(soups.values()), test, None, device)[0]
     models = {"ensemble": ensemble, **dict(zip(soups, soup_confs, strict=True))}
