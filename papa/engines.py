@@ -44,12 +44,10 @@ def stacked_channels_last(x: Tensor) -> Tensor:
 
 
 def _conv_weights_channels_last(params: dict[str, Tensor], dim: int) -> dict[str, Tensor]:
-    """The ``dim``-dimensional (conv) weights copied channels-last (stacked: (p, O, kh, kw, C), so their grouped view
-    is), gradients flowing through: only then do a convolution and the BatchNorm and pooling after it stay so."""
-    if dim == 4:
-        return {n: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for n, t in params.items()}
-    return {n: t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) if t.dim() == 5 else t
-            for n, t in params.items()}
+    """The ``dim``-dimensional (conv) weights copied channels-last, their channel axis (third from last) stored
+    innermost ((O, kh, kw, C); stacked: (p, O, kh, kw, C), so their grouped view is), gradients flowing through: only
+    then do a convolution and the BatchNorm and pooling after it stay so."""
+    return {n: t.movedim(-3, -1).contiguous().movedim(-1, -3) if t.dim() == dim else t for n, t in params.items()}
 
 
 def loop_step(pop: Population, x: Tensor, targets: Tensor, autocast, *, loss_fn: LossFn | None = None,
