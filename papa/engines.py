@@ -203,7 +203,7 @@ class PopulationScaler(torch.amp.GradScaler):
         if not skipped:
             optimizer.step()
             return found
-        kept = [(t, t.detach()[skipped].clone()) for t in _member_state(optimizer, pop)]
+        kept = [(t, t.detach()[skipped]) for t in _member_state(optimizer, pop)]  # a copy: indexed by a list
         for g in grads:
             g[skipped] = 0
         optimizer.step()
