@@ -34,7 +34,7 @@ from papa.distributed import from_env
 from papa.errors import DiskError, PapaError
 from papa.io import file_digest, free_space, hold_lock, human_bytes, write_json, write_text
 from papa.metrics import accuracy, held_out_metrics, population_scores, summary
-from papa.models import available_models
+from papa.models import TIMM_PREFIX, available_models
 from papa.models.pretrained import pretrained_normalization
 from papa.population import Population
 from papa.provenance import code_version
@@ -52,7 +52,7 @@ def load_experiment(config_path: str | Path, name: str | None) -> dict:
         name = next(iter(config["experiments"]))
     exp = cfg.experiment(config, name, config_path)
     model = exp["model"]["name"]
-    if not model.startswith("timm/") and model not in available_models():
+    if not model.startswith(TIMM_PREFIX) and model not in available_models():
         raise PapaError(f"{config_path}: experiment {name!r}: model.name: unknown model {model!r} (expected one "
                         f"of: {', '.join(available_models())}, or timm/<name>)")
     return exp
