@@ -366,8 +366,8 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
     if pop.size < 2:
         raise PapaError(f"{run.dir}: feature similarity needs a population of at least 2 members, found {pop.size}")
     align, repair = similarity_steps(exp, run.meta["variant"])
-    n_test = len(splits.test) if s["test_images"] is None else min(s["test_images"], len(splits.test))
-    test = fixed_batches(exp, splits, splits.test, range(n_test), run.device)
+    measured = range(len(splits.test))[: s["test_images"]]  # the first similarity.test_images (null: all)
+    test = fixed_batches(exp, splits, splits.test, measured, run.device)
     data = partial(align_data, exp, splits, run.split, s["align_images"], run.device)  # REPAIR's: the fixed images
     sims = population_similarity(pop, data(None), align=align, repair=repair, repair_iters=s["repair_iters"],
                                  seed=exp["soups"]["repair_seed"], measure_batches=test, layers=exp["repair"]["layers"],
@@ -378,7 +378,7 @@ def similarity(exp: dict, split_path, run_dir) -> dict:
                  for measure, rows in sims.items()}
     out = {"experiment": exp["name"], "variant": run.meta["variant"], "seed": run.meta["seed"], "stages": names,
            **per_stage[s["members"]], "members": s["members"], "aligned": align, "repaired": repair,
-           "repair_iters": s["repair_iters"], "test_images": n_test, "population_sha256": run.digest,
+           "repair_iters": s["repair_iters"], "test_images": len(measured), "population_sha256": run.digest,
            "code": code_version()}
     if s["members"] != "all":  # the all-pairs measure beside the configured one
         out |= {f"all_pairs_{k}": v for k, v in per_stage["all"].items()}
