@@ -9,6 +9,9 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
 
 from papa.catalog import DATASETS
 from papa.config import experiment, load_config
@@ -79,7 +82,6 @@ def _write_pickle(path: Path, obj) -> None:
 
 def write_imagenet(root: Path) -> str:
     """``<root>/train/<wnid>/*.JPEG`` and ``<root>/val/<wnid>/*.JPEG`` (an ImageFolder tree)."""
-    from PIL import Image
     rng = np.random.default_rng(1)
     wnids = [f"n{10000000 + c:08d}" for c in range(IMAGENET_CLASSES)]
     for part, per_class in (("train", IMAGENET_TRAIN), ("val", IMAGENET_VAL)):
@@ -96,7 +98,6 @@ def write_imagenet(root: Path) -> str:
 
 def write_vaihingen(root: Path, labelled: list[int], test: list[int], label_dirs: list[str]) -> str:
     """IRRG tiles and colour-coded labels: ``labelled`` tiles' in the first of ``label_dirs``, the rest in the last."""
-    from PIL import Image
     colours = np.array(list(CLASSES.values()), dtype=np.uint8)
     k = len(colours)
     for tile in sorted({*labelled, *test}):
@@ -116,8 +117,6 @@ def write_vaihingen(root: Path, labelled: list[int], test: list[int], label_dirs
 def write_hub_weights(cache: Path, name: str) -> Path:
     """Random ``model.safetensors`` of timm model ``name`` (``arch.tag``) in the hub cache layout."""
     import timm
-    import torch
-    from safetensors.torch import save_file
     repo_id = getattr(timm_pretrained_cfg(name), "hf_hub_id", None)
     if not repo_id or not timm.is_model(name):
         raise PapaError(f"fake-data: timm/{name} has no Hugging Face hub weights to stand in for")
