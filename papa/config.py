@@ -228,10 +228,15 @@ def write_configs(files: dict[str, str]) -> None:
             write_text(path, text)
 
 
+def known_experiment(name: str, experiments: dict, where: str | Path) -> None:
+    """Refuse a ``name`` that is none of a config's ``experiments``, naming those it defines."""
+    if name not in experiments:
+        raise PapaError(f"{where}: unknown experiment {name!r} (defined: {', '.join(sorted(experiments))})")
+
+
 def experiment(config: dict, name: str, path: str | Path = "config") -> dict:
     """Experiment ``name`` of a loaded config: ``defaults`` merged with its keys, validated, shrunk at smoke scale."""
-    if name not in config["experiments"]:
-        raise PapaError(f"{path}: unknown experiment {name!r} (defined: {', '.join(sorted(config['experiments']))})")
+    known_experiment(name, config["experiments"], path)
     where = f"{path}: experiment {name!r}"
     exp = validate(deep_merge(config.get("defaults") or {}, config["experiments"][name] or {}), "experiment", where)
     exp["fidelity"] = fidelity.resolve(exp["fidelity"], f"{where}: fidelity")

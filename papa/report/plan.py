@@ -1,6 +1,7 @@
 """What a config renders and which runs that needs, checked up front: the (experiment, variant) pairs some table or
 figure shows, for every seed (every experiment x variant x seed for a config with neither)."""
 
+from papa.config import known_experiment
 from papa.errors import PapaError
 from papa.report import paper
 from papa.report.tables import DATASETS, OWN_VARIANT, cell_experiment, cell_variant, columns, row_experiments
@@ -64,7 +65,7 @@ def check(config: dict, where: str = "config") -> None:
                 wanted = "experiments (a {column: experiment} mapping)" if by_column else "experiment"
                 raise PapaError(f"{where}: {key}: the {table['layout']} layout takes {wanted}")
             for e in row_experiments(row):
-                _known(e, experiments, f"{where}: {key}.experiment{'s' if by_column else ''}")
+                known_experiment(e, experiments, f"{where}: {key}.experiment{'s' if by_column else ''}")
             if table["layout"] in OWN_VARIANT and "variant" not in row:
                 raise PapaError(f"{where}: {key}.variant: required by the {table['layout']} layout")
             if (table["layout"] == "segmentation") != ("model" in row):
@@ -78,9 +79,4 @@ def check(config: dict, where: str = "config") -> None:
     for i, figure in enumerate(config["figures"]):
         for e in figure.get("experiments") or [line["experiment"] for line in figure.get("lines") or []] or [
                 figure.get("experiment")]:
-            _known(e, experiments, f"{where}: figures.{i}.experiment")
-
-
-def _known(name: str, experiments: dict, where: str) -> None:
-    if name not in experiments:
-        raise PapaError(f"{where}: unknown experiment {name!r} (defined: {', '.join(sorted(experiments))})")
+            known_experiment(e, experiments, f"{where}: figures.{i}.experiment")
