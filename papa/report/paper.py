@@ -44,8 +44,9 @@ def _read(text: str, where: str) -> tuple[dict[tuple[str, str], str], dict[tuple
     header = next(reader, None)
     if header not in (["row", "column", "value"], ["row", "column", "value", "note"]):
         raise PapaError(f"{where}: header must be row,column,value (or with ,note), found {header}")
-    out, noted = {}, {}
-    for n, record in enumerate(reader, start=2):
+    out, noted, end = {}, {}, reader.line_num
+    for record in reader:
+        n, end = end + 1, reader.line_num  # the line the record starts on: a quoted note may span lines
         if not record:
             continue
         if len(record) != len(header):
