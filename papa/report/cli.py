@@ -20,7 +20,9 @@ def _aggregate(a) -> None:
     from papa.report import aggregate
     paths = [*a.metrics, *(aggregate.find_metrics(a.results) if a.results else [])]
     if not paths:
-        raise PapaError("no metrics files given (pass files, or --results DIR to collect them)")
+        where = f"none found under {a.results}/<experiment>/<variant>/seed<S>/" if a.results else \
+            "pass files, or --results DIR to collect them"
+        raise PapaError(f"no metrics files given ({where})")
     frame = aggregate.aggregate(paths)
     aggregate.write(frame, a.out)
     print(f"{a.out}: {len(frame)} rows from {frame.groupby(['experiment', 'variant', 'seed']).ngroups} runs")
