@@ -49,6 +49,8 @@ def pairwise_similarity(models: Sequence[nn.Module], pairs: Sequence[tuple[int, 
     n = 0
     for x in inputs(batches, None, seed):
         feats = [_stage_outputs(m, names, x) for m in models]
+        if any(f.shape != g.shape for other in feats[1:] for f, g in zip(feats[0], other, strict=True)):
+            raise PapaError("cannot compare the features of networks whose stages output different shapes")
         for p, (i, j) in enumerate(pairs):
             for s in range(len(names)):
                 a, b = feats[i][s].flatten(1).double(), feats[j][s].flatten(1).double().to(feats[i][s].device)
