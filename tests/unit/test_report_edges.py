@@ -29,13 +29,15 @@ def test_aggregating_no_files_gives_an_empty_frame_that_renders_as_missing(tmp_p
 
 def test_paper_csv_blank_lines_are_skipped_and_lines_keep_their_numbers():
     """Blank lines (a trailing one, or between groups of rows) hold no cell; a later line's number in a message
-    still counts them, and counts each line of a note quoted over two lines."""
+    still counts them and each line of a note quoted over two lines, and names the line a record starts on."""
     text = "row,column,value,note\n\nCNN,Baseline Ensemble,95.2 (0.1),\n\nCNN,PAPA AvgSoup,94.8,rerun\n\n"
     assert paper.parse(text, "x.csv") == {("CNN", "Baseline Ensemble"): "95.2 (0.1)", ("CNN", "PAPA AvgSoup"): "94.8"}
     with pytest.raises(PapaError, match=r"^x\.csv: line 5: duplicate cell \('A', 'B'\)$"):
         paper.parse("row,column,value\n\nA,B,1\n\nA,B,2\n", "x.csv")
     with pytest.raises(PapaError, match=r"^x\.csv: line 4: duplicate cell \('A', 'B'\)$"):
         paper.parse('row,column,value,note\nA,B,1,"two\nlines"\nA,B,2,\n', "x.csv")
+    with pytest.raises(PapaError, match=r"^x\.csv: line 3: duplicate cell \('A', 'B'\)$"):
+        paper.parse('row,column,value,note\nA,B,1,\nA,B,2,"two\nlines"\n', "x.csv")
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -135,22 +137,23 @@ def test_html_header_mixing_grouped_and_ungrouped_columns_lines_up():
     """A header whose ungrouped columns sit between grouped ones: each ungrouped measure spans both header rows,
     each group spans its measures, and every column of the header and the body lines up with its measure."""
     headers = [("", "Population size p"), ("SWA", "Ensemble"), ("SWA", "Average soup"), ("", "Greedy soup"),
-               ("EMA", "Ensemble")]
-    lines = [Line("heading", "Digits", [("", False, False)] * 5),
-             Line("ours", "CNN", [("4", False, False), ("95.0", True, False), ("10.1", False, True),
-                                  ("94.0", False, False), ("96.0", False, False)]),
-             Line("paper", "CNN (paper)", [("", False, False), ("95.2", False, False), ("", False, False),
-                                           ("", False, False), ("", False, False)])]
+               ("", "Population mean"), ("EMA", "Ensemble")]
+    ours = ["4", "95.0", "10.1", "94.0", "93.0", "96.0"]
+    lines = [Line("heading", "Digits", [("", False, False)] * 6),
+             Line("ours", "CNN", [(t, t == "95.0", t == "10.1") for t in ours]),
+             Line("paper", "CNN (paper)", [(t, False, False) for t in ["", "95.2", "", "", "", ""]])]
     html = page(Display("t", "A caption.", "Model", headers, lines, ["Test accuracy (%)"], []))
     cells = _Cells(html).rows
     top, bottom = layout(cells["thead"])
     assert top == [("th", "Model"), ("th", "Population size p"), ("th", "SWA"), ("th", "SWA"), ("th", "Greedy soup"),
-                   ("th", "EMA")]
+                   ("th", "Population mean"), ("th", "EMA")]
     assert bottom == [("th", "Model"), ("th", "Population size p"), ("th", "Ensemble"), ("th", "Average soup"),
-                      ("th", "Greedy soup"), ("th", "Ensemble")]
-    heading, ours, theirs = layout(cells["tbody"])
-    assert heading == [("th", "Digits")] * 6
-    assert ours == [("th", "CNN"), ("td", "4"), ("td", "95.0"), ("td", "10.1†"), ("td", "94.0"), ("td", "96.0")]
-    assert theirs == [("th", "CNN (paper)"), ("td", ""), ("td", "95.2"), ("td", ""), ("td", ""), ("td", "")]
+                      ("th", "Greedy soup"), ("th", "Population mean"), ("th", "Ensemble")]
+    heading, mine, theirs = layout(cells["tbody"])
+    assert heading == [("th", "Digits")] * 7
+    assert mine == [("th", "CNN"), ("td", "4"), ("td", "95.0"), ("td", "10.1†"), ("td", "94.0"), ("td", "93.0"),
+                    ("td", "96.0")]
+    assert theirs == [("th", "CNN (paper)"), ("td", ""), ("td", "95.2"), ("td", ""), ("td", ""), ("td", ""), ("td", "")]
     assert ('<th scope="col" rowspan="2">Population size p</th><th scope="colgroup" colspan="2">SWA</th>'
-            '<th scope="col" rowspan="2">Greedy soup</th><th scope="colgroup" colspan="1">EMA</th>') in html
+            '<th scope="col" rowspan="2">Greedy soup</th><th scope="col" rowspan="2">Population mean</th>'
+            '<th scope="colgroup" colspan="1">EMA</th>') in html
