@@ -5,12 +5,11 @@ import subprocess
 import sys
 
 from papa.schemas import reference
-from tests.helpers import REPO
 
 
 def run(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "papa.schemas.reference", *args], cwd=cwd, capture_output=True,
-                          text=True, check=True, env={"PYTHONPATH": str(REPO), "PATH": ""})
+                          text=True, check=True)
 
 
 def test_reference_script_writes_the_file_or_standard_output(tmp_path):
