@@ -7,7 +7,7 @@ from pathlib import Path
 
 from papa import __version__
 from papa.errors import DiskError, PapaError, one_line
-from papa.io import need_file, write_error
+from papa.io import need_file, path_error, write_error
 from papa.report.cli import add_commands
 from papa.variants import VARIANTS
 
@@ -222,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. Exit status: 0 done, 2 bad input (PapaError), 3 training stopped by a signal after a
-    checkpoint, 4 a write the file system refused (full disk, quota, read-only; DiskError), 130 interrupted.
-    Each failure is one line on stderr."""
+    """Run one subcommand. Exit status: 0 done, 2 bad input (PapaError; an output path naming a folder or under a
+    file), 3 training stopped by a signal after a checkpoint, 4 a write the file system refused (full disk, quota,
+    read-only; DiskError), 130 interrupted. Each failure is one line on stderr."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"papa {args.command}: error: {e}", file=sys.stderr)
         return e.status
     except OSError as e:  # the machine refused a write: the path, and the space left
+        if (line := path_error(e)) is not None:  # --out names a folder, or lies under a file: bad input
+            print(f"papa {args.command}: error: {one_line(line)}", file=sys.stderr)
+            return PapaError.status
         if (line := write_error(e)) is None:
             raise
         print(f"papa {args.command}: error: {one_line(line)}", file=sys.stderr)

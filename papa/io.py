@@ -116,6 +116,17 @@ def write_error(e: OSError) -> str | None:
     return f"{where}{reason}{left}; free some space and run the same command again"
 
 
+# an output path the file system cannot take as given: bad input, whatever the room
+PATH_ERRORS = {errno.EISDIR: "is a folder, not a file", errno.ENOTDIR: "a part of this path is a file, not a folder",
+               errno.EEXIST: "exists and is not a folder"}
+
+
+def path_error(e: OSError) -> str | None:
+    """The one line for a path naming a folder where a file is needed, or a file where a folder is; else None."""
+    reason = PATH_ERRORS.get(e.errno)
+    return f"{e.filename}: {reason}" if reason is not None and e.filename else None
+
+
 # one process at a time ----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def hold_lock(path: str | Path, busy: str) -> Iterator[None]:
