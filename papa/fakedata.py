@@ -114,12 +114,19 @@ def write_vaihingen(root: Path, labelled: list[int], test: list[int], label_dirs
     return f"Vaihingen ({len(set(labelled))} labelled and {len(set(test) - set(labelled))} test tiles) in {root}"
 
 
-def write_hub_weights(cache: Path, name: str) -> Path:
-    """Random ``model.safetensors`` of timm model ``name`` (``arch.tag``) in the hub cache layout."""
+def _hub_repo(name: str) -> str:
+    """The Hugging Face hub repository of timm model ``name``'s weights; a PapaError when it has none."""
     import timm
     repo_id = getattr(timm_pretrained_cfg(name), "hf_hub_id", None)
     if not repo_id or not timm.is_model(name):
         raise PapaError(f"fake-data: timm/{name} has no Hugging Face hub weights to stand in for")
+    return repo_id
+
+
+def write_hub_weights(cache: Path, name: str) -> Path:
+    """Random ``model.safetensors`` of timm model ``name`` (``arch.tag``) in the hub cache layout."""
+    import timm
+    repo_id = _hub_repo(name)
     with torch.random.fork_rng():
         torch.manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
         model = timm.create_model(name, pretrained=False)  # the pretrained config's head (num_classes)
@@ -187,12 +194,12 @@ def write_all(root: Path, configs: list[Path], hub_cache: Path | None = None) ->
     if not configs:
         raise PapaError("fake-data: no config files (give --config FILE, or run in a checkout with config/)")
     datasets, models = _needs(configs)
+    for name in sorted(models) if hub_cache is not None else ():
+        _hub_repo(name)  # refused before anything is written
     done = []
     for (dataset, rel), options in sorted(datasets.items()):
         if not DATASETS[dataset].paths:  # shipped with a package (digits): nothing to write
             continue
-        if dataset not in WRITERS:
-            raise PapaError(f"fake-data: no writer for dataset {dataset!r} (papa.fakedata.WRITERS)")
         done.append(WRITERS[dataset](Path(root) / rel, options))
     write_text(Path(root) / "FAKE_DATA.txt", "Random data written by `papa fake-data` in the formats of the real "
                "datasets, for smoke runs (scale: smoke). Not UCI optdigits, CIFAR, ImageNet or Vaihingen.\n")
