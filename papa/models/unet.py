@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from papa.errors import PapaError
 from papa.models.registry import register
 
 
@@ -21,7 +22,7 @@ class UNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, depth: int = 4):
         super().__init__()
         if width < 1 or depth < 1:
-            raise ValueError(f"UNet needs width >= 1 and depth >= 1, got {width} and {depth}")
+            raise PapaError(f"UNet needs width >= 1 and depth >= 1, got {width} and {depth}")
         chans = [width * 2**i for i in range(depth + 1)]
         self.depth = depth
         self.stem = double_conv(in_channels, chans[0])
