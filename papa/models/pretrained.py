@@ -40,9 +40,13 @@ def _hub_cache() -> Path:  # as huggingface_hub finds it, read when needed
 
 
 def timm_pretrained_cfg(name: str):
-    """timm's pretrained config of ``name`` (``arch`` or ``arch.tag``), or None when it has none."""
+    """timm's pretrained config of ``name`` (``arch`` or ``arch.tag``), or None when it has none; PapaError for a
+    tag the architecture has no weights under."""
     from timm.models import get_pretrained_cfg
-    return get_pretrained_cfg(name)
+    try:
+        return get_pretrained_cfg(name)
+    except RuntimeError as err:  # a tag the architecture has no weights under (timm/resnet18.no_such_tag)
+        raise PapaError(f"timm/{name}: {err}") from None
 
 
 def cached_timm_weights(name: str) -> Path:
