@@ -8,7 +8,7 @@ from torch import nn
 
 from papa.errors import PapaError
 from papa.models import cnn, linear, resnet_cifar, torchvision_models, unet, vgg  # noqa: F401  (they register)
-from papa.models.pretrained import load_pretrained
+from papa.models.pretrained import load_pretrained, timm_pretrained_cfg
 from papa.models.registry import MODELS, register
 
 __all__ = ["available_models", "create_model", "register"]
@@ -25,6 +25,7 @@ def _timm_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.M
     import timm  # here: timm (with torchvision) adds seconds to every CLI start that never uses it
     if not timm.is_model(name):  # checked up front: timm's own error is a RuntimeError that looks like a crash
         raise PapaError(f"unknown timm model {name!r} (see timm.list_models())")
+    timm_pretrained_cfg(name)  # likewise a tag the architecture has no weights under (arch.no_such_tag)
     try:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
     except TypeError as err:  # a model.kwargs option the architecture does not take

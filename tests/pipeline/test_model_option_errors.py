@@ -1,6 +1,7 @@
 """A model a config describes wrongly stops the command in one line, exit status 2, with nothing written: a U-Net
 ``model.kwargs`` width or depth below 1 (`papa train`), and a timm model name whose pretrained tag the
-architecture has no weights under (`papa prepare`, which reads the pretrained model's normalization)."""
+architecture has no weights under (`papa prepare`, which reads the pretrained model's normalization, and
+`papa train` of the architecture trained from scratch, which timm builds from the same tagged config)."""
 
 from papa.cli import main
 from tests.helpers import write_config
@@ -38,3 +39,16 @@ def test_a_timm_tag_without_weights_is_refused_by_papa_prepare(tmp_path, capsys)
     assert err == ("papa prepare: error: timm/test_resnet.no_such_tag: Invalid pretrained tag (no_such_tag) for "
                    "test_resnet.\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_a_timm_tag_without_weights_is_refused_by_papa_train_from_scratch(tmp_path, capsys):
+    config = write_config(tmp_path / "config.yaml", {
+        "model": {"name": "timm/test_resnet.no_such_tag", "kwargs": {}, "pretrained": None}})
+    split = tmp_path / "split.json"
+    assert _run(capsys, "prepare", "--config", str(config), "--out", str(split))[0] == 0
+    code, out, err = _run(capsys, "train", "--config", str(config), "--variant", "baseline", "--seed", "1",
+                          "--split", str(split), "--out", str(tmp_path / "run"))
+    assert (code, out) == (2, "")
+    assert err == ("papa train: error: timm/test_resnet.no_such_tag: Invalid pretrained tag (no_such_tag) for "
+                   "test_resnet.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "split.json"]
