@@ -76,13 +76,16 @@ class _Averaging(Baseline):
 
     def align_(self, ctx: Context, target: str = "member") -> None:
         """Permute every member's units to match member 0's (Appendix A.4), with the optimizer state that follows
-        them (momentum, Adam moments). ``scripts_alignment``: the optimizer state stays (the scripts permute only
+        them (momentum, Adam moments) and their SWA averages (each the running mean of its member's iterates, which
+        it replaces at the end). ``scripts_alignment``: the optimizer state stays (the scripts permute only
         networks), and ``target="running-soup"`` matches each member to the average of those aligned before it."""
         state = ctx.optimizer.state
         keys = () if self.scripts_alignment else sorted({k for st in state.values() for k in st})
         companions = [{name: state[p][key] for name, p in ctx.pop.params.items()
                        if torch.is_tensor(state.get(p, {}).get(key)) and state[p][key].shape == p.shape}
                       for key in keys]
+        if ctx.swa is not None:
+            companions.append(ctx.swa.average.params)
         align_members_(ctx.pop, ctx.align_batches(self.align_images), reference=0, companions=companions, target=target)
 
     def mutate_(self, ctx: Context, gen: torch.Generator, pop: Population | None = None) -> None:
