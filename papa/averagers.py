@@ -143,6 +143,12 @@ class Replace(_Averaging):
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
+        scripts_copies = self.scheme in (*averaging.PAIR_SCHEMES, "greedy")  # aligned copies replace the members
+        if self.align and self.scripts_alignment and scripts_copies and ctx.swa is not None:
+            raise PapaError(f"averaging.{self.name}.align with train.swa: the scripts' alignment of the {self.scheme} "
+                            "scheme (fidelity alignment_target: authors) permutes the members alone, which would "
+                            "leave their SWA averages in the old order (the scripts have no SWA); use the paper's "
+                            "alignment to member 0 (alignment_target: paper)")
         if self.scheme == "greedy" and ctx.comm.world_size > 1:
             raise PapaError(f"averaging.{self.name}.scheme greedy runs in a single process only")
         if (self.scheme in averaging.PAIR_SCHEMES and ctx.comm.world_size > 1 and self.zero_based

@@ -3,6 +3,7 @@ with what follows it (its optimizer state, its SWA average). With the genetic ab
 (averaging.genetic.elitism, fidelity option elitism) this happens before the children are made, scored and selected,
 so that the children are averages of aligned parents."""
 
+import pytest
 import torch
 
 from papa import rng
@@ -10,6 +11,7 @@ from papa.alignment import align_members_, permute, random_permutations
 from papa.averagers import Context, averager_for
 from papa.checkpoint import Progress
 from papa.distributed import Local
+from papa.errors import PapaError
 from papa.models.resnet_cifar import CifarResNet
 from papa.population import Population
 from papa.swa import SWA
@@ -108,3 +110,36 @@ def test_swa_averages_are_permuted_with_their_members():
         for j in range(P):
             torch.testing.assert_close(pop.params[name][j], t, rtol=1e-5, atol=1e-6, msg=f"member {j} {name}")
             torch.testing.assert_close(swa.average.params[name][j], t, rtol=1e-5, atol=1e-6, msg=f"SWA {j} {name}")
+
+
+def _check(variant: str, scheme: str, target: str) -> None:
+    """Replace.check of ``variant`` with ``scheme``, alignment as ``target`` says (fidelity alignment_target) and
+    SWA on."""
+    _, pop = permuted_copies()
+    exp = tiny_experiment(population={"size": P}, train={"epochs": 4, "swa": {"start": 0.5, "lr": 0.01}},
+                          fidelity={"alignment_target": target},
+                          averaging={variant: {"scheme": scheme, "repair": False, "align": True}})
+    averager = averager_for(variant, exp)
+    assert averager.scripts_alignment == (target == "authors")
+    ctx = Context(pop=pop, comm=Local(P), optimizer=None, stream=None, swa=SWA(pop), progress=Progress(),
+                  seed=3, stacked=False, val_scores=None, val_accuracy=None, align_batches=None)
+    averager.check(ctx)
+
+
+@pytest.mark.parametrize(("variant", "scheme"), [("papa-2", "pair-half"), ("papa-all", "greedy")])
+def test_the_scripts_alignment_of_members_alone_is_refused_with_swa(variant, scheme):
+    """The scripts' alignment within pairs or to the greedy soup (fidelity alignment_target: authors) replaces
+    members by aligned copies and cannot take their SWA averages along: refused before training, naming the key."""
+    with pytest.raises(PapaError, match=rf"^averaging\.{variant}\.align with train\.swa: the scripts' alignment of "
+                                        rf"the {scheme} scheme"):
+        _check(variant, scheme, "authors")
+
+
+@pytest.mark.parametrize(("variant", "scheme", "target"), [("papa-all", "all", "authors"),
+                                                           ("papa-all", "many-half", "authors"),
+                                                           ("papa-2", "pair-half", "paper"),
+                                                           ("papa-all", "greedy", "paper")])
+def test_alignment_that_takes_the_swa_averages_along_is_accepted(variant, scheme, target):
+    """PAPA-all's alignment to the running soup, the scripts' alignment of the many-member schemes to member 0, and
+    every alignment to member 0 (the paper's) permute the SWA averages with the members: SWA runs beside them."""
+    _check(variant, scheme, target)
