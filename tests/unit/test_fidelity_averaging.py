@@ -218,7 +218,7 @@ def test_settings_one_process_or_the_paper_alone_supports_are_refused_before_tra
     exp = tiny_experiment(population={"size": 4}, train={"epochs": 5}, averaging=averaging, fidelity=fidelity)
     with rng.seeded(0):  # a one-block ResNet: a network alignment supports
         pop = Population.from_modules([CifarResNet([1], [4], 2, 3)] * 2)
-    ctx = SimpleNamespace(comm=SimpleNamespace(world_size=world), pop=pop, epochs=5)
+    ctx = SimpleNamespace(comm=SimpleNamespace(world_size=world), pop=pop, epochs=5, swa=None)  # no train.swa
     if refused is None:
         averager_for(variant, exp).check(ctx)
     else:
