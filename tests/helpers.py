@@ -43,6 +43,15 @@ def tiny_experiment(**overrides) -> dict:
     return cfg.experiment(cfg.validate(raw, "config", "test"), "tiny", "test")
 
 
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the papa CLI in this process (papa.cli.main): its exit status and what it printed to stdout and stderr."""
+    from papa.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def papa(*args: str, cwd: Path | None = None, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """Run the papa CLI in a subprocess (one torch thread: tests share two cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -12,9 +12,8 @@ import yaml
 
 from papa import export, runs
 from papa.checkpoint import load_tensors, save_tensors
-from papa.cli import main
 from papa.errors import PapaError
-from tests.helpers import tiny_experiment
+from tests.helpers import run_cli, tiny_experiment
 from tests.vaihingen_tiles import OPTIONS, write_tiles
 
 pytestmark = pytest.mark.slow  # trains a population
@@ -40,9 +39,7 @@ def run(tmp_path_factory, one_thread) -> Path:
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(["export", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "export", *args)
 
 
 def test_the_networks_f1_scores_differ(run):
