@@ -194,8 +194,9 @@ def write_all(root: Path, configs: list[Path], hub_cache: Path | None = None) ->
     if not configs:
         raise PapaError("fake-data: no config files (give --config FILE, or run in a checkout with config/)")
     datasets, models = _needs(configs)
-    for name in sorted(models) if hub_cache is not None else ():
-        _hub_repo(name)  # refused before anything is written
+    if hub_cache is not None:  # a model without hub weights is refused before anything is written
+        for name in sorted(models):
+            _hub_repo(name)
     done = []
     for (dataset, rel), options in sorted(datasets.items()):
         if not DATASETS[dataset].paths:  # shipped with a package (digits): nothing to write
