@@ -120,6 +120,21 @@ def test_the_authors_fusion_is_the_scripts_computation_by_hand_and_not_the_exact
     assert not torch.allclose(_logits(authors, z), _logits(exact, z), atol=1e-2)
 
 
+def test_the_fusion_divides_by_the_scripts_batchnorm_eps_where_outputs_vary_less_than_it():
+    """Inputs scaled by 1e-3: conv 0's outputs vary less than the eps (variance ~2e-6), which then sets its fused
+    weight (under half of what the exact REPAIR gives it). The scripts' temporary BatchNorm2d had torch's default
+    eps, and so must the fusion; at the scale above, the eps moves the weights by less than the tolerance."""
+    pop, xs = population(), [x * 1e-3 for x in batches()]
+    soup = average_soup(pop)
+    authors = repair(soup, pop, xs, iters=3, layers="conv", fusion="authors")
+    expected = authors_by_hand(soup, pop.to_modules(), [0.5, 0.5], xs)
+    for k, v in expected.state_dict().items():
+        torch.testing.assert_close(authors.state_dict()[k], v, rtol=1e-4, atol=1e-7, msg=k)
+    exact = repair(soup, pop, xs, iters=3, layers="conv")
+    ratio = (authors[0].weight / exact[0].weight).flatten()
+    assert (ratio < 0.5).all(), ratio  # the eps, not the outputs' spread, decides conv 0's scale
+
+
 def test_the_bias_free_convs_shift_is_dropped_and_its_batchnorm_keeps_the_targets_statistics():
     """What makes the two differ: conv 0's fused output is only rescaled, so its eval-mode mean is not the target
     mean, while BatchNorm 1 (not reset after the fusion) subtracts the target mean it saw in the ResetLayer pass."""
