@@ -460,7 +460,9 @@ def repair_population_(pop: Population, matrix, batches: Batches, moments: list[
     p, total = pop.size, len(moments)
     members = list(range(p)) if members is None else list(members)
     m = torch.as_tensor(matrix, dtype=torch.float64).cpu()
-    if m.shape != (p, total) or len(members) != p:
+    if len(members) != p:
+        raise ValueError(f"got {len(members)} member indices for a population of {p}")
+    if m.shape != (p, total):
         raise ValueError(f"mixing matrix must be {p}x{total} (held members x all members), got {tuple(m.shape)}")
     targets = _targets(moments, torch.stack([_check_weights(m[i], total) for i in range(p)]), pop.device)
     xs = _data(batches, members, iters, seed, pop.device, stacked, "repaired" if own_images else None)

@@ -123,6 +123,8 @@ def test_genetic_arguments(scheme):
     (cnns, lambda pop: member_moments(pop, CNN_IMAGES, iters=0), "REPAIR needs at least one batch, got iters=0"),
     (cnns, lambda pop: repair(pop.member(0), pop, CNN_IMAGES, iters=1, weights=[0.5, 0.75, -0.25]),
      "REPAIR weights must be non-negative and sum to 1, got [0.5, 0.75, -0.25]"),
+    (cnns, lambda pop: repair(pop.member(0), pop, CNN_IMAGES, iters=1, weights=[0.5, 0.5, 0.5]),
+     "REPAIR weights must be non-negative and sum to 1, got [0.5, 0.5, 0.5]"),
     (weight_normed, lambda pop: repair(pop.member(0), pop, CNN_IMAGES, iters=1),
      "REPAIR cannot rescale 0: its weight is computed (parametrized)"),
     (cnns, lambda pop: repair_population_(pop, mixing_matrix("all", 3), CNN_IMAGES, [{}] * 3, iters=1),
@@ -133,7 +135,11 @@ def test_genetic_arguments(scheme):
      "members' moments cover different layers"),
     (cnns, lambda pop: repair_population_(pop, torch.eye(2), CNN_IMAGES, moments(pop), iters=1),
      "mixing matrix must be 3x3 (held members x all members), got (2, 2)"),
-], ids=["no-batches", "weights", "parametrized", "missing-layer", "moments-count", "moments-layers", "matrix-shape"])
+    (cnns, lambda pop: repair_population_(pop, mixing_matrix("all", 3), CNN_IMAGES, moments(pop), iters=1,
+                                          members=[0, 1]),
+     "got 2 member indices for a population of 3"),
+], ids=["no-batches", "negative-weights", "weights-sum", "parametrized", "missing-layer", "moments-count",
+        "moments-layers", "matrix-shape", "member-indices"])
 def test_repair_arguments(make, call, message):
     refused(make, call, ValueError, message)
 
