@@ -80,6 +80,14 @@ def test_randaugment_policy_validation_and_order():
     assert xs.shape == (4, 3, 48, 48) and torch.allclose(targets.sum(1), torch.ones(4))
 
 
+def test_randaugment_fills_with_the_mean_as_timms_transform_factory():
+    """The colour that rotations, shears and translations leave in the corners: timm's create_transform gives
+    RandAugment ``img_mean`` = the normalization mean in 8-bit levels, rounded and clipped at 255."""
+    from papa.data.augment import randaugment_transform
+    ops = randaugment_transform(CONFIG, 32, (0.2, 0.6, 1.2)).ops
+    assert len(ops) > 10 and {op.kwargs["fillcolor"] for op in ops} == {(51, 153, 255)}
+
+
 def test_grayscale_images_work_too():
     x = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
     assert randaugment(x, CONFIG, gen(), mean=(0.5,)).shape == (4, 1, 16, 16)

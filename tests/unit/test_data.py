@@ -359,9 +359,9 @@ def test_targets_and_label_smoothing():
     assert torch.equal(plain, torch.nn.functional.one_hot(labels, 10).float())
 
 
-def _distinct_constant_images(b: int = 16):
+def _distinct_constant_images(b: int = 16, h: int = 8, w: int = 8):
     values = torch.arange(b, dtype=torch.uint8) * 15 + 10
-    return values[:, None, None, None].expand(b, 1, 8, 8).contiguous(), torch.arange(b), values
+    return values[:, None, None, None].expand(b, 1, h, w).contiguous(), torch.arange(b), values
 
 
 def test_mixup_targets_are_lambda_combinations():
@@ -377,7 +377,7 @@ def test_mixup_targets_are_lambda_combinations():
 
 
 def test_cutmix_lambda_is_the_area_actually_kept():
-    images, labels, values = _distinct_constant_images()
+    images, labels, values = _distinct_constant_images(h=6, w=10)  # not square: each side its own cut
     for seed in range(5):
         x, t = _apply(Policy(cutmix=1.0), images, labels, k=16, seed=seed)
         own_value = eval_transform(images, (0.5,), (0.25,))[:, 0, :1, :1]  # exactly as apply normalizes
@@ -390,15 +390,26 @@ def test_mixup_and_cutmix_pair_each_sample_with_its_mirror_in_the_batch():
     """Sample i is mixed with sample B - 1 - i, as timm's Mixup in batch mode mixes x with x.flip(0) (the authors'
     utils/mixup.py): a batch of 7 pairs 0 with 6, 1 with 5, 2 with 4, and leaves 3 with itself."""
     images, labels, _ = _distinct_constant_images(7)
-    mirror = torch.eye(7)[6 - labels]
+    own, mirror = torch.eye(7, 9), torch.eye(9)[6 - labels]  # 9 classes: the batch reversed, not the classes
     for policy in (Policy(mixup=0.5), Policy(cutmix=1.0)):
         partners_seen = False
         for seed in range(4):
-            _, t = _apply(policy, images, labels, k=7, seed=seed)
-            assert ((t > 0) <= ((torch.eye(7) + mirror) > 0)).all()  # only itself and its mirror
-            assert torch.allclose(t[3], torch.eye(7)[3])
+            _, t = _apply(policy, images, labels, k=9, seed=seed)
+            assert ((t > 0) <= ((own + mirror) > 0)).all()  # only itself and its mirror
+            assert torch.allclose(t[3], own[3])
             partners_seen |= bool((t * mirror).sum(1)[[0, 1, 2, 4, 5, 6]].gt(0).all())
         assert partners_seen
+
+
+def test_mixup_and_cutmix_together_mix_each_batch_by_one_of_them_half_the_time():
+    """A member with both (the paper's grids deal mixup and cutmix together): each batch is mixed by one of the two,
+    chosen with probability 1/2, as timm's Mixup with switch_prob=0.5 (the authors' utils/mixup.py)."""
+    images, labels, _ = _distinct_constant_images()
+    cutmixed = []
+    for seed in range(40):
+        x, _ = _apply(Policy(mixup=1.0, cutmix=1.0), images, labels, k=16, seed=seed)
+        cutmixed.append(bool(x.flatten(1).std(1).gt(1e-5).any()))  # a pasted box: two values; a blend: one
+    assert 10 <= sum(cutmixed) <= 30
 
 
 def test_random_erasing_probability():
@@ -467,6 +478,22 @@ def test_random_erasing_is_the_authors_timm_loop_on_the_same_uniforms(h, w, prob
     assert failed > 0 if h == 5 else failed == 0
 
 
+def test_cutmix_box_is_the_authors_rand_bbox_at_the_drawn_centre():
+    """The scripts' rand_bbox (utils/mixup.py:43-53, timm 0.4's): a cut of int(side * sqrt(1 - lam)) around the
+    centre, [c - cut // 2, c + cut // 2) clipped to the image (later timm rounds the upper half up; they did not)."""
+    h, w, lam = 11, 7, 0.4
+    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))  # 8 and 5: an odd side too
+    clipped_at = set()
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        cy, cx = int(torch.randint(h, (), generator=g)), int(torch.randint(w, (), generator=g))  # its centre draw
+        box = augment._cutmix_box(lam, h, w, torch.Generator().manual_seed(seed))
+        assert box == tuple(int(np.clip(v, 0, side)) for v, side in ((cy - cut_h // 2, h), (cy + cut_h // 2, h),
+                                                                     (cx - cut_w // 2, w), (cx + cut_w // 2, w)))
+        clipped_at |= {i for i, v in enumerate(box) if v in (0, (h, h, w, w)[i])}
+    assert clipped_at == {0, 1, 2, 3}  # boxes clipped at every border were among them
+
+
 def test_cutmix_boxes_cover_one_minus_lambda_and_cutout_as_devries_and_taylor():
     """A CutMix box for lambda = 3/4 on 32 x 32 is 16 x 16 unless clipped at a border; a cutout hole of side 3 is
     the DeVries & Taylor code's [c - 1, c + 1) square, 2 x 2 away from the borders."""
@@ -523,6 +550,8 @@ def test_policies_draw_from_the_grid():
                            torch.Generator().manual_seed(0), {})
     assert all(0 <= p.mixup <= 1 and 0 <= p.label_smoothing <= 0.1 for p in ranged)
     assert len({p.mixup for p in ranged}) == 5
+    shifted = draw_policies({"mixup": {"uniform": [0.2, 0.3]}}, 20, torch.Generator().manual_seed(0), {})
+    assert all(0.2 <= p.mixup <= 0.3 for p in shifted) and max(p.mixup for p in shifted) > 0.28  # lo + (hi - lo) u
     with pytest.raises(PapaError, match="unknown augmentation 'blur'"):
         draw_policies({"blur": [0, 1]}, 2, torch.Generator(), {})
 
