@@ -6,7 +6,15 @@ from torch import nn
 
 from papa.averaging import mix_, mixing_matrix
 from papa.population import Population
-from papa.repair import member_moments, repair, repair_population_, reset_batchnorm
+from papa.repair import (
+    _batch_average,
+    _chunk_moments,
+    _find_layers,
+    member_moments,
+    repair,
+    repair_population_,
+    reset_batchnorm,
+)
 from papa.soups import average_soup
 
 SEED = 666
@@ -280,6 +288,44 @@ def test_bad_inputs_are_reported():
         reset_batchnorm(bn_net(), [])
 
 
+def test_the_last_layer_feeds_no_batchnorm_even_when_a_function_follows_it():
+    """Where the last layer's output goes through a function (a pooling, a scale) to the model's output, it feeds
+    no BatchNorm and is not the output layer: a bias-free one is then left alone by a population's REPAIR."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.bn(self.conv(x))).mean((2, 3)) * 2
+
+    found = {layer.name: layer for layer in _find_layers(Scaled(), torch.randn(2, 3, 8, 8))}
+    assert found["conv"].feeds_bn and not found["conv"].is_output
+    assert not found["head"].feeds_bn and not found["head"].is_output
+
+
+# per-channel moments ------------------------------------------------------------------------------
+def test_moments_of_low_precision_outputs_are_exact_about_a_rounded_centre():
+    """A bfloat16 output is centred at its mean rounded to bfloat16 (a temporary no bigger than the output), and
+    the sum of squares corrected for that rounding: 1000, 1000, 1000, 1008 (mean 1002, between two bfloat16
+    values) give the exact moments."""
+    y = torch.tensor([1000.0, 1000.0, 1000.0, 1008.0], dtype=torch.bfloat16).view(4, 1)
+    n, mean, m2 = _chunk_moments(y, 1)
+    assert (n, mean.tolist(), m2.tolist()) == (4, [1002.0], [48.0])
+
+
+def test_batch_averages_are_a_momentum_none_batchnorms_statistics_even_for_batches_of_two():
+    """The authors' fusion measures like a BatchNorm with momentum None: the plain average over batches of each
+    batch's mean and unbiased variance (divided by n - 1, here 1)."""
+    g = torch.Generator().manual_seed(0)
+    bn, batches = nn.BatchNorm1d(3, momentum=None), [torch.randn(2, 3, generator=g) * k for k in (1, 2, 5)]
+    for x in batches:
+        bn(x)
+    mean, std = _batch_average([_chunk_moments(x, 1) for x in batches])
+    torch.testing.assert_close(mean.float(), bn.running_mean)
+    torch.testing.assert_close((std**2).float(), bn.running_var)
+
+
 # reset_batchnorm ----------------------------------------------------------------------------------
 def test_reset_batchnorm_is_a_plain_average_of_batch_statistics():
     net, xs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.3)), data(n=4)
@@ -402,11 +448,18 @@ def test_stacked_repair_runs_dropout_models_deterministically():
         assert torch.equal(results[1][name], t), name
 
 
-def test_stacked_repair_needs_equal_batches():
+def test_repair_needs_every_members_batches_alike():
     pop = make_pop(biased_net)
 
     def ragged(member, generator):
-        yield torch.randn(4 + (member or 0), 3, 8, 8, generator=generator)
+        yield torch.randn(4 + min(member or 0, 1), 3, 8, 8, generator=generator)  # two shapes
 
     with pytest.raises(ValueError, match="same count and shapes"):
         member_moments(pop, ragged, iters=1, stacked=True)
+
+    def uneven(member, generator):  # member 0 runs out after 1 batch, the others after 2
+        yield from (torch.randn(4, 3, 8, 8, generator=generator) for _ in range(1 + min(member or 0, 1)))
+
+    for stacked in (False, True):
+        with pytest.raises(ValueError, match="same count"):
+            member_moments(pop, uneven, iters=3, stacked=stacked)
