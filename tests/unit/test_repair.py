@@ -64,20 +64,21 @@ def grouped_net():  # (d) grouped and dilated convolutions
 
 
 class MixedNet(nn.Module):
-    """Transposed grouped convolution, Conv1d, Conv3d and a layer applied to two inputs."""
+    """Transposed grouped convolution (3 output channels per group, a kernel of 2: the weight's two axes told
+    apart), Conv1d, Conv3d and a layer applied to two inputs."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 4, 1)
-        self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, bias=False)
+        self.up = nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2, bias=False)
         self.line = nn.Conv1d(6, 6, 3, padding=1)
         self.vol = nn.Conv3d(1, 2, 3, padding=1)
         self.shared = nn.Linear(6, 6)
         self.fc = nn.Linear(12, 5)
 
     def forward(self, x):
-        x = torch.relu(self.up(torch.relu(self.stem(x))))  # (n, 6, 17, 17)
-        x = torch.relu(self.line(x.flatten(2)))  # (n, 6, 289)
+        x = torch.relu(self.up(torch.relu(self.stem(x))))  # (n, 6, 16, 16)
+        x = torch.relu(self.line(x.flatten(2)))  # (n, 6, 256)
         x = torch.relu(self.vol(x[:, None, :, :8].reshape(-1, 1, 6, 2, 4)))  # (n, 2, 6, 2, 4)
         x = x.mean((3, 4)).flatten(1)  # (n, 12)
         x = torch.relu(torch.cat([self.shared(x[:, :6]), self.shared(x[:, 6:] * 2.0)], 1))
@@ -87,7 +88,7 @@ class MixedNet(nn.Module):
 class MixedNetWithBiases(MixedNet):
     def __init__(self):
         super().__init__()
-        self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)
+        self.up = nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2)
 
 
 FACTORIES = {"biased": biased_net, "bn": bn_net, "bias_free": bias_free_net, "grouped": grouped_net,
@@ -190,6 +191,23 @@ def test_dead_channels_are_shifted_not_scaled():
     torch.testing.assert_close(got["0"][1][2:], want["0"][1][2:], rtol=1e-4, atol=1e-5)
     del got["0"], want["0"]
     assert_moments_match(got, want)  # the layers after it still match exactly
+
+
+def test_a_channel_is_dead_when_its_spread_is_below_a_millionth_of_its_size():
+    """The dead-channel rule, std <= 1e-6 sqrt(mean^2 + std^2): two channels around 1000 whose soup spreads a third
+    of each member's (signs +, -, +). The one spreading about 3e-5 (rounding's scale in float32 at 1000) is left
+    unscaled; the one spreading about 3e-3 (relative 3e-6) is scaled by about 3, to its members' spread."""
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(2 * 8 * 8, 2))
+
+    pop, xs = make_pop(net), data()
+    with torch.no_grad():
+        for j, sign in enumerate((1.0, -1.0, 1.0)):
+            pop.params["0.weight"][j] = sign * torch.tensor([1e-4, 1e-2]).view(2, 1, 1, 1) / 3**0.5
+        pop.params["0.bias"].fill_(1000.0)
+    soup = average_soup(pop)
+    ratio = (repair(soup, pop, xs)[0].weight / soup[0].weight).detach()[:, 0, 0, 0]  # per output channel
+    assert ratio[0] == 1.0 and ratio[1] == pytest.approx(3.0, rel=0.05)
 
 
 def test_member_moments_are_each_members_own():
