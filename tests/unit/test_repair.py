@@ -308,7 +308,8 @@ def test_bad_inputs_are_reported():
 
 def test_the_last_layer_feeds_no_batchnorm_even_when_a_function_follows_it():
     """Where the last layer's output goes through a function (a pooling, a scale) to the model's output, it feeds
-    no BatchNorm and is not the output layer: a bias-free one is then left alone by a population's REPAIR."""
+    no BatchNorm and is not the output layer (so a population's REPAIR, adding no bias, leaves it alone if it has
+    none, and rescales it if it has one)."""
     class Scaled(nn.Module):
         def __init__(self):
             super().__init__()
